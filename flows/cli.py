@@ -1,0 +1,42 @@
+"""The ``structxlip`` command line: composes the library's commands and the orchestration commands."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Return the top-level parser with every subcommand registered."""
+    from flows import commands as flow_commands
+    from structxlip import commands as library_commands
+
+    parser = argparse.ArgumentParser(
+        prog="structxlip",
+        description="StructXLIP: structure-map data preparation (Prefect pipeline), fine-tuning and retrieval evaluation.",
+    )
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    flow_commands.register(subparsers)
+    library_commands.register(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the CLI; user errors print one line to stderr and exit with status 2."""
+    from configs import ConfigError
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.handler(args) or 0)
+    except (ConfigError, FileNotFoundError, NotADirectoryError, ValueError, RuntimeError) as exc:
+        # Known, user-facing failures: one clear line, no traceback.
+        print(f"structxlip {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"structxlip {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

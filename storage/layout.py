@@ -1,0 +1,118 @@
+"""Every path under an output folder is built here, content-addressed by image id and stage key.
+
+    OUT/
+      manifest/part-<key>.parquet                      the manifest (one row per input image)
+      stages/<stage>/<stage_key>/part-<key>.parquet     per-stage results, one part per processed chunk
+      maps/<structure_key>/<id[:2]>/<id>.<kind>.png     structure maps (canny, scribble, log, sobel)
+      crops/<regions_key>/<id[:2]>/<id>/<n>.jpg          RGB region crops
+      crops/<regions_key>/<id[:2]>/<id>/<n>.structure.png  structure crops (same box)
+      train/                                           checkpoints, metrics.jsonl, the exported model
+      eval/metrics.json                                retrieval metrics
+      .prefect/results/                                persisted Prefect task results
+      .lock                                            held by the run writing this folder
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+IMAGE_ID_LENGTH = 32
+
+
+class PathEscapeError(ValueError):
+    """A relative path in a manifest or JSON file points outside its root folder."""
+
+
+class OutputLayout:
+    """Paths of one output folder; manifest paths are stored relative to ``root``."""
+
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root).expanduser().resolve()
+
+    def __repr__(self) -> str:
+        return f"OutputLayout({str(self.root)!r})"
+
+    # ---- folders -------------------------------------------------------------------------------------------
+    @property
+    def manifest_dir(self) -> Path:
+        return self.root / "manifest"
+
+    @property
+    def stages_dir(self) -> Path:
+        return self.root / "stages"
+
+    @property
+    def train_dir(self) -> Path:
+        return self.root / "train"
+
+    @property
+    def checkpoints_dir(self) -> Path:
+        return self.train_dir / "checkpoints"
+
+    @property
+    def model_dir(self) -> Path:
+        """Final fine-tuned model in Hugging Face format (``CLIPModel.from_pretrained`` loads it)."""
+        return self.train_dir / "model"
+
+    @property
+    def train_metrics(self) -> Path:
+        return self.train_dir / "metrics.jsonl"
+
+    @property
+    def eval_dir(self) -> Path:
+        return self.root / "eval"
+
+    @property
+    def eval_metrics(self) -> Path:
+        return self.eval_dir / "metrics.json"
+
+    @property
+    def results_dir(self) -> Path:
+        """Where Prefect persists task results (cache records survive across runs)."""
+        return self.root / ".prefect" / "results"
+
+    @property
+    def lock_path(self) -> Path:
+        return self.root / ".lock"
+
+    # ---- content-addressed files ---------------------------------------------------------------------------
+    def stage_dir(self, stage: str, stage_key: str) -> Path:
+        return self.stages_dir / stage / stage_key
+
+    def stage_part(self, stage: str, stage_key: str, part_key: str) -> Path:
+        return self.stage_dir(stage, stage_key) / f"part-{part_key}.parquet"
+
+    def manifest_part(self, part_key: str) -> Path:
+        return self.manifest_dir / f"part-{part_key}.parquet"
+
+    def structure_map(self, image_id: str, structure_key: str, kind: str) -> Path:
+        """PNG of one structure map ``kind`` (canny, scribble, log, sobel) of one image."""
+        return self.root / "maps" / structure_key / image_id[:2] / f"{image_id}.{kind}.png"
+
+    def crop(self, image_id: str, regions_key: str, index: int) -> Path:
+        return self.root / "crops" / regions_key / image_id[:2] / image_id / f"{index:03d}.jpg"
+
+    def structure_crop(self, image_id: str, regions_key: str, index: int) -> Path:
+        return self.root / "crops" / regions_key / image_id[:2] / image_id / f"{index:03d}.structure.png"
+
+    def checkpoint(self, name: str) -> Path:
+        """Training checkpoint file, e.g. ``checkpoint("epoch-0003")`` or ``checkpoint("last")``."""
+        return self.checkpoints_dir / f"{name}.pt"
+
+    # ---- relative <-> absolute -----------------------------------------------------------------------------
+    def relative(self, path: str | os.PathLike) -> str:
+        """Return ``path`` relative to the root, POSIX style, as stored in manifests."""
+        return Path(path).resolve().relative_to(self.root).as_posix()
+
+    def resolve(self, relative: str | None) -> Path | None:
+        """Return the absolute path of a manifest-relative path; refuse paths that escape the root."""
+        if relative is None:
+            return None
+        candidate = Path(relative)
+        if candidate.is_absolute():
+            raise PathEscapeError(f"expected a path relative to {self.root}, got absolute path {relative!r}")
+        absolute = (self.root / candidate).resolve()
+        if absolute != self.root and self.root not in absolute.parents:
+            raise PathEscapeError(f"path {relative!r} escapes the output folder {self.root}")
+        return absolute

@@ -1,0 +1,95 @@
+"""The manifest contract: one row per input image (failed ones included), shared by every stage and the trainer.
+
+Paths in ``structure_path``, ``scribble_path`` and segment paths are relative to the output folder; ``source_path``
+is the absolute path of the input image.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pyarrow as pa
+
+from storage.layout import OutputLayout
+from storage.parquet import read_parquet_dir
+
+STATUS_OK = "ok"
+STATUS_FAILED = "failed"
+
+BBOX_TYPE = pa.struct(
+    [
+        pa.field("x1", pa.int32()),
+        pa.field("y1", pa.int32()),
+        pa.field("x2", pa.int32()),
+        pa.field("y2", pa.int32()),
+        pa.field("width", pa.int32()),
+        pa.field("height", pa.int32()),
+    ]
+)
+
+SEGMENT_TYPE = pa.struct(
+    [
+        pa.field("bbox", BBOX_TYPE),
+        pa.field("crop_path", pa.string()),
+        pa.field("structure_crop_path", pa.string()),
+        pa.field("caption", pa.string()),
+        pa.field("filtered_caption", pa.string()),
+        pa.field("similarity_score", pa.float32()),
+    ]
+)
+
+MANIFEST_SCHEMA = pa.schema(
+    [
+        pa.field("image_id", pa.string(), nullable=False),
+        pa.field("source_path", pa.string(), nullable=False),
+        pa.field("status", pa.string(), nullable=False),
+        pa.field("error", pa.string()),
+        pa.field("width", pa.int32()),
+        pa.field("height", pa.int32()),
+        pa.field("caption", pa.string()),
+        pa.field("caption_source", pa.string()),
+        pa.field("filtered_caption", pa.string()),
+        pa.field("structure_path", pa.string()),
+        pa.field("scribble_path", pa.string()),
+        pa.field("split", pa.string()),
+        pa.field("segments", pa.list_(SEGMENT_TYPE)),
+        pa.field("hard_negatives", pa.list_(pa.string())),
+    ]
+)
+
+MANIFEST_COLUMNS = MANIFEST_SCHEMA.names
+
+
+def bbox(x1: int, y1: int, x2: int, y2: int) -> dict:
+    """Return a bbox dict in the manifest's convention: pixel corners, ``x2``/``y2`` exclusive."""
+    return {"x1": int(x1), "y1": int(y1), "x2": int(x2), "y2": int(y2), "width": int(x2 - x1), "height": int(y2 - y1)}
+
+
+def manifest_table(rows: list[dict]) -> pa.Table:
+    """Build a manifest table from row dicts (missing optional columns become null)."""
+    return pa.Table.from_pylist([{name: row.get(name) for name in MANIFEST_COLUMNS} for row in rows], schema=MANIFEST_SCHEMA)
+
+
+def read_manifest(path: str | os.PathLike, columns: list[str] | None = None) -> pa.Table:
+    """Read a manifest given its folder, an output folder containing ``manifest/``, or a single Parquet file."""
+    path = Path(path)
+    if path.is_file():
+        import pyarrow.parquet as pq
+
+        return pq.read_table(path, columns=columns)
+    if (path / "manifest").is_dir():
+        path = path / "manifest"
+    if not path.is_dir():
+        raise FileNotFoundError(f"no manifest at {path} (expected a folder of Parquet parts or OUT/ containing manifest/)")
+    return read_parquet_dir(path, columns=columns, schema=MANIFEST_SCHEMA)
+
+
+def manifest_root(path: str | os.PathLike) -> OutputLayout:
+    """Return the output folder that a manifest path's relative paths are relative to."""
+    path = Path(path).expanduser().resolve()
+    if path.is_file():
+        path = path.parent
+    if path.name == "manifest":
+        return OutputLayout(path.parent)
+    return OutputLayout(path)

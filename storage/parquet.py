@@ -1,0 +1,39 @@
+"""Parquet I/O: atomic part writes and reading a folder of parts as one table."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from storage.atomic import atomic_path
+
+
+def write_parquet_atomic(table: pa.Table, path: str | os.PathLike) -> Path:
+    """Write ``table`` to ``path`` (zstd) via a temporary file and rename; return the path."""
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp, compression="zstd")
+    return Path(path)
+
+
+def parquet_parts(folder: str | os.PathLike) -> list[Path]:
+    """Return the complete Parquet parts in ``folder`` (temporary files are ignored), sorted by name."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.glob("*.parquet") if not p.name.startswith("."))
+
+
+def read_parquet_dir(
+    folder: str | os.PathLike, columns: list[str] | None = None, schema: pa.Schema | None = None
+) -> pa.Table:
+    """Read every part in ``folder`` into one table (empty table with ``schema`` when there are none)."""
+    parts = parquet_parts(folder)
+    if not parts:
+        if schema is None:
+            return pa.table({})
+        return schema.empty_table() if columns is None else schema.empty_table().select(columns)
+    tables = [pq.read_table(p, columns=columns) for p in parts]
+    return pa.concat_tables(tables, promote_options="permissive")

@@ -1,0 +1,1 @@
+"""StructXLIP training and evaluation library (no Prefect imports)."""
