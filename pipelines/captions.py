@@ -1,0 +1,438 @@
+"""Local captions and similarity scores (METHOD.md section 2): each caption sentence goes to the crop CLIP likes best.
+
+For a chunk of images, every sentence (``;`` clauses included) and every crop (plus each full image, as crop 0) is
+embedded in batches across the whole chunk; then per image, each sentence is assigned to its best crop. A segment's
+``caption`` is its sentences joined in caption order and its ``similarity_score`` the CLIP logit ``100 * cos`` of its
+best-matching sentence (the max: a segment is as relevant as its strongest description). Sentences that prefer the
+full image describe the whole scene and make no segment. Segments without a sentence are dropped, except with
+``caption_regions``, where a generative captioner writes their caption and the score is against that caption.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from storage.layout import OutputLayout
+from storage.manifest import STATUS_FAILED, STATUS_OK
+
+VERSION = "1"
+
+FULL_IMAGE_LONG_SIDE = 448  # CLIP sees 224 px; decode the full image only this large (JPEG draft mode)
+CAPTION_SOURCE_GENERATED = "generated"
+_TERMINAL = (".", "!", "?", "…")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Sentences
+# ---------------------------------------------------------------------------------------------------------------
+def _clauses(doc) -> list[str]:
+    pieces = []
+    for sent in doc.sents:
+        for clause in sent.text.split(";"):
+            clause = clause.strip()
+            if any(ch.isalnum() for ch in clause):
+                pieces.append(clause)
+    return pieces
+
+
+def split_sentences(text: str | None, nlp=None) -> list[str]:
+    """Return the sentences of ``text`` (spaCy parser sentences, then ``;`` clauses), stripped, without empty ones."""
+    if not text or not text.strip():
+        return []
+    if nlp is None:
+        from pipelines.filtering import load_spacy
+
+        nlp = load_spacy()
+    return _clauses(nlp(text))
+
+
+def join_sentences(sentences: Sequence[str]) -> str:
+    """Return sentences joined by spaces, each ending in terminal punctuation (a bare ``;`` clause gets a full stop)."""
+    return " ".join(s if s.endswith(_TERMINAL) else s + "." for s in sentences)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Assignment (pure)
+# ---------------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Assignment:
+    """Where one sentence went: the index of its best crop and the CLIP logit ``100 * cos`` with that crop."""
+
+    crop_index: int
+    similarity_score: float
+
+
+def similarity_logits(crop_embeds: np.ndarray, sentence_embeds: np.ndarray) -> np.ndarray:
+    """Return ``100 * cos`` between every crop and every sentence, (R, S) float32."""
+    crops = np.asarray(crop_embeds, dtype=np.float32)
+    sentences = np.asarray(sentence_embeds, dtype=np.float32)
+    if crops.ndim != 2 or sentences.ndim != 2 or crops.shape[1] != sentences.shape[1]:
+        raise ValueError(f"expected (R, D) and (S, D) embeddings, got shapes {crops.shape} and {sentences.shape}")
+    crops = crops / np.maximum(np.linalg.norm(crops, axis=1, keepdims=True), 1e-12)
+    sentences = sentences / np.maximum(np.linalg.norm(sentences, axis=1, keepdims=True), 1e-12)
+    return 100.0 * crops @ sentences.T
+
+
+def assign_sentences(crop_embeds: np.ndarray, sentence_embeds: np.ndarray) -> list[Assignment]:
+    """Return, per sentence, its best crop (argmax of ``100 * cos`` over crops; ties go to the lower index)."""
+    scores = similarity_logits(crop_embeds, sentence_embeds)
+    if scores.shape[0] == 0:
+        raise ValueError("cannot assign sentences: no crops")
+    best = scores.argmax(axis=0)
+    return [Assignment(int(r), float(scores[r, s])) for s, r in enumerate(best)]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Models
+# ---------------------------------------------------------------------------------------------------------------
+def resolve_device(device: str = "auto") -> str:
+    """Return ``cuda`` when asked for ``auto`` and CUDA is available, else ``cpu``; other values unchanged."""
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(f"device {device!r} requested but CUDA is not available: use device 'auto' or 'cpu'")
+    return device
+
+
+def _autocast(device: str):
+    import contextlib
+
+    import torch
+
+    if not device.startswith("cuda"):
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.autocast("cuda", dtype=dtype)
+
+
+def _pooled(output):
+    """transformers 5 returns a ModelOutput whose ``pooler_output`` is the projected embedding; 4.x a tensor."""
+    return output if hasattr(output, "shape") else output.pooler_output
+
+
+class ClipScorer:
+    """CLIP image and text embeddings in batches, L2-normalised, as float32 numpy arrays."""
+
+    def __init__(self, model_name_or_dir: str, *, device: str = "auto", batch_size: int = 64):
+        from transformers import AutoImageProcessor, AutoTokenizer, CLIPModel
+
+        from structxlip.models import resolve_model_source
+
+        if batch_size <= 0:
+            raise ValueError(f"expected batch_size > 0, got {batch_size}")
+        source = resolve_model_source(str(model_name_or_dir))
+        try:
+            self.model = CLIPModel.from_pretrained(source)
+            self.tokenizer = AutoTokenizer.from_pretrained(source)
+            self.image_processor = AutoImageProcessor.from_pretrained(source)
+        except (OSError, ValueError, KeyError) as exc:
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise RuntimeError(
+                f"could not load CLIP model {model_name_or_dir!r} for scoring: {first} -- give a local folder saved with "
+                "save_pretrained or a hub id reachable from this machine"
+            ) from None
+        self.device = resolve_device(device)
+        self.model.to(self.device).eval()
+        self.batch_size = batch_size
+        self.max_text_tokens = int(self.model.config.text_config.max_position_embeddings)
+
+    def embed_images(self, images: Sequence[np.ndarray]) -> np.ndarray:
+        """Return the normalised image embeddings of (H, W, 3) uint8 RGB arrays, (N, D) float32."""
+        import torch
+
+        chunks = []
+        for start in range(0, len(images), self.batch_size):
+            batch = list(images[start : start + self.batch_size])
+            pixels = self.image_processor(images=batch, return_tensors="pt")["pixel_values"].to(self.device)
+            with torch.inference_mode(), _autocast(self.device):
+                features = _pooled(self.model.get_image_features(pixel_values=pixels))
+            chunks.append(torch.nn.functional.normalize(features.float(), dim=-1).cpu())
+        return self._stack(chunks)
+
+    def embed_texts(self, texts: Sequence[str]) -> np.ndarray:
+        """Return the normalised text embeddings, truncated at the model's max positions, (M, D) float32."""
+        import torch
+
+        chunks = []
+        for start in range(0, len(texts), self.batch_size):
+            tokens = self.tokenizer(
+                list(texts[start : start + self.batch_size]),
+                padding=True,
+                truncation=True,
+                max_length=self.max_text_tokens,
+                return_tensors="pt",
+            ).to(self.device)
+            with torch.inference_mode(), _autocast(self.device):
+                features = _pooled(
+                    self.model.get_text_features(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"])
+                )
+            chunks.append(torch.nn.functional.normalize(features.float(), dim=-1).cpu())
+        return self._stack(chunks)
+
+    def _stack(self, chunks) -> np.ndarray:
+        if not chunks:
+            return np.zeros((0, int(self.model.config.projection_dim)), dtype=np.float32)
+        import torch
+
+        return torch.cat(chunks).numpy().astype(np.float32, copy=False)
+
+
+@functools.lru_cache(maxsize=2)
+def get_clip_scorer(model_name_or_dir: str, *, device: str = "auto", batch_size: int = 64) -> ClipScorer:
+    """Return the process-wide ClipScorer for this model, device and batch size (loaded once)."""
+    return ClipScorer(model_name_or_dir, device=device, batch_size=batch_size)
+
+
+class Captioner:
+    """A generative image-to-text model (BLIP, ViT+GPT-2 VisionEncoderDecoder...) writing one caption per image."""
+
+    def __init__(self, model_id: str, *, device: str = "auto", max_new_tokens: int = 40):
+        from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer
+
+        try:
+            self.model = AutoModelForImageTextToText.from_pretrained(model_id)
+            self.image_processor = AutoImageProcessor.from_pretrained(model_id)
+            self.tokenizer = AutoTokenizer.from_pretrained(model_id)
+        except (OSError, ValueError, KeyError) as exc:
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise RuntimeError(
+                f"could not load captioner {model_id!r}: {first} -- give an image-to-text model (e.g. "
+                "Salesforce/blip-image-captioning-base) as a local folder or a reachable hub id"
+            ) from None
+        self.device = resolve_device(device)
+        self.model.to(self.device).eval()
+        self.max_new_tokens = max_new_tokens
+
+    def caption(self, images: Sequence[np.ndarray], *, batch_size: int = 16) -> list[str]:
+        """Return one generated caption per (H, W, 3) uint8 RGB image (stripped text)."""
+        import torch
+
+        captions: list[str] = []
+        for start in range(0, len(images), batch_size):
+            batch = list(images[start : start + batch_size])
+            pixels = self.image_processor(images=batch, return_tensors="pt")["pixel_values"].to(self.device)
+            with torch.inference_mode(), _autocast(self.device):
+                generated = self.model.generate(pixel_values=pixels, max_new_tokens=self.max_new_tokens)
+            captions += [
+                " ".join(text.split()) for text in self.tokenizer.batch_decode(generated, skip_special_tokens=True)
+            ]
+        return captions
+
+
+@functools.lru_cache(maxsize=1)
+def get_captioner(model_id: str, *, device: str = "auto", max_new_tokens: int = 40) -> Captioner:
+    """Return the process-wide Captioner for this model (loaded once)."""
+    return Captioner(model_id, device=device, max_new_tokens=max_new_tokens)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Stage
+# ---------------------------------------------------------------------------------------------------------------
+class CaptionInputError(ValueError):
+    """A record or one of its files is unusable; the message is one line naming it."""
+
+
+def _path(layout: OutputLayout, path: str) -> Path:
+    candidate = Path(path)
+    return candidate if candidate.is_absolute() else layout.resolve(path)
+
+
+def load_thumbnail(path: str | os.PathLike, long_side: int = FULL_IMAGE_LONG_SIDE) -> np.ndarray:
+    """Return the image at ``path`` as (h, w, 3) uint8 RGB with its long side at most ``long_side`` (EXIF-oriented)."""
+    from PIL import Image, ImageOps
+
+    name = Path(path).name
+    try:
+        with Image.open(path) as image:
+            image.draft("RGB", (long_side, long_side))  # JPEG: decode at 1/2..1/8 scale directly
+            image = ImageOps.exif_transpose(image).convert("RGB")
+            image.thumbnail((long_side, long_side))
+            return np.array(image)  # writable: torch.from_numpy warns on read-only PIL buffers
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+        detail = " ".join(str(exc).split()) or type(exc).__name__
+        raise CaptionInputError(f"cannot read image: {detail} ({name})") from None
+
+
+def _load_crop(layout: OutputLayout, crop_path: str | None, image_name: str) -> np.ndarray:
+    if not crop_path:
+        raise CaptionInputError(f"segment without crop_path ({image_name})")
+    return load_thumbnail(_path(layout, crop_path))
+
+
+@dataclass
+class _Work:
+    """One image being processed: its sentences, images to embed, and where they land in the chunk's batches."""
+
+    record: dict
+    caption: str | None
+    caption_source: str | None
+    sentences: list[str]
+    crop_rows: list[int]  # rows into the chunk's image embeddings; crop 0 is the full image when included
+    sentence_rows: list[int]
+    full_image: np.ndarray | None = None
+    has_full: bool = False  # whether crop_rows[0] is the full image
+    error: str | None = None
+
+
+def _failed(image_id, error: str) -> dict:
+    return {
+        "image_id": image_id,
+        "status": STATUS_FAILED,
+        "error": error,
+        "caption": None,
+        "caption_source": None,
+        "segments": [],
+    }
+
+
+def score_local_captions(
+    records: list[dict],
+    *,
+    layout: OutputLayout,
+    scorer: ClipScorer,
+    nlp,
+    include_full_image: bool = True,
+    captioner: Captioner | None = None,
+    caption_regions: bool = False,
+) -> list[dict]:
+    """Return one ``{image_id, status, error, caption, caption_source, segments}`` per record.
+
+    ``segments`` are the input segments that received a sentence (or, with ``caption_regions``, a generated
+    caption), each with ``caption`` and ``similarity_score`` (100 * cos), ranked by score, highest first.
+    """
+    works: list[_Work | None] = []
+    outputs: dict[int, dict] = {}
+    for n, record in enumerate(records):
+        image_id = record.get("image_id")
+        if record.get("status", STATUS_OK) != STATUS_OK:
+            outputs[n] = _failed(image_id, f"skipped: an earlier stage failed ({record.get('error')})")
+            works.append(None)
+            continue
+        caption = record.get("caption")
+        caption = caption.strip() if isinstance(caption, str) and caption.strip() else None
+        works.append(_Work(record, caption, record.get("caption_source") if caption else None, [], [], []))
+
+    # 1. Full images: needed for scoring (crop 0) and for captioning images without a caption.
+    for work in works:
+        if work is None:
+            continue
+        needs_full = (work.caption is not None and include_full_image) or (
+            work.caption is None and captioner is not None
+        )
+        if needs_full:
+            try:
+                work.full_image = load_thumbnail(work.record["source_path"])
+            except (CaptionInputError, KeyError, TypeError) as exc:
+                work.error = (
+                    str(exc)
+                    if isinstance(exc, CaptionInputError)
+                    else f"invalid record: no source_path ({work.record.get('image_id')})"
+                )
+
+    # 2. Generated captions for images that have none (one batched call for the chunk).
+    if captioner is not None:
+        todo = [
+            w for w in works if w is not None and w.error is None and w.caption is None and w.full_image is not None
+        ]
+        for work, text in zip(todo, captioner.caption([w.full_image for w in todo]) if todo else []):
+            if text:
+                work.caption, work.caption_source = text, CAPTION_SOURCE_GENERATED
+
+    # 3. Sentences of every caption of the chunk, parsed in one nlp.pipe pass.
+    captioned = [w for w in works if w is not None and w.error is None and w.caption is not None]
+    for work, doc in zip(captioned, nlp.pipe([w.caption for w in captioned])):
+        work.sentences = _clauses(doc)
+
+    # 4. Crops of every image that can receive a sentence or a generated region caption.
+    images: list[np.ndarray] = []
+    region_images: list[tuple[_Work, int]] = []  # (work, segment index) to caption with the captioner
+    for work in works:
+        if work is None or work.error is not None or not (work.sentences or (caption_regions and captioner)):
+            continue
+        name = Path(str(work.record.get("source_path"))).name
+        try:
+            crops = [_load_crop(layout, s.get("crop_path"), name) for s in work.record.get("segments") or []]
+        except (CaptionInputError, AttributeError, TypeError) as exc:
+            work.error = str(exc) if isinstance(exc, CaptionInputError) else f"invalid segments ({name})"
+            continue
+        if caption_regions and captioner is not None:
+            region_images += [(work, k) for k in range(len(crops))]
+        work.has_full = include_full_image and work.full_image is not None and bool(work.sentences)
+        if work.has_full:
+            crops = [work.full_image] + crops
+        work.crop_rows = list(range(len(images), len(images) + len(crops)))
+        images += crops
+
+    region_captions: dict[tuple[int, int], str] = {}
+    if region_images:
+        texts = captioner.caption([images[w.crop_rows[k + w.has_full]] for w, k in region_images])
+        region_captions = {(id(w), k): t for (w, k), t in zip(region_images, texts) if t}
+
+    # 5. One batched pass over all crops and all sentences of the chunk.
+    sentences: list[str] = []
+    for work in works:
+        if work is not None and work.error is None and work.crop_rows:
+            work.sentence_rows = list(range(len(sentences), len(sentences) + len(work.sentences)))
+            sentences += work.sentences
+    extra_rows = {key: len(sentences) + i for i, key in enumerate(region_captions)}
+    sentences += list(region_captions.values())
+    image_embeds = scorer.embed_images(images) if images else None
+    sentence_embeds = scorer.embed_texts(sentences) if sentences else None
+
+    # 6. Per image: assign its sentences to its crops.
+    for n, work in enumerate(works):
+        if work is None:
+            continue
+        record = work.record
+        if work.error is not None:
+            outputs[n] = _failed(record.get("image_id"), work.error)
+            continue
+        in_segments = list(record.get("segments") or [])
+        offset = int(work.has_full)
+        chosen: dict[int, tuple[list[int], float]] = {}  # segment index -> (sentence indices, best score)
+        if work.sentence_rows and work.crop_rows:
+            crops = image_embeds[work.crop_rows]
+            for s, assignment in enumerate(assign_sentences(crops, sentence_embeds[work.sentence_rows])):
+                segment = assignment.crop_index - offset
+                if segment < 0:
+                    continue  # the full image won: the sentence describes the whole scene
+                found, best = chosen.get(segment, ([], float("-inf")))
+                chosen[segment] = (found + [s], max(best, assignment.similarity_score))
+        segments = []
+        for k, source in enumerate(in_segments):
+            if k in chosen:
+                indices, score = chosen[k]
+                text = join_sentences([work.sentences[i] for i in indices])
+            elif (id(work), k) in region_captions:
+                text = region_captions[(id(work), k)]
+                row = image_embeds[work.crop_rows[k + offset]]
+                score = float(similarity_logits(row[None], sentence_embeds[[extra_rows[(id(work), k)]]])[0, 0])
+            else:
+                continue
+            segments.append(
+                {
+                    "bbox": source.get("bbox"),
+                    "crop_path": source.get("crop_path"),
+                    "structure_crop_path": source.get("structure_crop_path"),
+                    "caption": text,
+                    "similarity_score": float(score),
+                }
+            )
+        segments.sort(key=lambda s: -s["similarity_score"])  # stable: equal scores keep region order
+        outputs[n] = {
+            "image_id": record.get("image_id"),
+            "status": STATUS_OK,
+            "error": None,
+            "caption": work.caption,
+            "caption_source": work.caption_source,
+            "segments": segments,
+        }
+    return [outputs[n] for n in range(len(records))]

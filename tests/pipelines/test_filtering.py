@@ -1,0 +1,256 @@
+"""Caption filtering: hand-written expected outputs for colours, materials, textures, domain words and grammar."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from pipelines.filtering import CaptionFilter, base_forms, filter_captions, load_spacy, load_vocabulary
+
+VOCAB_DIR = Path(__file__).resolve().parents[2] / "configs" / "vocab"
+
+
+@pytest.fixture(scope="module")
+def colors_only() -> CaptionFilter:
+    return CaptionFilter(vocab_dir=VOCAB_DIR)
+
+
+@pytest.fixture(scope="module")
+def everything() -> CaptionFilter:
+    return CaptionFilter(vocab_dir=VOCAB_DIR, remove_materials=True, remove_textures=True, remove_domain=True)
+
+
+# (caption, expected with colours only, expected with colours + materials + textures + domain)
+CASES = [
+    # coordinated attributes
+    ("A red and white shirt hangs on a chair.", "A shirt hangs on a chair.", "A shirt hangs on a chair."),
+    ("A black-capped bird holds a red, white and blue flag.", "A bird holds a flag.", "A bird holds a flag."),
+    ("The car is tall and red.", "The car is tall.", "The car is tall."),
+    (
+        "A cat with green eyes sleeps on a brown, soft blanket.",
+        "A cat with eyes sleeps on a soft blanket.",
+        "A cat with eyes sleeps on a soft blanket.",
+    ),
+    # predicates: a relative clause goes entirely, a sentence that only stated a colour is dropped
+    ("A man wears a shirt that is red.", "A man wears a shirt.", "A man wears a shirt."),
+    ("A man wears a shirt that is red and white.", "A man wears a shirt.", "A man wears a shirt."),
+    ("The shirt, which is light blue, has two pockets.", "The shirt has two pockets.", "The shirt has two pockets."),
+    (
+        "The car is red. It is parked on a quiet street.",
+        "It is parked on a quiet street.",
+        "It is parked on a quiet street.",
+    ),
+    # multi-word and modified colours
+    ("A navy blue coat with light grey buttons.", "A coat with buttons.", "A coat with buttons."),
+    (
+        "Two men in dark blue suits stand to the left of a grey van.",
+        "Two men in suits stand to the left of a van.",
+        "Two men in suits stand to the left of a van.",
+    ),
+    ("A pale pink wall and a light fixture.", "A wall and a light fixture.", "A wall and a light fixture."),
+    # hyphenated colours
+    ("A reddish-brown bowl next to a blue-green vase.", "A bowl next to a vase.", "A bowl next to a vase."),
+    (
+        "The sky-blue door, the dark-grey wall and the cherry-red bench.",
+        "The door, the wall and the bench.",
+        "The door, the wall and the bench.",
+    ),
+    (
+        "A bird with a bright yellow-orange beak perches on a branch.",
+        "A bird with a beak perches on a branch.",
+        "A bird with a beak perches on a branch.",
+    ),
+    (
+        "A woman in a grey-and-white striped sweater reads.",
+        "A woman in a striped sweater reads.",
+        "A woman in a sweater reads.",
+    ),
+    # derived adjectives
+    ("A yellowish butterfly on a whitish flower.", "A butterfly on a flower.", "A butterfly on a flower."),
+    (
+        "The woman wears a bluish dress and a woollen hat.",
+        "The woman wears a dress and a woollen hat.",
+        "The woman wears a dress and a hat.",
+    ),
+    ("Silvery golden metallic bowls sit on a shelf.", "Metallic bowls sit on a shelf.", "Bowls sit on a shelf."),
+    (
+        "A tiny shiny robot stands on a table.",
+        "A tiny shiny robot stands on a table.",
+        "A tiny robot stands on a table.",
+    ),
+    # materials as noun compounds, and words that are colours only sometimes
+    (
+        "A brightly colored silk dress on a glossy striped rug.",
+        "A silk dress on a glossy striped rug.",
+        "A dress on a rug.",
+    ),
+    (
+        "An orange on the table next to a gold medal.",
+        "An orange on the table next to a gold medal.",
+        "An orange on the table next to a medal.",
+    ),
+    (
+        "A silver car is parked next to a gold medal.",
+        "A car is parked next to a gold medal.",
+        "A car is parked next to a medal.",
+    ),
+    (
+        "Olive oil and lime juice in a glass bottle.",
+        "Olive oil and lime juice in a glass bottle.",
+        "Olive oil and lime juice in a bottle.",
+    ),
+    (
+        "A golden retriever sits on green grass.",
+        "A golden retriever sits on grass.",
+        "A golden retriever sits on grass.",
+    ),
+    (
+        "A woman with blonde hair wears a black leather jacket.",
+        "A woman with hair wears a leather jacket.",
+        "A woman with hair wears a jacket.",
+    ),
+    # names and capitalisation
+    (
+        "Orange County is home to Red Bull fans.",
+        "Orange County is home to Red Bull fans.",
+        "Orange County is home to Red Bull fans.",
+    ),
+    ("Red Bull cans lie on the floor.", "Red Bull cans lie on the floor.", "Red Bull cans lie on the floor."),
+    ("Green leaves cover the ground.", "Leaves cover the ground.", "Leaves cover the ground."),
+    (
+        "Red apples lie on a dark wooden table, beside a very bright red cup.",
+        "Apples lie on a dark wooden table, beside a cup.",
+        "Apples lie on a dark table, beside a cup.",
+    ),
+    # articles are re-chosen, punctuation tidied
+    ("An orange shirt and a red apple.", "A shirt and an apple.", "A shirt and an apple."),
+    ("An old red barn stands in a field.", "An old barn stands in a field.", "An old barn stands in a field."),
+    ("Look: a red, shiny apple!", "Look: a shiny apple!", "Look: an apple!"),
+    # domain vocabulary (insect colouration) is separate from textures
+    (
+        "A mottled brown moth with iridescent wings rests on a spotted leaf.",
+        "A mottled moth with iridescent wings rests on a spotted leaf.",
+        "A moth with wings rests on a leaf.",
+    ),
+    # fewer than two content words would remain: the original is kept
+    ("A red car.", "A red car.", "A red car."),
+    ("A blue one.", "A blue one.", "A blue one."),
+    # nothing to remove: returned byte for byte
+    ("Two  dogs run  on the beach.", "Two  dogs run  on the beach.", "Two  dogs run  on the beach."),
+]
+
+
+def test_table_has_enough_cases():
+    assert len(CASES) >= 25
+
+
+@pytest.mark.parametrize("caption, expected_colors, expected_all", CASES, ids=[c[0][:40] for c in CASES])
+def test_filter_table(colors_only, everything, caption, expected_colors, expected_all):
+    assert colors_only.filter([caption]) == [expected_colors]
+    assert everything.filter([caption]) == [expected_all]
+
+
+def test_flags_are_independent():
+    caption = "A wooden chair with a striped cushion stands beside a mottled red vase."
+    materials = CaptionFilter(vocab_dir=VOCAB_DIR, remove_colors=False, remove_materials=True)
+    textures = CaptionFilter(vocab_dir=VOCAB_DIR, remove_colors=False, remove_textures=True)
+    domain = CaptionFilter(vocab_dir=VOCAB_DIR, remove_colors=False, remove_domain=True)
+    nothing = CaptionFilter(vocab_dir=VOCAB_DIR, remove_colors=False)
+    assert materials.filter([caption]) == ["A chair with a striped cushion stands beside a mottled red vase."]
+    assert textures.filter([caption]) == ["A wooden chair with a cushion stands beside a mottled red vase."]
+    assert domain.filter([caption]) == ["A wooden chair with a striped cushion stands beside a red vase."]
+    assert nothing.filter([caption]) == [caption]
+
+
+def test_min_content_words_threshold():
+    caption = "A red car parks."  # content words after removal: car, parks
+    assert CaptionFilter(vocab_dir=VOCAB_DIR, min_content_words=2).filter([caption]) == ["A car parks."]
+    assert CaptionFilter(vocab_dir=VOCAB_DIR, min_content_words=3).filter([caption]) == [caption]
+
+
+def test_base_forms_reduce_derived_adjectives():
+    assert "red" in base_forms("reddish")
+    assert "blue" in base_forms("bluish")
+    assert "wood" in base_forms("wooden")
+    assert "wool" in base_forms("woollen")
+    assert "metal" in base_forms("metallic")
+    assert "silver" in base_forms("silvery")
+    assert "tin" not in base_forms("tiny")  # too short a stem to be a derivation
+
+
+def test_vocabulary_files_parse():
+    vocab = load_vocabulary(str(VOCAB_DIR))
+    assert "navy blue" in vocab.phrases["colors"] and "red" in vocab.terms["colors"]
+    assert (
+        "silk" in vocab.terms["materials"]
+        and "striped" in vocab.terms["textures"]
+        and "mottled" in vocab.terms["domain"]
+    )
+    assert "light" in vocab.color_modifiers and "light" not in vocab.terms["colors"]
+    assert vocab.material_swap["wood"] == "wooden"
+
+
+def test_missing_vocabulary_and_model_are_one_line_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="vocabulary file not found"):
+        load_vocabulary(str(tmp_path))
+    with pytest.raises(RuntimeError, match="not installed: run `python -m spacy download"):
+        load_spacy("xx_no_such_model")
+
+
+def test_spacy_loader_falls_back_and_caches():
+    assert load_spacy("en_core_web_sm") is load_spacy("en_core_web_sm")
+    assert "ner" not in load_spacy("en_core_web_sm").pipe_names
+
+
+def test_filter_captions_records(colors_only, monkeypatch):
+    calls = []
+    original_pipe = colors_only.pipe
+
+    def counting_pipe(texts):
+        texts = list(texts)
+        calls.append(texts)
+        return original_pipe(texts)
+
+    monkeypatch.setattr(colors_only, "pipe", counting_pipe)
+    records = [
+        {
+            "image_id": "a" * 32,
+            "caption": "Two red apples lie on the left of a wooden table.",
+            "segments": [
+                {"bbox": {"x1": 0}, "caption": "A red apple on a plate."},
+                {"bbox": {"x1": 5}, "caption": None},
+            ],
+        },
+        {"image_id": "b" * 32, "caption": None, "segments": []},
+    ]
+    out = filter_captions(records, caption_filter=colors_only, max_hard_negatives=2)
+    assert len(calls) == 1 and len(calls[0]) == 2  # every text of the chunk in one pipe call
+    first, second = out
+    assert first["status"] == "ok" and first["filtered_caption"] == "Two apples lie on the left of a wooden table."
+    assert first["segments"][0] == {
+        "bbox": {"x1": 0},
+        "caption": "A red apple on a plate.",
+        "filtered_caption": "An apple on a plate.",
+    }
+    assert first["segments"][1]["filtered_caption"] is None
+    assert len(first["hard_negatives"]) == 2 and all(n != records[0]["caption"] for n in first["hard_negatives"])
+    assert second == {
+        "image_id": "b" * 32,
+        "status": "ok",
+        "error": None,
+        "filtered_caption": None,
+        "segments": [],
+        "hard_negatives": [],
+    }
+
+
+def test_filter_captions_reports_a_bad_record(colors_only):
+    out = filter_captions(
+        [{"image_id": "c" * 32, "caption": "A red cup.", "segments": ["not a dict"]}], caption_filter=colors_only
+    )
+    assert (
+        out[0]["status"] == "failed"
+        and "\n" not in out[0]["error"]
+        and out[0]["error"].startswith("caption filtering failed")
+    )
