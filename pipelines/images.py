@@ -1,0 +1,209 @@
+"""Image decoding shared by the stages: validated RGB loading and the fast grey path of the structure stage.
+
+Every decode error becomes one ``ImageLoadError`` whose message is one line: what failed, why, and the file name,
+e.g. ``cannot decode image: image file is truncated (cat.jpg)``.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+import re
+import warnings
+from pathlib import Path
+
+import cv2
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+VERSION = "1"
+
+# Formats OpenCV decodes itself on the fast grey path; anything else (GIF, CMYK, 16-bit, alpha...) goes through PIL.
+_CV2_FORMATS = {"JPEG", "PNG", "WEBP", "BMP", "TIFF"}
+_CV2_MODES = {"L", "RGB"}
+# Reduced JPEG decoding (DCT scaling) factors OpenCV offers, largest first.
+_REDUCED_GREY = (
+    (8, cv2.IMREAD_REDUCED_GRAYSCALE_8),
+    (4, cv2.IMREAD_REDUCED_GRAYSCALE_4),
+    (2, cv2.IMREAD_REDUCED_GRAYSCALE_2),
+)
+# Transparent pixels are shown over white, as an image viewer on a white page does.
+_BACKGROUND = (255, 255, 255)
+
+
+class ImageLoadError(ValueError):
+    """An image cannot be read, decoded or validated; the message is one line naming the file."""
+
+
+def _fail(what: str, cause: object, name: str) -> ImageLoadError:
+    text = " ".join(str(cause).split()) or type(cause).__name__
+    return ImageLoadError(f"{what}: {text} ({name})")
+
+
+def _open_checked(path: str | os.PathLike, data: bytes | None, max_pixels: int) -> tuple[Image.Image, str]:
+    """Return a lazily opened PIL image (header parsed, pixels not decoded) after the size checks, and its name."""
+    name = Path(path).name
+    if data is not None and len(data) == 0:
+        raise ImageLoadError(f"cannot decode image: empty file ({name})")
+    if Image.MAX_IMAGE_PIXELS is not None and max_pixels > 2 * Image.MAX_IMAGE_PIXELS:
+        # The caller allows larger images than PIL's own guard would open: lift PIL's guard to ours.
+        Image.MAX_IMAGE_PIXELS = max_pixels
+    try:
+        if data is None and os.path.getsize(path) == 0:
+            raise ImageLoadError(f"cannot decode image: empty file ({name})")
+        with warnings.catch_warnings():
+            # Our own max_pixels check below replaces PIL's warning; PIL still refuses > 2x its limit at open.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data) if data is not None else path)
+    except ImageLoadError:
+        raise
+    except FileNotFoundError:
+        raise ImageLoadError(f"cannot read image: file not found ({name})") from None
+    except PermissionError:
+        raise ImageLoadError(f"cannot read image: permission denied ({name})") from None
+    except IsADirectoryError:
+        raise ImageLoadError(f"cannot read image: is a directory ({name})") from None
+    except Image.DecompressionBombError as exc:
+        # PIL refuses > 2x its own limit while parsing the header, before we see the size.
+        pixels = re.search(r"\((\d+) pixels\)", str(exc))
+        count = pixels.group(1) if pixels else "too many"
+        raise ImageLoadError(f"image too large: {count} pixels exceeds max_pixels={max_pixels} ({name})") from None
+    except UnidentifiedImageError:
+        raise ImageLoadError(f"cannot decode image: not a recognised image format ({name})") from None
+    except (OSError, ValueError, SyntaxError) as exc:
+        raise _fail("cannot decode image", exc, name) from None
+    width, height = image.size
+    if width <= 0 or height <= 0:
+        raise ImageLoadError(f"cannot decode image: invalid size {width}x{height} ({name})")
+    if width * height > max_pixels:
+        image.close()
+        raise ImageLoadError(
+            f"image too large: {width}x{height} = {width * height} pixels exceeds max_pixels={max_pixels} ({name})"
+        )
+    return image, name
+
+
+def _to_uint8(array: np.ndarray) -> np.ndarray:
+    """Return a single-channel integer/float image scaled to uint8: 16-bit by /257, floats in [0, 1] by *255."""
+    if array.dtype == np.uint8:
+        return array
+    values = array.astype(np.float64)
+    finite = values[np.isfinite(values)]
+    low, high = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 0.0)
+    if np.issubdtype(array.dtype, np.floating):
+        if low >= 0.0 and high <= 1.0:
+            scaled = values * 255.0
+        else:  # arbitrary float data (depth maps, HDR): stretch its range
+            scaled = (values - low) * (255.0 / (high - low)) if high > low else np.zeros_like(values)
+    elif low >= 0 and high <= 255 and array.dtype != np.uint16:
+        scaled = values
+    elif low >= 0 and high <= 65535:
+        scaled = values / 257.0  # 65535 -> 255 exactly
+    else:
+        scaled = (values - low) * (255.0 / (high - low)) if high > low else np.zeros_like(values)
+    return np.clip(np.nan_to_num(np.rint(scaled)), 0, 255).astype(np.uint8)
+
+
+def _pil_to_rgb(image: Image.Image) -> np.ndarray:
+    """Return any PIL mode as an (H, W, 3) uint8 RGB array (alpha composited over white)."""
+    mode = image.mode
+    if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
+        grey = _to_uint8(np.asarray(image))
+        return np.repeat(grey[:, :, None], 3, axis=2)
+    if mode == "P" and "transparency" in image.info:
+        image, mode = image.convert("RGBA"), "RGBA"
+    if mode in ("RGBA", "LA", "PA", "La", "RGBa"):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, _BACKGROUND + (255,))
+        return np.asarray(Image.alpha_composite(background, rgba).convert("RGB"))
+    if mode != "RGB":
+        image = image.convert("RGB")
+    return np.asarray(image)
+
+
+def load_rgb(path: str | os.PathLike, *, max_pixels: int, data: bytes | None = None) -> np.ndarray:
+    """Return the image at ``path`` (or its already-read bytes ``data``) as (H, W, 3) uint8 RGB, EXIF-oriented.
+
+    Animated images give their first frame. Raises ``ImageLoadError`` (one line naming the file) on any problem.
+    """
+    image, name = _open_checked(path, data, max_pixels)
+    try:
+        with image:
+            image.seek(0)
+            image.load()  # full decode now, so truncation surfaces here and not in a later stage
+            oriented = ImageOps.exif_transpose(image)
+            rgb = _pil_to_rgb(oriented)
+    except ImageLoadError:
+        raise
+    except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as exc:
+        raise _fail("cannot decode image", exc, name) from None
+    except MemoryError:
+        raise ImageLoadError(f"cannot decode image: out of memory ({name})") from None
+    return np.ascontiguousarray(rgb)
+
+
+def thumbnail_size(width: int, height: int, long_side: int) -> tuple[int, int]:
+    """Return the (width, height) PIL's ``thumbnail((long_side, long_side))`` gives: aspect kept, never upscaled."""
+    if width <= long_side and height <= long_side:
+        return width, height
+    aspect = width / height
+    # Same rounding as PIL: of floor/ceil, take the one whose aspect ratio is closer to the original.
+    if aspect <= 1:  # portrait or square: the height hits the box
+        candidates = (math.floor(long_side * aspect), math.ceil(long_side * aspect))
+        new_w = max(min(candidates, key=lambda n: abs(aspect - n / long_side)), 1)
+        return new_w, long_side
+    candidates = (math.floor(long_side / aspect), math.ceil(long_side / aspect))
+    new_h = max(min(candidates, key=lambda n: 0 if n == 0 else abs(aspect - long_side / n)), 1)
+    return long_side, new_h
+
+
+def _jpeg_complete(data: bytes) -> bool:
+    # libjpeg pads a truncated stream with grey and only warns, so a missing end-of-image marker sends the file to
+    # PIL, which raises on truncation (files with trailing bytes after the marker are rare and still decode there).
+    return data.rstrip(b"\x00\r\n \t").endswith(b"\xff\xd9")
+
+
+def load_grey_resized(
+    path: str | os.PathLike, *, long_side: int, max_pixels: int = 178_956_970, data: bytes | None = None
+) -> np.ndarray:
+    """Return the image as (h, w) uint8 grey whose size equals PIL ``thumbnail((long_side, long_side))``'s.
+
+    OpenCV decodes (reduced-size DCT decoding for large JPEGs, EXIF orientation applied) and downsizes with
+    INTER_AREA; formats or modes OpenCV does not handle the same way go through ``load_rgb``.
+    """
+    if data is None:
+        try:
+            data = Path(path).read_bytes()
+        except FileNotFoundError:
+            raise ImageLoadError(f"cannot read image: file not found ({Path(path).name})") from None
+        except PermissionError:
+            raise ImageLoadError(f"cannot read image: permission denied ({Path(path).name})") from None
+        except OSError as exc:
+            raise _fail("cannot read image", exc.strerror or exc, Path(path).name) from None
+    image, name = _open_checked(path, data, max_pixels)
+    with image:
+        fmt, mode = image.format, image.mode
+        animated = getattr(image, "n_frames", 1) > 1
+        orientation = image.getexif().get(0x0112, 1) if fmt in ("JPEG", "WEBP", "PNG", "TIFF") else 1
+        width, height = image.size
+    if orientation in (5, 6, 7, 8):
+        width, height = height, width
+    target_w, target_h = thumbnail_size(width, height, long_side)
+
+    grey = None
+    if fmt in _CV2_FORMATS and mode in _CV2_MODES and not animated and (fmt != "JPEG" or _jpeg_complete(data)):
+        flag = cv2.IMREAD_GRAYSCALE
+        if fmt == "JPEG":
+            # PIL's thumbnail drafts the JPEG at the largest 1/a scale that keeps both sides >= 2x the box
+            # (reducing_gap=2); the same rule keeps our edges equal to a PIL-thumbnail baseline's.
+            scale = min(width // (2 * long_side), height // (2 * long_side))
+            flag = next((f for factor, f in _REDUCED_GREY if scale >= factor), flag)
+        grey = cv2.imdecode(np.frombuffer(data, np.uint8), flag)
+        if grey is not None and grey.ndim != 2:
+            grey = None
+    if grey is None:
+        grey = cv2.cvtColor(load_rgb(path, max_pixels=max_pixels, data=data), cv2.COLOR_RGB2GRAY)
+    if grey.shape != (target_h, target_w):
+        grey = cv2.resize(grey, (target_w, target_h), interpolation=cv2.INTER_AREA)
+    return grey

@@ -1,0 +1,392 @@
+"""Regions stage: local region boxes per image (Segment Anything, or connected edges of the structure map), with
+their RGB crops (JPEG) and structure crops (PNG, the same box cut from the structure map).
+
+Boxes are ``storage.manifest.bbox`` dicts in original-image pixels (x2/y2 exclusive); segments are ordered by box
+area, largest first (the captions stage ranks them by score later).
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Any, Callable
+
+import cv2
+import numpy as np
+
+from pipelines.images import ImageLoadError, load_rgb
+from storage.atomic import write_jpeg, write_png
+from storage.layout import OutputLayout
+from storage.manifest import STATUS_FAILED, STATUS_OK, bbox
+
+VERSION = "1"
+
+METHODS = ("auto", "sam", "structure")
+# A structure map whose aspect ratio differs from the image's by more than this was not made from the image.
+_ASPECT_TOLERANCE = 0.03
+
+
+class RegionsSetupError(RuntimeError):
+    """The region proposer cannot start (SAM checkpoint missing or unloadable); the message is one line."""
+
+
+class RegionInputError(ValueError):
+    """One record cannot get regions (missing keys, structure map missing or not of this image); one line."""
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+# ---- boxes ------------------------------------------------------------------------------------------------------
+
+
+def box_iou(box: np.ndarray, boxes: np.ndarray) -> np.ndarray:
+    """Return the (N,) float64 IoU of one (4,) xyxy box with (N, 4) xyxy boxes (x2/y2 exclusive)."""
+    w = np.clip(np.minimum(box[2], boxes[:, 2]) - np.maximum(box[0], boxes[:, 0]), 0, None)
+    h = np.clip(np.minimum(box[3], boxes[:, 3]) - np.maximum(box[1], boxes[:, 1]), 0, None)
+    inter = w.astype(np.float64) * h
+    area = float((box[2] - box[0]) * (box[3] - box[1]))
+    areas = (boxes[:, 2] - boxes[:, 0]).astype(np.float64) * (boxes[:, 3] - boxes[:, 1])
+    union = area + areas - inter
+    return np.where(union > 0, inter / np.where(union > 0, union, 1.0), 0.0)
+
+
+def nms(boxes: np.ndarray, scores: np.ndarray, iou_threshold: float) -> np.ndarray:
+    """Return the (K,) int64 indices kept by greedy NMS, best score first (``torchvision.ops.nms``'s rule).
+
+    A box is dropped when its IoU with a kept, higher-scoring box is above ``iou_threshold``. NumPy, so the CPU
+    path needs no torch import.
+    """
+    boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+    order = np.argsort(-np.asarray(scores, dtype=np.float64), kind="stable")
+    keep: list[int] = []
+    while order.size:
+        best = order[0]
+        keep.append(int(best))
+        rest = order[1:]
+        order = rest[box_iou(boxes[best], boxes[rest]) <= iou_threshold]
+    return np.asarray(keep, dtype=np.int64)
+
+
+def select_boxes(
+    boxes: np.ndarray,
+    scores: np.ndarray,
+    area_fractions: np.ndarray,
+    *,
+    min_area_fraction: float,
+    max_area_fraction: float,
+    nms_iou: float,
+    max_regions: int,
+) -> np.ndarray:
+    """Return the indices of the boxes kept by the area filter, NMS and ``max_regions`` (best score first)."""
+    candidates = np.flatnonzero((area_fractions >= min_area_fraction) & (area_fractions <= max_area_fraction))
+    if candidates.size == 0:
+        return candidates.astype(np.int64)
+    kept = candidates[nms(boxes[candidates], scores[candidates], nms_iou)]
+    return kept[:max_regions]
+
+
+def scale_boxes(boxes: np.ndarray, from_size: tuple[int, int], to_size: tuple[int, int]) -> np.ndarray:
+    """Return (N, 4) int64 xyxy boxes mapped from a (w, h) image to a (w, h) image, grown outward to whole pixels."""
+    (fw, fh), (tw, th) = from_size, to_size
+    factors = np.array([tw / fw, th / fh, tw / fw, th / fh])
+    scaled = np.asarray(boxes, dtype=np.float64).reshape(-1, 4) * factors
+    # A tiny epsilon keeps exact multiples (e.g. 10 * 2.0) from being rounded outward by float noise.
+    out = np.concatenate([np.floor(scaled[:, :2] + 1e-9), np.ceil(scaled[:, 2:] - 1e-9)], axis=1).astype(np.int64)
+    out[:, [0, 2]] = np.clip(out[:, [0, 2]], 0, tw)
+    out[:, [1, 3]] = np.clip(out[:, [1, 3]], 0, th)
+    # Never an empty box: at least one pixel wide and high.
+    out[:, 2] = np.maximum(out[:, 2], np.minimum(out[:, 0] + 1, tw))
+    out[:, 0] = np.minimum(out[:, 0], out[:, 2] - 1)
+    out[:, 3] = np.maximum(out[:, 3], np.minimum(out[:, 1] + 1, th))
+    out[:, 1] = np.minimum(out[:, 1], out[:, 3] - 1)
+    return out
+
+
+def structure_boxes(edges: np.ndarray, *, dilation: int = 2) -> np.ndarray:
+    """Return (N, 4) int64 xyxy boxes (x2/y2 exclusive) of the edge pixels of each connected group of edges.
+
+    Edges closer than about ``2 * dilation`` pixels join one group; the box is that of the group's own edge
+    pixels, so the dilation does not grow it.
+    """
+    if edges.dtype != np.uint8 or edges.ndim != 2:
+        raise ValueError(f"expected a uint8 (H, W) edge map, got {edges.dtype} {edges.shape}")
+    binary = edges > 0
+    if not binary.any():
+        return np.zeros((0, 4), np.int64)
+    grown = binary.astype(np.uint8)
+    if dilation > 0:
+        kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * dilation + 1, 2 * dilation + 1))
+        grown = cv2.dilate(grown, kernel)
+    _, labels = cv2.connectedComponents(grown, connectivity=8)
+    ys, xs = np.nonzero(binary)
+    groups = labels[ys, xs]
+    order = np.argsort(groups, kind="stable")
+    groups, xs, ys = groups[order], xs[order], ys[order]
+    starts = np.flatnonzero(np.r_[True, groups[1:] != groups[:-1]])
+    return np.stack(
+        [
+            np.minimum.reduceat(xs, starts),
+            np.minimum.reduceat(ys, starts),
+            np.maximum.reduceat(xs, starts) + 1,
+            np.maximum.reduceat(ys, starts) + 1,
+        ],
+        axis=1,
+    ).astype(np.int64)
+
+
+# ---- Segment Anything --------------------------------------------------------------------------------------------
+
+SamBuilder = Callable[[str, "str | None", str], Any]
+_SAM_LOCK = threading.Lock()
+_SAM_CACHE: dict[tuple, Any] = {}
+
+
+def resolve_checkpoint(checkpoint: str) -> str:
+    """Return a local file path for ``checkpoint`` (a path, or ``hf://OWNER/REPO/FILE`` fetched from the hub)."""
+    if checkpoint.startswith("hf://"):
+        parts = checkpoint[len("hf://") :].split("/")
+        if len(parts) < 3 or not all(parts):
+            raise RegionsSetupError(f"expected a SAM checkpoint like hf://OWNER/REPO/FILE, got {checkpoint!r}")
+        repo_id, filename = "/".join(parts[:2]), "/".join(parts[2:])
+        try:
+            from huggingface_hub import hf_hub_download
+
+            return hf_hub_download(repo_id=repo_id, filename=filename)
+        except Exception as exc:  # noqa: BLE001 - offline, missing repo/file, auth: all one actionable line
+            raise RegionsSetupError(
+                f"cannot fetch SAM checkpoint {checkpoint}: {type(exc).__name__}: {_one_line(exc)[:200]} "
+                "(offline? download it and set regions.sam_checkpoint to the local .pth file)"
+            ) from None
+    path = Path(checkpoint).expanduser()
+    if not path.is_file():
+        raise RegionsSetupError(f"SAM checkpoint not found: {checkpoint}")
+    return str(path)
+
+
+def build_sam(model_type: str, checkpoint: str | None, device: str):
+    """Return a ``segment_anything.Sam`` of ``model_type`` with weights from the local ``checkpoint``, in eval mode."""
+    from segment_anything import sam_model_registry
+
+    if model_type not in sam_model_registry:
+        raise RegionsSetupError(f"unknown SAM model type {model_type!r} (expected one of {sorted(sam_model_registry)})")
+    try:
+        model = sam_model_registry[model_type](checkpoint=checkpoint)
+    except Exception as exc:  # noqa: BLE001 - a corrupt or mismatched checkpoint
+        raise RegionsSetupError(
+            f"cannot load SAM {model_type} from {checkpoint}: {type(exc).__name__}: {_one_line(exc)[:200]}"
+        ) from None
+    return model.to(device).eval()
+
+
+def _device(device: str) -> str:
+    if device != "auto":
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def cached_sam(model_type: str, checkpoint: str | None, device: str, builder: SamBuilder = build_sam):
+    """Return the SAM model for (type, checkpoint, device, builder), built once per process."""
+    key = (model_type, checkpoint, device, builder)
+    with _SAM_LOCK:
+        if key not in _SAM_CACHE:
+            local = resolve_checkpoint(checkpoint) if checkpoint else None
+            _SAM_CACHE[key] = builder(model_type, local, device)
+        return _SAM_CACHE[key]
+
+
+def sam_boxes(rgb: np.ndarray, generator, *, max_side: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Return SAM mask boxes in original pixels ((N, 4) int64 xyxy), scores (N,) and mask area fractions (N,).
+
+    The image is downscaled to ``max_side`` on its long side for mask generation when larger.
+    """
+    height, width = rgb.shape[:2]
+    work = rgb
+    if max(height, width) > max_side:
+        factor = max_side / max(height, width)
+        size = (max(1, round(width * factor)), max(1, round(height * factor)))
+        work = cv2.resize(rgb, size, interpolation=cv2.INTER_AREA)
+    work_h, work_w = work.shape[:2]
+    annotations = generator.generate(work)
+    if not annotations:
+        empty = np.zeros((0,), np.float64)
+        return np.zeros((0, 4), np.int64), empty, empty
+    # SAM's XYWH box spans max - min pixel indices (inclusive ends): the exclusive x2 is x + w + 1.
+    xywh = np.array([a["bbox"] for a in annotations], dtype=np.float64).reshape(-1, 4)
+    boxes = np.stack([xywh[:, 0], xywh[:, 1], xywh[:, 0] + xywh[:, 2] + 1, xywh[:, 1] + xywh[:, 3] + 1], axis=1)
+    scores = np.array([a["predicted_iou"] * a["stability_score"] for a in annotations], dtype=np.float64)
+    areas = np.array([a["area"] for a in annotations], dtype=np.float64) / float(work_h * work_w)
+    return scale_boxes(boxes, (work_w, work_h), (width, height)), scores, areas
+
+
+# ---- the stage ---------------------------------------------------------------------------------------------------
+
+
+def _read_structure_map(path: Path, name: str) -> np.ndarray:
+    edges = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
+    if edges is None:
+        raise RegionInputError(f"cannot read structure map {path.name}: missing or not an image ({name})")
+    return edges
+
+
+def _check_aspect(map_size: tuple[int, int], image_size: tuple[int, int], name: str) -> None:
+    (mw, mh), (w, h) = map_size, image_size
+    if abs(mw / mh - w / h) > _ASPECT_TOLERANCE * (w / h) + 1.0 / min(mw, mh):
+        raise RegionInputError(
+            f"structure map is {mw}x{mh} but the image is {w}x{h}: not made from this image ({name})"
+        )
+
+
+def propose_regions(
+    records: list[dict],
+    *,
+    layout: OutputLayout,
+    stage_key: str,
+    method: str = "auto",
+    sam_model_type: str = "vit_b",
+    sam_checkpoint: str | None = None,
+    points_per_side: int = 32,
+    points_per_batch: int = 64,
+    pred_iou_thresh: float = 0.88,
+    stability_score_thresh: float = 0.95,
+    min_area_fraction: float = 0.01,
+    max_area_fraction: float = 0.8,
+    max_regions: int = 16,
+    nms_iou: float = 0.7,
+    max_side: int = 2048,
+    structure_dilation: int = 2,
+    max_pixels: int = 178_956_970,
+    device: str = "auto",
+    sam_builder: SamBuilder | None = None,
+) -> list[dict]:
+    """Write region crops of each record (``image_id, source_path, structure_path``); return one result per record.
+
+    Results: ``{image_id, status, error, segments: [{bbox, crop_path, structure_crop_path}]}``, paths relative to
+    ``layout.root``. ``method="auto"`` uses SAM when ``sam_checkpoint`` (or ``sam_builder``) is given, else the
+    structure map's connected edges. The area filter is on mask area (SAM) or box area (structure), as a fraction of
+    the image. Raises ``RegionsSetupError`` only when SAM cannot be loaded at all.
+    """
+    if method not in METHODS:
+        raise ValueError(f"unknown regions method {method!r} (expected one of {list(METHODS)})")
+    if not 0 <= min_area_fraction <= max_area_fraction <= 1:
+        raise ValueError(
+            f"expected 0 <= min_area_fraction <= max_area_fraction <= 1, got {min_area_fraction}, {max_area_fraction}"
+        )
+    if method == "auto":
+        method = "sam" if (sam_checkpoint or sam_builder) else "structure"
+    generator = None
+    if method == "sam" and any(r.get("status", STATUS_OK) == STATUS_OK for r in records):
+        if not sam_checkpoint and sam_builder is None:
+            raise RegionsSetupError(
+                "regions method 'sam' needs regions.sam_checkpoint (a local .pth or hf://REPO/FILE)"
+            )
+        from segment_anything import SamAutomaticMaskGenerator
+
+        model = cached_sam(sam_model_type, sam_checkpoint, _device(device), sam_builder or build_sam)
+        generator = SamAutomaticMaskGenerator(
+            model,
+            points_per_side=points_per_side,
+            points_per_batch=points_per_batch,
+            pred_iou_thresh=pred_iou_thresh,
+            stability_score_thresh=stability_score_thresh,
+            box_nms_thresh=nms_iou,
+        )
+    selection = dict(
+        min_area_fraction=min_area_fraction,
+        max_area_fraction=max_area_fraction,
+        nms_iou=nms_iou,
+        max_regions=max_regions,
+    )
+    outputs = []
+    for record in records:
+        image_id = record.get("image_id")
+        if record.get("status", STATUS_OK) != STATUS_OK:
+            outputs.append(_failed(image_id, f"skipped: an earlier stage failed ({record.get('error')})"))
+            continue
+        try:
+            segments = _regions_of(
+                record,
+                layout=layout,
+                stage_key=stage_key,
+                method=method,
+                generator=generator,
+                max_side=max_side,
+                dilation=structure_dilation,
+                max_pixels=max_pixels,
+                selection=selection,
+            )
+            outputs.append({"image_id": image_id, "status": STATUS_OK, "error": None, "segments": segments})
+        except Exception as exc:  # noqa: BLE001 - one bad image is a recorded failure
+            name = Path(str(record.get("source_path"))).name
+            known = isinstance(exc, (ImageLoadError, RegionInputError))
+            error = str(exc) if known else f"region proposal failed: {type(exc).__name__}: {_one_line(exc)} ({name})"
+            outputs.append(_failed(image_id, error))
+    return outputs
+
+
+def _failed(image_id: str | None, error: str) -> dict:
+    return {"image_id": image_id, "status": STATUS_FAILED, "error": error, "segments": []}
+
+
+def _regions_of(
+    record: dict,
+    *,
+    layout: OutputLayout,
+    stage_key: str,
+    method: str,
+    generator,
+    max_side: int,
+    dilation: int,
+    max_pixels: int,
+    selection: dict,
+) -> list[dict]:
+    """Return the segments of one record after writing their crops; raises on any problem with this image."""
+    image_id, source_path = record.get("image_id"), record.get("source_path")
+    if not image_id or not source_path:
+        raise RegionInputError(f"invalid record: expected image_id and source_path, got keys {sorted(record)}")
+    name = Path(source_path).name
+    rgb = load_rgb(source_path, max_pixels=max_pixels)
+    height, width = rgb.shape[:2]
+    structure = None
+    if record.get("structure_path"):
+        structure = _read_structure_map(layout.resolve(record["structure_path"]), name)
+        _check_aspect((structure.shape[1], structure.shape[0]), (width, height), name)
+
+    if method == "structure":
+        if structure is None:
+            raise RegionInputError(
+                f"no structure map to propose regions from (structure stage failed or not run) ({name})"
+            )
+        map_boxes = structure_boxes(structure, dilation=dilation)
+        map_size = (structure.shape[1], structure.shape[0])
+        boxes = scale_boxes(map_boxes, map_size, (width, height))
+        areas = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]) / float(width * height)
+        scores = areas.astype(np.float64)
+    else:
+        boxes, scores, areas = sam_boxes(rgb, generator, max_side=max_side)
+    kept = select_boxes(boxes, scores, areas, **selection)
+    kept = sorted(kept.tolist(), key=lambda i: -int((boxes[i, 2] - boxes[i, 0]) * (boxes[i, 3] - boxes[i, 1])))
+
+    segments = []
+    for index, i in enumerate(kept):
+        x1, y1, x2, y2 = (int(v) for v in boxes[i])
+        crop_path = layout.crop(image_id, stage_key, index)
+        write_jpeg(crop_path, np.ascontiguousarray(rgb[y1:y2, x1:x2]))
+        structure_crop_path = None
+        if structure is not None:
+            sx1, sy1, sx2, sy2 = scale_boxes(
+                boxes[i : i + 1], (width, height), (structure.shape[1], structure.shape[0])
+            )[0]
+            structure_crop_path = layout.structure_crop(image_id, stage_key, index)
+            write_png(structure_crop_path, np.ascontiguousarray(structure[sy1:sy2, sx1:sx2]))
+        segments.append(
+            {
+                "bbox": bbox(x1, y1, x2, y2),
+                "crop_path": layout.relative(crop_path),
+                "structure_crop_path": layout.relative(structure_crop_path) if structure_crop_path else None,
+            }
+        )
+    return segments

@@ -1,0 +1,585 @@
+"""Structure stage: Canny edge maps (+ scribble, optional LoG / Sobel) of every image, as 8-bit PNGs.
+
+Two backends share one interface (``StructureExtractor``): OpenCV across a process pool (CPU), and kornia on batched
+tensors (GPU; it also runs on CPU, slowly, which the agreement tests use). Every map is uint8, white (255) strokes
+on black (0), at the size PIL ``thumbnail((long_side, long_side))`` gives.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as futures
+import logging
+import math
+import multiprocessing
+import os
+import threading
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol, Sequence
+
+import cv2
+import numpy as np
+
+from pipelines.images import ImageLoadError, load_grey_resized
+from storage.atomic import write_png
+from storage.layout import OutputLayout
+from storage.manifest import STATUS_FAILED, STATUS_OK
+
+VERSION = "1"
+
+_log = logging.getLogger(__name__)
+
+MAP_KINDS = ("canny", "scribble", "log", "sobel")
+EXTRA_KINDS = ("log", "sobel")
+# Output record key of each map kind (the Canny map is the stage's main "structure" map).
+PATH_KEYS = {"canny": "structure_path", "scribble": "scribble_path", "log": "log_path", "sobel": "sobel_path"}
+# ControlNet's scribble preprocessor binarises its final blur at 4/255: strokes grow by ~2 sigma on each side.
+_STROKE_LEVEL = 4.0
+# Neighbour pairs of the four directions (horizontal, vertical, both diagonals) of the scribble's ridge NMS.
+_NMS_OFFSETS = (((0, -1), (0, 1)), ((-1, 0), (1, 0)), ((-1, -1), (1, 1)), ((-1, 1), (1, -1)))
+# The ridge's downward curvature must exceed this share of the pixel's value, so flat plateaus and float noise are
+# not ridges.
+_RIDGE_CURVATURE = 1e-3
+# Second differences along the diagonals span sqrt(2) pixels: halve them to compare with the axis-aligned ones.
+_STEP_SCALE = np.array([1.0, 1.0, 0.5, 0.5], np.float32)
+_LAPLACIAN = np.array([[0, 1, 0], [1, -4, 1], [0, 1, 0]], np.float32)
+
+
+# ---- pure map functions (numpy / OpenCV) -------------------------------------------------------------------------
+
+
+def _check_grey(image: np.ndarray, what: str = "grey image") -> np.ndarray:
+    if not isinstance(image, np.ndarray) or image.dtype != np.uint8 or image.ndim != 2:
+        got = f"{image.dtype} {image.shape}" if isinstance(image, np.ndarray) else type(image).__name__
+        raise ValueError(f"expected a {what} as a uint8 (H, W) array, got {got}")
+    return image
+
+
+def gaussian_ksize(sigma: float) -> int:
+    """Return the odd Gaussian kernel size both backends use for ``sigma`` (covers +-4 sigma).
+
+    4 sigma, not OpenCV's usual 3: the step where a truncated kernel leaves a blurred stroke's end is then far
+    below the ridge test's curvature tolerance.
+    """
+    return 2 * math.ceil(4.0 * sigma) + 1
+
+
+def canny_map(grey: np.ndarray, low: float = 100.0, high: float = 200.0) -> np.ndarray:
+    """Return the (H, W) uint8 Canny edge map (L1 gradient, aperture 3, as ``cv2.Canny``'s defaults)."""
+    return cv2.Canny(_check_grey(grey), float(low), float(high), L2gradient=False)
+
+
+def sobel_map(grey: np.ndarray) -> np.ndarray:
+    """Return the (H, W) uint8 Sobel gradient magnitude, scaled so the image's maximum is 255."""
+    g = _check_grey(grey).astype(np.float32)
+    gx = cv2.Sobel(g, cv2.CV_32F, 1, 0, ksize=3, borderType=cv2.BORDER_REPLICATE)
+    gy = cv2.Sobel(g, cv2.CV_32F, 0, 1, ksize=3, borderType=cv2.BORDER_REPLICATE)
+    magnitude = np.sqrt(gx * gx + gy * gy)
+    peak = float(magnitude.max())
+    if peak <= 0:
+        return np.zeros_like(grey)
+    return np.rint(magnitude * (255.0 / peak)).astype(np.uint8)
+
+
+def _zero_crossings(response: np.ndarray, threshold: float) -> np.ndarray:
+    # A pixel is on an edge when it is negative and a 4-neighbour is positive with a jump above the threshold; only
+    # the negative side is marked, so a step gives a 1-pixel line.
+    padded = np.pad(response, 1, mode="edge")
+    h, w = response.shape
+    level = threshold * float(np.abs(response).max())
+    edge = np.zeros(response.shape, bool)
+    for dy, dx in ((0, 1), (0, -1), (1, 0), (-1, 0)):
+        neighbour = padded[1 + dy : 1 + dy + h, 1 + dx : 1 + dx + w]
+        edge |= (response < 0) & (neighbour > 0) & (neighbour - response > level)
+    return np.where(edge, 255, 0).astype(np.uint8)
+
+
+def log_map(grey: np.ndarray, sigma: float = 2.0, threshold: float = 0.1) -> np.ndarray:
+    """Return the (H, W) uint8 Laplacian-of-Gaussian edge map: zero crossings whose jump exceeds ``threshold`` x max."""
+    g = _check_grey(grey).astype(np.float32)
+    k = gaussian_ksize(sigma)
+    blurred = cv2.GaussianBlur(g, (k, k), sigma, borderType=cv2.BORDER_REFLECT_101)
+    response = cv2.filter2D(blurred, cv2.CV_32F, _LAPLACIAN, borderType=cv2.BORDER_REPLICATE)
+    return _zero_crossings(response, threshold)
+
+
+def _direction_kernels() -> list[tuple[np.ndarray, np.ndarray]]:
+    # Per direction: a kernel selecting the two neighbours (for dilate = their maximum) and one giving the
+    # scaled second difference (first + second - 2 * centre).
+    kernels = []
+    for ((dy1, dx1), (dy2, dx2)), scale in zip(_NMS_OFFSETS, _STEP_SCALE):
+        neighbours = np.zeros((3, 3), np.uint8)
+        neighbours[1 + dy1, 1 + dx1] = neighbours[1 + dy2, 1 + dx2] = 1
+        second_difference = neighbours.astype(np.float32) * scale
+        second_difference[1, 1] = -2 * scale
+        kernels.append((neighbours, second_difference))
+    return kernels
+
+
+_DIRECTION_KERNELS = _direction_kernels()
+
+
+def _ridge_numpy(x: np.ndarray) -> np.ndarray:
+    """Return the (H, W) bool ridge pixels of a blurred float32 map (see ``scribble_map``)."""
+    bend = np.full(x.shape, np.inf, np.float32)  # most negative curvature so far (the first direction wins ties)
+    steepest_up = np.full(x.shape, -np.inf, np.float32)
+    is_max = np.zeros(x.shape, bool)
+    for neighbours, second_difference in _DIRECTION_KERNELS:
+        # Constant 0 border, as the torch version's padding (x >= 0, so it never beats a pixel).
+        curvature = cv2.filter2D(x, -1, second_difference, borderType=cv2.BORDER_CONSTANT)
+        better = curvature < bend
+        np.copyto(bend, curvature, where=better)
+        neighbour_max = cv2.dilate(x, neighbours, borderType=cv2.BORDER_CONSTANT, borderValue=0)
+        np.copyto(is_max, x >= neighbour_max, where=better)
+        np.maximum(steepest_up, curvature, out=steepest_up)
+    return is_max & (bend < -_RIDGE_CURVATURE * x) & (-bend >= steepest_up)
+
+
+def scribble_map(
+    edges: np.ndarray, *, sigma: float = 3.0, threshold: float = 0.1, final_sigma: float = 1.0
+) -> np.ndarray:
+    """Return the (H, W) uint8 scribble of an edge map: blur, 4-direction ridge NMS, relative threshold, thicken.
+
+    Non-maximum suppression picks, per pixel, the one of the four directions (horizontal, vertical, two diagonals)
+    with the strongest downward curvature, i.e. across the stroke, and keeps the pixel when it is a maximum along
+    it and that curvature dominates any upward one (a discrete Hessian ridge test; the plain "maximum along any
+    direction" rule also keeps the flat band along straight strokes and the outside of curves). Ridges above
+    ``threshold`` x the map's maximum are blurred by ``final_sigma`` and binarised at 4/255 (ControlNet's level).
+    """
+    x = _check_grey(edges, "edge map").astype(np.float32)
+    k = gaussian_ksize(sigma)
+    x = cv2.GaussianBlur(x, (k, k), sigma, borderType=cv2.BORDER_REFLECT_101)
+    ridge = _ridge_numpy(x)
+    peak = float(x.max())
+    if peak <= 0:
+        return np.zeros_like(edges)
+    strokes = np.where(ridge & (x > threshold * peak), np.float32(255), np.float32(0))
+    if final_sigma > 0:
+        kf = gaussian_ksize(final_sigma)
+        strokes = cv2.GaussianBlur(strokes, (kf, kf), final_sigma, borderType=cv2.BORDER_REFLECT_101)
+    return np.where(strokes > _STROKE_LEVEL, 255, 0).astype(np.uint8)
+
+
+# ---- parameters and jobs ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StructureParams:
+    """Everything that determines the maps of one image (part of the stage key)."""
+
+    long_side: int = 512
+    canny_low: float = 100.0
+    canny_high: float = 200.0
+    extra_maps: tuple[str, ...] = ()
+    scribble_sigma: float = 3.0
+    scribble_threshold: float = 0.1
+    scribble_final_sigma: float = 1.0
+    log_sigma: float = 2.0
+    max_pixels: int = 178_956_970
+
+    @property
+    def kinds(self) -> tuple[str, ...]:
+        return ("canny", "scribble") + tuple(k for k in EXTRA_KINDS if k in self.extra_maps)
+
+
+@dataclass(frozen=True)
+class StructureJob:
+    """One image to process: where it is and the absolute path each map kind is written to."""
+
+    image_id: str
+    source_path: str
+    targets: dict[str, str]
+
+
+def compute_maps(grey: np.ndarray, params: StructureParams) -> dict[str, np.ndarray]:
+    """Return {kind: (h, w) uint8 map} for ``params.kinds`` of a resized grey image (OpenCV implementation)."""
+    canny = canny_map(grey, params.canny_low, params.canny_high)
+    maps = {
+        "canny": canny,
+        "scribble": scribble_map(
+            canny,
+            sigma=params.scribble_sigma,
+            threshold=params.scribble_threshold,
+            final_sigma=params.scribble_final_sigma,
+        ),
+    }
+    if "log" in params.kinds:
+        maps["log"] = log_map(grey, params.log_sigma)
+    if "sobel" in params.kinds:
+        maps["sobel"] = sobel_map(grey)
+    return maps
+
+
+def _ok(job: StructureJob) -> dict:
+    return {"image_id": job.image_id, "status": STATUS_OK, "error": None, "targets": dict(job.targets)}
+
+
+def _failed(image_id: str | None, error: str) -> dict:
+    return {"image_id": image_id, "status": STATUS_FAILED, "error": error, "targets": {}}
+
+
+def _describe(exc: BaseException, source_path: str) -> str:
+    if isinstance(exc, ImageLoadError):
+        return str(exc)
+    text = " ".join(str(exc).split())
+    return f"structure extraction failed: {type(exc).__name__}: {text} ({Path(source_path).name})"
+
+
+def _write_maps(job: StructureJob, maps: dict[str, np.ndarray]) -> None:
+    for kind, target in job.targets.items():
+        write_png(target, maps[kind])
+
+
+def _load(job: StructureJob, params: StructureParams) -> np.ndarray:
+    return load_grey_resized(job.source_path, long_side=params.long_side, max_pixels=params.max_pixels)
+
+
+def extract_one(job: StructureJob, params: StructureParams) -> dict:
+    """Decode, resize, compute and write every map of one image with OpenCV; return its result (never raises)."""
+    try:
+        _write_maps(job, compute_maps(_load(job, params), params))
+        return _ok(job)
+    except Exception as exc:  # noqa: BLE001 - one bad image is a recorded failure, not a crash
+        return _failed(job.image_id, _describe(exc, job.source_path))
+
+
+# ---- backends ---------------------------------------------------------------------------------------------------
+
+
+class StructureExtractor(Protocol):
+    """A backend: computes and writes the maps of a list of jobs, returns one result per job (in order)."""
+
+    name: str
+
+    def __call__(self, jobs: Sequence[StructureJob], params: StructureParams) -> list[dict]: ...
+
+
+def _init_worker() -> None:
+    # One OpenCV thread per worker process: the pool already uses every core.
+    cv2.setNumThreads(1)
+
+
+_POOL_LOCK = threading.Lock()
+_POOL: futures.ProcessPoolExecutor | None = None
+_POOL_SIZE = 0
+
+
+def available_cpus() -> int:
+    """Return the number of CPUs this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def _pool(workers: int) -> futures.ProcessPoolExecutor:
+    """Return the module's process pool of ``workers`` processes, created once and reused across chunks."""
+    global _POOL, _POOL_SIZE
+    with _POOL_LOCK:
+        if _POOL is None or _POOL_SIZE != workers:
+            if _POOL is not None:
+                _POOL.shutdown(wait=False, cancel_futures=True)
+            # forkserver, not fork: the caller (Prefect) runs threads, and forking a threaded process can deadlock.
+            context = multiprocessing.get_context("forkserver")
+            _POOL = futures.ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker)
+            _POOL_SIZE = workers
+        return _POOL
+
+
+def shutdown_pool() -> None:
+    """Stop the module's worker processes (they are otherwise kept for the next chunk)."""
+    global _POOL, _POOL_SIZE
+    with _POOL_LOCK:
+        if _POOL is not None:
+            _POOL.shutdown(wait=True, cancel_futures=True)
+        _POOL, _POOL_SIZE = None, 0
+
+
+class OpenCVExtractor:
+    """CPU backend: one image per task over a reused process pool (``workers=1``: in this process).
+
+    The pool uses the forkserver start method (the caller may run threads), so a calling script needs the usual
+    ``if __name__ == "__main__":`` guard.
+    """
+
+    name = "opencv"
+
+    def __init__(self, workers: int = 0):
+        if workers < 0:
+            raise ValueError(f"workers must be >= 0 (0 = one per CPU), got {workers}")
+        self.workers = workers or available_cpus()
+
+    def __call__(self, jobs: Sequence[StructureJob], params: StructureParams) -> list[dict]:
+        if self.workers == 1 or len(jobs) <= 1:
+            return [extract_one(job, params) for job in jobs]
+        results: list[dict | None] = [None] * len(jobs)
+        pending = list(range(len(jobs)))
+        # A worker that dies (e.g. a decoder crash) breaks the pool: rebuild it once and retry what was unfinished.
+        for attempt in range(2):
+            pool = _pool(self.workers)
+            try:
+                submitted = {pool.submit(extract_one, jobs[i], params): i for i in pending}
+            except futures.process.BrokenProcessPool:
+                shutdown_pool()
+                continue
+            for future, index in submitted.items():
+                try:
+                    results[index] = future.result()
+                except futures.process.BrokenProcessPool:
+                    pass
+            pending = [i for i in pending if results[i] is None]
+            if not pending:
+                break
+            shutdown_pool()
+        if pending:
+            # Workers that die at start-up (a script without ``if __name__ == "__main__":`` re-runs itself in
+            # each forkserver child) would otherwise fail every image: finish in this process instead.
+            _log.warning(
+                "structure worker processes died twice; processing %d image(s) in this process (a script that "
+                "calls the pipeline needs an `if __name__ == \"__main__\":` guard for the process pool)",
+                len(pending),
+            )
+            for i in pending:
+                results[i] = extract_one(jobs[i], params)
+        return results  # type: ignore[return-value]
+
+
+class KorniaExtractor:
+    """Tensor backend: images of equal size are batched through kornia's Canny and a torch scribble."""
+
+    name = "kornia"
+
+    def __init__(self, device: str = "auto", batch_size: int = 32, io_threads: int = 4):
+        import torch
+
+        if batch_size <= 0:
+            raise ValueError(f"batch_size must be > 0, got {batch_size}")
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.device = torch.device(device)
+        self.batch_size = batch_size
+        self.io_threads = io_threads
+
+    def __call__(self, jobs: Sequence[StructureJob], params: StructureParams) -> list[dict]:
+        results: list[dict | None] = [None] * len(jobs)
+
+        def load(index: int) -> np.ndarray | None:
+            try:
+                return _load(jobs[index], params)
+            except Exception as exc:  # noqa: BLE001
+                results[index] = _failed(jobs[index].image_id, _describe(exc, jobs[index].source_path))
+                return None
+
+        # Decoding and PNG encoding release the GIL in OpenCV, so threads overlap them with the GPU work.
+        with futures.ThreadPoolExecutor(self.io_threads) as io:
+            greys = list(io.map(load, range(len(jobs))))
+            groups: dict[tuple[int, int], list[int]] = defaultdict(list)
+            pad = gaussian_ksize(max(params.scribble_sigma, params.log_sigma)) // 2
+            for index, grey in enumerate(greys):
+                if grey is None:
+                    continue
+                if min(grey.shape) <= pad:
+                    # torch's reflect padding needs a side longer than the pad: tiny images take the OpenCV path.
+                    results[index] = self._write(jobs[index], compute_maps(grey, params))
+                else:
+                    groups[grey.shape].append(index)
+            writes = []
+            for indices in groups.values():
+                for start in range(0, len(indices), self.batch_size):
+                    batch = indices[start : start + self.batch_size]
+                    try:
+                        maps = torch_maps(np.stack([greys[i] for i in batch]), params, device=self.device)
+                    except Exception as exc:  # noqa: BLE001 - e.g. CUDA out of memory: fail this batch only
+                        for i in batch:
+                            results[i] = _failed(jobs[i].image_id, _describe(exc, jobs[i].source_path))
+                        continue
+                    for row, i in enumerate(batch):
+                        per_image = {kind: stack[row] for kind, stack in maps.items()}
+                        writes.append((i, io.submit(self._write, jobs[i], per_image)))
+            for i, future in writes:
+                results[i] = future.result()
+        return results  # type: ignore[return-value]
+
+    @staticmethod
+    def _write(job: StructureJob, maps: dict[str, np.ndarray]) -> dict:
+        try:
+            _write_maps(job, maps)
+            return _ok(job)
+        except Exception as exc:  # noqa: BLE001
+            return _failed(job.image_id, _describe(exc, job.source_path))
+
+
+# ---- torch implementation of the maps --------------------------------------------------------------------------
+
+
+def _torch_blur(x, sigma: float):
+    import kornia
+
+    k = gaussian_ksize(sigma)
+    # kornia's "reflect" is OpenCV's BORDER_REFLECT_101 (the edge pixel is not repeated).
+    return kornia.filters.gaussian_blur2d(x, (k, k), (sigma, sigma), border_type="reflect")
+
+
+def _torch_scribble(edges, *, sigma: float, threshold: float, final_sigma: float):
+    """Return (B, 1, H, W) float 0/255 scribbles of (B, 1, H, W) float 0..255 edge maps (same rule as numpy)."""
+    import torch
+    import torch.nn.functional as F
+
+    x = _torch_blur(edges, sigma)
+    h, w = x.shape[-2:]
+    padded = F.pad(x, (1, 1, 1, 1), value=0.0)  # x >= 0, so a 0 border never beats a pixel
+    first = torch.stack([padded[..., 1 + a : 1 + a + h, 1 + b : 1 + b + w] for (a, b), _ in _NMS_OFFSETS])
+    second = torch.stack([padded[..., 1 + a : 1 + a + h, 1 + b : 1 + b + w] for _, (a, b) in _NMS_OFFSETS])
+    scale = torch.as_tensor(_STEP_SCALE, dtype=x.dtype, device=x.device).view(4, 1, 1, 1, 1)
+    curvature = (first + second - 2 * x) * scale
+    across = curvature.argmin(dim=0, keepdim=True)
+    bend = curvature.gather(0, across)[0]
+    is_max = (x >= first.gather(0, across)[0]) & (x >= second.gather(0, across)[0])
+    ridge = is_max & (bend < -_RIDGE_CURVATURE * x) & (-bend >= curvature.amax(dim=0))
+    peak = x.amax(dim=(-2, -1), keepdim=True)
+    strokes = (ridge & (x > threshold * peak) & (peak > 0)).to(x.dtype) * 255.0
+    if final_sigma > 0:
+        strokes = _torch_blur(strokes, final_sigma)
+    return (strokes > _STROKE_LEVEL).to(x.dtype) * 255.0
+
+
+def _torch_log(grey, sigma: float, threshold: float = 0.1):
+    import torch
+    import torch.nn.functional as F
+
+    blurred = _torch_blur(grey, sigma)
+    kernel = torch.as_tensor(_LAPLACIAN, dtype=grey.dtype, device=grey.device)[None, None]
+    response = F.conv2d(F.pad(blurred, (1, 1, 1, 1), mode="replicate"), kernel)
+    padded = F.pad(response, (1, 1, 1, 1), mode="replicate")
+    h, w = response.shape[-2:]
+    level = threshold * response.abs().amax(dim=(-2, -1), keepdim=True)
+    edge = torch.zeros_like(response, dtype=torch.bool)
+    for dy, dx in ((0, 1), (0, -1), (1, 0), (-1, 0)):
+        neighbour = padded[..., 1 + dy : 1 + dy + h, 1 + dx : 1 + dx + w]
+        edge |= (response < 0) & (neighbour > 0) & (neighbour - response > level)
+    return edge.to(grey.dtype) * 255.0
+
+
+def _torch_sobel(grey):
+    import kornia
+
+    gradient = kornia.filters.spatial_gradient(grey, normalized=False)  # (B, 1, 2, H, W), replicate border
+    magnitude = gradient.pow(2).sum(dim=2).sqrt()
+    peak = magnitude.amax(dim=(-2, -1), keepdim=True)
+    return (magnitude * (255.0 / peak.clamp_min(1e-12))).round()
+
+
+def torch_maps(greys: np.ndarray, params: StructureParams, *, device="cpu") -> dict[str, np.ndarray]:
+    """Return {kind: (B, h, w) uint8} maps of a (B, h, w) uint8 stack of equal-size grey images, computed in torch."""
+    import kornia
+    import torch
+
+    if greys.dtype != np.uint8 or greys.ndim != 3:
+        raise ValueError(f"expected a uint8 (B, H, W) stack of grey images, got {greys.dtype} {greys.shape}")
+    with torch.inference_mode():
+        x = torch.from_numpy(greys).to(device, non_blocking=True).float()[:, None]  # grey levels 0..255, as OpenCV
+        # kernel_size=1 skips kornia's Gaussian pre-blur, which cv2.Canny does not do; on the 0..255 scale the
+        # thresholds are OpenCV's units (kornia's magnitude is L2 where cv2's default is L1, so diagonals differ).
+        low = max(float(params.canny_low), 1e-6)  # kornia requires a positive low threshold
+        _, edges = kornia.filters.canny(x, low, max(low, float(params.canny_high)), kernel_size=1)
+        maps = {"canny": edges * 255.0}
+        maps["scribble"] = _torch_scribble(
+            maps["canny"],
+            sigma=params.scribble_sigma,
+            threshold=params.scribble_threshold,
+            final_sigma=params.scribble_final_sigma,
+        )
+        if "log" in params.kinds:
+            maps["log"] = _torch_log(x, params.log_sigma)
+        if "sobel" in params.kinds:
+            maps["sobel"] = _torch_sobel(x)
+        return {kind: m[:, 0].to(torch.uint8).cpu().numpy() for kind, m in maps.items()}
+
+
+# ---- the stage ---------------------------------------------------------------------------------------------------
+
+
+def select_backend(backend: str, *, workers: int = 0, batch_size: int = 32, device: str = "auto") -> StructureExtractor:
+    """Return the extractor for ``backend`` ("auto": kornia when CUDA is available, else OpenCV)."""
+    if backend == "auto":
+        import torch
+
+        backend = "kornia" if torch.cuda.is_available() else "opencv"
+    if backend == "opencv":
+        return OpenCVExtractor(workers)
+    if backend == "kornia":
+        return KorniaExtractor(device=device, batch_size=batch_size)
+    raise ValueError(f"unknown structure backend {backend!r} (expected auto, opencv or kornia)")
+
+
+def extract_structure(
+    records: list[dict],
+    *,
+    layout: OutputLayout,
+    stage_key: str,
+    backend: str | StructureExtractor = "auto",
+    long_side: int = 512,
+    canny_low: float = 100.0,
+    canny_high: float = 200.0,
+    extra_maps: Sequence[str] = (),
+    scribble_sigma: float = 3.0,
+    scribble_threshold: float = 0.1,
+    scribble_final_sigma: float = 1.0,
+    log_sigma: float = 2.0,
+    max_pixels: int = 178_956_970,
+    workers: int = 0,
+    batch_size: int = 32,
+    device: str = "auto",
+) -> list[dict]:
+    """Write the structure maps of each record (``image_id``, ``source_path``); return one result per record.
+
+    Results: ``{image_id, status, error, structure_path, scribble_path, log_path, sobel_path}``, paths relative to
+    ``layout.root`` (log/sobel are None unless requested in ``extra_maps``).
+    """
+    unknown = sorted(set(extra_maps) - set(EXTRA_KINDS))
+    if unknown:
+        raise ValueError(f"unknown extra structure maps {unknown} (expected a subset of {list(EXTRA_KINDS)})")
+    if canny_low > canny_high:
+        raise ValueError(f"canny_low ({canny_low}) must not exceed canny_high ({canny_high})")
+    if long_side <= 0:
+        raise ValueError(f"long_side must be > 0, got {long_side}")
+    params = StructureParams(
+        long_side=long_side,
+        canny_low=float(canny_low),
+        canny_high=float(canny_high),
+        extra_maps=tuple(k for k in EXTRA_KINDS if k in extra_maps),
+        scribble_sigma=float(scribble_sigma),
+        scribble_threshold=float(scribble_threshold),
+        scribble_final_sigma=float(scribble_final_sigma),
+        log_sigma=float(log_sigma),
+        max_pixels=max_pixels,
+    )
+    outputs: list[dict | None] = [None] * len(records)
+    jobs: list[StructureJob] = []
+    positions: list[int] = []
+    for position, record in enumerate(records):
+        image_id, source_path = record.get("image_id"), record.get("source_path")
+        if record.get("status", STATUS_OK) != STATUS_OK:
+            outputs[position] = _failed(image_id, f"skipped: an earlier stage failed ({record.get('error')})")
+        elif not image_id or not source_path:
+            outputs[position] = _failed(image_id, "invalid record: expected image_id and source_path")
+        else:
+            targets = {kind: str(layout.structure_map(image_id, stage_key, kind)) for kind in params.kinds}
+            jobs.append(StructureJob(image_id=image_id, source_path=str(source_path), targets=targets))
+            positions.append(position)
+    if jobs:
+        extractor = select_backend(backend, workers=workers, batch_size=batch_size, device=device) if isinstance(
+            backend, str
+        ) else backend
+        for position, result in zip(positions, extractor(jobs, params)):
+            outputs[position] = result
+    return [_to_record(result, layout) for result in outputs]  # type: ignore[arg-type]
+
+
+def _to_record(result: dict, layout: OutputLayout) -> dict:
+    record = {"image_id": result["image_id"], "status": result["status"], "error": result["error"]}
+    for kind, key in PATH_KEYS.items():
+        target = result["targets"].get(kind)
+        record[key] = layout.relative(target) if target else None
+    return record

@@ -1,0 +1,209 @@
+"""pipelines.images: every mode to RGB, EXIF orientation, size guard, clear errors; the fast grey path's sizes."""
+
+from __future__ import annotations
+
+import time
+import tracemalloc
+
+import cv2
+import numpy as np
+import pytest
+from PIL import Image
+
+from pipelines.images import ImageLoadError, load_grey_resized, load_rgb, thumbnail_size
+from tests.pipelines.conftest import png_header_only, save_rgb
+
+MAX = 10_000_000
+
+
+def test_rgb_png_roundtrip_exact(tmp_path, rng):
+    rgb = rng.integers(0, 256, (7, 5, 3), dtype=np.uint8)
+    out = load_rgb(save_rgb(tmp_path / "a.png", rgb), max_pixels=MAX)
+    assert out.dtype == np.uint8 and out.shape == (7, 5, 3)
+    np.testing.assert_array_equal(out, rgb)
+
+
+def test_grey_and_palette_modes(tmp_path):
+    grey = np.array([[0, 100], [200, 255]], np.uint8)
+    Image.fromarray(grey, "L").save(tmp_path / "l.png")
+    np.testing.assert_array_equal(load_rgb(tmp_path / "l.png", max_pixels=MAX), np.repeat(grey[:, :, None], 3, 2))
+
+    palette = Image.new("P", (2, 1))
+    palette.putpalette([10, 20, 30, 200, 100, 50] + [0] * 762)
+    palette.putdata([0, 1])
+    palette.save(tmp_path / "p.png")
+    np.testing.assert_array_equal(load_rgb(tmp_path / "p.png", max_pixels=MAX), [[[10, 20, 30], [200, 100, 50]]])
+
+
+def test_alpha_is_composited_over_white(tmp_path):
+    rgba = np.array([[[255, 0, 0, 0], [255, 0, 0, 255], [0, 0, 255, 128]]], np.uint8)
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "a.png")
+    out = load_rgb(tmp_path / "a.png", max_pixels=MAX).astype(int)
+    # Fully transparent -> white; opaque -> itself; half blue over white -> (127, 127, 255) by a*c + (1-a)*255.
+    expected_half = [round(255 * (1 - 128 / 255)), round(255 * (1 - 128 / 255)), 255]
+    assert out[0, 0].tolist() == [255, 255, 255]
+    assert out[0, 1].tolist() == [255, 0, 0]
+    assert np.abs(out[0, 2] - expected_half).max() <= 1
+
+    la = np.array([[[0, 0], [0, 255]]], np.uint8)
+    Image.fromarray(la, "LA").save(tmp_path / "la.png")
+    assert load_rgb(tmp_path / "la.png", max_pixels=MAX)[0].tolist() == [[255, 255, 255], [0, 0, 0]]
+
+
+def test_cmyk_jpeg(tmp_path):
+    Image.new("CMYK", (8, 8), (0, 255, 255, 0)).save(tmp_path / "c.jpg", quality=100)
+    out = load_rgb(tmp_path / "c.jpg", max_pixels=MAX).astype(int)
+    assert np.abs(out - [255, 0, 0]).max() <= 3  # cyan/magenta/yellow/black 0/100/100/0 % is red
+
+
+def test_16_bit_png_is_scaled_not_clipped(tmp_path):
+    values = np.array([[0, 257 * 100, 65535]], np.uint16)
+    Image.fromarray(values).save(tmp_path / "deep.png")
+    assert Image.open(tmp_path / "deep.png").mode.startswith("I")
+    out = load_rgb(tmp_path / "deep.png", max_pixels=MAX)
+    assert out[0, :, 0].tolist() == [0, 100, 255] and (out[..., 0] == out[..., 2]).all()
+
+
+def test_float_and_int32_tiff(tmp_path):
+    Image.fromarray(np.array([[0.0, 0.5, 1.0]], np.float32), "F").save(tmp_path / "f.tif")
+    assert load_rgb(tmp_path / "f.tif", max_pixels=MAX)[0, :, 1].tolist() == [0, 128, 255]
+    Image.fromarray(np.array([[0, 1000, 65535]], np.int32), "I").save(tmp_path / "i.tif")
+    assert load_rgb(tmp_path / "i.tif", max_pixels=MAX)[0, :, 1].tolist() == [0, round(1000 / 257), 255]
+
+
+def test_animated_gif_gives_first_frame(tmp_path):
+    frames = [Image.new("RGB", (4, 4), c) for c in [(255, 0, 0), (0, 0, 255)]]
+    frames[0].save(tmp_path / "anim.gif", save_all=True, append_images=frames[1:], duration=50, loop=0)
+    assert Image.open(tmp_path / "anim.gif").n_frames == 2
+    out = load_rgb(tmp_path / "anim.gif", max_pixels=MAX)
+    assert out.shape == (4, 4, 3) and out[0, 0].tolist() == [255, 0, 0]
+
+
+def _oriented_jpeg(path, orientation=6):
+    # 20 wide, 10 high, white block top-left; EXIF 6 means "rotate 90 degrees clockwise to display".
+    rgb = np.zeros((10, 20, 3), np.uint8)
+    rgb[:5, :5] = 255
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    Image.fromarray(rgb).save(path, exif=exif, quality=100)
+    return path
+
+
+def test_exif_orientation_applied(tmp_path):
+    out = load_rgb(_oriented_jpeg(tmp_path / "rot.jpg"), max_pixels=MAX)
+    assert out.shape == (20, 10, 3)
+    # After a clockwise turn the top-left block sits top-right.
+    assert out[:5, -5:].mean() > 200 and out[:5, :5].mean() < 50
+
+
+def test_decompression_bomb_header_refused_before_decoding(tmp_path):
+    path = tmp_path / "bomb.png"
+    path.write_bytes(png_header_only(60000, 60000))
+    tracemalloc.start()
+    start = time.perf_counter()
+    with pytest.raises(ImageLoadError) as info:
+        load_rgb(path, max_pixels=MAX)
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert time.perf_counter() - start < 1.0 and peak < 50_000_000  # 60000^2 RGB would be 10.8 GB
+    message = str(info.value)
+    assert message.startswith("image too large: 3600000000 pixels exceeds max_pixels=10000000") and "\n" not in message
+    assert message.endswith("(bomb.png)")
+    # Below PIL's own guard, our max_pixels decides, and the message names the size.
+    path.write_bytes(png_header_only(4000, 3000))
+    with pytest.raises(ImageLoadError, match=r"too large: 4000x3000 = 12000000 pixels exceeds max_pixels=10000000"):
+        load_rgb(path, max_pixels=MAX)
+
+
+@pytest.mark.parametrize(
+    "name, payload, cause",
+    [
+        ("empty.jpg", b"", "empty file"),
+        ("notes.png", b"just some text, not an image\n", "not a recognised image format"),
+    ],
+)
+def test_bad_bytes_give_one_line_errors(tmp_path, name, payload, cause):
+    (tmp_path / name).write_bytes(payload)
+    with pytest.raises(ImageLoadError, match=f"{cause}.*{name}"):
+        load_rgb(tmp_path / name, max_pixels=MAX)
+
+
+def test_truncated_jpeg(tmp_path, rng):
+    path = save_rgb(tmp_path / "cat.jpg", rng.integers(0, 256, (64, 64, 3), dtype=np.uint8), quality=95)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ImageLoadError) as info:
+        load_rgb(path, max_pixels=MAX)
+    assert str(info.value).startswith("cannot decode image:") and "truncated" in str(info.value)
+    assert str(info.value).endswith("(cat.jpg)")
+    with pytest.raises(ImageLoadError, match="truncated"):
+        load_grey_resized(path, long_side=32)  # libjpeg would pad silently; the fast path must not
+
+
+def test_png_named_jpg_decodes_by_content(tmp_path, rng):
+    rgb = rng.integers(0, 256, (3, 4, 3), dtype=np.uint8)
+    Image.fromarray(rgb).save(tmp_path / "liar.jpg", format="PNG")
+    np.testing.assert_array_equal(load_rgb(tmp_path / "liar.jpg", max_pixels=MAX), rgb)
+
+
+def test_bytes_argument_and_missing_file(tmp_path, rng):
+    rgb = rng.integers(0, 256, (2, 2, 3), dtype=np.uint8)
+    data = save_rgb(tmp_path / "x.png", rgb).read_bytes()
+    np.testing.assert_array_equal(load_rgb(tmp_path / "gone.png", max_pixels=MAX, data=data), rgb)
+    with pytest.raises(ImageLoadError, match="file not found.*gone.png"):
+        load_rgb(tmp_path / "gone.png", max_pixels=MAX)
+
+
+# ---- fast grey path ---------------------------------------------------------------------------------------------
+
+
+def test_thumbnail_size_matches_pil(rng):
+    sizes = [(1, 1), (512, 512), (513, 100), (100, 513), (3000, 2), (2, 3000), (640, 480), (1023, 767)]
+    sizes += [tuple(int(v) for v in rng.integers(1, 3000, 2)) for _ in range(60)]
+    for width, height in sizes:
+        image = Image.new("1", (width, height))
+        image.thumbnail((512, 512))
+        assert thumbnail_size(width, height, 512) == image.size, (width, height)
+
+
+@pytest.mark.parametrize(
+    "size, suffix", [((2100, 1100), ".jpg"), ((640, 480), ".jpg"), ((300, 200), ".png"), ((5000, 1200), ".jpg")]
+)
+def test_grey_resized_size_is_pil_thumbnail_size(tmp_path, rng, size, suffix):
+    width, height = size
+    rgb = cv2.resize(rng.integers(0, 256, (height // 50 + 1, width // 50 + 1, 3), dtype=np.uint8), (width, height))
+    path = save_rgb(tmp_path / f"img{suffix}", rgb)
+    grey = load_grey_resized(path, long_side=512)
+    pil = Image.open(path)
+    pil.thumbnail((512, 512))
+    assert grey.dtype == np.uint8 and grey.ndim == 2
+    assert (grey.shape[1], grey.shape[0]) == pil.size
+    # Same picture: the grey levels agree with PIL's thumbnail on these smooth images.
+    assert np.abs(grey.astype(int) - np.asarray(pil.convert("L"), int)).mean() < 6
+
+
+def test_grey_resized_respects_exif_and_falls_back_for_gif(tmp_path):
+    grey = load_grey_resized(_oriented_jpeg(tmp_path / "rot.jpg"), long_side=512)
+    assert grey.shape == (20, 10) and grey[:5, -5:].mean() > 200
+    Image.new("RGB", (1000, 10), (255, 255, 255)).save(tmp_path / "wide.gif")
+    out = load_grey_resized(tmp_path / "wide.gif", long_side=100)
+    assert out.shape == (1, 100) and out.min() == 255  # PIL thumbnail's size: 1000x10 -> 100x1
+
+
+def test_grey_resized_edges_match_pil_baseline(tmp_path):
+    """The structure benchmark's check: Canny on our resize vs PIL thumbnail, IoU >= 0.9 after 1-pixel dilation."""
+    rng = np.random.default_rng(3)
+    rgb = np.full((1200, 1600, 3), 128, np.uint8)
+    for _ in range(20):
+        x, y = int(rng.integers(0, 1600)), int(rng.integers(0, 1200))
+        cv2.circle(rgb, (x, y), int(rng.integers(20, 250)), tuple(int(c) for c in rng.integers(0, 256, 3)), -1)
+    rgb = cv2.GaussianBlur(rgb, (0, 0), 2.5)
+    path = save_rgb(tmp_path / "scene.jpg", rgb, quality=92)
+    pil = Image.open(path)
+    pil.thumbnail((512, 512))
+    baseline = cv2.Canny(np.asarray(pil.convert("L")), 100, 200)
+    ours = cv2.Canny(load_grey_resized(path, long_side=512), 100, 200)
+    kernel = np.ones((3, 3), np.uint8)
+    a, b = cv2.dilate(baseline, kernel) > 0, cv2.dilate(ours, kernel) > 0
+    assert a.sum() > 500
+    assert (a & b).sum() / (a | b).sum() >= 0.9
