@@ -12,8 +12,12 @@ import numpy as np
 
 
 @contextlib.contextmanager
-def atomic_writer(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
-    """Yield a file object whose content replaces ``path`` only if the block finishes without error."""
+def atomic_writer(path: str | os.PathLike, mode: str = "wb", *, durable: bool = True) -> Iterator[IO]:
+    """Yield a file object whose content replaces ``path`` only if the block finishes without error.
+
+    ``durable=False`` skips the fsync (about 1.5 ms a file here): the rename still guarantees that a killed process
+    never leaves a half-written file, only a power loss could; used for the many small, regenerable map/crop images.
+    """
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
@@ -21,7 +25,8 @@ def atomic_writer(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
         with os.fdopen(fd, mode) as handle:
             yield handle
             handle.flush()
-            os.fsync(handle.fileno())
+            if durable:
+                os.fsync(handle.fileno())
         os.replace(tmp_name, target)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -45,9 +50,9 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         raise
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+def atomic_write_bytes(path: str | os.PathLike, data: bytes, *, durable: bool = True) -> Path:
     """Write ``data`` to ``path`` atomically and return the path."""
-    with atomic_writer(path, "wb") as handle:
+    with atomic_writer(path, "wb", durable=durable) as handle:
         handle.write(data)
     return Path(path)
 
@@ -68,7 +73,7 @@ def write_png(path: str | os.PathLike, image: np.ndarray) -> Path:
     ok, buf = cv2.imencode(".png", image, [cv2.IMWRITE_PNG_COMPRESSION, 1])
     if not ok:
         raise OSError(f"PNG encoding failed for {path}")
-    return atomic_write_bytes(path, buf.tobytes())
+    return atomic_write_bytes(path, buf.tobytes(), durable=False)
 
 
 def write_jpeg(path: str | os.PathLike, image: np.ndarray, quality: int = 92) -> Path:
@@ -80,4 +85,4 @@ def write_jpeg(path: str | os.PathLike, image: np.ndarray, quality: int = 92) ->
     ok, buf = cv2.imencode(".jpg", cv2.cvtColor(image, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, quality])
     if not ok:
         raise OSError(f"JPEG encoding failed for {path}")
-    return atomic_write_bytes(path, buf.tobytes())
+    return atomic_write_bytes(path, buf.tobytes(), durable=False)

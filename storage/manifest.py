@@ -93,3 +93,13 @@ def manifest_root(path: str | os.PathLike) -> OutputLayout:
     if path.name == "manifest":
         return OutputLayout(path.parent)
     return OutputLayout(path)
+
+
+def resolve_manifest_path(layout: OutputLayout, path: str | None) -> Path | None:
+    """Return the absolute path of a manifest path: relative ones under ``layout.root`` (escapes refused), absolute
+    ones (rows imported from a reference JSON whose files live outside the output folder) as they are."""
+    if path is None:
+        return None
+    if Path(path).is_absolute():
+        return Path(path)
+    return layout.resolve(path)

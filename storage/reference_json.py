@@ -1,0 +1,315 @@
+"""The reference StructXLIP trainer's JSON interchange format (METHOD.md section 1), exported and imported losslessly.
+
+A JSON list of records::
+
+    {"original_filename": ABS, "original_caption": str, "original_filename_structure": ABS | null,
+     "segment": [{"similarity_score": float, "filename": ABS, "caption": str, "filename_structure_cropped": ABS,
+                  "bbox_coordinates": {"x1", "y1", "x2", "y2", "width", "height"}}],
+     "structxlip": {image_id, split, width, height, caption_source, filtered_caption, scribble, hard_negatives,
+                    segment_filtered_captions}}
+
+The reference trainer reads only the first four keys; ``structxlip`` carries the manifest fields it does not know,
+so manifest -> JSON -> manifest and JSON -> manifest -> JSON are both exact. Only usable rows (status ``ok`` with a
+caption) are exported: the reference format has no place for failed images.
+
+On import, relative paths are taken relative to ``root`` (default: the JSON file's folder) and may not leave it;
+absolute paths are kept. Paths that end up under the target output folder are stored relative to it (the manifest
+convention); files elsewhere keep their absolute path, so nothing is copied and the round trip stays exact.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from storage.atomic import atomic_write_text
+from storage.hashing import content_key, file_digest
+from storage.layout import IMAGE_ID_LENGTH, OutputLayout, PathEscapeError
+from storage.manifest import STATUS_OK, manifest_table, read_manifest, manifest_root, resolve_manifest_path
+from storage.parquet import parquet_parts, write_parquet_atomic
+
+EXTRA_KEY = "structxlip"
+BBOX_KEYS = ("x1", "y1", "x2", "y2", "width", "height")
+_IMAGE_ID = re.compile(rf"^[0-9a-f]{{{IMAGE_ID_LENGTH}}}$")
+
+
+class ReferenceItemError(ValueError):
+    """One JSON record is unusable; the message says which key and why."""
+
+
+@dataclass
+class ReferenceImport:
+    """Manifest rows converted from a reference JSON, the rejected items as ``(index, reason)``, and where the
+    manifest part was written (None when only converted in memory)."""
+
+    rows: list[dict]
+    rejected: list[tuple[int, str]] = field(default_factory=list)
+    manifest_path: Path | None = None
+
+
+# ---- export -------------------------------------------------------------------------------------------------------
+def _absolute(layout: OutputLayout, path: str | None) -> str | None:
+    resolved = resolve_manifest_path(layout, path)
+    return None if resolved is None else str(resolved)
+
+
+def manifest_rows_to_reference(rows: list[dict], layout: OutputLayout) -> list[dict]:
+    """Return reference-format records (absolute paths) for the usable manifest ``rows`` (status ok, with a caption)."""
+    records = []
+    for row in rows:
+        if row.get("status") != STATUS_OK or not row.get("caption"):
+            continue
+        segments = row.get("segments") or []
+        records.append(
+            {
+                "original_filename": row["source_path"],
+                "original_caption": row["caption"],
+                "original_filename_structure": _absolute(layout, row.get("structure_path")),
+                "segment": [
+                    {
+                        "similarity_score": segment.get("similarity_score"),
+                        "filename": _absolute(layout, segment.get("crop_path")),
+                        "caption": segment.get("caption"),
+                        "filename_structure_cropped": _absolute(layout, segment.get("structure_crop_path")),
+                        "bbox_coordinates": None if segment.get("bbox") is None
+                        else {key: segment["bbox"][key] for key in BBOX_KEYS},
+                    }
+                    for segment in segments
+                ],
+                EXTRA_KEY: {
+                    "image_id": row["image_id"],
+                    "split": row.get("split"),
+                    "width": row.get("width"),
+                    "height": row.get("height"),
+                    "caption_source": row.get("caption_source"),
+                    "filtered_caption": row.get("filtered_caption"),
+                    "scribble": _absolute(layout, row.get("scribble_path")),
+                    "hard_negatives": row.get("hard_negatives"),
+                    "segment_filtered_captions": [segment.get("filtered_caption") for segment in segments],
+                },
+            }
+        )
+    return records
+
+
+def export_reference_json(manifest: str | os.PathLike, out_path: str | os.PathLike, *, split: str | None = None) -> int:
+    """Write the manifest's usable rows (optionally one split) as reference JSON atomically; return the record count."""
+    rows = read_manifest(manifest).to_pylist()
+    if split is not None:
+        rows = [row for row in rows if row.get("split") == split]
+    records = manifest_rows_to_reference(rows, manifest_root(manifest))
+    atomic_write_text(out_path, json.dumps(records, indent=2, ensure_ascii=False) + "\n")
+    return len(records)
+
+
+# ---- import -------------------------------------------------------------------------------------------------------
+def _typed(value: Any, types: tuple[type, ...], where: str, nullable: bool = False) -> Any:
+    if value is None and nullable:
+        return None
+    # bool is an int subclass; a true/false where a number belongs is a format error, not 1/0.
+    if isinstance(value, bool) and bool not in types or not isinstance(value, types):
+        expected = " or ".join(t.__name__ for t in types) + (" or null" if nullable else "")
+        raise ReferenceItemError(f"{where} must be {expected}, got {type(value).__name__}")
+    return value
+
+
+def _required(item: dict, key: str, where: str) -> Any:
+    if key not in item:
+        raise ReferenceItemError(f"{where}missing key {key!r}")
+    return item[key]
+
+
+def _integer(value: Any, where: str) -> int:
+    value = _typed(value, (int, float), where)
+    if float(value) != int(value):
+        raise ReferenceItemError(f"{where} must be a whole number of pixels, got {value!r}")
+    return int(value)
+
+
+class _PathMapper:
+    """JSON path -> (absolute file, manifest path): relative to ``source_root`` with escapes refused; under the
+    target folder stored relative to it, elsewhere absolute."""
+
+    def __init__(self, source_root: Path, target: OutputLayout):
+        self.source = OutputLayout(source_root)
+        self.target = target
+
+    def absolute(self, value: Any, where: str, nullable: bool = True) -> Path | None:
+        value = _typed(value, (str,), where, nullable=nullable)
+        if value is None:
+            return None
+        if not value:
+            raise ReferenceItemError(f"{where} is an empty path")
+        path = Path(value).expanduser()
+        if path.is_absolute():
+            return Path(os.path.normpath(path))
+        try:
+            return self.source.resolve(value)
+        except PathEscapeError as exc:
+            raise ReferenceItemError(f"{where}: {exc}") from None
+
+    def stored(self, absolute: Path | None) -> str | None:
+        if absolute is None:
+            return None
+        normalised = Path(os.path.normpath(absolute))
+        if normalised == self.target.root or self.target.root in normalised.parents:
+            return normalised.relative_to(self.target.root).as_posix()
+        return str(normalised)
+
+
+def reference_item_to_row(item: Any, paths: _PathMapper, *, default_split: str) -> dict:
+    """Return the manifest row of one reference record; raise ReferenceItemError naming the first problem."""
+    if not isinstance(item, dict):
+        raise ReferenceItemError(f"expected an object, got {type(item).__name__}")
+    image = paths.absolute(_required(item, "original_filename", ""), "original_filename", nullable=False)
+    caption = _typed(_required(item, "original_caption", ""), (str,), "original_caption")
+    if not caption.strip():
+        raise ReferenceItemError("original_caption is empty")
+    structure = paths.absolute(item.get("original_filename_structure"), "original_filename_structure")
+    raw_segments = _typed(item.get("segment", []), (list,), "segment", nullable=True) or []
+    extra = _typed(item.get(EXTRA_KEY, {}), (dict,), EXTRA_KEY, nullable=True) or {}
+    filtered_captions = _typed(extra.get("segment_filtered_captions"), (list,),
+                               f"{EXTRA_KEY}.segment_filtered_captions", nullable=True) or []
+    if filtered_captions and len(filtered_captions) != len(raw_segments):
+        raise ReferenceItemError(f"{EXTRA_KEY}.segment_filtered_captions has {len(filtered_captions)} entries for "
+                                 f"{len(raw_segments)} segments")
+    if not image.is_file():
+        raise ReferenceItemError(f"image file not found: {image}")
+
+    segments = []
+    for n, segment in enumerate(raw_segments):
+        where = f"segment[{n}]."
+        if not isinstance(segment, dict):
+            raise ReferenceItemError(f"segment[{n}] must be an object, got {type(segment).__name__}")
+        box = _typed(segment.get("bbox_coordinates"), (dict,), f"{where}bbox_coordinates", nullable=True)
+        if box is not None:
+            box = {key: _integer(_required(box, key, f"{where}bbox_coordinates: "), f"{where}bbox_coordinates.{key}")
+                   for key in BBOX_KEYS}
+            if box["x2"] < box["x1"] or box["y2"] < box["y1"]:
+                raise ReferenceItemError(f"{where}bbox_coordinates has x2 < x1 or y2 < y1: {box}")
+        score = _typed(segment.get("similarity_score"), (int, float), f"{where}similarity_score", nullable=True)
+        segments.append(
+            {
+                "bbox": box,
+                "crop_path": paths.stored(paths.absolute(segment.get("filename"), f"{where}filename")),
+                "structure_crop_path": paths.stored(
+                    paths.absolute(segment.get("filename_structure_cropped"), f"{where}filename_structure_cropped")
+                ),
+                "caption": _typed(segment.get("caption"), (str,), f"{where}caption", nullable=True),
+                "filtered_caption": _typed(filtered_captions[n] if filtered_captions else None, (str,),
+                                           f"{EXTRA_KEY}.segment_filtered_captions[{n}]", nullable=True),
+                "similarity_score": None if score is None else float(score),
+            }
+        )
+
+    image_id = _typed(extra.get("image_id"), (str,), f"{EXTRA_KEY}.image_id", nullable=True)
+    if image_id is None:
+        image_id = file_digest(image)[:IMAGE_ID_LENGTH]
+    elif not _IMAGE_ID.match(image_id):
+        raise ReferenceItemError(f"{EXTRA_KEY}.image_id must be {IMAGE_ID_LENGTH} lowercase hex digits, got {image_id!r}")
+    width = _typed(extra.get("width"), (int,), f"{EXTRA_KEY}.width", nullable=True)
+    height = _typed(extra.get("height"), (int,), f"{EXTRA_KEY}.height", nullable=True)
+    if width is None or height is None:
+        from PIL import Image  # header read only: the pixels are not decoded
+
+        try:
+            with Image.open(image) as opened:
+                width, height = opened.size
+        except OSError as exc:
+            raise ReferenceItemError(f"cannot read image {image}: {exc}") from None
+    hard_negatives = _typed(extra.get("hard_negatives"), (list,), f"{EXTRA_KEY}.hard_negatives", nullable=True)
+    if hard_negatives is not None and not all(isinstance(text, str) for text in hard_negatives):
+        raise ReferenceItemError(f"{EXTRA_KEY}.hard_negatives must be a list of strings")
+    return {
+        "image_id": image_id,
+        "source_path": str(image),
+        "status": STATUS_OK,
+        "error": None,
+        "width": width,
+        "height": height,
+        "caption": caption,
+        "caption_source": _typed(extra.get("caption_source", "reference-json"), (str,), f"{EXTRA_KEY}.caption_source",
+                                 nullable=True),
+        "filtered_caption": _typed(extra.get("filtered_caption"), (str,), f"{EXTRA_KEY}.filtered_caption", nullable=True),
+        "structure_path": paths.stored(structure),
+        "scribble_path": paths.stored(paths.absolute(extra.get("scribble"), f"{EXTRA_KEY}.scribble")),
+        "split": _typed(extra.get("split", default_split), (str,), f"{EXTRA_KEY}.split", nullable=True),
+        "segments": segments,
+        "hard_negatives": hard_negatives,
+    }
+
+
+def load_reference_json(path: str | os.PathLike) -> list:
+    """Return the parsed JSON list of a reference file; raise ValueError (one line) when it is not one."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"reference JSON not found: {path}") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(data, list):
+        raise ValueError(f"{path}: expected a JSON list of records, got {type(data).__name__}")
+    return data
+
+
+def reference_to_manifest_rows(
+    items: list, *, target: OutputLayout, root: str | os.PathLike, split: str = "train"
+) -> ReferenceImport:
+    """Convert reference records to manifest rows for output folder ``target``; bad items go to ``rejected``."""
+    paths = _PathMapper(Path(root).expanduser().resolve(), target)
+    result = ReferenceImport(rows=[])
+    for index, item in enumerate(items):
+        try:
+            result.rows.append(reference_item_to_row(item, paths, default_split=split))
+        except ReferenceItemError as exc:
+            result.rejected.append((index, str(exc)))
+    return result
+
+
+def read_reference_json(
+    path: str | os.PathLike, *, root: str | os.PathLike | None = None, split: str = "train"
+) -> ReferenceImport:
+    """Return manifest rows (in memory) of a reference JSON; relative paths are resolved against ``root``
+    (default: the JSON's folder), and paths under that folder are stored relative to it."""
+    path = Path(path).expanduser().resolve()
+    root = Path(root).expanduser().resolve() if root is not None else path.parent
+    return reference_to_manifest_rows(load_reference_json(path), target=OutputLayout(root), root=root, split=split)
+
+
+def import_reference_json(
+    path: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    root: str | os.PathLike | None = None,
+    split: str = "train",
+    overwrite: bool = False,
+) -> ReferenceImport:
+    """Convert a reference JSON into ``out_dir/manifest/`` (one Parquet part); return rows, rejections and the part.
+
+    Raises ValueError when no item is usable, or when ``out_dir`` already has a manifest and ``overwrite`` is False.
+    """
+    path = Path(path).expanduser().resolve()
+    target = OutputLayout(out_dir)
+    existing = parquet_parts(target.manifest_dir)
+    if existing and not overwrite:
+        raise ValueError(f"{target.manifest_dir} already holds a manifest ({len(existing)} parts); "
+                         "use an empty folder or pass --overwrite")
+    items = load_reference_json(path)
+    result = reference_to_manifest_rows(
+        items, target=target, root=Path(root).expanduser().resolve() if root is not None else path.parent, split=split
+    )
+    if not result.rows:
+        reason = f" (first: item {result.rejected[0][0]}: {result.rejected[0][1]})" if result.rejected else ""
+        raise ValueError(f"{path}: no usable records out of {len(items)}{reason}")
+    part = target.manifest_part(content_key("reference-json", file_digest(path), split))
+    write_parquet_atomic(manifest_table(result.rows), part)
+    for old in existing:  # only after the new part is safely in place
+        if old != part:
+            old.unlink()
+    result.manifest_path = part
+    return result

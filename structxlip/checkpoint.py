@@ -1,0 +1,169 @@
+"""Training checkpoints: written atomically, read with ``torch.load(weights_only=True)`` only.
+
+Everything is stored as tensors and plain Python values (RNG states included), so the safe loader reads it and
+nothing is ever unpickled. A checkpoint holds the model and optimiser state, the position in the run (epoch,
+batches done in that epoch, global step, skipped steps), every RNG state and the run's configuration.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import random
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from storage.atomic import atomic_path
+
+FORMAT = "structxlip-train-checkpoint"
+FORMAT_VERSION = 1
+REQUIRED_KEYS = ("format", "version", "model", "optimizer", "step", "epoch", "batch_in_epoch", "rng")
+
+
+class CheckpointError(ValueError):
+    """A file is not a readable StructXLIP training checkpoint; the message is one line."""
+
+
+@dataclass
+class TrainingCheckpoint:
+    """A loaded checkpoint. ``epoch`` is the epoch in progress and ``batch_in_epoch`` the batches of it already
+    trained (0 = the epoch has not started), so training continues at exactly that batch."""
+
+    model: dict[str, torch.Tensor]
+    optimizer: dict[str, Any]
+    step: int
+    epoch: int
+    batch_in_epoch: int
+    rng: dict[str, Any]
+    skipped_steps: int = 0
+    config: dict[str, Any] = field(default_factory=dict)
+
+
+# ---- RNG state as tensors / plain types ---------------------------------------------------------------------------
+def capture_rng_state() -> dict[str, Any]:
+    """Return the Python, NumPy, torch CPU (and CUDA) RNG states as tensors and plain values."""
+    version, python_state, gauss = random.getstate()
+    kind, keys, position, has_gauss, cached = np.random.get_state()
+    state = {
+        "python": {"version": int(version), "state": torch.tensor(python_state, dtype=torch.int64),
+                   "gauss": gauss},
+        "numpy": {"kind": str(kind), "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)),
+                  "position": int(position), "has_gauss": int(has_gauss), "cached": float(cached)},
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = list(torch.cuda.get_rng_state_all())
+    return state
+
+
+def restore_rng_state(state: dict[str, Any]) -> None:
+    """Restore RNG states captured by :func:`capture_rng_state`."""
+    python = state["python"]
+    random.setstate((python["version"], tuple(int(v) for v in python["state"].tolist()), python["gauss"]))
+    numpy = state["numpy"]
+    np.random.set_state((numpy["kind"], numpy["keys"].numpy().astype(np.uint32), numpy["position"],
+                         numpy["has_gauss"], numpy["cached"]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        cuda_states = state["cuda"]
+        if len(cuda_states) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(cuda_states)
+
+
+# ---- save / load --------------------------------------------------------------------------------------------------
+def save_checkpoint(
+    path: str | os.PathLike,
+    *,
+    model_state: dict[str, torch.Tensor],
+    optimizer_state: dict[str, Any],
+    step: int,
+    epoch: int,
+    batch_in_epoch: int,
+    skipped_steps: int = 0,
+    config: dict[str, Any] | None = None,
+    rng: dict[str, Any] | None = None,
+) -> Path:
+    """Write a checkpoint atomically (temporary file + rename) and return its path."""
+    payload = {
+        "format": FORMAT,
+        "version": FORMAT_VERSION,
+        # Plain CPU tensors: loadable on a machine without the GPU that wrote them.
+        "model": {name: tensor.detach().cpu() for name, tensor in model_state.items()},
+        "optimizer": optimizer_state,
+        "step": int(step),
+        "epoch": int(epoch),
+        "batch_in_epoch": int(batch_in_epoch),
+        "skipped_steps": int(skipped_steps),
+        "rng": rng if rng is not None else capture_rng_state(),
+        "config": config or {},
+    }
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)
+    return Path(path)
+
+
+def is_training_checkpoint(payload: Any) -> bool:
+    """Return True when a loaded object carries this module's format marker."""
+    return isinstance(payload, dict) and payload.get("format") == FORMAT
+
+
+def read_checkpoint_payload(path: str | os.PathLike) -> Any:
+    """Return ``torch.load(path, weights_only=True)`` on CPU; raise CheckpointError (one line) if unreadable."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        # torch's message is a long essay; keep only its reason ("Unsupported global: GLOBAL io.open ...").
+        reason = str(exc).split("WeightsUnpickler error:", 1)[-1].strip().splitlines()
+        reason = reason[0].split(". Please use", 1)[0] if reason and "WeightsUnpickler" in str(exc) else ""
+        if not reason.startswith("Unsupported global"):
+            detail = f": {reason[:120]}" if reason else ""
+            raise CheckpointError(f"{path}: not a readable checkpoint (corrupt or not a torch.save file{detail})") \
+                from None
+        raise CheckpointError(f"{path}: refused by the safe loader (weights_only=True): {reason[:200]}") from None
+    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, KeyError, AttributeError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
+        raise CheckpointError(f"{path}: not a readable checkpoint ({exc.__class__.__name__}: {first[:200]})") from None
+
+
+def load_checkpoint(path: str | os.PathLike) -> TrainingCheckpoint:
+    """Return the training checkpoint at ``path``; raise CheckpointError for a corrupt file or any other content."""
+    payload = read_checkpoint_payload(path)
+    if not is_training_checkpoint(payload):
+        raise CheckpointError(f"{path}: not a StructXLIP training checkpoint (no '{FORMAT}' format marker)")
+    missing = [key for key in REQUIRED_KEYS if key not in payload]
+    if missing:
+        raise CheckpointError(f"{path}: incomplete training checkpoint, missing {', '.join(missing)}")
+    if payload["version"] > FORMAT_VERSION:
+        raise CheckpointError(f"{path}: checkpoint format version {payload['version']} is newer than this code's "
+                              f"{FORMAT_VERSION}")
+    return TrainingCheckpoint(
+        model=payload["model"],
+        optimizer=payload["optimizer"],
+        step=int(payload["step"]),
+        epoch=int(payload["epoch"]),
+        batch_in_epoch=int(payload["batch_in_epoch"]),
+        rng=payload["rng"],
+        skipped_steps=int(payload.get("skipped_steps", 0)),
+        config=payload.get("config") or {},
+    )
+
+
+def link_or_copy(source: str | os.PathLike, target: str | os.PathLike) -> Path:
+    """Atomically make ``target`` the same file as ``source`` (hard link; copy where links are unsupported)."""
+    import shutil
+
+    with atomic_path(target) as tmp:
+        os.unlink(tmp)
+        try:
+            os.link(source, tmp)
+        except OSError:
+            shutil.copyfile(source, tmp)
+    return Path(target)

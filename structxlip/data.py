@@ -1,0 +1,352 @@
+"""Training/evaluation data: records from a manifest or a reference JSON, image preprocessing, dataset and collate.
+
+A record is one usable image (status ok, with a caption) of the requested split. Its structure inputs are the
+global structure map (``structure_kind``: canny -> ``structure_path``, scribble -> ``scribble_path``) and the
+structure crops of its top-k segments ranked by ``similarity_score``. A missing map (null path or missing file)
+becomes a black dummy with ``has_structure=False``; a missing crop is an invalid slot. Chunk spans of the filtered
+caption are computed once per caption when the dataset is built, never inside the training step.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from PIL import Image, ImageOps
+from torch import Tensor
+from torch.utils.data import Dataset
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms.v2 import functional as TF
+
+from storage.layout import OutputLayout
+from storage.manifest import STATUS_OK, manifest_root, read_manifest, resolve_manifest_path
+
+STRUCTURE_COLUMNS = {"canny": "structure_path", "scribble": "scribble_path"}
+# PIL resampling ids (as stored in transformers image processors) -> torchvision modes.
+_RESAMPLE = {0: InterpolationMode.NEAREST, 1: InterpolationMode.LANCZOS, 2: InterpolationMode.BILINEAR,
+             3: InterpolationMode.BICUBIC, 4: InterpolationMode.BOX, 5: InterpolationMode.HAMMING}
+
+
+# ---- records ------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class TrainingRecord:
+    """One usable image: absolute file paths (None = absent), captions and its top-k structure crops."""
+
+    image_id: str
+    image_path: Path
+    caption: str
+    filtered_caption: str
+    structure_path: Path | None
+    structure_crops: tuple[Path | None, ...]
+    hard_negatives: tuple[str, ...]
+    split: str | None
+
+
+def _top_segments(segments: list[dict] | None, top_k: int) -> list[dict]:
+    """Return the ``top_k`` segments by similarity_score (highest first, unscored last, ties in stored order)."""
+    ranked = sorted(segments or [], key=lambda s: -math.inf if s.get("similarity_score") is None
+                    else s["similarity_score"], reverse=True)
+    return ranked[:top_k]
+
+
+def records_from_rows(
+    rows: list[dict], *, layout: OutputLayout, split: str | None, structure_kind: str = "canny", top_k: int = 3
+) -> list[TrainingRecord]:
+    """Return the usable records of manifest ``rows`` (relative paths are relative to ``layout.root``)."""
+    if structure_kind not in STRUCTURE_COLUMNS:
+        raise ValueError(f"structure_kind must be one of {sorted(STRUCTURE_COLUMNS)}, got {structure_kind!r}")
+    column = STRUCTURE_COLUMNS[structure_kind]
+    records = []
+    for row in rows:
+        if row.get("status") != STATUS_OK or not (row.get("caption") or "").strip():
+            continue
+        if split not in (None, "all") and row.get("split") != split:
+            continue
+        top = _top_segments(row.get("segments"), top_k)
+        records.append(
+            TrainingRecord(
+                image_id=row["image_id"],
+                image_path=resolve_manifest_path(layout, row["source_path"]),
+                caption=row["caption"],
+                # No filtering result (stage skipped or nothing to remove): the caption is its own filtered form.
+                filtered_caption=row.get("filtered_caption") or row["caption"],
+                structure_path=resolve_manifest_path(layout, row.get(column)),
+                structure_crops=tuple(resolve_manifest_path(layout, s.get("structure_crop_path")) for s in top)
+                + (None,) * (top_k - len(top)),
+                hard_negatives=tuple(row.get("hard_negatives") or ()),
+                split=row.get("split"),
+            )
+        )
+    return records
+
+
+def load_records(
+    source: str | os.PathLike, *, split: str | None = "train", structure_kind: str = "canny", top_k: int = 3
+) -> list[TrainingRecord]:
+    """Return the usable records of a manifest (OUT, OUT/manifest or a Parquet file) or a reference ``.json``."""
+    source = Path(source).expanduser()
+    if source.suffix.lower() == ".json":
+        from storage.reference_json import read_reference_json
+
+        imported = read_reference_json(source)
+        if imported.rejected:
+            index, reason = imported.rejected[0]
+            raise ValueError(f"{source}: {len(imported.rejected)} unusable records (first: item {index}: {reason})")
+        rows, layout = imported.rows, OutputLayout(source.resolve().parent)
+    else:
+        rows, layout = read_manifest(source).to_pylist(), manifest_root(source)
+    records = records_from_rows(rows, layout=layout, split=split, structure_kind=structure_kind, top_k=top_k)
+    if not records:
+        raise ValueError(f"{source}: no usable records (status ok with a caption) in split {split!r}")
+    return records
+
+
+# ---- images -------------------------------------------------------------------------------------------------------
+def _size_field(size: Any, key: str) -> int | None:
+    if size is None:
+        return None
+    value = size.get(key) if hasattr(size, "get") else getattr(size, key, None)
+    return int(value) if value else None
+
+
+@dataclass(frozen=True)
+class ImagePreprocessor:
+    """The CLIP image processor's resize / centre crop / normalise, done with PIL + torchvision (fast on CPU)."""
+
+    shortest_edge: int | None
+    resize_hw: tuple[int, int] | None
+    crop_hw: tuple[int, int] | None
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    rescale_factor: float = 1 / 255
+    interpolation: InterpolationMode = InterpolationMode.BICUBIC
+
+    @classmethod
+    def from_image_processor(cls, processor: Any) -> "ImagePreprocessor":
+        """Return the preprocessor matching a transformers image processor's size/crop/mean/std settings."""
+        size = getattr(processor, "size", None) if getattr(processor, "do_resize", True) else None
+        shortest = _size_field(size, "shortest_edge")
+        height, width = _size_field(size, "height"), _size_field(size, "width")
+        crop = getattr(processor, "crop_size", None) if getattr(processor, "do_center_crop", False) else None
+        crop_hw = (_size_field(crop, "height"), _size_field(crop, "width")) if crop is not None else None
+        if shortest is None and (height is None or width is None):
+            raise ValueError(f"unsupported image processor size {size!r}: expected shortest_edge or height/width")
+        normalise = getattr(processor, "do_normalize", True)
+        return cls(
+            shortest_edge=shortest,
+            resize_hw=None if shortest is not None else (height, width),
+            crop_hw=crop_hw if crop_hw and all(crop_hw) else None,
+            mean=tuple(float(v) for v in processor.image_mean) if normalise else (0.0, 0.0, 0.0),
+            std=tuple(float(v) for v in processor.image_std) if normalise else (1.0, 1.0, 1.0),
+            rescale_factor=float(getattr(processor, "rescale_factor", 1 / 255)),
+            interpolation=_RESAMPLE.get(int(getattr(processor, "resample", 3) or 3), InterpolationMode.BICUBIC),
+        )
+
+    @property
+    def output_hw(self) -> tuple[int, int]:
+        """Return the (H, W) of every processed image."""
+        if self.crop_hw is not None:
+            return self.crop_hw
+        if self.resize_hw is not None:
+            return self.resize_hw
+        raise ValueError("shortest-edge resize without a centre crop gives variable sizes; set crop_size")
+
+    def __call__(self, image: Image.Image) -> Tensor:
+        """Return the normalised ``(3, H, W) float32`` tensor of an RGB PIL image."""
+        if self.shortest_edge is not None:
+            image = TF.resize(image, [self.shortest_edge], interpolation=self.interpolation, antialias=True)
+        else:
+            image = TF.resize(image, list(self.resize_hw), interpolation=self.interpolation, antialias=True)
+        if self.crop_hw is not None:
+            image = TF.center_crop(image, list(self.crop_hw))
+        pixels = TF.pil_to_tensor(image).float() * self.rescale_factor
+        return TF.normalize(pixels, list(self.mean), list(self.std))
+
+    def blank(self) -> Tensor:
+        """Return the processed black image ``(3, H, W) float32`` used for missing structure maps and crops."""
+        height, width = self.output_hw
+        mean = torch.tensor(self.mean).view(3, 1, 1)
+        std = torch.tensor(self.std).view(3, 1, 1)
+        return ((torch.zeros(3, height, width) - mean) / std).contiguous()
+
+
+def open_rgb(path: str | os.PathLike) -> Image.Image:
+    """Return the image at ``path`` as RGB, rotated upright by its EXIF orientation; one-line error if unreadable."""
+    try:
+        with Image.open(path) as opened:
+            image = ImageOps.exif_transpose(opened)
+            return image.convert("RGB")
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"cannot read image {path}: {exc}") from None
+
+
+def _existing(path: Path | None) -> Path | None:
+    return path if path is not None and path.is_file() else None
+
+
+# ---- dataset ------------------------------------------------------------------------------------------------------
+class StructXLIPDataset(Dataset):
+    """Items: the processed image, structure map, top-k structure crops, captions, chunk spans and hard negatives."""
+
+    def __init__(
+        self,
+        records: Sequence[TrainingRecord],
+        *,
+        preprocess: ImagePreprocessor,
+        tokenizer: Any = None,
+        max_text_tokens: int = 248,
+        chunk_base_window: int = 3,
+        chunk_stride: int = 1,
+        max_chunks: int = 64,
+        with_chunks: bool = True,
+        with_crops: bool = True,
+    ):
+        self.records = list(records)
+        self.preprocess = preprocess
+        self.with_crops = with_crops
+        self._blank = preprocess.blank()
+        self.spans: list[list[tuple[int, int]]] = [[] for _ in self.records]
+        if with_chunks:
+            if tokenizer is None:
+                raise ValueError("chunk spans need the tokenizer; pass tokenizer= or with_chunks=False")
+            from structxlip.losses import chunk_spans
+
+            # Once per distinct filtered caption, here rather than in the training step.
+            cache: dict[str, list[tuple[int, int]]] = {}
+            for index, record in enumerate(self.records):
+                text = record.filtered_caption
+                if text not in cache:
+                    cache[text] = chunk_spans(text, tokenizer, chunk_base_window, chunk_stride, max_chunks,
+                                              max_length=max_text_tokens)
+                self.spans[index] = cache[text]
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def _structure(self, path: Path | None) -> tuple[Tensor, bool]:
+        path = _existing(path)
+        if path is None:
+            return self._blank, False
+        # Grey structure maps go through the same RGB image encoder as the photos.
+        return self.preprocess(open_rgb(path)), True
+
+    def __getitem__(self, index: int) -> dict:
+        record = self.records[index]
+        structure, has_structure = self._structure(record.structure_path)
+        item = {
+            "index": index,
+            "pixel_values": self.preprocess(open_rgb(record.image_path)),
+            "structure_values": structure,
+            "has_structure": has_structure,
+            "caption": record.caption,
+            "filtered_caption": record.filtered_caption,
+            "chunk_spans": self.spans[index],
+            "hard_negatives": list(record.hard_negatives),
+        }
+        if self.with_crops:
+            crops = [self._structure(path) for path in record.structure_crops]
+            item["crop_values"] = torch.stack([crop for crop, _ in crops]) if crops else self._blank.new_zeros(
+                (0, *self._blank.shape))
+            item["crop_valid"] = torch.tensor([valid for _, valid in crops], dtype=torch.bool)
+        return item
+
+
+# ---- batches ------------------------------------------------------------------------------------------------------
+@dataclass
+class StructXLIPBatch:
+    """A collated batch. Images ``(B, 3, H, W) float32``; token ids/masks ``(B, L) long`` padded to max_text_tokens;
+    ``chunk_spans[b]`` are token spans of the filtered caption; crops ``(B, K, 3, H, W)`` with ``crop_valid`` (B, K);
+    hard negatives flattened to ``(B*N, L)`` with ``negative_valid`` (B, N), or None when the batch has none."""
+
+    indices: Tensor
+    pixel_values: Tensor
+    structure_values: Tensor
+    has_structure: Tensor
+    input_ids: Tensor
+    attention_mask: Tensor
+    filtered_input_ids: Tensor
+    filtered_attention_mask: Tensor
+    chunk_spans: list[list[tuple[int, int]]]
+    crop_values: Tensor | None = None
+    crop_valid: Tensor | None = None
+    negative_input_ids: Tensor | None = None
+    negative_attention_mask: Tensor | None = None
+    negative_valid: Tensor | None = None
+
+    def __len__(self) -> int:
+        return int(self.pixel_values.shape[0])
+
+    def to(self, device: torch.device | str) -> "StructXLIPBatch":
+        """Return the batch with every tensor on ``device`` (non-blocking from pinned memory)."""
+        moved = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            moved[f.name] = value.to(device, non_blocking=True) if isinstance(value, Tensor) else value
+        return StructXLIPBatch(**moved)
+
+    def subset(self, rows: slice | list[int]) -> "StructXLIPBatch":
+        """Return the batch restricted to ``rows`` (e.g. one rank's shard of a global batch)."""
+        rows = list(range(len(self)))[rows] if isinstance(rows, slice) else list(rows)
+        index = torch.tensor(rows, dtype=torch.long)
+        picked = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name == "chunk_spans":
+                picked[f.name] = [value[row] for row in rows]
+            elif f.name.startswith("negative_") and f.name != "negative_valid" and value is not None:
+                slots = self.negative_valid.shape[1]
+                flat = (index[:, None] * slots + torch.arange(slots)[None, :]).reshape(-1)
+                picked[f.name] = value[flat.to(value.device)]
+            elif isinstance(value, Tensor):
+                picked[f.name] = value[index.to(value.device)]
+            else:
+                picked[f.name] = value
+        return StructXLIPBatch(**picked)
+
+
+class StructXLIPCollator:
+    """Collate dataset items into a :class:`StructXLIPBatch`, tokenising captions padded to ``max_text_tokens``."""
+
+    def __init__(self, tokenizer: Any, *, max_text_tokens: int = 248, with_negatives: bool = True):
+        self.tokenizer = tokenizer
+        self.max_text_tokens = max_text_tokens
+        self.with_negatives = with_negatives
+
+    def tokenize(self, texts: list[str]) -> tuple[Tensor, Tensor]:
+        """Return ``input_ids`` and ``attention_mask`` ``(N, max_text_tokens) long``."""
+        encoded = self.tokenizer(texts, padding="max_length", truncation=True, max_length=self.max_text_tokens,
+                                 return_tensors="pt")
+        return encoded["input_ids"], encoded["attention_mask"]
+
+    def __call__(self, items: list[dict]) -> StructXLIPBatch:
+        input_ids, attention_mask = self.tokenize([item["caption"] for item in items])
+        filtered_ids, filtered_mask = self.tokenize([item["filtered_caption"] for item in items])
+        batch = StructXLIPBatch(
+            indices=torch.tensor([item["index"] for item in items], dtype=torch.long),
+            pixel_values=torch.stack([item["pixel_values"] for item in items]),
+            structure_values=torch.stack([item["structure_values"] for item in items]),
+            has_structure=torch.tensor([item["has_structure"] for item in items], dtype=torch.bool),
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            filtered_input_ids=filtered_ids,
+            filtered_attention_mask=filtered_mask,
+            chunk_spans=[list(item["chunk_spans"]) for item in items],
+        )
+        if "crop_values" in items[0]:
+            batch.crop_values = torch.stack([item["crop_values"] for item in items])
+            batch.crop_valid = torch.stack([item["crop_valid"] for item in items])
+        slots = max(len(item["hard_negatives"]) for item in items) if self.with_negatives else 0
+        if slots:
+            # Pad every sample to the batch's largest negative count; padding slots are invalid and never scored.
+            texts, valid = [], []
+            for item in items:
+                negatives = item["hard_negatives"]
+                texts.extend(negatives + [""] * (slots - len(negatives)))
+                valid.append([True] * len(negatives) + [False] * (slots - len(negatives)))
+            batch.negative_input_ids, batch.negative_attention_mask = self.tokenize(texts)
+            batch.negative_valid = torch.tensor(valid, dtype=torch.bool)
+        return batch

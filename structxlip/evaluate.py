@@ -1,0 +1,152 @@
+"""Paired retrieval evaluation (METHOD.md section 5): encode a split's images, captions and structure maps, report
+t2i / i2t / s2t / t2s / ts2i Recall@K and ranks, write them as JSON.
+
+``retrieval_metrics`` and ``retrieval_report`` are re-exported from :mod:`structxlip.metrics`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from storage.atomic import atomic_write_text
+from structxlip.checkpoint import CheckpointError, is_training_checkpoint, read_checkpoint_payload
+from structxlip.data import ImagePreprocessor, StructXLIPCollator, StructXLIPDataset, load_records
+from structxlip.distributed import resolve_device
+from structxlip.metrics import RECALL_KS, retrieval_metrics, retrieval_report
+from structxlip.train import StructXLIPEncoder, autocast_context
+
+__all__ = ["EncodedSplit", "encode_split", "evaluate", "load_model_for_eval", "metrics_table", "retrieval_metrics",
+           "retrieval_report"]
+DIRECTIONS = ("t2i", "i2t", "s2t", "t2s", "ts2i")
+STRUCTURE_DIRECTIONS = ("s2t", "t2s", "ts2i")
+CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
+
+
+def load_model_for_eval(checkpoint: str | os.PathLike, *, base_model: str, max_text_tokens: int = 248,
+                        keep_positions: int = 20):
+    """Return a ``LoadedClip`` for a save_pretrained folder, a hub id, a training checkpoint (``.pt`` written by
+    :mod:`structxlip.train`) or a released StructXLIP ``.pth`` state dict (loaded onto ``base_model``)."""
+    from structxlip.models import load_clip, load_structxlip_checkpoint
+
+    path = Path(checkpoint).expanduser()
+    if path.is_dir():
+        return load_clip(path, max_text_tokens=max_text_tokens, keep_positions=keep_positions)
+    if path.is_file():
+        if path.suffix.lower() in CHECKPOINT_SUFFIXES:
+            payload = read_checkpoint_payload(path)  # weights_only: never unpickles objects
+            if is_training_checkpoint(payload):
+                run = (payload.get("config") or {}).get("run") or {}
+                loaded = load_clip(run.get("clip_model", base_model),
+                                   max_text_tokens=run.get("max_text_tokens", max_text_tokens),
+                                   keep_positions=run.get("keep_positions", keep_positions))
+                try:
+                    loaded.model.load_state_dict(payload["model"])
+                except RuntimeError as exc:
+                    first = str(exc).strip().splitlines()[0]
+                    raise CheckpointError(f"{path}: weights do not fit {run.get('clip_model', base_model)}: {first}") \
+                        from None
+                return loaded
+        loaded = load_clip(base_model, max_text_tokens=max_text_tokens, keep_positions=keep_positions)
+        load_structxlip_checkpoint(loaded.model, path)
+        return loaded
+    if str(checkpoint).endswith(CHECKPOINT_SUFFIXES + (".safetensors",)):
+        raise FileNotFoundError(f"checkpoint not found: {checkpoint}")
+    return load_clip(str(checkpoint), max_text_tokens=max_text_tokens, keep_positions=keep_positions)
+
+
+@dataclass
+class EncodedSplit:
+    """L2-unnormalised float32 embeddings of a split on CPU: ``image``, ``text``, ``structure`` (N, E) and
+    ``has_structure`` (N,) bool (structure rows of samples without a map are the black dummy's embedding)."""
+
+    image: Tensor
+    text: Tensor
+    structure: Tensor
+    has_structure: Tensor
+
+
+@torch.no_grad()
+def encode_split(loaded: Any, dataset: StructXLIPDataset, *, batch_size: int = 64, device: torch.device | str = "cpu",
+                 precision: str = "auto", max_text_tokens: int = 248, num_workers: int = 0) -> EncodedSplit:
+    """Return the embeddings of every item of ``dataset`` (in order), encoded in eval mode without gradients."""
+    device = torch.device(device)
+    encoder = StructXLIPEncoder(loaded.model).to(device).eval()
+    collator = StructXLIPCollator(loaded.tokenizer, max_text_tokens=max_text_tokens, with_negatives=False)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collator,
+                                         num_workers=num_workers, pin_memory=device.type == "cuda")
+    images, texts, structures, flags = [], [], [], []
+    for batch in loader:
+        batch = batch.to(device)
+        with autocast_context(device, precision):
+            images.append(encoder.encode_images(batch.pixel_values).float().cpu())
+            texts.append(encoder.encode_texts(batch.input_ids, batch.attention_mask).float().cpu())
+            structures.append(encoder.encode_images(batch.structure_values).float().cpu())
+        flags.append(batch.has_structure.cpu())
+    return EncodedSplit(torch.cat(images), torch.cat(texts), torch.cat(structures), torch.cat(flags))
+
+
+def split_report(encoded: EncodedSplit) -> dict[str, float]:
+    """Return retrieval_report's metrics; structure directions use only the samples that have a structure map."""
+    report: dict[str, float] = {"n_pairs": int(encoded.image.shape[0])}
+    mask = encoded.has_structure
+    count = int(mask.sum())
+    report["n_structure_pairs"] = count
+    if count == len(mask):
+        report.update(retrieval_report(encoded.image, encoded.text, encoded.structure))
+        return report
+    report.update(retrieval_report(encoded.image, encoded.text))
+    if count:
+        subset = retrieval_report(encoded.image[mask], encoded.text[mask], encoded.structure[mask])
+        report.update({key: value for key, value in subset.items() if key.split("/")[0] in STRUCTURE_DIRECTIONS})
+    return report
+
+
+def metrics_table(metrics: dict[str, float]) -> str:
+    """Return a markdown table: one row per retrieval direction, columns R@K, mean and median rank."""
+    columns = [f"R@{k}" for k in RECALL_KS] + ["mean_rank", "median_rank"]
+    lines = ["| direction | " + " | ".join(columns) + " |", "|---|" + "---:|" * len(columns)]
+    for direction in DIRECTIONS:
+        if f"{direction}/R@1" not in metrics:
+            continue
+        cells = [f"{metrics[f'{direction}/{column}']:.2f}" for column in columns]
+        lines.append(f"| {direction} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def evaluate(
+    manifest: str | os.PathLike,
+    *,
+    checkpoint: str | os.PathLike,
+    base_model: str,
+    out_path: str | os.PathLike | None = None,
+    split: str = "test",
+    batch_size: int = 64,
+    device: str = "auto",
+    precision: str = "auto",
+    max_text_tokens: int = 248,
+    keep_positions: int = 20,
+    structure_kind: str = "canny",
+    num_workers: int = 0,
+) -> dict[str, float]:
+    """Evaluate ``checkpoint`` on the manifest's ``split`` (``all`` = every usable row); write the metrics JSON
+    atomically to ``out_path`` when given and return them."""
+    loaded = load_model_for_eval(checkpoint, base_model=base_model, max_text_tokens=max_text_tokens,
+                                 keep_positions=keep_positions)
+    records = load_records(manifest, split=None if split == "all" else split, structure_kind=structure_kind, top_k=0)
+    if len(records) < 2:
+        raise ValueError(f"{manifest}: retrieval needs at least 2 pairs in split {split!r}, found {len(records)}")
+    dataset = StructXLIPDataset(records, preprocess=ImagePreprocessor.from_image_processor(loaded.image_processor),
+                                with_chunks=False, with_crops=False)
+    encoded = encode_split(loaded, dataset, batch_size=batch_size, device=resolve_device(device), precision=precision,
+                           max_text_tokens=max_text_tokens, num_workers=num_workers)
+    metrics = split_report(encoded)
+    if out_path is not None:
+        atomic_write_text(out_path, json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+    return metrics

@@ -1,0 +1,216 @@
+"""StructXLIP training losses (METHOD.md section 4) and the caption chunker of the local loss.
+
+Every loss is a pure function of tensors. Embeddings come in *unnormalised* and are L2-normalised here with
+``eps = 1e-8`` added to the norm. ``scale`` is the CLIP logit multiplier ``exp(logit_scale)`` (a tensor or a float).
+Losses over a possibly empty subset (no sample with a structure map, no valid crop) return an exact zero that is
+still connected to the inputs' graph, so ``backward()`` works and gives zero gradients instead of NaN.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+EPS = 1e-8
+LOCAL_LOGIT_CAP = 100.0  # g = min(s / tau, 100) in the reference trainer
+
+_SENTENCE = re.compile(r"[^.,;!?]+")  # text between runs of .,;!?
+_WORD = re.compile(r"\w+")
+
+
+def normalize(embeds: Tensor) -> Tensor:
+    """Return ``embeds`` divided by (L2 norm over the last dim + 1e-8); same shape and dtype."""
+    return embeds / (embeds.norm(dim=-1, keepdim=True) + EPS)
+
+
+def _as_tensor(scale: Tensor | float, like: Tensor) -> Tensor:
+    if isinstance(scale, Tensor):
+        return scale.to(device=like.device, dtype=like.dtype)
+    return torch.tensor(float(scale), device=like.device, dtype=like.dtype)
+
+
+def _zero(*tensors: Tensor) -> Tensor:
+    """A scalar exact 0 connected to every input's graph (backward gives zero gradients, never NaN)."""
+    total = None
+    for tensor in tensors:
+        term = (tensor * 0).sum()
+        total = term if total is None else total + term
+    return total
+
+
+def _check_rows(name: str, tensor: Tensor, rows: int, ndim: int) -> None:
+    if tensor.ndim != ndim or tensor.shape[0] != rows:
+        raise ValueError(f"expected {name} with {ndim} dims and {rows} rows, got shape {tuple(tensor.shape)}")
+
+
+def clip_loss(logits: Tensor) -> Tensor:
+    """Return the symmetric CLIP cross-entropy of a square ``(B, B)`` logit matrix whose matches are on the diagonal."""
+    if logits.ndim != 2 or logits.shape[0] != logits.shape[1]:
+        raise ValueError(f"expected square logits (B, B), got shape {tuple(logits.shape)}")
+    targets = torch.arange(logits.shape[0], device=logits.device)
+    return (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets)) / 2
+
+
+def global_loss(image_embeds: Tensor, text_embeds: Tensor, scale: Tensor | float) -> Tensor:
+    """Return the symmetric CLIP loss on ``scale * I @ T^T`` for ``(B, D)`` embeddings; gradients reach ``scale``."""
+    _check_rows("text_embeds", text_embeds, image_embeds.shape[0], 2)
+    logits = _as_tensor(scale, image_embeds) * normalize(image_embeds) @ normalize(text_embeds).T
+    return clip_loss(logits)
+
+
+def structure_centric_loss(structure_embeds: Tensor, filtered_text_embeds: Tensor, has_structure: Tensor,
+                           scale: Tensor | float) -> Tensor:
+    """Return the symmetric CLIP loss of structure maps vs filtered captions over rows with ``has_structure`` (B,).
+
+    Uses ``scale.detach()``: this auxiliary term does not move the temperature. Exactly 0 when no row has structure.
+    """
+    batch = structure_embeds.shape[0]
+    _check_rows("filtered_text_embeds", filtered_text_embeds, batch, 2)
+    _check_rows("has_structure", has_structure, batch, 1)
+    keep = has_structure.to(device=structure_embeds.device, dtype=torch.bool)
+    if not bool(keep.any()):
+        return _zero(structure_embeds, filtered_text_embeds)
+    scale = _as_tensor(scale, structure_embeds).detach()
+    logits = scale * normalize(structure_embeds[keep]) @ normalize(filtered_text_embeds[keep]).T
+    return clip_loss(logits)
+
+
+def rgb_structure_consistency_loss(image_embeds: Tensor, structure_embeds: Tensor, has_structure: Tensor) -> Tensor:
+    """Return the mean of ``1 - cos(I_b, S_b)`` over samples with ``has_structure`` (B,); exactly 0 if none."""
+    batch = image_embeds.shape[0]
+    _check_rows("structure_embeds", structure_embeds, batch, 2)
+    _check_rows("has_structure", has_structure, batch, 1)
+    keep = has_structure.to(device=image_embeds.device, dtype=torch.bool)
+    if not bool(keep.any()):
+        return _zero(image_embeds, structure_embeds)
+    cosine = (normalize(image_embeds[keep]) * normalize(structure_embeds[keep])).sum(dim=-1)
+    return (1.0 - cosine).mean()
+
+
+def local_structure_centric_loss(chunk_embeds: Tensor, chunk_owner: Tensor, crop_embeds: Tensor, crop_valid: Tensor,
+                                 scale: Tensor | float, tau: float = 0.07) -> Tensor:
+    """Return the local structure-centric loss: chunks ``(C, D)`` of sample ``chunk_owner`` (C,) long vs structure
+    crops ``(B, K, D)`` with validity ``crop_valid`` (B, K) bool.
+
+    With g = min(scale / tau, 100), each chunk c of sample b scores
+    ``-(logsumexp_{b's valid crops} g*cos - logsumexp_{all valid crops in the batch} g*cos)``; the loss averages over
+    each sample's chunks, then over samples with at least one chunk and one valid crop (exactly 0 if there are none).
+    ``scale`` is used as given (pass ``scale.detach()`` to keep this term off the temperature); the cap at 100 already
+    blocks its gradient whenever s / tau > 100, i.e. for any s above 7 (CLIP's trained s is ~100).
+    """
+    batch, slots, dim = crop_embeds.shape
+    _check_rows("crop_valid", crop_valid, batch, 2)
+    _check_rows("chunk_owner", chunk_owner, chunk_embeds.shape[0], 1)
+    if chunk_embeds.ndim != 2 or chunk_embeds.shape[1] != dim:
+        raise ValueError(f"expected chunk_embeds (C, {dim}), got shape {tuple(chunk_embeds.shape)}")
+    device = crop_embeds.device
+    valid = crop_valid.to(device=device, dtype=torch.bool)
+    owner = chunk_owner.to(device=device, dtype=torch.long)
+    if owner.numel() and (int(owner.min()) < 0 or int(owner.max()) >= batch):
+        raise ValueError(f"chunk_owner values must lie in [0, {batch}), got {owner.min().item()}..{owner.max().item()}")
+    counted = valid.any(dim=1)[owner] if owner.numel() else owner.bool()  # (C,) chunk's sample has a crop
+    if not bool(counted.any()):
+        return _zero(chunk_embeds, crop_embeds)
+
+    g = torch.clamp(_as_tensor(scale, crop_embeds) / tau, max=LOCAL_LOGIT_CAP)
+    logits = g * normalize(chunk_embeds) @ normalize(crop_embeds.reshape(batch * slots, dim)).T  # (C, B*K)
+    crop_owner = torch.arange(batch, device=device).repeat_interleave(slots)  # (B*K,)
+    valid_flat = valid.reshape(-1)
+    own = (crop_owner[None, :] == owner[:, None]) & valid_flat[None, :]  # (C, B*K)
+    neg_inf = torch.finfo(logits.dtype).min
+    lse_own = torch.logsumexp(logits.masked_fill(~own, neg_inf), dim=1)
+    lse_all = torch.logsumexp(logits.masked_fill(~valid_flat[None, :], neg_inf), dim=1)
+    per_chunk = -(lse_own - lse_all)
+    per_chunk = torch.where(counted, per_chunk, torch.zeros_like(per_chunk))  # drops -inf/NaN of crop-less samples
+
+    # Mean over each sample's chunks, then over samples that have chunks and a valid crop.
+    sums = torch.zeros(batch, device=device, dtype=per_chunk.dtype).index_add(0, owner, per_chunk)
+    counts = torch.zeros(batch, device=device, dtype=per_chunk.dtype).index_add(0, owner, counted.to(per_chunk.dtype))
+    has = counts > 0
+    return (sums[has] / counts[has]).mean()
+
+
+def hard_negative_loss(image_embeds: Tensor, text_embeds: Tensor, negative_embeds: Tensor, negative_valid: Tensor,
+                       scale: Tensor | float) -> Tensor:
+    """Return the image->text cross-entropy where image b ranks all B captions ``(B, D)`` plus its own valid hard
+    negatives ``(B, N, D)`` (``negative_valid`` (B, N) bool; invalid slots are masked out), target = caption b."""
+    batch, dim = image_embeds.shape
+    _check_rows("text_embeds", text_embeds, batch, 2)
+    _check_rows("negative_embeds", negative_embeds, batch, 3)
+    _check_rows("negative_valid", negative_valid, batch, 2)
+    scale = _as_tensor(scale, image_embeds)
+    images = normalize(image_embeds)
+    caption_logits = scale * images @ normalize(text_embeds).T  # (B, B)
+    negative_logits = scale * torch.einsum("bd,bnd->bn", images, normalize(negative_embeds))  # (B, N)
+    valid = negative_valid.to(device=image_embeds.device, dtype=torch.bool)
+    negative_logits = negative_logits.masked_fill(~valid, torch.finfo(negative_logits.dtype).min)
+    logits = torch.cat([caption_logits, negative_logits], dim=1)
+    return F.cross_entropy(logits, torch.arange(batch, device=image_embeds.device))
+
+
+def chunk_window(num_words: int, base_window: int = 3) -> int:
+    """Return the chunk window (in words) for a sentence of ``num_words`` words (METHOD.md section 4)."""
+    if num_words <= 4:
+        return 2
+    if num_words <= 10:
+        return base_window
+    if num_words <= 20:
+        return base_window + 1
+    if num_words <= 40:
+        return base_window + 2
+    return base_window + 3
+
+
+def chunk_word_windows(text: str, base_window: int = 3, stride: int = 1,
+                       max_spans: int = 64) -> list[tuple[int, int]]:
+    """Return the character spans ``(start, end)`` (end exclusive) of the word-window chunks of ``text``.
+
+    Sentences are the text between runs of ``.,;!?``; words are ``\\w+`` runs. A sentence shorter than its window
+    becomes one chunk covering all its words (so one- and two-word clauses still count). At most ``max_spans``.
+    """
+    if base_window <= 0 or stride <= 0:
+        raise ValueError(f"base_window and stride must be positive, got {base_window} and {stride}")
+    spans: list[tuple[int, int]] = []
+    for sentence in _SENTENCE.finditer(text):
+        words = [(m.start() + sentence.start(), m.end() + sentence.start()) for m in _WORD.finditer(sentence.group())]
+        if not words:
+            continue
+        window = chunk_window(len(words), base_window)
+        if len(words) <= window:
+            spans.append((words[0][0], words[-1][1]))
+        else:
+            for first in range(0, len(words) - window + 1, stride):
+                spans.append((words[first][0], words[first + window - 1][1]))
+        if len(spans) >= max_spans:
+            return spans[:max_spans]
+    return spans
+
+
+def chunk_spans(text: str, tokenizer: Any, base_window: int = 3, stride: int = 1, max_spans: int = 64, *,
+                max_length: int | None = None) -> list[tuple[int, int]]:
+    """Return the token spans ``(start, end)`` (end exclusive) of the word-window chunks of ``text``.
+
+    Indices refer to ``tokenizer(text, truncation=True, max_length=max_length or tokenizer.model_max_length)``
+    *with* special tokens (index 0 is ``<|startoftext|>``), i.e. the sequence the text encoder sees. A chunk whose
+    words are cut off by truncation is dropped. Needs a fast tokenizer (character offset mapping).
+    """
+    char_spans = chunk_word_windows(text, base_window, stride, max_spans)
+    if not char_spans:
+        return []
+    encoding = tokenizer(text, truncation=True, max_length=max_length or tokenizer.model_max_length,
+                         return_offsets_mapping=True, add_special_tokens=True)
+    special = tokenizer.get_special_tokens_mask(encoding["input_ids"], already_has_special_tokens=True)
+    tokens = [(i, s, e) for i, ((s, e), is_special) in enumerate(zip(encoding["offset_mapping"], special, strict=True))
+              if not is_special and e > s]
+    spans: list[tuple[int, int]] = []
+    for char_start, char_end in char_spans:
+        covering = [i for i, s, e in tokens if s < char_end and e > char_start]
+        # Truncation check: the chunk's last character must lie inside a kept token.
+        if not covering or not any(s < char_end <= e for _, s, e in tokens):
+            continue
+        spans.append((covering[0], covering[-1] + 1))
+    return spans

@@ -1,0 +1,265 @@
+"""CLIP loading for the whole project: hub ids, local folders, a tiny random CLIP for tests and demos, and released
+StructXLIP checkpoints.
+
+Everything loads models via ``from_pretrained(resolve_model_source(name))`` so that hub ids keep working for users,
+while ``"structxlip/tiny-clip"`` builds a small random CLIP (with the *real* CLIP BPE tokenizer) locally, offline.
+"""
+
+from __future__ import annotations
+
+import functools
+import gzip
+import os
+import shutil
+import tempfile
+import uuid
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from structxlip.text import extend_position_embeddings, text_position_count
+
+TINY_CLIP = "structxlip/tiny-clip"  # same string as configs.schema.TINY_CLIP
+CACHE_ENV = "STRUCTXLIP_CACHE"
+_STRIP_PREFIXES = ("module.", "clip_model.", "model.")
+_WRAPPER_KEYS = ("state_dict", "model_state_dict", "model")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Tiny CLIP
+# ---------------------------------------------------------------------------------------------------------------
+def _bytes_to_unicode() -> dict[int, str]:
+    """CLIP's reversible byte -> printable unicode character table (as in OpenAI's and open_clip's tokenizer)."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
+        list(range(ord("®"), ord("ÿ") + 1))
+    codes = printable[:]
+    extra = 0
+    for byte in range(256):
+        if byte not in printable:
+            printable.append(byte)
+            codes.append(256 + extra)
+            extra += 1
+    return dict(zip(printable, (chr(code) for code in codes), strict=True))
+
+
+@functools.lru_cache(maxsize=1)
+def clip_bpe_vocabulary() -> tuple[dict[str, int], tuple[tuple[str, str], ...]]:
+    """Return CLIP's BPE ``(vocab token -> id (49,408 entries), merges (48,894 pairs))`` from open_clip's file."""
+    try:
+        from open_clip.tokenizer import default_bpe
+    except ImportError as error:  # pragma: no cover - open-clip-torch is a declared dependency
+        raise RuntimeError("building the tiny CLIP tokenizer needs open-clip-torch (pip install open-clip-torch)") \
+            from error
+    with gzip.open(default_bpe(), "rt", encoding="utf-8") as handle:
+        lines = handle.read().split("\n")
+    # First line is a header; CLIP uses the next 49152 - 256 - 2 = 48,894 merges.
+    merges = tuple(tuple(line.split()) for line in lines[1:49152 - 256 - 2 + 1])
+    symbols = list(_bytes_to_unicode().values())
+    tokens = symbols + [symbol + "</w>" for symbol in symbols] + ["".join(pair) for pair in merges]
+    tokens += ["<|startoftext|>", "<|endoftext|>"]
+    return {token: index for index, token in enumerate(tokens)}, merges
+
+
+def build_clip_tokenizer(model_max_length: int = 77):
+    """Return a real CLIP ``CLIPTokenizer`` (fast) built offline from open_clip's bundled BPE vocabulary."""
+    from transformers import CLIPTokenizer
+
+    vocab, merges = clip_bpe_vocabulary()
+    # transformers 5: vocab/merges must be a dict and a list of tuples; file names give a silently broken tokenizer.
+    return CLIPTokenizer(vocab=dict(vocab), merges=list(merges), model_max_length=model_max_length,
+                         unk_token="<|endoftext|>", bos_token="<|startoftext|>", eos_token="<|endoftext|>",
+                         pad_token="<|endoftext|>")
+
+
+def build_tiny_clip(out_dir: str | os.PathLike, *, hidden_size: int = 32, num_layers: int = 2, image_size: int = 32,
+                    patch_size: int = 8, projection_dim: int = 32, max_position_embeddings: int = 77,
+                    seed: int = 0) -> Path:
+    """Write a randomly initialised tiny ``CLIPModel`` + real CLIP tokenizer + image processor to ``out_dir``.
+
+    Deterministic for ``seed``. Built in a temporary sibling folder and renamed into place, so a reader never sees a
+    half-written model; an existing ``out_dir`` is replaced. Returns ``out_dir`` as a Path.
+    """
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
+
+    out_dir = Path(out_dir).expanduser()
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    vocab, _ = clip_bpe_vocabulary()
+    heads = 4 if hidden_size % 4 == 0 else 1
+    common = dict(hidden_size=hidden_size, intermediate_size=4 * hidden_size, num_hidden_layers=num_layers,
+                  num_attention_heads=heads, projection_dim=projection_dim)
+    config = CLIPConfig(
+        text_config=dict(common, vocab_size=len(vocab), max_position_embeddings=max_position_embeddings,
+                         bos_token_id=vocab["<|startoftext|>"], eos_token_id=vocab["<|endoftext|>"],
+                         pad_token_id=vocab["<|endoftext|>"]),
+        vision_config=dict(common, image_size=image_size, patch_size=patch_size),
+        projection_dim=projection_dim,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = CLIPModel(config).eval()
+    tokenizer = build_clip_tokenizer(model_max_length=max_position_embeddings)
+    image_processor = CLIPImageProcessor(size={"shortest_edge": image_size},
+                                         crop_size={"height": image_size, "width": image_size})
+
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        model.save_pretrained(staging)
+        CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        if out_dir.exists():
+            retired = out_dir.with_name(f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}")
+            out_dir.rename(retired)
+            shutil.rmtree(retired, ignore_errors=True)
+        staging.rename(out_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def cache_dir() -> Path:
+    """Return the project's model cache folder (``$STRUCTXLIP_CACHE``, default ``~/.cache/structxlip``)."""
+    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "structxlip").expanduser()
+
+
+def resolve_model_source(name: str) -> str:
+    """Return what to pass to ``from_pretrained`` for ``name``: the name itself for hub ids and local folders; for
+    ``"structxlip/tiny-clip"`` the path of the tiny CLIP in the cache, built on first use."""
+    if name != TINY_CLIP:
+        return name
+    target = cache_dir() / "tiny-clip"
+    if (target / "config.json").is_file():
+        return str(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Build under a private name, then rename: of two racing processes one rename wins, the other reuses its result.
+    private = build_tiny_clip(target.with_name(f".tiny-clip.build-{os.getpid()}-{uuid.uuid4().hex[:8]}"))
+    try:
+        private.rename(target)
+    except OSError:
+        shutil.rmtree(private, ignore_errors=True)
+        if not (target / "config.json").is_file():
+            raise RuntimeError(f"could not create the tiny CLIP at {target}: the folder exists but is not a model; "
+                               f"delete it and retry") from None
+    return str(target)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Loading
+# ---------------------------------------------------------------------------------------------------------------
+@dataclass
+class LoadedClip:
+    """A CLIP model with its tokenizer and image processor."""
+
+    model: Any  # transformers.CLIPModel
+    tokenizer: Any
+    image_processor: Any
+
+
+def _looks_like_path(name: str) -> bool:
+    return name.startswith((".", "/", "~", "\\")) or name.count("/") > 1 or (len(name) > 1 and name[1] == ":")
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return text[0] if text else type(error).__name__
+
+
+def load_clip(name_or_dir: str | os.PathLike, *, max_text_tokens: int = 248, keep_positions: int = 20) -> LoadedClip:
+    """Return the CLIP model, tokenizer and image processor for a hub id, a local folder or ``"structxlip/tiny-clip"``,
+    with text positions stretched to ``max_text_tokens`` (Long-CLIP) when the model has fewer.
+
+    Raises FileNotFoundError for a missing local folder and RuntimeError (one line, what to do) when loading fails.
+    """
+    from transformers import AutoImageProcessor, AutoTokenizer, CLIPModel
+
+    name = str(name_or_dir)
+    source = resolve_model_source(name)
+    local = Path(source).expanduser()
+    if local.exists():
+        if not local.is_dir():
+            raise FileNotFoundError(f"CLIP model {name!r}: expected a folder saved with save_pretrained, got a file")
+        source = str(local)
+    elif _looks_like_path(name) or isinstance(name_or_dir, os.PathLike):
+        raise FileNotFoundError(f"CLIP model folder not found: {local} (give a folder saved with save_pretrained, "
+                                f"a Hugging Face hub id, or {TINY_CLIP!r})")
+    try:
+        model = CLIPModel.from_pretrained(source)
+        tokenizer = AutoTokenizer.from_pretrained(source)
+        image_processor = AutoImageProcessor.from_pretrained(source)
+    except (OSError, ValueError, KeyError) as error:
+        raise RuntimeError(f"could not load CLIP model {name!r}: {_first_line(error)} -- use a local folder saved "
+                           f"with save_pretrained, a hub id reachable from this machine (or already in the Hugging "
+                           f"Face cache), or {TINY_CLIP!r}") from None
+    extend_position_embeddings(model, max_tokens=max_text_tokens, keep=keep_positions)
+    tokenizer.model_max_length = max_text_tokens
+    return LoadedClip(model=model, tokenizer=tokenizer, image_processor=image_processor)
+
+
+def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # unpickling refuses arbitrary objects under weights_only
+        raise ValueError(f"{path} is not a readable PyTorch state dict: {_first_line(error)}") from None
+    for key in _WRAPPER_KEYS:
+        if isinstance(payload, dict) and isinstance(payload.get(key), dict):
+            payload = payload[key]
+            break
+    if not isinstance(payload, dict) or not payload or \
+            not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in payload.items()):
+        raise ValueError(f"{path} is not a state dict (expected a mapping of parameter names to tensors, got "
+                         f"{type(payload).__name__})")
+    return payload
+
+
+def _strip_prefixes(state_dict: dict[str, torch.Tensor], expected: set[str]) -> dict[str, torch.Tensor]:
+    stripped = {}
+    for key, value in state_dict.items():
+        while key not in expected and key.startswith(_STRIP_PREFIXES):
+            key = key.split(".", 1)[1]
+        stripped[key] = value
+    return stripped
+
+
+def load_structxlip_checkpoint(model: nn.Module, path: str | os.PathLike) -> nn.Module:
+    """Load a released StructXLIP checkpoint (``.pth``/``.pt`` via ``torch.load(weights_only=True)``, or
+    ``.safetensors``) into the transformers CLIPModel ``model`` in place and return it.
+
+    Keys may carry ``module.`` / ``clip_model.`` prefixes; text positions are stretched first when the checkpoint has
+    more (248 for StructXLIP). Every model weight must be present (a ValueError says which are missing); extra
+    entries are ignored with a warning, as the reference evaluator's ``strict=False`` load would.
+    """
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"StructXLIP checkpoint not found: {path}")
+    expected = set(model.state_dict())
+    state_dict = _strip_prefixes(_read_state_dict(path), expected)
+    # position_ids are non-persistent buffers in current transformers; older checkpoints still carry them.
+    state_dict = {k: v for k, v in state_dict.items() if not k.endswith("position_ids") or k in expected}
+    position_key = next((k for k in expected if k.endswith("text_model.embeddings.position_embedding.weight")
+                         or k == "embeddings.position_embedding.weight"), None)
+    if position_key in state_dict and state_dict[position_key].shape[0] > text_position_count(model):
+        extend_position_embeddings(model, max_tokens=state_dict[position_key].shape[0])
+    missing = sorted(set(model.state_dict()) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(model.state_dict()))
+    if missing:
+        raise ValueError(f"{path} does not match a transformers CLIPModel: {len(missing)} missing keys "
+                         f"(e.g. {missing[:3]}), {len(unexpected)} unexpected (e.g. {unexpected[:3]})")
+    if unexpected:
+        # The reference evaluator loads with strict=False; extra entries (optimiser or head state) are harmless
+        # once every model weight is present, so say so rather than refuse.
+        warnings.warn(f"{path}: ignoring {len(unexpected)} entries that are not CLIPModel weights "
+                      f"(e.g. {unexpected[:3]})", stacklevel=2)
+        state_dict = {k: v for k, v in state_dict.items() if k not in unexpected}
+    try:
+        model.load_state_dict(state_dict, strict=True)
+    except RuntimeError as error:
+        raise ValueError(f"{path} does not fit the model: {_first_line(error)}") from None
+    return model

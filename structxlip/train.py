@@ -1,0 +1,480 @@
+"""StructXLIP fine-tuning (METHOD.md section 4): the objective, the training loop, resumable checkpoints and DDP.
+
+total = lambda_global * global (left out during the first ``warmup_structure_epochs``)
+      + l_sc(e) * structure_centric + l_rs(e) * consistency + l_lsc(e) * local
+      (+ lambda_hard_negative * hard_negative when the data has hard negatives and the weight is > 0)
+
+Photos, structure maps and structure crops all go through the same image encoder; chunk embeddings pool the
+*filtered* caption's token states (the text the chunk spans were computed on).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import random
+import shutil
+import sys
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from storage.atomic import atomic_write_text
+from storage.layout import OutputLayout
+from structxlip.checkpoint import (
+    TrainingCheckpoint,
+    capture_rng_state,
+    link_or_copy,
+    load_checkpoint,
+    restore_rng_state,
+    save_checkpoint,
+)
+from structxlip.data import (
+    ImagePreprocessor,
+    StructXLIPBatch,
+    StructXLIPCollator,
+    StructXLIPDataset,
+    load_records,
+)
+from structxlip.distributed import (
+    DistributedContext,
+    EpochBatchSampler,
+    any_rank,
+    barrier,
+    gather_no_grad,
+    gather_with_grad,
+    init_distributed,
+    shutdown_distributed,
+)
+from structxlip.losses import (
+    global_loss,
+    hard_negative_loss,
+    local_structure_centric_loss,
+    rgb_structure_consistency_loss,
+    structure_centric_loss,
+)
+from structxlip.schedules import cosine_lr, warm_cosine_weight
+from structxlip.text import ChunkEmbeddings, pool_chunk_embeddings
+
+logger = logging.getLogger(__name__)
+LOSS_NAMES = ("global", "structure_centric", "consistency", "local", "hard_negative")
+
+
+# ---- objective ----------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Objective:
+    """Base loss weights and their epoch schedule (published defaults, METHOD.md section 4)."""
+
+    lambda_global: float = 1.0
+    lambda_structure_centric: float = 0.5
+    lambda_consistency: float = 0.05
+    lambda_local: float = 0.1
+    lambda_hard_negative: float = 0.0
+    warm: int = 1
+    decay_start: int = 1
+    decay_end: int = 8
+    floor_structure_centric: float = 0.7
+    floor_consistency: float = 0.5
+    floor_local: float = 0.4
+    warmup_structure_epochs: int = 0
+    chunk_tau: float = 0.07
+
+    def weights(self, epoch: int) -> dict[str, float]:
+        """Return the weight of every loss term in 0-based ``epoch``."""
+
+        def scheduled(base: float, floor: float) -> float:
+            return warm_cosine_weight(base, epoch, self.warm, self.decay_start, self.decay_end, floor)
+
+        return {
+            "global": 0.0 if epoch < self.warmup_structure_epochs else self.lambda_global,
+            "structure_centric": scheduled(self.lambda_structure_centric, self.floor_structure_centric),
+            "consistency": scheduled(self.lambda_consistency, self.floor_consistency),
+            "local": scheduled(self.lambda_local, self.floor_local),
+            "hard_negative": self.lambda_hard_negative,
+        }
+
+
+@dataclass
+class Embeddings:
+    """Unnormalised embeddings of one batch: ``image``, ``text``, ``structure``, ``filtered_text`` (B, E); chunks of
+    the filtered captions; structure crops ``(B, K, E)`` (zeros in invalid slots); hard negatives ``(B, N, E)``."""
+
+    image: Tensor
+    text: Tensor
+    structure: Tensor
+    filtered_text: Tensor
+    chunks: ChunkEmbeddings | None
+    crops: Tensor | None
+    negatives: Tensor | None
+    logit_scale: Tensor
+
+
+class StructXLIPEncoder(nn.Module):
+    """Wraps a transformers ``CLIPModel``: one forward encodes everything a training step needs (one module, so DDP
+    sees every parameter used in its forward)."""
+
+    def __init__(self, clip: nn.Module):
+        super().__init__()
+        self.clip = clip
+
+    def encode_images(self, pixel_values: Tensor) -> Tensor:
+        """Return image embeddings ``(N, E)`` (projected, unnormalised) of ``(N, 3, H, W)`` pixels."""
+        pooled = self.clip.vision_model(pixel_values=pixel_values).pooler_output
+        return self.clip.visual_projection(pooled)
+
+    def encode_texts(self, input_ids: Tensor, attention_mask: Tensor, *, with_states: bool = False):
+        """Return text embeddings ``(N, E)``; with ``with_states`` also the pre-final-LN token states ``(N, L, D)``."""
+        output = self.clip.text_model(input_ids=input_ids, attention_mask=attention_mask,
+                                      output_hidden_states=with_states)
+        embeds = self.clip.text_projection(output.pooler_output)
+        if not with_states:
+            return embeds
+        # hidden_states[-1] is the last encoder layer's output, i.e. before final_layer_norm.
+        return embeds, output.hidden_states[-1]
+
+    def forward(self, batch: StructXLIPBatch, *, with_chunks: bool = True, with_negatives: bool = True) -> Embeddings:
+        size = len(batch)
+        # One vision pass over photos, structure maps and the valid structure crops (same encoder for all).
+        images = [batch.pixel_values, batch.structure_values]
+        crop_valid = batch.crop_valid if with_chunks and batch.crop_valid is not None else None
+        if crop_valid is not None:
+            images.append(batch.crop_values[crop_valid])
+        vision = self.encode_images(torch.cat(images))
+        image, structure = vision[:size], vision[size:2 * size]
+        crops = None
+        if crop_valid is not None:
+            crops = vision.new_zeros(*crop_valid.shape, vision.shape[-1])
+            crops[crop_valid] = vision[2 * size:]
+
+        # One text pass over captions, filtered captions and hard negatives.
+        ids = [batch.input_ids, batch.filtered_input_ids]
+        masks = [batch.attention_mask, batch.filtered_attention_mask]
+        use_negatives = with_negatives and batch.negative_input_ids is not None
+        if use_negatives:
+            ids.append(batch.negative_input_ids)
+            masks.append(batch.negative_attention_mask)
+        text_embeds, states = self.encode_texts(torch.cat(ids), torch.cat(masks), with_states=with_chunks)
+        chunks = None
+        if with_chunks:
+            text_model = self.clip.text_model
+            chunks = pool_chunk_embeddings(states[size:2 * size], batch.chunk_spans, text_model.final_layer_norm,
+                                           self.clip.text_projection)
+        negatives = None
+        if use_negatives:
+            negatives = text_embeds[2 * size:].reshape(size, batch.negative_valid.shape[1], -1)
+        return Embeddings(image=image, text=text_embeds[:size], structure=structure,
+                          filtered_text=text_embeds[size:2 * size], chunks=chunks, crops=crops, negatives=negatives,
+                          logit_scale=self.clip.logit_scale)
+
+
+@dataclass
+class LossTerms:
+    """Scalar loss terms (float32 tensors), their weights and the weighted ``total``."""
+
+    total: Tensor
+    terms: dict[str, Tensor]
+    weights: dict[str, float]
+
+    def metrics(self) -> dict[str, float]:
+        """Return ``{"loss": total, "loss/<term>": value, "weight/<term>": weight}`` as floats."""
+        values = {"loss": float(self.total.detach())}
+        values.update({f"loss/{name}": float(term.detach()) for name, term in self.terms.items()})
+        values.update({f"weight/{name}": weight for name, weight in self.weights.items()})
+        return values
+
+
+def compute_objective(
+    embeddings: Embeddings,
+    batch: StructXLIPBatch,
+    *,
+    weights: dict[str, float],
+    chunk_tau: float = 0.07,
+    context: DistributedContext | None = None,
+) -> LossTerms:
+    """Return the StructXLIP loss terms of one batch; the global and structure-centric terms run over the batch
+    gathered from every rank (with gradients through the local slot)."""
+    context = context or DistributedContext()
+    scale = embeddings.logit_scale.float().exp()
+    image, text = embeddings.image.float(), embeddings.text.float()
+    structure, filtered = embeddings.structure.float(), embeddings.filtered_text.float()
+    has_structure = batch.has_structure.to(image.device)
+    terms: dict[str, Tensor] = {
+        "global": global_loss(gather_with_grad(image, context), gather_with_grad(text, context), scale),
+        "structure_centric": structure_centric_loss(
+            gather_with_grad(structure, context), gather_with_grad(filtered, context),
+            gather_no_grad(has_structure, context), scale),
+        "consistency": rgb_structure_consistency_loss(image, structure, has_structure),
+    }
+    zero = (image * 0).sum()
+    if embeddings.chunks is not None and embeddings.crops is not None:
+        terms["local"] = local_structure_centric_loss(embeddings.chunks.embeds.float(), embeddings.chunks.owner,
+                                                      embeddings.crops.float(), batch.crop_valid, scale, tau=chunk_tau)
+    else:
+        terms["local"] = zero
+    if embeddings.negatives is not None and weights.get("hard_negative", 0.0) > 0:
+        terms["hard_negative"] = hard_negative_loss(image, text, embeddings.negatives.float(), batch.negative_valid,
+                                                    scale)
+    else:
+        terms["hard_negative"] = zero
+    total = sum(weights[name] * terms[name] for name in LOSS_NAMES)
+    return LossTerms(total=total, terms=terms, weights={name: weights[name] for name in LOSS_NAMES})
+
+
+# ---- helpers ------------------------------------------------------------------------------------------------------
+def autocast_context(device: torch.device, precision: str):
+    """Return the autocast context: bf16 on CUDA for ``auto``/``bf16``, bf16 on CPU only when asked, else none."""
+    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def export_model(clip: nn.Module, tokenizer: Any, image_processor: Any, model_dir: Path) -> Path:
+    """Save model + tokenizer + image processor with ``save_pretrained`` into ``model_dir`` atomically; return it."""
+    model_dir = Path(model_dir)
+    model_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = model_dir.with_name(f".{model_dir.name}.tmp-{uuid.uuid4().hex[:8]}")
+    try:
+        clip.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        image_processor.save_pretrained(staging)
+        if model_dir.exists():
+            retired = model_dir.with_name(f".{model_dir.name}.old-{uuid.uuid4().hex[:8]}")
+            model_dir.rename(retired)
+            shutil.rmtree(retired, ignore_errors=True)
+        staging.rename(model_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return model_dir
+
+
+def _truncate_metrics(path: Path, last_step: int) -> None:
+    """Drop metric lines logged after the checkpoint being resumed (they will be logged again)."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            if json.loads(line).get("step", 0) <= last_step:
+                kept.append(line)
+        except json.JSONDecodeError:
+            continue  # a line torn by a crash mid-write
+    atomic_write_text(path, "".join(f"{line}\n" for line in kept))
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+@dataclass
+class TrainResult:
+    """What a training run did: optimiser steps taken overall, skipped (non-finite) steps, finished epochs, the
+    last checkpoint, the exported model folder (None until the last epoch ends), mean seconds per step."""
+
+    steps: int
+    skipped_steps: int
+    epochs_completed: int
+    checkpoint: Path | None
+    model_dir: Path | None
+    seconds_per_step: float
+    history: list[dict] = field(default_factory=list)
+
+
+# ---- the training loop --------------------------------------------------------------------------------------------
+def train(
+    manifest: str | Path,
+    out_dir: str | Path,
+    *,
+    clip_model: str,
+    objective: Objective = Objective(),
+    epochs: int = 10,
+    batch_size: int = 16,
+    lr: float = 5e-6,
+    min_lr: float = 0.0,
+    weight_decay: float = 0.05,
+    logit_scale_min: float = 0.0,
+    logit_scale_max: float = 3.5,
+    max_text_tokens: int = 248,
+    keep_positions: int = 20,
+    structure_kind: str = "canny",
+    chunk_top_k: int = 3,
+    chunk_base_window: int = 3,
+    chunk_stride: int = 1,
+    max_chunks: int = 64,
+    precision: str = "auto",
+    device: str = "auto",
+    num_workers: int = 0,
+    checkpoint_every_steps: int = 0,
+    seed: int = 0,
+    resume: bool = False,
+    max_steps: int | None = None,
+    config: dict | None = None,
+    progress: bool = True,
+) -> TrainResult:
+    """Fine-tune ``clip_model`` on the manifest's train split; write checkpoints, metrics and the final model under
+    ``out_dir/train``. ``max_steps`` stops this run after that many batches (checkpointing first), for smoke runs."""
+    from tqdm import tqdm
+
+    from structxlip.models import load_clip
+
+    layout = OutputLayout(out_dir)
+    owns_group = not (torch.distributed.is_available() and torch.distributed.is_initialized())
+    context = init_distributed(device)
+    try:
+        _seed_everything(seed)
+        loaded = load_clip(clip_model, max_text_tokens=max_text_tokens, keep_positions=keep_positions)
+        clip = loaded.model.to(context.device).train()
+        records = load_records(manifest, split="train", structure_kind=structure_kind, top_k=chunk_top_k)
+        dataset = StructXLIPDataset(
+            records, preprocess=ImagePreprocessor.from_image_processor(loaded.image_processor),
+            tokenizer=loaded.tokenizer, max_text_tokens=max_text_tokens, chunk_base_window=chunk_base_window,
+            chunk_stride=chunk_stride, max_chunks=max_chunks,
+        )
+        use_negatives = objective.lambda_hard_negative > 0
+        collator = StructXLIPCollator(loaded.tokenizer, max_text_tokens=max_text_tokens, with_negatives=use_negatives)
+        sampler = EpochBatchSampler(len(dataset), batch_size, seed=seed, rank=context.rank,
+                                    world_size=context.world_size)
+        steps_per_epoch = len(sampler.batch_sizes())
+        total_steps = steps_per_epoch * epochs
+        optimizer = torch.optim.AdamW(clip.parameters(), lr=lr, weight_decay=weight_decay)
+        # What evaluate needs to rebuild the model from a checkpoint file alone.
+        run_state = {"clip_model": clip_model, "max_text_tokens": max_text_tokens, "keep_positions": keep_positions}
+        data_state = {"dataset_size": len(dataset), "batch_size": batch_size, "world_size": context.world_size,
+                      "seed": seed, "steps_per_epoch": steps_per_epoch}
+
+        step, start_epoch, start_batch, skipped = 0, 0, 0, 0
+        last_checkpoint = layout.checkpoint("last")
+        if resume and last_checkpoint.is_file():
+            state = load_checkpoint(last_checkpoint)
+            _check_resumable(state, data_state, last_checkpoint)
+            clip.load_state_dict(state.model)
+            optimizer.load_state_dict(state.optimizer)
+            step, start_epoch, start_batch, skipped = state.step, state.epoch, state.batch_in_epoch, state.skipped_steps
+            restore_rng_state(state.rng)
+            if context.is_main:
+                _truncate_metrics(layout.train_metrics, step)
+                print(f"resuming from {last_checkpoint}: epoch {start_epoch + 1}, batch {start_batch}, step {step}",
+                      file=sys.stderr)
+        elif resume and context.is_main:
+            print(f"no checkpoint at {last_checkpoint}; starting from scratch", file=sys.stderr)
+
+        encoder: nn.Module = StructXLIPEncoder(clip)
+        if context.enabled:
+            encoder = torch.nn.parallel.DistributedDataParallel(
+                encoder, device_ids=[context.device.index] if context.device.type == "cuda" else None)
+        layout.train_dir.mkdir(parents=True, exist_ok=True)
+
+        def checkpoint(epoch: int, batch_in_epoch: int, name: str = "last") -> Path:
+            path = layout.checkpoint(name)
+            if context.is_main:
+                save_checkpoint(path, model_state=clip.state_dict(), optimizer_state=optimizer.state_dict(),
+                                step=step, epoch=epoch, batch_in_epoch=batch_in_epoch, skipped_steps=skipped,
+                                config={"config": config or {}, "run": run_state, "data": data_state},
+                                rng=capture_rng_state())
+                if name != "last":
+                    link_or_copy(path, last_checkpoint)
+            barrier(context)
+            return path
+
+        history: list[dict] = []
+        step_seconds: list[float] = []
+        steps_this_run = 0
+        saved: Path | None = last_checkpoint if last_checkpoint.is_file() and resume else None
+        stopped = False
+        completed = start_epoch
+        for epoch in range(start_epoch, epochs):
+            weights = objective.weights(epoch)
+            sampler.set_epoch(epoch, start_batch if epoch == start_epoch else 0)
+            batch_in_epoch = sampler.start_batch
+            # A private generator: creating the loader iterator must not consume the global RNG (exact resume).
+            loader = torch.utils.data.DataLoader(
+                dataset, batch_sampler=sampler, collate_fn=collator, num_workers=num_workers,
+                pin_memory=context.device.type == "cuda", generator=torch.Generator().manual_seed(seed + epoch))
+            bar = tqdm(total=steps_per_epoch, initial=batch_in_epoch, desc=f"epoch {epoch + 1}/{epochs}",
+                       file=sys.stderr, disable=not (progress and context.is_main), dynamic_ncols=True)
+            for batch in loader:
+                started = time.perf_counter()
+                batch = batch.to(context.device)
+                current_lr = cosine_lr(step, total_steps, lr, min_lr)
+                for group in optimizer.param_groups:
+                    group["lr"] = current_lr
+                with autocast_context(context.device, precision):
+                    embeddings = encoder(batch, with_negatives=use_negatives)
+                losses = compute_objective(embeddings, batch, weights=weights, chunk_tau=objective.chunk_tau,
+                                           context=context)
+                # Every rank must take the same branch, or DDP's gradient all-reduce would wait forever.
+                if any_rank(not bool(torch.isfinite(losses.total.detach())), context):
+                    optimizer.zero_grad(set_to_none=True)
+                    skipped += 1
+                    message = f"step {step}: non-finite loss ({float(losses.total.detach())}); step skipped"
+                    logger.warning(message)
+                    if context.is_main:
+                        tqdm.write(message, file=sys.stderr)
+                else:
+                    losses.total.backward()
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                    with torch.no_grad():
+                        clip.logit_scale.clamp_(logit_scale_min, logit_scale_max)
+                step += 1
+                batch_in_epoch += 1
+                steps_this_run += 1
+                seconds = time.perf_counter() - started
+                step_seconds.append(seconds)
+                record = {"step": step, "epoch": epoch, "batch": batch_in_epoch, "lr": current_lr,
+                          "logit_scale": float(clip.logit_scale.detach()), "skipped_steps": skipped,
+                          "seconds": seconds, **losses.metrics()}
+                history.append(record)
+                if context.is_main:
+                    with open(layout.train_metrics, "a", encoding="utf-8") as handle:
+                        handle.write(json.dumps(record) + "\n")
+                    bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{current_lr:.2e}")
+                bar.update(1)
+                end_of_epoch = batch_in_epoch == steps_per_epoch
+                if max_steps is not None and steps_this_run >= max_steps and not end_of_epoch:
+                    saved = checkpoint(epoch, batch_in_epoch)
+                    stopped = True
+                    break
+                if checkpoint_every_steps and step % checkpoint_every_steps == 0 and not end_of_epoch:
+                    saved = checkpoint(epoch, batch_in_epoch)
+            bar.close()
+            if stopped:
+                break
+            saved = checkpoint(epoch + 1, 0, name=f"epoch-{epoch + 1:04d}")
+            completed = epoch + 1
+            if max_steps is not None and steps_this_run >= max_steps:
+                stopped = epoch + 1 < epochs
+                break
+
+        finished = not stopped
+        model_dir = None
+        if finished and context.is_main:
+            model_dir = export_model(clip, loaded.tokenizer, loaded.image_processor, layout.model_dir)
+        barrier(context)
+        return TrainResult(
+            steps=step, skipped_steps=skipped, epochs_completed=completed, checkpoint=saved, model_dir=model_dir,
+            seconds_per_step=float(np.mean(step_seconds)) if step_seconds else math.nan, history=history,
+        )
+    finally:
+        if owns_group:
+            shutdown_distributed()
+
+
+def _check_resumable(state: TrainingCheckpoint, data_state: dict, path: Path) -> None:
+    """Refuse to resume when the data order would differ from the interrupted run's (results would not match)."""
+    previous = state.config.get("data") or {}
+    changed = [f"{key} {previous[key]} -> {value}" for key, value in data_state.items()
+               if key in previous and previous[key] != value]
+    if changed:
+        raise ValueError(f"cannot resume from {path}: the run changed ({', '.join(changed)}); "
+                         "restore the original settings or train without --resume into a new folder")

@@ -1,0 +1,62 @@
+"""Shared test set-up: offline, quiet, small; a session-wide tiny CLIP; ``gpu`` / ``slow`` markers skip cleanly."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+# Set before torch / transformers / prefect are imported by any test module.
+os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+os.environ["TOKENIZERS_PARALLELISM"] = "false"
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+if os.environ.get("STRUCTXLIP_SLOW") != "1":
+    # No model hub here: fail fast instead of ~30 s of retries when a test names a hub id.
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(2)
+
+_SESSION_CACHE: str | None = None
+_PREVIOUS_CACHE: str | None = None
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # A private model cache for the whole session (subprocesses inherit it), so resolve_model_source never writes ~.
+    global _SESSION_CACHE, _PREVIOUS_CACHE
+    _PREVIOUS_CACHE = os.environ.get("STRUCTXLIP_CACHE")
+    _SESSION_CACHE = tempfile.mkdtemp(prefix="structxlip-test-cache-")
+    os.environ["STRUCTXLIP_CACHE"] = _SESSION_CACHE
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    if _SESSION_CACHE:
+        shutil.rmtree(_SESSION_CACHE, ignore_errors=True)
+    if _PREVIOUS_CACHE is None:
+        os.environ.pop("STRUCTXLIP_CACHE", None)
+    else:
+        os.environ["STRUCTXLIP_CACHE"] = _PREVIOUS_CACHE
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    skip_gpu = pytest.mark.skip(reason="needs CUDA (none available)")
+    skip_slow = pytest.mark.skip(reason="slow test: set STRUCTXLIP_SLOW=1 to run")
+    has_cuda = torch.cuda.is_available()
+    run_slow = os.environ.get("STRUCTXLIP_SLOW") == "1"
+    for item in items:
+        if "gpu" in item.keywords and not has_cuda:
+            item.add_marker(skip_gpu)
+        if "slow" in item.keywords and not run_slow:
+            item.add_marker(skip_slow)
+
+
+@pytest.fixture(scope="session")
+def tiny_clip_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random CLIPModel + real CLIP tokenizer + image processor saved with save_pretrained (77 positions)."""
+    from structxlip.models import build_tiny_clip
+
+    return build_tiny_clip(tmp_path_factory.mktemp("tiny-clip") / "model")

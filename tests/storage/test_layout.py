@@ -1,0 +1,91 @@
+"""OutputLayout paths (relative <-> absolute, escapes refused) and atomic writes."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+from storage.atomic import atomic_path, atomic_write_text, atomic_writer, write_png
+from storage.layout import OutputLayout, PathEscapeError
+
+
+def test_relative_and_resolve_round_trip(tmp_path):
+    layout = OutputLayout(tmp_path / "out")
+    path = layout.structure_map("ab" + "0" * 30, "key1", "canny")
+    assert path == layout.root / "maps" / "key1" / "ab" / ("ab" + "0" * 30 + ".canny.png")
+    relative = layout.relative(path)
+    assert relative == f"maps/key1/ab/{'ab' + '0' * 30}.canny.png"
+    assert layout.resolve(relative) == path
+    assert layout.resolve(None) is None
+    # ".." that stays inside the root is fine and normalised.
+    assert layout.resolve("maps/../crops/x.jpg") == layout.root / "crops" / "x.jpg"
+
+
+@pytest.mark.parametrize("bad", ["../../etc/passwd", "../out-sibling/file.png", "maps/../../x"])
+def test_resolve_refuses_paths_escaping_the_root(tmp_path, bad):
+    layout = OutputLayout(tmp_path / "out")
+    with pytest.raises(PathEscapeError, match="escapes"):
+        layout.resolve(bad)
+
+
+def test_resolve_refuses_absolute_paths(tmp_path):
+    with pytest.raises(PathEscapeError, match="absolute"):
+        OutputLayout(tmp_path).resolve("/etc/passwd")
+
+
+def test_relative_refuses_paths_outside_the_root(tmp_path):
+    with pytest.raises(ValueError):
+        OutputLayout(tmp_path / "out").relative(tmp_path / "elsewhere.png")
+
+
+def test_checkpoint_and_crop_paths(tmp_path):
+    layout = OutputLayout(tmp_path)
+    assert layout.checkpoint("last") == tmp_path.resolve() / "train" / "checkpoints" / "last.pt"
+    assert layout.crop("cd" * 16, "r", 7).name == "007.jpg"
+    assert layout.structure_crop("cd" * 16, "r", 7).name == "007.structure.png"
+
+
+def _leftovers(folder):
+    return [p.name for p in folder.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_atomic_writer_keeps_old_content_on_error_and_leaves_no_temp(tmp_path):
+    target = tmp_path / "data.txt"
+    atomic_write_text(target, "old")
+    with pytest.raises(RuntimeError):
+        with atomic_writer(target, "w") as handle:
+            handle.write("half-written new content")
+            raise RuntimeError("crash mid-write")
+    assert target.read_text() == "old"
+    assert _leftovers(tmp_path) == []
+
+
+def test_atomic_path_success_replaces_and_error_keeps(tmp_path):
+    target = tmp_path / "file.bin"
+    with atomic_path(target) as tmp:
+        assert tmp.parent == tmp_path and tmp != target
+        tmp.write_bytes(b"v1")
+    assert target.read_bytes() == b"v1"
+    with pytest.raises(KeyboardInterrupt):
+        with atomic_path(target) as tmp:
+            tmp.write_bytes(b"v2")
+            raise KeyboardInterrupt
+    assert target.read_bytes() == b"v1"
+    assert sorted(os.listdir(tmp_path)) == ["file.bin"]
+
+
+def test_write_png_round_trip_and_bad_input(tmp_path):
+    import cv2
+
+    grey = np.arange(12, dtype=np.uint8).reshape(3, 4) * 20
+    path = write_png(tmp_path / "g.png", grey)
+    np.testing.assert_array_equal(cv2.imread(str(path), cv2.IMREAD_UNCHANGED), grey)
+    rgb = np.zeros((2, 2, 3), np.uint8)
+    rgb[..., 0] = 255  # red in RGB order must come back red
+    back = cv2.cvtColor(cv2.imread(str(write_png(tmp_path / "c.png", rgb))), cv2.COLOR_BGR2RGB)
+    np.testing.assert_array_equal(back, rgb)
+    with pytest.raises(ValueError, match="uint8"):
+        write_png(tmp_path / "bad.png", grey.astype(np.float32))
+    assert not (tmp_path / "bad.png").exists()

@@ -1,0 +1,158 @@
+"""Reference-trainer JSON: lossless export/import round trips, absolute paths, bad items rejected with a reason."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from storage.layout import OutputLayout
+from storage.manifest import read_manifest, resolve_manifest_path
+from storage.reference_json import (
+    EXTRA_KEY,
+    export_reference_json,
+    import_reference_json,
+    read_reference_json,
+)
+from structxlip.synthetic import make_synthetic_manifest
+
+REFERENCE_KEYS = {"original_filename", "original_caption", "original_filename_structure", "segment"}
+PATH_COLUMNS = ("structure_path", "scribble_path")
+
+
+@pytest.fixture(scope="module")
+def synthetic_out(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("synthetic")
+    make_synthetic_manifest(out, n_images=6, image_size=48, seed=3)
+    return out
+
+
+def _ok_rows(location) -> list[dict]:
+    return [row for row in read_manifest(location).to_pylist() if row["status"] == "ok"]
+
+
+def _absolute_rows(location) -> list[dict]:
+    """Rows with every path made absolute (compares manifests that live in different folders)."""
+    from storage.manifest import manifest_root
+
+    layout = manifest_root(location)
+    rows = _ok_rows(location)
+    for row in rows:
+        for column in PATH_COLUMNS:
+            row[column] = str(resolve_manifest_path(layout, row[column]))
+        for segment in row["segments"]:
+            for key in ("crop_path", "structure_crop_path"):
+                segment[key] = str(resolve_manifest_path(layout, segment[key]))
+    return rows
+
+
+def test_export_writes_the_reference_format_with_absolute_paths(synthetic_out, tmp_path):
+    out_json = tmp_path / "ref.json"
+    assert export_reference_json(synthetic_out, out_json) == 6  # the failed row is not exported
+    records = json.loads(out_json.read_text())
+    first = records[0]
+    assert REFERENCE_KEYS | {EXTRA_KEY} == set(first)
+    assert Path(first["original_filename"]).is_absolute() and Path(first["original_filename"]).is_file()
+    assert Path(first["original_filename_structure"]).is_absolute()
+    assert Path(first["original_filename_structure"]).is_file()
+    segment = first["segment"][0]
+    assert set(segment) == {"similarity_score", "filename", "caption", "filename_structure_cropped", "bbox_coordinates"}
+    box = segment["bbox_coordinates"]
+    assert box["width"] == box["x2"] - box["x1"] and box["height"] == box["y2"] - box["y1"]
+    assert Path(segment["filename_structure_cropped"]).is_file()
+    row = _ok_rows(synthetic_out)[0]
+    assert first["original_caption"] == row["caption"]
+    assert first[EXTRA_KEY]["filtered_caption"] == row["filtered_caption"]
+    assert first[EXTRA_KEY]["hard_negatives"] == row["hard_negatives"]
+    assert export_reference_json(synthetic_out, tmp_path / "test.json", split="test") == sum(
+        r["split"] == "test" for r in _ok_rows(synthetic_out))
+
+
+def test_manifest_export_import_gives_the_same_rows(synthetic_out, tmp_path):
+    out_json = tmp_path / "ref.json"
+    export_reference_json(synthetic_out, out_json)
+    # Into a new folder: files stay where they are (absolute paths), rows are otherwise identical.
+    result = import_reference_json(out_json, tmp_path / "imported")
+    assert result.rejected == []
+    assert _absolute_rows(tmp_path / "imported") == _absolute_rows(synthetic_out)
+    # Back into the folder the files live in: byte-for-byte the same rows, relative paths included.
+    copy = tmp_path / "copy"
+    import shutil
+
+    shutil.copytree(synthetic_out, copy)
+    export_reference_json(copy, tmp_path / "copy.json")
+    with pytest.raises(ValueError, match="already holds a manifest"):
+        import_reference_json(tmp_path / "copy.json", copy)
+    import_reference_json(tmp_path / "copy.json", copy, overwrite=True)
+    assert _ok_rows(copy) == _ok_rows(synthetic_out)
+    assert len(list((copy / "manifest").glob("*.parquet"))) == 1
+
+
+def test_export_import_export_is_identical(synthetic_out, tmp_path):
+    first = tmp_path / "first.json"
+    export_reference_json(synthetic_out, first)
+    import_reference_json(first, tmp_path / "elsewhere")
+    second = tmp_path / "second.json"
+    export_reference_json(tmp_path / "elsewhere", second)
+    assert second.read_text() == first.read_text()
+
+
+def _write(path: Path, records) -> Path:
+    path.write_text(json.dumps(records))
+    return path
+
+
+def test_relative_paths_resolve_against_the_json_folder_and_escapes_are_rejected(tmp_path):
+    from PIL import Image
+
+    data = tmp_path / "data"
+    (data / "img").mkdir(parents=True)
+    Image.new("RGB", (40, 30), "red").save(data / "img" / "a.png")
+    good = {"original_filename": "img/a.png", "original_caption": "a red square",
+            "original_filename_structure": "img/a_edges.png",  # missing file: still accepted (has_structure=False)
+            "segment": [{"similarity_score": 21, "filename": "img/a.png", "caption": "red",
+                         "filename_structure_cropped": None,
+                         "bbox_coordinates": {"x1": 0, "y1": 0, "x2": 10.0, "y2": 5, "width": 10, "height": 5}}]}
+    bad = [
+        {"original_caption": "no image key"},
+        {"original_filename": "img/a.png", "original_caption": 7},
+        {"original_filename": "../../etc/passwd", "original_caption": "escape"},
+        {"original_filename": "img/a.png", "original_caption": "x", "segment": "not a list"},
+        {"original_filename": "img/a.png", "original_caption": "x",
+         "segment": [{"bbox_coordinates": {"x1": 0, "y1": 0, "x2": 4}}]},
+        {"original_filename": "img/missing.png", "original_caption": "x"},
+        {"original_filename": "img/a.png", "original_caption": "x", "original_filename_structure": "../../../x.png"},
+        "not an object",
+    ]
+    source = _write(data / "ref.json", [good] + bad)
+    result = import_reference_json(source, tmp_path / "out")
+    reasons = dict(result.rejected)
+    assert sorted(reasons) == list(range(1, 9))
+    assert "missing key 'original_filename'" in reasons[1]
+    assert "original_caption must be str" in reasons[2]
+    assert "escapes" in reasons[3]
+    assert "segment must be list" in reasons[4]
+    assert "missing key 'y2'" in reasons[5]
+    assert "image file not found" in reasons[6]
+    assert "escapes" in reasons[7]
+    assert "expected an object" in reasons[8]
+    (row,) = result.rows
+    assert row["source_path"] == str((data / "img" / "a.png").resolve())
+    assert row["structure_path"] == str((data / "img" / "a_edges.png").resolve())  # outside OUT: kept absolute
+    assert (row["width"], row["height"]) == (40, 30)  # read from the image header
+    assert row["split"] == "train" and row["caption_source"] == "reference-json"
+    assert row["segments"][0]["bbox"]["x2"] == 10 and row["segments"][0]["similarity_score"] == 21.0
+    assert len(row["image_id"]) == 32
+
+
+def test_in_memory_reading_and_unusable_files(tmp_path):
+    with pytest.raises(ValueError, match="expected a JSON list"):
+        read_reference_json(_write(tmp_path / "obj.json", {"a": 1}))
+    (tmp_path / "broken.json").write_text("[{")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        read_reference_json(tmp_path / "broken.json")
+    with pytest.raises(ValueError, match="no usable records"):
+        import_reference_json(_write(tmp_path / "bad.json", [{"original_caption": "x"}]), tmp_path / "o")
+    assert not (OutputLayout(tmp_path / "o").manifest_dir.exists() and
+                any(OutputLayout(tmp_path / "o").manifest_dir.iterdir()))

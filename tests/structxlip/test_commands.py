@@ -1,0 +1,80 @@
+"""The library's CLI commands driven end to end, as a user would: build-tiny-clip, train, evaluate, JSON export/import."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+
+from flows.cli import main
+from storage.layout import OutputLayout
+from storage.manifest import read_manifest
+from structxlip.synthetic import make_synthetic_manifest
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    manifest = make_synthetic_manifest(root / "data", n_images=12, image_size=48, seed=7)
+    return root, manifest
+
+
+def test_build_train_evaluate(workspace, capsys):
+    root, manifest = workspace
+    assert main(["build-tiny-clip", str(root / "tiny")]) == 0
+    assert (root / "tiny" / "config.json").is_file()
+    config = root / "config.yaml"
+    config.write_text(yaml.safe_dump({
+        "model": {"clip_model": str(root / "tiny")},
+        "train": {"epochs": 2, "batch_size": 4, "lr": 1e-4, "max_text_tokens": 77, "lambda_hard_negative": 0.5},
+        "evaluate": {"batch_size": 8},
+    }))
+    out = root / "out"
+    assert main(["train", str(manifest), "--out", str(out), "--config", str(config), "--epochs", "1",
+                 "--device", "cpu", "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert "trained 1/1 epochs, 2 steps" in printed
+    layout = OutputLayout(out)
+    lines = [json.loads(line) for line in layout.train_metrics.read_text().splitlines()]
+    assert len(lines) == 2 and lines[0]["weight/hard_negative"] == 0.5 and lines[0]["loss/hard_negative"] > 0
+
+    # Resuming a finished run with one more epoch continues from the epoch-1 checkpoint (lr schedule aside).
+    assert main(["train", str(manifest), "--out", str(out), "--config", str(config), "--device", "cpu", "--resume",
+                 "--no-progress"]) == 0
+    assert len(layout.train_metrics.read_text().splitlines()) == 4
+
+    metrics_pt, metrics_dir = root / "pt.json", root / "dir.json"
+    assert main(["evaluate", str(manifest), "--checkpoint", str(layout.checkpoint("last")), "--config", str(config),
+                 "--out", str(metrics_pt), "--device", "cpu"]) == 0
+    table = capsys.readouterr().out
+    assert "| t2i |" in table and "| ts2i |" in table and "3 pairs" in table
+    assert main(["evaluate", str(manifest), "--checkpoint", str(layout.model_dir), "--config", str(config),
+                 "--out", str(metrics_dir), "--device", "cpu"]) == 0
+    from_pt, from_dir = json.loads(metrics_pt.read_text()), json.loads(metrics_dir.read_text())
+    assert from_pt == pytest.approx(from_dir)  # the training checkpoint and the exported model are the same weights
+    assert set(f"{d}/R@{k}" for d in ("t2i", "i2t", "s2t", "t2s", "ts2i") for k in (1, 5, 10, 25, 50)) <= set(from_pt)
+
+
+def test_evaluate_refuses_a_corrupt_checkpoint_with_one_line(workspace, tmp_path, capsys):
+    _, manifest = workspace
+    (tmp_path / "bad.pt").write_bytes(b"PK\x03\x04 truncated zip")
+    assert main(["evaluate", str(manifest), "--checkpoint", str(tmp_path / "bad.pt"), "--device", "cpu"]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("structxlip evaluate: error:") and "bad.pt" in error and "\n" not in error
+
+
+def test_export_and_import_json_commands(workspace, tmp_path, capsys):
+    _, manifest = workspace
+    exported = tmp_path / "ref.json"
+    assert main(["export-json", str(manifest), str(exported)]) == 0
+    records = json.loads(exported.read_text())
+    assert len(records) == 12
+    records.append({"original_filename": "../../etc/passwd", "original_caption": "x"})
+    exported.write_text(json.dumps(records))
+    assert main(["import-json", str(exported), "--out", str(tmp_path / "imported")]) == 0
+    captured = capsys.readouterr()
+    assert "rejected item 12:" in captured.err and "escapes" in captured.err
+    assert "imported 12 records (1 rejected)" in captured.out
+    assert read_manifest(tmp_path / "imported").num_rows == 12
+    assert main(["import-json", str(exported), "--out", str(tmp_path / "imported")]) == 2  # refuses to overwrite
