@@ -1,0 +1,235 @@
+"""Shared benchmark helpers: results and targets, timing, edge-map agreement, peak memory in a child process,
+machine information and markdown tables."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import importlib
+import math
+import multiprocessing
+import os
+import platform
+import resource
+import statistics
+import sys
+import time
+import traceback
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+class NotImplementedYet(RuntimeError):
+    """A registered benchmark whose subject does not exist yet; the message says what it needs."""
+
+
+@dataclass
+class Target:
+    """One goal: ``value`` compared with ``goal`` (``at_least`` or ``at_most``)."""
+
+    name: str
+    value: float | None
+    goal: float
+    direction: str = "at_least"  # "at_least" | "at_most"
+    unit: str = ""
+
+    @property
+    def met(self) -> bool:
+        if self.value is None or (isinstance(self.value, float) and math.isnan(self.value)):
+            return False
+        return self.value >= self.goal if self.direction == "at_least" else self.value <= self.goal
+
+    def as_dict(self) -> dict:
+        return {**asdict(self), "met": self.met}
+
+
+@dataclass
+class BenchmarkResult:
+    """What one benchmark measured: table rows (one per method), targets, parameters and notes."""
+
+    name: str
+    description: str
+    params: dict[str, Any] = field(default_factory=dict)
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    targets: list[Target] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        return {
+            "name": self.name,
+            "description": self.description,
+            "params": self.params,
+            "rows": self.rows,
+            "targets": [t.as_dict() for t in self.targets],
+            "notes": self.notes,
+        }
+
+
+# ---- timing -------------------------------------------------------------------------------------------------------
+def time_repeats(fn: Callable[[], Any], repeats: int, setup: Callable[[], Any] | None = None) -> dict[str, float]:
+    """Return {best_s, median_s, runs} of ``repeats`` calls of ``fn`` (``setup`` runs untimed before each)."""
+    if repeats < 1:
+        raise ValueError(f"expected repeats >= 1, got {repeats}")
+    seconds = []
+    for _ in range(repeats):
+        if setup is not None:
+            setup()
+        start = time.perf_counter()
+        fn()
+        seconds.append(time.perf_counter() - start)
+    return {"best_s": min(seconds), "median_s": statistics.median(seconds), "runs": repeats}
+
+
+# ---- edge-map agreement -------------------------------------------------------------------------------------------
+def tolerant_edge_iou(edges: np.ndarray, reference: np.ndarray, tolerance: int = 1) -> float:
+    """Return the IoU of two (H, W) edge maps where an edge pixel within ``tolerance`` px (8-neighbourhood) of an
+    edge pixel of the other map counts as shared.
+
+    matched = min(|A within tol of B|, |B within tol of A|); IoU = matched / (|A| + |B| - matched). Identical maps
+    give 1, a line moved by one pixel gives 1 at tolerance 1, disjoint maps give 0; two empty maps give 1.
+    """
+    import cv2
+
+    if edges.shape != reference.shape or edges.ndim != 2:
+        raise ValueError(f"expected two (H, W) edge maps of one size, got {edges.shape} and {reference.shape}")
+    a, b = edges > 0, reference > 0
+    count_a, count_b = int(a.sum()), int(b.sum())
+    if count_a + count_b == 0:
+        return 1.0
+    kernel = np.ones((2 * tolerance + 1, 2 * tolerance + 1), np.uint8)
+    near_b = cv2.dilate(b.astype(np.uint8), kernel) > 0
+    near_a = cv2.dilate(a.astype(np.uint8), kernel) > 0
+    matched = min(int((a & near_b).sum()), int((b & near_a).sum()))
+    return matched / (count_a + count_b - matched)
+
+
+# ---- peak memory in a child process -------------------------------------------------------------------------------
+def _maxrss_mb(who: int) -> float:
+    # Linux reports ru_maxrss in KiB (macOS in bytes).
+    value = resource.getrusage(who).ru_maxrss
+    return value / (1024 * 1024) if sys.platform == "darwin" else value / 1024
+
+
+def _child_main(target: str, kwargs: dict, queue) -> None:
+    try:
+        module_name, _, function_name = target.partition(":")
+        function = getattr(importlib.import_module(module_name), function_name)
+        result = function(**kwargs)
+        queue.put({"ok": True, "result": result, "peak_rss_mb": _maxrss_mb(resource.RUSAGE_SELF),
+                   "children_peak_rss_mb": _maxrss_mb(resource.RUSAGE_CHILDREN)})
+    except BaseException as exc:  # noqa: BLE001 - reported to the parent as one line
+        queue.put({"ok": False, "error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()})
+
+
+def run_in_child(target: str, timeout_s: float = 3600.0, **kwargs) -> dict:
+    """Run ``"module:function"(**kwargs)`` in a fresh spawned process; return {result, peak_rss_mb,
+    children_peak_rss_mb, wall_s} where the peaks are the child's own maximum RSS and the largest of its own
+    children (e.g. worker pools), in MiB. Raises RuntimeError with the child's one-line error if it failed."""
+    context = multiprocessing.get_context("spawn")
+    queue = context.Queue()
+    process = context.Process(target=_child_main, args=(target, kwargs, queue))
+    start = time.perf_counter()
+    process.start()
+    try:
+        message = queue.get(timeout=timeout_s)
+    except Exception:  # noqa: BLE001 - queue.Empty on timeout, or the child died without reporting
+        process.kill()
+        process.join()
+        raise RuntimeError(f"benchmark child {target} gave no result (exit code {process.exitcode})") from None
+    process.join()
+    wall = time.perf_counter() - start
+    if not message["ok"]:
+        raise RuntimeError(f"benchmark child {target} failed: {message['error']}")
+    return {"result": message["result"], "peak_rss_mb": message["peak_rss_mb"],
+            "children_peak_rss_mb": message["children_peak_rss_mb"], "wall_s": wall}
+
+
+# ---- machine information ------------------------------------------------------------------------------------------
+def machine_info() -> dict[str, Any]:
+    """Return what the numbers depend on: CPUs, load, memory, Python/torch/OpenCV versions, CUDA device, date."""
+    info: dict[str, Any] = {
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "cpu_count": os.cpu_count(),
+        "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "load_average_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "python": platform.python_version(),
+    }
+    try:
+        info["memory_gib"] = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
+    except (ValueError, OSError, AttributeError):
+        info["memory_gib"] = None
+    for module in ("numpy", "cv2", "PIL", "torch", "kornia", "transformers"):
+        try:
+            info[f"{module}_version"] = importlib.import_module(module).__version__
+        except Exception:  # noqa: BLE001 - a missing optional package is simply not reported
+            info[f"{module}_version"] = None
+    try:
+        import torch
+
+        info["cuda_device"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+        info["torch_threads"] = torch.get_num_threads()
+    except Exception:  # noqa: BLE001
+        info["cuda_device"] = None
+    return info
+
+
+# ---- markdown -----------------------------------------------------------------------------------------------------
+def _format(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "nan"
+        magnitude = abs(value)
+        if magnitude >= 100:
+            return f"{value:,.0f}"
+        if magnitude >= 1:
+            return f"{value:.2f}"
+        return f"{value:.3g}" if magnitude else "0"
+    return str(value).replace("|", "\\|")
+
+
+def markdown_table(rows: list[dict[str, Any]]) -> str:
+    """Return a GitHub markdown table of ``rows`` (columns: union of keys in first-seen order)."""
+    if not rows:
+        return "_no rows_\n"
+    columns: list[str] = []
+    for row in rows:
+        columns += [key for key in row if key not in columns]
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for row in rows:
+        lines.append("| " + " | ".join(_format(row.get(c)) for c in columns) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def result_markdown(result: dict) -> str:
+    """Return the markdown section of one benchmark result (as written to JSON): rows, targets, notes."""
+    parts = [f"## {result['name']}\n", f"{result['description']}\n"]
+    if result.get("status", "ok") != "ok":
+        parts.append(f"**{result['status']}**: {result.get('error', '')}\n")
+        return "\n".join(parts)
+    parts.append(markdown_table(result["rows"]))
+    if result["targets"]:
+        parts.append(markdown_table([
+            {"target": t["name"], "value": t["value"],
+             "goal": ("≥ " if t["direction"] == "at_least" else "≤ ") + _format(t["goal"]) + t.get("unit", ""),
+             "status": "met" if t["met"] else "MISSED"}
+            for t in result["targets"]
+        ]))
+    for note in result.get("notes", []):
+        parts.append(f"- {note}")
+    machine = result.get("machine", {})
+    if machine:
+        parts.append(f"\n_{machine.get('cpus_usable')} CPUs (load {_format(machine.get('load_average_1m'))}), "
+                     f"Python {machine.get('python')}, torch {machine.get('torch_version')}, "
+                     f"OpenCV {machine.get('cv2_version')}, GPU {machine.get('cuda_device') or 'none'}, "
+                     f"{machine.get('date')}{', quick mode' if result.get('quick') else ''}_\n")
+    return "\n".join(parts) + "\n"

@@ -1,0 +1,137 @@
+"""Full data pipeline (ingest .. manifest, the demo config: tiny CLIP, structure-based regions) on generated images:
+scaling from a small to a 10x larger folder, a cached re-run, and an incremental run after adding 20 images.
+
+Each scenario runs in a fresh child process (``benchmarks.common.run_in_child``) so its peak RSS is its own; inside,
+a 2-image warm-up run starts Prefect's ephemeral API and loads the models first, so the timed runs measure the
+pipeline, not start-up.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+from benchmarks.common import BenchmarkResult, Target, run_in_child
+
+DATA_STAGES = ["ingest", "structure", "regions", "captions", "filter", "manifest"]
+CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
+INCREMENT = 20
+
+
+def _pipeline(images_dir: Path, out_dir: Path) -> dict:
+    from flows.pipeline import structxlip_pipeline
+
+    start = time.perf_counter()
+    report = structxlip_pipeline(images_dir=str(images_dir), out_dir=str(out_dir), config_path=str(CONFIG),
+                                 stages=DATA_STAGES)
+    seconds = time.perf_counter() - start
+    stages = {s["stage"]: {k: s[k] for k in ("processed", "cached", "failed", "seconds")} for s in report["stages"]}
+    return {"seconds": seconds, "stages": stages}
+
+
+def _prepare_child(root: Path) -> None:
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # The ephemeral API's 20 s default start-up limit is too short on a busy 2-core machine.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+    from tests.corpus import make_generated_images
+
+    make_generated_images(root / "warmup-images", 2, seed=99)
+    _pipeline(root / "warmup-images", root / "warmup-out")
+
+
+def scenario(kind: str, root: str, n_images: int) -> dict:
+    """Child-process entry: run one scenario ("cold", "cached", "incremental") on ``n_images``; return timings."""
+    from tests.corpus import make_generated_images
+
+    work = Path(root)
+    _prepare_child(work)
+    images, out = work / "images", work / "out"
+    make_generated_images(images, n_images, seed=0)
+    runs = {"cold": _pipeline(images, out)}
+    if kind == "cached":
+        runs["cached"] = _pipeline(images, out)
+    elif kind == "incremental":
+        make_generated_images(images, INCREMENT, seed=0, start=n_images)
+        runs["incremental"] = _pipeline(images, out)
+    return runs
+
+
+def _child(kind: str, n_images: int) -> dict:
+    root = Path(tempfile.mkdtemp(prefix=f"bench-pipeline-{kind}-"))
+    try:
+        return run_in_child("benchmarks.pipeline:scenario", kind=kind, root=str(root), n_images=n_images)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def run_scaling(*, quick: bool = False) -> BenchmarkResult:
+    """Return images/s and peak RSS of the data pipeline on a small and a 10x larger folder."""
+    small, large = (8, 32) if quick else (200, 2000)
+    result = BenchmarkResult(
+        name="pipeline_scaling",
+        description=f"Data stages (ingest..manifest, demo config) on {small} vs {large} generated 640x480 images.",
+        params={"sizes": [small, large], "stages": DATA_STAGES, "config": "configs/demo.yaml"},
+    )
+    rates = {}
+    for n in (small, large):
+        measured = _child("cold", n)
+        cold = measured["result"]["cold"]
+        rates[n] = n / cold["seconds"]
+        result.rows.append({"images": n, "seconds": cold["seconds"], "images_per_s": rates[n],
+                            "peak_rss_mb": measured["peak_rss_mb"],
+                            "workers_peak_rss_mb": measured["children_peak_rss_mb"],
+                            **{f"{s}_s": v["seconds"] for s, v in cold["stages"].items()}})
+    rss = {row["images"]: row["peak_rss_mb"] for row in result.rows}
+    result.targets = [
+        Target(f"throughput at {large} / at {small} (linear time)", rates[large] / rates[small], 0.8),
+        Target(f"peak RSS at {large} / at {small} (chunked, bounded memory)", rss[large] / rss[small], 1.5,
+               direction="at_most"),
+    ]
+    return result
+
+
+def run_cached(*, quick: bool = False) -> BenchmarkResult:
+    """Return cold vs fully cached re-run time of the data pipeline (target: cached < 10% of cold)."""
+    n = 8 if quick else 200
+    measured = _child("cached", n)["result"]
+    cold, cached = measured["cold"], measured["cached"]
+    result = BenchmarkResult(name="pipeline_cached", description=f"Re-running the data stages on the same {n} images.",
+                             params={"images": n})
+    for label, run in (("cold", cold), ("cached re-run", cached)):
+        result.rows.append({"run": label, "seconds": run["seconds"],
+                            "processed": sum(s["processed"] for s in run["stages"].values()),
+                            "cached": sum(s["cached"] for s in run["stages"].values())})
+    result.targets = [
+        Target("cached / cold time", cached["seconds"] / cold["seconds"], 0.10, direction="at_most"),
+        Target("items recomputed by the re-run", float(sum(s["processed"] + s["failed"]
+                                                           for s in cached["stages"].values())), 0.0,
+               direction="at_most"),
+    ]
+    return result
+
+
+def run_incremental(*, quick: bool = False) -> BenchmarkResult:
+    """Return the time of a run after adding 20 images to an already processed folder."""
+    n = 8 if quick else 200
+    measured = _child("incremental", n)["result"]
+    cold, incremental = measured["cold"], measured["incremental"]
+    result = BenchmarkResult(name="pipeline_incremental",
+                             description=f"{n} images processed, then {INCREMENT} added and the pipeline re-run.",
+                             params={"images": n, "added": INCREMENT})
+    for label, run in (("cold", cold), (f"+{INCREMENT} images", incremental)):
+        result.rows.append({"run": label, "seconds": run["seconds"],
+                            **{f"{s}_processed": v["processed"] for s, v in run["stages"].items()}})
+    # Linear cost of the new images, with a 2x allowance for per-run fixed costs (scans, joins, the manifest).
+    expected_share = 2 * INCREMENT / n
+    result.targets = [
+        Target("incremental / cold time", incremental["seconds"] / cold["seconds"], min(expected_share, 1.0),
+               direction="at_most"),
+        Target(f"|images structured by the incremental run - {INCREMENT}|",
+               float(abs(incremental["stages"]["structure"]["processed"] - INCREMENT)), 0.0, direction="at_most"),
+    ]
+    return result

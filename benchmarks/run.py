@@ -1,0 +1,126 @@
+"""Run the benchmarks: ``python -m benchmarks.run [--only NAME ...] [--quick] [--results DIR]``.
+
+Writes ``<results>/<name>.json`` (measurements + machine information) per benchmark and ``<results>/summary.md``
+(every table), and prints the markdown. A registered benchmark whose subject is not written yet is reported as
+"not implemented yet: needs X", never with made-up numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+from benchmarks.common import RESULTS_DIR, BenchmarkResult, NotImplementedYet, machine_info, result_markdown
+
+
+def _structure(quick: bool) -> BenchmarkResult:
+    from benchmarks import structure
+
+    return structure.run(quick=quick)
+
+
+def _local_loss(quick: bool) -> BenchmarkResult:
+    from benchmarks import local_loss
+
+    return local_loss.run(quick=quick)
+
+
+def _needs(what: str) -> Callable[[bool], BenchmarkResult]:
+    def missing(quick: bool) -> BenchmarkResult:
+        raise NotImplementedYet(f"not implemented yet: needs {what}")
+
+    return missing
+
+
+def _pipeline(quick: bool) -> BenchmarkResult:
+    from benchmarks import pipeline
+
+    return pipeline.run_scaling(quick=quick)
+
+
+def _pipeline_cached(quick: bool) -> BenchmarkResult:
+    from benchmarks import pipeline
+
+    return pipeline.run_cached(quick=quick)
+
+
+def _pipeline_incremental(quick: bool) -> BenchmarkResult:
+    from benchmarks import pipeline
+
+    return pipeline.run_incremental(quick=quick)
+
+
+# name -> function(quick) returning a BenchmarkResult. Extension point: add an entry (and a module) per benchmark.
+BENCHMARKS: dict[str, Callable[[bool], BenchmarkResult]] = {
+    "structure": _structure,
+    "local_loss": _local_loss,
+    "pipeline_scaling": _pipeline,
+    "pipeline_cached": _pipeline_cached,
+    "pipeline_incremental": _pipeline_incremental,
+    "clip_scoring": _needs("pipelines/captions.py (CLIP crop-vs-sentence scoring) and a benchmark module "
+                           "benchmarks/clip_scoring.py: images/s for the tiny and a base-size random ViT-B/16"),
+    "training": _needs("structxlip/train.py (a training step) and a benchmark module benchmarks/training.py: "
+                       "s/step for the tiny and the ViT-B/16 config at 224 px"),
+}
+
+
+def run_benchmark(name: str, *, quick: bool, results_dir: Path) -> dict:
+    """Run one registered benchmark, write ``<results_dir>/<name>.json`` and return what was written."""
+    if name not in BENCHMARKS:
+        raise KeyError(f"unknown benchmark {name!r} (expected one of: {', '.join(BENCHMARKS)})")
+    machine = machine_info()
+    start = time.perf_counter()
+    try:
+        payload = BENCHMARKS[name](quick).as_dict()
+        payload["status"] = "ok"
+    except NotImplementedYet as exc:
+        payload = {"name": name, "description": "", "status": "not implemented", "error": str(exc), "rows": [],
+                   "targets": [], "notes": []}
+    payload.update({"quick": quick, "machine": machine, "seconds": time.perf_counter() - start})
+    results_dir.mkdir(parents=True, exist_ok=True)
+    (results_dir / f"{name}.json").write_text(json.dumps(payload, indent=2, default=str) + "\n", encoding="utf-8")
+    return payload
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.splitlines()[0])
+    parser.add_argument("--only", action="append", choices=sorted(BENCHMARKS), metavar="NAME",
+                        help=f"run only this benchmark (repeatable): {', '.join(BENCHMARKS)}")
+    parser.add_argument("--quick", action="store_true", help="small inputs, few repeats (a smoke test, not numbers)")
+    parser.add_argument("--results", type=Path, default=RESULTS_DIR, help="folder for the JSON files and summary.md")
+    args = parser.parse_args(argv)
+
+    names = args.only or list(BENCHMARKS)
+    failed = False
+    for name in names:
+        print(f"running {name}{' (quick)' if args.quick else ''} ...", file=sys.stderr, flush=True)
+        try:
+            payload = run_benchmark(name, quick=args.quick, results_dir=args.results)
+        except Exception as exc:  # noqa: BLE001 - one broken benchmark must not hide the others' tables
+            failed = True
+            payload = {"name": name, "description": "", "status": "error", "error": f"{type(exc).__name__}: {exc}"}
+        print(result_markdown(payload), flush=True)
+    write_summary(args.results)
+    return 1 if failed else 0
+
+
+def write_summary(results_dir: Path) -> Path:
+    """Write ``summary.md`` from every ``<name>.json`` in ``results_dir`` (registry order), so ``--only`` runs
+    update their section and keep the others."""
+    sections = []
+    for name in BENCHMARKS:
+        path = results_dir / f"{name}.json"
+        if path.exists():
+            sections.append(result_markdown(json.loads(path.read_text(encoding="utf-8"))))
+    results_dir.mkdir(parents=True, exist_ok=True)
+    summary = results_dir / "summary.md"
+    summary.write_text("# Benchmark summary\n\n" + "\n".join(sections), encoding="utf-8")
+    return summary
+
+
+if __name__ == "__main__":
+    sys.exit(main())

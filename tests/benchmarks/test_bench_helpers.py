@@ -1,0 +1,142 @@
+"""Benchmark helpers compute what they claim (correctness, never timing assertions)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from benchmarks.common import Target, markdown_table, run_in_child, time_repeats, tolerant_edge_iou
+from benchmarks.local_loss import loop_local_loss, make_inputs
+from benchmarks.run import BENCHMARKS, run_benchmark
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def _line(row: int, shape=(20, 30)) -> np.ndarray:
+    edges = np.zeros(shape, np.uint8)
+    edges[row, :] = 255
+    return edges
+
+
+def test_tolerant_iou_hand_cases():
+    a = _line(5)
+    assert tolerant_edge_iou(a, a) == 1.0
+    assert tolerant_edge_iou(a, _line(6)) == 1.0  # one pixel away: the same edge
+    assert tolerant_edge_iou(a, _line(7)) == 0.0  # two pixels away: a different edge
+    assert tolerant_edge_iou(np.zeros((4, 4), np.uint8), np.zeros((4, 4), np.uint8)) == 1.0
+    # Half of b's 30 pixels are extra (row 15, far away): matched = 30, union = 30 + 60 - 30 = 60.
+    b = _line(5)
+    b[15, :] = 255
+    assert tolerant_edge_iou(a, b) == pytest.approx(30 / 60)
+    # A short segment shifted by one column: all 10 pixels match within 1 px.
+    c, d = np.zeros((9, 20), np.uint8), np.zeros((9, 20), np.uint8)
+    c[4, 2:12], d[4, 3:13] = 255, 255
+    assert tolerant_edge_iou(c, d) == 1.0
+    with pytest.raises(ValueError, match="one size"):
+        tolerant_edge_iou(a, a[:-1])
+
+
+def test_target_directions():
+    assert Target("x", 4.2, 4.0).met and not Target("x", 3.9, 4.0).met
+    assert Target("y", 0.05, 0.1, direction="at_most").met and not Target("y", 0.2, 0.1, direction="at_most").met
+    assert not Target("z", None, 1.0).met and not Target("z", float("nan"), 1.0).met
+
+
+def test_markdown_table_columns_and_formatting():
+    table = markdown_table([{"a": 1.23456, "b": "x|y"}, {"a": 1234.5, "c": None}])
+    lines = table.strip().splitlines()
+    assert lines[0] == "| a | b | c |"
+    assert lines[2] == "| 1.23 | x\\|y | - |"
+    assert lines[3] == "| 1,234 | - | - |"
+
+
+def test_time_repeats_counts_calls_and_runs_setup_each_time():
+    calls = []
+    timing = time_repeats(lambda: calls.append("run"), 3, setup=lambda: calls.append("setup"))
+    assert calls == ["setup", "run"] * 3
+    assert timing["runs"] == 3 and 0 <= timing["best_s"] <= timing["median_s"]
+
+
+def test_run_in_child_reports_peak_memory_of_the_child():
+    measured = run_in_child("tests.benchmarks.child_targets:allocate_mib", mib=200)
+    assert measured["result"] == 200 * 1024 * 1024
+    assert 200 <= measured["peak_rss_mb"] < 2000  # the child's own peak, not this test process's
+    with pytest.raises(RuntimeError, match="failed: ValueError"):
+        run_in_child("tests.benchmarks.child_targets:allocate_mib", mib=-1)
+
+
+def _slow_reference(chunks, owner, crops, valid, scale, tau=0.07):
+    """Chunk-by-chunk, crop-by-crop reference (no logsumexp): the formula of METHOD.md written out."""
+    g = min(float(scale) / tau, 100.0)
+
+    def unit(v):
+        return v / (float(np.linalg.norm(v)) + 1e-8)
+
+    chunks, crops, valid = chunks.double().numpy(), crops.double().numpy(), valid.numpy()
+    per_sample = []
+    for b in range(crops.shape[0]):
+        mine = [c for c in range(len(owner)) if int(owner[c]) == b]
+        if not mine or not valid[b].any():
+            continue
+        losses = []
+        for c in mine:
+            own = sum(np.exp(g * unit(chunks[c]) @ unit(crops[b, k])) for k in range(crops.shape[1]) if valid[b, k])
+            everyone = sum(np.exp(g * unit(chunks[c]) @ unit(crops[j, k]))
+                           for j in range(crops.shape[0]) for k in range(crops.shape[1]) if valid[j, k])
+            losses.append(-(np.log(own) - np.log(everyone)))
+        per_sample.append(np.mean(losses))
+    return float(np.mean(per_sample))
+
+
+def test_loop_local_loss_matches_the_written_out_formula_and_the_project_loss():
+    from structxlip.losses import local_structure_centric_loss
+
+    inputs = make_inputs(batch=4, slots=3, chunks_per_caption=5, dim=8, seed=1)
+    inputs["scale"] = torch.tensor(3.0)  # g = 42.9 < 100: exp stays finite in the slow reference
+    expected = _slow_reference(inputs["chunk_embeds"], inputs["chunk_owner"], inputs["crop_embeds"],
+                               inputs["crop_valid"], inputs["scale"])
+    assert float(loop_local_loss(**inputs)) == pytest.approx(expected, abs=1e-5)
+    assert float(local_structure_centric_loss(**inputs)) == pytest.approx(expected, abs=1e-5)
+    assert not inputs["crop_valid"][-1].any()  # the skipped sample is really there
+
+
+def test_registry_says_what_missing_benchmarks_need(tmp_path, monkeypatch):
+    from benchmarks import run as runner
+
+    assert {"structure", "local_loss", "pipeline_scaling", "pipeline_cached", "pipeline_incremental",
+            "clip_scoring", "training"} <= set(BENCHMARKS)
+    monkeypatch.setitem(runner.BENCHMARKS, "future", runner._needs("structxlip/future.py"))
+    payload = run_benchmark("future", quick=True, results_dir=tmp_path)
+    assert payload["status"] == "not implemented"
+    assert payload["error"] == "not implemented yet: needs structxlip/future.py"
+    written = json.loads((tmp_path / "future.json").read_text())
+    assert written["machine"]["cpu_count"] >= 1 and written["rows"] == []
+    assert "**not implemented**: not implemented yet: needs structxlip/future.py" in runner.result_markdown(written)
+    with pytest.raises(KeyError, match="unknown benchmark"):
+        run_benchmark("nope", quick=True, results_dir=tmp_path)
+
+
+def test_quick_structure_benchmark_writes_json_with_agreeing_maps(tmp_path):
+    # The real entry point, as `make bench` runs it (a subprocess: the stage's worker pool needs a __main__ guard).
+    completed = subprocess.run([sys.executable, "-m", "benchmarks.run", "--quick", "--only", "structure",
+                                "--results", str(tmp_path)], cwd=REPO_ROOT, capture_output=True, text=True,
+                               timeout=300)
+    assert completed.returncode == 0, completed.stderr[-2000:]
+    result = json.loads((tmp_path / "structure.json").read_text())
+    assert result["status"] == "ok" and result["quick"] is True
+    assert {"name", "description", "params", "rows", "targets", "notes", "machine", "seconds"} <= set(result)
+    assert {"cpu_count", "python", "torch_version", "date"} <= set(result["machine"])
+    methods = [row["method"] for row in result["rows"]]
+    assert methods[0].startswith("baseline") and "opencv" in methods[1]
+    project = result["rows"][1]
+    assert project["images_per_s"] > 0 and project["speedup"] > 0
+    assert project["iou_mean"] >= 0.9 and 0.5 <= project["iou_min"] <= project["iou_mean"]
+    assert any(t["name"].startswith("opencv speed-up") for t in result["targets"])
+    summary = (tmp_path / "summary.md").read_text()
+    assert "## structure" in summary and "| method |" in summary
