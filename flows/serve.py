@@ -1,0 +1,102 @@
+"""Serve the pipeline's flows as Prefect deployments from this process (``structxlip serve``).
+
+Every flow gets a ``default`` deployment (``structxlip-pipeline/default``, ``structure/default`` ...); a run triggered
+from the UI or ``prefect deployment run 'structxlip-pipeline/default' --param images_dir=... --param out_dir=...``
+executes here. The same deployments are declared in ``prefect.yaml`` for a work-pool worker (docker-compose).
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from configs.schema import STAGES
+
+if TYPE_CHECKING:
+    from prefect import Flow
+    from prefect.deployments.runner import RunnerDeployment
+
+PIPELINE_FLOW = "structxlip-pipeline"
+FLOW_NAMES = (PIPELINE_FLOW, *STAGES)
+DEPLOYMENT_NAME = "default"
+# Where the flows are defined; all of them must be importable from these modules.
+FLOW_MODULES = ("flows.pipeline",)
+TAGS = ["structxlip"]
+
+
+def discover_flows(modules: tuple[str, ...] = FLOW_MODULES) -> dict[str, "Flow"]:
+    """Return ``{flow name: Flow}`` for the parent flow and every stage flow found in ``modules``, in stage order."""
+    from prefect import Flow
+
+    found: dict[str, Flow] = {}
+    for module_name in modules:
+        module = importlib.import_module(module_name)
+        for value in vars(module).values():
+            if isinstance(value, Flow) and value.name in FLOW_NAMES:
+                found.setdefault(value.name, value)
+    missing = [name for name in FLOW_NAMES if name not in found]
+    if missing:
+        raise RuntimeError(f"flows {missing} not found in {', '.join(modules)} (expected {list(FLOW_NAMES)})")
+    return {name: found[name] for name in FLOW_NAMES}
+
+
+def deployment_parameters(flow: "Flow", *, config_path: str | None) -> dict[str, Any]:
+    """Return the default parameters of ``flow``'s deployment: ``config_path`` when the flow takes one and it is set."""
+    if config_path is None or "config_path" not in inspect.signature(flow.fn).parameters:
+        return {}
+    return {"config_path": str(Path(config_path).expanduser().resolve())}
+
+
+def build_deployments(
+    flows: dict[str, "Flow"], *, config_path: str | None = None, version: str | None = None
+) -> list["RunnerDeployment"]:
+    """Return one ``default`` runner deployment per flow, addressed by module path so runs work from any folder."""
+    from prefect.types.entrypoint import EntrypointType
+
+    deployments = []
+    for name, flow in flows.items():
+        deployments.append(
+            flow.to_deployment(
+                name=DEPLOYMENT_NAME,
+                parameters=deployment_parameters(flow, config_path=config_path),
+                description=inspect.getdoc(flow.fn) or f"StructXLIP {name}",
+                tags=TAGS + ([] if name == PIPELINE_FLOW else ["stage"]),
+                version=version,
+                entrypoint_type=EntrypointType.MODULE_PATH,
+            )
+        )
+    return deployments
+
+
+def require_api_url() -> str:
+    """Return the configured Prefect API URL; raise a one-line RuntimeError when none is set."""
+    from prefect.settings import get_current_settings
+
+    url = get_current_settings().api.url
+    if not url:
+        raise RuntimeError(
+            "no Prefect server to serve to: start one (`make ui` or docker compose) and set "
+            "PREFECT_API_URL, e.g. export PREFECT_API_URL=http://127.0.0.1:4200/api"
+        )
+    return str(url)
+
+
+def serve_flows(*, config_path: str | os.PathLike | None = None, limit: int | None = None) -> None:
+    """Register the deployments with the configured Prefect server and execute their runs here until interrupted."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    from prefect import serve
+
+    api_url = require_api_url()
+    try:
+        project_version = version("structxlip")
+    except PackageNotFoundError:
+        project_version = None
+    deployments = build_deployments(
+        discover_flows(), config_path=None if config_path is None else str(config_path), version=project_version
+    )
+    print(f"structxlip serve: {len(deployments)} deployments on {api_url}", flush=True)
+    serve(*deployments, limit=limit, print_starting_message=True)

@@ -1,0 +1,283 @@
+"""Artifact builders on tiny synthetic inputs, and the publish functions against a Prefect test harness."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import re
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from flows import artifacts
+from storage.atomic import write_jpeg, write_png
+from storage.layout import OutputLayout
+from storage.manifest import bbox
+
+DATA_URI = re.compile(r"data:image/png;base64,([A-Za-z0-9+/=]+)")
+
+
+def decode_pngs(markdown: str) -> list[Image.Image]:
+    images = []
+    for payload in DATA_URI.findall(markdown):
+        data = base64.b64decode(payload)
+        assert data[:8] == b"\x89PNG\r\n\x1a\n"
+        images.append(Image.open(io.BytesIO(data)))
+    return images
+
+
+# ---- keys, summaries, progress --------------------------------------------------------------------------------------
+def test_artifact_key_is_lowercase_dashes():
+    assert artifacts.artifact_key("Structure", "summary") == "structure-summary"
+    assert artifacts.artifact_key("eval", "Recall@K plot") == "eval-recall-k-plot"
+    with pytest.raises(ValueError, match="letters or digits"):
+        artifacts.artifact_key("--", "__")
+
+
+def test_summarize_stage_counts_and_throughput():
+    records = [
+        {"image_id": "a", "status": "ok"},
+        {"image_id": "b", "status": "failed", "error": "cannot decode", "source_path": "/data/b.png"},
+        {"image_id": "c", "status": "ok"},
+        {"image_id": "d", "status": "failed", "error": None},
+        {"image_id": "e", "status": "ok"},
+    ]
+    summary = artifacts.summarize_stage("structure", records, cached=4, seconds=2.5)
+    # 3 ok + 2 failed attempted in 2.5 s -> 2 items/s; cached ones cost no work.
+    assert artifacts.summary_rows(summary) == [
+        {"stage": "structure", "processed": 3, "cached": 4, "failed": 2, "total": 9, "seconds": 2.5, "items_per_s": 2.0}
+    ]
+    assert artifacts.failure_rows(summary) == [
+        {"file": "b.png", "reason": "cannot decode"},
+        {"file": "d", "reason": "unknown error"},
+    ]
+    assert artifacts.summary_rows(artifacts.summarize_stage("ingest", [], seconds=0))[0]["items_per_s"] is None
+    with pytest.raises(ValueError, match="cached >= 0"):
+        artifacts.summarize_stage("ingest", [], cached=-1)
+
+
+def test_failure_rows_are_capped_with_a_count_row():
+    records = [{"image_id": f"img{i}", "status": "failed", "error": f"bad {i}"} for i in range(60)]
+    summary = artifacts.summarize_stage("regions", records, max_failures=50)
+    rows = artifacts.failure_rows(summary)
+    assert summary.failed == 60 and len(rows) == 51
+    assert rows[0] == {"file": "img0", "reason": "bad 0"} and rows[49] == {"file": "img49", "reason": "bad 49"}
+    assert rows[50]["file"] == "... 10 more"
+
+
+def test_progress_percent():
+    assert artifacts.progress_percent(0, 8) == 0.0
+    assert artifacts.progress_percent(3, 8) == 37.5
+    assert artifacts.progress_percent(8, 8) == 100.0
+    assert artifacts.progress_percent(0, 0) == 100.0
+    with pytest.raises(ValueError):
+        artifacts.progress_percent(-1, 2)
+
+
+# ---- thumbnails and gallery -----------------------------------------------------------------------------------------
+def test_thumbnail_area_average_by_hand():
+    grey = np.array([[0, 100, 10, 10], [200, 100, 30, 50], [0, 0, 255, 255], [0, 4, 255, 255]], dtype=np.uint8)
+    out = np.asarray(Image.open(io.BytesIO(artifacts.thumbnail_png(grey, max_side=2))))
+    # Each output pixel is the mean of a 2x2 block: (0+100+200+100)/4=100, (10+10+30+50)/4=25, 1, 255.
+    np.testing.assert_array_equal(out, [[100, 25], [1, 255]])
+
+
+def test_thumbnail_sizes_and_no_enlarging(tmp_path):
+    rgb = np.random.default_rng(0).integers(0, 256, (150, 300, 3), dtype=np.uint8)
+    assert Image.open(io.BytesIO(artifacts.thumbnail_png(rgb, max_side=112))).size == (112, 56)
+    small = np.zeros((20, 50), dtype=np.uint8)
+    assert Image.open(io.BytesIO(artifacts.thumbnail_png(small, max_side=112))).size == (50, 20)
+    write_png(tmp_path / "tall.png", np.zeros((300, 100), dtype=np.uint8))
+    assert Image.open(io.BytesIO(artifacts.thumbnail_png(tmp_path / "tall.png", 96))).size == (32, 96)
+    with pytest.raises(ValueError, match="uint8"):
+        artifacts.thumbnail_png(np.zeros((4, 4, 4), dtype=np.uint8))
+
+
+def make_output_folder(tmp_path, n_images=3, n_segments=2):
+    """An output folder with source images, structure/scribble maps and crops laid out like the pipeline's."""
+    layout = OutputLayout(tmp_path / "out")
+    rng = np.random.default_rng(1)
+    rows = []
+    for i in range(n_images):
+        image_id = f"{i:02d}" + "ab" * 15
+        source = tmp_path / "images" / f"img{i}.jpg"
+        write_jpeg(source, rng.integers(0, 256, (100, 200, 3), dtype=np.uint8))
+        structure = layout.structure_map(image_id, "skey", "canny")
+        scribble = layout.structure_map(image_id, "skey", "scribble")
+        write_png(structure, (rng.random((100, 200)) > 0.9).astype(np.uint8) * 255)
+        write_png(scribble, (rng.random((100, 200)) > 0.8).astype(np.uint8) * 255)
+        segments = []
+        for s in range(n_segments):
+            crop, structure_crop = layout.crop(image_id, "rkey", s), layout.structure_crop(image_id, "rkey", s)
+            write_jpeg(crop, rng.integers(0, 256, (30, 40, 3), dtype=np.uint8))
+            write_png(structure_crop, np.zeros((30, 40), dtype=np.uint8))
+            segments.append(
+                {
+                    "bbox": bbox(10 * s, 5, 10 * s + 40, 35),
+                    "crop_path": layout.relative(crop),
+                    "structure_crop_path": layout.relative(structure_crop),
+                    "caption": f"segment {s} of image {i} | with a pipe",
+                    "similarity_score": 20.0 + s,
+                }
+            )
+        rows.append(
+            {
+                "image_id": image_id,
+                "status": "ok",
+                "source_path": str(source),
+                "caption": f"A red car number {i}.",
+                "filtered_caption": f"A car number {i}.",
+                "structure_path": layout.relative(structure),
+                "scribble_path": layout.relative(scribble),
+                "segments": segments,
+            }
+        )
+    return layout, rows
+
+
+def test_gallery_embeds_every_thumbnail_at_the_expected_size(tmp_path):
+    layout, rows = make_output_folder(tmp_path, n_images=3, n_segments=2)
+    failed = {"image_id": "ff" * 16, "status": "failed", "source_path": str(tmp_path / "broken.jpg")}
+    markdown = artifacts.gallery_markdown(layout.root, [failed] + rows, max_images=3, max_segments=2, thumbnail_px=112)
+    images = decode_pngs(markdown)
+    # Per image: image + structure + scribble, then crop + structure crop per segment: 3 * (3 + 2 * 2) = 21.
+    assert len(images) == 21
+    sizes = [im.size for im in images]
+    per_image = [(112, 56)] * 3 + [(40, 30)] * 4
+    assert sizes == per_image * 3
+    assert "broken.jpg" not in markdown and "img0.jpg" in markdown and "img2.jpg" in markdown
+    # Highest similarity first, scores with 2 decimals, pipes escaped so the table stays intact.
+    assert markdown.index("segment 1 of image 0") < markdown.index("segment 0 of image 0")
+    assert "| 21.00 |" in markdown and "\\| with a pipe" in markdown
+    assert "A car number 1." in markdown
+    assert len(markdown.encode()) < artifacts.GALLERY_BUDGET_BYTES
+
+
+def test_gallery_respects_limits_and_budget(tmp_path):
+    layout, rows = make_output_folder(tmp_path, n_images=3, n_segments=3)
+    one = artifacts.gallery_markdown(layout.root, rows, max_images=1, max_segments=1)
+    assert len(decode_pngs(one)) == 3 + 2 and "2 more segment(s)" in one
+    # A budget smaller than one section still shows the first image, then stops.
+    tight = artifacts.gallery_markdown(layout.root, rows, budget_bytes=10)
+    assert "img0.jpg" in tight and "img1.jpg" not in tight
+    # Missing files become dashes, not errors.
+    rows[0]["structure_path"] = "maps/none.png"
+    assert "&mdash;" in artifacts.gallery_markdown(layout.root, rows[:1])
+    assert "No successfully processed" in artifacts.gallery_markdown(layout.root, [])
+
+
+# ---- training and evaluation ----------------------------------------------------------------------------------------
+def test_loss_series_and_plot(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    lines = [
+        json.dumps({"step": s, "epoch": 0, "lr": 1e-4, "loss": 3.0 - s, "loss/global": 2.0, "local": 0.5 * s})
+        for s in range(3)
+    ]
+    path.write_text("\n".join(lines) + '\n{"step": 3, "loss": ', encoding="utf-8")  # truncated last line
+    rows = artifacts.read_jsonl(path)
+    assert len(rows) == 3
+    series = artifacts.loss_series(rows)
+    assert set(series) == {"loss", "loss/global", "local"}  # lr and epoch are not losses
+    assert series["loss"] == ([0.0, 1.0, 2.0], [3.0, 2.0, 1.0])
+    assert series["local"] == ([0.0, 1.0, 2.0], [0.0, 0.5, 1.0])
+    png = artifacts.loss_curve_png(rows, width_px=640, height_px=320)
+    assert Image.open(io.BytesIO(png)).size == (640, 320)
+    with pytest.raises(ValueError, match="loss"):
+        artifacts.loss_curve_png([{"step": 0, "lr": 1.0}])
+
+
+def test_recall_rows_flat_and_nested():
+    flat = {"n_queries": 10}
+    for d, base in (("i2t", 0.2), ("t2i", 0.1), ("ts2i", 0.3)):
+        for k in (1, 5, 10, 25, 50):
+            flat[f"{d}/R@{k}"] = base + k / 100
+        flat[f"{d}/mean_rank"] = 4.5
+        flat[f"{d}/median_rank"] = 3.0
+    rows = artifacts.recall_rows(flat)
+    assert [r["direction"] for r in rows] == ["t2i", "i2t", "ts2i"]  # METHOD.md order
+    assert rows[0] == {
+        "direction": "t2i", "R@1": 0.11, "R@5": 0.15, "R@10": 0.2, "R@25": 0.35, "R@50": 0.6,
+        "mean_rank": 4.5, "median_rank": 3.0,
+    }
+    nested = artifacts.recall_rows({"s2t": {"R@1": 0.5, "mean_rank": 2.0}})
+    assert nested == [{"direction": "s2t", "R@1": 0.5, "R@5": None, "R@10": None, "R@25": None, "R@50": None,
+                       "mean_rank": 2.0, "median_rank": None}]
+    with pytest.raises(ValueError, match="retrieval metrics"):
+        artifacts.recall_rows({"loss": 1.0})
+    png = artifacts.recall_bar_png(rows, width_px=500, height_px=250)
+    assert Image.open(io.BytesIO(png)).size == (500, 250)
+
+
+# ---- publishing under a Prefect test harness ------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def harness():
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+def read_artifacts(key: str, flow_run_id=None):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterKey
+
+    with get_client(sync_client=True) as client:
+        return client.read_artifacts(
+            artifact_filter=ArtifactFilter(
+                key=ArtifactFilterKey(any_=[key]),
+                flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]) if flow_run_id else None,
+            )
+        )
+
+
+def test_publish_functions_round_trip(harness, tmp_path):
+    from prefect import flow
+    from prefect.runtime import flow_run
+
+    layout, rows = make_output_folder(tmp_path, n_images=2, n_segments=1)
+    layout.train_dir.mkdir(parents=True)
+    layout.train_metrics.write_text(
+        "\n".join(json.dumps({"step": s, "loss": 2.0 / (s + 1), "global": 1.0}) for s in range(4)), encoding="utf-8"
+    )
+    layout.eval_dir.mkdir(parents=True)
+    layout.eval_metrics.write_text(json.dumps({"t2i/R@1": 0.25, "i2t/R@1": 0.5, "t2i/mean_rank": 3.0}))
+
+    @flow(name="artifact-publishing")
+    def publish() -> str:
+        records = [{"image_id": r["image_id"], "status": "ok"} for r in rows]
+        records.append({"image_id": "x", "status": "failed", "error": "unreadable", "source_path": "/d/x.png"})
+        artifacts.publish_stage_summary(artifacts.summarize_stage("structure", records, cached=1, seconds=1.5))
+        for done in (1, 2, 3):
+            artifacts.stage_progress("structure", done, 4)
+        artifacts.publish_gallery("structure", layout.root, rows)
+        assert artifacts.publish_training(layout.root) is not None
+        assert artifacts.publish_evaluation(layout.root) is not None
+        return flow_run.get_id()
+
+    run_id = publish()
+
+    (summary,) = read_artifacts("structure-summary", run_id)
+    assert summary.type == "table"
+    assert json.loads(summary.data) == [
+        {"stage": "structure", "processed": 2, "cached": 1, "failed": 1, "total": 4, "seconds": 1.5, "items_per_s": 2.0}
+    ]
+    (failures,) = read_artifacts("structure-failures", run_id)
+    assert json.loads(failures.data) == [{"file": "x.png", "reason": "unreadable"}]
+    # Created once, then updated in place: one artifact holding the last value.
+    (progress,) = read_artifacts("structure-progress", run_id)
+    assert progress.type == "progress" and float(progress.data) == 75.0
+    (gallery,) = read_artifacts("structure-gallery", run_id)
+    assert gallery.type == "markdown" and len(decode_pngs(gallery.data)) == 2 * (3 + 2)
+    (loss,) = read_artifacts("train-loss", run_id)
+    assert len(decode_pngs(loss.data)) == 1 and "4 logged steps" in loss.data
+    (recall,) = read_artifacts("eval-recall", run_id)
+    assert [r["direction"] for r in json.loads(recall.data)] == ["t2i", "i2t"]
+    assert json.loads(recall.data)[0]["R@1"] == 0.25 and json.loads(recall.data)[0]["mean_rank"] == 3.0
+    assert len(read_artifacts("eval-recall-plot", run_id)) == 1
+
+    # A second run gets its own progress artifact under the same key (a new version in the UI).
+    run_two = publish()
+    assert len(read_artifacts("structure-progress", run_two)) == 1
+    assert len(read_artifacts("structure-progress")) == 2
