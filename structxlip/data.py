@@ -258,7 +258,8 @@ class StructXLIPDataset(Dataset):
 # ---- batches ------------------------------------------------------------------------------------------------------
 @dataclass
 class StructXLIPBatch:
-    """A collated batch. Images ``(B, 3, H, W) float32``; token ids/masks ``(B, L) long`` padded to max_text_tokens;
+    """A collated batch. Images ``(B, 3, H, W) float32``; token ids/masks ``(B, L) long`` (one L for captions,
+    filtered captions and negatives: max_text_tokens, or the batch's longest text with dynamic padding);
     ``chunk_spans[b]`` are token spans of the filtered caption; crops ``(B, K, 3, H, W)`` with ``crop_valid`` (B, K);
     hard negatives flattened to ``(B*N, L)`` with ``negative_valid`` (B, N), or None when the batch has none."""
 
@@ -309,44 +310,57 @@ class StructXLIPBatch:
 
 
 class StructXLIPCollator:
-    """Collate dataset items into a :class:`StructXLIPBatch`, tokenising captions padded to ``max_text_tokens``."""
+    """Collate dataset items into a :class:`StructXLIPBatch`, tokenising captions, filtered captions and hard
+    negatives in one call to one shared length: ``max_text_tokens``, or with ``pad_to_longest`` the longest of them
+    (capped at ``max_text_tokens``).
 
-    def __init__(self, tokenizer: Any, *, max_text_tokens: int = 248, with_negatives: bool = True):
+    Padding to the longest changes no embedding: CLIP's text encoder is causal and pools at the EOS token, so the
+    pad positions after it never reach the pooled output or any chunk span, while attention cost falls with length.
+    """
+
+    def __init__(self, tokenizer: Any, *, max_text_tokens: int = 248, with_negatives: bool = True,
+                 pad_to_longest: bool = False):
+        if max_text_tokens <= 0:
+            raise ValueError(f"max_text_tokens must be positive, got {max_text_tokens}")
         self.tokenizer = tokenizer
         self.max_text_tokens = max_text_tokens
         self.with_negatives = with_negatives
+        self.pad_to_longest = pad_to_longest
 
     def tokenize(self, texts: list[str]) -> tuple[Tensor, Tensor]:
-        """Return ``input_ids`` and ``attention_mask`` ``(N, max_text_tokens) long``."""
-        encoded = self.tokenizer(texts, padding="max_length", truncation=True, max_length=self.max_text_tokens,
-                                 return_tensors="pt")
+        """Return ``input_ids`` and ``attention_mask`` ``(N, L) long``; L = max_text_tokens, or the longest text
+        (at most max_text_tokens) with ``pad_to_longest``."""
+        encoded = self.tokenizer(texts, padding="longest" if self.pad_to_longest else "max_length", truncation=True,
+                                 max_length=self.max_text_tokens, return_tensors="pt")
         return encoded["input_ids"], encoded["attention_mask"]
 
     def __call__(self, items: list[dict]) -> StructXLIPBatch:
-        input_ids, attention_mask = self.tokenize([item["caption"] for item in items])
-        filtered_ids, filtered_mask = self.tokenize([item["filtered_caption"] for item in items])
+        size = len(items)
+        texts = [item["caption"] for item in items] + [item["filtered_caption"] for item in items]
+        slots = max(len(item["hard_negatives"]) for item in items) if self.with_negatives else 0
+        valid = []
+        for item in items if slots else ():
+            # Pad every sample to the batch's largest negative count; padding slots are invalid and never scored.
+            negatives = list(item["hard_negatives"])
+            texts += negatives + [""] * (slots - len(negatives))
+            valid.append([True] * len(negatives) + [False] * (slots - len(negatives)))
+        # One tokenizer call: captions, filtered captions and negatives share L, so the encoder runs them as one batch.
+        ids, mask = self.tokenize(texts)
         batch = StructXLIPBatch(
             indices=torch.tensor([item["index"] for item in items], dtype=torch.long),
             pixel_values=torch.stack([item["pixel_values"] for item in items]),
             structure_values=torch.stack([item["structure_values"] for item in items]),
             has_structure=torch.tensor([item["has_structure"] for item in items], dtype=torch.bool),
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            filtered_input_ids=filtered_ids,
-            filtered_attention_mask=filtered_mask,
+            input_ids=ids[:size],
+            attention_mask=mask[:size],
+            filtered_input_ids=ids[size:2 * size],
+            filtered_attention_mask=mask[size:2 * size],
             chunk_spans=[list(item["chunk_spans"]) for item in items],
         )
         if "crop_values" in items[0]:
             batch.crop_values = torch.stack([item["crop_values"] for item in items])
             batch.crop_valid = torch.stack([item["crop_valid"] for item in items])
-        slots = max(len(item["hard_negatives"]) for item in items) if self.with_negatives else 0
         if slots:
-            # Pad every sample to the batch's largest negative count; padding slots are invalid and never scored.
-            texts, valid = [], []
-            for item in items:
-                negatives = item["hard_negatives"]
-                texts.extend(negatives + [""] * (slots - len(negatives)))
-                valid.append([True] * len(negatives) + [False] * (slots - len(negatives)))
-            batch.negative_input_ids, batch.negative_attention_mask = self.tokenize(texts)
+            batch.negative_input_ids, batch.negative_attention_mask = ids[2 * size:], mask[2 * size:]
             batch.negative_valid = torch.tensor(valid, dtype=torch.bool)
         return batch

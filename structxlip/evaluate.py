@@ -78,7 +78,8 @@ def encode_split(loaded: Any, dataset: StructXLIPDataset, *, batch_size: int = 6
     """Return the embeddings of every item of ``dataset`` (in order), encoded in eval mode without gradients."""
     device = torch.device(device)
     encoder = StructXLIPEncoder(loaded.model).to(device).eval()
-    collator = StructXLIPCollator(loaded.tokenizer, max_text_tokens=max_text_tokens, with_negatives=False)
+    collator = StructXLIPCollator(loaded.tokenizer, max_text_tokens=max_text_tokens, with_negatives=False,
+                                  pad_to_longest=True)  # causal text encoder: trailing pads change nothing
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collator,
                                          num_workers=num_workers, pin_memory=device.type == "cuda")
     images, texts, structures, flags = [], [], [], []

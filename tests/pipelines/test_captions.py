@@ -10,6 +10,7 @@ import pytest
 from pipelines.captions import (
     Assignment,
     Captioner,
+    ClipImageTransform,
     ClipScorer,
     assign_sentences,
     join_sentences,
@@ -217,6 +218,102 @@ def test_clip_scorer_embeddings(tiny_scorer, tiny_clip_dir):
     images = [np.random.default_rng(k).integers(0, 256, (40 + k, 50, 3), dtype=np.uint8) for k in range(5)]
     one_by_one = np.concatenate([tiny_scorer.embed_images([im]) for im in images])
     np.testing.assert_allclose(tiny_scorer.embed_images(images), one_by_one, atol=1e-5)  # batching changes nothing
+
+
+# ---- batched pixel preprocessing vs the transformers image processor ---------------------------------------------
+def _real_images() -> list[np.ndarray]:
+    """A real photo (matplotlib's sample data, a declared dependency) and crops of it of awkward shapes, plus noise."""
+    import matplotlib.cbook
+    from PIL import Image
+
+    with Image.open(matplotlib.cbook.get_sample_data("grace_hopper.jpg", asfileobj=False)) as image:
+        photo = np.array(image.convert("RGB"))  # 600 x 512
+    noise = np.random.default_rng(3).integers(0, 256, (97, 161, 3), dtype=np.uint8)
+    # portrait, landscape strip (odd crop offset), 1 px short of 224, exactly 224, small (upscaled), full photo
+    return [photo[100:400, 50:170], photo[:37, :301], photo[10:233, 20:243], photo[5:229, 7:231], photo[300:340,
+            200:251], photo, noise]
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {},  # CLIP's published 224 / bicubic / OpenAI mean and std
+        {"size": {"shortest_edge": 30}, "crop_size": {"height": 32, "width": 31}, "image_mean": [0.5, 0.4, 0.3],
+         "image_std": [0.2, 0.3, 0.4]},  # crop larger than the resize: black padding
+        {"size": {"height": 64, "width": 48}, "crop_size": {"height": 40, "width": 40}, "resample": 2},
+    ],
+)
+def test_clip_image_transform_matches_the_transformers_processor(settings, tmp_path):
+    from transformers import AutoImageProcessor, CLIPImageProcessor
+
+    CLIPImageProcessor(**settings).save_pretrained(tmp_path)
+    processor = AutoImageProcessor.from_pretrained(tmp_path)  # settings come from the saved config
+    transform = ClipImageTransform.from_processor(processor)
+    assert transform is not None
+    images = _real_images()
+    ours = transform(images)
+    theirs = processor(images=images, return_tensors="pt")["pixel_values"]
+    assert ours.shape == theirs.shape and ours.dtype == theirs.dtype
+    difference = (ours - theirs).abs()
+    # One uint8 rounding step is 1 / (255 * std) ~ 0.015; measured here: identical.
+    assert float(difference.max()) < 0.02 and float(difference.mean()) < 1e-3
+
+
+def test_clip_image_transform_hand_computed_constant_image_and_padding():
+    from transformers import CLIPImageProcessor
+
+    mean, std = [0.5, 0.4, 0.3], [0.2, 0.25, 0.5]
+    transform = ClipImageTransform.from_processor(CLIPImageProcessor(
+        size={"shortest_edge": 4}, crop_size={"height": 6, "width": 4}, image_mean=mean, image_std=std))
+    colour = np.array([255, 51, 102], dtype=np.uint8)
+    # 9 x 13 -> short side 4: 4 x int(4 * 13 / 9) = 4 x 5; crop 6 x 4 pads one black row above and below and cuts
+    # the columns at floor((5 - 4) / 2) = 0.
+    pixels = transform([np.broadcast_to(colour, (9, 13, 3)).copy()])
+    assert pixels.shape == (1, 3, 6, 4)
+    for c in range(3):
+        inside = (colour[c] / 255 - mean[c]) / std[c]
+        expected = np.full((6, 4), inside, dtype=np.float32)
+        expected[[0, -1]] = (0 - mean[c]) / std[c]
+        np.testing.assert_allclose(pixels[0, c].numpy(), expected, atol=1e-5)
+    with pytest.raises(ValueError, match=r"expected an RGB image \(H, W, 3\) uint8, got shape \(5, 5, 4\)"):
+        transform([np.zeros((5, 5, 4), dtype=np.uint8)])
+
+
+def test_clip_scorer_fast_pixels_give_the_processor_embeddings(tiny_scorer, tiny_clip_dir):
+    import torch
+    from transformers import AutoImageProcessor, CLIPModel
+
+    assert tiny_scorer.image_transform is not None  # the fast path is the one in use
+    images = _real_images()
+    got = tiny_scorer.embed_images(images)
+    model = CLIPModel.from_pretrained(tiny_clip_dir).eval()
+    pixels = AutoImageProcessor.from_pretrained(tiny_clip_dir)(images=images, return_tensors="pt")["pixel_values"]
+    with torch.no_grad():
+        out = model.get_image_features(pixel_values=pixels)
+    want = torch.nn.functional.normalize(getattr(out, "pooler_output", out), dim=-1).numpy()
+    assert (got * want).sum(axis=1).min() > 0.999
+
+
+def test_clip_scorer_falls_back_to_the_processor_for_unsupported_settings(tiny_clip_dir, tmp_path):
+    import json
+    import shutil
+
+    from transformers import CLIPImageProcessor
+
+    assert ClipImageTransform.from_processor(CLIPImageProcessor(resample=1)) is None  # LANCZOS
+    assert ClipImageTransform.from_processor(CLIPImageProcessor(do_center_crop=False)) is None
+    model_dir = shutil.copytree(tiny_clip_dir, tmp_path / "lanczos")
+    # transformers 5 keeps the image processor's settings inside processor_config.json
+    config_path = model_dir / "processor_config.json"
+    config = json.loads(config_path.read_text())
+    config["image_processor"]["resample"] = 1
+    config_path.write_text(json.dumps(config))
+    scorer = ClipScorer(str(model_dir), device="cpu", batch_size=4)
+    assert int(scorer.image_processor.resample) == 1 and scorer.image_transform is None
+    images = _real_images()[:3]
+    expected = scorer.image_processor(images=images, return_tensors="pt")["pixel_values"]
+    assert np.array_equal(scorer._pixels(images).numpy(), expected.numpy())
+    assert scorer.embed_images(images).shape == (3, 32)
 
 
 def test_score_local_captions_with_tiny_clip(chunk, nlp, tiny_scorer):

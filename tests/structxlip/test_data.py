@@ -184,6 +184,32 @@ def test_collate_pads_to_max_tokens_and_marks_valid_negatives(hand_manifest, loa
     assert without.negative_input_ids is None and without.negative_valid is None
 
 
+def test_collate_pads_to_the_longest_text_when_asked_capped_at_max_tokens(hand_manifest, loaded, preprocess):
+    records = load_records(hand_manifest, split="train", top_k=2)
+    dataset = StructXLIPDataset(records, preprocess=preprocess, tokenizer=loaded.tokenizer, max_text_tokens=77)
+    items = [dataset[0], dataset[1]]
+    collate = StructXLIPCollator(loaded.tokenizer, max_text_tokens=77, pad_to_longest=True)
+    batch = collate(items)
+    # By hand: "a red box." = <sot> a red box . <eot> = 6 tokens, the longest of every caption, filtered caption
+    # ("a box." = 5) and negative ("a blue box." = 6; the empty padding slots = 2).
+    assert batch.input_ids.shape == batch.filtered_input_ids.shape == (2, 6)
+    assert batch.negative_input_ids.shape == batch.negative_attention_mask.shape == (6, 6)
+    assert batch.filtered_attention_mask.sum(1).tolist() == [5, 6]
+    full = StructXLIPCollator(loaded.tokenizer, max_text_tokens=77)(items)
+    for name in ("input_ids", "attention_mask", "filtered_input_ids", "negative_input_ids", "negative_valid"):
+        assert torch.equal(getattr(batch, name), getattr(full, name)[:, :6] if name != "negative_valid"
+                           else full.negative_valid), name
+    assert batch.chunk_spans == full.chunk_spans and batch.subset([1]).negative_input_ids.shape == (3, 6)
+
+    items[0] = {**items[0], "caption": "cat " * 100}  # 102 tokens: truncated to the cap, EOS kept last
+    capped = collate(items)
+    eos = loaded.tokenizer.eos_token_id
+    assert capped.input_ids.shape == (2, 77) and capped.input_ids[0, -1] == eos
+    assert capped.input_ids[0].tolist() == loaded.tokenizer("cat " * 100, truncation=True, max_length=77)["input_ids"]
+    with pytest.raises(ValueError, match="max_text_tokens must be positive"):
+        StructXLIPCollator(loaded.tokenizer, max_text_tokens=0)
+
+
 def test_reference_json_is_a_record_source(tmp_path, loaded):
     from storage.reference_json import export_reference_json
 

@@ -13,7 +13,7 @@ from storage.layout import OutputLayout
 from structxlip.checkpoint import CheckpointError, capture_rng_state, load_checkpoint, restore_rng_state
 from structxlip.data import ImagePreprocessor, StructXLIPCollator, StructXLIPDataset, load_records
 from structxlip.synthetic import make_synthetic_manifest
-from structxlip.train import Objective, StructXLIPEncoder, compute_objective, train
+from structxlip.train import Objective, StructXLIPEncoder, compute_objective, make_optimizer, train
 
 TRAIN = dict(epochs=2, batch_size=4, lr=1e-3, max_text_tokens=77, progress=False, device="cpu", seed=5,
              logit_scale_max=2.0)
@@ -126,6 +126,75 @@ def test_total_loss_equals_the_losses_computed_by_hand(manifest, loaded):
     torch.testing.assert_close(terms.total, total, atol=1e-5, rtol=1e-5)
     assert weights["structure_centric"] == pytest.approx(_hand_weight(0.5, 3, 0.7))
     assert not torch.allclose(chunks.embeds, buggy.embeds, atol=1e-3)
+
+
+def test_padding_to_the_longest_text_changes_no_embedding_loss_or_gradient(manifest, tiny_clip_dir):
+    from dataclasses import replace
+
+    from structxlip.models import load_clip
+
+    loaded = load_clip(tiny_clip_dir, max_text_tokens=248)  # the published 248 positions
+    model = loaded.model.eval()
+    records = load_records(manifest, split="train")[:4]
+    # One longer caption, so the other rows still carry pad tokens after their EOS with dynamic padding.
+    records[1] = replace(records[1], caption=records[1].caption + " It stands on a wooden table in a bright room.")
+    dataset = StructXLIPDataset(records, preprocess=ImagePreprocessor.from_image_processor(loaded.image_processor),
+                                tokenizer=loaded.tokenizer, max_text_tokens=248)
+    items = [dataset[i] for i in range(4)]
+    full = StructXLIPCollator(loaded.tokenizer, max_text_tokens=248)(items)
+    dynamic = StructXLIPCollator(loaded.tokenizer, max_text_tokens=248, pad_to_longest=True)(items)
+    texts = [r.caption for r in records] + [r.filtered_caption for r in records] + \
+        [n for r in records for n in r.hard_negatives]
+    longest = max(len(loaded.tokenizer(t)["input_ids"]) for t in texts)
+    assert full.input_ids.shape[1] == 248 and longest < 50
+    for name in ("input_ids", "attention_mask", "filtered_input_ids", "filtered_attention_mask", "negative_input_ids",
+                 "negative_attention_mask"):
+        cut, whole = getattr(dynamic, name), getattr(full, name)
+        assert cut.shape[1] == longest, name
+        assert torch.equal(cut, whole[:, :longest]), name  # only pad tokens were dropped
+    assert int(full.attention_mask[:, longest:].sum()) == 0 and int(dynamic.attention_mask.sum(1).min()) < longest
+
+    weights = Objective(lambda_hard_negative=0.2).weights(2)
+    results = []
+    for batch in (full, dynamic):
+        model.zero_grad(set_to_none=True)
+        embeddings = StructXLIPEncoder(model)(batch)
+        losses = compute_objective(embeddings, batch, weights=weights)
+        losses.total.backward()
+        grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+        results.append((embeddings, losses, grads))
+    (a, loss_a, grad_a), (b, loss_b, grad_b) = results
+    for name in ("image", "text", "structure", "filtered_text", "crops", "negatives"):
+        torch.testing.assert_close(getattr(b, name), getattr(a, name), atol=1e-5, rtol=0, msg=name)
+    assert a.chunks.embeds.shape[0] > 4
+    torch.testing.assert_close(b.chunks.embeds, a.chunks.embeds, atol=1e-5, rtol=0)
+    assert torch.equal(b.chunks.owner, a.chunks.owner)
+    for name, term in loss_a.terms.items():
+        torch.testing.assert_close(loss_b.terms[name], term, atol=1e-5, rtol=0, msg=name)
+    torch.testing.assert_close(loss_b.total, loss_a.total, atol=1e-5, rtol=0)
+    assert set(grad_b) == set(grad_a) and "text_model.encoder.layers.0.self_attn.q_proj.weight" in grad_a
+    for name, grad in grad_a.items():
+        torch.testing.assert_close(grad_b[name], grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_fused_optimizer_takes_the_same_steps_as_the_for_loop_adamw():
+    import copy
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Embedding(50, 8), torch.nn.Linear(8, 3))
+    reference, initial = copy.deepcopy(model), copy.deepcopy(model)
+    fused = make_optimizer(model, lr=1e-2, weight_decay=0.05)
+    plain = torch.optim.AdamW(reference.parameters(), lr=1e-2, weight_decay=0.05, foreach=False)
+    assert fused.defaults["fused"] and not plain.defaults["fused"]
+    for _ in range(3):
+        ids = torch.randint(0, 50, (6,))
+        for net, optimizer in ((model, fused), (reference, plain)):
+            net(ids).pow(2).sum().backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+    for (name, got), want in zip(model.named_parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=0, msg=name)
+    assert not torch.allclose(model[1].weight, initial[1].weight)  # the steps did move the weights
 
 
 def test_first_logged_step_matches_a_hand_computed_loss_and_schedule(manifest, loaded, straight_run):
