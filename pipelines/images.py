@@ -11,6 +11,7 @@ import math
 import os
 import re
 import warnings
+from functools import lru_cache
 from pathlib import Path
 
 import cv2
@@ -158,6 +159,51 @@ def thumbnail_size(width: int, height: int, long_side: int) -> tuple[int, int]:
     return long_side, new_h
 
 
+def _bicubic(t: float, a: float = -0.5) -> float:
+    # PIL's bicubic filter (a = -0.5; OpenCV's INTER_CUBIC uses -0.75).
+    t = abs(t)
+    if t < 1:
+        return ((a + 2) * t - (a + 3)) * t * t + 1
+    if t < 2:
+        return (((t - 5) * t + 8) * t - 4) * a
+    return 0.0
+
+
+@lru_cache(maxsize=64)
+def _antialias_kernel(scale: float) -> np.ndarray:
+    """Return the (n, 1) float32 low-pass kernel of a ``scale``x bicubic downsizing: PIL's filter widened by it."""
+    if scale <= 1.0:
+        return np.ones((1, 1), np.float32)
+    radius = math.ceil(2 * scale) - 1  # the filter is 0 from |t| = 2 * scale on: no taps there
+    weights = np.array([_bicubic(t / scale) for t in range(-radius, radius + 1)], np.float64)
+    return (weights / weights.sum()).astype(np.float32).reshape(-1, 1)
+
+
+def resize_like_pil(grey: np.ndarray, width: int, height: int) -> np.ndarray:
+    """Return a (height, width) uint8 downsizing of a grey image that approximates PIL's antialiased bicubic.
+
+    As PIL's ``thumbnail`` (reducing_gap=2): a box reduction by floor(scale / 2) per axis first when that is > 1,
+    then the bicubic filter widened by the remaining scale, applied at the source resolution and followed by
+    OpenCV's cubic interpolation. Its Canny maps are within ~1.5% IoU of PIL's (``INTER_AREA`` alone: ~3.5%, and
+    4x slower at non-integer factors).
+    """
+    h, w = grey.shape
+    factor_x, factor_y = max(int(w / width / 2), 1), max(int(h / height / 2), 1)
+    if factor_x > 1 or factor_y > 1:
+        grey = cv2.resize(
+            grey, (max(round(w / factor_x), width), max(round(h / factor_y), height)), interpolation=cv2.INTER_AREA
+        )
+        h, w = grey.shape
+    scale_x, scale_y = w / width, h / height
+    if min(scale_x, scale_y) < 1.0:  # not a downsizing (never from thumbnail sizes)
+        return cv2.resize(grey, (width, height), interpolation=cv2.INTER_AREA)
+    # Keys rounded so that a few sizes share one cached kernel; the kernel changes negligibly below 1e-3.
+    kernel_x, kernel_y = _antialias_kernel(round(scale_x, 3)), _antialias_kernel(round(scale_y, 3))
+    if kernel_x.size > 1 or kernel_y.size > 1:
+        grey = cv2.sepFilter2D(grey, -1, kernel_x, kernel_y, borderType=cv2.BORDER_REFLECT_101)
+    return cv2.resize(grey, (width, height), interpolation=cv2.INTER_CUBIC)
+
+
 def _jpeg_complete(data: bytes) -> bool:
     # libjpeg pads a truncated stream with grey and only warns, so a missing end-of-image marker sends the file to
     # PIL, which raises on truncation (files with trailing bytes after the marker are rare and still decode there).
@@ -170,7 +216,7 @@ def load_grey_resized(
     """Return the image as (h, w) uint8 grey whose size equals PIL ``thumbnail((long_side, long_side))``'s.
 
     OpenCV decodes (reduced-size DCT decoding for large JPEGs, EXIF orientation applied) and downsizes with
-    INTER_AREA; formats or modes OpenCV does not handle the same way go through ``load_rgb``.
+    ``resize_like_pil``; formats or modes OpenCV does not handle the same way go through ``load_rgb``.
     """
     if data is None:
         try:
@@ -205,5 +251,5 @@ def load_grey_resized(
     if grey is None:
         grey = cv2.cvtColor(load_rgb(path, max_pixels=max_pixels, data=data), cv2.COLOR_RGB2GRAY)
     if grey.shape != (target_h, target_w):
-        grey = cv2.resize(grey, (target_w, target_h), interpolation=cv2.INTER_AREA)
+        grey = resize_like_pil(grey, target_w, target_h)
     return grey

@@ -22,7 +22,7 @@ import cv2
 import numpy as np
 
 from pipelines.images import ImageLoadError, load_grey_resized
-from storage.atomic import write_png
+from storage.atomic import atomic_write_bytes, write_png
 from storage.layout import OutputLayout
 from storage.manifest import STATUS_FAILED, STATUS_OK
 
@@ -104,36 +104,34 @@ def log_map(grey: np.ndarray, sigma: float = 2.0, threshold: float = 0.1) -> np.
     return _zero_crossings(response, threshold)
 
 
-def _direction_kernels() -> list[tuple[np.ndarray, np.ndarray]]:
-    # Per direction: a kernel selecting the two neighbours (for dilate = their maximum) and one giving the
-    # scaled second difference (first + second - 2 * centre).
-    kernels = []
-    for ((dy1, dx1), (dy2, dx2)), scale in zip(_NMS_OFFSETS, _STEP_SCALE):
-        neighbours = np.zeros((3, 3), np.uint8)
-        neighbours[1 + dy1, 1 + dx1] = neighbours[1 + dy2, 1 + dx2] = 1
-        second_difference = neighbours.astype(np.float32) * scale
-        second_difference[1, 1] = -2 * scale
-        kernels.append((neighbours, second_difference))
-    return kernels
+# Position in a raveled 3x3 neighbourhood of each direction's first and second neighbour.
+_FIRST = tuple((dy + 1) * 3 + dx + 1 for (dy, dx), _ in _NMS_OFFSETS)
+_SECOND = tuple((dy + 1) * 3 + dx + 1 for _, (dy, dx) in _NMS_OFFSETS)
 
 
-_DIRECTION_KERNELS = _direction_kernels()
+def _ridge_at(flat: np.ndarray, width: int, candidates: np.ndarray) -> np.ndarray:
+    """Return the (K,) bool ridge test (see ``scribble_map``) of the flat indices ``candidates`` into ``flat``.
 
-
-def _ridge_numpy(x: np.ndarray) -> np.ndarray:
-    """Return the (H, W) bool ridge pixels of a blurred float32 map (see ``scribble_map``)."""
-    bend = np.full(x.shape, np.inf, np.float32)  # most negative curvature so far (the first direction wins ties)
-    steepest_up = np.full(x.shape, -np.inf, np.float32)
-    is_max = np.zeros(x.shape, bool)
-    for neighbours, second_difference in _DIRECTION_KERNELS:
-        # Constant 0 border, as the torch version's padding (x >= 0, so it never beats a pixel).
-        curvature = cv2.filter2D(x, -1, second_difference, borderType=cv2.BORDER_CONSTANT)
-        better = curvature < bend
-        np.copyto(bend, curvature, where=better)
-        neighbour_max = cv2.dilate(x, neighbours, borderType=cv2.BORDER_CONSTANT, borderValue=0)
-        np.copyto(is_max, x >= neighbour_max, where=better)
-        np.maximum(steepest_up, curvature, out=steepest_up)
-    return is_max & (bend < -_RIDGE_CURVATURE * x) & (-bend >= steepest_up)
+    ``flat`` is a blurred float32 map inside a constant 0 frame of one pixel, raveled with rows of ``width``; the
+    candidates must lie inside the frame.
+    """
+    # One gather of every candidate's 3x3 neighbourhood: row n of ``around`` is neighbour n (raveled 3x3 order).
+    offsets = np.array([dy * width + dx for dy in (-1, 0, 1) for dx in (-1, 0, 1)], np.intp)
+    around = flat.take(candidates[None, :] + offsets[:, None])
+    value = around[4]
+    twice = 2 * value
+    bend = up = is_max = None
+    for first, second, scale in zip(_FIRST, _SECOND, _STEP_SCALE):
+        curvature = (around[first] + around[second] - twice) * scale
+        local_max = (value >= around[first]) & (value >= around[second])
+        if bend is None:
+            bend, up, is_max = curvature, curvature, local_max
+            continue
+        better = curvature < bend  # strict: the first direction wins ties
+        bend = np.where(better, curvature, bend)
+        is_max = np.where(better, local_max, is_max)
+        up = np.maximum(up, curvature)
+    return is_max & (bend < -_RIDGE_CURVATURE * value) & (-bend >= up)
 
 
 def scribble_map(
@@ -147,18 +145,29 @@ def scribble_map(
     direction" rule also keeps the flat band along straight strokes and the outside of curves). Ridges above
     ``threshold`` x the map's maximum are blurred by ``final_sigma`` and binarised at 4/255 (ControlNet's level).
     """
-    x = _check_grey(edges, "edge map").astype(np.float32)
-    k = gaussian_ksize(sigma)
-    x = cv2.GaussianBlur(x, (k, k), sigma, borderType=cv2.BORDER_REFLECT_101)
-    ridge = _ridge_numpy(x)
+    edges = _check_grey(edges, "edge map")
+    h, w = edges.shape
+    # The blurred map goes into the inside of a zero frame: the NMS reads its neighbours there (x >= 0, so the 0
+    # border never beats a pixel, as the torch version's padding).
+    padded = np.zeros((h + 2, w + 2), np.float32)
+    x = padded[1:-1, 1:-1]
+    kernel = cv2.getGaussianKernel(gaussian_ksize(sigma), sigma, cv2.CV_32F)
+    cv2.sepFilter2D(edges, cv2.CV_32F, kernel, kernel, dst=x, borderType=cv2.BORDER_REFLECT_101)
     peak = float(x.max())
     if peak <= 0:
         return np.zeros_like(edges)
-    strokes = np.where(ridge & (x > threshold * peak), np.float32(255), np.float32(0))
-    if final_sigma > 0:
-        kf = gaussian_ksize(final_sigma)
-        strokes = cv2.GaussianBlur(strokes, (kf, kf), final_sigma, borderType=cv2.BORDER_REFLECT_101)
-    return np.where(strokes > _STROKE_LEVEL, 255, 0).astype(np.uint8)
+    # Only pixels above the threshold can become strokes (a pixel at 0 is never a ridge: it cannot be a strict
+    # maximum of a map >= 0), a few percent of a photo's: the ridge test runs on those alone.
+    candidates = np.flatnonzero(padded > max(threshold * peak, 0.0))
+    rows, cols = np.divmod(candidates[_ridge_at(padded.ravel(), w + 2, candidates)], w + 2)
+    strokes = np.zeros(edges.shape, np.uint8)
+    strokes[rows - 1, cols - 1] = 255
+    if final_sigma <= 0:
+        return strokes
+    kf = gaussian_ksize(final_sigma)
+    kernel = cv2.getGaussianKernel(kf, final_sigma, cv2.CV_32F)
+    blurred = cv2.sepFilter2D(strokes, cv2.CV_32F, kernel, kernel, borderType=cv2.BORDER_REFLECT_101)
+    return cv2.compare(blurred, _STROKE_LEVEL, cv2.CMP_GT)
 
 
 # ---- parameters and jobs ---------------------------------------------------------------------------------------
@@ -226,9 +235,26 @@ def _describe(exc: BaseException, source_path: str) -> str:
     return f"structure extraction failed: {type(exc).__name__}: {text} ({Path(source_path).name})"
 
 
+# Binary maps (0/255) compress best unfiltered with run-length deflate: 4x faster to encode than the default
+# adaptive filtering, and half the size (~1.5 KB for a 512x384 Canny map). Still plain 8-bit grey PNGs.
+_BINARY_PNG = [
+    cv2.IMWRITE_PNG_COMPRESSION, 1,
+    cv2.IMWRITE_PNG_FILTER, cv2.IMWRITE_PNG_FILTER_NONE,
+    cv2.IMWRITE_PNG_STRATEGY, cv2.IMWRITE_PNG_STRATEGY_RLE,
+]  # fmt: skip
+_BINARY_KINDS = ("canny", "scribble", "log")
+
+
 def _write_maps(job: StructureJob, maps: dict[str, np.ndarray]) -> None:
     for kind, target in job.targets.items():
-        write_png(target, maps[kind])
+        if kind not in _BINARY_KINDS:
+            write_png(target, maps[kind])
+            continue
+        ok, encoded = cv2.imencode(".png", maps[kind], _BINARY_PNG)
+        if not ok:
+            raise OSError(f"PNG encoding failed for {Path(target).name}")
+        # Regenerable maps: atomic (never half-written) but not fsynced, as storage.atomic.write_png.
+        atomic_write_bytes(target, encoded.tobytes(), durable=False)
 
 
 def _load(job: StructureJob, params: StructureParams) -> np.ndarray:
@@ -296,8 +322,25 @@ def shutdown_pool() -> None:
         _POOL, _POOL_SIZE = None, 0
 
 
+# Images per pool task: enough to make the per-task pickling and wake-ups negligible (~0.1 ms against 4-8 ms of
+# work per image), few enough that the workers finish a chunk of 64 images together (8 tasks of 8). A thread pool
+# was slower here (the ridge test and the glue hold the GIL): 16.4 vs 11.3 ms/image wall for 256 images.
+_MAX_CHUNK = 8
+
+
+def _chunks(indices: list[int], workers: int) -> list[list[int]]:
+    """Return ``indices`` cut into consecutive runs of at most ``_MAX_CHUNK``, >= 4 runs per worker when possible."""
+    size = max(1, min(_MAX_CHUNK, len(indices) // (4 * workers)))
+    return [indices[start : start + size] for start in range(0, len(indices), size)]
+
+
+def _extract_chunk(jobs: list[StructureJob], params: StructureParams) -> list[dict]:
+    """Return ``extract_one`` of each job (one pool task)."""
+    return [extract_one(job, params) for job in jobs]
+
+
 class OpenCVExtractor:
-    """CPU backend: one image per task over a reused process pool (``workers=1``: in this process).
+    """CPU backend: a few images per task over a reused process pool (``workers=1``: in this process).
 
     The pool uses the forkserver start method (the caller may run threads), so a calling script needs the usual
     ``if __name__ == "__main__":`` guard.
@@ -318,14 +361,16 @@ class OpenCVExtractor:
         # A worker that dies (e.g. a decoder crash) breaks the pool: rebuild it once and retry what was unfinished.
         for attempt in range(2):
             pool = _pool(self.workers)
+            chunks = _chunks(pending, self.workers)
             try:
-                submitted = {pool.submit(extract_one, jobs[i], params): i for i in pending}
+                submitted = {pool.submit(_extract_chunk, [jobs[i] for i in chunk], params): chunk for chunk in chunks}
             except futures.process.BrokenProcessPool:
                 shutdown_pool()
                 continue
-            for future, index in submitted.items():
+            for future, chunk in submitted.items():
                 try:
-                    results[index] = future.result()
+                    for index, result in zip(chunk, future.result()):
+                        results[index] = result
                 except futures.process.BrokenProcessPool:
                     pass
             pending = [i for i in pending if results[i] is None]

@@ -207,3 +207,42 @@ def test_grey_resized_edges_match_pil_baseline(tmp_path):
     a, b = cv2.dilate(baseline, kernel) > 0, cv2.dilate(ours, kernel) > 0
     assert a.sum() > 500
     assert (a & b).sum() / (a | b).sum() >= 0.9
+
+
+def test_antialias_kernel_is_pils_bicubic_widened_by_the_scale():
+    from pipelines.images import _antialias_kernel
+
+    # By hand, bicubic (a = -0.5) at t / 1.25 for t = 0, 1, 2: 1, 0.168, -0.048; normalised by their sum 1.24.
+    expected = np.array([-0.048, 0.168, 1.0, 0.168, -0.048]) / 1.24
+    np.testing.assert_allclose(_antialias_kernel(1.25).ravel(), expected, atol=1e-6)
+    assert _antialias_kernel(1.0).ravel().tolist() == [1.0]  # no downsizing: no filter
+    wide = _antialias_kernel(3.0).ravel()
+    assert wide.size == 11 and abs(wide.sum() - 1) < 1e-6 and np.allclose(wide, wide[::-1])
+
+
+@pytest.mark.parametrize("size", [(640, 480), (1000, 750), (2600, 1900)])
+def test_resize_like_pil_edges_closer_to_pil_than_area(size):
+    """PIL's thumbnail (bicubic; box-reduce first past 4x) is the reference; INTER_AREA is the simple alternative."""
+    from pipelines.images import resize_like_pil
+
+    width, height = size
+    rng = np.random.default_rng(7)
+    grey = np.full((height, width), 120, np.uint8)
+    for _ in range(40):
+        x, y = int(rng.integers(0, width)), int(rng.integers(0, height))
+        cv2.circle(grey, (x, y), int(rng.integers(5, width // 6)), int(rng.integers(0, 256)), -1)
+    grey = cv2.GaussianBlur(grey, (0, 0), 0.8)
+    pil = Image.fromarray(grey)
+    pil.thumbnail((512, 512))
+    reference = cv2.Canny(np.asarray(pil), 100, 200)
+    target = pil.size
+
+    def iou(edges: np.ndarray) -> float:
+        kernel = np.ones((3, 3), np.uint8)
+        a, b = cv2.dilate(reference, kernel) > 0, cv2.dilate(edges, kernel) > 0
+        return (a & b).sum() / (a | b).sum()
+
+    ours = resize_like_pil(grey, *target)
+    assert ours.shape == (target[1], target[0]) and ours.dtype == np.uint8
+    area = cv2.resize(grey, target, interpolation=cv2.INTER_AREA)
+    assert iou(cv2.Canny(ours, 100, 200)) >= max(0.95, iou(cv2.Canny(area, 100, 200)) - 0.01)

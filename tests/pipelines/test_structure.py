@@ -21,6 +21,7 @@ from pipelines.structure import (
     sobel_map,
     torch_maps,
 )
+from pipelines.images import load_grey_resized
 from storage.layout import OutputLayout
 from tests.pipelines.conftest import save_rgb
 
@@ -147,8 +148,6 @@ def test_extract_structure_writes_grey_pngs_of_thumbnail_size(tmp_path, records)
     assert out[3]["status"] == "failed" and "broken.png" in out[3]["error"] and out[3]["structure_path"] is None
     assert out[4]["status"] == "failed" and out[4]["error"].startswith("skipped")
     # The Canny PNG is exactly cv2.Canny of the resized grey image.
-    from pipelines.images import load_grey_resized
-
     grey = load_grey_resized(records[0]["source_path"], long_side=512)
     written = cv2.imread(str(layout.resolve(out[0]["structure_path"])), cv2.IMREAD_UNCHANGED)
     np.testing.assert_array_equal(written, cv2.Canny(grey, 100, 200))
@@ -208,3 +207,61 @@ def test_kornia_backend_through_the_stage(tmp_path, records):
         map_k = cv2.imread(str(layout_k.resolve(b["structure_path"])), cv2.IMREAD_UNCHANGED)
         assert map_cv.shape == map_k.shape and map_k.ndim == 2
         assert _agreement(map_cv, map_k) >= 0.9 and _agreement(map_k, map_cv) >= 0.9
+
+
+def _scribble_reference(edges: np.ndarray, sigma: float, threshold: float, final_sigma: float) -> np.ndarray:
+    """Slow per-pixel scribble written from the docstring's rule (dense, float64 blur, Python loops)."""
+    k = 2 * math.ceil(4 * sigma) + 1
+    x = cv2.GaussianBlur(edges.astype(np.float64), (k, k), sigma, borderType=cv2.BORDER_REFLECT_101)
+    h, w = x.shape
+    padded = np.pad(x, 1)  # constant 0 frame
+    pairs = [((0, -1), (0, 1), 1.0), ((-1, 0), (1, 0), 1.0), ((-1, -1), (1, 1), 0.5), ((-1, 1), (1, -1), 0.5)]
+    strokes = np.zeros((h, w))
+    for y in range(h):
+        for x0 in range(w):
+            v = padded[y + 1, x0 + 1]
+            curvatures, maxima = [], []
+            for (ay, ax), (by, bx), scale in pairs:
+                n1, n2 = padded[y + 1 + ay, x0 + 1 + ax], padded[y + 1 + by, x0 + 1 + bx]
+                curvatures.append((n1 + n2 - 2 * v) * scale)
+                maxima.append(v >= n1 and v >= n2)
+            across = int(np.argmin(curvatures))
+            bend = curvatures[across]
+            if maxima[across] and bend < -1e-3 * v and -bend >= max(curvatures) and v > threshold * x.max():
+                strokes[y, x0] = 255
+    kf = 2 * math.ceil(4 * final_sigma) + 1
+    blurred = cv2.GaussianBlur(strokes, (kf, kf), final_sigma, borderType=cv2.BORDER_REFLECT_101)
+    return np.where(blurred > 4, 255, 0).astype(np.uint8)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_scribble_matches_a_slow_dense_reference(seed):
+    edges = canny_map(cv2.cvtColor(_scene(seed, width=64, height=48), cv2.COLOR_RGB2GRAY))
+    assert (edges > 0).sum() > 50
+    for sigma, threshold in ((3.0, 0.1), (1.5, 0.3)):
+        ours = scribble_map(edges, sigma=sigma, threshold=threshold, final_sigma=1.0)
+        reference = _scribble_reference(edges, sigma, threshold, 1.0)
+        # float32 vs float64 may only flip exact ties: allow a couple of pixels.
+        assert (ours != reference).sum() <= 2, (sigma, threshold)
+        assert (ours > 0).sum() > 100
+
+
+def test_binary_maps_are_plain_8_bit_grey_pngs(tmp_path, records):
+    layout = OutputLayout(tmp_path / "out")
+    out = extract_structure(records[:1], layout=layout, stage_key="k", backend="opencv", workers=1)
+    grey = load_grey_resized(records[0]["source_path"], long_side=512)
+    maps = compute_maps(grey, StructureParams())
+    for key, kind in (("structure_path", "canny"), ("scribble_path", "scribble")):
+        path = layout.resolve(out[0][key])
+        assert path.read_bytes()[24:26] == bytes([8, 0])  # IHDR: bit depth 8, colour type 0 (grey)
+        np.testing.assert_array_equal(np.asarray(Image.open(path)), maps[kind])
+
+
+def test_pool_chunks_cover_every_job_in_order():
+    from pipelines.structure import _MAX_CHUNK, _chunks
+
+    for n, workers in ((1, 2), (7, 2), (64, 2), (500, 2), (30, 8)):
+        chunks = _chunks(list(range(n)), workers)
+        assert [i for chunk in chunks for i in chunk] == list(range(n))
+        assert max(len(c) for c in chunks) <= _MAX_CHUNK
+        assert len(chunks) >= min(n, 4 * workers)
