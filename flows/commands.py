@@ -1,9 +1,176 @@
-"""Orchestration subcommands of the ``structxlip`` CLI (run, demo, serve)."""
+"""Orchestration subcommands of the ``structxlip`` CLI: ``run`` (the cached Prefect pipeline) and ``demo``."""
 
 from __future__ import annotations
 
 import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+SAMPLE_IMAGES = REPO_ROOT / "sample" / "images"
+DEMO_CONFIG = REPO_ROOT / "configs" / "demo.yaml"
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the orchestration subcommands to the top-level parser."""
+    run = subparsers.add_parser(
+        "run",
+        help="run the cached, resumable pipeline on an image folder",
+        description="Run the pipeline stages (ingest, structure, regions, captions, filter, manifest, train, evaluate) "
+        "on IMAGES_DIR, writing into OUT_DIR. Finished work is reused: a re-run computes only new or changed items.",
+    )
+    run.add_argument("images_dir", metavar="IMAGES_DIR", help="folder of images (+ captions.jsonl or NAME.txt captions)")
+    run.add_argument("--out", required=True, metavar="OUT_DIR", help="output folder (one run at a time)")
+    run.add_argument("--config", metavar="FILE", help="YAML config (default: built-in defaults)")
+    run.add_argument("--stages", metavar="A,B,..", help="stages to run, comma-separated (default: all)")
+    run.add_argument("--refresh", action="append", default=[], metavar="STAGE",
+                     help="recompute STAGE even where its results are cached (repeatable, or comma-separated)")
+    run.add_argument("--runner", choices=["local", "dask"], help="task runner (default: runtime.runner of the config)")
+    run.add_argument("--dask-address", metavar="ADDR", help="Dask scheduler to use (default: a local cluster)")
+    run.add_argument("--verbose", action="store_true", help="show Prefect's own logs")
+    run.set_defaults(handler=run_command)
+
+    demo = subparsers.add_parser(
+        "demo",
+        help="run all 8 stages on the bundled sample images with a tiny offline CLIP",
+        description=f"Run the whole pipeline on {SAMPLE_IMAGES.relative_to(REPO_ROOT)} with "
+        f"{DEMO_CONFIG.relative_to(REPO_ROOT)} (no network, no GPU needed).",
+    )
+    demo.add_argument("--out", default="demo-out", metavar="DIR", help="output folder (default: demo-out)")
+    demo.add_argument("--images", default=str(SAMPLE_IMAGES), metavar="DIR", help=argparse.SUPPRESS)
+    demo.add_argument("--verbose", action="store_true", help="show Prefect's own logs")
+    demo.set_defaults(handler=demo_command)
+    add_serve_command(subparsers)
+
+
+def _prepare_environment(verbose: bool) -> None:
+    """Quiet Prefect unless ``verbose`` (must run before prefect is imported); never phone home."""
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    # The ephemeral API server takes 15-20 s to start on 2 busy cores; Prefect gives up after 20 s by default.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
+    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if not verbose:
+        os.environ["PREFECT_LOGGING_LEVEL"] = "WARNING"
+        os.environ.setdefault("PREFECT_LOGGING_LOG_PRINTS", "false")
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if not verbose:
+        # Dask's scheduler and nannies log every worker start and stop at INFO.
+        os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")
+        for name in ("httpx", "prefect"):
+            logging.getLogger(name).setLevel(logging.WARNING)
+        # Closing a LocalCluster warns about killing busy worker processes; that is the intended shutdown.
+        logging.getLogger("distributed").setLevel(logging.ERROR)
+
+
+def _split(values: list[str] | None) -> list[str]:
+    return [v.strip() for value in values or [] for v in value.split(",") if v.strip()]
+
+
+def execute(
+    images_dir: str,
+    out_dir: str,
+    *,
+    config_path: str | None,
+    stages: list[str] | None,
+    refresh: list[str],
+    runner: str | None,
+    dask_address: str | None,
+    verbose: bool,
+) -> dict:
+    """Validate the inputs, take the output folder's lock, run the parent flow and print its summary; return it."""
+    from configs import load_config
+    from flows.stages import parse_stages
+    from storage import lock
+    from storage.layout import OutputLayout
+
+    _prepare_environment(verbose)
+    if not Path(images_dir).expanduser().is_dir():
+        raise NotADirectoryError(f"images folder not found: {images_dir}")
+    load_config(config_path)  # a bad config fails here in one line, before Prefect starts
+    selected = parse_stages(stages)
+    refreshed = parse_stages(refresh) if refresh else []
+    layout = OutputLayout(out_dir)
+    # Taken before Prefect starts, so a second run on the same folder fails at once (the flow re-enters this lock).
+    with lock.output_lock(layout):
+        from flows.pipeline import format_summary, structxlip_pipeline
+
+        report = structxlip_pipeline(
+            images_dir=str(Path(images_dir).expanduser().resolve()),
+            out_dir=str(layout.root),
+            config_path=None if config_path is None else str(Path(config_path).expanduser().resolve()),
+            stages=selected,
+            refresh=refreshed,
+            runner=runner,
+            dask_address=dask_address,
+        )
+    print(format_summary(report), flush=True)
+    return report
+
+
+def run_command(args: argparse.Namespace) -> int:
+    """``structxlip run``: exit status 0, or 1 when some chunk failed (its items are retried by the next run)."""
+    report = execute(
+        args.images_dir, args.out, config_path=args.config, stages=_split([args.stages]) if args.stages else None,
+        refresh=_split(args.refresh), runner=args.runner, dask_address=args.dask_address, verbose=args.verbose,
+    )
+    return 1 if any(s.get("chunk_errors") for s in report["stages"]) else 0
+
+
+def demo_command(args: argparse.Namespace) -> int:
+    """``structxlip demo``: all stages on the bundled sample, then where to find every output."""
+    from storage.layout import OutputLayout
+
+    report = execute(args.images, args.out, config_path=str(DEMO_CONFIG), stages=None, refresh=[], runner="local",
+                     dask_address=None, verbose=args.verbose)
+    layout = OutputLayout(args.out)
+    keys = _stage_keys(str(DEMO_CONFIG))
+    print(
+        "\nOutputs:\n"
+        f"  manifest     {layout.manifest_dir}   (duckdb -c \"select * from '{layout.manifest_dir}/*.parquet'\")\n"
+        f"  maps         {layout.root / 'maps' / keys['structure']}\n"
+        f"  crops        {layout.root / 'crops' / keys['regions']}\n"
+        f"  checkpoint   {layout.checkpoints_dir}  (model: {layout.model_dir})\n"
+        f"  metrics      {layout.eval_metrics}\n"
+        f"  run summary  {layout.runs_dir}\n"
+        "Open the Prefect UI with `make ui` (http://127.0.0.1:4200), then run the demo again with\n"
+        "PREFECT_API_URL=http://127.0.0.1:4200/api to see its flow runs, stage summaries and galleries.",
+        file=sys.stdout,
+        flush=True,
+    )
+    return 1 if any(s.get("chunk_errors") for s in report["stages"]) else 0
+
+
+def _stage_keys(config_path: str) -> dict[str, str]:
+    from configs import load_config
+    from flows.stages import stage_keys
+
+    return stage_keys(load_config(config_path))
+
+
+def add_serve_command(subparsers: argparse._SubParsersAction) -> None:
+    """Add ``structxlip serve``: serve the pipeline and stage flows as deployments from this process."""
+    parser = subparsers.add_parser(
+        "serve",
+        help="serve the pipeline and each stage as Prefect deployments (needs PREFECT_API_URL)",
+        description="Register `structxlip-pipeline/default` and `<stage>/default` deployments with the Prefect server "
+        "at PREFECT_API_URL and run their flow runs in this process until interrupted.",
+    )
+    parser.add_argument("--config", metavar="FILE", help="YAML config used by runs that do not pass config_path")
+    parser.add_argument("--limit", type=int, default=None, metavar="N", help="at most N flow runs at once")
+    parser.set_defaults(handler=serve_command)
+
+
+def serve_command(args: argparse.Namespace) -> int:
+    """``structxlip serve``: validate the config, then serve the deployments until interrupted."""
+    from configs import load_config
+    from flows.serve import serve_flows
+
+    if args.config is not None:
+        load_config(args.config)  # fail now in one line rather than in every triggered run
+    if args.limit is not None and args.limit <= 0:
+        raise ValueError(f"--limit must be a positive number of runs, got {args.limit}")
+    serve_flows(config_path=args.config, limit=args.limit)
+    return 0

@@ -9,6 +9,7 @@
       train/                                           checkpoints, metrics.jsonl, the exported model
       eval/metrics.json                                retrieval metrics
       .prefect/results/                                persisted Prefect task results
+      runs/<timestamp>.json                            summary of each pipeline run
       .lock                                            held by the run writing this folder
 """
 
@@ -75,6 +76,14 @@ class OutputLayout:
     @property
     def lock_path(self) -> Path:
         return self.root / ".lock"
+
+    @property
+    def runs_dir(self) -> Path:
+        """One JSON summary per pipeline run (stage counts and timings)."""
+        return self.root / "runs"
+
+    def run_summary(self, stamp: str) -> Path:
+        return self.runs_dir / f"{stamp}.json"
 
     # ---- content-addressed files ---------------------------------------------------------------------------
     def stage_dir(self, stage: str, stage_key: str) -> Path:

@@ -1,0 +1,212 @@
+"""The manifest stage: join every stage's outputs into ``storage.manifest.MANIFEST_SCHEMA`` rows and write them
+incrementally to ``OUT/manifest/``.
+
+Rules (one row per distinct image):
+- A file that failed ingest gets a row with ``status="failed"`` and ``error="ingest: ..."``; its ``image_id`` is the
+  SHA-256 of its bytes when they were readable, else a content key of its path.
+- Files with identical bytes (same ``image_id``) become ONE row, for the first path in sorted order. The other copies
+  are not written to the manifest (``image_id`` stays unique, which the trainer and joins rely on); they are reported
+  in ``ManifestRows.duplicates`` as ``{"source_path", "duplicate_of"}`` so the run summary can count and list them.
+- An image's first failing stage (in pipeline order) makes it ``failed`` with ``"<stage>: <one-line error>"``; a stage
+  that has no result for it yet reads ``"<stage>: not computed"``.
+- An image without a caption (and no generated one) is ``failed`` with ``"no caption: ..."`` and is never trained on.
+- ``split`` (ok rows only) is a deterministic function of the image id and the ratios (``assign_split``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pyarrow.parquet as pq
+
+from storage.hashing import content_key
+from storage.layout import IMAGE_ID_LENGTH, OutputLayout
+from storage.manifest import MANIFEST_COLUMNS, MANIFEST_SCHEMA, STATUS_FAILED, STATUS_OK, manifest_table
+from storage.parquet import parquet_parts, write_parquet_atomic
+
+VERSION = "1"
+SPLIT_ORDER = ("train", "val", "test")
+MAX_ROWS_PER_PART = 50_000
+
+
+def assign_split(image_id: str, ratios: dict[str, float]) -> str:
+    """Return the split (``train``/``val``/``test``) of an image: a uniform hash of its id placed on the cumulative ratios."""
+    names = [n for n in SPLIT_ORDER if n in ratios] + sorted(n for n in ratios if n not in SPLIT_ORDER)
+    total = sum(ratios[n] for n in names)
+    if not names or total <= 0 or any(ratios[n] < 0 for n in names):
+        raise ValueError(f"expected non-negative split ratios with a positive sum, got {ratios}")
+    # Re-hash so ids that are not themselves uniform hashes still spread evenly; 52 bits fit a float exactly.
+    position = int(hashlib.sha256(f"split:{image_id}".encode()).hexdigest()[:13], 16) / float(1 << 52)
+    cumulative = 0.0
+    for name in names:
+        cumulative += ratios[name] / total
+        if position < cumulative:
+            return name
+    return next(n for n in reversed(names) if ratios[n] > 0)
+
+
+def failed_image_id(source_path: str) -> str:
+    """Return the image id of a file whose bytes could not be read: a content key of its path (32 hex chars)."""
+    return content_key("unreadable", str(source_path), length=IMAGE_ID_LENGTH)
+
+
+@dataclass
+class ManifestRows:
+    """The manifest's rows (one per distinct image, sorted by source path) and the duplicate files left out."""
+
+    rows: list[dict]
+    duplicates: list[dict] = field(default_factory=list)
+
+
+def _one_line(text: object) -> str:
+    return " ".join(str(text or "unknown error").split())
+
+
+def build_manifest_rows(
+    *,
+    ingest: list[dict],
+    captions_index: dict[str, tuple],
+    structure: dict[str, dict],
+    regions: dict[str, dict],
+    captions: dict[str, dict],
+    filtered: dict[str, dict],
+    split_ratios: dict[str, float],
+) -> ManifestRows:
+    """Return the joined manifest rows.
+
+    ``ingest``: current ingest records ``{source_path, image_id, status, error, width, height}``; ``captions_index``:
+    absolute source path -> ``(caption, caption_source, note)`` as read from the folder; ``structure``/``regions``/
+    ``captions``/``filtered``: image id -> that stage's record for the image's current caption (absent = not computed).
+    """
+    rows: list[dict] = []
+    duplicates: list[dict] = []
+    first_path: dict[str, str] = {}
+    for record in sorted(ingest, key=lambda r: str(r["source_path"])):
+        source_path = str(record["source_path"])
+        image_id = record.get("image_id") or failed_image_id(source_path)
+        if image_id in first_path:
+            duplicates.append({"source_path": source_path, "duplicate_of": first_path[image_id], "image_id": image_id})
+            continue
+        first_path[image_id] = source_path
+        caption, caption_source, note = (tuple(captions_index.get(source_path) or ()) + (None, None, None))[:3]
+        row = dict.fromkeys(MANIFEST_COLUMNS)
+        row |= {
+            "image_id": image_id,
+            "source_path": source_path,
+            "status": STATUS_OK,
+            "error": None,
+            "width": record.get("width"),
+            "height": record.get("height"),
+            "caption": caption,
+            "caption_source": caption_source,
+            "segments": [],
+            "hard_negatives": [],
+        }
+        error = _first_error(record, image_id, caption, note, structure, regions, captions, filtered)
+        structure_row = structure.get(image_id) or {}
+        row["structure_path"] = structure_row.get("structure_path")
+        row["scribble_path"] = structure_row.get("scribble_path")
+        regions_row = regions.get(image_id) or {}
+        row["segments"] = list(regions_row.get("segments") or [])
+        captions_row = captions.get(image_id)
+        if captions_row is not None:
+            row["caption"] = captions_row.get("caption") or caption
+            row["caption_source"] = captions_row.get("caption_source") or caption_source
+            row["segments"] = list(captions_row.get("segments") or [])
+        filter_row = filtered.get(image_id)
+        if filter_row is not None:
+            row["filtered_caption"] = filter_row.get("filtered_caption")
+            row["segments"] = list(filter_row.get("segments") or row["segments"])
+            row["hard_negatives"] = list(filter_row.get("hard_negatives") or [])
+        if error is None:
+            row["split"] = assign_split(image_id, split_ratios)
+        else:
+            row["status"] = STATUS_FAILED
+            row["error"] = error
+        rows.append(row)
+    return ManifestRows(rows=rows, duplicates=duplicates)
+
+
+def _first_error(record, image_id, caption, note, structure, regions, captions, filtered) -> str | None:
+    """Return ``"<stage>: <error>"`` for the first stage (pipeline order) that failed or has not run, else None."""
+    if record.get("status") != STATUS_OK:
+        return f"ingest: {_one_line(record.get('error'))}"
+    for stage, results in (("structure", structure), ("regions", regions)):
+        result = results.get(image_id)
+        if result is None:
+            return f"{stage}: not computed"
+        if result.get("status") == STATUS_FAILED:
+            return f"{stage}: {_one_line(result.get('error'))}"
+    result = captions.get(image_id)
+    if result is None:
+        if not caption:
+            return f"no caption: {_one_line(note or 'no caption found for this image')}"
+        return "captions: not computed"
+    if result.get("status") == STATUS_FAILED:
+        return f"captions: {_one_line(result.get('error'))}"
+    if not result.get("caption"):
+        return f"no caption: {_one_line(result.get('error') or note or 'no caption found or generated')}"
+    result = filtered.get(image_id)
+    if result is None:
+        return "filter: not computed"
+    if result.get("status") == STATUS_FAILED:
+        return f"filter: {_one_line(result.get('error'))}"
+    return None
+
+
+@dataclass
+class ManifestWrite:
+    """What ``write_manifest`` did: rows newly written, rows kept in untouched parts, parts written and removed."""
+
+    written_rows: int
+    kept_rows: int
+    written_ids: list[str]
+    written_parts: list[Path]
+    removed_parts: list[Path]
+
+
+def write_manifest(layout: OutputLayout, rows: list[dict]) -> ManifestWrite:
+    """Make ``OUT/manifest/`` hold exactly ``rows`` once each, rewriting only parts that hold stale or removed rows.
+
+    A part whose rows are all current (same values) is kept; rows not covered by a kept part go into new parts.
+    New parts are written before stale ones are deleted, and a part that repeats an image already covered by an
+    earlier kept part counts as stale, so a run killed in between is repaired by the next one.
+    """
+    wanted = {row["image_id"]: row for row in manifest_table(rows).to_pylist()}
+    if len(wanted) != len(rows):
+        raise ValueError(f"expected one manifest row per image_id, got {len(rows)} rows for {len(wanted)} ids")
+    covered: set[str] = set()
+    stale: list[Path] = []
+    kept_rows = 0
+    for part in parquet_parts(layout.manifest_dir):
+        try:
+            existing = pq.read_table(part).select(MANIFEST_COLUMNS).cast(MANIFEST_SCHEMA).to_pylist()
+        except Exception:  # an unreadable or foreign part is replaced, never trusted
+            stale.append(part)
+            continue
+        ids = [row["image_id"] for row in existing]
+        current = all(wanted.get(r["image_id"]) == r for r in existing) and covered.isdisjoint(ids) and len(set(ids)) == len(ids)
+        if current and existing:
+            covered.update(ids)
+            kept_rows += len(existing)
+        else:
+            stale.append(part)
+    new_rows = [row for image_id, row in sorted(wanted.items()) if image_id not in covered]
+    written: list[Path] = []
+    for start in range(0, len(new_rows), MAX_ROWS_PER_PART):
+        chunk = new_rows[start : start + MAX_ROWS_PER_PART]
+        part_key = content_key(VERSION, chunk)
+        written.append(write_parquet_atomic(manifest_table(chunk), layout.manifest_part(part_key)))
+    written_set = {p.resolve() for p in written}
+    removed = [p for p in stale if p.resolve() not in written_set]
+    for part in removed:
+        part.unlink(missing_ok=True)
+    return ManifestWrite(
+        written_rows=len(new_rows),
+        kept_rows=kept_rows,
+        written_ids=[row["image_id"] for row in new_rows],
+        written_parts=written,
+        removed_parts=removed,
+    )
