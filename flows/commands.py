@@ -87,9 +87,8 @@ def execute(
     from storage.layout import OutputLayout
 
     _prepare_environment(verbose)
-    if not Path(images_dir).expanduser().is_dir():
-        raise NotADirectoryError(f"images folder not found: {images_dir}")
-    load_config(config_path)  # a bad config fails here in one line, before Prefect starts
+    config = load_config(config_path)  # a bad config fails here in one line, before Prefect starts
+    _require_images(images_dir, extensions=config.ingest.extensions, follow_symlinks=config.ingest.follow_symlinks)
     selected = parse_stages(stages)
     refreshed = parse_stages(refresh) if refresh else []
     layout = OutputLayout(out_dir)
@@ -108,6 +107,14 @@ def execute(
         )
     print(format_summary(report), flush=True)
     return report
+
+
+def _require_images(images_dir: str, *, extensions: list[str], follow_symlinks: bool) -> None:
+    """Raise a one-line error when ``images_dir`` is missing or holds no image file (a run would silently do nothing)."""
+    from pipelines.ingest import scan_images
+
+    if not scan_images(images_dir, extensions=extensions, follow_symlinks=follow_symlinks).files:
+        raise ValueError(f"no images found in {images_dir} (searched recursively for {', '.join(extensions)})")
 
 
 def run_command(args: argparse.Namespace) -> int:

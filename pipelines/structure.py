@@ -545,12 +545,22 @@ def torch_maps(greys: np.ndarray, params: StructureParams, *, device="cpu") -> d
 # ---- the stage ---------------------------------------------------------------------------------------------------
 
 
+def _cuda_available() -> bool:
+    """Return whether torch sees a CUDA device, without importing torch (~9 s here) on machines with no GPU driver."""
+    import glob
+    import sys
+
+    if "torch" not in sys.modules and not glob.glob("/dev/nvidia[0-9]*") and not os.environ.get("CUDA_VISIBLE_DEVICES"):
+        return False
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def select_backend(backend: str, *, workers: int = 0, batch_size: int = 32, device: str = "auto") -> StructureExtractor:
     """Return the extractor for ``backend`` ("auto": kornia when CUDA is available, else OpenCV)."""
     if backend == "auto":
-        import torch
-
-        backend = "kornia" if torch.cuda.is_available() else "opencv"
+        backend = "kornia" if _cuda_available() else "opencv"
     if backend == "opencv":
         return OpenCVExtractor(workers)
     if backend == "kornia":
