@@ -86,3 +86,27 @@ def write_jpeg(path: str | os.PathLike, image: np.ndarray, quality: int = 92) ->
     if not ok:
         raise OSError(f"JPEG encoding failed for {path}")
     return atomic_write_bytes(path, buf.tobytes(), durable=False)
+
+
+@contextlib.contextmanager
+def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield an empty staging folder; on success it replaces ``path`` whole (the old folder is removed after)."""
+    import shutil
+    import uuid
+
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    try:
+        yield staging
+        if target.exists():
+            # Two renames: a folder cannot be replaced atomically, but readers never see a half-written one.
+            retired = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:8]}")
+            target.rename(retired)
+            staging.rename(target)
+            shutil.rmtree(retired, ignore_errors=True)
+        else:
+            staging.rename(target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise

@@ -11,7 +11,6 @@ import functools
 import gzip
 import os
 import shutil
-import tempfile
 import uuid
 import warnings
 from dataclasses import dataclass
@@ -21,6 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from storage.atomic import atomic_directory
 from structxlip.text import extend_position_embeddings, text_position_count
 
 TINY_CLIP = "structxlip/tiny-clip"  # same string as configs.schema.TINY_CLIP
@@ -105,19 +105,10 @@ def build_tiny_clip(out_dir: str | os.PathLike, *, hidden_size: int = 32, num_la
     image_processor = CLIPImageProcessor(size={"shortest_edge": image_size},
                                          crop_size={"height": image_size, "width": image_size})
 
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    with atomic_directory(out_dir) as staging:
         model.save_pretrained(staging)
         CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(staging)
         tokenizer.save_pretrained(staging)
-        if out_dir.exists():
-            retired = out_dir.with_name(f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}")
-            out_dir.rename(retired)
-            shutil.rmtree(retired, ignore_errors=True)
-        staging.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return out_dir
 
 

@@ -15,10 +15,8 @@ import json
 import logging
 import math
 import random
-import shutil
 import sys
 import time
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,7 +25,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from storage.atomic import atomic_write_text
+from storage.atomic import atomic_directory, atomic_write_text
 from storage.layout import OutputLayout
 from structxlip.checkpoint import (
     TrainingCheckpoint,
@@ -240,19 +238,10 @@ def export_model(clip: nn.Module, tokenizer: Any, image_processor: Any, model_di
     """Save model + tokenizer + image processor with ``save_pretrained`` into ``model_dir`` atomically; return it."""
     model_dir = Path(model_dir)
     model_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = model_dir.with_name(f".{model_dir.name}.tmp-{uuid.uuid4().hex[:8]}")
-    try:
+    with atomic_directory(model_dir) as staging:
         clip.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
         image_processor.save_pretrained(staging)
-        if model_dir.exists():
-            retired = model_dir.with_name(f".{model_dir.name}.old-{uuid.uuid4().hex[:8]}")
-            model_dir.rename(retired)
-            shutil.rmtree(retired, ignore_errors=True)
-        staging.rename(model_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return model_dir
 
 

@@ -89,3 +89,23 @@ def test_write_png_round_trip_and_bad_input(tmp_path):
     with pytest.raises(ValueError, match="uint8"):
         write_png(tmp_path / "bad.png", grey.astype(np.float32))
     assert not (tmp_path / "bad.png").exists()
+
+
+def test_atomic_directory_replaces_whole_folder_or_keeps_the_old_one(tmp_path):
+    from storage.atomic import atomic_directory
+
+    target = tmp_path / "model"
+    with atomic_directory(target) as staging:
+        (staging / "a.txt").write_text("one")
+    assert (target / "a.txt").read_text() == "one"
+
+    with pytest.raises(RuntimeError):
+        with atomic_directory(target) as staging:
+            (staging / "b.txt").write_text("half")
+            raise RuntimeError("crash while saving")
+    assert sorted(p.name for p in target.iterdir()) == ["a.txt"]  # old folder untouched
+
+    with atomic_directory(target) as staging:
+        (staging / "b.txt").write_text("two")
+    assert sorted(p.name for p in target.iterdir()) == ["b.txt"]  # replaced whole, not merged
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]  # no staging or retired folders left
