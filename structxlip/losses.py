@@ -117,13 +117,16 @@ def local_structure_centric_loss(chunk_embeds: Tensor, chunk_owner: Tensor, crop
         return _zero(chunk_embeds, crop_embeds)
 
     g = torch.clamp(_as_tensor(scale, crop_embeds) / tau, max=LOCAL_LOGIT_CAP)
-    logits = g * normalize(chunk_embeds) @ normalize(crop_embeds.reshape(batch * slots, dim)).T  # (C, B*K)
-    crop_owner = torch.arange(batch, device=device).repeat_interleave(slots)  # (B*K,)
+    # Normalise the chunks and apply g on the (C, B*K) product rather than on the much larger (C, D) chunk matrix.
+    chunk_norms = chunk_embeds.norm(dim=-1, keepdim=True) + EPS  # (C, 1)
+    crops = normalize(crop_embeds.reshape(batch * slots, dim))  # (B*K, D)
+    logits = (chunk_embeds @ crops.T) * (g / chunk_norms)  # (C, B*K)
     valid_flat = valid.reshape(-1)
-    own = (crop_owner[None, :] == owner[:, None]) & valid_flat[None, :]  # (C, B*K)
-    neg_inf = torch.finfo(logits.dtype).min
-    lse_own = torch.logsumexp(logits.masked_fill(~own, neg_inf), dim=1)
-    lse_all = torch.logsumexp(logits.masked_fill(~valid_flat[None, :], neg_inf), dim=1)
+    # Each chunk's own K crops, gathered instead of masking the whole matrix; invalid slots get the dtype's minimum
+    # (not -inf, which would turn the backward of a crop-less sample into NaN).
+    own_logits = logits.view(-1, batch, slots)[torch.arange(owner.numel(), device=device), owner]  # (C, K)
+    lse_own = torch.logsumexp(own_logits.masked_fill(~valid[owner], torch.finfo(logits.dtype).min), dim=1)
+    lse_all = torch.logsumexp(logits[:, valid_flat], dim=1)
     per_chunk = -(lse_own - lse_all)
     per_chunk = torch.where(counted, per_chunk, torch.zeros_like(per_chunk))  # drops -inf/NaN of crop-less samples
 
