@@ -29,8 +29,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args.handler(args) or 0)
-    except (ConfigError, FileNotFoundError, NotADirectoryError, ValueError, RuntimeError) as exc:
-        # Known, user-facing failures: one clear line, no traceback.
+    except (ConfigError, OSError, ValueError, RuntimeError) as exc:
+        # Known, user-facing failures (bad input or config, a full or read-only disk): one clear line, no traceback.
         print(f"structxlip {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

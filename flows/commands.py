@@ -53,7 +53,8 @@ def _prepare_environment(verbose: bool) -> None:
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if not verbose:
-        os.environ["PREFECT_LOGGING_LEVEL"] = "WARNING"
+        # Our own one-line warnings and the summary report failures; Prefect would add a traceback per failed task.
+        os.environ["PREFECT_LOGGING_LEVEL"] = "CRITICAL"
         os.environ.setdefault("PREFECT_LOGGING_LOG_PRINTS", "false")
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if not verbose:

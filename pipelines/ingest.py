@@ -247,6 +247,13 @@ def _read_csv(path: Path, problems: list[dict]) -> list[tuple[int, str, str | No
     return rows
 
 
+def _relative_name(path: Path, root: Path) -> str:
+    try:
+        return path.relative_to(root).as_posix()
+    except ValueError:
+        return str(path)
+
+
 def read_captions(images_dir: str | os.PathLike, files: Sequence[SourceImage]) -> CaptionIndex:
     """Return each image's caption: sidecar ``NAME.txt`` first, else ``captions.jsonl``, else ``captions.csv``.
 
@@ -308,6 +315,8 @@ def read_captions(images_dir: str | os.PathLike, files: Sequence[SourceImage]) -
             caption, note = _read_sidecar(sidecar)
             if note:
                 notes.append(note)
+                # Also a problem of the folder, so a run reports it even when the (repaired) caption is kept.
+                problems.append({"source": _relative_name(sidecar, root), "line": None, "error": note})
             if caption is not None:
                 entries[key] = Caption(caption, "sidecar", "; ".join(notes) or None)
                 continue

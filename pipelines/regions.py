@@ -15,7 +15,7 @@ import cv2
 import numpy as np
 
 from pipelines.images import ImageLoadError, load_rgb
-from storage.atomic import write_jpeg, write_png
+from storage.atomic import raise_if_storage_error, write_jpeg, write_png
 from storage.layout import OutputLayout
 from storage.manifest import STATUS_FAILED, STATUS_OK, bbox
 
@@ -320,6 +320,7 @@ def propose_regions(
             )
             outputs.append({"image_id": image_id, "status": STATUS_OK, "error": None, "segments": segments})
         except Exception as exc:  # noqa: BLE001 - one bad image is a recorded failure
+            raise_if_storage_error(exc)
             name = Path(str(record.get("source_path"))).name
             known = isinstance(exc, (ImageLoadError, RegionInputError))
             error = str(exc) if known else f"region proposal failed: {type(exc).__name__}: {_one_line(exc)} ({name})"

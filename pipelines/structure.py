@@ -22,7 +22,7 @@ import cv2
 import numpy as np
 
 from pipelines.images import ImageLoadError, load_grey_resized
-from storage.atomic import atomic_write_bytes, write_png
+from storage.atomic import atomic_write_bytes, raise_if_storage_error, write_png
 from storage.layout import OutputLayout
 from storage.manifest import STATUS_FAILED, STATUS_OK
 
@@ -267,6 +267,7 @@ def extract_one(job: StructureJob, params: StructureParams) -> dict:
         _write_maps(job, compute_maps(_load(job, params), params))
         return _ok(job)
     except Exception as exc:  # noqa: BLE001 - one bad image is a recorded failure, not a crash
+        raise_if_storage_error(exc)
         return _failed(job.image_id, _describe(exc, job.source_path))
 
 
@@ -452,6 +453,7 @@ class KorniaExtractor:
             _write_maps(job, maps)
             return _ok(job)
         except Exception as exc:  # noqa: BLE001
+            raise_if_storage_error(exc)
             return _failed(job.image_id, _describe(exc, job.source_path))
 
 

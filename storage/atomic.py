@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import tempfile
 from pathlib import Path
@@ -110,3 +111,16 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+_STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG}
+
+
+def raise_if_storage_error(exc: BaseException) -> None:
+    """Re-raise ``exc`` when the output storage itself failed (disk full, quota, read-only, file too large).
+
+    Stages record a bad *image* as a per-item failure that is cached; a failing *disk* must instead fail the chunk,
+    so that nothing is cached and the next run retries once space is freed.
+    """
+    if isinstance(exc, OSError) and exc.errno in _STORAGE_ERRNOS:
+        raise exc

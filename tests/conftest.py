@@ -60,3 +60,7 @@ def tiny_clip_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from structxlip.models import build_tiny_clip
 
     return build_tiny_clip(tmp_path_factory.mktemp("tiny-clip") / "model")
+
+
+# One real Prefect server for the whole session, shared by the flow, hardening and benchmark tests.
+from tests.prefect_server import prefect_api, prefect_server  # noqa: E402,F401

@@ -19,7 +19,7 @@ import pytest
 import yaml
 
 from tests.corpus import make_generated_images
-from tests.flows.conftest import stop_process
+from tests.prefect_server import stop_process
 
 pytestmark = pytest.mark.e2e
 

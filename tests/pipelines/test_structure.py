@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import math
+import os
 
 import cv2
 import numpy as np
@@ -151,6 +153,18 @@ def test_extract_structure_writes_grey_pngs_of_thumbnail_size(tmp_path, records)
     grey = load_grey_resized(records[0]["source_path"], long_side=512)
     written = cv2.imread(str(layout.resolve(out[0]["structure_path"])), cv2.IMREAD_UNCHANGED)
     np.testing.assert_array_equal(written, cv2.Canny(grey, 100, 200))
+
+
+@pytest.mark.parametrize("code", [errno.ENOSPC, errno.EROFS])
+def test_a_failing_disk_fails_the_chunk_instead_of_recording_bad_images(tmp_path, records, monkeypatch, code):
+    # A bad image is a cached per-item failure; a full disk must raise, so nothing is cached and a re-run retries.
+    def no_space(path, data, **kwargs):
+        raise OSError(code, os.strerror(code), str(path))
+
+    monkeypatch.setattr("pipelines.structure.atomic_write_bytes", no_space)
+    with pytest.raises(OSError) as info:
+        extract_structure(records, layout=OutputLayout(tmp_path / "out"), stage_key="k", backend="opencv", workers=1)
+    assert info.value.errno == code
 
 
 def test_bad_arguments_are_one_line_errors(tmp_path, records):

@@ -1,4 +1,4 @@
-"""Shared fixtures for flow tests: a real ``prefect server`` on a free loopback port, started once per session."""
+"""A real `prefect server` on a free loopback port, started once per test session (fixtures registered in tests/conftest.py)."""
 
 from __future__ import annotations
 

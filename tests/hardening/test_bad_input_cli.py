@@ -1,0 +1,121 @@
+"""The bad-input corpus through the real CLI, once: every file ends as a manifest row with the expected status and
+reason (or, for a duplicate, is reported and left out), the run exits cleanly, and nothing else is lost. An empty or
+missing images folder is refused with one line."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from storage.layout import OutputLayout
+from storage.manifest import read_manifest
+from tests.hardening.conftest import DATA_STAGES, assert_one_line_error, run_cli
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture(scope="module")
+def manifest(corpus_run) -> dict[str, dict]:
+    """Manifest rows of the corpus run by file path relative to the corpus folder (after the run succeeded)."""
+    done = corpus_run.done
+    assert done.returncode == 0, f"CLI failed ({done.returncode}):\n{done.stderr[-4000:]}"
+    rows = read_manifest(corpus_run.out).to_pylist()
+    return {Path(r["source_path"]).relative_to(corpus_run.folder).as_posix(): r for r in rows}
+
+
+def _images(expected) -> dict:
+    return {name: e for name, e in expected.items() if e.kind == "image"}
+
+
+def test_the_run_exits_cleanly_and_reports_without_tracebacks(corpus_run, manifest):
+    stdout, stderr = corpus_run.done.stdout, corpus_run.done.stderr
+    assert "Traceback" not in stdout + stderr, stderr[-4000:]
+    assert "stage      processed  cached  failed  seconds" in stdout
+    assert "1 duplicate file(s) left out of the manifest" in stdout
+    # Problems with the folder itself are reported on stderr, one line each, naming the place.
+    loop = [line for line in stderr.splitlines() if "loop/parent" in line]
+    assert loop and all("symbolic link loop" in line for line in loop), stderr[-3000:]
+    broken = [line for line in stderr.splitlines() if "captions.jsonl" in line and "invalid JSON" in line]
+    assert broken and all("'line': 3" in line for line in broken), stderr[-3000:]
+
+
+def test_every_file_has_exactly_one_row_and_nothing_is_lost(corpus_run, manifest):
+    images = _images(corpus_run.expected)
+    duplicates = {name for name, e in images.items() if e.duplicate_of}
+    assert sorted(manifest) == sorted(set(images) - duplicates)
+    assert len({r["image_id"] for r in manifest.values()}) == len(manifest)
+    assert duplicates == {"dup_b.jpg"} and manifest["dup_a.jpg"]["image_id"]  # the first path is kept
+    for name in ("name with spaces.jpg", "ünïcødé_名前.jpg", "loop/inner.jpg"):
+        assert Path(manifest[name]["source_path"]) == corpus_run.folder / name
+
+
+def test_each_row_has_the_expected_status_reason_and_size(corpus_run, manifest):
+    mismatches = []
+    for name, outcome in _images(corpus_run.expected).items():
+        if outcome.duplicate_of:
+            continue
+        row = manifest[name]
+        error = row["error"] or ""
+        if "\n" in error:
+            mismatches.append(f"{name}: error is not one line: {error!r}")
+        if outcome.status == "failed":
+            # An undecodable file fails at ingest with the corpus's reason.
+            if row["status"] != "failed" or not error.startswith("ingest: ") or outcome.reason not in error.lower():
+                mismatches.append(f"{name}: {row['status']} {error!r}, expected an ingest failure {outcome.reason!r}")
+            continue
+        if (row["width"], row["height"]) != (outcome.width, outcome.height):
+            mismatches.append(f"{name}: {row['width']}x{row['height']}, expected {outcome.width}x{outcome.height}")
+        if outcome.has_caption is False:
+            # A valid image without a usable caption is kept as a failed row saying so (README: "no caption").
+            if row["status"] != "failed" or not error.startswith("no caption"):
+                mismatches.append(f"{name}: {row['status']} {error!r}, expected a 'no caption' failure")
+        elif outcome.has_caption:
+            if row["status"] != "ok" or row["error"] is not None:
+                mismatches.append(f"{name}: {row['status']} {error!r}, expected ok")
+            elif outcome.caption_contains not in row["caption"]:
+                mismatches.append(f"{name}: caption {row['caption'][:80]!r} lacks {outcome.caption_contains!r}")
+    assert not mismatches, "\n".join(mismatches)
+
+
+def test_captions_survive_as_text_and_ok_rows_have_readable_outputs(corpus_run, manifest):
+    assert manifest["huge_header.png"]["error"].startswith("ingest: image too large")
+    assert len(manifest["caption_long.jpg"]["caption"]) > 10_000  # kept whole; the tokenizer truncates later
+    assert "<b>" not in manifest["caption_html.jpg"]["caption"]
+    assert "🐶" in manifest["caption_emoji.jpg"]["caption"]
+    bad_utf8 = manifest["caption_bad_utf8.jpg"]
+    assert bad_utf8["status"] == "ok" and "\ufffd" in bad_utf8["caption"]  # decoded with replacement characters
+    empty = manifest["caption_empty.jpg"]["error"]
+    assert "caption_empty.txt is empty" in empty, empty
+    layout = OutputLayout(corpus_run.out)
+    ok = [r for r in manifest.values() if r["status"] == "ok"]
+    assert len(ok) == sum(1 for e in _images(corpus_run.expected).values() if e.has_caption is not False
+                          and e.status == "ok" and not e.duplicate_of)
+    for row in ok:
+        assert row["filtered_caption"] and row["split"] in ("train", "val", "test"), row
+        with Image.open(layout.resolve(row["structure_path"])) as structure:
+            assert structure.size == (row["width"], row["height"])
+        for segment in row["segments"]:
+            assert layout.resolve(segment["crop_path"]).is_file()
+
+
+def test_the_invalid_utf8_sidecar_is_reported(corpus_run):
+    lines = [line for line in corpus_run.done.stderr.splitlines() if "caption_bad_utf8.txt" in line]
+    assert lines and "utf-8" in lines[0].lower(), corpus_run.done.stderr[-3000:]
+
+
+def test_a_missing_images_folder_is_one_line_and_creates_nothing(tmp_path, cli_env):
+    out = tmp_path / "out"
+    done = run_cli(cli_env, "run", str(tmp_path / "no-such-folder"), "--out", str(out), "--stages", "ingest")
+    assert_one_line_error(done, "folder not found", "no-such-folder")
+    assert not out.exists()
+
+
+def test_an_empty_images_folder_is_one_line(tmp_path, cli_env):
+    (tmp_path / "empty").mkdir()
+    out = tmp_path / "out"
+    (tmp_path / "empty" / "notes.txt").write_text("not an image")
+    done = run_cli(cli_env, "run", str(tmp_path / "empty"), "--out", str(out), "--stages", ",".join(DATA_STAGES))
+    assert_one_line_error(done, "no images", str(tmp_path / "empty"))
+    assert not out.exists()
