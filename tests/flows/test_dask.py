@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +10,7 @@ import pytest
 import yaml
 
 from tests.corpus import make_generated_images
+from tests.manifests import assert_same
 
 pytestmark = pytest.mark.e2e
 
@@ -57,21 +57,6 @@ def normalised_manifest(out_dir: Path) -> list[dict]:
     return [clean(row) for row in sorted(read_manifest(out_dir).to_pylist(), key=lambda r: r["image_id"])]
 
 
-def assert_same(a, b, where="row"):
-    """Equal values; floats within 1e-4 (similarity_score is 100 * a float32 cosine, and a Dask worker's torch uses
-    another thread count, so sums run in another order: measured differences are ~6e-6)."""
-    if isinstance(a, float) and isinstance(b, float):
-        assert math.isclose(a, b, rel_tol=1e-5, abs_tol=1e-4), f"{where}: {a} != {b}"
-    elif isinstance(a, dict) and isinstance(b, dict):
-        assert a.keys() == b.keys(), where
-        for key in a:
-            assert_same(a[key], b[key], f"{where}.{key}")
-    elif isinstance(a, list) and isinstance(b, list):
-        assert len(a) == len(b), f"{where}: {len(a)} != {len(b)} items"
-        for i, (x, y) in enumerate(zip(a, b)):
-            assert_same(x, y, f"{where}[{i}]")
-    else:
-        assert a == b, f"{where}: {a!r} != {b!r}"
 
 
 def test_dask_runner_matches_local_runner(prefect_server, tmp_path):

@@ -100,8 +100,12 @@ def wait_for_final_state(api_url: str, flow_run_id: UUID, timeout_s: float):
 
 def artifacts_of_run(api_url: str, parent_id: UUID) -> dict[str, object]:
     """Return ``{key: artifact}`` of the artifacts created by the run's stage subflows (latest per key)."""
-    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, FlowRunFilter
-    from prefect.client.schemas.filters import FlowRunFilterParentFlowRunId
+    from prefect.client.schemas.filters import (
+        ArtifactFilter,
+        ArtifactFilterFlowRunId,
+        FlowRunFilter,
+        FlowRunFilterParentFlowRunId,
+    )
 
     with sync_client(api_url) as client:
         children = client.read_flow_runs(
