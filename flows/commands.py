@@ -97,6 +97,7 @@ def execute(
     with lock.output_lock(layout):
         from flows.pipeline import format_summary, structxlip_pipeline
 
+        _watch_api(os.environ.get("PREFECT_API_URL"), command="run")
         report = structxlip_pipeline(
             images_dir=str(Path(images_dir).expanduser().resolve()),
             out_dir=str(layout.root),
@@ -108,6 +109,43 @@ def execute(
         )
     print(format_summary(report), flush=True)
     return report
+
+
+API_LOSS_GRACE_S = 15.0
+
+
+def _watch_api(api_url: str | None, *, command: str, grace_s: float = API_LOSS_GRACE_S) -> None:
+    """Watch a remote Prefect API from a daemon thread; when it stays unreachable for ``grace_s``, end the run.
+
+    Without this, a run whose server stops retries every API call with back-off for minutes and then hangs at exit
+    flushing events. Every output is written atomically and every finished chunk is cached, so ending the process
+    at once is safe: a re-run against the restarted server resumes where this one stopped.
+    """
+    if not api_url:
+        return  # the ephemeral API lives and dies with this process
+    import threading
+    import time
+
+    import httpx
+
+    health = api_url.rstrip("/") + "/health"
+
+    def watch() -> None:
+        down_since = None
+        while True:
+            try:
+                ok = httpx.get(health, timeout=3.0).status_code == 200
+            except httpx.HTTPError:
+                ok = False
+            now = time.monotonic()
+            down_since = None if ok else (down_since or now)
+            if down_since is not None and now - down_since >= grace_s:
+                print(f"structxlip {command}: error: lost the Prefect API at {api_url} for {grace_s:.0f} s; finished "
+                      "chunks are cached, re-run the same command once the server is back", file=sys.stderr, flush=True)
+                os._exit(2)
+            time.sleep(2.0)
+
+    threading.Thread(target=watch, name="prefect-api-watch", daemon=True).start()
 
 
 def _require_images(images_dir: str, *, extensions: list[str], follow_symlinks: bool) -> None:

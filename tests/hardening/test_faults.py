@@ -330,10 +330,6 @@ def server_outage(baseline, tmp_path_factory) -> ServerOutage:
     return ServerOutage(code, stderr, out, parts_before, done_before, rerun)
 
 
-@pytest.mark.xfail(strict=True, reason="with its Prefect server gone the run neither fails nor finishes in time: every "
-                   "API call retries with back-off (12 images of structure took 70 s instead of 4 s; 3 stages 210 s), "
-                   "and after printing its summary the process hangs at exit (Prefect's EventsWorker waits for the "
-                   "server) until the server returns. Owner: flows/ (no server-loss handling or client timeout)")
 def test_a_run_whose_server_stops_ends_cleanly(server_outage):
     assert server_outage.interrupted_code is not None, f"still running {OUTAGE_WAIT_S} s after the server stopped"
     if server_outage.interrupted_code != 0:  # failing is fine if it is clean: one clear last line, no traceback
