@@ -14,9 +14,10 @@ import statistics
 import sys
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -115,6 +116,9 @@ def _maxrss_mb(who: int) -> float:
 
 
 def _child_main(target: str, kwargs: dict, queue) -> None:
+    # Own process group: the parent can end this child together with whatever it started (Prefect's ephemeral API
+    # server, worker pools) if it does not exit by itself after reporting.
+    os.setpgrp()
     try:
         module_name, _, function_name = target.partition(":")
         function = getattr(importlib.import_module(module_name), function_name)
@@ -123,6 +127,29 @@ def _child_main(target: str, kwargs: dict, queue) -> None:
                    "children_peak_rss_mb": _maxrss_mb(resource.RUSAGE_CHILDREN)})
     except BaseException as exc:  # noqa: BLE001 - reported to the parent as one line
         queue.put({"ok": False, "error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()})
+
+
+EXIT_GRACE_S = 20.0
+
+
+def _end_group(process) -> None:
+    """End the child's process group: SIGTERM then SIGKILL while the child lives, then SIGKILL to whatever of the
+    group is left (descendants it started, e.g. an API server, outlive it otherwise)."""
+    import signal
+
+    for sig, wait in ((signal.SIGTERM, 15.0), (signal.SIGKILL, 5.0)):
+        if not process.is_alive():
+            break
+        try:
+            os.killpg(process.pid, sig)
+        except (ProcessLookupError, PermissionError):
+            break
+        process.join(timeout=wait)
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass  # nothing of the group is left
+    process.join(timeout=5.0)
 
 
 def run_in_child(target: str, timeout_s: float = 3600.0, **kwargs) -> dict:
@@ -137,11 +164,12 @@ def run_in_child(target: str, timeout_s: float = 3600.0, **kwargs) -> dict:
     try:
         message = queue.get(timeout=timeout_s)
     except Exception:  # noqa: BLE001 - queue.Empty on timeout, or the child died without reporting
-        process.kill()
-        process.join()
+        _end_group(process)
         raise RuntimeError(f"benchmark child {target} gave no result (exit code {process.exitcode})") from None
-    process.join()
     wall = time.perf_counter() - start
+    # The result is in; a child that then hangs on exit (Prefect's ephemeral server shutdown can) must not hang us.
+    process.join(timeout=EXIT_GRACE_S)
+    _end_group(process)  # also ends what an exited child left running (an orphaned API server)
     if not message["ok"]:
         raise RuntimeError(f"benchmark child {target} failed: {message['error']}")
     return {"result": message["result"], "peak_rss_mb": message["peak_rss_mb"],

@@ -19,6 +19,9 @@ from benchmarks.common import BenchmarkResult, Target, run_in_child
 DATA_STAGES = ["ingest", "structure", "regions", "captions", "filter", "manifest"]
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
 INCREMENT = 20
+# The issue's large size; STRUCTXLIP_BENCH_LARGE overrides it (2,000 images: ~6 min cold run, ~10 min in all here).
+LARGE_ENV = "STRUCTXLIP_BENCH_LARGE"
+DEFAULT_LARGE = 2000
 
 
 def _pipeline(images_dir: Path, out_dir: Path) -> dict:
@@ -37,7 +40,7 @@ def _prepare_child(root: Path) -> None:
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     # The ephemeral API's 20 s default start-up limit is too short on a busy 2-core machine.
-    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
     from tests.corpus import make_generated_images
 
     make_generated_images(root / "warmup-images", 2, seed=99)
@@ -69,9 +72,16 @@ def _child(kind: str, n_images: int) -> dict:
         shutil.rmtree(root, ignore_errors=True)
 
 
-def run_scaling(*, quick: bool = False) -> BenchmarkResult:
-    """Return images/s and peak RSS of the data pipeline on a small and a 10x larger folder."""
-    small, large = (8, 32) if quick else (200, 2000)
+def run_scaling(*, quick: bool = False, large: int | None = None) -> BenchmarkResult:
+    """Return images/s and peak RSS of the data pipeline on 200 and ``large`` images (default: $STRUCTXLIP_BENCH_LARGE
+    or 2,000)."""
+    if large is None:
+        large = int(os.environ.get(LARGE_ENV) or DEFAULT_LARGE)
+    small = 200
+    if quick:
+        small, large = 8, 32
+    if large <= small:
+        raise ValueError(f"expected the large size > {small} images, got {large}")
     result = BenchmarkResult(
         name="pipeline_scaling",
         description=f"Data stages (ingest..manifest, demo config) on {small} vs {large} generated 640x480 images.",
@@ -88,11 +98,17 @@ def run_scaling(*, quick: bool = False) -> BenchmarkResult:
                             **{f"{s}_s": v["seconds"] for s, v in cold["stages"].items()}})
     rss = {row["images"]: row["peak_rss_mb"] for row in result.rows}
     result.targets = [
-        Target(f"throughput at {large} / at {small} (linear time)", rates[large] / rates[small], 0.8),
-        Target(f"peak RSS at {large} / at {small} (chunked, bounded memory)", rss[large] / rss[small], 1.5,
+        # The issue's targets: time per image at the large size within 1.2x of the small one, peak memory within 1.3x.
+        Target(f"time per image at {large} / at {small} (linear time)", rates[small] / rates[large], 1.2,
+               direction="at_most"),
+        Target(f"peak RSS at {large} / at {small} (streaming, bounded memory)", rss[large] / rss[small], 1.3,
                direction="at_most"),
     ]
     return result
+
+
+def _stage_seconds(run: dict) -> float:
+    return sum(stage["seconds"] for stage in run["stages"].values())
 
 
 def run_cached(*, quick: bool = False) -> BenchmarkResult:
@@ -104,10 +120,13 @@ def run_cached(*, quick: bool = False) -> BenchmarkResult:
                              params={"images": n})
     for label, run in (("cold", cold), ("cached re-run", cached)):
         result.rows.append({"run": label, "seconds": run["seconds"],
+                            "stage_seconds": _stage_seconds(run),
                             "processed": sum(s["processed"] for s in run["stages"].values()),
                             "cached": sum(s["cached"] for s in run["stages"].values())})
     result.targets = [
-        Target("cached / cold time", cached["seconds"] / cold["seconds"], 0.10, direction="at_most"),
+        # The issue's target is on stage time; the flow's fixed cost (Prefect API calls, scans) is shown in the rows.
+        Target("cached / cold stage time", _stage_seconds(cached) / _stage_seconds(cold), 0.10, direction="at_most"),
+        Target("cached / cold wall time", cached["seconds"] / cold["seconds"], 0.10, direction="at_most"),
         Target("items recomputed by the re-run", float(sum(s["processed"] + s["failed"]
                                                            for s in cached["stages"].values())), 0.0,
                direction="at_most"),
