@@ -246,8 +246,17 @@ def export_model(clip: nn.Module, tokenizer: Any, image_processor: Any, model_di
 
 
 def make_optimizer(model: nn.Module, *, lr: float, weight_decay: float) -> torch.optim.AdamW:
-    """Return AdamW over ``model``'s parameters, fused (one kernel for all parameters) on CPU/CUDA float weights."""
-    params = list(model.parameters())
+    """Return AdamW over ``model``'s parameters, fused (one kernel for all parameters) on CPU/CUDA float weights.
+
+    Attention key biases are frozen: adding the same ``q . b_k`` to every logit of a query leaves its softmax
+    unchanged, so their true gradient is exactly 0 and they never change an output. AdamW would still divide float
+    noise (~1e-12) by its own running scale and take lr-sized random steps, making two runs of the same training
+    differ (e.g. a straight run and a killed + resumed one).
+    """
+    for name, param in model.named_parameters():
+        if name.endswith("self_attn.k_proj.bias"):
+            param.requires_grad_(False)
+    params = [p for p in model.parameters() if p.requires_grad]
     # The for-loop AdamW (the CPU default) makes ~10 passes per parameter; over CLIP's (49408, D) token table that
     # was most of a tiny model's step. The fused kernel computes the same update in one pass.
     fused = bool(params) and all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)

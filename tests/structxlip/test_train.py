@@ -197,6 +197,28 @@ def test_fused_optimizer_takes_the_same_steps_as_the_for_loop_adamw():
     assert not torch.allclose(model[1].weight, initial[1].weight)  # the steps did move the weights
 
 
+def test_attention_key_biases_change_no_output_and_are_frozen(tiny_clip_dir):
+    from transformers import CLIPModel
+
+    model = CLIPModel.from_pretrained(tiny_clip_dir).eval()
+    ids = torch.tensor([[49406, 320, 1125, 539, 320, 2368, 49407]])
+    pixels = torch.randn(1, 3, model.config.vision_config.image_size, model.config.vision_config.image_size)
+    with torch.no_grad():
+        before = model(input_ids=ids, pixel_values=pixels)
+        for name, param in model.named_parameters():
+            if name.endswith("self_attn.k_proj.bias"):
+                param.add_(torch.randn_like(param))  # a large shift of every key bias
+        after = model(input_ids=ids, pixel_values=pixels)
+    torch.testing.assert_close(after.text_embeds, before.text_embeds, atol=1e-5, rtol=0)
+    torch.testing.assert_close(after.image_embeds, before.image_embeds, atol=1e-5, rtol=0)
+
+    optimizer = make_optimizer(model, lr=1e-3, weight_decay=0.05)
+    frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
+    assert frozen and all(n.endswith("self_attn.k_proj.bias") for n in frozen)
+    optimised = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    assert all(id(p) not in optimised for n, p in model.named_parameters() if n in frozen)
+
+
 def test_first_logged_step_matches_a_hand_computed_loss_and_schedule(manifest, loaded, straight_run):
     tmp_path, result = straight_run
     # Epoch 0's order: randperm seeded seed + epoch, first 4 samples.
