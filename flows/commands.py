@@ -6,6 +6,7 @@ import argparse
 import logging
 import os
 import sys
+import time
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -29,6 +30,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                      help="recompute STAGE even where its results are cached (repeatable, or comma-separated)")
     run.add_argument("--runner", choices=["local", "dask"], help="task runner (default: runtime.runner of the config)")
     run.add_argument("--dask-address", metavar="ADDR", help="Dask scheduler to use (default: a local cluster)")
+    run.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", dest="overrides",
+                     help="override one config value, e.g. --set structure.canny_low=50 (repeatable; VALUE is YAML)")
     run.add_argument("--verbose", action="store_true", help="show Prefect's own logs")
     run.set_defaults(handler=run_command)
 
@@ -70,6 +73,19 @@ def _split(values: list[str] | None) -> list[str]:
     return [v.strip() for value in values or [] for v in value.split(",") if v.strip()]
 
 
+def parse_overrides(values: list[str] | None) -> dict:
+    """Return ``{"section.key": value}`` from ``--set section.key=VALUE`` options (VALUE is read as YAML)."""
+    import yaml
+
+    overrides = {}
+    for text in values or []:
+        key, sep, value = text.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"expected --set SECTION.KEY=VALUE, got {text!r}")
+        overrides[key.strip()] = yaml.safe_load(value)
+    return overrides
+
+
 def execute(
     images_dir: str,
     out_dir: str,
@@ -80,35 +96,55 @@ def execute(
     runner: str | None,
     dask_address: str | None,
     verbose: bool,
+    overrides: dict | None = None,
 ) -> dict:
-    """Validate the inputs, take the output folder's lock, run the parent flow and print its summary; return it."""
-    from configs import load_config
-    from flows.stages import parse_stages
+    """Load the config once, take the output folder's lock once, plan; when nothing is pending (and no Prefect server
+    is configured) report the cached run without starting Prefect, else preflight and run the parent flow.
+    Prints the stage table in every case; raises ``PipelineFailed`` (carrying the report) when a stage failed."""
+    from pipelines.engine import format_summary, summarize, write_report
+    from pipelines.plan import Pipeline, preflight, resolve_config, stages_with_work
+    from pipelines.stages import parse_stages
     from storage import lock
     from storage.layout import OutputLayout
 
+    started = time.perf_counter()
     _prepare_environment(verbose)
-    config = load_config(config_path)  # a bad config fails here in one line, before Prefect starts
-    _require_images(images_dir, extensions=config.ingest.extensions, follow_symlinks=config.ingest.follow_symlinks)
+    layout = OutputLayout(out_dir)
+    config, source = resolve_config(layout.root, config_path, overrides)  # one line on a bad config, before any work
+    if config_path is None and source != "<defaults>":
+        print(f"using the config recorded in {source}", file=sys.stderr)
     selected = parse_stages(stages)
     refreshed = parse_stages(refresh) if refresh else []
-    layout = OutputLayout(out_dir)
-    # Taken before Prefect starts, so a second run on the same folder fails at once (the flow re-enters this lock).
+    # Taken once, before Prefect starts: a second writer of this folder fails at once (the flows re-enter it).
     with lock.output_lock(layout):
-        from flows.pipeline import format_summary, structxlip_pipeline
-
-        _watch_api(os.environ.get("PREFECT_API_URL"), command="run")
-        report = structxlip_pipeline(
-            images_dir=str(Path(images_dir).expanduser().resolve()),
-            out_dir=str(layout.root),
-            config_path=None if config_path is None else str(Path(config_path).expanduser().resolve()),
-            stages=selected,
-            refresh=refreshed,
-            runner=runner,
-            dask_address=dask_address,
-        )
+        pipeline = Pipeline(images_dir, layout.root, config)
+        _require_images(pipeline)
+        with_work = stages_with_work(pipeline, selected, set(refreshed))
+        if not with_work and not os.environ.get("PREFECT_API_URL"):
+            summaries = [summarize(pipeline.plan(stage), [], [], 0.0) for stage in selected]
+            report = write_report(pipeline, summaries, seconds=time.perf_counter() - started, not_run=[])
+        else:
+            preflight(pipeline, with_work)
+            report = _run_flow(pipeline, config_path=None if config_path is None else str(
+                Path(config_path).expanduser().resolve()), selected=selected, refreshed=refreshed, runner=runner,
+                dask_address=dask_address)
     print(format_summary(report), flush=True)
     return report
+
+
+def _run_flow(pipeline, *, config_path, selected, refreshed, runner, dask_address) -> dict:
+    from flows.pipeline import PipelineFailed, current_pipeline, structxlip_pipeline
+    from pipelines.engine import format_summary
+
+    _watch_api(os.environ.get("PREFECT_API_URL"), command="run")
+    with current_pipeline(pipeline):
+        try:
+            return structxlip_pipeline(images_dir=str(pipeline.images_dir), out_dir=str(pipeline.layout.root),
+                                       config_path=config_path, stages=selected, refresh=refreshed, runner=runner,
+                                       dask_address=dask_address)
+        except PipelineFailed as exc:
+            print(format_summary(exc.report), flush=True)
+            raise
 
 
 API_LOSS_GRACE_S = 15.0
@@ -148,21 +184,21 @@ def _watch_api(api_url: str | None, *, command: str, grace_s: float = API_LOSS_G
     threading.Thread(target=watch, name="prefect-api-watch", daemon=True).start()
 
 
-def _require_images(images_dir: str, *, extensions: list[str], follow_symlinks: bool) -> None:
-    """Raise a one-line error when ``images_dir`` is missing or holds no image file (a run would silently do nothing)."""
-    from pipelines.ingest import scan_images
-
-    if not scan_images(images_dir, extensions=extensions, follow_symlinks=follow_symlinks).files:
-        raise ValueError(f"no images found in {images_dir} (searched recursively for {', '.join(extensions)})")
+def _require_images(pipeline) -> None:
+    """Raise a one-line error when the images folder holds no image file (a run would silently do nothing)."""
+    if not pipeline.scan.files:
+        extensions = ", ".join(pipeline.config.ingest.extensions)
+        raise ValueError(f"no images found in {pipeline.images_dir} (searched recursively for {extensions})")
 
 
 def run_command(args: argparse.Namespace) -> int:
-    """``structxlip run``: exit status 0, or 1 when some chunk failed (its items are retried by the next run)."""
+    """``structxlip run``: exit status 0; a failed stage raises ``PipelineFailed`` (one line, exit status 2)."""
     report = execute(
         args.images_dir, args.out, config_path=args.config, stages=_split([args.stages]) if args.stages else None,
         refresh=_split(args.refresh), runner=args.runner, dask_address=args.dask_address, verbose=args.verbose,
+        overrides=parse_overrides(args.overrides),
     )
-    return 1 if any(s.get("chunk_errors") for s in report["stages"]) else 0
+    return 0 if report else 1
 
 
 def demo_command(args: argparse.Namespace) -> int:
@@ -186,12 +222,12 @@ def demo_command(args: argparse.Namespace) -> int:
         file=sys.stdout,
         flush=True,
     )
-    return 1 if any(s.get("chunk_errors") for s in report["stages"]) else 0
+    return 0 if report else 1
 
 
 def _stage_keys(config_path: str) -> dict[str, str]:
     from configs import load_config
-    from flows.stages import stage_keys
+    from pipelines.stages import stage_keys
 
     return stage_keys(load_config(config_path))
 

@@ -8,7 +8,7 @@
       crops/<regions_key>/<id[:2]>/<id>/<n>.structure.png  structure crops (same box)
       train/                                           checkpoints, metrics.jsonl, the exported model
       eval/metrics.json                                retrieval metrics
-      .prefect/results/                                persisted Prefect task results
+      config.yaml                                      the config of the last run (single-stage re-runs reuse it)
       runs/<timestamp>.json                            summary of each pipeline run
       .lock                                            held by the run writing this folder
 """
@@ -69,9 +69,9 @@ class OutputLayout:
         return self.eval_dir / "metrics.json"
 
     @property
-    def results_dir(self) -> Path:
-        """Where Prefect persists task results (cache records survive across runs)."""
-        return self.root / ".prefect" / "results"
+    def config_record(self) -> Path:
+        """The config the last pipeline run used: a run or stage re-run without a config reuses it."""
+        return self.root / "config.yaml"
 
     @property
     def lock_path(self) -> Path:

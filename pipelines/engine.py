@@ -1,0 +1,228 @@
+"""Executing a stage plan: run chunks through the library with per-item isolation, record them in the stage store,
+and summarise. The orchestrator (Prefect tasks in ``flows/``, or plain calls) only decides *where* a chunk runs.
+
+Failure rules:
+- An exception while processing one item (an undecodable crop, a 2 MB caption spaCy refuses) becomes that item's
+  ``failed`` row with a one-line reason; the chunk is retried item by item so the other items complete.
+- A storage error (disk full, quota, read-only output folder) fails the whole chunk: nothing of it is recorded, so
+  the next run retries it once the disk is fixed. The stage then ends failed. So does any error of a whole-dataset
+  stage (manifest, train, evaluate): a failed training is never recorded as done.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import errno
+import json
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator
+
+from pipelines.plan import StagePlan, first_failures
+from pipelines.stages import STAGE_DEFINITIONS, Stage
+from storage.layout import OutputLayout
+from storage.manifest import STATUS_FAILED, STATUS_OK
+from storage.stage_store import ITEM_KEY, OUTPUTS, StageStore, output_records
+
+STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG}
+REASON_CHARS = 300
+
+
+class StageFailed(RuntimeError):
+    """A stage could not finish (a chunk hit a storage error, or a whole-dataset stage failed); carries its summary."""
+
+    def __init__(self, summary: dict):
+        self.summary = summary
+        super().__init__(f"stage {summary['stage']} failed: {summary.get('error') or 'see its summary'}")
+
+
+def one_line(exc: BaseException) -> str:
+    """Return ``Type: message`` on one line, at most ``REASON_CHARS`` characters."""
+    text = " ".join(str(exc).split())
+    return (f"{type(exc).__name__}: {text}" if text else type(exc).__name__)[:REASON_CHARS]
+
+
+def is_storage_error(exc: BaseException, out_root: Path) -> bool:
+    """True when the output storage itself failed: disk full, quota, read-only, or no permission inside OUT."""
+    if not isinstance(exc, OSError):
+        return False
+    if exc.errno in STORAGE_ERRNOS:
+        return True
+    if exc.errno in (errno.EACCES, errno.EPERM) and exc.filename:
+        path = Path(str(exc.filename)).resolve()
+        return path == out_root or out_root in path.parents
+    return False
+
+
+def _run_isolated(stage: Stage, records: list, layout: OutputLayout, call: Callable[[list], list[dict]]) -> list[dict]:
+    """Run ``call`` on the chunk; if it raises (not a storage error), run each record alone so one bad item fails
+    alone."""
+    try:
+        rows = call(records)
+        if len(rows) != len(records):
+            raise RuntimeError(f"{stage.name}: expected {len(records)} results for the chunk, got {len(rows)}")
+        return rows
+    except Exception as exc:
+        if stage.whole or is_storage_error(exc, layout.root):
+            raise  # nothing is recorded: the stage ends failed and the next run retries
+        if len(records) == 1:
+            record = records[0]
+            image_id = record.get("image_id") if isinstance(record, dict) else None
+            return [{"image_id": image_id, "status": STATUS_FAILED, "error": f"{stage.name} failed: {one_line(exc)}"}]
+    return [row for record in records for row in _run_isolated(stage, [record], layout, call)]
+
+
+def process_chunk(stage_name: str, item_keys: list[str], records: list, *, out_dir: str, stage_key: str,
+                  params: dict, runtime: dict) -> dict:
+    """Process one chunk and record it as one store part; return ``{part, ok, failures, results}`` (small, picklable).
+
+    ``failures``: ``[{item_key, file, reason}]``; ``results``: the ``result`` column of whole-dataset stages.
+    """
+    stage = STAGE_DEFINITIONS[stage_name]
+    layout = OutputLayout(out_dir)
+
+    def call(chunk: list) -> list[dict]:
+        return stage.run(chunk, layout=layout, stage_key=stage_key, params=params, runtime=runtime)
+
+    outputs = _run_isolated(stage, list(records), layout, call)
+    rows = []
+    failures = []
+    for key, record, output in zip(item_keys, records, outputs):
+        row = {**output, ITEM_KEY: key}
+        if row.get("status") == STATUS_OK:
+            try:
+                row[OUTPUTS] = output_records(layout.root, stage.output_paths(row))
+            except FileNotFoundError as exc:
+                row.update(status=STATUS_FAILED, error=f"{stage.name}: output was not written ({exc.filename})")
+        if row.get("status") != STATUS_OK:
+            row["status"] = STATUS_FAILED
+            reason = " ".join(str(row.get("error") or "unknown error").split())[:REASON_CHARS]
+            row["error"] = reason
+            failures.append({ITEM_KEY: key, "file": stage.label(record), "reason": reason})
+        rows.append(row)
+    part = StageStore(layout, stage_name, stage_key, stage.schema).write_part(rows)
+    return {"part": part.name, "ok": len(rows) - len(failures), "failures": failures,
+            "results": [r.get("result") for r in rows if r.get("status") == STATUS_OK and r.get("result")]}
+
+
+def chunks_of(plan: StagePlan, chunk_size: int) -> list[tuple[list[str], list]]:
+    """Split the pending items into ``(item_keys, records)`` chunks in item-key order (deterministic)."""
+    pending = plan.pending
+    return [([k for k, _ in pending[i:i + chunk_size]], [r for _, r in pending[i:i + chunk_size]])
+            for i in range(0, len(pending), chunk_size)]
+
+
+def run_plan(plan: StagePlan, layout: OutputLayout, *, chunk_size: int, refresh: bool,
+             execute: Callable[[list[tuple[list[str], list]]], Iterable[tuple[int, dict | BaseException]]]) -> dict:
+    """Execute ``plan`` with ``execute`` (yields ``(chunk index, chunk result or exception)`` as chunks finish) and
+    return the stage summary. Raises ``StageFailed`` (after the summary is complete) when a chunk failed."""
+    started = time.perf_counter()
+    chunks = chunks_of(plan, chunk_size)
+    results: list[dict] = []
+    chunk_errors: list[str] = []
+    for _index, outcome in execute(chunks) if chunks else ():
+        if isinstance(outcome, BaseException):
+            chunk_errors.append(one_line(outcome))
+        else:
+            results.append(outcome)
+    if refresh and results:
+        store = StageStore(layout, plan.stage, plan.stage_key, STAGE_DEFINITIONS[plan.stage].schema)
+        store.remove_superseded([store.folder / r["part"] for r in results])
+    summary = summarize(plan, results, chunk_errors, time.perf_counter() - started)
+    if chunk_errors:
+        raise StageFailed(summary)
+    return summary
+
+
+def execute_inline(process: Callable[..., dict], plan: StagePlan, layout: OutputLayout
+                   ) -> Callable[[list], Iterator[tuple[int, dict | BaseException]]]:
+    """Return an ``execute`` for ``run_plan`` that processes chunks one after another in this process."""
+
+    def execute(chunks):
+        for index, (keys, records) in enumerate(chunks):
+            try:
+                yield index, process(plan.stage, keys, records, out_dir=str(layout.root), stage_key=plan.stage_key,
+                                     params=plan.params, runtime=plan.runtime)
+            except Exception as exc:  # noqa: BLE001 - a failed chunk is reported, the others still run
+                yield index, exc
+
+    return execute
+
+
+def summarize(plan: StagePlan, results: list[dict], chunk_errors: list[str], seconds: float) -> dict:
+    """Return the stage summary: processed (new ok), cached (reused ok), failed (new + cached), seconds, failures."""
+    new_failures = [f for r in results for f in r["failures"]]
+    cached_failed = len(plan.cached_failed)
+    processed = sum(r["ok"] for r in results)
+    summary: dict[str, Any] = {
+        "stage": plan.stage,
+        "stage_key": plan.stage_key,
+        "processed": processed,
+        "cached": len(plan.cached) - cached_failed,
+        "failed": len(new_failures) + cached_failed,
+        "failed_cached": cached_failed,
+        "seconds": round(seconds, 3),
+        "failures": first_failures(plan, new_failures),
+        "chunk_errors": chunk_errors,
+        "status": "failed" if chunk_errors else "completed",
+    }
+    for resolved in ("backend", "method"):
+        if resolved in plan.params:
+            summary[resolved] = plan.params[resolved]
+    if chunk_errors:
+        summary["error"] = (f"{len(chunk_errors)} chunk(s) failed ({chunk_errors[0]}); fix the cause and run the same "
+                            "command again: finished work is kept")
+    if plan.stage == "manifest":
+        _manifest_counts(summary, plan, results)
+    return summary
+
+
+def _manifest_counts(summary: dict, plan: StagePlan, results: list[dict]) -> None:
+    """The manifest is one item, but its table counts rows: written now vs kept, plus duplicates left out."""
+    stored = [json.loads(r) for result in results for r in result["results"]]
+    stored += [json.loads(row["result"]) for row in plan.cached.values() if row.get("result")]
+    if not stored:
+        return
+    info = stored[0]
+    written = info.get("written_rows", 0) if results else 0
+    summary.update(processed=written, cached=info.get("rows", 0) - written, failed=0, rows=info.get("rows", 0),
+                   ok=info.get("ok", 0), duplicates=info.get("duplicates", 0))
+
+
+# ---- the run report ------------------------------------------------------------------------------------------------
+def write_report(pipeline, summaries: list[dict], *, seconds: float, not_run: list[str]) -> dict:
+    """Write ``OUT/runs/<timestamp>.json`` (every stage summary of this run) and return the report."""
+    from storage.atomic import atomic_write_text
+
+    report = {
+        "images_dir": str(pipeline.images_dir),
+        "out_dir": str(pipeline.layout.root),
+        "stages": summaries,
+        "not_run": not_run,
+        "seconds": round(seconds, 3),
+        "finished": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
+    }
+    stamp = _dt.datetime.now().strftime("%Y%m%dT%H%M%S%f")
+    atomic_write_text(pipeline.layout.run_summary(stamp), json.dumps(report, indent=2, default=str))
+    return report
+
+
+def format_summary(report: dict) -> str:
+    """Return the end-of-run table: one line per stage with processed, cached, failed and seconds."""
+    lines = [f"{'stage':<10} {'processed':>9} {'cached':>7} {'failed':>7} {'seconds':>8}"]
+    for s in report["stages"]:
+        lines.append(f"{s['stage']:<10} {s['processed']:>9} {s['cached']:>7} {s['failed']:>7} {s['seconds']:>8.2f}")
+        failures = s.get("failures") or []
+        for failure in failures[:3]:
+            cached = " (cached)" if failure.get("cached") else ""
+            lines.append(f"  x {failure['file']}: {failure['reason']}{cached}")
+        if s["failed"] > 3:
+            lines.append(f"  x ... {s['failed'] - 3} more (see the {s['stage']}-failures artifact or the manifest)")
+        for error in s.get("chunk_errors") or []:
+            lines.append(f"  ! chunk failed (retried next run): {error}")
+        if s.get("duplicates"):
+            lines.append(f"  {s['duplicates']} duplicate file(s) left out of the manifest (same bytes as another file)")
+    for stage in report.get("not_run") or []:
+        lines.append(f"{stage:<10} {'not run (an earlier stage failed)':>36}")
+    lines.append(f"total {report['seconds']:.1f} s; outputs in {report['out_dir']}")
+    return "\n".join(lines)

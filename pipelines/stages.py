@@ -1,0 +1,594 @@
+"""The stage model: one definition per pipeline stage, from which everything else derives.
+
+A ``Stage`` says, in one place: its name, the typed parameters that shape its output (built from its config section,
+with ``auto`` values *resolved* to what will actually run), the runtime settings that do not (devices, workers, batch
+sizes), the library modules whose ``VERSION`` it depends on, the upstream stages it reads, the Parquet schema of its
+stored rows, which items it has to process given the stored upstream rows, the library call for one chunk, and which
+output files a row owns (verified on the next run). From it derive the cache key (``stage_key``), the keyword
+arguments passed to the library, the CLI/flow parameters (``--set section.key=value`` over the same config), and the
+summary. Nothing here imports Prefect, torch or spaCy at module level.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import json
+import re
+import threading
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, ClassVar
+
+import pyarrow as pa
+from pydantic import BaseModel, ConfigDict
+
+from configs.schema import STAGES, TINY_CLIP, Config
+from storage.hashing import content_key, file_digest
+from storage.layout import OutputLayout
+from storage.manifest import SEGMENT_TYPE, STATUS_OK
+from storage.stage_store import ITEM_KEY, OUTPUT_TYPE, OUTPUTS
+
+if TYPE_CHECKING:
+    from pipelines.plan import Pipeline
+
+_STATUS = [pa.field(ITEM_KEY, pa.string(), nullable=False), pa.field("image_id", pa.string()),
+           pa.field("status", pa.string()), pa.field("error", pa.string()), pa.field(OUTPUTS, OUTPUT_TYPE)]
+Item = tuple[str, Any]  # (item key, input record)
+
+
+class Params(BaseModel):
+    """Result-shaping parameters of a stage (frozen, JSON-able): the only values that enter its cache key."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# ---- resolving "auto" and model identities ---------------------------------------------------------------------
+def resolve_structure_backend(backend: str) -> str:
+    """Return the structure backend that will run: ``auto`` is kornia when CUDA is available, else opencv."""
+    if backend != "auto":
+        return backend
+    from pipelines.structure import _cuda_available
+
+    return "kornia" if _cuda_available() else "opencv"
+
+
+def resolve_regions_method(method: str, sam_checkpoint: str | None) -> str:
+    """Return the region proposer that will run: ``auto`` is SAM when a checkpoint is configured, else structure."""
+    if method == "auto":
+        return "sam" if sam_checkpoint else "structure"
+    return method
+
+
+@functools.lru_cache(maxsize=None)
+def model_identity(name: str) -> dict:
+    """Return what identifies a model's weights cheaply: a local folder's file sizes and config digest, a cached hub
+    snapshot's revision, or the id itself (the tiny CLIP is identified by its builder's version)."""
+    if name == TINY_CLIP:
+        return {"id": name, "builder": module_version("structxlip.models")}
+    folder = Path(name).expanduser()
+    if folder.is_dir():
+        files = {p.relative_to(folder).as_posix(): p.stat().st_size for p in sorted(folder.rglob("*")) if p.is_file()}
+        config = folder / "config.json"
+        return {"files": files, "config": file_digest(config) if config.is_file() else None}
+    import os
+
+    cache = Path(os.environ.get("HF_HUB_CACHE") or Path(os.environ.get("HF_HOME", "~/.cache/huggingface")) / "hub")
+    ref = cache.expanduser() / f"models--{name.replace('/', '--')}" / "refs" / "main"
+    return {"id": name, "revision": ref.read_text().strip() if ref.is_file() else None}
+
+
+_VERSION_LINE = re.compile(r"""^VERSION\s*(?::\s*str\s*)?=\s*["']([^"']+)["']""", re.MULTILINE)
+
+
+@functools.lru_cache(maxsize=None)
+def module_version(name: str) -> str:
+    """Return a module's ``VERSION = "..."`` read from its source without importing it (importing torch-based
+    modules costs seconds per run); "0" when it declares none, "missing" when the module does not exist."""
+    spec = importlib.util.find_spec(name)
+    if spec is None or not spec.origin or not spec.origin.endswith(".py"):
+        return "missing"
+    match = _VERSION_LINE.search(Path(spec.origin).read_text(encoding="utf-8"))
+    return match.group(1) if match else "0"
+
+
+def _vocab_digest(vocab_dir: str) -> dict[str, str]:
+    """File name -> SHA-256 of the vocabulary files, so editing a word list changes the filter stage's key."""
+    folder = Path(vocab_dir).expanduser()
+    return {p.name: file_digest(p) for p in sorted(folder.glob("*")) if p.is_file()}
+
+
+def text_item_key(image_id: str, caption: str | None) -> str:
+    """Item key of the text stages: the image and its caption, so an edited caption recomputes only text stages."""
+    return content_key("text", image_id, caption or "")
+
+
+# ---- heavy objects, built once per worker process and reused across chunks ---------------------------------------
+_shared: dict[tuple, tuple[Any, threading.Lock]] = {}
+_shared_lock = threading.Lock()
+
+
+def shared(key: tuple, factory: Callable[[], Any]) -> tuple[Any, threading.Lock]:
+    """Return the process-wide object for ``key`` (built by ``factory`` the first time) and the lock to hold while
+    using it: tokenizers and spaCy pipelines are not safe to call from two threads at once, and torch already
+    spreads one batch over every core, so chunks sharing a model take turns."""
+    with _shared_lock:
+        if key not in _shared:
+            _shared[key] = (factory(), threading.Lock())
+        return _shared[key]
+
+
+def _freeze(value: Any) -> Any:
+    return json.dumps(value, sort_keys=True, default=str)
+
+
+# ---- the stage base ------------------------------------------------------------------------------------------------
+class Stage:
+    """One pipeline stage. Subclasses set the class attributes and implement the four methods below."""
+
+    name: ClassVar[str]
+    description: ClassVar[str]
+    modules: ClassVar[tuple[str, ...]]  # library modules whose VERSION enters the key
+    upstream: ClassVar[tuple[str, ...]] = ()
+    schema: ClassVar[pa.Schema]
+    whole: ClassVar[bool] = False  # one item for the whole dataset (manifest, train, evaluate)
+    rows_by_image: ClassVar[bool] = True  # later stages look its rows up by image id (else by item key)
+
+    def params(self, config: Config) -> Params:
+        """Return the resolved, result-shaping parameters."""
+        raise NotImplementedError
+
+    def runtime(self, config: Config) -> dict:
+        """Return settings passed to the library that do not change results (left out of the key)."""
+        return {}
+
+    def items(self, pipeline: "Pipeline") -> list[Item]:
+        """Return every current ``(item_key, record)`` this stage should have a result for."""
+        raise NotImplementedError
+
+    def run(self, records: list, *, layout: OutputLayout, stage_key: str, params: dict, runtime: dict) -> list[dict]:
+        """Process one chunk through the library; return one row per record (same order)."""
+        raise NotImplementedError
+
+    def output_paths(self, row: dict) -> list[str]:
+        """Return the files (relative to OUT) that a stored ok row owns."""
+        return []
+
+    def label(self, record: Any) -> str:
+        """Return a human name for an input record (its file name) for failure lists."""
+        path = record.get("source_path") if isinstance(record, dict) else getattr(record, "path", None)
+        return Path(str(path)).name if path else str(record.get("image_id") if isinstance(record, dict) else record)
+
+    def version(self) -> dict[str, str]:
+        return {name: module_version(name) for name in self.modules}
+
+    def key(self, params: Params, upstream_keys: list[str]) -> str:
+        """Return the stage key: content key of the name, code versions, resolved parameters and upstream keys."""
+        return content_key(self.name, self.version(), params.model_dump(mode="json"), upstream_keys)
+
+
+# ---- data stages ---------------------------------------------------------------------------------------------------
+class IngestParams(Params):
+    extensions: list[str]
+    max_pixels: int
+    follow_symlinks: bool
+
+
+class Ingest(Stage):
+    name = "ingest"
+    description = "Hash, open and measure every new or changed image file in the folder."
+    modules = ("pipelines.ingest", "pipelines.images")
+    rows_by_image = False  # one row per file: identical files share an image id
+    schema = pa.schema([*_STATUS, pa.field("source_path", pa.string()), pa.field("width", pa.int32()),
+                        pa.field("height", pa.int32())])
+
+    def params(self, config):
+        i = config.ingest
+        return IngestParams(extensions=sorted(e.lower().lstrip(".") for e in i.extensions), max_pixels=i.max_pixels,
+                            follow_symlinks=i.follow_symlinks)
+
+    def items(self, pipeline):
+        return [(f.file_key, f) for f in pipeline.scan.files]
+
+    def run(self, records, *, layout, stage_key, params, runtime):
+        from pipelines.ingest import ingest_images
+
+        return ingest_images(records, max_pixels=params["max_pixels"])
+
+
+class StructureParams(Params):
+    backend: str
+    long_side: int
+    canny_low: float
+    canny_high: float
+    extra_maps: list[str]
+    scribble_sigma: float
+    scribble_threshold: float
+    scribble_final_sigma: float
+
+
+MAP_COLUMNS = ("structure_path", "scribble_path", "log_path", "sobel_path")
+
+
+class Structure(Stage):
+    name = "structure"
+    description = "Write Canny/scribble (and optional LoG/Sobel) structure maps of every ingested image."
+    modules = ("pipelines.structure", "pipelines.images")
+    upstream = ("ingest",)
+    schema = pa.schema([*_STATUS, *(pa.field(c, pa.string()) for c in MAP_COLUMNS)])
+
+    def params(self, config):
+        s = config.structure
+        return StructureParams(
+            backend=resolve_structure_backend(s.backend), long_side=s.long_side, canny_low=s.canny_low,
+            canny_high=s.canny_high, extra_maps=sorted(s.extra_maps), scribble_sigma=s.scribble.sigma,
+            scribble_threshold=s.scribble.threshold, scribble_final_sigma=s.scribble.final_sigma)
+
+    def runtime(self, config):
+        s = config.structure
+        return {"max_pixels": config.ingest.max_pixels, "workers": s.workers, "batch_size": s.batch_size}
+
+    def items(self, pipeline):
+        return [(i["image_id"], i) for i in pipeline.images]
+
+    def run(self, records, *, layout, stage_key, params, runtime):
+        from pipelines.structure import extract_structure
+
+        return extract_structure(records, layout=layout, stage_key=stage_key, **params, **runtime)
+
+    def output_paths(self, row):
+        return [row[c] for c in MAP_COLUMNS if row.get(c)]
+
+
+class RegionsParams(Params):
+    method: str
+    sam_model_type: str
+    sam_checkpoint: str | None
+    points_per_side: int
+    min_area_fraction: float
+    max_area_fraction: float
+    max_regions: int
+    nms_iou: float
+    max_side: int
+
+
+class Regions(Stage):
+    name = "regions"
+    description = "Propose local regions (SAM or structure-based) and write their RGB and structure crops."
+    modules = ("pipelines.regions",)
+    upstream = ("structure",)
+    schema = pa.schema([*_STATUS, pa.field("segments", pa.list_(SEGMENT_TYPE))])
+
+    def params(self, config):
+        r = config.regions
+        return RegionsParams(
+            method=resolve_regions_method(r.method, r.sam_checkpoint), sam_model_type=r.sam_model_type,
+            sam_checkpoint=r.sam_checkpoint, points_per_side=r.points_per_side,
+            min_area_fraction=r.min_area_fraction, max_area_fraction=r.max_area_fraction, max_regions=r.max_regions,
+            nms_iou=r.nms_iou, max_side=r.max_side)
+
+    def runtime(self, config):
+        r = config.regions
+        return {"points_per_batch": r.points_per_batch, "device": r.device, "max_pixels": config.ingest.max_pixels}
+
+    def items(self, pipeline):
+        structure = pipeline.done_rows("structure")
+        return [(i["image_id"], {**i, "structure_path": structure[i["image_id"]]["structure_path"]})
+                for i in pipeline.images if structure.get(i["image_id"], {}).get("status") == STATUS_OK]
+
+    def run(self, records, *, layout, stage_key, params, runtime):
+        from pipelines.regions import propose_regions
+
+        return propose_regions(records, layout=layout, stage_key=stage_key, **params, **runtime)
+
+    def output_paths(self, row):
+        paths = []
+        for segment in row.get("segments") or []:
+            paths += [p for p in (segment.get("crop_path"), segment.get("structure_crop_path")) if p]
+        return paths
+
+
+class CaptionsParams(Params):
+    clip_model: str
+    clip_identity: dict
+    spacy_model: str
+    include_full_image: bool
+    captioner: str | None
+    caption_regions: bool
+    max_new_tokens: int
+
+
+class Captions(Stage):
+    name = "captions"
+    description = "Split captions into sentences and assign each to its best region with CLIP scores."
+    modules = ("pipelines.captions",)
+    upstream = ("regions",)
+    schema = pa.schema([*_STATUS, pa.field("caption", pa.string()), pa.field("caption_source", pa.string()),
+                        pa.field("segments", pa.list_(SEGMENT_TYPE))])
+
+    def params(self, config):
+        c = config.captions
+        return CaptionsParams(
+            clip_model=config.scoring_model, clip_identity=model_identity(config.scoring_model),
+            spacy_model=config.filter.spacy_model, include_full_image=c.include_full_image, captioner=c.captioner,
+            caption_regions=c.caption_regions, max_new_tokens=c.max_new_tokens)
+
+    def runtime(self, config):
+        return {"device": config.captions.device, "batch_size": config.captions.batch_size}
+
+    def items(self, pipeline):
+        regions = pipeline.done_rows("regions")
+        items = []
+        for image in pipeline.images:
+            region = regions.get(image["image_id"])
+            key = pipeline.text_keys.get(image["image_id"])
+            if region is None or region["status"] != STATUS_OK or key is None:
+                continue
+            caption, caption_source, _note = pipeline.caption_of(image["source_path"])
+            items.append((key, {**image, "caption": caption, "caption_source": caption_source,
+                                "segments": region["segments"]}))
+        return items
+
+    def run(self, records, *, layout, stage_key, params, runtime):
+        from pipelines import captions as library
+        from pipelines.filtering import load_spacy
+
+        scorer_args = {"model_name_or_dir": params["clip_model"], "device": runtime["device"],
+                       "batch_size": runtime["batch_size"]}
+        scorer, scorer_lock = shared(("clip", _freeze(scorer_args)), lambda: library.ClipScorer(**scorer_args))
+        nlp, nlp_lock = shared(("spacy", params["spacy_model"]), lambda: load_spacy(params["spacy_model"]))
+        captioner, captioner_lock = None, threading.Lock()
+        if params["captioner"]:
+            captioner_args = {"model_id": params["captioner"], "device": runtime["device"],
+                              "max_new_tokens": params["max_new_tokens"]}
+            captioner, captioner_lock = shared(("captioner", _freeze(captioner_args)),
+                                               lambda: library.Captioner(**captioner_args))
+        with scorer_lock, nlp_lock, captioner_lock:  # always taken in this order: no deadlock between stages
+            return library.score_local_captions(
+                records, layout=layout, scorer=scorer, nlp=nlp, captioner=captioner,
+                include_full_image=params["include_full_image"], caption_regions=params["caption_regions"])
+
+
+class FilterParams(Params):
+    spacy_model: str
+    vocab: dict[str, str]
+    vocab_dir: str
+    remove_colors: bool
+    remove_materials: bool
+    remove_textures: bool
+    remove_domain: bool
+    min_content_words: int
+    max_hard_negatives: int
+
+
+class Filter(Stage):
+    name = "filter"
+    description = "Remove appearance words (colours, materials, textures) from captions; build hard negatives."
+    modules = ("pipelines.filtering", "pipelines.hard_negatives")
+    upstream = ("captions",)
+    schema = pa.schema([*_STATUS, pa.field("filtered_caption", pa.string()),
+                        pa.field("segments", pa.list_(SEGMENT_TYPE)), pa.field("hard_negatives", pa.list_(pa.string()))])
+
+    def params(self, config):
+        f = config.filter
+        return FilterParams(
+            spacy_model=f.spacy_model, vocab=_vocab_digest(f.vocab_dir), vocab_dir=str(Path(f.vocab_dir).name),
+            remove_colors=f.remove_colors, remove_materials=f.remove_materials, remove_textures=f.remove_textures,
+            remove_domain=f.remove_domain, min_content_words=f.min_content_words,
+            max_hard_negatives=f.max_hard_negatives)
+
+    def runtime(self, config):
+        return {"vocab_path": config.filter.vocab_dir, "batch_size": config.filter.batch_size}
+
+    def items(self, pipeline):
+        captions = pipeline.done_rows("captions")
+        return [(pipeline.text_keys[image_id], {"image_id": image_id, "caption": row["caption"],
+                                                "segments": row["segments"]})
+                for image_id, row in captions.items() if row["status"] == STATUS_OK and row.get("caption")]
+
+    def run(self, records, *, layout, stage_key, params, runtime):
+        from pipelines.filtering import CaptionFilter, filter_captions
+
+        filter_args = {"spacy_model": params["spacy_model"], "vocab_dir": runtime["vocab_path"],
+                       "batch_size": runtime["batch_size"], "min_content_words": params["min_content_words"],
+                       **{k: params[k] for k in ("remove_colors", "remove_materials", "remove_textures",
+                                                 "remove_domain")}}
+        caption_filter, lock = shared(("caption_filter", _freeze(filter_args)), lambda: CaptionFilter(**filter_args))
+        with lock:
+            return filter_captions(records, caption_filter=caption_filter,
+                                   max_hard_negatives=params["max_hard_negatives"])
+
+
+# ---- whole-dataset stages ------------------------------------------------------------------------------------------
+_RESULT = [*_STATUS, pa.field("result", pa.string())]
+
+
+class ManifestParams(Params):
+    split_ratios: dict[str, float]
+
+
+class Manifest(Stage):
+    name = "manifest"
+    description = "Join every stage's results into the manifest (one row per image), swapped in atomically."
+    modules = ("pipelines.manifest",)
+    upstream = ("filter",)
+    schema = pa.schema(_RESULT)
+    whole = True
+    rows_by_image = False
+
+    def params(self, config):
+        return ManifestParams(split_ratios=dict(config.manifest.split_ratios))
+
+    def items(self, pipeline):
+        built = pipeline.manifest_rows
+        return [(content_key("manifest", built.rows, length=32), {"rows": built.rows,
+                                                                  "duplicates": built.duplicates})]
+
+    def run(self, records, *, layout, stage_key, params, runtime):
+        from pipelines.manifest import write_manifest
+        from storage.parquet import parquet_parts
+
+        (record,) = records
+        result = write_manifest(layout, record["rows"])
+        ok = sum(r["status"] == STATUS_OK for r in record["rows"])
+        summary = {"rows": len(record["rows"]), "ok": ok, "written_rows": result.written_rows,
+                   "kept_rows": result.kept_rows, "duplicates": len(record["duplicates"]),
+                   "parts": [layout.relative(p) for p in parquet_parts(layout.manifest_dir)]}
+        return [{"image_id": None, "status": STATUS_OK, "error": None, "result": json.dumps(summary)}]
+
+    def output_paths(self, row):
+        return json.loads(row.get("result") or "{}").get("parts", [])
+
+    def label(self, record):
+        return "manifest"
+
+
+def train_arguments(clip_model: str, train: dict, runtime: dict) -> dict:
+    """Return the keyword arguments of ``structxlip.train.train`` for a ``train`` config section (plus runtime
+    settings): objective fields become an ``Objective``; a config key the trainer does not take is an error, so the
+    config and the trainer cannot drift apart silently."""
+    import dataclasses
+    import inspect
+
+    from structxlip.train import Objective, train as train_fn
+
+    objective_names = {f.name for f in dataclasses.fields(Objective)}
+    accepted = set(inspect.signature(train_fn).parameters)
+    values = {**train, **runtime}
+    unknown = sorted(k for k in values if k not in objective_names and k not in accepted)
+    if unknown:
+        raise TypeError(f"train config keys {unknown} are not arguments of structxlip.train.train")
+    kwargs = {k: v for k, v in values.items() if k in accepted and k not in objective_names}
+    return {"clip_model": clip_model, "objective": Objective(**{k: v for k, v in values.items() if k in objective_names}),
+            **kwargs}
+
+
+class TrainParams(Params):
+    clip_model: str
+    clip_identity: dict
+    train: dict
+
+
+TRAIN_RUNTIME = ("device", "num_workers", "precision", "checkpoint_every_steps")
+
+
+class Train(Stage):
+    name = "train"
+    description = "Fine-tune CLIP with the StructXLIP losses on the manifest's train split (cached by data + params)."
+    modules = ("structxlip.train", "structxlip.losses", "structxlip.data", "structxlip.models", "structxlip.text")
+    upstream = ("manifest",)
+    schema = pa.schema(_RESULT)
+    whole = True
+    rows_by_image = False
+
+    def params(self, config):
+        t = config.train
+        return TrainParams(clip_model=config.model.clip_model, clip_identity=model_identity(config.model.clip_model),
+                           train=t.model_dump(mode="json", exclude=set(TRAIN_RUNTIME)))
+
+    def runtime(self, config):
+        return {name: getattr(config.train, name) for name in TRAIN_RUNTIME}
+
+    def items(self, pipeline):
+        digest = pipeline.manifest_digest()
+        if digest is None:
+            return []
+        key = content_key("train", digest, length=32)
+        # The trainer resumes a checkpoint only when it was written for this stage key and item: same data, params.
+        return [(key, {"manifest": digest, "run_key": content_key(pipeline.keys["train"], key)})]
+
+    def run(self, records, *, layout, stage_key, params, runtime):
+        from structxlip.train import train
+
+        (record,) = records
+        arguments = train_arguments(params["clip_model"], params["train"], runtime)
+        import inspect  # MERGE-I15: drop this check once train() takes run_key
+        resume = {"resume": "auto", "run_key": record["run_key"]} if "run_key" in inspect.signature(train).parameters else {}
+        result = train(layout.manifest_dir, layout.root, **arguments, **resume, progress=False)
+        model_dir = Path(result.model_dir) if result.model_dir is not None else None
+        files = sorted(layout.relative(p) for p in model_dir.rglob("*") if p.is_file()) if model_dir else []
+        summary = {"steps": result.steps, "skipped_steps": result.skipped_steps,
+                   "epochs_completed": result.epochs_completed, "seconds_per_step": result.seconds_per_step,
+                   "model_dir": layout.relative(model_dir) if model_dir else None, "model_files": files}
+        return [{"image_id": None, "status": STATUS_OK, "error": None, "result": json.dumps(summary, default=str)}]
+
+    def output_paths(self, row):
+        return json.loads(row.get("result") or "{}").get("model_files", [])
+
+    def label(self, record):
+        return "train"
+
+
+class EvaluateParams(Params):
+    base_model: str
+    split: str
+    max_text_tokens: int
+    keep_positions: int
+    structure_kind: str
+
+
+class Evaluate(Stage):
+    name = "evaluate"
+    description = "Retrieval Recall@K (image/text/structure directions) of the fine-tuned model."
+    modules = ("structxlip.evaluate", "structxlip.metrics")
+    upstream = ("train",)
+    schema = pa.schema(_RESULT)
+    whole = True
+    rows_by_image = False
+
+    def params(self, config):
+        t = config.train
+        return EvaluateParams(base_model=config.model.clip_model, split=config.evaluate.split,
+                              max_text_tokens=t.max_text_tokens, keep_positions=t.keep_positions,
+                              structure_kind=t.structure_kind)
+
+    def runtime(self, config):
+        return {"batch_size": config.evaluate.batch_size, "device": config.evaluate.device,
+                "precision": config.train.precision, "num_workers": config.train.num_workers}
+
+    def items(self, pipeline):
+        model = pipeline.done_rows("train")
+        digest = pipeline.manifest_digest()
+        if digest is None or not model:
+            return []
+        (train_key,) = model
+        return [(content_key("evaluate", digest, train_key, length=32), {"manifest": digest, "model": train_key})]
+
+    def run(self, records, *, layout, stage_key, params, runtime):
+        from structxlip.evaluate import evaluate
+
+        metrics = evaluate(layout.manifest_dir, checkpoint=str(layout.model_dir), out_path=layout.eval_metrics,
+                           **params, **runtime)
+        result = {"metrics_file": layout.relative(layout.eval_metrics),
+                  "summary": {k: v for k, v in metrics.items() if not isinstance(v, (dict, list))}}
+        return [{"image_id": None, "status": STATUS_OK, "error": None, "result": json.dumps(result, default=str)}]
+
+    def output_paths(self, row):
+        path = json.loads(row.get("result") or "{}").get("metrics_file")
+        return [path] if path else []
+
+    def label(self, record):
+        return "evaluate"
+
+
+STAGE_DEFINITIONS: dict[str, Stage] = {s.name: s for s in (Ingest(), Structure(), Regions(), Captions(), Filter(),
+                                                           Manifest(), Train(), Evaluate())}
+assert tuple(STAGE_DEFINITIONS) == STAGES
+
+
+def stage_keys(config: Config) -> dict[str, str]:
+    """Return the chained cache key of every stage, in pipeline order."""
+    keys: dict[str, str] = {}
+    for name, stage in STAGE_DEFINITIONS.items():
+        keys[name] = stage.key(stage.params(config), [keys[u] for u in stage.upstream])
+    return keys
+
+
+def parse_stages(text: str | list[str] | None) -> list[str]:
+    """Return the requested stages in pipeline order from ``"a,b"`` or a list; raise ValueError naming an unknown one."""
+    if text is None:
+        return list(STAGES)
+    names = [n.strip() for n in (text.split(",") if isinstance(text, str) else text) if n and n.strip()]
+    unknown = [n for n in names if n not in STAGES]
+    if unknown or not names:
+        raise ValueError(f"expected stages from {', '.join(STAGES)}, got {', '.join(unknown) or 'none'}")
+    return [s for s in STAGES if s in names]
