@@ -226,3 +226,18 @@ def format_summary(report: dict) -> str:
         lines.append(f"{stage:<10} {'not run (an earlier stage failed)':>36}")
     lines.append(f"total {report['seconds']:.1f} s; outputs in {report['out_dir']}")
     return "\n".join(lines)
+
+
+def run_inline(pipeline, stages: list[str], *, refresh: tuple[str, ...] = ()) -> list[dict]:
+    """Run ``stages`` in this process without an orchestrator (tests, benchmarks, notebooks); return the summaries.
+    Raises ``StageFailed`` like the flows do."""
+    summaries = []
+    for stage in stages:
+        plan = pipeline.plan(stage, refresh=stage in refresh)
+        chunk_size = 1 if STAGE_DEFINITIONS[stage].whole else pipeline.config.runtime.chunk_size
+        try:
+            summaries.append(run_plan(plan, pipeline.layout, chunk_size=chunk_size, refresh=stage in refresh,
+                                      execute=execute_inline(process_chunk, plan, pipeline.layout)))
+        finally:
+            pipeline.invalidate(stage)
+    return summaries

@@ -17,30 +17,20 @@ def _load_config(args: argparse.Namespace, overrides: dict | None = None):
 
 
 def _train(args: argparse.Namespace) -> int:
-    from structxlip.train import Objective, train
+    from pipelines.stages import STAGE_DEFINITIONS, train_arguments
+    from storage import lock
+    from storage.layout import OutputLayout
+    from structxlip.train import train
 
     config = _load_config(args, {"train.epochs": args.epochs, "train.device": args.device,
                                  "train.batch_size": args.batch_size})
-    t = config.train
-    objective = Objective(
-        lambda_global=t.lambda_global, lambda_structure_centric=t.lambda_structure_centric,
-        lambda_consistency=t.lambda_consistency, lambda_local=t.lambda_local,
-        lambda_hard_negative=t.lambda_hard_negative, warm=t.warm, decay_start=t.decay_start, decay_end=t.decay_end,
-        floor_structure_centric=t.floor_structure_centric, floor_consistency=t.floor_consistency,
-        floor_local=t.floor_local, warmup_structure_epochs=t.warmup_structure_epochs, chunk_tau=t.chunk_tau,
-    )
-    result = train(
-        args.manifest, args.out, clip_model=config.model.clip_model, objective=objective, epochs=t.epochs,
-        batch_size=t.batch_size, lr=t.lr, min_lr=t.min_lr, weight_decay=t.weight_decay,
-        logit_scale_min=t.logit_scale_min, logit_scale_max=t.logit_scale_max, max_text_tokens=t.max_text_tokens,
-        keep_positions=t.keep_positions, structure_kind=t.structure_kind, chunk_top_k=t.chunk_top_k,
-        chunk_base_window=t.chunk_base_window, chunk_stride=t.chunk_stride, max_chunks=t.max_chunks,
-        precision=t.precision, device=t.device, num_workers=t.num_workers,
-        checkpoint_every_steps=t.checkpoint_every_steps, seed=t.seed, resume=args.resume, max_steps=args.max_steps,
-        config=config.model_dump(mode="json"), progress=not args.no_progress,
-    )
+    stage = STAGE_DEFINITIONS["train"]  # the same parameters the pipeline's train stage passes
+    arguments = train_arguments(config.model.clip_model, stage.params(config).train, stage.runtime(config))
+    with lock.output_lock(OutputLayout(args.out)):
+        result = train(args.manifest, args.out, **arguments, resume=args.resume, max_steps=args.max_steps,
+                       config=config.model_dump(mode="json"), progress=not args.no_progress)
     skipped = f", {result.skipped_steps} skipped (non-finite loss)" if result.skipped_steps else ""
-    print(f"trained {result.epochs_completed}/{t.epochs} epochs, {result.steps} steps{skipped}; "
+    print(f"trained {result.epochs_completed}/{config.train.epochs} epochs, {result.steps} steps{skipped}; "
           f"checkpoint {result.checkpoint}")
     if result.model_dir is not None:
         print(f"model: {result.model_dir}")
@@ -48,18 +38,22 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
+    import contextlib
+
+    from pipelines.stages import STAGE_DEFINITIONS
+    from storage import lock
     from storage.manifest import manifest_root
     from structxlip.evaluate import evaluate, metrics_table
 
     config = _load_config(args, {"evaluate.split": args.split, "evaluate.device": args.device})
-    out_path = Path(args.out) if args.out else manifest_root(args.manifest).eval_metrics
-    metrics = evaluate(
-        args.manifest, checkpoint=args.checkpoint or config.model.clip_model, base_model=config.model.clip_model,
-        out_path=out_path, split=config.evaluate.split, batch_size=config.evaluate.batch_size,
-        device=config.evaluate.device, precision=config.train.precision, max_text_tokens=config.train.max_text_tokens,
-        keep_positions=config.train.keep_positions, structure_kind=config.train.structure_kind,
-        num_workers=config.train.num_workers,
-    )
+    root = manifest_root(args.manifest)
+    out_path = Path(args.out).resolve() if args.out else root.eval_metrics
+    stage = STAGE_DEFINITIONS["evaluate"]  # the same parameters the pipeline's evaluate stage passes
+    # Writing into a pipeline's output folder takes its lock, like every other writer of that folder.
+    writes_into_out = root.root in out_path.parents
+    with lock.output_lock(root) if writes_into_out else contextlib.nullcontext():
+        metrics = evaluate(args.manifest, checkpoint=args.checkpoint or config.model.clip_model, out_path=out_path,
+                           **stage.params(config).model_dump(), **stage.runtime(config))
     print(metrics_table(metrics))
     print(f"\n{metrics['n_pairs']} pairs ({metrics['n_structure_pairs']} with a structure map); metrics: {out_path}")
     return 0
@@ -74,9 +68,13 @@ def _export_json(args: argparse.Namespace) -> int:
 
 
 def _import_json(args: argparse.Namespace) -> int:
+    from storage import lock
+    from storage.layout import OutputLayout
     from storage.reference_json import import_reference_json
 
-    result = import_reference_json(args.input, args.out, root=args.root, split=args.split, overwrite=args.overwrite)
+    with lock.output_lock(OutputLayout(args.out)):
+        result = import_reference_json(args.input, args.out, root=args.root, split=args.split,
+                                       overwrite=args.overwrite)
     for index, reason in result.rejected[:20]:
         print(f"rejected item {index}: {reason}", file=sys.stderr)
     if len(result.rejected) > 20:

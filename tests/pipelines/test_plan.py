@@ -1,0 +1,132 @@
+"""Planning and executing stages over the store, without an orchestrator: only pending items run; a missing or
+truncated output file, or an unreadable store part, makes exactly its items pending again (with one warning); a bad
+item fails alone; a storage error fails the chunk and records nothing; a moved output folder stays cached."""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import shutil
+
+import pytest
+
+from configs import load_config
+from pipelines import stages as stage_module
+from pipelines.engine import StageFailed, run_inline
+from pipelines.plan import Pipeline
+from tests.corpus import make_generated_images
+
+DATA = ["ingest", "structure", "regions", "captions", "filter", "manifest"]
+CONFIG = {"model.clip_model": "structxlip/tiny-clip", "regions.method": "structure", "regions.max_regions": 3,
+          "runtime.chunk_size": 2, "structure.workers": 1, "train.epochs": 1, "train.batch_size": 2,
+          "train.device": "cpu", "evaluate.split": "all", "evaluate.device": "cpu", "captions.device": "cpu"}
+
+
+def _counts(summaries):
+    return {s["stage"]: (s["processed"], s["cached"], s["failed"]) for s in summaries}
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    images = tmp_path_factory.mktemp("plan") / "images"
+    make_generated_images(images, 5, size=(96, 72))
+    return images
+
+
+def _pipeline(images, out, **overrides):
+    return Pipeline(images, out, load_config(overrides={**CONFIG, **overrides}))
+
+
+def test_nothing_is_redone_and_broken_outputs_are_rebuilt_exactly(folder, tmp_path, caplog):
+    out = tmp_path / "out"
+    first = run_inline(_pipeline(folder, out), DATA)
+    assert _counts(first) == {s: (5, 0, 0) for s in DATA}
+    pipeline = _pipeline(folder, out)
+    assert all(not pipeline.plan(s).pending for s in DATA)
+
+    # Delete one crop and truncate one (other image's) structure map: exactly those items are recomputed.
+    regions = pipeline.done_rows("regions")
+    with_crop = next(i for i, r in regions.items() if r["segments"])
+    crop = out / regions[with_crop]["segments"][0]["crop_path"]
+    crop.unlink()
+    other = next(i for i in pipeline.done_rows("structure") if i != with_crop)
+    structure_map = out / pipeline.done_rows("structure")[other]["structure_path"]
+    structure_map.write_bytes(structure_map.read_bytes()[:20])
+    caplog.set_level(logging.WARNING)
+    again = run_inline(_pipeline(folder, out), DATA)
+    assert _counts(again)["structure"] == (1, 4, 0)
+    # The rebuilt map has the same key and bytes, so later stages keep their results; only the crop's image reruns.
+    assert {s: c for s, c in _counts(again).items() if s != "structure"} == {
+        "ingest": (0, 5, 0), "regions": (1, 4, 0), "captions": (0, 5, 0), "filter": (0, 5, 0), "manifest": (0, 5, 0)}
+    assert crop.is_file() and len(structure_map.read_bytes()) > 20
+    warnings = [r.getMessage() for r in caplog.records if "missing or changed outputs" in r.getMessage()]
+    assert any(w.startswith("structure: 1 item(s)") for w in warnings), warnings
+    assert any(w.startswith("regions: 1 item(s)") for w in warnings), warnings
+    assert all(not _pipeline(folder, out).plan(s).pending for s in DATA)
+
+
+def test_a_corrupt_part_is_moved_aside_and_its_items_recomputed(folder, tmp_path, caplog):
+    out = tmp_path / "out"
+    run_inline(_pipeline(folder, out), DATA[:2])
+    import pyarrow.parquet as pq
+
+    part = sorted((out / "stages" / "structure").glob("*/part-*.parquet"))[0]
+    lost = pq.read_table(part).num_rows
+    part.write_bytes(b"PAR1 not really parquet")
+    caplog.set_level(logging.WARNING)
+    pipeline = _pipeline(folder, out)
+    pending = pipeline.plan("structure").pending
+    assert len(pending) == lost
+    assert (part.parent / (part.name + ".corrupt")).is_file() and not part.exists()
+    assert any(part.name in r.getMessage() and "moved aside" in r.getMessage() for r in caplog.records)
+    assert _counts(run_inline(pipeline, ["structure"]))["structure"] == (lost, 5 - lost, 0)
+
+
+def test_one_bad_item_fails_alone_and_a_storage_error_records_nothing(folder, tmp_path, monkeypatch):
+    images = tmp_path / "images"
+    shutil.copytree(folder, images)
+    lines = (images / "captions.jsonl").read_text().splitlines()
+    first = json.loads(lines[0])
+    first["caption"] = "A dog. " * 300_000  # 2.1 MB: spaCy refuses texts over 1,000,000 characters (E088)
+    lines[0] = json.dumps(first)
+    (images / "captions.jsonl").write_text("\n".join(lines) + "\n")
+    out = tmp_path / "out"
+    summaries = run_inline(_pipeline(images, out, **{"runtime.chunk_size": 8}), DATA)
+    captions = _counts(summaries)["captions"]
+    assert captions == (4, 0, 1), captions
+    failure = next(s for s in summaries if s["stage"] == "captions")["failures"][0]
+    assert failure["file"] == first["file"] and "E088" in failure["reason"] and len(failure["reason"]) <= 300
+    # The failure is recorded: the next run counts it as a cached failure and does not retry it.
+    again = run_inline(_pipeline(images, out, **{"runtime.chunk_size": 8}), ["captions"])
+    assert _counts(again)["captions"] == (0, 4, 1) and again[0]["failed_cached"] == 1
+
+    # A full disk while writing maps fails the chunk: the stage fails, nothing is recorded, the next run retries.
+    def disk_full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(out / "maps" / "x.png"))
+
+    monkeypatch.setattr(stage_module.Structure, "run", disk_full)
+    with pytest.raises(StageFailed) as failed:
+        run_inline(_pipeline(images, out, **{"structure.canny_low": 10}), ["structure"])
+    assert failed.value.summary["status"] == "failed" and "No space left" in failed.value.summary["error"]
+    monkeypatch.undo()
+    assert len(_pipeline(images, out, **{"structure.canny_low": 10}).plan("structure").pending) == 5
+
+
+def test_a_moved_output_folder_stays_cached_through_train_and_evaluate(folder, tmp_path):
+    out = tmp_path / "out"
+    everything = [*DATA, "train", "evaluate"]
+    first = run_inline(_pipeline(folder, out), everything)
+    assert _counts(first)["train"] == (1, 0, 0) and _counts(first)["evaluate"] == (1, 0, 0)
+    moved = tmp_path / "elsewhere" / "out"
+    moved.parent.mkdir()
+    shutil.move(str(out), str(moved))
+    pipeline = _pipeline(folder, moved)
+    assert {s: len(pipeline.plan(s).pending) for s in everything} == dict.fromkeys(everything, 0)
+    # A changed training parameter retrains (and re-evaluates); the data stages stay cached.
+    changed = _pipeline(folder, moved, **{"train.lr": 1e-4})
+    assert [s for s in everything if changed.plan(s).pending] == ["train"]
+    assert changed.keys["evaluate"] != pipeline.keys["evaluate"]
+    # Deleting the exported model makes train pending again (its files are verified like any output).
+    shutil.rmtree(moved / "train" / "model")
+    assert [s for s in everything if _pipeline(folder, moved).plan(s).pending] == ["train"]
