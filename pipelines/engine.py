@@ -120,15 +120,19 @@ def run_plan(plan: StagePlan, layout: OutputLayout, *, chunk_size: int, refresh:
     chunks = chunks_of(plan, chunk_size)
     results: list[dict] = []
     chunk_errors: list[str] = []
-    for _index, outcome in execute(chunks) if chunks else ():
+    unfinished = 0  # items of failed chunks: pending again next run
+    for index, outcome in execute(chunks) if chunks else ():
         if isinstance(outcome, BaseException):
             chunk_errors.append(one_line(outcome))
+            unfinished += len(chunks[index][0])
         else:
             results.append(outcome)
     if refresh and results:
         store = StageStore(layout, plan.stage, plan.stage_key, STAGE_DEFINITIONS[plan.stage].schema)
         store.remove_superseded([store.folder / r["part"] for r in results])
     summary = summarize(plan, results, chunk_errors, time.perf_counter() - started)
+    summary["failed"] += unfinished
+    summary["unfinished"] = unfinished
     if chunk_errors:
         raise StageFailed(summary)
     return summary

@@ -16,6 +16,7 @@ Rules (one row per distinct image):
 from __future__ import annotations
 
 import hashlib
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,6 +25,7 @@ import pyarrow.parquet as pq
 from storage.hashing import content_key
 from storage.layout import IMAGE_ID_LENGTH, OutputLayout
 from storage.manifest import MANIFEST_COLUMNS, MANIFEST_SCHEMA, STATUS_FAILED, STATUS_OK, manifest_table
+from storage.atomic import atomic_directory
 from storage.parquet import parquet_parts, write_parquet_atomic
 
 VERSION = "1"
@@ -167,17 +169,19 @@ class ManifestWrite:
     removed_parts: list[Path]
 
 
-def write_manifest(layout: OutputLayout, rows: list[dict]) -> ManifestWrite:
-    """Make ``OUT/manifest/`` hold exactly ``rows`` once each, rewriting only parts that hold stale or removed rows.
+def write_manifest(layout: OutputLayout, rows: list[dict], *, rewrite: bool = False) -> ManifestWrite:
+    """Make ``OUT/manifest/`` hold exactly ``rows`` once each, rewriting only parts that hold stale or removed rows
+    (every part with ``rewrite``).
 
-    A part whose rows are all current (same values) is kept; rows not covered by a kept part go into new parts.
-    New parts are written before stale ones are deleted, and a part that repeats an image already covered by an
-    earlier kept part counts as stale, so a run killed in between is repaired by the next one.
+    The new manifest is assembled in a staging folder (current parts hard-linked, new parts written) that replaces
+    ``OUT/manifest/`` in one atomic exchange: readers (DuckDB, pandas, a trainer) and a run killed at any moment see
+    the old manifest or the new one, never a mix, a duplicate row or an empty folder.
     """
     wanted = {row["image_id"]: row for row in manifest_table(rows).to_pylist()}
     if len(wanted) != len(rows):
         raise ValueError(f"expected one manifest row per image_id, got {len(rows)} rows for {len(wanted)} ids")
     covered: set[str] = set()
+    kept: list[Path] = []
     stale: list[Path] = []
     kept_rows = 0
     for part in parquet_parts(layout.manifest_dir):
@@ -188,25 +192,37 @@ def write_manifest(layout: OutputLayout, rows: list[dict]) -> ManifestWrite:
             continue
         ids = [row["image_id"] for row in existing]
         current = all(wanted.get(r["image_id"]) == r for r in existing) and covered.isdisjoint(ids) and len(set(ids)) == len(ids)
-        if current and existing:
+        if current and existing and not rewrite:
             covered.update(ids)
             kept_rows += len(existing)
+            kept.append(part)
         else:
             stale.append(part)
     new_rows = [row for image_id, row in sorted(wanted.items()) if image_id not in covered]
     written: list[Path] = []
-    for start in range(0, len(new_rows), MAX_ROWS_PER_PART):
-        chunk = new_rows[start : start + MAX_ROWS_PER_PART]
-        part_key = content_key(VERSION, chunk)
-        written.append(write_parquet_atomic(manifest_table(chunk), layout.manifest_part(part_key)))
-    written_set = {p.resolve() for p in written}
-    removed = [p for p in stale if p.resolve() not in written_set]
-    for part in removed:
-        part.unlink(missing_ok=True)
+    if new_rows or stale or not layout.manifest_dir.is_dir():
+        with atomic_directory(layout.manifest_dir) as staging:
+            for part in kept:
+                _link_or_copy(part, staging / part.name)
+            for start in range(0, len(new_rows), MAX_ROWS_PER_PART):
+                chunk = new_rows[start : start + MAX_ROWS_PER_PART]
+                name = layout.manifest_part(content_key(VERSION, chunk)).name
+                write_parquet_atomic(manifest_table(chunk), staging / name)
+                written.append(layout.manifest_dir / name)
     return ManifestWrite(
         written_rows=len(new_rows),
         kept_rows=kept_rows,
         written_ids=[row["image_id"] for row in new_rows],
         written_parts=written,
-        removed_parts=removed,
+        removed_parts=[p for p in stale if p not in written],
     )
+
+
+def _link_or_copy(source: Path, target: Path) -> None:
+    """Hard-link ``source`` to ``target`` (same bytes, no copy); copy where links are not supported."""
+    import shutil
+
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copy2(source, target)

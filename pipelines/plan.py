@@ -158,8 +158,10 @@ class Pipeline:
             log.warning("%s: %d item(s) with missing or changed outputs will be recomputed (e.g. %s)", stage,
                         len(invalid), example)
         pending = [(k, r) for k, r in items.items() if k not in done]
+        runtime = definition.runtime(self.config)
         return StagePlan(stage=stage, stage_key=self.keys[stage],
-                         params=definition.params(self.config).model_dump(), runtime=definition.runtime(self.config),
+                         params=definition.params(self.config).model_dump(),
+                         runtime=definition.refreshed(runtime) if refresh else runtime,
                          items=items, pending=pending, cached={k: done[k] for k in items if k in done},
                          invalid=invalid)
 

@@ -145,6 +145,10 @@ class Stage:
         """Return every current ``(item_key, record)`` this stage should have a result for."""
         raise NotImplementedError
 
+    def refreshed(self, runtime: dict) -> dict:
+        """Return the runtime settings of a forced recompute (``--refresh``): the same by default."""
+        return runtime
+
     def run(self, records: list, *, layout: OutputLayout, stage_key: str, params: dict, runtime: dict) -> list[dict]:
         """Process one chunk through the library; return one row per record (same order)."""
         raise NotImplementedError
@@ -418,6 +422,9 @@ class Manifest(Stage):
     def params(self, config):
         return ManifestParams(split_ratios=dict(config.manifest.split_ratios))
 
+    def refreshed(self, runtime):
+        return {**runtime, "rewrite": True}  # --refresh manifest rewrites every part (swapped in atomically)
+
     def items(self, pipeline):
         built = pipeline.manifest_rows
         return [(content_key("manifest", built.rows, length=32), {"rows": built.rows,
@@ -428,7 +435,7 @@ class Manifest(Stage):
         from storage.parquet import parquet_parts
 
         (record,) = records
-        result = write_manifest(layout, record["rows"])
+        result = write_manifest(layout, record["rows"], rewrite=runtime.get("rewrite", False))
         ok = sum(r["status"] == STATUS_OK for r in record["rows"])
         summary = {"rows": len(record["rows"]), "ok": ok, "written_rows": result.written_rows,
                    "kept_rows": result.kept_rows, "duplicates": len(record["duplicates"]),

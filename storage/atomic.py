@@ -89,9 +89,33 @@ def write_jpeg(path: str | os.PathLike, image: np.ndarray, quality: int = 92) ->
     return atomic_write_bytes(path, buf.tobytes(), durable=False)
 
 
+def exchange_directories(a: str | os.PathLike, b: str | os.PathLike) -> bool:
+    """Atomically swap two folders with Linux ``renameat2(RENAME_EXCHANGE)``; return False where unsupported."""
+    import ctypes
+    import ctypes.util
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return False
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    renameat2 = getattr(libc, "renameat2", None)
+    if renameat2 is None:
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    result = renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange)
+    if result != 0:
+        err = ctypes.get_errno()
+        if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+            return False
+        raise OSError(err, os.strerror(err), str(a))
+    return True
+
+
 @contextlib.contextmanager
 def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield an empty staging folder; on success it replaces ``path`` whole (the old folder is removed after)."""
+    """Yield an empty staging folder; on success it replaces ``path`` whole, in one atomic exchange where the kernel
+    can (a reader sees the old folder or the new one, never a missing or half-written one), else by two renames.
+    The old content is removed afterwards."""
     import shutil
     import uuid
 
@@ -100,14 +124,15 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
     try:
         yield staging
-        if target.exists():
-            # Two renames: a folder cannot be replaced atomically, but readers never see a half-written one.
+        if not target.exists():
+            staging.rename(target)
+        elif exchange_directories(staging, target):
+            shutil.rmtree(staging, ignore_errors=True)  # it now holds the old content
+        else:
             retired = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:8]}")
             target.rename(retired)
             staging.rename(target)
             shutil.rmtree(retired, ignore_errors=True)
-        else:
-            staging.rename(target)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

@@ -12,6 +12,7 @@ import pytest
 from PIL import Image
 
 from flows import artifacts
+from pipelines import render
 from storage.atomic import write_jpeg, write_png
 from storage.layout import OutputLayout
 from storage.manifest import bbox
@@ -30,10 +31,10 @@ def decode_pngs(markdown: str) -> list[Image.Image]:
 
 # ---- keys, summaries, progress --------------------------------------------------------------------------------------
 def test_artifact_key_is_lowercase_dashes():
-    assert artifacts.artifact_key("Structure", "summary") == "structure-summary"
-    assert artifacts.artifact_key("eval", "Recall@K plot") == "eval-recall-k-plot"
+    assert render.artifact_key("Structure", "summary") == "structure-summary"
+    assert render.artifact_key("eval", "Recall@K plot") == "eval-recall-k-plot"
     with pytest.raises(ValueError, match="letters or digits"):
-        artifacts.artifact_key("--", "__")
+        render.artifact_key("--", "__")
 
 
 def test_summarize_stage_counts_and_throughput():
@@ -44,55 +45,55 @@ def test_summarize_stage_counts_and_throughput():
         {"image_id": "d", "status": "failed", "error": None},
         {"image_id": "e", "status": "ok"},
     ]
-    summary = artifacts.summarize_stage("structure", records, cached=4, seconds=2.5)
+    summary = render.summarize_stage("structure", records, cached=4, seconds=2.5)
     # 3 ok + 2 failed attempted in 2.5 s -> 2 items/s; cached ones cost no work.
-    assert artifacts.summary_rows(summary) == [
+    assert render.summary_rows(summary) == [
         {"stage": "structure", "processed": 3, "cached": 4, "failed": 2, "total": 9, "seconds": 2.5, "items_per_s": 2.0}
     ]
-    assert artifacts.failure_rows(summary) == [
+    assert render.failure_rows(summary) == [
         {"file": "b.png", "reason": "cannot decode"},
         {"file": "d", "reason": "unknown error"},
     ]
-    assert artifacts.summary_rows(artifacts.summarize_stage("ingest", [], seconds=0))[0]["items_per_s"] is None
+    assert render.summary_rows(render.summarize_stage("ingest", [], seconds=0))[0]["items_per_s"] is None
     with pytest.raises(ValueError, match="cached >= 0"):
-        artifacts.summarize_stage("ingest", [], cached=-1)
+        render.summarize_stage("ingest", [], cached=-1)
 
 
 def test_failure_rows_are_capped_with_a_count_row():
     records = [{"image_id": f"img{i}", "status": "failed", "error": f"bad {i}"} for i in range(60)]
-    summary = artifacts.summarize_stage("regions", records, max_failures=50)
-    rows = artifacts.failure_rows(summary)
+    summary = render.summarize_stage("regions", records, max_failures=50)
+    rows = render.failure_rows(summary)
     assert summary.failed == 60 and len(rows) == 51
     assert rows[0] == {"file": "img0", "reason": "bad 0"} and rows[49] == {"file": "img49", "reason": "bad 49"}
     assert rows[50]["file"] == "... 10 more"
 
 
 def test_progress_percent():
-    assert artifacts.progress_percent(0, 8) == 0.0
-    assert artifacts.progress_percent(3, 8) == 37.5
-    assert artifacts.progress_percent(8, 8) == 100.0
-    assert artifacts.progress_percent(0, 0) == 100.0
+    assert render.progress_percent(0, 8) == 0.0
+    assert render.progress_percent(3, 8) == 37.5
+    assert render.progress_percent(8, 8) == 100.0
+    assert render.progress_percent(0, 0) == 100.0
     with pytest.raises(ValueError):
-        artifacts.progress_percent(-1, 2)
+        render.progress_percent(-1, 2)
 
 
 # ---- thumbnails and gallery -----------------------------------------------------------------------------------------
 def test_thumbnail_area_average_by_hand():
     grey = np.array([[0, 100, 10, 10], [200, 100, 30, 50], [0, 0, 255, 255], [0, 4, 255, 255]], dtype=np.uint8)
-    out = np.asarray(Image.open(io.BytesIO(artifacts.thumbnail_png(grey, max_side=2))))
+    out = np.asarray(Image.open(io.BytesIO(render.thumbnail_png(grey, max_side=2))))
     # Each output pixel is the mean of a 2x2 block: (0+100+200+100)/4=100, (10+10+30+50)/4=25, 1, 255.
     np.testing.assert_array_equal(out, [[100, 25], [1, 255]])
 
 
 def test_thumbnail_sizes_and_no_enlarging(tmp_path):
     rgb = np.random.default_rng(0).integers(0, 256, (150, 300, 3), dtype=np.uint8)
-    assert Image.open(io.BytesIO(artifacts.thumbnail_png(rgb, max_side=112))).size == (112, 56)
+    assert Image.open(io.BytesIO(render.thumbnail_png(rgb, max_side=112))).size == (112, 56)
     small = np.zeros((20, 50), dtype=np.uint8)
-    assert Image.open(io.BytesIO(artifacts.thumbnail_png(small, max_side=112))).size == (50, 20)
+    assert Image.open(io.BytesIO(render.thumbnail_png(small, max_side=112))).size == (50, 20)
     write_png(tmp_path / "tall.png", np.zeros((300, 100), dtype=np.uint8))
-    assert Image.open(io.BytesIO(artifacts.thumbnail_png(tmp_path / "tall.png", 96))).size == (32, 96)
+    assert Image.open(io.BytesIO(render.thumbnail_png(tmp_path / "tall.png", 96))).size == (32, 96)
     with pytest.raises(ValueError, match="uint8"):
-        artifacts.thumbnail_png(np.zeros((4, 4, 4), dtype=np.uint8))
+        render.thumbnail_png(np.zeros((4, 4, 4), dtype=np.uint8))
 
 
 def make_output_folder(tmp_path, n_images=3, n_segments=2):
@@ -140,7 +141,7 @@ def make_output_folder(tmp_path, n_images=3, n_segments=2):
 def test_gallery_embeds_every_thumbnail_at_the_expected_size(tmp_path):
     layout, rows = make_output_folder(tmp_path, n_images=3, n_segments=2)
     failed = {"image_id": "ff" * 16, "status": "failed", "source_path": str(tmp_path / "broken.jpg")}
-    markdown = artifacts.gallery_markdown(layout.root, [failed] + rows, max_images=3, max_segments=2, thumbnail_px=112)
+    markdown = render.gallery_markdown(layout.root, [failed] + rows, max_images=3, max_segments=2, thumbnail_px=112)
     images = decode_pngs(markdown)
     # Per image: image + structure + scribble, then crop + structure crop per segment: 3 * (3 + 2 * 2) = 21.
     assert len(images) == 21
@@ -152,20 +153,20 @@ def test_gallery_embeds_every_thumbnail_at_the_expected_size(tmp_path):
     assert markdown.index("segment 1 of image 0") < markdown.index("segment 0 of image 0")
     assert "| 21.00 |" in markdown and "\\| with a pipe" in markdown
     assert "A car number 1." in markdown
-    assert len(markdown.encode()) < artifacts.GALLERY_BUDGET_BYTES
+    assert len(markdown.encode()) < render.GALLERY_BUDGET_BYTES
 
 
 def test_gallery_respects_limits_and_budget(tmp_path):
     layout, rows = make_output_folder(tmp_path, n_images=3, n_segments=3)
-    one = artifacts.gallery_markdown(layout.root, rows, max_images=1, max_segments=1)
+    one = render.gallery_markdown(layout.root, rows, max_images=1, max_segments=1)
     assert len(decode_pngs(one)) == 3 + 2 and "2 more segment(s)" in one
     # A budget smaller than one section still shows the first image, then stops.
-    tight = artifacts.gallery_markdown(layout.root, rows, budget_bytes=10)
+    tight = render.gallery_markdown(layout.root, rows, budget_bytes=10)
     assert "img0.jpg" in tight and "img1.jpg" not in tight
     # Missing files become dashes, not errors.
     rows[0]["structure_path"] = "maps/none.png"
-    assert "&mdash;" in artifacts.gallery_markdown(layout.root, rows[:1])
-    assert "No successfully processed" in artifacts.gallery_markdown(layout.root, [])
+    assert "&mdash;" in render.gallery_markdown(layout.root, rows[:1])
+    assert "No successfully processed" in render.gallery_markdown(layout.root, [])
 
 
 # ---- training and evaluation ----------------------------------------------------------------------------------------
@@ -176,16 +177,16 @@ def test_loss_series_and_plot(tmp_path):
         for s in range(3)
     ]
     path.write_text("\n".join(lines) + '\n{"step": 3, "loss": ', encoding="utf-8")  # truncated last line
-    rows = artifacts.read_jsonl(path)
+    rows = render.read_jsonl(path)
     assert len(rows) == 3
-    series = artifacts.loss_series(rows)
+    series = render.loss_series(rows)
     assert set(series) == {"loss", "loss/global", "local"}  # lr and epoch are not losses
     assert series["loss"] == ([0.0, 1.0, 2.0], [3.0, 2.0, 1.0])
     assert series["local"] == ([0.0, 1.0, 2.0], [0.0, 0.5, 1.0])
-    png = artifacts.loss_curve_png(rows, width_px=640, height_px=320)
+    png = render.loss_curve_png(rows, width_px=640, height_px=320)
     assert Image.open(io.BytesIO(png)).size == (640, 320)
     with pytest.raises(ValueError, match="loss"):
-        artifacts.loss_curve_png([{"step": 0, "lr": 1.0}])
+        render.loss_curve_png([{"step": 0, "lr": 1.0}])
 
 
 def test_recall_rows_flat_and_nested():
@@ -195,18 +196,18 @@ def test_recall_rows_flat_and_nested():
             flat[f"{d}/R@{k}"] = base + k / 100
         flat[f"{d}/mean_rank"] = 4.5
         flat[f"{d}/median_rank"] = 3.0
-    rows = artifacts.recall_rows(flat)
+    rows = render.recall_rows(flat)
     assert [r["direction"] for r in rows] == ["t2i", "i2t", "ts2i"]  # METHOD.md order
     assert rows[0] == {
         "direction": "t2i", "R@1": 0.11, "R@5": 0.15, "R@10": 0.2, "R@25": 0.35, "R@50": 0.6,
         "mean_rank": 4.5, "median_rank": 3.0,
     }
-    nested = artifacts.recall_rows({"s2t": {"R@1": 0.5, "mean_rank": 2.0}})
+    nested = render.recall_rows({"s2t": {"R@1": 0.5, "mean_rank": 2.0}})
     assert nested == [{"direction": "s2t", "R@1": 0.5, "R@5": None, "R@10": None, "R@25": None, "R@50": None,
                        "mean_rank": 2.0, "median_rank": None}]
     with pytest.raises(ValueError, match="retrieval metrics"):
-        artifacts.recall_rows({"loss": 1.0})
-    png = artifacts.recall_bar_png(rows, width_px=500, height_px=250)
+        render.recall_rows({"loss": 1.0})
+    png = render.recall_bar_png(rows, width_px=500, height_px=250)
     assert Image.open(io.BytesIO(png)).size == (500, 250)
 
 
@@ -248,7 +249,7 @@ def test_publish_functions_round_trip(harness, tmp_path):
     def publish() -> str:
         records = [{"image_id": r["image_id"], "status": "ok"} for r in rows]
         records.append({"image_id": "x", "status": "failed", "error": "unreadable", "source_path": "/d/x.png"})
-        artifacts.publish_stage_summary(artifacts.summarize_stage("structure", records, cached=1, seconds=1.5))
+        artifacts.publish_stage_summary(render.summarize_stage("structure", records, cached=1, seconds=1.5))
         for done in (1, 2, 3):
             artifacts.stage_progress("structure", done, 4)
         artifacts.publish_gallery("structure", layout.root, rows)

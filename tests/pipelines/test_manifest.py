@@ -147,3 +147,29 @@ def test_write_manifest_repairs_duplicate_parts(tmp_path):
 def test_write_manifest_refuses_repeated_ids(tmp_path):
     with pytest.raises(ValueError, match="one manifest row per image_id"):
         write_manifest(OutputLayout(tmp_path), _rows("aa"))
+
+
+def test_a_rewrite_is_swapped_in_whole_readers_see_old_or_new(tmp_path, monkeypatch):
+    """While the new manifest is written, the folder still holds exactly the old one; then the new one, whole."""
+    import pipelines.manifest as manifest_module
+
+    layout = OutputLayout(tmp_path)
+    old = write_manifest(layout, _rows("abcd", tag="old")).written_parts
+    seen = []
+    real_write = manifest_module.write_parquet_atomic
+
+    def observing_write(table, path):
+        seen.append((sorted(p.name for p in layout.manifest_dir.glob("*.parquet")), _content(layout)))
+        return real_write(table, path)
+
+    monkeypatch.setattr(manifest_module, "write_parquet_atomic", observing_write)
+    result = write_manifest(layout, _rows("abcd", tag="old"), rewrite=True)
+    assert seen and all(names == [p.name for p in old] and len(rows) == 4 for names, rows in seen)
+    assert result.written_rows == 4 and _content(layout) == _content(layout)
+    # A kill during the write (an exception here) leaves the old manifest exactly as it was.
+    monkeypatch.setattr(manifest_module, "write_parquet_atomic", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt))
+    before = _content(layout)
+    with pytest.raises(KeyboardInterrupt):
+        write_manifest(layout, _rows("abcdef", tag="new"))
+    assert _content(layout) == before
+    assert [p.name for p in tmp_path.iterdir()] == ["manifest"]  # no staging folder left behind

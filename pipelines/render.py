@@ -1,0 +1,431 @@
+"""Pure builders of what the pipeline shows people: stage summary rows, failure tables, thumbnails, galleries (markdown
+with embedded PNG thumbnails), loss curves and recall plots. No Prefect here: ``flows.artifacts`` publishes them.
+Artifact keys are stable (``<stage>-summary``, ``<stage>-gallery``, ``train-loss``, ``eval-recall`` ...) so the UI
+lines up versions of the same artifact across runs.
+"""
+
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import math
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+
+from storage.layout import OutputLayout
+
+MAX_FAILURE_ROWS = 50
+THUMBNAIL_PX = 112
+# Thumbnails live inside the artifact (the server's database), so the whole gallery has a byte budget.
+GALLERY_BUDGET_BYTES = 200_000
+RECALL_KS = (1, 5, 10, 25, 50)
+# Directions written by the evaluator (METHOD.md section 5), in display order.
+RETRIEVAL_DIRECTIONS = ("t2i", "i2t", "s2t", "t2s", "ts2i")
+_RANK_METRICS = ("mean_rank", "median_rank")
+_LOSS_TERMS = ("total", "global", "structure_centric", "consistency", "local", "hard_negative")
+_STEP_KEYS = ("step", "global_step")
+
+
+# ---- keys -----------------------------------------------------------------------------------------------------------
+def artifact_key(*parts: str) -> str:
+    """Return a Prefect artifact key (lowercase letters, digits and dashes) joining ``parts``: ``structure-summary``."""
+    key = "-".join(re.sub(r"[^a-z0-9]+", "-", str(part).lower()).strip("-") for part in parts)
+    key = re.sub(r"-{2,}", "-", key).strip("-")
+    if not key:
+        raise ValueError(f"expected artifact key parts with letters or digits, got {parts!r}")
+    return key
+
+
+# ---- stage summary --------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class StageSummary:
+    """Counts, throughput and capped failure list of one stage in one run."""
+
+    stage: str
+    processed: int  # computed in this run and succeeded
+    cached: int  # already done by an earlier run (skipped)
+    failed: int
+    seconds: float
+    failures: list[dict] = field(default_factory=list)  # [{"file", "reason"}], at most MAX_FAILURE_ROWS
+
+    @property
+    def total(self) -> int:
+        return self.processed + self.cached + self.failed
+
+    @property
+    def items_per_second(self) -> float | None:
+        """Items attempted in this run (processed + failed) per second of stage wall time; None without a duration."""
+        if self.seconds <= 0:
+            return None
+        return (self.processed + self.failed) / self.seconds
+
+
+def summarize_stage(
+    stage: str,
+    records: Iterable[dict],
+    *,
+    cached: int = 0,
+    seconds: float = 0.0,
+    max_failures: int = MAX_FAILURE_ROWS,
+) -> StageSummary:
+    """Return the ``StageSummary`` of a stage's newly computed output ``records`` (``status`` ok/failed, ``error``)."""
+    if cached < 0 or seconds < 0:
+        raise ValueError(f"expected cached >= 0 and seconds >= 0, got cached={cached}, seconds={seconds}")
+    processed = failed = 0
+    failures: list[dict] = []
+    for record in records:
+        if record.get("status") == "failed":
+            failed += 1
+            if len(failures) < max_failures:
+                failures.append({"file": _record_label(record), "reason": str(record.get("error") or "unknown error")})
+        else:
+            processed += 1
+    return StageSummary(stage, processed, int(cached), failed, float(seconds), failures)
+
+
+def _record_label(record: dict) -> str:
+    """The most recognisable name of a record's input: its source file name, else its image id."""
+    source = record.get("source_path") or record.get("path")
+    if source:
+        return Path(str(source)).name
+    return str(record.get("image_id") or "<unknown>")
+
+
+def summary_rows(summary: StageSummary) -> list[dict]:
+    """Return the one-row table of a stage summary: stage, processed, cached, failed, total, seconds, items_per_s."""
+    rate = summary.items_per_second
+    return [
+        {
+            "stage": summary.stage,
+            "processed": summary.processed,
+            "cached": summary.cached,
+            "failed": summary.failed,
+            "total": summary.total,
+            "seconds": round(summary.seconds, 3),
+            "items_per_s": None if rate is None else round(rate, 3),
+        }
+    ]
+
+
+def failure_rows(summary: StageSummary) -> list[dict]:
+    """Return the failure table (file, reason), with a last row counting failures left out by the cap."""
+    rows = [dict(row) for row in summary.failures]
+    hidden = summary.failed - len(rows)
+    if hidden > 0:
+        rows.append({"file": f"... {hidden} more", "reason": "not listed (capped)"})
+    return rows
+
+
+def progress_percent(done: int, total: int) -> float:
+    """Return ``done / total`` as a percentage in [0, 100] (100 for an empty stage)."""
+    if total < 0 or done < 0:
+        raise ValueError(f"expected done >= 0 and total >= 0, got done={done}, total={total}")
+    if total == 0:
+        return 100.0
+    return min(100.0, 100.0 * done / total)
+
+
+# ---- thumbnails and gallery -----------------------------------------------------------------------------------------
+def thumbnail_png(image: np.ndarray | str | os.PathLike, max_side: int = THUMBNAIL_PX) -> bytes:
+    """Return PNG bytes of ``image`` (uint8 (H, W) grey or (H, W, 3) RGB array, or a file) shrunk to ``max_side``.
+
+    Images are never enlarged; RGB thumbnails are palette-quantised (128 colours) to keep the gallery small.
+    """
+    from PIL import Image
+
+    if isinstance(image, (str, os.PathLike)):
+        with Image.open(image) as handle:
+            picture = handle.convert("L" if handle.mode in ("L", "1", "I;16", "I") else "RGB")
+    else:
+        array = np.asarray(image)
+        if array.dtype != np.uint8 or not (array.ndim == 2 or (array.ndim == 3 and array.shape[2] == 3)):
+            raise ValueError(f"expected a uint8 (H, W) or (H, W, 3) array, got {array.dtype} {array.shape}")
+        picture = Image.fromarray(array)
+    width, height = picture.size
+    scale = min(1.0, max_side / max(width, height))
+    size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    if size != picture.size:
+        # BOX (area) filter: thin edge strokes fade to grey instead of vanishing between samples.
+        picture = picture.resize(size, Image.Resampling.BOX)
+    if picture.mode == "RGB":
+        picture = picture.quantize(colors=128)
+    import io
+
+    buffer = io.BytesIO()
+    picture.save(buffer, format="PNG", optimize=True)
+    return buffer.getvalue()
+
+
+def png_data_uri(png: bytes) -> str:
+    """Return a ``data:image/png;base64,...`` URI of PNG bytes (the Prefect UI renders these in markdown)."""
+    return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
+
+
+def _img(png: bytes | None, alt: str) -> str:
+    if png is None:
+        return "&mdash;"
+    return f'<img src="{png_data_uri(png)}" alt="{html.escape(alt, quote=True)}"/>'
+
+
+def _cell(text: Any, limit: int = 160) -> str:
+    """Escape a value for one markdown table cell (no newlines or pipes) and shorten long text."""
+    value = "" if text is None else str(text)
+    value = " ".join(value.split())
+    if len(value) > limit:
+        value = value[: limit - 1] + "…"
+    return html.escape(value, quote=False).replace("|", "\\|")
+
+
+def _thumb_of(layout: OutputLayout, relative: str | None, max_side: int, absolute: bool = False) -> bytes | None:
+    """Thumbnail of a manifest path (relative to the output folder, or absolute for ``source_path``); None if absent."""
+    if not relative:
+        return None
+    path = Path(relative) if absolute else layout.resolve(relative)
+    if path is None or not path.is_file():
+        return None
+    try:
+        return thumbnail_png(path, max_side)
+    except (OSError, ValueError):
+        # An unreadable file must not fail the run's report: the gallery shows a dash instead.
+        return None
+
+
+def gallery_markdown(
+    out_dir: str | os.PathLike,
+    rows: Iterable[dict],
+    *,
+    title: str = "Examples",
+    max_images: int = 4,
+    max_segments: int = 3,
+    thumbnail_px: int = THUMBNAIL_PX,
+    budget_bytes: int = GALLERY_BUDGET_BYTES,
+) -> str:
+    """Return a markdown gallery of manifest/stage ``rows``: image, structure and scribble thumbnails per image, then
+    its top segments (RGB crop, structure crop, local caption, similarity_score), all embedded as base64 PNGs.
+
+    Rows with ``status == "failed"`` are skipped; images stop being added once the markdown exceeds ``budget_bytes``.
+    """
+    layout = OutputLayout(out_dir)
+    sections: list[str] = []
+    used = 0
+    shown = 0
+    for row in rows:
+        if shown >= max_images:
+            break
+        if row.get("status") == "failed":
+            continue
+        section = _gallery_section(layout, row, max_segments=max_segments, thumbnail_px=thumbnail_px)
+        if shown > 0 and used + len(section) > budget_bytes:
+            break
+        sections.append(section)
+        used += len(section)
+        shown += 1
+    header = f"# {_cell(title)}\n\n"
+    if not sections:
+        return header + "_No successfully processed images to show._\n"
+    return header + f"{shown} example image(s); thumbnails at most {thumbnail_px} px.\n\n" + "\n".join(sections)
+
+
+def _gallery_section(layout: OutputLayout, row: dict, *, max_segments: int, thumbnail_px: int) -> str:
+    image_id = str(row.get("image_id") or "")
+    name = Path(str(row.get("source_path") or image_id)).name
+    lines = [f"## {_cell(name)}", "", f"`{image_id}`", ""]
+    caption = row.get("filtered_caption") or row.get("caption")
+    if caption:
+        label = "Filtered caption" if row.get("filtered_caption") else "Caption"
+        lines += [f"**{label}:** {_cell(caption, 400)}", ""]
+    lines += [
+        "| image | structure | scribble |",
+        "|---|---|---|",
+        "| {} | {} | {} |".format(
+            _img(_thumb_of(layout, row.get("source_path"), thumbnail_px, absolute=True), "image"),
+            _img(_thumb_of(layout, row.get("structure_path"), thumbnail_px), "structure map"),
+            _img(_thumb_of(layout, row.get("scribble_path"), thumbnail_px), "scribble map"),
+        ),
+        "",
+    ]
+    segments = list(row.get("segments") or [])
+    # Highest similarity first: the segments the local loss will use (METHOD.md: ranked by similarity_score).
+    segments.sort(key=lambda s: -_score(s.get("similarity_score")))
+    if segments:
+        lines += ["| crop | structure crop | caption | similarity | bbox |", "|---|---|---|---|---|"]
+        for segment in segments[:max_segments]:
+            box = segment.get("bbox") or {}
+            box_text = f"{box.get('x1')},{box.get('y1')} - {box.get('x2')},{box.get('y2')}" if box else ""
+            score = segment.get("similarity_score")
+            lines.append(
+                "| {} | {} | {} | {} | {} |".format(
+                    _img(_thumb_of(layout, segment.get("crop_path"), thumbnail_px), "crop"),
+                    _img(_thumb_of(layout, segment.get("structure_crop_path"), thumbnail_px), "structure crop"),
+                    _cell(segment.get("filtered_caption") or segment.get("caption"), 100),
+                    "" if score is None else f"{float(score):.2f}",
+                    box_text,
+                )
+            )
+        if len(segments) > max_segments:
+            lines.append(f"\n_{len(segments) - max_segments} more segment(s) not shown._")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _score(value: Any) -> float:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return -math.inf
+    return float(value)
+
+
+# ---- training and evaluation ----------------------------------------------------------------------------------------
+def read_jsonl(path: str | os.PathLike) -> list[dict]:
+    """Return the JSON objects of a JSON-lines file (blank and truncated trailing lines are skipped)."""
+    rows = []
+    for line in Path(path).read_text(encoding="utf-8").splitlines():
+        line = line.strip()
+        if not line:
+            continue
+        try:
+            value = json.loads(line)
+        except json.JSONDecodeError:
+            # A run killed mid-write leaves a partial last line; the rest of the curve is still valid.
+            continue
+        if isinstance(value, dict):
+            rows.append(value)
+    return rows
+
+
+def loss_series(rows: list[dict]) -> dict[str, tuple[list[float], list[float]]]:
+    """Return ``{name: (steps, values)}`` of every loss in training metric rows.
+
+    A loss is a numeric key containing ``loss`` or named after a StructXLIP term (``total``, ``global``,
+    ``structure_centric``, ``consistency``, ``local``, ``hard_negative``, optionally prefixed ``loss/``);
+    the x axis is ``step`` (or ``global_step``), else the row index.
+    """
+    series: dict[str, tuple[list[float], list[float]]] = {}
+    for index, row in enumerate(rows):
+        step = next((row[k] for k in _STEP_KEYS if isinstance(row.get(k), (int, float))), index)
+        for name, value in row.items():
+            if name in _STEP_KEYS or isinstance(value, bool) or not isinstance(value, (int, float)):
+                continue
+            bare = name.split("/")[-1]
+            if "loss" not in name.lower() and bare not in _LOSS_TERMS:
+                continue
+            if not math.isfinite(value):
+                continue
+            xs, ys = series.setdefault(name, ([], []))
+            xs.append(float(step))
+            ys.append(float(value))
+    return series
+
+
+def loss_curve_png(rows: list[dict], *, width_px: int = 720, height_px: int = 360) -> bytes:
+    """Return a PNG line plot (``width_px`` x ``height_px``) of every loss series in training metric rows."""
+    series = loss_series(rows)
+    if not series:
+        raise ValueError("expected training metrics with at least one numeric loss value, found none")
+    plt = _pyplot()
+    dpi = 100
+    figure, axis = plt.subplots(figsize=(width_px / dpi, height_px / dpi), dpi=dpi)
+    try:
+        for name, (xs, ys) in sorted(series.items()):
+            axis.plot(xs, ys, label=name, linewidth=1.5 if _is_total(name) else 1.0)
+        axis.set_xlabel("step")
+        axis.set_ylabel("loss")
+        axis.set_title("StructXLIP training losses")
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=8)
+        figure.tight_layout()
+        return _figure_png(figure, dpi)
+    finally:
+        plt.close(figure)
+
+
+def _is_total(name: str) -> bool:
+    return name in ("loss", "total", "loss/total", "total_loss")
+
+
+def parse_retrieval_metrics(metrics: dict) -> dict[str, dict[str, float]]:
+    """Return ``{direction: {metric: value}}`` from the evaluator's flat (``"t2i/R@1"``) or nested metrics dict."""
+    table: dict[str, dict[str, float]] = {}
+    for name, value in metrics.items():
+        if isinstance(value, dict):
+            for metric, inner in value.items():
+                if isinstance(inner, (int, float)) and not isinstance(inner, bool):
+                    table.setdefault(str(name), {})[str(metric)] = float(inner)
+        elif "/" in name and isinstance(value, (int, float)) and not isinstance(value, bool):
+            direction, metric = name.split("/", 1)
+            table.setdefault(direction, {})[metric] = float(value)
+    known = [d for d in RETRIEVAL_DIRECTIONS if d in table]
+    others = sorted(d for d in table if d not in RETRIEVAL_DIRECTIONS and any(m.startswith("R@") for m in table[d]))
+    return {d: table[d] for d in known + others}
+
+
+def recall_rows(metrics: dict) -> list[dict]:
+    """Return one table row per retrieval direction: direction, R@1/5/10/25/50, mean_rank, median_rank."""
+    rows = []
+    for direction, values in parse_retrieval_metrics(metrics).items():
+        row: dict[str, Any] = {"direction": direction}
+        for name in [f"R@{k}" for k in RECALL_KS] + list(_RANK_METRICS):
+            value = values.get(name)
+            row[name] = None if value is None else round(value, 4)
+        rows.append(row)
+    if not rows:
+        raise ValueError("expected retrieval metrics like {'t2i/R@1': ...}, found no direction with recall values")
+    return rows
+
+
+def recall_bar_png(
+    rows: list[dict], *, ks: tuple[int, ...] = (1, 5, 10), width_px: int = 720, height_px: int = 360
+) -> bytes:
+    """Return a PNG grouped bar plot of R@k (``ks``) per retrieval direction from ``recall_rows`` output."""
+    plt = _pyplot()
+    dpi = 100
+    figure, axis = plt.subplots(figsize=(width_px / dpi, height_px / dpi), dpi=dpi)
+    try:
+        positions = np.arange(len(rows))
+        bar = 0.8 / len(ks)
+        for offset, k in enumerate(ks):
+            values = [row.get(f"R@{k}") or 0.0 for row in rows]
+            axis.bar(positions + (offset - (len(ks) - 1) / 2) * bar, values, bar, label=f"R@{k}")
+        axis.set_xticks(positions, [row["direction"] for row in rows])
+        # The evaluator reports percentages; fractions are labelled as such.
+        top = max((row.get(f"R@{k}") or 0.0) for row in rows for k in ks)
+        axis.set_ylabel("recall (%)" if top > 1 else "recall")
+        axis.set_title("Retrieval recall")
+        axis.legend(fontsize=8)
+        axis.grid(axis="y", alpha=0.3)
+        figure.tight_layout()
+        return _figure_png(figure, dpi)
+    finally:
+        plt.close(figure)
+
+
+def _pyplot():
+    import matplotlib
+
+    # Headless servers and worker processes have no display.
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _figure_png(figure, dpi: int) -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=dpi)
+    return buffer.getvalue()
+
+
+def image_markdown(title: str, png: bytes, note: str = "") -> str:
+    """Return markdown with a heading, an optional note and ``png`` embedded as a data URI image."""
+    text = f"# {_cell(title)}\n\n"
+    if note:
+        text += f"{note}\n\n"
+    return text + f"![{_cell(title)}]({png_data_uri(png)})\n"

@@ -1,0 +1,119 @@
+"""The one-stage-model guarantees through the real CLI: a failing stage ends Failed in Prefect with the table printed
+and one error line; every kind of writer is refused while another holds the output folder; a fully cached run with
+no server configured never starts Prefect."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.corpus import make_generated_images
+
+pytestmark = pytest.mark.e2e
+CONFIG = """
+model: {clip_model: structxlip/tiny-clip}
+structure: {workers: 1}
+regions: {method: structure, max_regions: 3}
+captions: {device: cpu}
+manifest: {split_ratios: {train: 0.0, val: 0.0, test: 1.0}}
+train: {epochs: 1, batch_size: 2, device: cpu}
+runtime: {chunk_size: 4, task_retries: 0}
+"""
+TIMEOUT_S = 300
+
+
+def _cli(*args: str, env: dict) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "flows.cli", *args], env=env, capture_output=True, text=True,
+                          timeout=TIMEOUT_S)
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory, prefect_server):
+    root = tmp_path_factory.mktemp("stage-model-cli")
+    make_generated_images(root / "images", 4, size=(96, 72))
+    (root / "config.yaml").write_text(CONFIG)
+    env = prefect_server.env()
+    env["STRUCTXLIP_CACHE"] = str(root / "cache")
+    return root, env
+
+
+def test_a_failing_stage_is_failed_in_prefect_and_the_table_is_printed(workspace, prefect_api):
+    root, env = workspace
+    out = root / "out"
+    # No image lands in the train split: the train stage fails; evaluate is not run.
+    done = _cli("run", str(root / "images"), "--out", str(out), "--config", str(root / "config.yaml"), env=env)
+    assert done.returncode == 2, done.stderr[-3000:]
+    error_lines = [line for line in done.stderr.splitlines() if line.startswith("structxlip run: error:")]
+    assert len(error_lines) == 1 and "stage train failed" in error_lines[0] and "run the same command" in error_lines[0]
+    table = done.stdout
+    assert "stage      processed  cached  failed  seconds" in table
+    assert "manifest           4       0       0" in table
+    assert "train              0       0       1" in table and "no usable records" in table
+    assert "evaluate" in table and "not run" in table
+
+    from prefect import get_client
+    from prefect.client.schemas.filters import FlowFilter, FlowFilterName
+
+    with get_client(sync_client=True) as client:
+        def states(name):
+            runs = client.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=[name])))
+            return [r.state.type.value for r in runs]
+
+        assert states("train") == ["FAILED"]
+        assert states("structxlip-pipeline") == ["FAILED"]
+        assert set(states("manifest")) == {"COMPLETED"}
+        artifacts = client.read_artifacts()
+        assert any(a.key == "train-summary" for a in artifacts)
+
+    # Fixing the cause and running again resumes: the data stages are cached, train and evaluate run.
+    fixed = _cli("run", str(root / "images"), "--out", str(out), "--config", str(root / "config.yaml"),
+                 "--set", "manifest.split_ratios={train: 0.5, val: 0.0, test: 0.5}", "--stages",
+                 "ingest,structure,regions,captions,filter,manifest", env=env)
+    assert fixed.returncode == 0, fixed.stderr[-3000:]
+    assert "ingest             0       4       0" in fixed.stdout
+
+
+def test_every_writer_is_refused_while_another_holds_the_folder(workspace):
+    root, env = workspace
+    out = root / "locked"
+    out.mkdir()
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from storage import lock; from storage.layout import OutputLayout; "
+                               f"lock.acquire(OutputLayout({str(out)!r})); print('held', flush=True); time.sleep(600)"],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        (root / "ref.json").write_text("[]")
+        commands = {
+            "run": ["run", str(root / "images"), "--out", str(out), "--config", str(root / "config.yaml")],
+            "train": ["train", str(out), "--out", str(out), "--config", str(root / "config.yaml")],
+            "evaluate": ["evaluate", str(out), "--config", str(root / "config.yaml")],
+            "import-json": ["import-json", str(root / "ref.json"), "--out", str(out), "--overwrite"],
+        }
+        for name, args in commands.items():
+            done = _cli(*args, env=env)
+            assert done.returncode == 2, (name, done.stderr[-2000:])
+            lines = done.stderr.strip().splitlines()
+            assert lines[-1].startswith(f"structxlip {name}: error: output folder {out.resolve()} is in use by run "
+                                        f"pid {holder.pid}"), (name, lines)
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_a_cached_run_without_a_server_never_starts_prefect(workspace, tmp_path):
+    root, env = workspace
+    out = root / "cached"
+    args = ["run", str(root / "images"), "--out", str(out), "--config", str(root / "config.yaml"), "--stages",
+            "ingest,structure,regions,captions,filter,manifest"]
+    assert _cli(*args, env=env).returncode == 0
+    local = {k: v for k, v in env.items() if k != "PREFECT_API_URL"}
+    local["PREFECT_HOME"] = str(tmp_path / "prefect-home")
+    done = _cli(*args, env=local)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert all(f"{s:<10} {0:>9} {4:>7} {0:>7}" in done.stdout for s in ("ingest", "structure", "regions", "captions",
+                                                                          "filter", "manifest")), done.stdout
+    assert not Path(local["PREFECT_HOME"]).exists(), "a cached run started Prefect's ephemeral server"
