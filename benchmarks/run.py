@@ -59,6 +59,12 @@ def _pipeline_incremental(quick: bool) -> BenchmarkResult:
     return pipeline.run_incremental(quick=quick)
 
 
+def _pipeline_noop(quick: bool) -> BenchmarkResult:
+    from benchmarks import noop
+
+    return noop.run(quick=quick)
+
+
 def _clip_scoring(quick: bool) -> BenchmarkResult:
     from benchmarks import clip_scoring
 
@@ -78,6 +84,7 @@ BENCHMARKS: dict[str, Callable[[bool], BenchmarkResult]] = {
     "pipeline_scaling": _pipeline,
     "pipeline_cached": _pipeline_cached,
     "pipeline_incremental": _pipeline_incremental,
+    "pipeline_noop": _pipeline_noop,
     "clip_scoring": _clip_scoring,
     "training": _training,
 }

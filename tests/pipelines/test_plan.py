@@ -130,3 +130,24 @@ def test_a_moved_output_folder_stays_cached_through_train_and_evaluate(folder, t
     # Deleting the exported model makes train pending again (its files are verified like any output).
     shutil.rmtree(moved / "train" / "model")
     assert [s for s in everything if _pipeline(folder, moved).plan(s).pending] == ["train"]
+
+
+def test_preflight_names_the_key_and_the_fix(folder, tmp_path, monkeypatch):
+    from pipelines.plan import preflight
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-hub"))
+    pipeline = _pipeline(folder, tmp_path / "out", **{"model.clip_model": "org/not-cached"})
+    with pytest.raises(ValueError) as error:
+        preflight(pipeline, ["captions", "filter"])
+    message = str(error.value)
+    assert message.startswith("model.clip_model: 'org/not-cached' is not in the local Hugging Face cache")
+    assert "configs/demo.yaml" in message and "\n" not in message
+    missing_spacy = _pipeline(folder, tmp_path / "out", **{"filter.spacy_model": "xx_no_such_pipeline"})
+    with pytest.raises(ValueError, match=r"^filter.spacy_model: spaCy pipeline 'xx_no_such_pipeline' is not installed"):
+        preflight(missing_spacy, ["filter"])
+    blocked = tmp_path / "file-not-folder"
+    blocked.write_text("")
+    with pytest.raises(ValueError, match="is not writable"):
+        preflight(_pipeline(folder, blocked / "out"), ["ingest"])
+    preflight(_pipeline(folder, tmp_path / "fine"), ["ingest", "structure", "regions", "captions", "filter"])
