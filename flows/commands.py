@@ -55,6 +55,9 @@ def _prepare_environment(verbose: bool) -> None:
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if not sys.stderr.isatty():
+        # Progress bars (transformers' weight loading, hub downloads) only on a terminal, never inside Prefect logs.
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     if not verbose:
         # Our own one-line warnings and the summary report failures; Prefect would add a traceback per failed task.
         os.environ["PREFECT_LOGGING_LEVEL"] = "CRITICAL"
@@ -250,6 +253,7 @@ def serve_command(args: argparse.Namespace) -> int:
     from configs import load_config
     from flows.serve import serve_flows
 
+    _prepare_environment(verbose=True)
     if args.config is not None:
         load_config(args.config)  # fail now in one line rather than in every triggered run
     if args.limit is not None and args.limit <= 0:

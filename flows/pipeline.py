@@ -90,6 +90,8 @@ def run_stage(pipeline: Pipeline, stage: str, refresh: bool) -> dict:
         futures = {task.submit(keys, records, out_dir=str(pipeline.layout.root), stage_key=plan.stage_key,
                                params=plan.params, runtime=plan.runtime): (index, len(keys))
                    for index, (keys, records) in enumerate(chunks)}
+        done = 0
+        _progress(stage, done, len(plan.pending))
         with tqdm(total=len(plan.pending), desc=f"{stage:<9}", unit="item", file=sys.stderr,
                   disable=not sys.stderr.isatty()) as bar:
             for future in as_completed(list(futures)):
@@ -99,6 +101,8 @@ def run_stage(pipeline: Pipeline, stage: str, refresh: bool) -> dict:
                 except Exception as exc:  # noqa: BLE001 - reported in the summary; the stage ends failed
                     outcome = exc
                 bar.update(size)
+                done += size
+                _progress(stage, done, len(plan.pending))
                 yield index, outcome
 
     try:
@@ -111,6 +115,14 @@ def run_stage(pipeline: Pipeline, stage: str, refresh: bool) -> dict:
         pipeline.invalidate(stage)
     _publish(pipeline, summary)
     return summary
+
+
+def _progress(stage: str, done: int, total: int) -> None:
+    """Update the stage's progress artifact (a reporting error never fails a run)."""
+    with contextlib.suppress(Exception):
+        from flows.artifacts import stage_progress
+
+        stage_progress(stage, done, total)
 
 
 def _publish(pipeline: Pipeline, summary: dict) -> None:
