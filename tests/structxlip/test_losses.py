@@ -198,8 +198,8 @@ def test_chunk_window_rules(words, window):
 def test_chunk_word_windows_per_sentence():
     text = "one two three four five six. alpha beta; solo!"
     spans = [text[s:e] for s, e in chunk_word_windows(text)]
-    # 6 words -> window 3, stride 1 -> 4 chunks; 2 words -> window 2 -> 1 chunk; 1 word -> whole sentence.
-    assert spans == ["one two three", "two three four", "three four five", "four five six", "alpha beta", "solo"]
+    # 6 words -> window 3, stride 1 -> 4 chunks; 2 words -> window 2 -> 1 chunk; 1 word < window 2 -> no chunk.
+    assert spans == ["one two three", "two three four", "three four five", "four five six", "alpha beta"]
     assert [text[s:e] for s, e in chunk_word_windows(text, stride=2)][:2] == ["one two three", "three four five"]
     assert len(chunk_word_windows(text, max_spans=3)) == 3
     assert chunk_word_windows("") == [] and chunk_word_windows(" ... ,;!? ") == []
@@ -244,8 +244,18 @@ def test_chunk_spans_window_follows_sentence_length(clip_tokenizer, num_words, w
     assert texts == expected
 
 
-def test_chunk_spans_short_sentence_is_one_chunk_and_max_spans(clip_tokenizer):
-    assert _span_texts("Dog.", clip_tokenizer) == ["dog"]
+def test_one_word_clauses_give_no_chunk():
+    # METHOD.md section 4: the window slides over i = 0 .. n - w, so n < w gives nothing.
+    assert chunk_word_windows("Dog.") == []
+    text = "A cat sleeps on the mat; ok"
+    assert [text[s:e] for s, e in chunk_word_windows(text)] == ["A cat sleeps", "cat sleeps on", "sleeps on the",
+                                                                  "on the mat"]
+    assert chunk_word_windows("Calm, alert.") == []
+    assert [("Big dog, alert."[s:e]) for s, e in chunk_word_windows("Big dog, alert.")] == ["Big dog"]
+
+
+def test_chunk_spans_short_sentence_and_max_spans(clip_tokenizer):
+    assert _span_texts("Dog.", clip_tokenizer) == []
     assert _span_texts("Café déjà vu 🍕 naïve!", clip_tokenizer) == ["café déjà", "déjà vu", "vu 🍕 naïve"]
     assert len(chunk_spans("one two three four five six seven eight nine ten", clip_tokenizer, max_spans=4)) == 4
 
@@ -256,6 +266,9 @@ def test_chunk_spans_drop_chunks_cut_by_truncation(clip_tokenizer):
     # max_length 7 keeps <sot>, 5 word tokens, <eot>: only chunks inside the first 5 words survive.
     kept = chunk_spans(text, clip_tokenizer, max_length=7)
     assert kept == [(1, 4), (2, 5), (3, 6)]
+    # The reference's check (end <= max_length) also keeps the chunk that ends at the last position.
+    assert chunk_spans(text, clip_tokenizer, max_length=7, allow_last_position=True) == [(1, 4), (2, 5), (3, 6),
+                                                                                        (4, 7)]
 
 
 def test_chunk_spans_empty_and_punctuation_only(clip_tokenizer):
