@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 EPS = 1e-8
 LOCAL_LOGIT_CAP = 100.0  # g = min(s / tau, 100) in the reference trainer
@@ -215,3 +215,66 @@ def chunk_spans(text: str, tokenizer: Any, base_window: int = 3, stride: int = 1
             continue
         spans.append((first, last + 1))
     return spans
+
+
+# ---- plug-and-play modules ----------------------------------------------------------------------------------------
+# Thin nn.Module wrappers of the functions above, for use in another trainer without the rest of this project.
+# ``scale`` is always the CLIP logit multiplier s = clip.logit_scale.exp() (as in the reference's plug_and_play_loss).
+def _all_rows(embeds: Tensor) -> Tensor:
+    return torch.ones(embeds.shape[0], dtype=torch.bool, device=embeds.device)
+
+
+class GlobalLoss(nn.Module):
+    """Symmetric CLIP loss of images ``(B, D)`` vs captions ``(B, D)``; gradients reach ``scale``."""
+
+    def forward(self, image_embeds: Tensor, text_embeds: Tensor, scale: Tensor | float) -> Tensor:
+        return global_loss(image_embeds, text_embeds, scale)
+
+
+class StructureCentricLoss(nn.Module):
+    """Symmetric CLIP loss of structure-map embeddings ``(B, D)`` vs filtered-caption embeddings ``(B, D)`` over the
+    samples with a structure map (``has_structure`` (B,) bool, default all); ``scale`` is detached."""
+
+    def forward(self, structure_embeds: Tensor, filtered_text_embeds: Tensor, scale: Tensor | float,
+                has_structure: Tensor | None = None) -> Tensor:
+        keep = _all_rows(structure_embeds) if has_structure is None else has_structure
+        return structure_centric_loss(structure_embeds, filtered_text_embeds, keep, scale)
+
+
+class RGBStructureConsistencyLoss(nn.Module):
+    """Mean ``1 - cos(I_b, S_b)`` of image ``(B, D)`` and structure ``(B, D)`` embeddings over the samples with a
+    structure map (``has_structure`` (B,) bool, default all)."""
+
+    def forward(self, image_embeds: Tensor, structure_embeds: Tensor, has_structure: Tensor | None = None) -> Tensor:
+        keep = _all_rows(image_embeds) if has_structure is None else has_structure
+        return rgb_structure_consistency_loss(image_embeds, structure_embeds, keep)
+
+
+class LocalStructureCentricLoss(nn.Module):
+    """Local structure-centric loss of caption chunks vs the top-k structure crops of each sample.
+
+    ``forward(chunk_embeds (C, D), chunk_owner (C,), crop_embeds (B, K, D), crop_valid (B, K), scale)`` takes chunk
+    embeddings already pooled; :meth:`chunk_spans` and :meth:`chunk_embeddings` compute them from captions and a
+    transformers ``CLIPModel``'s ``last_hidden_state`` (METHOD.md section 4).
+    """
+
+    def __init__(self, tau: float = 0.07, base_window: int = 3, stride: int = 1, max_chunks: int = 64):
+        super().__init__()
+        self.tau, self.base_window, self.stride, self.max_chunks = tau, base_window, stride, max_chunks
+
+    def chunk_spans(self, captions: list[str], tokenizer: Any, max_length: int | None = None) -> list[list[tuple]]:
+        """Return each caption's chunk token spans (indices into ``tokenizer(caption)`` with special tokens)."""
+        return [chunk_spans(caption, tokenizer, self.base_window, self.stride, self.max_chunks, max_length=max_length)
+                for caption in captions]
+
+    def chunk_embeddings(self, clip_model: nn.Module, last_hidden_state: Tensor, spans: list[list[tuple]]):
+        """Return the :class:`~structxlip.text.ChunkEmbeddings` (``embeds`` (C, E), ``owner`` (C,)) pooled from
+        ``last_hidden_state`` (B, L, D) of the captions the spans were computed on."""
+        from structxlip.text import pool_chunk_embeddings  # structxlip.text imports this module
+
+        return pool_chunk_embeddings(last_hidden_state, spans, clip_model.text_model.final_layer_norm,
+                                     clip_model.text_projection)
+
+    def forward(self, chunk_embeds: Tensor, chunk_owner: Tensor, crop_embeds: Tensor, crop_valid: Tensor,
+                scale: Tensor | float) -> Tensor:
+        return local_structure_centric_loss(chunk_embeds, chunk_owner, crop_embeds, crop_valid, scale, tau=self.tau)

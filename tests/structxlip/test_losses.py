@@ -274,3 +274,63 @@ def test_chunk_spans_drop_chunks_cut_by_truncation(clip_tokenizer):
 def test_chunk_spans_empty_and_punctuation_only(clip_tokenizer):
     assert chunk_spans("", clip_tokenizer) == []
     assert chunk_spans(" ... ,;!? ", clip_tokenizer) == []
+
+
+# ---- plug-and-play modules ----------------------------------------------------------------------------------------
+def test_loss_modules_by_hand():
+    from structxlip.losses import GlobalLoss, RGBStructureConsistencyLoss, StructureCentricLoss
+
+    eye = torch.eye(2, dtype=torch.float64)
+    # Unit scale, orthonormal matches: every row and column is (1, 0) with target 0 -> log(1 + e^-1).
+    assert GlobalLoss()(eye, 3 * eye, 1.0).item() == pytest.approx(math.log(1 + math.exp(-1)))
+    scale = torch.tensor(2.0, dtype=torch.float64, requires_grad=True)
+    texts = torch.tensor([[1.0, 0.0], [1.0, 1.0], [0.0, 5.0]], dtype=torch.float64)
+    structures = torch.tensor([[2.0, 0.0], [7.0, 7.0], [0.0, 1.0]], dtype=torch.float64, requires_grad=True)
+    has = torch.tensor([True, False, True])
+    loss = StructureCentricLoss()(structures, texts, scale, has)  # rows 0 and 2: eye again, logits * 2
+    assert loss.item() == pytest.approx(math.log(1 + math.exp(-2)))
+    loss.backward()
+    assert scale.grad is None  # the structure-centric term never moves the temperature
+    images = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    maps = torch.tensor([[1.0, 1.0], [0.0, -3.0]])
+    assert RGBStructureConsistencyLoss()(images, maps).item() == pytest.approx(((1 - 2 ** -0.5) + 2) / 2)
+    assert RGBStructureConsistencyLoss()(images, maps, torch.tensor([True, False])).item() == \
+        pytest.approx(1 - 2 ** -0.5)
+
+
+def test_local_loss_module_plugs_into_a_plain_transformers_clip(tiny_clip_dir):
+    from transformers import AutoTokenizer, CLIPModel
+
+    from structxlip.losses import LocalStructureCentricLoss
+
+    clip = CLIPModel.from_pretrained(tiny_clip_dir).eval()
+    tokenizer = AutoTokenizer.from_pretrained(tiny_clip_dir)
+    captions = ["a dog runs across the field. it barks loudly", "two chairs; ok"]
+    module = LocalStructureCentricLoss(tau=0.07)
+    spans = module.chunk_spans(captions, tokenizer, max_length=77)
+    assert spans[1] == [(1, 3)]  # "two chairs"; the one-word clause "ok" gives no chunk
+    tokens = tokenizer(captions, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        states = clip.text_model(**tokens).last_hidden_state
+        chunks = module.chunk_embeddings(clip, states, spans)
+        crops = torch.randn(2, 2, clip.config.projection_dim, generator=torch.Generator().manual_seed(0))
+        valid = torch.tensor([[True, True], [True, False]])
+        loss = module(chunks.embeds, chunks.owner, crops, valid, clip.logit_scale.exp())
+
+        # By hand: pool (softmax of norms), final layer norm again, projection, unit length; then the formula.
+        g = min(clip.logit_scale.exp().item() / 0.07, 100.0)
+        flat = [crops[b, k] / crops[b, k].norm() for b in range(2) for k in range(2) if valid[b, k]]
+        owners = [b for b in range(2) for k in range(2) if valid[b, k]]
+        per_sample = []
+        for b, sample_spans in enumerate(spans):
+            values = []
+            for start, end in sample_spans:
+                span = states[b, start:end]
+                pooled = (torch.softmax(span.norm(dim=-1), 0)[:, None] * span).sum(0)
+                chunk = clip.text_projection(clip.text_model.final_layer_norm(pooled))
+                chunk = chunk / chunk.norm()
+                logits = [g * float(chunk @ crop) for crop in flat]
+                own = [v for v, o in zip(logits, owners) if o == b]
+                values.append(math.log(sum(map(math.exp, logits))) - math.log(sum(map(math.exp, own))))
+            per_sample.append(sum(values) / len(values))
+    assert loss.item() == pytest.approx(sum(per_sample) / 2, rel=1e-5)
