@@ -80,18 +80,23 @@ def records_from_rows(
 
 
 def load_records(
-    source: str | os.PathLike, *, split: str | None = "train", structure_kind: str = "canny", top_k: int = 3
+    source: str | os.PathLike, *, split: str | None = "train", structure_kind: str = "canny", top_k: int = 3,
+    root: str | os.PathLike | None = None,
 ) -> list[TrainingRecord]:
-    """Return the usable records of a manifest (OUT, OUT/manifest or a Parquet file) or a reference ``.json``."""
+    """Return the usable records of a manifest (OUT, OUT/manifest or a Parquet file) or a reference ``.json``, whose
+    relative paths are relative to ``root`` (default: the JSON's folder)."""
     source = Path(source).expanduser()
     if source.suffix.lower() == ".json":
         from storage.reference_json import read_reference_json
 
-        imported = read_reference_json(source)
+        folder = Path(root).expanduser().resolve() if root is not None else source.resolve().parent
+        if not folder.is_dir():
+            raise FileNotFoundError(f"--root folder not found: {folder}")
+        imported = read_reference_json(source, root=folder)
         if imported.rejected:
             index, reason = imported.rejected[0]
             raise ValueError(f"{source}: {len(imported.rejected)} unusable records (first: item {index}: {reason})")
-        rows, layout = imported.rows, OutputLayout(source.resolve().parent)
+        rows, layout = imported.rows, OutputLayout(folder)
     else:
         rows, layout = read_manifest(source).to_pylist(), manifest_root(source)
     records = records_from_rows(rows, layout=layout, split=split, structure_kind=structure_kind, top_k=top_k)
