@@ -36,7 +36,8 @@ def _train(args: argparse.Namespace) -> int:
         logit_scale_min=t.logit_scale_min, logit_scale_max=t.logit_scale_max, max_text_tokens=t.max_text_tokens,
         keep_positions=t.keep_positions, structure_kind=t.structure_kind, chunk_top_k=t.chunk_top_k,
         chunk_base_window=t.chunk_base_window, chunk_stride=t.chunk_stride, max_chunks=t.max_chunks,
-        local_pooling=t.local_pooling, drop_last=t.drop_last, precision=t.precision, device=t.device, num_workers=t.num_workers,
+        local_pooling=t.local_pooling, drop_last=t.drop_last, precision=t.precision, device=t.device,
+        num_workers=t.num_workers,
         checkpoint_every_steps=t.checkpoint_every_steps, seed=t.seed, resume=args.resume, max_steps=args.max_steps,
         config=config.model_dump(mode="json"), progress=not args.no_progress,
     )
