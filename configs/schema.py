@@ -145,6 +145,10 @@ class TrainConfig(_Section):
     chunk_stride: int = Field(default=1, gt=0)
     chunk_tau: float = Field(default=0.07, gt=0)
     max_chunks: int = Field(default=64, gt=0)
+    # "filtered": chunks pool the filtered caption's own token states (the intended fix); "reference": the
+    # unfiltered caption's states at the filtered caption's spans, as the reference trainer does (METHOD.md 4).
+    local_pooling: Literal["filtered", "reference"] = "filtered"
+    drop_last: bool = True  # drop an epoch's last partial batch, as the reference's DataLoader does
     logit_scale_min: float = 0.0
     logit_scale_max: float = 3.5
     max_text_tokens: int = Field(default=248, gt=0)
@@ -167,6 +171,7 @@ class TrainConfig(_Section):
 
 class EvaluateConfig(_Section):
     split: Literal["train", "val", "test", "all"] = "test"
+    zero_shot: bool = True  # also evaluate the base model before fine-tuning (metrics["zero_shot"])
     batch_size: int = Field(default=64, gt=0)
     device: str = "auto"
 

@@ -528,6 +528,7 @@ class Train(Stage):
 class EvaluateParams(Params):
     base_model: str
     split: str
+    zero_shot: bool
     max_text_tokens: int
     keep_positions: int
     structure_kind: str
@@ -545,6 +546,7 @@ class Evaluate(Stage):
     def params(self, config):
         t = config.train
         return EvaluateParams(base_model=config.model.clip_model, split=config.evaluate.split,
+                              zero_shot=config.evaluate.zero_shot,
                               max_text_tokens=t.max_text_tokens, keep_positions=t.keep_positions,
                               structure_kind=t.structure_kind)
 

@@ -15,11 +15,14 @@ caption) are exported: the reference format has no place for failed images.
 On import, relative paths are taken relative to ``root`` (default: the JSON file's folder) and may not leave it;
 absolute paths are kept. Paths that end up under the target output folder are stored relative to it (the manifest
 convention); files elsewhere keep their absolute path, so nothing is copied and the round trip stays exact.
+bbox values are read as the reference reads them, with ``float()``; fractional ones become the enclosing pixel box
+(the manifest stores integer pixels, so only whole-number boxes round-trip exactly).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -123,11 +126,32 @@ def _required(item: dict, key: str, where: str) -> Any:
     return item[key]
 
 
-def _integer(value: Any, where: str) -> int:
-    value = _typed(value, (int, float), where)
-    if float(value) != int(value):
-        raise ReferenceItemError(f"{where} must be a whole number of pixels, got {value!r}")
-    return int(value)
+def _coordinate(value: Any, where: str) -> float:
+    """A bbox value read as the reference reads it, with ``float()`` (numbers or numeric strings); finite only."""
+    value = _typed(value, (int, float, str), where)
+    try:
+        number = float(value)
+    except ValueError:
+        raise ReferenceItemError(f"{where} must be a number, got {value!r}") from None
+    if not math.isfinite(number):
+        raise ReferenceItemError(f"{where} must be finite, got {value!r}")
+    return number
+
+
+def _pixel_box(box: dict, where: str) -> dict:
+    """Return the manifest's integer bbox of a reference ``bbox_coordinates`` object.
+
+    Whole numbers are kept as given. Fractional corners (the reference reads them with ``float()``) become the
+    smallest pixel box containing them: x1/y1 rounded down, x2/y2 up, width/height recomputed.
+    """
+    values = {key: _coordinate(_required(box, key, f"{where}: "), f"{where}.{key}") for key in BBOX_KEYS}
+    if values["x2"] < values["x1"] or values["y2"] < values["y1"]:
+        raise ReferenceItemError(f"{where} has x2 < x1 or y2 < y1: {box}")
+    if all(value.is_integer() for value in values.values()):
+        return {key: int(value) for key, value in values.items()}
+    x1, y1 = math.floor(values["x1"]), math.floor(values["y1"])
+    x2, y2 = math.ceil(values["x2"]), math.ceil(values["y2"])
+    return {"x1": x1, "y1": y1, "x2": x2, "y2": y2, "width": x2 - x1, "height": y2 - y1}
 
 
 class _PathMapper:
@@ -187,10 +211,7 @@ def reference_item_to_row(item: Any, paths: _PathMapper, *, default_split: str) 
             raise ReferenceItemError(f"segment[{n}] must be an object, got {type(segment).__name__}")
         box = _typed(segment.get("bbox_coordinates"), (dict,), f"{where}bbox_coordinates", nullable=True)
         if box is not None:
-            box = {key: _integer(_required(box, key, f"{where}bbox_coordinates: "), f"{where}bbox_coordinates.{key}")
-                   for key in BBOX_KEYS}
-            if box["x2"] < box["x1"] or box["y2"] < box["y1"]:
-                raise ReferenceItemError(f"{where}bbox_coordinates has x2 < x1 or y2 < y1: {box}")
+            box = _pixel_box(box, f"{where}bbox_coordinates")
         score = _typed(segment.get("similarity_score"), (int, float), f"{where}similarity_score", nullable=True)
         segments.append(
             {

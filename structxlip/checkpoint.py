@@ -156,6 +156,24 @@ def load_checkpoint(path: str | os.PathLike) -> TrainingCheckpoint:
     )
 
 
+def load_model_state(model: torch.nn.Module, state_dict: dict[str, torch.Tensor], source: str | os.PathLike) -> None:
+    """Load ``state_dict`` into ``model`` strictly; raise CheckpointError (one line: how many keys are missing and
+    unexpected, with examples) instead of loading part of it, so a mismatched file never evaluates as the base model
+    (the reference evaluator's ``strict=False`` does exactly that)."""
+    expected = set(model.state_dict())
+    missing = sorted(expected - set(state_dict))
+    unexpected = sorted(set(state_dict) - expected)
+    if missing or unexpected:
+        raise CheckpointError(f"{source}: weights do not match the model: {len(missing)} missing keys "
+                              f"(e.g. {missing[:3]}), {len(unexpected)} unexpected keys (e.g. {unexpected[:3]})")
+    try:
+        model.load_state_dict(state_dict, strict=True)
+    except RuntimeError as exc:  # same keys, different shapes
+        first = str(exc).strip().splitlines()
+        detail = next((line.strip() for line in first[1:] if line.strip()), first[0] if first else "")
+        raise CheckpointError(f"{source}: weights do not fit the model: {detail[:300]}") from None
+
+
 def link_or_copy(source: str | os.PathLike, target: str | os.PathLike) -> Path:
     """Atomically make ``target`` the same file as ``source`` (hard link; copy where links are unsupported)."""
     import shutil

@@ -1,4 +1,5 @@
-"""Library subcommands of the ``structxlip`` CLI (train, evaluate, export-json, import-json, build-tiny-clip).
+"""Library subcommands of the ``structxlip`` CLI (train, evaluate, export-json, import-json, export-checkpoint,
+build-tiny-clip).
 
 Each handler validates the config once and passes explicit keyword arguments to the library.
 """
@@ -45,7 +46,9 @@ def _evaluate(args: argparse.Namespace) -> int:
     from storage.manifest import manifest_root
     from structxlip.evaluate import evaluate, metrics_table
 
-    config = _load_config(args, {"evaluate.split": args.split, "evaluate.device": args.device})
+    config = _load_config(args, {"evaluate.split": args.split, "evaluate.device": args.device,
+                                 "train.precision": args.precision,
+                                 "evaluate.zero_shot": False if args.no_zero_shot else None})
     root = manifest_root(args.manifest)
     out_path = Path(args.out).resolve() if args.out else root.eval_metrics
     stage = STAGE_DEFINITIONS["evaluate"]  # the same parameters the pipeline's evaluate stage passes
@@ -53,8 +56,11 @@ def _evaluate(args: argparse.Namespace) -> int:
     writes_into_out = root.root in out_path.parents
     with lock.output_lock(root) if writes_into_out else contextlib.nullcontext():
         metrics = evaluate(args.manifest, checkpoint=args.checkpoint or config.model.clip_model, out_path=out_path,
-                           **stage.params(config).model_dump(), **stage.runtime(config))
+                           root=args.root, **stage.params(config).model_dump(), **stage.runtime(config))
     print(metrics_table(metrics))
+    if "zero_shot" in metrics:
+        print(f"\nzero-shot ({config.model.clip_model}, before fine-tuning):")
+        print(metrics_table(metrics["zero_shot"]))
     print(f"\n{metrics['n_pairs']} pairs ({metrics['n_structure_pairs']} with a structure map); metrics: {out_path}")
     return 0
 
@@ -80,6 +86,14 @@ def _import_json(args: argparse.Namespace) -> int:
     if len(result.rejected) > 20:
         print(f"... and {len(result.rejected) - 20} more rejected items", file=sys.stderr)
     print(f"imported {len(result.rows)} records ({len(result.rejected)} rejected) into {result.manifest_path}")
+    return 0
+
+
+def _export_checkpoint(args: argparse.Namespace) -> int:
+    from structxlip.models import export_reference_checkpoint
+
+    exported = export_reference_checkpoint(args.source, args.output, max_text_tokens=args.max_text_tokens)
+    print(f"wrote {exported.keys} tensors ({exported.text_positions} text positions) to {exported.path}")
     return 0
 
 
@@ -114,6 +128,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     evaluate.add_argument("--out", help="metrics JSON path (default: OUT/eval/metrics.json of the manifest)")
     evaluate.add_argument("--config", help="YAML config")
     evaluate.add_argument("--device", help="override evaluate.device")
+    evaluate.add_argument("--precision", choices=["auto", "fp32", "bf16"],
+                          help="override train.precision for encoding (auto: bf16 on CUDA, fp32 on CPU)")
+    evaluate.add_argument("--root", help="folder that relative paths in a reference .json are relative to "
+                                         "(default: the JSON's folder)")
+    evaluate.add_argument("--no-zero-shot", action="store_true",
+                          help="skip the zero-shot row (model.clip_model before fine-tuning) in the metrics")
     evaluate.set_defaults(handler=_evaluate)
 
     export = subparsers.add_parser("export-json", help="write a manifest as the reference trainer's JSON")
@@ -129,6 +149,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     imported.add_argument("--split", default="train", help="split for records without one (default: train)")
     imported.add_argument("--overwrite", action="store_true", help="replace an existing manifest in OUT")
     imported.set_defaults(handler=_import_json)
+
+    exported = subparsers.add_parser(
+        "export-checkpoint", help="write a model as the plain CLIP state dict the reference trainer's tools load",
+        description="Write MODEL_DIR (save_pretrained folder) or a training checkpoint (last.pt) as a plain "
+                    "CLIPModel state dict (.pth, no key prefix, 248 text positions) for the reference trainer's "
+                    "retrieval.py --ckpt and train.py.")
+    exported.add_argument("source", help="model folder (OUT/train/model) or training checkpoint (.pt)")
+    exported.add_argument("output", help=".pth file to write")
+    exported.add_argument("--max-text-tokens", type=int, default=248, help="text positions (default: 248)")
+    exported.set_defaults(handler=_export_checkpoint)
 
     tiny = subparsers.add_parser("build-tiny-clip", help="write a tiny random CLIP (real tokenizer) for tests/demos")
     tiny.add_argument("out_dir", help="folder to write (replaced if it exists)")

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from storage.atomic import atomic_write_text
-from structxlip.checkpoint import CheckpointError, is_training_checkpoint, read_checkpoint_payload
+from structxlip.checkpoint import is_training_checkpoint, load_model_state, read_checkpoint_payload
 from structxlip.data import ImagePreprocessor, StructXLIPCollator, StructXLIPDataset, load_records
 from structxlip.distributed import resolve_device
 from structxlip.metrics import RECALL_KS, retrieval_metrics, retrieval_report
@@ -46,12 +46,7 @@ def load_model_for_eval(checkpoint: str | os.PathLike, *, base_model: str, max_t
                 loaded = load_clip(run.get("clip_model", base_model),
                                    max_text_tokens=run.get("max_text_tokens", max_text_tokens),
                                    keep_positions=run.get("keep_positions", keep_positions))
-                try:
-                    loaded.model.load_state_dict(payload["model"])
-                except RuntimeError as exc:
-                    first = str(exc).strip().splitlines()[0]
-                    raise CheckpointError(f"{path}: weights do not fit {run.get('clip_model', base_model)}: {first}") \
-                        from None
+                load_model_state(loaded.model, payload["model"], path)
                 return loaded
         loaded = load_clip(base_model, max_text_tokens=max_text_tokens, keep_positions=keep_positions)
         load_structxlip_checkpoint(loaded.model, path)
@@ -109,16 +104,27 @@ def split_report(encoded: EncodedSplit) -> dict[str, float]:
     return report
 
 
-def metrics_table(metrics: dict[str, float]) -> str:
-    """Return a markdown table: one row per retrieval direction, columns R@K, mean and median rank."""
+def metrics_table(metrics: dict) -> str:
+    """Return a markdown table: one row per retrieval direction with its number of pairs ``n`` (structure
+    directions count only the samples with a structure map), R@K, mean and median rank."""
     columns = [f"R@{k}" for k in RECALL_KS] + ["mean_rank", "median_rank"]
-    lines = ["| direction | " + " | ".join(columns) + " |", "|---|" + "---:|" * len(columns)]
+    lines = ["| direction | n | " + " | ".join(columns) + " |", "|---|---:|" + "---:|" * len(columns)]
     for direction in DIRECTIONS:
         if f"{direction}/R@1" not in metrics:
             continue
+        pairs = metrics.get("n_structure_pairs" if direction in STRUCTURE_DIRECTIONS else "n_pairs", "")
         cells = [f"{metrics[f'{direction}/{column}']:.2f}" for column in columns]
-        lines.append(f"| {direction} | " + " | ".join(cells) + " |")
+        lines.append(f"| {direction} | {pairs} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def _split_metrics(loaded: Any, records: list, *, batch_size: int, device: str, precision: str, max_text_tokens: int,
+                   num_workers: int) -> dict[str, float]:
+    dataset = StructXLIPDataset(records, preprocess=ImagePreprocessor.from_image_processor(loaded.image_processor),
+                                with_chunks=False, with_crops=False)
+    encoded = encode_split(loaded, dataset, batch_size=batch_size, device=resolve_device(device), precision=precision,
+                           max_text_tokens=max_text_tokens, num_workers=num_workers)
+    return split_report(encoded)
 
 
 def evaluate(
@@ -135,19 +141,31 @@ def evaluate(
     keep_positions: int = 20,
     structure_kind: str = "canny",
     num_workers: int = 0,
-) -> dict[str, float]:
+    root: str | os.PathLike | None = None,
+    zero_shot: bool = False,
+) -> dict:
     """Evaluate ``checkpoint`` on the manifest's ``split`` (``all`` = every usable row); write the metrics JSON
-    atomically to ``out_path`` when given and return them."""
-    loaded = load_model_for_eval(checkpoint, base_model=base_model, max_text_tokens=max_text_tokens,
-                                 keep_positions=keep_positions)
-    records = load_records(manifest, split=None if split == "all" else split, structure_kind=structure_kind, top_k=0)
+    atomically to ``out_path`` when given and return them.
+
+    ``root``: the folder that relative paths of a reference ``.json`` are relative to (default: the JSON's folder).
+    ``zero_shot``: also evaluate ``base_model`` before fine-tuning, as ``metrics["zero_shot"]`` (same keys), unless
+    the checkpoint is the base model itself. ``precision``: ``fp32``, ``bf16`` or ``auto`` (bf16 on CUDA).
+    """
+    records = load_records(manifest, split=None if split == "all" else split, structure_kind=structure_kind, top_k=0,
+                           root=root)
     if len(records) < 2:
         raise ValueError(f"{manifest}: retrieval needs at least 2 pairs in split {split!r}, found {len(records)}")
-    dataset = StructXLIPDataset(records, preprocess=ImagePreprocessor.from_image_processor(loaded.image_processor),
-                                with_chunks=False, with_crops=False)
-    encoded = encode_split(loaded, dataset, batch_size=batch_size, device=resolve_device(device), precision=precision,
-                           max_text_tokens=max_text_tokens, num_workers=num_workers)
-    metrics = split_report(encoded)
+    settings = dict(batch_size=batch_size, device=device, precision=precision, max_text_tokens=max_text_tokens,
+                    num_workers=num_workers)
+    loaded = load_model_for_eval(checkpoint, base_model=base_model, max_text_tokens=max_text_tokens,
+                                 keep_positions=keep_positions)
+    metrics: dict = _split_metrics(loaded, records, **settings)
+    del loaded
+    if zero_shot and str(checkpoint) != str(base_model):
+        from structxlip.models import load_clip
+
+        base = load_clip(base_model, max_text_tokens=max_text_tokens, keep_positions=keep_positions)
+        metrics["zero_shot"] = _split_metrics(base, records, **settings)
     if out_path is not None:
         atomic_write_text(out_path, json.dumps(metrics, indent=2, sort_keys=True) + "\n")
     return metrics

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 EPS = 1e-8
 LOCAL_LOGIT_CAP = 100.0  # g = min(s / tau, 100) in the reference trainer
@@ -172,8 +172,9 @@ def chunk_word_windows(text: str, base_window: int = 3, stride: int = 1,
                        max_spans: int = 64) -> list[tuple[int, int]]:
     """Return the character spans ``(start, end)`` (end exclusive) of the word-window chunks of ``text``.
 
-    Sentences are the text between runs of ``.,;!?``; words are ``\\w+`` runs. A sentence shorter than its window
-    becomes one chunk covering all its words (so one- and two-word clauses still count). At most ``max_spans``.
+    Sentences are the text between runs of ``.,;!?``; words are ``\\w+`` runs. The window slides over start words
+    ``i = 0 .. n - w`` (as in the reference trainer), so a sentence with fewer words than its window (a one-word
+    clause such as "Dog." or "...; ok") gives no chunk. At most ``max_spans`` spans.
     """
     if base_window <= 0 or stride <= 0:
         raise ValueError(f"base_window and stride must be positive, got {base_window} and {stride}")
@@ -183,37 +184,97 @@ def chunk_word_windows(text: str, base_window: int = 3, stride: int = 1,
         if not words:
             continue
         window = chunk_window(len(words), base_window)
-        if len(words) <= window:
-            spans.append((words[0][0], words[-1][1]))
-        else:
-            for first in range(0, len(words) - window + 1, stride):
-                spans.append((words[first][0], words[first + window - 1][1]))
-        if len(spans) >= max_spans:
-            return spans[:max_spans]
+        for first in range(0, len(words) - window + 1, stride):
+            spans.append((words[first][0], words[first + window - 1][1]))
+            if len(spans) >= max_spans:
+                return spans
     return spans
 
 
 def chunk_spans(text: str, tokenizer: Any, base_window: int = 3, stride: int = 1, max_spans: int = 64, *,
-                max_length: int | None = None) -> list[tuple[int, int]]:
+                max_length: int | None = None, allow_last_position: bool = False) -> list[tuple[int, int]]:
     """Return the token spans ``(start, end)`` (end exclusive) of the word-window chunks of ``text``.
 
-    Indices refer to ``tokenizer(text, truncation=True, max_length=max_length or tokenizer.model_max_length)``
-    *with* special tokens (index 0 is ``<|startoftext|>``), i.e. the sequence the text encoder sees. A chunk whose
-    words are cut off by truncation is dropped. Needs a fast tokenizer (character offset mapping).
+    Indices refer to the tokenised text *with* special tokens (index 0 is ``<|startoftext|>``), i.e. the sequence
+    the text encoder sees: start = the token of the chunk's first character, end - 1 = the token of its last
+    character. ``max_length`` (default ``tokenizer.model_max_length``) is the encoder's length: a chunk whose words
+    are cut off by truncation is dropped (``end <= max_length - 1``; the last position holds ``<|endoftext|>``).
+    ``allow_last_position`` keeps chunks with ``end == max_length`` too, which is the reference trainer's check
+    (``end <= max_length``), for the reference pooling mode. Needs a fast tokenizer (character offsets).
     """
     char_spans = chunk_word_windows(text, base_window, stride, max_spans)
     if not char_spans:
         return []
-    encoding = tokenizer(text, truncation=True, max_length=max_length or tokenizer.model_max_length,
-                         return_offsets_mapping=True, add_special_tokens=True)
-    special = tokenizer.get_special_tokens_mask(encoding["input_ids"], already_has_special_tokens=True)
-    tokens = [(i, s, e) for i, ((s, e), is_special) in enumerate(zip(encoding["offset_mapping"], special, strict=True))
-              if not is_special and e > s]
+    limit = (max_length or tokenizer.model_max_length) - (0 if allow_last_position else 1)
+    # Untruncated, so that char_to_token finds every word; the length check below does the truncation.
+    encoding = tokenizer(text, add_special_tokens=True, truncation=False, verbose=False)
     spans: list[tuple[int, int]] = []
     for char_start, char_end in char_spans:
-        covering = [i for i, s, e in tokens if s < char_end and e > char_start]
-        # Truncation check: the chunk's last character must lie inside a kept token.
-        if not covering or not any(s < char_end <= e for _, s, e in tokens):
+        first, last = encoding.char_to_token(char_start), encoding.char_to_token(char_end - 1)
+        if first is None or last is None or last < first or last + 1 > limit:
             continue
-        spans.append((covering[0], covering[-1] + 1))
+        spans.append((first, last + 1))
     return spans
+
+
+# ---- plug-and-play modules ----------------------------------------------------------------------------------------
+# Thin nn.Module wrappers of the functions above, for use in another trainer without the rest of this project.
+# ``scale`` is always the CLIP logit multiplier s = clip.logit_scale.exp() (as in the reference's plug_and_play_loss).
+def _all_rows(embeds: Tensor) -> Tensor:
+    return torch.ones(embeds.shape[0], dtype=torch.bool, device=embeds.device)
+
+
+class GlobalLoss(nn.Module):
+    """Symmetric CLIP loss of images ``(B, D)`` vs captions ``(B, D)``; gradients reach ``scale``."""
+
+    def forward(self, image_embeds: Tensor, text_embeds: Tensor, scale: Tensor | float) -> Tensor:
+        return global_loss(image_embeds, text_embeds, scale)
+
+
+class StructureCentricLoss(nn.Module):
+    """Symmetric CLIP loss of structure-map embeddings ``(B, D)`` vs filtered-caption embeddings ``(B, D)`` over the
+    samples with a structure map (``has_structure`` (B,) bool, default all); ``scale`` is detached."""
+
+    def forward(self, structure_embeds: Tensor, filtered_text_embeds: Tensor, scale: Tensor | float,
+                has_structure: Tensor | None = None) -> Tensor:
+        keep = _all_rows(structure_embeds) if has_structure is None else has_structure
+        return structure_centric_loss(structure_embeds, filtered_text_embeds, keep, scale)
+
+
+class RGBStructureConsistencyLoss(nn.Module):
+    """Mean ``1 - cos(I_b, S_b)`` of image ``(B, D)`` and structure ``(B, D)`` embeddings over the samples with a
+    structure map (``has_structure`` (B,) bool, default all)."""
+
+    def forward(self, image_embeds: Tensor, structure_embeds: Tensor, has_structure: Tensor | None = None) -> Tensor:
+        keep = _all_rows(image_embeds) if has_structure is None else has_structure
+        return rgb_structure_consistency_loss(image_embeds, structure_embeds, keep)
+
+
+class LocalStructureCentricLoss(nn.Module):
+    """Local structure-centric loss of caption chunks vs the top-k structure crops of each sample.
+
+    ``forward(chunk_embeds (C, D), chunk_owner (C,), crop_embeds (B, K, D), crop_valid (B, K), scale)`` takes chunk
+    embeddings already pooled; :meth:`chunk_spans` and :meth:`chunk_embeddings` compute them from captions and a
+    transformers ``CLIPModel``'s ``last_hidden_state`` (METHOD.md section 4).
+    """
+
+    def __init__(self, tau: float = 0.07, base_window: int = 3, stride: int = 1, max_chunks: int = 64):
+        super().__init__()
+        self.tau, self.base_window, self.stride, self.max_chunks = tau, base_window, stride, max_chunks
+
+    def chunk_spans(self, captions: list[str], tokenizer: Any, max_length: int | None = None) -> list[list[tuple]]:
+        """Return each caption's chunk token spans (indices into ``tokenizer(caption)`` with special tokens)."""
+        return [chunk_spans(caption, tokenizer, self.base_window, self.stride, self.max_chunks, max_length=max_length)
+                for caption in captions]
+
+    def chunk_embeddings(self, clip_model: nn.Module, last_hidden_state: Tensor, spans: list[list[tuple]]):
+        """Return the :class:`~structxlip.text.ChunkEmbeddings` (``embeds`` (C, E), ``owner`` (C,)) pooled from
+        ``last_hidden_state`` (B, L, D) of the captions the spans were computed on."""
+        from structxlip.text import pool_chunk_embeddings  # structxlip.text imports this module
+
+        return pool_chunk_embeddings(last_hidden_state, spans, clip_model.text_model.final_layer_norm,
+                                     clip_model.text_projection)
+
+    def forward(self, chunk_embeds: Tensor, chunk_owner: Tensor, crop_embeds: Tensor, crop_valid: Tensor,
+                scale: Tensor | float) -> Tensor:
+        return local_structure_centric_loss(chunk_embeds, chunk_owner, crop_embeds, crop_valid, scale, tau=self.tau)

@@ -12,7 +12,6 @@ import gzip
 import os
 import shutil
 import uuid
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,8 +19,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from storage.atomic import atomic_directory
-from structxlip.text import extend_position_embeddings, text_position_count
+from storage.atomic import atomic_directory, atomic_path
+from structxlip.checkpoint import load_model_state
+from structxlip.text import extend_position_embeddings, stretch_positions, text_position_count
 
 TINY_CLIP = "structxlip/tiny-clip"  # same string as configs.schema.TINY_CLIP
 CACHE_ENV = "STRUCTXLIP_CACHE"
@@ -224,8 +224,9 @@ def load_structxlip_checkpoint(model: nn.Module, path: str | os.PathLike) -> nn.
     ``.safetensors``) into the transformers CLIPModel ``model`` in place and return it.
 
     Keys may carry ``module.`` / ``clip_model.`` prefixes; text positions are stretched first when the checkpoint has
-    more (248 for StructXLIP). Every model weight must be present (a ValueError says which are missing); extra
-    entries are ignored with a warning, as the reference evaluator's ``strict=False`` load would.
+    more (248 for StructXLIP). The keys must be exactly the model's: missing or unexpected keys raise one
+    CheckpointError (a ValueError) saying how many and which, where the reference evaluator's ``strict=False`` load
+    would silently evaluate the base model.
     """
     path = Path(path).expanduser()
     if not path.is_file():
@@ -238,19 +239,72 @@ def load_structxlip_checkpoint(model: nn.Module, path: str | os.PathLike) -> nn.
                          or k == "embeddings.position_embedding.weight"), None)
     if position_key in state_dict and state_dict[position_key].shape[0] > text_position_count(model):
         extend_position_embeddings(model, max_tokens=state_dict[position_key].shape[0])
-    missing = sorted(set(model.state_dict()) - set(state_dict))
-    unexpected = sorted(set(state_dict) - set(model.state_dict()))
-    if missing:
-        raise ValueError(f"{path} does not match a transformers CLIPModel: {len(missing)} missing keys "
-                         f"(e.g. {missing[:3]}), {len(unexpected)} unexpected (e.g. {unexpected[:3]})")
-    if unexpected:
-        # The reference evaluator loads with strict=False; extra entries (optimiser or head state) are harmless
-        # once every model weight is present, so say so rather than refuse.
-        warnings.warn(f"{path}: ignoring {len(unexpected)} entries that are not CLIPModel weights "
-                      f"(e.g. {unexpected[:3]})", stacklevel=2)
-        state_dict = {k: v for k, v in state_dict.items() if k not in unexpected}
-    try:
-        model.load_state_dict(state_dict, strict=True)
-    except RuntimeError as error:
-        raise ValueError(f"{path} does not fit the model: {_first_line(error)}") from None
+    # Strict: a missing or unexpected key is one error, never a partly loaded (i.e. base) model.
+    load_model_state(model, state_dict, path)
     return model
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Export for the reference trainer's tools
+# ---------------------------------------------------------------------------------------------------------------
+@dataclass
+class ExportedCheckpoint:
+    """Where the plain state dict was written, how many tensors it holds and its text position count."""
+
+    path: Path
+    keys: int
+    text_positions: int
+
+
+def _clip_state_dict(source: Path, max_text_tokens: int, keep_positions: int) -> dict[str, torch.Tensor]:
+    from transformers import CLIPModel
+
+    from structxlip.checkpoint import is_training_checkpoint, read_checkpoint_payload
+
+    if source.is_dir():
+        try:
+            model = CLIPModel.from_pretrained(source)
+        except (OSError, ValueError, KeyError) as error:
+            raise ValueError(f"{source}: not a CLIP model folder saved with save_pretrained ({_first_line(error)})") \
+                from None
+        extend_position_embeddings(model, max_tokens=max_text_tokens, keep=keep_positions)
+        return model.state_dict()
+    if not source.is_file():
+        raise FileNotFoundError(f"no model folder or checkpoint at {source}")
+    payload = read_checkpoint_payload(source)
+    if not is_training_checkpoint(payload):
+        raise ValueError(f"{source}: not a StructXLIP training checkpoint (last.pt / epoch-*.pt) or model folder")
+    return payload["model"]
+
+
+def export_reference_checkpoint(source: str | os.PathLike, out_path: str | os.PathLike, *,
+                                max_text_tokens: int = 248, keep_positions: int = 20) -> ExportedCheckpoint:
+    """Write the plain CLIPModel state dict of a ``save_pretrained`` folder or a training checkpoint to ``out_path``
+    (``torch.save``, atomically): unprefixed transformers keys and ``max_text_tokens`` text positions (stretched
+    Long-CLIP style when the model has fewer), what the reference trainer's ``retrieval.py --ckpt`` and ``train.py``
+    load. Raises ValueError when the weights are not a
+    full CLIPModel with that many positions (so the reference would not silently evaluate its base model)."""
+    source = Path(source).expanduser()
+    state = _clip_state_dict(source, max_text_tokens, keep_positions)
+    position_key = "text_model.embeddings.position_embedding.weight"
+    required = (position_key, "vision_model.embeddings.patch_embedding.weight", "text_projection.weight",
+                "visual_projection.weight", "logit_scale")
+    absent = [key for key in required if key not in state]
+    if absent:
+        raise ValueError(f"{source}: not a transformers CLIPModel state dict (no {', '.join(absent)})")
+    positions = int(state[position_key].shape[0])
+    if positions > max_text_tokens:
+        raise ValueError(f"{source}: the text model has {positions} positions, more than {max_text_tokens} "
+                         f"(pass max_text_tokens={positions} to export it as it is)")
+    if positions < max_text_tokens:  # e.g. trained with 77 tokens: stretched as the reference stretches its base
+        weight = state[position_key]
+        state = dict(state, **{position_key: stretch_positions(weight, max_text_tokens, keep_positions).to(weight)})
+        positions = max_text_tokens
+    # position_ids are non-persistent buffers: neither side stores them.
+    plain = {key: tensor.detach().cpu().contiguous() for key, tensor in state.items()
+             if not key.endswith("position_ids")}
+    out_path = Path(out_path).expanduser()
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(out_path) as tmp:
+        torch.save(plain, tmp)
+    return ExportedCheckpoint(path=out_path, keys=len(plain), text_positions=positions)

@@ -93,10 +93,10 @@ def pool_chunk_embeddings(token_states: Tensor, spans: Sequence[Sequence[tuple[i
     """Return one embedding per token span: norm-softmax-weighted mean of the span's token states, then the final
     layer norm, the text projection and L2 normalisation.
 
-    ``token_states`` (B, L, D) are the text encoder's output *before* the final layer norm (with transformers:
-    ``text_model(..., output_hidden_states=True).hidden_states[-1]``; ``last_hidden_state`` is already normed).
-    ``spans[b]`` lists ``(start, end)`` token indices (end exclusive) of sample b. The weights are
-    ``softmax(||h_t||)`` over the span, computed without gradient.
+    ``token_states`` (B, L, D) are the text model's ``last_hidden_state``, i.e. *after* the final layer norm, which
+    is then applied a second time to the pooled vector (the reference trainer's convention, METHOD.md section 4:
+    released checkpoints were trained with it). ``spans[b]`` lists ``(start, end)`` token indices (end exclusive) of
+    sample b. The weights are ``softmax(||h_t||)`` over the span, computed without gradient.
     """
     batch, length, _ = token_states.shape
     if len(spans) != batch:

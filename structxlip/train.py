@@ -5,7 +5,8 @@ total = lambda_global * global (left out during the first ``warmup_structure_epo
       (+ lambda_hard_negative * hard_negative when the data has hard negatives and the weight is > 0)
 
 Photos, structure maps and structure crops all go through the same image encoder; chunk embeddings pool the
-*filtered* caption's token states (the text the chunk spans were computed on).
+*filtered* caption's token states (the text the chunk spans were computed on), or with ``local_pooling="reference"``
+the unfiltered caption's states at the same spans, as the reference trainer does (METHOD.md section 4).
 """
 
 from __future__ import annotations
@@ -64,6 +65,7 @@ from structxlip.text import ChunkEmbeddings, pool_chunk_embeddings
 
 logger = logging.getLogger(__name__)
 LOSS_NAMES = ("global", "structure_centric", "consistency", "local", "hard_negative")
+LOCAL_POOLING = ("filtered", "reference")
 
 
 # ---- objective ----------------------------------------------------------------------------------------------------
@@ -117,11 +119,18 @@ class Embeddings:
 
 class StructXLIPEncoder(nn.Module):
     """Wraps a transformers ``CLIPModel``: one forward encodes everything a training step needs (one module, so DDP
-    sees every parameter used in its forward)."""
+    sees every parameter used in its forward).
 
-    def __init__(self, clip: nn.Module):
+    ``local_pooling``: ``"filtered"`` pools each chunk from the filtered caption's token states (the text its span
+    was computed on); ``"reference"`` pools the unfiltered caption's states at the same spans, reproducing the
+    reference trainer exactly, misalignment included."""
+
+    def __init__(self, clip: nn.Module, *, local_pooling: str = "filtered"):
         super().__init__()
+        if local_pooling not in LOCAL_POOLING:
+            raise ValueError(f"local_pooling must be one of {LOCAL_POOLING}, got {local_pooling!r}")
         self.clip = clip
+        self.local_pooling = local_pooling
 
     def encode_images(self, pixel_values: Tensor) -> Tensor:
         """Return image embeddings ``(N, E)`` (projected, unnormalised) of ``(N, 3, H, W)`` pixels."""
@@ -129,14 +138,13 @@ class StructXLIPEncoder(nn.Module):
         return self.clip.visual_projection(pooled)
 
     def encode_texts(self, input_ids: Tensor, attention_mask: Tensor, *, with_states: bool = False):
-        """Return text embeddings ``(N, E)``; with ``with_states`` also the pre-final-LN token states ``(N, L, D)``."""
-        output = self.clip.text_model(input_ids=input_ids, attention_mask=attention_mask,
-                                      output_hidden_states=with_states)
+        """Return text embeddings ``(N, E)``; with ``with_states`` also ``last_hidden_state`` ``(N, L, D)`` (the token
+        states after the final layer norm, which the chunk pooling uses)."""
+        output = self.clip.text_model(input_ids=input_ids, attention_mask=attention_mask)
         embeds = self.clip.text_projection(output.pooler_output)
         if not with_states:
             return embeds
-        # hidden_states[-1] is the last encoder layer's output, i.e. before final_layer_norm.
-        return embeds, output.hidden_states[-1]
+        return embeds, output.last_hidden_state
 
     def forward(self, batch: StructXLIPBatch, *, with_chunks: bool = True, with_negatives: bool = True) -> Embeddings:
         size = len(batch)
@@ -163,7 +171,9 @@ class StructXLIPEncoder(nn.Module):
         chunks = None
         if with_chunks:
             text_model = self.clip.text_model
-            chunks = pool_chunk_embeddings(states[size:2 * size], batch.chunk_spans, text_model.final_layer_norm,
+            # Spans come from the filtered caption; "reference" pools them from the unfiltered caption's states.
+            pooled_rows = states[:size] if self.local_pooling == "reference" else states[size:2 * size]
+            chunks = pool_chunk_embeddings(pooled_rows, batch.chunk_spans, text_model.final_layer_norm,
                                            self.clip.text_projection)
         negatives = None
         if use_negatives:
@@ -318,6 +328,8 @@ def train(
     chunk_base_window: int = 3,
     chunk_stride: int = 1,
     max_chunks: int = 64,
+    local_pooling: str = "filtered",
+    drop_last: bool = True,
     precision: str = "auto",
     device: str = "auto",
     num_workers: int = 0,
@@ -345,15 +357,17 @@ def train(
         dataset = StructXLIPDataset(
             records, preprocess=ImagePreprocessor.from_image_processor(loaded.image_processor),
             tokenizer=loaded.tokenizer, max_text_tokens=max_text_tokens, chunk_base_window=chunk_base_window,
-            chunk_stride=chunk_stride, max_chunks=max_chunks,
+            chunk_stride=chunk_stride, max_chunks=max_chunks, local_pooling=local_pooling,
         )
         use_negatives = objective.lambda_hard_negative > 0
         # Pad text to the batch's longest, not max_text_tokens: same embeddings (causal encoder, EOS pooling), and
         # attention over ~30 instead of 248 positions.
         collator = StructXLIPCollator(loaded.tokenizer, max_text_tokens=max_text_tokens, with_negatives=use_negatives,
                                       pad_to_longest=True)
+        # drop_last: like the reference's DataLoader(drop_last=True), a last partial batch is not trained on, so
+        # steps per epoch and the LR schedule match it (a dataset smaller than one batch still gives one batch).
         sampler = EpochBatchSampler(len(dataset), batch_size, seed=seed, rank=context.rank,
-                                    world_size=context.world_size)
+                                    world_size=context.world_size, min_batch=batch_size if drop_last else 2)
         steps_per_epoch = len(sampler.batch_sizes())
         total_steps = steps_per_epoch * epochs
         optimizer = make_optimizer(clip, lr=lr, weight_decay=weight_decay)
@@ -378,7 +392,7 @@ def train(
         elif resume and context.is_main:
             print(f"no checkpoint at {last_checkpoint}; starting from scratch", file=sys.stderr)
 
-        encoder: nn.Module = StructXLIPEncoder(clip)
+        encoder: nn.Module = StructXLIPEncoder(clip, local_pooling=local_pooling)
         if context.enabled:
             encoder = torch.nn.parallel.DistributedDataParallel(
                 encoder, device_ids=[context.device.index] if context.device.type == "cuda" else None)

@@ -25,6 +25,7 @@ def test_default_yaml_has_published_defaults():
     assert (t.warm, t.decay_start, t.decay_end) == (1, 1, 8)
     assert (t.floor_structure_centric, t.floor_consistency, t.floor_local) == (0.7, 0.5, 0.4)
     assert (t.chunk_top_k, t.chunk_base_window, t.chunk_stride, t.chunk_tau) == (3, 3, 1, 0.07)
+    assert (t.local_pooling, t.drop_last) == ("filtered", True)
     assert (t.logit_scale_min, t.logit_scale_max, t.max_text_tokens) == (0.0, 3.5, 248)
     assert (cfg.structure.canny_low, cfg.structure.canny_high, cfg.structure.long_side) == (100, 200, 512)
     assert (cfg.regions.min_area_fraction, cfg.regions.max_area_fraction) == (0.01, 0.80)

@@ -156,3 +156,29 @@ def test_in_memory_reading_and_unusable_files(tmp_path):
         import_reference_json(_write(tmp_path / "bad.json", [{"original_caption": "x"}]), tmp_path / "o")
     assert not (OutputLayout(tmp_path / "o").manifest_dir.exists() and
                 any(OutputLayout(tmp_path / "o").manifest_dir.iterdir()))
+
+
+def test_fractional_bbox_values_are_read_like_the_reference_does(tmp_path):
+    from PIL import Image
+
+    Image.new("RGB", (40, 30), "red").save(tmp_path / "a.png")
+    box = lambda **v: {"original_filename": "a.png", "original_caption": "a red square",  # noqa: E731
+                       "segment": [{"similarity_score": 20.5, "filename": None, "caption": "red",
+                                    "filename_structure_cropped": None, "bbox_coordinates": v}]}
+    items = [
+        box(x1=2.5, y1=0.25, x2=10.4, y2=5.0, width=7.9, height=4.75),  # fractional: the enclosing pixel box
+        box(x1="3", y1="1.0", x2="12", y2="6", width="9", height="5"),  # numeric strings, as float() reads them
+        box(x1=1, y1=2, x2=3, y2=4, width=2, height=2),  # whole numbers: kept as given
+        box(x1="left", y1=0, x2=1, y2=1, width=1, height=1),
+        box(x1=0, y1=0, x2=float("nan"), y2=1, width=1, height=1),
+        box(x1=5.5, y1=0, x2=5.25, y2=1, width=1, height=1),
+    ]
+    result = read_reference_json(_write(tmp_path / "ref.json", items))
+    boxes = [row["segments"][0]["bbox"] for row in result.rows]
+    assert boxes == [{"x1": 2, "y1": 0, "x2": 11, "y2": 5, "width": 9, "height": 5},
+                     {"x1": 3, "y1": 1, "x2": 12, "y2": 6, "width": 9, "height": 5},
+                     {"x1": 1, "y1": 2, "x2": 3, "y2": 4, "width": 2, "height": 2}]
+    reasons = dict(result.rejected)
+    assert "x1 must be a number, got 'left'" in reasons[3]
+    assert "must be finite" in reasons[4]
+    assert "x2 < x1" in reasons[5]

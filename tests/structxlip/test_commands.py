@@ -48,11 +48,15 @@ def test_build_train_evaluate(workspace, capsys):
     assert main(["evaluate", str(manifest), "--checkpoint", str(layout.checkpoint("last")), "--config", str(config),
                  "--out", str(metrics_pt), "--device", "cpu"]) == 0
     table = capsys.readouterr().out
-    assert "| t2i |" in table and "| ts2i |" in table and "3 pairs" in table
+    assert "| t2i | 3 |" in table and "| ts2i |" in table and "3 pairs" in table
+    assert "zero-shot (" in table  # the base model's row, printed after the fine-tuned one
     assert main(["evaluate", str(manifest), "--checkpoint", str(layout.model_dir), "--config", str(config),
-                 "--out", str(metrics_dir), "--device", "cpu"]) == 0
+                 "--out", str(metrics_dir), "--device", "cpu", "--precision", "fp32", "--no-zero-shot"]) == 0
     from_pt, from_dir = json.loads(metrics_pt.read_text()), json.loads(metrics_dir.read_text())
+    zero_shot = from_pt.pop("zero_shot")
+    assert "zero_shot" not in from_dir
     assert from_pt == pytest.approx(from_dir)  # the training checkpoint and the exported model are the same weights
+    assert zero_shot["n_pairs"] == 3 and zero_shot != pytest.approx(from_pt)
     assert set(f"{d}/R@{k}" for d in ("t2i", "i2t", "s2t", "t2s", "ts2i") for k in (1, 5, 10, 25, 50)) <= set(from_pt)
 
 
@@ -78,3 +82,52 @@ def test_export_and_import_json_commands(workspace, tmp_path, capsys):
     assert "imported 12 records (1 rejected)" in captured.out
     assert read_manifest(tmp_path / "imported").num_rows == 12
     assert main(["import-json", str(exported), "--out", str(tmp_path / "imported")]) == 2  # refuses to overwrite
+
+
+def _stretch(table, target=248, keep=20):
+    """Long-CLIP stretch written out row by row (METHOD.md section 4)."""
+    import torch
+
+    rows = [table[i] for i in range(keep)]
+    for i in range(keep, table.shape[0] - 1):
+        a, b = table[i], table[i + 1]
+        rows += [a, (3 * a + b) / 4, (a + b) / 2, (a + 3 * b) / 4]
+    rows += [table[-1] + k * (table[-1] - table[-2]) / 4 for k in range(target - len(rows))]
+    return torch.stack(rows)
+
+
+def test_export_checkpoint_writes_what_the_reference_evaluator_loads(workspace, tmp_path, capsys):
+    import torch
+    from transformers import CLIPModel
+
+    root, manifest = workspace
+    out = root / "out"  # trained by test_build_train_evaluate (77 positions)
+    if not OutputLayout(out).checkpoint("last").is_file():
+        pytest.skip("needs the run of test_build_train_evaluate")
+    from_pt, from_dir = tmp_path / "from_pt.pth", tmp_path / "from_dir.pth"
+    assert main(["export-checkpoint", str(OutputLayout(out).checkpoint("last")), str(from_pt)]) == 0
+    assert "248 text positions" in capsys.readouterr().out
+    assert main(["export-checkpoint", str(OutputLayout(out).model_dir), str(from_dir)]) == 0
+    state = torch.load(from_pt, map_location="cpu", weights_only=True)
+    assert all(isinstance(v, torch.Tensor) for v in state.values())
+    assert not any(k.startswith(("module.", "clip_model.", "model.")) for k in state)
+
+    # What the reference's retrieval.py does: base model, positions stretched to 248, load_state_dict(strict=False).
+    trained = CLIPModel.from_pretrained(OutputLayout(out).model_dir)
+    base = CLIPModel.from_pretrained(root / "tiny")
+    embeddings = base.text_model.embeddings
+    embeddings.position_embedding = torch.nn.Embedding.from_pretrained(
+        _stretch(embeddings.position_embedding.weight.detach()), freeze=False)
+    embeddings.register_buffer("position_ids", torch.arange(248)[None], persistent=False)
+    missing, unexpected = base.load_state_dict(state, strict=False)
+    assert missing == [] and unexpected == []
+    expected = trained.state_dict()
+    expected["text_model.embeddings.position_embedding.weight"] = _stretch(
+        expected["text_model.embeddings.position_embedding.weight"])
+    for name, tensor in base.state_dict().items():
+        torch.testing.assert_close(tensor, expected[name], msg=name)
+    other = torch.load(from_dir, map_location="cpu", weights_only=True)
+    assert other.keys() == state.keys() and all(torch.equal(other[k], state[k]) for k in state)
+
+    assert main(["export-checkpoint", str(manifest), str(tmp_path / "x.pth")]) == 2  # not a model
+    assert "not a CLIP model folder" in capsys.readouterr().err

@@ -106,15 +106,45 @@ def test_items_use_black_dummy_and_flags_for_missing_structure(hand_manifest, lo
     torch.testing.assert_close(a["pixel_values"], ((red - mean) / std).expand(3, 32, 32), atol=1e-5, rtol=0)
 
 
-def test_preprocessing_matches_the_transformers_image_processor(loaded, preprocess, tmp_path):
-    # A smooth non-square image, so resampling differences between PIL and torchvision stay tiny.
-    y, x = np.mgrid[0:48, 0:80]
-    pixels = np.stack([x * 3, y * 5, (x + y) * 2], axis=-1).clip(0, 255).astype(np.uint8)
-    Image.fromarray(pixels).save(tmp_path / "g.png")
-    ours = preprocess(open_rgb(tmp_path / "g.png"))
-    theirs = loaded.image_processor(images=Image.fromarray(pixels), return_tensors="pt")["pixel_values"][0]
-    assert ours.shape == theirs.shape == (3, 32, 32)
-    assert (ours - theirs).abs().mean() < 0.02
+@pytest.mark.parametrize("height_width", [(20, 37), (37, 20), (41, 71), (71, 41), (33, 50)])
+def test_preprocessing_gives_the_image_processors_pixels(loaded, preprocess, height_width):
+    from transformers import CLIPImageProcessorPil
+
+    height, width = height_width
+    pixels = np.random.default_rng(height * width).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    image = Image.fromarray(pixels)
+    ours = preprocess(image)
+    theirs = loaded.image_processor(images=image, return_tensors="pt")["pixel_values"][0]
+    assert ours.shape == (3, 32, 32) and ours.dtype == torch.float32
+    torch.testing.assert_close(ours, theirs, atol=0, rtol=0)
+
+    # Independently: PIL bicubic resize of the shortest side to 32 (long side truncated), crop offset rounded
+    # *down*, rescale, normalise. The PIL-backed processor (the reference's transformers 4) gives exactly this; the
+    # torchvision-backed one differs by at most one intensity level (its bicubic rounds differently).
+    short = min(height, width)
+    size = (32, int(32 * height / short)) if width == short else (int(32 * width / short), 32)
+    resized = np.asarray(image.resize(size, Image.BICUBIC), dtype=np.float32)
+    top, left = (resized.shape[0] - 32) // 2, (resized.shape[1] - 32) // 2
+    crop = torch.from_numpy(resized[top:top + 32, left:left + 32]).permute(2, 0, 1) / 255
+    mean = torch.tensor(loaded.image_processor.image_mean).view(3, 1, 1)
+    std = torch.tensor(loaded.image_processor.image_std).view(3, 1, 1)
+    by_hand = (crop - mean) / std
+    pil_processor = CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    torch.testing.assert_close(pil_processor(images=image, return_tensors="pt")["pixel_values"][0], by_hand,
+                               atol=1e-5, rtol=0)
+    one_level = float((1 / 255 / std).max())
+    assert (ours - by_hand).abs().max() <= one_level + 1e-5
+    if (max(size) - 32) % 2:  # an odd margin: rounding the offset up (the old bug) shifts the crop by 1 px
+        shifted = torch.from_numpy(resized[top + (width == short):top + (width == short) + 32,
+                                           left + (height == short):left + (height == short) + 32]).permute(2, 0, 1)
+        assert ((shifted / 255 - mean) / std - ours).abs().max() > 10 * one_level
+
+
+def test_structure_maps_are_read_as_grey(tmp_path, preprocess):
+    Image.new("RGB", (32, 32), (255, 0, 0)).save(tmp_path / "red.png")
+    grey = round(0.299 * 255)  # PIL's "L" conversion of pure red
+    expected = preprocess(Image.new("RGB", (32, 32), (grey, grey, grey)))
+    torch.testing.assert_close(preprocess(open_rgb(tmp_path / "red.png", via_grey=True)), expected)
 
 
 def test_open_rgb_applies_exif_orientation_and_reports_bad_files(tmp_path):

@@ -198,8 +198,8 @@ def test_chunk_window_rules(words, window):
 def test_chunk_word_windows_per_sentence():
     text = "one two three four five six. alpha beta; solo!"
     spans = [text[s:e] for s, e in chunk_word_windows(text)]
-    # 6 words -> window 3, stride 1 -> 4 chunks; 2 words -> window 2 -> 1 chunk; 1 word -> whole sentence.
-    assert spans == ["one two three", "two three four", "three four five", "four five six", "alpha beta", "solo"]
+    # 6 words -> window 3, stride 1 -> 4 chunks; 2 words -> window 2 -> 1 chunk; 1 word < window 2 -> no chunk.
+    assert spans == ["one two three", "two three four", "three four five", "four five six", "alpha beta"]
     assert [text[s:e] for s, e in chunk_word_windows(text, stride=2)][:2] == ["one two three", "three four five"]
     assert len(chunk_word_windows(text, max_spans=3)) == 3
     assert chunk_word_windows("") == [] and chunk_word_windows(" ... ,;!? ") == []
@@ -244,8 +244,18 @@ def test_chunk_spans_window_follows_sentence_length(clip_tokenizer, num_words, w
     assert texts == expected
 
 
-def test_chunk_spans_short_sentence_is_one_chunk_and_max_spans(clip_tokenizer):
-    assert _span_texts("Dog.", clip_tokenizer) == ["dog"]
+def test_one_word_clauses_give_no_chunk():
+    # METHOD.md section 4: the window slides over i = 0 .. n - w, so n < w gives nothing.
+    assert chunk_word_windows("Dog.") == []
+    text = "A cat sleeps on the mat; ok"
+    assert [text[s:e] for s, e in chunk_word_windows(text)] == ["A cat sleeps", "cat sleeps on", "sleeps on the",
+                                                                  "on the mat"]
+    assert chunk_word_windows("Calm, alert.") == []
+    assert [("Big dog, alert."[s:e]) for s, e in chunk_word_windows("Big dog, alert.")] == ["Big dog"]
+
+
+def test_chunk_spans_short_sentence_and_max_spans(clip_tokenizer):
+    assert _span_texts("Dog.", clip_tokenizer) == []
     assert _span_texts("Café déjà vu 🍕 naïve!", clip_tokenizer) == ["café déjà", "déjà vu", "vu 🍕 naïve"]
     assert len(chunk_spans("one two three four five six seven eight nine ten", clip_tokenizer, max_spans=4)) == 4
 
@@ -256,8 +266,71 @@ def test_chunk_spans_drop_chunks_cut_by_truncation(clip_tokenizer):
     # max_length 7 keeps <sot>, 5 word tokens, <eot>: only chunks inside the first 5 words survive.
     kept = chunk_spans(text, clip_tokenizer, max_length=7)
     assert kept == [(1, 4), (2, 5), (3, 6)]
+    # The reference's check (end <= max_length) also keeps the chunk that ends at the last position.
+    assert chunk_spans(text, clip_tokenizer, max_length=7, allow_last_position=True) == [(1, 4), (2, 5), (3, 6),
+                                                                                        (4, 7)]
 
 
 def test_chunk_spans_empty_and_punctuation_only(clip_tokenizer):
     assert chunk_spans("", clip_tokenizer) == []
     assert chunk_spans(" ... ,;!? ", clip_tokenizer) == []
+
+
+# ---- plug-and-play modules ----------------------------------------------------------------------------------------
+def test_loss_modules_by_hand():
+    from structxlip.losses import GlobalLoss, RGBStructureConsistencyLoss, StructureCentricLoss
+
+    eye = torch.eye(2, dtype=torch.float64)
+    # Unit scale, orthonormal matches: every row and column is (1, 0) with target 0 -> log(1 + e^-1).
+    assert GlobalLoss()(eye, 3 * eye, 1.0).item() == pytest.approx(math.log(1 + math.exp(-1)))
+    scale = torch.tensor(2.0, dtype=torch.float64, requires_grad=True)
+    texts = torch.tensor([[1.0, 0.0], [1.0, 1.0], [0.0, 5.0]], dtype=torch.float64)
+    structures = torch.tensor([[2.0, 0.0], [7.0, 7.0], [0.0, 1.0]], dtype=torch.float64, requires_grad=True)
+    has = torch.tensor([True, False, True])
+    loss = StructureCentricLoss()(structures, texts, scale, has)  # rows 0 and 2: eye again, logits * 2
+    assert loss.item() == pytest.approx(math.log(1 + math.exp(-2)))
+    loss.backward()
+    assert scale.grad is None  # the structure-centric term never moves the temperature
+    images = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    maps = torch.tensor([[1.0, 1.0], [0.0, -3.0]])
+    assert RGBStructureConsistencyLoss()(images, maps).item() == pytest.approx(((1 - 2 ** -0.5) + 2) / 2)
+    assert RGBStructureConsistencyLoss()(images, maps, torch.tensor([True, False])).item() == \
+        pytest.approx(1 - 2 ** -0.5)
+
+
+def test_local_loss_module_plugs_into_a_plain_transformers_clip(tiny_clip_dir):
+    from transformers import AutoTokenizer, CLIPModel
+
+    from structxlip.losses import LocalStructureCentricLoss
+
+    clip = CLIPModel.from_pretrained(tiny_clip_dir).eval()
+    tokenizer = AutoTokenizer.from_pretrained(tiny_clip_dir)
+    captions = ["a dog runs across the field. it barks loudly", "two chairs; ok"]
+    module = LocalStructureCentricLoss(tau=0.07)
+    spans = module.chunk_spans(captions, tokenizer, max_length=77)
+    assert spans[1] == [(1, 3)]  # "two chairs"; the one-word clause "ok" gives no chunk
+    tokens = tokenizer(captions, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        states = clip.text_model(**tokens).last_hidden_state
+        chunks = module.chunk_embeddings(clip, states, spans)
+        crops = torch.randn(2, 2, clip.config.projection_dim, generator=torch.Generator().manual_seed(0))
+        valid = torch.tensor([[True, True], [True, False]])
+        loss = module(chunks.embeds, chunks.owner, crops, valid, clip.logit_scale.exp())
+
+        # By hand: pool (softmax of norms), final layer norm again, projection, unit length; then the formula.
+        g = min(clip.logit_scale.exp().item() / 0.07, 100.0)
+        flat = [crops[b, k] / crops[b, k].norm() for b in range(2) for k in range(2) if valid[b, k]]
+        owners = [b for b in range(2) for k in range(2) if valid[b, k]]
+        per_sample = []
+        for b, sample_spans in enumerate(spans):
+            values = []
+            for start, end in sample_spans:
+                span = states[b, start:end]
+                pooled = (torch.softmax(span.norm(dim=-1), 0)[:, None] * span).sum(0)
+                chunk = clip.text_projection(clip.text_model.final_layer_norm(pooled))
+                chunk = chunk / chunk.norm()
+                logits = [g * float(chunk @ crop) for crop in flat]
+                own = [v for v, o in zip(logits, owners) if o == b]
+                values.append(math.log(sum(map(math.exp, logits))) - math.log(sum(map(math.exp, own))))
+            per_sample.append(sum(values) / len(values))
+    assert loss.item() == pytest.approx(sum(per_sample) / 2, rel=1e-5)

@@ -179,9 +179,9 @@ def test_load_structxlip_checkpoint_accepts_wrapped_state_dict(tiny_clip_dir, tm
     # The reference trainer's layout: {"model_state_dict": ...} plus entries that are not CLIP weights.
     state = dict(trained.state_dict(), **{"loss_head.weight": torch.zeros(3)})
     torch.save({"model_state_dict": state}, tmp_path / "extra.pth")
-    with pytest.warns(UserWarning, match="ignoring 1 entries"):
-        loaded = load_structxlip_checkpoint(CLIPModel.from_pretrained(tiny_clip_dir), tmp_path / "extra.pth")
-    assert torch.equal(loaded.text_projection.weight, trained.text_projection.weight)
+    # An entry that is not a CLIP weight means a format we do not know: one error, never a partial load.
+    with pytest.raises(ValueError, match="0 missing keys .*1 unexpected keys .*loss_head.weight"):
+        load_structxlip_checkpoint(CLIPModel.from_pretrained(tiny_clip_dir), tmp_path / "extra.pth")
 
 
 class _NotAStateDict:
@@ -199,7 +199,8 @@ def test_load_structxlip_checkpoint_refuses_other_files(tiny_clip_dir, tmp_path)
     with pytest.raises(ValueError, match="not a readable PyTorch state dict"):
         load_structxlip_checkpoint(model, tmp_path / "object.pth")
     torch.save({"encoder.weight": torch.zeros(2)}, tmp_path / "other.pth")
-    with pytest.raises(ValueError, match="does not match a transformers CLIPModel"):
+    expected = len(model.state_dict())
+    with pytest.raises(ValueError, match=rf"weights do not match the model: {expected} missing keys .* 1 unexpected"):
         load_structxlip_checkpoint(model, tmp_path / "other.pth")
     with pytest.raises(FileNotFoundError):
         load_structxlip_checkpoint(model, tmp_path / "missing.pth")

@@ -137,7 +137,7 @@ def test_pool_on_tiny_clip_with_real_spans(tiny_model, tiny_clip_dir):
     out = text_model(**batch, output_hidden_states=True)
     # hidden_states[-1] is the encoder output before the final layer norm; last_hidden_state is after it.
     torch.testing.assert_close(text_model.final_layer_norm(out.hidden_states[-1]), out.last_hidden_state)
-    chunks = pool_chunk_embeddings(out.hidden_states[-1], spans, text_model.final_layer_norm,
+    chunks = pool_chunk_embeddings(out.last_hidden_state, spans, text_model.final_layer_norm,
                                    tiny_model.text_projection)
     assert chunks.embeds.shape == (sum(map(len, spans)), 32)
     assert chunks.owner.tolist() == [0] * len(spans[0]) + [1] * len(spans[1])

@@ -93,7 +93,7 @@ def test_total_loss_equals_the_losses_computed_by_hand(manifest, loaded):
         structure = model.get_image_features(pixel_values=batch.structure_values).pooler_output
         text = model.get_text_features(input_ids=batch.input_ids, attention_mask=batch.attention_mask).pooler_output
         filtered_out = model.text_model(input_ids=batch.filtered_input_ids,
-                                        attention_mask=batch.filtered_attention_mask, output_hidden_states=True)
+                                        attention_mask=batch.filtered_attention_mask)
         filtered = model.text_projection(filtered_out.pooler_output)
         scale = model.logit_scale.exp()
         keep = batch.has_structure
@@ -107,7 +107,7 @@ def test_total_loss_equals_the_losses_computed_by_hand(manifest, loaded):
             for k in range(batch.crop_valid.shape[1]):
                 if batch.crop_valid[b, k]:
                     crops[b, k] = model.get_image_features(pixel_values=batch.crop_values[b, k][None]).pooler_output[0]
-        chunks = pool_chunk_embeddings(filtered_out.hidden_states[-1], batch.chunk_spans,
+        chunks = pool_chunk_embeddings(filtered_out.last_hidden_state, batch.chunk_spans,
                                        model.text_model.final_layer_norm, model.text_projection)
         expected["local"] = losses.local_structure_centric_loss(chunks.embeds, chunks.owner, crops, batch.crop_valid,
                                                                 scale)
@@ -116,16 +116,22 @@ def test_total_loss_equals_the_losses_computed_by_hand(manifest, loaded):
         expected["hard_negative"] = losses.hard_negative_loss(image, text, negatives.reshape(4, -1, image.shape[1]),
                                                               batch.negative_valid, scale)
         # The reference's bug: pooling the *unfiltered* caption's states at the filtered caption's spans.
-        unfiltered_states = model.text_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                                             output_hidden_states=True).hidden_states[-1]
+        unfiltered_states = model.text_model(input_ids=batch.input_ids,
+                                             attention_mask=batch.attention_mask).last_hidden_state
         buggy = pool_chunk_embeddings(unfiltered_states, batch.chunk_spans, model.text_model.final_layer_norm,
                                       model.text_projection)
+        reference_terms = compute_objective(StructXLIPEncoder(model, local_pooling="reference")(batch), batch,
+                                            weights=weights)
+        expected_reference_local = losses.local_structure_centric_loss(buggy.embeds, buggy.owner, crops,
+                                                                       batch.crop_valid, scale)
     for name, value in expected.items():
         torch.testing.assert_close(terms.terms[name], value, atol=1e-5, rtol=1e-5, msg=name)
     total = sum(weights[name] * expected[name] for name in expected)
     torch.testing.assert_close(terms.total, total, atol=1e-5, rtol=1e-5)
     assert weights["structure_centric"] == pytest.approx(_hand_weight(0.5, 3, 0.7))
     assert not torch.allclose(chunks.embeds, buggy.embeds, atol=1e-3)
+    torch.testing.assert_close(reference_terms.terms["local"], expected_reference_local, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(reference_terms.terms["global"], expected["global"], atol=1e-5, rtol=1e-5)
 
 
 def test_padding_to_the_longest_text_changes_no_embedding_loss_or_gradient(manifest, tiny_clip_dir):
@@ -328,3 +334,15 @@ def test_rng_states_round_trip_through_plain_types():
     first = (random.random(), np.random.rand(), torch.rand(1).item())
     restore_rng_state(state)
     assert (random.random(), np.random.rand(), torch.rand(1).item()) == first
+
+
+@pytest.mark.parametrize(("drop_last", "steps"), [(True, 2), (False, 3)])
+def test_drop_last_drops_the_partial_batch_like_the_reference(manifest, tmp_path, tiny_clip_dir, drop_last, steps):
+    # 8 train records, batch 3: the reference's DataLoader(drop_last=True) gives 8 // 3 = 2 steps per epoch.
+    result = train(manifest, tmp_path, clip_model=str(tiny_clip_dir), **{**TRAIN, "epochs": 1, "batch_size": 3},
+                   drop_last=drop_last)
+    assert result.steps == steps
+    lines = [json.loads(line) for line in OutputLayout(tmp_path).train_metrics.read_text().splitlines()]
+    # The per-step cosine LR runs over exactly those steps.
+    assert [line["lr"] for line in lines] == pytest.approx([1e-3 * (1 + math.cos(math.pi * s / steps)) / 2
+                                                            for s in range(steps)])
