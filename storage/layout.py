@@ -8,6 +8,9 @@
       crops/<regions_key>/<id[:2]>/<id>/<n>.structure.png  structure crops (same box)
       train/                                           checkpoints, metrics.jsonl, the exported model
       eval/metrics.json                                retrieval metrics
+      eval/rankings.json                               top-k images per text query, per model (retrieval explorer)
+      report/index.html                                the static explorer (``structxlip report``)
+      report/thumbs/<id[:2]>/<id>.jpg                  its image thumbnails
       .prefect/results/                                persisted Prefect task results
       runs/<timestamp>.json                            summary of each pipeline run
       .lock                                            held by the run writing this folder
@@ -67,6 +70,23 @@ class OutputLayout:
     @property
     def eval_metrics(self) -> Path:
         return self.eval_dir / "metrics.json"
+
+    @property
+    def eval_rankings(self) -> Path:
+        """Top-k image ids per text query for each evaluated model (``structxlip.retrieval_ranks``)."""
+        return self.eval_dir / "rankings.json"
+
+    @property
+    def report_dir(self) -> Path:
+        return self.root / "report"
+
+    @property
+    def report_index(self) -> Path:
+        """The static explorer page, self-contained but for images it references under ``root``."""
+        return self.report_dir / "index.html"
+
+    def report_thumbnail(self, image_id: str) -> Path:
+        return self.report_dir / "thumbs" / image_id[:2] / f"{image_id}.jpg"
 
     @property
     def results_dir(self) -> Path:
