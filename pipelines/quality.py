@@ -172,7 +172,7 @@ def quality_report(
 
     region_counts = [len(r.get("segments") or []) for r in ok]
     scores = [float(s["similarity_score"]) for r in ok for s in r.get("segments") or []
-              if s.get("similarity_score") is not None]
+              if s.get("similarity_score") is not None and np.isfinite(s["similarity_score"])]
     widths = [int(r["width"]) for r in rows if r.get("width")]
     heights = [int(r["height"]) for r in rows if r.get("height")]
     sizes = Counter(f"{r['width']}x{r['height']}" for r in rows if r.get("width") and r.get("height"))
