@@ -49,8 +49,19 @@ def removed_spans(caption: str | None, filtered_caption: str | None) -> list[tup
     if not caption or filtered_caption is None or caption == filtered_caption:
         return []
     raw = list(WORD_PATTERN.finditer(caption))
+    words = [_normalised(m.group()) for m in raw]
     kept = [_normalised(w) for w in WORD_PATTERN.findall(filtered_caption)]
-    matcher = difflib.SequenceMatcher(None, [_normalised(m.group()) for m in raw], kept, autojunk=False)
+    # The filter only deletes words (articles aside), so the kept words are usually a subsequence of the caption:
+    # match them greedily, left to right (linear); anything else gets a full alignment.
+    spans, at = [], 0
+    for match, word in zip(raw, words):
+        if at < len(kept) and word == kept[at]:
+            at += 1
+        else:
+            spans.append(match.span())
+    if at == len(kept):
+        return spans
+    matcher = difflib.SequenceMatcher(None, words, kept, autojunk=False)
     spans = []
     for tag, i1, i2, _, _ in matcher.get_opcodes():
         if tag in ("delete", "replace"):
@@ -139,6 +150,7 @@ def quality_report(
     rows: list[dict],
     *,
     word_categories: Callable[[str], list[str]] | None = None,
+    spans_per_row: list[list[tuple[int, int]]] | None = None,
     resolve_path: Callable[[str], str | os.PathLike | None] | None = None,
     max_edge_maps: int = 2000,
 ) -> dict:
@@ -147,7 +159,8 @@ def quality_report(
     ``word_categories(word)`` names the vocabulary categories listing a removed word (``colors``, ``materials``...;
     words no list names count as ``unlisted``); without it removed words are not split by category.
     ``resolve_path(relative)`` turns a manifest path into a file to read; without it (or with ``max_edge_maps=0``)
-    edge density is not measured. At most ``max_edge_maps`` maps are read, evenly spread over the ok rows sorted by
+    edge density is not measured. ``spans_per_row``: the rows' :func:`removed_spans`, when the caller already has them.
+    At most ``max_edge_maps`` maps are read, evenly spread over the ok rows sorted by
     image id, so the cost stays bounded on large manifests.
     """
     ok = [r for r in rows if r.get("status") == "ok"]
@@ -161,8 +174,12 @@ def quality_report(
     removed: Counter[str] = Counter()
     by_category: dict[str, Counter[str]] = {}
     changed = 0
-    for row in ok:
-        words = removed_words(row.get("caption"), row.get("filtered_caption"))
+    for index, row in enumerate(rows):
+        if row.get("status") != "ok":
+            continue
+        caption = row.get("caption")
+        spans = spans_per_row[index] if spans_per_row is not None else removed_spans(caption, row.get("filtered_caption"))
+        words = [caption[s:e].lower() for s, e in spans]
         changed += bool(words)
         removed.update(words)
         if word_categories is not None:

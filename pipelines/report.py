@@ -20,7 +20,7 @@ import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from importlib import resources
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from urllib.parse import quote
 
 from pipelines.quality import quality_report, removed_spans, vocabulary_categories
@@ -48,16 +48,24 @@ class ReportResult:
     quality: dict
 
 
+def _common_length(a: str, b: str, limit: int, same) -> int:
+    """Return the largest n <= limit with ``same(a, b, n)`` (monotone in n), by bisection on C-speed slices."""
+    low, high = 0, limit
+    while low < high:
+        middle = (low + high + 1) // 2
+        if same(a, b, middle):
+            low = middle
+        else:
+            high = middle - 1
+    return low
+
+
 def negative_edit(caption: str, negative: str) -> list:
     """Return ``[prefix, suffix, middle]``: ``negative == caption[:prefix] + middle + caption[len - suffix:]`` with
     the longest common prefix and suffix (a hard negative differs from its caption by a few swapped words)."""
     limit = min(len(caption), len(negative))
-    prefix = 0
-    while prefix < limit and caption[prefix] == negative[prefix]:
-        prefix += 1
-    suffix = 0
-    while suffix < limit - prefix and caption[-1 - suffix] == negative[-1 - suffix]:
-        suffix += 1
+    prefix = _common_length(caption, negative, limit, lambda a, b, n: a[:n] == b[:n])
+    suffix = _common_length(caption, negative, limit - prefix, lambda a, b, n: n == 0 or a[-n:] == b[-n:])
     # Widen to whole words so the marked part reads as words, not fragments.
     while prefix > 0 and caption[prefix - 1].isalnum():
         prefix -= 1
@@ -70,6 +78,9 @@ def _url(layout: OutputLayout, path: str | None) -> str | None:
     """Return the URL of a manifest path as seen from ``OUT/report/``: relative under OUT, else a file:// URI."""
     if not path:
         return None
+    relative = PurePosixPath(path)
+    if not relative.is_absolute() and "\\" not in path and ".." not in relative.parts:
+        return "../" + quote(relative.as_posix())  # the common case, without a filesystem call per path
     try:
         absolute = resolve_manifest_path(layout, path)
     except PathEscapeError:
@@ -231,10 +242,11 @@ def write_report(
     started = time.perf_counter()
     layout = OutputLayout(out_dir)
     rows = read_manifest(layout.root).to_pylist()
-    quality = quality_report(rows, word_categories=vocabulary_categories(vocab_dir) if vocab_dir else None,
-                             resolve_path=lambda p: resolve_manifest_path(layout, p), max_edge_maps=max_edge_maps)
     thumbnails = _Thumbnails(layout, thumbnail_px)
     explorer_rows = [explorer_row(row, layout=layout, image_url=thumbnails.url(row)) for row in rows]
+    quality = quality_report(rows, word_categories=vocabulary_categories(vocab_dir) if vocab_dir else None,
+                             spans_per_row=[[tuple(span) for span in r["rm"]] for r in explorer_rows],
+                             resolve_path=lambda p: resolve_manifest_path(layout, p), max_edge_maps=max_edge_maps)
     training_rows = read_training_rows(layout.train_metrics)
     training_png = training_curves_png(training_rows)
     data = {

@@ -42,7 +42,9 @@
   function fmt(value, digits) {
     if (value === null || value === undefined || Number.isNaN(value)) return "–";
     if (typeof value !== "number") return String(value);
-    return Number.isInteger(value) ? String(value) : value.toFixed(digits === undefined ? 2 : digits);
+    if (Number.isInteger(value)) return String(value);
+    if (value !== 0 && Math.abs(value) < 0.01) return value.toExponential(2);
+    return value.toFixed(digits === undefined ? 2 : digits);
   }
 
   // ---- state in the URL hash, so a page or filter can be linked and reloaded --------------------------------
@@ -404,9 +406,12 @@
   }
 
   function render() {
+    const started = performance.now();
     const state = readState();
     renderBrowse(state);
     renderRetrieval(state);
+    // Measured, not asserted: how long one filter/page change takes (milliseconds).
+    document.body.setAttribute("data-render-ms", (performance.now() - started).toFixed(1));
   }
 
   for (const button of document.querySelectorAll("[data-goto]")) {
@@ -417,5 +422,6 @@
   renderTraining();
   render();
   window.addEventListener("hashchange", render);
+  document.body.setAttribute("data-ready-ms", performance.now().toFixed(0));
   document.body.setAttribute("data-rendered", "1");
 })();
