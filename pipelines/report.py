@@ -67,9 +67,12 @@ def negative_edit(caption: str, negative: str) -> list:
     prefix = _common_length(caption, negative, limit, lambda a, b, n: a[:n] == b[:n])
     suffix = _common_length(caption, negative, limit - prefix, lambda a, b, n: n == 0 or a[-n:] == b[-n:])
     # Widen to whole words so the marked part reads as words, not fragments.
-    while prefix > 0 and caption[prefix - 1].isalnum():
+    def inside_word(text: str, at: int) -> bool:  # characters at-1 and at are both part of one word
+        return 0 < at < len(text) and text[at - 1].isalnum() and text[at].isalnum()
+
+    while prefix > 0 and (inside_word(caption, prefix) or inside_word(negative, prefix)):
         prefix -= 1
-    while suffix > 0 and caption[len(caption) - suffix].isalnum():
+    while suffix > 0 and (inside_word(caption, len(caption) - suffix) or inside_word(negative, len(negative) - suffix)):
         suffix -= 1
     return [prefix, suffix, negative[prefix:len(negative) - suffix]]
 

@@ -9,6 +9,7 @@
   const COLORS = ["#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#42d4f4", "#f032e6", "#9a6324",
                   "#469990", "#800000"];
   const SVG_NS = "http://www.w3.org/2000/svg";
+  const SECTIONS = ["browse", "quality", "training", "retrieval"];
   const ROW_OF_ID = new Map(ROWS.map((row, index) => [row.i, index]));
 
   function el(tag, attrs, ...children) {
@@ -215,7 +216,7 @@
     const matches = filteredRows(state);
     const pages = Math.max(1, Math.ceil(matches.length / PAGE_SIZE));
     const page = Math.min(Math.max(1, parseInt(state.get("page") || "1", 10) || 1), pages);
-    const onPage = (p) => { writeState({page: p}); document.getElementById("browse").scrollIntoView(); };
+    const onPage = (p) => { writeState({page: p}); window.scrollTo(0, 0); };
     for (const id of ["browse-pager-top", "browse-pager-bottom"]) {
       pager(document.getElementById(id), page, pages, matches.length, "images", onPage);
     }
@@ -382,7 +383,11 @@
     for (const q of order.slice((page - 1) * QUERY_PAGE_SIZE, page * QUERY_PAGE_SIZE)) {
       const own = ROW_OF_ID.get(ids[q]);
       const text = own === undefined ? ids[q] : ROWS[own].c;
-      const item = el("div", {class: "query", "data-query": q}, el("p", {class: "query-text", text: text}));
+      const item = el("div", {class: "query", "data-query": q},
+        el("div", {class: "query-head"},
+           el("figure", {class: "own", title: ids[q]}, lazyImg(own === undefined ? null : ROWS[own].img, "image"),
+              el("figcaption", {text: "its image"})),
+           el("p", {class: "query-text", text: text})));
       for (const name of models) {
         const entry = rankings.models[name];
         const strip = el("div", {class: "topk"});
@@ -408,6 +413,12 @@
   function render() {
     const started = performance.now();
     const state = readState();
+    // One section shown at a time (#view=quality links to one); all are rendered, hidden ones included.
+    const view = SECTIONS.includes(state.get("view")) ? state.get("view") : SECTIONS[0];
+    for (const id of SECTIONS) document.getElementById(id).hidden = id !== view;
+    for (const button of document.querySelectorAll("[data-goto]")) {
+      button.classList.toggle("active", button.dataset.goto === view);
+    }
     renderBrowse(state);
     renderRetrieval(state);
     // Measured, not asserted: how long one filter/page change takes (milliseconds).
@@ -415,7 +426,7 @@
   }
 
   for (const button of document.querySelectorAll("[data-goto]")) {
-    button.addEventListener("click", () => document.getElementById(button.dataset.goto).scrollIntoView());
+    button.addEventListener("click", () => { writeState({view: button.dataset.goto}); window.scrollTo(0, 0); });
   }
   setupFilters();
   renderQuality();
