@@ -249,3 +249,29 @@ def quality_report(
             "reasons": [[reason, n] for reason, n in reasons.most_common(TOP_REASONS)],
         },
     }
+
+
+def quality_tables(report: dict) -> dict[str, list[dict]]:
+    """Return the report as tables of row dicts (for a Prefect table artifact or a CSV): ``distributions`` (one row
+    per quantity: count/min/mean/median/max), ``removed_words`` (word, category, count) and ``failures`` (stage,
+    reason, count)."""
+    quantities = [
+        ("caption length, raw (words)", report["caption_length"]["raw"]),
+        ("caption length, filtered (words)", report["caption_length"]["filtered"]),
+        ("regions per image", report["regions_per_image"]["summary"]),
+        ("similarity_score (100 * cos)", report["similarity_score"]["summary"]),
+        ("image width (px)", report["image_size"]["width"]),
+        ("image height (px)", report["image_size"]["height"]),
+        ("structure-map edge density", report["edge_density"]["summary"]),
+    ]
+    categories = report["removed_words"]["by_category"]
+    if categories:
+        removed = [{"word": w, "category": c, "count": n} for c, words in categories.items() for w, n in words]
+    else:
+        removed = [{"word": w, "category": "", "count": n} for w, n in report["removed_words"]["top"]]
+    return {
+        "distributions": [{"quantity": name, **values} for name, values in quantities],
+        "removed_words": removed,
+        "failures": [{"stage": failure_stage(reason), "reason": reason, "count": n}
+                     for reason, n in report["failures"]["reasons"]],
+    }

@@ -61,6 +61,13 @@ def rankings_entry(rankings: QueryRankings, *, checkpoint: str) -> dict:
     }
 
 
+def rankings_document(image_ids: list[str], models: dict[str, dict], *, split: str, top_k: int) -> dict:
+    """Return the ``rankings.json`` document: the split's image ids (query i's own image is ``image_ids[i]``) and
+    one :func:`rankings_entry` per model name. Use it with embeddings you already have (e.g. evaluate's)."""
+    return {"version": VERSION, "split": split, "top_k": min(top_k, len(image_ids)), "query": "caption",
+            "image_ids": list(image_ids), "models": dict(models)}
+
+
 def compute_rankings(
     manifest: str | os.PathLike,
     *,
@@ -89,8 +96,7 @@ def compute_rankings(
     records = load_records(manifest, split=None if split == "all" else split, structure_kind=structure_kind, top_k=0)
     if len(records) < 2:
         raise ValueError(f"{manifest}: rankings need at least 2 pairs in split {split!r}, found {len(records)}")
-    result: dict = {"version": VERSION, "split": split, "top_k": min(top_k, len(records)), "query": "caption",
-                    "image_ids": [r.image_id for r in records], "models": {}}
+    entries = {}
     for name, checkpoint in models.items():
         loaded = load_model_for_eval(checkpoint, base_model=base_model, max_text_tokens=max_text_tokens,
                                      keep_positions=keep_positions)
@@ -99,7 +105,8 @@ def compute_rankings(
         encoded = encode_split(loaded, dataset, batch_size=batch_size, device=resolve_device(device),
                                precision=precision, max_text_tokens=max_text_tokens, num_workers=num_workers)
         rankings = rank_queries(encoded.text, encoded.image, top_k=top_k)
-        result["models"][name] = rankings_entry(rankings, checkpoint=str(checkpoint))
+        entries[name] = rankings_entry(rankings, checkpoint=str(checkpoint))
+    result = rankings_document([r.image_id for r in records], entries, split=split, top_k=top_k)
     if out_path is not None:
         atomic_write_text(out_path, json.dumps(result) + "\n")
     return result

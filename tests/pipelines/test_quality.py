@@ -12,6 +12,7 @@ from pipelines.quality import (
     failure_stage,
     histogram,
     quality_report,
+    quality_tables,
     removed_spans,
     removed_words,
     summary,
@@ -123,3 +124,15 @@ def test_edge_maps_are_sampled_and_missing_ones_counted(tiny_manifest):
     assert report["removed_words"]["by_category"] == {}
     report = quality_report(rows, resolve_path=layout.resolve)
     assert report["edge_density"]["measured"] == 1 and report["edge_density"]["unreadable"] == 1
+
+
+def test_quality_tables_flatten_the_report(tiny_manifest):
+    layout, rows = tiny_manifest
+    tables = quality_tables(quality_report(rows, word_categories=vocabulary_categories(CONFIGS_DIR / "vocab")))
+    assert tables["distributions"][0] == {"quantity": "caption length, raw (words)", "count": 3, "min": 3.0,
+                                          "mean": 14 / 3, "median": 4.0, "max": 7.0}
+    assert tables["removed_words"] == [{"word": w, "category": "colors", "count": 1} for w in ("red", "blue", "orange")]
+    assert tables["failures"] == [
+        {"stage": "structure", "reason": "structure: cannot read the map", "count": 1},
+        {"stage": "ingest", "reason": "ingest: cannot identify image file", "count": 1},
+    ]

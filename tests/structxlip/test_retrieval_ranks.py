@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import torch
 
 from structxlip.evaluate import evaluate
 from structxlip.retrieval_ranks import compute_rankings, rank_queries
 from structxlip.synthetic import make_synthetic_manifest
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_rank_queries_on_embeddings_with_known_order():
@@ -44,3 +49,18 @@ def test_rankings_agree_with_evaluate_t2i(tmp_path, tiny_clip_dir):
             assert (query in top) == (rank <= 3) and (rank > 3 or top[rank - 1] == query)
             assert entry["scores"][query] == sorted(entry["scores"][query], reverse=True)
     assert result["models"]["zero-shot"]["ranks"] == result["models"]["again"]["ranks"]
+
+
+def test_rankings_command_writes_the_explorer_file(tmp_path, tiny_clip_dir):
+    out_dir = tmp_path / "out"
+    make_synthetic_manifest(out_dir, n_images=4, image_size=64)
+    config = tmp_path / "config.yaml"
+    config.write_text(f"model: {{clip_model: {tiny_clip_dir}}}\ntrain: {{max_text_tokens: 77}}\n"
+                      "evaluate: {device: cpu, batch_size: 4}\n")
+    result = subprocess.run([sys.executable, "-m", "flows.cli", "rankings", str(out_dir), "--config", str(config),
+                             "--split", "all", "--top-k", "2"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    written = json.loads((out_dir / "eval" / "rankings.json").read_text())
+    # No OUT/train/model yet: only the zero-shot model (model.clip_model) is ranked.
+    assert list(written["models"]) == ["zero-shot"] and written["top_k"] == 2 and len(written["image_ids"]) == 4
+    assert "zero-shot: " in result.stdout and "rankings: " in result.stdout
