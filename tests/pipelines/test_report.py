@@ -90,6 +90,7 @@ def test_explorer_row_links_files_under_out_and_refuses_escapes(tmp_path):
     assert compact["neg"] == [[2, 5, "blue"]]
     same = explorer_row(dict(row, filtered_caption="A red box."), layout=layout, image_url=None)
     assert same["fc"] == 1 and same["rm"] == []
+    assert layout.report_thumbnail("abcdef") == tmp_path.resolve() / "report" / "thumbs" / "ab" / "abcdef.jpg"
 
 
 def test_script_json_cannot_close_the_script_element():
@@ -154,6 +155,9 @@ def test_report_page_shows_regions_removed_words_and_retrieval_hits(tmp_path):
     # Removed words struck through in the raw caption: the synthetic filter drops the colour words.
     removed = re.findall(r'<del class="removed-word"[^>]*>([^<]*)</del>', dom)
     assert "red" in removed or "blue" in removed or "green" in removed
+    # Hard negatives: the swapped words marked (the synthetic negatives swap the two colours, or the relation).
+    assert len(re.findall(r'<mark class="swap">[^<]+</mark>', dom)) == sum(len(r["hard_negatives"] or [])
+                                                                          for r in made["rows"])
     # The hostile caption is text, never markup: its tags appear escaped and no element was created from them.
     assert "&lt;img src=x onerror=" in dom and "&lt;/script&gt;&lt;b&gt;bold&lt;/b&gt;" in dom
     assert "<b>bold</b>" not in dom and "<title>pwned</title>" not in dom and 'src="x"' not in dom
