@@ -16,6 +16,7 @@ import io
 import json
 import math
 import os
+import re
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -26,13 +27,15 @@ from urllib.parse import quote
 from pipelines.quality import quality_report, removed_spans, vocabulary_categories
 from pipelines.report_plots import quality_plots, training_curves_png
 from storage.atomic import atomic_write_bytes, atomic_write_text
-from storage.layout import OutputLayout, PathEscapeError
+from storage.hashing import content_key
+from storage.layout import IMAGE_ID_LENGTH, OutputLayout, PathEscapeError
 from storage.manifest import read_manifest, resolve_manifest_path
 
 THUMBNAIL_PX = 256
 THUMBNAIL_QUALITY = 80
 PAGE_SIZE = 24
 QUERY_PAGE_SIZE = 10
+SAFE_ID = re.compile(r"[0-9A-Za-z_-]{2,64}")
 
 
 @dataclass
@@ -127,7 +130,10 @@ class _Thumbnails:
         width, height = row.get("width") or 0, row.get("height") or 0
         if under_out is not None and 0 < max(width, height) <= self.max_side:
             return "../" + quote(under_out)
-        target = self.layout.report_thumbnail(row["image_id"])
+        image_id = str(row["image_id"])
+        if not SAFE_ID.fullmatch(image_id):  # a hand-made manifest's id must not steer the write out of report/
+            image_id = content_key("thumbnail", image_id, length=IMAGE_ID_LENGTH)
+        target = self.layout.report_thumbnail(image_id)
         if target.is_file():
             self.reused += 1
         else:

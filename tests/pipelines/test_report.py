@@ -15,7 +15,7 @@ from pathlib import Path
 import pyarrow.compute as pc
 import pytest
 
-from pipelines.report import _script_json, explorer_row, negative_edit, read_training_rows
+from pipelines.report import _script_json, _Thumbnails, explorer_row, negative_edit, read_training_rows
 from storage.layout import OutputLayout
 from storage.manifest import bbox, manifest_table, read_manifest
 from storage.parquet import parquet_parts, write_parquet_atomic
@@ -91,6 +91,29 @@ def test_explorer_row_links_files_under_out_and_refuses_escapes(tmp_path):
     same = explorer_row(dict(row, filtered_caption="A red box."), layout=layout, image_url=None)
     assert same["fc"] == 1 and same["rm"] == []
     assert layout.report_thumbnail("abcdef") == tmp_path.resolve() / "report" / "thumbs" / "ab" / "abcdef.jpg"
+
+
+def test_thumbnails_stay_under_the_report_folder(tmp_path):
+    from PIL import Image
+
+    source = tmp_path / "photo.jpg"
+    Image.new("RGB", (600, 300), (200, 10, 10)).save(source)
+    layout = OutputLayout(tmp_path / "out")
+    thumbnails = _Thumbnails(layout, 128)
+    row = {"image_id": "../../escape", "source_path": str(source), "width": 600, "height": 300}
+    url = thumbnails.url(row)
+    written = [p for p in (tmp_path / "out").rglob("*.jpg")]
+    assert len(written) == 1 and written[0].parent.parent == layout.report_dir / "thumbs"
+    assert url == written[0].relative_to(layout.report_dir).as_posix()
+    assert Image.open(written[0]).size == (128, 64)
+    assert thumbnails.url(dict(row, image_id="ab12")) == "thumbs/ab/ab12.jpg" and thumbnails.written == 2
+    assert thumbnails.url(dict(row, image_id="ab12")) == "thumbs/ab/ab12.jpg" and thumbnails.reused == 1
+    # An image already under OUT and no larger than a thumbnail is linked as it is.
+    small = tmp_path / "out" / "images" / "small.png"
+    small.parent.mkdir(parents=True)
+    Image.new("RGB", (64, 32)).save(small)
+    assert thumbnails.url({"image_id": "cd34", "source_path": str(small), "width": 64, "height": 32}) == \
+        "../images/small.png"
 
 
 def test_script_json_cannot_close_the_script_element():
