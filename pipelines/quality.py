@@ -275,3 +275,14 @@ def quality_tables(report: dict) -> dict[str, list[dict]]:
         "failures": [{"stage": failure_stage(reason), "reason": reason, "count": n}
                      for reason, n in report["failures"]["reasons"]],
     }
+
+
+def output_quality_report(out_dir: str | os.PathLike, *, vocab_dir: str | os.PathLike | None = None,
+                          max_edge_maps: int = 2000) -> dict:
+    """Return :func:`quality_report` of an output folder's manifest (structure maps read under ``out_dir``)."""
+    from storage.manifest import manifest_root, read_manifest, resolve_manifest_path
+
+    layout = manifest_root(out_dir)
+    return quality_report(read_manifest(layout.root).to_pylist(),
+                          word_categories=vocabulary_categories(vocab_dir) if vocab_dir else None,
+                          resolve_path=lambda path: resolve_manifest_path(layout, path), max_edge_maps=max_edge_maps)

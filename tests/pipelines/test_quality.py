@@ -9,6 +9,7 @@ import pytest
 
 from pipelines.quality import (
     edge_density,
+    output_quality_report,
     failure_stage,
     histogram,
     quality_report,
@@ -136,3 +137,16 @@ def test_quality_tables_flatten_the_report(tiny_manifest):
         {"stage": "structure", "reason": "structure: cannot read the map", "count": 1},
         {"stage": "ingest", "reason": "ingest: cannot identify image file", "count": 1},
     ]
+
+
+def test_output_quality_report_reads_a_synthetic_folder(tmp_path):
+    from structxlip.synthetic import make_synthetic_manifest
+
+    make_synthetic_manifest(tmp_path, n_images=4, image_size=64)
+    report = output_quality_report(tmp_path, vocab_dir=CONFIGS_DIR / "vocab")
+    # 4 shape images + 1 undecodable file; each synthetic caption loses exactly its two colour words.
+    assert report["counts"]["rows"] == 5 and report["counts"]["failed"] == 1
+    assert report["removed_words"]["total"] == 8 and report["removed_words"]["captions_changed"] == 4
+    assert set(report["removed_words"]["by_category"]) == {"colors"}
+    assert report["edge_density"]["measured"] == 4 and report["edge_density"]["summary"]["min"] > 0
+    assert report["failures"]["by_stage"] == {"other": 1}
