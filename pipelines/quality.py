@@ -168,8 +168,9 @@ def quality_report(
 
     raw_lengths = [len(caption_words(r.get("caption"))) for r in ok if r.get("caption")]
     filtered_lengths = [len(caption_words(r.get("filtered_caption"))) for r in ok if r.get("filtered_caption")]
-    top = max(raw_lengths + filtered_lengths, default=0)
-    length_edges = np.linspace(0, max(top, 1), HISTOGRAM_BINS + 1).tolist()
+    lengths = raw_lengths + filtered_lengths
+    low, high = min(lengths, default=0), max(lengths, default=1)
+    length_edges = np.linspace(low, max(high, low + 1), HISTOGRAM_BINS + 1).tolist()  # shared by raw and filtered
 
     removed: Counter[str] = Counter()
     by_category: dict[str, Counter[str]] = {}

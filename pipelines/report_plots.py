@@ -18,6 +18,12 @@ def _pyplot():
     return plt
 
 
+def _integer_counts(axis, which: str = "y") -> None:
+    from matplotlib.ticker import MaxNLocator
+
+    (axis.yaxis if which == "y" else axis.xaxis).set_major_locator(MaxNLocator(integer=True))
+
+
 def _png(figure) -> bytes:
     buffer = io.BytesIO()
     figure.tight_layout()
@@ -42,6 +48,7 @@ def histogram_png(hist: dict, *, title: str, xlabel: str, ylabel: str = "count")
     figure, axis = plt.subplots(figsize=(WIDTH_IN, HEIGHT_IN))
     _bars_from_histogram(axis, hist)
     axis.set(title=title, xlabel=xlabel, ylabel=ylabel)
+    _integer_counts(axis)
     return _png(figure)
 
 
@@ -53,6 +60,7 @@ def caption_length_png(caption_length: dict) -> bytes:
     _bars_from_histogram(axis, {"edges": hist["edges"]}, counts=hist["raw"], label="raw caption", alpha=0.6)
     _bars_from_histogram(axis, {"edges": hist["edges"]}, counts=hist["filtered"], label="filtered caption", alpha=0.6)
     axis.set(title="Caption length", xlabel="words", ylabel="images")
+    _integer_counts(axis)
     axis.legend()
     return _png(figure)
 
@@ -69,9 +77,11 @@ def counts_png(counts: list[list], *, title: str, xlabel: str = "count", horizon
     elif horizontal:
         axis.barh(labels[::-1], values[::-1])
         axis.set_xlabel(xlabel)
+        _integer_counts(axis, "x")
     else:
         axis.bar(labels, values)
         axis.set_ylabel(xlabel)
+        _integer_counts(axis)
     axis.set_title(title)
     return _png(figure)
 
