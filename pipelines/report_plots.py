@@ -139,5 +139,5 @@ def training_curves_png(rows: list[dict]) -> bytes | None:
             axis.axvline(step - 0.5, color="grey", linestyle="--", linewidth=0.7)
     for axis in (losses, weights):
         if axis.lines:
-            axis.legend(fontsize=7, loc="upper right", ncol=2)
+            axis.legend(fontsize=7, loc="best", ncol=2)
     return _png(figure)
