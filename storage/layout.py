@@ -8,6 +8,9 @@
       crops/<regions_key>/<id[:2]>/<id>/<n>.structure.png  structure crops (same box)
       train/                                           checkpoints, metrics.jsonl, the exported model
       eval/metrics.json                                retrieval metrics
+      eval/rankings.json                               top-k images per text query, per model (retrieval explorer)
+      report/index.html                                the static explorer (``structxlip report``)
+      report/thumbs/<id[:2]>/<id>.jpg                  its image thumbnails
       config.yaml                                      the config of the last run (single-stage re-runs reuse it)
       runs/<timestamp>.json                            summary of each pipeline run
       .lock                                            held by the run writing this folder
@@ -72,6 +75,23 @@ class OutputLayout:
     def config_record(self) -> Path:
         """The config the last pipeline run used: a run or stage re-run without a config reuses it."""
         return self.root / "config.yaml"
+
+    @property
+    def eval_rankings(self) -> Path:
+        """Top-k image ids per text query for each evaluated model (``structxlip.retrieval_ranks``)."""
+        return self.eval_dir / "rankings.json"
+
+    @property
+    def report_dir(self) -> Path:
+        return self.root / "report"
+
+    @property
+    def report_index(self) -> Path:
+        """The static explorer page, self-contained but for images it references under ``root``."""
+        return self.report_dir / "index.html"
+
+    def report_thumbnail(self, image_id: str) -> Path:
+        return self.report_dir / "thumbs" / image_id[:2] / f"{image_id}.jpg"
 
     @property
     def lock_path(self) -> Path:

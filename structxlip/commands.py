@@ -1,5 +1,5 @@
-"""Library subcommands of the ``structxlip`` CLI (train, evaluate, export-json, import-json, export-checkpoint,
-build-tiny-clip).
+"""Library subcommands of the ``structxlip`` CLI (train, evaluate, rankings, report, export-json, import-json,
+export-checkpoint, build-tiny-clip).
 
 Each handler validates the config once and passes explicit keyword arguments to the library.
 """
@@ -62,6 +62,51 @@ def _evaluate(args: argparse.Namespace) -> int:
         print(f"\nzero-shot ({config.model.clip_model}, before fine-tuning):")
         print(metrics_table(metrics["zero_shot"]))
     print(f"\n{metrics['n_pairs']} pairs ({metrics['n_structure_pairs']} with a structure map); metrics: {out_path}")
+    return 0
+
+
+def _rankings(args: argparse.Namespace) -> int:
+    from storage.layout import OutputLayout
+    from storage.manifest import manifest_root
+    from structxlip.retrieval_ranks import compute_rankings
+
+    config = _load_config(args, {"evaluate.split": args.split, "evaluate.device": args.device})
+    layout = manifest_root(args.manifest)
+    models = dict(_model_choice(text) for text in args.model or [])
+    if not models:
+        models = {"zero-shot": config.model.clip_model}
+        if layout.model_dir.is_dir():
+            models["fine-tuned"] = str(layout.model_dir)
+    out_path = Path(args.out) if args.out else OutputLayout(layout.root).eval_rankings
+    result = compute_rankings(
+        args.manifest, models=models, base_model=config.model.clip_model, out_path=out_path,
+        split=config.evaluate.split, top_k=args.top_k, batch_size=config.evaluate.batch_size,
+        device=config.evaluate.device, precision=config.train.precision, max_text_tokens=config.train.max_text_tokens,
+        keep_positions=config.train.keep_positions, structure_kind=config.train.structure_kind,
+        num_workers=config.train.num_workers,
+    )
+    for name, entry in result["models"].items():
+        hits = sum(1 for rank in entry["ranks"] if rank == 1)
+        print(f"{name}: {hits}/{len(entry['ranks'])} queries find their own image first ({entry['checkpoint']})")
+    print(f"rankings: {out_path}")
+    return 0
+
+
+def _model_choice(text: str) -> tuple[str, str]:
+    name, sep, checkpoint = text.partition("=")
+    if not sep or not name.strip() or not checkpoint.strip():
+        raise SystemExit(f"structxlip rankings: error: expected --model NAME=CHECKPOINT, got {text!r}")
+    return name.strip(), checkpoint.strip()
+
+
+def _report(args: argparse.Namespace) -> int:
+    from pipelines.report import write_report
+
+    config = _load_config(args)
+    result = write_report(args.out, vocab_dir=config.filter.vocab_dir, thumbnail_px=args.thumbnail_px,
+                          max_edge_maps=args.max_edge_maps, page_size=args.page_size)
+    print(f"report of {result.rows} images ({result.html_bytes / 1e6:.1f} MB, {result.thumbnails_written} new "
+          f"thumbnails, {result.thumbnails_reused} reused, {result.seconds:.1f} s): {result.path}")
     return 0
 
 
@@ -135,6 +180,35 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     evaluate.add_argument("--no-zero-shot", action="store_true",
                           help="skip the zero-shot row (model.clip_model before fine-tuning) in the metrics")
     evaluate.set_defaults(handler=_evaluate)
+
+    rankings = subparsers.add_parser(
+        "rankings", help="each text query's top-k images per model (zero-shot and fine-tuned) for the report",
+        description="Rank the split's images for every caption with each model and write OUT/eval/rankings.json, "
+                    "which `structxlip report` shows as the retrieval explorer. Default models: zero-shot "
+                    "(model.clip_model) and fine-tuned (OUT/train/model, when it exists).")
+    rankings.add_argument("manifest", help="OUT folder, OUT/manifest or a manifest Parquet file")
+    rankings.add_argument("--model", action="append", metavar="NAME=CHECKPOINT",
+                          help="a model to rank with (repeatable), e.g. zero-shot=openai/clip-vit-base-patch16")
+    rankings.add_argument("--top-k", type=int, default=10, help="images listed per query (default: 10)")
+    rankings.add_argument("--split", choices=["train", "val", "test", "all"], help="override evaluate.split")
+    rankings.add_argument("--out", help="JSON path (default: OUT/eval/rankings.json)")
+    rankings.add_argument("--config", help="YAML config")
+    rankings.add_argument("--device", help="override evaluate.device")
+    rankings.set_defaults(handler=_rankings)
+
+    report = subparsers.add_parser(
+        "report", help="write OUT/report/index.html: manifest browser, quality report, training, retrieval",
+        description="Write a static explorer of an output folder to OUT/report/index.html (opens from disk, no "
+                    "server): a paged, filterable manifest browser with structure maps, region boxes, crops, "
+                    "removed words and hard negatives; the dataset quality report; training curves; and, given "
+                    "OUT/eval/rankings.json (`structxlip rankings`), each query's top images per model.")
+    report.add_argument("out", help="output folder of a pipeline run (holds manifest/)")
+    report.add_argument("--config", help="YAML config (its filter.vocab_dir groups removed words by category)")
+    report.add_argument("--thumbnail-px", type=int, default=256, help="long side of image thumbnails (default: 256)")
+    report.add_argument("--max-edge-maps", type=int, default=2000,
+                        help="structure maps read for the edge-density statistics (default: 2000, spread evenly)")
+    report.add_argument("--page-size", type=int, default=24, help="images per page in the browser (default: 24)")
+    report.set_defaults(handler=_report)
 
     export = subparsers.add_parser("export-json", help="write a manifest as the reference trainer's JSON")
     export.add_argument("manifest", help="OUT folder, OUT/manifest or a manifest Parquet file")

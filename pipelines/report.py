@@ -1,0 +1,285 @@
+"""The static explorer: ``OUT/report/index.html``, one self-contained page that opens from disk without a server.
+
+It embeds its data as JSON (manifest rows, the quality report, plots as PNG data URIs, training curves, evaluation
+metrics and per-query rankings) and references images by relative paths under ``OUT``: structure maps and crops
+where the pipeline wrote them, and for each image a small JPEG thumbnail under ``OUT/report/thumbs/`` (an image under
+``OUT`` no larger than a thumbnail is referenced as it is). Thumbnails are keyed by image id, a content hash, so a
+re-run writes only the new ones. Embedding the thumbnails instead would cost ~5-10 KB of base64 per image in the
+HTML (50-100 MB at 10,000 rows, all parsed up front); referenced files load lazily, only for the page shown.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import math
+import os
+import re
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from importlib import resources
+from pathlib import Path, PurePosixPath
+from urllib.parse import quote
+
+from pipelines.quality import quality_report, removed_spans, vocabulary_categories
+from pipelines.report_plots import quality_plots, training_curves_png
+from storage.atomic import atomic_write_bytes, atomic_write_text
+from storage.hashing import content_key
+from storage.layout import IMAGE_ID_LENGTH, OutputLayout, PathEscapeError
+from storage.manifest import read_manifest, resolve_manifest_path
+
+THUMBNAIL_PX = 256
+THUMBNAIL_QUALITY = 80
+PAGE_SIZE = 24
+QUERY_PAGE_SIZE = 10
+SAFE_ID = re.compile(r"[0-9A-Za-z_-]{2,64}")
+
+
+@dataclass
+class ReportResult:
+    """What ``write_report`` wrote: the page, its size, and the thumbnails made or reused."""
+
+    path: Path
+    rows: int
+    html_bytes: int
+    thumbnails_written: int
+    thumbnails_reused: int
+    seconds: float
+    quality: dict
+
+
+def _common_length(a: str, b: str, limit: int, same) -> int:
+    """Return the largest n <= limit with ``same(a, b, n)`` (monotone in n), by bisection on C-speed slices."""
+    low, high = 0, limit
+    while low < high:
+        middle = (low + high + 1) // 2
+        if same(a, b, middle):
+            low = middle
+        else:
+            high = middle - 1
+    return low
+
+
+def negative_edit(caption: str, negative: str) -> list:
+    """Return ``[prefix, suffix, middle]``: ``negative == caption[:prefix] + middle + caption[len - suffix:]`` with
+    the longest common prefix and suffix (a hard negative differs from its caption by a few swapped words)."""
+    limit = min(len(caption), len(negative))
+    prefix = _common_length(caption, negative, limit, lambda a, b, n: a[:n] == b[:n])
+    suffix = _common_length(caption, negative, limit - prefix, lambda a, b, n: n == 0 or a[-n:] == b[-n:])
+    # Widen to whole words so the marked part reads as words, not fragments.
+    def inside_word(text: str, at: int) -> bool:  # characters at-1 and at are both part of one word
+        return 0 < at < len(text) and text[at - 1].isalnum() and text[at].isalnum()
+
+    while prefix > 0 and (inside_word(caption, prefix) or inside_word(negative, prefix)):
+        prefix -= 1
+    while suffix > 0 and (inside_word(caption, len(caption) - suffix) or inside_word(negative, len(negative) - suffix)):
+        suffix -= 1
+    return [prefix, suffix, negative[prefix:len(negative) - suffix]]
+
+
+def _url(layout: OutputLayout, path: str | None) -> str | None:
+    """Return the URL of a manifest path as seen from ``OUT/report/``: relative under OUT, else a file:// URI."""
+    if not path:
+        return None
+    relative = PurePosixPath(path)
+    if not relative.is_absolute() and "\\" not in path and ".." not in relative.parts:
+        return "../" + quote(relative.as_posix())  # the common case, without a filesystem call per path
+    try:
+        absolute = resolve_manifest_path(layout, path)
+    except PathEscapeError:
+        return None
+    if absolute is None:
+        return None
+    try:
+        return "../" + quote(absolute.relative_to(layout.root).as_posix())
+    except ValueError:
+        return absolute.as_uri()
+
+
+def _thumbnail_jpeg(source: str, max_side: int) -> bytes | None:
+    from PIL import Image
+
+    try:
+        with Image.open(source) as image:
+            image.draft("RGB", (max_side, max_side))  # JPEG: decode at a reduced scale, much faster
+            image = image.convert("RGB")
+            image.thumbnail((max_side, max_side))
+            buffer = io.BytesIO()
+            image.save(buffer, format="JPEG", quality=THUMBNAIL_QUALITY)
+            return buffer.getvalue()
+    except Exception:  # noqa: BLE001 - an unreadable image (often a failed row) simply gets no thumbnail
+        return None
+
+
+class _Thumbnails:
+    """Makes (or finds) the thumbnail of each image; bytes are reused for rows that share a source file."""
+
+    def __init__(self, layout: OutputLayout, max_side: int):
+        self.layout, self.max_side = layout, max_side
+        self.written = self.reused = 0
+        self._by_source: dict[str, bytes | None] = {}
+
+    def url(self, row: dict) -> str | None:
+        source = row.get("source_path")
+        if not source:
+            return None
+        under_out = self._under_out(source)
+        width, height = row.get("width") or 0, row.get("height") or 0
+        if under_out is not None and 0 < max(width, height) <= self.max_side:
+            return "../" + quote(under_out)
+        image_id = str(row["image_id"])
+        if not SAFE_ID.fullmatch(image_id):  # a hand-made manifest's id must not steer the write out of report/
+            image_id = content_key("thumbnail", image_id, length=IMAGE_ID_LENGTH)
+        target = self.layout.report_thumbnail(image_id)
+        if target.is_file():
+            self.reused += 1
+        else:
+            if source not in self._by_source:
+                self._by_source[source] = _thumbnail_jpeg(source, self.max_side)
+            data = self._by_source[source]
+            if data is None:
+                return None
+            atomic_write_bytes(target, data, durable=False)  # a lost thumbnail is simply made again
+            self.written += 1
+        return quote(target.relative_to(self.layout.report_dir).as_posix())
+
+    def _under_out(self, source: str) -> str | None:
+        try:
+            return Path(source).resolve().relative_to(self.layout.root).as_posix()
+        except (ValueError, OSError):
+            return None
+
+
+def _score(value: object) -> float | None:
+    try:
+        score = float(value)
+    except (TypeError, ValueError):
+        return None
+    return round(score, 3) if math.isfinite(score) else None
+
+
+def explorer_row(row: dict, *, layout: OutputLayout, image_url: str | None) -> dict:
+    """Return one manifest row in the page's compact form (short keys; region boxes and crops as arrays)."""
+    caption, filtered = row.get("caption"), row.get("filtered_caption")
+    segments = []
+    for segment in row.get("segments") or []:
+        box = segment.get("bbox") or {}
+        score = segment.get("similarity_score")
+        segments.append([box.get("x1"), box.get("y1"), box.get("x2"), box.get("y2"),
+                         _url(layout, segment.get("crop_path")), _url(layout, segment.get("structure_crop_path")),
+                         segment.get("caption"), _score(score)])
+    scores = [s[7] for s in segments if s[7] is not None]
+    return {
+        "i": row["image_id"], "st": row.get("status"), "e": row.get("error"), "sp": row.get("split"),
+        "w": row.get("width"), "h": row.get("height"), "src": row.get("source_path"), "img": image_url,
+        "map": _url(layout, row.get("structure_path")), "scr": _url(layout, row.get("scribble_path")),
+        "c": caption,
+        # 1 = same as the caption (nothing removed), so long unchanged captions are not embedded twice.
+        "fc": 1 if filtered is not None and filtered == caption else filtered,
+        "rm": [list(span) for span in removed_spans(caption, filtered)],
+        "seg": segments, "best": max(scores) if scores else None,
+        "neg": [negative_edit(caption, n) for n in row.get("hard_negatives") or [] if caption and n],
+    }
+
+
+def read_training_rows(path: str | os.PathLike) -> list[dict]:
+    """Return ``metrics.jsonl`` rows, one per step (the last record of a step wins: a resumed run rewrites it)."""
+    by_step: dict = {}
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except OSError:
+        return []
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue  # a line cut short by a killed run
+        if isinstance(record, dict) and isinstance(record.get("step"), (int, float)):
+            by_step[record["step"]] = record
+    return [by_step[step] for step in sorted(by_step)]
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def _data_uri(png: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
+
+
+def _finite(value: object) -> object:
+    """Return ``value`` with NaN/inf floats (a skipped step's loss) replaced by None, which JSON can carry."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
+def _script_json(value: object) -> str:
+    """JSON safe inside a <script> element: no ``</script>``, ``<!--`` or entity can end or alter it."""
+    text = json.dumps(_finite(value), ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+    return text.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
+
+
+def _asset(name: str) -> str:
+    return resources.files("pipelines").joinpath("report_assets", name).read_text(encoding="utf-8")
+
+
+def write_report(
+    out_dir: str | os.PathLike,
+    *,
+    vocab_dir: str | os.PathLike | None = None,
+    thumbnail_px: int = THUMBNAIL_PX,
+    max_edge_maps: int = 2000,
+    page_size: int = PAGE_SIZE,
+    title: str | None = None,
+) -> ReportResult:
+    """Write ``OUT/report/index.html`` (and its thumbnails) for the output folder ``out_dir``; return what it wrote.
+
+    ``vocab_dir``: the filter's vocabulary, to split removed words by category (the ``filter.remove_*`` flags).
+    """
+    started = time.perf_counter()
+    layout = OutputLayout(out_dir)
+    rows = read_manifest(layout.root).to_pylist()
+    thumbnails = _Thumbnails(layout, thumbnail_px)
+    explorer_rows = [explorer_row(row, layout=layout, image_url=thumbnails.url(row)) for row in rows]
+    quality = quality_report(rows, word_categories=vocabulary_categories(vocab_dir) if vocab_dir else None,
+                             spans_per_row=[[tuple(span) for span in r["rm"]] for r in explorer_rows],
+                             resolve_path=lambda p: resolve_manifest_path(layout, p), max_edge_maps=max_edge_maps)
+    training_rows = read_training_rows(layout.train_metrics)
+    training_png = training_curves_png(training_rows)
+    data = {
+        "rows": explorer_rows,
+        "page_size": page_size,
+        "query_page_size": QUERY_PAGE_SIZE,
+        "quality": quality,
+        "plots": {name: _data_uri(png) for name, png in quality_plots(quality).items()},
+        "training": None if training_png is None else {
+            "plot": _data_uri(training_png), "last": training_rows[-1],
+            "epochs": len({r.get("epoch") for r in training_rows}),
+        },
+        "eval": _read_json(layout.eval_metrics),
+        "rankings": _read_json(layout.eval_rankings),
+    }
+    title = title or f"StructXLIP report: {layout.root.name}"
+    subtitle = (f"{len(rows)} images in {layout.root} · written "
+                f"{datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}")
+    page = _asset("index.html")
+    for placeholder, value in (("__TITLE__", html.escape(title)), ("__SUBTITLE__", html.escape(subtitle)),
+                               ("__CSS__", _asset("explorer.css")), ("__JS__", _asset("explorer.js"))):
+        page = page.replace(placeholder, value)
+    page = page.replace("__DATA__", _script_json(data), 1)  # last: the data may contain any placeholder text
+    atomic_write_text(layout.report_index, page)
+    return ReportResult(path=layout.report_index, rows=len(rows), html_bytes=len(page.encode("utf-8")),
+                        thumbnails_written=thumbnails.written, thumbnails_reused=thumbnails.reused,
+                        seconds=time.perf_counter() - started, quality=quality)

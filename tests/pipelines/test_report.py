@@ -1,0 +1,241 @@
+"""The static explorer: its row data by hand, then the real page (``structxlip report``) in headless Chromium.
+
+Screenshots land in ``tests/_artifacts/`` (gitignored) and their paths are printed.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow.compute as pc
+import pytest
+
+from pipelines.report import _script_json, _Thumbnails, explorer_row, negative_edit, read_training_rows
+from storage.layout import OutputLayout
+from storage.manifest import bbox, manifest_table, read_manifest
+from storage.parquet import parquet_parts, write_parquet_atomic
+from structxlip.synthetic import make_scaled_manifest, make_synthetic_manifest
+
+ROOT = Path(__file__).resolve().parents[2]
+ARTIFACTS_DIR = ROOT / "tests" / "_artifacts"
+CHROMIUM_FLAGS = [
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync", "--hide-scrollbars",
+    # Virtual time: lazy thumbnails of the visible page finish loading before the screenshot, without a real wait.
+    "--virtual-time-budget=5000",
+]
+HOSTILE_CAPTION = 'A red <img src=x onerror="document.title=\'pwned\'"> box </script><b>bold</b> & more.'
+
+
+def chromium() -> str | None:
+    return shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+def render(page: Path, fragment: str, screenshot: Path, profile: Path, height: int = 1400) -> str:
+    """Return the DOM of the report at ``page#fragment`` once its script has rendered; save a screenshot."""
+    screenshot.parent.mkdir(parents=True, exist_ok=True)
+    result = subprocess.run(
+        [chromium(), *CHROMIUM_FLAGS, f"--window-size=1280,{height}", f"--user-data-dir={profile}",
+         f"--screenshot={screenshot}", "--dump-dom", f"{page.as_uri()}#{fragment}"],
+        capture_output=True, text=True, timeout=180,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    dom = result.stdout
+    # --dump-dom returns after the load event; the page renders synchronously before it, and says so.
+    assert 'data-rendered="1"' in dom, "the explorer script did not finish rendering:\n" + result.stderr[-2000:]
+    print(f"report screenshot: {screenshot}")
+    return dom
+
+
+def run_report(out_dir: Path) -> str:
+    """Run ``structxlip report OUT`` as a user would; return its output."""
+    result = subprocess.run([sys.executable, "-m", "flows.cli", "report", str(out_dir)], cwd=ROOT,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
+
+
+# ---- row data -------------------------------------------------------------------------------------------------
+def test_negative_edit_keeps_the_common_words_and_marks_whole_words():
+    caption = "a red car near a blue house"
+    assert negative_edit(caption, "a blue car near a blue house") == [2, 22, "blue"]
+    assert negative_edit(caption, "a red car near a red house") == [17, 6, "red"]
+    assert negative_edit(caption, caption) == [len(caption), 0, ""]
+    for negative in ("a red car", "x", "a red bus near a blue house.", "a blue car near a red house"):
+        prefix, suffix, middle = negative_edit(caption, negative)
+        assert caption[:prefix] + middle + caption[len(caption) - suffix:] == negative
+
+
+def test_explorer_row_links_files_under_out_and_refuses_escapes(tmp_path):
+    layout = OutputLayout(tmp_path)
+    row = {
+        "image_id": "abc", "status": "ok", "split": "test", "width": 40, "height": 20, "source_path": "/x/a.jpg",
+        "caption": "A red box.", "filtered_caption": "A box.", "structure_path": "maps/k/ab/abc.canny.png",
+        "scribble_path": "../../etc/passwd", "hard_negatives": ["A blue box."],
+        "segments": [{"bbox": bbox(1, 2, 11, 12), "crop_path": "crops/k/ab/abc/000 x.jpg", "structure_crop_path": None,
+                      "caption": "a red box", "similarity_score": 21.23456},
+                     {"bbox": bbox(0, 0, 4, 4), "crop_path": None, "structure_crop_path": None, "caption": "b",
+                      "similarity_score": float("nan")}],
+    }
+    compact = explorer_row(row, layout=layout, image_url="thumbs/ab/abc.jpg")
+    assert compact["map"] == "../maps/k/ab/abc.canny.png" and compact["scr"] is None
+    assert compact["rm"] == [[2, 5]] and compact["fc"] == "A box."
+    assert compact["seg"][0] == [1, 2, 11, 12, "../crops/k/ab/abc/000%20x.jpg", None, "a red box", 21.235]
+    assert compact["seg"][1][7] is None and compact["best"] == 21.235
+    assert compact["neg"] == [[2, 5, "blue"]]
+    same = explorer_row(dict(row, filtered_caption="A red box."), layout=layout, image_url=None)
+    assert same["fc"] == 1 and same["rm"] == []
+    assert layout.report_thumbnail("abcdef") == tmp_path.resolve() / "report" / "thumbs" / "ab" / "abcdef.jpg"
+
+
+def test_thumbnails_stay_under_the_report_folder(tmp_path):
+    from PIL import Image
+
+    source = tmp_path / "photo.jpg"
+    Image.new("RGB", (600, 300), (200, 10, 10)).save(source)
+    layout = OutputLayout(tmp_path / "out")
+    thumbnails = _Thumbnails(layout, 128)
+    row = {"image_id": "../../escape", "source_path": str(source), "width": 600, "height": 300}
+    url = thumbnails.url(row)
+    written = [p for p in (tmp_path / "out").rglob("*.jpg")]
+    assert len(written) == 1 and written[0].parent.parent == layout.report_dir / "thumbs"
+    assert url == written[0].relative_to(layout.report_dir).as_posix()
+    assert Image.open(written[0]).size == (128, 64)
+    assert thumbnails.url(dict(row, image_id="ab12")) == "thumbs/ab/ab12.jpg" and thumbnails.written == 2
+    assert thumbnails.url(dict(row, image_id="ab12")) == "thumbs/ab/ab12.jpg" and thumbnails.reused == 1
+    # An image already under OUT and no larger than a thumbnail is linked as it is.
+    small = tmp_path / "out" / "images" / "small.png"
+    small.parent.mkdir(parents=True)
+    Image.new("RGB", (64, 32)).save(small)
+    assert thumbnails.url({"image_id": "cd34", "source_path": str(small), "width": 64, "height": 32}) == \
+        "../images/small.png"
+
+
+def test_script_json_cannot_close_the_script_element():
+    text = _script_json({"c": "</script><script>alert(1)</script><!-- & ", "x": float("inf")})
+    assert "<" not in text and ">" not in text and "&" not in text
+    assert json.loads(text) == {"c": "</script><script>alert(1)</script><!-- & ", "x": None}
+
+
+def test_read_training_rows_keeps_the_last_record_per_step(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1, "loss": 3.0}\n{"step": 2, "loss": 2.0}\n{"step": 2, "loss": 1.5}\n{"step": 3, "lo')
+    assert read_training_rows(path) == [{"step": 1, "loss": 3.0}, {"step": 2, "loss": 1.5}]
+    assert read_training_rows(tmp_path / "missing.jsonl") == []
+
+
+# ---- the page in a browser ------------------------------------------------------------------------------------
+def _small_output_folder(out_dir: Path) -> dict:
+    """A synthetic output folder with a hostile caption, training metrics, eval metrics and hand-made rankings."""
+    make_synthetic_manifest(out_dir, n_images=6, image_size=96)
+    layout = OutputLayout(out_dir)
+    table = read_manifest(out_dir)
+    rows = table.to_pylist()
+    rows[1]["caption"] = HOSTILE_CAPTION
+    rows[1]["filtered_caption"] = HOSTILE_CAPTION.replace("A red ", "A ")
+    for part in parquet_parts(layout.manifest_dir):
+        part.unlink()
+    write_parquet_atomic(manifest_table(rows), layout.manifest_part("hostile"))
+    layout.train_dir.mkdir(parents=True, exist_ok=True)
+    layout.train_metrics.write_text("".join(
+        json.dumps({"step": s, "epoch": (s - 1) // 3, "lr": 1e-4 / s, "loss": 3.0 / s, "loss/global": 2.0 / s,
+                    "weight/global": 1.0}) + "\n" for s in range(1, 7)))
+    layout.eval_dir.mkdir(parents=True, exist_ok=True)
+    layout.eval_metrics.write_text(json.dumps({"n_pairs": 4, "t2i/R@1": 25.0, "t2i/mean_rank": 2.0}))
+    ids = [r["image_id"] for r in rows if r["status"] == "ok"][:4]
+    # Fine-tuned: query 2 finds its image at rank 4 (the worst), the others first; zero-shot: every query second.
+    fine_top = [[0, 1, 2], [1, 0, 2], [0, 1, 3], [3, 0, 1]]
+    zero_top = [[1, 0, 2], [0, 1, 2], [0, 2, 1], [0, 3, 1]]
+    rankings = {"version": 1, "split": "test", "top_k": 3, "query": "caption", "image_ids": ids, "models": {
+        "zero-shot": {"checkpoint": "z", "ranks": [2, 2, 2, 2], "top": zero_top, "scores": [[0.3, 0.2, 0.1]] * 4},
+        "fine-tuned": {"checkpoint": "f", "ranks": [1, 1, 4, 1], "top": fine_top, "scores": [[0.9, 0.5, 0.1]] * 4},
+    }}
+    layout.eval_rankings.write_text(json.dumps(rankings))
+    return {"rows": rows, "ids": ids}
+
+
+@pytest.mark.e2e
+def test_report_page_shows_regions_removed_words_and_retrieval_hits(tmp_path):
+    if chromium() is None:
+        pytest.skip("chromium not installed (`make browser` installs the Debian package)")
+    out_dir = tmp_path / "out"
+    made = _small_output_folder(out_dir)
+    printed = run_report(out_dir)
+    page = out_dir / "report" / "index.html"
+    assert str(page) in printed
+
+    dom = render(page, "", ARTIFACTS_DIR / "report-browser.png", tmp_path / "chromium-1", height=2600)
+    # Region boxes: one SVG rect per segment of each image on the page (7 synthetic images incl. one failed, < 1 page).
+    boxes = re.findall(r'<rect class="region-box"[^>]*>', dom)
+    assert len(boxes) == sum(len(r["segments"] or []) for r in made["rows"]) > 0
+    first = made["rows"][0]["segments"][0]["bbox"]
+    assert f'x="{first["x1"]}" y="{first["y1"]}" width="{first["width"]}" height="{first["height"]}"' in boxes[0]
+    # Removed words struck through in the raw caption: the synthetic filter drops the colour words.
+    removed = re.findall(r'<del class="removed-word"[^>]*>([^<]*)</del>', dom)
+    assert "red" in removed or "blue" in removed or "green" in removed
+    # Hard negatives: the swapped words marked (the synthetic negatives swap the two colours, or the relation).
+    assert len(re.findall(r'<mark class="swap">[^<]+</mark>', dom)) == sum(len(r["hard_negatives"] or [])
+                                                                          for r in made["rows"])
+    # The hostile caption is text, never markup: its tags appear escaped and no element was created from them.
+    assert "&lt;img src=x onerror=" in dom and "&lt;/script&gt;&lt;b&gt;bold&lt;/b&gt;" in dom
+    assert "<b>bold</b>" not in dom and "<title>pwned</title>" not in dom and 'src="x"' not in dom
+    # Quality report, training curves and metrics rendered.
+    assert 'class="plot plot-similarity_score"' in dom and 'class="plot plot-training"' in dom
+    assert "Words removed by the filter" in dom and "<td>t2i</td>" in dom
+
+    # Retrieval explorer: worst fine-tuned query first, its own image not first; a hit framed and ticked.
+    queries = re.findall(r'<div class="query" data-query="(\d+)">', dom)
+    assert queries[0] == "2" and sorted(queries) == ["0", "1", "2", "3"]
+    first_query = dom[dom.index('data-query="2"'):dom.index('data-query="', dom.index('data-query="2"') + 5)]
+    fine = first_query[first_query.index('data-model="fine-tuned"'):]
+    assert fine.count('<figure class="hit"') == 0  # rank 4 is beyond top 3: no hit shown
+    zero = first_query[first_query.index('data-model="zero-shot"'):first_query.index('data-model="fine-tuned"')]
+    assert re.search(r"<figure class=\"miss\"[^>]*>.*?</figure><figure class=\"hit\"", zero, re.S)  # rank 2
+    assert re.search(r'<figure class="hit"[^>]*><img[^>]*><figcaption><span class="hit-mark">✓ </span>1 · ', dom)
+
+    # A link to one section shows it (screenshots of the quality report, training and the retrieval explorer).
+    render(page, "view=quality", ARTIFACTS_DIR / "report-quality.png", tmp_path / "chromium-4", height=2400)
+    render(page, "view=training", ARTIFACTS_DIR / "report-training.png", tmp_path / "chromium-5", height=1000)
+    render(page, "view=retrieval", ARTIFACTS_DIR / "report-retrieval.png", tmp_path / "chromium-6", height=1600)
+
+    # Filters through the URL: failed rows only; a text search.
+    dom = render(page, "status=failed", ARTIFACTS_DIR / "report-failed.png", tmp_path / "chromium-2")
+    assert "page 1 of 1 · 1 images" in dom and "cannot decode image" in dom
+    dom = render(page, "q=onerror", ARTIFACTS_DIR / "report-search.png", tmp_path / "chromium-3")
+    assert "page 1 of 1 · 1 images" in dom
+
+
+@pytest.mark.e2e
+def test_report_pages_through_10000_rows(tmp_path):
+    if chromium() is None:
+        pytest.skip("chromium not installed (`make browser` installs the Debian package)")
+    out_dir = tmp_path / "out"
+    make_synthetic_manifest(out_dir, n_images=12, image_size=64)
+    make_scaled_manifest(out_dir, n_rows=10_000)
+    table = read_manifest(out_dir, columns=["status"])
+    failed = int(pc.sum(pc.equal(table["status"], "failed")).as_py())
+    assert table.num_rows == 10_000 and 0 < failed < 10_000
+    printed = run_report(out_dir)
+    page = out_dir / "report" / "index.html"
+    print(printed.strip())
+
+    dom = render(page, "page=200", ARTIFACTS_DIR / "report-10k-page200.png", tmp_path / "chromium-1")
+    assert "page 200 of 417 · 10000 images" in dom  # 24 per page
+    numbers = [int(n) for n in re.findall(r'class="rownum">#(\d+)<', dom)]
+    assert numbers == list(range(199 * 24 + 1, 200 * 24 + 1))
+    # Only the page's images are in the DOM, each loaded lazily.
+    assert dom.count('<article class="card"') == 24
+    assert all('loading="lazy"' in tag for tag in re.findall(r"<img [^>]*>", dom.split('id="quality"')[0]))
+    ready_ms = re.search(r'data-ready-ms="(\d+)"', dom).group(1)
+    render_ms = re.search(r'data-render-ms="([\d.]+)"', dom).group(1)
+    print(f"10,000 rows: page ready {ready_ms} ms after navigation, one render {render_ms} ms")
+
+    dom = render(page, "status=failed&page=2", ARTIFACTS_DIR / "report-10k-failed.png", tmp_path / "chromium-2")
+    pages = -(-failed // 24)
+    assert f"page 2 of {pages} · {failed} images" in dom
+    assert dom.count('<span class="badge status-failed">failed</span>') == min(24, failed - 24)
