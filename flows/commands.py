@@ -212,6 +212,10 @@ def demo_command(args: argparse.Namespace) -> int:
                      dask_address=None, verbose=args.verbose)
     layout = OutputLayout(args.out)
     keys = _stage_keys(str(DEMO_CONFIG))
+    from configs import load_config
+    from pipelines.report import write_report
+
+    explorer = write_report(layout.root, vocab_dir=load_config(DEMO_CONFIG).filter.vocab_dir)
     print(
         "\nOutputs:\n"
         f"  manifest     {layout.manifest_dir}   (duckdb -c \"select * from '{layout.manifest_dir}/*.parquet'\")\n"
@@ -220,6 +224,7 @@ def demo_command(args: argparse.Namespace) -> int:
         f"  checkpoint   {layout.checkpoints_dir}  (model: {layout.model_dir})\n"
         f"  metrics      {layout.eval_metrics}\n"
         f"  run summary  {layout.runs_dir}\n"
+        f"  explorer     {explorer.path}   (open it in a browser: manifest, maps, regions, quality, retrieval)\n"
         "Open the Prefect UI with `make ui` (http://127.0.0.1:4200), then run the demo again with\n"
         "PREFECT_API_URL=http://127.0.0.1:4200/api to see its flow runs, stage summaries and galleries.",
         file=sys.stdout,
