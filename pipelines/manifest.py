@@ -26,7 +26,7 @@ from storage.hashing import content_key
 from storage.layout import IMAGE_ID_LENGTH, OutputLayout
 from storage.manifest import MANIFEST_COLUMNS, MANIFEST_SCHEMA, STATUS_FAILED, STATUS_OK, manifest_table
 from storage.atomic import atomic_directory
-from storage.parquet import parquet_parts, write_parquet_atomic
+from storage.parquet import parquet_parts, read_part, write_parquet_atomic
 
 VERSION = "1"
 SPLIT_ORDER = ("train", "val", "test")
@@ -186,7 +186,7 @@ def write_manifest(layout: OutputLayout, rows: list[dict], *, rewrite: bool = Fa
     kept_rows = 0
     for part in parquet_parts(layout.manifest_dir):
         try:
-            existing = pq.read_table(part).select(MANIFEST_COLUMNS).cast(MANIFEST_SCHEMA).to_pylist()
+            existing = read_part(part).select(MANIFEST_COLUMNS).cast(MANIFEST_SCHEMA).to_pylist()
         except Exception:  # an unreadable or foreign part is replaced, never trusted
             stale.append(part)
             continue

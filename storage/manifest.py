@@ -75,9 +75,9 @@ def read_manifest(path: str | os.PathLike, columns: list[str] | None = None) -> 
     """Read a manifest given its folder, an output folder containing ``manifest/``, or a single Parquet file."""
     path = Path(path)
     if path.is_file():
-        import pyarrow.parquet as pq
+        from storage.parquet import read_part
 
-        return pq.read_table(path, columns=columns)
+        return read_part(path, columns=columns)
     if (path / "manifest").is_dir():
         path = path / "manifest"
     if not path.is_dir():

@@ -15,11 +15,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from storage.hashing import content_key
 from storage.layout import OutputLayout
-from storage.parquet import parquet_parts, write_parquet_atomic
+from storage.parquet import parquet_parts, read_part, write_parquet_atomic
 
 ITEM_KEY = "item_key"
 OUTPUTS = "outputs"
@@ -72,7 +71,7 @@ class StageStore:
     def _read_part(self, part: Path, columns: list[str] | None) -> pa.Table | None:
         """Return one part as a table of this store's schema, or None after moving an unreadable part aside."""
         try:
-            table = pq.read_table(part, columns=columns)
+            table = read_part(part, columns=columns)
             if self.schema is not None:
                 names = columns or self.schema.names
                 target = pa.schema([self.schema.field(n) for n in names])
@@ -164,13 +163,13 @@ class StageStore:
         keep_paths = {Path(p).resolve() for p in keep}
         covered: set[str] = set()
         for part in keep_paths:
-            covered.update(pq.read_table(part, columns=[ITEM_KEY]).column(ITEM_KEY).to_pylist())
+            covered.update(read_part(part, columns=[ITEM_KEY]).column(ITEM_KEY).to_pylist())
         removed = 0
         for part in self.parts():
             if part.resolve() in keep_paths:
                 continue
             try:
-                keys = set(pq.read_table(part, columns=[ITEM_KEY]).column(ITEM_KEY).to_pylist())
+                keys = set(read_part(part, columns=[ITEM_KEY]).column(ITEM_KEY).to_pylist())
             except (pa.ArrowException, OSError):
                 continue
             if keys <= covered:
