@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 from typing import Any, Iterable
 from uuid import UUID
 
@@ -18,36 +19,50 @@ from pipelines.render import (
     image_markdown,
     loss_curve_png,
     loss_series,
-    parse_retrieval_metrics,
-    png_data_uri,
     progress_percent,
     read_jsonl,
     recall_bar_png,
     recall_rows,
-    summarize_stage,
+    representative_rows,
     summary_rows,
-    thumbnail_png,
 )
 from storage.layout import OutputLayout
 
 
+# ---- namespaces -----------------------------------------------------------------------------------------------------
+def artifact_namespace(images_dir: str | os.PathLike, out_dir: str | os.PathLike) -> str:
+    """Return the key prefix of one dataset + output folder (``<images>-<out>-<hash of OUT>``): two datasets or two
+    output folders never share an artifact history, and the same folder's runs line up in the UI."""
+    from storage.hashing import content_key
+
+    images, out = Path(images_dir).expanduser().resolve(), Path(out_dir).expanduser().resolve()
+    return artifact_key(images.name[:20] or "images", out.name[:20] or "out", content_key(str(out), length=6))
+
+
+def _where(images_dir: str | os.PathLike | None, out_dir: str | os.PathLike) -> str:
+    source = f" from `{images_dir}`" if images_dir else ""
+    return f"{source} into `{out_dir}`"
+
+
 # ---- publishing (Prefect) -------------------------------------------------------------------------------------------
-def publish_stage_summary(summary: StageSummary) -> dict[str, UUID]:
-    """Create the ``<stage>-summary`` table (and ``<stage>-failures`` when any item failed); return their ids."""
+def publish_stage_summary(summary: StageSummary, *, namespace: str = "", where: str = "") -> dict[str, UUID]:
+    """Create the ``<namespace>-<stage>-summary`` table (and ``-failures`` when any item failed); return their ids."""
     from prefect.artifacts import create_table_artifact
 
     ids = {
         "summary": create_table_artifact(
             table=summary_rows(summary),
-            key=artifact_key(summary.stage, "summary"),
-            description=f"Stage `{summary.stage}`: items processed, cached, failed and throughput in this run.",
+            key=artifact_key(namespace, summary.stage, "summary") if namespace else artifact_key(summary.stage, "summary"),
+            description=f"Stage `{summary.stage}`{where}: items processed, cached (reused), failed (this run's and "
+                        "cached failures) and throughput.",
         )
     }
     if summary.failed:
         ids["failures"] = create_table_artifact(
             table=failure_rows(summary),
-            key=artifact_key(summary.stage, "failures"),
-            description=f"Stage `{summary.stage}`: failed items and why (first {MAX_FAILURE_ROWS}).",
+            key=artifact_key(namespace, summary.stage, "failures") if namespace else artifact_key(summary.stage,
+                                                                                                   "failures"),
+            description=f"Stage `{summary.stage}`{where}: failed items and why (first {MAX_FAILURE_ROWS}).",
         )
     return ids
 
@@ -56,14 +71,14 @@ def publish_stage_summary(summary: StageSummary) -> dict[str, UUID]:
 _progress_artifacts: dict[tuple[str | None, str], UUID] = {}
 
 
-def stage_progress(stage: str, done: int, total: int) -> UUID:
-    """Create (first call in a flow run) or update the ``<stage>-progress`` artifact to ``done / total``."""
+def stage_progress(stage: str, done: int, total: int, *, namespace: str = "") -> UUID:
+    """Create (first call in a flow run) or update the ``<namespace>-<stage>-progress`` artifact to ``done / total``."""
     from prefect.artifacts import create_progress_artifact, update_progress_artifact
     from prefect.context import FlowRunContext
 
     context = FlowRunContext.get()
     run_id = str(context.flow_run.id) if context is not None and context.flow_run is not None else None
-    key = artifact_key(stage, "progress")
+    key = artifact_key(namespace, stage, "progress") if namespace else artifact_key(stage, "progress")
     percent = progress_percent(done, total)
     description = f"Stage `{stage}`: {done} of {total} items done."
     artifact_id = _progress_artifacts.get((run_id, key))
@@ -75,78 +90,128 @@ def stage_progress(stage: str, done: int, total: int) -> UUID:
     return artifact_id
 
 
-def publish_gallery(stage: str, out_dir: str | os.PathLike, rows: Iterable[dict], **options: Any) -> UUID:
-    """Create the ``<stage>-gallery`` markdown artifact of example rows (see ``gallery_markdown``); return its id."""
+def publish_gallery(stage: str, out_dir: str | os.PathLike, rows: Iterable[dict], *, namespace: str = "",
+                    where: str = "", **options: Any) -> UUID:
+    """Create the ``<namespace>-<stage>-gallery`` markdown of representative rows (see ``representative_rows``)."""
     from prefect.artifacts import create_markdown_artifact
 
-    markdown = gallery_markdown(out_dir, rows, title=f"{stage}: examples", **options)
+    chosen = representative_rows(list(rows), options.pop("max_images", 5))
+    markdown = gallery_markdown(out_dir, chosen, title=f"{stage}: examples", max_images=len(chosen) or 1, **options)
     return create_markdown_artifact(
         markdown=markdown,
-        key=artifact_key(stage, "gallery"),
-        description=f"Stage `{stage}`: example images with their structure maps, regions and captions.",
+        key=artifact_key(namespace, stage, "gallery") if namespace else artifact_key(stage, "gallery"),
+        description=f"Stage `{stage}`{where}: representative images (no region, worst and best scores) with their "
+                    "structure maps, numbered regions, crops, sentences and similarity scores.",
     )
 
 
-def publish_training(out_dir: str | os.PathLike) -> UUID | None:
-    """Create the ``train-loss`` markdown artifact (loss-curve plot) from OUT/train/metrics.jsonl; None if absent."""
+def publish_training(out_dir: str | os.PathLike, *, namespace: str = "", where: str = "") -> UUID | None:
+    """Create the ``<namespace>-train-loss`` markdown (losses, loss weights and LR on separate axes, epoch
+    boundaries) from OUT/train/metrics.jsonl; None if absent."""
     from prefect.artifacts import create_markdown_artifact
+
+    from pipelines.report import read_training_rows
+    from pipelines.report_plots import training_curves_png
 
     path = OutputLayout(out_dir).train_metrics
     if not path.is_file():
         return None
-    rows = read_jsonl(path)
-    png = loss_curve_png(rows)
-    series = loss_series(rows)
+    rows = read_training_rows(path)
+    png = training_curves_png(rows) or loss_curve_png(read_jsonl(path))
+    series = loss_series(read_jsonl(path))
     last = ", ".join(f"{name} {ys[-1]:.4f}" for name, (_, ys) in sorted(series.items()))
     return create_markdown_artifact(
-        markdown=image_markdown("Training losses", png, note=f"{len(rows)} logged steps. Last values: {last}."),
-        key="train-loss",
-        description="Total loss and each StructXLIP loss term per training step.",
+        markdown=image_markdown("Training", png, note=f"{len(rows)} logged steps. Last values: {last}."),
+        key=artifact_key(namespace, "train-loss") if namespace else "train-loss",
+        description=f"Training{where}: each StructXLIP loss term, the scheduled loss weights and the learning rate "
+                    "per step (separate axes), epoch boundaries dashed.",
     )
 
 
-def publish_evaluation(out_dir: str | os.PathLike) -> dict[str, UUID] | None:
-    """Create the ``eval-recall`` table and ``eval-recall-plot`` markdown from OUT/eval/metrics.json; None if absent."""
+def evaluation_rows(metrics: dict) -> list[dict]:
+    """Recall rows of the fine-tuned model and, when present, of the zero-shot base model, each with ``n_pairs``."""
+    rows = []
+    for model, values in (("fine-tuned", metrics), ("zero-shot", metrics.get("zero_shot"))):
+        if not values:
+            continue
+        for row in recall_rows(values):
+            rows.append({"model": model, **row, "n_pairs": values.get("n_pairs")})
+    return rows
+
+
+def publish_evaluation(out_dir: str | os.PathLike, *, namespace: str = "", where: str = "") -> dict[str, UUID] | None:
+    """Create the ``<namespace>-eval-recall`` table and ``-eval-recall-plot`` markdown from OUT/eval/metrics.json."""
     from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
     path = OutputLayout(out_dir).eval_metrics
     if not path.is_file():
         return None
-    rows = recall_rows(json.loads(path.read_text(encoding="utf-8")))
+    metrics = json.loads(path.read_text(encoding="utf-8"))
+    rows = evaluation_rows(metrics)
     return {
         "table": create_table_artifact(
             table=rows,
-            key="eval-recall",
-            description="Retrieval Recall@K and mean/median rank per direction (t2i, i2t, s2t, t2s, ts2i).",
+            key=artifact_key(namespace, "eval-recall") if namespace else "eval-recall",
+            description=f"Retrieval{where} on {metrics.get('n_pairs')} pairs: Recall@K and mean/median rank per "
+                        "direction (t2i, i2t, s2t, t2s, ts2i), fine-tuned and zero-shot (base model).",
         ),
         "plot": create_markdown_artifact(
-            markdown=image_markdown("Retrieval recall", recall_bar_png(rows)),
-            key="eval-recall-plot",
+            markdown=image_markdown("Retrieval recall (fine-tuned)", recall_bar_png(recall_rows(metrics)),
+                                    note=f"{metrics.get('n_pairs')} pairs."),
+            key=artifact_key(namespace, "eval-recall-plot") if namespace else "eval-recall-plot",
             description="R@1/5/10 per retrieval direction.",
         ),
     }
 
 
+def run_summary_markdown(report: dict, *, namespace: str, config_source: str, ui_url: str | None = None,
+                         explorer: str | None = None) -> str:
+    """Return the parent run's summary: per-stage counts and seconds, the folders, the config, links to artifacts."""
+    lines = ["# StructXLIP pipeline run", "",
+             f"- images: `{report['images_dir']}`", f"- output: `{report['out_dir']}`", f"- config: `{config_source}`",
+             f"- total: {report['seconds']:.1f} s", ""]
+    lines += ["| stage | processed | cached | failed | seconds | artifacts |", "|---|---|---|---|---|---|"]
+    for s in report["stages"]:
+        keys = [artifact_key(namespace, s["stage"], "summary")]
+        if s.get("failed"):
+            keys.append(artifact_key(namespace, s["stage"], "failures"))
+        links = ", ".join(f"[{k.removeprefix(namespace + '-')}]({ui_url.rstrip('/')}/artifacts/key/{k})" if ui_url
+                          else f"`{k}`" for k in keys)
+        status = " (failed)" if s.get("status") == "failed" else ""
+        lines.append(f"| {s['stage']}{status} | {s['processed']} | {s['cached']} | {s['failed']} | "
+                     f"{float(s['seconds']):.2f} | {links} |")
+    for stage in report.get("not_run") or []:
+        lines.append(f"| {stage} | not run (an earlier stage failed) | | | | |")
+    if explorer:
+        lines += ["", f"Static explorer (open from disk): `{explorer}`"]
+    return "\n".join(lines) + "\n"
+
+
+def publish_run_summary(report: dict, *, namespace: str, config_source: str, explorer: str | None = None) -> UUID:
+    """Create the ``<namespace>-run-summary`` markdown on the parent flow run."""
+    from prefect.artifacts import create_markdown_artifact
+    from prefect.settings import get_current_settings
+
+    api = get_current_settings().api.url
+    ui_url = str(api).removesuffix("/api") if api else None
+    return create_markdown_artifact(
+        markdown=run_summary_markdown(report, namespace=namespace, config_source=config_source, ui_url=ui_url,
+                                      explorer=explorer),
+        key=artifact_key(namespace, "run-summary"),
+        description=f"Pipeline run{_where(report['images_dir'], report['out_dir'])}: every stage's counts and links.",
+    )
+
+
 __all__ = [
     "StageSummary",
     "artifact_key",
-    "failure_rows",
-    "gallery_markdown",
-    "image_markdown",
-    "loss_curve_png",
-    "loss_series",
-    "parse_retrieval_metrics",
-    "png_data_uri",
-    "progress_percent",
+    "artifact_namespace",
+    "evaluation_rows",
     "publish_evaluation",
     "publish_gallery",
+    "publish_run_summary",
     "publish_stage_summary",
     "publish_training",
-    "read_jsonl",
-    "recall_bar_png",
-    "recall_rows",
+    "run_summary_markdown",
     "stage_progress",
-    "summarize_stage",
-    "summary_rows",
-    "thumbnail_png",
 ]

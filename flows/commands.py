@@ -121,6 +121,7 @@ def execute(
     # Taken once, before Prefect starts: a second writer of this folder fails at once (the flows re-enter it).
     with lock.output_lock(layout):
         pipeline = Pipeline(images_dir, layout.root, config)
+        pipeline.config_source = source
         _require_images(pipeline)
         with_work = stages_with_work(pipeline, selected, set(refreshed))
         if not with_work and not os.environ.get("PREFECT_API_URL"):

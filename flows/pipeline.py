@@ -15,6 +15,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import Literal, get_args
 
 from prefect import flow
 from prefect.futures import as_completed
@@ -47,8 +48,10 @@ def open_pipeline(images_dir: str, out_dir: str, config_path: str | None) -> Pip
     for pipeline in _current:
         if pipeline.images_dir == images and pipeline.layout.root == out:
             return pipeline
-    config, _source = resolve_config(out, config_path)
-    return Pipeline(images, out, config)
+    config, source = resolve_config(out, config_path)
+    pipeline = Pipeline(images, out, config)
+    pipeline.config_source = source
+    return pipeline
 
 
 @contextlib.contextmanager
@@ -91,7 +94,7 @@ def run_stage(pipeline: Pipeline, stage: str, refresh: bool) -> dict:
                                params=plan.params, runtime=plan.runtime): (index, len(keys))
                    for index, (keys, records) in enumerate(chunks)}
         done = 0
-        _progress(stage, done, len(plan.pending))
+        _progress(pipeline, stage, done, len(plan.pending))
         with tqdm(total=len(plan.pending), desc=f"{stage:<9}", unit="item", file=sys.stderr,
                   disable=not sys.stderr.isatty()) as bar:
             for future in as_completed(list(futures)):
@@ -102,7 +105,7 @@ def run_stage(pipeline: Pipeline, stage: str, refresh: bool) -> dict:
                     outcome = exc
                 bar.update(size)
                 done += size
-                _progress(stage, done, len(plan.pending))
+                _progress(pipeline, stage, done, len(plan.pending))
                 yield index, outcome
 
     try:
@@ -117,12 +120,41 @@ def run_stage(pipeline: Pipeline, stage: str, refresh: bool) -> dict:
     return summary
 
 
-def _progress(stage: str, done: int, total: int) -> None:
+def _progress(pipeline: Pipeline, stage: str, done: int, total: int) -> None:
     """Update the stage's progress artifact (a reporting error never fails a run)."""
     with contextlib.suppress(Exception):
         from flows.artifacts import stage_progress
 
-        stage_progress(stage, done, total)
+        stage_progress(stage, done, total, namespace=namespace_of(pipeline))
+
+
+def namespace_of(pipeline: Pipeline) -> str:
+    from flows.artifacts import artifact_namespace
+
+    return artifact_namespace(pipeline.images_dir, pipeline.layout.root)
+
+
+def _gallery_rows(pipeline: Pipeline, stage: str) -> list[dict]:
+    """Rows to pick gallery examples from after ``stage``: images with their maps, regions and (once scored) the
+    sentences and scores of their regions."""
+    if stage == "manifest":
+        return pipeline.manifest_rows.rows
+    structure = pipeline.done_rows("structure")
+    regions = pipeline.done_rows("regions") if stage != "structure" else {}
+    captions = pipeline.done_rows("captions") if stage == "captions" else {}
+    rows = []
+    for image in pipeline.images:
+        maps = structure.get(image["image_id"])
+        if maps is None or maps["status"] != "ok":
+            continue
+        scored = captions.get(image["image_id"]) or {}
+        segments = scored.get("segments") or (regions.get(image["image_id"]) or {}).get("segments") or []
+        rows.append({**image, **{k: maps.get(k) for k in ("structure_path", "scribble_path")}, "status": "ok",
+                     "caption": scored.get("caption"), "segments": segments})
+    return rows
+
+
+GALLERY = {"structure": "structure", "regions": "regions", "captions": "regions", "manifest": "manifest"}
 
 
 def _publish(pipeline: Pipeline, summary: dict) -> None:
@@ -130,18 +162,43 @@ def _publish(pipeline: Pipeline, summary: dict) -> None:
     try:
         from flows import artifacts
 
+        namespace = namespace_of(pipeline)
+        where = f" from `{pipeline.images_dir}` into `{pipeline.layout.root}`"
+        stage = summary["stage"]
         artifacts.publish_stage_summary(artifacts.StageSummary(
-            summary["stage"], summary["processed"], summary["cached"], summary["failed"], float(summary["seconds"]),
-            list(summary.get("failures") or [])))
-        if summary["stage"] == "manifest" and summary["processed"]:
-            rows = [r for r in pipeline.manifest_rows.rows if r["status"] == "ok"][:8]
-            artifacts.publish_gallery("manifest", str(pipeline.layout.root), rows)
-        if summary["stage"] == "train" and summary["processed"]:
-            artifacts.publish_training(pipeline.layout.root)
-        if summary["stage"] == "evaluate" and summary["processed"]:
-            artifacts.publish_evaluation(pipeline.layout.root)
+            stage, summary["processed"], summary["cached"], summary["failed"], float(summary["seconds"]),
+            list(summary.get("failures") or [])), namespace=namespace, where=where)
+        if stage in GALLERY and summary["processed"]:
+            artifacts.publish_gallery(GALLERY[stage], str(pipeline.layout.root), _gallery_rows(pipeline, stage),
+                                      namespace=namespace, where=where)
+        if stage == "train" and summary["processed"]:
+            artifacts.publish_training(pipeline.layout.root, namespace=namespace, where=where)
+        if stage == "evaluate" and summary["processed"]:
+            artifacts.publish_evaluation(pipeline.layout.root, namespace=namespace, where=where)
     except Exception as exc:  # noqa: BLE001
         log.warning("could not publish %s artifacts: %s", summary["stage"], exc)
+
+
+def _run_name(prefix: str):
+    """Flow run names that name the dataset: ``<prefix>: <images folder> -> <output folder>``."""
+
+    def name() -> str:
+        from prefect.runtime import flow_run
+
+        parameters = flow_run.parameters or {}
+        images = Path(str(parameters.get("images_dir") or "?")).name
+        out = Path(str(parameters.get("out_dir") or "?")).name
+        return f"{prefix}: {images} -> {out}"
+
+    return name
+
+
+PARAMETER_DOCS = """
+    Args:
+        images_dir: Folder of input images (searched recursively) with optional captions.jsonl/csv or NAME.txt.
+        out_dir: Output folder (stage store, manifest, maps, crops, train/, eval/); one writer at a time.
+        config_path: YAML config; empty = the config recorded in OUT/config.yaml by the run that made the folder,
+            else the built-in defaults (the published StructXLIP values)."""
 
 
 def _stage_flow(stage: str):
@@ -154,9 +211,10 @@ def _stage_flow(stage: str):
 
     # Deployments load a flow by "flows/pipeline.py:<stage>_flow"; the function's names must say the same.
     stage_flow.__name__ = stage_flow.__qualname__ = f"{stage}_flow"
-    stage_flow.__doc__ = definition.description
+    stage_flow.__doc__ = (definition.description + "\n" + PARAMETER_DOCS +
+                          "\n        refresh: Recompute this stage even where its results are stored.\n")
     return flow(name=stage, description=definition.description, task_runner=default_runner(),
-                validate_parameters=True)(stage_flow)
+                validate_parameters=True, flow_run_name=_run_name(stage))(stage_flow)
 
 
 STAGE_FLOWS = {stage: _stage_flow(stage) for stage in STAGES}
@@ -188,19 +246,35 @@ def dask_scheduler(address: str | None, workers: int):
         yield cluster.scheduler_address
 
 
-@flow(name="structxlip-pipeline", description="StructXLIP data preparation, fine-tuning and evaluation, cached per stage.")
+StageName = Literal["ingest", "structure", "regions", "captions", "filter", "manifest", "train", "evaluate"]
+assert get_args(StageName) == STAGES
+
+
+@flow(name="structxlip-pipeline", description="StructXLIP data preparation, fine-tuning and evaluation, cached per stage.",
+      flow_run_name=_run_name("structxlip"))
 def structxlip_pipeline(
     images_dir: str,
     out_dir: str,
     config_path: str | None = None,
-    stages: list[str] | None = None,
-    refresh: list[str] | None = None,
-    runner: str | None = None,
+    stages: list[StageName] | None = None,
+    refresh: list[StageName] | None = None,
+    runner: Literal["local", "dask"] | None = None,
     dask_address: str | None = None,
 ) -> dict:
     """Run the requested stages in order as subflows; return ``{"stages": [summary, ...], "seconds", ...}``.
 
-    A stage that fails ends the run (its summary is the last one) and the flow run ends Failed."""
+    A stage that fails ends the run (its summary is the last one) and the flow run ends Failed.
+
+    Args:
+        images_dir: Folder of input images (searched recursively) with optional captions.jsonl/csv or NAME.txt.
+        out_dir: Output folder (stage store, manifest, maps, crops, train/, eval/); one writer at a time.
+        config_path: YAML config; empty = the config recorded in OUT/config.yaml by the run that made the folder,
+            else the built-in defaults (the published StructXLIP values).
+        stages: Stages to run, in pipeline order; empty = all eight.
+        refresh: Stages to recompute even where their results are stored.
+        runner: "local" (a thread pool in this process) or "dask"; empty = runtime.runner of the config.
+        dask_address: A running Dask scheduler; empty with runner "dask" starts a LocalCluster for the run.
+    """
     started = time.perf_counter()
     pipeline = open_pipeline(images_dir, out_dir, config_path)
     selected = parse_stages(stages)
@@ -226,6 +300,12 @@ def structxlip_pipeline(
                 break
     report = write_report(pipeline, summaries, seconds=time.perf_counter() - started,
                           not_run=[s for s in selected if s not in {x["stage"] for x in summaries}])
+    with contextlib.suppress(Exception):  # a report, never a reason to fail the run
+        from flows.artifacts import publish_run_summary
+
+        explorer = pipeline.layout.report_index
+        publish_run_summary(report, namespace=namespace_of(pipeline), config_source=pipeline.config_source,
+                            explorer=str(explorer) if explorer.is_file() else None)
     if failure is not None:
         raise PipelineFailed(report, failure)
     return report

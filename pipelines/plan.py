@@ -53,6 +53,7 @@ class Pipeline:
         if not self.images_dir.is_dir():
             raise NotADirectoryError(f"images folder not found: {images_dir}")
         self.config = config
+        self.config_source = "<given>"  # where the config came from (a file, OUT/config.yaml, the defaults)
         self.layout = OutputLayout(out_dir)
         self.keys = stage_keys(config)
         self._stored: dict[str, StoredRows] = {}

@@ -183,15 +183,37 @@ def _cell(text: Any, limit: int = 160) -> str:
     return html.escape(value, quote=False).replace("|", "\\|")
 
 
-def _thumb_of(layout: OutputLayout, relative: str | None, max_side: int, absolute: bool = False) -> bytes | None:
-    """Thumbnail of a manifest path (relative to the output folder, or absolute for ``source_path``); None if absent."""
+def boxes_image(path: str | os.PathLike, boxes: list[dict]) -> np.ndarray:
+    """Return the RGB image at ``path`` with each ``bbox`` dict (original pixels) drawn as a numbered rectangle."""
+    import cv2
+    from PIL import Image, ImageOps
+
+    with Image.open(path) as handle:
+        rgb = np.array(ImageOps.exif_transpose(handle).convert("RGB"))
+    thickness = max(2, round(max(rgb.shape[:2]) / 160))
+    for number, box in enumerate(boxes, start=1):
+        colour = BOX_COLOURS[(number - 1) % len(BOX_COLOURS)]
+        x1, y1, x2, y2 = (int(round(float(box[k]))) for k in ("x1", "y1", "x2", "y2"))
+        cv2.rectangle(rgb, (x1, y1), (max(x1, x2 - 1), max(y1, y2 - 1)), colour, thickness)
+        cv2.putText(rgb, str(number), (x1 + thickness, y1 + 10 * thickness), cv2.FONT_HERSHEY_SIMPLEX,
+                    thickness / 3, colour, max(1, thickness // 2))
+    return rgb
+
+
+BOX_COLOURS = ((255, 40, 40), (40, 200, 255), (255, 200, 0), (80, 255, 80), (255, 80, 255), (255, 140, 0))
+
+
+def _thumb_of(layout: OutputLayout, relative: str | None, max_side: int, absolute: bool = False,
+              boxes: list[dict] | None = None) -> bytes | None:
+    """Thumbnail of a manifest path (relative to the output folder, or absolute for ``source_path``), with ``boxes``
+    drawn when given; None if absent."""
     if not relative:
         return None
     path = Path(relative) if absolute else layout.resolve(relative)
     if path is None or not path.is_file():
         return None
     try:
-        return thumbnail_png(path, max_side)
+        return thumbnail_png(boxes_image(path, boxes) if boxes else path, max_side)
     except (OSError, ValueError):
         # An unreadable file must not fail the run's report: the gallery shows a dash instead.
         return None
@@ -213,6 +235,7 @@ def gallery_markdown(
     Rows with ``status == "failed"`` are skipped; images stop being added once the markdown exceeds ``budget_bytes``.
     """
     layout = OutputLayout(out_dir)
+    rows = list(rows)
     sections: list[str] = []
     used = 0
     shown = 0
@@ -230,49 +253,78 @@ def gallery_markdown(
     header = f"# {_cell(title)}\n\n"
     if not sections:
         return header + "_No successfully processed images to show._\n"
-    return header + f"{shown} example image(s); thumbnails at most {thumbnail_px} px.\n\n" + "\n".join(sections)
+    scored = any(seg.get("similarity_score") is not None for row in rows for seg in row.get("segments") or [])
+    note = f"\n\n{SIMILARITY_NOTE}" if scored else ""
+    return (header + f"{shown} example image(s); thumbnails at most {thumbnail_px} px.{note}\n\n"
+            + "\n".join(sections))
+
+
+SIMILARITY_NOTE = ("`similarity_score` is the CLIP logit 100 x cos(crop, sentence): about 15-30 for a good match "
+                   "with a trained CLIP (METHOD.md), near 0 with a random tiny model. Regions are ranked by it.")
 
 
 def _gallery_section(layout: OutputLayout, row: dict, *, max_segments: int, thumbnail_px: int) -> str:
     image_id = str(row.get("image_id") or "")
     name = Path(str(row.get("source_path") or image_id)).name
-    lines = [f"## {_cell(name)}", "", f"`{image_id}`", ""]
+    segments = list(row.get("segments") or [])
+    # Highest similarity first: the segments the local loss will use (METHOD.md: ranked by similarity_score).
+    segments.sort(key=lambda s: -_score(s.get("similarity_score")))
+    shown = segments[:max_segments]
+    best = max((_score(s.get("similarity_score")) for s in segments), default=None)
+    facts = [f"{len(segments)} region(s)"] + ([f"best score {best:.2f}"] if best not in (None, float("-inf")) else [])
+    lines = [f"## {_cell(name)}", "", f"`{image_id}` · {', '.join(facts)}", ""]
     caption = row.get("filtered_caption") or row.get("caption")
     if caption:
         label = "Filtered caption" if row.get("filtered_caption") else "Caption"
         lines += [f"**{label}:** {_cell(caption, 400)}", ""]
+    boxes = [s["bbox"] for s in shown if s.get("bbox")]
     lines += [
-        "| image | structure | scribble |",
+        "| image" + (" (regions numbered by score)" if boxes else "") + " | structure | scribble |",
         "|---|---|---|",
         "| {} | {} | {} |".format(
-            _img(_thumb_of(layout, row.get("source_path"), thumbnail_px, absolute=True), "image"),
+            _img(_thumb_of(layout, row.get("source_path"), thumbnail_px, absolute=True, boxes=boxes), "image"),
             _img(_thumb_of(layout, row.get("structure_path"), thumbnail_px), "structure map"),
             _img(_thumb_of(layout, row.get("scribble_path"), thumbnail_px), "scribble map"),
         ),
         "",
     ]
-    segments = list(row.get("segments") or [])
-    # Highest similarity first: the segments the local loss will use (METHOD.md: ranked by similarity_score).
-    segments.sort(key=lambda s: -_score(s.get("similarity_score")))
-    if segments:
-        lines += ["| crop | structure crop | caption | similarity | bbox |", "|---|---|---|---|---|"]
-        for segment in segments[:max_segments]:
-            box = segment.get("bbox") or {}
-            box_text = f"{box.get('x1')},{box.get('y1')} - {box.get('x2')},{box.get('y2')}" if box else ""
+    if shown:
+        # Three narrow columns (two thumbnails and the text) so scores stay within the page width.
+        lines += ["| # crop | structure crop | sentence and score |", "|---|---|---|"]
+        for number, segment in enumerate(shown, start=1):
             score = segment.get("similarity_score")
-            lines.append(
-                "| {} | {} | {} | {} | {} |".format(
-                    _img(_thumb_of(layout, segment.get("crop_path"), thumbnail_px), "crop"),
-                    _img(_thumb_of(layout, segment.get("structure_crop_path"), thumbnail_px), "structure crop"),
-                    _cell(segment.get("filtered_caption") or segment.get("caption"), 100),
-                    "" if score is None else f"{float(score):.2f}",
-                    box_text,
-                )
-            )
+            text = segment.get("filtered_caption") or segment.get("caption")
+            label = (f"**{float(score):.2f}** " if score is not None else "") + (_cell(text, 90) if text else
+                                                                               "_no sentence assigned yet_")
+            lines.append("| {} {} | {} | {} |".format(
+                number, _img(_thumb_of(layout, segment.get("crop_path"), thumbnail_px // 2 + 24), "crop"),
+                _img(_thumb_of(layout, segment.get("structure_crop_path"), thumbnail_px // 2 + 24), "structure crop"),
+                label))
         if len(segments) > max_segments:
-            lines.append(f"\n_{len(segments) - max_segments} more segment(s) not shown._")
+            lines.append(f"\n_{len(segments) - max_segments} more region(s) not shown._")
         lines.append("")
     return "\n".join(lines)
+
+
+def representative_rows(rows: list[dict], count: int = 5) -> list[dict]:
+    """Return up to ``count`` ok rows that show the spread: an image without regions (if any), the worst and best
+    best-region scores and evenly spaced ones between (by image id when there are no scores)."""
+    ok = [r for r in rows if r.get("status") != "failed"]
+    if len(ok) <= count:
+        return ok
+
+    def best(row):
+        return max((_score(s.get("similarity_score")) for s in row.get("segments") or []), default=float("-inf"))
+
+    chosen = [r for r in ok if not r.get("segments")][:1]
+    rest = sorted((r for r in ok if r.get("segments")), key=lambda r: (best(r), str(r.get("image_id"))))
+    if not rest:
+        rest = sorted(ok, key=lambda r: str(r.get("image_id")))
+    slots = count - len(chosen)
+    if slots > 0 and rest:
+        picks = sorted({round(i * (len(rest) - 1) / max(1, slots - 1)) for i in range(slots)})
+        chosen += [rest[i] for i in picks]
+    return chosen
 
 
 def _score(value: Any) -> float:

@@ -151,7 +151,8 @@ def test_gallery_embeds_every_thumbnail_at_the_expected_size(tmp_path):
     assert "broken.jpg" not in markdown and "img0.jpg" in markdown and "img2.jpg" in markdown
     # Highest similarity first, scores with 2 decimals, pipes escaped so the table stays intact.
     assert markdown.index("segment 1 of image 0") < markdown.index("segment 0 of image 0")
-    assert "| 21.00 |" in markdown and "\\| with a pipe" in markdown
+    assert "**21.00** segment 1 of image 0" in markdown and "\\| with a pipe" in markdown
+    assert render.SIMILARITY_NOTE in markdown and markdown.count("CLIP logit") == 1
     assert "A car number 1." in markdown
     assert len(markdown.encode()) < render.GALLERY_BUDGET_BYTES
 
@@ -159,7 +160,7 @@ def test_gallery_embeds_every_thumbnail_at_the_expected_size(tmp_path):
 def test_gallery_respects_limits_and_budget(tmp_path):
     layout, rows = make_output_folder(tmp_path, n_images=3, n_segments=3)
     one = render.gallery_markdown(layout.root, rows, max_images=1, max_segments=1)
-    assert len(decode_pngs(one)) == 3 + 2 and "2 more segment(s)" in one
+    assert len(decode_pngs(one)) == 3 + 2 and "2 more region(s)" in one
     # A budget smaller than one section still shows the first image, then stops.
     tight = render.gallery_markdown(layout.root, rows, budget_bytes=10)
     assert "img0.jpg" in tight and "img1.jpg" not in tight
@@ -282,3 +283,43 @@ def test_publish_functions_round_trip(harness, tmp_path):
     run_two = publish()
     assert len(read_artifacts("structure-progress", run_two)) == 1
     assert len(read_artifacts("structure-progress")) == 2
+
+
+def test_representative_rows_spread_over_scores_and_include_an_image_without_regions():
+    def row(i, score):
+        segments = [] if score is None else [{"similarity_score": score}, {"similarity_score": score - 5}]
+        return {"image_id": f"{i:02d}", "status": "ok", "segments": segments}
+
+    rows = [row(i, float(i)) for i in range(10)] + [row(10, None), {"image_id": "x", "status": "failed"}]
+    chosen = render.representative_rows(rows, 4)
+    assert [r["image_id"] for r in chosen] == ["10", "00", "04", "09"]  # no region, worst, middle, best
+    assert render.representative_rows(rows[:3], 4) == rows[:3]
+
+
+def test_regions_are_drawn_on_the_image_at_their_boxes(tmp_path):
+    path = tmp_path / "grey.png"
+    Image.fromarray(np.full((60, 80, 3), 128, np.uint8)).save(path)
+    drawn = render.boxes_image(path, [bbox(10, 20, 50, 40)])
+    assert tuple(drawn[20, 30]) == render.BOX_COLOURS[0]  # on the top edge
+    assert tuple(drawn[39, 30]) == render.BOX_COLOURS[0]  # on the bottom edge (x2/y2 exclusive)
+    assert tuple(drawn[30, 30]) == (128, 128, 128)  # inside: untouched
+    assert tuple(drawn[5, 5]) == (128, 128, 128)
+
+
+def test_run_summary_links_stage_artifacts_and_evaluation_rows_carry_n_pairs_and_zero_shot():
+    from flows.artifacts import artifact_namespace, evaluation_rows, run_summary_markdown
+
+    a, b = artifact_namespace("/data/cats", "/out/one"), artifact_namespace("/data/cats", "/out/two")
+    assert a != b and a.startswith("cats-one-") and re.fullmatch(r"[a-z0-9-]+", a)
+    report = {"images_dir": "/data/cats", "out_dir": "/out/one", "seconds": 3.5, "not_run": ["evaluate"],
+              "stages": [{"stage": "ingest", "processed": 2, "cached": 1, "failed": 1, "seconds": 0.5},
+                         {"stage": "train", "processed": 0, "cached": 0, "failed": 1, "seconds": 1.0,
+                          "status": "failed"}]}
+    markdown = run_summary_markdown(report, namespace=a, config_source="cfg.yaml", ui_url="http://127.0.0.1:1/")
+    assert f"| ingest | 2 | 1 | 1 | 0.50 | [ingest-summary](http://127.0.0.1:1/artifacts/key/{a}-ingest-summary), " \
+           f"[ingest-failures](http://127.0.0.1:1/artifacts/key/{a}-ingest-failures) |" in markdown
+    assert "| train (failed) |" in markdown and "| evaluate | not run" in markdown and "`cfg.yaml`" in markdown
+    metrics = {"t2i/R@1": 0.5, "n_pairs": 4, "zero_shot": {"t2i/R@1": 0.25, "n_pairs": 4}}
+    rows = evaluation_rows(metrics)
+    assert [(r["model"], r["direction"], r["R@1"], r["n_pairs"]) for r in rows] == [
+        ("fine-tuned", "t2i", 0.5, 4), ("zero-shot", "t2i", 0.25, 4)]
