@@ -246,7 +246,7 @@ def add_serve_command(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "serve",
         help="serve the pipeline and each stage as Prefect deployments (needs PREFECT_API_URL)",
-        description="Register `structxlip-pipeline/default` and `<stage>/default` deployments with the Prefect server "
+        description="Register `structxlip-pipeline/all-stages` and `<stage>/<stage>-stage` deployments with the Prefect server "
         "at PREFECT_API_URL and run their flow runs in this process until interrupted.",
     )
     parser.add_argument("--config", metavar="FILE", help="YAML config used by runs that do not pass config_path")

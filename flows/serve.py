@@ -1,7 +1,8 @@
 """Serve the pipeline's flows as Prefect deployments from this process (``structxlip serve``).
 
-Every flow gets a ``default`` deployment (``structxlip-pipeline/default``, ``structure/default`` ...); a run triggered
-from the UI or ``prefect deployment run 'structxlip-pipeline/default' --param images_dir=... --param out_dir=...``
+Every flow gets one deployment with a descriptive name (``structxlip-pipeline/all-stages``,
+``structure/structure-stage`` ...); a run triggered from the UI or
+``prefect deployment run 'structxlip-pipeline/all-stages' --param images_dir=... --param out_dir=...``
 executes here. The same deployments are declared in ``prefect.yaml`` for a work-pool worker (docker-compose).
 """
 
@@ -21,7 +22,12 @@ if TYPE_CHECKING:
 
 PIPELINE_FLOW = "structxlip-pipeline"
 FLOW_NAMES = (PIPELINE_FLOW, *STAGES)
-DEPLOYMENT_NAME = "default"
+
+
+def deployment_name(flow_name: str) -> str:
+    """Return the deployment name of a flow: ``all-stages`` for the pipeline, ``<stage>-stage`` for a stage."""
+    return "all-stages" if flow_name == PIPELINE_FLOW else f"{flow_name}-stage"
+
 # Where the flows are defined; all of them must be importable from these modules.
 FLOW_MODULES = ("flows.pipeline",)
 TAGS = ["structxlip"]
@@ -53,14 +59,15 @@ def deployment_parameters(flow: "Flow", *, config_path: str | None) -> dict[str,
 def build_deployments(
     flows: dict[str, "Flow"], *, config_path: str | None = None, version: str | None = None
 ) -> list["RunnerDeployment"]:
-    """Return one ``default`` runner deployment per flow, addressed by module path so runs work from any folder."""
+    """Return one runner deployment per flow (see ``deployment_name``), addressed by module path so runs work from
+    any folder."""
     from prefect.types.entrypoint import EntrypointType
 
     deployments = []
     for name, flow in flows.items():
         deployments.append(
             flow.to_deployment(
-                name=DEPLOYMENT_NAME,
+                name=deployment_name(name),
                 parameters=deployment_parameters(flow, config_path=config_path),
                 description=inspect.getdoc(flow.fn) or f"StructXLIP {name}",
                 tags=TAGS + ([] if name == PIPELINE_FLOW else ["stage"]),

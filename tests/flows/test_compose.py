@@ -130,7 +130,9 @@ def test_prefect_yaml_entrypoints_are_the_flows():
 
     deployments = PREFECT_YAML["deployments"]
     assert [d["flow_name"] for d in deployments] == list(FLOW_NAMES)
-    assert {d["name"] for d in deployments} == {"default"}
+    from flows.serve import deployment_name
+
+    assert [d["name"] for d in deployments] == [deployment_name(d["flow_name"]) for d in deployments]
     for deployment in deployments:
         path, _, attribute = deployment["entrypoint"].partition(":")
         assert (ROOT / path).is_file()

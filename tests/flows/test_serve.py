@@ -34,7 +34,8 @@ def test_deployments_use_module_paths_and_the_served_config(tmp_path):
     config.write_text("{}")
     flows = serve.discover_flows()
     deployments = serve.build_deployments(flows, config_path=str(config), version="1.2.3")
-    assert [d.name for d in deployments] == ["default"] * len(flows)
+    assert [d.name for d in deployments] == ["all-stages"] + [f"{name}-stage" for name in list(flows)[1:]]
+    assert len({d.name for d in deployments}) == len(flows)  # unique and descriptive, not nine "default"s
     for deployment, (name, flow) in zip(deployments, flows.items()):
         assert deployment.flow_name == name and deployment.version == "1.2.3"
         # A module path resolves from any working folder (the runner's subprocess imports it).

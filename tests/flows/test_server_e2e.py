@@ -148,13 +148,13 @@ def test_serve_run_deployment_and_see_artifacts_in_the_ui(prefect_server, tmp_pa
             cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         )
     try:
-        deployment = wait_for_deployment(prefect_server.api_url, "structxlip-pipeline/default", serve, serve_log)
+        deployment = wait_for_deployment(prefect_server.api_url, "structxlip-pipeline/all-stages", serve, serve_log)
         assert deployment.parameters == {"config_path": str(config.resolve())}
         for stage in DATA_STAGES:
-            wait_for_deployment(prefect_server.api_url, f"{stage}/default", serve, serve_log, timeout_s=10)
+            wait_for_deployment(prefect_server.api_url, f"{stage}/{stage}-stage", serve, serve_log, timeout_s=10)
 
         triggered = subprocess.run(
-            [str(Path(env["PATH"].split(":")[0]) / "prefect"), "deployment", "run", "structxlip-pipeline/default",
+            [str(Path(env["PATH"].split(":")[0]) / "prefect"), "deployment", "run", "structxlip-pipeline/all-stages",
              "--param", f"images_dir={images_dir}", "--param", f"out_dir={out_dir}",
              "--param", f"stages={json.dumps(DATA_STAGES)}"],
             env=env, capture_output=True, text=True, timeout=120,
@@ -173,10 +173,16 @@ def test_serve_run_deployment_and_see_artifacts_in_the_ui(prefect_server, tmp_pa
     manifest = read_manifest(out_dir).to_pylist()
     assert len(manifest) == N_IMAGES and all(row["status"] == "ok" for row in manifest)
 
-    artifacts, children = artifacts_of_run(prefect_server.api_url, flow_run_id)
+    from flows.artifacts import artifact_namespace
+
+    found, children = artifacts_of_run(prefect_server.api_url, flow_run_id)
+    namespace = artifact_namespace(images_dir, out_dir)  # keys never shared between datasets / output folders
+    artifacts = {key.removeprefix(namespace + "-"): a for key, a in found.items() if key.startswith(namespace + "-")}
     assert len(children) == len(DATA_STAGES)
+    assert run.name == "structxlip: images -> out" and {c.name for c in children} == {
+        f"{stage}: images -> out" for stage in DATA_STAGES}
     for stage in DATA_STAGES:
-        assert f"{stage}-summary" in artifacts, sorted(artifacts)
+        assert f"{stage}-summary" in artifacts, sorted(found)
     ingest = json.loads(artifacts["ingest-summary"].data)
     assert ingest[0]["processed"] == N_IMAGES and ingest[0]["failed"] == 0 and ingest[0]["cached"] == 0
     structure = json.loads(artifacts["structure-summary"].data)
@@ -186,17 +192,23 @@ def test_serve_run_deployment_and_see_artifacts_in_the_ui(prefect_server, tmp_pa
     assert gallery.count("data:image/png;base64,") >= 3 * N_IMAGES  # image + structure + scribble per image
     assert "gen_00000.jpg" in gallery
     assert len(gallery.encode()) < 250_000
+    # Galleries after structure and after regions (regions numbered on the image, sentences and scores once scored).
+    assert "structure: examples" in artifacts["structure-gallery"].data
+    regions = artifacts["regions-gallery"].data
+    assert "regions numbered by score" in regions and "CLIP logit" in regions and "| # crop |" in regions
+    summary = artifacts["run-summary"].data
+    assert str(images_dir) in summary and str(out_dir) in summary and f"{namespace}-regions-summary" in summary
 
     # The UI: the artifact page renders the summary table, the gallery page its images, the run page the run.
     ARTIFACTS_DIR.mkdir(parents=True, exist_ok=True)
     summary_png, gallery_png, run_png = (ARTIFACTS_DIR / n for n in ("ui.png", "ui-gallery.png", "ui-flow-run.png"))
     dom = render(f"{prefect_server.ui_url}/artifacts/artifact/{artifacts['ingest-summary'].id}", summary_png,
                  tmp_path / "chromium-1")
-    assert "ingest-summary" in dom and "items_per_s" in dom, dom[-2000:]
+    assert f"{namespace}-ingest-summary" in dom and "items_per_s" in dom, dom[-2000:]
     assert re.search(rf">\s*{N_IMAGES}\s*<", dom), "the processed count is not in the rendered table"
     dom = render(f"{prefect_server.ui_url}/artifacts/artifact/{artifacts['manifest-gallery'].id}", gallery_png,
                  tmp_path / "chromium-2")
-    assert "manifest-gallery" in dom and dom.count('src="data:image/png;base64,') >= 3 * N_IMAGES
+    assert f"{namespace}-manifest-gallery" in dom and dom.count('src="data:image/png;base64,') >= 3 * N_IMAGES
     dom = render(f"{prefect_server.ui_url}/runs/flow-run/{flow_run_id}", run_png, tmp_path / "chromium-3")
     assert run.name in dom and "Completed" in dom
     for path in (summary_png, gallery_png, run_png):
@@ -218,7 +230,7 @@ def test_prefect_deploy_registers_every_deployment(prefect_server):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     with sync_client(prefect_server.api_url) as client:
         for declared in declared_all:
-            deployment = client.read_deployment_by_name(f"{declared['flow_name']}/default")
+            deployment = client.read_deployment_by_name(f"{declared['flow_name']}/{declared['name']}")
             assert deployment.work_pool_name == "structxlip"
             assert deployment.entrypoint == declared["entrypoint"]
             assert deployment.parameters == declared["parameters"]
