@@ -195,14 +195,14 @@ def test_ingest_ids_sizes_and_failures(tmp_path):
 def test_unreadable_file_is_a_failure_with_a_stable_id(tmp_path, monkeypatch):
     path = _tiny(tmp_path / "secret.png")
     source = _source(path)
-    original = Path.read_bytes
+    original = os.open
 
-    def denied(self):
-        if self.name == "secret.png":
-            raise PermissionError(13, "Permission denied", str(self))
-        return original(self)
+    def denied(file, *args, **kwargs):
+        if os.fspath(file).endswith("secret.png"):
+            raise PermissionError(13, "Permission denied", str(file))
+        return original(file, *args, **kwargs)
 
-    monkeypatch.setattr(Path, "read_bytes", denied)
+    monkeypatch.setattr(os, "open", denied)
     (row,) = ingest_images([source], max_pixels=10_000)
     assert row["status"] == "failed" and row["error"] == "cannot read image: permission denied (secret.png)"
     assert len(row["image_id"]) == 32 and row["image_id"] == ingest_images([source], max_pixels=10_000)[0]["image_id"]
