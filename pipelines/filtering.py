@@ -213,6 +213,11 @@ def describes_noun(token, ambiguous: bool = False) -> bool:
     return True
 
 
+def _has_letter(token) -> bool:
+    # Not token.is_alpha: the English tokenizer leaves a Chinese or Arabic clause as one token with punctuation in it.
+    return any(character.isalpha() for character in token.text)
+
+
 class CaptionFilter:
     """Removes appearance words from captions (see the module docstring for the rules)."""
 
@@ -280,15 +285,15 @@ class CaptionFilter:
         return _render(doc, removed)
 
     def content_words(self, doc) -> list[str]:
-        """Return the words of ``doc`` that carry content: alphabetic, not stop words, and not (unambiguously) an
+        """Return the words of ``doc`` that carry content: with a letter, not stop words, and not (unambiguously) an
         appearance word of an enabled category or a colour modifier."""
-        return [t.text for t in doc if t.is_alpha and not t.is_stop and not self._appearance_word(t)]
+        return [t.text for t in doc if _has_letter(t) and not t.is_stop and not self._appearance_word(t)]
 
     def no_content_reason(self, doc) -> str | None:
         """Return why ``doc`` has no content word (the failure reason of its record), or None when it has one."""
         if self.content_words(doc):
             return None
-        words = [t.text for t in doc if t.is_alpha and not t.is_stop]
+        words = [t.text for t in doc if _has_letter(t) and not t.is_stop]
         if not words:
             return "no content word: the caption has only punctuation, numbers or stop words"
         listed = ", ".join(dict.fromkeys(w.lower() for w in words))[:120]
