@@ -135,8 +135,8 @@ def unpickling_refusal(path: str | os.PathLike, exc: BaseException) -> str | Non
     # torch's message is a long essay; keep only its reason ("Unsupported global: GLOBAL io.open ...").
     reason = text.split("WeightsUnpickler error:", 1)[-1].strip().splitlines()
     reason = reason[0].split(". Please use", 1)[0].strip() if reason else ""
-    if not reason.startswith("Unsupported") and "GLOBAL" not in reason:
-        return None
+    if "Unsupported global" not in reason and "GLOBAL" not in reason:
+        return None  # e.g. "Unsupported operand": a damaged file, not one that names Python objects
     path = Path(path)
     if path.name == "pytorch_model.bin" or path.suffix == ".bin":
         how = ("convert it to safetensors where you trust it: python -c \"import torch, safetensors.torch as s; "
@@ -145,8 +145,8 @@ def unpickling_refusal(path: str | os.PathLike, exc: BaseException) -> str | Non
     else:
         how = ("if you trust the file, re-save its tensors only: torch.save(torch.load(f, weights_only=False)"
                "['model'], 'weights.pt'), or as safetensors")
-    return (f"{path}: refused: pickled weights need unrestricted unpickling (weights_only=False), which can run "
-            f"arbitrary code ({reason[:80]}); {how}")
+    return (f"{path}: refused by the safe loader: these pickled weights need unrestricted unpickling "
+            f"(weights_only=False), which can run arbitrary code ({reason[:80]}); {how}")
 
 
 def read_checkpoint_payload(path: str | os.PathLike) -> Any:
