@@ -162,7 +162,9 @@ def storage_error_from(exc: BaseException, path: str | os.PathLike) -> OSError |
         return None
     text = str(exc)
     if not isinstance(exc, OSError) and not any(
-        marker in text for marker in ("inline_container", "file write failed", "No space left", "unexpected pos")
+        marker in text
+        for marker in ("inline_container", "file write failed", "No space left", "unexpected pos", "StorageFull",
+                       "Disk quota exceeded")
     ):
         return None
     import shutil

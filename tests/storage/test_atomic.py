@@ -126,3 +126,23 @@ def test_save_checkpoint_on_a_full_disk_raises_one_line_and_keeps_the_old_checkp
     assert caught.value.errno == errno.ENOSPC and f"disk full while writing {path}" in str(caught.value)
     assert checkpoint.load_checkpoint(path).step == 1  # the previous checkpoint is intact
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt"]  # no temporary file left behind
+
+
+def test_exporting_the_model_on_a_full_disk_says_so(tmp_path, monkeypatch):
+    from structxlip import train
+
+    class SafetensorError(Exception):  # what safetensors raises for an I/O error: not an OSError
+        pass
+
+    class Model:
+        def save_pretrained(self, folder):
+            (Path(folder) / "model.safetensors").write_bytes(b"half")
+            raise SafetensorError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: '
+                                  '"No space left on device" })')
+
+    with pytest.raises(OSError) as caught:
+        train.export_model(Model(), None, None, tmp_path / "train" / "model")
+    assert caught.value.errno == errno.ENOSPC
+    assert str(caught.value).startswith(f"[Errno 28] disk full while writing {tmp_path / 'train' / 'model'}")
+    assert not (tmp_path / "train" / "model").exists()  # the staging folder is removed, nothing half-written stays
+    assert [p.name for p in (tmp_path / "train").iterdir()] == []
