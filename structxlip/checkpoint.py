@@ -145,8 +145,8 @@ def unpickling_refusal(path: str | os.PathLike, exc: BaseException) -> str | Non
     else:
         how = ("if you trust the file, re-save its tensors only: torch.save(torch.load(f, weights_only=False)"
                "['model'], 'weights.pt'), or as safetensors")
-    return (f"{path}: refused by the safe loader: these pickled weights need unrestricted unpickling "
-            f"(weights_only=False), which can run arbitrary code ({reason[:80]}); {how}")
+    return (f"{path}: refused by the safe loader: it holds pickled Python objects and needs unrestricted "
+            f"unpickling (weights_only=False), which can run arbitrary code ({reason[:80]}); {how}")
 
 
 def read_checkpoint_payload(path: str | os.PathLike) -> Any:
