@@ -421,6 +421,9 @@ def _read_regular_file(path: Path) -> bytes:
 
     Opened non-blocking and checked with fstat before reading: reading a FIFO named ``x.jpg`` would wait forever.
     """
+    mode = os.stat(path).st_mode
+    if not stat.S_ISREG(mode):  # a socket cannot even be opened; a device would be read forever
+        raise ValueError(_NOT_REGULAR.get(stat.S_IFMT(mode), "not a regular file"))
     fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
     try:
         mode = os.fstat(fd).st_mode

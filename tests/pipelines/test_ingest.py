@@ -326,3 +326,18 @@ def test_invalid_utf8_in_captions_files_is_reported_like_a_sidecar(tmp_path):
 ])
 def test_clean_caption_decodes_entities_before_removing_tags(raw, expected):
     assert clean_caption(raw) == expected
+
+
+def test_sockets_and_devices_named_like_images_are_never_read(tmp_path):
+    import socket
+
+    server = socket.socket(socket.AF_UNIX)
+    server.bind(str(tmp_path / "socket.png"))
+    (tmp_path / "zeros.png").symlink_to("/dev/zero")  # reading it would never end
+    try:
+        files = scan_images(tmp_path, extensions=EXTENSIONS).files
+        rows = {Path(r["source_path"]).name: r["error"] for r in ingest_images(files, max_pixels=10_000)}
+    finally:
+        server.close()
+    assert rows == {"socket.png": "not an image file: a socket named like an image (socket.png)",
+                    "zeros.png": "not an image file: a character device named like an image (zeros.png)"}
