@@ -143,7 +143,8 @@ def scan_images(
                 files.append((relative, SourceImage(path=path, size=0, mtime_ns=info.st_mtime_ns)))
             if stat.S_ISDIR(info.st_mode):
                 if identity in visited:
-                    problems.append({"path": display_path(path), "error": "symbolic link loop (folder already scanned)"})
+                    error = "symbolic link loop (folder already scanned)"
+                    problems.append({"path": display_path(path), "error": error})
                     continue
                 visited.add(identity)
                 stack.append(path)

@@ -258,7 +258,8 @@ def test_filter_captions_reports_a_bad_record(colors_only):
 
 @pytest.mark.parametrize("caption, reason", [
     ("Red, blue and green.", "no content word left after filtering: only appearance words (red, blue, green)"),
-    ("Dark red and light blue!", "no content word left after filtering: only appearance words (dark, red, light, blue)"),
+    ("Dark red and light blue!",
+     "no content word left after filtering: only appearance words (dark, red, light, blue)"),
     ("... ?! -- !!", "no content word: the caption has only punctuation, numbers or stop words"),
     ("It is 42.", "no content word: the caption has only punctuation, numbers or stop words"),
 ])

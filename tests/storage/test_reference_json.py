@@ -206,7 +206,9 @@ def test_overflowing_numbers_and_bad_splits_are_rejected_one_line_each(tmp_path)
     assert reasons[8] == "segment[0].similarity_score must be a finite number, got inf"
     assert reasons[9].startswith("segment[0].similarity_score must be a finite number, got 99999")
     assert reasons[10] == "structxlip.split must be one of train, val, test or null, got '../../evil'"
-    assert reasons[11] == "structxlip.split must be one of train, val, test or null, got 'train\\nrejected item 0: forged'"  # escaped
+    # The newline is shown escaped: it cannot forge a second "rejected item" line.
+    assert reasons[11] == \
+        "structxlip.split must be one of train, val, test or null, got 'train\\nrejected item 0: forged'"
     assert all("\n" not in reason and len(reason) <= 300 for reason in reasons.values())
     assert [row["split"] for row in result.rows] == ["train", "val"]
     assert read_manifest(tmp_path / "out").num_rows == 2  # int32 columns written without overflow
