@@ -1,5 +1,8 @@
 # StructXLIP pipeline image: the `structxlip` CLI, the Prefect flows and a process worker.
-# Build: docker build -t structxlip .      Run: docker run --rm structxlip --help
+# Build: docker build -t structxlip .
+# Run:   docker run --rm structxlip --help
+#        docker run --rm -v "$PWD/outputs:/data/out" -e STRUCTXLIP_UID=$(id -u) -e STRUCTXLIP_GID=$(id -g) \
+#            structxlip demo --out /data/out/demo
 # The pinned torch wheel is the CUDA build: it uses a GPU when the container gets one and runs on CPU otherwise.
 FROM python:3.11-slim
 
@@ -11,7 +14,8 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     HF_HUB_DISABLE_TELEMETRY=1 \
     TOKENIZERS_PARALLELISM=false
 
-# libglib2.0-0: OpenCV's headless wheel still links it.
+# libglib2.0-0: OpenCV's headless wheel still links it. setpriv (util-linux, in the base image) drops root in the
+# entrypoint.
 RUN apt-get update \
     && apt-get install -y --no-install-recommends libglib2.0-0 \
     && rm -rf /var/lib/apt/lists/*
@@ -22,23 +26,35 @@ WORKDIR /app
 COPY requirements.txt constraints.txt ./
 RUN pip install -r requirements.txt -c constraints.txt
 
-# The project itself. prefect.yaml's deployments run from /app (pull step), so the sources stay here.
+# The project itself, installed editable: the one copy of the code is /app (prefect.yaml's pull step runs the flows
+# from here, and `structxlip demo` finds /app/sample next to flows/).
 COPY pyproject.toml README.md prefect.yaml ./
 COPY configs ./configs
 COPY storage ./storage
 COPY pipelines ./pipelines
 COPY structxlip ./structxlip
 COPY flows ./flows
-RUN pip install --no-deps .
+COPY sample ./sample
+RUN pip install --no-deps -e .
 
-# Non-root user; /data/images is mounted read-only, /data/out is where outputs go.
+# Runtime user uid 1000 with every folder it writes created (and owned) in the image, so named volumes mounted there
+# start with that owner. /data/images is mounted read-only, /data/out is where outputs go; caches live under
+# ~/.cache (Hugging Face hub + the tiny CLIP), Prefect's under ~/.prefect.
 RUN useradd --create-home --uid 1000 structxlip \
-    && mkdir -p /data/images /data/out \
-    && chown structxlip:structxlip /data/out
-USER structxlip
+    && mkdir -p /data/images /data/out /app/demo-out \
+        /home/structxlip/.cache/huggingface /home/structxlip/.cache/structxlip /home/structxlip/.prefect \
+    && chown -R structxlip:structxlip /data/out /app/demo-out /home/structxlip
 ENV HOME=/home/structxlip \
+    XDG_CACHE_HOME=/home/structxlip/.cache \
     PREFECT_HOME=/home/structxlip/.prefect \
-    HF_HOME=/home/structxlip/.cache/huggingface
+    HF_HOME=/home/structxlip/.cache/huggingface \
+    STRUCTXLIP_CACHE=/home/structxlip/.cache/structxlip
 
-ENTRYPOINT ["structxlip"]
-CMD ["--help"]
+# The entrypoint starts as root only to give bind mounts and volumes to the runtime user (STRUCTXLIP_UID, default
+# 1000), then runs the command as that user; nothing runs as root after it.
+COPY docker/entrypoint.sh /usr/local/bin/structxlip-entrypoint
+RUN chmod 0755 /usr/local/bin/structxlip-entrypoint
+ENV STRUCTXLIP_UID=1000 \
+    STRUCTXLIP_GID=1000
+ENTRYPOINT ["structxlip-entrypoint"]
+CMD ["structxlip", "--help"]

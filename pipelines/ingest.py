@@ -13,12 +13,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator, NamedTuple, Sequence
 
-from pipelines.images import ImageLoadError, load_rgb
+from pipelines.images import ImageLoadError, frame_count, load_rgb
+from storage.filenames import display_path, storable_path
 from storage.hashing import bytes_digest, content_key
 from storage.layout import IMAGE_ID_LENGTH
 from storage.manifest import STATUS_FAILED, STATUS_OK
 
-VERSION = "1"
+VERSION = "2"
 
 CAPTIONS_JSONL = "captions.jsonl"
 CAPTIONS_CSV = "captions.csv"
@@ -27,6 +28,12 @@ _CAPTION_KEYS = ("caption", "text")
 # Block-level tags separate words; inline ones (<b>, <i>, <span>) sit inside a word or next to punctuation.
 _BLOCK_TAG = re.compile(r"<\s*/?\s*(?:br|p|div|li|ul|ol|tr|td|th|h[1-6]|hr|table|blockquote)\b[^>]*>", re.IGNORECASE)
 _TAG = re.compile(r"<[^>]*>")
+# Script and style bodies are code, not caption text: dropped with their tags (also when never closed).
+_SCRIPT = re.compile(r"<\s*(script|style)\b[^>]*>.*?(?:<\s*/\s*\1\s*>|$)", re.IGNORECASE | re.DOTALL)
+_NOT_REGULAR = {stat.S_IFDIR: "a folder", stat.S_IFIFO: "a FIFO (named pipe)", stat.S_IFSOCK: "a socket",
+                stat.S_IFCHR: "a character device", stat.S_IFBLK: "a block device"}
+# Default for ``max_aspect_ratio``: CLIP sees a centre square, so a 1x65000 strip keeps 1 pixel in 65000.
+MAX_ASPECT_RATIO = 20.0
 
 
 # ---- scanning ---------------------------------------------------------------------------------------------------
@@ -43,7 +50,15 @@ class SourceImage:
     @property
     def file_key(self) -> str:
         """Cheap identity of the file's current version (changes when it is rewritten), without reading it."""
-        return content_key(str(self.path), self.size, self.mtime_ns)
+        name = storable_path(self.path)
+        if name != str(self.path):  # undecodable bytes: the raw name keeps a literal "\\xff" name apart
+            name = [name, os.fsencode(self.path).hex()]
+        return content_key(name, self.size, self.mtime_ns)
+
+    @property
+    def source_path(self) -> str:
+        """The path as stored in records (valid UTF-8; undecodable bytes as ``\\xNN``, see storage.filenames)."""
+        return storable_path(self.path)
 
 
 @dataclass
@@ -62,10 +77,17 @@ def _normalise_extensions(extensions: Iterable[str]) -> frozenset[str]:
 
 
 def scan_images(
-    images_dir: str | os.PathLike, *, extensions: Sequence[str], follow_symlinks: bool = True
+    images_dir: str | os.PathLike,
+    *,
+    extensions: Sequence[str],
+    follow_symlinks: bool = True,
+    exclude: Sequence[str | os.PathLike] = (),
 ) -> ScanResult:
     """Return the image files under ``images_dir`` (recursive, extensions case-insensitive, hidden names skipped).
 
+    Every entry whose name has an image extension is listed, also when it is not a regular file (a FIFO, a folder
+    named ``x.jpg``): ingest records it as failed instead of dropping it silently (a folder is still scanned).
+    Folders in ``exclude`` (e.g. an output folder inside the image folder) and everything under them are skipped.
     Unreadable folders, broken links and symlink loops are recorded in ``problems``; an empty folder gives no files.
     Raises FileNotFoundError / NotADirectoryError when ``images_dir`` is not a folder.
     """
@@ -78,6 +100,13 @@ def scan_images(
     files: list[tuple[str, SourceImage]] = []
     problems: list[dict] = []
     root_stat = root.stat()
+    excluded = set()
+    for skip in exclude:
+        try:
+            info = Path(skip).expanduser().stat()
+        except OSError:
+            continue  # an output folder that does not exist yet holds nothing to skip
+        excluded.add((info.st_dev, info.st_ino))
     # (device, inode) of every folder entered: a link back to one of them is a loop (or a second route to it).
     visited = {(root_stat.st_dev, root_stat.st_ino)}
     stack = [root]
@@ -87,7 +116,7 @@ def scan_images(
             with os.scandir(folder) as entries:
                 listing = list(entries)
         except OSError as exc:
-            problems.append({"path": str(folder), "error": f"cannot list folder: {exc.strerror or exc}"})
+            problems.append({"path": display_path(folder), "error": f"cannot list folder: {exc.strerror or exc}"})
             continue
         for entry in listing:
             if entry.name.startswith("."):
@@ -99,19 +128,27 @@ def scan_images(
                     continue
                 info = entry.stat(follow_symlinks=True)
             except FileNotFoundError:
-                problems.append({"path": str(path), "error": "broken symbolic link"})
+                problems.append({"path": display_path(path), "error": "broken symbolic link"})
                 continue
             except OSError as exc:
-                problems.append({"path": str(path), "error": f"cannot stat: {exc.strerror or exc}"})
+                problems.append({"path": display_path(path), "error": f"cannot stat: {exc.strerror or exc}"})
                 continue
+            identity = (info.st_dev, info.st_ino)
+            if identity in excluded:
+                continue
+            named_like_image = path.suffix.lower() in wanted
+            if named_like_image and not stat.S_ISREG(info.st_mode):
+                # Listed so that ingest records why it is not an image; a folder is still scanned below.
+                relative = path.relative_to(root).as_posix()
+                files.append((relative, SourceImage(path=path, size=0, mtime_ns=info.st_mtime_ns)))
             if stat.S_ISDIR(info.st_mode):
-                identity = (info.st_dev, info.st_ino)
                 if identity in visited:
-                    problems.append({"path": str(path), "error": "symbolic link loop (folder already scanned)"})
+                    error = "symbolic link loop (folder already scanned)"
+                    problems.append({"path": display_path(path), "error": error})
                     continue
                 visited.add(identity)
                 stack.append(path)
-            elif stat.S_ISREG(info.st_mode) and path.suffix.lower() in wanted:
+            elif stat.S_ISREG(info.st_mode) and named_like_image:
                 relative = path.relative_to(root).as_posix()
                 files.append((relative, SourceImage(path=path, size=info.st_size, mtime_ns=info.st_mtime_ns)))
     files.sort(key=lambda item: item[0])
@@ -137,10 +174,10 @@ class CaptionIndex:
     problems: list[dict] = field(default_factory=list)  # {"source", "line", "error"}
 
     def __getitem__(self, path: str | os.PathLike) -> Caption:
-        return self.entries[str(path)]
+        return self.entries[storable_path(path)]
 
     def get(self, path: str | os.PathLike, default: Caption | None = None) -> Caption | None:
-        return self.entries.get(str(path), default)
+        return self.entries.get(storable_path(path), default)
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -150,12 +187,27 @@ class CaptionIndex:
 
 
 def clean_caption(text: str | None) -> str | None:
-    """Return the caption without HTML tags/entities and with whitespace collapsed; None when nothing is left."""
+    """Return the caption as plain text: entities decoded, then tags removed (``<script>``/``<style>`` with their
+    contents), whitespace collapsed; None when nothing is left.
+
+    Entities are decoded first, so an escaped tag (``&lt;img onerror=...&gt;``) is removed like a real one instead
+    of turning into a real tag in the stored caption.
+    """
     if text is None:
         return None
-    text = html.unescape(_TAG.sub("", _BLOCK_TAG.sub(" ", text)))
+    text = html.unescape(text)
+    text = _SCRIPT.sub(" ", text)
+    text = _TAG.sub("", _BLOCK_TAG.sub(" ", text))
     text = " ".join(text.split())
     return text or None
+
+
+def _decode_text(data: bytes) -> tuple[str, int | None]:
+    """Return (UTF-8 text with undecodable bytes replaced, line number of the first bad byte or None)."""
+    try:
+        return data.decode("utf-8-sig"), None
+    except UnicodeDecodeError as exc:
+        return data.decode("utf-8-sig", errors="replace"), data[: exc.start].count(b"\n") + 1
 
 
 def _read_sidecar(path: Path) -> tuple[str | None, str | None]:
@@ -163,22 +215,27 @@ def _read_sidecar(path: Path) -> tuple[str | None, str | None]:
     try:
         data = path.read_bytes()
     except OSError as exc:
-        return None, f"cannot read sidecar {path.name}: {exc.strerror or exc}"
+        return None, f"cannot read sidecar {display_path(path.name)}: {exc.strerror or exc}"
     note = None
     try:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError:
         # Keep the caption: a few bad bytes (e.g. Latin-1 accents) cost a character each, not the whole caption.
         text = data.decode("utf-8", errors="replace")
-        note = f"sidecar {path.name} is not valid UTF-8; undecodable bytes replaced with U+FFFD"
+        note = f"sidecar {display_path(path.name)} is not valid UTF-8; undecodable bytes replaced with U+FFFD"
     caption = clean_caption(text)
     if caption is None:
-        return None, f"sidecar {path.name} is empty"
+        return None, f"sidecar {display_path(path.name)} is empty"
     return caption, note
 
 
 def _pick(record: dict, keys: Sequence[str]):
     return next((record[k] for k in keys if k in record), None)
+
+
+def _bad_utf8(source: str, line: int) -> dict:
+    return {"source": source, "line": line,
+            "error": f"not valid UTF-8 ({source} line {line}); undecodable bytes replaced with U+FFFD"}
 
 
 def _read_jsonl(path: Path, problems: list[dict]) -> list[tuple[int, str, str | None]]:
@@ -189,8 +246,12 @@ def _read_jsonl(path: Path, problems: list[dict]) -> list[tuple[int, str, str | 
     except OSError as exc:
         problems.append({"source": path.name, "line": None, "error": f"cannot read: {exc.strerror or exc}"})
         return rows
-    text = data.decode("utf-8-sig", errors="replace")
-    for number, line in enumerate(text.splitlines(), start=1):
+    # Lines end at "\n" only: str.splitlines() would also split inside a caption at U+2028, U+2029 or U+0085,
+    # which json.dumps(..., ensure_ascii=False) writes raw.
+    for number, raw_line in enumerate(data.split(b"\n"), start=1):
+        line, bad = _decode_text(raw_line if number > 1 else raw_line.removeprefix(b"\xef\xbb\xbf"))
+        if bad is not None:
+            problems.append(_bad_utf8(path.name, number))
         if not line.strip():
             continue
         try:
@@ -212,7 +273,7 @@ def _read_jsonl(path: Path, problems: list[dict]) -> list[tuple[int, str, str | 
             error = f"caption must be a string, got {type(caption).__name__}"
             problems.append({"source": path.name, "line": number, "error": error})
             continue
-        rows.append((number, reference.strip(), caption))
+        rows.append((number, reference, caption))
     return rows
 
 
@@ -220,10 +281,12 @@ def _read_csv(path: Path, problems: list[dict]) -> list[tuple[int, str, str | No
     """Return (line number, file reference, raw caption) for every usable row of a captions.csv."""
     rows = []
     try:
-        text = path.read_bytes().decode("utf-8-sig", errors="replace")
+        text, bad = _decode_text(path.read_bytes())
     except OSError as exc:
         problems.append({"source": path.name, "line": None, "error": f"cannot read: {exc.strerror or exc}"})
         return rows
+    if bad is not None:
+        problems.append(_bad_utf8(path.name, bad))
     reader = csv.DictReader(io.StringIO(text, newline=""))
     header = [h.strip().lower() for h in (reader.fieldnames or [])]
     file_key = next((k for k in _FILE_KEYS if k in header), None)
@@ -241,7 +304,7 @@ def _read_csv(path: Path, problems: list[dict]) -> list[tuple[int, str, str | No
             if not reference or not reference.strip():
                 problems.append({"source": path.name, "line": number, "error": "missing file name"})
                 continue
-            rows.append((number, reference.strip(), row.get(caption_key)))
+            rows.append((number, reference, row.get(caption_key)))
     except csv.Error as exc:
         problems.append({"source": path.name, "line": reader.line_num, "error": f"invalid CSV: {exc}"})
     return rows
@@ -249,35 +312,44 @@ def _read_csv(path: Path, problems: list[dict]) -> list[tuple[int, str, str | No
 
 def _relative_name(path: Path, root: Path) -> str:
     try:
-        return path.relative_to(root).as_posix()
+        return storable_path(path.relative_to(root).as_posix())
     except ValueError:
-        return str(path)
+        return storable_path(path)
 
 
 def read_captions(images_dir: str | os.PathLike, files: Sequence[SourceImage]) -> CaptionIndex:
     """Return each image's caption: sidecar ``NAME.txt`` first, else ``captions.jsonl``, else ``captions.csv``.
 
     File references in jsonl/csv may be paths relative to ``images_dir``, absolute paths, or bare file names (when
-    unambiguous). Captions are cleaned (``clean_caption``); empty ones count as missing. Invalid UTF-8 in a sidecar
-    is decoded with replacement characters and noted.
+    unambiguous); a reference matches exactly first (names may start or end with spaces), then without surrounding
+    spaces. Names with undecodable bytes are matched in their ``\\xNN`` form. Captions are cleaned
+    (``clean_caption``); empty ones count as missing. Invalid UTF-8 in a sidecar or a captions file is decoded with
+    replacement characters and reported. Entries are keyed by the stored path (``SourceImage.source_path``).
     """
     root = Path(images_dir).expanduser().absolute()
     problems: list[dict] = []
     by_relative: dict[str, str] = {}
     by_name: dict[str, list[str]] = {}
     for image in files:
-        key = str(image.path)
+        key = storable_path(image.path)
         try:
-            by_relative[Path(image.path).relative_to(root).as_posix()] = key
+            by_relative[storable_path(Path(image.path).relative_to(root).as_posix())] = key
         except ValueError:
             pass
-        by_name.setdefault(Path(image.path).name, []).append(key)
+        by_name.setdefault(storable_path(Path(image.path).name), []).append(key)
+    root_text = storable_path(root)
 
     def match(reference: str) -> str | None:
+        found = match_exactly(reference)
+        if found is None and reference != reference.strip():
+            found = match_exactly(reference.strip())
+        return found
+
+    def match_exactly(reference: str) -> str | None:
         candidate = Path(reference)
         if candidate.is_absolute():
             try:
-                candidate = candidate.relative_to(root)
+                candidate = candidate.relative_to(root_text)
             except ValueError:
                 return None
         relative = candidate.as_posix().removeprefix("./")
@@ -307,8 +379,9 @@ def read_captions(images_dir: str | os.PathLike, files: Sequence[SourceImage]) -
             problems.append({"source": filename, "line": None, "error": error})
 
     entries: dict[str, Caption] = {}
+    bad_lines = {(p["source"], p["line"]) for p in problems if "not valid UTF-8" in p["error"]}
     for image in files:
-        key = str(image.path)
+        key = storable_path(image.path)
         notes = []
         sidecar = Path(image.path).with_suffix(".txt")
         if sidecar.is_file():
@@ -324,6 +397,9 @@ def read_captions(images_dir: str | os.PathLike, files: Sequence[SourceImage]) -
             if key in listed.get(source, {}):
                 raw, where = listed[source][key]
                 caption = clean_caption(raw)
+                filename, number = where.rsplit(" line ", 1)
+                if (filename, int(number)) in bad_lines:
+                    notes.append(f"{where} is not valid UTF-8; undecodable bytes replaced with U+FFFD")
                 if caption is not None:
                     entries[key] = Caption(caption, source, "; ".join(notes) or None)
                     break
@@ -338,40 +414,84 @@ def read_captions(images_dir: str | os.PathLike, files: Sequence[SourceImage]) -
 
 def _unreadable_id(path: Path) -> str:
     # The bytes could not be read, so the id comes from the path: failed rows still need a unique manifest key.
-    return bytes_digest(f"unreadable:{path}".encode("utf-8"))[:IMAGE_ID_LENGTH]
+    return bytes_digest(b"unreadable:" + os.fsencode(path))[:IMAGE_ID_LENGTH]
 
 
-def ingest_one(image: SourceImage, *, max_pixels: int) -> dict:
-    """Return the ingest record of one file: content id, oriented size, or a one-line failure (never raises)."""
+def _read_regular_file(path: Path) -> bytes:
+    """Return the bytes of a regular file; raise IsADirectoryError / ValueError (naming what it is) for anything else.
+
+    Opened non-blocking and checked with fstat before reading: reading a FIFO named ``x.jpg`` would wait forever.
+    """
+    mode = os.stat(path).st_mode
+    if not stat.S_ISREG(mode):  # a socket cannot even be opened; a device would be read forever
+        raise ValueError(_NOT_REGULAR.get(stat.S_IFMT(mode), "not a regular file"))
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise ValueError(_NOT_REGULAR.get(stat.S_IFMT(mode), "not a regular file"))
+        with os.fdopen(fd, "rb", closefd=False) as handle:
+            return handle.read()
+    finally:
+        os.close(fd)
+
+
+def ingest_one(image: SourceImage, *, max_pixels: int, max_aspect_ratio: float | None = MAX_ASPECT_RATIO) -> dict:
+    """Return the ingest record of one file: content id, oriented size, a note (e.g. an animated image's first frame
+    is used) or a one-line failure (never raises).
+
+    ``max_aspect_ratio``: images whose long side exceeds this multiple of the short side fail with that reason
+    (None: no limit).
+    """
     path = Path(image.path)
+    name = display_path(path.name)
     record = {
         "file_key": image.file_key,
-        "source_path": str(path),
+        "source_path": storable_path(path),
         "image_id": None,
         "status": STATUS_FAILED,
         "error": None,
+        "note": None,
         "width": None,
         "height": None,
     }
     try:
-        data = path.read_bytes()
+        data = _read_regular_file(path)
+    except IsADirectoryError:
+        record.update(image_id=_unreadable_id(path), error=f"not an image file: a folder named like an image ({name})")
+        return record
+    except ValueError as exc:
+        record.update(image_id=_unreadable_id(path), error=f"not an image file: {exc} named like an image ({name})")
+        return record
     except OSError as exc:
         reason = "permission denied" if isinstance(exc, PermissionError) else (exc.strerror or str(exc)).lower()
-        record.update(image_id=_unreadable_id(path), error=f"cannot read image: {reason} ({path.name})")
+        record.update(image_id=_unreadable_id(path), error=f"cannot read image: {reason} ({name})")
         return record
     record["image_id"] = bytes_digest(data)[:IMAGE_ID_LENGTH]
     try:
         rgb = load_rgb(path, max_pixels=max_pixels, data=data)
+        frames = frame_count(data)
     except ImageLoadError as exc:
         record["error"] = str(exc)
         return record
     except Exception as exc:  # noqa: BLE001 - an unexpected decoder failure is still one bad file
-        record["error"] = f"cannot decode image: {type(exc).__name__}: {' '.join(str(exc).split())} ({path.name})"
+        record["error"] = f"cannot decode image: {type(exc).__name__}: {' '.join(str(exc).split())} ({name})"
         return record
-    record.update(status=STATUS_OK, height=int(rgb.shape[0]), width=int(rgb.shape[1]))
+    height, width = int(rgb.shape[0]), int(rgb.shape[1])
+    ratio = max(width, height) / min(width, height)
+    if max_aspect_ratio is not None and ratio > max_aspect_ratio:
+        record.update(width=width, height=height,
+                      error=f"extreme aspect ratio: {width}x{height} is {ratio:.4g}:1, above max_aspect_ratio="
+                            f"{max_aspect_ratio:g} (CLIP sees a centre square of it) ({name})")
+        return record
+    if frames > 1:
+        record["note"] = f"animated image: {frames} frames, the first frame is used"
+    record.update(status=STATUS_OK, height=height, width=width)
     return record
 
 
-def ingest_images(files: Sequence[SourceImage], *, max_pixels: int) -> list[dict]:
-    """Return ``{file_key, source_path, image_id, status, error, width, height}`` for each file, in order."""
-    return [ingest_one(image, max_pixels=max_pixels) for image in files]
+def ingest_images(
+    files: Sequence[SourceImage], *, max_pixels: int, max_aspect_ratio: float | None = MAX_ASPECT_RATIO
+) -> list[dict]:
+    """Return ``{file_key, source_path, image_id, status, error, note, width, height}`` for each file, in order."""
+    return [ingest_one(image, max_pixels=max_pixels, max_aspect_ratio=max_aspect_ratio) for image in files]

@@ -1,4 +1,9 @@
-"""Atomic file writes: write to a temporary sibling, fsync, then rename over the target."""
+"""Atomic file writes: write to a temporary sibling, fsync, then rename over the target.
+
+Every file and folder written here gets the permissions a plain ``open``/``mkdir`` would give under the process
+umask (e.g. 0644 / 0755 under umask 022): ``tempfile`` creates its files 0600 and folders 0700, which would keep a
+colleague or another container user from reading the manifest, metrics or checkpoints.
+"""
 
 from __future__ import annotations
 
@@ -6,10 +11,34 @@ import contextlib
 import errno
 import os
 import tempfile
+import threading
 from pathlib import Path
 from typing import IO, Iterator
 
 import numpy as np
+
+
+_umask_lock = threading.Lock()
+
+
+def current_umask() -> int:
+    """Return the process umask without changing it (Linux: /proc/self/status; elsewhere a locked set-and-restore)."""
+    try:
+        with open("/proc/self/status", "rb") as status:
+            for line in status:
+                if line.startswith(b"Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    with _umask_lock:
+        mask = os.umask(0o022)
+        os.umask(mask)
+    return mask
+
+
+def apply_umask(path: str | os.PathLike, *, directory: bool = False) -> None:
+    """Give ``path`` the mode a new file (0666) or folder (0777) gets under the umask, as ``open``/``mkdir`` would."""
+    os.chmod(path, (0o777 if directory else 0o666) & ~current_umask())
 
 
 @contextlib.contextmanager
@@ -23,6 +52,7 @@ def atomic_writer(path: str | os.PathLike, mode: str = "wb", *, durable: bool = 
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     try:
+        os.fchmod(fd, 0o666 & ~current_umask())
         with os.fdopen(fd, mode) as handle:
             yield handle
             handle.flush()
@@ -41,9 +71,14 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.close(fd)
+    try:
+        os.fchmod(fd, 0o666 & ~current_umask())
+    finally:
+        os.close(fd)
     try:
         yield Path(tmp_name)
+        if os.path.isfile(tmp_name):  # a writer that replaced the file (unlink + create) got its own mode already
+            apply_umask(tmp_name)
         os.replace(tmp_name, target)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -123,6 +158,7 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
     try:
+        apply_umask(staging, directory=True)
         yield staging
         if not target.exists():
             staging.rename(target)
@@ -139,6 +175,36 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
 
 
 _STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG}
+
+
+def storage_error_from(exc: BaseException, path: str | os.PathLike) -> OSError | None:
+    """Return a one-line OSError (ENOSPC) when ``exc`` is a disk-full failure while writing ``path``, else None.
+
+    torch.save reports a full disk as ``RuntimeError: [enforce fail at inline_container.cc:...] ... file write
+    failed`` (or ``unexpected pos``), without an errno; this names the disk, the file and the space left instead.
+    """
+    if isinstance(exc, OSError) and exc.errno not in _STORAGE_ERRNOS:
+        return None
+    text = str(exc)
+    if not isinstance(exc, OSError) and not any(
+        marker in text
+        for marker in ("inline_container", "file write failed", "No space left", "unexpected pos", "StorageFull",
+                       "Disk quota exceeded")
+    ):
+        return None
+    import shutil
+
+    target = Path(path)
+    folder = next((p for p in (target.parent, *target.parents) if p.exists()), Path("/"))
+    try:
+        usage = shutil.disk_usage(folder)
+        space = f"{usage.free / 2**20:.0f} MiB free of {usage.total / 2**30:.1f} GiB"
+    except OSError:
+        space = "free space unknown"
+    error_number = exc.errno if isinstance(exc, OSError) and exc.errno else errno.ENOSPC
+    reason = "disk full" if error_number in (errno.ENOSPC, errno.EDQUOT) else os.strerror(error_number).lower()
+    return OSError(error_number, f"{reason} while writing {target} (on the disk of {folder}: {space}); free space "
+                                 f"there or point the output folder at a larger disk")
 
 
 def raise_if_storage_error(exc: BaseException) -> None:

@@ -101,5 +101,7 @@ def resolve_manifest_path(layout: OutputLayout, path: str | None) -> Path | None
     if path is None:
         return None
     if Path(path).is_absolute():
-        return Path(path)
+        from storage.filenames import source_file
+
+        return source_file(path)  # a source name with undecodable bytes is stored \xNN-escaped
     return layout.resolve(path)

@@ -38,6 +38,10 @@ from storage.parquet import parquet_parts, write_parquet_atomic
 EXTRA_KEY = "structxlip"
 BBOX_KEYS = ("x1", "y1", "x2", "y2", "width", "height")
 _IMAGE_ID = re.compile(rf"^[0-9a-f]{{{IMAGE_ID_LENGTH}}}$")
+SPLITS = ("train", "val", "test")
+# Pixel values are stored as int32 in the manifest; anything beyond is not an image coordinate.
+MAX_PIXEL_VALUE = 2**31 - 1
+MAX_REASON_CHARS = 300
 
 
 class ReferenceItemError(ValueError):
@@ -127,14 +131,19 @@ def _required(item: dict, key: str, where: str) -> Any:
 
 
 def _coordinate(value: Any, where: str) -> float:
-    """A bbox value read as the reference reads it, with ``float()`` (numbers or numeric strings); finite only."""
+    """A bbox value read as the reference reads it, with ``float()`` (numbers or numeric strings); finite and within
+    the manifest's int32 pixel range only."""
     value = _typed(value, (int, float, str), where)
     try:
         number = float(value)
     except ValueError:
-        raise ReferenceItemError(f"{where} must be a number, got {value!r}") from None
+        raise ReferenceItemError(f"{where} must be a number, got {_short(value)}") from None
+    except OverflowError:
+        number = math.inf
     if not math.isfinite(number):
-        raise ReferenceItemError(f"{where} must be finite, got {value!r}")
+        raise ReferenceItemError(f"{where} must be a finite number, got {_short(value)}")
+    if abs(number) > MAX_PIXEL_VALUE:
+        raise ReferenceItemError(f"{where} must be within +-{MAX_PIXEL_VALUE} pixels, got {_short(value)}")
     return number
 
 
@@ -152,6 +161,30 @@ def _pixel_box(box: dict, where: str) -> dict:
     x1, y1 = math.floor(values["x1"]), math.floor(values["y1"])
     x2, y2 = math.ceil(values["x2"]), math.ceil(values["y2"])
     return {"x1": x1, "y1": y1, "x2": x2, "y2": y2, "width": x2 - x1, "height": y2 - y1}
+
+
+def _finite(value: Any, where: str) -> float:
+    """Return ``value`` as a float; refuse NaN, infinities (JSON ``Infinity``, ``1e400``) and unrepresentable ints."""
+    try:
+        number = float(value)
+    except OverflowError:
+        number = math.inf
+    if not math.isfinite(number):
+        raise ReferenceItemError(f"{where} must be a finite number, got {_short(value)}")
+    return number
+
+
+def _short(value: Any, limit: int = 40) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _pixels(value: Any, where: str) -> int:
+    """Return a whole pixel count/coordinate within int32 (what the manifest stores)."""
+    value = _typed(value, (int,), where)
+    if not 0 <= value <= MAX_PIXEL_VALUE:
+        raise ReferenceItemError(f"{where} must be between 0 and {MAX_PIXEL_VALUE}, got {_short(value)}")
+    return value
 
 
 class _PathMapper:
@@ -213,6 +246,8 @@ def reference_item_to_row(item: Any, paths: _PathMapper, *, default_split: str) 
         if box is not None:
             box = _pixel_box(box, f"{where}bbox_coordinates")
         score = _typed(segment.get("similarity_score"), (int, float), f"{where}similarity_score", nullable=True)
+        if score is not None:
+            score = _finite(score, f"{where}similarity_score")
         segments.append(
             {
                 "bbox": box,
@@ -232,8 +267,10 @@ def reference_item_to_row(item: Any, paths: _PathMapper, *, default_split: str) 
         image_id = file_digest(image)[:IMAGE_ID_LENGTH]
     elif not _IMAGE_ID.match(image_id):
         raise ReferenceItemError(f"{EXTRA_KEY}.image_id must be {IMAGE_ID_LENGTH} lowercase hex digits, got {image_id!r}")
-    width = _typed(extra.get("width"), (int,), f"{EXTRA_KEY}.width", nullable=True)
-    height = _typed(extra.get("height"), (int,), f"{EXTRA_KEY}.height", nullable=True)
+    width = extra.get("width")
+    height = extra.get("height")
+    width = None if width is None else _pixels(width, f"{EXTRA_KEY}.width")
+    height = None if height is None else _pixels(height, f"{EXTRA_KEY}.height")
     if width is None or height is None:
         from PIL import Image  # header read only: the pixels are not decoded
 
@@ -258,10 +295,17 @@ def reference_item_to_row(item: Any, paths: _PathMapper, *, default_split: str) 
         "filtered_caption": _typed(extra.get("filtered_caption"), (str,), f"{EXTRA_KEY}.filtered_caption", nullable=True),
         "structure_path": paths.stored(structure),
         "scribble_path": paths.stored(paths.absolute(extra.get("scribble"), f"{EXTRA_KEY}.scribble")),
-        "split": _typed(extra.get("split", default_split), (str,), f"{EXTRA_KEY}.split", nullable=True),
+        "split": _split(extra.get("split", default_split), f"{EXTRA_KEY}.split"),
         "segments": segments,
         "hard_negatives": hard_negatives,
     }
+
+
+def _split(value: Any, where: str) -> str | None:
+    value = _typed(value, (str,), where, nullable=True)
+    if value is not None and value not in SPLITS:
+        raise ReferenceItemError(f"{where} must be one of {', '.join(SPLITS)} or null, got {_short(value)}")
+    return value
 
 
 def load_reference_json(path: str | os.PathLike) -> list:
@@ -282,13 +326,18 @@ def reference_to_manifest_rows(
     items: list, *, target: OutputLayout, root: str | os.PathLike, split: str = "train"
 ) -> ReferenceImport:
     """Convert reference records to manifest rows for output folder ``target``; bad items go to ``rejected``."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {', '.join(SPLITS)}, got {_short(split)}")
     paths = _PathMapper(Path(root).expanduser().resolve(), target)
     result = ReferenceImport(rows=[])
     for index, item in enumerate(items):
         try:
             result.rows.append(reference_item_to_row(item, paths, default_split=split))
-        except ReferenceItemError as exc:
-            result.rejected.append((index, str(exc)))
+        except (ReferenceItemError, OverflowError, RecursionError) as exc:
+            reason = " ".join(str(exc).split()) or type(exc).__name__
+            if len(reason) > MAX_REASON_CHARS:
+                reason = reason[: MAX_REASON_CHARS - 3] + "..."
+            result.rejected.append((index, reason))
     return result
 
 

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from storage.atomic import atomic_path
+from storage.atomic import atomic_path, storage_error_from
 
 FORMAT = "structxlip-train-checkpoint"
 FORMAT_VERSION = 1
@@ -88,7 +88,11 @@ def save_checkpoint(
     config: dict[str, Any] | None = None,
     rng: dict[str, Any] | None = None,
 ) -> Path:
-    """Write a checkpoint atomically (temporary file + rename) and return its path."""
+    """Write a checkpoint atomically (temporary file + rename) and return its path.
+
+    A full disk raises OSError(ENOSPC) naming the file and the free space (torch's own message is an
+    ``[enforce fail at inline_container.cc]`` line); the previous checkpoint stays in place.
+    """
     payload = {
         "format": FORMAT,
         "version": FORMAT_VERSION,
@@ -102,14 +106,47 @@ def save_checkpoint(
         "rng": rng if rng is not None else capture_rng_state(),
         "config": config or {},
     }
-    with atomic_path(path) as tmp:
-        torch.save(payload, tmp)
+    try:
+        with atomic_path(path) as tmp:
+            torch.save(payload, tmp)
+    except (RuntimeError, OSError) as exc:
+        storage_error = storage_error_from(exc, path)
+        if storage_error is None:
+            raise
+        raise storage_error from None
     return Path(path)
 
 
 def is_training_checkpoint(payload: Any) -> bool:
     """Return True when a loaded object carries this module's format marker."""
     return isinstance(payload, dict) and payload.get("format") == FORMAT
+
+
+def unpickling_refusal(path: str | os.PathLike, exc: BaseException) -> str | None:
+    """Return the one-line refusal for a file the safe loader (``weights_only=True``) will not unpickle, or None
+    when ``exc`` is not such a refusal (a corrupt file, say).
+
+    Such a file stores Python objects besides tensors: loading it needs unrestricted unpickling, which runs
+    whatever code the file names, so it is refused rather than trusted.
+    """
+    text = str(exc)
+    if "WeightsUnpickler" not in text and "Unsupported global" not in text and "weights_only" not in text:
+        return None
+    # torch's message is a long essay; keep only its reason ("Unsupported global: GLOBAL io.open ...").
+    reason = text.split("WeightsUnpickler error:", 1)[-1].strip().splitlines()
+    reason = reason[0].split(". Please use", 1)[0].strip() if reason else ""
+    if "Unsupported global" not in reason and "GLOBAL" not in reason:
+        return None  # e.g. "Unsupported operand": a damaged file, not one that names Python objects
+    path = Path(path)
+    if path.name == "pytorch_model.bin" or path.suffix == ".bin":
+        how = ("convert it to safetensors where you trust it: python -c \"import torch, safetensors.torch as s; "
+               f"s.save_file(torch.load('{path.name}', weights_only=False), 'model.safetensors')\", then remove "
+               f"{path.name} (or load the folder with transformers and save_pretrained it again)")
+    else:
+        how = ("if you trust the file, re-save its tensors only: torch.save(torch.load(f, weights_only=False)"
+               "['model'], 'weights.pt'), or as safetensors")
+    return (f"{path}: refused by the safe loader: it holds pickled Python objects and needs unrestricted "
+            f"unpickling (weights_only=False), which can run arbitrary code ({reason[:80]}); {how}")
 
 
 def read_checkpoint_payload(path: str | os.PathLike) -> Any:
@@ -120,14 +157,13 @@ def read_checkpoint_payload(path: str | os.PathLike) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        # torch's message is a long essay; keep only its reason ("Unsupported global: GLOBAL io.open ...").
-        reason = str(exc).split("WeightsUnpickler error:", 1)[-1].strip().splitlines()
-        reason = reason[0].split(". Please use", 1)[0] if reason and "WeightsUnpickler" in str(exc) else ""
-        if not reason.startswith("Unsupported global"):
-            detail = f": {reason[:120]}" if reason else ""
-            raise CheckpointError(f"{path}: not a readable checkpoint (corrupt or not a torch.save file{detail})") \
-                from None
-        raise CheckpointError(f"{path}: refused by the safe loader (weights_only=True): {reason[:200]}") from None
+        refusal = unpickling_refusal(path, exc)
+        if refusal is not None:
+            raise CheckpointError(refusal) from None
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        detail = f": {reason[:120]}" if reason else ""
+        raise CheckpointError(f"{path}: not a readable checkpoint (corrupt or not a torch.save file{detail})") \
+            from None
     except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, KeyError, AttributeError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
         raise CheckpointError(f"{path}: not a readable checkpoint ({exc.__class__.__name__}: {first[:200]})") from None
@@ -185,3 +221,12 @@ def link_or_copy(source: str | os.PathLike, target: str | os.PathLike) -> Path:
         except OSError:
             shutil.copyfile(source, tmp)
     return Path(target)
+
+
+def pickled_weights_error(path: str | os.PathLike, exc: BaseException) -> CheckpointError:
+    """Return the one-line CheckpointError for weights at ``path`` that the safe loader refused to unpickle."""
+    refusal = unpickling_refusal(path, exc)
+    if refusal is None:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
+        refusal = f"{path}: not readable as weights ({exc.__class__.__name__}: {first[:160]})"
+    return CheckpointError(refusal)

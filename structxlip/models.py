@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import gzip
 import os
+import pickle
 import shutil
 import uuid
 from dataclasses import dataclass
@@ -181,6 +182,10 @@ def load_clip(name_or_dir: str | os.PathLike, *, max_text_tokens: int = 248, kee
         model = CLIPModel.from_pretrained(source)
         tokenizer = AutoTokenizer.from_pretrained(source)
         image_processor = AutoImageProcessor.from_pretrained(source)
+    except pickle.UnpicklingError as error:  # a pickled pytorch_model.bin: refused by weights_only loading
+        from structxlip.checkpoint import pickled_weights_error
+
+        raise pickled_weights_error(Path(source) / "pytorch_model.bin", error) from None
     except (OSError, ValueError, KeyError) as error:
         raise RuntimeError(f"could not load CLIP model {name!r}: {_first_line(error)} -- use a local folder saved "
                            f"with save_pretrained, a hub id reachable from this machine (or already in the Hugging "
@@ -197,6 +202,10 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
         return load_file(str(path))
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        from structxlip.checkpoint import pickled_weights_error
+
+        raise pickled_weights_error(path, error) from None
     except Exception as error:  # unpickling refuses arbitrary objects under weights_only
         raise ValueError(f"{path} is not a readable PyTorch state dict: {_first_line(error)}") from None
     for key in _WRAPPER_KEYS:

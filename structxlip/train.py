@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from storage.atomic import atomic_directory, atomic_write_text
+from storage.atomic import atomic_directory, atomic_write_text, storage_error_from
 from storage.layout import OutputLayout
 from structxlip.checkpoint import (
     TrainingCheckpoint,
@@ -248,10 +248,16 @@ def export_model(clip: nn.Module, tokenizer: Any, image_processor: Any, model_di
     """Save model + tokenizer + image processor with ``save_pretrained`` into ``model_dir`` atomically; return it."""
     model_dir = Path(model_dir)
     model_dir.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_directory(model_dir) as staging:
-        clip.save_pretrained(staging)
-        tokenizer.save_pretrained(staging)
-        image_processor.save_pretrained(staging)
+    try:
+        with atomic_directory(model_dir) as staging:
+            clip.save_pretrained(staging)
+            tokenizer.save_pretrained(staging)
+            image_processor.save_pretrained(staging)
+    except Exception as exc:  # safetensors reports a full disk as SafetensorError(... StorageFull ...)
+        storage_error = storage_error_from(exc, model_dir)
+        if storage_error is None:
+            raise
+        raise storage_error from None
     return model_dir
 
 

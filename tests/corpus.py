@@ -45,7 +45,17 @@ class Expected:
     caption_contains: str | None = None  # substring the read caption must contain
     caption_problem: str | None = None  # substring (case-insensitive) of a reported caption problem for this entry
     duplicate_of: str | None = None  # another entry with identical bytes (same image_id)
+    caption_lacks: tuple[str, ...] = ()  # substrings the read caption must not contain (markup, script bodies)
+    final_failure: str | None = None  # an image ingested fine whose manifest row fails later: substring of its error
+    ingest_note: str | None = None  # substring (case-insensitive) of the ingest record's note
     note: str = ""
+
+
+# Keys of the corpus are relative paths as stored in records (storage.filenames.storable_path): a name with bytes
+# that are not UTF-8 appears with each such byte as \xNN.
+NON_UTF8_NAME = b"caf\xe9_\xff.jpg"  # Latin-1 "cafe" + a byte that is never UTF-8
+NON_UTF8_KEY = "caf\\xe9_\\xff.jpg"
+EXTREME_ASPECT = (1, 65_000)  # width, height
 
 
 # ---- byte-level helpers ----------------------------------------------------------------------------------------
@@ -203,6 +213,40 @@ def make_bad_corpus(root: Path) -> dict[str, Expected]:
                                            note="invalid UTF-8 in the sidecar: reported (and either skipped or "
                                                 "decoded with replacement characters)"),
               sidecar=b"A caf\xe9 table with \xff\xfe broken bytes.")
+    # Markup: entities are decoded before tags are removed, so an escaped tag goes too; script/style bodies go.
+    captioned("caption_markup", Expected(width=64, height=48, has_caption=True,
+                                         caption_contains="A dog runs on a beach.",
+                                         caption_lacks=("<", ">", "onerror", "alert", "color"),
+                                         note="escaped <img onerror>, <script> and <style> around real words"),
+              sidecar=b"&lt;img src=x onerror=alert(1)&gt;A <script>alert('x')</script>dog "
+                      b"<style>p {color: red}</style>runs on a beach.")
+    # No content word: a failed row at the filter stage, not a training pair.
+    captioned("caption_only_colours", Expected(width=64, height=48, has_caption=True, caption_contains="Red, blue",
+                                               final_failure="no content word",
+                                               note="only colour words, nothing left after filtering"),
+              sidecar=b"Red, blue and green.")
+    captioned("caption_only_punctuation", Expected(width=64, height=48, has_caption=True, caption_contains="?!",
+                                                   final_failure="no content word"),
+              sidecar=b"... ?! -- !!")
+
+    # -- file names and file kinds nobody planned for --------------------------------------------------------------
+    path = folder / os.fsdecode(NON_UTF8_NAME)
+    path.write_bytes(_jpeg(seed=21))
+    path.with_suffix(".txt").write_bytes("A chair by a window, named in Latin-1.".encode())
+    expected[NON_UTF8_KEY] = Expected(width=64, height=48, has_caption=True, caption_contains="chair by a window",
+                                      note="file name bytes are not UTF-8: one image like any other")
+    os.mkfifo(folder / "pipe.jpg")
+    expected["pipe.jpg"] = Expected(status="failed", reason="fifo", note="a named pipe: never opened for reading")
+    write("folder.png/inside.jpg", _jpeg(seed=22), Expected(width=64, height=48, note="inside a folder named .png"))
+    expected["folder.png"] = Expected(status="failed", reason="folder named like an image")
+    width, height = EXTREME_ASPECT
+    write("strip_1x65000.png", _encode(np.full((height, width, 3), 90, np.uint8), "PNG"),
+          Expected(status="failed", reason="aspect ratio", note="1x65000: refused at ingest with the reason"))
+    write(" spaced name .jpg", _jpeg(seed=23), Expected(width=64, height=48, has_caption=True,
+                                                         caption_contains="leading and trailing spaces"))
+    write("padded_reference.jpg", _jpeg(seed=24), Expected(width=64, height=48, has_caption=True,
+                                                             caption_contains="padded reference"))
+
     jsonl_captions = {
         "caption_chinese": "一只橙色的猫坐在木桌上，旁边有两个白色的杯子。",
         "caption_arabic": "قطة برتقالية تجلس على طاولة خشبية بجانب كوبين أبيضين.",
@@ -216,7 +260,20 @@ def make_bad_corpus(root: Path) -> dict[str, Expected]:
     lines.append(json.dumps({"file": "name with spaces.jpg", "caption": "A test image with spaces in its file name."}))
     captioned("caption_broken_line", Expected(width=64, height=48, has_caption=False,
                                               note="its only caption sits on the broken captions.jsonl line"))
-    (folder / CAPTIONS_FILE).write_text("\n".join(lines) + "\n", encoding="utf-8")
+    # U+2028 / U+2029 / U+0085 are written raw by ensure_ascii=False: a line splitter other than "\n" cuts them.
+    captioned("caption_line_separators", Expected(width=64, height=48, has_caption=True,
+                                                  caption_contains="A lamp on a desk beside a window at night."))
+    lines.append(json.dumps({"file": "caption_line_separators.jpg",
+                             "caption": "A lamp\u2028on a desk\u2029beside a window\u0085at night."},
+                            ensure_ascii=False))
+    lines.append(json.dumps({"file": " spaced name .jpg", "caption": "A name with leading and trailing spaces."}))
+    lines.append(json.dumps({"file": "  padded_reference.jpg ", "caption": "A padded reference still matches."}))
+    text = "\n".join(lines) + "\n"
+    captioned("caption_jsonl_latin1", Expected(width=64, height=48, has_caption=True, caption_contains="chair",
+                                               caption_problem="utf-8",
+                                               note="its captions.jsonl line has a Latin-1 byte: reported"))
+    latin1_line = b'{"file": "caption_jsonl_latin1.jpg", "caption": "A caf\xe9 chair."}\n'
+    (folder / CAPTIONS_FILE).write_bytes(text.encode("utf-8") + latin1_line)
     expected[CAPTIONS_FILE] = Expected(kind="captions", status=None, has_caption=None, caption_problem="line 3",
                                        note="line 3 is not valid JSON: reported; the other lines are used")
     return expected

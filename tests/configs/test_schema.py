@@ -78,3 +78,107 @@ def test_overrides_are_validated(tmp_path):
 def test_vocab_dir_exists_and_stage_names():
     assert (CONFIGS_DIR / "vocab").is_dir()
     assert STAGES == ("ingest", "structure", "regions", "captions", "filter", "manifest", "train", "evaluate")
+
+
+# ---- issue 14: NaN/inf, upper bounds, alias bombs, error length ------------------------------------------------------
+def _float_fields(model, prefix=""):
+    """Yield the dotted key of every float field (also dict-of-float and optional float) of a config model."""
+    import typing
+
+    from pydantic import BaseModel
+
+    for name, info in model.model_fields.items():
+        annotation = info.annotation
+        args = typing.get_args(annotation)
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            yield from _float_fields(annotation, f"{prefix}{name}.")
+        elif typing.get_origin(annotation) is dict and args[1] is float:
+            yield f"{prefix}{name}.train"  # a float value inside the mapping
+        elif annotation is float or float in args:
+            yield f"{prefix}{name}"
+
+
+def _yaml_for(dotted: str, value: str) -> str:
+    *parents, leaf = dotted.split(".")
+    text, indent = "", ""
+    for parent in parents:
+        text += f"{indent}{parent}:\n"
+        indent += "  "
+    return text + f"{indent}{leaf}: {value}\n"
+
+
+def test_every_float_field_is_listed():
+    from configs.schema import Config
+
+    fields = set(_float_fields(Config))
+    assert {"train.lr", "structure.scribble.sigma", "manifest.split_ratios.train", "ingest.max_aspect_ratio",
+            "regions.nms_iou", "train.chunk_tau"} <= fields and len(fields) == 24
+
+
+@pytest.mark.parametrize("value", [".nan", ".inf", "-.inf"])
+def test_nan_and_inf_are_refused_for_every_float(tmp_path, value):
+    from configs.schema import Config
+
+    for dotted in _float_fields(Config):
+        path = _write(tmp_path, _yaml_for(dotted, value))
+        with pytest.raises(ConfigError, match="finite number") as caught:
+            load_config(path)
+        assert dotted in str(caught.value), str(caught.value)
+
+
+def test_nan_split_ratios_no_longer_reach_the_manifest(tmp_path):
+    # NaN passes "v < 0" and "abs(sum - 1) > 1e-6" alike: it used to crash the manifest stage with StopIteration.
+    path = _write(tmp_path, "manifest:\n  split_ratios: {train: .nan, val: 0.5, test: 0.5}\n")
+    with pytest.raises(ConfigError, match=r"manifest.split_ratios.train: Input should be a finite number \(got nan\)"):
+        load_config(path)
+
+
+@pytest.mark.parametrize("key, too_big, limit", [
+    ("train.max_text_tokens", 249, 248),  # Long-CLIP's stretch of CLIP's 77 positions
+    ("structure.long_side", 8193, 8192),
+    ("regions.max_regions", 257, 256),
+    ("train.epochs", 10_001, 10_000),
+    ("train.keep_positions", 78, 77),
+    ("ingest.max_pixels", 2**34 + 1, 2**34),
+])
+def test_upper_bounds(tmp_path, key, too_big, limit):
+    with pytest.raises(ConfigError, match=f"{key}: Input should be less than or equal to {limit}"):
+        load_config(_write(tmp_path, _yaml_for(key, str(too_big))))
+    assert load_config(_write(tmp_path, _yaml_for(key, str(limit))))  # the limit itself is allowed
+
+
+def test_a_yaml_alias_bomb_is_refused(tmp_path):
+    # "Billion laughs": 9 levels of 9 aliases each expand to 9**9 (~3.9e8) strings; composing it is cheap, walking or
+    # printing it is not. It must be refused from the document's structure, with one short line.
+    lines = ['a: &a ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
+    previous = "a"
+    for name in "bcdefghi":
+        lines.append(f"{name}: &{name} [" + ", ".join([f"*{previous}"] * 9) + "]")
+        previous = name
+    with pytest.raises(ConfigError) as caught:
+        load_config(_write(tmp_path, "\n".join(lines) + "\n"))
+    message = str(caught.value)
+    assert "expands to more than 100000 values through aliases" in message and len(message) <= 300
+
+
+def test_small_aliases_still_work_and_a_recursive_one_is_refused(tmp_path):
+    config = load_config(_write(tmp_path, "evaluate: &shared {batch_size: 8}\ncaptions: {batch_size: 8}\n"
+                                          "x-unused: *shared\n".replace("x-unused: *shared\n", "")))
+    assert config.evaluate.batch_size == 8
+    with pytest.raises(ConfigError, match="recursive YAML alias"):
+        load_config(_write(tmp_path, "train: &loop [*loop]\n"))
+
+
+@pytest.mark.parametrize("text", [
+    "train:\n  device: " + "x" * 5000 + "\n  epochs: -1\n",
+    "train:\n  " + "k" * 5000 + ": 1\n",
+    "train:\n  epochs: [" + ", ".join(["1"] * 5000) + "]\n",
+    "train:\n  epochs: \"" + "line\\n" * 2000 + "\"\n",
+    "structure:\n  extra_maps: [" + ", ".join(["bogus"] * 3000) + "]\n",
+])
+def test_every_error_is_one_line_of_at_most_300_characters(tmp_path, text):
+    with pytest.raises(ConfigError) as caught:
+        load_config(_write(tmp_path, text))
+    message = str(caught.value)
+    assert "\n" not in message and len(message) <= 300, (len(message), message[:400])
+    assert message.startswith(str(tmp_path / "cfg.yaml"))

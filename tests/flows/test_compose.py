@@ -11,6 +11,7 @@ import re
 import subprocess
 from pathlib import Path
 
+import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -59,8 +60,10 @@ def test_only_loopback_ports_and_postgres_unpublished():
 
 def test_server_uses_postgres_and_no_telemetry():
     env = SERVICES["prefect-server"]["environment"]
-    url = env["PREFECT_API_DATABASE_CONNECTION_URL"]
-    assert url.startswith("postgresql+asyncpg://") and "@postgres:5432/" in url
+    assert env["PREFECT_SERVER_DATABASE_DRIVER"] == "postgresql+asyncpg"
+    assert (env["PREFECT_SERVER_DATABASE_HOST"], env["PREFECT_SERVER_DATABASE_PORT"]) == ("postgres", "5432")
+    # No hand-built URL: compose cannot URL-escape the password pasted into it.
+    assert not any("CONNECTION_URL" in name for name in env)
     assert env["PREFECT_SERVER_ANALYTICS_ENABLED"] == "false"
     assert env["PREFECT_UI_API_URL"] == "http://127.0.0.1:4200/api"
     # Credentials come from .env, never from the committed file.
@@ -71,20 +74,25 @@ def test_server_uses_postgres_and_no_telemetry():
 def test_workers_match_dockerfile_and_prefect_yaml():
     assert DOCKERFILE.startswith("#") and "FROM python:3.11-slim" in DOCKERFILE
     assert "pip install -r requirements.txt -c constraints.txt" in DOCKERFILE
-    assert re.search(r"^USER structxlip$", DOCKERFILE, re.M), "the image must run as a non-root user"
-    assert 'ENTRYPOINT ["structxlip"]' in DOCKERFILE
+    # Root only inside the entrypoint, which drops to the runtime user (tested below by running it).
+    assert 'ENTRYPOINT ["structxlip-entrypoint"]' in DOCKERFILE
+    assert "COPY docker/entrypoint.sh /usr/local/bin/structxlip-entrypoint" in DOCKERFILE
+    assert "useradd --create-home --uid 1000 structxlip" in DOCKERFILE
     (pool,) = work_pool_names()
     for name in WORKERS:
         worker = SERVICES[name]
         assert worker["build"] == {"context": ".", "dockerfile": "Dockerfile"}
-        assert worker["entrypoint"] == ["prefect"]
+        assert "entrypoint" not in worker, "keep the image's entrypoint: it fixes ownership and drops root"
         command = worker["command"]
-        assert command[:2] == ["worker", "start"] and command[command.index("--pool") + 1] == pool
+        assert command[:3] == ["prefect", "worker", "start"] and command[command.index("--pool") + 1] == pool
         assert command[command.index("--type") + 1] == "process"
         assert worker["environment"]["PREFECT_API_URL"] == "http://prefect-server:4200/api"
         assert worker["environment"]["HF_TOKEN"] == "${HF_TOKEN:-}"
+        assert worker["environment"]["STRUCTXLIP_UID"] == "${STRUCTXLIP_UID:-1000}"
         # The Dockerfile's WORKDIR is where prefect.yaml's pull step runs the flows from.
         assert worker["working_dir"] == "/app"
+    for name in SERVICES:
+        assert "entrypoint" not in SERVICES[name], f"{name} must keep the image's entrypoint"
     deploy_command = " ".join(SERVICES["deploy"]["command"])
     assert f"prefect work-pool create {pool} --type process" in deploy_command and "deploy --all" in deploy_command
     assert "WORKDIR /app" in DOCKERFILE
@@ -97,7 +105,7 @@ def test_volumes_images_read_only_outputs_writable():
         assert "${IMAGES_DIR:-./images}:/data/images:ro" in volumes
         assert "${OUTPUT_DIR:-./outputs}:/data/out" in volumes
     assert "postgres-data:/var/lib/postgresql/data" in SERVICES["postgres"]["volumes"]
-    assert {"postgres-data", "hf-cache"} <= set(COMPOSE["volumes"])
+    assert {"postgres-data", "model-cache"} <= set(COMPOSE["volumes"])
     defaults = PREFECT_YAML["deployments"][0]["parameters"]
     assert (defaults["images_dir"], defaults["out_dir"]) == ("/data/images", "/data/out")
 
@@ -142,3 +150,203 @@ def test_prefect_yaml_entrypoints_are_the_flows():
         signature = inspect.signature(flow.fn).parameters
         assert set(deployment["parameters"]) == set(signature), deployment["flow_name"]
 
+
+
+# ---- issue 14: ownership, caches, one code copy, password escaping, GPU sharing, container paths --------------------
+ENTRYPOINT = ROOT / "docker" / "entrypoint.sh"
+
+
+def dockerfile_env() -> dict[str, str]:
+    """ENV NAME=value pairs of the Dockerfile (continuation lines joined)."""
+    text = DOCKERFILE.replace("\\\n", " ")
+    pairs = {}
+    for line in text.splitlines():
+        if line.startswith("ENV "):
+            for name, value in re.findall(r"(\w+)=(\S+)", line):
+                pairs[name] = value
+    return pairs
+
+
+def dockerfile_created_dirs() -> set[str]:
+    """Folders the Dockerfile creates with ``mkdir -p`` and gives to the runtime user with ``chown -R``."""
+    text = DOCKERFILE.replace("\\\n", " ")
+    created = {p for m in re.findall(r"mkdir -p ([^&]+)", text) for p in m.split()}
+    created |= {str(parent) for p in created for parent in Path(p).parents}  # mkdir -p makes the parents too
+    owned = {p for m in re.findall(r"chown -R structxlip:structxlip ([^&\n]+)", text) for p in m.split()}
+    return {path for path in created if any(path == o or path.startswith(o.rstrip("/") + "/") for o in owned)}
+
+
+def test_every_volume_mount_point_exists_in_the_image_owned_by_the_user():
+    # A named volume mounted where the image has no folder is created by Docker as root: hub downloads fail.
+    owned = dockerfile_created_dirs()
+    for name in WORKERS:
+        for volume in SERVICES[name]["volumes"]:
+            source, target = volume.split(":")[:2]
+            if source in COMPOSE["volumes"] or target == "/data/out":
+                assert target in owned, f"{name}: {target} is not created and chowned in the Dockerfile"
+    env = dockerfile_env()
+    cache_mount = next(v.split(":")[1] for v in SERVICES["worker"]["volumes"] if v.startswith("model-cache:"))
+    for variable in ("HF_HOME", "STRUCTXLIP_CACHE", "XDG_CACHE_HOME"):
+        assert env[variable].startswith(cache_mount), f"{variable}={env[variable]} is outside the cache volume"
+        assert env[variable].startswith(env["HOME"])
+    assert env["PREFECT_HOME"] in owned
+
+
+def test_one_copy_of_the_code_and_the_sample_in_the_image():
+    installs = re.findall(r"pip install [^\n]*", DOCKERFILE)
+    project_installs = [line for line in installs if "requirements.txt" not in line]
+    assert project_installs == ["pip install --no-deps -e ."], project_installs  # editable: /app is the only copy
+    assert "COPY sample ./sample" in DOCKERFILE
+    # The demo looks for sample/images next to the flows package: /app/sample/images with /app/flows.
+    from flows.commands import REPO_ROOT, SAMPLE_IMAGES
+
+    assert SAMPLE_IMAGES.relative_to(REPO_ROOT).as_posix() == "sample/images"
+    assert "COPY flows ./flows" in DOCKERFILE and "WORKDIR /app" in DOCKERFILE
+    assert not re.search(r"^sample\b", (ROOT / ".dockerignore").read_text(), re.M)
+
+
+def interpolate(value: str, env: dict[str, str]) -> str:
+    """Compose's ${VAR}, ${VAR:-default} and ${VAR:?message} substitution."""
+
+    def substitute(match: re.Match) -> str:
+        name, operator, rest = match.group(1), match.group(2), match.group(3)
+        if env.get(name):
+            return env[name]
+        if operator == ":?":
+            raise KeyError(name)
+        return rest or ""
+
+    return re.sub(r"\$\{(\w+)(?:(:-|:\?)([^}]*))?\}", substitute, value)
+
+
+def test_database_password_with_url_characters_reaches_postgres_intact(monkeypatch):
+    from prefect.settings.models.root import Settings
+    from sqlalchemy.engine import make_url
+
+    password = "p@ss:w/rd#1%2F?&= x"
+    dotenv = {**env_example(), "POSTGRES_PASSWORD": password}
+    server_env = {k: interpolate(str(v), dotenv) for k, v in SERVICES["prefect-server"]["environment"].items()}
+    for name in list(__import__("os").environ):
+        if name.startswith(("PREFECT_SERVER_DATABASE", "PREFECT_API_DATABASE")):
+            monkeypatch.delenv(name)
+    for name, value in server_env.items():
+        if name.startswith("PREFECT_SERVER_DATABASE"):
+            monkeypatch.setenv(name, value)
+    url = make_url(Settings().server.database.connection_url.get_secret_value())
+    assert url.drivername == "postgresql+asyncpg"
+    assert (url.username, url.password, url.host, url.port, url.database) == (
+        dotenv["POSTGRES_USER"], password, "postgres", 5432, dotenv["POSTGRES_DB"])
+    postgres_env = {k: interpolate(str(v), dotenv) for k, v in SERVICES["postgres"]["environment"].items()}
+    assert postgres_env["POSTGRES_PASSWORD"] == password
+
+
+def test_one_flow_run_at_a_time_on_the_gpu():
+    deploy_command = " ".join(SERVICES["deploy"]["command"])
+    (pool,) = work_pool_names()
+    limit = re.search(rf"set-concurrency-limit {pool} (\S+)", deploy_command)
+    assert limit and interpolate(limit.group(1), env_example()) == "1"
+    for name in WORKERS:
+        command = SERVICES[name]["command"]
+        assert command[command.index("--limit") + 1] == "1"
+
+
+def test_readme_deployment_example_uses_container_paths():
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("`docker compose up`"):readme.index("## Layout")]
+    runs = re.findall(r"prefect deployment run [^\n]*\n[^\n]*", section)
+    assert runs, "no deployment example in the docker compose section"
+    for run in runs:
+        assert "images_dir=/data/images" in run and "out_dir=/data/out" in run, run
+        assert "$PWD" not in run
+    assert "structxlip demo --out /data/out/" in section
+
+
+# ---- the entrypoint, run directly (as root here, like the container starts) --------------------------------------
+def run_entrypoint(*command: str, env: dict[str, str], as_uid: int | None = None) -> subprocess.CompletedProcess:
+    prefix = ["setpriv", f"--reuid={as_uid}", f"--regid={as_uid}", "--clear-groups"] if as_uid is not None else []
+    return subprocess.run([*prefix, "sh", str(ENTRYPOINT), *command], env=env, capture_output=True, text=True,
+                          timeout=60)
+
+
+def base_env(tmp_path: Path, dirs: list[Path], uid: int = 4321) -> dict[str, str]:
+    fake_bin = tmp_path / "bin"
+    fake_bin.mkdir(exist_ok=True)
+    fake = fake_bin / "structxlip"
+    fake.write_text('#!/bin/sh\necho "structxlip called with: $*"\n')
+    fake.chmod(0o755)
+    return {"PATH": f"{fake_bin}:/usr/local/bin:/usr/bin:/bin", "HOME": str(tmp_path),
+            "STRUCTXLIP_UID": str(uid), "STRUCTXLIP_GID": str(uid),
+            "STRUCTXLIP_WRITABLE_DIRS": " ".join(str(d) for d in dirs)}
+
+
+@pytest.fixture
+def shared_tmp():
+    """A temporary folder other users can traverse (pytest's tmp_path sits under a 0700 folder of root)."""
+    import shutil
+    import tempfile
+
+    folder = Path(tempfile.mkdtemp(prefix="entrypoint-"))
+    folder.chmod(0o755)
+    yield folder
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def root_only():
+    import os
+    import shutil
+
+    if os.geteuid() != 0 or shutil.which("setpriv") is None:
+        pytest.skip("needs root and setpriv (as the container's entrypoint has)")
+
+
+def test_entrypoint_gives_a_root_owned_bind_mount_to_the_runtime_user_and_drops_root(shared_tmp):
+    tmp_path = shared_tmp
+    import os
+
+    root_only()
+    out, cache = tmp_path / "outputs", tmp_path / "cache" / "huggingface"
+    (out / "old").mkdir(parents=True)  # as Docker creates a missing bind-mount source: root-owned
+    (out / "old" / "part.parquet").write_bytes(b"x")
+    outside = tmp_path / "outside.txt"
+    outside.write_text("not ours")
+    (out / "link").symlink_to(outside)
+    env = base_env(tmp_path, [out, cache])
+    result = run_entrypoint("sh", "-c", f'id -u; id -g; touch "{out}/written-by-worker"', env=env)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["4321", "4321"]  # the command ran as the runtime user, not root
+    for path in (out, out / "old", out / "old" / "part.parquet", out / "written-by-worker", cache):
+        info = path.stat()
+        assert (info.st_uid, info.st_gid) == (4321, 4321), path
+    assert os.lstat(out / "link").st_uid == 4321 and outside.stat().st_uid == 0  # the link, never its target
+
+
+def test_entrypoint_runs_structxlip_subcommands_and_programs(shared_tmp):
+    tmp_path = shared_tmp
+    root_only()
+    env = base_env(tmp_path, [tmp_path / "out"])
+    assert run_entrypoint("demo", "--out", "/data/out/demo", env=env).stdout.strip() == \
+        "structxlip called with: demo --out /data/out/demo"
+    assert run_entrypoint("--help", env=env).stdout.strip() == "structxlip called with: --help"
+    assert run_entrypoint(env=env).stdout.strip() == "structxlip called with: --help"
+    assert run_entrypoint("echo", "prefect-like program", env=env).stdout.strip() == "prefect-like program"
+
+
+def test_entrypoint_as_a_non_root_user_reports_an_unwritable_mount_in_one_line(shared_tmp):
+    root_only()
+    tmp_path = shared_tmp
+    out = tmp_path / "outputs"
+    out.mkdir(mode=0o755)  # root-owned, not writable by uid 4321
+    env = base_env(tmp_path, [out])
+    result = run_entrypoint("echo", "should not run", env=env, as_uid=4321)
+    assert result.returncode == 1 and result.stdout == ""
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and str(out) in lines[0] and "not writable by uid 4321" in lines[0]
+    out.chmod(0o777)
+    ok = run_entrypoint("echo", "runs", env=env, as_uid=4321)
+    assert ok.returncode == 0 and ok.stdout.strip() == "runs"
+
+
+def test_entrypoint_refuses_a_non_numeric_uid(tmp_path):
+    env = {**base_env(tmp_path, [tmp_path / "out"]), "STRUCTXLIP_UID": "me"}
+    result = run_entrypoint("echo", "x", env=env)
+    assert result.returncode == 2 and "must be numbers" in result.stderr

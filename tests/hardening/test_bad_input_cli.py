@@ -11,6 +11,7 @@ from PIL import Image
 
 from storage.layout import OutputLayout
 from storage.manifest import read_manifest
+from tests.corpus import NON_UTF8_KEY
 from tests.hardening.conftest import DATA_STAGES, assert_one_line_error, run_cli
 
 pytestmark = pytest.mark.e2e
@@ -47,7 +48,8 @@ def test_every_file_has_exactly_one_row_and_nothing_is_lost(corpus_run, manifest
     assert sorted(manifest) == sorted(set(images) - duplicates)
     assert len({r["image_id"] for r in manifest.values()}) == len(manifest)
     assert duplicates == {"dup_b.jpg"} and manifest["dup_a.jpg"]["image_id"]  # the first path is kept
-    for name in ("name with spaces.jpg", "ünïcødé_名前.jpg", "loop/inner.jpg"):
+    for name in ("name with spaces.jpg", "ünïcødé_名前.jpg", "loop/inner.jpg", " spaced name .jpg",
+                 "folder.png/inside.jpg", NON_UTF8_KEY):
         assert Path(manifest[name]["source_path"]) == corpus_run.folder / name
 
 
@@ -67,6 +69,11 @@ def test_each_row_has_the_expected_status_reason_and_size(corpus_run, manifest):
             continue
         if (row["width"], row["height"]) != (outcome.width, outcome.height):
             mismatches.append(f"{name}: {row['width']}x{row['height']}, expected {outcome.width}x{outcome.height}")
+        if outcome.final_failure:
+            # Ingested fine, then failed for its caption (e.g. no content word): a failed row, not a training pair.
+            if row["status"] != "failed" or outcome.final_failure not in error or row["split"] is not None:
+                mismatches.append(f"{name}: {row['status']} {error!r}, expected a {outcome.final_failure!r} failure")
+            continue
         if outcome.has_caption is False:
             # A valid image without a usable caption is kept as a failed row saying so (README: "no caption").
             if row["status"] != "failed" or not error.startswith("no caption"):
@@ -76,6 +83,9 @@ def test_each_row_has_the_expected_status_reason_and_size(corpus_run, manifest):
                 mismatches.append(f"{name}: {row['status']} {error!r}, expected ok")
             elif outcome.caption_contains not in row["caption"]:
                 mismatches.append(f"{name}: caption {row['caption'][:80]!r} lacks {outcome.caption_contains!r}")
+        for text in outcome.caption_lacks:
+            if text in (row["caption"] or ""):
+                mismatches.append(f"{name}: caption {row['caption'][:80]!r} still holds {text!r}")
     assert not mismatches, "\n".join(mismatches)
 
 
@@ -91,7 +101,7 @@ def test_captions_survive_as_text_and_ok_rows_have_readable_outputs(corpus_run, 
     layout = OutputLayout(corpus_run.out)
     ok = [r for r in manifest.values() if r["status"] == "ok"]
     assert len(ok) == sum(1 for e in _images(corpus_run.expected).values() if e.has_caption is not False
-                          and e.status == "ok" and not e.duplicate_of)
+                          and e.status == "ok" and not e.duplicate_of and not e.final_failure)
     for row in ok:
         assert row["filtered_caption"] and row["split"] in ("train", "val", "test"), row
         with Image.open(layout.resolve(row["structure_path"])) as structure:
@@ -119,3 +129,20 @@ def test_an_empty_images_folder_is_one_line(tmp_path, cli_env):
     done = run_cli(cli_env, "run", str(tmp_path / "empty"), "--out", str(out), "--stages", ",".join(DATA_STAGES))
     assert_one_line_error(done, "no images", str(tmp_path / "empty"))
     assert not out.exists()
+
+
+def test_inputs_nobody_planned_for_end_as_rows_with_reasons(corpus_run, manifest):
+    # Each is one row with a readable reason; none stopped the run (the other tests check the run went on).
+    assert manifest[NON_UTF8_KEY]["status"] == "ok" and manifest[NON_UTF8_KEY]["split"]  # caf\xe9_\xff.jpg trains
+    assert manifest["pipe.jpg"]["error"] == "ingest: not an image file: a FIFO (named pipe) named like an image " \
+                                            "(pipe.jpg)"
+    assert manifest["folder.png"]["error"] == "ingest: not an image file: a folder named like an image (folder.png)"
+    assert manifest["strip_1x65000.png"]["error"].startswith("ingest: extreme aspect ratio: 1x65000 is 6.5e+04:1")
+    assert manifest["caption_line_separators.jpg"]["caption"] == "A lamp on a desk beside a window at night."
+    assert manifest["caption_markup.jpg"]["caption"] == "A dog runs on a beach."
+    assert manifest["caption_only_colours.jpg"]["error"] == \
+        "filter: no content word left after filtering: only appearance words (red, blue, green)"
+    assert manifest["caption_only_punctuation.jpg"]["error"] == \
+        "filter: no content word: the caption has only punctuation, numbers or stop words"
+    latin1 = [line for line in corpus_run.done.stderr.splitlines() if "captions.jsonl" in line and "UTF-8" in line]
+    assert latin1, corpus_run.done.stderr[-3000:]

@@ -159,3 +159,40 @@ def test_hf_token_is_not_echoed_by_a_failing_hub_download(synthetic, tmp_path, c
     assert "someone/private-model" in error
     assert SECRET_TOKEN not in captured.out + captured.err
 
+
+
+# ---- issue 14: pickled weights are refused with what to do, not a traceback or "corrupt" ----------------------------
+def test_evaluate_refuses_a_folder_with_a_pickled_pytorch_model_bin(synthetic, tiny_clip_dir, tmp_path, capsys):
+    import shutil
+
+    from safetensors.torch import load_file
+
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_clip_dir, folder)
+    weights = load_file(folder / "model.safetensors")
+    (folder / "model.safetensors").unlink()
+    torch.save({**weights, "extra": Exploit(tmp_path / "pwned")}, folder / "pytorch_model.bin")
+    assert main(["evaluate", str(synthetic), "--checkpoint", str(folder), "--device", "cpu",
+                 "--out", str(tmp_path / "m.json")]) == 2
+    error = _one_error_line(capsys.readouterr().err, "evaluate")
+    assert f"{folder}/pytorch_model.bin: refused by the safe loader: it holds pickled Python objects and needs " \
+           "unrestricted unpickling (weights_only=False), which can run arbitrary code" in error
+    assert "safetensors" in error and "save_file" in error and "Traceback" not in error
+    assert not (tmp_path / "pwned").exists() and not (tmp_path / "m.json").exists()
+
+
+def test_a_pickled_pth_is_refused_for_needing_unrestricted_unpickling_not_as_corrupt(tmp_path):
+    from structxlip.checkpoint import CheckpointError, read_checkpoint_payload
+    from structxlip.models import load_structxlip_checkpoint
+
+    torch.save({"state_dict": Exploit(tmp_path / "pwned")}, tmp_path / "released.pth")
+    for load in (read_checkpoint_payload, lambda path: load_structxlip_checkpoint(torch.nn.Linear(1, 1), path)):
+        with pytest.raises(CheckpointError) as caught:
+            load(tmp_path / "released.pth")
+        message = str(caught.value)
+        assert "needs unrestricted unpickling" in message and "corrupt" not in message
+        assert "\n" not in message
+    assert not (tmp_path / "pwned").exists()
+    (tmp_path / "broken.pth").write_bytes(b"\x80\x02garbage")  # really corrupt: still called that
+    with pytest.raises(CheckpointError, match="corrupt or not a torch.save file"):
+        read_checkpoint_payload(tmp_path / "broken.pth")

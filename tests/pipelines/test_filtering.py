@@ -254,3 +254,30 @@ def test_filter_captions_reports_a_bad_record(colors_only):
         and "\n" not in out[0]["error"]
         and out[0]["error"].startswith("caption filtering failed")
     )
+
+
+@pytest.mark.parametrize("caption, reason", [
+    ("Red, blue and green.", "no content word left after filtering: only appearance words (red, blue, green)"),
+    ("Dark red and light blue!",
+     "no content word left after filtering: only appearance words (dark, red, light, blue)"),
+    ("... ?! -- !!", "no content word: the caption has only punctuation, numbers or stop words"),
+    ("It is 42.", "no content word: the caption has only punctuation, numbers or stop words"),
+])
+def test_a_caption_without_a_content_word_is_a_failed_record(colors_only, caption, reason):
+    (out,) = filter_captions([{"image_id": "d" * 32, "caption": caption, "segments": []}], caption_filter=colors_only)
+    assert out == {"image_id": "d" * 32, "status": "failed", "error": reason, "filtered_caption": None,
+                   "segments": [], "hard_negatives": []}
+
+
+@pytest.mark.parametrize("caption", [
+    "A red car.",  # one content word besides the colour
+    "An orange.",  # a thing (noun with an article), not its colour
+    "一只橙色的猫坐在木桌上。",  # one English-tokenizer token with punctuation in it: still words
+    "Red, blue and green.",  # with colours not filtered they are the content
+])
+def test_captions_with_a_content_word_pass(colors_only, caption):
+    caption_filter = colors_only if caption != "Red, blue and green." else \
+        CaptionFilter(vocab_dir=VOCAB_DIR, remove_colors=False)
+    (out,) = filter_captions([{"image_id": "e" * 32, "caption": caption, "segments": []}],
+                             caption_filter=caption_filter)
+    assert out["status"] == "ok" and out["filtered_caption"], out

@@ -195,14 +195,14 @@ def test_ingest_ids_sizes_and_failures(tmp_path):
 def test_unreadable_file_is_a_failure_with_a_stable_id(tmp_path, monkeypatch):
     path = _tiny(tmp_path / "secret.png")
     source = _source(path)
-    original = Path.read_bytes
+    original = os.open
 
-    def denied(self):
-        if self.name == "secret.png":
-            raise PermissionError(13, "Permission denied", str(self))
-        return original(self)
+    def denied(file, *args, **kwargs):
+        if os.fspath(file).endswith("secret.png"):
+            raise PermissionError(13, "Permission denied", str(file))
+        return original(file, *args, **kwargs)
 
-    monkeypatch.setattr(Path, "read_bytes", denied)
+    monkeypatch.setattr(os, "open", denied)
     (row,) = ingest_images([source], max_pixels=10_000)
     assert row["status"] == "failed" and row["error"] == "cannot read image: permission denied (secret.png)"
     assert len(row["image_id"]) == 32 and row["image_id"] == ingest_images([source], max_pixels=10_000)[0]["image_id"]
@@ -217,3 +217,127 @@ def test_unreadable_file_really_chmod(tmp_path):
     finally:
         path.chmod(0o644)
     assert row["error"] == "cannot read image: permission denied (secret.png)"
+
+
+# ---- issue 14 / issue 10 ingest coverage: inputs nobody planned for -------------------------------------------------
+def test_an_output_folder_inside_the_image_folder_is_not_scanned(tmp_path):
+    _tiny(tmp_path / "photo.png")
+    out = tmp_path / "out"
+    _tiny(out / "maps" / "structure" / "ab" / "abc.png")  # what a previous run wrote
+    _tiny(out / "crops" / "ab" / "abc_0.jpg")
+    both = scan_images(tmp_path, extensions=EXTENSIONS)
+    assert len(both.files) == 3  # without exclude the outputs feed back in as new images
+    only_inputs = scan_images(tmp_path, extensions=EXTENSIONS, exclude=[out, tmp_path / "not-created-yet"])
+    assert [f.path.name for f in only_inputs.files] == ["photo.png"] and only_inputs.problems == []
+    # The same folder reached through a symlink is still excluded (compared by device + inode, not by name).
+    (tmp_path / "link-to-out").symlink_to(out, target_is_directory=True)
+    assert [f.path.name for f in scan_images(tmp_path, extensions=EXTENSIONS, exclude=[out]).files] == ["photo.png"]
+
+
+def test_every_name_with_an_image_extension_gets_a_row(tmp_path):
+    _tiny(tmp_path / "real.png")
+    os.mkfifo(tmp_path / "pipe.png")
+    (tmp_path / "album.jpg").mkdir()
+    _tiny(tmp_path / "album.jpg" / "inside.png")
+    (tmp_path / "notes.txt").write_text("ignored as before")
+    files = scan_images(tmp_path, extensions=EXTENSIONS).files
+    assert [f.path.relative_to(tmp_path).as_posix() for f in files] == \
+        ["album.jpg", "album.jpg/inside.png", "pipe.png", "real.png"]
+    rows = {Path(r["source_path"]).name: r for r in ingest_images(files, max_pixels=10_000)}
+    # The FIFO is never opened for reading (that would block this test forever).
+    assert rows["pipe.png"]["error"] == "not an image file: a FIFO (named pipe) named like an image (pipe.png)"
+    assert rows["album.jpg"]["error"] == "not an image file: a folder named like an image (album.jpg)"
+    assert rows["pipe.png"]["image_id"] != rows["album.jpg"]["image_id"]  # failed rows keep unique ids
+    assert rows["inside.png"]["status"] == rows["real.png"]["status"] == "ok"
+
+
+def test_extreme_aspect_ratio_is_refused_with_the_reason_and_configurable(tmp_path):
+    strip = _tiny(tmp_path / "strip.png", size=(1, 65_000))
+    banner = _tiny(tmp_path / "banner.png", size=(200, 10))  # 20:1, exactly at the default limit
+    rows = ingest_images([_source(strip), _source(banner)], max_pixels=10**8)
+    assert rows[0]["status"] == "failed" and rows[0]["error"] == (
+        "extreme aspect ratio: 1x65000 is 6.5e+04:1, above max_aspect_ratio=20 (CLIP sees a centre square of it) "
+        "(strip.png)")
+    assert rows[1]["status"] == "ok"
+    assert ingest_images([_source(strip)], max_pixels=10**8, max_aspect_ratio=None)[0]["status"] == "ok"
+    assert ingest_images([_source(banner)], max_pixels=10**8, max_aspect_ratio=19.5)[0]["status"] == "failed"
+
+
+def test_a_non_utf8_name_is_scanned_ingested_and_captioned(tmp_path):
+    from storage.filenames import source_file
+
+    raw = os.fsencode(tmp_path) + b"/sn\xf6w.png"
+    Image.new("RGB", (4, 3), (1, 2, 3)).save(os.fsdecode(raw))
+    with open(os.fsencode(tmp_path) + b"/sn\xf6w.txt", "wb") as sidecar:
+        sidecar.write(b"Snow on a roof.")
+    (tmp_path / "captions.jsonl").write_text(json.dumps({"file": "sn\\xf6w.png", "caption": "ignored: sidecar wins"}))
+    files = scan_images(tmp_path, extensions=EXTENSIONS).files
+    (row,) = ingest_images(files, max_pixels=10_000)
+    assert row["source_path"] == f"{tmp_path}/sn\\xf6w.png" and row["status"] == "ok"
+    assert os.fsencode(source_file(row["source_path"])) == raw
+    index = read_captions(tmp_path, files)
+    assert index.get(row["source_path"]).caption == "Snow on a roof." and not index.problems
+
+
+def test_jsonl_lines_end_at_newline_only_and_spaced_names_match(tmp_path):
+    for name in ("lamp.png", " lead.png", "trail .png", "padded.png"):
+        _tiny(tmp_path / name)
+    records = [
+        {"file": "lamp.png", "caption": "A lamp\u2028on a desk\u2029by a window\u0085at night."},
+        {"file": " lead.png", "caption": "Leading space."},
+        {"file": "trail .png", "caption": "Trailing space."},
+        {"file": "  padded.png  ", "caption": "Padded reference."},
+    ]
+    (tmp_path / "captions.jsonl").write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in records) + "\n",
+                                             encoding="utf-8")
+    index = read_captions(tmp_path, scan_images(tmp_path, extensions=EXTENSIONS).files)
+    assert not index.problems
+    assert index.get(str(tmp_path / "lamp.png")).caption == "A lamp on a desk by a window at night."
+    assert index.get(str(tmp_path / " lead.png")).caption == "Leading space."
+    assert index.get(str(tmp_path / "trail .png")).caption == "Trailing space."
+    assert index.get(str(tmp_path / "padded.png")).caption == "Padded reference."
+
+
+def test_invalid_utf8_in_captions_files_is_reported_like_a_sidecar(tmp_path):
+    _tiny(tmp_path / "a.png")
+    _tiny(tmp_path / "b.png")
+    (tmp_path / "captions.jsonl").write_bytes(b'{"file": "a.png", "caption": "Fine."}\n'
+                                              b'{"file": "b.png", "caption": "Na\xefve art."}\n')
+    index = read_captions(tmp_path, scan_images(tmp_path, extensions=EXTENSIONS).files)
+    assert index.problems == [{"source": "captions.jsonl", "line": 2, "error":
+                               "not valid UTF-8 (captions.jsonl line 2); undecodable bytes replaced with U+FFFD"}]
+    assert index.get(str(tmp_path / "b.png")) == ("Na\ufffdve art.", "jsonl", "captions.jsonl line 2 is not valid "
+                                                  "UTF-8; undecodable bytes replaced with U+FFFD")
+    assert index.get(str(tmp_path / "a.png")).note is None
+    (tmp_path / "captions.jsonl").unlink()
+    (tmp_path / "captions.csv").write_bytes(b"file,caption\na.png,Fine.\nb.png,Caf\xe9.\n")
+    index = read_captions(tmp_path, scan_images(tmp_path, extensions=EXTENSIONS).files)
+    assert [(p["source"], p["line"]) for p in index.problems] == [("captions.csv", 3)]
+    assert index.get(str(tmp_path / "b.png")).caption == "Caf\ufffd."
+
+
+@pytest.mark.parametrize("raw, expected", [
+    ("&lt;img src=x onerror=alert(1)&gt;A cat.", "A cat."),  # escaped tag: decoded first, then removed
+    ("A <script>alert('x')</script>dog.", "A dog."),
+    ("<STYLE type='text/css'>p {color: red}</STYLE>A bird.", "A bird."),
+    ("A fox <script>never closed", "A fox"),
+    ("Salt &amp; pepper &lt; 3 grams", "Salt & pepper < 3 grams"),  # no closing ">": not a tag, kept
+    ("Tom &amp; Jerry<br>run", "Tom & Jerry run"),
+])
+def test_clean_caption_decodes_entities_before_removing_tags(raw, expected):
+    assert clean_caption(raw) == expected
+
+
+def test_sockets_and_devices_named_like_images_are_never_read(tmp_path):
+    import socket
+
+    server = socket.socket(socket.AF_UNIX)
+    server.bind(str(tmp_path / "socket.png"))
+    (tmp_path / "zeros.png").symlink_to("/dev/zero")  # reading it would never end
+    try:
+        files = scan_images(tmp_path, extensions=EXTENSIONS).files
+        rows = {Path(r["source_path"]).name: r["error"] for r in ingest_images(files, max_pixels=10_000)}
+    finally:
+        server.close()
+    assert rows == {"socket.png": "not an image file: a socket named like an image (socket.png)",
+                    "zeros.png": "not an image file: a character device named like an image (zeros.png)"}

@@ -180,5 +180,74 @@ def test_fractional_bbox_values_are_read_like_the_reference_does(tmp_path):
                      {"x1": 1, "y1": 2, "x2": 3, "y2": 4, "width": 2, "height": 2}]
     reasons = dict(result.rejected)
     assert "x1 must be a number, got 'left'" in reasons[3]
-    assert "must be finite" in reasons[4]
+    assert "must be a finite number" in reasons[4]
     assert "x2 < x1" in reasons[5]
+
+
+# ---- issue 14: overflowing numbers and split values, one line per rejected item -------------------------------------
+def _overflowing_json(data: Path) -> Path:
+    """A reference JSON written as text (Infinity, 1e400 and 10**30 are not what json.dumps of Python values gives)."""
+    from PIL import Image
+
+    (data / "img").mkdir(parents=True)
+    Image.new("RGB", (8, 6), "blue").save(data / "img" / "a.png")
+
+    def item(segment: str = "", extra: str = "") -> str:
+        segments = f', "segment": [{{"filename": "img/a.png", "caption": "c", {segment}}}]' if segment else ""
+        extras = f', "structxlip": {{{extra}}}' if extra else ""
+        return f'{{"original_filename": "img/a.png", "original_caption": "a blue square"{segments}{extras}}}'
+
+    box = '"bbox_coordinates": {{"x1": {x1}, "y1": 0, "x2": 4, "y2": 3, "width": 4, "height": 3}}'
+    items = [
+        item(),  # 0: fine
+        item(box.format(x1="1e400")),  # 1: parses as inf
+        item(box.format(x1="Infinity")),  # 2
+        item(box.format(x1="NaN")),  # 3
+        item(box.format(x1="-1e400")),  # 4
+        item(box.format(x1=str(10**30))),  # 5: a whole number that int32 cannot hold
+        item(extra=f'"height": {10**30}'),  # 6
+        item(extra='"width": -5'),  # 7
+        item('"similarity_score": 1e400'),  # 8
+        item('"similarity_score": ' + "9" * 400),  # 9: an int too large for a float
+        item(extra='"split": "../../evil"'),  # 10
+        item(extra='"split": "train\\nrejected item 0: forged"'),  # 11: a newline would forge an output line
+        item(extra='"split": "val"'),  # 12: fine
+    ]
+    path = data / "ref.json"
+    path.write_text("[" + ",\n".join(items) + "]")
+    return path
+
+
+def test_overflowing_numbers_and_bad_splits_are_rejected_one_line_each(tmp_path):
+    result = import_reference_json(_overflowing_json(tmp_path / "data"), tmp_path / "out")
+    reasons = dict(result.rejected)
+    assert sorted(reasons) == list(range(1, 12))
+    for index in (1, 2, 4):
+        assert reasons[index] == "segment[0].bbox_coordinates.x1 must be a finite number, got inf" or \
+            reasons[index] == "segment[0].bbox_coordinates.x1 must be a finite number, got -inf", reasons[index]
+    assert reasons[3] == "segment[0].bbox_coordinates.x1 must be a finite number, got nan"
+    assert reasons[5] == f"segment[0].bbox_coordinates.x1 must be within +-2147483647 pixels, got {10**30!r}"
+    assert reasons[6] == f"structxlip.height must be between 0 and 2147483647, got {10**30!r}"
+    assert reasons[7] == "structxlip.width must be between 0 and 2147483647, got -5"
+    assert reasons[8] == "segment[0].similarity_score must be a finite number, got inf"
+    assert reasons[9].startswith("segment[0].similarity_score must be a finite number, got 99999")
+    assert reasons[10] == "structxlip.split must be one of train, val, test or null, got '../../evil'"
+    # The newline is shown escaped: it cannot forge a second "rejected item" line.
+    assert reasons[11] == \
+        "structxlip.split must be one of train, val, test or null, got 'train\\nrejected item 0: forged'"
+    assert all("\n" not in reason and len(reason) <= 300 for reason in reasons.values())
+    assert [row["split"] for row in result.rows] == ["train", "val"]
+    assert read_manifest(tmp_path / "out").num_rows == 2  # int32 columns written without overflow
+
+
+def test_import_json_cli_prints_one_line_per_rejected_item(tmp_path, capsys):
+    from flows.cli import main
+
+    source = _overflowing_json(tmp_path / "data")
+    assert main(["import-json", str(source), "--out", str(tmp_path / "out")]) == 0
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 11 and all(line.startswith("rejected item ") for line in err), err
+    assert err[9] == "rejected item 10: structxlip.split must be one of train, val, test or null, got '../../evil'"
+    assert main(["import-json", str(source), "--out", str(tmp_path / "out2"), "--split", "../x"]) == 2
+    assert capsys.readouterr().err.strip() == \
+        "structxlip import-json: error: split must be one of train, val, test, got '../x'"

@@ -1,0 +1,30 @@
+"""storage.filenames: names that are not UTF-8 stored readably and found again."""
+
+from __future__ import annotations
+
+import json
+import os
+
+from storage.filenames import display_path, has_undecodable_bytes, source_file, storable_path
+
+
+def test_undecodable_bytes_are_written_as_backslash_x_and_resolved_back(tmp_path):
+    raw = os.fsencode(tmp_path) + b"/r\xe9sum\xe9 \xff.jpg"
+    with open(raw, "wb") as handle:
+        handle.write(b"x")
+    (path,) = [p for p in tmp_path.iterdir()]
+    assert has_undecodable_bytes(path)
+    stored = storable_path(path)
+    assert stored == f"{tmp_path}/r\\xe9sum\\xe9 \\xff.jpg" and display_path(path) == stored
+    json.dumps(stored).encode("utf-8")  # valid UTF-8 text
+    assert os.fsencode(source_file(stored)) == raw and source_file(stored).read_bytes() == b"x"
+
+
+def test_valid_names_are_unchanged_and_an_exact_name_wins(tmp_path):
+    for name in ("plain.jpg", "ünïcødé 名前.jpg", "literal \\xff.jpg"):
+        (tmp_path / name).write_bytes(b"y")
+        assert storable_path(tmp_path / name) == str(tmp_path / name)
+        assert source_file(str(tmp_path / name)) == tmp_path / name  # exists as written: taken as is
+    assert not has_undecodable_bytes(tmp_path / "literal \\xff.jpg")
+    # Only bytes >= 0x80 are ever escaped: "\x41" in a stored name is literal text.
+    assert source_file(f"{tmp_path}/missing \\x41.jpg") == tmp_path / "missing \\x41.jpg"
