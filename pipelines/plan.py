@@ -191,13 +191,7 @@ class Pipeline:
 
 
 def _exclude(images_dir: Path, out_dir: Path) -> dict:
-    """``exclude=[OUT]`` for the folder scan when OUT lies inside the images folder (its maps are no inputs)."""
-    import inspect
-
-    from pipelines.ingest import scan_images
-
-    if "exclude" not in inspect.signature(scan_images).parameters:
-        return {}
+    """``exclude=[OUT]`` for the folder scan when OUT lies inside the images folder: its maps and crops are no inputs."""
     return {"exclude": [out_dir]} if images_dir in out_dir.parents else {}
 
 

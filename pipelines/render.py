@@ -175,12 +175,14 @@ def _img(png: bytes | None, alt: str) -> str:
 
 
 def _cell(text: Any, limit: int = 160) -> str:
-    """Escape a value for one markdown table cell (no newlines or pipes) and shorten long text."""
-    value = "" if text is None else str(text)
-    value = " ".join(value.split())
+    """Escape a value (a caption or file name: untrusted) for one markdown table cell and shorten long text: no
+    links, images, HTML, emphasis or table breaks survive (``storage.markdown.escape_markdown``)."""
+    from storage.markdown import escape_markdown
+
+    value = "" if text is None else " ".join(str(text).split())
     if len(value) > limit:
         value = value[: limit - 1] + "…"
-    return html.escape(value, quote=False).replace("|", "\\|")
+    return escape_markdown(value)
 
 
 def boxes_image(path: str | os.PathLike, boxes: list[dict]) -> np.ndarray:

@@ -174,6 +174,7 @@ class Stage:
 class IngestParams(Params):
     extensions: list[str]
     max_pixels: int
+    max_aspect_ratio: float | None
     follow_symlinks: bool
 
 
@@ -183,12 +184,12 @@ class Ingest(Stage):
     modules = ("pipelines.ingest", "pipelines.images")
     rows_by_image = False  # one row per file: identical files share an image id
     schema = pa.schema([*_STATUS, pa.field("source_path", pa.string()), pa.field("width", pa.int32()),
-                        pa.field("height", pa.int32())])
+                        pa.field("height", pa.int32()), pa.field("note", pa.string())])
 
     def params(self, config):
         i = config.ingest
         return IngestParams(extensions=sorted(e.lower().lstrip(".") for e in i.extensions), max_pixels=i.max_pixels,
-                            follow_symlinks=i.follow_symlinks)
+                            max_aspect_ratio=i.max_aspect_ratio, follow_symlinks=i.follow_symlinks)
 
     def items(self, pipeline):
         return [(f.file_key, f) for f in pipeline.scan.files]
@@ -196,7 +197,7 @@ class Ingest(Stage):
     def run(self, records, *, layout, stage_key, params, runtime):
         from pipelines.ingest import ingest_images
 
-        return ingest_images(records, max_pixels=params["max_pixels"])
+        return ingest_images(records, max_pixels=params["max_pixels"], max_aspect_ratio=params["max_aspect_ratio"])
 
 
 class StructureParams(Params):

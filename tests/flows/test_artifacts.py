@@ -323,3 +323,13 @@ def test_run_summary_links_stage_artifacts_and_evaluation_rows_carry_n_pairs_and
     rows = evaluation_rows(metrics)
     assert [(r["model"], r["direction"], r["R@1"], r["n_pairs"]) for r in rows] == [
         ("fine-tuned", "t2i", 0.5, 4), ("zero-shot", "t2i", 0.25, 4)]
+
+
+def test_captions_with_markdown_or_html_are_shown_as_text_in_galleries(tmp_path):
+    layout, rows = make_output_folder(tmp_path, n_images=1, n_segments=1)
+    rows[0]["filtered_caption"] = "A [click](http://evil.example) ![pixel](http://evil.example/p.png) <img onerror=x>"
+    rows[0]["segments"][0]["caption"] = "**bold** [link](javascript:alert(1))"
+    markdown = render.gallery_markdown(layout.root, rows)
+    text = re.sub(r'<img src="data:image/png;base64,[^"]+" alt="[^"]*"/>', "", markdown)
+    assert "](http" not in text and "](javascript" not in text and "<img onerror" not in text
+    assert "**bold**" not in text and "click" in text

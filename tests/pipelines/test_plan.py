@@ -151,3 +151,12 @@ def test_preflight_names_the_key_and_the_fix(folder, tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="is not writable"):
         preflight(_pipeline(folder, blocked / "out"), ["ingest"])
     preflight(_pipeline(folder, tmp_path / "fine"), ["ingest", "structure", "regions", "captions", "filter"])
+
+
+def test_an_output_folder_inside_the_images_folder_is_not_ingested(folder, tmp_path):
+    images = tmp_path / "images"
+    shutil.copytree(folder, images)
+    out = images / "out"
+    run_inline(_pipeline(images, out), DATA[:3])
+    again = _pipeline(images, out)
+    assert len(again.scan.files) == 5 and not again.plan("ingest").pending
