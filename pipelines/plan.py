@@ -57,6 +57,7 @@ class Pipeline:
         self.layout = OutputLayout(out_dir)
         self.keys = stage_keys(config)
         self._stored: dict[str, StoredRows] = {}
+        self._warned: set[tuple] = set()
         self._items: dict[str, dict[str, Any]] = {}
 
     # ---- the folder -------------------------------------------------------------------------------------------
@@ -154,7 +155,8 @@ class Pipeline:
         stored = self.stored(stage)
         done = {} if refresh else stored.done()
         invalid = {} if refresh else {k: why for k, why in stored.invalid.items() if k in items}
-        if invalid:
+        if invalid and (stage, frozenset(invalid)) not in self._warned:  # each warning once per run
+            self._warned.add((stage, frozenset(invalid)))
             example = next(iter(invalid.values()))
             log.warning("%s: %d item(s) with missing or changed outputs will be recomputed (e.g. %s)", stage,
                         len(invalid), example)

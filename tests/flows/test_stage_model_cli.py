@@ -117,3 +117,71 @@ def test_a_cached_run_without_a_server_never_starts_prefect(workspace, tmp_path)
     assert all(f"{s:<10} {0:>9} {4:>7} {0:>7}" in done.stdout for s in ("ingest", "structure", "regions", "captions",
                                                                           "filter", "manifest")), done.stdout
     assert not Path(local["PREFECT_HOME"]).exists(), "a cached run started Prefect's ephemeral server"
+
+
+DATA = "ingest,structure,regions,captions,filter,manifest"
+
+
+def _table(stdout: str) -> dict[str, tuple[int, int, int]]:
+    rows = {}
+    for line in stdout.splitlines():
+        parts = line.split()
+        if len(parts) == 5 and parts[0] in DATA.split(",") and parts[1].isdigit():
+            rows[parts[0]] = (int(parts[1]), int(parts[2]), int(parts[3]))
+    return rows
+
+
+def test_broken_outputs_corrupt_parts_a_huge_caption_and_a_moved_folder_through_the_cli(workspace):
+    import json
+    import shutil
+
+    import pyarrow.parquet as pq
+
+    from storage.manifest import read_manifest
+
+    root, env = workspace
+    images = root / "images-huge"
+    shutil.copytree(root / "images", images)
+    lines = (images / "captions.jsonl").read_text().splitlines()
+    huge = json.loads(lines[0])
+    huge["caption"] = "A dog runs. " * 180_000  # 2.2 MB: more than spaCy takes (E088)
+    (images / "captions.jsonl").write_text("\n".join([json.dumps(huge), *lines[1:]]) + "\n")
+    out = root / "out-huge"
+    args = ["run", str(images), "--out", str(out), "--config", str(root / "config.yaml"), "--stages", DATA]
+
+    first = _cli(*args, env=env)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert _table(first.stdout)["captions"] == (3, 0, 1), first.stdout  # the other images of its chunk are ok
+    assert f"x {huge['file']}: captions failed" in first.stdout and "E088" in first.stdout
+    rows = {r["image_id"]: r for r in read_manifest(out).to_pylist()}
+    with_crop = next(r for r in rows.values() if r["status"] == "ok" and r["segments"])
+    other = next(r for r in rows.values() if r["image_id"] != with_crop["image_id"] and r["structure_path"])
+
+    # Delete a crop, truncate another image's map, corrupt a regions part: exactly those items are recomputed.
+    (out / with_crop["segments"][0]["crop_path"]).unlink()
+    structure_map = out / other["structure_path"]
+    structure_map.write_bytes(structure_map.read_bytes()[:16])
+    second = _cli(*args, env=env)
+    assert second.returncode == 0, second.stderr[-3000:]
+    counts = _table(second.stdout)
+    assert counts["structure"] == (1, 3, 0) and counts["regions"] == (1, 3, 0), second.stdout
+    assert counts["captions"] == (0, 3, 1)  # the cached failure is counted
+    assert "missing or changed outputs will be recomputed" in second.stderr
+    assert (out / with_crop["segments"][0]["crop_path"]).is_file()
+
+    part = sorted((out / "stages" / "filter").glob("*/part-*.parquet"))[0]
+    lost = pq.read_metadata(part).num_rows
+    part.write_bytes(b"garbage")
+    third = _cli(*args, env=env)
+    assert third.returncode == 0, third.stderr[-3000:]
+    assert _table(third.stdout)["filter"] == (lost, 3 - lost, 0)
+    assert "unreadable stage part" in third.stderr and part.name in third.stderr
+
+    # A moved output folder: nothing is recomputed.
+    moved = root / "moved" / "out-huge"
+    moved.parent.mkdir()
+    shutil.move(str(out), str(moved))
+    fourth = _cli("run", str(images), "--out", str(moved), "--config", str(root / "config.yaml"), "--stages", DATA,
+                  env=env)
+    assert fourth.returncode == 0, fourth.stderr[-3000:]
+    assert all(p == 0 for p, _c, _f in _table(fourth.stdout).values()), fourth.stdout
