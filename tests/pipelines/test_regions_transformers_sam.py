@@ -157,3 +157,20 @@ def test_sam_model_setup_errors_are_one_line(tmp_path):
     assert "\n" not in message and "cannot load SAM model" in message and "regions.sam_model" in message
     with pytest.raises(ValueError, match="not both"):
         propose_regions([], layout=OutputLayout(tmp_path), stage_key="r", sam_model="a", sam_checkpoint="b")
+
+
+@pytest.mark.gpu
+def test_sam_model_runs_on_cuda(tmp_path, tiny_model_dir):
+    canvas = shapes_canvas(160, 120, [("rect", (10, 10, 70, 70)), ("ellipse", (80, 40, 150, 110))])
+    path = save_rgb(tmp_path / "a.png", canvas)
+    (result,) = propose_regions(
+        [{"image_id": "ef" * 16, "source_path": str(path)}], layout=OutputLayout(tmp_path / "out"), stage_key="r",
+        sam_model=tiny_model_dir, points_per_side=8, points_per_batch=16, pred_iou_thresh=0.0,
+        stability_score_thresh=0.0, device="cuda", min_area_fraction=0.01, max_area_fraction=0.95,
+    )
+    assert result["status"] == "ok", result["error"]
+    assert cached_sam_pipeline(tiny_model_dir, "cuda").model.device.type == "cuda"
+    assert 0 < len(result["segments"]) <= 16
+    for segment in result["segments"]:
+        b = segment["bbox"]
+        assert 0 <= b["x1"] < b["x2"] <= 160 and 0 <= b["y1"] < b["y2"] <= 120
