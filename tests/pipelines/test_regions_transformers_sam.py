@@ -174,3 +174,14 @@ def test_sam_model_runs_on_cuda(tmp_path, tiny_model_dir):
     for segment in result["segments"]:
         b = segment["bbox"]
         assert 0 <= b["x1"] < b["x2"] <= 160 and 0 <= b["y1"] < b["y2"] <= 120
+
+
+def test_config_takes_a_sam_model_or_a_checkpoint_not_both():
+    from pydantic import ValidationError
+
+    from configs.schema import RegionsConfig
+
+    assert RegionsConfig(sam_model="facebook/sam-vit-base").sam_model == "facebook/sam-vit-base"
+    assert RegionsConfig().method == "auto" and RegionsConfig(method="grouping").method == "grouping"
+    with pytest.raises(ValidationError, match="not both"):
+        RegionsConfig(sam_model="facebook/sam-vit-base", sam_checkpoint="hf://facebook/sam/sam_vit_b.pth")
