@@ -185,7 +185,7 @@ def grouping_boxes(
     rgb: np.ndarray,
     structure_map: np.ndarray | None = None,
     *,
-    work_side: int = 256,
+    work_side: int = 192,
     scales: tuple[float, ...] = (100.0,),
     sigma: float = 0.5,
     min_size_fraction: float = 0.002,
