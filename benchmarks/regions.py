@@ -112,7 +112,7 @@ def run(*, quick: bool = False) -> BenchmarkResult:
             params={"scenes": n_scenes, "objects": int(sum(len(s.boxes) for s in scenes)), "size": [640, 480],
                     "selection": SELECTION, "grouping_side": GROUPING_SIDE, "photos": [p.name for p in photo_paths]},
         )
-        _, _, _ = _timed(_grouping_proposer, scenes[0].rgb, scene_maps[0])  # imports (scikit-image) untimed
+        _timed(_grouping_proposer, scenes[0].rgb, scene_maps[0])  # imports (scikit-image) untimed
         for name, proposer in PROPOSERS.items():
             found = total = regions = 0
             wall_s, cpu_s = [], []
@@ -125,7 +125,7 @@ def run(*, quick: bool = False) -> BenchmarkResult:
             counts = {}
             photo_found = photo_total = uncapped_found = 0
             for path, photo, structure in zip(photo_paths, photos, photo_maps):
-                kept, wall, cpu = _timed(proposer, photo, structure)
+                kept = proposer(photo, structure)
                 counts[path.name] = len(kept)
                 if path.name in PHOTO_BOXES:
                     truth = np.asarray(PHOTO_BOXES[path.name])

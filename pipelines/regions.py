@@ -387,8 +387,11 @@ def propose_regions(
 
     Results: ``{image_id, status, error, region_method, segments: [{bbox, crop_path, structure_crop_path}]}``,
     paths relative to ``layout.root``; ``region_method`` is the proposer that ran (``resolve_region_method``;
-    ``sam_builder``, a test hook, counts as a checkpoint). The area filter is on mask area (SAM) or box area
-    (grouping, structure), as a fraction of the image. Raises ``RegionsSetupError`` only when SAM cannot be loaded.
+    ``sam_builder``, a test hook, counts as a checkpoint). SAM: ``sam_model`` (transformers, hub id or folder) or
+    ``sam_checkpoint`` + ``sam_model_type`` (segment-anything), a ``points_per_side`` grid run ``points_per_batch``
+    points at a time on ``device``, the image downscaled to ``max_side``. Grouping works at ``grouping_side`` px and
+    uses the structure map when the record has one. The area filter is on mask area (SAM) or box area (grouping,
+    structure), as a fraction of the image. Raises ``RegionsSetupError`` only when SAM cannot be loaded.
     """
     if method == "auto" and sam_builder is not None and not sam_model:
         method = "sam"
