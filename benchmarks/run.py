@@ -28,6 +28,12 @@ def _structure(quick: bool) -> BenchmarkResult:
     return structure.run(quick=quick)
 
 
+def _regions(quick: bool) -> BenchmarkResult:
+    from benchmarks import regions
+
+    return regions.run(quick=quick)
+
+
 def _local_loss(quick: bool) -> BenchmarkResult:
     from benchmarks import local_loss
 
@@ -80,6 +86,7 @@ def _training(quick: bool) -> BenchmarkResult:
 # name -> function(quick) returning a BenchmarkResult. Extension point: add an entry (and a module) per benchmark.
 BENCHMARKS: dict[str, Callable[[bool], BenchmarkResult]] = {
     "structure": _structure,
+    "regions": _regions,
     "local_loss": _local_loss,
     "pipeline_scaling": _pipeline,
     "pipeline_cached": _pipeline_cached,

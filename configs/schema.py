@@ -71,9 +71,11 @@ class StructureConfig(_Section):
 
 
 class RegionsConfig(_Section):
-    method: Literal["auto", "sam", "structure"] = "auto"  # auto: SAM when a checkpoint is set, else structure
-    sam_model_type: Literal["vit_h", "vit_l", "vit_b"] = "vit_b"
-    sam_checkpoint: str | None = None  # local path or hf://REPO/FILE
+    # auto: SAM when sam_model or sam_checkpoint is set, else grouping (pipelines.regions.resolve_region_method)
+    method: Literal["auto", "sam", "grouping", "structure"] = "auto"
+    sam_model: str | None = None  # transformers SAM / SAM-HQ / SAM 2: a hub id (facebook/sam-vit-base) or local folder
+    sam_model_type: Literal["vit_h", "vit_l", "vit_b"] = "vit_b"  # segment-anything checkpoints only
+    sam_checkpoint: str | None = None  # segment-anything: local path or hf://REPO/FILE
     points_per_side: int = Field(default=32, gt=0, le=256)
     points_per_batch: int = Field(default=64, gt=0, le=65536)
     min_area_fraction: float = Field(default=0.01, ge=0, le=1)
@@ -89,6 +91,14 @@ class RegionsConfig(_Section):
         if value and not value.startswith("hf://") and not Path(value).expanduser().exists():
             raise ValueError(f"SAM checkpoint not found: {value}")
         return value
+
+    @model_validator(mode="after")
+    def _one_sam_source(self):
+        if self.sam_model and self.sam_checkpoint:
+            raise ValueError(
+                f"set regions.sam_model ({self.sam_model}) or regions.sam_checkpoint ({self.sam_checkpoint}), not both"
+            )
+        return self
 
 
 class CaptionsConfig(_Section):

@@ -268,6 +268,8 @@ def preflight(pipeline: Pipeline, stages: list[str]) -> None:
     if {"train", "evaluate"} & set(stages) and config.model.clip_model != checked:
         problems += _model_problem("model.clip_model", config.model.clip_model)
     if "regions" in stages and pipeline.plan("regions").params.get("method") == "sam":
+        if config.regions.sam_model:
+            problems += _model_problem("regions.sam_model", config.regions.sam_model)
         checkpoint = config.regions.sam_checkpoint
         if checkpoint and not checkpoint.startswith("hf://") and not Path(checkpoint).expanduser().is_file():
             problems.append(f"regions.sam_checkpoint: {checkpoint} is not a file: point it at a SAM .pth checkpoint")

@@ -1,27 +1,40 @@
-"""Regions stage: local region boxes per image (Segment Anything, or connected edges of the structure map), with
-their RGB crops (JPEG) and structure crops (PNG, the same box cut from the structure map).
+"""Regions stage: local region boxes per image, with their RGB crops (JPEG) and structure crops (PNG, the same box
+cut from the structure map).
+
+Proposers (``method``; ``resolve_region_method`` says which one ``auto`` means):
+
+- ``sam``: Segment Anything's automatic mask generation (a point grid), from a transformers model
+  (``sam_model``: a hub id such as ``facebook/sam-vit-base`` or a local folder; SAM, SAM-HQ and SAM 2 through the
+  ``mask-generation`` pipeline) or a ``segment-anything`` checkpoint (``sam_checkpoint``).
+- ``grouping``: weight-free hierarchical grouping of colour segments with the structure map's edges
+  (``pipelines.grouping``); finds objects and parts in real photos.
+- ``structure``: boxes of connected groups of the structure map's edges (the first weight-free proposer; on
+  cluttered photos its edges form one component above the area limit, so it often finds nothing).
 
 Boxes are ``storage.manifest.bbox`` dicts in original-image pixels (x2/y2 exclusive); segments are ordered by box
-area, largest first (the captions stage ranks them by score later).
+area, largest first (the captions stage ranks them by score later). Each result records the proposer that ran
+(``region_method``).
 """
 
 from __future__ import annotations
 
 import threading
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable
 
 import cv2
 import numpy as np
 
+from pipelines.grouping import grouping_boxes
+from pipelines.region_method import METHODS, resolve_region_method
 from pipelines.images import ImageLoadError, load_rgb
 from storage.atomic import raise_if_storage_error, write_jpeg, write_png
 from storage.layout import OutputLayout
 from storage.manifest import STATUS_FAILED, STATUS_OK, bbox
 
-VERSION = "1"
+VERSION = "2"
 
-METHODS = ("auto", "sam", "structure")
 # A structure map whose aspect ratio differs from the image's by more than this was not made from the image.
 _ASPECT_TOLERANCE = 0.03
 
@@ -198,17 +211,107 @@ def cached_sam(model_type: str, checkpoint: str | None, device: str, builder: Sa
         return _SAM_CACHE[key]
 
 
+def build_sam_pipeline(model: str, device: str):
+    """Return transformers' ``mask-generation`` pipeline for a SAM / SAM-HQ / SAM 2 hub id or local folder."""
+    try:
+        from transformers import pipeline
+
+        return pipeline("mask-generation", model=model, device=device)
+    except Exception as exc:  # noqa: BLE001 - offline, unknown id, not a SAM model: one actionable line
+        raise RegionsSetupError(
+            f"cannot load SAM model {model}: {type(exc).__name__}: {_one_line(exc)[:200]} (offline? download it "
+            "with `hf download REPO --local-dir DIR` and set regions.sam_model to that folder)"
+        ) from None
+
+
+def cached_sam_pipeline(model: str, device: str):
+    """Return the ``mask-generation`` pipeline of (model, device), built once per process."""
+    key = ("transformers", model, device)
+    with _SAM_LOCK:
+        if key not in _SAM_CACHE:
+            _SAM_CACHE[key] = build_sam_pipeline(model, device)
+        return _SAM_CACHE[key]
+
+
+def _downscale(rgb: np.ndarray, max_side: int) -> np.ndarray:
+    height, width = rgb.shape[:2]
+    if max(height, width) <= max_side:
+        return rgb
+    factor = max_side / max(height, width)
+    size = (max(1, round(width * factor)), max(1, round(height * factor)))
+    return cv2.resize(rgb, size, interpolation=cv2.INTER_AREA)
+
+
+def mask_boxes(masks) -> tuple[np.ndarray, np.ndarray]:
+    """Return the (N, 4) int64 xyxy boxes (x2/y2 exclusive) and (N,) pixel areas of (N, H, W) bool masks.
+
+    An empty mask gets the box (0, 0, 0, 0) and area 0 (the area filter drops it).
+    """
+    import torch
+
+    masks = torch.as_tensor(masks).bool()
+    if masks.ndim != 3:
+        raise ValueError(f"expected (N, H, W) masks, got shape {tuple(masks.shape)}")
+    n, height, width = masks.shape
+    cols, rows = masks.any(dim=1), masks.any(dim=2)  # (N, W), (N, H)
+    x1 = cols.int().argmax(dim=1)
+    x2 = width - cols.flip(1).int().argmax(dim=1)
+    y1 = rows.int().argmax(dim=1)
+    y2 = height - rows.flip(1).int().argmax(dim=1)
+    boxes = torch.stack([x1, y1, x2, y2], dim=1)
+    boxes[~cols.any(dim=1)] = 0
+    return boxes.cpu().numpy().astype(np.int64), masks.sum(dim=(1, 2)).cpu().numpy().astype(np.int64)
+
+
+def sam_model_boxes(
+    rgb: np.ndarray,
+    generator,
+    *,
+    max_side: int,
+    points_per_side: int,
+    points_per_batch: int,
+    pred_iou_thresh: float,
+    stability_score_thresh: float,
+    nms_iou: float,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Return boxes in original pixels ((N, 4) int64 xyxy), scores (N,) and mask area fractions (N,) from a
+    transformers ``mask-generation`` pipeline (a ``points_per_side`` grid, ``points_per_batch`` points at once).
+
+    The image is downscaled to ``max_side`` on its long side for mask generation when larger.
+    """
+    from PIL import Image
+
+    height, width = rgb.shape[:2]
+    work = _downscale(rgb, max_side)
+    work_h, work_w = work.shape[:2]
+    output = generator(
+        Image.fromarray(work),
+        points_per_crop=points_per_side,
+        points_per_batch=points_per_batch,
+        pred_iou_thresh=pred_iou_thresh,
+        stability_score_thresh=stability_score_thresh,
+        crops_nms_thresh=nms_iou,
+    )
+    masks = output["masks"]
+    if len(masks) == 0:
+        empty = np.zeros((0,), np.float64)
+        return np.zeros((0, 4), np.int64), empty, empty
+    import torch
+
+    boxes, areas = mask_boxes(torch.stack([torch.as_tensor(m) for m in masks]))
+    scores = torch.as_tensor(output["scores"]).float().cpu().numpy().astype(np.float64).reshape(-1)
+    found = areas > 0
+    boxes, scores, areas = boxes[found], scores[found], areas[found]
+    return scale_boxes(boxes, (work_w, work_h), (width, height)), scores, areas / float(work_h * work_w)
+
+
 def sam_boxes(rgb: np.ndarray, generator, *, max_side: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Return SAM mask boxes in original pixels ((N, 4) int64 xyxy), scores (N,) and mask area fractions (N,).
 
     The image is downscaled to ``max_side`` on its long side for mask generation when larger.
     """
     height, width = rgb.shape[:2]
-    work = rgb
-    if max(height, width) > max_side:
-        factor = max_side / max(height, width)
-        size = (max(1, round(width * factor)), max(1, round(height * factor)))
-        work = cv2.resize(rgb, size, interpolation=cv2.INTER_AREA)
+    work = _downscale(rgb, max_side)
     work_h, work_w = work.shape[:2]
     annotations = generator.generate(work)
     if not annotations:
@@ -246,6 +349,7 @@ def propose_regions(
     layout: OutputLayout,
     stage_key: str,
     method: str = "auto",
+    sam_model: str | None = None,
     sam_model_type: str = "vit_b",
     sam_checkpoint: str | None = None,
     points_per_side: int = 32,
@@ -258,42 +362,61 @@ def propose_regions(
     nms_iou: float = 0.7,
     max_side: int = 2048,
     structure_dilation: int = 2,
+    grouping_side: int = 192,
     max_pixels: int = 178_956_970,
     device: str = "auto",
     sam_builder: SamBuilder | None = None,
 ) -> list[dict]:
-    """Write region crops of each record (``image_id, source_path, structure_path``); return one result per record.
+    """Write region crops of each record (``image_id, source_path[, structure_path]``); return one result each.
 
-    Results: ``{image_id, status, error, segments: [{bbox, crop_path, structure_crop_path}]}``, paths relative to
-    ``layout.root``. ``method="auto"`` uses SAM when ``sam_checkpoint`` (or ``sam_builder``) is given, else the
-    structure map's connected edges. The area filter is on mask area (SAM) or box area (structure), as a fraction of
-    the image. Raises ``RegionsSetupError`` only when SAM cannot be loaded at all.
+    Results: ``{image_id, status, error, region_method, segments: [{bbox, crop_path, structure_crop_path}]}``,
+    paths relative to ``layout.root``; ``region_method`` is the proposer that ran (``resolve_region_method``;
+    ``sam_builder``, a test hook, counts as a checkpoint). SAM: ``sam_model`` (transformers, hub id or folder) or
+    ``sam_checkpoint`` + ``sam_model_type`` (segment-anything), a ``points_per_side`` grid run ``points_per_batch``
+    points at a time on ``device``, the image downscaled to ``max_side``. Grouping works at ``grouping_side`` px and
+    uses the structure map when the record has one. The area filter is on mask area (SAM) or box area (grouping,
+    structure), as a fraction of the image. Raises ``RegionsSetupError`` only when SAM cannot be loaded.
     """
-    if method not in METHODS:
-        raise ValueError(f"unknown regions method {method!r} (expected one of {list(METHODS)})")
+    if method == "auto" and sam_builder is not None and not sam_model:
+        method = "sam"
+    method = resolve_region_method(method, sam_model, sam_checkpoint)
     if not 0 <= min_area_fraction <= max_area_fraction <= 1:
         raise ValueError(
             f"expected 0 <= min_area_fraction <= max_area_fraction <= 1, got {min_area_fraction}, {max_area_fraction}"
         )
-    if method == "auto":
-        method = "sam" if (sam_checkpoint or sam_builder) else "structure"
-    generator = None
-    if method == "sam" and any(r.get("status", STATUS_OK) == STATUS_OK for r in records):
-        if not sam_checkpoint and sam_builder is None:
-            raise RegionsSetupError(
-                "regions method 'sam' needs regions.sam_checkpoint (a local .pth or hf://REPO/FILE)"
+    propose: Callable[[np.ndarray, "np.ndarray | None"], tuple[np.ndarray, np.ndarray, np.ndarray]]
+    if method == "sam":
+        if not any(r.get("status", STATUS_OK) == STATUS_OK for r in records):
+            propose = _no_proposer
+        elif sam_model:
+            generator = cached_sam_pipeline(sam_model, _device(device))
+            propose = partial(
+                _sam_model_proposer, generator=generator, max_side=max_side, points_per_side=points_per_side,
+                points_per_batch=points_per_batch, pred_iou_thresh=pred_iou_thresh,
+                stability_score_thresh=stability_score_thresh, nms_iou=nms_iou,
             )
-        from segment_anything import SamAutomaticMaskGenerator
+        else:
+            if not sam_checkpoint and sam_builder is None:
+                raise RegionsSetupError(
+                    "regions method 'sam' needs regions.sam_model (a hub id such as facebook/sam-vit-base, or a "
+                    "local folder) or regions.sam_checkpoint (a local .pth or hf://REPO/FILE)"
+                )
+            from segment_anything import SamAutomaticMaskGenerator
 
-        model = cached_sam(sam_model_type, sam_checkpoint, _device(device), sam_builder or build_sam)
-        generator = SamAutomaticMaskGenerator(
-            model,
-            points_per_side=points_per_side,
-            points_per_batch=points_per_batch,
-            pred_iou_thresh=pred_iou_thresh,
-            stability_score_thresh=stability_score_thresh,
-            box_nms_thresh=nms_iou,
-        )
+            model = cached_sam(sam_model_type, sam_checkpoint, _device(device), sam_builder or build_sam)
+            generator = SamAutomaticMaskGenerator(
+                model,
+                points_per_side=points_per_side,
+                points_per_batch=points_per_batch,
+                pred_iou_thresh=pred_iou_thresh,
+                stability_score_thresh=stability_score_thresh,
+                box_nms_thresh=nms_iou,
+            )
+            propose = partial(_sam_proposer, generator=generator, max_side=max_side)
+    elif method == "grouping":
+        propose = partial(_grouping_proposer, work_side=grouping_side)
+    else:
+        propose = partial(_structure_proposer, dilation=structure_dilation)
     selection = dict(
         min_area_fraction=min_area_fraction,
         max_area_fraction=max_area_fraction,
@@ -304,32 +427,53 @@ def propose_regions(
     for record in records:
         image_id = record.get("image_id")
         if record.get("status", STATUS_OK) != STATUS_OK:
-            outputs.append(_failed(image_id, f"skipped: an earlier stage failed ({record.get('error')})"))
+            outputs.append(_failed(image_id, f"skipped: an earlier stage failed ({record.get('error')})", method))
             continue
         try:
             segments = _regions_of(
-                record,
-                layout=layout,
-                stage_key=stage_key,
-                method=method,
-                generator=generator,
-                max_side=max_side,
-                dilation=structure_dilation,
-                max_pixels=max_pixels,
-                selection=selection,
+                record, layout=layout, stage_key=stage_key, propose=propose, needs_structure=method == "structure",
+                max_pixels=max_pixels, selection=selection,
             )
-            outputs.append({"image_id": image_id, "status": STATUS_OK, "error": None, "segments": segments})
+            outputs.append(
+                {"image_id": image_id, "status": STATUS_OK, "error": None, "region_method": method,
+                 "segments": segments}
+            )
         except Exception as exc:  # noqa: BLE001 - one bad image is a recorded failure
             raise_if_storage_error(exc)
             name = Path(str(record.get("source_path"))).name
             known = isinstance(exc, (ImageLoadError, RegionInputError))
             error = str(exc) if known else f"region proposal failed: {type(exc).__name__}: {_one_line(exc)} ({name})"
-            outputs.append(_failed(image_id, error))
+            outputs.append(_failed(image_id, error, method))
     return outputs
 
 
-def _failed(image_id: str | None, error: str) -> dict:
-    return {"image_id": image_id, "status": STATUS_FAILED, "error": error, "segments": []}
+def _no_proposer(rgb: np.ndarray, structure: np.ndarray | None):
+    raise AssertionError("no record should reach a proposer when none is ok")
+
+
+def _sam_proposer(rgb: np.ndarray, structure: np.ndarray | None, *, generator, max_side: int):
+    return sam_boxes(rgb, generator, max_side=max_side)
+
+
+def _sam_model_proposer(rgb: np.ndarray, structure: np.ndarray | None, *, generator, **options):
+    return sam_model_boxes(rgb, generator, **options)
+
+
+def _grouping_proposer(rgb: np.ndarray, structure: np.ndarray | None, *, work_side: int):
+    proposals = grouping_boxes(rgb, structure, work_side=work_side)
+    return proposals.boxes, proposals.scores, proposals.area_fractions
+
+
+def _structure_proposer(rgb: np.ndarray, structure: np.ndarray | None, *, dilation: int):
+    height, width = rgb.shape[:2]
+    map_boxes = structure_boxes(structure, dilation=dilation)
+    boxes = scale_boxes(map_boxes, (structure.shape[1], structure.shape[0]), (width, height))
+    areas = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]) / float(width * height)
+    return boxes, areas.astype(np.float64), areas.astype(np.float64)
+
+
+def _failed(image_id: str | None, error: str, method: str) -> dict:
+    return {"image_id": image_id, "status": STATUS_FAILED, "error": error, "region_method": method, "segments": []}
 
 
 def _regions_of(
@@ -337,10 +481,8 @@ def _regions_of(
     *,
     layout: OutputLayout,
     stage_key: str,
-    method: str,
-    generator,
-    max_side: int,
-    dilation: int,
+    propose: Callable,
+    needs_structure: bool,
     max_pixels: int,
     selection: dict,
 ) -> list[dict]:
@@ -355,19 +497,9 @@ def _regions_of(
     if record.get("structure_path"):
         structure = _read_structure_map(layout.resolve(record["structure_path"]), name)
         _check_aspect((structure.shape[1], structure.shape[0]), (width, height), name)
-
-    if method == "structure":
-        if structure is None:
-            raise RegionInputError(
-                f"no structure map to propose regions from (structure stage failed or not run) ({name})"
-            )
-        map_boxes = structure_boxes(structure, dilation=dilation)
-        map_size = (structure.shape[1], structure.shape[0])
-        boxes = scale_boxes(map_boxes, map_size, (width, height))
-        areas = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]) / float(width * height)
-        scores = areas.astype(np.float64)
-    else:
-        boxes, scores, areas = sam_boxes(rgb, generator, max_side=max_side)
+    if needs_structure and structure is None:
+        raise RegionInputError(f"no structure map to propose regions from (structure stage failed or not run) ({name})")
+    boxes, scores, areas = propose(rgb, structure)
     kept = select_boxes(boxes, scores, areas, **selection)
     kept = sorted(kept.tolist(), key=lambda i: -int((boxes[i, 2] - boxes[i, 0]) * (boxes[i, 3] - boxes[i, 1])))
 

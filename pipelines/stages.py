@@ -52,13 +52,6 @@ def resolve_structure_backend(backend: str) -> str:
     return "kornia" if _cuda_available() else "opencv"
 
 
-def resolve_regions_method(method: str, sam_checkpoint: str | None) -> str:
-    """Return the region proposer that will run: ``auto`` is SAM when a checkpoint is configured, else structure."""
-    if method == "auto":
-        return "sam" if sam_checkpoint else "structure"
-    return method
-
-
 @functools.lru_cache(maxsize=None)
 def model_identity(name: str) -> dict:
     """Return what identifies a model's weights cheaply: a local folder's file sizes and config digest, a cached hub
@@ -246,6 +239,8 @@ class Structure(Stage):
 
 class RegionsParams(Params):
     method: str
+    sam_model: str | None
+    sam_identity: dict | None
     sam_model_type: str
     sam_checkpoint: str | None
     points_per_side: int
@@ -261,12 +256,15 @@ class Regions(Stage):
     description = "Propose local regions (SAM or structure-based) and write their RGB and structure crops."
     modules = ("pipelines.regions",)
     upstream = ("structure",)
-    schema = pa.schema([*_STATUS, pa.field("segments", pa.list_(SEGMENT_TYPE))])
+    schema = pa.schema([*_STATUS, pa.field("segments", pa.list_(SEGMENT_TYPE)), pa.field("region_method", pa.string())])
 
     def params(self, config):
         r = config.regions
+        from pipelines.region_method import resolve_region_method
+
         return RegionsParams(
-            method=resolve_regions_method(r.method, r.sam_checkpoint), sam_model_type=r.sam_model_type,
+            method=resolve_region_method(r.method, r.sam_model, r.sam_checkpoint), sam_model=r.sam_model,
+            sam_identity=model_identity(r.sam_model) if r.sam_model else None, sam_model_type=r.sam_model_type,
             sam_checkpoint=r.sam_checkpoint, points_per_side=r.points_per_side,
             min_area_fraction=r.min_area_fraction, max_area_fraction=r.max_area_fraction, max_regions=r.max_regions,
             nms_iou=r.nms_iou, max_side=r.max_side)
@@ -283,7 +281,8 @@ class Regions(Stage):
     def run(self, records, *, layout, stage_key, params, runtime):
         from pipelines.regions import propose_regions
 
-        return propose_regions(records, layout=layout, stage_key=stage_key, **params, **runtime)
+        arguments = {k: v for k, v in params.items() if k != "sam_identity"}
+        return propose_regions(records, layout=layout, stage_key=stage_key, **arguments, **runtime)
 
     def output_paths(self, row):
         paths = []

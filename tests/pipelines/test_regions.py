@@ -81,8 +81,8 @@ def test_structure_proposer_finds_each_drawn_shape(tmp_path):
     layout = OutputLayout(tmp_path / "out")
     record = {"image_id": "ab" * 16, "source_path": str(path)}
     (structure,) = extract_structure([record], layout=layout, stage_key="s", backend="opencv", workers=1)
-    (result,) = propose_regions([{**record, **structure}], layout=layout, stage_key="r", method="auto")
-    assert result["status"] == "ok" and result["error"] is None
+    (result,) = propose_regions([{**record, **structure}], layout=layout, stage_key="r", method="structure")
+    assert result["status"] == "ok" and result["error"] is None and result["region_method"] == "structure"
     segments = result["segments"]
     found = [(s["bbox"]["x1"], s["bbox"]["y1"], s["bbox"]["x2"], s["bbox"]["y2"]) for s in segments]
     assert len(found) == len(SHAPES)
@@ -139,7 +139,7 @@ def test_checkpoint_errors_are_one_line(tmp_path, monkeypatch):
     with pytest.raises(RegionsSetupError) as info:
         resolve_checkpoint("hf://facebook/sam/sam_vit_b.pth")
     assert "\n" not in str(info.value) and "offline?" in str(info.value)
-    with pytest.raises(RegionsSetupError, match="needs regions.sam_checkpoint"):
+    with pytest.raises(RegionsSetupError, match="needs regions.sam_model .* or regions.sam_checkpoint"):
         propose_regions([{"image_id": "a", "source_path": "x"}], layout=OutputLayout(tmp_path), stage_key="r",
                         method="sam")
 
@@ -209,6 +209,7 @@ def test_sam_path_boxes_in_original_pixels_for_large_images(tmp_path):
         min_area_fraction=0.05, max_area_fraction=0.95, max_regions=5,
     )
     assert result["status"] == "ok", result["error"]
+    assert result["region_method"] == "sam"
     segments = result["segments"]
     assert 0 < len(segments) <= 5
     for segment in segments:

@@ -44,8 +44,11 @@ def test_auto_is_resolved_before_keying(monkeypatch):
     gpu = stage_keys(load_config())
     assert gpu == stage_keys(load_config(overrides={"structure.backend": "kornia"}))
     assert gpu["structure"] != cpu["structure"] and gpu["ingest"] == cpu["ingest"]
-    # regions: auto is the structure proposer without a SAM checkpoint
-    assert STAGE_DEFINITIONS["regions"].params(load_config()).method == "structure"
+    # regions: auto is the weight-free grouping proposer without a SAM model or checkpoint, SAM with one
+    assert STAGE_DEFINITIONS["regions"].params(load_config()).method == "grouping"
+    with_sam = load_config(overrides={"regions.sam_model": "facebook/sam-vit-base"})
+    assert STAGE_DEFINITIONS["regions"].params(with_sam).method == "sam"
+    assert stage_keys(with_sam)["regions"] != cpu["regions"]
 
 
 def test_model_identity_follows_a_local_folder_and_a_cached_hub_snapshot(tmp_path, monkeypatch):
