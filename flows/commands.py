@@ -118,11 +118,11 @@ def execute(
         print(f"using the config recorded in {source}", file=sys.stderr)
     selected = parse_stages(stages)
     refreshed = parse_stages(refresh) if refresh else []
+    pipeline = Pipeline(images_dir, layout.root, config)  # a missing or empty folder: one line, nothing created
+    pipeline.config_source = source
+    _require_images(pipeline)
     # Taken once, before Prefect starts: a second writer of this folder fails at once (the flows re-enter it).
     with lock.output_lock(layout):
-        pipeline = Pipeline(images_dir, layout.root, config)
-        pipeline.config_source = source
-        _require_images(pipeline)
         with_work = stages_with_work(pipeline, selected, set(refreshed))
         if not with_work and not os.environ.get("PREFECT_API_URL"):
             summaries = [summarize(pipeline.plan(stage), [], [], 0.0) for stage in selected]

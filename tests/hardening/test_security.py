@@ -74,7 +74,8 @@ def test_import_json_rejects_escapes_missing_keys_and_wrong_types_with_reasons(s
     (tmp_path / "img").mkdir()
     os.symlink("/etc/passwd", tmp_path / "img" / "link.png")  # inside the folder by name, outside by target
     segments = [dict(segment) for segment in good["segment"]]
-    segments[0]["bbox_coordinates"] = {**segments[0]["bbox_coordinates"], "x1": "0"}
+    # "0" would be read like the reference reads it (float()); a word is not a number.
+    segments[0]["bbox_coordinates"] = {**segments[0]["bbox_coordinates"], "x1": "zero"}
     # Absolute paths are allowed (reference data often lives elsewhere), but the file must be an image; without
     # recorded dimensions its header is read (with them it is trusted: see the report of this test's author).
     no_size = {k: v for k, v in good["structxlip"].items() if k not in ("width", "height")}
