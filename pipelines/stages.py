@@ -152,6 +152,8 @@ class Stage:
 
     def label(self, record: Any) -> str:
         """Return a human name for an input record (its file name) for failure lists."""
+        if self.whole:
+            return self.name
         path = record.get("source_path") if isinstance(record, dict) else getattr(record, "path", None)
         return Path(str(path)).name if path else str(record.get("image_id") if isinstance(record, dict) else record)
 
@@ -445,9 +447,6 @@ class Manifest(Stage):
     def output_paths(self, row):
         return json.loads(row.get("result") or "{}").get("parts", [])
 
-    def label(self, record):
-        return "manifest"
-
 
 def train_arguments(clip_model: str, train: dict, runtime: dict) -> dict:
     """Return the keyword arguments of ``structxlip.train.train`` for a ``train`` config section (plus runtime
@@ -521,9 +520,6 @@ class Train(Stage):
     def output_paths(self, row):
         return json.loads(row.get("result") or "{}").get("model_files", [])
 
-    def label(self, record):
-        return "train"
-
 
 class EvaluateParams(Params):
     base_model: str
@@ -537,7 +533,8 @@ class EvaluateParams(Params):
 class Evaluate(Stage):
     name = "evaluate"
     description = "Retrieval Recall@K (image/text/structure directions) of the fine-tuned model."
-    modules = ("structxlip.evaluate", "structxlip.metrics")
+    modules = ("structxlip.evaluate", "structxlip.metrics", "structxlip.retrieval_ranks", "structxlip.data",
+               "structxlip.models")
     upstream = ("train",)
     schema = pa.schema(_RESULT)
     whole = True
@@ -578,9 +575,6 @@ class Evaluate(Stage):
 
     def output_paths(self, row):
         return json.loads(row.get("result") or "{}").get("files", [])
-
-    def label(self, record):
-        return "evaluate"
 
 
 STAGE_DEFINITIONS: dict[str, Stage] = {s.name: s for s in (Ingest(), Structure(), Regions(), Captions(), Filter(),
