@@ -20,7 +20,6 @@ from typing import Literal, get_args
 from prefect import flow
 from prefect.futures import as_completed
 from prefect.settings import temporary_settings
-from prefect.task_runners import ThreadPoolTaskRunner
 
 from configs.schema import STAGES
 from pipelines.engine import StageFailed, run_plan, write_report
@@ -28,6 +27,7 @@ from pipelines.plan import Pipeline, record_config, resolve_config
 from pipelines.stages import STAGE_DEFINITIONS, parse_stages
 from storage import lock
 
+from flows.runners import dask_scheduler, default_runner, make_runner, on_threads
 from flows.tasks import STAGE_TASKS
 
 log = logging.getLogger("structxlip.flows")
@@ -64,26 +64,12 @@ def current_pipeline(pipeline: Pipeline):
         _current.remove(pipeline)
 
 
-def default_runner() -> ThreadPoolTaskRunner:
-    """Thread pool for the local runner: library calls release the GIL (OpenCV, torch), two chunks keep cores busy."""
-    return ThreadPoolTaskRunner(max_workers=max(2, min(4, os.cpu_count() or 1)))
-
-
-def _on_threads() -> bool:
-    """True when tasks run on threads of this process (a library may then start its own process pool; Dask workers
-    are daemonic processes and cannot, and there the Dask workers are the parallelism anyway)."""
-    from prefect.context import FlowRunContext
-
-    context = FlowRunContext.get()
-    return context is None or isinstance(getattr(context, "task_runner", None), ThreadPoolTaskRunner)
-
-
 def run_stage(pipeline: Pipeline, stage: str, refresh: bool) -> dict:
     """Plan ``stage``, map its pending chunks over the flow's task runner, publish its artifacts; return the summary."""
     from tqdm import tqdm
 
     plan = pipeline.plan(stage, refresh=refresh)
-    if not _on_threads():
+    if not on_threads():
         plan.runtime = {**plan.runtime, "workers": 1} if "workers" in plan.runtime else plan.runtime
     config = pipeline.config
     task = STAGE_TASKS[stage].with_options(retries=config.runtime.task_retries)
@@ -112,12 +98,26 @@ def run_stage(pipeline: Pipeline, stage: str, refresh: bool) -> dict:
         summary = run_plan(plan, pipeline.layout, chunk_size=chunk_size, refresh=refresh, execute=execute)
     except StageFailed as failed:
         _publish(pipeline, failed.summary)
+        _log_summary(failed.summary)
         log.error("%s", failed.summary["error"])
         raise
     finally:
         pipeline.invalidate(stage)
     _publish(pipeline, summary)
+    _log_summary(summary)
     return summary
+
+
+def _log_summary(summary: dict) -> None:
+    """Log what the stage did in the flow run's log (the UI's Logs tab): counts, then the first failures' reasons."""
+    with contextlib.suppress(Exception):
+        from prefect.logging import get_run_logger
+
+        logger = get_run_logger()
+        logger.info("%s: %d processed, %d cached, %d failed in %.1f s", summary["stage"], summary["processed"],
+                    summary["cached"], summary["failed"], float(summary["seconds"]))
+        for failure in (summary.get("failures") or [])[:5]:
+            logger.warning("%s: %s failed: %s", summary["stage"], failure["file"], failure["reason"])
 
 
 def _progress(pipeline: Pipeline, stage: str, done: int, total: int) -> None:
@@ -132,26 +132,6 @@ def namespace_of(pipeline: Pipeline) -> str:
     from flows.artifacts import artifact_namespace
 
     return artifact_namespace(pipeline.images_dir, pipeline.layout.root)
-
-
-def _gallery_rows(pipeline: Pipeline, stage: str) -> list[dict]:
-    """Rows to pick gallery examples from after ``stage``: images with their maps, regions and (once scored) the
-    sentences and scores of their regions."""
-    if stage == "manifest":
-        return pipeline.manifest_rows.rows
-    structure = pipeline.done_rows("structure")
-    regions = pipeline.done_rows("regions") if stage != "structure" else {}
-    captions = pipeline.done_rows("captions") if stage == "captions" else {}
-    rows = []
-    for image in pipeline.images:
-        maps = structure.get(image["image_id"])
-        if maps is None or maps["status"] != "ok":
-            continue
-        scored = captions.get(image["image_id"]) or {}
-        segments = scored.get("segments") or (regions.get(image["image_id"]) or {}).get("segments") or []
-        rows.append({**image, **{k: maps.get(k) for k in ("structure_path", "scribble_path")}, "status": "ok",
-                     "caption": scored.get("caption"), "segments": segments})
-    return rows
 
 
 GALLERY = {"structure": "structure", "regions": "regions", "captions": "regions", "manifest": "manifest"}
@@ -169,7 +149,7 @@ def _publish(pipeline: Pipeline, summary: dict) -> None:
             stage, summary["processed"], summary["cached"], summary["failed"], float(summary["seconds"]),
             list(summary.get("failures") or [])), namespace=namespace, where=where)
         if stage in GALLERY and summary["processed"]:
-            artifacts.publish_gallery(GALLERY[stage], str(pipeline.layout.root), _gallery_rows(pipeline, stage),
+            artifacts.publish_gallery(GALLERY[stage], str(pipeline.layout.root), pipeline.example_rows(stage),
                                       namespace=namespace, where=where)
         if stage == "train" and summary["processed"]:
             artifacts.publish_training(pipeline.layout.root, namespace=namespace, where=where)
@@ -220,30 +200,6 @@ def _stage_flow(stage: str):
 STAGE_FLOWS = {stage: _stage_flow(stage) for stage in STAGES}
 ingest_flow, structure_flow, regions_flow, captions_flow, filter_flow, manifest_flow, train_flow, evaluate_flow = (
     STAGE_FLOWS[s] for s in STAGES)
-
-
-def make_runner(runner: str, dask_address: str | None):
-    """Return the task runner of a stage flow: a thread pool, or Dask on ``dask_address`` (a running scheduler)."""
-    if runner == "local":
-        return default_runner()
-    if runner == "dask":
-        from prefect_dask import DaskTaskRunner
-
-        return DaskTaskRunner(address=dask_address)
-    raise ValueError(f"expected runner 'local' or 'dask', got {runner!r}")
-
-
-@contextlib.contextmanager
-def dask_scheduler(address: str | None, workers: int):
-    """Yield the address of a Dask scheduler: ``address`` itself, or a LocalCluster started for this run."""
-    if address:
-        yield address
-        return
-    from distributed import LocalCluster
-
-    # One cluster for the whole run (each stage subflow reuses it): worker start-up is paid once.
-    with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
-        yield cluster.scheduler_address
 
 
 StageName = Literal["ingest", "structure", "regions", "captions", "filter", "manifest", "train", "evaluate"]

@@ -184,6 +184,25 @@ class Pipeline:
             split_ratios=dict(self.config.manifest.split_ratios),
         )
 
+    def example_rows(self, stage: str) -> list[dict]:
+        """Rows to show after ``stage`` (galleries): images with their maps, regions and, once scored, the sentences
+        and scores of their regions; the manifest rows after the manifest stage."""
+        if stage == "manifest":
+            return self.manifest_rows.rows
+        structure = self.done_rows("structure")
+        regions = self.done_rows("regions") if stage != "structure" else {}
+        captions = self.done_rows("captions") if stage == "captions" else {}
+        rows = []
+        for image in self.images:
+            maps = structure.get(image["image_id"])
+            if maps is None or maps["status"] != STATUS_OK:
+                continue
+            scored = captions.get(image["image_id"]) or {}
+            segments = scored.get("segments") or (regions.get(image["image_id"]) or {}).get("segments") or []
+            rows.append({**image, **{k: maps.get(k) for k in ("structure_path", "scribble_path")}, "status": STATUS_OK,
+                         "caption": scored.get("caption"), "segments": segments})
+        return rows
+
     def manifest_digest(self) -> str | None:
         """Content key of the manifest on disk (its parts are named by the content of their rows); None when absent."""
         parts = parquet_parts(self.layout.manifest_dir)
