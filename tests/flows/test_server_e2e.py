@@ -6,6 +6,7 @@ The session fixture (conftest.py) starts ``prefect server start`` on a free loop
 
 from __future__ import annotations
 
+import html
 import json
 import re
 import shutil
@@ -210,7 +211,7 @@ def test_serve_run_deployment_and_see_artifacts_in_the_ui(prefect_server, tmp_pa
                  tmp_path / "chromium-2")
     assert f"{namespace}-manifest-gallery" in dom and dom.count('src="data:image/png;base64,') >= 3 * N_IMAGES
     dom = render(f"{prefect_server.ui_url}/runs/flow-run/{flow_run_id}", run_png, tmp_path / "chromium-3")
-    assert run.name in dom and "Completed" in dom
+    assert html.escape(run.name, quote=False) in dom and "Completed" in dom
     for path in (summary_png, gallery_png, run_png):
         assert path.stat().st_size > 10_000
         print(f"UI screenshot: {path}")
