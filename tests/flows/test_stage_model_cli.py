@@ -68,6 +68,12 @@ def test_a_failing_stage_is_failed_in_prefect_and_the_table_is_printed(workspace
         artifacts = client.read_artifacts()
         assert any(a.key and a.key.endswith("-train-summary") for a in artifacts)
 
+    # A single-stage re-run without a config (what a stage deployment does) reuses OUT/config.yaml: same keys, cached.
+    from flows.pipeline import structure_flow
+
+    alone = structure_flow(images_dir=str(root / "images"), out_dir=str(out))
+    assert (alone["processed"], alone["cached"], alone["failed"]) == (0, 4, 0)
+
     # Fixing the cause and running again resumes: the data stages are cached, train and evaluate run.
     fixed = _cli("run", str(root / "images"), "--out", str(out), "--config", str(root / "config.yaml"),
                  "--set", "manifest.split_ratios={train: 0.5, val: 0.0, test: 0.5}", "--stages",
