@@ -299,9 +299,10 @@ def _truncate_metrics(path: Path, last_step: int) -> None:
 def _remove_leftovers(layout: OutputLayout, *, earlier_run: bool) -> None:
     """Remove what killed writes left in the train folder (temporary files and staging folders); with
     ``earlier_run`` also the checkpoints and metrics of an earlier run, so a fresh run never mixes with them."""
-    for folder in (layout.train_dir, layout.checkpoints_dir):
-        for leftover in folder.glob(".*.tmp") if folder.is_dir() else ():
-            shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink(missing_ok=True)
+    leftovers = [*layout.train_dir.glob(".*.tmp"), *layout.train_dir.glob(f".{layout.model_dir.name}.old-*"),
+                 *layout.checkpoints_dir.glob(".*.tmp")]
+    for leftover in leftovers:
+        shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink(missing_ok=True)
     if earlier_run:
         shutil.rmtree(layout.checkpoints_dir, ignore_errors=True)
         layout.train_metrics.unlink(missing_ok=True)

@@ -25,7 +25,7 @@ from storage.layout import OutputLayout
 from structxlip.checkpoint import load_checkpoint, save_checkpoint
 from structxlip.faults import ENV
 from structxlip.synthetic import make_synthetic_manifest
-from structxlip.train import _truncate_metrics, train
+from structxlip.train import _remove_leftovers, _truncate_metrics, train
 
 REPO = Path(__file__).resolve().parents[2]
 RUN_KEY = "run-a"
@@ -279,6 +279,23 @@ def test_truncating_metrics_keeps_each_step_up_to_the_checkpoint_once(tmp_path):
     assert [json.loads(line) for line in path.read_text().splitlines()] == [
         {"step": 1, "loss": 1.0}, {"step": 2, "loss": 2.0}, {"step": 3, "loss": 3.0}]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.jsonl"]  # replaced via a temp file + rename
+
+
+def test_leftovers_of_killed_writes_are_removed_and_a_fresh_run_clears_the_earlier_one(tmp_path):
+    layout = OutputLayout(tmp_path)
+    layout.checkpoints_dir.mkdir(parents=True)
+    kept = [layout.checkpoint("last"), layout.checkpoint("epoch-0001"), layout.train_metrics,
+            layout.model_dir / "model.safetensors"]
+    leftovers = [layout.checkpoints_dir / ".last.pt.k2j4.tmp", layout.train_dir / ".metrics.jsonl.x1.tmp",
+                 layout.train_dir / ".model.a7.tmp" / "model.safetensors",  # export staging, not swapped in
+                 layout.train_dir / ".model.old-1f2e3d4c" / "model.safetensors"]  # killed between the two renames
+    for path in kept + leftovers:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"x")
+    _remove_leftovers(layout, earlier_run=False)
+    assert sorted(p for p in tmp_path.rglob("*") if p.is_file()) == sorted(kept)
+    _remove_leftovers(layout, earlier_run=True)
+    assert sorted(p for p in tmp_path.rglob("*") if p.is_file()) == [layout.model_dir / "model.safetensors"]
 
 
 def test_checkpoints_record_the_run_key(tmp_path):
