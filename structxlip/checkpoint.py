@@ -2,7 +2,8 @@
 
 Everything is stored as tensors and plain Python values (RNG states included), so the safe loader reads it and
 nothing is ever unpickled. A checkpoint holds the model and optimiser state, the position in the run (epoch,
-batches done in that epoch, global step, skipped steps), every RNG state and the run's configuration.
+batches done in that epoch, global step, skipped steps), every RNG state, the run's configuration and the caller's
+``run_key`` (what identifies the run, so a different run never resumes from it).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import numpy as np
 import torch
 
 from storage.atomic import atomic_path, storage_error_from
+from structxlip.faults import kill_point
 
 FORMAT = "structxlip-train-checkpoint"
 FORMAT_VERSION = 1
@@ -42,6 +44,7 @@ class TrainingCheckpoint:
     rng: dict[str, Any]
     skipped_steps: int = 0
     config: dict[str, Any] = field(default_factory=dict)
+    run_key: str | None = None
 
 
 # ---- RNG state as tensors / plain types ---------------------------------------------------------------------------
@@ -87,6 +90,7 @@ def save_checkpoint(
     skipped_steps: int = 0,
     config: dict[str, Any] | None = None,
     rng: dict[str, Any] | None = None,
+    run_key: str | None = None,
 ) -> Path:
     """Write a checkpoint atomically (temporary file + rename) and return its path.
 
@@ -105,10 +109,12 @@ def save_checkpoint(
         "skipped_steps": int(skipped_steps),
         "rng": rng if rng is not None else capture_rng_state(),
         "config": config or {},
+        "run_key": run_key,
     }
     try:
         with atomic_path(path) as tmp:
             torch.save(payload, tmp)
+            kill_point("checkpoint_write", step)
     except (RuntimeError, OSError) as exc:
         storage_error = storage_error_from(exc, path)
         if storage_error is None:
@@ -189,6 +195,7 @@ def load_checkpoint(path: str | os.PathLike) -> TrainingCheckpoint:
         rng=payload["rng"],
         skipped_steps=int(payload.get("skipped_steps", 0)),
         config=payload.get("config") or {},
+        run_key=payload.get("run_key"),
     )
 
 

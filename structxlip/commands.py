@@ -157,7 +157,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     train.add_argument("manifest", help="OUT folder, OUT/manifest, a manifest Parquet file, or a reference .json")
     train.add_argument("--out", required=True, help="output folder (checkpoints, metrics, model under OUT/train)")
     train.add_argument("--config", help="YAML config (defaults: the published settings)")
-    train.add_argument("--resume", action="store_true", help="continue exactly from OUT/train/checkpoints/last.pt")
+    train.add_argument("--resume", action="store_true",
+                       help="continue exactly from OUT/train/checkpoints/last.pt (an error if there is none)")
     train.add_argument("--epochs", type=int, help="override train.epochs")
     train.add_argument("--batch-size", type=int, help="override train.batch_size (per process)")
     train.add_argument("--device", help="override train.device (auto, cpu, cuda, cuda:1)")

@@ -16,6 +16,7 @@ import json
 import logging
 import math
 import random
+import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -53,6 +54,7 @@ from structxlip.distributed import (
     init_distributed,
     shutdown_distributed,
 )
+from structxlip.faults import kill_now, kill_point, kill_requested
 from structxlip.losses import (
     global_loss,
     hard_negative_loss,
@@ -253,6 +255,7 @@ def export_model(clip: nn.Module, tokenizer: Any, image_processor: Any, model_di
             clip.save_pretrained(staging)
             tokenizer.save_pretrained(staging)
             image_processor.save_pretrained(staging)
+            kill_point("export")
     except Exception as exc:  # safetensors reports a full disk as SafetensorError(... StorageFull ...)
         storage_error = storage_error_from(exc, model_dir)
         if storage_error is None:
@@ -279,18 +282,72 @@ def make_optimizer(model: nn.Module, *, lr: float, weight_decay: float) -> torch
     return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=fused or None)
 
 
+def _append_metrics(path: Path, record: dict) -> None:
+    """Append one step's metrics line to ``path`` (a kill mid-write leaves a torn last line; a resume drops it)."""
+    line = json.dumps(record) + "\n"
+    with open(path, "a", encoding="utf-8") as handle:
+        if kill_requested("metrics_write", record["step"]):
+            handle.write(line[: len(line) // 2])
+            handle.flush()
+            kill_now()
+        handle.write(line)
+
+
 def _truncate_metrics(path: Path, last_step: int) -> None:
-    """Drop metric lines logged after the checkpoint being resumed (they will be logged again)."""
+    """Keep the metric lines of steps 1..``last_step`` once each, in order, and drop the rest: the steps logged
+    after the checkpoint being resumed are logged again, and a line torn by a kill mid-write is dropped. The file is
+    replaced atomically, so a kill during the truncation leaves the old file whole."""
     if not path.is_file():
         return
-    kept = []
+    kept, seen = [], set()
     for line in path.read_text(encoding="utf-8").splitlines():
         try:
-            if json.loads(line).get("step", 0) <= last_step:
-                kept.append(line)
+            record = json.loads(line)
         except json.JSONDecodeError:
-            continue  # a line torn by a crash mid-write
+            continue
+        step = record.get("step") if isinstance(record, dict) else None
+        if isinstance(step, int) and 0 < step <= last_step and step not in seen:
+            seen.add(step)
+            kept.append(line)
     atomic_write_text(path, "".join(f"{line}\n" for line in kept))
+
+
+def _remove_leftovers(layout: OutputLayout, *, earlier_run: bool) -> None:
+    """Remove what killed writes left in the train folder (temporary files and staging folders); with
+    ``earlier_run`` also the checkpoints and metrics of an earlier run, so a fresh run never mixes with them."""
+    leftovers = [*layout.train_dir.glob(".*.tmp"), *layout.train_dir.glob(f".{layout.model_dir.name}.old-*"),
+                 *layout.checkpoints_dir.glob(".*.tmp")]
+    for leftover in leftovers:
+        shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink(missing_ok=True)
+    if earlier_run:
+        shutil.rmtree(layout.checkpoints_dir, ignore_errors=True)
+        layout.train_metrics.unlink(missing_ok=True)
+
+
+def _checkpoint_to_resume(path: Path, *, resume: bool | str, run_key: str | None,
+                          data_state: dict) -> tuple[TrainingCheckpoint | None, str]:
+    """Return the checkpoint to continue from (None: start afresh) and, when one is passed over, why.
+
+    ``resume=True`` raises instead (one line): no checkpoint, an unreadable one, another ``run_key`` or another data
+    order. ``"auto"`` passes over all of these; a checkpoint without a matching ``run_key`` is another run's.
+    """
+    if not resume:
+        return None, ""
+    explicit = resume != "auto"
+    if not path.is_file():
+        if explicit:
+            raise FileNotFoundError(f"nothing to resume: no checkpoint at {path} (train without --resume to start)")
+        return None, ""
+    try:
+        state = load_checkpoint(path)
+        if state.run_key != run_key and (run_key is not None or not explicit):
+            raise ValueError(f"cannot resume from {path}: it belongs to run {state.run_key!r}, not {run_key!r}")
+        _check_resumable(state, data_state, path)
+    except ValueError as error:  # CheckpointError included
+        if explicit:
+            raise
+        return None, str(error)
+    return state, ""
 
 
 def _seed_everything(seed: int) -> None:
@@ -341,13 +398,23 @@ def train(
     num_workers: int = 0,
     checkpoint_every_steps: int = 0,
     seed: int = 0,
-    resume: bool = False,
+    resume: bool | str = False,
+    run_key: str | None = None,
     max_steps: int | None = None,
     config: dict | None = None,
     progress: bool = True,
 ) -> TrainResult:
     """Fine-tune ``clip_model`` on the manifest's train split; write checkpoints, metrics and the final model under
-    ``out_dir/train``. ``max_steps`` stops this run after that many batches (checkpointing first), for smoke runs."""
+    ``out_dir/train``. ``max_steps`` stops this run after that many batches (checkpointing first), for smoke runs.
+
+    ``resume``: False starts afresh (an earlier run's checkpoints and metrics in the folder are removed); True
+    continues exactly from ``train/checkpoints/last.pt`` and raises (one line) when there is none, or it is another
+    ``run_key``'s or another data order's; ``"auto"`` continues from a compatible ``last.pt`` and otherwise starts
+    afresh, so a pipeline can always pass it. ``run_key`` (what identifies the run's inputs and parameters) is stored
+    in every checkpoint. A resumed CPU run uses the interrupted run's thread count: float sums depend on it.
+    """
+    if resume not in (False, True, "auto"):
+        raise ValueError(f"resume must be False, True or 'auto', got {resume!r}")
     from tqdm import tqdm
 
     from structxlip.models import load_clip
@@ -355,6 +422,7 @@ def train(
     layout = OutputLayout(out_dir)
     owns_group = not (torch.distributed.is_available() and torch.distributed.is_initialized())
     context = init_distributed(device)
+    cpu_threads = torch.get_num_threads()
     try:
         _seed_everything(seed)
         loaded = load_clip(clip_model, max_text_tokens=max_text_tokens, keep_positions=keep_positions)
@@ -384,19 +452,29 @@ def train(
 
         step, start_epoch, start_batch, skipped = 0, 0, 0, 0
         last_checkpoint = layout.checkpoint("last")
-        if resume and last_checkpoint.is_file():
-            state = load_checkpoint(last_checkpoint)
-            _check_resumable(state, data_state, last_checkpoint)
+        state, passed_over = _checkpoint_to_resume(last_checkpoint, resume=resume, run_key=run_key,
+                                                   data_state=data_state)
+        barrier(context)  # every rank has decided before the main rank clears or truncates anything
+        if state is not None:
             clip.load_state_dict(state.model)
             optimizer.load_state_dict(state.optimizer)
             step, start_epoch, start_batch, skipped = state.step, state.epoch, state.batch_in_epoch, state.skipped_steps
             restore_rng_state(state.rng)
-            if context.is_main:
+            recorded_threads = (state.config.get("run") or {}).get("cpu_threads")
+            if context.device.type == "cpu" and recorded_threads and recorded_threads != cpu_threads:
+                torch.set_num_threads(recorded_threads)
+        if context.is_main:
+            _remove_leftovers(layout, earlier_run=state is None)
+            if state is not None:
                 _truncate_metrics(layout.train_metrics, step)
-                print(f"resuming from {last_checkpoint}: epoch {start_epoch + 1}, batch {start_batch}, step {step}",
-                      file=sys.stderr)
-        elif resume and context.is_main:
-            print(f"no checkpoint at {last_checkpoint}; starting from scratch", file=sys.stderr)
+                threads = torch.get_num_threads()
+                note = f" ({threads} CPU threads, as the interrupted run)" if threads != cpu_threads else ""
+                print(f"resuming from {last_checkpoint}: epoch {start_epoch + 1}, batch {start_batch}, step {step}"
+                      f"{note}", file=sys.stderr)
+            elif passed_over:
+                print(f"not resuming ({passed_over}); starting afresh", file=sys.stderr)
+        barrier(context)
+        run_state["cpu_threads"] = torch.get_num_threads()
 
         encoder: nn.Module = StructXLIPEncoder(clip, local_pooling=local_pooling)
         if context.enabled:
@@ -410,16 +488,17 @@ def train(
                 save_checkpoint(path, model_state=clip.state_dict(), optimizer_state=optimizer.state_dict(),
                                 step=step, epoch=epoch, batch_in_epoch=batch_in_epoch, skipped_steps=skipped,
                                 config={"config": config or {}, "run": run_state, "data": data_state},
-                                rng=capture_rng_state())
+                                rng=capture_rng_state(), run_key=run_key)
                 if name != "last":
                     link_or_copy(path, last_checkpoint)
+                kill_point("after_checkpoint", step)
             barrier(context)
             return path
 
         history: list[dict] = []
         step_seconds: list[float] = []
         steps_this_run = 0
-        saved: Path | None = last_checkpoint if last_checkpoint.is_file() and resume else None
+        saved: Path | None = last_checkpoint if state is not None else None
         stopped = False
         completed = start_epoch
         for epoch in range(start_epoch, epochs):
@@ -459,6 +538,7 @@ def train(
                 step += 1
                 batch_in_epoch += 1
                 steps_this_run += 1
+                kill_point("step", step)
                 seconds = time.perf_counter() - started
                 step_seconds.append(seconds)
                 record = {"step": step, "epoch": epoch, "batch": batch_in_epoch, "lr": current_lr,
@@ -466,8 +546,7 @@ def train(
                           "seconds": seconds, **losses.metrics()}
                 history.append(record)
                 if context.is_main:
-                    with open(layout.train_metrics, "a", encoding="utf-8") as handle:
-                        handle.write(json.dumps(record) + "\n")
+                    _append_metrics(layout.train_metrics, record)
                     bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{current_lr:.2e}")
                 bar.update(1)
                 end_of_epoch = batch_in_epoch == steps_per_epoch
@@ -496,6 +575,8 @@ def train(
             seconds_per_step=float(np.mean(step_seconds)) if step_seconds else math.nan, history=history,
         )
     finally:
+        if torch.get_num_threads() != cpu_threads:
+            torch.set_num_threads(cpu_threads)
         if owns_group:
             shutdown_distributed()
 

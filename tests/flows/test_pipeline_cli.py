@@ -157,6 +157,9 @@ def test_killed_run_resumes_to_the_same_manifest_and_lock_refuses_a_second_run(w
             assert process.poll() is None, f"run ended before it could be killed:\n{process.stderr.read()[-3000:]}"
             assert time.monotonic() < deadline, "no structure part appeared in time"
             time.sleep(0.02)
+        # Freeze the run (it keeps holding its lock), so the checks below cannot race with it finishing on a fast or
+        # loaded machine; SIGKILL ends it, stopped or not.
+        os.killpg(process.pid, signal.SIGSTOP)
 
         # 6. A second run on the same folder while the first holds it: a one-line error naming the holder.
         second = subprocess.run(_cli(env, images, out, root / "base.yaml"), env=env, capture_output=True, text=True,

@@ -9,7 +9,6 @@ from __future__ import annotations
 import html
 import json
 import re
-import shutil
 import subprocess
 import sys
 import time
@@ -19,6 +18,7 @@ from uuid import UUID
 import pytest
 import yaml
 
+from tests.chromium import chromium, render_until
 from tests.corpus import make_generated_images
 from tests.prefect_server import stop_process
 
@@ -29,15 +29,6 @@ ARTIFACTS_DIR = ROOT / "tests" / "_artifacts"
 DATA_STAGES = ["ingest", "structure", "regions", "captions", "filter", "manifest"]
 N_IMAGES = 4
 RUN_TIMEOUT_S = 300
-CHROMIUM_FLAGS = [
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-    "--disable-background-networking", "--disable-component-update", "--disable-sync",
-    "--hide-scrollbars", "--window-size=1280,1000", "--virtual-time-budget=15000",
-]
-
-
-def chromium() -> str | None:
-    return shutil.which("chromium") or shutil.which("chromium-browser")
 
 
 def write_test_config(path: Path) -> Path:
@@ -121,14 +112,10 @@ def artifacts_of_run(api_url: str, parent_id: UUID) -> dict[str, object]:
     return by_key, children
 
 
-def render(url: str, screenshot: Path, profile: Path) -> str:
-    """Return the DOM of ``url`` after the single-page app rendered it in headless Chromium; save a screenshot."""
-    result = subprocess.run(
-        [chromium(), *CHROMIUM_FLAGS, f"--user-data-dir={profile}", f"--screenshot={screenshot}", "--dump-dom", url],
-        capture_output=True, text=True, timeout=120,
-    )
-    assert result.returncode == 0, result.stderr[-2000:]
-    return result.stdout
+def render(url: str, screenshot: Path, profile: Path, until) -> str:
+    """Return the DOM of ``url`` once the single-page app shows what ``until(dom)`` checks (not after a fixed time
+    budget, which a loaded machine can overrun); save a screenshot."""
+    return render_until(url, until, screenshot=screenshot, profile=profile)
 
 
 def test_serve_run_deployment_and_see_artifacts_in_the_ui(prefect_server, tmp_path):
@@ -152,7 +139,7 @@ def test_serve_run_deployment_and_see_artifacts_in_the_ui(prefect_server, tmp_pa
         deployment = wait_for_deployment(prefect_server.api_url, "structxlip-pipeline/all-stages", serve, serve_log)
         assert deployment.parameters == {"config_path": str(config.resolve())}
         for stage in DATA_STAGES:
-            wait_for_deployment(prefect_server.api_url, f"{stage}/{stage}-stage", serve, serve_log, timeout_s=10)
+            wait_for_deployment(prefect_server.api_url, f"{stage}/{stage}-stage", serve, serve_log)
 
         triggered = subprocess.run(
             [str(Path(env["PATH"].split(":")[0]) / "prefect"), "deployment", "run", "structxlip-pipeline/all-stages",
@@ -204,14 +191,16 @@ def test_serve_run_deployment_and_see_artifacts_in_the_ui(prefect_server, tmp_pa
     ARTIFACTS_DIR.mkdir(parents=True, exist_ok=True)
     summary_png, gallery_png, run_png = (ARTIFACTS_DIR / n for n in ("ui.png", "ui-gallery.png", "ui-flow-run.png"))
     dom = render(f"{prefect_server.ui_url}/artifacts/artifact/{artifacts['ingest-summary'].id}", summary_png,
-                 tmp_path / "chromium-1")
+                 tmp_path / "chromium-1", lambda dom: "items_per_s" in dom and re.search(rf">\s*{N_IMAGES}\s*<", dom))
     assert f"{namespace}-ingest-summary" in dom and "items_per_s" in dom, dom[-2000:]
     assert re.search(rf">\s*{N_IMAGES}\s*<", dom), "the processed count is not in the rendered table"
     dom = render(f"{prefect_server.ui_url}/artifacts/artifact/{artifacts['manifest-gallery'].id}", gallery_png,
-                 tmp_path / "chromium-2")
+                 tmp_path / "chromium-2", lambda dom: dom.count('src="data:image/png;base64,') >= 3 * N_IMAGES)
     assert f"{namespace}-manifest-gallery" in dom and dom.count('src="data:image/png;base64,') >= 3 * N_IMAGES
-    dom = render(f"{prefect_server.ui_url}/runs/flow-run/{flow_run_id}", run_png, tmp_path / "chromium-3")
-    assert html.escape(run.name, quote=False) in dom and "Completed" in dom
+    name = html.escape(run.name, quote=False)  # "->" is HTML-escaped in the DOM
+    dom = render(f"{prefect_server.ui_url}/runs/flow-run/{flow_run_id}", run_png, tmp_path / "chromium-3",
+                 lambda dom: name in dom and "Completed" in dom)
+    assert name in dom and "Completed" in dom
     for path in (summary_png, gallery_png, run_png):
         assert path.stat().st_size > 10_000
         print(f"UI screenshot: {path}")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 import tracemalloc
 
 import cv2
@@ -100,12 +99,12 @@ def test_decompression_bomb_header_refused_before_decoding(tmp_path):
     path = tmp_path / "bomb.png"
     path.write_bytes(png_header_only(60000, 60000))
     tracemalloc.start()
-    start = time.perf_counter()
     with pytest.raises(ImageLoadError) as info:
         load_rgb(path, max_pixels=MAX)
     _, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
-    assert time.perf_counter() - start < 1.0 and peak < 50_000_000  # 60000^2 RGB would be 10.8 GB
+    # Refused before decoding: the peak memory shows it (a wall-time bound would fail by chance on a loaded machine).
+    assert peak < 50_000_000  # 60000^2 RGB would be 10.8 GB
     message = str(info.value)
     assert message.startswith("image too large: 3600000000 pixels exceeds max_pixels=10000000") and "\n" not in message
     assert message.endswith("(bomb.png)")
