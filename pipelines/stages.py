@@ -507,9 +507,9 @@ class Train(Stage):
 
         (record,) = records
         arguments = train_arguments(params["clip_model"], params["train"], runtime)
-        import inspect  # MERGE-I15: drop this check once train() takes run_key
-        resume = {"resume": "auto", "run_key": record["run_key"]} if "run_key" in inspect.signature(train).parameters else {}
-        result = train(layout.manifest_dir, layout.root, **arguments, **resume, progress=False)
+        # A killed run resumes from its last checkpoint (exactly); a checkpoint of other data or parameters is not.
+        result = train(layout.manifest_dir, layout.root, **arguments, resume="auto", run_key=record["run_key"],
+                       progress=False)
         model_dir = Path(result.model_dir) if result.model_dir is not None else None
         files = sorted(layout.relative(p) for p in model_dir.rglob("*") if p.is_file()) if model_dir else []
         summary = {"steps": result.steps, "skipped_steps": result.skipped_steps,

@@ -191,3 +191,46 @@ def test_broken_outputs_corrupt_parts_a_huge_caption_and_a_moved_folder_through_
                   env=env)
     assert fourth.returncode == 0, fourth.stderr[-3000:]
     assert all(p == 0 for p, _c, _f in _table(fourth.stdout).values()), fourth.stdout
+
+
+TRAIN_CONFIG = CONFIG.replace("manifest: {split_ratios: {train: 0.0, val: 0.0, test: 1.0}}",
+                              "manifest: {split_ratios: {train: 1.0, val: 0.0, test: 0.0}}").replace(
+    "train: {epochs: 1, batch_size: 2, device: cpu}", "train: {epochs: 2, batch_size: 2, device: cpu, "
+                                                       "checkpoint_every_steps: 1, lr: 1.0e-3}")
+
+
+def test_a_run_killed_during_training_resumes_to_the_uninterrupted_weights(workspace):
+    """SIGKILL inside `structxlip run`'s train stage (after step 2's checkpoint, then mid-way through writing step 3's
+    metrics line); each re-run resumes from the last checkpoint and ends with the uninterrupted run's weights, and
+    metrics.jsonl holds every step exactly once."""
+    import json
+
+    from safetensors.torch import load_file
+
+    root, env = workspace
+    (root / "train.yaml").write_text(TRAIN_CONFIG)
+    stages = "ingest,structure,regions,captions,filter,manifest,train"
+
+    def run(out, **extra_env):
+        return _cli("run", str(root / "images"), "--out", str(out), "--config", str(root / "train.yaml"), "--stages",
+                    stages, env={**env, **extra_env})
+
+    straight = run(root / "train-straight")
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    out = root / "train-killed"
+    for point in ("after_checkpoint@2", "metrics_write@3"):
+        killed = run(out, STRUCTXLIP_KILL_AT=point)
+        assert killed.returncode == -9, (point, killed.returncode, killed.stderr[-2000:])
+    resumed = run(out)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "train              1       0       0" in resumed.stdout
+
+    steps = [json.loads(line)["step"] for line in (out / "train" / "metrics.jsonl").read_text().splitlines()]
+    reference = [json.loads(line)["step"] for line in
+                 (root / "train-straight" / "train" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == reference and len(set(steps)) == len(steps)
+    a = load_file(root / "train-straight" / "train" / "model" / "model.safetensors")
+    b = load_file(out / "train" / "model" / "model.safetensors")
+    assert a.keys() == b.keys()
+    for name in a:
+        assert (a[name] - b[name]).abs().max().item() <= 1e-6, name
