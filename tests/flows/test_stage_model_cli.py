@@ -42,7 +42,7 @@ def workspace(tmp_path_factory, prefect_server):
 
 def test_a_failing_stage_is_failed_in_prefect_and_the_table_is_printed(workspace, prefect_api):
     root, env = workspace
-    out = root / "out"
+    out = root / "out-failing"
     # No image lands in the train split: the train stage fails; evaluate is not run.
     done = _cli("run", str(root / "images"), "--out", str(out), "--config", str(root / "config.yaml"), env=env)
     assert done.returncode == 2, done.stderr[-3000:]
@@ -55,16 +55,17 @@ def test_a_failing_stage_is_failed_in_prefect_and_the_table_is_printed(workspace
     assert "evaluate" in table and "not run" in table
 
     from prefect import get_client
-    from prefect.client.schemas.filters import FlowFilter, FlowFilterName
+    from prefect.client.schemas.filters import (FlowRunFilter, FlowRunFilterName, FlowRunFilterParentFlowRunId)
 
     with get_client(sync_client=True) as client:
-        def states(name):
-            runs = client.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=[name])))
-            return [r.state.type.value for r in runs]
-
-        assert states("train") == ["FAILED"]
-        assert states("structxlip-pipeline") == ["FAILED"]
-        assert set(states("manifest")) == {"COMPLETED"}
+        (parent,) = client.read_flow_runs(flow_run_filter=FlowRunFilter(
+            name=FlowRunFilterName(any_=["structxlip: images -> out-failing"])))
+        children = client.read_flow_runs(flow_run_filter=FlowRunFilter(
+            parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[parent.id])))
+        states = {child.name.split(":")[0]: child.state.type.value for child in children}
+        assert parent.state.type.value == "FAILED"
+        assert states == {**dict.fromkeys(["ingest", "structure", "regions", "captions", "filter", "manifest"],
+                                           "COMPLETED"), "train": "FAILED"}
         artifacts = client.read_artifacts()
         assert any(a.key and a.key.endswith("-train-summary") for a in artifacts)
 
