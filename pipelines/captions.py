@@ -152,18 +152,32 @@ def resolve_device(device: str = "auto") -> str:
     return device
 
 
-def size_torch_threads(processes_per_machine: int = 1) -> int:
-    """Set torch's intra-op threads to this process's share of the usable cores and return it.
+def torch_threads_for(processes_per_machine: int = 1) -> int:
+    """Return the intra-op thread count for one of ``processes_per_machine`` worker processes on this machine.
 
-    torch defaults to one thread per physical core in *every* process; next to other worker processes on the same
-    cores (a local Dask cluster) that oversubscribes them, and on a loaded 2-core machine the tiny CLIP then ran
-    30-100x slower than with one thread. Threads of one process take turns on the scorer (``stages.shared``), so
-    only processes divide the cores.
+    An explicit ``OMP_NUM_THREADS`` wins. Otherwise: the process's share of the usable cores, but no more than the
+    cores the 1-minute load average leaves free (at least one). torch's default (every physical core, in every
+    process) oversubscribes shared or busy cores: on a 2-core machine at load ~2, the tiny CLIP embedded images
+    4-15x slower with 2 threads than with 1; next to a 2-process pool, 30-100x.
     """
+    explicit = os.environ.get("OMP_NUM_THREADS", "").strip()
+    if explicit.isdigit() and int(explicit) > 0:
+        return int(explicit)
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    share = max(1, usable // max(1, int(processes_per_machine)))
+    try:
+        free = int(usable - os.getloadavg()[0] + 0.5)
+    except (AttributeError, OSError):
+        free = share
+    return max(1, min(share, free))
+
+
+def size_torch_threads(processes_per_machine: int = 1) -> int:
+    """Set torch's intra-op threads to ``torch_threads_for(processes_per_machine)`` and return it. Threads of one
+    process take turns on the scorer (``stages.shared``), so only processes divide the cores."""
     import torch
 
-    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    threads = max(1, usable // max(1, int(processes_per_machine)))
+    threads = torch_threads_for(processes_per_machine)
     if torch.get_num_threads() != threads:
         torch.set_num_threads(threads)
     return threads

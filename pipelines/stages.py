@@ -340,10 +340,15 @@ class Captions(Stage):
     def run(self, records, *, layout, stage_key, params, runtime):
         from pipelines import captions as library
 
-        library.size_torch_threads(runtime.get("processes_per_machine", 1))
         scorer_args = {"model_name_or_dir": params["clip_model"], "device": runtime["device"],
                        "batch_size": runtime["batch_size"]}
-        scorer, scorer_lock = shared(("clip", _freeze(scorer_args)), lambda: library.ClipScorer(**scorer_args))
+
+        def make_scorer():
+            # Threads sized once per process, when its scorer is built (later the load average counts our own work).
+            library.size_torch_threads(runtime.get("processes_per_machine", 1))
+            return library.ClipScorer(**scorer_args)
+
+        scorer, scorer_lock = shared(("clip", _freeze(scorer_args)), make_scorer)
         # Sentence-only splitters (the full parser only for texts they disagree on): the filter stage parses.
         nlp, nlp_lock = shared(("sentences", params["spacy_model"]),
                                lambda: library.SentenceSplitter(params["spacy_model"]))

@@ -111,3 +111,23 @@ def test_hard_negatives_identical_to_the_old_search(parser, captions, monkeypatc
             old_namespace["find_replaceables"](doc, vocab=vocab))
         with_phrases += any(p in text.lower().replace("-", " ") for p in vocab.phrases["colors"])
     assert with_phrases >= 2  # the multi-word colour branch was exercised
+
+
+# ---- threads -------------------------------------------------------------------------------------------------------
+def test_torch_threads_sized_to_cores_processes_and_load(monkeypatch):
+    import os as _os
+
+    from pipelines import captions
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(_os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)
+    monkeypatch.setattr(_os, "getloadavg", lambda: (0.2, 0.0, 0.0))
+    assert captions.torch_threads_for(1) == 8  # idle machine: every core
+    assert captions.torch_threads_for(2) == 4  # two worker processes share them
+    assert captions.torch_threads_for(16) == 1
+    monkeypatch.setattr(_os, "getloadavg", lambda: (6.6, 0.0, 0.0))
+    assert captions.torch_threads_for(1) == 1  # ~7 cores busy: only the free one
+    monkeypatch.setattr(_os, "getloadavg", lambda: (30.0, 0.0, 0.0))
+    assert captions.torch_threads_for(1) == 1
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert captions.torch_threads_for(2) == 3  # an explicit setting wins
