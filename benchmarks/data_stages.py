@@ -3,7 +3,7 @@ and store the flows use, without an orchestrator), the bare library call's image
 in one call, models warm) and the floor measured in the same run from primitives; then the whole data pipeline cold
 and fully cached: wall, CPU, peak RSS and the real process/thread count.
 
-Floors (CPU-ms per image on one core, median over a sample, times the usable cores for images/s):
+Floors (CPU-ms per image on one thread, median over a sample; images/s = usable cores x 1000 / ms):
 - ingest: read the file + SHA-256 + one reduced JPEG decode (OpenCV 1/8 grey: reads the whole stream, so it still
   catches truncated files).
 - structure: grey decode + resize to ``long_side`` + Canny + scribble + PNG encode of both maps.
@@ -13,6 +13,8 @@ Floors (CPU-ms per image on one core, median over a sample, times the usable cor
   image, its crops and its sentences (batched over the sample, as the stage batches a chunk).
 - filter: one full spaCy parse of each distinct text of the image (caption + segment captions).
 - manifest: not measured (one whole-dataset write).
+Besides images/s (wall, at the machine's current load) each stage reports CPU-ms per image (this process, its
+children and live worker pools): on a shared machine CPU time is the steadier measure of work.
 Everything runs in a fresh child process per scenario; a 2-image warm-up run loads the models first, so "cold" is
 an empty output folder, not an empty process (the warm-up's seconds are reported as start-up).
 """
@@ -119,11 +121,16 @@ def _usable_cpus() -> int:
 # ---- the child's scenario ------------------------------------------------------------------------------------------
 def _run(pipeline_cls, run_inline, images: Path, out: Path, config) -> dict:
     cpu, start = _cpu_seconds(), time.perf_counter()
+    stages = {}
     with Census() as census:
-        summaries = run_inline(pipeline_cls(images, out, config), DATA_STAGES)
+        pipeline = pipeline_cls(images, out, config)
+        for stage in DATA_STAGES:  # one stage at a time, as run_inline does, to read each stage's CPU time
+            stage_cpu = _cpu_seconds()
+            (summary,) = run_inline(pipeline, [stage])
+            stages[stage] = {**{k: summary[k] for k in ("processed", "cached", "failed", "seconds")},
+                             "cpu_s": _cpu_seconds() - stage_cpu}
     return {"seconds": time.perf_counter() - start, "cpu_s": _cpu_seconds() - cpu,
-            "processes": census.max_processes, "threads": census.max_threads,
-            "stages": {s["stage"]: {k: s[k] for k in ("processed", "cached", "failed", "seconds")} for s in summaries}}
+            "processes": census.max_processes, "threads": census.max_threads, "stages": stages}
 
 
 def _bare(pipeline, stage_name: str) -> dict:
@@ -133,11 +140,12 @@ def _bare(pipeline, stage_name: str) -> dict:
     plan = pipeline.plan(stage_name, refresh=True)
     records = [record for _key, record in plan.pending]
     stage = STAGE_DEFINITIONS[stage_name]
-    start = time.perf_counter()
+    cpu, start = _cpu_seconds(), time.perf_counter()
     rows = stage.run(records, layout=pipeline.layout, stage_key=plan.stage_key, params=plan.params,
                      runtime=plan.runtime)
     seconds = time.perf_counter() - start
-    return {"items": len(records), "seconds": seconds, "ok": sum(r.get("status") == "ok" for r in rows)}
+    return {"items": len(records), "seconds": seconds, "cpu_s": _cpu_seconds() - cpu,
+            "ok": sum(r.get("status") == "ok" for r in rows)}
 
 
 def _box(segment: dict) -> tuple[int, int, int, int]:
@@ -146,11 +154,13 @@ def _box(segment: dict) -> tuple[int, int, int, int]:
 
 
 def _median_ms(fn, items) -> float:
+    """Median CPU-ms of ``fn(item)`` (this process's CPU time: steady on a shared machine; the primitives run on one
+    thread, OpenCV and torch are set to one)."""
     times = []
     for item in items:
-        start = time.perf_counter()
+        start = time.process_time()
         fn(item)
-        times.append((time.perf_counter() - start) * 1000)
+        times.append((time.process_time() - start) * 1000)
     return statistics.median(times)
 
 
@@ -235,7 +245,11 @@ def _floors(pipeline, config, sample: int) -> dict[str, dict]:
         row = captions.get(image["image_id"]) or {}
         return list(dict.fromkeys([texts[image["image_id"]]] + [seg["caption"] for seg in row.get("segments") or []]))
 
-    p["parse distinct texts"] = _median_ms(lambda i: list(nlp.pipe(distinct(i))), images)
+    all_texts = [text for image in images for text in distinct(image)]
+    list(nlp.pipe(all_texts[:8]))  # warm
+    start = time.process_time()
+    list(nlp.pipe(all_texts))  # batched, as the stage parses a chunk
+    p["parse distinct texts"] = (time.process_time() - start) * 1000 / len(images)
 
     scorer = ClipScorer(config.scoring_model, device="cpu", batch_size=config.captions.batch_size)
     rgb_small = [np.ascontiguousarray(cv2.imread(path, cv2.IMREAD_REDUCED_COLOR_2)[:, :, ::-1]) for path in paths]
@@ -246,11 +260,16 @@ def _floors(pipeline, config, sample: int) -> dict[str, dict]:
             x0, y0, x1, y1 = (v // 2 for v in _box(segment))
             crop_arrays.append(np.ascontiguousarray(small[y0:max(y1, y0 + 1), x0:max(x1, x0 + 1)]))
         sentences += [sent.text for sent in senter(texts[image["image_id"]]).sents]
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     scorer.embed_images(crop_arrays[:4])  # warm
-    start = time.perf_counter()
+    start = time.process_time()
     scorer.embed_images(crop_arrays)
     scorer.embed_texts(sentences)
-    p["tiny CLIP forward"] = (time.perf_counter() - start) * 1000 / len(images)
+    p["tiny CLIP forward"] = (time.process_time() - start) * 1000 / len(images)
+    torch.set_num_threads(threads)
 
     per_stage = {
         "ingest": ["read+hash", "decode 1/8 grey"],
@@ -312,9 +331,13 @@ def run(*, quick: bool = False, n_images: int | None = None) -> BenchmarkResult:
         bare_rate = bare["items"] / bare["seconds"] if bare["seconds"] else float("nan")
         floor = data["floors"][stage]
         floor_rate = cpus * 1000.0 / floor["ms"] if floor["ms"] else float("nan")
+        cpu_ms = data["cold"]["stages"][stage]["cpu_s"] * 1000 / n
         result.rows.append({"stage": stage, "pipeline_img_s": pipeline_rate, "library_img_s": bare_rate,
                             "floor_ms_per_img": floor["ms"], f"floor_img_s_{cpus}_cores": floor_rate,
                             "pipeline_vs_floor": pipeline_rate / floor_rate,
+                            "pipeline_cpu_ms_per_img": cpu_ms,
+                            "library_cpu_ms_per_img": bare["cpu_s"] * 1000 / max(bare["items"], 1),
+                            "floor_vs_pipeline_cpu": floor["ms"] / cpu_ms if cpu_ms else float("nan"),
                             "floor_parts_ms": ", ".join(f"{k} {v:.2f}" for k, v in floor["parts"].items())})
     for label in ("cold", "cached"):
         run_data = data[label]

@@ -131,3 +131,18 @@ def test_torch_threads_sized_to_cores_processes_and_load(monkeypatch):
     assert captions.torch_threads_for(1) == 1
     monkeypatch.setenv("OMP_NUM_THREADS", "3")
     assert captions.torch_threads_for(2) == 3  # an explicit setting wins
+
+
+def test_captions_runtime_counts_local_worker_processes():
+    from configs.schema import load_config
+    from pipelines.stages import STAGE_DEFINITIONS, stage_keys
+
+    captions = STAGE_DEFINITIONS["captions"]
+    local = load_config(None)
+    dask = load_config(None, {"runtime.runner": "dask", "runtime.dask_workers": 3})
+    remote = load_config(None, {"runtime.runner": "dask", "runtime.dask_workers": 3,
+                                "runtime.dask_address": "tcp://10.0.0.1:8786"})
+    assert captions.runtime(local)["processes_per_machine"] == 1
+    assert captions.runtime(dask)["processes_per_machine"] == 3
+    assert captions.runtime(remote)["processes_per_machine"] == 1  # the cluster's machines are not this one
+    assert stage_keys(local) == stage_keys(dask)  # a runtime setting: no cache key changes
