@@ -71,6 +71,12 @@ def _pipeline_noop(quick: bool) -> BenchmarkResult:
     return noop.run(quick=quick)
 
 
+def _data_stages(quick: bool) -> BenchmarkResult:
+    from benchmarks import data_stages
+
+    return data_stages.run(quick=quick)
+
+
 def _clip_scoring(quick: bool) -> BenchmarkResult:
     from benchmarks import clip_scoring
 
@@ -92,6 +98,7 @@ BENCHMARKS: dict[str, Callable[[bool], BenchmarkResult]] = {
     "pipeline_cached": _pipeline_cached,
     "pipeline_incremental": _pipeline_incremental,
     "pipeline_noop": _pipeline_noop,
+    "data_stages": _data_stages,
     "clip_scoring": _clip_scoring,
     "training": _training,
 }

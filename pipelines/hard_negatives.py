@@ -80,14 +80,20 @@ def find_replaceables(doc, *, vocab: Vocabulary) -> list[Replaceable]:
             taken.update(range(start, end))
             spans.append(Replaceable(doc[start].idx, doc[end - 1].idx + len(doc[end - 1].text), kind, tuple(options)))
 
-    # Multi-word colours ("navy blue") are one span, replaced by a single basic colour.
+    # Multi-word colours ("navy blue") are one span, replaced by a single basic colour. The words are compared as
+    # strings first: a Doc slice per phrase and position made this loop most of the filter stage.
+    lowers = [t.lower_ for t in doc]
+    starts: dict[str, list[int]] = {}
+    for i, word in enumerate(lowers):
+        starts.setdefault(word, []).append(i)
     for phrase in vocab.phrases["colors"]:
         words = phrase.replace("-", " ").split()
-        for i in range(len(doc) - len(words) + 1):
+        for i in starts.get(words[0], ()) if words else range(len(doc) + 1):
+            if i + len(words) > len(doc) or lowers[i : i + len(words)] != words:
+                continue
             window = doc[i : i + len(words)]
             if (
-                [t.lower_ for t in window] == words
-                and describes_noun(window[-1])
+                describes_noun(window[-1])
                 and not any(is_name(t) for t in window)
             ):
                 # "navy blue" -> "blue" is no contradiction: skip the phrase's own words.

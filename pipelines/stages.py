@@ -319,7 +319,12 @@ class Captions(Stage):
             caption_regions=c.caption_regions, max_new_tokens=c.max_new_tokens)
 
     def runtime(self, config):
-        return {"device": config.captions.device, "batch_size": config.captions.batch_size}
+        # Worker processes sharing this machine's cores (a local Dask cluster starts dask_workers of them); chunks
+        # in threads of one process take turns on the scorer, so they need no share of their own.
+        runtime = config.runtime
+        local_processes = runtime.dask_workers if runtime.runner == "dask" and not runtime.dask_address else 1
+        return {"device": config.captions.device, "batch_size": config.captions.batch_size,
+                "processes_per_machine": local_processes}
 
     def items(self, pipeline):
         regions = pipeline.done_rows("regions")
@@ -336,12 +341,19 @@ class Captions(Stage):
 
     def run(self, records, *, layout, stage_key, params, runtime):
         from pipelines import captions as library
-        from pipelines.filtering import load_spacy
 
         scorer_args = {"model_name_or_dir": params["clip_model"], "device": runtime["device"],
                        "batch_size": runtime["batch_size"]}
-        scorer, scorer_lock = shared(("clip", _freeze(scorer_args)), lambda: library.ClipScorer(**scorer_args))
-        nlp, nlp_lock = shared(("spacy", params["spacy_model"]), lambda: load_spacy(params["spacy_model"]))
+
+        def make_scorer():
+            # Threads sized once per process, when its scorer is built (later the load average counts our own work).
+            library.size_torch_threads(runtime.get("processes_per_machine", 1))
+            return library.ClipScorer(**scorer_args)
+
+        scorer, scorer_lock = shared(("clip", _freeze(scorer_args)), make_scorer)
+        # Sentence-only splitters (the full parser only for texts they disagree on): the filter stage parses.
+        nlp, nlp_lock = shared(("sentences", params["spacy_model"]),
+                               lambda: library.SentenceSplitter(params["spacy_model"]))
         captioner, captioner_lock = None, threading.Lock()
         if params["captioner"]:
             captioner_args = {"model_id": params["captioner"], "device": runtime["device"],

@@ -1,0 +1,355 @@
+"""Data stages against the floor: per stage, the pipeline's images/s (``pipelines.engine.run_inline``: the stage engine
+and store the flows use, without an orchestrator), the bare library call's images/s (``Stage.run`` over every image
+in one call, models warm) and the floor measured in the same run from primitives; then the whole data pipeline cold
+and fully cached: wall, CPU, peak RSS and the real process/thread count.
+
+Floors (CPU-ms per image on one thread, median over a sample; images/s = usable cores x 1000 / ms):
+- ingest: read the file + SHA-256 + one reduced JPEG decode (OpenCV 1/8 grey: reads the whole stream, so it still
+  catches truncated files).
+- structure: grey decode + resize to ``long_side`` + Canny + scribble + PNG encode of both maps.
+- regions: colour decode + structure-map PNG decode + every crop cut from memory and encoded (JPEG, and PNG for its
+  structure crop).
+- captions: one reduced colour decode (1/2) + sentence split (spaCy ``senter``) + the tiny CLIP forward over the
+  image, its crops and its sentences (batched over the sample, as the stage batches a chunk).
+- filter: one full spaCy parse of each distinct text of the image (caption + segment captions).
+- manifest: not measured (one whole-dataset write).
+Besides images/s (wall, at the machine's current load) each stage reports CPU-ms per image (this process, its
+children and live worker pools): on a shared machine CPU time is the steadier measure of work.
+Everything runs in a fresh child process per scenario; a 2-image warm-up run loads the models first, so "cold" is
+an empty output folder, not an empty process (the warm-up's seconds are reported as start-up).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import statistics
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+from benchmarks.common import BenchmarkResult, Target, run_in_child
+
+CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
+STAGES = ["ingest", "structure", "regions", "captions", "filter"]
+DATA_STAGES = [*STAGES, "manifest"]
+FLOOR_SAMPLE = 40
+
+
+# ---- process / thread census ---------------------------------------------------------------------------------------
+def _descendants(root: int) -> list[int]:
+    parents: dict[int, int] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat", "rb") as handle:
+                    fields = handle.read().rsplit(b")", 1)[1].split()
+                parents[int(entry)] = int(fields[1])
+            except (OSError, IndexError, ValueError):
+                continue
+    found, frontier = [], [root]
+    while frontier:
+        pid = frontier.pop()
+        children = [p for p, parent in parents.items() if parent == pid]
+        found += children
+        frontier += children
+    return found
+
+
+def _threads(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/status", encoding="ascii") as handle:
+            for line in handle:
+                if line.startswith("Threads:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+class Census:
+    """Samples, every ``interval`` s, this process's threads and its descendant processes (and their threads)."""
+
+    def __init__(self, interval: float = 0.25):
+        self.interval = interval
+        self.max_processes = 1
+        self.max_threads = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def _loop(self) -> None:
+        me = os.getpid()
+        while not self._stop.is_set():
+            if os.path.isdir("/proc"):
+                children = _descendants(me)
+                self.max_processes = max(self.max_processes, 1 + len(children))
+                self.max_threads = max(self.max_threads, _threads(me) + sum(_threads(p) for p in children))
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> "Census":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def _cpu_seconds() -> float:
+    """CPU seconds of this process, its reaped children and its live descendants (a persistent worker pool's time is
+    not in RUSAGE_CHILDREN until its processes exit)."""
+    import resource
+
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    total = own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+    tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    for pid in _descendants(os.getpid()) if os.path.isdir("/proc") else []:
+        try:
+            with open(f"/proc/{pid}/stat", "rb") as handle:
+                fields = handle.read().rsplit(b")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / tick  # utime, stime
+        except (OSError, IndexError, ValueError):
+            continue
+    return total
+
+
+def _usable_cpus() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+# ---- the child's scenario ------------------------------------------------------------------------------------------
+def _run(pipeline_cls, run_inline, images: Path, out: Path, config) -> dict:
+    cpu, start = _cpu_seconds(), time.perf_counter()
+    stages = {}
+    with Census() as census:
+        pipeline = pipeline_cls(images, out, config)
+        for stage in DATA_STAGES:  # one stage at a time, as run_inline does, to read each stage's CPU time
+            stage_cpu = _cpu_seconds()
+            (summary,) = run_inline(pipeline, [stage])
+            stages[stage] = {**{k: summary[k] for k in ("processed", "cached", "failed", "seconds")},
+                             "cpu_s": _cpu_seconds() - stage_cpu}
+    return {"seconds": time.perf_counter() - start, "cpu_s": _cpu_seconds() - cpu,
+            "processes": census.max_processes, "threads": census.max_threads, "stages": stages}
+
+
+def _bare(pipeline, stage_name: str) -> dict:
+    """Time the stage's library call over every image at once (recomputes and rewrites the same outputs)."""
+    from pipelines.stages import STAGE_DEFINITIONS
+
+    plan = pipeline.plan(stage_name, refresh=True)
+    records = [record for _key, record in plan.pending]
+    stage = STAGE_DEFINITIONS[stage_name]
+    cpu, start = _cpu_seconds(), time.perf_counter()
+    rows = stage.run(records, layout=pipeline.layout, stage_key=plan.stage_key, params=plan.params,
+                     runtime=plan.runtime)
+    seconds = time.perf_counter() - start
+    return {"items": len(records), "seconds": seconds, "cpu_s": _cpu_seconds() - cpu,
+            "ok": sum(r.get("status") == "ok" for r in rows)}
+
+
+def _box(segment: dict) -> tuple[int, int, int, int]:
+    box = segment["bbox"]
+    return int(box["x1"]), int(box["y1"]), int(box["x2"]), int(box["y2"])
+
+
+def _median_ms(fn, items) -> float:
+    """Median CPU-ms of ``fn(item)`` (this process's CPU time: steady on a shared machine; the primitives run on one
+    thread, OpenCV and torch are set to one)."""
+    times = []
+    for item in items:
+        start = time.process_time()
+        fn(item)
+        times.append((time.process_time() - start) * 1000)
+    return statistics.median(times)
+
+
+def _floors(pipeline, config, sample: int) -> dict[str, dict]:
+    """Return, per stage, the primitives' CPU-ms per image (each measured separately on ``sample`` images)."""
+    import hashlib
+
+    import cv2
+    import numpy as np
+    import spacy
+
+    from pipelines.captions import ClipScorer
+    from pipelines.filtering import FALLBACK_MODELS, load_spacy
+    from pipelines.structure import canny_map, scribble_map
+
+    cv2.setNumThreads(1)
+    images = pipeline.images[:sample]
+    paths = [i["source_path"] for i in images]
+    regions = pipeline.done_rows("regions")
+    captions = pipeline.done_rows("captions")
+    structure = pipeline.done_rows("structure")
+    s = config.structure
+    p: dict[str, float] = {}
+
+    def read_hash(path):
+        hashlib.sha256(Path(path).read_bytes()).digest()
+
+    p["read+hash"] = _median_ms(read_hash, paths)
+    p["decode 1/8 grey"] = _median_ms(lambda path: cv2.imread(path, cv2.IMREAD_REDUCED_GRAYSCALE_8), paths)
+    p["decode grey"] = _median_ms(lambda path: cv2.imread(path, cv2.IMREAD_GRAYSCALE), paths)
+    greys = []
+
+    def resize(path):
+        grey = cv2.imread(path, cv2.IMREAD_GRAYSCALE)
+        scale = s.long_side / max(grey.shape)
+        greys.append(cv2.resize(grey, (round(grey.shape[1] * scale), round(grey.shape[0] * scale)),
+                                interpolation=cv2.INTER_AREA) if scale < 1 else grey)
+
+    resize_ms = _median_ms(resize, paths)
+    p["resize"] = max(resize_ms - p["decode grey"], 0.0)
+    edges = []
+    p["canny"] = _median_ms(lambda g: edges.append(canny_map(g, s.canny_low, s.canny_high)), greys)
+    scribbles = []
+    p["scribble"] = _median_ms(lambda e: scribbles.append(scribble_map(
+        e, sigma=s.scribble.sigma, threshold=s.scribble.threshold, final_sigma=s.scribble.final_sigma)), edges)
+    p["png encode x2"] = _median_ms(lambda pair: (cv2.imencode(".png", pair[0]), cv2.imencode(".png", pair[1])),
+                                    list(zip(edges, scribbles)))
+    p["decode colour"] = _median_ms(lambda path: cv2.imread(path, cv2.IMREAD_COLOR), paths)
+    p["structure map decode"] = _median_ms(
+        lambda i: cv2.imread(str(pipeline.layout.resolve(structure[i["image_id"]]["structure_path"])),
+                             cv2.IMREAD_GRAYSCALE), images)
+    colour = {i["image_id"]: cv2.imread(i["source_path"], cv2.IMREAD_COLOR) for i in images}
+    edge_of = {i["image_id"]: cv2.imread(str(pipeline.layout.resolve(structure[i["image_id"]]["structure_path"])),
+                                         cv2.IMREAD_GRAYSCALE) for i in images}
+
+    def crops(image):
+        rgb, edge = colour[image["image_id"]], edge_of[image["image_id"]]
+        sy, sx = edge.shape[0] / rgb.shape[0], edge.shape[1] / rgb.shape[1]
+        for segment in regions[image["image_id"]]["segments"]:
+            x0, y0, x1, y1 = _box(segment)
+            cv2.imencode(".jpg", rgb[y0:y1, x0:x1], [cv2.IMWRITE_JPEG_QUALITY, 90])
+            cv2.imencode(".png", edge[int(y0 * sy):int(y1 * sy), int(x0 * sx):int(x1 * sx)])
+
+    p["crops cut+encode"] = _median_ms(crops, images)
+    p["decode 1/2 colour"] = _median_ms(lambda path: cv2.imread(path, cv2.IMREAD_REDUCED_COLOR_2), paths)
+
+    name = config.filter.spacy_model
+    senter = None
+    for candidate in [name] + ([FALLBACK_MODELS[name]] if name in FALLBACK_MODELS else []):
+        try:
+            senter = spacy.load(candidate, exclude=["tok2vec", "tagger", "parser", "attribute_ruler", "lemmatizer",
+                                                    "ner"])
+            senter.enable_pipe("senter")
+            break
+        except (OSError, ValueError):
+            continue
+    texts = {i["image_id"]: pipeline.caption_of(i["source_path"])[0] or "" for i in images}
+    p["sentence split"] = _median_ms(lambda i: list(senter(texts[i["image_id"]]).sents), images)
+    nlp = load_spacy(name)
+
+    def distinct(image):
+        row = captions.get(image["image_id"]) or {}
+        return list(dict.fromkeys([texts[image["image_id"]]] + [seg["caption"] for seg in row.get("segments") or []]))
+
+    all_texts = [text for image in images for text in distinct(image)]
+    list(nlp.pipe(all_texts[:8]))  # warm
+    start = time.process_time()
+    list(nlp.pipe(all_texts))  # batched, as the stage parses a chunk
+    p["parse distinct texts"] = (time.process_time() - start) * 1000 / len(images)
+
+    scorer = ClipScorer(config.scoring_model, device="cpu", batch_size=config.captions.batch_size)
+    rgb_small = [np.ascontiguousarray(cv2.imread(path, cv2.IMREAD_REDUCED_COLOR_2)[:, :, ::-1]) for path in paths]
+    crop_arrays, sentences = [], []
+    for image, small in zip(images, rgb_small):
+        crop_arrays.append(small)
+        for segment in regions[image["image_id"]]["segments"]:
+            x0, y0, x1, y1 = (v // 2 for v in _box(segment))
+            crop_arrays.append(np.ascontiguousarray(small[y0:max(y1, y0 + 1), x0:max(x1, x0 + 1)]))
+        sentences += [sent.text for sent in senter(texts[image["image_id"]]).sents]
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    scorer.embed_images(crop_arrays[:4])  # warm
+    start = time.process_time()
+    scorer.embed_images(crop_arrays)
+    scorer.embed_texts(sentences)
+    p["tiny CLIP forward"] = (time.process_time() - start) * 1000 / len(images)
+    torch.set_num_threads(threads)
+
+    per_stage = {
+        "ingest": ["read+hash", "decode 1/8 grey"],
+        "structure": ["decode grey", "resize", "canny", "scribble", "png encode x2"],
+        "regions": ["decode colour", "structure map decode", "crops cut+encode"],
+        "captions": ["decode 1/2 colour", "sentence split", "tiny CLIP forward"],
+        "filter": ["parse distinct texts"],
+    }
+    return {stage: {"ms": sum(p[k] for k in keys), "parts": {k: round(p[k], 3) for k in keys}}
+            for stage, keys in per_stage.items()}
+
+
+def scenario(root: str, n_images: int, sample: int) -> dict:
+    """Child-process entry: warm-up, cold run, cached run, bare library calls and floors on ``n_images``."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from configs.schema import load_config
+    from pipelines.engine import run_inline
+    from pipelines.plan import Pipeline
+    from tests.corpus import make_generated_images
+
+    work = Path(root)
+    config = load_config(CONFIG)
+    make_generated_images(work / "warmup-images", 2, seed=99)
+    start = time.perf_counter()
+    run_inline(Pipeline(work / "warmup-images", work / "warmup-out", config), DATA_STAGES)
+    startup = time.perf_counter() - start
+    images, out = work / "images", work / "out"
+    make_generated_images(images, n_images, seed=0)
+    cold = _run(Pipeline, run_inline, images, out, config)
+    cached = _run(Pipeline, run_inline, images, out, config)
+    pipeline = Pipeline(images, out, config)
+    bare = {stage: _bare(pipeline, stage) for stage in STAGES}
+    floors = _floors(Pipeline(images, out, config), config, sample)
+    return {"startup_s": startup, "cold": cold, "cached": cached, "bare": bare, "floors": floors,
+            "cpus": _usable_cpus()}
+
+
+def run(*, quick: bool = False, n_images: int | None = None) -> BenchmarkResult:
+    n = n_images or (12 if quick else int(os.environ.get("STRUCTXLIP_BENCH_STAGES_N") or 200))
+    sample = min(n, 8 if quick else FLOOR_SAMPLE)
+    root = Path(tempfile.mkdtemp(prefix="bench-data-stages-"))
+    try:
+        measured = run_in_child("benchmarks.data_stages:scenario", root=str(root), n_images=n, sample=sample)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    data = measured["result"]
+    cpus = data["cpus"]
+    result = BenchmarkResult(
+        name="data_stages",
+        description=f"Data stages on {n} generated 640x480 images (demo config: tiny CLIP, structure regions): "
+                    f"pipeline vs bare library vs the floor from primitives, and the whole pipeline cold/cached.",
+        params={"images": n, "floor_sample": sample, "cpus": cpus, "config": "configs/demo.yaml",
+                "engine": "pipelines.engine.run_inline (no Prefect)"},
+    )
+    for stage in STAGES:
+        seconds = data["cold"]["stages"][stage]["seconds"]
+        pipeline_rate = n / seconds if seconds else float("nan")
+        bare = data["bare"][stage]
+        bare_rate = bare["items"] / bare["seconds"] if bare["seconds"] else float("nan")
+        floor = data["floors"][stage]
+        floor_rate = cpus * 1000.0 / floor["ms"] if floor["ms"] else float("nan")
+        cpu_ms = data["cold"]["stages"][stage]["cpu_s"] * 1000 / n
+        result.rows.append({"stage": stage, "pipeline_img_s": pipeline_rate, "library_img_s": bare_rate,
+                            "floor_ms_per_img": floor["ms"], f"floor_img_s_{cpus}_cores": floor_rate,
+                            "pipeline_vs_floor": pipeline_rate / floor_rate,
+                            "pipeline_cpu_ms_per_img": cpu_ms,
+                            "library_cpu_ms_per_img": bare["cpu_s"] * 1000 / max(bare["items"], 1),
+                            "floor_vs_pipeline_cpu": floor["ms"] / cpu_ms if cpu_ms else float("nan"),
+                            "floor_parts_ms": ", ".join(f"{k} {v:.2f}" for k, v in floor["parts"].items())})
+    for label in ("cold", "cached"):
+        run_data = data[label]
+        result.rows.append({"stage": f"whole data pipeline, {label}", "pipeline_img_s": n / run_data["seconds"],
+                            "wall_s": run_data["seconds"], "cpu_s": run_data["cpu_s"],
+                            "peak_rss_mb": measured["peak_rss_mb"],
+                            "workers_peak_rss_mb": measured["children_peak_rss_mb"],
+                            "processes": run_data["processes"], "threads": run_data["threads"]})
+    result.notes.append(f"start-up (imports, model loads, a 2-image run) before the timed runs: "
+                        f"{data['startup_s']:.1f} s; peak RSS is the whole child's (warm-up included)")
+    result.targets = [Target(f"{row['stage']} pipeline >= 50% of its floor", row["pipeline_vs_floor"], 0.5)
+                      for row in result.rows[:len(STAGES)]]
+    result.targets.append(Target("fully cached run wall", data["cached"]["seconds"], 3.0, direction="at_most",
+                                 unit=" s"))
+    return result

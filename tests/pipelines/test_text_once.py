@@ -1,0 +1,148 @@
+"""Text parsed once: the sentence-only splitter gives the full parser's clauses, and the hard-negative search without
+Doc slicing gives exactly the old implementation's negatives."""
+
+from __future__ import annotations
+
+import json
+import sys
+import types
+from pathlib import Path
+
+import pytest
+
+from pipelines.captions import SentenceSplitter, _clauses, sentence_clauses, split_sentences
+from pipelines.filtering import load_spacy, load_vocabulary
+from pipelines.hard_negatives import make_hard_negatives
+from tests.corpus import make_generated_images
+
+ROOT = Path(__file__).resolve().parents[2]
+VOCAB_DIR = ROOT / "configs" / "vocab"
+
+# Hand-made captions: abbreviations, ';' clauses, quotes, ellipses, brackets, asides, no punctuation at all.
+HAND_MADE = [
+    "Dr. Smith stands next to a red car on St. James Street. The car is parked near a U.S. flag; a dog sits beside it.",
+    'A sign reads "Stop here." A man in a blue coat waits at the corner.',
+    "A woman holds a mug, e.g. a white one with a logo. Behind her, a window shows the sea at approx. 5 p.m. light.",
+    "Two cats sleep on a sofa; one is black, the other is ginger. A lamp glows in the corner!",
+    "Is that a boat? Yes, a small wooden boat floats on the calm lake near the shore.",
+    "A bowl of fruit (apples, pears, etc.) sits on the table. The wall behind is pale green.",
+    "The photo shows Mt. Fuji at dawn... Snow covers the peak, and clouds drift by.",
+    "A red bus - a double-decker - drives past Big Ben. People walk on the pavement; some carry umbrellas.",
+    "'What a view,' says the caption. A valley stretches to the horizon under a grey sky.",
+    "A man wearing a No. 10 shirt kicks a ball. The goalkeeper, in yellow, dives to the left.",
+    "three apples on a plate a knife beside them a glass of water",
+    "A close-up of a clock face: the hands point to 10:10. The numerals are Roman (I, II, III...).",
+    "A navy blue boat with a sky-blue sail; two light grey gulls above it. The jet black dog is on the left.",
+    "A dark gray car is parked below a hot pink sign. \"Open,\" it says; the door is off white.",
+    "  ; ; A lone tree.  ",
+]
+
+
+@pytest.fixture(scope="module")
+def parser():
+    return load_spacy("en_core_web_sm")
+
+
+@pytest.fixture(scope="module")
+def captions(tmp_path_factory) -> list[str]:
+    """Realistic captions: the bundled sample's and 60 generated 30+-word ones, then the hand-made ones."""
+    folder = tmp_path_factory.mktemp("generated")
+    make_generated_images(folder, 60, size=(32, 32), seed=3)
+    texts = [json.loads(line)["caption"] for line in (folder / "captions.jsonl").read_text().splitlines()]
+    sample = ROOT / "sample" / "images"
+    texts += [json.loads(line)["caption"] for line in (sample / "captions.jsonl").read_text().splitlines()]
+    texts += [p.read_text(encoding="utf-8") for p in sorted(sample.glob("*.txt"))]
+    return texts
+
+
+def test_splitter_gives_the_parser_clauses(parser, captions):
+    splitter = SentenceSplitter("en_core_web_sm")
+    expected = [_clauses(doc) for doc in parser.pipe(captions + HAND_MADE)]
+    assert splitter.clauses(captions + HAND_MADE) == expected
+    # The realistic captions never needed the parser: both sentence-only splitters agreed on every one.
+    realistic = SentenceSplitter("en_core_web_sm")
+    assert realistic.clauses(captions) == expected[: len(captions)] and realistic.parsed == 0
+    # The hand-made ones include texts the two disagree on ("No. 10", "etc.)", "dawn... Snow"): parsed.
+    assert 0 < splitter.parsed <= len(HAND_MADE)
+
+
+def test_split_sentences_default_splitter():
+    assert split_sentences("Dr. Smith waves. A red car; a dog.") == ["Dr. Smith waves.", "A red car", "a dog."]
+    assert split_sentences("  ") == [] and split_sentences("; ; .") == []
+    assert sentence_clauses([], SentenceSplitter("en_core_web_sm")) == []
+
+
+# ---- hard negatives: the module's source with the old phrase loop put back is the reference ----------------------
+def test_hard_negatives_identical_to_the_old_search(parser, captions, monkeypatch):
+    import pipelines.hard_negatives as module
+
+    vocab = load_vocabulary(str(VOCAB_DIR))
+    source = Path(module.__file__).read_text(encoding="utf-8")
+    start = source.index("    # Multi-word colours")
+    end = source.index("    adjective_to_material")
+    old_loop = (
+        '    for phrase in vocab.phrases["colors"]:\n'
+        '        words = phrase.replace("-", " ").split()\n'
+        "        for i in range(len(doc) - len(words) + 1):\n"
+        "            window = doc[i : i + len(words)]\n"
+        "            if (\n"
+        "                [t.lower_ for t in window] == words\n"
+        "                and describes_noun(window[-1])\n"
+        "                and not any(is_name(t) for t in window)\n"
+        "            ):\n"
+        '                add(i, i + len(words), "color", [c for c in vocab.color_swap if c not in words])\n'
+    )
+    old_module = types.ModuleType("old_hard_negatives")
+    monkeypatch.setitem(sys.modules, old_module.__name__, old_module)  # dataclasses look their module up
+    exec(compile(source[:start] + old_loop + source[end:], "old_hard_negatives", "exec"), old_module.__dict__)
+    old_namespace = old_module.__dict__
+
+    def fields(spans):
+        return [(r.start_char, r.end_char, r.kind, r.options) for r in spans]
+
+    texts = captions + HAND_MADE
+    docs = list(parser.pipe(texts))
+    with_phrases = 0
+    for text, doc in zip(texts, docs):
+        new = make_hard_negatives(doc, vocab=vocab, max_negatives=6, seed_key=text)
+        old = old_namespace["make_hard_negatives"](doc, vocab=vocab, max_negatives=6, seed_key=text)
+        assert new == old, text
+        assert fields(module.find_replaceables(doc, vocab=vocab)) == fields(
+            old_namespace["find_replaceables"](doc, vocab=vocab))
+        with_phrases += any(p in text.lower().replace("-", " ") for p in vocab.phrases["colors"])
+    assert with_phrases >= 2  # the multi-word colour branch was exercised
+
+
+# ---- threads -------------------------------------------------------------------------------------------------------
+def test_torch_threads_sized_to_cores_processes_and_load(monkeypatch):
+    import os as _os
+
+    from pipelines import captions
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(_os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)
+    monkeypatch.setattr(_os, "getloadavg", lambda: (0.2, 0.0, 0.0))
+    assert captions.torch_threads_for(1) == 8  # idle machine: every core
+    assert captions.torch_threads_for(2) == 4  # two worker processes share them
+    assert captions.torch_threads_for(16) == 1
+    monkeypatch.setattr(_os, "getloadavg", lambda: (6.6, 0.0, 0.0))
+    assert captions.torch_threads_for(1) == 1  # ~7 cores busy: only the free one
+    monkeypatch.setattr(_os, "getloadavg", lambda: (30.0, 0.0, 0.0))
+    assert captions.torch_threads_for(1) == 1
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert captions.torch_threads_for(2) == 3  # an explicit setting wins
+
+
+def test_captions_runtime_counts_local_worker_processes():
+    from configs.schema import load_config
+    from pipelines.stages import STAGE_DEFINITIONS, stage_keys
+
+    captions = STAGE_DEFINITIONS["captions"]
+    local = load_config(None)
+    dask = load_config(None, {"runtime.runner": "dask", "runtime.dask_workers": 3})
+    remote = load_config(None, {"runtime.runner": "dask", "runtime.dask_workers": 3,
+                                "runtime.dask_address": "tcp://10.0.0.1:8786"})
+    assert captions.runtime(local)["processes_per_machine"] == 1
+    assert captions.runtime(dask)["processes_per_machine"] == 3
+    assert captions.runtime(remote)["processes_per_machine"] == 1  # the cluster's machines are not this one
+    assert stage_keys(local) == stage_keys(dask)  # a runtime setting: no cache key changes
