@@ -14,7 +14,7 @@ import os
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import yaml
@@ -150,6 +150,21 @@ def _read_history(metrics_path: Path) -> list[dict]:
     return [json.loads(line) for line in metrics_path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
+def run_settings(data: AblationData, *, variant: str, seed: int, initial: str, objective: Objective,
+                 train_options: dict, eval_options: dict) -> dict:
+    """Return what decides a run's result (JSON-able): a finished run is reused only when these are unchanged."""
+    trained = variant != ZERO_SHOT
+    return json.loads(json.dumps({
+        "variant": variant, "seed": seed, "initial_model": initial,
+        "train_manifest": str(data.train_manifest) if trained else None, "test_manifest": str(data.test_manifest),
+        "test_split": data.test_split,
+        "objective": asdict(variant_objective(objective, variant)) if trained else None,
+        "train_options": {k: v for k, v in train_options.items() if k not in ("progress", "config")} if trained
+        else None,
+        "eval_options": eval_options,
+    }, default=str))
+
+
 def run_variant(data: AblationData, run_dir: str | os.PathLike, *, variant: str, seed: int, initial: str,
                 objective: Objective, train_options: dict, eval_options: dict) -> dict:
     """Train (unless zero-shot) and evaluate one variant for one seed; return its result, also written to
@@ -164,9 +179,16 @@ def run_variant(data: AblationData, run_dir: str | os.PathLike, *, variant: str,
 
     run_dir = Path(run_dir)
     done = run_dir / RESULT_FILE
+    settings = run_settings(data, variant=variant, seed=seed, initial=initial, objective=objective,
+                            train_options=train_options, eval_options=eval_options)
     if done.is_file():
-        return json.loads(done.read_text(encoding="utf-8"))
-    result: dict = {"variant": variant, "seed": seed, "initial_model": initial, "train_seconds": 0.0, "steps": 0}
+        finished = json.loads(done.read_text(encoding="utf-8"))
+        if finished.get("settings") != settings:
+            raise ValueError(f"{run_dir} holds a run with other settings (data, model, objective or training "
+                             f"options changed); use a new --out folder or delete {run_dir}")
+        return finished
+    result: dict = {"variant": variant, "seed": seed, "initial_model": initial, "train_seconds": 0.0, "steps": 0,
+                    "settings": settings}
     checkpoint = initial
     if variant != ZERO_SHOT:
         started = time.perf_counter()

@@ -146,3 +146,14 @@ def test_cli_make_benchmark_then_ablate_a_manifest(tmp_path, monkeypatch, capsys
     assert "| zero-shot | 1 | 2 |" in printed and "| global | 1 | 2 |" in printed
     assert (tmp_path / "out" / "runs" / "global" / "seed-0" / "result.json").is_file()
     assert main(["ablate", str(tmp_path / "data"), "--out", str(tmp_path / "out"), "--variants", "nope"]) == 2
+
+
+def test_a_finished_run_with_other_settings_is_refused(tmp_path, monkeypatch):
+    monkeypatch.setenv("STRUCTXLIP_CACHE", str(tmp_path / "cache"))
+    make_benchmark(tmp_path / "bench", images=8, seed=0, test_fraction=0.25, image_size=64)
+    benchmark_manifest(tmp_path / "bench", tmp_path / "data")
+    data = AblationData(tmp_path / "data", tmp_path / "data")
+    run = dict(clip_model=TINY_CLIP, variants=["zero-shot"], seeds=[0], objective=Objective(), train_options={})
+    ablate(data, tmp_path / "out", eval_options=dict(max_text_tokens=77, device="cpu"), **run)
+    with pytest.raises(ValueError, match="other settings"):
+        ablate(data, tmp_path / "out", eval_options=dict(max_text_tokens=77, device="cpu", batch_size=2), **run)
