@@ -192,8 +192,8 @@ def run_variant(data: AblationData, run_dir: str | os.PathLike, *, variant: str,
     checkpoint = initial
     if variant != ZERO_SHOT:
         started = time.perf_counter()
-        trained = train(data.train_manifest, run_dir, clip_model=initial, objective=variant_objective(objective, variant),
-                        seed=seed, resume=True, **train_options)
+        trained = train(data.train_manifest, run_dir, clip_model=initial,
+                        objective=variant_objective(objective, variant), seed=seed, resume=True, **train_options)
         result["train_seconds"] = time.perf_counter() - started
         if trained.model_dir is None:
             raise RuntimeError(f"{variant} seed {seed}: training stopped before its last epoch; re-run to resume")
