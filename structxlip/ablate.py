@@ -315,6 +315,14 @@ def ablate(data: AblationData, out_dir: str | os.PathLike, *, clip_model: str, v
             results.append(run_variant(data, out_dir / "runs" / variant / f"seed-{seed}", variant=variant, seed=seed,
                                        initial=initial, objective=objective, train_options=train_options,
                                        eval_options=eval_options))
+    return write_ablation(data, out_dir, results, clip_model=clip_model, variants=variants, seeds=seeds,
+                          command=command)
+
+
+def write_ablation(data: AblationData, out_dir: str | os.PathLike, results: list[dict], *, clip_model: str,
+                   variants: list[str], seeds: list[int], command: str | None = None) -> AblationResult:
+    """Summarise finished runs (``run_variant`` results) into ``OUT/ablation.{json,md,png}``; return them."""
+    out_dir = Path(out_dir).expanduser()
     table = summarise(results)
     payload = {"command": command, "clip_model": clip_model, "seeds": seeds, "variants": variants,
                "train_manifest": str(data.train_manifest), "test_manifest": str(data.test_manifest),
