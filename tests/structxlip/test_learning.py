@@ -5,7 +5,9 @@ CI-sized (about a minute on 2 cores): 360 generated images (288 train, 72 held o
 64 and 2 layers, the full StructXLIP objective, 12 epochs of batch 32. Nothing here is random at run time: the
 images are a pure function of the seed, the model's initial weights and the data order come from fixed seeds, torch
 runs single-threaded with deterministic algorithms, so the outcome is the same number on every run of a given
-platform; the margins below leave room for float differences between platforms (measured: see the asserts).
+platform; the margins leave room for float differences between platforms. Measured here (twice, same numbers):
+t2i R@1 12.5% on 72 held-out pairs (chance 1.39%; asserted >= 4x chance = 5.6%), R@5 47.2% (asserted >= 20.8%),
+mean loss 5.74 in epoch 1 and 3.09 in epoch 12 (asserted < 0.8x); about 26 CPU-seconds.
 """
 
 from __future__ import annotations
