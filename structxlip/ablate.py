@@ -87,10 +87,11 @@ def _split_config(config_path: str | None, split: str, target: Path) -> Path:
 
 def run_data_pipeline(images_dir: Path, out_dir: Path, *, config_path: str | Path | None) -> None:
     """Run the data stages of ``structxlip run`` on ``images_dir`` into ``out_dir`` (cached: a re-run is cheap)."""
-    command = [sys.executable, "-m", "flows.cli", "run", str(images_dir), "--out", str(out_dir),
-               "--stages", DATA_STAGES]
+    # Absolute paths: the child runs in the repository root, so that ``flows`` imports from this checkout.
+    command = [sys.executable, "-m", "flows.cli", "run", str(Path(images_dir).resolve()), "--out",
+               str(Path(out_dir).resolve()), "--stages", DATA_STAGES]
     if config_path is not None:
-        command += ["--config", str(config_path)]
+        command += ["--config", str(Path(config_path).expanduser().resolve())]
     print("$ structxlip " + " ".join(command[3:]), file=sys.stderr, flush=True)
     completed = subprocess.run(command, cwd=Path(__file__).resolve().parent.parent)
     if completed.returncode != 0:
