@@ -157,3 +157,28 @@ def test_a_finished_run_with_other_settings_is_refused(tmp_path, monkeypatch):
     ablate(data, tmp_path / "out", eval_options=dict(max_text_tokens=77, device="cpu"), **run)
     with pytest.raises(ValueError, match="other settings"):
         ablate(data, tmp_path / "out", eval_options=dict(max_text_tokens=77, device="cpu", batch_size=2), **run)
+
+
+@pytest.mark.e2e
+def test_cli_ablate_runs_the_real_pipeline_on_a_benchmark_folder(tmp_path, monkeypatch, capsys):
+    """The user's route: make-benchmark, then ablate on the folder (both splits go through `structxlip run`)."""
+    from flows.cli import main
+
+    monkeypatch.setenv("STRUCTXLIP_CACHE", str(tmp_path / "cache"))
+    monkeypatch.chdir(tmp_path)  # relative paths, from a folder other than the repository
+    assert main(["make-benchmark", "bench", "--images", "10", "--seed", "0", "--image-size", "64"]) == 0
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump({"model": {"clip_model": TINY_CLIP}, "regions": {"method": "structure"},
+                                      "filter": {"remove_textures": True},
+                                      "train": {"batch_size": 4, "max_text_tokens": 77, "device": "cpu"}}))
+    assert main(["ablate", "bench", "--out", "out", "--config", "tiny.yaml", "--variants", "zero-shot,full",
+                 "--seeds", "1", "--epochs", "1", "--no-progress"]) == 0
+    table = json.loads((tmp_path / "out" / "ablation.json").read_text())["table"]
+    assert table["full"]["n_pairs"] == 2 and table["zero-shot"]["n_pairs"] == 2
+    from storage.manifest import read_manifest
+
+    rows = read_manifest(tmp_path / "out" / "data" / "train").to_pylist()
+    assert {row["split"] for row in rows} == {"train"} and len(rows) == 8
+    assert all("striped" not in row["filtered_caption"] and "red" not in row["filtered_caption"].split()
+               for row in rows)
+    assert {row["split"] for row in read_manifest(tmp_path / "out" / "data" / "test").to_pylist()} == {"test"}
