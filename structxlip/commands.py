@@ -1,5 +1,5 @@
 """Library subcommands of the ``structxlip`` CLI (train, evaluate, rankings, report, export-json, import-json,
-export-checkpoint, build-tiny-clip).
+export-checkpoint, build-tiny-clip, make-benchmark, ablate).
 
 Each handler validates the config once and passes explicit keyword arguments to the library.
 """
@@ -150,6 +150,48 @@ def _build_tiny_clip(args: argparse.Namespace) -> int:
     return 0
 
 
+def _make_benchmark(args: argparse.Namespace) -> int:
+    from structxlip.shapes_benchmark import make_benchmark
+
+    benchmark = make_benchmark(args.out, images=args.images, seed=args.seed, test_fraction=args.test_fraction,
+                               image_size=args.image_size)
+    counts = ", ".join(f"{split} {count} in {benchmark.split_dirs[split]}" for split, count in benchmark.counts.items())
+    print(f"benchmark written to {benchmark.root}: {counts}")
+    return 0
+
+
+def _ablate(args: argparse.Namespace) -> int:
+    from structxlip.ablate import ablate, parse_variants, prepare_data
+
+    config = _load_config(args, {"train.epochs": args.epochs, "train.device": args.device,
+                                 "evaluate.device": args.device})
+    variants = parse_variants(args.variants)
+    if args.seeds < 1:
+        raise ValueError(f"expected --seeds >= 1, got {args.seeds}")
+    # The same trainer and evaluator arguments as the pipeline's train and evaluate stages (one definition).
+    from pipelines.stages import STAGE_DEFINITIONS, train_arguments
+
+    train_stage, evaluate_stage = STAGE_DEFINITIONS["train"], STAGE_DEFINITIONS["evaluate"]
+    train_options = train_arguments(config.model.clip_model, train_stage.params(config).train,
+                                    train_stage.runtime(config))
+    objective = train_options.pop("objective")
+    for set_per_run in ("clip_model", "seed"):
+        train_options.pop(set_per_run)
+    train_options.update(config=config.model_dump(mode="json"), progress=not args.no_progress)
+    evaluated = evaluate_stage.params(config).model_dump()
+    eval_options = {**{k: evaluated[k] for k in ("max_text_tokens", "keep_positions", "structure_kind")},
+                    **evaluate_stage.runtime(config)}
+    out = Path(args.out).expanduser()
+    data = prepare_data(args.source, out / "data", config_path=args.config)
+    command = "structxlip ablate " + " ".join(sys.argv[2:]) if len(sys.argv) > 2 else None
+    result = ablate(data, out, clip_model=config.model.clip_model, variants=variants,
+                    seeds=list(range(args.seed_start, args.seed_start + args.seeds)), objective=objective,
+                    train_options=train_options, eval_options=eval_options, command=command)
+    print(result.markdown_path.read_text(encoding="utf-8"))
+    print(f"table: {result.json_path}, {result.markdown_path}; plot: {result.plot_path}")
+    return 0
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the library's subcommands to the top-level parser."""
     train = subparsers.add_parser("train", help="fine-tune CLIP with the StructXLIP objective on a manifest",
@@ -239,3 +281,31 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     tiny.add_argument("out_dir", help="folder to write (replaced if it exists)")
     tiny.add_argument("--seed", type=int, default=0)
     tiny.set_defaults(handler=_build_tiny_clip)
+
+    benchmark = subparsers.add_parser(
+        "make-benchmark", help="write the generated shapes benchmark (structure decides, colour/texture mislead)",
+        description="Write OUT/train and OUT/test image folders (PNG + captions.jsonl) of 1-3 shapes over textured "
+                    "backgrounds; the test split's colour and texture statistics differ from training.")
+    benchmark.add_argument("out", help="folder to write")
+    benchmark.add_argument("--images", type=int, required=True, help="number of images (train + test)")
+    benchmark.add_argument("--seed", type=int, default=0)
+    benchmark.add_argument("--test-fraction", type=float, default=0.2, help="share held out for testing (0.2)")
+    benchmark.add_argument("--image-size", type=int, default=128, help="image side in pixels (128)")
+    benchmark.set_defaults(handler=_make_benchmark)
+
+    ablation = subparsers.add_parser(
+        "ablate", help="train and evaluate the loss variants (zero-shot ... full) over seeds; write a table + plot",
+        description="From the same initial weights and data order, train every variant and evaluate all on the same "
+                    "held-out pairs (t2i, i2t, s2t, t2s, ts2i). Finished runs are skipped, unfinished ones resume.")
+    ablation.add_argument("source", metavar="IMAGES_OR_MANIFEST",
+                          help="a make-benchmark folder, an image folder (the data stages run once) or a manifest")
+    ablation.add_argument("--out", required=True, help="output folder (data/, runs/VARIANT/seed-S/, ablation.*)")
+    ablation.add_argument("--config", help="YAML config (e.g. configs/ablation-small.yaml)")
+    ablation.add_argument("--variants", help="comma-separated subset of zero-shot, global, global+structure_centric, "
+                                             "global+consistency, global+local, full (default: all)")
+    ablation.add_argument("--seeds", type=int, default=3, help="number of seeds (default 3)")
+    ablation.add_argument("--seed-start", type=int, default=0, help="first seed (default 0)")
+    ablation.add_argument("--epochs", type=int, help="override train.epochs")
+    ablation.add_argument("--device", help="override train.device and evaluate.device")
+    ablation.add_argument("--no-progress", action="store_true", help="no progress bars")
+    ablation.set_defaults(handler=_ablate)

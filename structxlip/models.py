@@ -25,6 +25,13 @@ from structxlip.checkpoint import load_model_state
 from structxlip.text import extend_position_embeddings, stretch_positions, text_position_count
 
 TINY_CLIP = "structxlip/tiny-clip"  # same string as configs.schema.TINY_CLIP
+# A small random CLIP that learns from scratch on CPU in minutes (configs/ablation-small.yaml, the learning test).
+SMALL_CLIP = "structxlip/small-clip-64"
+# Model ids built locally at random initialisation: id -> build_tiny_clip keyword arguments.
+RANDOM_CLIPS: dict[str, dict[str, int]] = {
+    TINY_CLIP: {},
+    SMALL_CLIP: {"hidden_size": 64, "num_layers": 2, "image_size": 64, "patch_size": 8, "projection_dim": 64},
+}
 CACHE_ENV = "STRUCTXLIP_CACHE"
 _STRIP_PREFIXES = ("module.", "clip_model.", "model.")
 _WRAPPER_KEYS = ("state_dict", "model_state_dict", "model")
@@ -119,24 +126,33 @@ def cache_dir() -> Path:
 
 
 def resolve_model_source(name: str) -> str:
-    """Return what to pass to ``from_pretrained`` for ``name``: the name itself for hub ids and local folders; for
-    ``"structxlip/tiny-clip"`` the path of the tiny CLIP in the cache, built on first use."""
-    if name != TINY_CLIP:
+    """Return what to pass to ``from_pretrained`` for ``name``: the name itself for hub ids and local folders; for a
+    random model id of ``RANDOM_CLIPS`` (``"structxlip/tiny-clip"``, ``"structxlip/small-clip-64"``) the path of
+    that model in the cache, built (seed 0) on first use."""
+    if name not in RANDOM_CLIPS:
         return name
-    target = cache_dir() / "tiny-clip"
+    folder = name.split("/", 1)[1]
+    target = cache_dir() / folder
     if (target / "config.json").is_file():
         return str(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     # Build under a private name, then rename: of two racing processes one rename wins, the other reuses its result.
-    private = build_tiny_clip(target.with_name(f".tiny-clip.build-{os.getpid()}-{uuid.uuid4().hex[:8]}"))
+    private = build_random_clip(name, target.with_name(f".{folder}.build-{os.getpid()}-{uuid.uuid4().hex[:8]}"))
     try:
         private.rename(target)
     except OSError:
         shutil.rmtree(private, ignore_errors=True)
         if not (target / "config.json").is_file():
-            raise RuntimeError(f"could not create the tiny CLIP at {target}: the folder exists but is not a model; "
-                               f"delete it and retry") from None
+            raise RuntimeError(f"could not create the {name} model at {target}: the folder exists but is not a "
+                               f"model; delete it and retry") from None
     return str(target)
+
+
+def build_random_clip(name: str, out_dir: str | os.PathLike, *, seed: int = 0) -> Path:
+    """Write the random model ``name`` of ``RANDOM_CLIPS`` initialised from ``seed`` to ``out_dir``; return it."""
+    if name not in RANDOM_CLIPS:
+        raise ValueError(f"expected a random model id in {sorted(RANDOM_CLIPS)}, got {name!r}")
+    return build_tiny_clip(out_dir, seed=seed, **RANDOM_CLIPS[name])
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -204,3 +204,22 @@ def test_load_structxlip_checkpoint_refuses_other_files(tiny_clip_dir, tmp_path)
         load_structxlip_checkpoint(model, tmp_path / "other.pth")
     with pytest.raises(FileNotFoundError):
         load_structxlip_checkpoint(model, tmp_path / "missing.pth")
+
+
+def test_small_clip_is_built_like_the_tiny_one_at_its_own_size(tmp_path, monkeypatch):
+    from transformers import CLIPConfig
+
+    from structxlip.models import SMALL_CLIP, build_random_clip
+
+    monkeypatch.setenv("STRUCTXLIP_CACHE", str(tmp_path / "cache"))
+    path = resolve_model_source(SMALL_CLIP)
+    assert path == str(tmp_path / "cache" / "small-clip-64")
+    config = CLIPConfig.from_pretrained(path)
+    assert (config.vision_config.hidden_size, config.vision_config.image_size, config.text_config.hidden_size,
+            config.projection_dim, config.text_config.num_hidden_layers) == (64, 64, 64, 64, 2)
+    seed0 = _state(build_random_clip(SMALL_CLIP, tmp_path / "s0", seed=0))
+    seed1 = _state(build_random_clip(SMALL_CLIP, tmp_path / "s1", seed=1))
+    assert all(torch.equal(seed0[k], v) for k, v in _state(path).items())  # the cached model is seed 0
+    assert not torch.equal(seed0["text_projection.weight"], seed1["text_projection.weight"])
+    with pytest.raises(ValueError, match="random model id"):
+        build_random_clip("openai/clip-vit-base-patch16", tmp_path / "x")
