@@ -575,7 +575,8 @@ def filter_captions(records: list[dict], *, caption_filter: CaptionFilter, max_h
                         if doc is not None
                         else []
                     ),
-                    "extra_captions": _filter_extra_captions(record, docs, caption_filter, max_hard_negatives),
+                    **({"extra_captions": _filter_extra_captions(record, docs, caption_filter, max_hard_negatives)}
+                       if record.get("extra_captions") else {}),
                 }
             )
         except Exception as exc:  # noqa: BLE001 - one bad record must not sink the chunk

@@ -186,3 +186,60 @@ def test_dataset_draws_one_caption_per_image_per_epoch(tmp_path):
         assert dataset[1]["caption"] == "b one"
         seen.add(item["caption"])
     assert seen == {"a one", "a two", "a three"}
+
+
+# ---- evaluation end to end -----------------------------------------------------------------------------------------
+def _with_extra_captions(out):
+    """Give the synthetic manifest's images 1-3 captions each (the extras describe the image in other words)."""
+    from storage.manifest import manifest_table, read_manifest
+    from storage.parquet import parquet_parts, write_parquet_atomic
+
+    rows = read_manifest(out).to_pylist()
+    for number, row in enumerate(rows):
+        words = (row["caption"] or "").split()
+        row["extra_captions"] = [{"caption": " ".join(reversed(words[:6 + k])), "filtered_caption": None,
+                                  "hard_negatives": None} for k in range(number % 3)] or None
+    parts = parquet_parts(out / "manifest")
+    write_parquet_atomic(manifest_table(rows), out / "manifest" / "all.parquet")
+    for part in parts:
+        part.unlink()
+    return rows
+
+
+def test_evaluate_with_several_captions_matches_a_slow_loop(tiny_clip_dir, tmp_path):
+    from structxlip.data import load_records
+    from structxlip.evaluate import evaluate
+    from structxlip.models import load_clip
+    from structxlip.synthetic import make_synthetic_manifest
+
+    out = tmp_path / "data"
+    make_synthetic_manifest(out, n_images=7, image_size=48, seed=5)
+    _with_extra_captions(out)
+    records = load_records(out, split=None, top_k=0)
+    report = evaluate(out, checkpoint=tiny_clip_dir, base_model=str(tiny_clip_dir), split="all", batch_size=3,
+                      device="cpu", max_text_tokens=77)
+    texts = [(i, r.caption) for i, r in enumerate(records)] + [
+        (i, extra[0]) for i, r in enumerate(records) for extra in r.extra_captions]
+    assert report["n_pairs"] == len(records) and report["n_texts"] == len(texts) > len(records)
+
+    loaded = load_clip(tiny_clip_dir, max_text_tokens=77)
+    model = loaded.model.eval()
+    from structxlip.data import ImagePreprocessor, open_rgb
+
+    preprocess = ImagePreprocessor.from_image_processor(loaded.image_processor)
+    with torch.no_grad():
+        pixels = torch.stack([preprocess(open_rgb(r.image_path)) for r in records])
+        image = model.get_image_features(pixel_values=pixels).pooler_output
+        tokens = loaded.tokenizer([t for _, t in texts], padding="max_length", truncation=True, max_length=77,
+                                  return_tensors="pt")
+        text = model.get_text_features(**tokens).pooler_output
+    cos = torch.nn.functional.normalize(image, dim=1) @ torch.nn.functional.normalize(text, dim=1).T
+    for k in (1, 5):
+        t2i = [sorted(range(len(records)), key=lambda i: (-float(cos[i, t]), i)).index(owner) < k
+               for t, (owner, _) in enumerate(texts)]
+        i2t = []
+        for i in range(len(records)):
+            order = sorted(range(len(texts)), key=lambda t: (-float(cos[i, t]), t))
+            i2t.append(next(n for n, t in enumerate(order) if texts[t][0] == i) < k)
+        assert report[f"t2i/R@{k}"] == pytest.approx(100.0 * sum(t2i) / len(t2i))
+        assert report[f"i2t/R@{k}"] == pytest.approx(100.0 * sum(i2t) / len(i2t))
