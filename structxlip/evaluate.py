@@ -133,13 +133,15 @@ def split_report(encoded: EncodedSplit) -> dict[str, float]:
 
 def metrics_table(metrics: dict) -> str:
     """Return a markdown table: one row per retrieval direction with its number of pairs ``n`` (structure
-    directions count only the samples with a structure map), R@K, mean and median rank."""
+    directions count only the samples with a structure map; t2i counts the captions), R@K, mean and median rank."""
     columns = [f"R@{k}" for k in RECALL_KS] + ["mean_rank", "median_rank"]
     lines = ["| direction | n | " + " | ".join(columns) + " |", "|---|---:|" + "---:|" * len(columns)]
     for direction in DIRECTIONS:
         if f"{direction}/R@1" not in metrics:
             continue
         pairs = metrics.get("n_structure_pairs" if direction in STRUCTURE_DIRECTIONS else "n_pairs", "")
+        if direction == "t2i":  # one query per caption (more than the images when they have several)
+            pairs = metrics.get("n_texts", pairs)
         cells = [f"{metrics[f'{direction}/{column}']:.2f}" for column in columns]
         lines.append(f"| {direction} | {pairs} | " + " | ".join(cells) + " |")
     return "\n".join(lines)

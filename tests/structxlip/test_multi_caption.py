@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from structxlip.data import TrainingRecord, caption_choice, records_from_rows
-from structxlip.evaluate import EncodedSplit, split_report
+from structxlip.evaluate import EncodedSplit, metrics_table, split_report
 from structxlip.metrics import group_match_ranks, match_ranks, retrieval_metrics, retrieval_report
 
 # 3 images x 2 captions. Images are the unit vectors e0, e1, e2 (of R^4); each caption is (s0, s1, s2, pad) with
@@ -60,6 +60,8 @@ def test_group_ranks_follow_the_standard_protocol_by_hand():
                            has_structure=torch.ones(3, dtype=torch.bool), text_image=TEXT_IMAGE)
     split = split_report(encoded)
     assert (split["n_pairs"], split["n_texts"]) == (3, 6)
+    table = metrics_table(split)
+    assert "| t2i | 6 | 50.00 | 100.00" in table and "| i2t | 3 | 66.67 | 100.00" in table
     assert split["t2i/R@1"] == pytest.approx(50.0) and split["i2t/R@1"] == pytest.approx(200 / 3)
     # Structure maps equal to the images: structure->text is image->text, text->structure is text->image.
     assert split["s2t/R@1"] == split["i2t/R@1"] and split["t2s/mean_rank"] == split["t2i/mean_rank"]
@@ -243,3 +245,24 @@ def test_evaluate_with_several_captions_matches_a_slow_loop(tiny_clip_dir, tmp_p
             i2t.append(next(n for n, t in enumerate(order) if texts[t][0] == i) < k)
         assert report[f"t2i/R@{k}"] == pytest.approx(100.0 * sum(t2i) / len(t2i))
         assert report[f"i2t/R@{k}"] == pytest.approx(100.0 * sum(i2t) / len(i2t))
+
+
+def test_training_on_several_captions_resumes_exactly(tiny_clip_dir, tmp_path):
+    from storage.layout import OutputLayout
+    from structxlip.checkpoint import load_checkpoint
+    from structxlip.synthetic import make_synthetic_manifest
+    from structxlip.train import train
+
+    data = tmp_path / "data"
+    make_synthetic_manifest(data, n_images=12, image_size=48, seed=1)
+    _with_extra_captions(data)
+    settings = dict(clip_model=str(tiny_clip_dir), epochs=2, batch_size=4, lr=1e-3, max_text_tokens=77,
+                    progress=False, device="cpu", seed=5, logit_scale_max=2.0)
+    straight = train(data, tmp_path / "a", **settings)
+    assert straight.steps == 4
+    train(data, tmp_path / "b", max_steps=3, **settings)
+    train(data, tmp_path / "b", resume=True, **settings)
+    a = load_checkpoint(OutputLayout(tmp_path / "a").checkpoint("last")).model
+    b = load_checkpoint(OutputLayout(tmp_path / "b").checkpoint("last")).model
+    for name, tensor in a.items():
+        torch.testing.assert_close(b[name], tensor, atol=1e-6, rtol=0, msg=name)
