@@ -552,7 +552,8 @@ def _render(doc, removed: set[int]) -> str:
 
 
 def filter_captions(records: list[dict], *, caption_filter: CaptionFilter, max_hard_negatives: int = 3) -> list[dict]:
-    """Return one ``{image_id, status, error, filtered_caption, segments, hard_negatives}`` per input record.
+    """Return one ``{image_id, status, error, filtered_caption, segments, hard_negatives, extra_captions}`` per input
+    record (``extra_captions``: the record's further captions, each filtered with its own hard negatives).
 
     All captions of the chunk (global and segment captions) go through a single ``nlp.pipe`` call; hard negatives
     are built from the same parsed Docs of the global captions.
@@ -562,7 +563,7 @@ def filter_captions(records: list[dict], *, caption_filter: CaptionFilter, max_h
     texts: list[str] = []
     for record in records:
         segment_captions = [s.get("caption") for s in record.get("segments") or [] if isinstance(s, dict)]
-        for text in [record.get("caption")] + segment_captions:
+        for text in [record.get("caption")] + segment_captions + list(record.get("extra_captions") or []):
             if isinstance(text, str) and text.strip():
                 texts.append(text)
     unique = list(dict.fromkeys(texts))
@@ -600,6 +601,8 @@ def filter_captions(records: list[dict], *, caption_filter: CaptionFilter, max_h
                         if doc is not None
                         else []
                     ),
+                    **({"extra_captions": _filter_extra_captions(record, docs, caption_filter, max_hard_negatives)}
+                       if record.get("extra_captions") else {}),
                 }
             )
         except Exception as exc:  # noqa: BLE001 - one bad record must not sink the chunk
@@ -615,3 +618,16 @@ def filter_captions(records: list[dict], *, caption_filter: CaptionFilter, max_h
                 }
             )
     return outputs
+
+
+def _filter_extra_captions(record: dict, docs: dict, caption_filter: CaptionFilter, max_hard_negatives: int) -> list:
+    """Return ``{caption, filtered_caption, hard_negatives}`` for each further caption of a multi-caption image."""
+    from pipelines.hard_negatives import make_hard_negatives
+
+    extras = []
+    for text in record.get("extra_captions") or []:
+        doc = docs.get(text) if isinstance(text, str) else None
+        extras.append({"caption": text, "filtered_caption": caption_filter.filter_doc(doc) if doc is not None else None,
+                       "hard_negatives": [] if doc is None else make_hard_negatives(
+                           doc, vocab=caption_filter.vocabulary, max_negatives=max_hard_negatives, seed_key=text)})
+    return extras

@@ -172,6 +172,15 @@ class CaptionIndex:
 
     entries: dict[str, Caption]
     problems: list[dict] = field(default_factory=list)  # {"source", "line", "error"}
+    # Further captions of an image (COCO/Flickr style: several lines, rows or a JSON list), in file order.
+    extras: dict[str, tuple[str, ...]] = field(default_factory=dict)
+
+    def captions(self, path: str | os.PathLike) -> list[str]:
+        """Return every caption of an image: the primary one first, then the others in file order (may be empty)."""
+        key = storable_path(path)
+        entry = self.entries.get(key)
+        first = [entry.caption] if entry is not None and entry.caption else []
+        return first + list(self.extras.get(key, ()))
 
     def __getitem__(self, path: str | os.PathLike) -> Caption:
         return self.entries[storable_path(path)]
@@ -269,8 +278,11 @@ def _read_jsonl(path: Path, problems: list[dict]) -> list[tuple[int, str, str | 
             error = f"missing file name (keys {list(_FILE_KEYS)})"
             problems.append({"source": path.name, "line": number, "error": error})
             continue
+        if isinstance(caption, list) and all(isinstance(c, str) for c in caption):
+            rows += [(number, reference, c) for c in caption]  # several captions of one image
+            continue
         if caption is not None and not isinstance(caption, str):
-            error = f"caption must be a string, got {type(caption).__name__}"
+            error = f"caption must be a string or a list of strings, got {type(caption).__name__}"
             problems.append({"source": path.name, "line": number, "error": error})
             continue
         rows.append((number, reference, caption))
@@ -320,6 +332,9 @@ def _relative_name(path: Path, root: Path) -> str:
 def read_captions(images_dir: str | os.PathLike, files: Sequence[SourceImage]) -> CaptionIndex:
     """Return each image's caption: sidecar ``NAME.txt`` first, else ``captions.jsonl``, else ``captions.csv``.
 
+    A jsonl/csv may give several captions for one image (several lines or rows, or a JSON list as the caption
+    value): the first non-empty one is the entry's caption, the others (distinct, file order) are ``extras``.
+
     File references in jsonl/csv may be paths relative to ``images_dir``, absolute paths, or bare file names (when
     unambiguous); a reference matches exactly first (names may start or end with spaces), then without surrounding
     spaces. Names with undecodable bytes are matched in their ``\\xNN`` form. Captions are cleaned
@@ -358,7 +373,7 @@ def read_captions(images_dir: str | os.PathLike, files: Sequence[SourceImage]) -
         same_name = by_name.get(candidate.name, [])
         return same_name[0] if len(same_name) == 1 else None
 
-    listed: dict[str, dict[str, tuple[str | None, str]]] = {}
+    listed: dict[str, dict[str, list[tuple[str | None, str]]]] = {}
     for source, filename, reader in (("jsonl", CAPTIONS_JSONL, _read_jsonl), ("csv", CAPTIONS_CSV, _read_csv)):
         path = root / filename
         if not path.is_file():
@@ -369,16 +384,14 @@ def read_captions(images_dir: str | os.PathLike, files: Sequence[SourceImage]) -
             key = match(reference)
             if key is None:
                 unmatched += 1
-            elif key in found:
-                error = f"duplicate caption for {reference}; the first is used"
-                problems.append({"source": filename, "line": number, "error": error})
-            else:
-                found[key] = (caption, f"{filename} line {number}")
+            else:  # several lines/rows for one image are several captions, kept in file order
+                found.setdefault(key, []).append((caption, f"{filename} line {number}"))
         if unmatched:
             error = f"{unmatched} caption(s) name no scanned image"
             problems.append({"source": filename, "line": None, "error": error})
 
     entries: dict[str, Caption] = {}
+    extras: dict[str, tuple[str, ...]] = {}
     bad_lines = {(p["source"], p["line"]) for p in problems if "not valid UTF-8" in p["error"]}
     for image in files:
         key = storable_path(image.path)
@@ -394,19 +407,24 @@ def read_captions(images_dir: str | os.PathLike, files: Sequence[SourceImage]) -
                 entries[key] = Caption(caption, "sidecar", "; ".join(notes) or None)
                 continue
         for source in ("jsonl", "csv"):
-            if key in listed.get(source, {}):
-                raw, where = listed[source][key]
+            kept: list[str] = []
+            for raw, where in listed.get(source, {}).get(key, []):
                 caption = clean_caption(raw)
                 filename, number = where.rsplit(" line ", 1)
                 if (filename, int(number)) in bad_lines:
                     notes.append(f"{where} is not valid UTF-8; undecodable bytes replaced with U+FFFD")
-                if caption is not None:
-                    entries[key] = Caption(caption, source, "; ".join(notes) or None)
-                    break
-                notes.append(f"empty caption at {where}")
+                if caption is None:
+                    notes.append(f"empty caption at {where}")
+                elif caption not in kept:  # the same text twice is one caption
+                    kept.append(caption)
+            if kept:
+                entries[key] = Caption(kept[0], source, "; ".join(notes) or None)
+                if len(kept) > 1:
+                    extras[key] = tuple(kept[1:])
+                break
         else:
             entries[key] = Caption(None, None, "; ".join(notes) or None)
-    return CaptionIndex(entries=entries, problems=problems)
+    return CaptionIndex(entries=entries, problems=problems, extras=extras)
 
 
 # ---- ingest -----------------------------------------------------------------------------------------------------

@@ -4,9 +4,11 @@ incrementally to ``OUT/manifest/``.
 Rules (one row per distinct image):
 - A file that failed ingest gets a row with ``status="failed"`` and ``error="ingest: ..."``; its ``image_id`` is the
   SHA-256 of its bytes when they were readable, else a content key of its path.
-- Files with identical bytes (same ``image_id``) become ONE row, for the first path in sorted order. The other copies
-  are not written to the manifest (``image_id`` stays unique, which the trainer and joins rely on); they are reported
-  in ``ManifestRows.duplicates`` as ``{"source_path", "duplicate_of"}`` so the run summary can count and list them.
+- Files with identical bytes (same ``image_id``) become ONE row, for the first path in sorted order (``image_id``
+  stays unique, which the trainer and joins rely on); the other paths are kept in its ``duplicate_paths`` and
+  reported in ``ManifestRows.duplicates`` as ``{"source_path", "duplicate_of"}`` for the run summary.
+- An image's captions are the union over its files (sorted path order, each file's captions in file order, a text
+  once): the first is ``caption``, the others ``extra_captions`` (with the filter stage's filtered forms).
 - An image's first failing stage (in pipeline order) makes it ``failed`` with ``"<stage>: <one-line error>"``; a stage
   that has no result for it yet reads ``"<stage>: not computed"``.
 - An image without a caption (and no generated one) is ``failed`` with ``"no caption: ..."`` and is never trained on.
@@ -28,7 +30,7 @@ from storage.manifest import MANIFEST_COLUMNS, MANIFEST_SCHEMA, STATUS_FAILED, S
 from storage.atomic import atomic_directory
 from storage.parquet import parquet_parts, read_part, write_parquet_atomic
 
-VERSION = "1"
+VERSION = "2"
 SPLIT_ORDER = ("train", "val", "test")
 MAX_ROWS_PER_PART = 50_000
 
@@ -84,15 +86,15 @@ def build_manifest_rows(
     """
     rows: list[dict] = []
     duplicates: list[dict] = []
-    first_path: dict[str, str] = {}
+    groups: dict[str, list[dict]] = {}  # image id -> its files' records, in sorted path order
     for record in sorted(ingest, key=lambda r: str(r["source_path"])):
-        source_path = str(record["source_path"])
-        image_id = record.get("image_id") or failed_image_id(source_path)
-        if image_id in first_path:
-            duplicates.append({"source_path": source_path, "duplicate_of": first_path[image_id], "image_id": image_id})
-            continue
-        first_path[image_id] = source_path
-        caption, caption_source, note = (tuple(captions_index.get(source_path) or ()) + (None, None, None))[:3]
+        groups.setdefault(record.get("image_id") or failed_image_id(str(record["source_path"])), []).append(record)
+    for image_id, group in sorted(groups.items(), key=lambda kv: str(kv[1][0]["source_path"])):
+        record, source_path = group[0], str(group[0]["source_path"])
+        others = [str(r["source_path"]) for r in group[1:]]
+        duplicates += [{"source_path": p, "duplicate_of": source_path, "image_id": image_id} for p in others]
+        all_captions, caption_source, note = _union_captions([source_path, *others], captions_index)
+        caption = all_captions[0] if all_captions else None
         row = dict.fromkeys(MANIFEST_COLUMNS)
         row |= {
             "image_id": image_id,
@@ -105,6 +107,9 @@ def build_manifest_rows(
             "caption_source": caption_source,
             "segments": [],
             "hard_negatives": [],
+            "extra_captions": [{"caption": text, "filtered_caption": None, "hard_negatives": []}
+                               for text in all_captions[1:]] or None,
+            "duplicate_paths": others or None,
         }
         error = _first_error(record, image_id, caption, note, structure, regions, captions, filtered)
         structure_row = structure.get(image_id) or {}
@@ -122,6 +127,8 @@ def build_manifest_rows(
             row["filtered_caption"] = filter_row.get("filtered_caption")
             row["segments"] = list(filter_row.get("segments") or row["segments"])
             row["hard_negatives"] = list(filter_row.get("hard_negatives") or [])
+            if filter_row.get("extra_captions"):
+                row["extra_captions"] = [dict(extra) for extra in filter_row["extra_captions"]]
         if error is None:
             row["split"] = assign_split(image_id, split_ratios)
         else:
@@ -129,6 +136,19 @@ def build_manifest_rows(
             row["error"] = error
         rows.append(row)
     return ManifestRows(rows=rows, duplicates=duplicates)
+
+
+def _union_captions(paths: list[str], captions_index: dict[str, tuple]) -> tuple[list[str], str | None, str | None]:
+    """Return (every caption over ``paths`` in order, a text once; source and note of the first path with one)."""
+    captions: list[str] = []
+    source = note = None
+    for number, path in enumerate(paths):
+        caption, caption_source, path_note, extras = (tuple(captions_index.get(path) or ()) + (None,) * 4)[:4]
+        own = ([caption] if caption else []) + list(extras or ())
+        if number == 0 or (own and not captions):
+            source, note = caption_source, path_note
+        captions += [text for text in own if text not in captions]
+    return captions, source, note
 
 
 def _first_error(record, image_id, caption, note, structure, regions, captions, filtered) -> str | None:

@@ -89,6 +89,26 @@ class Pipeline:
         caption, caption_source, note = (tuple(entry) + (None, None, None))[:3]
         return (caption if isinstance(caption, str) and caption.strip() else None), caption_source, note
 
+    @cached_property
+    def _captions_by_image(self) -> dict[str, tuple[list[str], str | None, str | None]]:
+        """Image id -> (every caption, source, note): the union over the image's files (identical bytes), in sorted
+        path order, each file's captions in file order; source and note of the first file with a caption."""
+        found: dict[str, tuple[list[str], str | None, str | None]] = {}
+        for row in sorted(self.ingest_rows, key=lambda r: r["source_path"]):
+            if row["status"] != STATUS_OK:
+                continue
+            image_id = row["image_id"]
+            own = self.caption_index.captions(row["source_path"])
+            captions, source, note = found.get(image_id, ([], None, None))
+            if not captions and (own or image_id not in found):
+                _caption, source, note = self.caption_of(row["source_path"])
+            found[image_id] = (captions + [c for c in own if c not in captions], source, note)
+        return found
+
+    def captions_of_image(self, image_id: str) -> tuple[list[str], str | None, str | None]:
+        """Return (every caption of the image, first one first; where it came from; a note) over all its files."""
+        return self._captions_by_image.get(image_id, ([], None, None))
+
     @property
     def ingest_rows(self) -> list[dict]:
         """Stored ingest records of the files in the folder now (files not ingested yet are absent)."""
@@ -109,9 +129,10 @@ class Pipeline:
         captioner = self.config.captions.captioner
         keys = {}
         for image in self.images:
-            caption, _source, _note = self.caption_of(image["source_path"])
-            if caption or captioner:
-                keys[image["image_id"]] = text_item_key(image["image_id"], caption)
+            captions, _source, _note = self.captions_of_image(image["image_id"])
+            if captions or captioner:
+                keys[image["image_id"]] = text_item_key(image["image_id"], captions[0] if captions else None,
+                                                        captions[1:])
         return keys
 
     # ---- the store ----------------------------------------------------------------------------------------------
@@ -144,7 +165,7 @@ class Pipeline:
         for name in names[names.index(stage):]:
             self._stored.pop(name, None)
             self._items.pop(name, None)
-        for attr in ("text_keys", "manifest_rows"):
+        for attr in ("text_keys", "manifest_rows", "_captions_by_image"):
             self.__dict__.pop(attr, None)
 
     # ---- plans --------------------------------------------------------------------------------------------------
@@ -176,7 +197,9 @@ class Pipeline:
         ingest = self.ingest_rows
         return build_manifest_rows(
             ingest=ingest,
-            captions_index={r["source_path"]: self.caption_of(r["source_path"]) for r in ingest},
+            captions_index={r["source_path"]: (*self.caption_of(r["source_path"]),
+                                               tuple(self.caption_index.captions(r["source_path"])[1:]))
+                            for r in ingest},
             structure=self.done_rows("structure"),
             regions=self.done_rows("regions"),
             captions=self.done_rows("captions"),

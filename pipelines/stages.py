@@ -25,7 +25,7 @@ from pydantic import BaseModel, ConfigDict
 from configs.schema import STAGES, TINY_CLIP, Config
 from storage.hashing import content_key, file_digest
 from storage.layout import OutputLayout
-from storage.manifest import SEGMENT_TYPE, STATUS_OK
+from storage.manifest import EXTRA_CAPTION_TYPE, SEGMENT_TYPE, STATUS_OK
 from storage.stage_store import ITEM_KEY, OUTPUT_TYPE, OUTPUTS
 
 if TYPE_CHECKING:
@@ -90,8 +90,11 @@ def _vocab_digest(vocab_dir: str) -> dict[str, str]:
     return {p.name: file_digest(p) for p in sorted(folder.glob("*")) if p.is_file()}
 
 
-def text_item_key(image_id: str, caption: str | None) -> str:
-    """Item key of the text stages: the image and its caption, so an edited caption recomputes only text stages."""
+def text_item_key(image_id: str, caption: str | None, extra_captions: tuple[str, ...] | list[str] = ()) -> str:
+    """Item key of the text stages: the image and all its captions, so editing any caption recomputes only the text
+    stages (a single-caption image keeps the key it always had)."""
+    if extra_captions:
+        return content_key("text", image_id, caption or "", list(extra_captions))
     return content_key("text", image_id, caption or "")
 
 
@@ -334,7 +337,8 @@ class Captions(Stage):
             key = pipeline.text_keys.get(image["image_id"])
             if region is None or region["status"] != STATUS_OK or key is None:
                 continue
-            caption, caption_source, _note = pipeline.caption_of(image["source_path"])
+            captions, caption_source, _note = pipeline.captions_of_image(image["image_id"])
+            caption = captions[0] if captions else None
             items.append((key, {**image, "caption": caption, "caption_source": caption_source,
                                 "segments": region["segments"]}))
         return items
@@ -384,7 +388,8 @@ class Filter(Stage):
     modules = ("pipelines.filtering", "pipelines.hard_negatives")
     upstream = ("captions",)
     schema = pa.schema([*_STATUS, pa.field("filtered_caption", pa.string()),
-                        pa.field("segments", pa.list_(SEGMENT_TYPE)), pa.field("hard_negatives", pa.list_(pa.string()))])
+                        pa.field("segments", pa.list_(SEGMENT_TYPE)), pa.field("hard_negatives", pa.list_(pa.string())),
+                        pa.field("extra_captions", pa.list_(EXTRA_CAPTION_TYPE))])
 
     def params(self, config):
         f = config.filter
@@ -399,9 +404,15 @@ class Filter(Stage):
 
     def items(self, pipeline):
         captions = pipeline.done_rows("captions")
-        return [(pipeline.text_keys[image_id], {"image_id": image_id, "caption": row["caption"],
-                                                "segments": row["segments"]})
-                for image_id, row in captions.items() if row["status"] == STATUS_OK and row.get("caption")]
+        items = []
+        for image_id, row in captions.items():
+            if row["status"] == STATUS_OK and row.get("caption"):
+                record = {"image_id": image_id, "caption": row["caption"], "segments": row["segments"]}
+                extra = pipeline.captions_of_image(image_id)[0][1:]
+                if extra:  # the other captions of a multi-caption image are filtered too
+                    record["extra_captions"] = extra
+                items.append((pipeline.text_keys[image_id], record))
+        return items
 
     def run(self, records, *, layout, stage_key, params, runtime):
         from pipelines.filtering import CaptionFilter, filter_captions

@@ -1,5 +1,8 @@
 """The manifest contract: one row per input image (failed ones included), shared by every stage and the trainer.
 
+An image may have several captions: ``caption`` is the first (file order), ``extra_captions`` the others with their
+filtered forms; files with identical bytes are one row, the other paths listed in ``duplicate_paths``.
+
 Paths in ``structure_path``, ``scribble_path`` and segment paths are relative to the output folder; ``source_path``
 is the absolute path of the input image.
 """
@@ -39,6 +42,15 @@ SEGMENT_TYPE = pa.struct(
     ]
 )
 
+# The further captions of an image (COCO/Flickr-style datasets), each with its filtered form and hard negatives.
+EXTRA_CAPTION_TYPE = pa.struct(
+    [
+        pa.field("caption", pa.string()),
+        pa.field("filtered_caption", pa.string()),
+        pa.field("hard_negatives", pa.list_(pa.string())),
+    ]
+)
+
 MANIFEST_SCHEMA = pa.schema(
     [
         pa.field("image_id", pa.string(), nullable=False),
@@ -55,6 +67,10 @@ MANIFEST_SCHEMA = pa.schema(
         pa.field("split", pa.string()),
         pa.field("segments", pa.list_(SEGMENT_TYPE)),
         pa.field("hard_negatives", pa.list_(pa.string())),
+        # Captions after the first (the row's ``caption``), in file order; empty/null for single-caption images.
+        pa.field("extra_captions", pa.list_(EXTRA_CAPTION_TYPE)),
+        # The other files with the same bytes as ``source_path`` (same image id), sorted.
+        pa.field("duplicate_paths", pa.list_(pa.string())),
     ]
 )
 
@@ -66,9 +82,18 @@ def bbox(x1: int, y1: int, x2: int, y2: int) -> dict:
     return {"x1": int(x1), "y1": int(y1), "x2": int(x2), "y2": int(y2), "width": int(x2 - x1), "height": int(y2 - y1)}
 
 
+# List columns where "none" is stored as null (an empty list reads back as null), so manifests built by the pipeline,
+# imported from JSON or written by older code compare equal.
+NULL_WHEN_EMPTY = ("extra_captions", "duplicate_paths")
+
+
 def manifest_table(rows: list[dict]) -> pa.Table:
     """Build a manifest table from row dicts (missing optional columns become null)."""
-    return pa.Table.from_pylist([{name: row.get(name) for name in MANIFEST_COLUMNS} for row in rows], schema=MANIFEST_SCHEMA)
+    return pa.Table.from_pylist(
+        [{name: (row.get(name) or None) if name in NULL_WHEN_EMPTY else row.get(name) for name in MANIFEST_COLUMNS}
+         for row in rows],
+        schema=MANIFEST_SCHEMA,
+    )
 
 
 def read_manifest(path: str | os.PathLike, columns: list[str] | None = None) -> pa.Table:

@@ -8,6 +8,10 @@ A JSON list of records::
      "structxlip": {image_id, split, width, height, caption_source, filtered_caption, scribble, hard_negatives,
                     segment_filtered_captions}}
 
+An image with several captions is one record per caption (as COCO-style reference JSONs are); on import, records
+of the same image (same ``structxlip.image_id``, else the same file bytes) become one manifest row whose first
+caption is ``caption`` and the others ``extra_captions``; other paths of the same bytes go to ``duplicate_paths``.
+
 The reference trainer reads only the first four keys; ``structxlip`` carries the manifest fields it does not know,
 so manifest -> JSON -> manifest and JSON -> manifest -> JSON are both exact. Only usable rows (status ``ok`` with a
 caption) are exported: the reference format has no place for failed images.
@@ -71,6 +75,7 @@ def manifest_rows_to_reference(rows: list[dict], layout: OutputLayout) -> list[d
         if row.get("status") != STATUS_OK or not row.get("caption"):
             continue
         segments = row.get("segments") or []
+        first = len(records)
         records.append(
             {
                 "original_filename": row["source_path"],
@@ -100,6 +105,16 @@ def manifest_rows_to_reference(rows: list[dict], layout: OutputLayout) -> list[d
                 },
             }
         )
+        if row.get("duplicate_paths"):
+            records[first][EXTRA_KEY]["duplicate_paths"] = list(row["duplicate_paths"])
+        for extra in row.get("extra_captions") or []:
+            # One record per further caption, as COCO-style reference JSONs list them; import regroups them by image.
+            again = json.loads(json.dumps(records[first]))
+            again[EXTRA_KEY].pop("duplicate_paths", None)
+            again["original_caption"] = extra["caption"]
+            again[EXTRA_KEY]["filtered_caption"] = extra.get("filtered_caption")
+            again[EXTRA_KEY]["hard_negatives"] = extra.get("hard_negatives")
+            records.append(again)
     return records
 
 
@@ -194,6 +209,7 @@ class _PathMapper:
     def __init__(self, source_root: Path, target: OutputLayout):
         self.source = OutputLayout(source_root)
         self.target = target
+        self._digests: dict[Path, str] = {}
 
     def absolute(self, value: Any, where: str, nullable: bool = True) -> Path | None:
         value = _typed(value, (str,), where, nullable=nullable)
@@ -208,6 +224,12 @@ class _PathMapper:
             return self.source.resolve(value)
         except PathEscapeError as exc:
             raise ReferenceItemError(f"{where}: {exc}") from None
+
+    def digest(self, image: Path) -> str:
+        """SHA-256 of an image file, read once however often the JSON lists it."""
+        if image not in self._digests:
+            self._digests[image] = file_digest(image)
+        return self._digests[image]
 
     def stored(self, absolute: Path | None) -> str | None:
         if absolute is None:
@@ -264,7 +286,7 @@ def reference_item_to_row(item: Any, paths: _PathMapper, *, default_split: str) 
 
     image_id = _typed(extra.get("image_id"), (str,), f"{EXTRA_KEY}.image_id", nullable=True)
     if image_id is None:
-        image_id = file_digest(image)[:IMAGE_ID_LENGTH]
+        image_id = paths.digest(image)[:IMAGE_ID_LENGTH]
     elif not _IMAGE_ID.match(image_id):
         raise ReferenceItemError(f"{EXTRA_KEY}.image_id must be {IMAGE_ID_LENGTH} lowercase hex digits, got {image_id!r}")
     width = extra.get("width")
@@ -282,6 +304,9 @@ def reference_item_to_row(item: Any, paths: _PathMapper, *, default_split: str) 
     hard_negatives = _typed(extra.get("hard_negatives"), (list,), f"{EXTRA_KEY}.hard_negatives", nullable=True)
     if hard_negatives is not None and not all(isinstance(text, str) for text in hard_negatives):
         raise ReferenceItemError(f"{EXTRA_KEY}.hard_negatives must be a list of strings")
+    duplicate_paths = _typed(extra.get("duplicate_paths"), (list,), f"{EXTRA_KEY}.duplicate_paths", nullable=True)
+    if duplicate_paths is not None and not all(isinstance(text, str) for text in duplicate_paths):
+        raise ReferenceItemError(f"{EXTRA_KEY}.duplicate_paths must be a list of strings")
     return {
         "image_id": image_id,
         "source_path": str(image),
@@ -298,6 +323,8 @@ def reference_item_to_row(item: Any, paths: _PathMapper, *, default_split: str) 
         "split": _split(extra.get("split", default_split), f"{EXTRA_KEY}.split"),
         "segments": segments,
         "hard_negatives": hard_negatives,
+        "extra_captions": None,
+        "duplicate_paths": duplicate_paths or None,
     }
 
 
@@ -330,15 +357,34 @@ def reference_to_manifest_rows(
         raise ValueError(f"split must be one of {', '.join(SPLITS)}, got {_short(split)}")
     paths = _PathMapper(Path(root).expanduser().resolve(), target)
     result = ReferenceImport(rows=[])
+    by_image: dict[str, dict] = {}
     for index, item in enumerate(items):
         try:
-            result.rows.append(reference_item_to_row(item, paths, default_split=split))
+            row = reference_item_to_row(item, paths, default_split=split)
+            first = by_image.get(row["image_id"])
+            if first is None:
+                by_image[row["image_id"]] = row
+                result.rows.append(row)
+            else:  # the same image again (or a byte-identical copy): one more caption of the first row
+                _merge_caption(first, row)
         except (ReferenceItemError, OverflowError, RecursionError) as exc:
             reason = " ".join(str(exc).split()) or type(exc).__name__
             if len(reason) > MAX_REASON_CHARS:
                 reason = reason[: MAX_REASON_CHARS - 3] + "..."
             result.rejected.append((index, reason))
     return result
+
+
+def _merge_caption(first: dict, row: dict) -> None:
+    """Add ``row``'s caption (and another path of the same bytes) to the row that listed its image first."""
+    captions = [first["caption"]] + [extra["caption"] for extra in first.get("extra_captions") or []]
+    if row["caption"] not in captions:
+        first["extra_captions"] = (first.get("extra_captions") or []) + [
+            {"caption": row["caption"], "filtered_caption": row["filtered_caption"],
+             "hard_negatives": row["hard_negatives"]}]
+    paths = [first["source_path"], *(first.get("duplicate_paths") or [])]
+    if row["source_path"] not in paths:
+        first["duplicate_paths"] = sorted([*paths[1:], row["source_path"]])
 
 
 def read_reference_json(

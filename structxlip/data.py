@@ -5,10 +5,15 @@ global structure map (``structure_kind``: canny -> ``structure_path``, scribble 
 structure crops of its top-k segments ranked by ``similarity_score``. A missing map (null path or missing file)
 becomes a black dummy with ``has_structure=False``; a missing crop is an invalid slot. Chunk spans of the filtered
 caption are computed once per caption when the dataset is built, never inside the training step.
+
+Multi-caption images (COCO/Flickr style) stay one record each: after ``set_epoch`` every epoch draws one of an
+image's captions (``caption_choice``, a hash of seed, epoch and image), so a batch never holds one image twice (no
+false negatives) and a resumed run draws the same captions.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 from dataclasses import dataclass, fields
@@ -39,6 +44,27 @@ class TrainingRecord:
     structure_crops: tuple[Path | None, ...]
     hard_negatives: tuple[str, ...]
     split: str | None
+    # The image's further captions (multi-caption datasets): (caption, filtered caption, hard negatives) each.
+    extra_captions: tuple[tuple[str, str, tuple[str, ...]], ...] = ()
+
+    @property
+    def caption_count(self) -> int:
+        return 1 + len(self.extra_captions)
+
+    def caption_option(self, choice: int) -> tuple[str, str, tuple[str, ...]]:
+        """Return (caption, filtered caption, hard negatives) of caption ``choice`` (0 = the first caption)."""
+        if choice == 0:
+            return self.caption, self.filtered_caption, self.hard_negatives
+        return self.extra_captions[choice - 1]
+
+
+def caption_choice(seed: int, epoch: int, image_id: str, count: int) -> int:
+    """Return which of an image's ``count`` captions epoch ``epoch`` trains on: a uniform hash of (seed, epoch,
+    image), so every epoch draws afresh yet a resumed or re-run epoch draws exactly the same captions."""
+    if count <= 1:
+        return 0
+    digest = hashlib.sha256(f"caption:{seed}:{epoch}:{image_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") % count
 
 
 def _top_segments(segments: list[dict] | None, top_k: int) -> list[dict]:
@@ -74,9 +100,19 @@ def records_from_rows(
                 + (None,) * (top_k - len(top)),
                 hard_negatives=tuple(row.get("hard_negatives") or ()),
                 split=row.get("split"),
+                extra_captions=_extra_captions(row),
             )
         )
     return records
+
+
+def _extra_captions(row: dict) -> tuple[tuple[str, str, tuple[str, ...]], ...]:
+    extras = []
+    for extra in row.get("extra_captions") or []:
+        text = extra.get("caption")
+        if isinstance(text, str) and text.strip() and text != row["caption"]:
+            extras.append((text, extra.get("filtered_caption") or text, tuple(extra.get("hard_negatives") or ())))
+    return tuple(extras)
 
 
 def load_records(
@@ -191,6 +227,9 @@ class StructXLIPDataset(Dataset):
         self.with_crops = with_crops
         self._blank = preprocess.blank()
         self.spans: list[list[tuple[int, int]]] = [[] for _ in self.records]
+        self.extra_spans: list[list[list[tuple[int, int]]]] = [[[] for _ in r.extra_captions] for r in self.records]
+        self.epoch: int | None = None  # None: every item uses its first caption (evaluation)
+        self.seed = 0
         if with_chunks:
             if tokenizer is None:
                 raise ValueError("chunk spans need the tokenizer; pass tokenizer= or with_chunks=False")
@@ -206,6 +245,24 @@ class StructXLIPDataset(Dataset):
                                               max_length=max_text_tokens,
                                               allow_last_position=local_pooling == "reference")
                 self.spans[index] = cache[text]
+                for number, (_caption, text, _negatives) in enumerate(record.extra_captions):
+                    if text not in cache:
+                        cache[text] = chunk_spans(text, tokenizer, chunk_base_window, chunk_stride, max_chunks,
+                                                  max_length=max_text_tokens,
+                                                  allow_last_position=local_pooling == "reference")
+                    self.extra_spans[index][number] = cache[text]
+
+    def set_epoch(self, epoch: int, seed: int = 0) -> None:
+        """Draw each multi-caption image's caption of ``epoch`` (``caption_choice``); call before the epoch's loader
+        is created, so worker processes see it. Single-caption images are unaffected."""
+        self.epoch, self.seed = epoch, seed
+
+    def caption_index(self, index: int) -> int:
+        """Return which caption item ``index`` uses now: 0 (the first) unless ``set_epoch`` was called."""
+        record = self.records[index]
+        if self.epoch is None:
+            return 0
+        return caption_choice(self.seed, self.epoch, record.image_id, record.caption_count)
 
     def __len__(self) -> int:
         return len(self.records)
@@ -220,15 +277,17 @@ class StructXLIPDataset(Dataset):
     def __getitem__(self, index: int) -> dict:
         record = self.records[index]
         structure, has_structure = self._structure(record.structure_path)
+        choice = self.caption_index(index)
+        caption, filtered_caption, hard_negatives = record.caption_option(choice)
         item = {
             "index": index,
             "pixel_values": self.preprocess(open_rgb(record.image_path)),
             "structure_values": structure,
             "has_structure": has_structure,
-            "caption": record.caption,
-            "filtered_caption": record.filtered_caption,
-            "chunk_spans": self.spans[index],
-            "hard_negatives": list(record.hard_negatives),
+            "caption": caption,
+            "filtered_caption": filtered_caption,
+            "chunk_spans": self.spans[index] if choice == 0 else self.extra_spans[index][choice - 1],
+            "hard_negatives": list(hard_negatives),
         }
         if self.with_crops:
             crops = [self._structure(path) for path in record.structure_crops]

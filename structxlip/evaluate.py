@@ -65,6 +65,9 @@ class EncodedSplit:
     text: Tensor
     structure: Tensor
     has_structure: Tensor
+    # (T,) long: the image row of each text row when images have several captions (texts N.. are the extra
+    # captions); None when texts and images are paired 1:1.
+    text_image: Tensor | None = None
 
 
 @torch.no_grad()
@@ -85,34 +88,60 @@ def encode_split(loaded: Any, dataset: StructXLIPDataset, *, batch_size: int = 6
             texts.append(encoder.encode_texts(batch.input_ids, batch.attention_mask).float().cpu())
             structures.append(encoder.encode_images(batch.structure_values).float().cpu())
         flags.append(batch.has_structure.cpu())
-    return EncodedSplit(torch.cat(images), torch.cat(texts), torch.cat(structures), torch.cat(flags))
+    encoded = EncodedSplit(torch.cat(images), torch.cat(texts), torch.cat(structures), torch.cat(flags))
+    records = getattr(dataset, "records", None) or []
+    extras = [(index, caption) for index, record in enumerate(records)
+              for caption, _filtered, _negatives in getattr(record, "extra_captions", ())]
+    if extras:  # several captions per image: every caption is a text query (the standard protocol)
+        extra_texts = []
+        for start in range(0, len(extras), batch_size):
+            ids, mask = collator.tokenize([caption for _, caption in extras[start:start + batch_size]])
+            with autocast_context(device, precision):
+                extra_texts.append(encoder.encode_texts(ids.to(device), mask.to(device)).float().cpu())
+        encoded.text = torch.cat([encoded.text, *extra_texts])
+        encoded.text_image = torch.cat([torch.arange(len(encoded.image)),
+                                        torch.tensor([index for index, _ in extras], dtype=torch.long)])
+    return encoded
 
 
 def split_report(encoded: EncodedSplit) -> dict[str, float]:
-    """Return retrieval_report's metrics; structure directions use only the samples that have a structure map."""
-    report: dict[str, float] = {"n_pairs": int(encoded.image.shape[0])}
+    """Return retrieval_report's metrics; structure directions use only the samples that have a structure map.
+
+    ``n_pairs`` counts the images, ``n_texts`` the captions (more than ``n_pairs`` when images have several: then
+    t2i ranks every caption and i2t counts a hit when any of the image's captions is within K; with one caption per
+    image these are the 1:1 numbers)."""
+    text_image = encoded.text_image
+    report: dict[str, float] = {"n_pairs": int(encoded.image.shape[0]), "n_texts": int(encoded.text.shape[0])}
     mask = encoded.has_structure
     count = int(mask.sum())
     report["n_structure_pairs"] = count
     if count == len(mask):
-        report.update(retrieval_report(encoded.image, encoded.text, encoded.structure))
+        report.update(retrieval_report(encoded.image, encoded.text, encoded.structure, text_image=text_image))
         return report
-    report.update(retrieval_report(encoded.image, encoded.text))
+    report.update(retrieval_report(encoded.image, encoded.text, text_image=text_image))
     if count:
-        subset = retrieval_report(encoded.image[mask], encoded.text[mask], encoded.structure[mask])
+        if text_image is None:
+            subset = retrieval_report(encoded.image[mask], encoded.text[mask], encoded.structure[mask])
+        else:  # keep the texts of the images with a map, renumbered to the kept images
+            renumber = torch.cumsum(mask.long(), 0) - 1
+            kept_texts = mask[text_image]
+            subset = retrieval_report(encoded.image[mask], encoded.text[kept_texts], encoded.structure[mask],
+                                      text_image=renumber[text_image[kept_texts]])
         report.update({key: value for key, value in subset.items() if key.split("/")[0] in STRUCTURE_DIRECTIONS})
     return report
 
 
 def metrics_table(metrics: dict) -> str:
     """Return a markdown table: one row per retrieval direction with its number of pairs ``n`` (structure
-    directions count only the samples with a structure map), R@K, mean and median rank."""
+    directions count only the samples with a structure map; t2i counts the captions), R@K, mean and median rank."""
     columns = [f"R@{k}" for k in RECALL_KS] + ["mean_rank", "median_rank"]
     lines = ["| direction | n | " + " | ".join(columns) + " |", "|---|---:|" + "---:|" * len(columns)]
     for direction in DIRECTIONS:
         if f"{direction}/R@1" not in metrics:
             continue
         pairs = metrics.get("n_structure_pairs" if direction in STRUCTURE_DIRECTIONS else "n_pairs", "")
+        if direction == "t2i":  # one query per caption (more than the images when they have several)
+            pairs = metrics.get("n_texts", pairs)
         cells = [f"{metrics[f'{direction}/{column}']:.2f}" for column in columns]
         lines.append(f"| {direction} | {pairs} | " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -504,6 +504,7 @@ def train(
         for epoch in range(start_epoch, epochs):
             weights = objective.weights(epoch)
             sampler.set_epoch(epoch, start_batch if epoch == start_epoch else 0)
+            dataset.set_epoch(epoch, seed)  # multi-caption images: the epoch's caption (data.caption_choice)
             batch_in_epoch = sampler.start_batch
             # A private generator: creating the loader iterator must not consume the global RNG (exact resume).
             loader = torch.utils.data.DataLoader(

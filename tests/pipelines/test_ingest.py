@@ -118,6 +118,7 @@ def test_caption_sources_and_priority(tmp_path):
     by_name = {Path(k).name: index[k] for k in index}
     assert by_name["a.png"] == ("Sidecar wins.", "sidecar", None)
     assert by_name["b.png"] == ("From the jsonl.", "jsonl", None)
+    assert index.captions(tmp_path / "b.png") == ["From the jsonl.", "duplicate"]  # a second line: a second caption
     assert by_name["c.png"] == ("From the CSV, with a comma.", "csv", None)
     assert by_name["d.png"].caption == "Empty sidecar, jsonl caption." and "d.txt is empty" in by_name["d.png"].note
     assert by_name["e.png"] == ("Nested by relative path.", "jsonl", None)
@@ -125,7 +126,7 @@ def test_caption_sources_and_priority(tmp_path):
     problems = {(p["source"], p["line"]): p["error"] for p in index.problems}
     assert problems[("captions.jsonl", 3)].startswith("invalid JSON")
     assert problems[("captions.jsonl", 6)] == "expected a JSON object, got list"
-    assert "duplicate caption" in problems[("captions.jsonl", 7)]
+    assert ("captions.jsonl", 7) not in problems
     assert problems[("captions.jsonl", None)] == "1 caption(s) name no scanned image"
     assert index.get(tmp_path / "nope.png") is None
 
@@ -341,3 +342,20 @@ def test_sockets_and_devices_named_like_images_are_never_read(tmp_path):
         server.close()
     assert rows == {"socket.png": "not an image file: a socket named like an image (socket.png)",
                     "zeros.png": "not an image file: a character device named like an image (zeros.png)"}
+
+
+def test_several_captions_per_image_from_lines_lists_and_rows(tmp_path):
+    for name in ["a.png", "b.png", "c.png"]:
+        _tiny(tmp_path / name)
+    lines = [json.dumps({"file": "a.png", "caption": "A first."}),
+             json.dumps({"file": "b.png", "caption": ["B one.", "", "B two.", "B one."]}),
+             json.dumps({"file": "a.png", "caption": "A <b>second</b>."})]
+    (tmp_path / "captions.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    (tmp_path / "captions.csv").write_text("file,caption\nc.png,C one.\nc.png,C two.\na.png,csv loses\n")
+    index = read_captions(tmp_path, scan_images(tmp_path, extensions=EXTENSIONS).files)
+    assert index.captions(tmp_path / "a.png") == ["A first.", "A second."]
+    assert index[tmp_path / "a.png"] == ("A first.", "jsonl", None)
+    assert index.captions(tmp_path / "b.png") == ["B one.", "B two."]  # empty dropped, repeated text once
+    assert "empty caption at captions.jsonl line 2" in index[tmp_path / "b.png"].note
+    assert index.captions(tmp_path / "c.png") == ["C one.", "C two."]
+    assert index[tmp_path / "c.png"].caption_source == "csv"

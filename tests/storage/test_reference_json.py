@@ -161,8 +161,10 @@ def test_in_memory_reading_and_unusable_files(tmp_path):
 def test_fractional_bbox_values_are_read_like_the_reference_does(tmp_path):
     from PIL import Image
 
-    Image.new("RGB", (40, 30), "red").save(tmp_path / "a.png")
-    box = lambda **v: {"original_filename": "a.png", "original_caption": "a red square",  # noqa: E731
+    for n in range(6):  # one image per item: records of one image would become one row with several captions
+        Image.new("RGB", (40, 30), (10 * n, 0, 0)).save(tmp_path / f"a{n}.png")
+    files = iter(range(6))
+    box = lambda **v: {"original_filename": f"a{next(files)}.png", "original_caption": "a red square",  # noqa: E731
                        "segment": [{"similarity_score": 20.5, "filename": None, "caption": "red",
                                     "filename_structure_cropped": None, "bbox_coordinates": v}]}
     items = [
@@ -191,11 +193,12 @@ def _overflowing_json(data: Path) -> Path:
 
     (data / "img").mkdir(parents=True)
     Image.new("RGB", (8, 6), "blue").save(data / "img" / "a.png")
+    Image.new("RGB", (8, 6), "green").save(data / "img" / "b.png")
 
-    def item(segment: str = "", extra: str = "") -> str:
+    def item(segment: str = "", extra: str = "", image: str = "img/a.png") -> str:
         segments = f', "segment": [{{"filename": "img/a.png", "caption": "c", {segment}}}]' if segment else ""
         extras = f', "structxlip": {{{extra}}}' if extra else ""
-        return f'{{"original_filename": "img/a.png", "original_caption": "a blue square"{segments}{extras}}}'
+        return f'{{"original_filename": "{image}", "original_caption": "a blue square"{segments}{extras}}}'
 
     box = '"bbox_coordinates": {{"x1": {x1}, "y1": 0, "x2": 4, "y2": 3, "width": 4, "height": 3}}'
     items = [
@@ -211,7 +214,7 @@ def _overflowing_json(data: Path) -> Path:
         item('"similarity_score": ' + "9" * 400),  # 9: an int too large for a float
         item(extra='"split": "../../evil"'),  # 10
         item(extra='"split": "train\\nrejected item 0: forged"'),  # 11: a newline would forge an output line
-        item(extra='"split": "val"'),  # 12: fine
+        item(extra='"split": "val"', image="img/b.png"),  # 12: fine (another image: one image is one row)
     ]
     path = data / "ref.json"
     path.write_text("[" + ",\n".join(items) + "]")
@@ -251,3 +254,35 @@ def test_import_json_cli_prints_one_line_per_rejected_item(tmp_path, capsys):
     assert main(["import-json", str(source), "--out", str(tmp_path / "out2"), "--split", "../x"]) == 2
     assert capsys.readouterr().err.strip() == \
         "structxlip import-json: error: split must be one of train, val, test, got '../x'"
+
+
+def test_an_image_listed_several_times_imports_as_one_image_with_several_captions(tmp_path):
+    from PIL import Image
+
+    (tmp_path / "img").mkdir()
+    Image.new("RGB", (8, 6), "red").save(tmp_path / "img" / "a.png")
+    Image.new("RGB", (8, 6), "blue").save(tmp_path / "img" / "b.png")
+    shutil_copy = (tmp_path / "img" / "a_copy.png")
+    shutil_copy.write_bytes((tmp_path / "img" / "a.png").read_bytes())  # same bytes, another path
+    records = [{"original_filename": "img/a.png", "original_caption": "a one"},
+               {"original_filename": "img/b.png", "original_caption": "b one"},
+               {"original_filename": "img/a.png", "original_caption": "a two"},
+               {"original_filename": "img/a.png", "original_caption": "a one"},  # the same text again: once
+               {"original_filename": "img/a_copy.png", "original_caption": "a three"}]
+    result = import_reference_json(_write(tmp_path / "coco.json", records), tmp_path / "out")
+    assert result.rejected == []
+    a, b = result.rows
+    assert (a["caption"], [e["caption"] for e in a["extra_captions"]]) == ("a one", ["a two", "a three"])
+    assert a["duplicate_paths"] == [str(shutil_copy.resolve())]
+    assert (b["caption"], b["extra_captions"], b["duplicate_paths"]) == ("b one", None, None)
+    stored = {row["image_id"]: row for row in read_manifest(tmp_path / "out").to_pylist()}
+    assert [e["caption"] for e in stored[a["image_id"]]["extra_captions"]] == ["a two", "a three"]
+
+    # Export writes one record per caption (as the reference trainer expects); importing it again is exact.
+    exported = tmp_path / "again.json"
+    assert export_reference_json(tmp_path / "out", exported) == 4
+    assert [r["original_caption"] for r in json.loads(exported.read_text())] == ["a one", "a two", "a three", "b one"]
+    import_reference_json(exported, tmp_path / "out2")
+    assert _ok_rows(tmp_path / "out2") == _ok_rows(tmp_path / "out")
+    export_reference_json(tmp_path / "out2", tmp_path / "third.json")
+    assert (tmp_path / "third.json").read_text() == exported.read_text()
