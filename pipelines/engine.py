@@ -225,7 +225,7 @@ def format_summary(report: dict) -> str:
         for error in s.get("chunk_errors") or []:
             lines.append(f"  ! chunk failed (retried next run): {error}")
         if s.get("duplicates"):
-            lines.append(f"  {s['duplicates']} duplicate file(s) left out of the manifest (same bytes as another file)")
+            lines.append(f"  {s['duplicates']} duplicate file(s) merged into the row of the same bytes (see duplicate_paths)")
     for stage in report.get("not_run") or []:
         lines.append(f"{stage:<10} {'not run (an earlier stage failed)':>36}")
     lines.append(f"total {report['seconds']:.1f} s; outputs in {report['out_dir']}")

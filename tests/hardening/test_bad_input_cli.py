@@ -34,7 +34,7 @@ def test_the_run_exits_cleanly_and_reports_without_tracebacks(corpus_run, manife
     stdout, stderr = corpus_run.done.stdout, corpus_run.done.stderr
     assert "Traceback" not in stdout + stderr, stderr[-4000:]
     assert "stage      processed  cached  failed  seconds" in stdout
-    assert "1 duplicate file(s) left out of the manifest" in stdout
+    assert "1 duplicate file(s) merged into the row of the same bytes (see duplicate_paths)" in stdout
     # Problems with the folder itself are reported on stderr, one line each, naming the place.
     loop = [line for line in stderr.splitlines() if "loop/parent" in line]
     assert loop and all("symbolic link loop" in line for line in loop), stderr[-3000:]
