@@ -21,15 +21,19 @@ if TYPE_CHECKING:
     from prefect.deployments.runner import RunnerDeployment
 
 PIPELINE_FLOW = "structxlip-pipeline"
-FLOW_NAMES = (PIPELINE_FLOW, *STAGES)
+ABLATION_FLOW = "structxlip-ablation"
+FLOW_NAMES = (PIPELINE_FLOW, *STAGES, ABLATION_FLOW)
 
 
 def deployment_name(flow_name: str) -> str:
-    """Return the deployment name of a flow: ``all-stages`` for the pipeline, ``<stage>-stage`` for a stage."""
+    """Return the deployment name of a flow: ``all-stages`` for the pipeline, ``<stage>-stage`` for a stage,
+    ``ablation`` for the loss ablation."""
+    if flow_name == ABLATION_FLOW:
+        return "ablation"
     return "all-stages" if flow_name == PIPELINE_FLOW else f"{flow_name}-stage"
 
 # Where the flows are defined; all of them must be importable from these modules.
-FLOW_MODULES = ("flows.pipeline",)
+FLOW_MODULES = ("flows.pipeline", "flows.ablation")
 TAGS = ["structxlip"]
 
 
@@ -70,7 +74,7 @@ def build_deployments(
                 name=deployment_name(name),
                 parameters=deployment_parameters(flow, config_path=config_path),
                 description=inspect.getdoc(flow.fn) or f"StructXLIP {name}",
-                tags=TAGS + ([] if name == PIPELINE_FLOW else ["stage"]),
+                tags=TAGS + ([] if name in (PIPELINE_FLOW, ABLATION_FLOW) else ["stage"]),
                 version=version,
                 entrypoint_type=EntrypointType.MODULE_PATH,
             )

@@ -491,6 +491,22 @@ def train_arguments(clip_model: str, train: dict, runtime: dict) -> dict:
             **kwargs}
 
 
+def ablation_arguments(config: Config) -> tuple[Any, dict, dict]:
+    """Return ``(objective, train_options, eval_options)`` for ``structxlip.ablate``: the train and evaluate stages'
+    own arguments, less what the ablation sets per run (model, seed, folders)."""
+    train_stage, evaluate_stage = STAGE_DEFINITIONS["train"], STAGE_DEFINITIONS["evaluate"]
+    train_options = train_arguments(config.model.clip_model, train_stage.params(config).train,
+                                    train_stage.runtime(config))
+    objective = train_options.pop("objective")
+    for set_per_run in ("clip_model", "seed"):
+        train_options.pop(set_per_run)
+    train_options["config"] = config.model_dump(mode="json")
+    evaluated = evaluate_stage.params(config).model_dump()
+    eval_options = {**{k: evaluated[k] for k in ("max_text_tokens", "keep_positions", "structure_kind")},
+                    **evaluate_stage.runtime(config)}
+    return objective, train_options, eval_options
+
+
 class TrainParams(Params):
     clip_model: str
     clip_identity: dict

@@ -168,25 +168,20 @@ def _ablate(args: argparse.Namespace) -> int:
     variants = parse_variants(args.variants)
     if args.seeds < 1:
         raise ValueError(f"expected --seeds >= 1, got {args.seeds}")
-    # The same trainer and evaluator arguments as the pipeline's train and evaluate stages (one definition).
-    from pipelines.stages import STAGE_DEFINITIONS, train_arguments
+    from pipelines.stages import ablation_arguments
 
-    train_stage, evaluate_stage = STAGE_DEFINITIONS["train"], STAGE_DEFINITIONS["evaluate"]
-    train_options = train_arguments(config.model.clip_model, train_stage.params(config).train,
-                                    train_stage.runtime(config))
-    objective = train_options.pop("objective")
-    for set_per_run in ("clip_model", "seed"):
-        train_options.pop(set_per_run)
-    train_options.update(config=config.model_dump(mode="json"), progress=not args.no_progress)
-    evaluated = evaluate_stage.params(config).model_dump()
-    eval_options = {**{k: evaluated[k] for k in ("max_text_tokens", "keep_positions", "structure_kind")},
-                    **evaluate_stage.runtime(config)}
+    objective, train_options, eval_options = ablation_arguments(config)
+    train_options["progress"] = not args.no_progress
+    from storage import lock
+    from storage.layout import OutputLayout
+
     out = Path(args.out).expanduser()
-    data = prepare_data(args.source, out / "data", config_path=args.config)
     command = "structxlip ablate " + " ".join(sys.argv[2:]) if len(sys.argv) > 2 else None
-    result = ablate(data, out, clip_model=config.model.clip_model, variants=variants,
-                    seeds=list(range(args.seed_start, args.seed_start + args.seeds)), objective=objective,
-                    train_options=train_options, eval_options=eval_options, command=command)
+    with lock.output_lock(OutputLayout(out)):  # one writer per output folder, like every other command
+        data = prepare_data(args.source, out / "data", config_path=args.config)
+        result = ablate(data, out, clip_model=config.model.clip_model, variants=variants,
+                        seeds=list(range(args.seed_start, args.seed_start + args.seeds)), objective=objective,
+                        train_options=train_options, eval_options=eval_options, command=command)
     print(result.markdown_path.read_text(encoding="utf-8"))
     print(f"table: {result.json_path}, {result.markdown_path}; plot: {result.plot_path}")
     return 0

@@ -10,12 +10,12 @@ import pytest
 from flows import serve
 
 
-def test_discover_flows_finds_the_parent_and_every_stage_in_order():
+def test_discover_flows_finds_the_parent_every_stage_and_the_ablation_in_order():
     from prefect import Flow
 
     flows = serve.discover_flows()
     assert list(flows) == ["structxlip-pipeline", "ingest", "structure", "regions", "captions", "filter", "manifest",
-                           "train", "evaluate"]
+                           "train", "evaluate", "structxlip-ablation"]
     assert all(isinstance(flow, Flow) and flow.name == name for name, flow in flows.items())
 
 
@@ -34,7 +34,8 @@ def test_deployments_use_module_paths_and_the_served_config(tmp_path):
     config.write_text("{}")
     flows = serve.discover_flows()
     deployments = serve.build_deployments(flows, config_path=str(config), version="1.2.3")
-    assert [d.name for d in deployments] == ["all-stages"] + [f"{name}-stage" for name in list(flows)[1:]]
+    assert [d.name for d in deployments] == ["all-stages"] + [f"{name}-stage" for name in list(flows)[1:-1]] + [
+        "ablation"]
     assert len({d.name for d in deployments}) == len(flows)  # unique and descriptive, not nine "default"s
     for deployment, (name, flow) in zip(deployments, flows.items()):
         assert deployment.flow_name == name and deployment.version == "1.2.3"
@@ -42,7 +43,8 @@ def test_deployments_use_module_paths_and_the_served_config(tmp_path):
         module_name, _, attribute = deployment.entrypoint.rpartition(".")
         assert getattr(importlib.import_module(module_name), attribute) is flow
         assert deployment.parameters == {"config_path": str(config.resolve())}
-        assert "structxlip" in deployment.tags and (("stage" in deployment.tags) == (name != "structxlip-pipeline"))
+        is_stage = name not in ("structxlip-pipeline", "structxlip-ablation")
+        assert "structxlip" in deployment.tags and (("stage" in deployment.tags) == is_stage)
     assert serve.build_deployments(flows)[0].parameters == {}
 
 

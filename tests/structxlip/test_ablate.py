@@ -182,3 +182,25 @@ def test_cli_ablate_runs_the_real_pipeline_on_a_benchmark_folder(tmp_path, monke
     assert all("striped" not in row["filtered_caption"] and "red" not in row["filtered_caption"].split()
                for row in rows)
     assert {row["split"] for row in read_manifest(tmp_path / "out" / "data" / "test").to_pylist()} == {"test"}
+
+
+@pytest.mark.e2e
+def test_the_ablation_flow_runs_the_pipeline_as_a_subflow_and_publishes_its_table(tmp_path, monkeypatch, prefect_api):
+    """The Prefect flow (what the `structxlip-ablation/ablation` deployment runs): data through the pipeline flow,
+    one task per variant and seed, the table and plot as an artifact read back through the client."""
+    from prefect import get_client
+
+    from flows.ablation import structxlip_ablation
+
+    monkeypatch.setenv("STRUCTXLIP_CACHE", str(tmp_path / "cache"))
+    make_benchmark(tmp_path / "bench", images=10, seed=0, image_size=64)
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump({"model": {"clip_model": TINY_CLIP}, "regions": {"method": "structure"},
+                                      "train": {"batch_size": 4, "max_text_tokens": 77, "device": "cpu"}}))
+    table = structxlip_ablation(source=str(tmp_path / "bench"), out_dir=str(tmp_path / "out"),
+                                config_path=str(config), variants=["zero-shot", "global"], seeds=1, epochs=1)
+    assert set(table) == {"zero-shot", "global"} and table["global"]["n_pairs"] == 2
+    assert (tmp_path / "out" / "data" / "train" / "stages").is_dir()  # the pipeline's store: cached data prep
+    with get_client(sync_client=True) as client:
+        found = [a for a in client.read_artifacts() if a.key and a.key.startswith("ablation-out-")]
+    assert found and "zero-shot" in found[-1].data and "data:image/png;base64," in found[-1].data
