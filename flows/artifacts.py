@@ -164,6 +164,31 @@ def publish_evaluation(out_dir: str | os.PathLike, *, namespace: str = "", where
     }
 
 
+def publish_quality(out_dir: str | os.PathLike, *, vocab_dir: str | None, namespace: str = "",
+                    where: str = "") -> dict[str, UUID]:
+    """Create the dataset quality report: ``...-quality-<table>`` tables (distributions, removed words, failures)
+    and one ``...-quality-plots`` markdown of the curator's plots (caption length, removed words, regions per image,
+    similarity scores, image sizes, edge density, failures)."""
+    from prefect.artifacts import create_markdown_artifact, create_table_artifact
+
+    from pipelines.quality import output_quality_report, quality_tables
+    from pipelines.report_plots import quality_plots
+
+    report = output_quality_report(out_dir, vocab_dir=vocab_dir)
+    ids = {}
+    for name, rows in quality_tables(report).items():
+        if rows:
+            ids[name] = create_table_artifact(
+                table=rows, key=artifact_key(namespace, "quality", name) if namespace else artifact_key("quality", name),
+                description=f"Dataset quality{where}: {name.replace('_', ' ')}.")
+    sections = [image_markdown(name.replace("_", " ").capitalize(), png) for name, png in quality_plots(report).items()]
+    ids["plots"] = create_markdown_artifact(
+        markdown="# Dataset quality\n\n" + "\n".join(sections),
+        key=artifact_key(namespace, "quality-plots") if namespace else "quality-plots",
+        description=f"Dataset quality{where}: caption lengths, removed words, regions, scores, sizes, edge density.")
+    return ids
+
+
 def run_summary_markdown(report: dict, *, namespace: str, config_source: str, ui_url: str | None = None,
                          explorer: str | None = None) -> str:
     """Return the parent run's summary: per-stage counts and seconds, the folders, the config, links to artifacts."""
@@ -209,6 +234,7 @@ __all__ = [
     "evaluation_rows",
     "publish_evaluation",
     "publish_gallery",
+    "publish_quality",
     "publish_run_summary",
     "publish_stage_summary",
     "publish_training",

@@ -151,6 +151,9 @@ def _publish(pipeline: Pipeline, summary: dict) -> None:
         if stage in GALLERY and summary["processed"]:
             artifacts.publish_gallery(GALLERY[stage], str(pipeline.layout.root), pipeline.example_rows(stage),
                                       namespace=namespace, where=where)
+        if stage == "manifest" and summary["processed"]:
+            artifacts.publish_quality(pipeline.layout.root, vocab_dir=pipeline.config.filter.vocab_dir,
+                                      namespace=namespace, where=where)
         if stage == "train" and summary["processed"]:
             artifacts.publish_training(pipeline.layout.root, namespace=namespace, where=where)
         if stage == "evaluate" and summary["processed"]:

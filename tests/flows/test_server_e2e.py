@@ -184,6 +184,10 @@ def test_serve_run_deployment_and_see_artifacts_in_the_ui(prefect_server, tmp_pa
     assert "structure: examples" in artifacts["structure-gallery"].data
     regions = artifacts["regions-gallery"].data
     assert "regions numbered by score" in regions and "CLIP logit" in regions and "| # crop |" in regions
+    # The dataset quality report: tables and plots.
+    distributions = {row["quantity"]: row for row in json.loads(artifacts["quality-distributions"].data)}
+    assert distributions["regions per image"]["count"] == N_IMAGES
+    assert artifacts["quality-plots"].data.count("data:image/png;base64,") >= 5
     summary = artifacts["run-summary"].data
     assert str(images_dir) in summary and str(out_dir) in summary and f"{namespace}-regions-summary" in summary
 
