@@ -10,6 +10,7 @@ full image describe the whole scene and make no segment. Segments without a sent
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 from collections.abc import Sequence
@@ -172,15 +173,20 @@ def torch_threads_for(processes_per_machine: int = 1) -> int:
     return max(1, min(share, free))
 
 
-def size_torch_threads(processes_per_machine: int = 1) -> int:
-    """Set torch's intra-op threads to ``torch_threads_for(processes_per_machine)`` and return it. Threads of one
-    process take turns on the scorer (``stages.shared``), so only processes divide the cores."""
+@contextlib.contextmanager
+def torch_threads(threads: int):
+    """Run the block with torch's intra-op thread count at ``threads``, then restore it: the setting is
+    process-wide, and a library call must not leave it changed for the rest of the process (e.g. a trainer)."""
     import torch
 
-    threads = torch_threads_for(processes_per_machine)
-    if torch.get_num_threads() != threads:
+    previous = torch.get_num_threads()
+    if previous != threads:
         torch.set_num_threads(threads)
-    return threads
+    try:
+        yield threads
+    finally:
+        if torch.get_num_threads() != previous:
+            torch.set_num_threads(previous)
 
 
 def _autocast(device: str):

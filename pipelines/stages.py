@@ -113,6 +113,12 @@ def shared(key: tuple, factory: Callable[[], Any]) -> tuple[Any, threading.Lock]
         return _shared[key]
 
 
+def library_arguments(params: dict) -> dict:
+    """Return a stage's parameters as library keyword arguments: ``*_identity`` values (what identifies a model's
+    weights) are in the key only."""
+    return {k: v for k, v in params.items() if not k.endswith("_identity")}
+
+
 def _freeze(value: Any) -> Any:
     return json.dumps(value, sort_keys=True, default=str)
 
@@ -286,8 +292,7 @@ class Regions(Stage):
     def run(self, records, *, layout, stage_key, params, runtime):
         from pipelines.regions import propose_regions
 
-        arguments = {k: v for k, v in params.items() if k != "sam_identity"}
-        return propose_regions(records, layout=layout, stage_key=stage_key, **arguments, **runtime)
+        return propose_regions(records, layout=layout, stage_key=stage_key, **library_arguments(params), **runtime)
 
     def output_paths(self, row):
         paths = []
@@ -349,12 +354,11 @@ class Captions(Stage):
         scorer_args = {"model_name_or_dir": params["clip_model"], "device": runtime["device"],
                        "batch_size": runtime["batch_size"]}
 
-        def make_scorer():
-            # Threads sized once per process, when its scorer is built (later the load average counts our own work).
-            library.size_torch_threads(runtime.get("processes_per_machine", 1))
-            return library.ClipScorer(**scorer_args)
-
-        scorer, scorer_lock = shared(("clip", _freeze(scorer_args)), make_scorer)
+        # Threads sized once per process, when its scorer is built (later the load average counts our own work), and
+        # applied only around the scorer's calls: torch's setting is process-wide.
+        scorer, scorer_lock = shared(("clip", _freeze(scorer_args)), lambda: (
+            library.ClipScorer(**scorer_args), library.torch_threads_for(runtime.get("processes_per_machine", 1))))
+        scorer, threads = scorer
         # Sentence-only splitters (the full parser only for texts they disagree on): the filter stage parses.
         nlp, nlp_lock = shared(("sentences", params["spacy_model"]),
                                lambda: library.SentenceSplitter(params["spacy_model"]))
@@ -364,7 +368,7 @@ class Captions(Stage):
                               "max_new_tokens": params["max_new_tokens"]}
             captioner, captioner_lock = shared(("captioner", _freeze(captioner_args)),
                                                lambda: library.Captioner(**captioner_args))
-        with scorer_lock, nlp_lock, captioner_lock:  # always taken in this order: no deadlock between stages
+        with scorer_lock, nlp_lock, captioner_lock, library.torch_threads(threads):  # locks always in this order
             return library.score_local_captions(
                 records, layout=layout, scorer=scorer, nlp=nlp, captioner=captioner,
                 include_full_image=params["include_full_image"], caption_regions=params["caption_regions"])
@@ -533,6 +537,9 @@ class Train(Stage):
     def runtime(self, config):
         return {name: getattr(config.train, name) for name in TRAIN_RUNTIME}
 
+    def refreshed(self, runtime):
+        return {**runtime, "fresh": True}  # --refresh train: start afresh, never resume a checkpoint
+
     def items(self, pipeline):
         digest = pipeline.manifest_digest()
         if digest is None:
@@ -545,9 +552,11 @@ class Train(Stage):
         from structxlip.train import train
 
         (record,) = records
+        runtime = dict(runtime)
+        resume = False if runtime.pop("fresh", False) else "auto"
         arguments = train_arguments(params["clip_model"], params["train"], runtime)
         # A killed run resumes from its last checkpoint (exactly); a checkpoint of other data or parameters is not.
-        result = train(layout.manifest_dir, layout.root, **arguments, resume="auto", run_key=record["run_key"],
+        result = train(layout.manifest_dir, layout.root, **arguments, resume=resume, run_key=record["run_key"],
                        progress=False)
         model_dir = Path(result.model_dir) if result.model_dir is not None else None
         files = sorted(layout.relative(p) for p in model_dir.rglob("*") if p.is_file()) if model_dir else []

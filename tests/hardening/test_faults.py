@@ -121,22 +121,20 @@ def _weights(model_dir: Path) -> dict:
     return load_file(path)
 
 
-def test_sigkill_during_training_then_resume_gives_the_uninterrupted_weights(training, no_server_env, capsys):
+def test_sigkill_during_training_then_resume_gives_the_uninterrupted_weights(training, no_server_env):
     import torch
 
-    from flows.cli import main
     from structxlip.checkpoint import load_checkpoint
 
     root, _, _ = training
-    # The uninterrupted reference runs the same CLI code in this process (saves a ~20 s torch import here).
-    assert main(_train_args(training, root / "straight")) == 0
-    printed = capsys.readouterr().out
-    steps = int(printed.split(" steps")[0].rsplit(" ", 1)[-1])
-    assert steps >= 6, printed
-
-    # The CLI runs use the reference's CPU thread count (float sums, so the weights, depend on it), and the kill lands
-    # at a fixed point whatever the load: mid epoch 2, step 5's optimiser step taken but not logged or saved.
-    env = {**no_server_env, "OMP_NUM_THREADS": str(torch.get_num_threads())}
+    # Every run is a CLI process with the same fixed thread count (float sums, so the weights, depend on it; this test
+    # process's own torch settings are whatever earlier tests left), and the kill lands at a fixed point whatever the
+    # load: mid epoch 2, step 5's optimiser step taken but not logged or saved.
+    env = {**no_server_env, "OMP_NUM_THREADS": "1"}
+    straight = run_cli(env, *_train_args(training, root / "straight"))
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    steps = int(straight.stdout.split(" steps")[0].rsplit(" ", 1)[-1])
+    assert steps >= 6, straight.stdout
     killed = root / "killed"
     interrupted = run_cli({**env, "STRUCTXLIP_KILL_AT": "step@5"}, *_train_args(training, killed))
     assert interrupted.returncode == -signal.SIGKILL, interrupted.stderr[-3000:]

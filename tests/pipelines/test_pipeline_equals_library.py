@@ -18,7 +18,7 @@ from pipelines.ingest import ingest_images, read_captions, scan_images
 from pipelines.manifest import build_manifest_rows
 from pipelines.plan import Pipeline
 from pipelines.regions import propose_regions
-from pipelines.stages import STAGE_DEFINITIONS, stage_keys
+from pipelines.stages import STAGE_DEFINITIONS, library_arguments, stage_keys
 from pipelines.structure import extract_structure
 from storage.layout import OutputLayout
 from tests.corpus import make_generated_images
@@ -30,7 +30,7 @@ MIN_EDGE_IOU = 0.99  # same code on the same pixels: equal maps, but the compari
 
 
 def _params(name, config):
-    return STAGE_DEFINITIONS[name].params(config).model_dump()
+    return library_arguments(STAGE_DEFINITIONS[name].params(config).model_dump())
 
 
 def _library_manifest(images_dir: Path, out: Path, config) -> list[dict]:

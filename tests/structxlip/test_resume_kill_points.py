@@ -29,9 +29,10 @@ from structxlip.train import _remove_leftovers, _truncate_metrics, train
 
 REPO = Path(__file__).resolve().parents[2]
 RUN_KEY = "run-a"
-# 16 images -> 10 in the train split -> batches of 4, 4, 2: 3 steps per epoch, 6 in all; a checkpoint every step.
+# 16 images -> 10 in the train split -> batches of 4, 4, 2 (the partial batch kept: drop_last=False, so a resume
+# must also get the epoch's last, short batch right): 3 steps per epoch, 6 in all; a checkpoint every step.
 TRAIN = dict(epochs=2, batch_size=4, lr=1e-3, max_text_tokens=77, progress=False, device="cpu", seed=5,
-             logit_scale_max=2.0, checkpoint_every_steps=1)
+             logit_scale_max=2.0, checkpoint_every_steps=1, drop_last=False)
 STEPS = 6
 RUNNER = "import json, sys; from structxlip.train import train; a = json.loads(sys.argv[1]); " \
          "train(a.pop('manifest'), a.pop('out'), **a)"
