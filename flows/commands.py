@@ -219,7 +219,8 @@ def demo_command(args: argparse.Namespace) -> int:
     explorer = write_report(layout.root, vocab_dir=load_config(DEMO_CONFIG).filter.vocab_dir)
     print(
         "\nOutputs:\n"
-        f"  manifest     {layout.manifest_dir}   (duckdb -c \"select * from '{layout.manifest_dir}/*.parquet'\")\n"
+        f"  manifest     {layout.manifest_dir}   (python -c \"import duckdb; duckdb.sql(\\\"select * from "
+        f"'{layout.manifest_dir}/*.parquet'\\\").show()\")\n"
         f"  maps         {layout.root / 'maps' / keys['structure']}\n"
         f"  crops        {layout.root / 'crops' / keys['regions']}\n"
         f"  checkpoint   {layout.checkpoints_dir}  (model: {layout.model_dir})\n"
