@@ -220,10 +220,13 @@ class Pipeline:
             maps = structure.get(image["image_id"])
             if maps is None or maps["status"] != STATUS_OK:
                 continue
-            scored = captions.get(image["image_id"]) or {}
-            segments = scored.get("segments") or (regions.get(image["image_id"]) or {}).get("segments") or []
+            scored = captions.get(image["image_id"])
+            # After captions: the regions that received a sentence (scored); before: every proposed region.
+            segments = (scored or {}).get("segments") if scored is not None else (
+                regions.get(image["image_id"]) or {}).get("segments")
+            scored = scored or {}
             rows.append({**image, **{k: maps.get(k) for k in ("structure_path", "scribble_path")}, "status": STATUS_OK,
-                         "caption": scored.get("caption"), "segments": segments})
+                         "caption": scored.get("caption"), "segments": list(segments or [])})
         return rows
 
     def manifest_digest(self) -> str | None:
