@@ -73,7 +73,6 @@ def run_stage(pipeline: Pipeline, stage: str, refresh: bool) -> dict:
         plan.runtime = {**plan.runtime, "workers": 1} if "workers" in plan.runtime else plan.runtime
     config = pipeline.config
     task = STAGE_TASKS[stage].with_options(retries=config.runtime.task_retries)
-    chunk_size = 1 if STAGE_DEFINITIONS[stage].whole else config.runtime.chunk_size
 
     def execute(chunks):
         futures = {task.submit(keys, records, out_dir=str(pipeline.layout.root), stage_key=plan.stage_key,
@@ -95,7 +94,7 @@ def run_stage(pipeline: Pipeline, stage: str, refresh: bool) -> dict:
                 yield index, outcome
 
     try:
-        summary = run_plan(plan, pipeline.layout, chunk_size=chunk_size, refresh=refresh, execute=execute)
+        summary = run_plan(plan, pipeline.layout, refresh=refresh, execute=execute)
     except StageFailed as failed:
         _publish(pipeline, failed.summary)
         _log_summary(failed.summary)

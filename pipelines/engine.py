@@ -105,19 +105,19 @@ def process_chunk(stage_name: str, item_keys: list[str], records: list, *, out_d
             "results": [r.get("result") for r in rows if r.get("status") == STATUS_OK and r.get("result")]}
 
 
-def chunks_of(plan: StagePlan, chunk_size: int) -> list[tuple[list[str], list]]:
+def chunks_of(plan: StagePlan) -> list[tuple[list[str], list]]:
     """Split the pending items into ``(item_keys, records)`` chunks in item-key order (deterministic)."""
-    pending = plan.pending
+    pending, chunk_size = plan.pending, plan.chunk_size
     return [([k for k, _ in pending[i:i + chunk_size]], [r for _, r in pending[i:i + chunk_size]])
             for i in range(0, len(pending), chunk_size)]
 
 
-def run_plan(plan: StagePlan, layout: OutputLayout, *, chunk_size: int, refresh: bool,
+def run_plan(plan: StagePlan, layout: OutputLayout, *, refresh: bool,
              execute: Callable[[list[tuple[list[str], list]]], Iterable[tuple[int, dict | BaseException]]]) -> dict:
     """Execute ``plan`` with ``execute`` (yields ``(chunk index, chunk result or exception)`` as chunks finish) and
     return the stage summary. Raises ``StageFailed`` (after the summary is complete) when a chunk failed."""
     started = time.perf_counter()
-    chunks = chunks_of(plan, chunk_size)
+    chunks = chunks_of(plan)
     results: list[dict] = []
     chunk_errors: list[str] = []
     unfinished = 0  # items of failed chunks: pending again next run
@@ -238,9 +238,8 @@ def run_inline(pipeline, stages: list[str], *, refresh: tuple[str, ...] = ()) ->
     summaries = []
     for stage in stages:
         plan = pipeline.plan(stage, refresh=stage in refresh)
-        chunk_size = 1 if STAGE_DEFINITIONS[stage].whole else pipeline.config.runtime.chunk_size
         try:
-            summaries.append(run_plan(plan, pipeline.layout, chunk_size=chunk_size, refresh=stage in refresh,
+            summaries.append(run_plan(plan, pipeline.layout, refresh=stage in refresh,
                                       execute=execute_inline(process_chunk, plan, pipeline.layout)))
         finally:
             pipeline.invalidate(stage)

@@ -39,6 +39,7 @@ class StagePlan:
     pending: list[Item]
     cached: dict[str, dict] = field(default_factory=dict)  # item key -> stored row reused as is
     invalid: dict[str, str] = field(default_factory=dict)  # item key -> why its stored outputs were not reused
+    chunk_size: int = 64  # items per chunk task (1 for a whole-dataset stage)
 
     @property
     def cached_failed(self) -> list[dict]:
@@ -187,7 +188,7 @@ class Pipeline:
                          params=definition.params(self.config).model_dump(),
                          runtime=definition.refreshed(runtime) if refresh else runtime,
                          items=items, pending=pending, cached={k: done[k] for k in items if k in done},
-                         invalid=invalid)
+                         invalid=invalid, chunk_size=1 if definition.whole else self.config.runtime.chunk_size)
 
     @cached_property
     def manifest_rows(self):
