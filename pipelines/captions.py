@@ -14,7 +14,7 @@ import contextlib
 import functools
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +24,11 @@ from storage.manifest import STATUS_FAILED, STATUS_OK
 
 VERSION = "2"  # 2: sentences from sentence-only splitters (the parser where they disagree)
 
-FULL_IMAGE_LONG_SIDE = 448  # CLIP sees 224 px; decode the full image only this large (JPEG draft mode)
+GROUP_CLIP_BATCHES = 4  # images go through CLIP in groups holding about this many scorer batches of crops
+FULL_IMAGE_LONG_SIDE = 448  # CLIP sees 224 px; every crop and full image is thumbnailed to this long side first
+MAX_PIXELS = 178_956_970  # pipelines.images' default: PIL's own bomb guard, which the old decode relied on
+_DCT_SCALES = (8, 4, 2)  # JPEG reduced decoding factors, largest first
+_ORIENTATION = 0x0112  # the EXIF orientation tag
 CAPTION_SOURCE_GENERATED = "generated"
 _TERMINAL = (".", "!", "?", "…")
 
@@ -467,25 +471,175 @@ def load_thumbnail(path: str | os.PathLike, long_side: int = FULL_IMAGE_LONG_SID
         raise CaptionInputError(f"cannot read image: {detail} ({name})") from None
 
 
+def draft_scale(long_sides: Sequence[int], long_side: int = FULL_IMAGE_LONG_SIDE) -> int:
+    """Return the largest JPEG DCT reduction (8, 4 or 2; else 1) after which every item whose long side in source
+    pixels is in ``long_sides`` still has at least ``min(its long side, long_side)`` pixels on its long side.
+
+    An item at most ``long_side`` long is never reduced, so any such item means 1."""
+    shortest = min(long_sides, default=0)
+    return next((scale for scale in _DCT_SCALES if shortest >= scale * long_side), 1)
+
+
+def _source_box(box: tuple[int, int, int, int], orientation: int, stored_w: int, stored_h: int):
+    """Return a box of the EXIF-oriented image as a box of the image as stored (pixel corners, x2/y2 exclusive).
+
+    The inverse of ``ImageOps.exif_transpose``'s transpose for each orientation, applied to the two corners."""
+    x1, y1, x2, y2 = box
+    w, h = stored_w, stored_h
+    inverse = {
+        2: lambda u, v: (w - u, v),  # FLIP_LEFT_RIGHT
+        3: lambda u, v: (w - u, h - v),  # ROTATE_180
+        4: lambda u, v: (u, h - v),  # FLIP_TOP_BOTTOM
+        5: lambda u, v: (v, u),  # TRANSPOSE
+        6: lambda u, v: (v, h - u),  # ROTATE_270 (clockwise): stored (x, y) -> oriented (h - y, x)
+        7: lambda u, v: (w - v, h - u),  # TRANSVERSE
+        8: lambda u, v: (w - v, u),  # ROTATE_90: stored (x, y) -> oriented (y, w - x)
+    }.get(orientation)
+    if inverse is None:
+        return box
+    (a, b), (c, d) = inverse(x1, y1), inverse(x2, y2)
+    return min(a, c), min(b, d), max(a, c), max(b, d)
+
+
+@dataclass
+class SourcePixels:
+    """A source image decoded once: its full view and crops, each (h, w, 3) uint8 RGB, long side at most 448."""
+
+    full_image: np.ndarray | None
+    crops: list[np.ndarray]
+    scale: int  # the JPEG DCT reduction it was decoded at (1: full resolution)
+
+
+def load_source_crops(
+    path: str | os.PathLike,
+    boxes: Sequence[tuple[int, int, int, int]],
+    *,
+    full_image: bool = True,
+    long_side: int = FULL_IMAGE_LONG_SIDE,
+    max_pixels: int = MAX_PIXELS,
+) -> SourcePixels:
+    """Return the full image (when asked) and the crops ``boxes`` of the source at ``path``, decoding it once.
+
+    Boxes are ``(x1, y1, x2, y2)`` in pixels of the EXIF-oriented source (as ``load_rgb`` returns it), x2/y2
+    exclusive; like a numpy slice of that image they are clipped to it, and a box left empty is an error. A JPEG is
+    decoded at the ``draft_scale`` of the full image (when asked) and the crops, so each keeps the resolution a
+    full-resolution decode would give it after ``thumbnail((long_side, long_side))``, which every item then gets.
+    Raises ``CaptionInputError`` (``pipelines.images``' one-line messages, naming the file) on any problem.
+    """
+    from PIL import Image
+
+    from pipelines.images import ImageLoadError, _fail, _open_checked, _pil_to_rgb
+
+    try:
+        image, name = _open_checked(path, None, max_pixels)
+    except ImageLoadError as exc:
+        raise CaptionInputError(str(exc)) from None
+    try:
+        with image:
+            image.seek(0)  # animated images: the first frame, as load_rgb
+            stored_w, stored_h = image.size
+            orientation = image.getexif().get(_ORIENTATION, 1)  # as ImageOps.exif_transpose reads it
+            width, height = (stored_h, stored_w) if orientation in (5, 6, 7, 8) else (stored_w, stored_h)
+            clipped = []
+            for box in boxes:
+                x1, y1, x2, y2 = (min(max(int(v), 0), limit) for v, limit in zip(box, (width, height) * 2))
+                if x2 <= x1 or y2 <= y1:
+                    raise CaptionInputError(f"region box {tuple(box)} is empty inside the {width}x{height} image "
+                                            f"({name})")
+                clipped.append((x1, y1, x2, y2))
+            scale = 1
+            if image.format in ("JPEG", "MPO"):
+                sides = [max(x2 - x1, y2 - y1) for x1, y1, x2, y2 in clipped]
+                scale = draft_scale(sides + ([max(width, height)] if full_image else []), long_side)
+            if scale > 1:
+                # PIL drafts at the largest 1/s with both sides >= the request: asking for floor(size / s) gives s.
+                image.draft("RGB", (max(stored_w // scale, 1), max(stored_h // scale, 1)))
+            image.load()  # full decode now, so truncation surfaces here
+            # The reduction applied, from the decoded size (ceil(size / s)); a multi-tile JPEG ignores the draft.
+            scale = next((s for s in (1, *_DCT_SCALES) if image.size == (-(-stored_w // s), -(-stored_h // s))), 0)
+            if not scale:
+                raise OSError(f"decoded at {image.size}, not a reduction of its {stored_w}x{stored_h} pixels")
+            transpose = {
+                2: Image.Transpose.FLIP_LEFT_RIGHT,
+                3: Image.Transpose.ROTATE_180,
+                4: Image.Transpose.FLIP_TOP_BOTTOM,
+                5: Image.Transpose.TRANSPOSE,
+                6: Image.Transpose.ROTATE_270,
+                7: Image.Transpose.TRANSVERSE,
+                8: Image.Transpose.ROTATE_90,
+            }.get(orientation)
+            rgb = image if image.mode == "RGB" else Image.fromarray(_pil_to_rgb(image))
+            crops = []
+            for box in clipped:
+                x1, y1, x2, y2 = _source_box(box, orientation, stored_w, stored_h)
+                # The reduced pixel grid: pixel i covers stored pixels [i * s, (i + 1) * s); keep every one the box
+                # touches (at least one).
+                left, top = min(x1 // scale, rgb.width - 1), min(y1 // scale, rgb.height - 1)
+                right = min(max(-(-x2 // scale), left + 1), rgb.width)
+                bottom = min(max(-(-y2 // scale), top + 1), rgb.height)
+                crop = rgb.crop((left, top, right, bottom))
+                crops.append(_thumbnail(crop.transpose(transpose) if transpose is not None else crop, long_side))
+            full = None
+            if full_image:  # last: thumbnail shrinks the image in place
+                full = _thumbnail(rgb.transpose(transpose) if transpose is not None else rgb, long_side)
+    except CaptionInputError:
+        raise
+    except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as exc:
+        raise CaptionInputError(str(_fail("cannot decode image", exc, name))) from None
+    except MemoryError:
+        raise CaptionInputError(f"cannot decode image: out of memory ({name})") from None
+    return SourcePixels(full_image=full, crops=crops, scale=scale)
+
+
+def _thumbnail(image, long_side: int) -> np.ndarray:
+    """Return a PIL image shrunk in place to ``long_side`` as a writable (h, w, 3) uint8 array."""
+    image.thumbnail((long_side, long_side))
+    return np.array(image)  # writable: torch.from_numpy warns on read-only PIL buffers
+
+
 def _load_crop(layout: OutputLayout, crop_path: str | None, image_name: str) -> np.ndarray:
     if not crop_path:
-        raise CaptionInputError(f"segment without crop_path ({image_name})")
+        raise CaptionInputError(f"segment without bbox or crop_path ({image_name})")
     return load_thumbnail(_path(layout, crop_path))
+
+
+def _box(segment, index: int, image_name: str) -> tuple[int, int, int, int] | None:
+    """Return a segment's bbox as (x1, y1, x2, y2), or None when it has none (its crop file is read instead)."""
+    if not isinstance(segment, dict):
+        raise CaptionInputError(f"invalid segment {index}: expected a dict, got {type(segment).__name__} "
+                                f"({image_name})")
+    box = segment.get("bbox")
+    if box is None:
+        return None
+    try:
+        return tuple(int(box[key]) for key in ("x1", "y1", "x2", "y2"))
+    except (KeyError, TypeError, ValueError):
+        shown = " ".join(repr(box).split())[:80]
+        raise CaptionInputError(
+            f"invalid bbox of segment {index}: expected {{x1, y1, x2, y2}} pixels, got {shown} ({image_name})"
+        ) from None
 
 
 @dataclass
 class _Work:
-    """One image being processed: its sentences, images to embed, and where they land in the chunk's batches."""
+    """One image being processed: its sentences, its pixels, and where they land in its group's batches."""
 
+    index: int  # position in the chunk's records
     record: dict
     caption: str | None
     caption_source: str | None
     sentences: list[str]
-    crop_rows: list[int]  # rows into the chunk's image embeddings; crop 0 is the full image when included
-    sentence_rows: list[int]
+    crop_rows: list[int] = field(default_factory=list)  # rows into the group's image embeddings (full image first)
+    sentence_rows: list[int] = field(default_factory=list)
     full_image: np.ndarray | None = None
+    crops: list[np.ndarray | None] | None = None  # per segment: cut from the source (None: read its crop file)
     has_full: bool = False  # whether crop_rows[0] is the full image
     error: str | None = None
+    result: dict | None = None
+
+    @property
+    def name(self) -> str:
+        return Path(str(self.record.get("source_path"))).name
 
 
 def _failed(image_id, error: str) -> dict:
@@ -499,6 +653,21 @@ def _failed(image_id, error: str) -> dict:
     }
 
 
+def _groups(works: list[_Work], max_crops: int) -> list[list[_Work]]:
+    """Return consecutive groups of works, each with at most ``max_crops`` crops (full images included) unless a
+    single image has more."""
+    groups: list[list[_Work]] = []
+    size = 0
+    for work in works:
+        crops = 1 + len(work.record.get("segments") or [])
+        if not groups or size + crops > max_crops:
+            groups.append([])
+            size = 0
+        groups[-1].append(work)
+        size += crops
+    return groups
+
+
 def score_local_captions(
     records: list[dict],
     *,
@@ -508,68 +677,109 @@ def score_local_captions(
     include_full_image: bool = True,
     captioner: Captioner | None = None,
     caption_regions: bool = False,
+    max_pixels: int = MAX_PIXELS,
+    group_crops: int | None = None,
 ) -> list[dict]:
     """Return one ``{image_id, status, error, caption, caption_source, segments}`` per record.
 
     ``segments`` are the input segments that received a sentence (or, with ``caption_regions``, a generated
-    caption), each with ``caption`` and ``similarity_score`` (100 * cos), ranked by score, highest first.
+    caption), each with ``caption`` and ``similarity_score`` (100 * cos), ranked by score, highest first. Each source
+    is decoded once (``load_source_crops``) and its crops cut by their ``bbox``; a segment without one is read from
+    its ``crop_path``. Images go through CLIP in groups of about ``group_crops`` crops (default
+    ``GROUP_CLIP_BATCHES`` of the scorer's batches), so memory holds one group's pixels, not the chunk's.
     """
-    works: list[_Work | None] = []
+    if group_crops is None:
+        group_crops = GROUP_CLIP_BATCHES * int(getattr(scorer, "batch_size", 64))
+    works: list[_Work] = []
     outputs: dict[int, dict] = {}
     for n, record in enumerate(records):
         image_id = record.get("image_id")
         if record.get("status", STATUS_OK) != STATUS_OK:
             outputs[n] = _failed(image_id, f"skipped: an earlier stage failed ({record.get('error')})")
-            works.append(None)
             continue
         caption = record.get("caption")
         caption = caption.strip() if isinstance(caption, str) and caption.strip() else None
-        works.append(_Work(record, caption, record.get("caption_source") if caption else None, [], [], []))
+        works.append(_Work(n, record, caption, record.get("caption_source") if caption else None, []))
 
-    # 1. Full images: needed for scoring (crop 0) and for captioning images without a caption.
-    for work in works:
-        if work is None:
-            continue
-        needs_full = (work.caption is not None and include_full_image) or (
-            work.caption is None and captioner is not None
-        )
-        if needs_full:
-            try:
-                work.full_image = load_thumbnail(work.record["source_path"])
-            except (CaptionInputError, KeyError, TypeError) as exc:
-                work.error = (
-                    str(exc)
-                    if isinstance(exc, CaptionInputError)
-                    else f"invalid record: no source_path ({work.record.get('image_id')})"
-                )
-
-    # 2. Generated captions for images that have none (one batched call for the chunk).
-    if captioner is not None:
-        todo = [
-            w for w in works if w is not None and w.error is None and w.caption is None and w.full_image is not None
-        ]
-        for work, text in zip(todo, captioner.caption([w.full_image for w in todo]) if todo else []):
-            if text:
-                work.caption, work.caption_source = text, CAPTION_SOURCE_GENERATED
-
-    # 3. Sentences of every caption of the chunk, split in one pass.
-    captioned = [w for w in works if w is not None and w.error is None and w.caption is not None]
+    # Sentences of every given caption of the chunk, split in one pass (text: cheap to hold for the whole chunk).
+    captioned = [w for w in works if w.caption is not None]
     for work, clauses in zip(captioned, sentence_clauses([w.caption for w in captioned], nlp) if captioned else []):
         work.sentences = clauses
 
-    # 4. Crops of every image that can receive a sentence or a generated region caption.
+    for group in _groups(works, max(1, group_crops)):
+        _score_group(group, layout=layout, scorer=scorer, nlp=nlp, include_full_image=include_full_image,
+                     captioner=captioner, caption_regions=caption_regions, max_pixels=max_pixels)
+        for work in group:
+            outputs[work.index] = work.result
+    return [outputs[n] for n in range(len(records))]
+
+
+def _score_group(
+    works: list[_Work],
+    *,
+    layout: OutputLayout,
+    scorer: ClipScorer,
+    nlp,
+    include_full_image: bool,
+    captioner: Captioner | None,
+    caption_regions: bool,
+    max_pixels: int,
+) -> None:
+    """Set ``result`` of every work of one group: decode, caption, embed and assign; its pixels are freed after."""
+    generate = captioner is not None
+    # 1. Pixels: each source decoded once, for its full image (crop 0; or to caption an image without a caption)
+    # and the crops of every image that can receive a sentence or a generated caption.
+    for work in works:
+        needs_full = (include_full_image and bool(work.sentences)) or (work.caption is None and generate)
+        needs_crops = bool(work.sentences) or (generate and (caption_regions or work.caption is None))
+        if not (needs_full or needs_crops):
+            continue
+        name = work.name
+        try:
+            source_path = work.record["source_path"]
+            if not isinstance(source_path, (str, os.PathLike)):
+                raise TypeError
+            segments = list(work.record.get("segments") or []) if needs_crops else []
+            boxes = [_box(segment, k, name) for k, segment in enumerate(segments)]
+            pixels = load_source_crops(
+                source_path, [b for b in boxes if b is not None], full_image=needs_full, max_pixels=max_pixels
+            )
+        except CaptionInputError as exc:
+            work.error = str(exc)
+            continue
+        except (KeyError, TypeError):
+            work.error = f"invalid record: no source_path ({work.record.get('image_id')})"
+            continue
+        work.full_image = pixels.full_image
+        cut = iter(pixels.crops)
+        work.crops = [next(cut) if box is not None else None for box in boxes] if needs_crops else None
+
+    # 2. Generated captions for images that have none (one batched call for the group), then their sentences.
+    if generate:
+        todo = [w for w in works if w.error is None and w.caption is None and w.full_image is not None]
+        for work, text in zip(todo, captioner.caption([w.full_image for w in todo]) if todo else []):
+            if text:
+                work.caption, work.caption_source = text, CAPTION_SOURCE_GENERATED
+        fresh = [w for w in todo if w.caption is not None]
+        for work, clauses in zip(fresh, sentence_clauses([w.caption for w in fresh], nlp) if fresh else []):
+            work.sentences = clauses
+
+    # 3. Crops of every image that can receive a sentence or a generated region caption.
     images: list[np.ndarray] = []
     region_images: list[tuple[_Work, int]] = []  # (work, segment index) to caption with the captioner
     for work in works:
-        if work is None or work.error is not None or not (work.sentences or (caption_regions and captioner)):
+        if work.error is not None or not (work.sentences or (caption_regions and generate)) or work.crops is None:
             continue
-        name = Path(str(work.record.get("source_path"))).name
         try:
-            crops = [_load_crop(layout, s.get("crop_path"), name) for s in work.record.get("segments") or []]
+            # Segments without a bbox (hand-made records) fall back to their crop file.
+            crops = [
+                crop if crop is not None else _load_crop(layout, segment.get("crop_path"), work.name)
+                for crop, segment in zip(work.crops, work.record.get("segments") or [])
+            ]
         except (CaptionInputError, AttributeError, TypeError) as exc:
-            work.error = str(exc) if isinstance(exc, CaptionInputError) else f"invalid segments ({name})"
+            work.error = str(exc) if isinstance(exc, CaptionInputError) else f"invalid segments ({work.name})"
             continue
-        if caption_regions and captioner is not None:
+        if caption_regions and generate:
             region_images += [(work, k) for k in range(len(crops))]
         work.has_full = include_full_image and work.full_image is not None and bool(work.sentences)
         if work.has_full:
@@ -582,24 +792,25 @@ def score_local_captions(
         texts = captioner.caption([images[w.crop_rows[k + w.has_full]] for w, k in region_images])
         region_captions = {(id(w), k): t for (w, k), t in zip(region_images, texts) if t}
 
-    # 5. One batched pass over all crops and all sentences of the chunk.
+    # 4. One batched pass over the group's crops and sentences.
     sentences: list[str] = []
     for work in works:
-        if work is not None and work.error is None and work.crop_rows:
+        if work.error is None and work.crop_rows:
             work.sentence_rows = list(range(len(sentences), len(sentences) + len(work.sentences)))
             sentences += work.sentences
     extra_rows = {key: len(sentences) + i for i, key in enumerate(region_captions)}
     sentences += list(region_captions.values())
     image_embeds = scorer.embed_images(images) if images else None
     sentence_embeds = scorer.embed_texts(sentences) if sentences else None
+    del images
+    for work in works:
+        work.full_image, work.crops = None, None
 
-    # 6. Per image: assign its sentences to its crops.
-    for n, work in enumerate(works):
-        if work is None:
-            continue
+    # 5. Per image: assign its sentences to its crops.
+    for work in works:
         record = work.record
         if work.error is not None:
-            outputs[n] = _failed(record.get("image_id"), work.error)
+            work.result = _failed(record.get("image_id"), work.error)
             continue
         in_segments = list(record.get("segments") or [])
         offset = int(work.has_full)
@@ -633,7 +844,7 @@ def score_local_captions(
                 }
             )
         segments.sort(key=lambda s: -s["similarity_score"])  # stable: equal scores keep region order
-        outputs[n] = {
+        work.result = {
             "image_id": record.get("image_id"),
             "status": STATUS_OK,
             "error": None,
@@ -641,4 +852,3 @@ def score_local_captions(
             "caption_source": work.caption_source,
             "segments": segments,
         }
-    return [outputs[n] for n in range(len(records))]

@@ -102,19 +102,32 @@ def _solid(colour, size=(24, 32)):
     return np.full(size + (3,), colour, dtype=np.uint8)
 
 
+BOXES = ((4, 6, 16, 16), (30, 20, 40, 34), (60, 40, 72, 52))  # x1, y1, x2, y2 of CROP1..CROP3 in image a
+
+
+def _image_a() -> np.ndarray:
+    """60 x 80 of FULL with one block of each crop colour at BOXES (small: the mean stays nearest FULL)."""
+    image = _solid(FULL, (60, 80))
+    for (x1, y1, x2, y2), colour in zip(BOXES, (CROP1, CROP2, CROP3)):
+        image[y1:y2, x1:x2] = colour
+    return image
+
+
 @pytest.fixture
 def chunk(tmp_path):
     layout = OutputLayout(tmp_path / "out")
     source = tmp_path / "images" / "a.png"
-    write_png(source, _solid(FULL, (60, 80)))
-    segments = []
-    for n, colour in enumerate((CROP1, CROP2, CROP3)):
-        crop = layout.crop("a" * 32, "rk", n)
-        write_jpeg(crop, _solid(colour))
-        segments.append(
-            {"bbox": bbox(n, 0, n + 10, 10), "crop_path": layout.relative(crop), "structure_crop_path": f"s{n}.png"}
-        )
+    write_png(source, _image_a())
+    # No crop files: the crops are cut from the source by their bbox.
+    segments = [
+        {"bbox": bbox(*box), "crop_path": layout.relative(layout.crop("a" * 32, "rk", n)),
+         "structure_crop_path": f"s{n}.png"}
+        for n, box in enumerate(BOXES)
+    ]
     write_png(tmp_path / "images" / "b.png", _solid(FULL))
+    truncated = tmp_path / "images" / "c.jpg"
+    write_jpeg(truncated, _image_a())
+    truncated.write_bytes(truncated.read_bytes()[:400])
     records = [
         {
             "image_id": "a" * 32,
@@ -132,10 +145,10 @@ def chunk(tmp_path):
         },
         {
             "image_id": "c" * 32,
-            "source_path": str(source),
+            "source_path": str(truncated),
             "caption": "The cat is asleep.",
             "caption_source": "sidecar",
-            "segments": [{"bbox": bbox(0, 0, 5, 5), "crop_path": "crops/missing.jpg", "structure_crop_path": None}],
+            "segments": [{"bbox": bbox(0, 0, 5, 5), "crop_path": "crops/c.jpg", "structure_crop_path": None}],
         },
         {
             "image_id": "d" * 32,
@@ -145,6 +158,13 @@ def chunk(tmp_path):
             "caption": "x",
             "segments": [],
         },
+        {
+            "image_id": "e" * 32,
+            "source_path": str(source),
+            "caption": "The cat is asleep.",
+            "caption_source": "sidecar",
+            "segments": [{"bbox": None, "crop_path": "crops/missing.jpg", "structure_crop_path": None}],
+        },
     ]
     return layout, records, segments
 
@@ -152,8 +172,8 @@ def chunk(tmp_path):
 def test_score_local_captions_hand_computed(chunk, nlp):
     layout, records, segments = chunk
     scorer = StubScorer()
-    a, b, c, d = score_local_captions(records, layout=layout, scorer=scorer, nlp=nlp)
-    # One batched call each for the whole chunk: image a (full + 3 crops); image c failed before embedding.
+    a, b, c, d, e = score_local_captions(records, layout=layout, scorer=scorer, nlp=nlp)
+    # One batched call each for the whole chunk: image a (full + 3 crops); images c and e failed before embedding.
     assert scorer.image_calls == [4]
     assert scorer.text_calls == [["A cat sits on a mat.", "The cat is asleep.", "A dog barks", "a bird sings."]]
     assert a["status"] == "ok" and a["caption_source"] == "sidecar" and a["caption"] == records[0]["caption"]
@@ -176,8 +196,11 @@ def test_score_local_captions_hand_computed(chunk, nlp):
         "caption_source": None,
         "segments": [],
     }
-    assert c["status"] == "failed" and "missing.jpg" in c["error"] and "\n" not in c["error"]
+    # The truncated source fails alone, in one line naming it; a segment without a bbox reads its crop file.
+    assert c["status"] == "failed" and c["error"].startswith("cannot decode image: ")
+    assert "truncated" in c["error"].lower() and c["error"].endswith("(c.jpg)") and "\n" not in c["error"]
     assert d["status"] == "failed" and d["error"].startswith("skipped: an earlier stage failed")
+    assert e["status"] == "failed" and "missing.jpg" in e["error"] and "\n" not in e["error"]
 
 
 def test_score_local_captions_without_full_image(chunk, nlp):
@@ -317,15 +340,13 @@ def test_clip_scorer_falls_back_to_the_processor_for_unsupported_settings(tiny_c
 
 
 def test_score_local_captions_with_tiny_clip(chunk, nlp, tiny_scorer):
-    from pipelines.captions import load_thumbnail
-
     layout, records, segments = chunk
     a = score_local_captions(records[:1], layout=layout, scorer=tiny_scorer, nlp=nlp)[0]
-    # independent reference: embed one by one, score every (crop, sentence) pair, assign with plain loops
+    # independent reference: the crops sliced from the image array, embedded one by one, every (crop, sentence)
+    # pair scored, assigned with plain loops (all are under 448 px: no thumbnail step)
     sentences = list(TEXT_VECTORS)
-    pictures = [load_thumbnail(records[0]["source_path"])] + [
-        load_thumbnail(layout.resolve(s["crop_path"])) for s in segments
-    ]
+    image = _image_a()
+    pictures = [image] + [image[y1:y2, x1:x2] for x1, y1, x2, y2 in BOXES]
     crop_vecs = [tiny_scorer.embed_images([p])[0] for p in pictures]
     text_vecs = [tiny_scorer.embed_texts([t])[0] for t in sentences]
     expected = {}
