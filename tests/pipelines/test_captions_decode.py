@@ -301,3 +301,15 @@ def test_groups_bound_the_crops_held_at_once(corpus_records, tmp_path):
     sizes = [1 + len(r["segments"]) for r in records]
     assert sum(scorer.image_calls) == sum(sizes)
     assert max(scorer.image_calls) <= 8 and len(scorer.image_calls) >= sum(sizes) / 8
+
+
+def test_images_without_segments_are_not_decoded(tmp_path):
+    # Nothing can be assigned without segments: the source is not even opened (here it does not exist).
+    record = {"image_id": "a" * 32, "source_path": str(tmp_path / "gone.png"), "caption": "A grey square.",
+              "segments": []}
+    scorer = ColourScorer()
+    out = score_local_captions([record, {**record, "image_id": "b" * 32, "segments": "oops"}],
+                               layout=OutputLayout(tmp_path / "out"), scorer=scorer, nlp=load_spacy("en_core_web_sm"))
+    assert out[0]["status"] == "ok" and out[0]["segments"] == [] and scorer.image_calls == []
+    assert out[1] == {"image_id": "b" * 32, "status": "failed", "caption": None, "caption_source": None,
+                      "segments": [], "error": "invalid segments: expected a list, got str (gone.png)"}
