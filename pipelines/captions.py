@@ -1,7 +1,9 @@
 """Local captions and similarity scores (METHOD.md section 2): each caption sentence goes to the crop CLIP likes best.
 
-For a chunk of images, every sentence (``;`` clauses included) and every crop (plus each full image, as crop 0) is
-embedded in batches across the whole chunk; then per image, each sentence is assigned to its best crop. A segment's
+Each source image is decoded once, at the JPEG reduction its crops allow, and its crops are cut by their ``bbox``
+(the regions stage's crop files are not re-read). Every sentence (``;`` clauses included) and every crop (plus each
+full image, as crop 0) is embedded in batches over groups of images (a few CLIP batches of crops each, so memory
+holds one group's pixels); then per image, each sentence is assigned to its best crop. A segment's
 ``caption`` is its sentences joined in caption order and its ``similarity_score`` the CLIP logit ``100 * cos`` of its
 best-matching sentence (the max: a segment is as relevant as its strongest description). Sentences that prefer the
 full image describe the whole scene and make no segment. Segments without a sentence are dropped, except with
