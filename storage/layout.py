@@ -33,6 +33,7 @@ class OutputLayout:
 
     def __init__(self, root: str | os.PathLike):
         self.root = Path(root).expanduser().resolve()
+        self._prefix = str(self.root).rstrip("/") + "/"
 
     def __repr__(self) -> str:
         return f"OutputLayout({str(self.root)!r})"
@@ -117,13 +118,13 @@ class OutputLayout:
 
     def structure_map(self, image_id: str, structure_key: str, kind: str) -> Path:
         """PNG of one structure map ``kind`` (canny, scribble, log, sobel) of one image."""
-        return self.root / "maps" / structure_key / image_id[:2] / f"{image_id}.{kind}.png"
+        return Path(f"{self._prefix}maps/{structure_key}/{image_id[:2]}/{image_id}.{kind}.png")
 
     def crop(self, image_id: str, regions_key: str, index: int) -> Path:
-        return self.root / "crops" / regions_key / image_id[:2] / image_id / f"{index:03d}.jpg"
+        return Path(f"{self._prefix}crops/{regions_key}/{image_id[:2]}/{image_id}/{index:03d}.jpg")
 
     def structure_crop(self, image_id: str, regions_key: str, index: int) -> Path:
-        return self.root / "crops" / regions_key / image_id[:2] / image_id / f"{index:03d}.structure.png"
+        return Path(f"{self._prefix}crops/{regions_key}/{image_id[:2]}/{image_id}/{index:03d}.structure.png")
 
     def checkpoint(self, name: str) -> Path:
         """Training checkpoint file, e.g. ``checkpoint("epoch-0003")`` or ``checkpoint("last")``."""
@@ -132,6 +133,10 @@ class OutputLayout:
     # ---- relative <-> absolute -----------------------------------------------------------------------------
     def relative(self, path: str | os.PathLike) -> str:
         """Return ``path`` relative to the root, POSIX style, as stored in manifests."""
+        text = os.fspath(path)
+        prefix = self._prefix
+        if text.startswith(prefix) and os.path.normpath(text) == text and os.sep == "/":
+            return text[len(prefix):]  # built from the (resolved) root: no filesystem lookups (~5 per path)
         return Path(path).resolve().relative_to(self.root).as_posix()
 
     def resolve(self, relative: str | None) -> Path | None:
