@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -60,7 +60,6 @@ class StructureConfig(_Section):
     canny_high: float = Field(default=200.0, ge=0)
     extra_maps: list[Literal["log", "sobel"]] = []
     scribble: ScribbleConfig = ScribbleConfig()
-    workers: int = Field(default=0, ge=0, le=1024)  # 0 = one per CPU core
     batch_size: int = Field(default=32, gt=0, le=65536)  # images per GPU batch (kornia backend)
 
     @model_validator(mode="after")
@@ -197,7 +196,11 @@ class EvaluateConfig(_Section):
 
 
 class RuntimeConfig(_Section):
-    chunk_size: int = Field(default=64, gt=0, le=1_000_000)  # images per mapped Prefect task
+    # Worker processes of the CPU data stages on this machine (0 = one per usable core, 1 = in the calling process):
+    # the one layer of data parallelism. Each worker runs torch/OpenCV with its share of the cores.
+    workers: int = Field(default=0, ge=0, le=1024)
+    # Items per chunk (one task, one stored part): "auto" sizes chunks from the pending count and the workers.
+    chunk_size: Annotated[int, Field(gt=0, le=1_000_000)] | Literal["auto"] = "auto"
     runner: Literal["local", "dask"] = "local"
     dask_address: str | None = None
     dask_workers: int = Field(default=2, gt=0, le=1024)

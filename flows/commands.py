@@ -182,6 +182,9 @@ def _watch_api(api_url: str | None, *, command: str, grace_s: float = API_LOSS_G
             if down_since is not None and now - down_since >= grace_s:
                 print(f"structxlip {command}: error: lost the Prefect API at {api_url} for {grace_s:.0f} s; finished "
                       "chunks are cached, re-run the same command once the server is back", file=sys.stderr, flush=True)
+                from pipelines import workers
+
+                workers.abort()
                 os._exit(2)
             time.sleep(2.0)
 

@@ -70,13 +70,13 @@ def run_stage(pipeline: Pipeline, stage: str, refresh: bool) -> dict:
 
     plan = pipeline.plan(stage, refresh=refresh)
     if not on_threads():
-        plan.runtime = {**plan.runtime, "workers": 1} if "workers" in plan.runtime else plan.runtime
+        plan.workers = 1  # Dask workers are the processes: a chunk runs in the task's own
     config = pipeline.config
     task = STAGE_TASKS[stage].with_options(retries=config.runtime.task_retries)
 
     def execute(chunks):
         futures = {task.submit(keys, records, out_dir=str(pipeline.layout.root), stage_key=plan.stage_key,
-                               params=plan.params, runtime=plan.runtime): (index, len(keys))
+                               params=plan.params, runtime=plan.runtime, workers=plan.workers): (index, len(keys))
                    for index, (keys, records) in enumerate(chunks)}
         done = 0
         _progress(pipeline, stage, done, len(plan.pending))
@@ -248,7 +248,7 @@ def structxlip_pipeline(
         if runner == "dask":
             address = stack.enter_context(dask_scheduler(address, pipeline.config.runtime.dask_workers))
         for stage in selected:
-            stage_flow = STAGE_FLOWS[stage].with_options(task_runner=make_runner(runner, address))
+            stage_flow = STAGE_FLOWS[stage].with_options(task_runner=make_runner(runner, address, pipeline.config.runtime.workers))
             try:
                 summaries.append(stage_flow(images_dir=str(pipeline.images_dir), out_dir=str(pipeline.layout.root),
                                             config_path=config_path, refresh=stage in refreshed))

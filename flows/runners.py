@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import contextlib
-import os
 
 from prefect.task_runners import ThreadPoolTaskRunner
 
 
-def default_runner() -> ThreadPoolTaskRunner:
-    """Thread pool for the local runner: library calls release the GIL (OpenCV, torch), two chunks keep cores busy."""
-    return ThreadPoolTaskRunner(max_workers=max(2, min(4, os.cpu_count() or 1)))
+def default_runner(workers: int = 0) -> ThreadPoolTaskRunner:
+    """Thread pool for the local runner. Its threads only dispatch: a CPU chunk is computed in one of the engine's
+    ``workers`` processes (``pipelines.workers``), so there is one thread per worker (0 = one per usable core)."""
+    from pipelines.stages import usable_cpus
+
+    return ThreadPoolTaskRunner(max_workers=max(2, workers or usable_cpus()))
 
 
 def on_threads() -> bool:
@@ -22,10 +24,11 @@ def on_threads() -> bool:
     return context is None or isinstance(getattr(context, "task_runner", None), ThreadPoolTaskRunner)
 
 
-def make_runner(runner: str, dask_address: str | None):
-    """Return the task runner of a stage flow: a thread pool, or Dask on ``dask_address`` (a running scheduler)."""
+def make_runner(runner: str, dask_address: str | None, workers: int = 0):
+    """Return the task runner of a stage flow: a thread pool dispatching to ``workers`` engine processes, or Dask on
+    ``dask_address`` (a running scheduler)."""
     if runner == "local":
-        return default_runner()
+        return default_runner(workers)
     if runner == "dask":
         from prefect_dask import DaskTaskRunner
 

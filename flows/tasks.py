@@ -1,4 +1,5 @@
-"""Prefect tasks: one verb-noun task per stage, each a thin wrapper over ``pipelines.engine.process_chunk``.
+"""Prefect tasks: one verb-noun task per stage, each a thin wrapper over ``pipelines.engine.run_chunk``
+(the chunk is computed in the engine's worker processes, or in the task's own process on a Dask worker).
 
 What is done is decided by the stage store alone (``pipelines.plan``), never by a Prefect cache: tasks run with
 ``NO_CACHE`` and persist no results. A retried or resumed chunk is simply pending again until its part is written.
@@ -13,11 +14,12 @@ from configs.schema import STAGES
 
 
 def _chunk_task(name: str, stage: str, doc: str):
-    def run(item_keys: list[str], records: list, *, out_dir: str, stage_key: str, params: dict, runtime: dict) -> dict:
-        from pipelines.engine import process_chunk
+    def run(item_keys: list[str], records: list, *, out_dir: str, stage_key: str, params: dict, runtime: dict,
+            workers: int = 1) -> dict:
+        from pipelines.engine import run_chunk
 
-        return process_chunk(stage, item_keys, records, out_dir=out_dir, stage_key=stage_key, params=params,
-                             runtime=runtime)
+        return run_chunk(stage, item_keys, records, out_dir=out_dir, stage_key=stage_key, params=params,
+                         runtime=runtime, workers=workers)
 
     run.__name__ = run.__qualname__ = name
     run.__doc__ = doc

@@ -14,6 +14,7 @@ from __future__ import annotations
 import datetime as _dt
 import errno
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
@@ -21,6 +22,7 @@ from typing import Any, Callable, Iterable, Iterator
 from pipelines.plan import StagePlan, first_failures
 from pipelines.stages import STAGE_DEFINITIONS, Stage
 from storage.layout import OutputLayout
+from structxlip import faults
 from storage.manifest import STATUS_FAILED, STATUS_OK
 from storage.stage_store import ITEM_KEY, OUTPUTS, StageStore, output_records
 
@@ -66,25 +68,33 @@ def _run_isolated(stage: Stage, records: list, layout: OutputLayout, call: Calla
         if stage.whole or is_storage_error(exc, layout.root):
             raise  # nothing is recorded: the stage ends failed and the next run retries
         if len(records) == 1:
-            record = records[0]
-            image_id = record.get("image_id") if isinstance(record, dict) else None
-            return [{"image_id": image_id, "status": STATUS_FAILED, "error": f"{stage.name} failed: {one_line(exc)}"}]
+            return [stage.failed_row(records[0], f"{stage.name} failed: {one_line(exc)}")]
     return [row for record in records for row in _run_isolated(stage, [record], layout, call)]
 
 
-def process_chunk(stage_name: str, item_keys: list[str], records: list, *, out_dir: str, stage_key: str,
-                  params: dict, runtime: dict) -> dict:
-    """Process one chunk and record it as one store part; return ``{part, ok, failures, results}`` (small, picklable).
+def compute_rows(stage_name: str, records: list, *, out_dir: str, stage_key: str, params: dict,
+                 runtime: dict) -> list[dict]:
+    """Run one chunk through the stage's library call with per-item isolation; return one output row per record."""
+    stage = STAGE_DEFINITIONS[stage_name]
+    layout = OutputLayout(out_dir)
+    if os.environ.get(faults.ENV):
+        for record in records:
+            faults.kill_point("item", stage.label(record))
+
+    def call(chunk: list) -> list[dict]:
+        return stage.run(chunk, layout=layout, stage_key=stage_key, params=params, runtime=runtime)
+
+    return _run_isolated(stage, list(records), layout, call)
+
+
+def record_rows(stage_name: str, item_keys: list[str], records: list, outputs: list[dict], *, out_dir: str,
+                stage_key: str) -> dict:
+    """Verify the chunk's outputs, record its rows as one store part; return ``{part, ok, failures, results}``.
 
     ``failures``: ``[{item_key, file, reason}]``; ``results``: the ``result`` column of whole-dataset stages.
     """
     stage = STAGE_DEFINITIONS[stage_name]
     layout = OutputLayout(out_dir)
-
-    def call(chunk: list) -> list[dict]:
-        return stage.run(chunk, layout=layout, stage_key=stage_key, params=params, runtime=runtime)
-
-    outputs = _run_isolated(stage, list(records), layout, call)
     rows = []
     failures = []
     for key, record, output in zip(item_keys, records, outputs):
@@ -103,6 +113,27 @@ def process_chunk(stage_name: str, item_keys: list[str], records: list, *, out_d
     part = StageStore(layout, stage_name, stage_key, stage.schema).write_part(rows)
     return {"part": part.name, "ok": len(rows) - len(failures), "failures": failures,
             "results": [r.get("result") for r in rows if r.get("status") == STATUS_OK and r.get("result")]}
+
+
+def process_chunk(stage_name: str, item_keys: list[str], records: list, *, out_dir: str, stage_key: str,
+                  params: dict, runtime: dict) -> dict:
+    """Process one chunk in this process and record it as one store part (see ``record_rows``)."""
+    outputs = compute_rows(stage_name, records, out_dir=out_dir, stage_key=stage_key, params=params, runtime=runtime)
+    return record_rows(stage_name, item_keys, records, outputs, out_dir=out_dir, stage_key=stage_key)
+
+
+def run_chunk(stage_name: str, item_keys: list[str], records: list, *, out_dir: str, stage_key: str, params: dict,
+              runtime: dict, workers: int = 1) -> dict:
+    """Process one chunk: in one of ``workers`` engine worker processes (``workers`` > 1), else in this process.
+    The caller's process records the part either way, so a worker only computes."""
+    if workers <= 1:
+        return process_chunk(stage_name, item_keys, records, out_dir=out_dir, stage_key=stage_key, params=params,
+                             runtime=runtime)
+    from pipelines import workers as pool
+
+    outputs = pool.compute_isolated(workers, stage_name, records, out_dir=out_dir, stage_key=stage_key,
+                                    params=params, runtime=runtime)
+    return record_rows(stage_name, item_keys, records, outputs, out_dir=out_dir, stage_key=stage_key)
 
 
 def chunks_of(plan: StagePlan) -> list[tuple[list[str], list]]:
@@ -138,17 +169,33 @@ def run_plan(plan: StagePlan, layout: OutputLayout, *, refresh: bool,
     return summary
 
 
-def execute_inline(process: Callable[..., dict], plan: StagePlan, layout: OutputLayout
+def execute_inline(plan: StagePlan, layout: OutputLayout
                    ) -> Callable[[list], Iterator[tuple[int, dict | BaseException]]]:
-    """Return an ``execute`` for ``run_plan`` that processes chunks one after another in this process."""
+    """Return an ``execute`` for ``run_plan`` without an orchestrator: chunks one after another in this process, or
+    ``plan.workers`` at a time over the engine's worker processes (threads here only wait for them)."""
+
+    def one(chunk: tuple[list[str], list]) -> dict:
+        keys, records = chunk
+        return run_chunk(plan.stage, keys, records, out_dir=str(layout.root), stage_key=plan.stage_key,
+                         params=plan.params, runtime=plan.runtime, workers=plan.workers)
 
     def execute(chunks):
-        for index, (keys, records) in enumerate(chunks):
-            try:
-                yield index, process(plan.stage, keys, records, out_dir=str(layout.root), stage_key=plan.stage_key,
-                                     params=plan.params, runtime=plan.runtime)
-            except Exception as exc:  # noqa: BLE001 - a failed chunk is reported, the others still run
-                yield index, exc
+        if plan.workers <= 1:
+            for index, chunk in enumerate(chunks):
+                try:
+                    yield index, one(chunk)
+                except Exception as exc:  # noqa: BLE001 - a failed chunk is reported, the others still run
+                    yield index, exc
+            return
+        from concurrent import futures
+
+        with futures.ThreadPoolExecutor(min(plan.workers, len(chunks))) as threads:
+            submitted = {threads.submit(one, chunk): index for index, chunk in enumerate(chunks)}
+            for future in futures.as_completed(submitted):
+                try:
+                    yield submitted[future], future.result()
+                except Exception as exc:  # noqa: BLE001 - a failed chunk is reported, the others still run
+                    yield submitted[future], exc
 
     return execute
 
@@ -240,7 +287,7 @@ def run_inline(pipeline, stages: list[str], *, refresh: tuple[str, ...] = ()) ->
         plan = pipeline.plan(stage, refresh=stage in refresh)
         try:
             summaries.append(run_plan(plan, pipeline.layout, refresh=stage in refresh,
-                                      execute=execute_inline(process_chunk, plan, pipeline.layout)))
+                                      execute=execute_inline(plan, pipeline.layout)))
         finally:
             pipeline.invalidate(stage)
     return summaries

@@ -11,6 +11,9 @@ Points, in the order a step reaches them:
 ``checkpoint_write`` the checkpoint's temporary file is complete, not yet renamed onto its name
 ``after_checkpoint`` the step's checkpoint is in place
 ``export``           the exported model's staging folder is complete, not yet swapped in (no step)
+
+Data stages have one point, ``item@<file name>``: the process computing a chunk that holds that file dies before
+computing it (a decoder crash, the OOM killer), as ``pipelines.workers`` must survive.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import os
 import signal
 
 ENV = "STRUCTXLIP_KILL_AT"
-POINTS = ("step", "metrics_write", "checkpoint_write", "after_checkpoint", "export")
+POINTS = ("step", "metrics_write", "checkpoint_write", "after_checkpoint", "export", "item")
 
 
 def kill_requested(point: str, step: int | None = None) -> bool:

@@ -24,7 +24,7 @@ pytestmark = pytest.mark.e2e
 DATA_STAGES = ["ingest", "structure", "regions", "captions", "filter", "manifest"]
 BASE_CONFIG = """
 model: {clip_model: structxlip/tiny-clip}
-structure: {workers: 1}
+structure: {batch_size: 32}
 regions: {method: structure, max_regions: 4}
 captions: {batch_size: 16}
 runtime: {chunk_size: 2, task_retries: 0}
@@ -96,8 +96,8 @@ def _manifest_rows(out: Path) -> list[dict]:
 def workspace(tmp_path_factory, prefect_server):
     root = tmp_path_factory.mktemp("pipeline-cli")
     (root / "base.yaml").write_text(BASE_CONFIG)
-    (root / "canny.yaml").write_text(BASE_CONFIG.replace("structure: {workers: 1}",
-                                                         "structure: {workers: 1, canny_low: 40, canny_high: 120}"))
+    (root / "canny.yaml").write_text(BASE_CONFIG.replace("structure: {batch_size: 32}",
+                                                         "structure: {batch_size: 32, canny_low: 40, canny_high: 120}"))
     env = prefect_server.env()
     env["STRUCTXLIP_CACHE"] = str(root / "cache")  # one tiny CLIP for every run of this module
     env["XDG_CACHE_HOME"] = str(root / "cache")

@@ -35,11 +35,11 @@ def write_test_config(path: Path) -> Path:
     """A fast config: the tiny random CLIP (built locally) and structure-based regions."""
     config = {
         "model": {"clip_model": "structxlip/tiny-clip"},
-        # workers 1: four thumbnails do not pay for starting a process pool.
-        "structure": {"long_side": 160, "workers": 1},
+        "structure": {"long_side": 160},
         "regions": {"method": "structure", "max_regions": 4},
         "captions": {"batch_size": 16},
-        "runtime": {"chunk_size": 2},
+        # workers 1: four thumbnails do not pay for starting the engine's worker processes.
+        "runtime": {"chunk_size": 2, "workers": 1},
     }
     path.write_text(yaml.safe_dump(config))
     return path

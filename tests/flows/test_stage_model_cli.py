@@ -15,7 +15,7 @@ from tests.corpus import make_generated_images
 pytestmark = pytest.mark.e2e
 CONFIG = """
 model: {clip_model: structxlip/tiny-clip}
-structure: {workers: 1}
+structure: {batch_size: 32}
 regions: {method: structure, max_regions: 3}
 captions: {device: cpu}
 manifest: {split_ratios: {train: 0.0, val: 0.0, test: 1.0}}

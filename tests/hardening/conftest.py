@@ -117,7 +117,7 @@ def baseline(tmp_path_factory, cli_env) -> Baseline:
 
 
 SECRET_TOKEN = "hf_secret-value-3f9c2a"  # must never show up in any output of a run
-CORPUS_CONFIG = BASE_CONFIG.replace("structure: {workers: 1}", "structure: {workers: 1}\n"
+CORPUS_CONFIG = BASE_CONFIG.replace("structure: {batch_size: 32}", "structure: {batch_size: 32}\n"
                                     "ingest: {extensions: [jpg, jpeg, png, webp, gif]}") \
                            .replace("chunk_size: 2", "chunk_size: 8")
 

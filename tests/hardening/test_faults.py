@@ -204,8 +204,8 @@ class FullDisk:
 def full_disk(baseline, tmp_path_factory):
     root = tmp_path_factory.mktemp("full-disk")
     canny = root / "canny.yaml"  # new thresholds: structure and every later stage must write new files
-    canny.write_text(baseline.config.read_text().replace("structure: {workers: 1}",
-                                                         "structure: {workers: 1, canny_low: 40, canny_high: 120}"))
+    canny.write_text(baseline.config.read_text().replace("structure: {batch_size: 32}",
+                                                         "structure: {batch_size: 32, canny_low: 40, canny_high: 120}"))
     with _small_disk(root / "disk") as mounted:
         out = root / "disk" / "out"
         shutil.copytree(baseline.out, out, symlinks=True)

@@ -15,7 +15,7 @@ from tests.corpus import make_generated_images
 
 DATA = ["ingest", "structure", "regions", "captions", "filter", "manifest"]
 CONFIG = {"model.clip_model": "structxlip/tiny-clip", "regions.method": "structure", "regions.max_regions": 2,
-          "runtime.chunk_size": 2, "structure.workers": 1, "captions.device": "cpu"}
+          "runtime.chunk_size": 2, "runtime.workers": 1, "captions.device": "cpu"}
 RATIOS = {"train": 1.0}
 
 

@@ -1,5 +1,6 @@
 """The staged pipeline (chunks, stage store, sentence-only splitter, shared models) writes the manifest that the
-plain library calls give, one call per stage over every image, with the full spaCy parser splitting sentences."""
+plain library calls give, one call per stage over every image, with the full spaCy parser splitting sentences. The
+pipeline runs its CPU stages in two engine worker processes (pipelines.workers)."""
 
 from __future__ import annotations
 
@@ -78,7 +79,8 @@ def _edge_map(root: Path, relative: str) -> np.ndarray:
 def test_pipeline_manifest_equals_the_library_calls(tmp_path):
     images = tmp_path / "images"
     make_generated_images(images, 7, size=(200, 150), seed=11)
-    config = load_config(ROOT / "configs" / "demo.yaml", {"runtime.chunk_size": 3})
+    # Two engine worker processes whatever the machine: the parallel path is the one compared.
+    config = load_config(ROOT / "configs" / "demo.yaml", {"runtime.chunk_size": 3, "runtime.workers": 2})
     pipeline_out, library_out = tmp_path / "pipeline", tmp_path / "library"
 
     run_inline(Pipeline(images, pipeline_out, config), DATA_STAGES)

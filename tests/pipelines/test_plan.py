@@ -19,7 +19,7 @@ from tests.corpus import make_generated_images
 
 DATA = ["ingest", "structure", "regions", "captions", "filter", "manifest"]
 CONFIG = {"model.clip_model": "structxlip/tiny-clip", "regions.method": "structure", "regions.max_regions": 3,
-          "runtime.chunk_size": 2, "structure.workers": 1, "train.epochs": 1, "train.batch_size": 2,
+          "runtime.chunk_size": 2, "runtime.workers": 1, "train.epochs": 1, "train.batch_size": 2,
           "train.device": "cpu", "evaluate.split": "all", "evaluate.device": "cpu", "captions.device": "cpu"}
 
 

@@ -27,7 +27,7 @@ def test_stage_keys_chain_forward_only():
 
 
 def test_runtime_settings_never_change_a_key():
-    runtime = {"runtime.chunk_size": 3, "structure.workers": 1, "structure.batch_size": 2, "captions.batch_size": 2,
+    runtime = {"runtime.chunk_size": 3, "runtime.workers": 1, "structure.batch_size": 2, "captions.batch_size": 2,
                "captions.device": "cpu", "regions.points_per_batch": 8, "regions.device": "cpu",
                "filter.batch_size": 3, "train.device": "cpu", "train.num_workers": 2, "evaluate.batch_size": 5,
                "train.checkpoint_every_steps": 7}

@@ -1,0 +1,142 @@
+"""The engine's worker processes: the one layer of data parallelism on a machine.
+
+CPU data stages (``Stage.on_cpu``) compute their chunks here, ``workers`` processes at a time; the caller (a Prefect
+task thread, or ``run_inline``) only waits and records the part. Each worker runs torch and OpenCV on its share of
+the cores (``usable cores // workers``, at least 1), so processes x threads never exceeds the machine: with 2 torch
+threads in each of 2 processes on 2 cores the tiny CLIP ran 30-100x slower. Workers live for the whole process
+(models load once per worker, kept by ``pipelines.stages.shared``) and start from a ``forkserver``: a clean process
+with the engine imported, never a fork of a process that already runs threads (Prefect, torch).
+
+A worker that dies (a decoder crash, the OOM killer) breaks the pool: it is rebuilt and the chunk retried once; if it
+breaks again, its items are retried one by one and the item whose worker dies becomes a failed row.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import multiprocessing
+import os
+import signal
+import threading
+from concurrent import futures
+from concurrent.futures.process import BrokenProcessPool
+
+_lock = threading.Lock()
+_pool: futures.ProcessPoolExecutor | None = None
+_size = 0
+
+
+def threads_per_worker(workers: int) -> int:
+    """Intra-op threads of each of ``workers`` processes: the usable cores shared out, at least one."""
+    from pipelines.stages import usable_cpus
+
+    return max(1, usable_cpus() // max(1, workers))
+
+
+def _exit_with_parent() -> None:
+    """End this worker as soon as the process that owns the pool is gone (a SIGKILLed run): a worker waits on its
+    task queue, whose write end it holds itself, so it would otherwise wait forever, holding its models' memory and
+    the run's stdout/stderr pipes (a caller reading them to EOF would hang)."""
+    from multiprocessing.connection import wait
+
+    parent = multiprocessing.parent_process()
+    if parent is None:
+        return
+
+    def watch() -> None:
+        wait([parent.sentinel])
+        os._exit(1)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
+
+
+def _init_worker(threads: int, environ: dict[str, str]) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
+    _exit_with_parent()
+    # The forkserver was started once, with the environment of that moment: workers take the pool creator's now.
+    os.environ.clear()
+    os.environ.update(environ)
+    for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        os.environ[name] = str(threads)  # read by torch/numpy when they are first imported in this worker
+    import cv2
+
+    cv2.setNumThreads(threads)
+
+
+def pool(workers: int) -> futures.ProcessPoolExecutor:
+    """Return the process's worker pool of ``workers`` processes (created on first use, then reused)."""
+    global _pool, _size
+    with _lock:
+        if _pool is None or _size != workers:
+            if _pool is not None:
+                _pool.shutdown(wait=False, cancel_futures=True)
+            context = multiprocessing.get_context("forkserver")
+            context.set_forkserver_preload(["pipelines.engine"])
+            _pool = futures.ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker,
+                                                initargs=(threads_per_worker(workers), dict(os.environ)))
+            _size = workers
+        return _pool
+
+
+def _discard(broken: futures.ProcessPoolExecutor) -> None:
+    global _pool
+    with _lock:
+        if _pool is broken:
+            _pool = None
+    broken.shutdown(wait=False, cancel_futures=True)
+
+
+def shutdown() -> None:
+    """Stop the worker processes (they are also stopped at interpreter exit)."""
+    global _pool
+    with _lock:
+        current, _pool = _pool, None
+    if current is not None:
+        current.shutdown(wait=True, cancel_futures=True)
+
+
+def abort() -> None:
+    """Stop the workers now, before the process ends with ``os._exit`` (the CLI's lost-server exit): kill them and
+    release the pool's queues, so nothing keeps running and no semaphore is reported leaked at exit."""
+    global _pool
+    with _lock:
+        current, _pool = _pool, None
+    if current is None:
+        return
+    for process in list(getattr(current, "_processes", {}).values()):
+        with contextlib.suppress(OSError):
+            process.kill()
+    closer = threading.Thread(target=current.shutdown, kwargs={"wait": True, "cancel_futures": True}, daemon=True)
+    closer.start()
+    closer.join(timeout=5.0)
+    del current
+    gc.collect()  # the queues' semaphores are released by their finalizers
+
+
+def _compute(workers: int, stage_name: str, records: list, options: dict) -> list[dict]:
+    """Compute one chunk in a worker; a broken pool is rebuilt and the chunk retried once."""
+    from pipelines.engine import compute_rows
+
+    for attempt in (1, 2):
+        executor = pool(workers)
+        try:
+            return executor.submit(compute_rows, stage_name, records, **options).result()
+        except BrokenProcessPool:
+            _discard(executor)
+            if attempt == 2:
+                raise
+    raise AssertionError("unreachable")
+
+
+def compute_isolated(workers: int, stage_name: str, records: list, **options) -> list[dict]:
+    """Return the chunk's output rows computed in a worker process. Items whose worker keeps dying fail alone."""
+    try:
+        return _compute(workers, stage_name, records, options)
+    except BrokenProcessPool:
+        if len(records) > 1:
+            return [row for record in records for row in compute_isolated(workers, stage_name, [record], **options)]
+    from pipelines.stages import STAGE_DEFINITIONS
+
+    return [STAGE_DEFINITIONS[stage_name].failed_row(
+        records[0], f"{stage_name} failed: the worker process died while processing it (crash or out of memory)")]

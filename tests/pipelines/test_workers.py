@@ -1,0 +1,138 @@
+"""The engine's worker processes: chunks sized from the pending count, each worker on its share of the cores, the same
+results as in one process, and a worker that dies fails only the item it was processing."""
+
+from __future__ import annotations
+
+import os
+
+import pyarrow.parquet as pq
+import pytest
+
+from configs import load_config
+from pipelines import workers
+from pipelines.engine import run_inline
+from pipelines.plan import MAX_CHUNK, MIN_CHUNK, Pipeline, auto_chunk_size
+from pipelines.stages import usable_cpus
+from structxlip import faults
+from tests.corpus import make_generated_images
+
+DATA = ["ingest", "structure", "regions", "captions", "filter", "manifest"]
+CONFIG = {"model.clip_model": "structxlip/tiny-clip", "regions.method": "grouping", "regions.max_regions": 3,
+          "captions.device": "cpu"}
+
+
+@pytest.fixture
+def fresh_pool():
+    """Workers take the environment of the moment their pool is created: start and end each test with none."""
+    workers.shutdown()
+    yield
+    workers.shutdown()
+
+
+def test_auto_chunk_size_gives_about_four_chunks_per_worker_within_bounds():
+    assert (MIN_CHUNK, MAX_CHUNK) == (8, 256)
+    assert auto_chunk_size(0, 2) == 8
+    assert auto_chunk_size(14, 2) == 8  # 2 chunks: both workers busy on the demo's 14 photos
+    assert auto_chunk_size(2000, 2) == 250  # ceil(2000 / 8): 8 chunks
+    assert auto_chunk_size(2001, 2) == 251
+    assert auto_chunk_size(100, 1) == 25
+    assert auto_chunk_size(10 ** 6, 16) == 256
+
+
+def test_plan_uses_workers_for_cpu_stages_only(tmp_path):
+    images = tmp_path / "images"
+    make_generated_images(images, 3, size=(64, 48))
+    pipeline = Pipeline(images, tmp_path / "out", load_config(overrides={**CONFIG, "runtime.workers": 3}))
+    assert pipeline.plan("ingest").workers == 3
+    assert pipeline.plan("ingest").chunk_size == MIN_CHUNK
+    assert pipeline.plan("manifest").workers == 1  # whole-dataset stages run in the calling process
+    default = Pipeline(images, tmp_path / "out", load_config(overrides=CONFIG))
+    assert default.plan("ingest").workers == usable_cpus()  # 0 = one per usable core
+    explicit = Pipeline(images, tmp_path / "out", load_config(overrides={**CONFIG, "runtime.chunk_size": 2}))
+    assert explicit.plan("ingest").chunk_size == 2
+
+
+def test_each_worker_gets_its_share_of_the_cores(fresh_pool):
+    pool = workers.pool(2)
+    expected = str(max(1, usable_cpus() // 2))
+    assert [pool.submit(os.getenv, "OMP_NUM_THREADS").result() for _ in range(4)] == [expected] * 4
+
+
+def _rows(out):
+    table = pq.read_table(sorted((out / "manifest").glob("*.parquet")))
+    rows = sorted(table.to_pylist(), key=lambda r: r["source_path"])
+    return [{k: v for k, v in r.items() if not k.endswith("_path") and k != "source_path"} for r in rows]
+
+
+def test_two_workers_write_the_manifest_one_process_writes(tmp_path, fresh_pool):
+    images = tmp_path / "images"
+    make_generated_images(images, 20, size=(160, 120), seed=5)
+    config = {**CONFIG, "runtime.chunk_size": 3}
+    serial = run_inline(Pipeline(images, tmp_path / "one", load_config(overrides={**config, "runtime.workers": 1})),
+                        DATA)
+    parallel = run_inline(Pipeline(images, tmp_path / "two", load_config(overrides={**config, "runtime.workers": 2})),
+                          DATA)
+    assert [(s["stage"], s["processed"], s["failed"]) for s in parallel] == \
+        [(s["stage"], s["processed"], s["failed"]) for s in serial]
+    assert parallel[0]["processed"] == 20
+    assert _rows(tmp_path / "two") == _rows(tmp_path / "one")
+
+
+def test_a_worker_that_dies_fails_only_its_item_and_the_pool_recovers(tmp_path, fresh_pool, monkeypatch):
+    images = tmp_path / "images"
+    make_generated_images(images, 10, size=(96, 72), seed=3)
+    victim = sorted(p.name for p in images.glob("*.jpg"))[4]
+    monkeypatch.setenv(faults.ENV, f"item@{victim}")
+    pipeline = Pipeline(images, tmp_path / "out", load_config(overrides={**CONFIG, "runtime.workers": 2,
+                                                                          "runtime.chunk_size": 4}))
+    (ingest, structure) = run_inline(pipeline, ["ingest", "structure"])
+    assert (ingest["processed"], ingest["failed"]) == (9, 1)
+    (failure,) = ingest["failures"]
+    assert failure["file"] == victim
+    assert "worker process died" in failure["reason"]
+    assert (structure["processed"], structure["failed"]) == (9, 0)  # the pool was rebuilt and kept working
+
+    monkeypatch.delenv(faults.ENV)
+    workers.shutdown()
+    again = run_inline(Pipeline(images, tmp_path / "out", pipeline.config), ["ingest"], refresh=("ingest",))
+    assert (again[0]["processed"], again[0]["failed"]) == (10, 0)
+
+
+KILLED_OWNER = """
+import os, signal, sys
+from pipelines import workers
+pool = workers.pool(2)
+pids = sorted({pool.submit(os.getpid).result() for _ in range(8)} | {pool.submit(os.getpid).result()})
+print(" ".join(map(str, pids)), flush=True)
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as handle:
+            return handle.read().rsplit(b")", 1)[1].split()[0] != b"Z"
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="reads /proc")
+def test_workers_end_when_the_run_that_owns_them_is_killed(tmp_path):
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    # Output to a file, not a pipe: a worker left behind would hold a pipe open and hang this test instead of failing it.
+    log = tmp_path / "out.txt"
+    with open(log, "wb") as out:
+        process = subprocess.run([sys.executable, "-c", KILLED_OWNER], cwd=root, stdout=out, stderr=subprocess.DEVNULL,
+                                 timeout=120)
+    assert process.returncode == -9
+    pids = [int(p) for p in log.read_text().split()]
+    assert pids
+    deadline = time.monotonic() + 30
+    while any(_alive(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(_alive(p) for p in pids), f"workers left running after their owner was killed: {pids}"
