@@ -12,6 +12,7 @@ import platform
 import resource
 import statistics
 import sys
+import threading
 import time
 import traceback
 from collections.abc import Callable
@@ -174,6 +175,105 @@ def run_in_child(target: str, timeout_s: float = 3600.0, **kwargs) -> dict:
         raise RuntimeError(f"benchmark child {target} failed: {message['error']}")
     return {"result": message["result"], "peak_rss_mb": message["peak_rss_mb"],
             "children_peak_rss_mb": message["children_peak_rss_mb"], "wall_s": wall}
+
+
+# ---- process / thread census ---------------------------------------------------------------------------------------
+def _descendants(root: int) -> list[int]:
+    parents: dict[int, int] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat", "rb") as handle:
+                    fields = handle.read().rsplit(b")", 1)[1].split()
+                parents[int(entry)] = int(fields[1])
+            except (OSError, IndexError, ValueError):
+                continue
+    found, frontier = [], [root]
+    while frontier:
+        pid = frontier.pop()
+        children = [p for p, parent in parents.items() if parent == pid]
+        found += children
+        frontier += children
+    return found
+
+
+def _threads(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/status", encoding="ascii") as handle:
+            for line in handle:
+                if line.startswith("Threads:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+class Census:
+    """Samples, every ``interval`` s, this process's threads and its descendant processes (and their threads)."""
+
+    def __init__(self, interval: float = 0.25):
+        self.interval = interval
+        self.max_processes = 1
+        self.max_threads = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def _loop(self) -> None:
+        me = os.getpid()
+        while not self._stop.is_set():
+            if os.path.isdir("/proc"):
+                children = _descendants(me)
+                self.max_processes = max(self.max_processes, 1 + len(children))
+                self.max_threads = max(self.max_threads, _threads(me) + sum(_threads(p) for p in children))
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> "Census":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def cpu_seconds() -> float:
+    """CPU seconds of this process, its reaped children and its live descendants (a persistent worker pool's time is
+    not in RUSAGE_CHILDREN until its processes exit)."""
+    import resource
+
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    total = own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+    tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    for pid in _descendants(os.getpid()) if os.path.isdir("/proc") else []:
+        try:
+            with open(f"/proc/{pid}/stat", "rb") as handle:
+                fields = handle.read().rsplit(b")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / tick  # utime, stime
+        except (OSError, IndexError, ValueError):
+            continue
+    return total
+
+
+def worker_cpu_seconds() -> float:
+    """CPU seconds of this process's live engine worker processes (``pipelines.workers``: forked from the
+    multiprocessing forkserver, whose command line they share)."""
+    total = 0.0
+    tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    for pid in _descendants(os.getpid()) if os.path.isdir("/proc") else []:
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as handle:
+                if b"forkserver" not in handle.read():
+                    continue
+            with open(f"/proc/{pid}/stat", "rb") as handle:
+                fields = handle.read().rsplit(b")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / tick
+        except (OSError, IndexError, ValueError):
+            continue
+    return total
+
+
+def usable_cpus() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 # ---- machine information ------------------------------------------------------------------------------------------

@@ -6,17 +6,20 @@ and fully cached: wall, CPU, peak RSS and the real process/thread count.
 Floors (CPU-ms per image on one thread, median over a sample; images/s = usable cores x 1000 / ms):
 - ingest: read the file + SHA-256 + one reduced JPEG decode (OpenCV 1/8 grey: reads the whole stream, so it still
   catches truncated files).
-- structure: grey decode + resize to ``long_side`` + Canny + scribble + PNG encode of both maps.
+- structure: grey decode + resize to ``long_side`` + Canny + scribble + PNG encode of both maps + writing them as
+  two new files (plain open/write/close).
 - regions: colour decode + structure-map PNG decode + every crop cut from memory and encoded (JPEG, and PNG for its
-  structure crop).
+  structure crop) + writing those files; with the grouping proposer also its graph segmentation (skimage
+  Felzenszwalb at the grouping work size; the hierarchical grouping itself is not in the floor).
 - captions: one reduced colour decode (1/2) + sentence split (spaCy ``senter``) + the tiny CLIP forward over the
   image, its crops and its sentences (batched over the sample, as the stage batches a chunk).
 - filter: one full spaCy parse of each distinct text of the image (caption + segment captions).
 - manifest: not measured (one whole-dataset write).
 Besides images/s (wall, at the machine's current load) each stage reports CPU-ms per image (this process, its
 children and live worker pools): on a shared machine CPU time is the steadier measure of work.
-Everything runs in a fresh child process per scenario; a 2-image warm-up run loads the models first, so "cold" is
-an empty output folder, not an empty process (the warm-up's seconds are reported as start-up).
+Everything runs in a fresh child process per scenario; a warm-up run of one smallest chunk per engine worker loads
+the models in every worker first, so "cold" is an empty output folder, not an empty process (the warm-up's seconds
+are reported as start-up).
 """
 
 from __future__ import annotations
@@ -25,11 +28,10 @@ import os
 import shutil
 import statistics
 import tempfile
-import threading
 import time
 from pathlib import Path
 
-from benchmarks.common import BenchmarkResult, Target, run_in_child
+from benchmarks.common import BenchmarkResult, Census, Target, cpu_seconds, run_in_child, usable_cpus
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
 STAGES = ["ingest", "structure", "regions", "captions", "filter"]
@@ -37,99 +39,18 @@ DATA_STAGES = [*STAGES, "manifest"]
 FLOOR_SAMPLE = 40
 
 
-# ---- process / thread census ---------------------------------------------------------------------------------------
-def _descendants(root: int) -> list[int]:
-    parents: dict[int, int] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat", "rb") as handle:
-                    fields = handle.read().rsplit(b")", 1)[1].split()
-                parents[int(entry)] = int(fields[1])
-            except (OSError, IndexError, ValueError):
-                continue
-    found, frontier = [], [root]
-    while frontier:
-        pid = frontier.pop()
-        children = [p for p, parent in parents.items() if parent == pid]
-        found += children
-        frontier += children
-    return found
-
-
-def _threads(pid: int) -> int:
-    try:
-        with open(f"/proc/{pid}/status", encoding="ascii") as handle:
-            for line in handle:
-                if line.startswith("Threads:"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return 0
-
-
-class Census:
-    """Samples, every ``interval`` s, this process's threads and its descendant processes (and their threads)."""
-
-    def __init__(self, interval: float = 0.25):
-        self.interval = interval
-        self.max_processes = 1
-        self.max_threads = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, daemon=True)
-
-    def _loop(self) -> None:
-        me = os.getpid()
-        while not self._stop.is_set():
-            if os.path.isdir("/proc"):
-                children = _descendants(me)
-                self.max_processes = max(self.max_processes, 1 + len(children))
-                self.max_threads = max(self.max_threads, _threads(me) + sum(_threads(p) for p in children))
-            self._stop.wait(self.interval)
-
-    def __enter__(self) -> "Census":
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-
-
-def _cpu_seconds() -> float:
-    """CPU seconds of this process, its reaped children and its live descendants (a persistent worker pool's time is
-    not in RUSAGE_CHILDREN until its processes exit)."""
-    import resource
-
-    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-    total = own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
-    tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
-    for pid in _descendants(os.getpid()) if os.path.isdir("/proc") else []:
-        try:
-            with open(f"/proc/{pid}/stat", "rb") as handle:
-                fields = handle.read().rsplit(b")", 1)[1].split()
-            total += (int(fields[11]) + int(fields[12])) / tick  # utime, stime
-        except (OSError, IndexError, ValueError):
-            continue
-    return total
-
-
-def _usable_cpus() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-
-
 # ---- the child's scenario ------------------------------------------------------------------------------------------
 def _run(pipeline_cls, run_inline, images: Path, out: Path, config) -> dict:
-    cpu, start = _cpu_seconds(), time.perf_counter()
+    cpu, start = cpu_seconds(), time.perf_counter()
     stages = {}
     with Census() as census:
         pipeline = pipeline_cls(images, out, config)
         for stage in DATA_STAGES:  # one stage at a time, as run_inline does, to read each stage's CPU time
-            stage_cpu = _cpu_seconds()
+            stage_cpu = cpu_seconds()
             (summary,) = run_inline(pipeline, [stage])
             stages[stage] = {**{k: summary[k] for k in ("processed", "cached", "failed", "seconds")},
-                             "cpu_s": _cpu_seconds() - stage_cpu}
-    return {"seconds": time.perf_counter() - start, "cpu_s": _cpu_seconds() - cpu,
+                             "cpu_s": cpu_seconds() - stage_cpu}
+    return {"seconds": time.perf_counter() - start, "cpu_s": cpu_seconds() - cpu,
             "processes": census.max_processes, "threads": census.max_threads, "stages": stages}
 
 
@@ -140,11 +61,11 @@ def _bare(pipeline, stage_name: str) -> dict:
     plan = pipeline.plan(stage_name, refresh=True)
     records = [record for _key, record in plan.pending]
     stage = STAGE_DEFINITIONS[stage_name]
-    cpu, start = _cpu_seconds(), time.perf_counter()
+    cpu, start = cpu_seconds(), time.perf_counter()
     rows = stage.run(records, layout=pipeline.layout, stage_key=plan.stage_key, params=plan.params,
                      runtime=plan.runtime)
     seconds = time.perf_counter() - start
-    return {"items": len(records), "seconds": seconds, "cpu_s": _cpu_seconds() - cpu,
+    return {"items": len(records), "seconds": seconds, "cpu_s": cpu_seconds() - cpu,
             "ok": sum(r.get("status") == "ok" for r in rows)}
 
 
@@ -208,6 +129,19 @@ def _floors(pipeline, config, sample: int) -> dict[str, dict]:
         e, sigma=s.scribble.sigma, threshold=s.scribble.threshold, final_sigma=s.scribble.final_sigma)), edges)
     p["png encode x2"] = _median_ms(lambda pair: (cv2.imencode(".png", pair[0]), cv2.imencode(".png", pair[1])),
                                     list(zip(edges, scribbles)))
+    # Outputs are files: creating and writing them (plain open/write/close of new files in a fresh folder, no
+    # temporary name or rename) is part of the floor.
+    scratch = Path(tempfile.mkdtemp(prefix="floor-", dir=pipeline.layout.root))
+    written = iter(range(10 ** 9))
+
+    def write_files(buffers):
+        for buffer in buffers:
+            with open(scratch / f"{next(written)}.bin", "wb") as handle:
+                handle.write(buffer)
+
+    map_files = [[cv2.imencode(".png", e)[1].tobytes(), cv2.imencode(".png", c)[1].tobytes()]
+                 for e, c in zip(edges, scribbles)]
+    p["write map files"] = _median_ms(write_files, map_files)
     p["decode colour"] = _median_ms(lambda path: cv2.imread(path, cv2.IMREAD_COLOR), paths)
     p["structure map decode"] = _median_ms(
         lambda i: cv2.imread(str(pipeline.layout.resolve(structure[i["image_id"]]["structure_path"])),
@@ -225,6 +159,35 @@ def _floors(pipeline, config, sample: int) -> dict[str, dict]:
             cv2.imencode(".png", edge[int(y0 * sy):int(y1 * sy), int(x0 * sx):int(x1 * sx)])
 
     p["crops cut+encode"] = _median_ms(crops, images)
+    crop_files = []
+    for image in images:
+        rgb, edge = colour[image["image_id"]], edge_of[image["image_id"]]
+        sy, sx = edge.shape[0] / rgb.shape[0], edge.shape[1] / rgb.shape[1]
+        buffers = []
+        for segment in regions[image["image_id"]]["segments"]:
+            x0, y0, x1, y1 = _box(segment)
+            buffers += [cv2.imencode(".jpg", rgb[y0:y1, x0:x1], [cv2.IMWRITE_JPEG_QUALITY, 90])[1].tobytes(),
+                        cv2.imencode(".png", edge[int(y0 * sy):int(y1 * sy), int(x0 * sx):int(x1 * sx)])[1].tobytes()]
+        crop_files.append(buffers)
+    p["write crop files"] = _median_ms(write_files, crop_files)
+    if config.regions.method == "grouping":
+        # The weight-free proposer's own primitive: one graph segmentation of the image at the grouping work size
+        # (skimage's Felzenszwalb, as pipelines.grouping calls it); the grouping of its segments is not in the floor.
+        from skimage.segmentation import felzenszwalb
+
+        from pipelines import grouping
+
+        defaults = grouping.grouping_boxes.__kwdefaults__
+
+        def segment(image):
+            rgb = np.ascontiguousarray(colour[image["image_id"]][:, :, ::-1])
+            factor = min(1.0, defaults["work_side"] / max(rgb.shape[:2]))
+            size = (max(1, round(rgb.shape[1] * factor)), max(1, round(rgb.shape[0] * factor)))
+            work = cv2.resize(rgb, size, interpolation=cv2.INTER_AREA)
+            felzenszwalb(work, scale=defaults["scales"][0], sigma=defaults["sigma"],
+                         min_size=max(1, int(defaults["min_size_fraction"] * size[0] * size[1])))
+
+        p["segmentation"] = _median_ms(segment, images)
     p["decode 1/2 colour"] = _median_ms(lambda path: cv2.imread(path, cv2.IMREAD_REDUCED_COLOR_2), paths)
 
     name = config.filter.spacy_model
@@ -273,8 +236,9 @@ def _floors(pipeline, config, sample: int) -> dict[str, dict]:
 
     per_stage = {
         "ingest": ["read+hash", "decode 1/8 grey"],
-        "structure": ["decode grey", "resize", "canny", "scribble", "png encode x2"],
-        "regions": ["decode colour", "structure map decode", "crops cut+encode"],
+        "structure": ["decode grey", "resize", "canny", "scribble", "png encode x2", "write map files"],
+        "regions": ["decode colour", "structure map decode", "crops cut+encode", "write crop files"] + (
+            ["segmentation"] if "segmentation" in p else []),
         "captions": ["decode 1/2 colour", "sentence split", "tiny CLIP forward"],
         "filter": ["parse distinct texts"],
     }
@@ -282,17 +246,21 @@ def _floors(pipeline, config, sample: int) -> dict[str, dict]:
             for stage, keys in per_stage.items()}
 
 
-def scenario(root: str, n_images: int, sample: int) -> dict:
-    """Child-process entry: warm-up, cold run, cached run, bare library calls and floors on ``n_images``."""
+def scenario(root: str, n_images: int, sample: int, full: bool = True) -> dict:
+    """Child-process entry: warm-up, cold run and cached run on ``n_images``; with ``full`` also the bare library
+    calls and the floors."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from configs.schema import load_config
     from pipelines.engine import run_inline
-    from pipelines.plan import Pipeline
+    from pipelines.plan import MIN_CHUNK, Pipeline
+    from pipelines.stages import local_workers
     from tests.corpus import make_generated_images
 
     work = Path(root)
     config = load_config(CONFIG)
-    make_generated_images(work / "warmup-images", 2, seed=99)
+    workers = local_workers(config)
+    # One smallest chunk per worker, so every worker process has started and loaded its models before the timed runs.
+    make_generated_images(work / "warmup-images", MIN_CHUNK * workers, seed=99)
     start = time.perf_counter()
     run_inline(Pipeline(work / "warmup-images", work / "warmup-out", config), DATA_STAGES)
     startup = time.perf_counter() - start
@@ -300,29 +268,42 @@ def scenario(root: str, n_images: int, sample: int) -> dict:
     make_generated_images(images, n_images, seed=0)
     cold = _run(Pipeline, run_inline, images, out, config)
     cached = _run(Pipeline, run_inline, images, out, config)
-    pipeline = Pipeline(images, out, config)
-    bare = {stage: _bare(pipeline, stage) for stage in STAGES}
-    floors = _floors(Pipeline(images, out, config), config, sample)
-    return {"startup_s": startup, "cold": cold, "cached": cached, "bare": bare, "floors": floors,
-            "cpus": _usable_cpus()}
+    measured = {"startup_s": startup, "cold": cold, "cached": cached, "cpus": usable_cpus(), "workers": workers}
+    if full:
+        pipeline = Pipeline(images, out, config)
+        measured["bare"] = {stage: _bare(pipeline, stage) for stage in STAGES}
+        measured["floors"] = _floors(Pipeline(images, out, config), config, sample)
+    return measured
 
 
-def run(*, quick: bool = False, n_images: int | None = None) -> BenchmarkResult:
-    n = n_images or (12 if quick else int(os.environ.get("STRUCTXLIP_BENCH_STAGES_N") or 200))
-    sample = min(n, 8 if quick else FLOOR_SAMPLE)
+LARGE_ENV = "STRUCTXLIP_BENCH_STAGES_LARGE"
+
+
+def _child(n: int, sample: int, full: bool) -> dict:
     root = Path(tempfile.mkdtemp(prefix="bench-data-stages-"))
     try:
-        measured = run_in_child("benchmarks.data_stages:scenario", root=str(root), n_images=n, sample=sample)
+        return run_in_child("benchmarks.data_stages:scenario", root=str(root), n_images=n, sample=sample, full=full)
     finally:
         shutil.rmtree(root, ignore_errors=True)
+
+
+def run(*, quick: bool = False, n_images: int | None = None, large: int | None = None) -> BenchmarkResult:
+    """Per stage at ``n_images`` (200): pipeline vs library vs floor; the whole data pipeline at ``n_images`` and
+    ``large`` (2,000; $STRUCTXLIP_BENCH_STAGES_LARGE) cold and cached, with the linear-time and memory targets."""
+    n = n_images or (12 if quick else int(os.environ.get("STRUCTXLIP_BENCH_STAGES_N") or 200))
+    large = large or (48 if quick else int(os.environ.get(LARGE_ENV) or 2000))
+    sample = min(n, 8 if quick else FLOOR_SAMPLE)
+    measured = _child(n, sample, full=True)
+    measured_large = _child(large, sample, full=False)
     data = measured["result"]
     cpus = data["cpus"]
     result = BenchmarkResult(
         name="data_stages",
-        description=f"Data stages on {n} generated 640x480 images (demo config: tiny CLIP, structure regions): "
-                    f"pipeline vs bare library vs the floor from primitives, and the whole pipeline cold/cached.",
-        params={"images": n, "floor_sample": sample, "cpus": cpus, "config": "configs/demo.yaml",
-                "engine": "pipelines.engine.run_inline (no Prefect)"},
+        description=f"Data stages on {n} generated 640x480 images (demo config: tiny CLIP, grouping regions): "
+                    f"pipeline vs bare library vs the floor from primitives; the whole data pipeline at {n} and "
+                    f"{large} images, cold and cached.",
+        params={"images": n, "large": large, "floor_sample": sample, "cpus": cpus, "workers": data["workers"],
+                "config": "configs/demo.yaml", "engine": "pipelines.engine.run_inline (no Prefect)"},
     )
     for stage in STAGES:
         seconds = data["cold"]["stages"][stage]["seconds"]
@@ -339,17 +320,33 @@ def run(*, quick: bool = False, n_images: int | None = None) -> BenchmarkResult:
                             "library_cpu_ms_per_img": bare["cpu_s"] * 1000 / max(bare["items"], 1),
                             "floor_vs_pipeline_cpu": floor["ms"] / cpu_ms if cpu_ms else float("nan"),
                             "floor_parts_ms": ", ".join(f"{k} {v:.2f}" for k, v in floor["parts"].items())})
-    for label in ("cold", "cached"):
-        run_data = data[label]
-        result.rows.append({"stage": f"whole data pipeline, {label}", "pipeline_img_s": n / run_data["seconds"],
-                            "wall_s": run_data["seconds"], "cpu_s": run_data["cpu_s"],
-                            "peak_rss_mb": measured["peak_rss_mb"],
-                            "workers_peak_rss_mb": measured["children_peak_rss_mb"],
-                            "processes": run_data["processes"], "threads": run_data["threads"]})
-    result.notes.append(f"start-up (imports, model loads, a 2-image run) before the timed runs: "
-                        f"{data['startup_s']:.1f} s; peak RSS is the whole child's (warm-up included)")
+    whole = {}
+    for size, child in ((n, measured), (large, measured_large)):
+        for label in ("cold", "cached"):
+            run_data = child["result"][label]
+            whole[size, label] = run_data
+            result.rows.append({"stage": f"whole data pipeline, {size} images, {label}",
+                                "pipeline_img_s": size / run_data["seconds"], "wall_s": run_data["seconds"],
+                                "cpu_s": run_data["cpu_s"], "cpu_ms_per_img": run_data["cpu_s"] * 1000 / size,
+                                "peak_rss_mb": child["peak_rss_mb"],
+                                "workers_peak_rss_mb": child["children_peak_rss_mb"],
+                                "processes": run_data["processes"], "threads": run_data["threads"]})
+    result.notes.append(f"{data['workers']} engine worker processes (runtime.workers: 0 = one per usable core); "
+                        f"start-up (imports, model loads in every worker, a {data['workers']}-chunk warm-up run) "
+                        f"before the timed runs: {data['startup_s']:.1f} s; peak RSS is the benchmark child's own "
+                        f"(warm-up included), workers_peak_rss_mb its largest worker's")
+    result.notes.append("library img/s: the stage's library call over every image at once in one process (one "
+                        "core); pipeline img/s: the engine with its worker processes; floor img/s: the primitives' "
+                        "CPU-ms on one thread, times the usable cores")
     result.targets = [Target(f"{row['stage']} pipeline >= 50% of its floor", row["pipeline_vs_floor"], 0.5)
                       for row in result.rows[:len(STAGES)]]
-    result.targets.append(Target("fully cached run wall", data["cached"]["seconds"], 3.0, direction="at_most",
-                                 unit=" s"))
+    cold_small, cold_large = whole[n, "cold"], whole[large, "cold"]
+    result.targets += [
+        Target(f"whole data pipeline, cold, {large} images", large / cold_large["seconds"], 65.0, unit=" img/s"),
+        Target("fully cached run wall", whole[large, "cached"]["seconds"], 3.0, direction="at_most", unit=" s"),
+        Target(f"time per image at {large} / at {n}",
+               (cold_large["seconds"] / large) / (cold_small["seconds"] / n), 1.2, direction="at_most"),
+        Target(f"peak RSS at {large} / at {n}", measured_large["peak_rss_mb"] / measured["peak_rss_mb"], 1.3,
+               direction="at_most"),
+    ]
     return result
