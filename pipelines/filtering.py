@@ -48,6 +48,7 @@ _PREDICATE_DEPS = frozenset({"acomp", "attr", "oprd"})
 _ADJECTIVAL_DEPS = frozenset({"amod", "acomp", "oprd", "attr"})
 _COPULAS = frozenset({"be", "look", "appear", "seem", "become", "remain", "turn", "stay"})
 _CONNECTORS = frozenset({",", "and", "or", "&", "/", "but"})
+_MEMO_ENTRIES = 1 << 18  # per-word memo bound (a few tens of MB), cleared when full
 _VOWEL_SOUND_EXCEPTIONS = ("hour", "honest", "honou", "heir")
 _CONSONANT_SOUND_EXCEPTIONS = ("uni", "use", "usu", "uti", "one", "once", "eu", "ewe", "ure")
 
@@ -271,6 +272,9 @@ class CaptionFilter:
         self.min_content_words = min_content_words
         self.batch_size = batch_size
         self._phrase_matcher = self._build_phrase_matcher()
+        # (word, lemma) -> vocabulary answers that depend on the strings only (the vocabulary and categories are fixed).
+        self._listing_cache: dict[tuple[str, str], tuple[bool, tuple | None]] = {}
+        self._appearance_cache: dict[tuple[str, str], bool] = {}
 
     def _build_phrase_matcher(self):
         from spacy.matcher import PhraseMatcher
@@ -317,8 +321,8 @@ class CaptionFilter:
 
     def no_content_reason(self, doc) -> str | None:
         """Return why ``doc`` has no content word (the failure reason of its record), or None when it has one."""
-        if self.content_words(doc):
-            return None
+        if any(_has_letter(t) and not t.is_stop and not self._appearance_word(t) for t in doc):
+            return None  # a content word (as ``content_words`` lists them)
         words = [t.text for t in doc if _has_letter(t) and not t.is_stop]
         if not words:
             return "no content word: the caption has only punctuation, numbers or stop words"
@@ -326,34 +330,64 @@ class CaptionFilter:
         return f"no content word left after filtering: only appearance words ({listed})"
 
     def _appearance_word(self, token) -> bool:
-        vocab = self.vocabulary
-        if token.pos_ == "NOUN" and any(child.dep_ == "det" for child in token.children):
-            return False  # a thing, not its look: "an orange", "the gold"
-        if "colors" in self.enabled and token.lower_ in vocab.color_modifiers:
-            return True
-        for word in (token.lower_, token.lemma_.lower(), *base_forms(token.lower_)):
-            if any(category in self.enabled and not ambiguous for category, ambiguous in vocab.categories_of(word)):
-                return True
-        return False
+        if not self._listed_appearance(token.lower_, token.lemma_):
+            return False
+        # a thing, not its look: "an orange", "the gold"
+        return not (token.pos_ == "NOUN" and any(child.dep_ == "det" for child in token.children))
+
+    def _listed_appearance(self, lower: str, lemma: str) -> bool:
+        """Return whether a word (lower case, lemma) is unambiguously an enabled appearance word or a colour modifier
+        (memoised: the answer depends on the strings only, and captions repeat their words)."""
+        key = (lower, lemma)
+        found = self._appearance_cache.get(key)
+        if found is None:
+            vocab = self.vocabulary
+            found = ("colors" in self.enabled and lower in vocab.color_modifiers) or any(
+                category in self.enabled and not ambiguous
+                for word in (lower, lemma.lower(), *base_forms(lower))
+                for category, ambiguous in vocab.categories_of(word)
+            )
+            if len(self._appearance_cache) >= _MEMO_ENTRIES:
+                self._appearance_cache.clear()
+            self._appearance_cache[key] = found
+        return found
 
     # ---- rules ----------------------------------------------------------------------------------------------
     def _word_category(self, token) -> tuple[str, bool] | None:
         """Return (category, ambiguous) of a token by exact word/lemma, else by derivation; None if unlisted."""
+        listed, found = self._word_listing(token.lower_, token.lemma_)
+        if not listed:
+            return found
+        for category, ambiguous in found:
+            if category in self.enabled and describes_noun(token, ambiguous):
+                return category, ambiguous
+        return found[0]
+
+    def _word_listing(self, lower: str, lemma: str) -> tuple[bool, tuple | None]:
+        """Return ``(True, entries)``: the (category, ambiguous) entries of the first of word and lemma that is
+        listed, for ``_word_category`` to choose from by the token's use; or ``(False, answer)`` when the strings
+        alone decide. Memoised per (word, lemma): most tokens of a caption are common words listed nowhere."""
+        key = (lower, lemma)
+        listing = self._listing_cache.get(key)
+        if listing is None:
+            if len(self._listing_cache) >= _MEMO_ENTRIES:
+                self._listing_cache.clear()
+            listing = self._listing_cache[key] = self._find_listing(lower, lemma.lower())
+        return listing
+
+    def _find_listing(self, lower: str, lemma: str) -> tuple[bool, tuple | None]:
         vocab = self.vocabulary
-        for word in (token.lower_, token.lemma_.lower()):
+        for word in (lower, lemma):
             found = vocab.categories_of(word)
             if found:
-                for category, ambiguous in found:
-                    if category in self.enabled and describes_noun(token, ambiguous):
-                        return category, ambiguous
-                return found[0]
-        if vocab.is_listed(token.lower_):
-            return None
-        for base in base_forms(token.lower_):
+                return True, tuple(found)
+        if vocab.is_listed(lower):
+            return False, None
+        for base in base_forms(lower):
             for category, ambiguous in vocab.categories_of(base):
                 if not ambiguous:  # "lemony" is not a colour; golden and silvery are listed
-                    return category, False
-        return None
+                    return False, (category, False)
+        return False, None
 
     def removed_tokens(self, doc) -> set[int]:
         """Return the indices of tokens to remove from ``doc``."""

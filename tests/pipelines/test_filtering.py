@@ -281,3 +281,22 @@ def test_captions_with_a_content_word_pass(colors_only, caption):
     (out,) = filter_captions([{"image_id": "e" * 32, "caption": caption, "segments": []}],
                              caption_filter=caption_filter)
     assert out["status"] == "ok" and out["filtered_caption"], out
+
+
+
+def test_word_answers_are_memoised_by_word_only_never_by_its_use():
+    """The per-word memo holds vocabulary answers; how a word is used still decides each time: "orange" as a noun
+    with an article stays, as a modifier goes, in whichever order one filter meets them."""
+    expected = {
+        "An orange lies on the table.": "An orange lies on the table.",
+        "An orange shirt hangs on a hook.": "A shirt hangs on a hook.",
+        "The orange is ripe.": "The orange is ripe.",
+        "A man peels an orange beside a wooden bowl.": "A man peels an orange beside a wooden bowl.",
+        "A tall man in a grey coat holds an orange.": "A tall man in a coat holds an orange.",
+    }
+    captions = list(expected)
+    for order in (captions, captions[::-1]):
+        caption_filter = CaptionFilter(vocab_dir=VOCAB_DIR)  # one memo shared by the captions, in this order
+        assert caption_filter.filter(order) == [expected[c] for c in order]
+        assert [caption_filter.no_content_reason(d) for d in caption_filter.pipe(order)] == [None] * len(order)
+    assert caption_filter._listing_cache and caption_filter._appearance_cache  # the memo was used
