@@ -743,8 +743,12 @@ def filter_captions(records: list[dict], *, caption_filter: CaptionFilter, max_h
     """Return one ``{image_id, status, error, filtered_caption, segments, hard_negatives, extra_captions}`` per input
     record (``extra_captions``: the record's further captions, each filtered with its own hard negatives).
 
-    All captions of the chunk (global and segment captions) go through a single ``nlp.pipe`` call; hard negatives
-    are built from the same parsed Docs of the global captions.
+    All captions of the chunk (global and segment captions) go through a single ``nlp.pipe`` call, each distinct
+    text once; hard negatives are built from the same parsed Docs of the global captions.
+
+    A segment caption (a sentence or ``;`` clause of the caption) is parsed on its own, not cut from the caption's
+    Doc: the tagger and parser see across sentence boundaries, so the cut-out span parses differently for ~9% of
+    clauses and filters differently for ~0.3% (measured on 3,772 clauses of 877 captions).
     """
     from pipelines.hard_negatives import make_hard_negatives
 

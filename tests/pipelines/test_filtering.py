@@ -245,6 +245,31 @@ def test_filter_captions_records(colors_only, monkeypatch):
     }
 
 
+def test_each_distinct_text_of_a_chunk_is_parsed_once(colors_only, monkeypatch):
+    parsed = []
+    original_pipe = colors_only.pipe
+
+    def recording_pipe(texts):
+        texts = list(texts)
+        parsed.extend(texts)
+        return original_pipe(texts)
+
+    monkeypatch.setattr(colors_only, "pipe", recording_pipe)
+    whole = "A red car parks. A blue bus waits."
+    records = [  # a segment caption equal to its own caption, to another record's caption, and to another segment
+        {"image_id": "a" * 32, "caption": whole,
+         "segments": [{"caption": whole}, {"caption": "A red car parks."}, {"caption": "A blue bus waits."}]},
+        {"image_id": "b" * 32, "caption": "A red car parks.", "segments": [{"caption": "A blue bus waits."}]},
+        {"image_id": "c" * 32, "caption": whole, "segments": []},
+    ]
+    out = filter_captions(records, caption_filter=colors_only)
+    assert sorted(parsed) == sorted([whole, "A red car parks.", "A blue bus waits."])
+    assert [r["filtered_caption"] for r in out] == ["A car parks. A bus waits.", "A car parks.",
+                                                    "A car parks. A bus waits."]
+    assert [s["filtered_caption"] for s in out[0]["segments"]] == ["A car parks. A bus waits.", "A car parks.",
+                                                                   "A bus waits."]
+
+
 def test_filter_captions_reports_a_bad_record(colors_only):
     out = filter_captions(
         [{"image_id": "c" * 32, "caption": "A red cup.", "segments": ["not a dict"]}], caption_filter=colors_only
