@@ -13,6 +13,7 @@ import re
 import warnings
 from functools import lru_cache
 from pathlib import Path
+from typing import NamedTuple
 
 import cv2
 import numpy as np
@@ -145,6 +146,48 @@ def load_rgb(path: str | os.PathLike, *, max_pixels: int, data: bytes | None = N
     except MemoryError:
         raise ImageLoadError(f"cannot decode image: out of memory ({name})") from None
     return np.ascontiguousarray(rgb)
+
+
+class ImageInfo(NamedTuple):
+    """What ingest records of a valid image: its displayed (EXIF-oriented) size and its number of frames."""
+
+    width: int
+    height: int
+    frames: int
+
+
+# EXIF orientations whose display is the stored image turned by 90 degrees (width and height swap).
+_QUARTER_TURNS = (5, 6, 7, 8)
+
+
+def validate_image(path: str | os.PathLike, *, max_pixels: int, data: bytes) -> ImageInfo:
+    """Return the oriented size and frame count of encoded image bytes after decoding all their pixel data.
+
+    Accepts and rejects exactly what ``load_rgb`` does, with the same messages, without building the RGB array:
+    a JPEG is decoded at 1/8 scale (libjpeg still reads the whole entropy-coded stream, so truncated or corrupt
+    data fails as in a full decode), other formats go through ``load_rgb``. Raises ``ImageLoadError``.
+    """
+    image, name = _open_checked(path, data, max_pixels)
+    if image.format != "JPEG":  # PNG, GIF, WebP, TIFF, MPO...: no reduced decode; frame_count opens them again
+        image.close()
+        height, width = load_rgb(path, max_pixels=max_pixels, data=data).shape[:2]
+        return ImageInfo(int(width), int(height), frame_count(data))
+    try:
+        with image:
+            width, height = image.size
+            # load_rgb's steps on a draft: seek(0), decode, exif_transpose (no RGB array: JPEG modes all convert).
+            image.seek(0)
+            image.draft("L" if image.mode == "RGB" else image.mode, ((width + 7) // 8, (height + 7) // 8))
+            image.load()
+            orientation = image.getexif().get(0x0112, 1)
+            ImageOps.exif_transpose(image).close()  # cheap at 1/8 scale; fails where load_rgb's call would
+    except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as exc:
+        raise _fail("cannot decode image", exc, name) from None
+    except MemoryError:
+        raise ImageLoadError(f"cannot decode image: out of memory ({name})") from None
+    if orientation in _QUARTER_TURNS:
+        width, height = height, width
+    return ImageInfo(width, height, 1)  # a JPEG (not MPO) has one frame
 
 
 def frame_count(data: bytes) -> int:

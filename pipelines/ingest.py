@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator, NamedTuple, Sequence
 
-from pipelines.images import ImageLoadError, frame_count, load_rgb
+from pipelines.images import ImageLoadError, validate_image
 from storage.filenames import display_path, storable_path
 from storage.hashing import bytes_digest, content_key
 from storage.layout import IMAGE_ID_LENGTH
@@ -487,15 +487,14 @@ def ingest_one(image: SourceImage, *, max_pixels: int, max_aspect_ratio: float |
         return record
     record["image_id"] = bytes_digest(data)[:IMAGE_ID_LENGTH]
     try:
-        rgb = load_rgb(path, max_pixels=max_pixels, data=data)
-        frames = frame_count(data)
+        # Validated from the bytes already read and hashed (a JPEG by a reduced decode): no full-size RGB array.
+        width, height, frames = validate_image(path, max_pixels=max_pixels, data=data)
     except ImageLoadError as exc:
         record["error"] = str(exc)
         return record
     except Exception as exc:  # noqa: BLE001 - an unexpected decoder failure is still one bad file
         record["error"] = f"cannot decode image: {type(exc).__name__}: {' '.join(str(exc).split())} ({name})"
         return record
-    height, width = int(rgb.shape[0]), int(rgb.shape[1])
     ratio = max(width, height) / min(width, height)
     if max_aspect_ratio is not None and ratio > max_aspect_ratio:
         record.update(width=width, height=height,

@@ -245,6 +245,31 @@ def test_filter_captions_records(colors_only, monkeypatch):
     }
 
 
+def test_each_distinct_text_of_a_chunk_is_parsed_once(colors_only, monkeypatch):
+    parsed = []
+    original_pipe = colors_only.pipe
+
+    def recording_pipe(texts):
+        texts = list(texts)
+        parsed.extend(texts)
+        return original_pipe(texts)
+
+    monkeypatch.setattr(colors_only, "pipe", recording_pipe)
+    whole = "A red car parks. A blue bus waits."
+    records = [  # a segment caption equal to its own caption, to another record's caption, and to another segment
+        {"image_id": "a" * 32, "caption": whole,
+         "segments": [{"caption": whole}, {"caption": "A red car parks."}, {"caption": "A blue bus waits."}]},
+        {"image_id": "b" * 32, "caption": "A red car parks.", "segments": [{"caption": "A blue bus waits."}]},
+        {"image_id": "c" * 32, "caption": whole, "segments": []},
+    ]
+    out = filter_captions(records, caption_filter=colors_only)
+    assert sorted(parsed) == sorted([whole, "A red car parks.", "A blue bus waits."])
+    assert [r["filtered_caption"] for r in out] == ["A car parks. A bus waits.", "A car parks.",
+                                                    "A car parks. A bus waits."]
+    assert [s["filtered_caption"] for s in out[0]["segments"]] == ["A car parks. A bus waits.", "A car parks.",
+                                                                   "A bus waits."]
+
+
 def test_filter_captions_reports_a_bad_record(colors_only):
     out = filter_captions(
         [{"image_id": "c" * 32, "caption": "A red cup.", "segments": ["not a dict"]}], caption_filter=colors_only
@@ -281,3 +306,125 @@ def test_captions_with_a_content_word_pass(colors_only, caption):
     (out,) = filter_captions([{"image_id": "e" * 32, "caption": caption, "segments": []}],
                              caption_filter=caption_filter)
     assert out["status"] == "ok" and out["filtered_caption"], out
+
+
+
+def test_word_answers_are_memoised_by_word_only_never_by_its_use():
+    """The per-word memo holds vocabulary answers; how a word is used still decides each time: "orange" as a noun
+    with an article stays, as a modifier goes, in whichever order one filter meets them."""
+    expected = {
+        "An orange lies on the table.": "An orange lies on the table.",
+        "An orange shirt hangs on a hook.": "A shirt hangs on a hook.",
+        "The orange is ripe.": "The orange is ripe.",
+        "A man peels an orange beside a wooden bowl.": "A man peels an orange beside a wooden bowl.",
+        "A tall man in a grey coat holds an orange.": "A tall man in a coat holds an orange.",
+    }
+    captions = list(expected)
+    for order in (captions, captions[::-1]):
+        caption_filter = CaptionFilter(vocab_dir=VOCAB_DIR)  # one memo shared by the captions, in this order
+        assert caption_filter.filter(order) == [expected[c] for c in order]
+        assert [caption_filter.no_content_reason(d) for d in caption_filter.pipe(order)] == [None] * len(order)
+    assert caption_filter._listing_cache and caption_filter._appearance_cache  # the memo was used
+
+
+# ---- the attribute ruler's matches found by index ---------------------------------------------------------------
+
+
+def _plain_ruler(nlp, patterns):
+    from spacy.pipeline import AttributeRuler
+
+    ruler = AttributeRuler(nlp.vocab)
+    ruler.add_patterns(patterns)
+    return ruler
+
+
+def _annotations(doc):
+    return [(t.tag_, t.pos_, str(t.morph), t.lemma_, t.dep_) for t in doc]
+
+
+def test_the_indexed_attribute_ruler_sets_what_the_matcher_sets_on_hand_made_patterns():
+    import spacy
+    from spacy.tokens import Doc
+
+    from pipelines.filtering import _IndexedPatterns, _indexed_ruler_class
+
+    nlp = spacy.blank("en")
+    patterns = [
+        {"patterns": [[{"TAG": "NN"}]], "attrs": {"POS": "NOUN"}},
+        {"patterns": [[{"TAG": "NN", "LOWER": "red"}]], "attrs": {"POS": "ADJ", "LEMMA": "red"}},  # later wins
+        {"patterns": [[{"LOWER": "gon"}, {"LOWER": "na"}]], "attrs": {"LEMMA": "to"}, "index": 1},
+        {"patterns": [[{"LOWER": "got"}, {"LOWER": "ta"}]], "attrs": {"LEMMA": "get"}, "index": -2},
+        {"patterns": [[{"DEP": "expl"}, {"LOWER": {"IN": ["is", "are"]}}]], "attrs": {"POS": "VERB"}, "index": 1},
+        {"patterns": [[{"LOWER": {"REGEX": "^n[ou]thin'$"}}]], "attrs": {"LEMMA": "nothing"}},
+        {"patterns": [[{"LOWER": "let"}, {"LOWER": "'s"}]], "attrs": {"LEMMA": "us"}, "index": -1},
+        {"patterns": [[{"TAG": {"NOT_IN": ["NN", "VBZ"]}, "DEP": {"IN": ["amod", "acomp"]}}]],
+         "attrs": {"MORPH": "Degree=Pos"}},
+        {"patterns": [[{"IS_SPACE": True}]], "attrs": {"TAG": "_SP", "POS": "SPACE"}},
+    ]
+    words = ["there", "is", "a", "red", "car", "gon", "na", "got", "ta", "nothin'", "  ", "big", "is", "let", "'s"]
+    tags = ["EX", "VBZ", "DT", "NN", "NN", "VBG", "TO", "VBD", "TO", "NN", "XX", "JJ", "VBZ", "VB", "PRP"]
+    deps = ["expl", "ROOT", "det", "amod", "attr", "dep", "aux", "dep", "aux", "dobj", "dep", "amod", "dep", "dep",
+            "dobj"]
+
+    def doc():
+        return Doc(nlp.vocab, words=words, tags=tags, deps=deps, heads=[1] * len(words))
+
+    plain = _plain_ruler(nlp, patterns)
+    indexed = _plain_ruler(nlp, patterns)
+    index = _IndexedPatterns.from_ruler(indexed)
+    assert index is not None
+    indexed.__class__ = _indexed_ruler_class()
+    indexed._indexed_patterns = index
+    expected = _annotations(plain(doc()))
+    got = indexed(doc())
+    assert _annotations(got) == expected
+    # By hand: the later pattern wins on "red"; index 1 reaches the second word, -2 the first; IN after an expletive.
+    assert [(t.pos_, t.lemma_) for t in got[3:5]] == [("ADJ", "red"), ("NOUN", "")]
+    assert got[6].lemma_ == "to" and (got[7].lemma_, got[8].lemma_) == ("get", "") and got[9].lemma_ == "nothing"
+    assert got[1].pos_ == "VERB" and got[12].pos_ == "" and got[11].morph.get("Degree") == ["Pos"]
+    assert got[10].tag_ == "_SP" and got[10].pos_ == "SPACE" and (got[13].lemma_, got[14].lemma_) == ("", "us")
+
+
+def test_a_pattern_the_index_does_not_handle_keeps_the_matcher():
+    import spacy
+
+    from pipelines.filtering import _IndexedPatterns
+
+    nlp = spacy.blank("en")
+    assert _IndexedPatterns.from_ruler(_plain_ruler(nlp, [{"patterns": [[{"LOWER": "a", "OP": "+"}]],
+                                                           "attrs": {"LEMMA": "a"}}])) is None
+    assert _IndexedPatterns.from_ruler(_plain_ruler(nlp, [{"patterns": [[{"ORTH": "A"}]],
+                                                           "attrs": {"LEMMA": "a"}}])) is None
+
+
+def test_the_loaded_pipeline_annotates_like_the_matcher_on_random_tag_and_word_sequences():
+    """The trained pipeline's own ~180 patterns: random documents over every word, tag and label they mention."""
+    import random
+
+    import spacy
+    from spacy.tokens import Doc
+
+    nlp = load_spacy()
+    indexed = nlp.get_pipe("attribute_ruler")
+    assert type(indexed).__name__ == "IndexedAttributeRuler"
+    plain = _plain_ruler(nlp, indexed.patterns)
+    words = {"n't", "nt", "y", "y'", "all", "the", "cat", "  "}
+    for entry in indexed.patterns:
+        for token in (t for pattern in entry["patterns"] for t in pattern):
+            value = token.get("LOWER")
+            words.update([value] if isinstance(value, str) else (value or {}).get("IN", []))
+    words, tags, deps = sorted(words), list(nlp.get_pipe("tagger").labels) + ["_SP"], list(nlp.get_pipe("parser").labels)
+    rng = random.Random(0)
+    for _ in range(400):
+        n = rng.randint(1, 10)
+        sample = [rng.choice(words) for _ in range(n)]
+        sample = [w.upper() if rng.random() < 0.1 else w for w in sample]
+        tag_seq, dep_seq = [rng.choice(tags) for _ in range(n)], [rng.choice(deps) for _ in range(n)]
+
+        def doc():
+            return Doc(nlp.vocab, words=sample, tags=tag_seq, deps=dep_seq, heads=[0] * n)
+
+        assert _annotations(indexed(doc())) == _annotations(plain(doc())), (sample, tag_seq, dep_seq)
+    text = "There is a red car; it ain't gonna move, y'all. Let's go!"
+    reference = spacy.load(nlp.meta["lang"] + "_" + nlp.meta["name"], exclude=["ner"])
+    assert _annotations(nlp(text)) == _annotations(reference(text))

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipelines.images import ImageLoadError, load_grey_resized, load_rgb, thumbnail_size
+from pipelines.images import ImageInfo, ImageLoadError, load_grey_resized, load_rgb, thumbnail_size, validate_image
 from tests.pipelines.conftest import png_header_only, save_rgb
 
 MAX = 10_000_000
@@ -151,6 +151,88 @@ def test_bytes_argument_and_missing_file(tmp_path, rng):
     np.testing.assert_array_equal(load_rgb(tmp_path / "gone.png", max_pixels=MAX, data=data), rgb)
     with pytest.raises(ImageLoadError, match="file not found.*gone.png"):
         load_rgb(tmp_path / "gone.png", max_pixels=MAX)
+
+
+# ---- validation without a full-size decode (ingest) --------------------------------------------------------------
+
+
+def _noisy_jpeg_bytes(width: int, height: int, seed: int = 3) -> bytes:
+    """Return a JPEG encoded by OpenCV (not PIL, whose decoder is under test) of blurred noise (dense scan data)."""
+    noise = np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    ok, encoded = cv2.imencode(".jpg", cv2.GaussianBlur(noise, (5, 5), 1.0), [cv2.IMWRITE_JPEG_QUALITY, 90])
+    assert ok
+    return encoded.tobytes()
+
+
+def test_validate_image_decodes_a_jpeg_at_one_eighth_scale(tmp_path, monkeypatch):
+    from PIL import ImageFile
+
+    data = _noisy_jpeg_bytes(800, 600)
+    decoded_sizes = []
+    real_load = ImageFile.ImageFile.load
+
+    def spy(self):
+        decoded_sizes.append(self.size)
+        return real_load(self)
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", spy)
+    assert validate_image(tmp_path / "big.jpg", max_pixels=MAX, data=data) == ImageInfo(800, 600, 1)
+    assert decoded_sizes and set(decoded_sizes) == {(100, 75)}  # never the 800x600 pixels
+
+
+@pytest.mark.parametrize("orientation, displayed", [(1, (20, 10)), (2, (20, 10)), (3, (20, 10)), (4, (20, 10)),
+                                                    (5, (10, 20)), (6, (10, 20)), (7, (10, 20)), (8, (10, 20))])
+def test_validate_image_gives_the_exif_oriented_size(tmp_path, orientation, displayed):
+    path = _oriented_jpeg(tmp_path / "rot.jpg", orientation)  # 20 wide, 10 high as stored
+    info = validate_image(path, max_pixels=MAX, data=path.read_bytes())
+    assert (info.width, info.height) == displayed
+    assert load_rgb(path, max_pixels=MAX).shape[:2] == displayed[::-1]
+
+
+@pytest.mark.parametrize("mode, suffix, save_args, frames", [
+    ("L", ".jpg", {}, 1), ("CMYK", ".jpg", {}, 1), ("RGB", ".png", {}, 1), ("RGBA", ".webp", {}, 1),
+    ("I;16", ".png", {}, 1), ("F", ".tif", {}, 1), ("RGB", ".gif", {"save_all": True}, 3),
+])
+def test_validate_image_other_modes_and_formats(tmp_path, mode, suffix, save_args, frames):
+    image = Image.new(mode, (9, 4))
+    path = tmp_path / f"x{suffix}"
+    extra = [Image.new(mode, (9, 4), (80 * (i + 1), 0, 0)) for i in range(frames - 1)]
+    image.save(path, append_images=extra, **save_args) if extra else image.save(path, **save_args)
+    assert validate_image(path, max_pixels=MAX, data=path.read_bytes()) == ImageInfo(9, 4, frames)
+
+
+@pytest.mark.parametrize("cut", ["50%", "90%", "99%", "no end-of-image marker", "one byte short"])
+def test_validate_image_rejects_a_truncated_jpeg_as_a_full_decode_does(tmp_path, cut):
+    data = _noisy_jpeg_bytes(320, 240)
+    assert data.endswith(b"\xff\xd9")
+    cut_at = {"50%": len(data) // 2, "90%": len(data) * 9 // 10, "99%": len(data) * 99 // 100,
+              "no end-of-image marker": len(data) - 2, "one byte short": len(data) - 1}[cut]
+    truncated = data[:cut_at]
+    path = tmp_path / "cut.jpg"
+    path.write_bytes(truncated)
+    # The expectation: PIL's own full-size decode of the same bytes, as ingest did it before.
+    with pytest.raises(OSError) as full_decode:
+        Image.open(path).load()
+    expected = f"cannot decode image: {full_decode.value} (cut.jpg)"
+    assert "truncated" in expected
+    with pytest.raises(ImageLoadError) as reduced:
+        validate_image(path, max_pixels=MAX, data=truncated)
+    assert str(reduced.value) == expected
+    with pytest.raises(ImageLoadError) as loaded:
+        load_rgb(path, max_pixels=MAX)
+    assert str(loaded.value) == expected
+
+
+def test_validate_image_keeps_the_header_checks(tmp_path):
+    for name, payload, message in [
+        ("empty.jpg", b"", "cannot decode image: empty file (empty.jpg)"),
+        ("notes.jpg", b"not an image", "cannot decode image: not a recognised image format (notes.jpg)"),
+    ]:
+        with pytest.raises(ImageLoadError) as info:
+            validate_image(tmp_path / name, max_pixels=MAX, data=payload)
+        assert str(info.value) == message
+    with pytest.raises(ImageLoadError, match=r"^image too large: 800x600 = 480000 pixels exceeds max_pixels=1000 \(b"):
+        validate_image(tmp_path / "b.jpg", max_pixels=1000, data=_noisy_jpeg_bytes(800, 600))
 
 
 # ---- fast grey path ---------------------------------------------------------------------------------------------

@@ -193,6 +193,34 @@ def test_ingest_ids_sizes_and_failures(tmp_path):
     assert by_name["bomb.png"]["error"].startswith("image too large")
 
 
+def test_jpegs_truncated_anywhere_fail_as_a_full_decode_says(tmp_path):
+    """Ingest validates by a reduced decode; a JPEG cut at 50/90/99% or just before its end marker still fails,
+    with the message of PIL's full-size decode of the same bytes."""
+    import cv2
+
+    noise = np.random.default_rng(11).integers(0, 256, (300, 400, 3), dtype=np.uint8)
+    ok, encoded = cv2.imencode(".jpg", cv2.GaussianBlur(noise, (5, 5), 1.0), [cv2.IMWRITE_JPEG_QUALITY, 85])
+    data = encoded.tobytes()
+    cuts = {"half.jpg": len(data) // 2, "ninety.jpg": len(data) * 9 // 10, "ninety_nine.jpg": len(data) * 99 // 100,
+            "no_eoi.jpg": len(data) - 2}
+    (tmp_path / "whole.jpg").write_bytes(data)
+    expected = {}
+    for name, cut in cuts.items():
+        (tmp_path / name).write_bytes(data[:cut])
+        try:
+            Image.open(tmp_path / name).load()
+        except OSError as exc:
+            expected[name] = f"cannot decode image: {exc} ({name})"
+    assert sorted(expected) == sorted(cuts)  # every cut is an error of a full decode
+    rows = {Path(r["source_path"]).name: r for r in ingest_images([_source(tmp_path / n) for n in ["whole.jpg", *cuts]],
+                                                                  max_pixels=10_000_000)}
+    assert (rows["whole.jpg"]["status"], rows["whole.jpg"]["width"], rows["whole.jpg"]["height"]) == ("ok", 400, 300)
+    for name, error in expected.items():
+        assert "truncated" in error
+        assert (rows[name]["status"], rows[name]["error"], rows[name]["width"]) == ("failed", error, None)
+        assert rows[name]["image_id"] == hashlib.sha256(data[: cuts[name]]).hexdigest()[:32]
+
+
 def test_unreadable_file_is_a_failure_with_a_stable_id(tmp_path, monkeypatch):
     path = _tiny(tmp_path / "secret.png")
     source = _source(path)
