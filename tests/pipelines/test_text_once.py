@@ -138,11 +138,13 @@ def test_captions_runtime_counts_local_worker_processes():
     from pipelines.stages import STAGE_DEFINITIONS, stage_keys
 
     captions = STAGE_DEFINITIONS["captions"]
-    local = load_config(None)
+    local = load_config(None, {"captions.device": "cpu", "runtime.workers": 4})
+    one = load_config(None, {"captions.device": "cpu", "runtime.workers": 1})
     dask = load_config(None, {"runtime.runner": "dask", "runtime.dask_workers": 3})
     remote = load_config(None, {"runtime.runner": "dask", "runtime.dask_workers": 3,
                                 "runtime.dask_address": "tcp://10.0.0.1:8786"})
-    assert captions.runtime(local)["processes_per_machine"] == 1
+    assert captions.runtime(local)["processes_per_machine"] == 4  # the engine's worker processes
+    assert captions.runtime(one)["processes_per_machine"] == 1
     assert captions.runtime(dask)["processes_per_machine"] == 3
     assert captions.runtime(remote)["processes_per_machine"] == 1  # the cluster's machines are not this one
     assert stage_keys(local) == stage_keys(dask)  # a runtime setting: no cache key changes
