@@ -25,7 +25,8 @@ from storage.layout import OutputLayout
 from storage.manifest import STATUS_FAILED, STATUS_OK
 
 VERSION = "3"  # 2: sentences from sentence-only splitters (the parser where they disagree); 3: crops cut from the
-# decoded source by bbox, not re-read from their JPEG files (scores change by ~0.06 on average)
+# decoded source by bbox, not re-read from their JPEG files (scores change by ~0.06 on average), shrunk to 448 px by
+# area averaging (OpenCV) instead of PIL's bicubic thumbnail
 
 GROUP_CLIP_BATCHES = 4  # images go through CLIP in groups holding about this many scorer batches of crops
 FULL_IMAGE_LONG_SIDE = 448  # CLIP sees 224 px; every crop and full image is thumbnailed to this long side first
@@ -40,9 +41,20 @@ _TERMINAL = (".", "!", "?", "…")
 # Sentences
 # ---------------------------------------------------------------------------------------------------------------
 def _clauses(doc) -> list[str]:
+    """Return the doc's sentences, then their ``;`` clauses, stripped, without those holding no letter or digit.
+
+    Sentence texts are cut from ``doc.text`` at the sentence starts' character offsets (one array read instead of a
+    Span per sentence and a Token per word: a third of the splitter's time); after stripping that is ``sent.text``."""
+    from spacy.attrs import IDX, SENT_START
+
+    if not len(doc):
+        return []
+    text = doc.text
+    marks = doc.to_array([SENT_START, IDX])
+    bounds = [0, *(int(offset) for start, offset in marks[1:] if start == 1), len(text)]
     pieces = []
-    for sent in doc.sents:
-        for clause in sent.text.split(";"):
+    for begin, end in zip(bounds, bounds[1:]):
+        for clause in text[begin:end].split(";"):
             clause = clause.strip()
             if any(ch.isalnum() for ch in clause):
                 pieces.append(clause)
@@ -466,9 +478,7 @@ def load_thumbnail(path: str | os.PathLike, long_side: int = FULL_IMAGE_LONG_SID
     try:
         with Image.open(path) as image:
             image.draft("RGB", (long_side, long_side))  # JPEG: decode at 1/2..1/8 scale directly
-            image = ImageOps.exif_transpose(image).convert("RGB")
-            image.thumbnail((long_side, long_side))
-            return np.array(image)  # writable: torch.from_numpy warns on read-only PIL buffers
+            return _thumbnail(ImageOps.exif_transpose(image).convert("RGB"), long_side)
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
         detail = " ".join(str(exc).split()) or type(exc).__name__
         raise CaptionInputError(f"cannot read image: {detail} ({name})") from None
@@ -526,7 +536,7 @@ def load_source_crops(
     Boxes are ``(x1, y1, x2, y2)`` in pixels of the EXIF-oriented source (as ``load_rgb`` returns it), x2/y2
     exclusive; like a numpy slice of that image they are clipped to it, and a box left empty is an error. A JPEG is
     decoded at the ``draft_scale`` of the full image (when asked) and the crops, so each keeps the resolution a
-    full-resolution decode would give it after ``thumbnail((long_side, long_side))``, which every item then gets.
+    full-resolution decode would give it after shrinking to ``long_side`` (``_thumbnail``), which every item then gets.
     Raises ``CaptionInputError`` (``pipelines.images``' one-line messages, naming the file) on any problem.
     """
     from PIL import Image
@@ -583,7 +593,7 @@ def load_source_crops(
                 crop = rgb.crop((left, top, right, bottom))
                 crops.append(_thumbnail(crop.transpose(transpose) if transpose is not None else crop, long_side))
             full = None
-            if full_image:  # last: thumbnail shrinks the image in place
+            if full_image:
                 full = _thumbnail(rgb.transpose(transpose) if transpose is not None else rgb, long_side)
     except CaptionInputError:
         raise
@@ -595,9 +605,17 @@ def load_source_crops(
 
 
 def _thumbnail(image, long_side: int) -> np.ndarray:
-    """Return a PIL image shrunk in place to ``long_side`` as a writable (h, w, 3) uint8 array."""
-    image.thumbnail((long_side, long_side))
-    return np.array(image)  # writable: torch.from_numpy warns on read-only PIL buffers
+    """Return a PIL RGB image as a writable (h, w, 3) uint8 array with its long side at most ``long_side``: shrunk
+    with OpenCV's area averaging (1.0 ms for 640x480 -> 448 vs 3.9 ms for PIL's bicubic ``thumbnail``) to the size
+    PIL's ``thumbnail`` gives. CLIP's own transform then resizes it to its input size."""
+    import cv2
+
+    from pipelines.images import thumbnail_size
+
+    array = np.array(image)  # writable: torch.from_numpy warns on read-only PIL buffers
+    height, width = array.shape[:2]
+    size = thumbnail_size(width, height, long_side)  # PIL's thumbnail size, so the sizes stay what they were
+    return array if size == (width, height) else cv2.resize(array, size, interpolation=cv2.INTER_AREA)
 
 
 def _load_crop(layout: OutputLayout, crop_path: str | None, image_name: str) -> np.ndarray:

@@ -451,3 +451,28 @@ def test_scorer_is_cached_per_process(tiny_clip_dir):
     first = get_clip_scorer(str(tiny_clip_dir), device="cpu", batch_size=8)
     assert get_clip_scorer(str(tiny_clip_dir), device="cpu", batch_size=8) is first
     assert first.max_text_tokens == 77
+
+
+def test_clauses_cut_by_offsets_equal_spacy_sentence_spans():
+    """``_clauses`` cuts sentences at character offsets; the spaCy way (one Span per sentence) must give the same."""
+    import random
+
+    import spacy
+
+    from pipelines.captions import _clauses
+
+    def by_spans(doc):
+        return [c.strip() for sent in doc.sents for c in sent.text.split(";")
+                if any(ch.isalnum() for ch in c.strip())]
+
+    rng = random.Random(7)
+    words = ["a", "the", "dog", "red", "cat.", "sits;", "on", "mat!", "Dr.", "No.", "10", "etc.)", "dawn...", "Snow",
+             " - ", "aside", "\n", "new", "?", "3.5", "m.", "e.g.", "  ", ";", "ok"]
+    texts = ["", " ", ";", "  Two  spaces.  Here ;  too  ", "\n\nA.\n\nB.", "One. Two! Three? Four"]
+    texts += [" ".join(rng.choice(words) for _ in range(rng.randint(1, 30))) for _ in range(300)]
+    nlp = spacy.blank("en")
+    nlp.add_pipe("sentencizer")
+    docs = list(nlp.pipe(texts))
+    assert sum(len(list(d.sents)) > 1 for d in docs if len(d)) > 100  # many multi-sentence texts
+    for text, doc in zip(texts, docs):
+        assert _clauses(doc) == (by_spans(doc) if len(doc) else []), repr(text)
