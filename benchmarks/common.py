@@ -272,6 +272,33 @@ def worker_cpu_seconds() -> float:
     return total
 
 
+def _forkserver_descendants() -> list[int]:
+    found = []
+    for pid in _descendants(os.getpid()) if os.path.isdir("/proc") else []:
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as handle:
+                if b"forkserver" in handle.read():
+                    found.append(pid)
+        except OSError:
+            continue
+    return found
+
+
+def peak_rss_mb() -> dict[str, float]:
+    """Peak RSS so far (MiB) of this process (``own``) and of its largest live engine worker (``worker``)."""
+    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    worker = 0.0
+    for pid in _forkserver_descendants():
+        try:
+            with open(f"/proc/{pid}/status", encoding="ascii") as handle:
+                for line in handle:
+                    if line.startswith("VmHWM:"):
+                        worker = max(worker, int(line.split()[1]) / 1024)
+        except (OSError, ValueError, IndexError):
+            continue
+    return {"own": own, "worker": worker}
+
+
 def usable_cpus() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 

@@ -31,7 +31,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.common import BenchmarkResult, Census, Target, cpu_seconds, run_in_child, usable_cpus
+from benchmarks.common import BenchmarkResult, Census, Target, cpu_seconds, peak_rss_mb, run_in_child, usable_cpus
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
 STAGES = ["ingest", "structure", "regions", "captions", "filter"]
@@ -61,6 +61,8 @@ def _bare(pipeline, stage_name: str) -> dict:
     plan = pipeline.plan(stage_name, refresh=True)
     records = [record for _key, record in plan.pending]
     stage = STAGE_DEFINITIONS[stage_name]
+    stage.run(records[:2], layout=pipeline.layout, stage_key=plan.stage_key, params=plan.params,
+              runtime=plan.runtime)  # models load in this process first, outside the timing
     cpu, start = cpu_seconds(), time.perf_counter()
     rows = stage.run(records, layout=pipeline.layout, stage_key=plan.stage_key, params=plan.params,
                      runtime=plan.runtime)
@@ -141,7 +143,8 @@ def _floors(pipeline, config, sample: int) -> dict[str, dict]:
 
     map_files = [[cv2.imencode(".png", e)[1].tobytes(), cv2.imencode(".png", c)[1].tobytes()]
                  for e, c in zip(edges, scribbles)]
-    p["write map files"] = _median_ms(write_files, map_files)
+    # Writes cost kernel time that swings with the page cache's writeback: the best of three passes is the floor.
+    p["write map files"] = min(_median_ms(write_files, map_files) for _ in range(3))
     p["decode colour"] = _median_ms(lambda path: cv2.imread(path, cv2.IMREAD_COLOR), paths)
     p["structure map decode"] = _median_ms(
         lambda i: cv2.imread(str(pipeline.layout.resolve(structure[i["image_id"]]["structure_path"])),
@@ -169,7 +172,7 @@ def _floors(pipeline, config, sample: int) -> dict[str, dict]:
             buffers += [cv2.imencode(".jpg", rgb[y0:y1, x0:x1], [cv2.IMWRITE_JPEG_QUALITY, 90])[1].tobytes(),
                         cv2.imencode(".png", edge[int(y0 * sy):int(y1 * sy), int(x0 * sx):int(x1 * sx)])[1].tobytes()]
         crop_files.append(buffers)
-    p["write crop files"] = _median_ms(write_files, crop_files)
+    p["write crop files"] = min(_median_ms(write_files, crop_files) for _ in range(3))
     if config.regions.method == "grouping":
         # The weight-free proposer's own primitive: one graph segmentation of the image at the grouping work size
         # (skimage's Felzenszwalb, as pipelines.grouping calls it); the grouping of its segments is not in the floor.
@@ -246,9 +249,9 @@ def _floors(pipeline, config, sample: int) -> dict[str, dict]:
             for stage, keys in per_stage.items()}
 
 
-def scenario(root: str, n_images: int, sample: int, full: bool = True) -> dict:
-    """Child-process entry: warm-up, cold run and cached run on ``n_images``; with ``full`` also the bare library
-    calls and the floors."""
+def scenario(root: str, n_images: int, sample: int, full: bool = True, overrides: dict | None = None) -> dict:
+    """Child-process entry: warm-up, cold run and cached run on ``n_images`` (config ``overrides`` on demo.yaml);
+    with ``full`` also the bare library calls and the floors."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from configs.schema import load_config
     from pipelines.engine import run_inline
@@ -257,7 +260,7 @@ def scenario(root: str, n_images: int, sample: int, full: bool = True) -> dict:
     from tests.corpus import make_generated_images
 
     work = Path(root)
-    config = load_config(CONFIG)
+    config = load_config(CONFIG, overrides or {})
     workers = local_workers(config)
     # One smallest chunk per worker, so every worker process has started and loaded its models before the timed runs.
     make_generated_images(work / "warmup-images", MIN_CHUNK * workers, seed=99)
@@ -268,21 +271,26 @@ def scenario(root: str, n_images: int, sample: int, full: bool = True) -> dict:
     make_generated_images(images, n_images, seed=0)
     cold = _run(Pipeline, run_inline, images, out, config)
     cached = _run(Pipeline, run_inline, images, out, config)
-    measured = {"startup_s": startup, "cold": cold, "cached": cached, "cpus": usable_cpus(), "workers": workers}
+    measured = {"startup_s": startup, "cold": cold, "cached": cached, "cpus": usable_cpus(), "workers": workers,
+                "rss_mb": peak_rss_mb()}  # of the runs: before the bare calls load models in this process
     if full:
         pipeline = Pipeline(images, out, config)
         measured["bare"] = {stage: _bare(pipeline, stage) for stage in STAGES}
         measured["floors"] = _floors(Pipeline(images, out, config), config, sample)
+    from pipelines import workers as engine_workers
+
+    engine_workers.shutdown()
     return measured
 
 
 LARGE_ENV = "STRUCTXLIP_BENCH_STAGES_LARGE"
 
 
-def _child(n: int, sample: int, full: bool) -> dict:
+def _child(n: int, sample: int, full: bool, overrides: dict | None = None) -> dict:
     root = Path(tempfile.mkdtemp(prefix="bench-data-stages-"))
     try:
-        return run_in_child("benchmarks.data_stages:scenario", root=str(root), n_images=n, sample=sample, full=full)
+        return run_in_child("benchmarks.data_stages:scenario", root=str(root), n_images=n, sample=sample, full=full,
+                            overrides=overrides)
     finally:
         shutil.rmtree(root, ignore_errors=True)
 
@@ -295,6 +303,9 @@ def run(*, quick: bool = False, n_images: int | None = None, large: int | None =
     sample = min(n, 8 if quick else FLOOR_SAMPLE)
     measured = _child(n, sample, full=True)
     measured_large = _child(large, sample, full=False)
+    # The proposer the issue's 65 img/s target was set with (weight-free, edge components): the grouping proposer
+    # (the demo's, added since) costs a ~14 ms graph segmentation per image on its own.
+    measured_structure = _child(large, sample, full=False, overrides={"regions.method": "structure"})
     data = measured["result"]
     cpus = data["cpus"]
     result = BenchmarkResult(
@@ -321,32 +332,39 @@ def run(*, quick: bool = False, n_images: int | None = None, large: int | None =
                             "floor_vs_pipeline_cpu": floor["ms"] / cpu_ms if cpu_ms else float("nan"),
                             "floor_parts_ms": ", ".join(f"{k} {v:.2f}" for k, v in floor["parts"].items())})
     whole = {}
-    for size, child in ((n, measured), (large, measured_large)):
+    for size, child, suffix in ((n, measured, ""), (large, measured_large, ""),
+                                (large, measured_structure, ", structure regions")):
         for label in ("cold", "cached"):
             run_data = child["result"][label]
-            whole[size, label] = run_data
-            result.rows.append({"stage": f"whole data pipeline, {size} images, {label}",
+            whole[size, label, suffix] = run_data
+            result.rows.append({"stage": f"whole data pipeline, {size} images, {label}{suffix}",
                                 "pipeline_img_s": size / run_data["seconds"], "wall_s": run_data["seconds"],
                                 "cpu_s": run_data["cpu_s"], "cpu_ms_per_img": run_data["cpu_s"] * 1000 / size,
-                                "peak_rss_mb": child["peak_rss_mb"],
-                                "workers_peak_rss_mb": child["children_peak_rss_mb"],
+                                "peak_rss_mb": child["result"]["rss_mb"]["own"],
+                                "workers_peak_rss_mb": child["result"]["rss_mb"]["worker"],
                                 "processes": run_data["processes"], "threads": run_data["threads"]})
     result.notes.append(f"{data['workers']} engine worker processes (runtime.workers: 0 = one per usable core); "
                         f"start-up (imports, model loads in every worker, a {data['workers']}-chunk warm-up run) "
-                        f"before the timed runs: {data['startup_s']:.1f} s; peak RSS is the benchmark child's own "
-                        f"(warm-up included), workers_peak_rss_mb its largest worker's")
+                        f"before the timed runs: {data['startup_s']:.1f} s; peak RSS: the running process's own and "
+                        f"its largest worker's, each up to the end of the cold and cached runs (warm-up included)")
     result.notes.append("library img/s: the stage's library call over every image at once in one process (one "
                         "core); pipeline img/s: the engine with its worker processes; floor img/s: the primitives' "
                         "CPU-ms on one thread, times the usable cores")
     result.targets = [Target(f"{row['stage']} pipeline >= 50% of its floor", row["pipeline_vs_floor"], 0.5)
                       for row in result.rows[:len(STAGES)]]
-    cold_small, cold_large = whole[n, "cold"], whole[large, "cold"]
+    cold_small, cold_large = whole[n, "cold", ""], whole[large, "cold", ""]
+
+    def rss(child):
+        return child["result"]["rss_mb"]["own"] + child["result"]["rss_mb"]["worker"] * data["workers"]
+
     result.targets += [
         Target(f"whole data pipeline, cold, {large} images", large / cold_large["seconds"], 65.0, unit=" img/s"),
-        Target("fully cached run wall", whole[large, "cached"]["seconds"], 3.0, direction="at_most", unit=" s"),
+        Target(f"whole data pipeline, cold, {large} images, structure regions",
+               large / whole[large, "cold", ", structure regions"]["seconds"], 65.0, unit=" img/s"),
+        Target("fully cached run wall", whole[large, "cached", ""]["seconds"], 3.0, direction="at_most", unit=" s"),
         Target(f"time per image at {large} / at {n}",
                (cold_large["seconds"] / large) / (cold_small["seconds"] / n), 1.2, direction="at_most"),
-        Target(f"peak RSS at {large} / at {n}", measured_large["peak_rss_mb"] / measured["peak_rss_mb"], 1.3,
+        Target(f"peak RSS (this process + workers) at {large} / at {n}", rss(measured_large) / rss(measured), 1.3,
                direction="at_most"),
     ]
     return result
