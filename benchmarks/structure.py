@@ -79,7 +79,7 @@ def run(*, quick: bool = False, workdir: Path | None = None) -> BenchmarkResult:
     """Return the structure benchmark (500 images, best of 3; quick: 20 images, 1 run)."""
     import torch
 
-    from pipelines.structure import available_cpus, shutdown_pool
+    from pipelines.workers import shutdown as shutdown_pool, usable_cpus as available_cpus
     from tests.corpus import make_generated_images
 
     n_images, repeats = (20, 1) if quick else (500, 3)

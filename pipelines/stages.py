@@ -27,6 +27,7 @@ from configs.schema import STAGES, TINY_CLIP, Config
 from storage.hashing import content_key, file_digest
 from storage.layout import OutputLayout
 from storage.manifest import EXTRA_CAPTION_TYPE, SEGMENT_TYPE, STATUS_FAILED, STATUS_OK
+from pipelines.workers import usable_cpus
 from storage.stage_store import ITEM_KEY, OUTPUT_TYPE, OUTPUTS
 
 if TYPE_CHECKING:
@@ -97,13 +98,6 @@ def text_item_key(image_id: str, caption: str | None, extra_captions: tuple[str,
     if extra_captions:
         return content_key("text", image_id, caption or "", list(extra_captions))
     return content_key("text", image_id, caption or "")
-
-
-def usable_cpus() -> int:
-    """Cores this process may run on (its affinity mask, else the machine's count)."""
-    import os
-
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def local_workers(config: Config) -> int:

@@ -10,9 +10,7 @@ from __future__ import annotations
 import concurrent.futures as futures
 import logging
 import math
-import multiprocessing
 import os
-import threading
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +19,9 @@ from typing import Protocol, Sequence
 import cv2
 import numpy as np
 
+from pipelines import workers as engine_workers
 from pipelines.images import ImageLoadError, load_grey_resized
+from pipelines.workers import usable_cpus
 from storage.atomic import atomic_write_bytes, raise_if_storage_error, write_png
 from storage.layout import OutputLayout
 from storage.manifest import STATUS_FAILED, STATUS_OK
@@ -282,47 +282,6 @@ class StructureExtractor(Protocol):
     def __call__(self, jobs: Sequence[StructureJob], params: StructureParams) -> list[dict]: ...
 
 
-def _init_worker() -> None:
-    # One OpenCV thread per worker process: the pool already uses every core.
-    cv2.setNumThreads(1)
-
-
-_POOL_LOCK = threading.Lock()
-_POOL: futures.ProcessPoolExecutor | None = None
-_POOL_SIZE = 0
-
-
-def available_cpus() -> int:
-    """Return the number of CPUs this process may run on."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
-
-
-def _pool(workers: int) -> futures.ProcessPoolExecutor:
-    """Return the module's process pool of ``workers`` processes, created once and reused across chunks."""
-    global _POOL, _POOL_SIZE
-    with _POOL_LOCK:
-        if _POOL is None or _POOL_SIZE != workers:
-            if _POOL is not None:
-                _POOL.shutdown(wait=False, cancel_futures=True)
-            # forkserver, not fork: the caller (Prefect) runs threads, and forking a threaded process can deadlock.
-            context = multiprocessing.get_context("forkserver")
-            _POOL = futures.ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker)
-            _POOL_SIZE = workers
-        return _POOL
-
-
-def shutdown_pool() -> None:
-    """Stop the module's worker processes (they are otherwise kept for the next chunk)."""
-    global _POOL, _POOL_SIZE
-    with _POOL_LOCK:
-        if _POOL is not None:
-            _POOL.shutdown(wait=True, cancel_futures=True)
-        _POOL, _POOL_SIZE = None, 0
-
-
 # Images per pool task: enough to make the per-task pickling and wake-ups negligible (~0.1 ms against 4-8 ms of
 # work per image), few enough that the workers finish a chunk of 64 images together (8 tasks of 8). A thread pool
 # was slower here (the ridge test and the glue hold the GIL): 16.4 vs 11.3 ms/image wall for 256 images.
@@ -341,10 +300,9 @@ def _extract_chunk(jobs: list[StructureJob], params: StructureParams) -> list[di
 
 
 class OpenCVExtractor:
-    """CPU backend: a few images per task over a reused process pool (``workers=1``: in this process).
-
-    The pool uses the forkserver start method (the caller may run threads), so a calling script needs the usual
-    ``if __name__ == "__main__":`` guard.
+    """CPU backend: a few images per task over the engine's worker processes (``pipelines.workers``; ``workers=1``:
+    in this process). The pipeline's structure stage uses ``workers=1``: there the engine hands whole chunks to the
+    same workers. A calling script needs the usual ``if __name__ == "__main__":`` guard.
     """
 
     name = "opencv"
@@ -352,7 +310,7 @@ class OpenCVExtractor:
     def __init__(self, workers: int = 0):
         if workers < 0:
             raise ValueError(f"workers must be >= 0 (0 = one per CPU), got {workers}")
-        self.workers = workers or available_cpus()
+        self.workers = workers or usable_cpus()
 
     def __call__(self, jobs: Sequence[StructureJob], params: StructureParams) -> list[dict]:
         if self.workers == 1 or len(jobs) <= 1:
@@ -361,12 +319,12 @@ class OpenCVExtractor:
         pending = list(range(len(jobs)))
         # A worker that dies (e.g. a decoder crash) breaks the pool: rebuild it once and retry what was unfinished.
         for attempt in range(2):
-            pool = _pool(self.workers)
+            pool = engine_workers.pool(self.workers)
             chunks = _chunks(pending, self.workers)
             try:
                 submitted = {pool.submit(_extract_chunk, [jobs[i] for i in chunk], params): chunk for chunk in chunks}
             except futures.process.BrokenProcessPool:
-                shutdown_pool()
+                engine_workers.discard(pool)
                 continue
             for future, chunk in submitted.items():
                 try:
@@ -377,7 +335,7 @@ class OpenCVExtractor:
             pending = [i for i in pending if results[i] is None]
             if not pending:
                 break
-            shutdown_pool()
+            engine_workers.discard(pool)
         if pending:
             # Workers that die at start-up (a script without ``if __name__ == "__main__":`` re-runs itself in
             # each forkserver child) would otherwise fail every image: finish in this process instead.

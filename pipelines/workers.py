@@ -27,10 +27,13 @@ _pool: futures.ProcessPoolExecutor | None = None
 _size = 0
 
 
+def usable_cpus() -> int:
+    """Cores this process may run on (its affinity mask, else the machine's count)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def threads_per_worker(workers: int) -> int:
     """Intra-op threads of each of ``workers`` processes: the usable cores shared out, at least one."""
-    from pipelines.stages import usable_cpus
-
     return max(1, usable_cpus() // max(1, workers))
 
 
@@ -79,7 +82,8 @@ def pool(workers: int) -> futures.ProcessPoolExecutor:
         return _pool
 
 
-def _discard(broken: futures.ProcessPoolExecutor) -> None:
+def discard(broken: futures.ProcessPoolExecutor) -> None:
+    """Forget a broken pool (a worker died): the next ``pool()`` starts fresh workers."""
     global _pool
     with _lock:
         if _pool is broken:
@@ -123,7 +127,7 @@ def _compute(workers: int, stage_name: str, records: list, options: dict) -> lis
         try:
             return executor.submit(compute_rows, stage_name, records, **options).result()
         except BrokenProcessPool:
-            _discard(executor)
+            discard(executor)
             if attempt == 2:
                 raise
     raise AssertionError("unreachable")

@@ -203,16 +203,22 @@ def test_spacy_loader_falls_back_and_caches():
     assert "ner" not in load_spacy("en_core_web_sm").pipe_names
 
 
-def test_filter_captions_records(colors_only, monkeypatch):
-    calls = []
-    original_pipe = colors_only.pipe
+def _record_pipe_calls(monkeypatch, caption_filter) -> list[list[str]]:
+    """Return the list that every ``caption_filter.pipe`` call's texts are appended to from now on."""
+    calls: list[list[str]] = []
+    original_pipe = caption_filter.pipe
 
-    def counting_pipe(texts):
+    def recording_pipe(texts):
         texts = list(texts)
         calls.append(texts)
         return original_pipe(texts)
 
-    monkeypatch.setattr(colors_only, "pipe", counting_pipe)
+    monkeypatch.setattr(caption_filter, "pipe", recording_pipe)
+    return calls
+
+
+def test_filter_captions_records(colors_only, monkeypatch):
+    calls = _record_pipe_calls(monkeypatch, colors_only)
     records = [
         {
             "image_id": "a" * 32,
@@ -246,15 +252,7 @@ def test_filter_captions_records(colors_only, monkeypatch):
 
 
 def test_each_distinct_text_of_a_chunk_is_parsed_once(colors_only, monkeypatch):
-    parsed = []
-    original_pipe = colors_only.pipe
-
-    def recording_pipe(texts):
-        texts = list(texts)
-        parsed.extend(texts)
-        return original_pipe(texts)
-
-    monkeypatch.setattr(colors_only, "pipe", recording_pipe)
+    calls = _record_pipe_calls(monkeypatch, colors_only)
     whole = "A red car parks. A blue bus waits."
     records = [  # a segment caption equal to its own caption, to another record's caption, and to another segment
         {"image_id": "a" * 32, "caption": whole,
@@ -263,7 +261,7 @@ def test_each_distinct_text_of_a_chunk_is_parsed_once(colors_only, monkeypatch):
         {"image_id": "c" * 32, "caption": whole, "segments": []},
     ]
     out = filter_captions(records, caption_filter=colors_only)
-    assert sorted(parsed) == sorted([whole, "A red car parks.", "A blue bus waits."])
+    assert sorted(text for call in calls for text in call) == sorted([whole, "A red car parks.", "A blue bus waits."])
     assert [r["filtered_caption"] for r in out] == ["A car parks. A bus waits.", "A car parks.",
                                                     "A car parks. A bus waits."]
     assert [s["filtered_caption"] for s in out[0]["segments"]] == ["A car parks. A bus waits.", "A car parks.",
