@@ -1,4 +1,4 @@
-"""The data_stages benchmark's census: descendants, their threads and CPU time read from /proc."""
+"""The benchmarks' census: descendants, their threads and CPU time read from /proc, and the engine workers' share."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from benchmarks.data_stages import Census, _cpu_seconds, _descendants, _threads
+from benchmarks.common import Census, _descendants, _threads, cpu_seconds as _cpu_seconds, worker_cpu_seconds
 
 pytestmark = pytest.mark.skipif(not os.path.isdir("/proc"), reason="reads /proc")
 
@@ -36,3 +36,27 @@ def test_live_child_counted_in_processes_and_cpu():
         child.stdin.close()
         child.wait(timeout=30)
     assert child.pid not in _descendants(os.getpid())
+
+
+def _spin(seconds: float) -> int:
+    import time
+
+    end = time.process_time() + seconds
+    while time.process_time() < end:
+        pass
+    return os.getpid()
+
+
+def test_worker_cpu_counts_the_engine_workers_only():
+    from pipelines import workers
+
+    workers.shutdown()
+    try:
+        pool = workers.pool(2)
+        pool.submit(os.getpid).result()  # started
+        before_workers, before_all = worker_cpu_seconds(), _cpu_seconds()
+        pool.submit(_spin, 0.5).result()
+        spent_workers, spent_all = worker_cpu_seconds() - before_workers, _cpu_seconds() - before_all
+        assert 0.3 <= spent_workers <= spent_all + 0.05
+    finally:
+        workers.shutdown()
