@@ -68,6 +68,9 @@ def scenario(kind: str, root: str, n_images: int) -> dict:
     elif kind == "incremental":
         make_generated_images(images, INCREMENT, seed=0, start=n_images)
         runs["incremental"] = _pipeline(images, out)
+    from pipelines import workers
+
+    workers.shutdown()  # before the parent ends this child: no worker or semaphore left behind
     return runs
 
 
