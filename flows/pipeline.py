@@ -137,7 +137,16 @@ GALLERY = {"structure": "structure", "regions": "regions", "captions": "regions"
 
 
 def _publish(pipeline: Pipeline, summary: dict) -> None:
-    """Send the stage's artifacts to Prefect; a reporting error never fails a run (the data is already on disk)."""
+    """Send the stage's artifacts to Prefect; a reporting error never fails a run (the data is already on disk).
+    Records the CPU seconds it took in ``summary["publish_cpu_s"]`` (galleries, the quality report's plots)."""
+    started = time.thread_time()
+    try:
+        _publish_artifacts(pipeline, summary)
+    finally:
+        summary["publish_cpu_s"] = round(time.thread_time() - started, 3)
+
+
+def _publish_artifacts(pipeline: Pipeline, summary: dict) -> None:
     try:
         from flows import artifacts
 
