@@ -658,14 +658,11 @@ class Evaluate(Stage):
 
     def run(self, records, *, layout, stage_key, params, runtime):
         from structxlip.evaluate import evaluate
-        from structxlip.retrieval_ranks import compute_rankings
 
-        model = str(layout.model_dir)
-        metrics = evaluate(layout.manifest_dir, checkpoint=model, out_path=layout.eval_metrics, **params, **runtime)
-        # Per-query rankings (zero-shot beside fine-tuned) for the static explorer's retrieval view.
-        models = {"fine-tuned": model, **({"zero-shot": params["base_model"]} if params["zero_shot"] else {})}
-        ranking_args = {k: v for k, v in params.items() if k != "zero_shot"}
-        compute_rankings(layout.manifest_dir, models=models, out_path=layout.eval_rankings, **ranking_args, **runtime)
+        # Metrics and the per-query rankings of the static explorer's retrieval view (zero-shot beside fine-tuned),
+        # from one encoding of the split per model.
+        metrics = evaluate(layout.manifest_dir, checkpoint=str(layout.model_dir), out_path=layout.eval_metrics,
+                           rankings_path=layout.eval_rankings, **params, **runtime)
         result = {"files": [layout.relative(layout.eval_metrics), layout.relative(layout.eval_rankings)],
                   "summary": {k: v for k, v in metrics.items() if not isinstance(v, (dict, list))}}
         return [{"image_id": None, "status": STATUS_OK, "error": None, "result": json.dumps(result, default=str)}]

@@ -147,13 +147,13 @@ def metrics_table(metrics: dict) -> str:
     return "\n".join(lines)
 
 
-def _split_metrics(loaded: Any, records: list, *, batch_size: int, device: str, precision: str, max_text_tokens: int,
-                   num_workers: int) -> dict[str, float]:
+def encode_records(loaded: Any, records: list, *, batch_size: int, device: str, precision: str, max_text_tokens: int,
+                   num_workers: int) -> EncodedSplit:
+    """Encode evaluation ``records`` (images, captions, structure maps; no chunks or crops) with a loaded model."""
     dataset = StructXLIPDataset(records, preprocess=ImagePreprocessor.from_image_processor(loaded.image_processor),
                                 with_chunks=False, with_crops=False)
-    encoded = encode_split(loaded, dataset, batch_size=batch_size, device=resolve_device(device), precision=precision,
-                           max_text_tokens=max_text_tokens, num_workers=num_workers)
-    return split_report(encoded)
+    return encode_split(loaded, dataset, batch_size=batch_size, device=resolve_device(device), precision=precision,
+                        max_text_tokens=max_text_tokens, num_workers=num_workers)
 
 
 def evaluate(
@@ -172,6 +172,8 @@ def evaluate(
     num_workers: int = 0,
     root: str | os.PathLike | None = None,
     zero_shot: bool = False,
+    rankings_path: str | os.PathLike | None = None,
+    top_k: int | None = None,
 ) -> dict:
     """Evaluate ``checkpoint`` on the manifest's ``split`` (``all`` = every usable row); write the metrics JSON
     atomically to ``out_path`` when given and return them.
@@ -179,7 +181,13 @@ def evaluate(
     ``root``: the folder that relative paths of a reference ``.json`` are relative to (default: the JSON's folder).
     ``zero_shot``: also evaluate ``base_model`` before fine-tuning, as ``metrics["zero_shot"]`` (same keys), unless
     the checkpoint is the base model itself. ``precision``: ``fp32``, ``bf16`` or ``auto`` (bf16 on CUDA).
+    ``rankings_path``: also write the per-query rankings there (``structxlip.retrieval_ranks``: "fine-tuned", and
+    "zero-shot" with ``zero_shot``; ``top_k`` each) from the same embeddings, so the split is encoded once per model.
     """
+    from structxlip.retrieval_ranks import DEFAULT_TOP_K, rank_queries, rankings_document, rankings_entry
+
+    top_k = top_k or DEFAULT_TOP_K
+    rankings: dict[str, dict] = {}
     records = load_records(manifest, split=None if split == "all" else split, structure_kind=structure_kind, top_k=0,
                            root=root)
     if len(records) < 2:
@@ -188,13 +196,25 @@ def evaluate(
                     num_workers=num_workers)
     loaded = load_model_for_eval(checkpoint, base_model=base_model, max_text_tokens=max_text_tokens,
                                  keep_positions=keep_positions)
-    metrics: dict = _split_metrics(loaded, records, **settings)
+    encoded = encode_records(loaded, records, **settings)
     del loaded
+    metrics: dict = split_report(encoded)
+    if rankings_path is not None:
+        rankings["fine-tuned"] = rankings_entry(rank_queries(encoded.text, encoded.image, top_k=top_k),
+                                                checkpoint=str(checkpoint))
+    del encoded
     if zero_shot and str(checkpoint) != str(base_model):
         from structxlip.models import load_clip
 
         base = load_clip(base_model, max_text_tokens=max_text_tokens, keep_positions=keep_positions)
-        metrics["zero_shot"] = _split_metrics(base, records, **settings)
+        encoded = encode_records(base, records, **settings)
+        metrics["zero_shot"] = split_report(encoded)
+        if rankings_path is not None:
+            rankings["zero-shot"] = rankings_entry(rank_queries(encoded.text, encoded.image, top_k=top_k),
+                                                   checkpoint=str(base_model))
+    if rankings_path is not None:
+        document = rankings_document([r.image_id for r in records], rankings, split=split, top_k=top_k)
+        atomic_write_text(rankings_path, json.dumps(document) + "\n")
     if out_path is not None:
         atomic_write_text(out_path, json.dumps(metrics, indent=2, sort_keys=True) + "\n")
     return metrics

@@ -87,9 +87,8 @@ def compute_rankings(
     """Return (and write atomically to ``out_path`` when given) the text-to-image rankings of every model in
     ``models`` (display name -> checkpoint, as :func:`structxlip.evaluate.load_model_for_eval` takes) on the same
     split, queries being the images' raw captions, as evaluate's t2i direction uses them."""
-    from structxlip.data import ImagePreprocessor, StructXLIPDataset, load_records
-    from structxlip.distributed import resolve_device
-    from structxlip.evaluate import encode_split, load_model_for_eval
+    from structxlip.data import load_records
+    from structxlip.evaluate import encode_records, load_model_for_eval
 
     if not models:
         raise ValueError("expected at least one model to rank with, got none")
@@ -100,10 +99,8 @@ def compute_rankings(
     for name, checkpoint in models.items():
         loaded = load_model_for_eval(checkpoint, base_model=base_model, max_text_tokens=max_text_tokens,
                                      keep_positions=keep_positions)
-        dataset = StructXLIPDataset(records, preprocess=ImagePreprocessor.from_image_processor(loaded.image_processor),
-                                    with_chunks=False, with_crops=False)
-        encoded = encode_split(loaded, dataset, batch_size=batch_size, device=resolve_device(device),
-                               precision=precision, max_text_tokens=max_text_tokens, num_workers=num_workers)
+        encoded = encode_records(loaded, records, batch_size=batch_size, device=device, precision=precision,
+                                 max_text_tokens=max_text_tokens, num_workers=num_workers)
         rankings = rank_queries(encoded.text, encoded.image, top_k=top_k)
         entries[name] = rankings_entry(rankings, checkpoint=str(checkpoint))
     result = rankings_document([r.image_id for r in records], entries, split=split, top_k=top_k)

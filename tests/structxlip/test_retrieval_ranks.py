@@ -51,6 +51,17 @@ def test_rankings_agree_with_evaluate_t2i(tmp_path, tiny_clip_dir):
     assert result["models"]["zero-shot"]["ranks"] == result["models"]["again"]["ranks"]
 
 
+def test_evaluate_writes_the_rankings_compute_rankings_gives(tmp_path, tiny_clip_dir):
+    """The evaluate stage ranks from evaluate's own embeddings (one encoding per model): the same document."""
+    manifest = make_synthetic_manifest(tmp_path / "out", n_images=6, image_size=64)
+    options = dict(base_model=str(tiny_clip_dir), split="all", batch_size=4, device="cpu", max_text_tokens=77)
+    path = tmp_path / "rankings.json"
+    metrics = evaluate(manifest, checkpoint=str(tiny_clip_dir), rankings_path=path, top_k=3, **options)
+    expected = compute_rankings(manifest, models={"fine-tuned": str(tiny_clip_dir)}, top_k=3, **options)
+    assert json.loads(path.read_text()) == expected
+    assert metrics["n_pairs"] == 6
+
+
 def test_rankings_command_writes_the_explorer_file(tmp_path, tiny_clip_dir):
     out_dir = tmp_path / "out"
     make_synthetic_manifest(out_dir, n_images=4, image_size=64)
