@@ -239,37 +239,27 @@ class Census:
 def cpu_seconds() -> float:
     """CPU seconds of this process, its reaped children and its live descendants (a persistent worker pool's time is
     not in RUSAGE_CHILDREN until its processes exit)."""
-    import resource
-
     own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
     total = own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+    live = _descendants(os.getpid()) if os.path.isdir("/proc") else []
+    return total + sum(_process_cpu_seconds(pid) for pid in live)
+
+
+def _process_cpu_seconds(pid: int) -> float:
+    """CPU seconds (user + system) a live process has used so far, from /proc; 0 if it is gone."""
     tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
-    for pid in _descendants(os.getpid()) if os.path.isdir("/proc") else []:
-        try:
-            with open(f"/proc/{pid}/stat", "rb") as handle:
-                fields = handle.read().rsplit(b")", 1)[1].split()
-            total += (int(fields[11]) + int(fields[12])) / tick  # utime, stime
-        except (OSError, IndexError, ValueError):
-            continue
-    return total
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as handle:
+            fields = handle.read().rsplit(b")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / tick  # utime, stime
+    except (OSError, IndexError, ValueError):
+        return 0.0
 
 
 def worker_cpu_seconds() -> float:
     """CPU seconds of this process's live engine worker processes (``pipelines.workers``: forked from the
     multiprocessing forkserver, whose command line they share)."""
-    total = 0.0
-    tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
-    for pid in _descendants(os.getpid()) if os.path.isdir("/proc") else []:
-        try:
-            with open(f"/proc/{pid}/cmdline", "rb") as handle:
-                if b"forkserver" not in handle.read():
-                    continue
-            with open(f"/proc/{pid}/stat", "rb") as handle:
-                fields = handle.read().rsplit(b")", 1)[1].split()
-            total += (int(fields[11]) + int(fields[12])) / tick
-        except (OSError, IndexError, ValueError):
-            continue
-    return total
+    return sum(_process_cpu_seconds(pid) for pid in _forkserver_descendants())
 
 
 def _forkserver_descendants() -> list[int]:
