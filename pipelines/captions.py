@@ -32,7 +32,6 @@ GROUP_CLIP_BATCHES = 4  # images go through CLIP in groups holding about this ma
 FULL_IMAGE_LONG_SIDE = 448  # CLIP sees 224 px; every crop and full image is thumbnailed to this long side first
 MAX_PIXELS = 178_956_970  # pipelines.images' default: PIL's own bomb guard, which the old decode relied on
 _DCT_SCALES = (8, 4, 2)  # JPEG reduced decoding factors, largest first
-_ORIENTATION = 0x0112  # the EXIF orientation tag
 CAPTION_SOURCE_GENERATED = "generated"
 _TERMINAL = (".", "!", "?", "…")
 
@@ -469,16 +468,19 @@ def _path(layout: OutputLayout, path: str) -> Path:
 
 def load_thumbnail(path: str | os.PathLike, long_side: int = FULL_IMAGE_LONG_SIDE) -> np.ndarray:
     """Return the image at ``path`` as (h, w, 3) uint8 RGB with its long side at most ``long_side`` (EXIF-oriented)."""
-    from PIL import Image, ImageOps
+    from PIL import Image
 
+    from pipelines.images import image_orientation, orient_image
     from storage.filenames import display_path, source_file
 
     path = source_file(path)  # a source name with undecodable bytes is stored \xNN-escaped
     name = display_path(path.name)
     try:
         with Image.open(path) as image:
+            orientation = image_orientation(image)
             image.draft("RGB", (long_side, long_side))  # JPEG: decode at 1/2..1/8 scale directly
-            return _thumbnail(ImageOps.exif_transpose(image).convert("RGB"), long_side)
+            image.load()
+            return _thumbnail(orient_image(image, orientation).convert("RGB"), long_side)
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
         detail = " ".join(str(exc).split()) or type(exc).__name__
         raise CaptionInputError(f"cannot read image: {detail} ({name})") from None
@@ -491,27 +493,6 @@ def draft_scale(long_sides: Sequence[int], long_side: int = FULL_IMAGE_LONG_SIDE
     An item at most ``long_side`` long is never reduced, so any such item means 1."""
     shortest = min(long_sides, default=0)
     return next((scale for scale in _DCT_SCALES if shortest >= scale * long_side), 1)
-
-
-def _source_box(box: tuple[int, int, int, int], orientation: int, stored_w: int, stored_h: int):
-    """Return a box of the EXIF-oriented image as a box of the image as stored (pixel corners, x2/y2 exclusive).
-
-    The inverse of ``ImageOps.exif_transpose``'s transpose for each orientation, applied to the two corners."""
-    x1, y1, x2, y2 = box
-    w, h = stored_w, stored_h
-    inverse = {
-        2: lambda u, v: (w - u, v),  # FLIP_LEFT_RIGHT
-        3: lambda u, v: (w - u, h - v),  # ROTATE_180
-        4: lambda u, v: (u, h - v),  # FLIP_TOP_BOTTOM
-        5: lambda u, v: (v, u),  # TRANSPOSE
-        6: lambda u, v: (v, h - u),  # ROTATE_270 (clockwise): stored (x, y) -> oriented (h - y, x)
-        7: lambda u, v: (w - v, h - u),  # TRANSVERSE
-        8: lambda u, v: (w - v, u),  # ROTATE_90: stored (x, y) -> oriented (y, w - x)
-    }.get(orientation)
-    if inverse is None:
-        return box
-    (a, b), (c, d) = inverse(x1, y1), inverse(x2, y2)
-    return min(a, c), min(b, d), max(a, c), max(b, d)
 
 
 @dataclass
@@ -541,7 +522,8 @@ def load_source_crops(
     """
     from PIL import Image
 
-    from pipelines.images import ImageLoadError, _fail, _open_checked, _pil_to_rgb
+    from pipelines.images import (ImageLoadError, _fail, _open_checked, _pil_to_rgb, displayed_box, image_orientation,
+                                  orient_image)
 
     try:
         image, name = _open_checked(path, None, max_pixels)
@@ -550,9 +532,9 @@ def load_source_crops(
     try:
         with image:
             image.seek(0)  # animated images: the first frame, as load_rgb
-            stored_w, stored_h = image.size
-            orientation = image.getexif().get(_ORIENTATION, 1)  # as ImageOps.exif_transpose reads it
-            width, height = (stored_h, stored_w) if orientation in (5, 6, 7, 8) else (stored_w, stored_h)
+            orientation = image_orientation(image)  # before load: the one definition every loader uses
+            width, height = orientation.size
+            stored_w, stored_h = image.size  # the pixels PIL decodes (already displayed for an oriented TIFF)
             clipped = []
             for box in boxes:
                 x1, y1, x2, y2 = (min(max(int(v), 0), limit) for v, limit in zip(box, (width, height) * 2))
@@ -572,29 +554,20 @@ def load_source_crops(
             scale = next((s for s in (1, *_DCT_SCALES) if image.size == (-(-stored_w // s), -(-stored_h // s))), 0)
             if not scale:
                 raise OSError(f"decoded at {image.size}, not a reduction of its {stored_w}x{stored_h} pixels")
-            transpose = {
-                2: Image.Transpose.FLIP_LEFT_RIGHT,
-                3: Image.Transpose.ROTATE_180,
-                4: Image.Transpose.FLIP_TOP_BOTTOM,
-                5: Image.Transpose.TRANSPOSE,
-                6: Image.Transpose.ROTATE_270,
-                7: Image.Transpose.TRANSVERSE,
-                8: Image.Transpose.ROTATE_90,
-            }.get(orientation)
             rgb = image if image.mode == "RGB" else Image.fromarray(_pil_to_rgb(image))
             crops = []
             for box in clipped:
-                x1, y1, x2, y2 = _source_box(box, orientation, stored_w, stored_h)
+                x1, y1, x2, y2 = displayed_box(box, orientation)
                 # The reduced pixel grid: pixel i covers stored pixels [i * s, (i + 1) * s); keep every one the box
                 # touches (at least one).
                 left, top = min(x1 // scale, rgb.width - 1), min(y1 // scale, rgb.height - 1)
                 right = min(max(-(-x2 // scale), left + 1), rgb.width)
                 bottom = min(max(-(-y2 // scale), top + 1), rgb.height)
                 crop = rgb.crop((left, top, right, bottom))
-                crops.append(_thumbnail(crop.transpose(transpose) if transpose is not None else crop, long_side))
+                crops.append(_thumbnail(orient_image(crop, orientation), long_side))
             full = None
             if full_image:
-                full = _thumbnail(rgb.transpose(transpose) if transpose is not None else rgb, long_side)
+                full = _thumbnail(orient_image(rgb, orientation), long_side)
     except CaptionInputError:
         raise
     except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as exc:

@@ -17,11 +17,11 @@ from typing import NamedTuple
 
 import cv2
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 
 from storage.filenames import display_path, source_file
 
-VERSION = "1"
+VERSION = "2"
 
 # Formats OpenCV decodes itself on the fast grey path; anything else (GIF, CMYK, 16-bit, alpha...) goes through PIL.
 _CV2_FORMATS = {"JPEG", "PNG", "WEBP", "BMP", "TIFF"}
@@ -38,6 +38,106 @@ _BACKGROUND = (255, 255, 255)
 
 class ImageLoadError(ValueError):
     """An image cannot be read, decoded or validated; the message is one line naming the file."""
+
+
+# ---- EXIF orientation: the one definition every loader uses ------------------------------------------------------
+
+ORIENTATION_TAG = 0x0112
+# EXIF orientation -> the PIL transpose that turns the stored pixels into the displayed image (as exif_transpose).
+_TRANSPOSE = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+# The same transposes on (H, W) or (H, W, C) arrays (e.g. an OpenCV decode told to ignore the orientation).
+_TRANSPOSE_ARRAY = {
+    2: lambda a: a[:, ::-1],
+    3: lambda a: a[::-1, ::-1],
+    4: lambda a: a[::-1],
+    5: lambda a: a.swapaxes(0, 1),
+    6: lambda a: np.rot90(a, -1),
+    7: lambda a: np.rot90(a, 2).swapaxes(0, 1),
+    8: lambda a: np.rot90(a, 1),
+}
+# EXIF orientations whose display is the stored image turned by 90 degrees (width and height swap).
+_QUARTER_TURNS = (5, 6, 7, 8)
+
+
+@lru_cache(maxsize=None)
+def _decoder_orients(fmt: str | None) -> bool:
+    """Return whether PIL's decoder of ``fmt`` already returns displayed pixels (and reports the displayed size at
+    open), as Pillow >= 11 does for TIFF; probed once per format on a 2x1 image with orientation 6."""
+    if fmt not in ("TIFF",):  # the only format Pillow orients itself; others keep the stored pixels
+        return False
+    buffer = io.BytesIO()
+    try:
+        Image.new("L", (2, 1)).save(buffer, fmt, tiffinfo={ORIENTATION_TAG: 6})
+        with Image.open(io.BytesIO(buffer.getvalue())) as probe:
+            return probe.size == (1, 2)
+    except Exception:  # noqa: BLE001 - a Pillow that cannot write the probe orients nothing itself
+        return False
+
+
+class Orientation(NamedTuple):
+    """How the pixels of an image file become the displayed image (EXIF orientation, as viewers show it)."""
+
+    code: int  # the file's EXIF orientation, 1-8 (1: displayed as stored; anything else in the tag counts as 1)
+    stored_size: tuple[int, int]  # (width, height) of the pixels as stored in the file
+    size: tuple[int, int]  # (width, height) as displayed: stored_size swapped for orientations 5-8
+    decoded_oriented: bool  # PIL's decoder returns the displayed pixels itself (TIFF): nothing left to apply
+
+    @property
+    def pending(self) -> int:
+        """The orientation still to apply to the pixels PIL decodes (1: none)."""
+        return 1 if self.decoded_oriented else self.code
+
+
+def image_orientation(image: Image.Image) -> Orientation:
+    """Return the orientation of an opened PIL image; call before ``load()`` (Pillow drops a TIFF's tag on load)."""
+    code = image.getexif().get(ORIENTATION_TAG, 1)
+    code = code if isinstance(code, int) and code in _TRANSPOSE else 1
+    decoded_oriented = code != 1 and _decoder_orients(image.format)
+    width, height = image.size
+    turned = (height, width) if code in _QUARTER_TURNS else (width, height)
+    if decoded_oriented:  # PIL reports the displayed size already
+        return Orientation(code, turned, (width, height), True)
+    return Orientation(code, (width, height), turned, False)
+
+
+def orient_image(image: Image.Image, orientation: Orientation) -> Image.Image:
+    """Return the decoded (loaded) PIL image turned into the displayed image (the image itself when nothing to do)."""
+    method = _TRANSPOSE.get(orientation.pending)
+    return image if method is None else image.transpose(method)
+
+
+def orient_array(pixels: np.ndarray, code: int) -> np.ndarray:
+    """Return stored pixels ``(H, W)`` or ``(H, W, C)`` as displayed for EXIF orientation ``code`` (contiguous)."""
+    transpose = _TRANSPOSE_ARRAY.get(code)
+    return pixels if transpose is None else np.ascontiguousarray(transpose(pixels))
+
+
+def displayed_box(box: tuple[int, int, int, int], orientation: Orientation) -> tuple[int, int, int, int]:
+    """Return a box ``(x1, y1, x2, y2)`` (pixel corners, x2/y2 exclusive) of the displayed image as a box of the
+    pixels PIL decodes (the stored pixels, or the displayed ones when the decoder orients them itself)."""
+    w, h = orientation.size if orientation.decoded_oriented else orientation.stored_size
+    inverse = {
+        2: lambda u, v: (w - u, v),  # FLIP_LEFT_RIGHT
+        3: lambda u, v: (w - u, h - v),  # ROTATE_180
+        4: lambda u, v: (u, h - v),  # FLIP_TOP_BOTTOM
+        5: lambda u, v: (v, u),  # TRANSPOSE
+        6: lambda u, v: (v, h - u),  # ROTATE_270 (clockwise): stored (x, y) -> displayed (h - y, x)
+        7: lambda u, v: (w - v, h - u),  # TRANSVERSE
+        8: lambda u, v: (w - v, u),  # ROTATE_90: stored (x, y) -> displayed (y, w - x)
+    }.get(orientation.pending)
+    if inverse is None:
+        return box
+    x1, y1, x2, y2 = box
+    (a, b), (c, d) = inverse(x1, y1), inverse(x2, y2)
+    return min(a, c), min(b, d), max(a, c), max(b, d)
 
 
 def _fail(what: str, cause: object, name: str) -> ImageLoadError:
@@ -136,9 +236,9 @@ def load_rgb(path: str | os.PathLike, *, max_pixels: int, data: bytes | None = N
     try:
         with image:
             image.seek(0)
+            orientation = image_orientation(image)
             image.load()  # full decode now, so truncation surfaces here and not in a later stage
-            oriented = ImageOps.exif_transpose(image)
-            rgb = _pil_to_rgb(oriented)
+            rgb = _pil_to_rgb(orient_image(image, orientation))
     except ImageLoadError:
         raise
     except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as exc:
@@ -156,10 +256,6 @@ class ImageInfo(NamedTuple):
     frames: int
 
 
-# EXIF orientations whose display is the stored image turned by 90 degrees (width and height swap).
-_QUARTER_TURNS = (5, 6, 7, 8)
-
-
 def validate_image(path: str | os.PathLike, *, max_pixels: int, data: bytes) -> ImageInfo:
     """Return the oriented size and frame count of encoded image bytes after decoding all their pixel data.
 
@@ -175,18 +271,16 @@ def validate_image(path: str | os.PathLike, *, max_pixels: int, data: bytes) -> 
     try:
         with image:
             width, height = image.size
-            # load_rgb's steps on a draft: seek(0), decode, exif_transpose (no RGB array: JPEG modes all convert).
+            # load_rgb's steps on a draft: seek(0), orientation, decode (no RGB array: JPEG modes all convert).
             image.seek(0)
+            orientation = image_orientation(image)
             image.draft("L" if image.mode == "RGB" else image.mode, ((width + 7) // 8, (height + 7) // 8))
             image.load()
-            orientation = image.getexif().get(0x0112, 1)
-            ImageOps.exif_transpose(image).close()  # cheap at 1/8 scale; fails where load_rgb's call would
     except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as exc:
         raise _fail("cannot decode image", exc, name) from None
     except MemoryError:
         raise ImageLoadError(f"cannot decode image: out of memory ({name})") from None
-    if orientation in _QUARTER_TURNS:
-        width, height = height, width
+    width, height = orientation.size
     return ImageInfo(width, height, 1)  # a JPEG (not MPO) has one frame
 
 
@@ -284,25 +378,34 @@ def load_grey_resized(
         except OSError as exc:
             raise _fail("cannot read image", exc.strerror or exc, name) from None
     image, name = _open_checked(path, data, max_pixels)
-    with image:
-        fmt, mode = image.format, image.mode
-        animated = getattr(image, "n_frames", 1) > 1
-        orientation = image.getexif().get(0x0112, 1) if fmt in ("JPEG", "WEBP", "PNG", "TIFF") else 1
-        width, height = image.size
-    if orientation in (5, 6, 7, 8):
-        width, height = height, width
+    try:
+        with image:
+            fmt, mode = image.format, image.mode
+            animated = getattr(image, "n_frames", 1) > 1
+            orientation = image_orientation(image)
+    except (OSError, ValueError, SyntaxError, EOFError) as exc:
+        raise _fail("cannot decode image", exc, name) from None
+    width, height = orientation.size
     target_w, target_h = thumbnail_size(width, height, long_side)
 
     grey = None
-    if fmt in _CV2_FORMATS and mode in _CV2_MODES and not animated and (fmt != "JPEG" or _jpeg_complete(data)):
-        flag = cv2.IMREAD_GRAYSCALE
+    # OpenCV's TIFF decoder orients by the tag even when told to ignore it (and not on a reduced decode): an
+    # oriented TIFF goes through PIL.
+    cv2_orients_unreliably = fmt == "TIFF" and orientation.code != 1
+    if (fmt in _CV2_FORMATS and mode in _CV2_MODES and not animated and not cv2_orients_unreliably
+            and (fmt != "JPEG" or _jpeg_complete(data))):
+        # OpenCV decodes the stored pixels; the orientation is ours (image_orientation), as for every loader.
+        flag, factor = cv2.IMREAD_GRAYSCALE, 1
         if fmt == "JPEG":
             # PIL's thumbnail drafts the JPEG at the largest 1/a scale that keeps both sides >= 2x the box
             # (reducing_gap=2); the same rule keeps our edges equal to a PIL-thumbnail baseline's.
             scale = min(width // (2 * long_side), height // (2 * long_side))
-            flag = next((f for factor, f in _REDUCED_GREY if scale >= factor), flag)
-        grey = cv2.imdecode(np.frombuffer(data, np.uint8), flag)
-        if grey is not None and grey.ndim != 2:
+            factor, flag = next(((f, reduced) for f, reduced in _REDUCED_GREY if scale >= f), (1, flag))
+        grey = cv2.imdecode(np.frombuffer(data, np.uint8), flag | cv2.IMREAD_IGNORE_ORIENTATION)
+        stored_w, stored_h = orientation.stored_size
+        if grey is not None and grey.shape == (-(-stored_h // factor), -(-stored_w // factor)):
+            grey = orient_array(grey, orientation.code)
+        else:  # not grey, or not the stored size: PIL decides
             grey = None
     if grey is None:
         grey = cv2.cvtColor(load_rgb(path, max_pixels=max_pixels, data=data), cv2.COLOR_RGB2GRAY)

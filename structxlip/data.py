@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import torch
-from PIL import Image, ImageOps
+from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset
 
@@ -192,9 +192,13 @@ def open_rgb(path: str | os.PathLike, *, via_grey: bool = False) -> Image.Image:
     ``via_grey`` converts to grey first (structure maps: the reference reads them as ``"L"`` then RGB, so a colour
     map becomes its luminance).
     """
+    from pipelines.images import image_orientation, orient_image
+
     try:
         with Image.open(path) as opened:
-            image = ImageOps.exif_transpose(opened)
+            orientation = image_orientation(opened)
+            opened.load()
+            image = orient_image(opened, orientation)
             return image.convert("L").convert("RGB") if via_grey else image.convert("RGB")
     except (OSError, ValueError) as exc:
         raise ValueError(f"cannot read image {path}: {exc}") from None

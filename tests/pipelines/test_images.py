@@ -327,3 +327,104 @@ def test_resize_like_pil_edges_closer_to_pil_than_area(size):
     assert ours.shape == (target[1], target[0]) and ours.dtype == np.uint8
     area = cv2.resize(grey, target, interpolation=cv2.INTER_AREA)
     assert iou(cv2.Canny(ours, 100, 200)) >= max(0.95, iou(cv2.Canny(area, 100, 200)) - 0.01)
+
+
+# ---- EXIF orientation 1-8 in every format that can carry it: one definition for every loader ----------------------
+
+# The displayed pixel (y, x) of a stored (H, W) image, written out from the EXIF specification's orientation table
+# (not from any transpose code): 2 mirror, 3 turn 180, 4 flip, 5 transpose, 6 turn 90 clockwise, 7 transverse,
+# 8 turn 90 anticlockwise.
+_DISPLAYED_FROM_STORED = {
+    1: lambda y, x, h, w: (y, x),
+    2: lambda y, x, h, w: (y, w - 1 - x),
+    3: lambda y, x, h, w: (h - 1 - y, w - 1 - x),
+    4: lambda y, x, h, w: (h - 1 - y, x),
+    5: lambda y, x, h, w: (x, y),
+    6: lambda y, x, h, w: (h - 1 - x, y),
+    7: lambda y, x, h, w: (h - 1 - x, w - 1 - y),
+    8: lambda y, x, h, w: (x, w - 1 - y),
+}
+
+
+def _displayed(stored: np.ndarray, orientation: int) -> np.ndarray:
+    """The image a viewer shows for ``stored`` pixels with EXIF ``orientation``, pixel by pixel."""
+    h, w = stored.shape[:2]
+    out_h, out_w = (w, h) if orientation >= 5 else (h, w)
+    out = np.empty((out_h, out_w) + stored.shape[2:], stored.dtype)
+    for y in range(out_h):
+        for x in range(out_w):
+            out[y, x] = stored[_DISPLAYED_FROM_STORED[orientation](y, x, h, w)]
+    return out
+
+
+def _blocks(height: int = 32, width: int = 48, seed: int = 3) -> np.ndarray:
+    """A stored RGB image of 8x8 blocks of distinct colours: no two orientations of it look alike (JPEG-safe)."""
+    colours = np.random.default_rng(seed).integers(0, 256, (height // 8, width // 8, 3), dtype=np.uint8)
+    return np.repeat(np.repeat(colours, 8, axis=0), 8, axis=1)
+
+
+def _save_oriented(path, stored: np.ndarray, orientation: int):
+    image = Image.fromarray(stored)
+    if path.suffix in (".tif", ".tiff"):
+        image.save(path, tiffinfo={0x0112: orientation})  # the TIFF tag itself, as cameras and scanners write it
+    else:
+        exif = Image.Exif()
+        exif[0x0112] = orientation
+        options = {"quality": 100, "subsampling": 0} if path.suffix == ".jpg" else {"lossless": True} if path.suffix == ".webp" else {}
+        image.save(path, exif=exif, **options)
+    return path
+
+
+_ORIENTED_FORMATS = ("jpg", "png", "webp", "tif")
+
+
+@pytest.mark.parametrize("suffix", _ORIENTED_FORMATS)
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_every_loader_shows_the_displayed_image(tmp_path, suffix, orientation):
+    from pipelines.captions import load_source_crops, load_thumbnail
+    from structxlip.data import open_rgb
+
+    stored = _blocks()
+    expected = _displayed(stored, orientation).astype(int)
+    tolerance = 6 if suffix == "jpg" else 0  # JPEG at quality 100 is near, not exactly, lossless
+    path = _save_oriented(tmp_path / f"o{orientation}.{suffix}", stored, orientation)
+    displayed_hw = (48, 32) if orientation >= 5 else (32, 48)
+    assert expected.shape[:2] == displayed_hw
+
+    rgb = load_rgb(path, max_pixels=MAX)
+    assert rgb.shape[:2] == displayed_hw
+    assert np.abs(rgb.astype(int) - expected).mean() <= tolerance
+    assert validate_image(path, max_pixels=MAX, data=path.read_bytes())[:2] == displayed_hw[::-1]
+
+    grey = load_grey_resized(path, long_side=512)  # no resizing at this size: the decode itself is compared
+    expected_grey = cv2.cvtColor(expected.astype(np.uint8), cv2.COLOR_RGB2GRAY).astype(int)
+    assert grey.shape == displayed_hw
+    assert np.abs(grey.astype(int) - expected_grey).mean() <= tolerance + 1
+
+    # A crop box in displayed pixels is that part of the displayed image (captions' decode-once loader).
+    box = (8, 16, 24, 32)  # x1, y1, x2, y2: two 8x8 blocks wide, two high
+    pixels = load_source_crops(path, [box], long_side=448)
+    assert pixels.full_image.shape[:2] == displayed_hw
+    assert np.abs(pixels.crops[0].astype(int) - expected[16:32, 8:24]).mean() <= tolerance
+    assert np.abs(load_thumbnail(path, long_side=448).astype(int) - expected).mean() <= tolerance
+    assert np.abs(np.asarray(open_rgb(path)).astype(int) - expected).mean() <= tolerance
+
+
+def test_the_orientation_pattern_tells_every_orientation_apart():
+    # The loaders' test above could not fail if two orientations of the pattern looked alike.
+    stored = _blocks()
+    shown = {o: _displayed(stored, o) for o in range(1, 9)}
+    for a in range(1, 9):
+        for b in range(a + 1, 9):
+            if shown[a].shape == shown[b].shape:
+                assert np.abs(shown[a].astype(int) - shown[b].astype(int)).mean() > 20, (a, b)
+
+
+@pytest.mark.parametrize("suffix", ["bmp", "gif"])
+def test_formats_without_orientation_are_shown_as_stored(tmp_path, suffix):
+    stored = _blocks()
+    path = tmp_path / f"plain.{suffix}"
+    Image.fromarray(stored).save(path)
+    expected = np.asarray(Image.open(path).convert("RGB"))  # GIF: its palette's colours
+    np.testing.assert_array_equal(load_rgb(path, max_pixels=MAX), expected)
+    assert load_grey_resized(path, long_side=512).shape == (32, 48)
