@@ -125,11 +125,35 @@ def shared(key: tuple, factory: Callable[[], Any]) -> tuple[Any, threading.Lock]
     spreads one batch over every core, so chunks sharing a model take turns."""
     with _shared_lock:
         if key not in _shared:
-            _shared[key] = (factory(), threading.Lock())
+            try:
+                built = factory()
+            except Exception as exc:
+                # A model, pipeline or vocabulary that cannot be built is the environment's problem, never an item's:
+                # the chunk fails and nothing is recorded (pipelines.errors), so a re-run after the fix does the work.
+                from pipelines.errors import EnvironmentFailure, one_line
+
+                raise EnvironmentFailure(f"could not load {key[0]} ({_describe(key)}): {one_line(exc)}") from exc
+            _shared[key] = (built, threading.Lock())
             # A model is hundreds of thousands of long-lived objects: keep them out of every later full collection
             # (~0.3 s each with the tiny CLIP and spaCy loaded, about 1 ms per image of a chunk).
             gc.freeze()
         return _shared[key]
+
+
+def _describe(key: tuple) -> str:
+    """The model or pipeline a ``shared`` key names, for the one-line error (its id or folder, not the whole key)."""
+    for part in key[1:]:
+        try:
+            value = json.loads(part) if isinstance(part, str) and part.startswith("{") else part
+        except ValueError:
+            value = part
+        if isinstance(value, dict):
+            for name in ("model_name_or_dir", "model_id", "spacy_model"):
+                if value.get(name):
+                    return str(value[name])
+        elif isinstance(value, str):
+            return value
+    return str(key[0])
 
 
 def library_arguments(params: dict) -> dict:
@@ -208,6 +232,7 @@ class IngestParams(Params):
     extensions: list[str]
     max_pixels: int
     max_aspect_ratio: float | None
+    max_file_bytes: int
     follow_symlinks: bool
 
 
@@ -222,7 +247,8 @@ class Ingest(Stage):
     def params(self, config):
         i = config.ingest
         return IngestParams(extensions=sorted(e.lower().lstrip(".") for e in i.extensions), max_pixels=i.max_pixels,
-                            max_aspect_ratio=i.max_aspect_ratio, follow_symlinks=i.follow_symlinks)
+                            max_aspect_ratio=i.max_aspect_ratio, max_file_bytes=i.max_file_bytes,
+                            follow_symlinks=i.follow_symlinks)
 
     def items(self, pipeline):
         return [(f.file_key, f) for f in pipeline.scan.files]
@@ -230,7 +256,8 @@ class Ingest(Stage):
     def run(self, records, *, layout, stage_key, params, runtime):
         from pipelines.ingest import ingest_images
 
-        return ingest_images(records, max_pixels=params["max_pixels"], max_aspect_ratio=params["max_aspect_ratio"])
+        return ingest_images(records, max_pixels=params["max_pixels"], max_aspect_ratio=params["max_aspect_ratio"],
+                             max_file_bytes=params["max_file_bytes"])
 
     def failed_row(self, record, error):
         return {**super().failed_row(record, error), "source_path": record.source_path}
@@ -662,8 +689,10 @@ class Evaluate(Stage):
         # Metrics and the per-query rankings of the static explorer's retrieval view (zero-shot beside fine-tuned),
         # from one encoding of the split per model.
         metrics = evaluate(layout.manifest_dir, checkpoint=str(layout.model_dir), out_path=layout.eval_metrics,
-                           rankings_path=layout.eval_rankings, **params, **runtime)
-        result = {"files": [layout.relative(layout.eval_metrics), layout.relative(layout.eval_rankings)],
+                           rankings_path=layout.eval_rankings, embeddings_path=layout.eval_embeddings,
+                           **params, **runtime)
+        result = {"files": [layout.relative(layout.eval_metrics), layout.relative(layout.eval_rankings),
+                            layout.relative(layout.eval_embeddings)],
                   "summary": {k: v for k, v in metrics.items() if not isinstance(v, (dict, list))}}
         return [{"image_id": None, "status": STATUS_OK, "error": None, "result": json.dumps(result, default=str)}]
 

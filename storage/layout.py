@@ -9,6 +9,7 @@
       train/                                           checkpoints, metrics.jsonl, the exported model
       eval/metrics.json                                retrieval metrics
       eval/rankings.json                               top-k images per text query, per model (retrieval explorer)
+      eval/embeddings.npz                              image, structure-map and caption embeddings of the split
       report/index.html                                the static explorer (``structxlip report``)
       report/thumbs/<id[:2]>/<id>.jpg                  its image thumbnails
       config.yaml                                      the config of the last run (single-stage re-runs reuse it)
@@ -81,6 +82,11 @@ class OutputLayout:
     def eval_rankings(self) -> Path:
         """Top-k image ids per text query for each evaluated model (``structxlip.retrieval_ranks``)."""
         return self.eval_dir / "rankings.json"
+
+    @property
+    def eval_embeddings(self) -> Path:
+        """The evaluated split's embeddings per model (``structxlip.evaluate.write_embeddings``; the explorer's map)."""
+        return self.eval_dir / "embeddings.npz"
 
     @property
     def report_dir(self) -> Path:

@@ -1,21 +1,24 @@
 """Paired retrieval evaluation (METHOD.md section 5): encode a split's images, captions and structure maps, report
-t2i / i2t / s2t / t2s / ts2i Recall@K and ranks, write them as JSON.
+t2i / i2t / s2t / t2s / ts2i Recall@K and ranks, write them as JSON; optionally keep the embeddings themselves
+(``eval/embeddings.npz``) for the explorer's embedding map, so nothing downstream encodes the split again.
 
 ``retrieval_metrics`` and ``retrieval_report`` are re-exported from :mod:`structxlip.metrics`.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
-from storage.atomic import atomic_write_text
+from storage.atomic import atomic_write_bytes, atomic_write_text
 from structxlip.checkpoint import is_training_checkpoint, load_model_state, read_checkpoint_payload
 from structxlip.data import ImagePreprocessor, StructXLIPCollator, StructXLIPDataset, load_records
 from structxlip.distributed import resolve_device
@@ -23,7 +26,9 @@ from structxlip.metrics import RECALL_KS, retrieval_metrics, retrieval_report
 from structxlip.train import StructXLIPEncoder, autocast_context
 
 __all__ = ["EncodedSplit", "encode_split", "evaluate", "load_model_for_eval", "metrics_table", "retrieval_metrics",
-           "retrieval_report"]
+           "retrieval_report", "write_embeddings"]
+# Bumped when the stage's outputs change (2: eval/embeddings.npz beside metrics and rankings).
+VERSION = "2"
 DIRECTIONS = ("t2i", "i2t", "s2t", "t2s", "ts2i")
 STRUCTURE_DIRECTIONS = ("s2t", "t2s", "ts2i")
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
@@ -147,6 +152,27 @@ def metrics_table(metrics: dict) -> str:
     return "\n".join(lines)
 
 
+def write_embeddings(path: str | os.PathLike, image_ids: list[str], models: dict[str, EncodedSplit], *,
+                     split: str) -> None:
+    """Write the split's embeddings atomically as ``.npz``: ``image_ids (N,)`` str, ``models (M,)`` str, ``split``,
+    ``has_structure (N,)`` bool and per model ``<model>/image``, ``<model>/structure``, ``<model>/text``
+    ``(N, E)`` float16, L2-normalised (text: each image's first caption; float16 keeps 10,000 images x 512 dims x 3
+    kinds at ~31 MB per model and is ample for a 2-D map or cosine neighbours)."""
+    from structxlip.losses import normalize
+
+    arrays = {"image_ids": np.asarray(image_ids, dtype=str), "models": np.asarray(list(models), dtype=str),
+              "split": np.asarray(split)}
+    for name, encoded in models.items():
+        count = encoded.image.shape[0]
+        arrays["has_structure"] = encoded.has_structure.numpy().astype(bool)
+        for kind, tensor in (("image", encoded.image), ("structure", encoded.structure),
+                             ("text", encoded.text[:count])):  # texts beyond N are extra captions
+            arrays[f"{name}/{kind}"] = normalize(tensor.float()).numpy().astype(np.float16)
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
 def encode_records(loaded: Any, records: list, *, batch_size: int, device: str, precision: str, max_text_tokens: int,
                    num_workers: int) -> EncodedSplit:
     """Encode evaluation ``records`` (images, captions, structure maps; no chunks or crops) with a loaded model."""
@@ -174,6 +200,7 @@ def evaluate(
     zero_shot: bool = False,
     rankings_path: str | os.PathLike | None = None,
     top_k: int | None = None,
+    embeddings_path: str | os.PathLike | None = None,
 ) -> dict:
     """Evaluate ``checkpoint`` on the manifest's ``split`` (``all`` = every usable row); write the metrics JSON
     atomically to ``out_path`` when given and return them.
@@ -183,11 +210,13 @@ def evaluate(
     the checkpoint is the base model itself. ``precision``: ``fp32``, ``bf16`` or ``auto`` (bf16 on CUDA).
     ``rankings_path``: also write the per-query rankings there (``structxlip.retrieval_ranks``: "fine-tuned", and
     "zero-shot" with ``zero_shot``; ``top_k`` each) from the same embeddings, so the split is encoded once per model.
+    ``embeddings_path``: also write those embeddings there (:func:`write_embeddings`, same model names).
     """
     from structxlip.retrieval_ranks import DEFAULT_TOP_K, rank_queries, rankings_document, rankings_entry
 
     top_k = top_k or DEFAULT_TOP_K
     rankings: dict[str, dict] = {}
+    embeddings: dict[str, EncodedSplit] = {}
     records = load_records(manifest, split=None if split == "all" else split, structure_kind=structure_kind, top_k=0,
                            root=root)
     if len(records) < 2:
@@ -202,6 +231,8 @@ def evaluate(
     if rankings_path is not None:
         rankings["fine-tuned"] = rankings_entry(rank_queries(encoded.text, encoded.image, top_k=top_k),
                                                 checkpoint=str(checkpoint))
+    if embeddings_path is not None:
+        embeddings["fine-tuned"] = encoded
     del encoded
     if zero_shot and str(checkpoint) != str(base_model):
         from structxlip.models import load_clip
@@ -212,9 +243,13 @@ def evaluate(
         if rankings_path is not None:
             rankings["zero-shot"] = rankings_entry(rank_queries(encoded.text, encoded.image, top_k=top_k),
                                                    checkpoint=str(base_model))
+        if embeddings_path is not None:
+            embeddings["zero-shot"] = encoded
     if rankings_path is not None:
         document = rankings_document([r.image_id for r in records], rankings, split=split, top_k=top_k)
         atomic_write_text(rankings_path, json.dumps(document) + "\n")
+    if embeddings_path is not None:
+        write_embeddings(embeddings_path, [r.image_id for r in records], embeddings, split=split)
     if out_path is not None:
         atomic_write_text(out_path, json.dumps(metrics, indent=2, sort_keys=True) + "\n")
     return metrics
