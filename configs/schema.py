@@ -44,6 +44,8 @@ class IngestConfig(_Section):
     max_pixels: int = Field(default=178_956_970, gt=0, le=2**34)
     # Long side / short side above this: recorded as failed at ingest (CLIP sees a centre square). null: no limit.
     max_aspect_ratio: float | None = Field(default=20.0, ge=1, le=1e6)
+    # Files larger than this are recorded as failed from their size alone, never read (256 MiB: no real photo).
+    max_file_bytes: int = Field(default=268_435_456, gt=0, le=2**53)
     follow_symlinks: bool = True
 
 

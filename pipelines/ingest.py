@@ -9,6 +9,8 @@ import json
 import os
 import re
 import stat
+import time
+import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator, NamedTuple, Sequence
@@ -32,6 +34,15 @@ _TAG = re.compile(r"<[^>]*>")
 _SCRIPT = re.compile(r"<\s*(script|style)\b[^>]*>.*?(?:<\s*/\s*\1\s*>|$)", re.IGNORECASE | re.DOTALL)
 _NOT_REGULAR = {stat.S_IFDIR: "a folder", stat.S_IFIFO: "a FIFO (named pipe)", stat.S_IFSOCK: "a socket",
                 stat.S_IFCHR: "a character device", stat.S_IFBLK: "a block device"}
+# git's "racily clean" rule: a file changed less than this before the scan could change again within the same
+# timestamp tick (coarse kernel clocks, 1-2 s on some file systems) without its stat changing. Its key is marked, so
+# the next scan, once the file is older, hashes it again instead of trusting the stat.
+RACY_WINDOW_NS = 1_000_000_000
+# Default for ``max_file_bytes``: images larger than this are refused from their size alone, never read.
+MAX_FILE_BYTES = 256 * 1024 * 1024
+# Captions files are read whole: a sidecar holds one caption, captions.jsonl/csv one line per image.
+MAX_SIDECAR_BYTES = 1024 * 1024
+MAX_CAPTIONS_FILE_BYTES = 2 * 1024 * 1024 * 1024
 # Default for ``max_aspect_ratio``: CLIP sees a centre square, so a 1x65000 strip keeps 1 pixel in 65000.
 MAX_ASPECT_RATIO = 20.0
 
@@ -39,21 +50,50 @@ MAX_ASPECT_RATIO = 20.0
 # ---- scanning ---------------------------------------------------------------------------------------------------
 
 
+class Problem(dict):
+    """One problem met while scanning the folder or reading its captions: a dict (``path`` or ``source``, ``line``,
+    ``error``) whose text is the one line a user reads, e.g. ``captions.jsonl line 7: invalid JSON: ...``."""
+
+    def __str__(self) -> str:
+        where = self.get("path") or self.get("source") or "?"
+        if self.get("line") is not None:
+            where = f"{where} line {self['line']}"
+        return f"{where}: {self.get('error')}"
+
+
 @dataclass(frozen=True)
 class SourceImage:
-    """One input image file: its absolute path, size in bytes and modification time (ns)."""
+    """One input image file: its absolute path and the stat fields that tell its versions apart (git's rule)."""
 
     path: Path
     size: int
     mtime_ns: int
+    ctime_ns: int = 0  # inode change time: set by the kernel on every write, rename or utime; never settable
+    device: int = 0
+    inode: int = 0
+    racy: bool = False  # changed within RACY_WINDOW_NS of the scan: its stat cannot vouch for its bytes yet
+
+    @classmethod
+    def from_stat(cls, path: Path, info: os.stat_result, *, size: int | None = None,
+                  now_ns: int | None = None) -> "SourceImage":
+        """Return the SourceImage of ``path`` from its ``stat`` (``size`` overrides st_size, e.g. 0 for a FIFO)."""
+        now_ns = time.time_ns() if now_ns is None else now_ns
+        racy = now_ns - max(info.st_mtime_ns, info.st_ctime_ns) < RACY_WINDOW_NS  # also a time in the future
+        return cls(path=path, size=info.st_size if size is None else size, mtime_ns=info.st_mtime_ns,
+                   ctime_ns=info.st_ctime_ns, device=info.st_dev, inode=info.st_ino, racy=racy)
 
     @property
     def file_key(self) -> str:
-        """Cheap identity of the file's current version (changes when it is rewritten), without reading it."""
+        """Cheap identity of the file's current version, without reading it: git's stat rule (path, device, inode,
+        ctime, mtime, size). Other bytes under the same size and mtime (``cp -p``, ``rsync -t``, a tar extraction)
+        still change the ctime (or the inode), so they are hashed again; so is a moved or copied folder, whose
+        unchanged bytes give the same ``image_id`` and so keep every later stage cached. A racy file's key is marked
+        (``RACY_WINDOW_NS``), so the next scan hashes it once more."""
         name = storable_path(self.path)
         if name != str(self.path):  # undecodable bytes: the raw name keeps a literal "\\xff" name apart
             name = [name, os.fsencode(self.path).hex()]
-        return content_key(name, self.size, self.mtime_ns)
+        stat_fields = [self.size, self.mtime_ns, self.ctime_ns, self.device, self.inode]
+        return content_key(name, *stat_fields, *(["racy"] if self.racy else []))
 
     @property
     def source_path(self) -> str:
@@ -100,6 +140,7 @@ def scan_images(
     files: list[tuple[str, SourceImage]] = []
     problems: list[dict] = []
     root_stat = root.stat()
+    scanned_at_ns = time.time_ns()
     excluded = set()
     for skip in exclude:
         try:
@@ -140,7 +181,7 @@ def scan_images(
             if named_like_image and not stat.S_ISREG(info.st_mode):
                 # Listed so that ingest records why it is not an image; a folder is still scanned below.
                 relative = path.relative_to(root).as_posix()
-                files.append((relative, SourceImage(path=path, size=0, mtime_ns=info.st_mtime_ns)))
+                files.append((relative, SourceImage.from_stat(path, info, size=0, now_ns=scanned_at_ns)))
             if stat.S_ISDIR(info.st_mode):
                 if identity in visited:
                     error = "symbolic link loop (folder already scanned)"
@@ -150,9 +191,9 @@ def scan_images(
                 stack.append(path)
             elif stat.S_ISREG(info.st_mode) and named_like_image:
                 relative = path.relative_to(root).as_posix()
-                files.append((relative, SourceImage(path=path, size=info.st_size, mtime_ns=info.st_mtime_ns)))
+                files.append((relative, SourceImage.from_stat(path, info, now_ns=scanned_at_ns)))
     files.sort(key=lambda item: item[0])
-    return ScanResult(files=[image for _, image in files], problems=problems)
+    return ScanResult(files=[image for _, image in files], problems=[Problem(p) for p in problems])
 
 
 # ---- captions ---------------------------------------------------------------------------------------------------
@@ -222,7 +263,7 @@ def _decode_text(data: bytes) -> tuple[str, int | None]:
 def _read_sidecar(path: Path) -> tuple[str | None, str | None]:
     """Return (cleaned caption or None, note or None) of a sidecar text file."""
     try:
-        data = path.read_bytes()
+        data = _read_limited(path, MAX_SIDECAR_BYTES)
     except OSError as exc:
         return None, f"cannot read sidecar {display_path(path.name)}: {exc.strerror or exc}"
     note = None
@@ -243,15 +284,24 @@ def _pick(record: dict, keys: Sequence[str]):
 
 
 def _bad_utf8(source: str, line: int) -> dict:
-    return {"source": source, "line": line,
-            "error": f"not valid UTF-8 ({source} line {line}); undecodable bytes replaced with U+FFFD"}
+    return {"source": source, "line": line, "error": "not valid UTF-8; undecodable bytes replaced with U+FFFD"}
+
+
+def _read_limited(path: Path, limit: int) -> bytes:
+    """Return the bytes of a captions file; raise OSError (its strerror says so) when it is over ``limit`` bytes."""
+    size = path.stat().st_size
+    if size > limit:
+        error = OSError(f"file too large ({size} bytes > {limit})")
+        error.strerror = str(error)
+        raise error
+    return path.read_bytes()
 
 
 def _read_jsonl(path: Path, problems: list[dict]) -> list[tuple[int, str, str | None]]:
     """Return (line number, file reference, raw caption) for every usable line of a captions.jsonl."""
     rows = []
     try:
-        data = path.read_bytes()
+        data = _read_limited(path, MAX_CAPTIONS_FILE_BYTES)
     except OSError as exc:
         problems.append({"source": path.name, "line": None, "error": f"cannot read: {exc.strerror or exc}"})
         return rows
@@ -293,7 +343,7 @@ def _read_csv(path: Path, problems: list[dict]) -> list[tuple[int, str, str | No
     """Return (line number, file reference, raw caption) for every usable row of a captions.csv."""
     rows = []
     try:
-        text, bad = _decode_text(path.read_bytes())
+        text, bad = _decode_text(_read_limited(path, MAX_CAPTIONS_FILE_BYTES))
     except OSError as exc:
         problems.append({"source": path.name, "line": None, "error": f"cannot read: {exc.strerror or exc}"})
         return rows
@@ -320,6 +370,21 @@ def _read_csv(path: Path, problems: list[dict]) -> list[tuple[int, str, str | No
     except csv.Error as exc:
         problems.append({"source": path.name, "line": reader.line_num, "error": f"invalid CSV: {exc}"})
     return rows
+
+
+_NAMED_UNMATCHED = 3  # unmatched caption entries named in the one warning line
+
+
+def _nfc(text: str) -> str:
+    return unicodedata.normalize("NFC", text)
+
+
+def _describe_reference(reference: str) -> str:
+    """Return a caption file's image reference for a warning: quoted, escaped, and marked when not in NFC form."""
+    shown = json.dumps(display_path(reference), ensure_ascii=False)
+    if _nfc(reference) != reference:  # looks like the composed name: the escapes show the difference
+        shown += f" (decomposed Unicode: {json.dumps(display_path(reference))})"
+    return shown
 
 
 def _relative_name(path: Path, root: Path) -> str:
@@ -352,25 +417,43 @@ def read_captions(images_dir: str | os.PathLike, files: Sequence[SourceImage]) -
         except ValueError:
             pass
         by_name.setdefault(storable_path(Path(image.path).name), []).append(key)
+    # The same tables under Unicode NFC: a caption file written on macOS (NFD) names "café.jpg" with a combining
+    # accent while the file on disk has the composed one, or the other way round. Used when no exact match exists,
+    # and only where the normalised name is unambiguous.
+    nfc_relative: dict[str, list[str]] = {}
+    for relative, key in by_relative.items():
+        nfc_relative.setdefault(_nfc(relative), []).append(key)
+    nfc_name: dict[str, list[str]] = {}
+    for name, keys in by_name.items():
+        nfc_name.setdefault(_nfc(name), []).extend(keys)
     root_text = storable_path(root)
 
     def match(reference: str) -> str | None:
-        found = match_exactly(reference)
-        if found is None and reference != reference.strip():
-            found = match_exactly(reference.strip())
-        return found
+        for normalised in (False, True):
+            found = match_exactly(reference, normalised)
+            if found is None and reference != reference.strip():
+                found = match_exactly(reference.strip(), normalised)
+            if found is not None:
+                return found
+        return None
 
-    def match_exactly(reference: str) -> str | None:
-        candidate = Path(reference)
+    def match_exactly(reference: str, normalised: bool) -> str | None:
+        candidate = Path(_nfc(reference) if normalised else reference)
         if candidate.is_absolute():
             try:
-                candidate = candidate.relative_to(root_text)
+                candidate = candidate.relative_to(_nfc(root_text) if normalised else root_text)
             except ValueError:
                 return None
         relative = candidate.as_posix().removeprefix("./")
-        if relative in by_relative:
-            return by_relative[relative]
-        same_name = by_name.get(candidate.name, [])
+        if not normalised:
+            if relative in by_relative:
+                return by_relative[relative]
+            same_name = by_name.get(candidate.name, [])
+        else:
+            same_relative = nfc_relative.get(relative, [])
+            if len(same_relative) == 1:
+                return same_relative[0]
+            same_name = nfc_name.get(candidate.name, [])
         return same_name[0] if len(same_name) == 1 else None
 
     listed: dict[str, dict[str, list[tuple[str | None, str]]]] = {}
@@ -379,15 +462,18 @@ def read_captions(images_dir: str | os.PathLike, files: Sequence[SourceImage]) -
         if not path.is_file():
             continue
         found = listed.setdefault(source, {})
-        unmatched = 0
+        unmatched: list[str] = []
         for number, reference, caption in reader(path, problems):
             key = match(reference)
             if key is None:
-                unmatched += 1
+                unmatched.append(f"line {number} {_describe_reference(reference)}")
             else:  # several lines/rows for one image are several captions, kept in file order
                 found.setdefault(key, []).append((caption, f"{filename} line {number}"))
         if unmatched:
-            error = f"{unmatched} caption(s) name no scanned image"
+            # One line however many: the first few entries named (where and what), then how many more.
+            shown = ", ".join(unmatched[:_NAMED_UNMATCHED])
+            more = f" (+{len(unmatched) - _NAMED_UNMATCHED} more)" if len(unmatched) > _NAMED_UNMATCHED else ""
+            error = f"{len(unmatched)} caption(s) name no scanned image: {shown}{more}"
             problems.append({"source": filename, "line": None, "error": error})
 
     entries: dict[str, Caption] = {}
@@ -424,7 +510,7 @@ def read_captions(images_dir: str | os.PathLike, files: Sequence[SourceImage]) -
                 break
         else:
             entries[key] = Caption(None, None, "; ".join(notes) or None)
-    return CaptionIndex(entries=entries, problems=problems, extras=extras)
+    return CaptionIndex(entries=entries, problems=[Problem(p) for p in problems], extras=extras)
 
 
 # ---- ingest -----------------------------------------------------------------------------------------------------
@@ -435,31 +521,49 @@ def _unreadable_id(path: Path) -> str:
     return bytes_digest(b"unreadable:" + os.fsencode(path))[:IMAGE_ID_LENGTH]
 
 
-def _read_regular_file(path: Path) -> bytes:
-    """Return the bytes of a regular file; raise IsADirectoryError / ValueError (naming what it is) for anything else.
+class FileTooLarge(ValueError):
+    """A file is larger than ``max_file_bytes``; found from its size alone, nothing was read."""
+
+    def __init__(self, size: int, max_file_bytes: int):
+        super().__init__(f"file too large ({size} bytes > ingest.max_file_bytes={max_file_bytes})")
+
+
+def _read_regular_file(path: Path, max_file_bytes: int | None = None) -> bytes:
+    """Return the bytes of a regular file; raise IsADirectoryError / ValueError (naming what it is) for anything else
+    and ``FileTooLarge`` for one over ``max_file_bytes`` (from fstat, before reading a byte).
 
     Opened non-blocking and checked with fstat before reading: reading a FIFO named ``x.jpg`` would wait forever.
     """
-    mode = os.stat(path).st_mode
-    if not stat.S_ISREG(mode):  # a socket cannot even be opened; a device would be read forever
-        raise ValueError(_NOT_REGULAR.get(stat.S_IFMT(mode), "not a regular file"))
+    info = os.stat(path)
+    if not stat.S_ISREG(info.st_mode):  # a socket cannot even be opened; a device would be read forever
+        raise ValueError(_NOT_REGULAR.get(stat.S_IFMT(info.st_mode), "not a regular file"))
+    if max_file_bytes is not None and info.st_size > max_file_bytes:
+        raise FileTooLarge(info.st_size, max_file_bytes)
     fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
     try:
-        mode = os.fstat(fd).st_mode
-        if not stat.S_ISREG(mode):
-            raise ValueError(_NOT_REGULAR.get(stat.S_IFMT(mode), "not a regular file"))
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise ValueError(_NOT_REGULAR.get(stat.S_IFMT(info.st_mode), "not a regular file"))
+        if max_file_bytes is not None and info.st_size > max_file_bytes:
+            raise FileTooLarge(info.st_size, max_file_bytes)
         with os.fdopen(fd, "rb", closefd=False) as handle:
-            return handle.read()
+            if max_file_bytes is None:
+                return handle.read()
+            data = handle.read(max_file_bytes + 1)  # a file growing while read stops at the limit too
+            if len(data) > max_file_bytes:
+                raise FileTooLarge(max(len(data), os.fstat(fd).st_size), max_file_bytes)
+            return data
     finally:
         os.close(fd)
 
 
-def ingest_one(image: SourceImage, *, max_pixels: int, max_aspect_ratio: float | None = MAX_ASPECT_RATIO) -> dict:
+def ingest_one(image: SourceImage, *, max_pixels: int, max_aspect_ratio: float | None = MAX_ASPECT_RATIO,
+               max_file_bytes: int | None = MAX_FILE_BYTES) -> dict:
     """Return the ingest record of one file: content id, oriented size, a note (e.g. an animated image's first frame
     is used) or a one-line failure (never raises).
 
     ``max_aspect_ratio``: images whose long side exceeds this multiple of the short side fail with that reason
-    (None: no limit).
+    (None: no limit). ``max_file_bytes``: larger files fail from their size alone, unread (None: no limit).
     """
     path = Path(image.path)
     name = display_path(path.name)
@@ -474,7 +578,10 @@ def ingest_one(image: SourceImage, *, max_pixels: int, max_aspect_ratio: float |
         "height": None,
     }
     try:
-        data = _read_regular_file(path)
+        data = _read_regular_file(path, max_file_bytes)
+    except FileTooLarge as exc:
+        record.update(image_id=_unreadable_id(path), error=f"{exc} ({name})")
+        return record
     except IsADirectoryError:
         record.update(image_id=_unreadable_id(path), error=f"not an image file: a folder named like an image ({name})")
         return record
@@ -508,7 +615,9 @@ def ingest_one(image: SourceImage, *, max_pixels: int, max_aspect_ratio: float |
 
 
 def ingest_images(
-    files: Sequence[SourceImage], *, max_pixels: int, max_aspect_ratio: float | None = MAX_ASPECT_RATIO
+    files: Sequence[SourceImage], *, max_pixels: int, max_aspect_ratio: float | None = MAX_ASPECT_RATIO,
+    max_file_bytes: int | None = MAX_FILE_BYTES,
 ) -> list[dict]:
     """Return ``{file_key, source_path, image_id, status, error, note, width, height}`` for each file, in order."""
-    return [ingest_one(image, max_pixels=max_pixels, max_aspect_ratio=max_aspect_ratio) for image in files]
+    return [ingest_one(image, max_pixels=max_pixels, max_aspect_ratio=max_aspect_ratio, max_file_bytes=max_file_bytes)
+            for image in files]
