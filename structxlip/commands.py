@@ -1,4 +1,4 @@
-"""Library subcommands of the ``structxlip`` CLI (train, evaluate, rankings, report, export-json, import-json,
+"""Library subcommands of the ``structxlip`` CLI (train, evaluate, rankings, report, select, export-json, import-json,
 export-checkpoint, build-tiny-clip, make-benchmark, ablate).
 
 Each handler validates the config once and passes explicit keyword arguments to the library.
@@ -104,9 +104,27 @@ def _report(args: argparse.Namespace) -> int:
 
     config = _load_config(args)
     result = write_report(args.out, vocab_dir=config.filter.vocab_dir, thumbnail_px=args.thumbnail_px,
-                          max_edge_maps=args.max_edge_maps, page_size=args.page_size)
+                          max_edge_maps=args.max_edge_maps, page_size=args.page_size, compare=args.compare or ())
     print(f"report of {result.rows} images ({result.html_bytes / 1e6:.1f} MB, {result.thumbnails_written} new "
           f"thumbnails, {result.thumbnails_reused} reused, {result.seconds:.1f} s): {result.path}")
+    return 0
+
+
+def _select(args: argparse.Namespace) -> int:
+    from collections import Counter
+
+    from storage.selection import read_ids, select_manifest
+
+    if not args.parquet and not args.json:
+        raise SystemExit("structxlip select: error: expected --parquet FILE and/or --json FILE to write")
+    selection = select_manifest(args.manifest, read_ids(args.ids), parquet_path=args.parquet, json_path=args.json,
+                                split=args.split)
+    splits = ", ".join(f"{n} {s}" for s, n in sorted(Counter(r.get("split") or "none" for r in selection.rows).items()))
+    print(f"selected {len(selection.rows)} images ({splits})")
+    if selection.parquet_path:
+        print(f"manifest subset: {selection.parquet_path}  (structxlip train {selection.parquet_path} --out RUN)")
+    if selection.json_path:
+        print(f"reference JSON: {selection.json_path} ({selection.json_records} records)")
     return 0
 
 
@@ -246,7 +264,24 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     report.add_argument("--max-edge-maps", type=int, default=2000,
                         help="structure maps read for the edge-density statistics (default: 2000, spread evenly)")
     report.add_argument("--page-size", type=int, default=24, help="images per page in the browser (default: 24)")
+    report.add_argument("--compare", action="append", metavar="OTHER_OUT",
+                        help="another run's output folder of the same images, shown side by side with metric "
+                             "deltas and the config keys that differ (repeatable)")
     report.set_defaults(handler=_report)
+
+    select = subparsers.add_parser(
+        "select", help="write the images of an ids file (an explorer export) as a manifest subset or reference JSON",
+        description="Keep the manifest rows whose image id is listed in IDS (one per line: the explorer's "
+                    "\"export ids\"), as a Parquet manifest with absolute paths that `structxlip train` and "
+                    "`structxlip evaluate` read directly, and/or as the reference trainer's JSON.")
+    select.add_argument("manifest", help="OUT folder, OUT/manifest or a manifest Parquet file")
+    select.add_argument("--ids", required=True, help="text file of image ids, one per line (# comments allowed)")
+    select.add_argument("--parquet", help="manifest subset to write (.parquet)")
+    select.add_argument("--json", help="reference-format JSON to write")
+    select.add_argument("--split", choices=["train", "val", "test"],
+                        help="put every selected image in this split (train: train on the whole selection); "
+                             "default: keep each image's split")
+    select.set_defaults(handler=_select)
 
     export = subparsers.add_parser("export-json", help="write a manifest as the reference trainer's JSON")
     export.add_argument("manifest", help="OUT folder, OUT/manifest or a manifest Parquet file")
