@@ -215,6 +215,7 @@ def quality_report(
         "counts": {
             "rows": len(rows), "ok": len(ok), "failed": len(failed),
             "by_split": dict(sorted(Counter(r.get("split") or "none" for r in ok).items())),
+            # Of the ok images, as the explorer's "regions" filter counts them (a failed image has none to find).
             "with_regions": sum(1 for n in region_counts if n), "without_regions": sum(1 for n in region_counts if not n),
         },
         "caption_length": {

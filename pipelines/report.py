@@ -6,6 +6,11 @@ where the pipeline wrote them, and for each image a small JPEG thumbnail under `
 ``OUT`` no larger than a thumbnail is referenced as it is). Thumbnails are keyed by image id, a content hash, so a
 re-run writes only the new ones. Embedding the thumbnails instead would cost ~5-10 KB of base64 per image in the
 HTML (50-100 MB at 10,000 rows, all parsed up front); referenced files load lazily, only for the page shown.
+
+With ``compare=[OTHER_OUT, ...]`` the page also carries each other run's rows for the same image ids (maps, regions,
+scores, retrieval ranks; its files referenced relative to this page), its metrics (deltas against this run) and the
+config keys that differ. The embedding map projects ``OUT/eval/embeddings.npz`` (written by the evaluate stage) to
+2-D: PCA, or UMAP when ``umap-learn`` is installed; nothing is encoded here.
 """
 
 from __future__ import annotations
@@ -24,8 +29,8 @@ from importlib import resources
 from pathlib import Path, PurePosixPath
 from urllib.parse import quote
 
-from pipelines.quality import quality_report, removed_spans, vocabulary_categories
-from pipelines.report_plots import quality_plots, training_curves_png
+from pipelines.quality import caption_words, quality_report, removed_spans, vocabulary_categories
+from pipelines.report_plots import quality_plots, recall_png, training_curves_png
 from storage.atomic import atomic_write_bytes, atomic_write_text
 from storage.hashing import content_key
 from storage.layout import IMAGE_ID_LENGTH, OutputLayout, PathEscapeError
@@ -36,6 +41,8 @@ THUMBNAIL_QUALITY = 80
 PAGE_SIZE = 24
 QUERY_PAGE_SIZE = 10
 SAFE_ID = re.compile(r"[0-9A-Za-z_-]{2,64}")
+HISTOGRAM_BINS = 20
+RANK_MODELS = ("fine-tuned", "zero-shot")
 
 
 @dataclass
@@ -185,6 +192,157 @@ def explorer_row(row: dict, *, layout: OutputLayout, image_url: str | None) -> d
     }
 
 
+def row_quantities(row: dict, spans: list) -> dict:
+    """Return the per-image values the browser's histograms bin (None where the image is not counted): ``regions``
+    (segments of an ok image), ``score`` (its best region score, 3 decimals as the page shows it), ``removed``
+    (words the filter removed) and ``length`` (raw caption words). Only ok images count, as in the quality report."""
+    if row.get("status") != "ok":
+        return {"regions": None, "score": None, "removed": None, "length": None}
+    scores = [_score(s.get("similarity_score")) for s in row.get("segments") or []]
+    scores = [s for s in scores if s is not None]
+    caption = row.get("caption")
+    return {"regions": len(row.get("segments") or []), "score": max(scores) if scores else None,
+            "removed": len(spans) if caption else None, "length": len(caption_words(caption)) if caption else None}
+
+
+def histogram_edges(values: list, *, integer: bool, bins: int = HISTOGRAM_BINS) -> list[float]:
+    """Return bin edges for ``values``: bin i holds ``edges[i] <= v < edges[i + 1]``, the last bin also its right edge.
+    Integer quantities get one bin per value while the range is short, else equal bins on whole numbers."""
+    present = [v for v in values if v is not None]
+    if not present:
+        return []
+    low, high = min(present), max(present)
+    if integer:
+        step = max(1, math.ceil((high - low + 1) / bins))
+        count = math.ceil((high - low + 1) / step)
+        return [float(low + i * step) for i in range(count + 1)]
+    if low == high:
+        low, high = low - 0.5, high + 0.5
+    width = (high - low) / bins
+    return [round(low + i * width, 6) for i in range(bins)] + [high]
+
+
+def _relative_url(report_dir: Path, target: Path) -> str:
+    try:
+        return quote(Path(os.path.relpath(target, report_dir)).as_posix())
+    except ValueError:  # another drive (Windows): no relative path exists
+        return target.as_uri()
+
+
+def _flat_config(path: Path) -> dict:
+    import yaml
+
+    try:
+        document = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (OSError, ValueError, yaml.YAMLError):
+        return {}
+    flat: dict = {}
+
+    def walk(prefix: str, value: object) -> None:
+        if isinstance(value, dict):
+            for key, inner in value.items():
+                walk(f"{prefix}.{key}" if prefix else str(key), inner)
+        else:
+            flat[prefix] = value
+
+    walk("", document)
+    return flat
+
+
+def config_differences(this: Path, other: Path) -> list[list]:
+    """Return ``[[key, this value, other value], ...]`` for the keys whose values differ between two config files."""
+    a, b = _flat_config(this), _flat_config(other)
+    return [[key, a.get(key), b.get(key)] for key in sorted(set(a) | set(b)) if a.get(key) != b.get(key)]
+
+
+def rank_by_image(rankings: dict | None) -> dict[str, list]:
+    """Return ``{image_id: [fine-tuned rank, zero-shot rank]}`` (t2i: the rank of an image for its own caption)."""
+    if not rankings or not rankings.get("models"):
+        return {}
+    ids = rankings.get("image_ids") or []
+    result: dict[str, list] = {}
+    for slot, model in enumerate(RANK_MODELS):
+        ranks = (rankings["models"].get(model) or {}).get("ranks") or []
+        for image_id, rank in zip(ids, ranks):
+            result.setdefault(image_id, [None] * len(RANK_MODELS))[slot] = rank
+    return result
+
+
+def _projection(points, method: str):
+    import numpy as np
+
+    if method == "umap":
+        import umap  # optional: umap-learn
+
+        return umap.UMAP(n_components=2, random_state=0).fit_transform(points)
+    centred = points - points.mean(axis=0, keepdims=True)
+    _, _, components = np.linalg.svd(centred, full_matrices=False)
+    return centred @ components[:2].T
+
+
+def embedding_map(path: Path) -> dict | None:
+    """Return the 2-D map of ``eval/embeddings.npz``: image, structure-map and caption embeddings of one model
+    (fine-tuned when present) projected together (PCA, or UMAP when installed), scaled to [0, 1]; None without
+    the file. ``points[kind]`` is ``[[x, y], ...]`` in ``ids`` order."""
+    import numpy as np
+
+    try:
+        with np.load(path, allow_pickle=False) as stored:
+            models = [str(m) for m in stored["models"]]
+            model = "fine-tuned" if "fine-tuned" in models else models[0]
+            ids = [str(i) for i in stored["image_ids"]]
+            kinds = [k for k in ("image", "structure", "text") if f"{model}/{k}" in stored.files]
+            blocks = [stored[f"{model}/{k}"].astype(np.float32) for k in kinds]
+            has_structure = stored["has_structure"].tolist() if "has_structure" in stored.files else None
+            split = str(stored["split"]) if "split" in stored.files else None
+    except (OSError, ValueError, KeyError, IndexError):
+        return None
+    if not ids or not blocks:
+        return None
+    try:
+        import umap  # noqa: F401
+
+        method = "umap" if len(ids) * len(blocks) >= 10 else "pca"
+    except ImportError:
+        method = "pca"
+    coords = np.asarray(_projection(np.concatenate(blocks), method), dtype=np.float64)
+    if coords.shape[1] < 2:
+        coords = np.pad(coords, ((0, 0), (0, 2 - coords.shape[1])))
+    low, span = coords.min(axis=0), np.ptp(coords, axis=0)
+    coords = (coords - low) / np.where(span > 0, span, 1.0)
+    count = len(ids)
+    return {"model": model, "method": method, "split": split, "ids": ids, "has_structure": has_structure,
+            "points": {kind: np.round(coords[i * count:(i + 1) * count], 4).tolist() for i, kind in enumerate(kinds)}}
+
+
+def compared_run(layout: OutputLayout, other_dir: str | os.PathLike, ids: set[str]) -> dict:
+    """Return another run's data for the page: its rows for the image ids of this run (maps and crops referenced
+    relative to this page), its metrics, ranks per image and the config keys that differ from this run's."""
+    other = OutputLayout(other_dir)
+    rows = read_manifest(other.root).to_pylist()
+    by_id = {}
+    for row in rows:
+        if row["image_id"] not in ids:
+            continue
+        compact = explorer_row(row, layout=other, image_url=None)
+        for key in ("map", "scr"):
+            if compact[key] and compact[key].startswith("../"):
+                compact[key] = _relative_url(layout.report_dir, other.root / compact[key][3:])
+        for segment in compact["seg"]:
+            for slot in (4, 5):
+                if segment[slot] and segment[slot].startswith("../"):
+                    segment[slot] = _relative_url(layout.report_dir, other.root / segment[slot][3:])
+        for key in ("c", "src", "neg", "w", "h", "i"):
+            compact.pop(key, None)
+        by_id[row["image_id"]] = compact
+    return {
+        "label": other.root.name, "path": str(other.root), "rows": by_id,
+        "only_there": sum(1 for row in rows if row["image_id"] not in ids),
+        "eval": _read_json(other.eval_metrics), "ranks": rank_by_image(_read_json(other.eval_rankings)),
+        "config": config_differences(layout.config_record, other.config_record),
+    }
+
+
 def read_training_rows(path: str | os.PathLike) -> list[dict]:
     """Return ``metrics.jsonl`` rows, one per step (the last record of a step wins: a resumed run rewrites it)."""
     by_step: dict = {}
@@ -243,10 +401,12 @@ def write_report(
     max_edge_maps: int = 2000,
     page_size: int = PAGE_SIZE,
     title: str | None = None,
+    compare: list[str | os.PathLike] | tuple = (),
 ) -> ReportResult:
     """Write ``OUT/report/index.html`` (and its thumbnails) for the output folder ``out_dir``; return what it wrote.
 
     ``vocab_dir``: the filter's vocabulary, to split removed words by category (the ``filter.remove_*`` flags).
+    ``compare``: other output folders of the same images, shown beside this run (their rows, metrics and config).
     """
     started = time.perf_counter()
     layout = OutputLayout(out_dir)
@@ -258,6 +418,22 @@ def write_report(
                              resolve_path=lambda p: resolve_manifest_path(layout, p), max_edge_maps=max_edge_maps)
     training_rows = read_training_rows(layout.train_metrics)
     training_png = training_curves_png(training_rows)
+    quantities = [row_quantities(row, r["rm"]) for row, r in zip(rows, explorer_rows)]
+    histograms = {}
+    for name, label, integer in (("score", "best region similarity score", False),
+                                 ("regions", "regions per image", True),
+                                 ("removed", "words removed by the filter", True),
+                                 ("length", "caption length (words)", True)):
+        values = [q[name] for q in quantities]
+        histograms[name] = {"label": label, "integer": integer, "values": values,
+                            "edges": histogram_edges(values, integer=integer)}
+    rankings = _read_json(layout.eval_rankings)
+    position = {row["i"]: index for index, row in enumerate(explorer_rows)}
+    for image_id, ranks in rank_by_image(rankings).items():
+        if image_id in position:
+            explorer_rows[position[image_id]]["rk"] = ranks
+    metrics = _read_json(layout.eval_metrics)
+    ids = {row["image_id"] for row in rows}
     data = {
         "rows": explorer_rows,
         "page_size": page_size,
@@ -268,8 +444,13 @@ def write_report(
             "plot": _data_uri(training_png), "last": training_rows[-1],
             "epochs": len({r.get("epoch") for r in training_rows}),
         },
-        "eval": _read_json(layout.eval_metrics),
-        "rankings": _read_json(layout.eval_rankings),
+        "eval": metrics,
+        "recall_plot": _data_uri(recall_png(metrics)) if metrics else None,
+        "rankings": rankings,
+        "hist": histograms,
+        "embedding": embedding_map(layout.eval_embeddings),
+        "run": {"label": layout.root.name, "path": str(layout.root)},
+        "compare": [compared_run(layout, other, ids) for other in compare],
     }
     title = title or f"StructXLIP report: {layout.root.name}"
     subtitle = (f"{len(rows)} images in {layout.root} · written "

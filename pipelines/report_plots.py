@@ -108,6 +108,42 @@ def quality_plots(report: dict) -> dict[str, bytes]:
     return plots
 
 
+RECALL_DIRECTIONS = ("t2i", "i2t", "s2t", "t2s", "ts2i")
+
+
+def recall_groups(metrics: dict) -> dict[str, dict[str, dict[str, float]]]:
+    """Return ``{model: {direction: {metric: value}}}`` of ``eval/metrics.json``: the top-level keys are the
+    fine-tuned model's, a nested ``zero_shot`` dict (same keys) the base model's before fine-tuning."""
+    groups: dict[str, dict[str, dict[str, float]]] = {}
+    for group, source in (("fine-tuned", metrics), ("zero-shot", metrics.get("zero_shot") or {})):
+        for key, value in source.items():
+            direction, sep, metric = key.partition("/")
+            if sep and isinstance(value, (int, float)) and not isinstance(value, bool):
+                groups.setdefault(group, {}).setdefault(direction, {})[metric] = float(value)
+    return groups
+
+
+def recall_png(metrics: dict, *, k: int = 1) -> bytes:
+    """Return a PNG of R@``k`` per retrieval direction, zero-shot and fine-tuned bars side by side."""
+    plt = _pyplot()
+    groups = recall_groups(metrics)
+    directions = [d for d in RECALL_DIRECTIONS if any(f"R@{k}" in g.get(d, {}) for g in groups.values())]
+    figure, axis = plt.subplots(figsize=(WIDTH_IN, HEIGHT_IN))
+    if not directions:
+        axis.text(0.5, 0.5, "no recall metrics", ha="center", va="center", transform=axis.transAxes)
+    names = [name for name in ("zero-shot", "fine-tuned") if name in groups]
+    width = 0.8 / max(1, len(names))
+    for offset, name in enumerate(names):
+        positions = [i + (offset - (len(names) - 1) / 2) * width for i in range(len(directions))]
+        values = [groups[name].get(d, {}).get(f"R@{k}", 0.0) for d in directions]
+        axis.bar(positions, values, width, label=name)
+    axis.set_xticks(range(len(directions)), directions)
+    axis.set(title=f"Retrieval R@{k}", ylabel="recall (%)")
+    if names:
+        axis.legend(fontsize=8)
+    return _png(figure)
+
+
 def training_curves_png(rows: list[dict]) -> bytes | None:
     """Return a PNG of training metrics (``metrics.jsonl`` rows): losses, loss weights and learning rate on separate
     axes over steps, epoch boundaries dashed; None without rows."""

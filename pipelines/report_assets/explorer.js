@@ -9,8 +9,30 @@
   const COLORS = ["#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#42d4f4", "#f032e6", "#9a6324",
                   "#469990", "#800000"];
   const SVG_NS = "http://www.w3.org/2000/svg";
-  const SECTIONS = ["browse", "quality", "training", "retrieval"];
+  const SECTIONS = ["browse", "quality", "training", "retrieval", "map", "compare"];
   const ROW_OF_ID = new Map(ROWS.map((row, index) => [row.i, index]));
+  const COMPARE = DATA.compare || [];
+  const HIST = DATA.hist || {};
+  const HIST_NAMES = Object.keys(HIST);
+  const RANK_MODELS = ["fine-tuned", "zero-shot"];
+  // Each row's bin per histogram (-1: not counted, e.g. a failed image), computed once: a filter change only counts.
+  const BIN = {};
+  for (const name of HIST_NAMES) {
+    const {edges, values} = HIST[name];
+    const bins = new Int16Array(ROWS.length).fill(-1);
+    const last = edges.length - 2;
+    for (let index = 0; index < ROWS.length; index++) {
+      const v = values[index];
+      if (v === null || v === undefined || last < 0) continue;
+      let bin = -1;
+      for (let b = 0; b <= last; b++) {
+        if (v >= edges[b] && (v < edges[b + 1] || (b === last && v <= edges[b + 1]))) { bin = b; break; }
+      }
+      bins[index] = bin;
+    }
+    BIN[name] = bins;
+  }
+  const PICKED = new Set();  // hand-picked row indices (the export takes them, else the filtered rows)
 
   function el(tag, attrs, ...children) {
     const node = document.createElement(tag);
@@ -66,6 +88,7 @@
 
   // ---- manifest browser -----------------------------------------------------------------------------------
   const FILTER_KEYS = ["status", "split", "regions", "smin", "smax", "q", "sort"];
+  const BIN_KEYS = HIST_NAMES.map((name) => "bin_" + name);
   const SEARCH_TEXT = ROWS.map((row) => [row.i, row.src || "", row.c || "", row.e || ""].join("\n").toLowerCase());
 
   function filteredRows(state) {
@@ -75,14 +98,23 @@
     const smin = state.get("smin") === null || state.get("smin") === "" ? null : Number(state.get("smin"));
     const smax = state.get("smax") === null || state.get("smax") === "" ? null : Number(state.get("smax"));
     const terms = (state.get("q") || "").toLowerCase().split(/\s+/).filter(Boolean);
+    const bins = [];
+    for (const name of HIST_NAMES) {
+      const value = state.get("bin_" + name);
+      if (value !== null && value !== "") bins.push([BIN[name], parseInt(value, 10)]);
+    }
     const matches = [];
     for (let index = 0; index < ROWS.length; index++) {
       const row = ROWS[index];
       if (status && row.st !== status) continue;
       if (split && row.sp !== split) continue;
       const count = row.seg ? row.seg.length : 0;
-      if (regions === "with" && !count) continue;
-      if (regions === "without" && count) continue;
+      // Both count ok images only, as the quality report does: a failed image has no regions to find.
+      if (regions === "with" && (row.st !== "ok" || !count)) continue;
+      if (regions === "without" && (row.st !== "ok" || count)) continue;
+      let inBins = true;
+      for (const [rowBins, bin] of bins) if (rowBins[index] !== bin) { inBins = false; break; }
+      if (!inBins) continue;
       if ((smin !== null || smax !== null) && (row.best === null || row.best === undefined)) continue;
       if (smin !== null && row.best < smin) continue;
       if (smax !== null && row.best > smax) continue;
@@ -154,6 +186,35 @@
       ? `image with ${row.seg.length} region box${row.seg.length > 1 ? "es" : ""}` : "image (no regions)"}));
   }
 
+  function rankText(ranks) {
+    const parts = RANK_MODELS.map((name, slot) => (ranks && ranks[slot] ? `${name} ${ranks[slot]}` : null))
+      .filter(Boolean);
+    return parts.length ? `t2i rank: ${parts.join(" · ")}` : "";
+  }
+
+  function visuals(row, image) {
+    // ``row``: the run's maps and regions; ``image``: this run's row, whose thumbnail and size are the image's.
+    const shown = Object.assign({}, row, {img: image.img, w: image.w, h: image.h});
+    return el("div", {class: "visuals"},
+      overlayFigure(shown),
+      el("figure", {}, lazyImg(row.map, "structure map", "map"), el("figcaption", {text: "structure map"})),
+      el("figure", {}, lazyImg(row.scr, "scribble", "map"), el("figcaption", {text: "scribble"})));
+  }
+
+  function runColumn(label, image, row, k) {
+    const column = el("div", {class: "run", "data-run": k + 1}, el("h4", {text: label}));
+    if (!row) { column.append(el("p", {class: "note", text: "not in this run"})); return column; }
+    const ranks = k < 0 ? image.rk : (COMPARE[k].ranks || {})[image.i];
+    const count = row.seg ? row.seg.length : 0;
+    column.append(visuals(row, image), el("p", {class: "run-stats", text:
+      `${row.st} · ${count} region${count === 1 ? "" : "s"} · best score ${fmt(row.best)}` +
+      (ranks ? ` · ${rankText(ranks)}` : "")}));
+    if (k >= 0 && row.fc !== undefined && row.fc !== 1 && row.fc !== (image.fc === 1 ? image.c : image.fc)) {
+      column.append(el("p", {class: "run-stats", text: `filtered caption: ${row.fc}`}));
+    }
+    return column;
+  }
+
   function card(index) {
     const row = ROWS[index];
     const head = el("div", {class: "card-head"},
@@ -163,13 +224,25 @@
       row.w ? el("span", {text: `${row.w}×${row.h}`}) : null,
       el("span", {class: "src", title: row.src || "", text: (row.src || "").split(/[\\/]/).pop()}),
       el("code", {text: row.i}),
-      row.best !== null && row.best !== undefined ? el("span", {text: `best score ${fmt(row.best)}`}) : null);
-    const article = el("article", {class: "card", "data-row": index, "data-image-id": row.i}, head);
+      row.best !== null && row.best !== undefined ? el("span", {text: `best score ${fmt(row.best)}`}) : null,
+      row.rk ? el("span", {class: "ranks", text: rankText(row.rk)}) : null);
+    const pick = el("input", {type: "checkbox", class: "pick-box", "aria-label": `pick image ${row.i} for export`,
+                              checked: PICKED.has(index)});
+    pick.addEventListener("change", () => {
+      if (pick.checked) PICKED.add(index); else PICKED.delete(index);
+      pick.closest(".card").classList.toggle("picked", pick.checked);
+      renderSelection(filteredRows(readState()));
+    });
+    head.append(el("label", {class: "pick"}, pick, " pick"));
+    const article = el("article", {class: `card${PICKED.has(index) ? " picked" : ""}`, "data-row": index,
+                                   "data-image-id": row.i}, head);
     if (row.e) article.append(el("div", {class: "error", text: row.e}));
-    article.append(el("div", {class: "visuals"},
-      overlayFigure(row),
-      el("figure", {}, lazyImg(row.map, "structure map", "map"), el("figcaption", {text: "structure map"})),
-      el("figure", {}, lazyImg(row.scr, "scribble", "map"), el("figcaption", {text: "scribble"}))));
+    if (COMPARE.length) {
+      article.append(el("div", {class: "runs"}, runColumn(DATA.run.label + " (this run)", row, row, -1),
+                        ...COMPARE.map((run, k) => runColumn(run.label, row, run.rows[row.i], k))));
+    } else {
+      article.append(visuals(row, row));
+    }
     if (row.c) {
       const captions = el("div", {class: "captions"},
         el("h4", {text: row.rm && row.rm.length ? `Caption (${row.rm.length} word${row.rm.length > 1 ? "s" : ""} removed by the filter)` : "Caption"}),
@@ -211,9 +284,130 @@
     }
   }
 
+  function binLabel(name, bin) {
+    const {edges, integer} = HIST[name];
+    const low = edges[bin], high = edges[bin + 1];
+    if (integer) return high - low === 1 ? String(low) : `${low}–${high - 1}`;
+    return `${fmt(low)} to ${fmt(high)}`;
+  }
+
+  function renderHistograms(state, matches) {
+    const container = document.getElementById("histograms");
+    const active = document.activeElement;
+    const focused = active && active.dataset && active.dataset.hist !== undefined && active.dataset.bin !== undefined
+      ? [active.dataset.hist, active.dataset.bin] : null;
+    const figures = [];
+    for (const name of HIST_NAMES) {
+      const {edges, label} = HIST[name];
+      const bins = BIN[name];
+      const count = Math.max(0, edges.length - 1);
+      const all = new Array(count).fill(0), shown = new Array(count).fill(0);
+      for (let index = 0; index < bins.length; index++) if (bins[index] >= 0) all[bins[index]]++;
+      for (const index of matches) if (bins[index] >= 0) shown[bins[index]]++;
+      const selected = state.get("bin_" + name);
+      const top = Math.max(1, ...all);
+      const width = 300, height = 110, bottom = 16, left = 4;
+      const barWidth = count ? (width - 2 * left) / count : 0;
+      const svg = svgEl("svg", {viewBox: `0 0 ${width} ${height}`, role: "group", "aria-label": label});
+      for (let bin = 0; bin < count; bin++) {
+        const isSelected = selected !== null && selected !== "" && Number(selected) === bin;
+        const x = left + bin * barWidth;
+        const heightOf = (n) => (n ? Math.max(1.5, (height - bottom - 14) * n / top) : 0);  // 14: the count label
+        const group = svgEl("g", {class: `bar${isSelected ? " selected" : ""}`, role: "button", tabindex: 0,
+                                  "data-hist": name, "data-bin": bin, "data-count": all[bin], "data-shown": shown[bin],
+                                  "aria-pressed": isSelected ? "true" : "false",
+                                  "aria-label": `${label} ${binLabel(name, bin)}: ${shown[bin]} of ${all[bin]} images ` +
+                                                `shown; ${isSelected ? "press to clear this filter" : "press to filter to them"}`});
+        const title = svgEl("title");
+        title.textContent = `${label} ${binLabel(name, bin)}: ${all[bin]} images (${shown[bin]} in the current filter)`;
+        group.append(title,
+          // A full-height transparent target: a short bar is as easy to click as a tall one.
+          svgEl("rect", {class: "hit", x: x, y: 0, width: barWidth, height: height - bottom, fill: "transparent"}),
+          svgEl("rect", {class: "all", x: x + 0.5, y: height - bottom - Math.max(heightOf(all[bin]), 2),
+                         width: Math.max(1, barWidth - 1), height: Math.max(heightOf(all[bin]), 2)}),
+          svgEl("rect", {class: "shown", x: x + 0.5, y: height - bottom - heightOf(shown[bin]),
+                         width: Math.max(1, barWidth - 1), height: heightOf(shown[bin])}));
+        const toggle = () => writeState({["bin_" + name]: isSelected ? "" : bin, page: ""});
+        group.addEventListener("click", toggle);
+        group.addEventListener("keydown", (event) => {
+          if (event.key === "Enter" || event.key === " ") { event.preventDefault(); toggle(); }
+        });
+        svg.append(group);
+      }
+      if (count) {
+        const axisLow = svgEl("text", {class: "axis", x: left, y: height - 4});
+        axisLow.textContent = fmt(edges[0]);
+        const axisHigh = svgEl("text", {class: "axis", x: width - left, y: height - 4, "text-anchor": "end"});
+        axisHigh.textContent = fmt(HIST[name].integer ? edges[count] - 1 : edges[count]);
+        const axisTop = svgEl("text", {class: "axis", x: left + 2, y: 9});
+        axisTop.textContent = `${top} images`;
+        svg.append(axisLow, axisHigh, axisTop);
+      }
+      const caption = el("figcaption", {}, el("strong", {text: label}));
+      if (selected !== null && selected !== "" && count) {
+        const clear = el("button", {type: "button", class: "clear-bin", text: `${binLabel(name, Number(selected))} ×`,
+                                    "aria-label": `clear the ${label} filter`});
+        clear.addEventListener("click", () => writeState({["bin_" + name]: "", page: ""}));
+        caption.append(clear);
+      }
+      figures.push(el("figure", {class: `histogram hist-${name}`, "data-hist": name}, caption,
+                      count ? svg : el("p", {class: "note", text: "no data"})));
+    }
+    container.replaceChildren(...figures);
+    if (focused) {  // the bars are redrawn: keep the keyboard where it was
+      const again = container.querySelector(`g.bar[data-hist="${focused[0]}"][data-bin="${focused[1]}"]`);
+      if (again) again.focus();
+    }
+  }
+
+  function exportScope(matches) {
+    return PICKED.size ? {kind: "picked", rows: [...PICKED].sort((a, b) => a - b)} : {kind: "filtered", rows: matches};
+  }
+
+  function selectionText(matches) {
+    return exportScope(matches).rows.map((index) => ROWS[index].i).join("\n") + "\n";
+  }
+
+  function shellQuote(text) {
+    return /^[\w@%+=:,./-]+$/.test(text) ? text : "'" + text.replace(/'/g, "'\\''") + "'";
+  }
+
+  function renderSelection(matches) {
+    const scope = exportScope(matches);
+    document.getElementById("selection-count").textContent = PICKED.size
+      ? `${PICKED.size} picked by hand` : `${matches.length} filtered (pick images to export only those)`;
+    const button = document.getElementById("export-ids");
+    button.textContent = `export ${scope.rows.length} ${scope.kind} image ids (.txt)`;
+    button.disabled = !scope.rows.length;
+    const out = shellQuote(DATA.run.path);
+    document.getElementById("export-help").replaceChildren(
+      "then ", el("code", {text: `structxlip select ${out} --ids selection.txt --parquet selection.parquet`}),
+      " (add --json selection.json for the reference format, --split train to train on all of it) and ",
+      el("code", {text: "structxlip train selection.parquet --out RUN"}));
+  }
+
+  function setupSelection() {
+    document.getElementById("pick-filtered").addEventListener("click", () => {
+      for (const index of filteredRows(readState())) PICKED.add(index);
+      render();
+    });
+    document.getElementById("clear-picks").addEventListener("click", () => { PICKED.clear(); render(); });
+    document.getElementById("export-ids").addEventListener("click", () => {
+      const text = selectionText(filteredRows(readState()));
+      const link = el("a", {download: "selection.txt"});
+      link.href = URL.createObjectURL(new Blob([text], {type: "text/plain"}));
+      document.body.append(link);
+      link.click();
+      link.remove();
+      setTimeout(() => URL.revokeObjectURL(link.href), 10000);
+    });
+  }
+
   function renderBrowse(state) {
     syncForm(state);
     const matches = filteredRows(state);
+    renderHistograms(state, matches);
+    renderSelection(matches);
     const pages = Math.max(1, Math.ceil(matches.length / PAGE_SIZE));
     const page = Math.min(Math.max(1, parseInt(state.get("page") || "1", 10) || 1), pages);
     const onPage = (p) => { writeState({page: p}); window.scrollTo(0, 0); };
@@ -223,6 +417,7 @@
     const cards = document.getElementById("cards");
     cards.replaceChildren(...matches.slice((page - 1) * PAGE_SIZE, page * PAGE_SIZE).map(card));
     if (!matches.length) cards.append(el("p", {class: "note", text: "No image matches these filters."}));
+    return matches;
   }
 
   function setupFilters() {
@@ -306,19 +501,22 @@
 
   // ---- training -------------------------------------------------------------------------------------------
   function metricGroups(metrics) {
-    // "t2i/R@1" -> group "" / direction t2i; "zero_shot/t2i/R@1" -> group "zero_shot".
+    // eval/metrics.json: "t2i/R@1" at the top level is the fine-tuned model; "zero_shot": {"t2i/R@1": ...} the
+    // base model before fine-tuning. Returns Map(model -> Map(direction -> {metric: value})).
     const groups = new Map();
-    for (const [key, value] of Object.entries(metrics || {})) {
-      const parts = key.split("/");
-      if (parts.length < 2 || typeof value !== "number") continue;
-      const metric = parts.pop();
-      const direction = parts.pop();
-      const group = parts.join("/");
-      if (!groups.has(group)) groups.set(group, new Map());
-      const rows = groups.get(group);
-      if (!rows.has(direction)) rows.set(direction, {});
-      rows.get(direction)[metric] = value;
-    }
+    const add = (model, source) => {
+      for (const [key, value] of Object.entries(source || {})) {
+        const cut = key.indexOf("/");
+        if (cut < 0 || typeof value !== "number") continue;
+        if (!groups.has(model)) groups.set(model, new Map());
+        const rows = groups.get(model);
+        const direction = key.slice(0, cut);
+        if (!rows.has(direction)) rows.set(direction, {});
+        rows.get(direction)[key.slice(cut + 1)] = value;
+      }
+    };
+    add("zero-shot", metrics && metrics.zero_shot);
+    add("fine-tuned", metrics);
     return groups;
   }
 
@@ -341,15 +539,22 @@
     const metrics = DATA.eval;
     if (!metrics) { body.append(el("p", {class: "note", text: "No evaluation metrics (OUT/eval/metrics.json)."})); return; }
     const columns = ["R@1", "R@5", "R@10", "R@25", "R@50", "mean_rank", "median_rank"];
+    const groups = metricGroups(metrics);
+    const directions = [...new Set([...groups.values()].flatMap((rows) => [...rows.keys()]))];
     const rows = [];
-    for (const [group, directions] of metricGroups(metrics)) {
-      for (const [direction, values] of directions) {
-        rows.push([group || "fine-tuned", direction, ...columns.map((c) => values[c])]);
+    for (const direction of directions) {  // zero-shot above fine-tuned for each direction
+      for (const [model, byDirection] of groups) {
+        if (byDirection.has(direction)) rows.push([model, direction, ...columns.map((c) => byDirection.get(direction)[c])]);
       }
     }
     const pairs = metrics.n_pairs !== undefined ? ` on ${metrics.n_pairs} pairs` : "";
     body.append(el("h4", {text: `Recall${pairs}`}),
                 table(["model", "direction", ...columns], rows, [false, false, ...columns.map(() => true)]));
+    if (DATA.recall_plot) {
+      const img = el("img", {alt: "Recall@1 per direction, zero-shot and fine-tuned", class: "plot plot-recall"});
+      img.src = DATA.recall_plot;
+      body.append(el("div", {class: "grid"}, img));
+    }
   }
 
   function renderRetrieval(state) {
@@ -410,6 +615,268 @@
     }
   }
 
+  // ---- embedding map --------------------------------------------------------------------------------------
+  const EMB = DATA.embedding;
+  const MAP_W = 720, MAP_H = 520, MAP_PAD = 14;
+  const SPLIT_COLORS = {train: "#4363d8", val: "#3cb44b", test: "#f58231"};
+  const map = {canvas: null, tip: null, live: null, focus: -1, points: [], kind: "image", color: "split"};
+
+  function scoreColor(value, low, high) {
+    if (value === null || value === undefined) return "#bbb";
+    const t = high > low ? Math.min(1, Math.max(0, (value - low) / (high - low))) : 0.5;
+    return `hsl(${Math.round(240 - 240 * t)}, 75%, 45%)`;  // blue (low) to red (high)
+  }
+
+  function pointColor(row) {
+    if (!row) return "#999";
+    if (map.color === "status") return row.st === "ok" ? "#1b7f3b" : "#b3261e";
+    if (map.color === "score") return scoreColor(row.best, map.scoreLow, map.scoreHigh);
+    return SPLIT_COLORS[row.sp] || "#911eb4";
+  }
+
+  function mapModelSlot() {
+    return Math.max(0, RANK_MODELS.indexOf(EMB.model));
+  }
+
+  function drawMap(matchSet) {
+    const canvas = map.canvas;
+    const ratio = window.devicePixelRatio || 1;
+    if (canvas.width !== MAP_W * ratio) { canvas.width = MAP_W * ratio; canvas.height = MAP_H * ratio; }
+    const context = canvas.getContext("2d");
+    context.setTransform(ratio, 0, 0, ratio, 0, 0);
+    context.clearRect(0, 0, MAP_W, MAP_H);
+    const coords = EMB.points[map.kind] || [];
+    const slot = mapModelSlot();
+    map.points = [];
+    const scores = ROWS.map((row) => row.best).filter((v) => v !== null && v !== undefined);
+    map.scoreLow = Math.min(...scores); map.scoreHigh = Math.max(...scores);
+    // Filtered-out points first (faint), so the current filter's points are drawn on top.
+    const order = [];
+    coords.forEach(([px, py], j) => {
+      const index = ROW_OF_ID.get(EMB.ids[j]);
+      const x = MAP_PAD + px * (MAP_W - 2 * MAP_PAD), y = MAP_PAD + (1 - py) * (MAP_H - 2 * MAP_PAD);
+      const shown = index !== undefined && matchSet.has(index);
+      map.points.push({j, index, x, y, shown});
+      order.push(j);
+    });
+    order.sort((a, b) => map.points[a].shown - map.points[b].shown);
+    for (const j of order) {
+      const point = map.points[j];
+      const row = point.index === undefined ? null : ROWS[point.index];
+      context.globalAlpha = point.shown ? 0.9 : 0.15;
+      context.fillStyle = pointColor(row);
+      context.beginPath();
+      context.arc(point.x, point.y, 4, 0, 2 * Math.PI);
+      context.fill();
+      const rank = row && row.rk ? row.rk[slot] : null;
+      if (rank && rank > 1) {  // a retrieval failure: its caption does not find it first
+        context.strokeStyle = "#b3261e";
+        context.lineWidth = 1.5;
+        context.beginPath();
+        context.arc(point.x, point.y, 6.5, 0, 2 * Math.PI);
+        context.stroke();
+      }
+    }
+    context.globalAlpha = 1;
+    if (map.focus >= 0 && map.points[map.focus]) {
+      const point = map.points[map.focus];
+      context.strokeStyle = "#000";
+      context.lineWidth = 2;
+      context.strokeRect(point.x - 8, point.y - 8, 16, 16);
+    }
+    canvas.setAttribute("data-points", map.points.length);
+  }
+
+  function nearestPoint(x, y, radius) {
+    let best = -1, bestDistance = radius * radius;
+    for (const point of map.points) {
+      const distance = (point.x - x) ** 2 + (point.y - y) ** 2;
+      if (distance <= bestDistance && (best < 0 || point.shown || !map.points[best].shown)) {
+        best = point.j; bestDistance = distance;
+      }
+    }
+    return best;
+  }
+
+  function describePoint(j) {
+    const point = map.points[j];
+    const row = point && point.index !== undefined ? ROWS[point.index] : null;
+    if (!row) return `point ${j + 1}: ${EMB.ids[j]} (not in this manifest)`;
+    const rank = row.rk ? row.rk[mapModelSlot()] : null;
+    return `point ${j + 1} of ${map.points.length}: ${row.sp || "no split"}, best score ${fmt(row.best)}` +
+           (rank ? `, t2i rank ${rank}` : "") + `. ${row.c || row.i}`;
+  }
+
+  function showTip(j) {
+    const point = map.points[j];
+    if (!point || point.index === undefined) { map.tip.hidden = true; return; }
+    const row = ROWS[point.index];
+    const rank = row.rk ? row.rk[mapModelSlot()] : null;
+    map.tip.replaceChildren(lazyImg(row.img, "image"),
+      el("div", {text: `${row.sp || ""} · score ${fmt(row.best)}${rank ? ` · rank ${rank}` : ""}`}),
+      el("div", {text: (row.c || row.i).slice(0, 140)}));
+    map.tip.style.left = `${Math.min(point.x + 12, MAP_W - 190)}px`;
+    map.tip.style.top = `${Math.min(point.y + 12, MAP_H - 120)}px`;
+    map.tip.hidden = false;
+  }
+
+  function openCard(j) {
+    const point = map.points[j];
+    if (point && point.index !== undefined) writeState({card: ROWS[point.index].i});
+  }
+
+  function setupMap() {
+    const body = document.getElementById("map-body");
+    if (!EMB) {
+      body.append(el("p", {class: "note", text: "No embeddings (OUT/eval/embeddings.npz): the evaluate stage writes " +
+                                                 "them; run the pipeline's evaluate stage again."}));
+      return;
+    }
+    const kinds = Object.keys(EMB.points);
+    const kindSelect = el("select", {name: "mkind"});
+    const kindNames = {image: "images", structure: "structure maps", text: "captions"};
+    for (const kind of kinds) kindSelect.append(el("option", {value: kind, text: kindNames[kind] || kind}));
+    const colorSelect = el("select", {name: "mcolor"});
+    for (const [value, text] of [["split", "split"], ["status", "status"], ["score", "best region score"]]) {
+      colorSelect.append(el("option", {value, text}));
+    }
+    kindSelect.addEventListener("change", () => writeState({mkind: kindSelect.value}));
+    colorSelect.addEventListener("change", () => writeState({mcolor: colorSelect.value}));
+    map.canvas = el("canvas", {tabindex: 0, role: "img", id: "embedding-canvas",
+                               "aria-label": "embedding map: arrow keys move between points, Enter opens the image"});
+    map.canvas.style.width = `${MAP_W}px`; map.canvas.style.height = `${MAP_H}px`;
+    map.tip = el("div", {class: "map-tip", hidden: true});
+    map.live = el("p", {class: "note", "aria-live": "polite", id: "map-focus"});
+    map.legend = el("div", {class: "legend"});
+    body.append(
+      el("p", {class: "note", text: `${EMB.ids.length} images of split ${EMB.split || "?"}: image, structure-map and ` +
+        `caption embeddings of the ${EMB.model} model projected together (${EMB.method.toUpperCase()}), ` +
+        "from eval/embeddings.npz. Points outside the browser's filter are faint; a red ring marks a retrieval " +
+        "failure (its caption ranks another image first). Hover for the image, click to open its card."}),
+      el("div", {class: "map-controls"}, el("label", {}, "show ", kindSelect), el("label", {}, "colour by ", colorSelect),
+         map.legend),
+      el("div", {class: "map-wrap"}, map.canvas, map.tip), map.live);
+    const local = (event) => {
+      const box = map.canvas.getBoundingClientRect();
+      return [event.clientX - box.left, event.clientY - box.top];
+    };
+    map.canvas.addEventListener("mousemove", (event) => {
+      const j = nearestPoint(...local(event), 8);
+      if (j >= 0) showTip(j); else map.tip.hidden = true;
+    });
+    map.canvas.addEventListener("mouseleave", () => { map.tip.hidden = true; });
+    map.canvas.addEventListener("click", (event) => {
+      const j = nearestPoint(...local(event), 8);
+      if (j >= 0) openCard(j);
+    });
+    map.canvas.addEventListener("keydown", (event) => {
+      const shown = map.points.filter((p) => p.shown).map((p) => p.j);
+      const list = shown.length ? shown : map.points.map((p) => p.j);
+      if (!list.length) return;
+      const at = list.indexOf(map.focus);
+      if (["ArrowRight", "ArrowDown", "ArrowLeft", "ArrowUp"].includes(event.key)) {
+        event.preventDefault();
+        const step = event.key === "ArrowRight" || event.key === "ArrowDown" ? 1 : -1;
+        map.focus = list[(at + step + list.length) % list.length];
+        drawMap(new Set(filteredRows(readState())));
+        map.live.textContent = describePoint(map.focus);
+        showTip(map.focus);
+      } else if (event.key === "Enter" && map.focus >= 0) {
+        event.preventDefault();
+        openCard(map.focus);
+      }
+    });
+  }
+
+  function renderMap(state, matches) {
+    if (!EMB || !map.canvas) return;
+    const kinds = Object.keys(EMB.points);
+    map.kind = kinds.includes(state.get("mkind")) ? state.get("mkind") : kinds[0];
+    map.color = ["split", "status", "score"].includes(state.get("mcolor")) ? state.get("mcolor") : "split";
+    document.querySelector("select[name=mkind]").value = map.kind;
+    document.querySelector("select[name=mcolor]").value = map.color;
+    drawMap(new Set(matches));
+    if (map.color === "split") {
+      map.legend.replaceChildren(...Object.entries(SPLIT_COLORS).map(([name, color]) => {
+        const dot = el("i"); dot.style.background = color; return el("span", {}, dot, name);
+      }));
+    } else if (map.color === "status") {
+      map.legend.replaceChildren(...[["ok", "#1b7f3b"], ["failed", "#b3261e"]].map(([name, color]) => {
+        const dot = el("i"); dot.style.background = color; return el("span", {}, dot, name);
+      }));
+    } else {
+      map.legend.replaceChildren(el("span", {text: `blue ${fmt(map.scoreLow)} → red ${fmt(map.scoreHigh)}`}));
+    }
+  }
+
+  // ---- compared runs ----------------------------------------------------------------------------------------
+  function renderCompare() {
+    const body = document.getElementById("compare-body");
+    if (!COMPARE.length) return;
+    document.getElementById("goto-compare").hidden = false;
+    const columns = ["R@1", "R@5", "R@10", "mean_rank", "median_rank"];
+    const here = metricGroups(DATA.eval || {});
+    COMPARE.forEach((run, k) => {
+      const block = el("div", {class: "compare-run", "data-run": k + 1});
+      block.append(el("h3", {text: `${DATA.run.label} (this run) vs ${run.label}`}),
+                   el("p", {class: "note", text: `${DATA.run.path} vs ${run.path}`}));
+      block.append(el("h4", {text: "Config keys that differ"}));
+      if (run.config && run.config.length) {
+        block.append(table(["key", DATA.run.label, run.label], run.config.map(([key, a, b]) =>
+          [key, a === null || a === undefined ? "–" : JSON.stringify(a), b === null || b === undefined ? "–" : JSON.stringify(b)])));
+      } else {
+        block.append(el("p", {class: "note", text: "none found (config.yaml missing or identical)"}));
+      }
+      let changed = 0, shared = 0;
+      for (const row of ROWS) {
+        const other = run.rows[row.i];
+        if (!other) continue;
+        shared++;
+        if ((row.seg || []).length !== (other.seg || []).length || row.best !== other.best) changed++;
+      }
+      block.append(el("p", {text: `${shared} images in both runs, ${changed} with a different region count or best ` +
+                                  `score; ${ROWS.length - shared} only in this run, ${run.only_there} only in ${run.label}.`}));
+      const there = metricGroups(run.eval || {});
+      if (!DATA.eval || !run.eval) {
+        block.append(el("p", {class: "note", text: "metric deltas need eval/metrics.json in both runs"}));
+      } else {
+        const t = el("table", {class: "deltas"}, el("tr", {},
+          ...["model", "direction", "metric", DATA.run.label, run.label, `Δ (${run.label} − this run)`].map((h) => el("th", {text: h}))));
+        for (const [model, byDirection] of here) {
+          for (const [direction, values] of byDirection) {
+            const others = (there.get(model) || new Map()).get(direction) || {};
+            for (const column of columns) {
+              if (values[column] === undefined) continue;
+              const b = others[column];
+              const delta = b === undefined ? null : b - values[column];
+              const better = column.startsWith("R@") ? delta > 0 : delta < 0;
+              t.append(el("tr", {"data-key": `${model}/${direction}/${column}`},
+                el("td", {text: model}), el("td", {text: direction}), el("td", {text: column}),
+                el("td", {class: "num", text: fmt(values[column])}), el("td", {class: "num", text: fmt(b)}),
+                el("td", {class: `num delta ${delta ? (better ? "delta-pos" : "delta-neg") : ""}`,
+                          "data-delta": delta === null ? "" : delta,
+                          text: delta === null ? "–" : (delta > 0 ? "+" : "") + fmt(delta)})));
+            }
+          }
+        }
+        block.append(el("h4", {text: "Metric deltas"}), t);
+      }
+      body.append(block);
+    });
+  }
+
+  // ---- one image's card in a dialog (from the map, or #card=<image id>) ---------------------------------------
+  function renderDialog(state) {
+    const dialog = document.getElementById("card-dialog");
+    const index = ROW_OF_ID.get(state.get("card") || "");
+    if (index === undefined) {
+      if (dialog.open) dialog.close();
+      return;
+    }
+    document.getElementById("card-dialog-body").replaceChildren(card(index));
+    if (!dialog.open) dialog.showModal();
+  }
+
   function render() {
     const started = performance.now();
     const state = readState();
@@ -419,8 +886,10 @@
     for (const button of document.querySelectorAll("[data-goto]")) {
       button.classList.toggle("active", button.dataset.goto === view);
     }
-    renderBrowse(state);
+    const matches = renderBrowse(state);
     renderRetrieval(state);
+    renderMap(state, matches);
+    renderDialog(state);
     // Measured, not asserted: how long one filter/page change takes (milliseconds).
     document.body.setAttribute("data-render-ms", (performance.now() - started).toFixed(1));
   }
@@ -429,8 +898,24 @@
     button.addEventListener("click", () => { writeState({view: button.dataset.goto}); window.scrollTo(0, 0); });
   }
   setupFilters();
+  setupSelection();
+  setupMap();
   renderQuality();
   renderTraining();
+  renderCompare();
+  document.getElementById("card-dialog").addEventListener("close", () => {
+    if (readState().get("card")) writeState({card: ""});
+  });
+  // For scripts and tests: what the page shows, in page coordinates where it is drawn.
+  window.explorer = {
+    filteredIds: () => filteredRows(readState()).map((index) => ROWS[index].i),
+    selectionText: () => selectionText(filteredRows(readState())),
+    pick: (ids) => { for (const id of ids) if (ROW_OF_ID.has(id)) PICKED.add(ROW_OF_ID.get(id)); render(); },
+    mapPoints: () => {
+      const box = map.canvas ? map.canvas.getBoundingClientRect() : null;
+      return map.points.map((p) => ({id: EMB.ids[p.j], x: box.left + p.x, y: box.top + p.y, shown: p.shown}));
+    },
+  };
   render();
   window.addEventListener("hashchange", render);
   document.body.setAttribute("data-ready-ms", performance.now().toFixed(0));
