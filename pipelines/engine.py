@@ -4,21 +4,22 @@ and summarise. The orchestrator (Prefect tasks in ``flows/``, or plain calls) on
 Failure rules:
 - An exception while processing one item (an undecodable crop, a 2 MB caption spaCy refuses) becomes that item's
   ``failed`` row with a one-line reason; the chunk is retried item by item so the other items complete.
-- A storage error (disk full, quota, read-only output folder) fails the whole chunk: nothing of it is recorded, so
-  the next run retries it once the disk is fixed. The stage then ends failed. So does any error of a whole-dataset
-  stage (manifest, train, evaluate): a failed training is never recorded as done.
+- An environment error (``pipelines.errors``: a model that cannot load, CUDA out of memory, the network, a full or
+  read-only disk) fails the whole chunk: nothing of it is recorded, so the next run retries it once the cause is
+  fixed. The stage then ends failed. So does any error of a whole-dataset stage (manifest, train, evaluate): a failed
+  training is never recorded as done.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
-import errno
 import json
 import os
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
+from pipelines.errors import REASON_CHARS, describe_failure, is_environment_error, one_line
 from pipelines.plan import StagePlan, first_failures
 from pipelines.stages import STAGE_DEFINITIONS, Stage
 from storage.layout import OutputLayout
@@ -26,46 +27,26 @@ from structxlip import faults
 from storage.manifest import STATUS_FAILED, STATUS_OK
 from storage.stage_store import ITEM_KEY, OUTPUTS, StageStore, output_records
 
-STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG}
-REASON_CHARS = 300
-
 
 class StageFailed(RuntimeError):
-    """A stage could not finish (a chunk hit a storage error, or a whole-dataset stage failed); carries its summary."""
+    """A stage could not finish (a chunk hit an environment error, or a whole-dataset stage failed); carries its
+    summary."""
 
     def __init__(self, summary: dict):
         self.summary = summary
         super().__init__(f"stage {summary['stage']} failed: {summary.get('error') or 'see its summary'}")
 
 
-def one_line(exc: BaseException) -> str:
-    """Return ``Type: message`` on one line, at most ``REASON_CHARS`` characters."""
-    text = " ".join(str(exc).split())
-    return (f"{type(exc).__name__}: {text}" if text else type(exc).__name__)[:REASON_CHARS]
-
-
-def is_storage_error(exc: BaseException, out_root: Path) -> bool:
-    """True when the output storage itself failed: disk full, quota, read-only, or no permission inside OUT."""
-    if not isinstance(exc, OSError):
-        return False
-    if exc.errno in STORAGE_ERRNOS:
-        return True
-    if exc.errno in (errno.EACCES, errno.EPERM) and exc.filename:
-        path = Path(str(exc.filename)).resolve()
-        return path == out_root or out_root in path.parents
-    return False
-
-
 def _run_isolated(stage: Stage, records: list, layout: OutputLayout, call: Callable[[list], list[dict]]) -> list[dict]:
-    """Run ``call`` on the chunk; if it raises (not a storage error), run each record alone so one bad item fails
-    alone."""
+    """Run ``call`` on the chunk; if it raises for an item (not the environment: ``pipelines.errors``), run each
+    record alone so one bad item fails alone."""
     try:
         rows = call(records)
         if len(rows) != len(records):
             raise RuntimeError(f"{stage.name}: expected {len(records)} results for the chunk, got {len(rows)}")
         return rows
     except Exception as exc:
-        if stage.whole or is_storage_error(exc, layout.root):
+        if stage.whole or is_environment_error(exc, layout.root):
             raise  # nothing is recorded: the stage ends failed and the next run retries
         if len(records) == 1:
             return [stage.failed_row(records[0], f"{stage.name} failed: {one_line(exc)}")]
@@ -154,7 +135,7 @@ def run_plan(plan: StagePlan, layout: OutputLayout, *, refresh: bool,
     unfinished = 0  # items of failed chunks: pending again next run
     for index, outcome in execute(chunks) if chunks else ():
         if isinstance(outcome, BaseException):
-            chunk_errors.append(one_line(outcome))
+            chunk_errors.append(describe_failure(outcome))
             unfinished += len(chunks[index][0])
         else:
             results.append(outcome)
@@ -241,8 +222,11 @@ def _manifest_counts(summary: dict, plan: StagePlan, results: list[dict]) -> Non
 
 
 # ---- the run report ------------------------------------------------------------------------------------------------
-def write_report(pipeline, summaries: list[dict], *, seconds: float, not_run: list[str]) -> dict:
-    """Write ``OUT/runs/<timestamp>.json`` (every stage summary of this run) and return the report."""
+def write_report(pipeline, summaries: list[dict], *, seconds: float, not_run: list[str],
+                 stale: list[str] | None = None) -> dict:
+    """Write ``OUT/runs/<timestamp>.json`` (every stage summary of this run) and return the report. ``stale``: later
+    stages whose stored results were computed from older inputs. Failing to write the record (a full disk) never
+    loses the report: ``record_error`` says why."""
     from storage.atomic import atomic_write_text
 
     report = {
@@ -250,11 +234,15 @@ def write_report(pipeline, summaries: list[dict], *, seconds: float, not_run: li
         "out_dir": str(pipeline.layout.root),
         "stages": summaries,
         "not_run": not_run,
+        "stale": list(stale or []),
         "seconds": round(seconds, 3),
         "finished": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
     }
     stamp = _dt.datetime.now().strftime("%Y%m%dT%H%M%S%f")
-    atomic_write_text(pipeline.layout.run_summary(stamp), json.dumps(report, indent=2, default=str))
+    try:
+        atomic_write_text(pipeline.layout.run_summary(stamp), json.dumps(report, indent=2, default=str))
+    except OSError as exc:
+        report["record_error"] = describe_failure(exc)
     return report
 
 

@@ -26,6 +26,7 @@ from typing import Any, Callable
 import cv2
 import numpy as np
 
+from pipelines.errors import EnvironmentFailure
 from pipelines.grouping import grouping_boxes
 from pipelines.region_method import METHODS, resolve_region_method
 from pipelines.images import ImageLoadError, load_rgb
@@ -39,8 +40,9 @@ VERSION = "2"
 _ASPECT_TOLERANCE = 0.03
 
 
-class RegionsSetupError(RuntimeError):
-    """The region proposer cannot start (SAM checkpoint missing or unloadable); the message is one line."""
+class RegionsSetupError(EnvironmentFailure):
+    """The region proposer cannot start (SAM checkpoint missing or unloadable); the message is one line. Never an
+    item's failure: the stage fails and records nothing (``pipelines.errors``)."""
 
 
 class RegionInputError(ValueError):

@@ -125,11 +125,35 @@ def shared(key: tuple, factory: Callable[[], Any]) -> tuple[Any, threading.Lock]
     spreads one batch over every core, so chunks sharing a model take turns."""
     with _shared_lock:
         if key not in _shared:
-            _shared[key] = (factory(), threading.Lock())
+            try:
+                built = factory()
+            except Exception as exc:
+                # A model, pipeline or vocabulary that cannot be built is the environment's problem, never an item's:
+                # the chunk fails and nothing is recorded (pipelines.errors), so a re-run after the fix does the work.
+                from pipelines.errors import EnvironmentFailure, one_line
+
+                raise EnvironmentFailure(f"could not load {key[0]} ({_describe(key)}): {one_line(exc)}") from exc
+            _shared[key] = (built, threading.Lock())
             # A model is hundreds of thousands of long-lived objects: keep them out of every later full collection
             # (~0.3 s each with the tiny CLIP and spaCy loaded, about 1 ms per image of a chunk).
             gc.freeze()
         return _shared[key]
+
+
+def _describe(key: tuple) -> str:
+    """The model or pipeline a ``shared`` key names, for the one-line error (its id or folder, not the whole key)."""
+    for part in key[1:]:
+        try:
+            value = json.loads(part) if isinstance(part, str) and part.startswith("{") else part
+        except ValueError:
+            value = part
+        if isinstance(value, dict):
+            for name in ("model_name_or_dir", "model_id", "spacy_model"):
+                if value.get(name):
+                    return str(value[name])
+        elif isinstance(value, str):
+            return value
+    return str(key[0])
 
 
 def library_arguments(params: dict) -> dict:
