@@ -5,12 +5,16 @@ Deeper code never receives a ``Config``: entry points pass explicit keyword argu
 
 from __future__ import annotations
 
+import copy
 import os
+import types
+import typing
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 STAGES = ("ingest", "structure", "regions", "captions", "filter", "manifest", "train", "evaluate")
 DATA_STAGES = STAGES[:6]
@@ -25,12 +29,68 @@ MAX_TEXT_TOKENS = 248
 
 
 class ConfigError(ValueError):
-    """A configuration file is unreadable or invalid; the message is one line."""
+    """A configuration file or override is unreadable or invalid; the message is one line naming where it came from."""
+
+
+def _allows_bool(annotation: Any) -> bool:
+    """Return whether a field's type accepts a boolean anywhere (``bool``, ``bool | None``, ``list[bool]``...)."""
+    if annotation is bool:
+        return True
+    return any(_allows_bool(arg) for arg in typing.get_args(annotation) if not isinstance(arg, (str, int, float)))
+
+
+def _only_bool(annotation: Any) -> bool:
+    """Return whether a field is a plain flag (``bool`` or ``bool | None``)."""
+    return annotation is bool or (typing.get_origin(annotation) in (typing.Union, types.UnionType)
+                                  and set(typing.get_args(annotation)) == {bool, type(None)})
+
+
+def _holds_bool(value: Any, annotation: Any) -> bool:
+    """Return whether ``value`` is a boolean, or holds one where ``annotation`` is a list or mapping of values."""
+    if isinstance(value, bool):
+        return True
+    origin = typing.get_origin(annotation)
+    if origin is None or not typing.get_args(annotation):
+        return False
+    if origin in (typing.Union, types.UnionType):
+        return any(_holds_bool(value, arg) for arg in typing.get_args(annotation))
+    if origin is dict and isinstance(value, dict):
+        return any(_holds_bool(v, typing.get_args(annotation)[-1]) for v in value.values())
+    if origin in (list, tuple) and isinstance(value, (list, tuple)):
+        return any(_holds_bool(v, typing.get_args(annotation)[0]) for v in value)
+    return False
+
+
+def _expected(annotation: Any) -> str:
+    """What a non-boolean field expects, in words (for the message that refuses a boolean)."""
+    text = str(annotation)
+    if "float" in text:
+        return "a number"
+    if "int" in text:
+        return "an integer"
+    if "str" in text:
+        return "a string"
+    return "a value of its type"
 
 
 class _Section(BaseModel):
     # allow_inf_nan=False: NaN or inf is refused for every float (NaN passes every "ge"/"le" comparison).
     model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _booleans_are_not_numbers(cls, value: Any, info: ValidationInfo) -> Any:
+        # pydantic's lax mode reads true as 1 for an int or float field: `--set train.batch_size=true` would
+        # silently train with batch size 1. A YAML int still fills a float field (lr: 1 is 1.0).
+        field = cls.model_fields.get(info.field_name or "")
+        if field is None:
+            return value
+        if not _allows_bool(field.annotation) and _holds_bool(value, field.annotation):
+            raise ValueError(f"expected {_expected(field.annotation)}, got a boolean ({_value_text(value)})")
+        if _only_bool(field.annotation) and value is not None and not isinstance(value, bool):
+            # and numbers are not booleans: follow_symlinks: 0 is a slip, not a flag
+            raise ValueError(f"expected true or false, got {_value_text(value)}")
+        return value
 
 
 class ModelConfig(_Section):
@@ -144,7 +204,9 @@ class ManifestConfig(_Section):
 
 class TrainConfig(_Section):
     epochs: int = Field(default=10, gt=0, le=10_000)
-    batch_size: int = Field(default=16, gt=0, le=65536)
+    # At least 2: every contrastive loss compares a pair with the rest of its batch, and a batch of 1 has no rest
+    # (each loss is 0 at every step while the run reports success).
+    batch_size: int = Field(default=16, le=65536)
     lr: float = Field(default=5e-6, gt=0)
     min_lr: float = Field(default=0.0, ge=0)
     weight_decay: float = Field(default=0.05, ge=0)
@@ -180,6 +242,14 @@ class TrainConfig(_Section):
     num_workers: int = Field(default=0, ge=0, le=1024)
     checkpoint_every_steps: int = Field(default=0, ge=0)  # 0 = only at the end of each epoch
     seed: int = Field(default=0, ge=0, le=2**63 - 1)
+
+    @field_validator("batch_size", mode="after")
+    @classmethod
+    def _a_batch_to_contrast(cls, value: int) -> int:
+        if value < 2:  # (the Field's ge=2 documents it; this says why)
+            raise ValueError(f"must be at least 2, got {value}: the contrastive losses compare each pair with the "
+                             "others in its batch, so a batch of 1 learns nothing")
+        return value
 
     @model_validator(mode="after")
     def _ordered(self):
@@ -233,16 +303,85 @@ def _one_line(text: str, limit: int = MAX_ERROR_CHARS) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "\u2026"
 
 
+# pydantic's wording for the common type errors, said as what was expected.
+_EXPECTED = {"int_parsing": "expected an integer", "int_type": "expected an integer",
+             "int_from_float": "expected an integer", "float_parsing": "expected a number",
+             "float_type": "expected a number", "bool_parsing": "expected true or false",
+             "bool_type": "expected true or false", "string_type": "expected a string",
+             "finite_number": "expected a finite number", "dict_type": "expected a mapping",
+             "list_type": "expected a list"}
+
+
+def _error_message(first: dict) -> str:
+    """Return one pydantic error as ``message (got input)``: what was expected and what came."""
+    message = _EXPECTED.get(first["type"], first["msg"])
+    if first["type"] == "extra_forbidden":
+        return "unknown key"
+    if first["type"] == "value_error":  # our own validators' messages already say what came
+        return message.removeprefix("Value error, ")
+    if "input" in first and first["type"] not in ("missing",) and not isinstance(first["input"], dict):
+        message = f"{message} (got {_one_line(repr(first['input']), 80)})"
+    return message
+
+
 def _format_error(source: str, error: ValidationError) -> str:
     first = error.errors()[0]
     key = _one_line(".".join(str(p) for p in first["loc"]) or "<root>", 80)
-    message = first["msg"]
-    if first["type"] == "extra_forbidden":
-        message = "unknown key"
-    elif "input" in first and first["type"] not in ("missing",) and not isinstance(first["input"], dict):
-        message = f"{message} (got {_one_line(repr(first['input']), 80)})"
     more = f" (+{error.error_count() - 1} more)" if error.error_count() > 1 else ""
-    return _one_line(f"{source}: {key}: {message}{more}")
+    return _one_line(f"{source}: {key}: {_error_message(first)}{more}")
+
+
+def _value_text(value: Any) -> str:
+    """An override's value as it is written after ``=`` (YAML scalars: true, null, 3, text)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if value is None:
+        return "null"
+    if isinstance(value, str):
+        return value
+    try:
+        return yaml.safe_dump(value, default_flow_style=True, width=10**6).strip().removesuffix("\n...").strip()
+    except yaml.YAMLError:
+        return repr(value)
+
+
+def _override_label(source: str | Mapping[str, str], key: str, value: Any) -> str:
+    """How the user wrote one override: ``--set train.batch_size=true``, ``overrides train.lr=0``, or the flag a
+    command maps the key to (``--batch-size=1``)."""
+    if isinstance(source, Mapping):
+        return _one_line(f"{source.get(key, '--set ' + key)}={_value_text(value)}", 120)
+    return _one_line(f"{source} {key}={_value_text(value)}", 120)
+
+
+def validate_overrides(overrides: Any, *, source: str | Mapping[str, str] = "overrides") -> dict[str, Any]:
+    """Return ``overrides`` as ``{"section.key": value}`` after checking its shape (a mapping of dotted keys to
+    YAML/JSON values); raise ConfigError naming ``source`` and the override. The values are checked against the
+    config by ``load_config(path, overrides, overrides_source=source)``."""
+    label = source if isinstance(source, str) else "overrides"
+    if overrides is None:
+        return {}
+    if not isinstance(overrides, Mapping):
+        raise ConfigError(_one_line(f"{label}: expected a mapping of section.key to value, got "
+                                    f"{type(overrides).__name__}"))
+    checked: dict[str, Any] = {}
+    for dotted, value in overrides.items():
+        parts = str(dotted).split(".")
+        if not isinstance(dotted, str) or len(parts) < 2 or not all(p.strip() for p in parts):
+            raise ConfigError(_one_line(f"{_override_label(source, str(dotted), value)}: expected SECTION.KEY=VALUE, "
+                                        "e.g. structure.canny_low=50"))
+        checked[dotted] = value
+    return checked
+
+
+def _override_at(loc: tuple, overrides: dict[str, Any]) -> str | None:
+    """Return the override an error at ``loc`` is about: the one at that key or inside it, else one under it (an
+    error of a whole section, e.g. canny_low > canny_high, is about an override in that section)."""
+    path = [str(p) for p in loc]
+    for dotted in overrides:
+        parts = dotted.split(".")
+        if path[: len(parts)] == parts or parts[: len(path)] == path and path:
+            return dotted
+    return None
 
 
 def _expanded_size(node: yaml.Node, sizes: dict[int, int], active: set[int]) -> int:
@@ -285,10 +424,15 @@ def _safe_load(text: str):
         loader.dispose()
 
 
-def load_config(path: str | os.PathLike | None = None, overrides: dict | None = None) -> Config:
-    """Return the validated config from a YAML file (defaults when ``path`` is None); raise ConfigError on any problem.
+def load_config(path: str | os.PathLike | None = None, overrides: dict | None = None, *,
+                overrides_source: str | Mapping[str, str] = "--set") -> Config:
+    """Return the validated config from a YAML file (defaults when ``path`` is None) with ``overrides``
+    (``{"section.key": value}``) applied; raise ConfigError on any problem.
 
-    Every ConfigError message is one line of at most MAX_ERROR_CHARS characters.
+    Every ConfigError message is one line of at most MAX_ERROR_CHARS characters. A problem in an override names
+    the override as the user wrote it (``overrides_source``: ``--set`` on the command line, ``overrides`` for a
+    flow parameter, or a mapping of key to command-line flag), e.g. ``--set train.batch_size=true: expected an
+    integer, got a boolean``, never the file; a problem of the file alone names the file.
     """
     source = "<defaults>"
     data: dict = {}
@@ -313,13 +457,33 @@ def load_config(path: str | os.PathLike | None = None, overrides: dict | None = 
             raise ConfigError(f"{source}: invalid YAML: nested too deeply") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{source}: expected a mapping of sections at the top level, got {type(data).__name__}")
-    for dotted, value in (overrides or {}).items():
+    overrides = validate_overrides(overrides, source=overrides_source)
+    file_data = copy.deepcopy(data)
+    for dotted, value in overrides.items():
         node = data
         *parents, leaf = dotted.split(".")
         for name in parents:
-            node = node.setdefault(name, {})
+            child = node.setdefault(name, {})
+            if not isinstance(child, dict):
+                raise ConfigError(_one_line(f"{_override_label(overrides_source, dotted, value)}: {name} is not a "
+                                            "section"))
+            node = child
         node[leaf] = value
     try:
         return Config.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(_format_error(source, exc)) from None
+        if not overrides:
+            raise ConfigError(_format_error(source, exc)) from None
+        first = exc.errors()[0]
+        culprit = _override_at(first["loc"], overrides)
+        if culprit is None:  # not at an overridden key: the file's own error, unless the file alone is valid
+            try:
+                Config.model_validate(file_data)
+            except ValidationError as file_exc:
+                raise ConfigError(_format_error(source, file_exc)) from None
+            culprit = next(iter(overrides))
+        key = ".".join(str(p) for p in first["loc"])
+        where = "" if key == culprit else f"{key}: "
+        more = f" (+{exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
+        label = _override_label(overrides_source, culprit, overrides[culprit])
+        raise ConfigError(_one_line(f"{label}: {where}{_error_message(first)}{more}")) from None

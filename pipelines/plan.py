@@ -62,11 +62,14 @@ class StagePlan:
 class Pipeline:
     """The current state of one images folder + output folder + config, computed lazily and refreshed per stage."""
 
-    def __init__(self, images_dir: str | os.PathLike, out_dir: str | os.PathLike, config: Config):
+    def __init__(self, images_dir: str | os.PathLike, out_dir: str | os.PathLike, config: Config, *,
+                 retry_failed: bool = False):
         self.images_dir = Path(images_dir).expanduser().resolve()
         if not self.images_dir.is_dir():
             raise NotADirectoryError(f"images folder not found: {images_dir}")
         self.config = config
+        # Recompute cached per-item failures (e.g. after a library upgrade); cached successes stay cached.
+        self.retry_failed = retry_failed
         self.config_source = "<given>"  # where the config came from (a file, OUT/config.yaml, the defaults)
         self.layout = OutputLayout(out_dir)
         self.keys = stage_keys(config)
@@ -189,6 +192,8 @@ class Pipeline:
         items = self.items(stage)
         stored = self.stored(stage)
         done = {} if refresh else stored.done()
+        if self.retry_failed:
+            done = {k: row for k, row in done.items() if row.get("status") != STATUS_FAILED}
         invalid = {} if refresh else {k: why for k, why in stored.invalid.items() if k in items}
         if invalid and (stage, frozenset(invalid)) not in self._warned:  # each warning once per run
             self._warned.add((stage, frozenset(invalid)))
@@ -244,12 +249,14 @@ class Pipeline:
             if maps is None or maps["status"] != STATUS_OK:
                 continue
             scored = captions.get(image["image_id"])
-            # After captions: the regions that received a sentence (scored); before: every proposed region.
+            # After captions: the regions that received a sentence (scored); before: every proposed region; after
+            # structure: none proposed yet (None, not "no region").
             segments = (scored or {}).get("segments") if scored is not None else (
                 regions.get(image["image_id"]) or {}).get("segments")
             scored = scored or {}
             rows.append({**image, **{k: maps.get(k) for k in ("structure_path", "scribble_path")}, "status": STATUS_OK,
-                         "caption": scored.get("caption"), "segments": list(segments or [])})
+                         "caption": scored.get("caption"),
+                         "segments": None if stage == "structure" else list(segments or [])})
         return rows
 
     def manifest_digest(self) -> str | None:
@@ -280,17 +287,17 @@ def first_failures(plan: StagePlan, new_failures: list[dict]) -> list[dict]:
 
 # ---- the config of a run ---------------------------------------------------------------------------------------------
 def resolve_config(out_dir: str | os.PathLike, config_path: str | os.PathLike | None,
-                   overrides: dict | None = None) -> tuple[Config, str]:
+                   overrides: dict | None = None, *, overrides_source: str = "--set") -> tuple[Config, str]:
     """Return the run's config and where it came from: ``config_path``, else the config recorded in OUT by the run
-    that made the folder (so a single-stage re-run uses the same parameters), else the built-in defaults."""
+    that made the folder (so a single-stage re-run uses the same parameters), else the built-in defaults.
+    ``overrides`` (``{"section.key": value}``) apply on top; their errors name ``overrides_source`` and the key."""
     from configs import load_config
 
     if config_path is None:
         recorded = OutputLayout(out_dir).config_record
-        if recorded.is_file():
-            return load_config(recorded, overrides), str(recorded)
-        return load_config(None, overrides), "<defaults>"
-    return load_config(config_path, overrides), str(config_path)
+        config_path = recorded if recorded.is_file() else None
+    config = load_config(config_path, overrides, overrides_source=overrides_source)
+    return config, "<defaults>" if config_path is None else str(config_path)
 
 
 def record_config(layout: OutputLayout, config: Config) -> None:
@@ -306,6 +313,35 @@ def record_config(layout: OutputLayout, config: Config) -> None:
 
 
 # ---- preflight ---------------------------------------------------------------------------------------------------
+def missing_inputs(pipeline: Pipeline, stages: list[str]) -> str | None:
+    """Return one line when a selected stage's input is neither on disk nor made by an earlier selected stage (for
+    example ``--stages train`` on a folder without a manifest), else None."""
+    if not pipeline.scan.files:
+        extensions = ", ".join(pipeline.config.ingest.extensions)
+        return f"no images found in {pipeline.images_dir} (searched recursively for {extensions})"
+    if {"train", "evaluate"} & set(stages) and "manifest" not in stages and pipeline.manifest_digest() is None:
+        first = sorted({"train", "evaluate"} & set(stages), key=stages.index)[0]
+        return (f"stage {first} needs a manifest and {pipeline.layout.manifest_dir} has none: run the data stages "
+                "first (all stages, or --stages ingest,structure,regions,captions,filter,manifest)")
+    if "evaluate" in stages and "train" not in stages and not pipeline.done_rows("train"):
+        return ("stage evaluate needs the fine-tuned model of this manifest and config, and none is stored: run the "
+                "train stage first")
+    return None
+
+
+def stale_stages(pipeline: Pipeline, ran: list[str]) -> list[str]:
+    """Return the stages after the last one of ``ran`` whose stored results were computed from older inputs: they
+    have pending work now, or a stage before them does (a run of only ``structure`` leaves ``regions`` ... stale)."""
+    names = list(STAGE_DEFINITIONS)
+    if not ran:
+        return []
+    stale: list[str] = []
+    for stage in names[names.index(ran[-1]) + 1:]:
+        if stale or pipeline.plan(stage).pending:
+            stale.append(stage)
+    return stale
+
+
 def stages_with_work(pipeline: Pipeline, stages: list[str], refresh: set[str]) -> list[str]:
     """Return the selected stages that may have work: from the first one with pending items (or refreshed) on."""
     for index, stage in enumerate(stages):
