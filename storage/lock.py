@@ -29,14 +29,14 @@ class OutputFolderUnwritable(RuntimeError):
     """The output folder's lock record cannot be written (disk full, read-only); the message says why."""
 
 
-_held: dict[Path, list] = {}  # lock path -> [fd, depth]; re-entrancy inside this process
+_held: dict[Path, list] = {}  # lock path -> [fd, depth, folder created by us]; re-entrancy inside this process
 _guard = threading.Lock()
 
 
 def _close_in_child() -> None:
     # A forked child shares the parent's open file description; closing its descriptor drops the child's reference
     # without releasing the parent's lock, and keeps an orphaned child from holding the folder after the parent dies.
-    for fd, _depth in list(_held.values()):
+    for fd, *_rest in list(_held.values()):
         with contextlib.suppress(OSError):
             os.close(fd)
     _held.clear()
@@ -65,12 +65,14 @@ def acquire(layout: OutputLayout) -> None:
         if path in _held:
             _held[path][1] += 1
             return
+        created = not path.parent.exists()
         path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
+            _remove_if_unused(path, created)
             raise OutputFolderBusy(f"output folder {layout.root} is in use by run {_describe_holder(path)}") from None
         record = {
             "pid": os.getpid(),
@@ -83,9 +85,10 @@ def acquire(layout: OutputLayout) -> None:
         except OSError as exc:  # e.g. a full disk: nothing of the run could be written either
             fcntl.flock(fd, fcntl.LOCK_UN)
             os.close(fd)
+            _remove_if_unused(path, created)
             raise OutputFolderUnwritable(f"cannot write to output folder {layout.root}: {exc.strerror or exc}") \
                 from None
-        _held[path] = [fd, 1]
+        _held[path] = [fd, 1, created]
 
 
 def release(layout: OutputLayout) -> None:
@@ -102,8 +105,34 @@ def release(layout: OutputLayout) -> None:
         fd = entry[0]
         with contextlib.suppress(OSError):
             os.ftruncate(fd, 0)  # an empty file reads as "not held by anyone we know"
+        # Still locked while the unused folder is removed: nobody else can be between our unlink and rmdir.
+        _remove_if_unused(path, entry[2])
         fcntl.flock(fd, fcntl.LOCK_UN)
         os.close(fd)
+
+
+def release_all() -> None:
+    """Release every lock this process holds (an interrupted run, just before it exits)."""
+    with _guard:
+        paths = list(_held)
+    for path in paths:
+        with _guard:
+            entry = _held.get(path)
+            if entry is None:
+                continue
+            entry[1] = 1
+        release(OutputLayout(path.parent))
+
+
+def _remove_if_unused(path: Path, created: bool) -> None:
+    """Remove the lock file and the output folder that taking the lock created, when the run wrote nothing else
+    there (a run refused by its preflight leaves no empty folder holding a ``.lock``)."""
+    if not created:
+        return
+    with contextlib.suppress(OSError):
+        if [entry.name for entry in os.scandir(path.parent)] == [path.name]:
+            path.unlink()
+            path.parent.rmdir()
 
 
 @contextlib.contextmanager
