@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import sys
@@ -32,6 +33,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     run.add_argument("--dask-address", metavar="ADDR", help="Dask scheduler to use (default: a local cluster)")
     run.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", dest="overrides",
                      help="override one config value, e.g. --set structure.canny_low=50 (repeatable; VALUE is YAML)")
+    run.add_argument("--retry-failed", action="store_true",
+                     help="recompute items whose failure is cached (e.g. after a library upgrade); nothing else")
     run.add_argument("--verbose", action="store_true", help="show Prefect's own logs")
     run.set_defaults(handler=run_command)
 
@@ -100,71 +103,143 @@ def execute(
     dask_address: str | None,
     verbose: bool,
     overrides: dict | None = None,
+    retry_failed: bool = False,
+    command: str = "run",
 ) -> dict:
     """Load the config once, take the output folder's lock once, plan; when nothing is pending (and no Prefect server
     is configured) report the cached run without starting Prefect, else preflight and run the parent flow.
-    Prints the stage table in every case; raises ``PipelineFailed`` (carrying the report) when a stage failed."""
+    Prints the stage table in every case; raises ``PipelineFailed`` (carrying the report) when a stage failed.
+
+    Without ``PREFECT_API_URL`` the run starts its own API server (``flows.api_server``), while it plans when the
+    first stage has work. SIGINT and SIGTERM stop the run (``interrupts``)."""
+    from flows import interrupts
+
+    started = time.perf_counter()
+    _prepare_environment(verbose)
+    with interrupts.handling(command):
+        return _execute(started, images_dir, out_dir, config_path=config_path, stages=stages, refresh=refresh,
+                        runner=runner, dask_address=dask_address, overrides=overrides, retry_failed=retry_failed,
+                        command=command)
+
+
+def _execute(started, images_dir, out_dir, *, config_path, stages, refresh, runner, dask_address, overrides,
+             retry_failed, command) -> dict:
     from pipelines.engine import format_summary, summarize, write_report
-    from pipelines.plan import Pipeline, preflight, resolve_config, stages_with_work
+    from pipelines.plan import Pipeline, missing_inputs, preflight, resolve_config, stale_stages, stages_with_work
     from pipelines.stages import parse_stages
     from storage import lock
     from storage.layout import OutputLayout
 
-    started = time.perf_counter()
-    _prepare_environment(verbose)
+    from flows import interrupts
+
     layout = OutputLayout(out_dir)
     config, source = resolve_config(layout.root, config_path, overrides)  # one line on a bad config, before any work
     if config_path is None and source != "<defaults>":
         print(f"using the config recorded in {source}", file=sys.stderr)
     selected = parse_stages(stages)
     refreshed = parse_stages(refresh) if refresh else []
-    pipeline = Pipeline(images_dir, layout.root, config)  # a missing or empty folder: one line, nothing created
+    pipeline = Pipeline(images_dir, layout.root, config, retry_failed=retry_failed)  # a missing folder: one line
     pipeline.config_source = source
-    _require_images(pipeline)
+    problem = missing_inputs(pipeline, selected)  # no images, --stages train without a manifest: nothing created
+    if problem:
+        raise ValueError(problem)
+    api_url = os.environ.get("PREFECT_API_URL")
+    server = None
     # Taken once, before Prefect starts: a second writer of this folder fails at once (the flows re-enter it).
     with lock.output_lock(layout):
-        with_work = stages_with_work(pipeline, selected, set(refreshed))
-        if not with_work and not os.environ.get("PREFECT_API_URL"):
-            summaries = [summarize(pipeline.plan(stage), [], [], 0.0) for stage in selected]
-            report = write_report(pipeline, summaries, seconds=time.perf_counter() - started, not_run=[])
-        else:
-            preflight(pipeline, with_work)
-            report = _run_flow(pipeline, config_path=None if config_path is None else str(
-                Path(config_path).expanduser().resolve()), selected=selected, refreshed=refreshed, runner=runner,
-                dask_address=dask_address)
-    print(format_summary(report), flush=True)
+        try:
+            if not api_url and (refreshed or retry_failed or pipeline.plan(selected[0]).pending):
+                server = interrupts.own(_api_server())  # starts now: its start-up overlaps the planning below
+            with_work = stages_with_work(pipeline, selected, set(refreshed))
+            if not with_work and not api_url:
+                summaries = [summarize(pipeline.plan(stage), [], [], 0.0) for stage in selected]
+                report = write_report(pipeline, summaries, seconds=time.perf_counter() - started, not_run=[],
+                                      stale=stale_stages(pipeline, selected))
+                from flows.pipeline import refresh_explorer
+
+                report["explorer"] = refresh_explorer(pipeline, summaries)
+            else:
+                preflight(pipeline, with_work)
+                if not api_url:
+                    server = server or interrupts.own(_api_server())
+                report = _run_flow(pipeline, config_path=None if config_path is None else str(
+                    Path(config_path).expanduser().resolve()), selected=selected, refreshed=refreshed, runner=runner,
+                    dask_address=dask_address, retry_failed=retry_failed, server=server, command=command)
+        finally:
+            if server is not None:
+                server.stop()
+    print(format_summary(report) + _report_notes(report), flush=True)
     return report
 
 
-def _run_flow(pipeline, *, config_path, selected, refreshed, runner, dask_address) -> dict:
+def _api_server():
+    from flows.api_server import ApiServer
+
+    return ApiServer()
+
+
+def _report_notes(report: dict) -> str:
+    """Lines after the stage table: stale later stages, a run record that could not be written."""
+    lines = []
+    if report.get("stale"):
+        lines.append(f"computed from older inputs now: {', '.join(report['stale'])} (run them, or all stages, to "
+                     "bring them up to date)")
+    if report.get("record_error"):
+        lines.append(f"the run record was not written: {report['record_error']}")
+    return "".join("\n" + line for line in lines)
+
+
+def _run_flow(pipeline, *, config_path, selected, refreshed, runner, dask_address, retry_failed, server,
+              command) -> dict:
     from flows.pipeline import PipelineFailed, current_pipeline, structxlip_pipeline
     from pipelines.engine import format_summary
 
-    _watch_api(os.environ.get("PREFECT_API_URL"), command="run")
-    with current_pipeline(pipeline):
+    api_url = server.wait_ready() if server is not None else os.environ["PREFECT_API_URL"]
+    _watch_api(api_url, command=command, own=server is not None)
+    with current_pipeline(pipeline), _api_environment(api_url if server is not None else None):
         try:
             return structxlip_pipeline(images_dir=str(pipeline.images_dir), out_dir=str(pipeline.layout.root),
-                                       config_path=config_path, stages=selected, refresh=refreshed, runner=runner,
-                                       dask_address=dask_address)
+                                       config_path=config_path, stages=selected, refresh=refreshed,
+                                       retry_failed=retry_failed, runner=runner, dask_address=dask_address)
         except PipelineFailed as exc:
-            print(format_summary(exc.report), flush=True)
+            print(format_summary(exc.report) + _report_notes(exc.report), flush=True)
             raise
+
+
+@contextlib.contextmanager
+def _api_environment(api_url: str | None):
+    """Point this process's Prefect client (and the processes it starts: Dask workers) at ``api_url``."""
+    if api_url is None:
+        yield
+        return
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    previous = os.environ.get("PREFECT_API_URL")
+    os.environ["PREFECT_API_URL"] = api_url
+    try:
+        with temporary_settings({PREFECT_API_URL: api_url}):
+            yield
+    finally:
+        if previous is None:
+            os.environ.pop("PREFECT_API_URL", None)
+        else:
+            os.environ["PREFECT_API_URL"] = previous
 
 
 API_LOSS_GRACE_S = 15.0
 
 
-def _watch_api(api_url: str | None, *, command: str, grace_s: float = API_LOSS_GRACE_S) -> None:
-    """Watch a remote Prefect API from a daemon thread; when it stays unreachable for ``grace_s``, end the run.
+def _watch_api(api_url: str | None, *, command: str, own: bool = False, grace_s: float = API_LOSS_GRACE_S) -> None:
+    """Watch the Prefect API from a daemon thread; when it stays unreachable for ``grace_s``, end the run with one
+    line (reported once).
 
     Without this, a run whose server stops retries every API call with back-off for minutes and then hangs at exit
     flushing events. Every output is written atomically and every finished chunk is cached, so ending the process
     at once is safe: a re-run against the restarted server resumes where this one stopped.
     """
     if not api_url:
-        return  # the ephemeral API lives and dies with this process
+        return
     import threading
-    import time
 
     import httpx
 
@@ -180,22 +255,14 @@ def _watch_api(api_url: str | None, *, command: str, grace_s: float = API_LOSS_G
             now = time.monotonic()
             down_since = None if ok else (down_since or now)
             if down_since is not None and now - down_since >= grace_s:
-                print(f"structxlip {command}: error: lost the Prefect API at {api_url} for {grace_s:.0f} s; finished "
-                      "chunks are cached, re-run the same command once the server is back", file=sys.stderr, flush=True)
-                from pipelines import workers
+                what = "the run's Prefect API server" if own else f"the Prefect API at {api_url}"
+                from flows import interrupts
 
-                workers.abort()
-                os._exit(2)
+                interrupts.abort_run(f"structxlip {command}: error: lost {what} for {grace_s:.0f} s; finished "
+                                     "chunks are cached, re-run the same command once the server is back", code=2)
             time.sleep(2.0)
 
     threading.Thread(target=watch, name="prefect-api-watch", daemon=True).start()
-
-
-def _require_images(pipeline) -> None:
-    """Raise a one-line error when the images folder holds no image file (a run would silently do nothing)."""
-    if not pipeline.scan.files:
-        extensions = ", ".join(pipeline.config.ingest.extensions)
-        raise ValueError(f"no images found in {pipeline.images_dir} (searched recursively for {extensions})")
 
 
 def run_command(args: argparse.Namespace) -> int:
@@ -203,7 +270,7 @@ def run_command(args: argparse.Namespace) -> int:
     report = execute(
         args.images_dir, args.out, config_path=args.config, stages=_split([args.stages]) if args.stages else None,
         refresh=_split(args.refresh), runner=args.runner, dask_address=args.dask_address, verbose=args.verbose,
-        overrides=parse_overrides(args.overrides),
+        overrides=parse_overrides(args.overrides), retry_failed=args.retry_failed,
     )
     return 0 if report else 1
 
@@ -216,10 +283,6 @@ def demo_command(args: argparse.Namespace) -> int:
                      dask_address=None, verbose=args.verbose)
     layout = OutputLayout(args.out)
     keys = _stage_keys(str(DEMO_CONFIG))
-    from configs import load_config
-    from pipelines.report import write_report
-
-    explorer = write_report(layout.root, vocab_dir=load_config(DEMO_CONFIG).filter.vocab_dir)
     print(
         "\nOutputs:\n"
         f"  manifest     {layout.manifest_dir}   (python -c \"import duckdb; duckdb.sql(\\\"select * from "
@@ -229,7 +292,8 @@ def demo_command(args: argparse.Namespace) -> int:
         f"  checkpoint   {layout.checkpoints_dir}  (model: {layout.model_dir})\n"
         f"  metrics      {layout.eval_metrics}\n"
         f"  run summary  {layout.runs_dir}\n"
-        f"  explorer     {explorer.path}   (open it in a browser: manifest, maps, regions, quality, retrieval)\n"
+        f"  explorer     {report.get('explorer')}   (open it in a browser: manifest, maps, regions, quality, "
+        "retrieval)\n"
         "Open the Prefect UI with `make ui` (http://127.0.0.1:4200), then run the demo again with\n"
         "PREFECT_API_URL=http://127.0.0.1:4200/api to see its flow runs, stage summaries and galleries.",
         file=sys.stdout,
@@ -255,6 +319,7 @@ def add_serve_command(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--config", metavar="FILE", help="YAML config used by runs that do not pass config_path")
     parser.add_argument("--limit", type=int, default=None, metavar="N", help="at most N flow runs at once")
+    parser.add_argument("--verbose", action="store_true", help="log every Prefect API call (httpx) too")
     parser.set_defaults(handler=serve_command)
 
 
@@ -264,6 +329,9 @@ def serve_command(args: argparse.Namespace) -> int:
     from flows.serve import serve_flows
 
     _prepare_environment(verbose=True)
+    if not args.verbose:
+        # The runner polls the API every few seconds; one INFO line per HTTP request drowns the flow runs' logs.
+        logging.getLogger("httpx").setLevel(logging.WARNING)
     if args.config is not None:
         load_config(args.config)  # fail now in one line rather than in every triggered run
     if args.limit is not None and args.limit <= 0:

@@ -18,10 +18,12 @@ import gc
 import multiprocessing
 import os
 import signal
+import sys
 import threading
 from concurrent import futures
 from concurrent.futures.process import BrokenProcessPool
 
+_TRACKER_QUIET = "ignore::UserWarning:multiprocessing.resource_tracker"
 _lock = threading.Lock()
 _pool: futures.ProcessPoolExecutor | None = None
 _size = 0
@@ -74,6 +76,10 @@ def pool(workers: int) -> futures.ProcessPoolExecutor:
         if _pool is None or _size != workers:
             if _pool is not None:
                 _pool.shutdown(wait=False, cancel_futures=True)
+            # An aborted run (Ctrl-C, a lost API) exits without closing the pool's queues: the resource tracker then
+            # unlinks their semaphores, as it should, but would also warn about each on stderr.
+            if _TRACKER_QUIET not in sys.warnoptions:
+                sys.warnoptions.append(_TRACKER_QUIET)
             context = multiprocessing.get_context("forkserver")
             context.set_forkserver_preload(["pipelines.engine"])
             _pool = futures.ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker,

@@ -1,0 +1,126 @@
+"""Ending a CLI run on SIGINT/SIGTERM (or a lost API): stop everything the run started, then exit at once.
+
+On a signal the run prints one line, marks its Prefect flow runs (and their unfinished task runs) Cancelled while the
+run's own API server is still up, kills the engine's worker processes and every other process the run started (Dask
+workers, the forkserver), stops the API server, releases the output folder's lock and exits with 128 + the signal
+(130 for SIGINT, 143 for SIGTERM). No traceback, no retries against a dead API. Every output is written atomically
+and every finished chunk is recorded in the stage store, so the same command resumes where this one stopped.
+A second signal during the clean-up exits at once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import sys
+import threading
+
+CLEANUP_TIMEOUT_S = 8.0
+_state = {"command": "run", "ending": False}
+_servers: list = []  # the run's own API servers (flows.api_server.ApiServer)
+
+
+@contextlib.contextmanager
+def handling(command: str):
+    """Handle SIGINT and SIGTERM for the duration of the block (main thread only), then restore the handlers."""
+    _state.update(command=command, ending=False)
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {signum: signal.signal(signum, _on_signal) for signum in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        _servers.clear()
+
+
+def own(server):
+    """Register the run's API server: stopped last by a clean-up (after the runs are marked Cancelled through it)."""
+    _servers.append(server)
+    return server
+
+
+def _on_signal(signum: int, _frame) -> None:
+    name = signal.Signals(signum).name
+    abort_run(f"structxlip {_state['command']}: interrupted ({name}): finished chunks are kept; run the same command "
+              "to resume", code=128 + signum, reason=f"interrupted by {name}")
+
+
+def abort_run(message: str, *, code: int, reason: str | None = None) -> None:
+    """Print ``message``, stop everything the run started (see the module docstring) and exit with ``code``."""
+    if _state["ending"]:
+        os._exit(code)
+    _state["ending"] = True
+    with contextlib.suppress(Exception):
+        print(message, file=sys.stderr, flush=True)
+    cleaner = threading.Thread(target=_clean_up, args=(reason or message,), name="run-clean-up", daemon=True)
+    cleaner.start()
+    cleaner.join(CLEANUP_TIMEOUT_S)
+    with contextlib.suppress(Exception):
+        sys.stdout.flush()
+        sys.stderr.flush()
+    os._exit(code)
+
+
+def _clean_up(reason: str) -> None:
+    from pipelines import workers
+
+    with contextlib.suppress(Exception):
+        workers.abort()
+    with contextlib.suppress(Exception):
+        _cancel_flow_runs(reason)
+    with contextlib.suppress(Exception):
+        # The resource tracker ends by itself when this process exits, unlinking what the killed pool left behind.
+        from multiprocessing import resource_tracker
+
+        tracker = getattr(resource_tracker._resource_tracker, "_pid", None)
+        _kill_children(keep={server.process.pid for server in _servers} | ({tracker} if tracker else set()))
+
+    for server in _servers:
+        with contextlib.suppress(Exception):
+            server.stop(timeout_s=3.0)
+    with contextlib.suppress(Exception):
+        from storage import lock
+
+        lock.release_all()
+
+
+def _cancel_flow_runs(reason: str) -> None:
+    """Mark this process's flow runs in progress, and their unfinished task runs, Cancelled (API still up only).
+
+    Plain REST calls on a client of their own: the interrupted main thread may hold the Prefect client's locks."""
+    pipeline = sys.modules.get("flows.pipeline")
+    run_ids = list(getattr(pipeline, "ACTIVE_FLOW_RUNS", []) or [])
+    api_url = os.environ.get("PREFECT_API_URL")
+    if not run_ids or not api_url:
+        return
+    import httpx
+
+    state = {"type": "CANCELLED", "name": "Cancelled", "message": reason}
+    with httpx.Client(base_url=api_url.rstrip("/") + "/", timeout=3.0) as client:
+        found = client.post("task_runs/filter", json={
+            "flow_runs": {"id": {"any_": run_ids}},
+            "task_runs": {"state": {"type": {"any_": ["RUNNING", "PENDING", "SCHEDULED"]}}}})
+        for task_run in found.json() if found.status_code == 200 else []:
+            client.post(f"task_runs/{task_run['id']}/set_state", json={"state": state, "force": True})
+        for run_id in reversed(run_ids):  # the innermost (stage) run first, the parent last
+            client.post(f"flow_runs/{run_id}/set_state", json={"state": state, "force": True})
+
+
+def _kill_children(keep: set[int]) -> None:
+    """Kill every process this one started (recursively), except ``keep`` and their children."""
+    import psutil
+
+    me = psutil.Process()
+    kept = set(keep)
+    for pid in keep:
+        with contextlib.suppress(psutil.Error):
+            kept |= {child.pid for child in psutil.Process(pid).children(recursive=True)}
+    children = [child for child in me.children(recursive=True) if child.pid not in kept]
+    for child in children:
+        with contextlib.suppress(psutil.Error):
+            child.kill()
+    psutil.wait_procs(children, timeout=3.0)
