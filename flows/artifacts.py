@@ -189,41 +189,80 @@ def publish_quality(out_dir: str | os.PathLike, *, vocab_dir: str | None, namesp
     return ids
 
 
+HEADLINE = (("t2i/R@1", "text -> image R@1"), ("i2t/R@1", "image -> text R@1"))
+
+
+def headline_rows(metrics: dict | None) -> list[tuple[str, float | None, float | None]]:
+    """Return ``(label, zero-shot, fine-tuned)`` for the headline recalls of ``metrics.json`` (None where absent)."""
+    if not metrics:
+        return []
+    zero_shot = metrics.get("zero_shot") or {}
+    return [(label, zero_shot.get(key), metrics.get(key)) for key, label in HEADLINE if key in metrics]
+
+
+def _percent(value: float | None) -> str:
+    return "n/a" if value is None else f"{100 * float(value):.1f}%"
+
+
+def _artifact_link(label: str, artifact_id: str, ui_url: str | None) -> str:
+    return f"[{label}]({ui_url.rstrip('/')}/artifacts/artifact/{artifact_id})" if ui_url else f"`{label}`"
+
+
 def run_summary_markdown(report: dict, *, namespace: str, config_source: str, ui_url: str | None = None,
-                         explorer: str | None = None) -> str:
-    """Return the parent run's summary: per-stage counts and seconds, the folders, the config, links to artifacts."""
-    lines = ["# StructXLIP pipeline run", "",
-             f"- images: `{report['images_dir']}`", f"- output: `{report['out_dir']}`", f"- config: `{config_source}`",
-             f"- total: {report['seconds']:.1f} s", ""]
+                         explorer: str | None = None, metrics: dict | None = None) -> str:
+    """Return the run's landing page: headline recall (zero-shot vs fine-tuned), per-stage counts and seconds, a
+    link to every artifact this run published (by id: each resolves to this run's artifact), stale later stages,
+    the folders, the config and the static explorer."""
+    lines = ["# StructXLIP pipeline run", ""]
+    headline = headline_rows(metrics)
+    if headline:
+        lines += [f"Retrieval on {metrics.get('n_pairs', '?')} test pairs:", "",
+                  "| metric | zero-shot | fine-tuned | change |", "|---|---|---|---|"]
+        for label, zero, tuned in headline:
+            change = "n/a" if zero is None or tuned is None else f"{100 * (float(tuned) - float(zero)):+.1f} pts"
+            lines.append(f"| {label} | {_percent(zero)} | {_percent(tuned)} | {change} |")
+        lines.append("")
+    lines += [f"- images: `{report['images_dir']}`", f"- output: `{report['out_dir']}`", f"- config: `{config_source}`",
+              f"- total: {report['seconds']:.1f} s", ""]
     lines += ["| stage | processed | cached | failed | seconds | artifacts |", "|---|---|---|---|---|---|"]
     for s in report["stages"]:
-        keys = [artifact_key(namespace, s["stage"], "summary")]
-        if s.get("failed"):
-            keys.append(artifact_key(namespace, s["stage"], "failures"))
-        links = ", ".join(f"[{k.removeprefix(namespace + '-')}]({ui_url.rstrip('/')}/artifacts/key/{k})" if ui_url
-                          else f"`{k}`" for k in keys)
+        published = s.get("artifacts") or {}
+        links = ", ".join(_artifact_link(label, artifact_id, ui_url) for label, artifact_id in published.items())
         status = " (failed)" if s.get("status") == "failed" else ""
         lines.append(f"| {s['stage']}{status} | {s['processed']} | {s['cached']} | {s['failed']} | "
-                     f"{float(s['seconds']):.2f} | {links} |")
+                     f"{float(s['seconds']):.2f} | {links or '-'} |")
     for stage in report.get("not_run") or []:
         lines.append(f"| {stage} | not run (an earlier stage failed) | | | | |")
+    if report.get("stale"):
+        lines += ["", f"**Computed from older inputs:** {', '.join(report['stale'])}. This run changed a stage before "
+                  "them; run them (or the whole pipeline) to bring them up to date."]
     if explorer:
-        lines += ["", f"Static explorer (open from disk): `{explorer}`"]
+        lines += ["", f"Static explorer (open from disk, no server): `{explorer}`"]
+    if report.get("record_error"):
+        lines += ["", f"The run record was not written: {report['record_error']}"]
     return "\n".join(lines) + "\n"
 
 
-def publish_run_summary(report: dict, *, namespace: str, config_source: str, explorer: str | None = None) -> UUID:
-    """Create the ``<namespace>-run-summary`` markdown on the parent flow run."""
+def publish_run_summary(report: dict, *, namespace: str, config_source: str, explorer: str | None = None,
+                        metrics_path: str | None = None) -> UUID:
+    """Create the ``<namespace>-run-summary`` markdown on the flow run (see ``run_summary_markdown``)."""
     from prefect.artifacts import create_markdown_artifact
     from prefect.settings import get_current_settings
 
     api = get_current_settings().api.url
     ui_url = str(api).removesuffix("/api") if api else None
+    metrics = None
+    if metrics_path and Path(metrics_path).is_file():
+        try:
+            metrics = json.loads(Path(metrics_path).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            metrics = None
     return create_markdown_artifact(
         markdown=run_summary_markdown(report, namespace=namespace, config_source=config_source, ui_url=ui_url,
-                                      explorer=explorer),
+                                      explorer=explorer, metrics=metrics),
         key=artifact_key(namespace, "run-summary"),
-        description=f"Pipeline run{_where(report['images_dir'], report['out_dir'])}: every stage's counts and links.",
+        description=f"Pipeline run{_where(report['images_dir'], report['out_dir'])}: headline recall, every stage's "
+                    "counts and links to this run's artifacts.",
     )
 
 

@@ -2,28 +2,33 @@
 
 Thin by design: what a stage is, which items are pending and how a chunk is processed live in ``pipelines.stages``,
 ``pipelines.plan`` and ``pipelines.engine``. A flow maps the pending chunks of its plan over the task runner,
-publishes artifacts and ends Failed (red in the UI) when a chunk failed. Every flow takes the same parameters
-(``images_dir``, ``out_dir``, ``config_path``, ``refresh``); without ``config_path`` it reuses the config recorded in
-``OUT/config.yaml`` by the run that made the folder, so a single-stage re-run keys its work exactly like that run.
+publishes artifacts and ends Failed (red in the UI) when a chunk failed.
+
+Every flow entry behaves like the CLI: the config (``config_path``, else ``OUT/config.yaml`` of the run that made the
+folder, else the defaults) with ``overrides`` applied exactly like ``--set``, then the same preflight (models, spaCy,
+SAM, a writable output folder) before any stage: a problem ends the run Failed within seconds with the one-line
+reason as its state message and nothing computed. The effective config is recorded in ``OUT/config.yaml``, so a CLI
+run and a deployment run with the same values key identically.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import sys
 import time
 from pathlib import Path
-from typing import Literal, get_args
+from typing import Any, Literal
 
 from prefect import flow
 from prefect.futures import as_completed
 from prefect.settings import temporary_settings
+from prefect.states import Failed
 
 from configs.schema import STAGES
 from pipelines.engine import StageFailed, run_plan, write_report
-from pipelines.plan import Pipeline, record_config, resolve_config
+from pipelines.plan import (Pipeline, missing_inputs, preflight, record_config, resolve_config, stale_stages,
+                            stages_with_work)
 from pipelines.stages import STAGE_DEFINITIONS, parse_stages
 from storage import lock
 
@@ -32,6 +37,7 @@ from flows.tasks import STAGE_TASKS
 
 log = logging.getLogger("structxlip.flows")
 _current: list[Pipeline] = []  # the pipeline of the run in progress in this process (config loaded once per run)
+ACTIVE_FLOW_RUNS: list[str] = []  # ids of this process's flow runs in progress (an interrupt marks them Cancelled)
 
 
 class PipelineFailed(RuntimeError):
@@ -42,14 +48,24 @@ class PipelineFailed(RuntimeError):
         super().__init__(str(failed))
 
 
-def open_pipeline(images_dir: str, out_dir: str, config_path: str | None) -> Pipeline:
-    """Return the run's ``Pipeline``: the one the parent flow (or CLI) opened for these folders, else a new one."""
+def _find_current(images_dir: str, out_dir: str) -> Pipeline | None:
     images, out = Path(images_dir).expanduser().resolve(), Path(out_dir).expanduser().resolve()
     for pipeline in _current:
         if pipeline.images_dir == images and pipeline.layout.root == out:
             return pipeline
-    config, source = resolve_config(out, config_path)
-    pipeline = Pipeline(images, out, config)
+    return None
+
+
+def open_pipeline(images_dir: str, out_dir: str, config_path: str | None, overrides: dict | None = None, *,
+                  retry_failed: bool = False) -> Pipeline:
+    """Return the run's ``Pipeline``: the one the parent flow (or CLI) opened for these folders, else a new one with
+    the config resolved like the CLI's (``overrides`` validated like ``--set``)."""
+    found = _find_current(images_dir, out_dir)
+    if found is not None:
+        return found
+    config, source = resolve_config(Path(out_dir).expanduser().resolve(), config_path, overrides,
+                                    overrides_source="overrides")
+    pipeline = Pipeline(images_dir, out_dir, config, retry_failed=retry_failed)
     pipeline.config_source = source
     return pipeline
 
@@ -62,6 +78,22 @@ def current_pipeline(pipeline: Pipeline):
         yield pipeline
     finally:
         _current.remove(pipeline)
+
+
+@contextlib.contextmanager
+def _tracked_flow_run():
+    """Record the flow run in progress in ``ACTIVE_FLOW_RUNS`` (an interrupted CLI marks those runs Cancelled)."""
+    from prefect.context import FlowRunContext
+
+    context = FlowRunContext.get()
+    run_id = str(context.flow_run.id) if context is not None and context.flow_run is not None else None
+    if run_id:
+        ACTIVE_FLOW_RUNS.append(run_id)
+    try:
+        yield
+    finally:
+        if run_id:
+            ACTIVE_FLOW_RUNS.remove(run_id)
 
 
 def run_stage(pipeline: Pipeline, stage: str, refresh: bool) -> dict:
@@ -93,18 +125,19 @@ def run_stage(pipeline: Pipeline, stage: str, refresh: bool) -> dict:
                 _progress(pipeline, stage, done, len(plan.pending))
                 yield index, outcome
 
-    try:
-        summary = run_plan(plan, pipeline.layout, refresh=refresh, execute=execute)
-    except StageFailed as failed:
-        _publish(pipeline, failed.summary)
-        _log_summary(failed.summary)
-        log.error("%s", failed.summary["error"])
-        raise
-    finally:
-        pipeline.invalidate(stage)
-    _publish(pipeline, summary)
-    _log_summary(summary)
-    return summary
+    with _tracked_flow_run():
+        try:
+            summary = run_plan(plan, pipeline.layout, refresh=refresh, execute=execute)
+        except StageFailed as failed:
+            _publish(pipeline, failed.summary)
+            _log_summary(failed.summary)
+            log.error("%s", failed.summary["error"])
+            raise
+        finally:
+            pipeline.invalidate(stage)
+        _publish(pipeline, summary)
+        _log_summary(summary)
+        return summary
 
 
 def _log_summary(summary: dict) -> None:
@@ -138,36 +171,45 @@ GALLERY = {"structure": "structure", "regions": "regions", "captions": "regions"
 
 def _publish(pipeline: Pipeline, summary: dict) -> None:
     """Send the stage's artifacts to Prefect; a reporting error never fails a run (the data is already on disk).
-    Records the CPU seconds it took in ``summary["publish_cpu_s"]`` (galleries, the quality report's plots)."""
+    Records the artifacts' ids in ``summary["artifacts"]`` (the run summary links them) and the CPU seconds it took
+    in ``summary["publish_cpu_s"]`` (galleries, the quality report's plots)."""
     started = time.thread_time()
     try:
-        _publish_artifacts(pipeline, summary)
+        summary["artifacts"] = _publish_artifacts(pipeline, summary)
     finally:
         summary["publish_cpu_s"] = round(time.thread_time() - started, 3)
 
 
-def _publish_artifacts(pipeline: Pipeline, summary: dict) -> None:
+def _publish_artifacts(pipeline: Pipeline, summary: dict) -> dict[str, str]:
+    """Return ``{artifact label: artifact id}`` of what was published for the stage."""
+    published: dict[str, Any] = {}
     try:
         from flows import artifacts
 
         namespace = namespace_of(pipeline)
         where = f" from `{pipeline.images_dir}` into `{pipeline.layout.root}`"
         stage = summary["stage"]
-        artifacts.publish_stage_summary(artifacts.StageSummary(
+        ids = artifacts.publish_stage_summary(artifacts.StageSummary(
             stage, summary["processed"], summary["cached"], summary["failed"], float(summary["seconds"]),
             list(summary.get("failures") or [])), namespace=namespace, where=where)
+        published.update({f"{stage} {kind}": value for kind, value in ids.items()})
         if stage in GALLERY and summary["processed"]:
-            artifacts.publish_gallery(GALLERY[stage], str(pipeline.layout.root), pipeline.example_rows(stage),
-                                      namespace=namespace, where=where)
+            published[f"{stage} gallery"] = artifacts.publish_gallery(
+                GALLERY[stage], str(pipeline.layout.root), pipeline.example_rows(stage), namespace=namespace,
+                where=where)
         if stage == "manifest" and summary["processed"]:
-            artifacts.publish_quality(pipeline.layout.root, vocab_dir=pipeline.config.filter.vocab_dir,
-                                      namespace=namespace, where=where)
+            quality = artifacts.publish_quality(pipeline.layout.root, vocab_dir=pipeline.config.filter.vocab_dir,
+                                                namespace=namespace, where=where)
+            published.update({f"quality {name.replace('_', ' ')}": value for name, value in quality.items()})
         if stage == "train" and summary["processed"]:
-            artifacts.publish_training(pipeline.layout.root, namespace=namespace, where=where)
+            published["training curves"] = artifacts.publish_training(pipeline.layout.root, namespace=namespace,
+                                                                       where=where)
         if stage == "evaluate" and summary["processed"]:
-            artifacts.publish_evaluation(pipeline.layout.root, namespace=namespace, where=where)
+            recall = artifacts.publish_evaluation(pipeline.layout.root, namespace=namespace, where=where) or {}
+            published.update({f"recall {kind}": value for kind, value in recall.items()})
     except Exception as exc:  # noqa: BLE001
         log.warning("could not publish %s artifacts: %s", summary["stage"], exc)
+    return {label: str(value) for label, value in published.items() if value is not None}
 
 
 def _run_name(prefix: str):
@@ -184,37 +226,129 @@ def _run_name(prefix: str):
     return name
 
 
+# ---- a flow entry: what the CLI does before and after the stages ----------------------------------------------------
+def run_entry(images_dir: str, out_dir: str, *, config_path: str | None, overrides: dict | None, retry_failed: bool,
+              stages: list[str], refresh: list[str], runner: str | None = None, dask_address: str | None = None,
+              inline_first: bool = False) -> dict | Failed:
+    """Run ``stages`` as one entry (the parent flow, or a stage flow run on its own) and return the run report.
+
+    Outside the CLI (a deployment, a served flow, a script), the config is resolved and preflighted here first: a
+    problem returns a Failed state whose message is the one-line reason, before anything is computed or created.
+    ``inline_first`` runs the first stage in this flow run (a stage flow), the others as subflows.
+    """
+    started = time.perf_counter()
+    nested = _find_current(images_dir, out_dir) is not None  # the CLI opened it: config, preflight and lock done
+    try:
+        pipeline = open_pipeline(images_dir, out_dir, config_path, overrides, retry_failed=retry_failed)
+        if not nested:
+            problem = missing_inputs(pipeline, stages)
+            if problem:
+                raise ValueError(problem)
+            preflight(pipeline, stages_with_work(pipeline, stages, set(refresh)))
+    except (ValueError, OSError, RuntimeError) as exc:  # ConfigError is a ValueError
+        log.error("%s", exc)
+        return Failed(message=" ".join(str(exc).split()))
+    runner = runner or pipeline.config.runtime.runner
+    summaries: list[dict] = []
+    failure: StageFailed | None = None
+    try:
+        held = lock.output_lock(pipeline.layout)
+        held.__enter__()
+    except RuntimeError as exc:  # another run holds the folder, or it cannot be written
+        return Failed(message=str(exc))
+    try:
+        # Prefect 3.8 joins a 1 s heartbeat thread at the end of every flow run; stage subflows need no heartbeat.
+        with current_pipeline(pipeline), _tracked_flow_run(), contextlib.ExitStack() as stack:
+            stack.enter_context(temporary_settings(updates={"flows.heartbeat_frequency": None}))
+            record_config(pipeline.layout, pipeline.config)
+            address = dask_address or pipeline.config.runtime.dask_address
+            if runner == "dask":
+                address = stack.enter_context(dask_scheduler(address, pipeline.config.runtime.dask_workers))
+            for index, stage in enumerate(stages):
+                try:
+                    if inline_first and index == 0:
+                        summaries.append(run_stage(pipeline, stage, stage in refresh))
+                        continue
+                    stage_flow = STAGE_FLOWS[stage].with_options(
+                        task_runner=make_runner(runner, address, pipeline.config.runtime.workers))
+                    summaries.append(stage_flow(images_dir=str(pipeline.images_dir),
+                                                out_dir=str(pipeline.layout.root), refresh=stage in refresh))
+                except StageFailed as exc:
+                    summaries.append(exc.summary)
+                    failure = exc
+                    break
+        report = write_report(pipeline, summaries, seconds=time.perf_counter() - started,
+                              not_run=[s for s in stages if s not in {x["stage"] for x in summaries}],
+                              stale=stale_stages(pipeline, stages) if failure is None else [])
+        report["explorer"] = refresh_explorer(pipeline, summaries)
+    finally:
+        held.__exit__(None, None, None)
+    with contextlib.suppress(Exception):  # a report, never a reason to fail the run
+        from flows.artifacts import publish_run_summary
+
+        publish_run_summary(report, namespace=namespace_of(pipeline), config_source=pipeline.config_source,
+                            explorer=report["explorer"], metrics_path=str(pipeline.layout.eval_metrics))
+    if failure is not None:
+        raise PipelineFailed(report, failure)
+    return report
+
+
+def refresh_explorer(pipeline: Pipeline, summaries: list[dict]) -> str | None:
+    """Write the static explorer (``OUT/report/index.html``) when this run changed anything or it is missing; return
+    its path (None without a manifest). A report error never fails the run."""
+    layout = pipeline.layout
+    if not any(layout.manifest_dir.glob("*.parquet")):
+        return None
+    index = layout.report_index
+    if index.is_file() and not any(s.get("processed") for s in summaries):
+        return str(index)
+    try:
+        from pipelines.report import write_report as write_explorer
+
+        return str(write_explorer(layout.root, vocab_dir=pipeline.config.filter.vocab_dir).path)
+    except Exception as exc:  # noqa: BLE001
+        log.warning("could not write the explorer: %s", exc)
+        return str(index) if index.is_file() else None
+
+
 PARAMETER_DOCS = """
     Args:
         images_dir: Folder of input images (searched recursively) with optional captions.jsonl/csv or NAME.txt.
         out_dir: Output folder (stage store, manifest, maps, crops, train/, eval/); one writer at a time.
         config_path: YAML config; empty = the config recorded in OUT/config.yaml by the run that made the folder,
-            else the built-in defaults (the published StructXLIP values)."""
+            else the built-in defaults (the published StructXLIP values).
+        overrides: Config values to change, as {"section.key": value}, e.g. {"structure.canny_low": 50}: the same
+            as the CLI's --set; validated before anything runs.
+        retry_failed: Recompute items whose failure is cached (e.g. after a library upgrade)."""
 
 
 def _stage_flow(stage: str):
     definition = STAGE_DEFINITIONS[stage]
 
-    def stage_flow(images_dir: str, out_dir: str, config_path: str | None = None, refresh: bool = False) -> dict:
-        pipeline = open_pipeline(images_dir, out_dir, config_path)
-        with lock.output_lock(pipeline.layout):
-            return run_stage(pipeline, stage, refresh)
+    def stage_flow(images_dir: str, out_dir: str, config_path: str | None = None,
+                   overrides: dict[str, Any] | None = None, refresh: bool = False, retry_failed: bool = False,
+                   downstream: bool = False) -> dict:
+        if _find_current(images_dir, out_dir) is not None:  # a subflow of the parent (or the CLI's) run
+            return run_stage(open_pipeline(images_dir, out_dir, config_path), stage, refresh)
+        selected = list(STAGES[STAGES.index(stage):]) if downstream else [stage]
+        return run_entry(images_dir, out_dir, config_path=config_path, overrides=overrides,
+                         retry_failed=retry_failed, stages=selected, refresh=[stage] if refresh else [],
+                         inline_first=True)
 
     # Deployments load a flow by "flows/pipeline.py:<stage>_flow"; the function's names must say the same.
     stage_flow.__name__ = stage_flow.__qualname__ = f"{stage}_flow"
     stage_flow.__doc__ = (definition.description + "\n" + PARAMETER_DOCS +
-                          "\n        refresh: Recompute this stage even where its results are stored.\n")
+                          "\n        refresh: Recompute this stage even where its results are stored."
+                          "\n        downstream: Also run every later stage, so none is left computed from older "
+                          "inputs.\n")
     return flow(name=stage, description=definition.description, task_runner=default_runner(),
                 validate_parameters=True, flow_run_name=_run_name(stage))(stage_flow)
 
 
 STAGE_FLOWS = {stage: _stage_flow(stage) for stage in STAGES}
-ingest_flow, structure_flow, regions_flow, captions_flow, filter_flow, manifest_flow, train_flow, evaluate_flow = (
-    STAGE_FLOWS[s] for s in STAGES)
+globals().update({f"{stage}_flow": stage_flow for stage, stage_flow in STAGE_FLOWS.items()})
 
-
-StageName = Literal["ingest", "structure", "regions", "captions", "filter", "manifest", "train", "evaluate"]
-assert get_args(StageName) == STAGES
+StageName = Literal[STAGES]  # type: ignore[valid-type] - the registry's names, one choice each in the run form
 
 
 @flow(name="structxlip-pipeline", description="StructXLIP data preparation, fine-tuning and evaluation, cached per stage.",
@@ -223,8 +357,10 @@ def structxlip_pipeline(
     images_dir: str,
     out_dir: str,
     config_path: str | None = None,
+    overrides: dict[str, Any] | None = None,
     stages: list[StageName] | None = None,
     refresh: list[StageName] | None = None,
+    retry_failed: bool = False,
     runner: Literal["local", "dask"] | None = None,
     dask_address: str | None = None,
 ) -> dict:
@@ -237,46 +373,22 @@ def structxlip_pipeline(
         out_dir: Output folder (stage store, manifest, maps, crops, train/, eval/); one writer at a time.
         config_path: YAML config; empty = the config recorded in OUT/config.yaml by the run that made the folder,
             else the built-in defaults (the published StructXLIP values).
-        stages: Stages to run, in pipeline order; empty = all eight.
+        overrides: Config values to change, as {"section.key": value}, e.g. {"structure.canny_low": 50}: the same
+            as the CLI's --set; validated before anything runs.
+        stages: Stages to run, in pipeline order; empty = all of them.
         refresh: Stages to recompute even where their results are stored.
+        retry_failed: Recompute items whose failure is cached (e.g. after a library upgrade).
         runner: "local" (a thread pool in this process) or "dask"; empty = runtime.runner of the config.
         dask_address: A running Dask scheduler; empty with runner "dask" starts a LocalCluster for the run.
     """
-    started = time.perf_counter()
-    pipeline = open_pipeline(images_dir, out_dir, config_path)
-    selected = parse_stages(stages)
-    refreshed = set(parse_stages(refresh)) if refresh else set()
-    runner = runner or pipeline.config.runtime.runner
-    summaries: list[dict] = []
-    failure: StageFailed | None = None
-    # Prefect 3.8 joins a 1 s heartbeat thread at the end of every flow run; stage subflows need no heartbeat.
-    with lock.output_lock(pipeline.layout), current_pipeline(pipeline), contextlib.ExitStack() as stack:
-        stack.enter_context(temporary_settings(updates={"flows.heartbeat_frequency": None}))
-        record_config(pipeline.layout, pipeline.config)
-        address = dask_address or pipeline.config.runtime.dask_address
-        if runner == "dask":
-            address = stack.enter_context(dask_scheduler(address, pipeline.config.runtime.dask_workers))
-        for stage in selected:
-            stage_flow = STAGE_FLOWS[stage].with_options(task_runner=make_runner(runner, address, pipeline.config.runtime.workers))
-            try:
-                summaries.append(stage_flow(images_dir=str(pipeline.images_dir), out_dir=str(pipeline.layout.root),
-                                            config_path=config_path, refresh=stage in refreshed))
-            except StageFailed as exc:
-                summaries.append(exc.summary)
-                failure = exc
-                break
-    report = write_report(pipeline, summaries, seconds=time.perf_counter() - started,
-                          not_run=[s for s in selected if s not in {x["stage"] for x in summaries}])
-    with contextlib.suppress(Exception):  # a report, never a reason to fail the run
-        from flows.artifacts import publish_run_summary
-
-        explorer = pipeline.layout.report_index
-        publish_run_summary(report, namespace=namespace_of(pipeline), config_source=pipeline.config_source,
-                            explorer=str(explorer) if explorer.is_file() else None)
-    if failure is not None:
-        raise PipelineFailed(report, failure)
-    return report
+    try:
+        selected = parse_stages(stages)
+        refreshed = parse_stages(refresh) if refresh else []
+    except ValueError as exc:
+        return Failed(message=str(exc))
+    return run_entry(images_dir, out_dir, config_path=config_path, overrides=overrides, retry_failed=retry_failed,
+                     stages=selected, refresh=refreshed, runner=runner, dask_address=dask_address)
 
 
-__all__ = ["STAGE_FLOWS", "PipelineFailed", "current_pipeline", "make_runner", "open_pipeline", "run_stage",
-           "structxlip_pipeline"]
+__all__ = ["ACTIVE_FLOW_RUNS", "STAGE_FLOWS", "PipelineFailed", "current_pipeline", "make_runner", "open_pipeline",
+           "run_entry", "run_stage", "structxlip_pipeline"]

@@ -82,6 +82,56 @@ def build_deployments(
     return deployments
 
 
+PREFECT_YAML_HEADER = """\
+# Prefect deployments of the StructXLIP pipeline for a `process` work-pool worker. GENERATED from the flows
+# (flows/serve.py: `python -m flows.serve > prefect.yaml`); a test checks that it matches them.
+#
+# From the project root of a checkout (each in its own terminal, all with PREFECT_API_URL set):
+#   prefect server start --host 127.0.0.1                      # terminal 1: the server and UI
+#   prefect work-pool create structxlip --type process         # once
+#   prefect --no-prompt deploy --all                           # registers every deployment below
+#   prefect worker start --pool structxlip                     # terminal 2: runs them
+#   prefect deployment run 'structxlip-pipeline/all-stages' --param images_dir=sample/images \\
+#       --param out_dir=deploy-out --param config_path=configs/demo.yaml   # terminal 3
+#
+# No pull step is declared: `prefect deploy` records the folder it runs in, so the worker runs the flows from this
+# checkout (or from /app in the Docker image, where the compose `deploy` service runs it). `structxlip serve`
+# serves the same flows under the same names from one process, without a work pool.
+#
+# Parameters of every flow: images_dir, out_dir, config_path (empty: OUT/config.yaml of the run that made the
+# folder, else the defaults), overrides ({"section.key": value}, like --set), retry_failed. Stage flows also take
+# refresh (recompute the stage) and downstream (run every later stage too); the pipeline takes stages, refresh,
+# runner and dask_address.
+"""
+
+
+def render_prefect_yaml() -> str:
+    """Return ``prefect.yaml``: one deployment per flow (names, entrypoints, descriptions, tags from the flows)."""
+    import yaml
+
+    flows = discover_flows()
+    deployments = []
+    for name, flow in flows.items():
+        module = "flows/ablation.py" if name == ABLATION_FLOW else "flows/pipeline.py"
+        deployments.append({
+            "name": deployment_name(name),
+            "flow_name": name,
+            "entrypoint": f"{module}:{flow.fn.__name__}",
+            "description": flow.description,
+            "tags": TAGS + ([] if name in (PIPELINE_FLOW, ABLATION_FLOW) else ["stage"]),
+            "work_pool": {"name": "structxlip", "work_queue_name": "default", "job_variables": {}},
+        })
+    document = {"name": "structxlip", "prefect-version": _prefect_version(), "build": None, "push": None,
+                "deployments": deployments}
+    return PREFECT_YAML_HEADER + "\n" + yaml.safe_dump(document, sort_keys=False, width=120)
+
+
+def _prefect_version() -> str:
+    from importlib.metadata import version
+
+    return version("prefect")
+
+
 def require_api_url() -> str:
     """Return the configured Prefect API URL; raise a one-line RuntimeError when none is set."""
     from prefect.settings import get_current_settings
@@ -111,3 +161,7 @@ def serve_flows(*, config_path: str | os.PathLike | None = None, limit: int | No
     )
     print(f"structxlip serve: {len(deployments)} deployments on {api_url}", flush=True)
     serve(*deployments, limit=limit, print_starting_message=True)
+
+
+if __name__ == "__main__":
+    print(render_prefect_yaml(), end="")

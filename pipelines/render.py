@@ -23,8 +23,10 @@ from storage.layout import OutputLayout
 
 MAX_FAILURE_ROWS = 50
 THUMBNAIL_PX = 112
+# The gallery's image column: region boxes and their numbers must be readable in the Prefect UI.
+IMAGE_PX = 256
 # Thumbnails live inside the artifact (the server's database), so the whole gallery has a byte budget.
-GALLERY_BUDGET_BYTES = 200_000
+GALLERY_BUDGET_BYTES = 600_000
 RECALL_KS = (1, 5, 10, 25, 50)
 # Directions written by the evaluator (METHOD.md section 5), in display order.
 RETRIEVAL_DIRECTIONS = ("t2i", "i2t", "s2t", "t2s", "ts2i")
@@ -265,16 +267,19 @@ SIMILARITY_NOTE = ("`similarity_score` is the CLIP logit 100 x cos(crop, sentenc
                    "with a trained CLIP (METHOD.md), near 0 with a random tiny model. Regions are ranked by it.")
 
 
-def _gallery_section(layout: OutputLayout, row: dict, *, max_segments: int, thumbnail_px: int) -> str:
+def _gallery_section(layout: OutputLayout, row: dict, *, max_segments: int, thumbnail_px: int,
+                     image_px: int = IMAGE_PX) -> str:
     image_id = str(row.get("image_id") or "")
     name = Path(str(row.get("source_path") or image_id)).name
+    proposed = row.get("segments") is not None  # None: regions not proposed yet (structure stage)
     segments = list(row.get("segments") or [])
     # Highest similarity first: the segments the local loss will use (METHOD.md: ranked by similarity_score).
     segments.sort(key=lambda s: -_score(s.get("similarity_score")))
     shown = segments[:max_segments]
     best = max((_score(s.get("similarity_score")) for s in segments), default=None)
-    facts = [f"{len(segments)} region(s)"] + ([f"best score {best:.2f}"] if best not in (None, float("-inf")) else [])
-    lines = [f"## {_cell(name)}", "", f"`{image_id}` · {', '.join(facts)}", ""]
+    facts = ([f"{len(segments)} region(s)"] if proposed else []) + (
+        [f"best score {best:.2f}"] if best not in (None, float("-inf")) else [])
+    lines = [f"## {_cell(name)}", "", f"`{image_id}`" + (f" · {', '.join(facts)}" if facts else ""), ""]
     caption = row.get("filtered_caption") or row.get("caption")
     if caption:
         label = "Filtered caption" if row.get("filtered_caption") else "Caption"
@@ -284,7 +289,7 @@ def _gallery_section(layout: OutputLayout, row: dict, *, max_segments: int, thum
         "| image" + (" (regions numbered by score)" if boxes else "") + " | structure | scribble |",
         "|---|---|---|",
         "| {} | {} | {} |".format(
-            _img(_thumb_of(layout, row.get("source_path"), thumbnail_px, absolute=True, boxes=boxes), "image"),
+            _img(_thumb_of(layout, row.get("source_path"), image_px, absolute=True, boxes=boxes), "image"),
             _img(_thumb_of(layout, row.get("structure_path"), thumbnail_px), "structure map"),
             _img(_thumb_of(layout, row.get("scribble_path"), thumbnail_px), "scribble map"),
         ),
@@ -311,20 +316,27 @@ def _gallery_section(layout: OutputLayout, row: dict, *, max_segments: int, thum
 def representative_rows(rows: list[dict], count: int = 5) -> list[dict]:
     """Return up to ``count`` ok rows that show the spread: an image without regions (if any), the worst and best
     best-region scores and evenly spaced ones between (by image id when there are no scores)."""
-    ok = [r for r in rows if r.get("status") != "failed"]
+    seen: set = set()
+    ok = []
+    for row in rows:  # one row per image: duplicate files share an image id
+        key = row.get("image_id") or id(row)
+        if row.get("status") != "failed" and key not in seen:
+            seen.add(key)
+            ok.append(row)
     if len(ok) <= count:
         return ok
 
     def best(row):
         return max((_score(s.get("similarity_score")) for s in row.get("segments") or []), default=float("-inf"))
 
-    chosen = [r for r in ok if not r.get("segments")][:1]
+    # "segments" None: not proposed yet (the structure stage's gallery), which is not "without regions".
+    chosen = [r for r in ok if r.get("segments") is not None and not r.get("segments")][:1]
     rest = sorted((r for r in ok if r.get("segments")), key=lambda r: (best(r), str(r.get("image_id"))))
     if not rest:
-        rest = sorted(ok, key=lambda r: str(r.get("image_id")))
+        rest = sorted((r for r in ok if r not in chosen), key=lambda r: str(r.get("image_id")))
     slots = count - len(chosen)
     if slots > 0 and rest:
-        picks = sorted({round(i * (len(rest) - 1) / max(1, slots - 1)) for i in range(slots)})
+        picks = sorted({round(i * (len(rest) - 1) / max(1, slots - 1)) for i in range(min(slots, len(rest)))})
         chosen += [rest[i] for i in picks]
     return chosen
 

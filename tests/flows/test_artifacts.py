@@ -146,7 +146,8 @@ def test_gallery_embeds_every_thumbnail_at_the_expected_size(tmp_path):
     # Per image: image + structure + scribble, then crop + structure crop per segment: 3 * (3 + 2 * 2) = 21.
     assert len(images) == 21
     sizes = [im.size for im in images]
-    per_image = [(112, 56)] * 3 + [(40, 30)] * 4
+    # The image column is larger (up to render.IMAGE_PX = 256: boxes and numbers readable); 200 px is not enlarged.
+    per_image = [(200, 100)] + [(112, 56)] * 2 + [(40, 30)] * 4
     assert sizes == per_image * 3
     assert "broken.jpg" not in markdown and "img0.jpg" in markdown and "img2.jpg" in markdown
     # Highest similarity first, scores with 2 decimals, pipes escaped so the table stays intact.
@@ -312,17 +313,25 @@ def test_run_summary_links_stage_artifacts_and_evaluation_rows_carry_n_pairs_and
     a, b = artifact_namespace("/data/cats", "/out/one"), artifact_namespace("/data/cats", "/out/two")
     assert a != b and a.startswith("cats-one-") and re.fullmatch(r"[a-z0-9-]+", a)
     report = {"images_dir": "/data/cats", "out_dir": "/out/one", "seconds": 3.5, "not_run": ["evaluate"],
-              "stages": [{"stage": "ingest", "processed": 2, "cached": 1, "failed": 1, "seconds": 0.5},
+              "stale": [],
+              "stages": [{"stage": "ingest", "processed": 2, "cached": 1, "failed": 1, "seconds": 0.5,
+                          "artifacts": {"ingest summary": "id-1", "ingest failures": "id-2"}},
                          {"stage": "train", "processed": 0, "cached": 0, "failed": 1, "seconds": 1.0,
                           "status": "failed"}]}
-    markdown = run_summary_markdown(report, namespace=a, config_source="cfg.yaml", ui_url="http://127.0.0.1:1/")
-    assert f"| ingest | 2 | 1 | 1 | 0.50 | [ingest-summary](http://127.0.0.1:1/artifacts/key/{a}-ingest-summary), " \
-           f"[ingest-failures](http://127.0.0.1:1/artifacts/key/{a}-ingest-failures) |" in markdown
+    metrics = {"t2i/R@1": 0.5, "i2t/R@1": 0.75, "n_pairs": 4, "zero_shot": {"t2i/R@1": 0.25, "n_pairs": 4}}
+    markdown = run_summary_markdown(report, namespace=a, config_source="cfg.yaml", ui_url="http://127.0.0.1:1/",
+                                    metrics=metrics)
+    assert ("| ingest | 2 | 1 | 1 | 0.50 | [ingest summary](http://127.0.0.1:1/artifacts/artifact/id-1), "
+            "[ingest failures](http://127.0.0.1:1/artifacts/artifact/id-2) |") in markdown
     assert "| train (failed) |" in markdown and "| evaluate | not run" in markdown and "`cfg.yaml`" in markdown
-    metrics = {"t2i/R@1": 0.5, "n_pairs": 4, "zero_shot": {"t2i/R@1": 0.25, "n_pairs": 4}}
+    # Headline recall: zero-shot beside fine-tuned, the change in points (i2t has no zero-shot value here).
+    assert "| text -> image R@1 | 25.0% | 50.0% | +25.0 pts |" in markdown
+    assert "| image -> text R@1 | n/a | 75.0% | n/a |" in markdown
+    stale = run_summary_markdown({**report, "stale": ["regions", "captions"]}, namespace=a, config_source="c")
+    assert "**Computed from older inputs:** regions, captions." in stale and "Retrieval on" not in stale
     rows = evaluation_rows(metrics)
     assert [(r["model"], r["direction"], r["R@1"], r["n_pairs"]) for r in rows] == [
-        ("fine-tuned", "t2i", 0.5, 4), ("zero-shot", "t2i", 0.25, 4)]
+        ("fine-tuned", "t2i", 0.5, 4), ("fine-tuned", "i2t", 0.75, 4), ("zero-shot", "t2i", 0.25, 4)]
 
 
 def test_captions_with_markdown_or_html_are_shown_as_text_in_galleries(tmp_path):
@@ -333,3 +342,19 @@ def test_captions_with_markdown_or_html_are_shown_as_text_in_galleries(tmp_path)
     text = re.sub(r'<img src="data:image/png;base64,[^"]+" alt="[^"]*"/>', "", markdown)
     assert "](http" not in text and "](javascript" not in text and "<img onerror" not in text
     assert "**bold**" not in text and "click" in text
+
+
+def test_representative_rows_never_repeat_an_image_and_unproposed_regions_are_not_zero_regions(tmp_path):
+    layout, rows = make_output_folder(tmp_path, n_images=3, n_segments=1)
+    # The structure stage's gallery: regions not proposed yet (None), duplicate files of one image.
+    structure_rows = [{**row, "segments": None} for row in rows] * 2
+    chosen = render.representative_rows(structure_rows, count=2)
+    assert len(chosen) == 2 and len({row["image_id"] for row in chosen}) == 2
+    everything = render.representative_rows(structure_rows, count=5)
+    assert sorted(row["image_id"] for row in everything) == sorted(row["image_id"] for row in rows)
+    markdown = render.gallery_markdown(layout.root, everything, max_images=5)
+    assert "region(s)" not in markdown and markdown.count("## img") == 3
+    # After regions: an image without regions is shown once, and says 0; the others say how many they have.
+    regions_rows = [{**rows[0], "segments": []}] + rows[1:]
+    markdown = render.gallery_markdown(layout.root, render.representative_rows(regions_rows, count=5))
+    assert markdown.count("0 region(s)") == 1 and markdown.count("1 region(s)") == 2
