@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from configs import STAGES, ConfigError, load_config
+from configs import STAGES, ConfigError, load_config, validate_overrides
 from configs.schema import CONFIGS_DIR
 
 REPO = Path(__file__).resolve().parents[2]
@@ -43,12 +43,14 @@ def test_demo_yaml_uses_tiny_offline_model():
 @pytest.mark.parametrize(
     "text, expected",
     [
-        ("train:\n  batch_size: -1\n", "train.batch_size: Input should be greater than 0 (got -1)"),
+        ("train:\n  batch_size: -1\n", "train.batch_size: must be at least 2, got -1"),
+        ("captions:\n  batch_size: -1\n", "captions.batch_size: Input should be greater than 0 (got -1)"),
         ("train:\n  bogus: 1\n", "train.bogus: unknown key"),
         ("nonsense: {}\n", "nonsense: unknown key"),
-        ("structure:\n  canny_low: abc\n", "structure.canny_low: Input should be a valid number"),
-        ("regions:\n  sam_checkpoint: /definitely/missing.pth\n", "regions.sam_checkpoint: Value error, SAM checkpoint not found"),
-        ("structure:\n  canny_low: 300\n  canny_high: 200\n", "structure: Value error, canny_low (300.0) must not exceed"),
+        ("structure:\n  canny_low: abc\n", "structure.canny_low: expected a number (got 'abc')"),
+        ("regions:\n  sam_checkpoint: /definitely/missing.pth\n", "regions.sam_checkpoint: SAM checkpoint not found"),
+        ("structure:\n  canny_low: 300\n  canny_high: 200\n", "structure: canny_low (300.0) must not exceed"),
+        ("train:\n  batch_size: true\n", "train.batch_size: expected an integer, got a boolean (true)"),
         ("- just\n- a list\n", "expected a mapping of sections"),
         ("train: [unclosed\n", "invalid YAML at line"),
     ],
@@ -129,7 +131,7 @@ def test_nan_and_inf_are_refused_for_every_float(tmp_path, value):
 def test_nan_split_ratios_no_longer_reach_the_manifest(tmp_path):
     # NaN passes "v < 0" and "abs(sum - 1) > 1e-6" alike: it used to crash the manifest stage with StopIteration.
     path = _write(tmp_path, "manifest:\n  split_ratios: {train: .nan, val: 0.5, test: 0.5}\n")
-    with pytest.raises(ConfigError, match=r"manifest.split_ratios.train: Input should be a finite number \(got nan\)"):
+    with pytest.raises(ConfigError, match=r"manifest.split_ratios.train: expected a finite number \(got nan\)"):
         load_config(path)
 
 
@@ -182,3 +184,92 @@ def test_every_error_is_one_line_of_at_most_300_characters(tmp_path, text):
     message = str(caught.value)
     assert "\n" not in message and len(message) <= 300, (len(message), message[:400])
     assert message.startswith(str(tmp_path / "cfg.yaml"))
+
+
+# ---- strict types: booleans are not numbers, numbers are not booleans ----------------------------------------------
+
+
+@pytest.mark.parametrize("dotted, value, expected", [
+    ("train.batch_size", True, "expected an integer, got a boolean (true)"),
+    ("train.epochs", False, "expected an integer, got a boolean (false)"),
+    ("train.lr", True, "expected a number, got a boolean (true)"),
+    ("structure.scribble.sigma", True, "expected a number, got a boolean (true)"),  # a nested section
+    ("ingest.max_aspect_ratio", True, "expected a number, got a boolean (true)"),  # float | None
+    ("runtime.chunk_size", True, "expected an integer, got a boolean (true)"),  # int | "auto"
+    ("manifest.split_ratios", {"train": True, "val": 0.0, "test": 0.0}, "expected a number, got a boolean"),
+    ("ingest.follow_symlinks", 1, "expected true or false, got 1"),
+    ("captions.include_full_image", 0, "expected true or false, got 0"),
+])
+def test_booleans_and_numbers_do_not_stand_in_for_each_other(dotted, value, expected):
+    with pytest.raises(ConfigError) as info:
+        load_config(None, {dotted: value})
+    assert expected in str(info.value)
+
+
+def test_yaml_integers_still_fill_number_fields(tmp_path):
+    path = _write(tmp_path, "train: {lr: 1, weight_decay: 0}\nmanifest: {split_ratios: {train: 1, val: 0, test: 0}}\n"
+                            "structure: {canny_low: 10, canny_high: 20}\ningest: {follow_symlinks: false}\n")
+    config = load_config(path)
+    assert (config.train.lr, config.train.weight_decay, config.structure.canny_low) == (1.0, 0.0, 10.0)
+    assert isinstance(config.train.lr, float) and config.manifest.split_ratios["train"] == 1.0
+    assert config.ingest.follow_symlinks is False
+
+
+@pytest.mark.parametrize("size, ok", [(-3, False), (0, False), (1, False), (2, True), (3, True)])
+def test_a_training_batch_holds_at_least_two_pairs(size, ok):
+    if ok:
+        assert load_config(None, {"train.batch_size": size}).train.batch_size == size
+        return
+    with pytest.raises(ConfigError) as info:
+        load_config(None, {"train.batch_size": size})
+    assert str(info.value).startswith(f"--set train.batch_size={size}: must be at least 2, got {size}: ")
+    assert "a batch of 1 learns nothing" in str(info.value)
+
+
+# ---- override errors name the override, file errors the file ------------------------------------------------------
+
+
+def test_an_override_error_names_the_override_and_never_the_file(tmp_path):
+    path = _write(tmp_path, "train: {epochs: 2}\n")
+    cases = {
+        "train.batch_size": (True, "--set train.batch_size=true: expected an integer, got a boolean (true)"),
+        "train.lr": ("fast", "--set train.lr=fast: expected a number (got 'fast')"),
+        "train.batchsize": (4, "--set train.batchsize=4: unknown key"),
+        "trian.epochs": (4, "--set trian.epochs=4: trian: unknown key"),
+        "structure.canny_low": (500, "--set structure.canny_low=500: structure: canny_low (500.0) must not exceed "
+                                     "canny_high (200.0)"),
+        "train.epochs.deep": (1, "--set train.epochs.deep=1: epochs is not a section"),
+    }
+    for dotted, (value, expected) in cases.items():
+        with pytest.raises(ConfigError) as info:
+            load_config(path, {dotted: value})
+        assert str(info.value) == expected
+        assert str(path) not in str(info.value)
+
+
+def test_the_file_is_blamed_only_for_its_own_errors(tmp_path):
+    bad = _write(tmp_path, "structure: {canny_low: 300, canny_high: 200}\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(bad, {"train.epochs": 3})  # an unrelated, valid override
+    assert str(info.value) == f"{bad}: structure: canny_low (300.0) must not exceed canny_high (200.0)"
+    # An override that repairs the file's combination is accepted.
+    assert load_config(bad, {"structure.canny_high": 400}).structure.canny_high == 400
+
+
+def test_override_sources_and_shapes():
+    with pytest.raises(ConfigError) as info:
+        load_config(None, {"train.batch_size": True}, overrides_source="overrides")
+    assert str(info.value) == "overrides train.batch_size=true: expected an integer, got a boolean (true)"
+    with pytest.raises(ConfigError) as info:  # a command's own flags, named as the user typed them
+        load_config(None, {"train.batch_size": 1}, overrides_source={"train.batch_size": "--batch-size"})
+    assert str(info.value).startswith("--batch-size=1: must be at least 2, got 1")
+    for overrides, expected in [
+        (["train.epochs=3"], "overrides: expected a mapping of section.key to value, got list"),
+        ({"epochs": 3}, "overrides epochs=3: expected SECTION.KEY=VALUE, e.g. structure.canny_low=50"),
+        ({"train..epochs": 3}, "overrides train..epochs=3: expected SECTION.KEY=VALUE"),
+        ({"train.epochs.x": 3, "train": 1}, "overrides train=1: expected SECTION.KEY=VALUE"),
+    ]:
+        with pytest.raises(ConfigError) as info:
+            validate_overrides(overrides, source="overrides")
+        assert str(info.value).startswith(expected)
+    assert validate_overrides({"train.epochs": 3}) == {"train.epochs": 3} and validate_overrides(None) == {}
