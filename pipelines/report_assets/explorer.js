@@ -291,72 +291,90 @@
     return `${fmt(low)} to ${fmt(high)}`;
   }
 
-  function renderHistograms(state, matches) {
+  // The histograms are drawn once; a filter change only moves each bar's "shown" part and marks the selected bar,
+  // so a focused bar keeps the keyboard focus and a change costs a count, not a redraw.
+  const HIST_VIEW = {};
+  const HIST_W = 300, HIST_H = 110, HIST_BOTTOM = 16, HIST_LEFT = 4;
+
+  function barHeight(n, top) {
+    return n ? Math.max(1.5, (HIST_H - HIST_BOTTOM - 14) * n / top) : 0;  // 14: room for the count label
+  }
+
+  function setupHistograms() {
     const container = document.getElementById("histograms");
-    const active = document.activeElement;
-    const focused = active && active.dataset && active.dataset.hist !== undefined && active.dataset.bin !== undefined
-      ? [active.dataset.hist, active.dataset.bin] : null;
-    const figures = [];
     for (const name of HIST_NAMES) {
       const {edges, label} = HIST[name];
       const bins = BIN[name];
       const count = Math.max(0, edges.length - 1);
-      const all = new Array(count).fill(0), shown = new Array(count).fill(0);
+      const all = new Array(count).fill(0);
       for (let index = 0; index < bins.length; index++) if (bins[index] >= 0) all[bins[index]]++;
-      for (const index of matches) if (bins[index] >= 0) shown[bins[index]]++;
-      const selected = state.get("bin_" + name);
       const top = Math.max(1, ...all);
-      const width = 300, height = 110, bottom = 16, left = 4;
-      const barWidth = count ? (width - 2 * left) / count : 0;
-      const svg = svgEl("svg", {viewBox: `0 0 ${width} ${height}`, role: "group", "aria-label": label});
+      const barWidth = count ? (HIST_W - 2 * HIST_LEFT) / count : 0;
+      const svg = svgEl("svg", {viewBox: `0 0 ${HIST_W} ${HIST_H}`, role: "group", "aria-label": label});
+      const bars = [];
       for (let bin = 0; bin < count; bin++) {
-        const isSelected = selected !== null && selected !== "" && Number(selected) === bin;
-        const x = left + bin * barWidth;
-        const heightOf = (n) => (n ? Math.max(1.5, (height - bottom - 14) * n / top) : 0);  // 14: the count label
-        const group = svgEl("g", {class: `bar${isSelected ? " selected" : ""}`, role: "button", tabindex: 0,
-                                  "data-hist": name, "data-bin": bin, "data-count": all[bin], "data-shown": shown[bin],
-                                  "aria-pressed": isSelected ? "true" : "false",
-                                  "aria-label": `${label} ${binLabel(name, bin)}: ${shown[bin]} of ${all[bin]} images ` +
-                                                `shown; ${isSelected ? "press to clear this filter" : "press to filter to them"}`});
+        const x = HIST_LEFT + bin * barWidth;
+        const group = svgEl("g", {class: "bar", role: "button", tabindex: 0, "data-hist": name, "data-bin": bin,
+                                  "data-count": all[bin]});
         const title = svgEl("title");
-        title.textContent = `${label} ${binLabel(name, bin)}: ${all[bin]} images (${shown[bin]} in the current filter)`;
+        const shown = svgEl("rect", {class: "shown", x: x + 0.5, width: Math.max(1, barWidth - 1)});
+        const allHeight = Math.max(barHeight(all[bin], top), 2);
         group.append(title,
           // A full-height transparent target: a short bar is as easy to click as a tall one.
-          svgEl("rect", {class: "hit", x: x, y: 0, width: barWidth, height: height - bottom, fill: "transparent"}),
-          svgEl("rect", {class: "all", x: x + 0.5, y: height - bottom - Math.max(heightOf(all[bin]), 2),
-                         width: Math.max(1, barWidth - 1), height: Math.max(heightOf(all[bin]), 2)}),
-          svgEl("rect", {class: "shown", x: x + 0.5, y: height - bottom - heightOf(shown[bin]),
-                         width: Math.max(1, barWidth - 1), height: heightOf(shown[bin])}));
-        const toggle = () => writeState({["bin_" + name]: isSelected ? "" : bin, page: ""});
+          svgEl("rect", {class: "hit", x: x, y: 0, width: barWidth, height: HIST_H - HIST_BOTTOM, fill: "transparent"}),
+          svgEl("rect", {class: "all", x: x + 0.5, y: HIST_H - HIST_BOTTOM - allHeight,
+                         width: Math.max(1, barWidth - 1), height: allHeight}),
+          shown);
+        const toggle = () => {
+          const selected = readState().get("bin_" + name);
+          writeState({["bin_" + name]: selected !== null && Number(selected) === bin ? "" : bin, page: ""});
+        };
         group.addEventListener("click", toggle);
         group.addEventListener("keydown", (event) => {
           if (event.key === "Enter" || event.key === " ") { event.preventDefault(); toggle(); }
         });
         svg.append(group);
+        bars.push({group, title, shown});
       }
       if (count) {
-        const axisLow = svgEl("text", {class: "axis", x: left, y: height - 4});
+        const axisLow = svgEl("text", {class: "axis", x: HIST_LEFT, y: HIST_H - 4});
         axisLow.textContent = fmt(edges[0]);
-        const axisHigh = svgEl("text", {class: "axis", x: width - left, y: height - 4, "text-anchor": "end"});
+        const axisHigh = svgEl("text", {class: "axis", x: HIST_W - HIST_LEFT, y: HIST_H - 4, "text-anchor": "end"});
         axisHigh.textContent = fmt(HIST[name].integer ? edges[count] - 1 : edges[count]);
-        const axisTop = svgEl("text", {class: "axis", x: left + 2, y: 9});
+        const axisTop = svgEl("text", {class: "axis", x: HIST_LEFT + 2, y: 9});
         axisTop.textContent = `${top} images`;
         svg.append(axisLow, axisHigh, axisTop);
       }
-      const caption = el("figcaption", {}, el("strong", {text: label}));
-      if (selected !== null && selected !== "" && count) {
-        const clear = el("button", {type: "button", class: "clear-bin", text: `${binLabel(name, Number(selected))} ×`,
-                                    "aria-label": `clear the ${label} filter`});
-        clear.addEventListener("click", () => writeState({["bin_" + name]: "", page: ""}));
-        caption.append(clear);
-      }
-      figures.push(el("figure", {class: `histogram hist-${name}`, "data-hist": name}, caption,
-                      count ? svg : el("p", {class: "note", text: "no data"})));
+      const clear = el("button", {type: "button", class: "clear-bin", hidden: true, "aria-label": `clear the ${label} filter`});
+      clear.addEventListener("click", () => writeState({["bin_" + name]: "", page: ""}));
+      const caption = el("figcaption", {}, el("strong", {text: label}), clear);
+      container.append(el("figure", {class: `histogram hist-${name}`, "data-hist": name}, caption,
+                          count ? svg : el("p", {class: "note", text: "no data"})));
+      HIST_VIEW[name] = {bars, all, top, clear, label};
     }
-    container.replaceChildren(...figures);
-    if (focused) {  // the bars are redrawn: keep the keyboard where it was
-      const again = container.querySelector(`g.bar[data-hist="${focused[0]}"][data-bin="${focused[1]}"]`);
-      if (again) again.focus();
+  }
+
+  function renderHistograms(state, matches) {
+    for (const name of HIST_NAMES) {
+      const view = HIST_VIEW[name];
+      const bins = BIN[name];
+      const shown = new Array(view.bars.length).fill(0);
+      for (const index of matches) if (bins[index] >= 0) shown[bins[index]]++;
+      const value = state.get("bin_" + name);
+      const selected = value === null || value === "" ? -1 : Number(value);
+      view.bars.forEach((bar, bin) => {
+        const height = barHeight(shown[bin], view.top);
+        bar.shown.setAttribute("y", HIST_H - HIST_BOTTOM - height);
+        bar.shown.setAttribute("height", height);
+        bar.group.classList.toggle("selected", bin === selected);
+        bar.group.setAttribute("aria-pressed", bin === selected ? "true" : "false");
+        bar.group.setAttribute("data-shown", shown[bin]);
+        const range = `${view.label} ${binLabel(name, bin)}: ${shown[bin]} of ${view.all[bin]} images shown`;
+        bar.group.setAttribute("aria-label", `${range}; ${bin === selected ? "press to clear this filter" : "press to filter to them"}`);
+        bar.title.textContent = `${view.label} ${binLabel(name, bin)}: ${view.all[bin]} images (${shown[bin]} in the current filter)`;
+      });
+      view.clear.hidden = selected < 0 || selected >= view.bars.length;
+      if (!view.clear.hidden) view.clear.textContent = `${binLabel(name, selected)} ×`;
     }
   }
 
@@ -517,6 +535,11 @@
     };
     add("zero-shot", metrics && metrics.zero_shot);
     add("fine-tuned", metrics);
+    const order = ["t2i", "i2t", "s2t", "t2s", "ts2i"];
+    const rank = (d) => (order.includes(d) ? order.indexOf(d) : order.length);
+    for (const [model, rows] of groups) {
+      groups.set(model, new Map([...rows].sort((a, b) => rank(a[0]) - rank(b[0]) || (a[0] < b[0] ? -1 : 1))));
+    }
     return groups;
   }
 
@@ -619,7 +642,12 @@
   const EMB = DATA.embedding;
   const MAP_W = 720, MAP_H = 520, MAP_PAD = 14;
   const SPLIT_COLORS = {train: "#4363d8", val: "#3cb44b", test: "#f58231"};
-  const map = {canvas: null, tip: null, live: null, focus: -1, points: [], kind: "image", color: "split"};
+  const map = {canvas: null, tip: null, live: null, focus: -1, points: [], kind: "image", color: "split",
+               scoreLow: Infinity, scoreHigh: -Infinity};
+  for (const row of ROWS) {
+    if (row.best === null || row.best === undefined) continue;
+    map.scoreLow = Math.min(map.scoreLow, row.best); map.scoreHigh = Math.max(map.scoreHigh, row.best);
+  }
 
   function scoreColor(value, low, high) {
     if (value === null || value === undefined) return "#bbb";
@@ -648,32 +676,31 @@
     const coords = EMB.points[map.kind] || [];
     const slot = mapModelSlot();
     map.points = [];
-    const scores = ROWS.map((row) => row.best).filter((v) => v !== null && v !== undefined);
-    map.scoreLow = Math.min(...scores); map.scoreHigh = Math.max(...scores);
     // Filtered-out points first (faint), so the current filter's points are drawn on top.
     const order = [];
     coords.forEach(([px, py], j) => {
-      const index = ROW_OF_ID.get(EMB.ids[j]);
+      const index = EMB.rows[j];
       const x = MAP_PAD + px * (MAP_W - 2 * MAP_PAD), y = MAP_PAD + (1 - py) * (MAP_H - 2 * MAP_PAD);
       const shown = index !== undefined && matchSet.has(index);
       map.points.push({j, index, x, y, shown});
       order.push(j);
     });
     order.sort((a, b) => map.points[a].shown - map.points[b].shown);
+    const radius = coords.length > 2000 ? 2.5 : 4;
     for (const j of order) {
       const point = map.points[j];
       const row = point.index === undefined ? null : ROWS[point.index];
       context.globalAlpha = point.shown ? 0.9 : 0.15;
       context.fillStyle = pointColor(row);
       context.beginPath();
-      context.arc(point.x, point.y, 4, 0, 2 * Math.PI);
+      context.arc(point.x, point.y, radius, 0, 2 * Math.PI);
       context.fill();
       const rank = row && row.rk ? row.rk[slot] : null;
-      if (rank && rank > 1) {  // a retrieval failure: its caption does not find it first
+      if (map.failures && rank && rank > 1) {  // a retrieval failure: its caption does not find it first
         context.strokeStyle = "#b3261e";
-        context.lineWidth = 1.5;
+        context.lineWidth = 1;
         context.beginPath();
-        context.arc(point.x, point.y, 6.5, 0, 2 * Math.PI);
+        context.arc(point.x, point.y, radius + 2.5, 0, 2 * Math.PI);
         context.stroke();
       }
     }
@@ -701,7 +728,6 @@
   function describePoint(j) {
     const point = map.points[j];
     const row = point && point.index !== undefined ? ROWS[point.index] : null;
-    if (!row) return `point ${j + 1}: ${EMB.ids[j]} (not in this manifest)`;
     const rank = row.rk ? row.rk[mapModelSlot()] : null;
     return `point ${j + 1} of ${map.points.length}: ${row.sp || "no split"}, best score ${fmt(row.best)}` +
            (rank ? `, t2i rank ${rank}` : "") + `. ${row.c || row.i}`;
@@ -740,6 +766,8 @@
     for (const [value, text] of [["split", "split"], ["status", "status"], ["score", "best region score"]]) {
       colorSelect.append(el("option", {value, text}));
     }
+    const failures = el("input", {type: "checkbox", name: "mfail", checked: true});
+    failures.addEventListener("change", () => writeState({mfail: failures.checked ? "" : "0"}));
     kindSelect.addEventListener("change", () => writeState({mkind: kindSelect.value}));
     colorSelect.addEventListener("change", () => writeState({mcolor: colorSelect.value}));
     map.canvas = el("canvas", {tabindex: 0, role: "img", id: "embedding-canvas",
@@ -749,12 +777,12 @@
     map.live = el("p", {class: "note", "aria-live": "polite", id: "map-focus"});
     map.legend = el("div", {class: "legend"});
     body.append(
-      el("p", {class: "note", text: `${EMB.ids.length} images of split ${EMB.split || "?"}: image, structure-map and ` +
-        `caption embeddings of the ${EMB.model} model projected together (${EMB.method.toUpperCase()}), ` +
+      el("p", {class: "note", text: `${EMB.rows.length} images of split ${EMB.split || "?"}: the image, structure-map or ` +
+        `caption embeddings of the ${EMB.model} model, each projected to 2-D (${EMB.method.toUpperCase()}), ` +
         "from eval/embeddings.npz. Points outside the browser's filter are faint; a red ring marks a retrieval " +
         "failure (its caption ranks another image first). Hover for the image, click to open its card."}),
       el("div", {class: "map-controls"}, el("label", {}, "show ", kindSelect), el("label", {}, "colour by ", colorSelect),
-         map.legend),
+         el("label", {}, failures, " ring retrieval failures (t2i rank > 1)"), map.legend),
       el("div", {class: "map-wrap"}, map.canvas, map.tip), map.live);
     const local = (event) => {
       const box = map.canvas.getBoundingClientRect();
@@ -793,6 +821,8 @@
     const kinds = Object.keys(EMB.points);
     map.kind = kinds.includes(state.get("mkind")) ? state.get("mkind") : kinds[0];
     map.color = ["split", "status", "score"].includes(state.get("mcolor")) ? state.get("mcolor") : "split";
+    map.failures = state.get("mfail") !== "0";
+    document.querySelector("input[name=mfail]").checked = map.failures;
     document.querySelector("select[name=mkind]").value = map.kind;
     document.querySelector("select[name=mcolor]").value = map.color;
     drawMap(new Set(matches));
@@ -841,22 +871,21 @@
         block.append(el("p", {class: "note", text: "metric deltas need eval/metrics.json in both runs"}));
       } else {
         const t = el("table", {class: "deltas"}, el("tr", {},
-          ...["model", "direction", "metric", DATA.run.label, run.label, `Δ (${run.label} − this run)`].map((h) => el("th", {text: h}))));
+          ...["model", "direction", ...columns.map((c) => `${c}: this run → ${run.label} (Δ)`)].map((h) => el("th", {text: h}))));
         for (const [model, byDirection] of here) {
           for (const [direction, values] of byDirection) {
             const others = (there.get(model) || new Map()).get(direction) || {};
-            for (const column of columns) {
-              if (values[column] === undefined) continue;
+            const cells = columns.map((column) => {
+              if (values[column] === undefined) return el("td", {text: "–"});
               const b = others[column];
               const delta = b === undefined ? null : b - values[column];
               const better = column.startsWith("R@") ? delta > 0 : delta < 0;
-              t.append(el("tr", {"data-key": `${model}/${direction}/${column}`},
-                el("td", {text: model}), el("td", {text: direction}), el("td", {text: column}),
-                el("td", {class: "num", text: fmt(values[column])}), el("td", {class: "num", text: fmt(b)}),
-                el("td", {class: `num delta ${delta ? (better ? "delta-pos" : "delta-neg") : ""}`,
-                          "data-delta": delta === null ? "" : delta,
-                          text: delta === null ? "–" : (delta > 0 ? "+" : "") + fmt(delta)})));
-            }
+              return el("td", {class: `num delta ${delta ? (better ? "delta-pos" : "delta-neg") : ""}`,
+                               "data-key": `${model}/${direction}/${column}`, "data-delta": delta === null ? "" : delta,
+                               text: `${fmt(values[column])} → ${fmt(b)} (${delta === null ? "–" :
+                                      (delta > 0 ? "+" : "") + fmt(delta)})`});
+            });
+            t.append(el("tr", {}, el("td", {text: model}), el("td", {text: direction}), ...cells));
           }
         }
         block.append(el("h4", {text: "Metric deltas"}), t);
@@ -877,6 +906,8 @@
     if (!dialog.open) dialog.showModal();
   }
 
+  let lastRetrievalKey = null;
+
   function render() {
     const started = performance.now();
     const state = readState();
@@ -887,8 +918,10 @@
       button.classList.toggle("active", button.dataset.goto === view);
     }
     const matches = renderBrowse(state);
-    renderRetrieval(state);
-    renderMap(state, matches);
+    // The retrieval view depends on its own keys only: a filter or page change of the browser leaves it as it is.
+    const retrievalKey = `${state.get("rby")}|${state.get("rpage")}`;
+    if (retrievalKey !== lastRetrievalKey) { renderRetrieval(state); lastRetrievalKey = retrievalKey; }
+    if (view === "map") renderMap(state, matches);  // 10,000 points are drawn only where they are seen
     renderDialog(state);
     // Measured, not asserted: how long one filter/page change takes (milliseconds).
     document.body.setAttribute("data-render-ms", (performance.now() - started).toFixed(1));
@@ -898,6 +931,7 @@
     button.addEventListener("click", () => { writeState({view: button.dataset.goto}); window.scrollTo(0, 0); });
   }
   setupFilters();
+  setupHistograms();
   setupSelection();
   setupMap();
   renderQuality();
@@ -913,7 +947,7 @@
     pick: (ids) => { for (const id of ids) if (ROW_OF_ID.has(id)) PICKED.add(ROW_OF_ID.get(id)); render(); },
     mapPoints: () => {
       const box = map.canvas ? map.canvas.getBoundingClientRect() : null;
-      return map.points.map((p) => ({id: EMB.ids[p.j], x: box.left + p.x, y: box.top + p.y, shown: p.shown}));
+      return map.points.map((p) => ({id: ROWS[p.index].i, x: box.left + p.x, y: box.top + p.y, shown: p.shown}));
     },
   };
   render();

@@ -15,7 +15,19 @@ from pathlib import Path
 import pyarrow.compute as pc
 import pytest
 
-from pipelines.report import _script_json, _Thumbnails, explorer_row, negative_edit, read_training_rows
+from pipelines.report import (
+    _script_json,
+    _Thumbnails,
+    config_differences,
+    embedding_map,
+    explorer_row,
+    histogram_edges,
+    negative_edit,
+    rank_by_image,
+    read_training_rows,
+    row_quantities,
+)
+from pipelines.report_plots import recall_groups
 from storage.layout import OutputLayout
 from storage.manifest import bbox, manifest_table, read_manifest
 from storage.parquet import parquet_parts, write_parquet_atomic
@@ -127,6 +139,56 @@ def test_read_training_rows_keeps_the_last_record_per_step(tmp_path):
     path.write_text('{"step": 1, "loss": 3.0}\n{"step": 2, "loss": 2.0}\n{"step": 2, "loss": 1.5}\n{"step": 3, "lo')
     assert read_training_rows(path) == [{"step": 1, "loss": 3.0}, {"step": 2, "loss": 1.5}]
     assert read_training_rows(tmp_path / "missing.jsonl") == []
+
+
+def test_histogram_edges_and_row_quantities():
+    # Integers: one bin per value while the range is short, else equal bins on whole numbers.
+    assert histogram_edges([0, 2, 3, None], integer=True) == [0.0, 1.0, 2.0, 3.0, 4.0]
+    assert histogram_edges(list(range(10, 51)), integer=True, bins=20) == [float(v) for v in range(10, 53, 3)]
+    assert histogram_edges([1.0, 3.0], integer=False, bins=4) == [1.0, 1.5, 2.0, 2.5, 3.0]
+    assert histogram_edges([2.0, 2.0], integer=False, bins=2) == [1.5, 2.0, 2.5]
+    assert histogram_edges([None], integer=True) == []
+    ok = {"status": "ok", "caption": "A red box, a blue-green ball.",
+          "segments": [{"similarity_score": 20.12345}, {"similarity_score": float("nan")}, {"similarity_score": 3.0}]}
+    assert row_quantities(ok, [(2, 5), (14, 24)]) == {"regions": 3, "score": 20.123, "removed": 2, "length": 6}
+    assert row_quantities({"status": "failed", "segments": []}, []) == dict.fromkeys(
+        ("regions", "score", "removed", "length"))
+    no_caption = row_quantities({"status": "ok", "caption": None, "segments": []}, [])
+    assert no_caption == {"regions": 0, "score": None, "removed": None, "length": None}
+
+
+def test_rank_by_image_config_differences_and_recall_groups(tmp_path):
+    rankings = {"image_ids": ["a", "b"], "models": {"fine-tuned": {"ranks": [1, 3]}, "zero-shot": {"ranks": [2, 2]}}}
+    assert rank_by_image(rankings) == {"a": [1, 2], "b": [3, 2]}
+    assert rank_by_image({"image_ids": ["a"], "models": {"zero-shot": {"ranks": [4]}}}) == {"a": [None, 4]}
+    assert rank_by_image(None) == {}
+    (tmp_path / "a.yaml").write_text("structure: {canny_low: 100, canny_high: 200}\nregions: {method: sam}\n")
+    (tmp_path / "b.yaml").write_text("structure: {canny_low: 50, canny_high: 200}\ntrain: {lr: 0.1}\n")
+    assert config_differences(tmp_path / "a.yaml", tmp_path / "b.yaml") == [
+        ["regions.method", "sam", None], ["structure.canny_low", 100, 50], ["train.lr", None, 0.1]]
+    assert config_differences(tmp_path / "a.yaml", tmp_path / "missing.yaml")[0] == ["regions.method", "sam", None]
+    groups = recall_groups({"n_pairs": 4, "t2i/R@1": 50.0, "i2t/R@1": 25.0, "zero_shot": {"t2i/R@1": 10.0}})
+    assert groups == {"fine-tuned": {"t2i": {"R@1": 50.0}, "i2t": {"R@1": 25.0}}, "zero-shot": {"t2i": {"R@1": 10.0}}}
+
+
+def test_embedding_map_projects_each_kind_and_keeps_manifest_rows(tmp_path):
+    import numpy as np
+
+    # Images on a line along dimension 0 (x grows with the index); captions along dimension 1 in reverse.
+    image = np.zeros((4, 3), np.float16)
+    image[:, 0] = [0.0, 0.1, 0.2, 0.9]
+    text = np.zeros((4, 3), np.float16)
+    text[:, 1] = [3.0, 2.0, 1.0, 0.0]
+    path = tmp_path / "embeddings.npz"
+    np.savez(path, image_ids=np.asarray(["a", "b", "c", "x"]), models=np.asarray(["fine-tuned"]),
+             split=np.asarray("test"), has_structure=np.ones(4, bool),
+             **{"fine-tuned/image": image, "fine-tuned/text": text})
+    result = embedding_map(path, {"a": 5, "b": 6, "c": 7})  # "x" is not in the manifest
+    assert result["rows"] == [5, 6, 7] and result["not_in_manifest"] == 1 and result["method"] == "pca"
+    xs = [p[0] for p in result["points"]["image"]]
+    assert xs in ([0.0, 0.5, 1.0], [1.0, 0.5, 0.0])  # PCA's sign is free; the spacing is not
+    assert sorted(result["points"]) == ["image", "text"]
+    assert embedding_map(tmp_path / "missing.npz", {}) is None
 
 
 # ---- the page in a browser ------------------------------------------------------------------------------------

@@ -94,8 +94,8 @@ def test_comparison_shows_both_runs_maps_and_the_metric_deltas(runs, tmp_path):
         page.screenshot(ARTIFACTS_DIR / "curation-compare.png")
         assert page.evaluate("[...document.querySelectorAll('#compare-body table:first-of-type td')]"
                              ".map(td => td.textContent).join('|')") == "structure.canny_low|100|50"
-        deltas = page.evaluate("Object.fromEntries([...document.querySelectorAll('tr[data-key]')].map(tr => "
-                               "[tr.dataset.key, tr.querySelector('.delta').dataset.delta]))")
+        deltas = page.evaluate("Object.fromEntries([...document.querySelectorAll('td.delta[data-key]')].map(td => "
+                               "[td.dataset.key, td.dataset.delta]))")
         for model, source_a, source_b in (("fine-tuned", metrics_a, metrics_b),
                                           ("zero-shot", metrics_a["zero_shot"], metrics_b["zero_shot"])):
             for metric in ("t2i/R@1", "i2t/R@1", "t2i/R@5"):
