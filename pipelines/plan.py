@@ -8,6 +8,7 @@ run is planned in well under a second and never starts an orchestrator.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 from dataclasses import dataclass, field
@@ -354,9 +355,14 @@ def preflight(pipeline: Pipeline, stages: list[str]) -> None:
     """Check what the given stages need before any work; raise ValueError with one line naming the key and the fix."""
     layout, config = pipeline.layout, pipeline.config
     problems = []
+    # Probed without creating anything: a refused run leaves no folder behind.
+    existing = layout.root
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
     try:
-        layout.root.mkdir(parents=True, exist_ok=True)
-        probe = layout.root / f".preflight-{os.getpid()}"
+        if not existing.is_dir():
+            raise NotADirectoryError(errno.ENOTDIR, "not a folder", str(existing))
+        probe = existing / f".preflight-{os.getpid()}"
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as exc:

@@ -189,7 +189,8 @@ def test_serve_run_deployment_and_see_artifacts_in_the_ui(prefect_server, tmp_pa
     assert distributions["regions per image"]["count"] == N_IMAGES
     assert artifacts["quality-plots"].data.count("data:image/png;base64,") >= 5
     summary = artifacts["run-summary"].data
-    assert str(images_dir) in summary and str(out_dir) in summary and f"{namespace}-regions-summary" in summary
+    assert str(images_dir) in summary and str(out_dir) in summary
+    assert f"/artifacts/artifact/{artifacts['regions-summary'].id}" in summary  # linked by id: this run's artifact
 
     # The UI: the artifact page renders the summary table, the gallery page its images, the run page the run.
     ARTIFACTS_DIR.mkdir(parents=True, exist_ok=True)
@@ -208,24 +209,3 @@ def test_serve_run_deployment_and_see_artifacts_in_the_ui(prefect_server, tmp_pa
     for path in (summary_png, gallery_png, run_png):
         assert path.stat().st_size > 10_000
         print(f"UI screenshot: {path}")
-
-
-@pytest.mark.slow  # ~50 s on 2 cores: `prefect deploy` loads every flow; run with STRUCTXLIP_SLOW=1
-def test_prefect_deploy_registers_every_deployment(prefect_server):
-    """``prefect deploy --all`` (what the compose ``deploy`` service runs) accepts prefect.yaml on a real server."""
-    declared_all = yaml.safe_load((ROOT / "prefect.yaml").read_text())["deployments"]
-    env = prefect_server.env()
-    prefect = str(Path(sys.executable).parent / "prefect")
-    created = subprocess.run([prefect, "work-pool", "create", "structxlip", "--type", "process"], env=env, cwd=ROOT,
-                             capture_output=True, text=True, timeout=120)
-    assert created.returncode == 0 or "already exists" in created.stdout + created.stderr, created.stdout
-    result = subprocess.run([prefect, "--no-prompt", "deploy", "--all"], env=env, cwd=ROOT, capture_output=True,
-                            text=True, timeout=300)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    with sync_client(prefect_server.api_url) as client:
-        for declared in declared_all:
-            deployment = client.read_deployment_by_name(f"{declared['flow_name']}/{declared['name']}")
-            assert deployment.work_pool_name == "structxlip"
-            assert deployment.entrypoint == declared["entrypoint"]
-            assert deployment.parameters == declared["parameters"]
-            assert set(deployment.parameter_openapi_schema["properties"]) == set(declared["parameters"])
