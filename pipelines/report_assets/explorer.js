@@ -479,7 +479,7 @@
     const body = document.getElementById("quality-body");
     if (!q) { body.append(el("p", {class: "note", text: "No quality report."})); return; }
     const c = q.counts;
-    body.append(table(["rows", "ok", "failed", "with regions", "without regions",
+    body.append(table(["rows", "ok", "failed", "ok, with regions", "ok, without regions",
                        ...Object.keys(c.by_split).map((s) => `split ${s}`)],
                       [[c.rows, c.ok, c.failed, c.with_regions, c.without_regions, ...Object.values(c.by_split)]],
                       Array(20).fill(true)));

@@ -282,6 +282,18 @@ def test_report_pages_through_10000_rows(tmp_path):
     table = read_manifest(out_dir, columns=["status"])
     failed = int(pc.sum(pc.equal(table["status"], "failed")).as_py())
     assert table.num_rows == 10_000 and 0 < failed < 10_000
+    # Embeddings as the evaluate stage writes them, for 2,000 of the images (the map's points).
+    import numpy as np
+
+    ok_ids = [r["image_id"] for r in read_manifest(out_dir, columns=["image_id", "status"]).to_pylist()
+              if r["status"] == "ok"][:2000]
+    rng = np.random.default_rng(0)
+    layout = OutputLayout(out_dir)
+    layout.eval_dir.mkdir(parents=True, exist_ok=True)
+    np.savez(layout.eval_embeddings, image_ids=np.asarray(ok_ids), models=np.asarray(["fine-tuned"]),
+             split=np.asarray("all"), has_structure=np.ones(len(ok_ids), bool),
+             **{f"fine-tuned/{kind}": rng.normal(size=(len(ok_ids), 64)).astype(np.float16)
+                for kind in ("image", "structure", "text")})
     printed = run_report(out_dir)
     page = out_dir / "report" / "index.html"
     print(printed.strip())
@@ -301,3 +313,31 @@ def test_report_pages_through_10000_rows(tmp_path):
     pages = -(-failed // 24)
     assert f"page 2 of {pages} · {failed} images" in dom
     assert dom.count('<span class="badge status-failed">failed</span>') == min(24, failed - 24)
+
+    # A histogram bar at 10,000 rows filters to exactly its images (DuckDB over the manifest), and the map draws
+    # one point per embedded image.
+    import duckdb
+
+    from tests.chromium import Page
+
+    with Page(tmp_path / "chromium-3", height=1100) as browser:
+        browser.goto(page.as_uri())
+        browser.wait_for("document.body && document.body.dataset.rendered === '1'", "the explorer")
+        bars = browser.evaluate("[...document.querySelectorAll('g.bar[data-hist=regions]')]"
+                                ".map(g => [+g.dataset.bin, +g.dataset.count])")
+        bin_, count = max(bars, key=lambda bar: bar[1])
+        browser.click(f"g.bar[data-hist=regions][data-bin='{bin_}']")
+        browser.wait_for(f"location.hash.includes('bin_regions={bin_}')")
+        edges = json.loads(browser.evaluate("JSON.stringify(JSON.parse(document.getElementById('report-data')"
+                                            ".textContent).hist.regions.edges)"))
+        expected = duckdb.sql(f"SELECT count(*) FROM read_parquet('{out_dir / 'manifest'}/*.parquet') WHERE "
+                              f"status = 'ok' AND len(segments) >= {edges[bin_]} AND len(segments) < {edges[bin_ + 1]}")
+        assert len(browser.evaluate("window.explorer.filteredIds()")) == count == expected.fetchall()[0][0]
+        filter_ms = browser.evaluate("document.body.dataset.renderMs")
+        browser.screenshot(ARTIFACTS_DIR / "report-10k-histogram.png")
+        browser.click("[data-goto=map]")
+        browser.wait_for("location.hash.includes('view=map')")
+        assert browser.evaluate("window.explorer.mapPoints().length") == len(ok_ids)
+        map_ms = browser.evaluate("document.body.dataset.renderMs")
+        browser.screenshot(ARTIFACTS_DIR / "report-10k-map.png")
+    print(f"10,000 rows: histogram filter render {filter_ms} ms, map of {len(ok_ids)} points {map_ms} ms")
