@@ -217,8 +217,16 @@ def _manifest_counts(summary: dict, plan: StagePlan, results: list[dict]) -> Non
         return
     info = stored[0]
     written = info.get("written_rows", 0) if results else 0
-    summary.update(processed=written, cached=info.get("rows", 0) - written, failed=0, rows=info.get("rows", 0),
-                   ok=info.get("ok", 0), duplicates=info.get("duplicates", 0))
+    rows = info.get("rows", 0)
+    failed = rows - info.get("ok", rows)  # rows of images that failed a stage or have no caption
+    # The first failed rows, by file, from the rows the manifest was built from (this run's plan).
+    built = [row for record in plan.items.values() if isinstance(record, dict)
+             for row in record.get("rows") or [] if row.get("status") == STATUS_FAILED]
+    failures = [{"file": Path(str(row.get("source_path") or row.get("image_id"))).name,
+                 "reason": str(row.get("error") or "unknown"), "cached": not results}
+                for row in built[:3]]  # as many as the table shows
+    summary.update(processed=written, cached=rows - written, failed=failed, rows=rows, ok=info.get("ok", 0),
+                   duplicates=info.get("duplicates", 0), failures=failures)
 
 
 # ---- the run report ------------------------------------------------------------------------------------------------
@@ -251,14 +259,20 @@ def format_summary(report: dict) -> str:
     lines = [f"{'stage':<10} {'processed':>9} {'cached':>7} {'failed':>7} {'seconds':>8}"]
     for s in report["stages"]:
         lines.append(f"{s['stage']:<10} {s['processed']:>9} {s['cached']:>7} {s['failed']:>7} {s['seconds']:>8.2f}")
-        failures = s.get("failures") or []
-        for failure in failures[:3]:
+        shown = (s.get("failures") or [])[:3]  # the first three of each stage; the artifact lists more
+        for failure in shown:
             cached = " (cached)" if failure.get("cached") else ""
             lines.append(f"  x {failure['file']}: {failure['reason']}{cached}")
-        if s["failed"] > 3:
-            lines.append(f"  x ... {s['failed'] - 3} more (see the {s['stage']}-failures artifact or the manifest)")
-        for error in s.get("chunk_errors") or []:
-            lines.append(f"  ! chunk failed (retried next run): {error}")
+        # Items of failed chunks count as failed but are not item failures: their chunk's line says why.
+        unfinished = s.get("unfinished") or 0
+        more = s["failed"] - unfinished - len(shown)
+        if more > 0:
+            where = "the manifest's error column" if s["stage"] == "manifest" else \
+                f"the {s['stage']}-failures artifact or the manifest"
+            lines.append(f"  x ... {more} more (see {where})" if shown else f"  x {more} failed (see {where})")
+        for number, error in enumerate(s.get("chunk_errors") or []):
+            pending = f"; {unfinished} item(s) pending" if unfinished and number == 0 else ""
+            lines.append(f"  ! chunk failed (retried next run{pending}): {error}")
         if s.get("duplicates"):
             lines.append(f"  {s['duplicates']} duplicate file(s) merged into the row of the same bytes (see duplicate_paths)")
     for stage in report.get("not_run") or []:
