@@ -339,11 +339,16 @@ class ClipScorer:
 
         if batch_size <= 0:
             raise ValueError(f"expected batch_size > 0, got {batch_size}")
+        from structxlip.model_files import ModelLoadError, reading_model_file
+
         source = resolve_model_source(str(model_name_or_dir))
         try:
-            self.model = CLIPModel.from_pretrained(source)
-            self.tokenizer = AutoTokenizer.from_pretrained(source)
-            self.image_processor = AutoImageProcessor.from_pretrained(source)
+            with reading_model_file(source):  # a damaged weights/config file: ModelLoadError naming it
+                self.model = CLIPModel.from_pretrained(source)
+                self.tokenizer = AutoTokenizer.from_pretrained(source)
+                self.image_processor = AutoImageProcessor.from_pretrained(source)
+        except ModelLoadError:
+            raise
         except (OSError, ValueError, KeyError) as exc:
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
             raise RuntimeError(
@@ -418,10 +423,15 @@ class Captioner:
     def __init__(self, model_id: str, *, device: str = "auto", max_new_tokens: int = 40):
         from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer
 
+        from structxlip.model_files import ModelLoadError, reading_model_file
+
         try:
-            self.model = AutoModelForImageTextToText.from_pretrained(model_id)
-            self.image_processor = AutoImageProcessor.from_pretrained(model_id)
-            self.tokenizer = AutoTokenizer.from_pretrained(model_id)
+            with reading_model_file(model_id):
+                self.model = AutoModelForImageTextToText.from_pretrained(model_id)
+                self.image_processor = AutoImageProcessor.from_pretrained(model_id)
+                self.tokenizer = AutoTokenizer.from_pretrained(model_id)
+        except ModelLoadError:
+            raise
         except (OSError, ValueError, KeyError) as exc:
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
             raise RuntimeError(

@@ -186,9 +186,14 @@ def build_sam(model_type: str, checkpoint: str | None, device: str):
 
     if model_type not in sam_model_registry:
         raise RegionsSetupError(f"unknown SAM model type {model_type!r} (expected one of {sorted(sam_model_registry)})")
+    from structxlip.model_files import ModelLoadError, reading_model_file
+
     try:
-        model = sam_model_registry[model_type](checkpoint=checkpoint)
-    except Exception as exc:  # noqa: BLE001 - a corrupt or mismatched checkpoint
+        with reading_model_file(checkpoint or model_type, "download it again and point regions.sam_checkpoint at it"):
+            model = sam_model_registry[model_type](checkpoint=checkpoint)
+    except ModelLoadError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a mismatched checkpoint
         raise RegionsSetupError(
             f"cannot load SAM {model_type} from {checkpoint}: {type(exc).__name__}: {_one_line(exc)[:200]}"
         ) from None
@@ -215,10 +220,15 @@ def cached_sam(model_type: str, checkpoint: str | None, device: str, builder: Sa
 
 def build_sam_pipeline(model: str, device: str):
     """Return transformers' ``mask-generation`` pipeline for a SAM / SAM-HQ / SAM 2 hub id or local folder."""
+    from structxlip.model_files import ModelLoadError, reading_model_file
+
     try:
         from transformers import pipeline
 
-        return pipeline("mask-generation", model=model, device=device)
+        with reading_model_file(model, "download the model again (`hf download REPO --local-dir DIR`)"):
+            return pipeline("mask-generation", model=model, device=device)
+    except ModelLoadError:
+        raise
     except Exception as exc:  # noqa: BLE001 - offline, unknown id, not a SAM model: one actionable line
         raise RegionsSetupError(
             f"cannot load SAM model {model}: {type(exc).__name__}: {_one_line(exc)[:200]} (offline? download it "

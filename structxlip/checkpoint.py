@@ -21,6 +21,7 @@ import torch
 
 from storage.atomic import atomic_path, storage_error_from
 from structxlip.faults import kill_point
+from structxlip.model_files import ModelLoadError, model_load_error
 
 FORMAT = "structxlip-train-checkpoint"
 FORMAT_VERSION = 1
@@ -29,6 +30,17 @@ REQUIRED_KEYS = ("format", "version", "model", "optimizer", "step", "epoch", "ba
 
 class CheckpointError(ValueError):
     """A file is not a readable StructXLIP training checkpoint; the message is one line."""
+
+
+class CorruptCheckpointError(ModelLoadError, CheckpointError):
+    """A checkpoint file whose bytes are damaged (truncated, overwritten): a ModelLoadError, so a pipeline treats it
+    as a broken environment, and a CheckpointError, so the callers that skip unusable checkpoints skip it too."""
+
+
+def _checkpoint_advice(path: Path) -> str:
+    if path.parent.name == "checkpoints":  # OUT/train/checkpoints/last.pt or epoch-N.pt: this run's own file
+        return "train without --resume to start afresh"
+    return "re-export or re-download it"
 
 
 @dataclass
@@ -166,13 +178,18 @@ def read_checkpoint_payload(path: str | os.PathLike) -> Any:
         refusal = unpickling_refusal(path, exc)
         if refusal is not None:
             raise CheckpointError(refusal) from None
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        detail = f": {reason[:120]}" if reason else ""
-        raise CheckpointError(f"{path}: not a readable checkpoint (corrupt or not a torch.save file{detail})") \
-            from None
+        raise _corrupt(path, exc) from None
     except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, KeyError, AttributeError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
-        raise CheckpointError(f"{path}: not a readable checkpoint ({exc.__class__.__name__}: {first[:200]})") from None
+        raise _corrupt(path, exc) from None
+
+
+def _corrupt(path: Path, exc: BaseException) -> CorruptCheckpointError:
+    """The one-line error of a checkpoint torch.load cannot read: damaged, or not a torch.save file at all."""
+    error = model_load_error(path, exc, _checkpoint_advice(path))
+    # model_load_error's text, said of a checkpoint: "PATH is corrupt or truncated, not a readable checkpoint (...)"
+    text = str(error).replace(" is corrupt or truncated (", " is corrupt or truncated, not a readable checkpoint "
+                                                              "(corrupt or not a torch.save file: ", 1)
+    return CorruptCheckpointError(text)
 
 
 def load_checkpoint(path: str | os.PathLike) -> TrainingCheckpoint:

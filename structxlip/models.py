@@ -22,6 +22,7 @@ from torch import nn
 
 from storage.atomic import atomic_directory, atomic_path
 from structxlip.checkpoint import load_model_state
+from structxlip.model_files import ModelLoadError, reading_model_file
 from structxlip.text import extend_position_embeddings, stretch_positions, text_position_count
 
 TINY_CLIP = "structxlip/tiny-clip"  # same string as configs.schema.TINY_CLIP
@@ -195,9 +196,12 @@ def load_clip(name_or_dir: str | os.PathLike, *, max_text_tokens: int = 248, kee
         raise FileNotFoundError(f"CLIP model folder not found: {local} (give a folder saved with save_pretrained, "
                                 f"a Hugging Face hub id, or {TINY_CLIP!r})")
     try:
-        model = CLIPModel.from_pretrained(source)
-        tokenizer = AutoTokenizer.from_pretrained(source)
-        image_processor = AutoImageProcessor.from_pretrained(source)
+        with reading_model_file(source):  # a damaged weights/config file: ModelLoadError naming it
+            model = CLIPModel.from_pretrained(source)
+            tokenizer = AutoTokenizer.from_pretrained(source)
+            image_processor = AutoImageProcessor.from_pretrained(source)
+    except ModelLoadError:
+        raise
     except pickle.UnpicklingError as error:  # a pickled pytorch_model.bin: refused by weights_only loading
         from structxlip.checkpoint import pickled_weights_error
 
@@ -215,13 +219,17 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
-        return load_file(str(path))
+        with reading_model_file(path):
+            return load_file(str(path))
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as error:
+        with reading_model_file(path):
+            payload = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:  # damage is already a ModelLoadError: this is a refused pickle
         from structxlip.checkpoint import pickled_weights_error
 
         raise pickled_weights_error(path, error) from None
+    except ModelLoadError:
+        raise
     except Exception as error:  # unpickling refuses arbitrary objects under weights_only
         raise ValueError(f"{path} is not a readable PyTorch state dict: {_first_line(error)}") from None
     for key in _WRAPPER_KEYS:
@@ -288,7 +296,10 @@ def _clip_state_dict(source: Path, max_text_tokens: int, keep_positions: int) ->
 
     if source.is_dir():
         try:
-            model = CLIPModel.from_pretrained(source)
+            with reading_model_file(source):
+                model = CLIPModel.from_pretrained(source)
+        except ModelLoadError:
+            raise
         except (OSError, ValueError, KeyError) as error:
             raise ValueError(f"{source}: not a CLIP model folder saved with save_pretrained ({_first_line(error)})") \
                 from None
