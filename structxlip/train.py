@@ -371,6 +371,20 @@ class TrainResult:
 
 
 # ---- the training loop --------------------------------------------------------------------------------------------
+def _check_one_batch(pairs: int, batch_size: int, world_size: int) -> None:
+    """Raise ValueError (one line) when the training split does not fill one batch on every process: the contrastive
+    losses of a smaller batch are computed against fewer negatives than configured (none for one pair)."""
+    per_process = -(-pairs // world_size)
+    if per_process >= batch_size:
+        return
+    processes = f" on each of {world_size} processes" if world_size > 1 else ""
+    more = "add images or give train a larger share of manifest.split_ratios"
+    fix = f"lower train.batch_size to at most {per_process}, or {more}" if per_process >= 2 else \
+        f"contrastive training needs at least 2 pairs per batch: {more}"
+    raise ValueError(f"the training split has {pairs} pair(s), fewer than one batch (train.batch_size={batch_size})"
+                     f"{processes}: {fix}")
+
+
 def train(
     manifest: str | Path,
     out_dir: str | Path,
@@ -433,6 +447,7 @@ def train(
             tokenizer=loaded.tokenizer, max_text_tokens=max_text_tokens, chunk_base_window=chunk_base_window,
             chunk_stride=chunk_stride, max_chunks=max_chunks, local_pooling=local_pooling,
         )
+        _check_one_batch(len(dataset), batch_size, context.world_size)
         use_negatives = objective.lambda_hard_negative > 0
         # Pad text to the batch's longest, not max_text_tokens: same embeddings (causal encoder, EOS pooling), and
         # attention over ~30 instead of 248 positions.
