@@ -591,7 +591,8 @@
       return;
     }
     const models = Object.keys(rankings.models);
-    const by = models.includes(state.get("rby")) ? state.get("rby") : models[models.length - 1];
+    const fallback = models.includes("fine-tuned") ? "fine-tuned" : models[models.length - 1];
+    const by = models.includes(state.get("rby")) ? state.get("rby") : fallback;
     const ids = rankings.image_ids;
     const order = ids.map((_, i) => i);
     const ranks = rankings.models[by].ranks;
@@ -770,7 +771,8 @@
     failures.addEventListener("change", () => writeState({mfail: failures.checked ? "" : "0"}));
     kindSelect.addEventListener("change", () => writeState({mkind: kindSelect.value}));
     colorSelect.addEventListener("change", () => writeState({mcolor: colorSelect.value}));
-    map.canvas = el("canvas", {tabindex: 0, role: "img", id: "embedding-canvas",
+    map.canvas = el("canvas", {tabindex: 0, role: "application", "aria-roledescription": "scatter plot",
+                               id: "embedding-canvas", "aria-describedby": "map-focus",
                                "aria-label": "embedding map: arrow keys move between points, Enter opens the image"});
     map.canvas.style.width = `${MAP_W}px`; map.canvas.style.height = `${MAP_H}px`;
     map.tip = el("div", {class: "map-tip", hidden: true});
