@@ -11,10 +11,24 @@ import sys
 from pathlib import Path
 
 
-def _load_config(args: argparse.Namespace, overrides: dict | None = None):
+# The command-line flags that override config keys, so that a bad value is blamed on the flag the user typed.
+_FLAGS = {"train.epochs": "--epochs", "train.device": "--device", "train.batch_size": "--batch-size",
+          "evaluate.split": "--split", "evaluate.device": "--device", "train.precision": "--precision",
+          "evaluate.zero_shot": "--no-zero-shot"}
+
+
+def _load_config(args: argparse.Namespace, overrides: dict | None = None, *, out_dir: Path | None = None):
+    """Return the command's config: ``--config``, else (for a command reading a pipeline output folder ``out_dir``)
+    the config that folder's run recorded in OUT/config.yaml, as ``structxlip run`` uses it, else the defaults;
+    the command's flags applied on top (their errors name the flag)."""
     from configs import load_config
 
-    return load_config(args.config, {k: v for k, v in (overrides or {}).items() if v is not None})
+    overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
+    if args.config is None and out_dir is not None and (out_dir / "manifest").is_dir():
+        from pipelines.plan import resolve_config
+
+        return resolve_config(out_dir, None, overrides, overrides_source=_FLAGS)[0]
+    return load_config(args.config, overrides, overrides_source=_FLAGS)
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -46,10 +60,10 @@ def _evaluate(args: argparse.Namespace) -> int:
     from storage.manifest import manifest_root
     from structxlip.evaluate import evaluate, metrics_table
 
+    root = manifest_root(args.manifest)
     config = _load_config(args, {"evaluate.split": args.split, "evaluate.device": args.device,
                                  "train.precision": args.precision,
-                                 "evaluate.zero_shot": False if args.no_zero_shot else None})
-    root = manifest_root(args.manifest)
+                                 "evaluate.zero_shot": False if args.no_zero_shot else None}, out_dir=root.root)
     out_path = Path(args.out).resolve() if args.out else root.eval_metrics
     stage = STAGE_DEFINITIONS["evaluate"]  # the same parameters the pipeline's evaluate stage passes
     # Writing into a pipeline's output folder takes its lock, like every other writer of that folder.
@@ -70,8 +84,8 @@ def _rankings(args: argparse.Namespace) -> int:
     from storage.manifest import manifest_root
     from structxlip.retrieval_ranks import compute_rankings
 
-    config = _load_config(args, {"evaluate.split": args.split, "evaluate.device": args.device})
     layout = manifest_root(args.manifest)
+    config = _load_config(args, {"evaluate.split": args.split, "evaluate.device": args.device}, out_dir=layout.root)
     models = dict(_model_choice(text) for text in args.model or [])
     if not models:
         models = {"zero-shot": config.model.clip_model}
@@ -227,7 +241,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                                                "StructXLIP .pth (default: model.clip_model, i.e. zero-shot)")
     evaluate.add_argument("--split", choices=["train", "val", "test", "all"], help="override evaluate.split")
     evaluate.add_argument("--out", help="metrics JSON path (default: OUT/eval/metrics.json of the manifest)")
-    evaluate.add_argument("--config", help="YAML config")
+    evaluate.add_argument("--config", help="YAML config (default: the config the pipeline run that made the manifest's "
+                                           "output folder recorded in OUT/config.yaml, else the defaults)")
     evaluate.add_argument("--device", help="override evaluate.device")
     evaluate.add_argument("--precision", choices=["auto", "fp32", "bf16"],
                           help="override train.precision for encoding (auto: bf16 on CUDA, fp32 on CPU)")
@@ -248,7 +263,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     rankings.add_argument("--top-k", type=int, default=10, help="images listed per query (default: 10)")
     rankings.add_argument("--split", choices=["train", "val", "test", "all"], help="override evaluate.split")
     rankings.add_argument("--out", help="JSON path (default: OUT/eval/rankings.json)")
-    rankings.add_argument("--config", help="YAML config")
+    rankings.add_argument("--config", help="YAML config (default: OUT/config.yaml of the manifest's pipeline run, else "
+                                           "the defaults)")
     rankings.add_argument("--device", help="override evaluate.device")
     rankings.set_defaults(handler=_rankings)
 

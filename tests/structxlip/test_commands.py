@@ -131,3 +131,42 @@ def test_export_checkpoint_writes_what_the_reference_evaluator_loads(workspace, 
 
     assert main(["export-checkpoint", str(manifest), str(tmp_path / "x.pth")]) == 2  # not a model
     assert "not a CLIP model folder" in capsys.readouterr().err
+
+
+def test_evaluate_without_config_uses_the_config_its_pipeline_run_recorded(workspace, tmp_path, capsys):
+    root, manifest = workspace
+    from structxlip.models import build_tiny_clip
+
+    tiny = tmp_path / "tiny-recorded"
+    build_tiny_clip(tiny)
+    out = OutputLayout(manifest).root if (manifest / "manifest").is_dir() else manifest.parent
+    assert (out / "manifest").is_dir()
+    # What `structxlip run` leaves in OUT/config.yaml: a local tiny CLIP instead of the default hub model (not
+    # reachable here), and every split evaluated instead of the default test split (3 of the 12 images).
+    OutputLayout(out).config_record.write_text(yaml.safe_dump({"model": {"clip_model": str(tiny)},
+                                                               "train": {"max_text_tokens": 77},
+                                                               "evaluate": {"split": "all"}}))
+    try:
+        assert main(["evaluate", str(out), "--device", "cpu", "--out", str(tmp_path / "m.json")]) == 0
+        printed = capsys.readouterr().out
+        assert "\n12 pairs (" in printed
+        assert json.loads((tmp_path / "m.json").read_text())["n_pairs"] == 12
+        # --config still wins over the recorded one.
+        explicit = tmp_path / "explicit.yaml"
+        explicit.write_text(yaml.safe_dump({"model": {"clip_model": str(tmp_path / "absent-model")}}))
+        assert main(["evaluate", str(out), "--device", "cpu", "--config", str(explicit)]) == 2
+        assert "absent-model" in capsys.readouterr().err
+    finally:
+        OutputLayout(out).config_record.unlink()
+
+
+def test_a_bad_flag_value_names_the_flag_not_the_config(workspace, tmp_path, capsys):
+    root, manifest = workspace
+    config = tmp_path / "c.yaml"
+    config.write_text("train: {epochs: 1}\n")
+    assert main(["train", str(manifest), "--out", str(tmp_path / "o"), "--config", str(config),
+                 "--batch-size", "1"]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("structxlip train: error: --batch-size=1: must be at least 2, got 1")
+    assert str(config) not in error and "\n" not in error
+    assert not (tmp_path / "o").exists()
