@@ -337,8 +337,11 @@ def stale_stages(pipeline: Pipeline, ran: list[str]) -> list[str]:
     if not ran:
         return []
     stale: list[str] = []
+    upstream_stale = False
     for stage in names[names.index(ran[-1]) + 1:]:
-        if stale or pipeline.plan(stage).pending:
+        upstream_stale = upstream_stale or bool(pipeline.plan(stage).pending)
+        # Only a stage with results on disk (under any key) can be out of date; one never run is just not run.
+        if upstream_stale and any(pipeline.layout.stage_dir(stage, "any").parent.glob("*/part-*.parquet")):
             stale.append(stage)
     return stale
 
