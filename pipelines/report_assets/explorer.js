@@ -87,7 +87,14 @@
   }
 
   // ---- manifest browser -----------------------------------------------------------------------------------
-  const FILTER_KEYS = ["status", "split", "regions", "smin", "smax", "q", "sort"];
+  const FILTER_KEYS = ["status", "split", "regions", "smin", "smax", "q", "sort", "changed"];
+  // With compared runs: whether another run found different regions (boxes) or a different best score.
+  function differs(row, other) {
+    const boxes = (r) => JSON.stringify((r.seg || []).map((s) => s.slice(0, 4)));
+    return other.best !== row.best || boxes(other) !== boxes(row);
+  }
+  const CHANGED = ROWS.map((row) => COMPARE.some((run) => run.rows[row.i] !== undefined &&
+                                                          differs(row, run.rows[row.i])));
   const BIN_KEYS = HIST_NAMES.map((name) => "bin_" + name);
   const SEARCH_TEXT = ROWS.map((row) => [row.i, row.src || "", row.c || "", row.e || ""].join("\n").toLowerCase());
 
@@ -98,6 +105,7 @@
     const smin = state.get("smin") === null || state.get("smin") === "" ? null : Number(state.get("smin"));
     const smax = state.get("smax") === null || state.get("smax") === "" ? null : Number(state.get("smax"));
     const terms = (state.get("q") || "").toLowerCase().split(/\s+/).filter(Boolean);
+    const changed = state.get("changed") || "";
     const bins = [];
     for (const name of HIST_NAMES) {
       const value = state.get("bin_" + name);
@@ -112,6 +120,7 @@
       // Both count ok images only, as the quality report does: a failed image has no regions to find.
       if (regions === "with" && (row.st !== "ok" || !count)) continue;
       if (regions === "without" && (row.st !== "ok" || count)) continue;
+      if (changed && CHANGED[index] !== (changed === "yes")) continue;
       let inBins = true;
       for (const [rowBins, bin] of bins) if (rowBins[index] !== bin) { inBins = false; break; }
       if (!inBins) continue;
@@ -345,7 +354,8 @@
         axisTop.textContent = `${top} images`;
         svg.append(axisLow, axisHigh, axisTop);
       }
-      const clear = el("button", {type: "button", class: "clear-bin", hidden: true, "aria-label": `clear the ${label} filter`});
+      const clear = el("button", {type: "button", class: "clear-bin", hidden: true,
+                                  "aria-label": `clear the ${label} filter`});
       clear.addEventListener("click", () => writeState({["bin_" + name]: "", page: ""}));
       const caption = el("figcaption", {}, el("strong", {text: label}), clear);
       container.append(el("figure", {class: `histogram hist-${name}`, "data-hist": name}, caption,
@@ -370,8 +380,10 @@
         bar.group.setAttribute("aria-pressed", bin === selected ? "true" : "false");
         bar.group.setAttribute("data-shown", shown[bin]);
         const range = `${view.label} ${binLabel(name, bin)}: ${shown[bin]} of ${view.all[bin]} images shown`;
-        bar.group.setAttribute("aria-label", `${range}; ${bin === selected ? "press to clear this filter" : "press to filter to them"}`);
-        bar.title.textContent = `${view.label} ${binLabel(name, bin)}: ${view.all[bin]} images (${shown[bin]} in the current filter)`;
+        const action = bin === selected ? "press to clear this filter" : "press to filter to them";
+        bar.group.setAttribute("aria-label", `${range}; ${action}`);
+        bar.title.textContent = `${view.label} ${binLabel(name, bin)}: ${view.all[bin]} images ` +
+                                `(${shown[bin]} in the current filter)`;
       });
       view.clear.hidden = selected < 0 || selected >= view.bars.length;
       if (!view.clear.hidden) view.clear.textContent = `${binLabel(name, selected)} ×`;
@@ -442,10 +454,17 @@
     const form = document.getElementById("filters");
     const splits = [...new Set(ROWS.map((row) => row.sp).filter(Boolean))].sort();
     for (const split of splits) form.elements.split.append(el("option", {value: split, text: split}));
+    if (COMPARE.length) {
+      const select = el("select", {name: "changed"}, el("option", {value: "", text: "any"}),
+        el("option", {value: "yes", text: "changed in another run"}),
+        el("option", {value: "no", text: "same in every run"}));
+      form.insertBefore(el("label", {title: "region boxes or best score differ between the compared runs"},
+                           "runs ", select), document.getElementById("reset-filters"));
+    }
     let timer = null;
     const apply = () => {
       const changes = {page: ""};
-      for (const key of FILTER_KEYS) changes[key] = form.elements[key].value.trim();
+      for (const key of FILTER_KEYS) changes[key] = form.elements[key] ? form.elements[key].value.trim() : "";
       writeState(changes);
     };
     form.addEventListener("change", apply);
@@ -567,7 +586,8 @@
     const rows = [];
     for (const direction of directions) {  // zero-shot above fine-tuned for each direction
       for (const [model, byDirection] of groups) {
-        if (byDirection.has(direction)) rows.push([model, direction, ...columns.map((c) => byDirection.get(direction)[c])]);
+        if (!byDirection.has(direction)) continue;
+        rows.push([model, direction, ...columns.map((c) => byDirection.get(direction)[c])]);
       }
     }
     const pairs = metrics.n_pairs !== undefined ? ` on ${metrics.n_pairs} pairs` : "";
@@ -779,11 +799,13 @@
     map.live = el("p", {class: "note", "aria-live": "polite", id: "map-focus"});
     map.legend = el("div", {class: "legend"});
     body.append(
-      el("p", {class: "note", text: `${EMB.rows.length} images of split ${EMB.split || "?"}: the image, structure-map or ` +
+      el("p", {class: "note", text: `${EMB.rows.length} images of split ${EMB.split || "?"}: the image, ` +
+        "structure-map or " +
         `caption embeddings of the ${EMB.model} model, each projected to 2-D (${EMB.method.toUpperCase()}), ` +
         "from eval/embeddings.npz. Points outside the browser's filter are faint; a red ring marks a retrieval " +
         "failure (its caption ranks another image first). Hover for the image, click to open its card."}),
-      el("div", {class: "map-controls"}, el("label", {}, "show ", kindSelect), el("label", {}, "colour by ", colorSelect),
+      el("div", {class: "map-controls"}, el("label", {}, "show ", kindSelect),
+         el("label", {}, "colour by ", colorSelect),
          el("label", {}, failures, " ring retrieval failures (t2i rank > 1)"), map.legend),
       el("div", {class: "map-wrap"}, map.canvas, map.tip), map.live);
     const local = (event) => {
@@ -855,7 +877,7 @@
       block.append(el("h4", {text: "Config keys that differ"}));
       if (run.config && run.config.length) {
         block.append(table(["key", DATA.run.label, run.label], run.config.map(([key, a, b]) =>
-          [key, a === null || a === undefined ? "–" : JSON.stringify(a), b === null || b === undefined ? "–" : JSON.stringify(b)])));
+          [key, ...[a, b].map((v) => (v === null || v === undefined ? "–" : JSON.stringify(v)))])));
       } else {
         block.append(el("p", {class: "note", text: "none found (config.yaml missing or identical)"}));
       }
@@ -864,16 +886,18 @@
         const other = run.rows[row.i];
         if (!other) continue;
         shared++;
-        if ((row.seg || []).length !== (other.seg || []).length || row.best !== other.best) changed++;
+        if (differs(row, other)) changed++;
       }
-      block.append(el("p", {text: `${shared} images in both runs, ${changed} with a different region count or best ` +
-                                  `score; ${ROWS.length - shared} only in this run, ${run.only_there} only in ${run.label}.`}));
+      block.append(el("p", {text: `${shared} images in both runs, ${changed} with different region boxes or best ` +
+                                  `score (browse them with the "runs" filter); ${ROWS.length - shared} only in this ` +
+                                  `run, ${run.only_there} only in ${run.label}.`}));
       const there = metricGroups(run.eval || {});
       if (!DATA.eval || !run.eval) {
         block.append(el("p", {class: "note", text: "metric deltas need eval/metrics.json in both runs"}));
       } else {
         const t = el("table", {class: "deltas"}, el("tr", {},
-          ...["model", "direction", ...columns.map((c) => `${c}: this run → ${run.label} (Δ)`)].map((h) => el("th", {text: h}))));
+          ...["model", "direction", ...columns.map((c) => `${c}: this run → ${run.label} (Δ)`)]
+            .map((h) => el("th", {text: h}))));
         for (const [model, byDirection] of here) {
           for (const [direction, values] of byDirection) {
             const others = (there.get(model) || new Map()).get(direction) || {};

@@ -110,11 +110,25 @@ def test_comparison_shows_both_runs_maps_and_the_metric_deltas(runs, tmp_path):
                              "label: run.querySelector('h4').textContent, src: run.querySelector('img.map').src, "
                              "loaded: run.querySelector('img.map').naturalWidth}))")
         page.screenshot(ARTIFACTS_DIR / "curation-compare-card.png")
+        page.press("Escape", key_code=27)
+        page.wait_for("!document.getElementById('card-dialog').open")
+        # The browser's "runs" filter: images whose regions or best score differ between the two runs.
+        _open(page, runs["page"], "changed=yes")
+        changed = page.evaluate("window.explorer.filteredIds()")
+        page.screenshot(ARTIFACTS_DIR / "curation-compare-changed.png")
     assert [m["run"] for m in maps] == ["0", "1"] and maps[0]["label"] == "canny100 (this run)"
     assert maps[1]["label"] == "canny50"
     assert maps[0]["src"] == (a.root / rows_a[image_id]["structure_path"]).as_uri()
     assert maps[1]["src"] == (b.root / rows_b[image_id]["structure_path"]).as_uri()
     assert all(m["loaded"] > 0 for m in maps)
+
+    def regions(row: dict) -> tuple:
+        scores = [round(s["similarity_score"], 3) for s in row["segments"] or []
+                  if s["similarity_score"] is not None and math.isfinite(s["similarity_score"])]
+        boxes = [tuple(s["bbox"][k] for k in ("x1", "y1", "x2", "y2")) for s in row["segments"] or []]
+        return boxes, max(scores, default=None)
+
+    assert sorted(changed) == sorted(i for i in rows_a if i in rows_b and regions(rows_a[i]) != regions(rows_b[i]))
 
 
 def test_clicking_a_histogram_bar_filters_to_exactly_that_bin(runs, tmp_path):
