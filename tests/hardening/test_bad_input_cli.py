@@ -39,7 +39,7 @@ def test_the_run_exits_cleanly_and_reports_without_tracebacks(corpus_run, manife
     loop = [line for line in stderr.splitlines() if "loop/parent" in line]
     assert loop and all("symbolic link loop" in line for line in loop), stderr[-3000:]
     broken = [line for line in stderr.splitlines() if "captions.jsonl" in line and "invalid JSON" in line]
-    assert broken and all("'line': 3" in line for line in broken), stderr[-3000:]
+    assert broken and all("captions.jsonl line 3: invalid JSON" in line for line in broken), stderr[-3000:]
 
 
 def test_every_file_has_exactly_one_row_and_nothing_is_lost(corpus_run, manifest):
