@@ -282,20 +282,19 @@ def _projection(points, method: str):
 
 
 def embedding_map(path: Path, row_index: dict[str, int]) -> dict | None:
-    """Return the 2-D maps of ``eval/embeddings.npz``: the image, structure-map and caption embeddings of one model
-    (fine-tuned when present), each kind projected on its own (PCA, or UMAP when installed: a joint projection of
-    CLIP embeddings mostly shows the gap between modalities, not which images are alike) and scaled to [0, 1];
-    None without the file. ``rows`` are the explorer row indices of the images (those not in the manifest are left
-    out and counted in ``not_in_manifest``); ``points[kind]`` is ``[[x, y], ...]`` in the same order."""
+    """Return the 2-D maps of ``eval/embeddings.npz``: the image, structure-map and caption embeddings of each model
+    (fine-tuned first), each kind projected on its own (PCA, or UMAP when installed: a joint projection of CLIP
+    embeddings mostly shows the gap between modalities, not which images are alike) and scaled to [0, 1]; None
+    without the file. ``rows`` are the explorer row indices of the images (those not in the manifest are left out
+    and counted in ``not_in_manifest``); ``points[model][kind]`` is ``[[x, y], ...]`` in the same order."""
     import numpy as np
 
     try:
         with np.load(path, allow_pickle=False) as stored:
-            models = [str(m) for m in stored["models"]]
-            model = "fine-tuned" if "fine-tuned" in models else models[0]
+            models = sorted((str(m) for m in stored["models"]), key=lambda m: m != "fine-tuned")
             ids = [str(i) for i in stored["image_ids"]]
-            kinds = [k for k in ("image", "structure", "text") if f"{model}/{k}" in stored.files]
-            blocks = [stored[f"{model}/{k}"].astype(np.float32) for k in kinds]
+            blocks = {(model, kind): stored[f"{model}/{kind}"].astype(np.float32) for model in models
+                      for kind in ("image", "structure", "text") if f"{model}/{kind}" in stored.files}
             has_structure = stored["has_structure"].tolist() if "has_structure" in stored.files else None
             split = str(stored["split"]) if "split" in stored.files else None
     except (OSError, ValueError, KeyError, IndexError):
@@ -303,21 +302,21 @@ def embedding_map(path: Path, row_index: dict[str, int]) -> dict | None:
     keep = [i for i, image_id in enumerate(ids) if image_id in row_index]
     if not keep or not blocks:
         return None
-    blocks = [block[keep] for block in blocks]
     try:
         import umap  # noqa: F401
 
         method = "umap" if len(ids) >= 10 else "pca"  # UMAP's neighbour graph needs more than a handful of points
     except ImportError:
         method = "pca"
-    points = {}
-    for kind, block in zip(kinds, blocks):
-        coords = np.asarray(_projection(block, method), dtype=np.float64)
+    points: dict[str, dict] = {}
+    for (model, kind), block in blocks.items():
+        coords = np.asarray(_projection(block[keep], method), dtype=np.float64)
         if coords.shape[1] < 2:
             coords = np.pad(coords, ((0, 0), (0, 2 - coords.shape[1])))
         low, span = coords.min(axis=0), np.ptp(coords, axis=0)
-        points[kind] = np.round((coords - low) / np.where(span > 0, span, 1.0), 3).tolist()  # ~1/1000 of the map
-    return {"model": model, "method": method, "split": split, "rows": [row_index[ids[i]] for i in keep],
+        # 3 decimals: about a thousandth of the map's width, and a third of the JSON of full floats.
+        points.setdefault(model, {})[kind] = np.round((coords - low) / np.where(span > 0, span, 1.0), 3).tolist()
+    return {"models": list(points), "method": method, "split": split, "rows": [row_index[ids[i]] for i in keep],
             "not_in_manifest": len(ids) - len(keep),
             "has_structure": None if has_structure is None else [bool(has_structure[i]) for i in keep],
             "points": points}

@@ -663,7 +663,7 @@
   const EMB = DATA.embedding;
   const MAP_W = 720, MAP_H = 520, MAP_PAD = 14;
   const SPLIT_COLORS = {train: "#4363d8", val: "#3cb44b", test: "#f58231"};
-  const map = {canvas: null, tip: null, live: null, focus: -1, points: [], kind: "image", color: "split",
+  const map = {canvas: null, tip: null, live: null, focus: -1, points: [], model: "", kind: "image", color: "split",
                scoreLow: Infinity, scoreHigh: -Infinity};
   for (const row of ROWS) {
     if (row.best === null || row.best === undefined) continue;
@@ -684,7 +684,7 @@
   }
 
   function mapModelSlot() {
-    return Math.max(0, RANK_MODELS.indexOf(EMB.model));
+    return Math.max(0, RANK_MODELS.indexOf(map.model));
   }
 
   function drawMap(matchSet) {
@@ -694,7 +694,7 @@
     const context = canvas.getContext("2d");
     context.setTransform(ratio, 0, 0, ratio, 0, 0);
     context.clearRect(0, 0, MAP_W, MAP_H);
-    const coords = EMB.points[map.kind] || [];
+    const coords = (EMB.points[map.model] || {})[map.kind] || [];
     const slot = mapModelSlot();
     map.points = [];
     // Filtered-out points first (faint), so the current filter's points are drawn on top.
@@ -779,7 +779,10 @@
                                                  "them; run the pipeline's evaluate stage again."}));
       return;
     }
-    const kinds = Object.keys(EMB.points);
+    const kinds = Object.keys(EMB.points[EMB.models[0]]);
+    const modelSelect = el("select", {name: "mmodel"});
+    for (const model of EMB.models) modelSelect.append(el("option", {value: model, text: model}));
+    modelSelect.addEventListener("change", () => writeState({mmodel: modelSelect.value}));
     const kindSelect = el("select", {name: "mkind"});
     const kindNames = {image: "images", structure: "structure maps", text: "captions"};
     for (const kind of kinds) kindSelect.append(el("option", {value: kind, text: kindNames[kind] || kind}));
@@ -801,10 +804,10 @@
     body.append(
       el("p", {class: "note", text: `${EMB.rows.length} images of split ${EMB.split || "?"}: the image, ` +
         "structure-map or " +
-        `caption embeddings of the ${EMB.model} model, each projected to 2-D (${EMB.method.toUpperCase()}), ` +
+        `caption embeddings of a model, each projected to 2-D (${EMB.method.toUpperCase()}), ` +
         "from eval/embeddings.npz. Points outside the browser's filter are faint; a red ring marks a retrieval " +
         "failure (its caption ranks another image first). Hover for the image, click to open its card."}),
-      el("div", {class: "map-controls"}, el("label", {}, "show ", kindSelect),
+      el("div", {class: "map-controls"}, el("label", {}, "model ", modelSelect), el("label", {}, "show ", kindSelect),
          el("label", {}, "colour by ", colorSelect),
          el("label", {}, failures, " ring retrieval failures (t2i rank > 1)"), map.legend),
       el("div", {class: "map-wrap"}, map.canvas, map.tip), map.live);
@@ -842,8 +845,10 @@
 
   function renderMap(state, matches) {
     if (!EMB || !map.canvas) return;
-    const kinds = Object.keys(EMB.points);
+    map.model = EMB.models.includes(state.get("mmodel")) ? state.get("mmodel") : EMB.models[0];
+    const kinds = Object.keys(EMB.points[map.model]);
     map.kind = kinds.includes(state.get("mkind")) ? state.get("mkind") : kinds[0];
+    document.querySelector("select[name=mmodel]").value = map.model;
     map.color = ["split", "status", "score"].includes(state.get("mcolor")) ? state.get("mcolor") : "split";
     map.failures = state.get("mfail") !== "0";
     document.querySelector("input[name=mfail]").checked = map.failures;

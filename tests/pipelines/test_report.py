@@ -185,9 +185,9 @@ def test_embedding_map_projects_each_kind_and_keeps_manifest_rows(tmp_path):
              **{"fine-tuned/image": image, "fine-tuned/text": text})
     result = embedding_map(path, {"a": 5, "b": 6, "c": 7})  # "x" is not in the manifest
     assert result["rows"] == [5, 6, 7] and result["not_in_manifest"] == 1 and result["method"] == "pca"
-    xs = [p[0] for p in result["points"]["image"]]
+    xs = [p[0] for p in result["points"]["fine-tuned"]["image"]]
     assert xs in ([0.0, 0.5, 1.0], [1.0, 0.5, 0.0])  # PCA's sign is free; the spacing is not
-    assert sorted(result["points"]) == ["image", "text"]
+    assert result["models"] == ["fine-tuned"] and sorted(result["points"]["fine-tuned"]) == ["image", "text"]
     assert embedding_map(tmp_path / "missing.npz", {}) is None
 
 

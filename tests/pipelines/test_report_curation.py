@@ -196,6 +196,12 @@ def test_embedding_map_has_one_point_per_test_image_and_opens_its_card(runs, tmp
         assert page.evaluate("document.getElementById('map-focus').textContent").startswith("point ")
         page.press("Enter", key_code=13)
         page.wait_for("document.getElementById('card-dialog').open", "the card dialog from the keyboard")
+        page.press("Escape", key_code=27)
+        # The zero-shot model's map of the same images (evaluate keeps both models' embeddings).
+        _open(page, runs["page"], "view=map&mmodel=zero-shot&mkind=text&mcolor=score")
+        page.wait_for("document.querySelector('select[name=mmodel]').value === 'zero-shot'")
+        assert sorted(p["id"] for p in page.evaluate("window.explorer.mapPoints()")) == test_ids
+        page.screenshot(ARTIFACTS_DIR / "curation-map-zero-shot-captions.png")
 
 
 def test_an_exported_selection_trains_with_exactly_the_selected_ids(runs, tmp_path):
