@@ -34,7 +34,7 @@ from storage.atomic import raise_if_storage_error, write_jpeg, write_png
 from storage.layout import OutputLayout
 from storage.manifest import STATUS_FAILED, STATUS_OK, bbox
 
-VERSION = "2"
+VERSION = "3"
 
 # A structure map whose aspect ratio differs from the image's by more than this was not made from the image.
 _ASPECT_TOLERANCE = 0.03
@@ -67,8 +67,9 @@ def box_iou(box: np.ndarray, boxes: np.ndarray) -> np.ndarray:
     return np.where(union > 0, inter / np.where(union > 0, union, 1.0), 0.0)
 
 
-def nms(boxes: np.ndarray, scores: np.ndarray, iou_threshold: float) -> np.ndarray:
-    """Return the (K,) int64 indices kept by greedy NMS, best score first (``torchvision.ops.nms``'s rule).
+def nms(boxes: np.ndarray, scores: np.ndarray, iou_threshold: float, limit: int | None = None) -> np.ndarray:
+    """Return the (K,) int64 indices kept by greedy NMS, best score first (``torchvision.ops.nms``'s rule), at
+    most ``limit`` of them (the first ``limit`` of the full result: later boxes never drop earlier ones).
 
     A box is dropped when its IoU with a kept, higher-scoring box is above ``iou_threshold``. NumPy, so the CPU
     path needs no torch import.
@@ -76,7 +77,7 @@ def nms(boxes: np.ndarray, scores: np.ndarray, iou_threshold: float) -> np.ndarr
     boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
     order = np.argsort(-np.asarray(scores, dtype=np.float64), kind="stable")
     keep: list[int] = []
-    while order.size:
+    while order.size and (limit is None or len(keep) < limit):
         best = order[0]
         keep.append(int(best))
         rest = order[1:]
@@ -98,8 +99,7 @@ def select_boxes(
     candidates = np.flatnonzero((area_fractions >= min_area_fraction) & (area_fractions <= max_area_fraction))
     if candidates.size == 0:
         return candidates.astype(np.int64)
-    kept = candidates[nms(boxes[candidates], scores[candidates], nms_iou)]
-    return kept[:max_regions]
+    return candidates[nms(boxes[candidates], scores[candidates], nms_iou, limit=max_regions)]
 
 
 def scale_boxes(boxes: np.ndarray, from_size: tuple[int, int], to_size: tuple[int, int]) -> np.ndarray:
@@ -516,15 +516,16 @@ def _regions_of(
     kept = sorted(kept.tolist(), key=lambda i: -int((boxes[i, 2] - boxes[i, 0]) * (boxes[i, 3] - boxes[i, 1])))
 
     segments = []
+    if structure is not None:  # the same boxes on the structure map, all at once
+        structure_boxes_of = scale_boxes(boxes[kept].reshape(-1, 4), (width, height),
+                                         (structure.shape[1], structure.shape[0])).tolist()
     for index, i in enumerate(kept):
         x1, y1, x2, y2 = (int(v) for v in boxes[i])
         crop_path = layout.crop(image_id, stage_key, index)
         write_jpeg(crop_path, np.ascontiguousarray(rgb[y1:y2, x1:x2]))
         structure_crop_path = None
         if structure is not None:
-            sx1, sy1, sx2, sy2 = scale_boxes(
-                boxes[i : i + 1], (width, height), (structure.shape[1], structure.shape[0])
-            )[0]
+            sx1, sy1, sx2, sy2 = structure_boxes_of[index]
             structure_crop_path = layout.structure_crop(image_id, stage_key, index)
             write_png(structure_crop_path, np.ascontiguousarray(structure[sy1:sy2, sx1:sx2]))
         segments.append(

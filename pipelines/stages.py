@@ -328,7 +328,7 @@ class RegionsParams(Params):
 class Regions(Stage):
     name = "regions"
     description = "Propose local regions (SAM or structure-based) and write their RGB and structure crops."
-    modules = ("pipelines.regions",)
+    modules = ("pipelines.regions", "pipelines.grouping", "pipelines.images")
     upstream = ("structure",)
     schema = pa.schema([*_STATUS, pa.field("segments", pa.list_(SEGMENT_TYPE)), pa.field("region_method", pa.string())])
 
