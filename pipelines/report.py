@@ -455,7 +455,6 @@ def write_report(
         "recall_plot": _data_uri(recall_png(metrics)) if metrics else None,
         "rankings": rankings,
         "hist": histograms,
-        "embedding": embedding_map(layout.eval_embeddings, position),
         "run": {"label": layout.root.name, "path": str(layout.root)},
         "compare": [compared_run(layout, other, ids) for other in compare],
     }
@@ -466,7 +465,10 @@ def write_report(
     for placeholder, value in (("__TITLE__", html.escape(title)), ("__SUBTITLE__", html.escape(subtitle)),
                                ("__CSS__", _asset("explorer.css")), ("__JS__", _asset("explorer.js"))):
         page = page.replace(placeholder, value)
-    page = page.replace("__DATA__", _script_json(data), 1)  # last: the data may contain any placeholder text
+    # Last, each at its own element (a title may hold placeholder text; the data may hold any text).
+    embedding = _script_json(embedding_map(layout.eval_embeddings, position))
+    page = page.replace('id="map-data">__MAP__<', f'id="map-data">{embedding}<', 1)
+    page = page.replace('id="report-data">__DATA__<', f'id="report-data">{_script_json(data)}<', 1)
     atomic_write_text(layout.report_index, page)
     return ReportResult(path=layout.report_index, rows=len(rows), html_bytes=len(page.encode("utf-8")),
                         thumbnails_written=thumbnails.written, thumbnails_reused=thumbnails.reused,

@@ -660,7 +660,9 @@
   }
 
   // ---- embedding map --------------------------------------------------------------------------------------
-  const EMB = DATA.embedding;
+  // The map's data is parsed the first time the map is shown: at 10,000 images it is ~1 MB that a page opened to
+  // browse never needs.
+  let EMB = null;
   const MAP_W = 720, MAP_H = 520, MAP_PAD = 14;
   const SPLIT_COLORS = {train: "#4363d8", val: "#3cb44b", test: "#f58231"};
   const map = {canvas: null, tip: null, live: null, focus: -1, points: [], model: "", kind: "image", color: "split",
@@ -774,6 +776,8 @@
 
   function setupMap() {
     const body = document.getElementById("map-body");
+    map.ready = true;
+    EMB = JSON.parse(document.getElementById("map-data").textContent);
     if (!EMB) {
       body.append(el("p", {class: "note", text: "No embeddings (OUT/eval/embeddings.npz): the evaluate stage writes " +
                                                  "them; run the pipeline's evaluate stage again."}));
@@ -844,6 +848,7 @@
   }
 
   function renderMap(state, matches) {
+    if (!map.ready) setupMap();
     if (!EMB || !map.canvas) return;
     map.model = EMB.models.includes(state.get("mmodel")) ? state.get("mmodel") : EMB.models[0];
     const kinds = Object.keys(EMB.points[map.model]);
@@ -964,7 +969,6 @@
   setupFilters();
   setupHistograms();
   setupSelection();
-  setupMap();
   renderQuality();
   renderTraining();
   renderCompare();
@@ -977,7 +981,8 @@
     selectionText: () => selectionText(filteredRows(readState())),
     pick: (ids) => { for (const id of ids) if (ROW_OF_ID.has(id)) PICKED.add(ROW_OF_ID.get(id)); render(); },
     mapPoints: () => {
-      const box = map.canvas ? map.canvas.getBoundingClientRect() : null;
+      if (!map.canvas) return [];
+      const box = map.canvas.getBoundingClientRect();
       return map.points.map((p) => ({id: ROWS[p.index].i, x: box.left + p.x, y: box.top + p.y, shown: p.shown}));
     },
   };

@@ -191,6 +191,17 @@ def test_embedding_map_projects_each_kind_and_keeps_manifest_rows(tmp_path):
     assert embedding_map(tmp_path / "missing.npz", {}) is None
 
 
+def test_placeholder_text_in_the_title_does_not_move_the_data(tmp_path):
+    from pipelines.report import write_report
+
+    make_synthetic_manifest(tmp_path, n_images=3, image_size=48)
+    page = write_report(tmp_path, title="__DATA__ and __MAP__", max_edge_maps=0).path.read_text()
+    assert "<h1>__DATA__ and __MAP__</h1>" in page
+    data = page.split('id="report-data">', 1)[1].split("</script>", 1)[0]
+    assert len(json.loads(data)["rows"]) == 4  # 3 images and the synthetic failed one
+    assert page.split('id="map-data">', 1)[1].split("</script>", 1)[0] == "null"  # no eval/embeddings.npz
+
+
 # ---- the page in a browser ------------------------------------------------------------------------------------
 def _small_output_folder(out_dir: Path) -> dict:
     """A synthetic output folder with a hostile caption, training metrics, eval metrics and hand-made rankings."""
