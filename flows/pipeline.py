@@ -91,9 +91,16 @@ def _tracked_flow_run():
         ACTIVE_FLOW_RUNS.append(run_id)
     try:
         yield
-    finally:
-        if run_id:
-            ACTIVE_FLOW_RUNS.remove(run_id)
+    except Exception:
+        _forget(run_id)
+        raise
+    # A signal (KeyboardInterrupt, Prefect's TerminationSignal) keeps the run listed: the interrupt marks it Cancelled.
+    _forget(run_id)
+
+
+def _forget(run_id: str | None) -> None:
+    if run_id in ACTIVE_FLOW_RUNS:
+        ACTIVE_FLOW_RUNS.remove(run_id)
 
 
 def run_stage(pipeline: Pipeline, stage: str, refresh: bool) -> dict:

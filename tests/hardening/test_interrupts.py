@@ -1,0 +1,145 @@
+"""Interrupts stop the run, through the real CLI with its own temporary API server (no PREFECT_API_URL):
+
+- SIGINT to the process group (Ctrl-C in a terminal) and SIGTERM to the main process: the run exits within seconds
+  with 130 / 143, one line on stderr and no traceback; nothing it started is left alive (engine workers, the
+  forkserver, the API server); the output folder's lock is released; its flow runs are Cancelled; and the same
+  command afterwards completes to a manifest equal to an uninterrupted run's.
+- SIGKILL to the main process: the API server and the workers end by themselves (their watchdogs).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import signal
+import sqlite3
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from tests.flows.test_pipeline_cli import _manifest_rows
+from tests.hardening.conftest import N_IMAGES, kill_group, run_cli, stage_parts, start_cli, wait_until
+from tests.manifests import assert_same
+from tests.prefect_server import prefect_env
+
+pytestmark = pytest.mark.e2e
+EXIT_WITHIN_S = 15.0  # measured ~2-3 s on a loaded 2-core machine; the limit only catches a run that keeps going
+
+
+def _own_server_env(baseline, home: Path) -> dict:
+    """An environment without PREFECT_API_URL: the CLI starts its own API server (in ``home``'s database)."""
+    env = {**prefect_env("unused", home), "STRUCTXLIP_CACHE": baseline.env["STRUCTXLIP_CACHE"]}
+    env.pop("PREFECT_API_URL")
+    return env
+
+
+def _descendants(pid: int) -> list[psutil.Process]:
+    try:
+        return psutil.Process(pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
+
+
+def _alive(processes: list[psutil.Process]) -> list[str]:
+    alive = []
+    for process in processes:
+        try:
+            if process.is_running() and process.status() != psutil.STATUS_ZOMBIE:
+                alive.append(" ".join(process.cmdline())[:160])
+        except psutil.NoSuchProcess:
+            pass
+    return alive
+
+
+def _wait_gone(processes: list[psutil.Process], timeout_s: float) -> list[str]:
+    deadline = time.monotonic() + timeout_s
+    while _alive(processes) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return _alive(processes)
+
+
+def _lock_is_free(out: Path) -> bool:
+    path = out / ".lock"
+    if not path.exists():
+        return True
+    with open(path, "rb") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        fcntl.flock(handle, fcntl.LOCK_UN)
+    return True
+
+
+def _flow_run_states(home: Path) -> dict[str, str]:
+    """Flow run name -> state type, read from the temporary server's database (the server is gone by now)."""
+    with sqlite3.connect(home / "prefect.db") as db:
+        return {name: state for name, state in db.execute("select name, state_type from flow_run")}
+
+
+@pytest.mark.parametrize("signum, to_group", [(signal.SIGINT, True), (signal.SIGTERM, False)],
+                         ids=["sigint-to-the-group", "sigterm-to-the-process"])
+def test_an_interrupt_stops_everything_and_the_rerun_completes(signum, to_group, baseline, tmp_path):
+    home = tmp_path / "prefect-home"
+    home.mkdir()
+    env = _own_server_env(baseline, home)
+    out = tmp_path / "out"
+    args = ["run", str(baseline.images), "--out", str(out), "--config", str(baseline.config),
+            "--stages", "ingest,structure,regions,captions,filter,manifest", "--set", "runtime.workers=2"]
+    process = start_cli(env, *args)
+    try:
+        wait_until(lambda: stage_parts(out, "regions"), process, "the first regions part")
+        started = _descendants(process.pid)
+        assert any("flows.api_server" in " ".join(p.cmdline()) for p in started), "no own API server"
+        sent = time.monotonic()
+        if to_group:
+            os.killpg(process.pid, signum)
+        else:
+            process.send_signal(signum)
+        _stdout, stderr = process.communicate(timeout=60)
+        elapsed = time.monotonic() - sent
+    finally:
+        kill_group(process)
+    assert process.returncode == 128 + signum, (process.returncode, stderr[-3000:])
+    assert elapsed < EXIT_WITHIN_S, elapsed
+    assert "Traceback" not in stderr and "Error" not in stderr, stderr[-3000:]
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and "interrupted" in lines[0] and "run the same command to resume" in lines[0], stderr
+    assert not _wait_gone(started, 5.0), _alive(started)  # nothing the run started outlives it
+    assert _lock_is_free(out)
+    states = _flow_run_states(home)
+    assert states and "CANCELLED" in states.values() and "RUNNING" not in states.values(), states
+
+    done = run_cli(baseline.env, *args)
+    assert done.returncode == 0, done.stdout + done.stderr
+    rows = _manifest_rows(out)
+    assert [r["image_id"] for r in rows] == [r["image_id"] for r in baseline.rows] and len(rows) == N_IMAGES
+    for got, expected in zip(rows, baseline.rows):
+        assert_same(got, expected, expected["image_id"][:8])
+
+
+def test_a_killed_run_leaves_no_server_or_worker_behind(baseline, tmp_path):
+    home = tmp_path / "prefect-home"
+    home.mkdir()
+    out = tmp_path / "out"
+    process = start_cli(_own_server_env(baseline, home), "run", str(baseline.images), "--out", str(out), "--config",
+                        str(baseline.config), "--stages", "ingest,structure,regions,captions", "--set",
+                        "runtime.workers=2")
+    started: list[psutil.Process] = []
+    try:
+        wait_until(lambda: stage_parts(out, "structure"), process, "the first structure part")
+        started = _descendants(process.pid)
+        assert any("flows.api_server" in " ".join(p.cmdline()) for p in started)
+        process.kill()  # the main process alone: its children must notice by themselves
+        process.wait(timeout=30)
+        left = _wait_gone(started, 10.0)
+    finally:
+        for child in started:  # re-parented by now: not reachable through the dead main process
+            try:
+                child.kill()
+            except psutil.NoSuchProcess:
+                pass
+        kill_group(process)
+    assert not left, left
