@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from importlib import resources
 from pathlib import Path, PurePosixPath
-from urllib.parse import quote
+from urllib.parse import quote, unquote
 
 from pipelines.quality import caption_words, quality_report, removed_spans, vocabulary_categories
 from pipelines.report_plots import quality_plots, recall_png, training_curves_png
@@ -334,12 +334,11 @@ def compared_run(layout: OutputLayout, other_dir: str | os.PathLike, ids: set[st
         compact = explorer_row(row, layout=other, image_url=None)
         for key in ("map", "scr"):
             if compact[key] and compact[key].startswith("../"):
-                compact[key] = _relative_url(layout.report_dir, other.root / compact[key][3:])
-        for segment in compact["seg"]:
-            for slot in (4, 5):
-                if segment[slot] and segment[slot].startswith("../"):
-                    segment[slot] = _relative_url(layout.report_dir, other.root / segment[slot][3:])
-        for key in ("c", "src", "neg", "w", "h", "i"):
+                compact[key] = _relative_url(layout.report_dir, other.root / unquote(compact[key][3:]))
+        # The page draws another run's boxes and scores over this run's thumbnail: its crops and sentences stay out
+        # (they would nearly double the page at 10,000 rows).
+        compact["seg"] = [[*segment[:4], None, None, None, segment[7]] for segment in compact["seg"]]
+        for key in ("c", "src", "neg", "w", "h", "i", "rm", "e", "sp", "img"):
             compact.pop(key, None)
         by_id[row["image_id"]] = compact
     return {

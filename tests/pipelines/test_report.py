@@ -202,6 +202,28 @@ def test_placeholder_text_in_the_title_does_not_move_the_data(tmp_path):
     assert page.split('id="map-data">', 1)[1].split("</script>", 1)[0] == "null"  # no eval/embeddings.npz
 
 
+def test_compared_run_links_the_other_folders_maps_from_this_page(tmp_path):
+    from urllib.parse import unquote
+
+    from pipelines.report import compared_run
+
+    make_synthetic_manifest(tmp_path / "run a", n_images=3, image_size=48)
+    make_synthetic_manifest(tmp_path / "run b", n_images=4, image_size=48)  # the same 3 images and one more
+    here = OutputLayout(tmp_path / "run a")
+    ids = {r["image_id"] for r in read_manifest(here.root).to_pylist()}
+    other = compared_run(here, tmp_path / "run b", ids)
+    assert other["label"] == "run b" and other["only_there"] == 1 and set(other["rows"]) == ids
+    rows_b = {r["image_id"]: r for r in read_manifest(tmp_path / "run b").to_pylist()}
+    for image_id, row in other["rows"].items():
+        if rows_b[image_id]["structure_path"]:
+            assert row["map"] == "../../run%20b/" + rows_b[image_id]["structure_path"]
+            assert (here.report_dir / unquote(row["map"])).resolve().is_file()
+        boxes = [[s["bbox"][k] for k in ("x1", "y1", "x2", "y2")] for s in rows_b[image_id]["segments"] or []]
+        assert [segment[:4] for segment in row["seg"]] == boxes
+        assert all(segment[4:7] == [None, None, None] for segment in row["seg"])
+    assert other["config"] == [] and other["eval"] is None
+
+
 # ---- the page in a browser ------------------------------------------------------------------------------------
 def _small_output_folder(out_dir: Path) -> dict:
     """A synthetic output folder with a hostile caption, training metrics, eval metrics and hand-made rankings."""
