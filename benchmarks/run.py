@@ -89,6 +89,18 @@ def _training(quick: bool) -> BenchmarkResult:
     return training.run(quick=quick)
 
 
+def _gpu(quick: bool) -> BenchmarkResult:
+    from benchmarks import gpu
+
+    return gpu.run(quick=quick)
+
+
+def _gpu_skip_reason() -> str | None:
+    from benchmarks import gpu
+
+    return gpu.skip_reason()
+
+
 # name -> function(quick) returning a BenchmarkResult. Extension point: add an entry (and a module) per benchmark.
 BENCHMARKS: dict[str, Callable[[bool], BenchmarkResult]] = {
     "structure": _structure,
@@ -101,6 +113,13 @@ BENCHMARKS: dict[str, Callable[[bool], BenchmarkResult]] = {
     "data_stages": _data_stages,
     "clip_scoring": _clip_scoring,
     "training": _training,
+    "gpu": _gpu,
+}
+
+# name -> function returning why the benchmark cannot run on this machine (one line), or None: a skipped benchmark
+# prints that one line and records status "skipped", never an empty table.
+SKIP_CHECKS: dict[str, Callable[[], str | None]] = {
+    "gpu": _gpu_skip_reason,
 }
 
 
@@ -110,9 +129,14 @@ def run_benchmark(name: str, *, quick: bool, results_dir: Path) -> dict:
         raise KeyError(f"unknown benchmark {name!r} (expected one of: {', '.join(BENCHMARKS)})")
     machine = machine_info()
     start = time.perf_counter()
+    reason = SKIP_CHECKS[name]() if name in SKIP_CHECKS else None
     try:
-        payload = BENCHMARKS[name](quick).as_dict()
-        payload["status"] = "ok"
+        if reason:
+            payload = {"name": name, "description": "", "status": "skipped", "error": reason, "rows": [],
+                       "targets": [], "notes": []}
+        else:
+            payload = BENCHMARKS[name](quick).as_dict()
+            payload["status"] = "ok"
     except NotImplementedYet as exc:
         payload = {"name": name, "description": "", "status": "not implemented", "error": str(exc), "rows": [],
                    "targets": [], "notes": []}
@@ -133,6 +157,11 @@ def main(argv: list[str] | None = None) -> int:
     names = args.only or list(BENCHMARKS)
     failed = False
     for name in names:
+        reason = SKIP_CHECKS[name]() if name in SKIP_CHECKS else None
+        if reason:  # one line, nothing else
+            run_benchmark(name, quick=args.quick, results_dir=args.results)
+            print(f"{name}: skipped: {reason}", flush=True)
+            continue
         print(f"running {name}{' (quick)' if args.quick else ''} ...", file=sys.stderr, flush=True)
         try:
             payload = run_benchmark(name, quick=args.quick, results_dir=args.results)
