@@ -201,7 +201,8 @@ def headline_rows(metrics: dict | None) -> list[tuple[str, float | None, float |
 
 
 def _percent(value: float | None) -> str:
-    return "n/a" if value is None else f"{100 * float(value):.1f}%"
+    """Recall values in metrics.json are already percentages (``structxlip.metrics``)."""
+    return "n/a" if value is None else f"{float(value):.1f}%"
 
 
 def _artifact_link(label: str, artifact_id: str, ui_url: str | None) -> str:
@@ -219,7 +220,7 @@ def run_summary_markdown(report: dict, *, namespace: str, config_source: str, ui
         lines += [f"Retrieval on {metrics.get('n_pairs', '?')} test pairs:", "",
                   "| metric | zero-shot | fine-tuned | change |", "|---|---|---|---|"]
         for label, zero, tuned in headline:
-            change = "n/a" if zero is None or tuned is None else f"{100 * (float(tuned) - float(zero)):+.1f} pts"
+            change = "n/a" if zero is None or tuned is None else f"{float(tuned) - float(zero):+.1f} pts"
             lines.append(f"| {label} | {_percent(zero)} | {_percent(tuned)} | {change} |")
         lines.append("")
     lines += [f"- images: `{report['images_dir']}`", f"- output: `{report['out_dir']}`", f"- config: `{config_source}`",

@@ -318,7 +318,7 @@ def test_run_summary_links_stage_artifacts_and_evaluation_rows_carry_n_pairs_and
                           "artifacts": {"ingest summary": "id-1", "ingest failures": "id-2"}},
                          {"stage": "train", "processed": 0, "cached": 0, "failed": 1, "seconds": 1.0,
                           "status": "failed"}]}
-    metrics = {"t2i/R@1": 0.5, "i2t/R@1": 0.75, "n_pairs": 4, "zero_shot": {"t2i/R@1": 0.25, "n_pairs": 4}}
+    metrics = {"t2i/R@1": 50.0, "i2t/R@1": 75.0, "n_pairs": 4, "zero_shot": {"t2i/R@1": 25.0, "n_pairs": 4}}
     markdown = run_summary_markdown(report, namespace=a, config_source="cfg.yaml", ui_url="http://127.0.0.1:1/",
                                     metrics=metrics)
     assert ("| ingest | 2 | 1 | 1 | 0.50 | [ingest summary](http://127.0.0.1:1/artifacts/artifact/id-1), "
@@ -331,7 +331,7 @@ def test_run_summary_links_stage_artifacts_and_evaluation_rows_carry_n_pairs_and
     assert "**Computed from older inputs:** regions, captions." in stale and "Retrieval on" not in stale
     rows = evaluation_rows(metrics)
     assert [(r["model"], r["direction"], r["R@1"], r["n_pairs"]) for r in rows] == [
-        ("fine-tuned", "t2i", 0.5, 4), ("fine-tuned", "i2t", 0.75, 4), ("zero-shot", "t2i", 0.25, 4)]
+        ("fine-tuned", "t2i", 50.0, 4), ("fine-tuned", "i2t", 75.0, 4), ("zero-shot", "t2i", 25.0, 4)]
 
 
 def test_captions_with_markdown_or_html_are_shown_as_text_in_galleries(tmp_path):

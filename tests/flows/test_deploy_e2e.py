@@ -56,6 +56,26 @@ def _artifact_ids(api_url: str, run_ids: list[UUID]) -> set[str]:
     return {str(artifact.id) for artifact in found}
 
 
+def _check_summary_page(prefect_server, summary, metrics: dict, linked: set[str], tmp_path: Path) -> None:
+    """The run summary as the UI shows it (headless Chromium): the headline recall equals metrics.json, zero-shot
+    beside fine-tuned, and every link in the page is one of the run's artifacts."""
+    from tests.chromium import chromium, render_until
+
+    if chromium() is None:
+        pytest.skip("chromium not installed (`make browser` installs the Debian package)")
+    tuned = f"{metrics['t2i/R@1']:.1f}%"
+    zero = f"{metrics['zero_shot']['t2i/R@1']:.1f}%"
+    screenshot = ROOT / "tests" / "_artifacts" / "ui-run-summary.png"
+    screenshot.parent.mkdir(parents=True, exist_ok=True)
+    dom = render_until(f"{prefect_server.ui_url}/artifacts/artifact/{summary.id}",
+                       lambda dom: tuned in dom and "R@1" in dom, screenshot=screenshot, profile=tmp_path / "chromium")
+    assert re.search(rf"text -(&gt;|>) image R@1\s*</td>\s*<td[^>]*>\s*{re.escape(zero)}\s*</td>\s*<td[^>]*>\s*"
+                     rf"{re.escape(tuned)}", dom), dom[-3000:]
+    shown = set(re.findall(r'href="[^"]*/artifacts/artifact/([0-9a-f-]{36})"', dom))
+    assert shown == linked, (shown ^ linked)
+    print(f"UI screenshot: {screenshot}")
+
+
 def _summaries(run_result: dict) -> dict[str, tuple[int, int, int]]:
     return {s["stage"]: (s["processed"], s["cached"], s["failed"]) for s in run_result["stages"]}
 
@@ -118,10 +138,11 @@ def test_deploy_from_a_checkout_with_a_process_worker(prefect_server, tmp_path):
         found, children = artifacts_of_run(prefect_server.api_url, run_id)
         summary = next(a for key, a in found.items() if key.endswith("-run-summary"))
         metrics = json.loads((out / "eval" / "metrics.json").read_text())
-        assert f"{100 * metrics['t2i/R@1']:.1f}%" in summary.data
+        assert f"{metrics['t2i/R@1']:.1f}%" in summary.data  # recall in metrics.json is in percent
         linked = set(re.findall(r"/artifacts/artifact/([0-9a-f-]{36})", summary.data))
         assert len(linked) >= 8 and linked <= _artifact_ids(prefect_server.api_url, [run_id] + [c.id for c in children])
         assert (out / "report" / "index.html").is_file()  # the explorer is written by deployment runs too
+        _check_summary_page(prefect_server, summary, metrics, linked, tmp_path)
 
         # (c) A stage deployment with an override: that stage and the later ones are recomputed, nothing before.
         run_id = _run_deployment(env, "structure/structure-stage", {
