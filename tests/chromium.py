@@ -186,7 +186,10 @@ def render_until(url: str, until: Callable[[str], bool], *, screenshot: Path, pr
         page.goto(url)
         deadline = time.monotonic() + timeout_s
         while True:
-            dom = page.evaluate("document.documentElement.outerHTML") or ""
+            try:
+                dom = page.evaluate("document.documentElement.outerHTML") or ""
+            except RuntimeError:
+                dom = ""  # between documents while the page navigates
             if until(dom) or time.monotonic() > deadline:
                 break
             time.sleep(0.25)
