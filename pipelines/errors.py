@@ -11,8 +11,9 @@ from __future__ import annotations
 import errno
 from pathlib import Path
 
+from storage.atomic import STORAGE_ERRNOS, storage_error_from
+
 REASON_CHARS = 300
-STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG}
 # Exceptions raised by the network stacks the model loaders use, matched by name (no import of httpx/requests here).
 _NETWORK_ERRORS = {"ConnectError", "ConnectTimeout", "ReadTimeout", "RemoteProtocolError", "ProxyError",
                    "SSLError", "HfHubHTTPError", "LocalEntryNotFoundError", "OfflineModeIsEnabled",
@@ -63,29 +64,12 @@ def is_environment_error(exc: BaseException, out_root: Path) -> bool:
 
 
 def describe_failure(exc: BaseException) -> str:
-    """Return one line for a failure that stops a stage: a full disk names the path and the free space left."""
+    """Return one line for a failure that stops a stage: a full disk names the file, the disk and its free space."""
     found: BaseException | None = exc
-    while found is not None and not (isinstance(found, OSError) and found.errno in (errno.ENOSPC, errno.EDQUOT)):
+    while found is not None:
+        if isinstance(found, OSError) and found.errno in (errno.ENOSPC, errno.EDQUOT):
+            described = storage_error_from(found, found.filename or ".")
+            if described is not None:
+                return one_line(described)
         found = found.__cause__ or found.__context__
-    if found is None:
-        return one_line(exc)
-    path = str(found.filename or "")
-    return f"no space left on the device writing {path or 'the output folder'} ({_free_space(path)} free)"
-
-
-def _free_space(path: str) -> str:
-    """Free space of the file system holding ``path`` (its nearest existing folder), human-readable."""
-    import shutil
-
-    folder = Path(path or ".").resolve()
-    while not folder.exists() and folder != folder.parent:
-        folder = folder.parent
-    try:
-        free = shutil.disk_usage(folder if folder.is_dir() else folder.parent).free
-    except OSError:
-        return "unknown space"
-    for unit in ("bytes", "KB", "MB", "GB", "TB"):
-        if free < 1024 or unit == "TB":
-            return f"{free:.0f} {unit}" if unit == "bytes" else f"{free:.1f} {unit}"
-        free /= 1024
-    return ""
+    return one_line(exc)

@@ -188,7 +188,7 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
         raise
 
 
-_STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG}
+STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG}
 
 
 def storage_error_from(exc: BaseException, path: str | os.PathLike) -> OSError | None:
@@ -197,7 +197,7 @@ def storage_error_from(exc: BaseException, path: str | os.PathLike) -> OSError |
     torch.save reports a full disk as ``RuntimeError: [enforce fail at inline_container.cc:...] ... file write
     failed`` (or ``unexpected pos``), without an errno; this names the disk, the file and the space left instead.
     """
-    if isinstance(exc, OSError) and exc.errno not in _STORAGE_ERRNOS:
+    if isinstance(exc, OSError) and exc.errno not in STORAGE_ERRNOS:
         return None
     text = str(exc)
     if not isinstance(exc, OSError) and not any(
@@ -227,5 +227,5 @@ def raise_if_storage_error(exc: BaseException) -> None:
     Stages record a bad *image* as a per-item failure that is cached; a failing *disk* must instead fail the chunk,
     so that nothing is cached and the next run retries once space is freed.
     """
-    if isinstance(exc, OSError) and exc.errno in _STORAGE_ERRNOS:
+    if isinstance(exc, OSError) and exc.errno in STORAGE_ERRNOS:
         raise exc

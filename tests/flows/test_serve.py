@@ -69,3 +69,22 @@ def test_serve_rejects_a_bad_config_and_limit(tmp_path, capsys):
     assert "canny_low" in capsys.readouterr().err
     assert main(["serve", "--limit", "0"]) == 2
     assert "--limit must be a positive" in capsys.readouterr().err
+
+
+def test_prefect_yaml_is_generated_from_the_flows():
+    """prefect.yaml declares exactly the flows' deployments (names, entrypoints, descriptions): regenerate it with
+    `python -m flows.serve > prefect.yaml` after changing a flow."""
+    from pathlib import Path
+
+    import yaml
+
+    committed = (Path(__file__).resolve().parents[2] / "prefect.yaml").read_text()
+    assert committed == serve.render_prefect_yaml()
+    document = yaml.safe_load(committed)
+    flows = serve.discover_flows()
+    assert [d["flow_name"] for d in document["deployments"]] == list(flows)
+    for deployment in document["deployments"]:
+        module, _, attribute = deployment["entrypoint"].partition(":")
+        loaded = importlib.import_module(module.removesuffix(".py").replace("/", "."))
+        assert getattr(loaded, attribute) is flows[deployment["flow_name"]]
+    assert "pull" not in document  # `prefect deploy` records the folder it runs in: a checkout, or /app in Docker
