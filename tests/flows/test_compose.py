@@ -6,7 +6,6 @@ for real against a test server in test_server_e2e.py.
 
 from __future__ import annotations
 
-import inspect
 import re
 import subprocess
 from pathlib import Path

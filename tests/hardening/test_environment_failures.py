@@ -67,7 +67,7 @@ def test_unreadable_clip_weights_fail_the_stage_and_record_nothing(tmp_path, cli
 
     with sync_client(cli_env["PREFECT_API_URL"]) as client:
         runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(name=FlowRunFilterName(any_=[
-            f"captions: images -> out"])))
+            "captions: images -> out"])))
     assert runs and all(run.state.is_failed() for run in runs)
 
     weights.write_bytes(good)  # the cause is fixed: the same command now does the work
