@@ -93,16 +93,16 @@ def superpixels(work: np.ndarray, seed_step: int) -> np.ndarray:
     for _ in range(height + width):  # watershed pixels with no labelled neighbour yet (junctions of lines): rare
         if (markers >= 1).all():
             break
-        _refine_boundaries(markers, colour)
+        _refine_boundaries(markers, colour, unlabelled_only=True)
     # Seeds overwritten by the frame leave gaps in the numbering: renumber 0..n-1.
     present = np.bincount(markers.reshape(-1))
     return (np.cumsum(present > 0) - 1)[markers]
 
 
-REFINE_PASSES = 1
+REFINE_PASSES = 2
 
 
-def _refine_boundaries(labels: np.ndarray, colour: np.ndarray) -> None:
+def _refine_boundaries(labels: np.ndarray, colour: np.ndarray, unlabelled_only: bool = False) -> None:
     """Move each pixel that has a 4-neighbour of another label (or none, -1) to the label, among its own and its
     neighbours' (-1 never), whose mean colour is nearest its own in L1 (in place; ties keep the first of own, up,
     left, right, down)."""
@@ -111,17 +111,34 @@ def _refine_boundaries(labels: np.ndarray, colour: np.ndarray) -> None:
     counts = np.bincount(flat)
     sums = np.stack([np.bincount(flat, weights=colour[..., c].reshape(-1), minlength=counts.size)
                      for c in range(3)], axis=1)
-    means = (sums / np.maximum(counts, 1)[:, None]).round().astype(np.int32)
-    means[:2] = 1 << 20
+    means = (sums / np.maximum(counts, 1)[:, None]).round().astype(np.int16)
+    means[:2] = 3000  # 3 x 3000 + 255 still fits int16 sums below
     padded = np.pad(labels, 1, mode="edge")
     around = (padded[0:-2, 1:-1], padded[1:-1, 0:-2], padded[1:-1, 2:], padded[2:, 1:-1])
     boundary = labels < 1
-    for neighbour in around:
-        boundary |= neighbour != labels
+    if not unlabelled_only:
+        for neighbour in around:
+            boundary |= neighbour != labels
     ys, xs = np.nonzero(boundary)
-    candidates = np.stack([labels[ys, xs]] + [neighbour[ys, xs] for neighbour in around], axis=1)  # (P, 5)
-    distance = np.abs(means[candidates + 1] - colour[ys, xs][:, None, :]).sum(axis=2)
-    labels[ys, xs] = candidates[np.arange(ys.size), distance.argmin(axis=1)]
+    # Channels apart: 1-D int16 arithmetic (a sum over a 3-wide axis is several times slower).
+    pixel = [colour[ys, xs, c].astype(np.int16) for c in range(3)]
+    channel_means = [np.ascontiguousarray(means[:, c]) for c in range(3)]
+
+    def distance_to(label: np.ndarray) -> np.ndarray:
+        index = label + 1
+        total = np.abs(channel_means[0][index] - pixel[0])
+        total += np.abs(channel_means[1][index] - pixel[1])
+        total += np.abs(channel_means[2][index] - pixel[2])
+        return total
+
+    best = labels[ys, xs]
+    best_distance = distance_to(best)
+    for neighbour in around:
+        candidate = neighbour[ys, xs]
+        distance = distance_to(candidate)
+        nearer = distance < best_distance
+        best[nearer], best_distance[nearer] = candidate[nearer], distance[nearer]
+    labels[ys, xs] = best
 
 
 def _colour_histograms(image: np.ndarray, labels: np.ndarray, n: int) -> np.ndarray:
@@ -198,38 +215,42 @@ def _hierarchy(
         box[offset:offset + n] = boxes
         w = weights[strategy]
         weight[offset:offset + capacity] = (w.colour, w.size, w.fill, w.edge)
-    a = np.concatenate([boundaries.a + offset for offset in offsets])
-    b = np.concatenate([boundaries.b + offset for offset in offsets])
-    lengths = np.tile(boundaries.lengths, count)
-    on_edge = np.tile(boundaries.on_edge, count)
-    intersection = np.minimum(hist[a], hist[b]).sum(axis=1, dtype=np.float64)
     scores = np.zeros(ids)
-    formed = np.concatenate([np.arange(n) + offset for offset in offsets])  # regions whose score is due
-    next_id = offsets + n
-    while True:
-        # Score of the regions formed last round: length-weighted colour difference to their neighbours now.
-        ends = np.concatenate([a, b])
-        both_lengths = np.concatenate([lengths, lengths])
-        difference = np.bincount(ends, weights=both_lengths * np.concatenate([1.0 - intersection] * 2), minlength=ids)
-        boundary = np.bincount(ends, weights=both_lengths, minlength=ids)[formed]
-        contrast = difference[formed] / np.where(boundary > 0, boundary, 1.0)
-        scores[formed] = np.where(boundary > 0, np.clip(contrast, 0.0, 1.0), 0.0)  # float32 sums can pass 1
-        if a.size == 0:
-            break
+
+    def pairs_of(a: np.ndarray, b: np.ndarray, lengths: np.ndarray, on_edge: np.ndarray,
+                 formed: np.ndarray) -> np.ndarray:
+        """Return the similarity of pairs (a, b); score the ``formed`` regions, all of whose pairs these are."""
+        intersection = np.minimum(hist[a], hist[b]).sum(axis=1, dtype=np.float64)
+        # Score: length-weighted colour difference to the neighbours (float32 sums can pass 1: clipped).
+        difference = lengths * (1.0 - intersection)
+        spread = np.bincount(a, difference, ids) + np.bincount(b, difference, ids)
+        boundary = (np.bincount(a, lengths, ids) + np.bincount(b, lengths, ids))[formed]
+        scores[formed] = np.where(boundary > 0, np.clip(spread[formed] / np.where(boundary > 0, boundary, 1.0),
+                                                        0.0, 1.0), 0.0)
         union = ((np.maximum(box[a, 2], box[b, 2]) - np.minimum(box[a, 0], box[b, 0]))
                  * (np.maximum(box[a, 3], box[b, 3]) - np.minimum(box[a, 1], box[b, 1])))
         joint = size[a] + size[b]
         w = weight[a]
-        similarity = (w[:, 0] * intersection + w[:, 1] * (1.0 - joint / total)
-                      + w[:, 2] * (1.0 - (union - joint) / total) + w[:, 3] * (1.0 - on_edge / lengths))
-        # Rank pairs by (similarity desc, pair index): a strict order, so its first pair is always reciprocal.
+        return (w[:, 0] * intersection + w[:, 1] * (1.0 - joint / total)
+                + w[:, 2] * (1.0 - (union - joint) / total) + w[:, 3] * (1.0 - on_edge / lengths))
+
+    a = np.concatenate([boundaries.a + offset for offset in offsets])
+    b = np.concatenate([boundaries.b + offset for offset in offsets])
+    lengths = np.tile(boundaries.lengths, count)
+    on_edge = np.tile(boundaries.on_edge, count)
+    similarity = pairs_of(a, b, lengths, on_edge, np.concatenate([np.arange(n) + offset for offset in offsets]))
+    next_id = offsets + n
+    while a.size:
+        # Rank pairs by (similarity desc, position): a strict order, so its first pair is always reciprocal.
         rank = np.empty(a.size, np.int64)
         rank[np.argsort(-similarity, kind="stable")] = np.arange(a.size)
         best = np.full(ids, a.size, np.int64)
         np.minimum.at(best, a, rank)
         np.minimum.at(best, b, rank)
         merge = (best[a] == rank) & (best[b] == rank)
-        first, second = a[merge], b[merge]  # ascending in ``a``, so grouped by strategy
+        first, second = a[merge], b[merge]
+        order = np.argsort(first // capacity, kind="stable")  # grouped by strategy: ids are numbered per strategy
+        first, second = first[order], second[order]
         per_strategy = np.bincount(first // capacity, minlength=count)
         new = np.repeat(next_id, per_strategy) + np.arange(first.size) - np.repeat(
             np.cumsum(per_strategy) - per_strategy, per_strategy)
@@ -238,23 +259,23 @@ def _hierarchy(
         hist[new] = (hist[first] * size[first, None] + hist[second] * size[second, None]) / size[new, None]
         box[new, :2] = np.minimum(box[first, :2], box[second, :2])
         box[new, 2:] = np.maximum(box[first, 2:], box[second, 2:])
-        # Relabel the pairs; pairs that now join the same two regions add their boundaries up.
+        # Pairs between untouched regions keep their similarity; pairs of a merged region become pairs of the new
+        # one (boundaries added up where two join the same neighbour) and are measured again.
         relabel = np.arange(ids)
         relabel[first], relabel[second] = new, new
         new_a, new_b = relabel[a], relabel[b]
-        changed = (new_a != a) | (new_b != b)
-        keep = new_a != new_b
-        new_a, new_b, changed = new_a[keep], new_b[keep], changed[keep]
-        keys, inverse = np.unique(np.minimum(new_a, new_b) * ids + np.maximum(new_a, new_b), return_inverse=True)
-        lengths = np.bincount(inverse, weights=lengths[keep], minlength=keys.size)
-        on_edge = np.bincount(inverse, weights=on_edge[keep], minlength=keys.size)
-        carried = intersection[keep]
-        a, b = keys // ids, keys % ids
-        intersection = np.empty(keys.size)
-        intersection[inverse] = carried  # unchanged pairs keep theirs; pairs with a new region are recomputed
-        fresh = np.flatnonzero(np.bincount(inverse, weights=changed, minlength=keys.size) > 0)
-        intersection[fresh] = np.minimum(hist[a[fresh]], hist[b[fresh]]).sum(axis=1, dtype=np.float64)
-        formed = new
+        same = (new_a == a) & (new_b == b)
+        moved = ~same & (new_a != new_b)
+        keys, inverse = np.unique(np.minimum(new_a[moved], new_b[moved]) * ids + np.maximum(new_a[moved], new_b[moved]),
+                                  return_inverse=True)
+        moved_lengths = np.bincount(inverse, lengths[moved], keys.size)
+        moved_on_edge = np.bincount(inverse, on_edge[moved], keys.size)
+        moved_a, moved_b = keys // ids, keys % ids
+        moved_similarity = pairs_of(moved_a, moved_b, moved_lengths, moved_on_edge, new)
+        a, b = np.concatenate([a[same], moved_a]), np.concatenate([b[same], moved_b])
+        lengths = np.concatenate([lengths[same], moved_lengths])
+        on_edge = np.concatenate([on_edge[same], moved_on_edge])
+        similarity = np.concatenate([similarity[same], moved_similarity])
     used = np.concatenate([np.arange(offset, end) for offset, end in zip(offsets, next_id)])
     return box[used], scores[used]
 

@@ -125,3 +125,30 @@ def test_scenes_are_deterministic_with_boxes_in_the_area_range():
         assert ((boxes[:, 0] >= 0) & (boxes[:, 2] <= 320) & (boxes[:, 1] >= 0) & (boxes[:, 3] <= 240)).all()
         fractions = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]) / (320 * 240)
         assert ((fractions >= 0.01) & (fractions <= 0.8)).all()
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (2, 5), (4, 7), (13, 13), (7, 300), (48, 64)])
+def test_grouping_handles_tiny_and_thin_images(shape):
+    rgb = np.random.default_rng(0).integers(0, 256, (*shape, 3), dtype=np.uint8)
+    proposals = grouping_boxes(rgb)
+    height, width = shape
+    assert [0, 0, width, height] in proposals.boxes.tolist()  # the last merge (or the only region): everything
+    assert ((proposals.boxes[:, 2] > proposals.boxes[:, 0]) & (proposals.boxes[:, 3] > proposals.boxes[:, 1])).all()
+
+
+def test_superpixels_label_every_pixel_once_numbered_from_zero_and_deterministically():
+    from pipelines.grouping import superpixels
+
+    work = make_scene(3, size=(192, 144)).rgb
+    labels = superpixels(work, 12)
+    n = int(labels.max()) + 1
+    assert labels.min() == 0 and len(np.unique(labels)) == n  # no gaps, no unlabelled (-1) pixel
+    assert 150 <= n <= 16 * 12  # about one per seed (12 px grid on 192x144)
+    np.testing.assert_array_equal(labels, superpixels(work, 12))
+
+
+def test_grouping_is_deterministic():
+    scene = make_scene(7)
+    first, again = grouping_boxes(scene.rgb), grouping_boxes(scene.rgb)
+    np.testing.assert_array_equal(first.boxes, again.boxes)
+    np.testing.assert_array_equal(first.scores, again.scores)
