@@ -241,6 +241,8 @@ class TrainConfig(_Section):
     device: str = "auto"
     num_workers: int = Field(default=0, ge=0, le=1024)
     checkpoint_every_steps: int = Field(default=0, ge=0)  # 0 = only at the end of each epoch
+    # DDP processes of the pipeline's train stage (torchrun: one per GPU; gloo on CPU). batch_size is per process.
+    nproc: int = Field(default=1, ge=1, le=1024)
     seed: int = Field(default=0, ge=0, le=2**63 - 1)
 
     @field_validator("batch_size", mode="after")

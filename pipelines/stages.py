@@ -562,7 +562,8 @@ def train_arguments(clip_model: str, train: dict, runtime: dict) -> dict:
 
     objective_names = {f.name for f in dataclasses.fields(Objective)}
     accepted = set(inspect.signature(train_fn).parameters)
-    values = {**train, **runtime}
+    # nproc is how many processes run the trainer (the stage launches them), not an argument of one of them.
+    values = {k: v for k, v in {**train, **runtime}.items() if k != "nproc"}
     unknown = sorted(k for k in values if k not in objective_names and k not in accepted)
     if unknown:
         raise TypeError(f"train config keys {unknown} are not arguments of structxlip.train.train")
@@ -607,8 +608,10 @@ class Train(Stage):
 
     def params(self, config):
         t = config.train
+        # nproc shapes the result (batch_size is per process) but is left out at 1: single-process keys stay as they were.
+        excluded = set(TRAIN_RUNTIME) | ({"nproc"} if t.nproc == 1 else set())
         return TrainParams(clip_model=config.model.clip_model, clip_identity=model_identity(config.model.clip_model),
-                           train=t.model_dump(mode="json", exclude=set(TRAIN_RUNTIME)))
+                           train=t.model_dump(mode="json", exclude=excluded))
 
     def runtime(self, config):
         return {name: getattr(config.train, name) for name in TRAIN_RUNTIME}
@@ -630,15 +633,24 @@ class Train(Stage):
         (record,) = records
         runtime = dict(runtime)
         resume = False if runtime.pop("fresh", False) else "auto"
-        arguments = train_arguments(params["clip_model"], params["train"], runtime)
-        # A killed run resumes from its last checkpoint (exactly); a checkpoint of other data or parameters is not.
-        result = train(layout.manifest_dir, layout.root, **arguments, resume=resume, run_key=record["run_key"],
-                       progress=False)
+        nproc = int(params["train"].get("nproc", 1))
+        if nproc > 1:  # torchrun: N DDP processes, the same outputs layout and exact resume
+            from pipelines.distributed_train import train_distributed
+
+            result = train_distributed(nproc, layout.manifest_dir, layout.root, clip_model=params["clip_model"],
+                                       train=params["train"], runtime=runtime, resume=resume,
+                                       run_key=record["run_key"])
+        else:
+            arguments = train_arguments(params["clip_model"], params["train"], runtime)
+            # A killed run resumes from its last checkpoint (exactly); a checkpoint of other data or parameters is not.
+            result = train(layout.manifest_dir, layout.root, **arguments, resume=resume, run_key=record["run_key"],
+                           progress=False)
         model_dir = Path(result.model_dir) if result.model_dir is not None else None
         files = sorted(layout.relative(p) for p in model_dir.rglob("*") if p.is_file()) if model_dir else []
         summary = {"steps": result.steps, "skipped_steps": result.skipped_steps,
                    "epochs_completed": result.epochs_completed, "seconds_per_step": result.seconds_per_step,
-                   "model_dir": layout.relative(model_dir) if model_dir else None, "model_files": files}
+                   "processes": nproc, "model_dir": layout.relative(model_dir) if model_dir else None,
+                   "model_files": files}
         return [{"image_id": None, "status": STATUS_OK, "error": None, "result": json.dumps(summary, default=str)}]
 
     def output_paths(self, row):

@@ -1,0 +1,72 @@
+"""The train stage on N processes: ``train.nproc: N`` launches ``torchrun --standalone --nproc_per_node N`` (one
+process per GPU, gloo on CPU) from the stage, inside ``structxlip run`` and the deployments alike.
+
+Every rank runs ``structxlip.train.train`` with the stage's own arguments (``pipelines.stages.train_arguments``);
+rank 0 writes the checkpoints, the metrics, the exported model (the same layout as one process) and the result this
+module hands back to the stage. A killed run resumes from its last checkpoint like a single-process one. A rank that
+fails fails the stage with one line (the last error line of the ranks' output); nothing is recorded.
+
+Run by torchrun as ``python -m pipelines.distributed_train SPEC.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from types import SimpleNamespace
+
+MAX_ERROR_CHARS = 300
+
+
+def train_distributed(nproc: int, manifest: str | os.PathLike, out_dir: str | os.PathLike, *, clip_model: str,
+                      train: dict, runtime: dict, resume: bool | str, run_key: str) -> SimpleNamespace:
+    """Train on ``nproc`` processes; return what ``structxlip.train.train`` returned on rank 0 (its fields)."""
+    from pipelines.workers import usable_cpus
+
+    with tempfile.TemporaryDirectory(prefix="structxlip-ddp-") as folder:
+        spec_path, result_path = Path(folder) / "spec.json", Path(folder) / "result.json"
+        spec_path.write_text(json.dumps({
+            "manifest": str(manifest), "out_dir": str(out_dir), "clip_model": clip_model, "train": train,
+            "runtime": runtime, "resume": resume, "run_key": run_key, "result": str(result_path)}))
+        environment = {**os.environ, "OMP_NUM_THREADS": str(max(1, usable_cpus() // nproc))}
+        done = subprocess.run(
+            [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+             "-m", "pipelines.distributed_train", str(spec_path)],
+            env=environment, stdin=subprocess.DEVNULL, capture_output=True, text=True)
+        if done.returncode != 0 or not result_path.is_file():
+            raise RuntimeError(f"training on {nproc} processes failed (exit {done.returncode}): "
+                               f"{_last_error(done.stderr + done.stdout)}")
+        result = json.loads(result_path.read_text())
+    return SimpleNamespace(**{**result, "model_dir": result["model_dir"] and Path(result["model_dir"])})
+
+
+def _last_error(output: str) -> str:
+    """The most telling line of the ranks' output: the last exception line, else the last line."""
+    lines = [line.strip() for line in output.splitlines() if line.strip()]
+    errors = [line for line in lines if "Error" in line.split(":")[0] or line.startswith("structxlip")]
+    return ((errors or lines or ["no output"])[-1])[:MAX_ERROR_CHARS]
+
+
+def main(spec_path: str) -> int:
+    """One rank: train with the stage's arguments; rank 0 writes the result file."""
+    from pipelines.stages import train_arguments
+    from structxlip.train import train
+
+    spec = json.loads(Path(spec_path).read_text())
+    arguments = train_arguments(spec["clip_model"], spec["train"], spec["runtime"])
+    result = train(spec["manifest"], spec["out_dir"], **arguments, resume=spec["resume"], run_key=spec["run_key"],
+                   progress=False)
+    if int(os.environ.get("RANK", "0")) == 0:
+        Path(spec["result"]).write_text(json.dumps({
+            "steps": result.steps, "skipped_steps": result.skipped_steps, "epochs_completed": result.epochs_completed,
+            "seconds_per_step": result.seconds_per_step, "world_size": int(os.environ.get("WORLD_SIZE", "1")),
+            "model_dir": str(result.model_dir) if result.model_dir is not None else None}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1]))
