@@ -174,21 +174,20 @@ def _floors(pipeline, config, sample: int) -> dict[str, dict]:
         crop_files.append(buffers)
     p["write crop files"] = min(_median_ms(write_files, crop_files) for _ in range(3))
     if config.regions.method == "grouping":
-        # The weight-free proposer's own primitive: one graph segmentation of the image at the grouping work size
-        # (skimage's Felzenszwalb, as pipelines.grouping calls it); the grouping of its segments is not in the floor.
-        from skimage.segmentation import felzenszwalb
-
+        # The weight-free proposer's own primitive: its compiled segmentation at the grouping work size (area
+        # resize, then OpenCV's watershed from the seed grid, as pipelines.grouping does); the grouping is not in it.
         from pipelines import grouping
 
         defaults = grouping.grouping_boxes.__kwdefaults__
 
         def segment(image):
             rgb = np.ascontiguousarray(colour[image["image_id"]][:, :, ::-1])
-            factor = min(1.0, defaults["work_side"] / max(rgb.shape[:2]))
-            size = (max(1, round(rgb.shape[1] * factor)), max(1, round(rgb.shape[0] * factor)))
-            work = cv2.resize(rgb, size, interpolation=cv2.INTER_AREA)
-            felzenszwalb(work, scale=defaults["scales"][0], sigma=defaults["sigma"],
-                         min_size=max(1, int(defaults["min_size_fraction"] * size[0] * size[1])))
+            work = grouping.work_image(rgb, defaults["work_side"])
+            step = defaults["seed_step"]
+            markers = np.zeros(work.shape[:2], np.int32)
+            ys, xs = np.arange(step // 2, work.shape[0], step), np.arange(step // 2, work.shape[1], step)
+            markers[np.ix_(ys, xs)] = np.arange(1, ys.size * xs.size + 1).reshape(ys.size, xs.size)
+            cv2.watershed(work, markers)
 
         p["segmentation"] = _median_ms(segment, images)
     p["decode 1/2 colour"] = _median_ms(lambda path: cv2.imread(path, cv2.IMREAD_REDUCED_COLOR_2), paths)
