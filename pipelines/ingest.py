@@ -9,7 +9,6 @@ import json
 import os
 import re
 import stat
-import time
 import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,10 +33,6 @@ _TAG = re.compile(r"<[^>]*>")
 _SCRIPT = re.compile(r"<\s*(script|style)\b[^>]*>.*?(?:<\s*/\s*\1\s*>|$)", re.IGNORECASE | re.DOTALL)
 _NOT_REGULAR = {stat.S_IFDIR: "a folder", stat.S_IFIFO: "a FIFO (named pipe)", stat.S_IFSOCK: "a socket",
                 stat.S_IFCHR: "a character device", stat.S_IFBLK: "a block device"}
-# git's "racily clean" rule: a file changed less than this before the scan could change again within the same
-# timestamp tick (coarse kernel clocks, 1-2 s on some file systems) without its stat changing. Its key is marked, so
-# the next scan, once the file is older, hashes it again instead of trusting the stat.
-RACY_WINDOW_NS = 1_000_000_000
 # Default for ``max_file_bytes``: images larger than this are refused from their size alone, never read.
 MAX_FILE_BYTES = 256 * 1024 * 1024
 # Captions files are read whole: a sidecar holds one caption, captions.jsonl/csv one line per image.
@@ -71,29 +66,24 @@ class SourceImage:
     ctime_ns: int = 0  # inode change time: set by the kernel on every write, rename or utime; never settable
     device: int = 0
     inode: int = 0
-    racy: bool = False  # changed within RACY_WINDOW_NS of the scan: its stat cannot vouch for its bytes yet
 
     @classmethod
-    def from_stat(cls, path: Path, info: os.stat_result, *, size: int | None = None,
-                  now_ns: int | None = None) -> "SourceImage":
+    def from_stat(cls, path: Path, info: os.stat_result, *, size: int | None = None) -> "SourceImage":
         """Return the SourceImage of ``path`` from its ``stat`` (``size`` overrides st_size, e.g. 0 for a FIFO)."""
-        now_ns = time.time_ns() if now_ns is None else now_ns
-        racy = now_ns - max(info.st_mtime_ns, info.st_ctime_ns) < RACY_WINDOW_NS  # also a time in the future
         return cls(path=path, size=info.st_size if size is None else size, mtime_ns=info.st_mtime_ns,
-                   ctime_ns=info.st_ctime_ns, device=info.st_dev, inode=info.st_ino, racy=racy)
+                   ctime_ns=info.st_ctime_ns, device=info.st_dev, inode=info.st_ino)
 
     @property
     def file_key(self) -> str:
         """Cheap identity of the file's current version, without reading it: git's stat rule (path, device, inode,
         ctime, mtime, size). Other bytes under the same size and mtime (``cp -p``, ``rsync -t``, a tar extraction)
         still change the ctime (or the inode), so they are hashed again; so is a moved or copied folder, whose
-        unchanged bytes give the same ``image_id`` and so keep every later stage cached. A racy file's key is marked
-        (``RACY_WINDOW_NS``), so the next scan hashes it once more."""
+        unchanged bytes give the same ``image_id`` and so keep every later stage cached. (Not covered, as in git
+        without its index check: a same-size rewrite within one tick of the file system's clock after the hash.)"""
         name = storable_path(self.path)
         if name != str(self.path):  # undecodable bytes: the raw name keeps a literal "\\xff" name apart
             name = [name, os.fsencode(self.path).hex()]
-        stat_fields = [self.size, self.mtime_ns, self.ctime_ns, self.device, self.inode]
-        return content_key(name, *stat_fields, *(["racy"] if self.racy else []))
+        return content_key(name, self.size, self.mtime_ns, self.ctime_ns, self.device, self.inode)
 
     @property
     def source_path(self) -> str:
@@ -140,7 +130,6 @@ def scan_images(
     files: list[tuple[str, SourceImage]] = []
     problems: list[dict] = []
     root_stat = root.stat()
-    scanned_at_ns = time.time_ns()
     excluded = set()
     for skip in exclude:
         try:
@@ -181,7 +170,7 @@ def scan_images(
             if named_like_image and not stat.S_ISREG(info.st_mode):
                 # Listed so that ingest records why it is not an image; a folder is still scanned below.
                 relative = path.relative_to(root).as_posix()
-                files.append((relative, SourceImage.from_stat(path, info, size=0, now_ns=scanned_at_ns)))
+                files.append((relative, SourceImage.from_stat(path, info, size=0)))
             if stat.S_ISDIR(info.st_mode):
                 if identity in visited:
                     error = "symbolic link loop (folder already scanned)"
@@ -191,7 +180,7 @@ def scan_images(
                 stack.append(path)
             elif stat.S_ISREG(info.st_mode) and named_like_image:
                 relative = path.relative_to(root).as_posix()
-                files.append((relative, SourceImage.from_stat(path, info, now_ns=scanned_at_ns)))
+                files.append((relative, SourceImage.from_stat(path, info)))
     files.sort(key=lambda item: item[0])
     return ScanResult(files=[image for _, image in files], problems=[Problem(p) for p in problems])
 

@@ -36,10 +36,9 @@ def test_scan_recursive_sorted_case_insensitive_hidden_skipped(tmp_path):
     first = result.files[0]
     assert first.path.is_absolute() and first.size == (tmp_path / "A.JPG").stat().st_size
     info = (tmp_path / "A.JPG").stat()
-    # git's stat rule, and "racy": written less than RACY_WINDOW_NS before the scan, so not trusted yet.
-    assert first.racy
+    # git's stat rule: path, size, mtime, ctime, device, inode.
     assert first.file_key == content_key(str(first.path), info.st_size, info.st_mtime_ns, info.st_ctime_ns,
-                                         info.st_dev, info.st_ino, "racy")
+                                         info.st_dev, info.st_ino)
     # Extensions given with dots or in capitals mean the same.
     assert len(scan_images(tmp_path, extensions=[".GIF"]).files) == 1
 
@@ -427,13 +426,13 @@ def test_bytes_rewritten_in_place_change_the_ctime_and_so_the_key(tmp_path):
     path = tmp_path / "a.bmp"
     save_rgb(path, np.full((4, 6, 3), 10, np.uint8))
     stat_before = path.stat()
-    before = SourceImage.from_stat(path, stat_before, now_ns=stat_before.st_ctime_ns + 10**10)
+    before = SourceImage.from_stat(path, stat_before)
     data = bytearray(path.read_bytes())
     with open(path, "r+b") as handle:  # same inode, same size, then the old mtime put back
         handle.write(bytes(data))
     os.utime(path, ns=(stat_before.st_atime_ns, stat_before.st_mtime_ns))
     stat_after = path.stat()
-    after = SourceImage.from_stat(path, stat_after, now_ns=stat_after.st_ctime_ns + 10**10)
+    after = SourceImage.from_stat(path, stat_after)
     assert (stat_after.st_ino, stat_after.st_size, stat_after.st_mtime_ns) == \
         (stat_before.st_ino, stat_before.st_size, stat_before.st_mtime_ns)
     if stat_after.st_ctime_ns == stat_before.st_ctime_ns:
@@ -441,18 +440,16 @@ def test_bytes_rewritten_in_place_change_the_ctime_and_so_the_key(tmp_path):
     assert after.file_key != before.file_key
 
 
-def test_a_recently_changed_file_is_racy_until_it_is_older_than_the_window():
-    from pipelines.ingest import RACY_WINDOW_NS
-
+def test_every_stat_field_of_git_s_rule_tells_versions_apart():
     from types import SimpleNamespace
 
-    info = SimpleNamespace(st_size=10, st_mtime_ns=4 * 10**9, st_ctime_ns=5 * 10**9, st_dev=3, st_ino=7)
-    fresh = SourceImage.from_stat(Path("/x/a.png"), info, now_ns=5 * 10**9 + RACY_WINDOW_NS - 1)
-    settled = SourceImage.from_stat(Path("/x/a.png"), info, now_ns=5 * 10**9 + RACY_WINDOW_NS)
-    future = SourceImage.from_stat(Path("/x/a.png"), info, now_ns=4 * 10**9)  # clock skew: a time to come
-    assert fresh.racy and future.racy and not settled.racy
-    assert fresh.file_key != settled.file_key == SourceImage.from_stat(Path("/x/a.png"), info,
-                                                                       now_ns=10**12).file_key
+    base = dict(st_size=10, st_mtime_ns=4 * 10**9, st_ctime_ns=5 * 10**9, st_dev=3, st_ino=7)
+    key = SourceImage.from_stat(Path("/x/a.png"), SimpleNamespace(**base)).file_key
+    assert SourceImage.from_stat(Path("/x/a.png"), SimpleNamespace(**base)).file_key == key  # same stat, same key
+    for field in base:
+        changed = SimpleNamespace(**{**base, field: base[field] + 1})
+        assert SourceImage.from_stat(Path("/x/a.png"), changed).file_key != key, field
+    assert SourceImage.from_stat(Path("/y/a.png"), SimpleNamespace(**base)).file_key != key
 
 
 def test_a_moved_folder_is_hashed_again_and_keeps_its_image_ids(tmp_path):
