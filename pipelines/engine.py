@@ -135,7 +135,7 @@ def run_plan(plan: StagePlan, layout: OutputLayout, *, refresh: bool,
     unfinished = 0  # items of failed chunks: pending again next run
     for index, outcome in execute(chunks) if chunks else ():
         if isinstance(outcome, BaseException):
-            chunk_errors.append(describe_failure(outcome))
+            chunk_errors.append(describe_failure(outcome, layout.root))
             unfinished += len(chunks[index][0])
         else:
             results.append(outcome)
@@ -250,7 +250,7 @@ def write_report(pipeline, summaries: list[dict], *, seconds: float, not_run: li
     try:
         atomic_write_text(pipeline.layout.run_summary(stamp), json.dumps(report, indent=2, default=str))
     except OSError as exc:
-        report["record_error"] = describe_failure(exc)
+        report["record_error"] = describe_failure(exc, pipeline.layout.root)
     return report
 
 

@@ -63,12 +63,13 @@ def is_environment_error(exc: BaseException, out_root: Path) -> bool:
     return False
 
 
-def describe_failure(exc: BaseException) -> str:
-    """Return one line for a failure that stops a stage: a full disk names the file, the disk and its free space."""
+def describe_failure(exc: BaseException, out_root: Path | None = None) -> str:
+    """Return one line for a failure that stops a stage: a full disk names the file (else the output folder), the
+    disk and its free space."""
     found: BaseException | None = exc
     while found is not None:
         if isinstance(found, OSError) and found.errno in (errno.ENOSPC, errno.EDQUOT):
-            described = storage_error_from(found, found.filename or ".")
+            described = storage_error_from(found, found.filename or out_root or ".")
             if described is not None:
                 return one_line(described)
         found = found.__cause__ or found.__context__
