@@ -86,6 +86,71 @@ def module_version(name: str) -> str:
     return match.group(1) if match else "0"
 
 
+# The library code a stage's key covers: stage libraries, the training library, storage. The engine (which imports
+# every stage) and the orchestration are not part of any stage's results.
+_KEYED_PACKAGES = ("pipelines", "structxlip", "storage")
+_NOT_KEYED = {"pipelines.stages", "pipelines.plan", "pipelines.engine", "pipelines.workers", "pipelines.errors",
+              "pipelines.distributed_train", "structxlip.faults", "structxlip.commands"}
+
+
+_PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+def _module_file(name: str) -> Path | None:
+    """The source file of project module ``name`` (found on disk: importing torch-based modules costs seconds)."""
+    base = _PROJECT_ROOT.joinpath(*name.split("."))
+    for path in (base.with_suffix(".py"), base / "__init__.py"):
+        if path.is_file():
+            return path
+    return None
+
+
+# Import statements anywhere in a file (indented: function-level), "from a import (b, c)" over several lines too.
+# A regex, not ast: parsing every library file with ast costs ~0.3 s per run, the whole of a fully cached run.
+_FROM_IMPORT = re.compile(r"^[ \t]*from[ \t]+([\w.]+)[ \t]+import[ \t]+(\([^)]*\)|[^\n#]*)", re.MULTILINE)
+_IMPORT = re.compile(r"^[ \t]*import[ \t]+([\w.][\w., \t]*)", re.MULTILINE)
+
+
+@functools.lru_cache(maxsize=None)
+def _direct_imports(name: str) -> tuple[str, ...]:
+    """Project modules ``name`` imports anywhere in its source (function-level imports included), read, not run."""
+    source = _module_file(name)
+    if source is None:
+        return ()
+    text = source.read_text(encoding="utf-8")
+    candidates = []
+    for module, names in _FROM_IMPORT.findall(text):
+        for imported in names.strip("()").replace("\n", ",").split(","):
+            imported = imported.split(" as ")[0].strip()
+            if imported and imported != "*":
+                candidates.append(f"{module}.{imported}")
+    for modules in _IMPORT.findall(text):
+        candidates += [m.split(" as ")[0].strip() for m in modules.split(",")]
+    found = set()
+    for candidate in candidates:
+        if candidate.split(".")[0] not in _KEYED_PACKAGES:
+            continue
+        while "." in candidate and _module_file(candidate) is None:  # "a.b.name": an attribute of module a.b
+            candidate = candidate.rpartition(".")[0]
+        if "." in candidate:  # a package's own __init__ holds no stage code
+            found.add(candidate)
+    return tuple(sorted(found - {name}))
+
+
+@functools.lru_cache(maxsize=None)
+def imported_modules(entry: tuple[str, ...]) -> tuple[str, ...]:
+    """Return ``entry`` and every keyed project module they import, transitively, sorted."""
+    seen: set[str] = set()
+    pending = list(entry)
+    while pending:
+        name = pending.pop()
+        if name in seen or name in _NOT_KEYED:
+            continue
+        seen.add(name)
+        pending += _direct_imports(name)
+    return tuple(sorted(seen))
+
+
 def _vocab_digest(vocab_dir: str) -> dict[str, str]:
     """File name -> SHA-256 of the vocabulary files, so editing a word list changes the filter stage's key."""
     folder = Path(vocab_dir).expanduser()
@@ -220,7 +285,9 @@ class Stage:
         return Path(str(path)).name if path else str(record.get("image_id") if isinstance(record, dict) else record)
 
     def version(self) -> dict[str, str]:
-        return {name: module_version(name) for name in self.modules}
+        """``VERSION`` of every project module the stage's run imports: its ``modules`` and, found from their imports
+        (function-level ones included), every library module they reach."""
+        return {name: module_version(name) for name in imported_modules(self.modules)}
 
     def key(self, params: Params, upstream_keys: list[str]) -> str:
         """Return the stage key: content key of the name, code versions, resolved parameters and upstream keys."""

@@ -23,6 +23,9 @@ from storage.atomic import atomic_path, storage_error_from
 from structxlip.faults import kill_point
 from structxlip.model_files import ModelLoadError, model_load_error
 
+# Bump when this module's results change: it enters the cache key of every stage that imports it.
+VERSION = "1"
+
 FORMAT = "structxlip-train-checkpoint"
 FORMAT_VERSION = 1
 REQUIRED_KEYS = ("format", "version", "model", "optimizer", "step", "epoch", "batch_in_epoch", "rng")

@@ -28,6 +28,9 @@ from torch.utils.data import Dataset
 from storage.layout import OutputLayout
 from storage.manifest import STATUS_OK, manifest_root, read_manifest, resolve_manifest_path
 
+# Bump when this module's results change: it enters the cache key of every stage that imports it.
+VERSION = "1"
+
 STRUCTURE_COLUMNS = {"canny": "structure_path", "scribble": "scribble_path"}
 
 

@@ -25,6 +25,9 @@ from structxlip.checkpoint import load_model_state
 from structxlip.model_files import ModelLoadError, reading_model_file
 from structxlip.text import extend_position_embeddings, stretch_positions, text_position_count
 
+# Bump when this module's results change: it enters the cache key of every stage that imports it.
+VERSION = "1"
+
 TINY_CLIP = "structxlip/tiny-clip"  # same string as configs.schema.TINY_CLIP
 # A small random CLIP that learns from scratch on CPU in minutes (configs/ablation-small.yaml, the learning test).
 SMALL_CLIP = "structxlip/small-clip-64"

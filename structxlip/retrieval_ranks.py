@@ -19,7 +19,7 @@ from structxlip.losses import normalize
 from structxlip.metrics import match_ranks
 
 DEFAULT_TOP_K = 10
-VERSION = 1
+VERSION = "1"
 
 
 @dataclass

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import math
 
+# Bump when this module's results change: it enters the cache key of every stage that imports it.
+VERSION = "1"
+
 
 def warm_cosine_weight(base: float, epoch: float, warm: float, decay_start: float, decay_end: float,
                        floor: float) -> float:

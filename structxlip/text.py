@@ -10,6 +10,9 @@ from torch import Tensor, nn
 
 from structxlip.losses import normalize
 
+# Bump when this module's results change: it enters the cache key of every stage that imports it.
+VERSION = "1"
+
 
 def _text_model(model: nn.Module) -> nn.Module:
     """The ``CLIPTextModel`` inside a ``CLIPModel`` (or the model itself)."""

@@ -65,6 +65,9 @@ from structxlip.losses import (
 from structxlip.schedules import cosine_lr, warm_cosine_weight
 from structxlip.text import ChunkEmbeddings, pool_chunk_embeddings
 
+# Bump when this module's results change: it enters the cache key of every stage that imports it.
+VERSION = "1"
+
 logger = logging.getLogger(__name__)
 LOSS_NAMES = ("global", "structure_centric", "consistency", "local", "hard_negative")
 LOCAL_POOLING = ("filtered", "reference")

@@ -114,3 +114,27 @@ def test_module_version_is_read_without_import_and_matches_the_module(tmp_path, 
     assert module_version("fakepkg.absent") == "missing"
     assert "fakepkg.stage" not in sys.modules
     assert stages.module_version is module_version
+
+
+def test_a_stage_key_covers_the_versions_of_what_its_run_imports(monkeypatch):
+    """Keys from imports: bumping the grouping proposer's VERSION recomputes regions and every later stage, nothing
+    before; the modules are found from the imports (regions reaches pipelines.grouping and pipelines.images)."""
+    from configs import load_config
+    from pipelines import stages
+
+    covered = stages.imported_modules(STAGE_DEFINITIONS["regions"].modules)
+    assert {"pipelines.regions", "pipelines.grouping", "pipelines.images"} <= set(covered)
+    assert "pipelines.stages" not in covered and "pipelines.engine" not in covered  # the engine is not a result
+    train = stages.imported_modules(STAGE_DEFINITIONS["train"].modules)
+    assert {"structxlip.losses", "structxlip.data", "structxlip.models", "structxlip.text"} <= set(train)
+    assert all(module_version(name) not in ("0", "missing") for name in ("structxlip.train", "structxlip.losses",
+                                                                          "structxlip.data", "structxlip.metrics"))
+    config = load_config(overrides={"model.clip_model": "structxlip/tiny-clip", "regions.method": "grouping"})
+    before = stage_keys(config)
+    real = stages.module_version
+    monkeypatch.setattr(stages, "module_version",
+                        lambda name: "bumped" if name == "pipelines.grouping" else real(name))
+    after = stage_keys(config)
+    assert [s for s in before if before[s] == after[s]] == ["ingest", "structure"]
+    assert [s for s in before if before[s] != after[s]] == ["regions", "captions", "filter", "manifest", "train",
+                                                           "evaluate"]
