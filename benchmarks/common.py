@@ -236,6 +236,50 @@ class Census:
         self._thread.join()
 
 
+def process_pss_mb(pid: int) -> float:
+    """Proportional set size (MiB) of one live process from /proc/<pid>/smaps_rollup (shared pages divided among
+    the processes that map them, so a tree's PSS adds up without counting shared libraries twice); 0 if unreadable."""
+    try:
+        with open(f"/proc/{pid}/smaps_rollup", encoding="ascii") as handle:
+            for line in handle:
+                if line.startswith("Pss:"):
+                    return int(line.split()[1]) / 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0.0
+
+
+def tree_pss_mb(root: int | None = None) -> float:
+    """PSS (MiB) of ``root`` (default: this process) and all its live descendants (workers, servers)."""
+    root = os.getpid() if root is None else root
+    return sum(process_pss_mb(pid) for pid in [root, *(_descendants(root) if os.path.isdir("/proc") else [])])
+
+
+class PeakTreePss:
+    """Samples, every ``interval`` s, the PSS of this process's whole tree; ``peak_mb`` is the largest seen."""
+
+    def __init__(self, interval: float = 0.2):
+        self.interval = interval
+        self.peak_mb = 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def _loop(self) -> None:
+        while True:
+            self.peak_mb = max(self.peak_mb, tree_pss_mb())
+            if self._stop.wait(self.interval):
+                return
+
+    def __enter__(self) -> "PeakTreePss":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak_mb = max(self.peak_mb, tree_pss_mb())
+
+
 def cpu_seconds() -> float:
     """CPU seconds of this process, its reaped children and its live descendants (a persistent worker pool's time is
     not in RUSAGE_CHILDREN until its processes exit)."""
