@@ -370,7 +370,7 @@ def _save_oriented(path, stored: np.ndarray, orientation: int):
     else:
         exif = Image.Exif()
         exif[0x0112] = orientation
-        options = {"quality": 100, "subsampling": 0} if path.suffix == ".jpg" else {"lossless": True} if path.suffix == ".webp" else {}
+        options = {".jpg": {"quality": 100, "subsampling": 0}, ".webp": {"lossless": True}}.get(path.suffix, {})
         image.save(path, exif=exif, **options)
     return path
 
