@@ -103,10 +103,9 @@ REFINE_PASSES = 2
 
 
 def _refine_boundaries(labels: np.ndarray, colour: np.ndarray, unlabelled_only: bool = False) -> None:
-    """Move each pixel that has a 4-neighbour of another label (or none, -1) to the label, among its own and its
-    neighbours' (-1 never), whose mean colour is nearest its own in L1 (in place; ties keep the first of own, up,
-    left, right, down)."""
-    height, width = labels.shape
+    """Move each pixel that has a 4-neighbour of another label, or none (-1, 0), to the label among its own and its
+    neighbours' (never -1 or 0) whose mean colour is nearest its own in L1; with ``unlabelled_only`` only the pixels
+    with none. In place; ties keep the first of own, up, left, right, down."""
     flat = labels.reshape(-1) + 1  # -1 (watershed line) and 0 (not reached) have an unreachable mean
     counts = np.bincount(flat)
     sums = np.stack([np.bincount(flat, weights=colour[..., c].reshape(-1), minlength=counts.size)
