@@ -139,6 +139,17 @@ def test_rerun_add_change_and_refresh(workspace):
                                   "captions": (0, 10, 0), "filter": (0, 10, 0), "manifest": (0, 10, 0)}
     assert _manifest_rows(out) == changed
 
+    # 5. A single-stage re-run with another value: the run says which later stages now hold older results.
+    (root / "canny60.yaml").write_text(BASE_CONFIG.replace("structure: {batch_size: 32}",
+                                                           "structure: {batch_size: 32, canny_low: 60}"))
+    command = _cli(env, images, out, root / "canny60.yaml", "--stages", "structure")
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=CLI_TIMEOUT_S)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(max((out / "runs").glob("*.json")).read_text())
+    assert [s["stage"] for s in report["stages"]] == ["structure"] and report["stages"][0]["processed"] == 10
+    assert report["stale"] == ["regions", "captions", "filter", "manifest"], report["stale"]
+    assert "computed from older inputs now: regions, captions, filter, manifest" in done.stdout
+
 
 def _parts(out: Path, stage: str) -> list[Path]:
     return list((out / "stages" / stage).glob("*/part-*.parquet"))
