@@ -154,6 +154,8 @@ def test_serve_run_deployment_and_see_artifacts_in_the_ui(prefect_server, tmp_pa
         assert run.state.is_completed(), f"{run.state}\n{serve_log.read_text()[-6000:]}"
     finally:
         stop_process(serve)
+    # Quiet by default: the runner polls the API every few seconds; no line per HTTP request (--verbose has them).
+    assert "HTTP Request:" not in serve_log.read_text(errors="replace")
 
     # The data really went where the parameters said.
     from storage.manifest import read_manifest
