@@ -155,9 +155,9 @@ def _execute(started, images_dir, out_dir, *, config_path, stages, refresh, runn
                 summaries = [summarize(pipeline.plan(stage), [], [], 0.0) for stage in selected]
                 report = write_report(pipeline, summaries, seconds=time.perf_counter() - started, not_run=[],
                                       stale=stale_stages(pipeline, selected))
-                from flows.pipeline import refresh_explorer
+                from pipelines.report import refresh_explorer  # no Prefect import: a cached run never starts it
 
-                report["explorer"] = refresh_explorer(pipeline, summaries)
+                report["explorer"] = refresh_explorer(layout, summaries, vocab_dir=config.filter.vocab_dir)
             else:
                 preflight(pipeline, with_work)
                 if not api_url:

@@ -27,6 +27,7 @@ from prefect.states import Failed
 
 from configs.schema import STAGES
 from pipelines.engine import StageFailed, run_plan, write_report
+from pipelines.report import refresh_explorer
 from pipelines.plan import (Pipeline, missing_inputs, preflight, record_config, resolve_config, stale_stages,
                             stages_with_work)
 from pipelines.stages import STAGE_DEFINITIONS, parse_stages
@@ -287,7 +288,7 @@ def run_entry(images_dir: str, out_dir: str, *, config_path: str | None, overrid
         report = write_report(pipeline, summaries, seconds=time.perf_counter() - started,
                               not_run=[s for s in stages if s not in {x["stage"] for x in summaries}],
                               stale=stale_stages(pipeline, stages) if failure is None else [])
-        report["explorer"] = refresh_explorer(pipeline, summaries)
+        report["explorer"] = refresh_explorer(pipeline.layout, summaries, vocab_dir=pipeline.config.filter.vocab_dir)
     finally:
         held.__exit__(None, None, None)
     with contextlib.suppress(Exception):  # a report, never a reason to fail the run
@@ -298,24 +299,6 @@ def run_entry(images_dir: str, out_dir: str, *, config_path: str | None, overrid
     if failure is not None:
         raise PipelineFailed(report, failure)
     return report
-
-
-def refresh_explorer(pipeline: Pipeline, summaries: list[dict]) -> str | None:
-    """Write the static explorer (``OUT/report/index.html``) when this run changed anything or it is missing; return
-    its path (None without a manifest). A report error never fails the run."""
-    layout = pipeline.layout
-    if not any(layout.manifest_dir.glob("*.parquet")):
-        return None
-    index = layout.report_index
-    if index.is_file() and not any(s.get("processed") for s in summaries):
-        return str(index)
-    try:
-        from pipelines.report import write_report as write_explorer
-
-        return str(write_explorer(layout.root, vocab_dir=pipeline.config.filter.vocab_dir).path)
-    except Exception as exc:  # noqa: BLE001
-        log.warning("could not write the explorer: %s", exc)
-        return str(index) if index.is_file() else None
 
 
 PARAMETER_DOCS = """

@@ -53,7 +53,8 @@ def is_environment_error(exc: BaseException, out_root: Path) -> bool:
         if isinstance(current, EnvironmentFailure) or is_storage_error(current, out_root):
             return True
         name = type(current).__name__
-        if name in _NETWORK_ERRORS or name in ("OutOfMemoryError", "ModelLoadError"):
+        lineage = {cls.__name__ for cls in type(current).__mro__}  # CorruptCheckpointError is a ModelLoadError
+        if name in _NETWORK_ERRORS or lineage & {"OutOfMemoryError", "ModelLoadError"}:
             return True
         if isinstance(current, (ConnectionError, TimeoutError)):
             return True

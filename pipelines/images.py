@@ -12,7 +12,6 @@ import os
 import re
 import warnings
 from functools import lru_cache
-from pathlib import Path
 from typing import NamedTuple
 
 import cv2

@@ -22,7 +22,6 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import pyarrow.parquet as pq
 
 from storage.hashing import content_key
 from storage.layout import IMAGE_ID_LENGTH, OutputLayout

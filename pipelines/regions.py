@@ -28,7 +28,7 @@ import numpy as np
 
 from pipelines.errors import EnvironmentFailure
 from pipelines.grouping import grouping_boxes
-from pipelines.region_method import METHODS, resolve_region_method
+from pipelines.region_method import resolve_region_method
 from pipelines.images import ImageLoadError, load_rgb
 from storage.atomic import raise_if_storage_error, write_jpeg, write_png
 from storage.layout import OutputLayout

@@ -19,6 +19,7 @@ import base64
 import html
 import io
 import json
+import logging
 import math
 import os
 import re
@@ -110,6 +111,8 @@ def _thumbnail_jpeg(source: str, max_side: int) -> bytes | None:
     from PIL import Image
 
     try:
+        if not Path(source).is_file():  # a FIFO or device named .jpg would block or never end: no thumbnail
+            return None
         with Image.open(source) as image:
             image.draft("RGB", (max_side, max_side))  # JPEG: decode at a reduced scale, much faster
             image = image.convert("RGB")
@@ -472,3 +475,18 @@ def write_report(
     return ReportResult(path=layout.report_index, rows=len(rows), html_bytes=len(page.encode("utf-8")),
                         thumbnails_written=thumbnails.written, thumbnails_reused=thumbnails.reused,
                         seconds=time.perf_counter() - started, quality=quality)
+
+
+def refresh_explorer(layout: OutputLayout, summaries: list[dict], *, vocab_dir: str | None) -> str | None:
+    """Write the explorer (``OUT/report/index.html``) at the end of a pipeline run when the run changed anything or
+    the explorer is missing; return its path (None without a manifest). A report error never fails the run."""
+    if not any(layout.manifest_dir.glob("*.parquet")):
+        return None
+    index = layout.report_index
+    if index.is_file() and not any(s.get("processed") for s in summaries):
+        return str(index)
+    try:
+        return str(write_report(layout.root, vocab_dir=vocab_dir).path)
+    except Exception as exc:  # noqa: BLE001
+        logging.getLogger("structxlip.report").warning("could not write the explorer: %s", exc)
+        return str(index) if index.is_file() else None

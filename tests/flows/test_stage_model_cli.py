@@ -74,8 +74,10 @@ def test_a_failing_stage_is_failed_in_prefect_and_the_table_is_printed(workspace
     # A single-stage re-run without a config (what a stage deployment does) reuses OUT/config.yaml: same keys, cached.
     from flows.pipeline import structure_flow
 
-    alone = structure_flow(images_dir=str(root / "images"), out_dir=str(out))
-    assert (alone["processed"], alone["cached"], alone["failed"]) == (0, 4, 0)
+    report = structure_flow(images_dir=str(root / "images"), out_dir=str(out))  # the run report, like the pipeline's
+    (alone,) = report["stages"]
+    assert (alone["stage"], alone["processed"], alone["cached"], alone["failed"]) == ("structure", 0, 4, 0)
+    assert report["stale"] == []  # nothing recomputed: no later stage is out of date
 
     # Fixing the cause and running again resumes: the data stages are cached, train and evaluate run.
     fixed = _cli("run", str(root / "images"), "--out", str(out), "--config", str(root / "config.yaml"),

@@ -108,7 +108,8 @@ def test_one_bad_item_fails_alone_and_a_storage_error_records_nothing(folder, tm
     monkeypatch.setattr(stage_module.Structure, "run", disk_full)
     with pytest.raises(StageFailed) as failed:
         run_inline(_pipeline(images, out, **{"structure.canny_low": 10}), ["structure"])
-    assert failed.value.summary["status"] == "failed" and "No space left" in failed.value.summary["error"]
+    assert failed.value.summary["status"] == "failed" and "disk full while writing" in failed.value.summary["error"] \
+        and str(out / "maps" / "x.png") in failed.value.summary["error"]
     monkeypatch.undo()
     assert len(_pipeline(images, out, **{"structure.canny_low": 10}).plan("structure").pending) == 5
 
