@@ -155,6 +155,10 @@ def test_deploy_from_a_checkout_with_a_process_worker(prefect_server, tmp_path):
         assert yaml.safe_load((out / "config.yaml").read_text())["structure"]["canny_low"] == 50
     finally:
         stop_process(worker)
+        # The server is shared by the session: leave no deployment behind (another test serves the same names).
+        with sync_client(prefect_server.api_url) as client:
+            for entry in declared:
+                client.delete_deployment(client.read_deployment_by_name(f"{entry['flow_name']}/{entry['name']}").id)
 
     # The same --set from the CLI afterwards keys identically: nothing is recomputed.
     cli_env = {k: v for k, v in env.items() if k != "PREFECT_API_URL"}

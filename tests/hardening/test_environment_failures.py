@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -48,6 +49,7 @@ def test_unreadable_clip_weights_fail_the_stage_and_record_nothing(tmp_path, cli
     good = weights.read_bytes()
     weights.write_bytes(os.urandom(len(good)))  # same size: the model's identity (and the stage key) is unchanged
 
+    started = datetime.now(timezone.utc)  # the session's server holds other tests' runs of the same name
     done = run_cli(cli_env, "run", str(images), "--out", str(out), "--config", str(config),
                    "--stages", ",".join(DATA_STAGES))
     assert done.returncode == 2, done.stdout + done.stderr
@@ -61,13 +63,13 @@ def test_unreadable_clip_weights_fail_the_stage_and_record_nothing(tmp_path, cli
     assert _stored_statuses(out, "captions") == []  # nothing recorded for any image
     assert _stored_statuses(out, "regions") == ["ok"] * N  # the stages before it are kept
 
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterName
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterName, FlowRunFilterStartTime
 
     from tests.flows.test_server_e2e import sync_client
 
     with sync_client(cli_env["PREFECT_API_URL"]) as client:
-        runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(name=FlowRunFilterName(any_=[
-            "captions: images -> out"])))
+        runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(
+            name=FlowRunFilterName(any_=["captions: images -> out"]), start_time=FlowRunFilterStartTime(after_=started)))
     assert runs and all(run.state.is_failed() for run in runs)
 
     weights.write_bytes(good)  # the cause is fixed: the same command now does the work
