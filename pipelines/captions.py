@@ -411,12 +411,6 @@ class ClipScorer:
         return torch.cat(chunks).numpy().astype(np.float32, copy=False)
 
 
-@functools.lru_cache(maxsize=2)
-def get_clip_scorer(model_name_or_dir: str, *, device: str = "auto", batch_size: int = 64) -> ClipScorer:
-    """Return the process-wide ClipScorer for this model, device and batch size (loaded once)."""
-    return ClipScorer(model_name_or_dir, device=device, batch_size=batch_size)
-
-
 class Captioner:
     """A generative image-to-text model (BLIP, ViT+GPT-2 VisionEncoderDecoder...) writing one caption per image."""
 
@@ -456,12 +450,6 @@ class Captioner:
                 " ".join(text.split()) for text in self.tokenizer.batch_decode(generated, skip_special_tokens=True)
             ]
         return captions
-
-
-@functools.lru_cache(maxsize=1)
-def get_captioner(model_id: str, *, device: str = "auto", max_new_tokens: int = 40) -> Captioner:
-    """Return the process-wide Captioner for this model (loaded once)."""
-    return Captioner(model_id, device=device, max_new_tokens=max_new_tokens)
 
 
 # ---------------------------------------------------------------------------------------------------------------

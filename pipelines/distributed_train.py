@@ -1,7 +1,7 @@
 """The train stage on N processes: ``train.nproc: N`` launches ``torchrun --standalone --nproc_per_node N`` (one
 process per GPU, gloo on CPU) from the stage, inside ``structxlip run`` and the deployments alike.
 
-Every rank runs ``structxlip.train.train`` with the stage's own arguments (``pipelines.stages.train_arguments``);
+Every rank runs ``structxlip.train.train`` with the stage's own arguments (``structxlip.train.train_arguments``);
 rank 0 writes the checkpoints, the metrics, the exported model (the same layout as one process) and the result this
 module hands back to the stage. A killed run resumes from its last checkpoint like a single-process one. A rank that
 fails fails the stage with one line (the last error line of the ranks' output); nothing is recorded.
@@ -53,8 +53,7 @@ def _last_error(output: str) -> str:
 
 def main(spec_path: str) -> int:
     """One rank: train with the stage's arguments; rank 0 writes the result file."""
-    from pipelines.stages import train_arguments
-    from structxlip.train import train
+    from structxlip.train import train, train_arguments
 
     spec = json.loads(Path(spec_path).read_text())
     arguments = train_arguments(spec["clip_model"], spec["train"], spec["runtime"])

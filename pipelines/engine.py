@@ -17,8 +17,10 @@ import json
 import os
 import time
 from pathlib import Path
+from concurrent.futures.process import BrokenProcessPool
 from typing import Any, Callable, Iterable, Iterator
 
+from pipelines import workers as pool
 from pipelines.errors import REASON_CHARS, describe_failure, is_environment_error, one_line
 from pipelines.plan import StagePlan, first_failures
 from pipelines.stages import STAGE_DEFINITIONS, Stage
@@ -103,6 +105,30 @@ def process_chunk(stage_name: str, item_keys: list[str], records: list, *, out_d
     return record_rows(stage_name, item_keys, records, outputs, out_dir=out_dir, stage_key=stage_key)
 
 
+def _compute(workers: int, stage_name: str, records: list, options: dict) -> list[dict]:
+    """Compute one chunk in a worker; a broken pool is rebuilt and the chunk retried once."""
+    for attempt in (1, 2):
+        executor = pool.pool(workers)
+        try:
+            return executor.submit(compute_rows, stage_name, records, **options).result()
+        except BrokenProcessPool:
+            pool.discard(executor)
+            if attempt == 2:
+                raise
+    raise AssertionError("unreachable")
+
+
+def compute_isolated(workers: int, stage_name: str, records: list, **options) -> list[dict]:
+    """Return the chunk's output rows computed in a worker process. Items whose worker keeps dying fail alone."""
+    try:
+        return _compute(workers, stage_name, records, options)
+    except BrokenProcessPool:
+        if len(records) > 1:
+            return [row for record in records for row in compute_isolated(workers, stage_name, [record], **options)]
+    return [STAGE_DEFINITIONS[stage_name].failed_row(
+        records[0], f"{stage_name} failed: the worker process died while processing it (crash or out of memory)")]
+
+
 def run_chunk(stage_name: str, item_keys: list[str], records: list, *, out_dir: str, stage_key: str, params: dict,
               runtime: dict, workers: int = 1) -> dict:
     """Process one chunk: in one of ``workers`` engine worker processes (``workers`` > 1), else in this process.
@@ -110,9 +136,7 @@ def run_chunk(stage_name: str, item_keys: list[str], records: list, *, out_dir: 
     if workers <= 1:
         return process_chunk(stage_name, item_keys, records, out_dir=out_dir, stage_key=stage_key, params=params,
                              runtime=runtime)
-    from pipelines import workers as pool
-
-    outputs = pool.compute_isolated(workers, stage_name, records, out_dir=out_dir, stage_key=stage_key,
+    outputs = compute_isolated(workers, stage_name, records, out_dir=out_dir, stage_key=stage_key,
                                     params=params, runtime=runtime)
     return record_rows(stage_name, item_keys, records, outputs, out_dir=out_dir, stage_key=stage_key)
 

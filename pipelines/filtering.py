@@ -468,15 +468,10 @@ class CaptionFilter:
             return doc.text
         return _render(doc, removed)
 
-    def content_words(self, doc) -> list[str]:
-        """Return the words of ``doc`` that carry content: with a letter, not stop words, and not (unambiguously) an
-        appearance word of an enabled category or a colour modifier."""
-        return [t.text for t in doc if _has_letter(t) and not t.is_stop and not self._appearance_word(t)]
-
     def no_content_reason(self, doc) -> str | None:
         """Return why ``doc`` has no content word (the failure reason of its record), or None when it has one."""
         if any(_has_letter(t) and not t.is_stop and not self._appearance_word(t) for t in doc):
-            return None  # a content word (as ``content_words`` lists them)
+            return None  # a content word: with a letter, not a stop word, not an appearance word
         words = [t.text for t in doc if _has_letter(t) and not t.is_stop]
         if not words:
             return "no content word: the caption has only punctuation, numbers or stop words"
@@ -737,89 +732,3 @@ def _render(doc, removed: set[int]) -> str:
     if text and doc.text[:1].isupper():
         text = text[:1].upper() + text[1:]
     return text
-
-
-def filter_captions(records: list[dict], *, caption_filter: CaptionFilter, max_hard_negatives: int = 3) -> list[dict]:
-    """Return one ``{image_id, status, error, filtered_caption, segments, hard_negatives, extra_captions}`` per input
-    record (``extra_captions``: the record's further captions, each filtered with its own hard negatives).
-
-    All captions of the chunk (global and segment captions) go through a single ``nlp.pipe`` call, each distinct
-    text once; hard negatives are built from the same parsed Docs of the global captions.
-
-    A segment caption (a sentence or ``;`` clause of the caption) is parsed on its own, not cut from the caption's
-    Doc: the tagger and parser see across sentence boundaries, so the cut-out span parses differently for ~9% of
-    clauses and filters differently for ~0.3% (measured on 3,772 clauses of 877 captions).
-    """
-    from pipelines.hard_negatives import make_hard_negatives
-
-    texts: list[str] = []
-    for record in records:
-        segment_captions = [s.get("caption") for s in record.get("segments") or [] if isinstance(s, dict)]
-        for text in [record.get("caption")] + segment_captions + list(record.get("extra_captions") or []):
-            if isinstance(text, str) and text.strip():
-                texts.append(text)
-    unique = list(dict.fromkeys(texts))
-    docs = dict(zip(unique, caption_filter.pipe(unique)))
-
-    outputs = []
-    for record in records:
-        image_id = record.get("image_id")
-        try:
-            caption = record.get("caption")
-            doc = docs.get(caption) if isinstance(caption, str) else None
-            reason = caption_filter.no_content_reason(doc) if doc is not None else None
-            if reason is not None:
-                outputs.append({"image_id": image_id, "status": "failed", "error": reason, "filtered_caption": None,
-                                "segments": [], "hard_negatives": []})
-                continue
-            segments = []
-            for segment in record.get("segments") or []:
-                seg_caption = segment.get("caption")
-                seg_doc = docs.get(seg_caption) if isinstance(seg_caption, str) else None
-                segments.append(
-                    {**segment, "filtered_caption": caption_filter.filter_doc(seg_doc) if seg_doc is not None else None}
-                )
-            outputs.append(
-                {
-                    "image_id": image_id,
-                    "status": "ok",
-                    "error": None,
-                    "filtered_caption": caption_filter.filter_doc(doc) if doc is not None else None,
-                    "segments": segments,
-                    "hard_negatives": (
-                        make_hard_negatives(
-                            doc, vocab=caption_filter.vocabulary, max_negatives=max_hard_negatives, seed_key=caption
-                        )
-                        if doc is not None
-                        else []
-                    ),
-                    **({"extra_captions": _filter_extra_captions(record, docs, caption_filter, max_hard_negatives)}
-                       if record.get("extra_captions") else {}),
-                }
-            )
-        except Exception as exc:  # noqa: BLE001 - one bad record must not sink the chunk
-            message = f"caption filtering failed: {exc.__class__.__name__}: {exc}".splitlines()[0]
-            outputs.append(
-                {
-                    "image_id": image_id,
-                    "status": "failed",
-                    "error": message,
-                    "filtered_caption": None,
-                    "segments": [],
-                    "hard_negatives": [],
-                }
-            )
-    return outputs
-
-
-def _filter_extra_captions(record: dict, docs: dict, caption_filter: CaptionFilter, max_hard_negatives: int) -> list:
-    """Return ``{caption, filtered_caption, hard_negatives}`` for each further caption of a multi-caption image."""
-    from pipelines.hard_negatives import make_hard_negatives
-
-    extras = []
-    for text in record.get("extra_captions") or []:
-        doc = docs.get(text) if isinstance(text, str) else None
-        extras.append({"caption": text, "filtered_caption": caption_filter.filter_doc(doc) if doc is not None else None,
-                       "hard_negatives": [] if doc is None else make_hard_negatives(
-                           doc, vocab=caption_filter.vocabulary, max_negatives=max_hard_negatives, seed_key=text)})
-    return extras

@@ -69,37 +69,6 @@ class StageSummary:
         return (self.processed + self.failed) / self.seconds
 
 
-def summarize_stage(
-    stage: str,
-    records: Iterable[dict],
-    *,
-    cached: int = 0,
-    seconds: float = 0.0,
-    max_failures: int = MAX_FAILURE_ROWS,
-) -> StageSummary:
-    """Return the ``StageSummary`` of a stage's newly computed output ``records`` (``status`` ok/failed, ``error``)."""
-    if cached < 0 or seconds < 0:
-        raise ValueError(f"expected cached >= 0 and seconds >= 0, got cached={cached}, seconds={seconds}")
-    processed = failed = 0
-    failures: list[dict] = []
-    for record in records:
-        if record.get("status") == "failed":
-            failed += 1
-            if len(failures) < max_failures:
-                failures.append({"file": _record_label(record), "reason": str(record.get("error") or "unknown error")})
-        else:
-            processed += 1
-    return StageSummary(stage, processed, int(cached), failed, float(seconds), failures)
-
-
-def _record_label(record: dict) -> str:
-    """The most recognisable name of a record's input: its source file name, else its image id."""
-    source = record.get("source_path") or record.get("path")
-    if source:
-        return Path(str(source)).name
-    return str(record.get("image_id") or "<unknown>")
-
-
 def summary_rows(summary: StageSummary) -> list[dict]:
     """Return the one-row table of a stage summary: stage, processed, cached, failed, total, seconds, items_per_s."""
     rate = summary.items_per_second

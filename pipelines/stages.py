@@ -562,7 +562,8 @@ class Filter(Stage):
         return items
 
     def run(self, records, *, layout, stage_key, params, runtime):
-        from pipelines.filtering import CaptionFilter, filter_captions
+        from pipelines.filtering import CaptionFilter
+        from pipelines.hard_negatives import filter_captions
 
         filter_args = {"spacy_model": params["spacy_model"], "vocab_dir": runtime["vocab_path"],
                        "batch_size": runtime["batch_size"], "min_content_words": params["min_content_words"],
@@ -618,30 +619,11 @@ class Manifest(Stage):
         return json.loads(row.get("result") or "{}").get("parts", [])
 
 
-def train_arguments(clip_model: str, train: dict, runtime: dict) -> dict:
-    """Return the keyword arguments of ``structxlip.train.train`` for a ``train`` config section (plus runtime
-    settings): objective fields become an ``Objective``; a config key the trainer does not take is an error, so the
-    config and the trainer cannot drift apart silently."""
-    import dataclasses
-    import inspect
-
-    from structxlip.train import Objective, train as train_fn
-
-    objective_names = {f.name for f in dataclasses.fields(Objective)}
-    accepted = set(inspect.signature(train_fn).parameters)
-    # nproc is how many processes run the trainer (the stage launches them), not an argument of one of them.
-    values = {k: v for k, v in {**train, **runtime}.items() if k != "nproc"}
-    unknown = sorted(k for k in values if k not in objective_names and k not in accepted)
-    if unknown:
-        raise TypeError(f"train config keys {unknown} are not arguments of structxlip.train.train")
-    kwargs = {k: v for k, v in values.items() if k in accepted and k not in objective_names}
-    return {"clip_model": clip_model, "objective": Objective(**{k: v for k, v in values.items() if k in objective_names}),
-            **kwargs}
-
-
 def ablation_arguments(config: Config) -> tuple[Any, dict, dict]:
     """Return ``(objective, train_options, eval_options)`` for ``structxlip.ablate``: the train and evaluate stages'
     own arguments, less what the ablation sets per run (model, seed, folders)."""
+    from structxlip.train import train_arguments
+
     train_stage, evaluate_stage = STAGE_DEFINITIONS["train"], STAGE_DEFINITIONS["evaluate"]
     train_options = train_arguments(config.model.clip_model, train_stage.params(config).train,
                                     train_stage.runtime(config))
@@ -695,7 +677,7 @@ class Train(Stage):
         return [(key, {"manifest": digest, "run_key": content_key(pipeline.keys["train"], key)})]
 
     def run(self, records, *, layout, stage_key, params, runtime):
-        from structxlip.train import train
+        from structxlip.train import train, train_arguments
 
         (record,) = records
         runtime = dict(runtime)

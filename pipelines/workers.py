@@ -21,7 +21,6 @@ import signal
 import sys
 import threading
 from concurrent import futures
-from concurrent.futures.process import BrokenProcessPool
 
 _TRACKER_QUIET = "ignore::UserWarning:multiprocessing.resource_tracker"
 _lock = threading.Lock()
@@ -122,31 +121,3 @@ def abort() -> None:
     closer.join(timeout=5.0)
     del current
     gc.collect()  # the queues' semaphores are released by their finalizers
-
-
-def _compute(workers: int, stage_name: str, records: list, options: dict) -> list[dict]:
-    """Compute one chunk in a worker; a broken pool is rebuilt and the chunk retried once."""
-    from pipelines.engine import compute_rows
-
-    for attempt in (1, 2):
-        executor = pool(workers)
-        try:
-            return executor.submit(compute_rows, stage_name, records, **options).result()
-        except BrokenProcessPool:
-            discard(executor)
-            if attempt == 2:
-                raise
-    raise AssertionError("unreachable")
-
-
-def compute_isolated(workers: int, stage_name: str, records: list, **options) -> list[dict]:
-    """Return the chunk's output rows computed in a worker process. Items whose worker keeps dying fail alone."""
-    try:
-        return _compute(workers, stage_name, records, options)
-    except BrokenProcessPool:
-        if len(records) > 1:
-            return [row for record in records for row in compute_isolated(workers, stage_name, [record], **options)]
-    from pipelines.stages import STAGE_DEFINITIONS
-
-    return [STAGE_DEFINITIONS[stage_name].failed_row(
-        records[0], f"{stage_name} failed: the worker process died while processing it (crash or out of memory)")]

@@ -135,10 +135,6 @@ class StageStore:
                         break
         return result
 
-    def done_keys(self) -> set[str]:
-        """Return the item keys present in any readable part (reads only the ``item_key`` column)."""
-        return set(self.read([ITEM_KEY]).column(ITEM_KEY).to_pylist())
-
     # ---- writing ----------------------------------------------------------------------------------------------
     def table(self, rows: list[dict]) -> pa.Table:
         """Return ``rows`` as a table of this store's schema (missing columns null; inferred when no schema)."""

@@ -32,7 +32,8 @@ def _load_config(args: argparse.Namespace, overrides: dict | None = None, *, out
 
 
 def _train(args: argparse.Namespace) -> int:
-    from pipelines.stages import STAGE_DEFINITIONS, train_arguments
+    from pipelines.stages import STAGE_DEFINITIONS
+    from structxlip.train import train_arguments
     from storage import lock
     from storage.layout import OutputLayout
     from structxlip.train import train
@@ -82,7 +83,7 @@ def _evaluate(args: argparse.Namespace) -> int:
 def _rankings(args: argparse.Namespace) -> int:
     from storage.layout import OutputLayout
     from storage.manifest import manifest_root
-    from structxlip.retrieval_ranks import compute_rankings
+    from structxlip.evaluate import compute_rankings
 
     layout = manifest_root(args.manifest)
     config = _load_config(args, {"evaluate.split": args.split, "evaluate.device": args.device}, out_dir=layout.root)

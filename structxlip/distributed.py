@@ -125,15 +125,6 @@ def any_rank(flag: bool, context: DistributedContext) -> bool:
     return bool(value.item() > 0)
 
 
-def mean_over_ranks(value: float, context: DistributedContext) -> float:
-    """Return the mean of a per-rank float over all ranks."""
-    if not context.enabled:
-        return value
-    tensor = torch.tensor([value], dtype=torch.float64, device=context.device)
-    dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
-    return float(tensor.item() / context.world_size)
-
-
 class EpochBatchSampler:
     """Seeded, sharded batch order: epoch e is a permutation drawn from ``torch.Generator`` seeded ``seed + e``,
     padded (by wrapping) to a multiple of the world size and dealt round-robin to ranks, as DistributedSampler does.

@@ -23,6 +23,7 @@ from structxlip.checkpoint import is_training_checkpoint, load_model_state, read
 from structxlip.data import ImagePreprocessor, StructXLIPCollator, StructXLIPDataset, load_records
 from structxlip.distributed import resolve_device
 from structxlip.metrics import RECALL_KS, retrieval_metrics, retrieval_report
+from structxlip.retrieval_ranks import DEFAULT_TOP_K, rank_queries, rankings_document, rankings_entry
 from structxlip.train import StructXLIPEncoder, autocast_context
 
 __all__ = ["EncodedSplit", "encode_split", "evaluate", "load_model_for_eval", "metrics_table", "retrieval_metrics",
@@ -212,8 +213,6 @@ def evaluate(
     "zero-shot" with ``zero_shot``; ``top_k`` each) from the same embeddings, so the split is encoded once per model.
     ``embeddings_path``: also write those embeddings there (:func:`write_embeddings`, same model names).
     """
-    from structxlip.retrieval_ranks import DEFAULT_TOP_K, rank_queries, rankings_document, rankings_entry
-
     top_k = top_k or DEFAULT_TOP_K
     rankings: dict[str, dict] = {}
     embeddings: dict[str, EncodedSplit] = {}
@@ -253,3 +252,41 @@ def evaluate(
     if out_path is not None:
         atomic_write_text(out_path, json.dumps(metrics, indent=2, sort_keys=True) + "\n")
     return metrics
+
+
+def compute_rankings(
+    manifest: str | os.PathLike,
+    *,
+    models: dict[str, str | os.PathLike],
+    base_model: str,
+    out_path: str | os.PathLike | None = None,
+    split: str = "test",
+    top_k: int = DEFAULT_TOP_K,
+    batch_size: int = 64,
+    device: str = "auto",
+    precision: str = "auto",
+    max_text_tokens: int = 248,
+    keep_positions: int = 20,
+    structure_kind: str = "canny",
+    num_workers: int = 0,
+) -> dict:
+    """Return (and write atomically to ``out_path`` when given) the text-to-image rankings of every model in
+    ``models`` (display name -> checkpoint, as :func:`load_model_for_eval` takes) on the same
+    split, queries being the images' raw captions, as evaluate's t2i direction uses them."""
+    if not models:
+        raise ValueError("expected at least one model to rank with, got none")
+    records = load_records(manifest, split=None if split == "all" else split, structure_kind=structure_kind, top_k=0)
+    if len(records) < 2:
+        raise ValueError(f"{manifest}: rankings need at least 2 pairs in split {split!r}, found {len(records)}")
+    entries = {}
+    for name, checkpoint in models.items():
+        loaded = load_model_for_eval(checkpoint, base_model=base_model, max_text_tokens=max_text_tokens,
+                                     keep_positions=keep_positions)
+        encoded = encode_records(loaded, records, batch_size=batch_size, device=device, precision=precision,
+                                 max_text_tokens=max_text_tokens, num_workers=num_workers)
+        rankings = rank_queries(encoded.text, encoded.image, top_k=top_k)
+        entries[name] = rankings_entry(rankings, checkpoint=str(checkpoint))
+    result = rankings_document([r.image_id for r in records], entries, split=split, top_k=top_k)
+    if out_path is not None:
+        atomic_write_text(out_path, json.dumps(result) + "\n")
+    return result

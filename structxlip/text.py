@@ -1,14 +1,9 @@
-"""Text-side model surgery and pooling: Long-CLIP position stretching and chunk embeddings (METHOD.md section 4)."""
+"""Text-side model surgery: Long-CLIP position stretching (METHOD.md section 4)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Sequence
-
 import torch
 from torch import Tensor, nn
-
-from structxlip.losses import normalize
 
 # Bump when this module's results change: it enters the cache key of every stage that imports it.
 VERSION = "1"
@@ -81,55 +76,3 @@ def extend_position_embeddings(model: nn.Module, max_tokens: int = 248, keep: in
         if config is not None and hasattr(config, "max_position_embeddings"):
             config.max_position_embeddings = max_tokens
     return model
-
-
-@dataclass
-class ChunkEmbeddings:
-    """Chunk embeddings ``embeds`` (C, E), L2-normalised, and the batch row each belongs to, ``owner`` (C,) long."""
-
-    embeds: Tensor
-    owner: Tensor
-
-
-def pool_chunk_embeddings(token_states: Tensor, spans: Sequence[Sequence[tuple[int, int]]],
-                          final_layer_norm: nn.Module, text_projection: nn.Module) -> ChunkEmbeddings:
-    """Return one embedding per token span: norm-softmax-weighted mean of the span's token states, then the final
-    layer norm, the text projection and L2 normalisation.
-
-    ``token_states`` (B, L, D) are the text model's ``last_hidden_state``, i.e. *after* the final layer norm, which
-    is then applied a second time to the pooled vector (the reference trainer's convention, METHOD.md section 4:
-    released checkpoints were trained with it). ``spans[b]`` lists ``(start, end)`` token indices (end exclusive) of
-    sample b. The weights are ``softmax(||h_t||)`` over the span, computed without gradient.
-    """
-    batch, length, _ = token_states.shape
-    if len(spans) != batch:
-        raise ValueError(f"expected spans for {batch} samples, got {len(spans)}")
-    owners, starts, ends = [], [], []
-    for row, sample_spans in enumerate(spans):
-        for start, end in sample_spans:
-            if not 0 <= start < end <= length:
-                raise ValueError(f"span ({start}, {end}) of sample {row} is empty or outside [0, {length})")
-            owners.append(row)
-            starts.append(start)
-            ends.append(end)
-    device = token_states.device
-    owner = torch.tensor(owners, dtype=torch.long, device=device)
-    if not owners:
-        out_dim = getattr(text_projection, "out_features", token_states.shape[-1])
-        return ChunkEmbeddings(token_states.new_zeros(0, out_dim), owner)
-    start = torch.tensor(starts, device=device)[:, None]
-    end = torch.tensor(ends, device=device)[:, None]
-    positions = torch.arange(length, device=device)[None, :]
-    in_span = (positions >= start) & (positions < end)  # (C, L)
-
-    with torch.no_grad():
-        # At least float32 for the softmax (bf16 norms would round the weights), float64 stays float64.
-        work_dtype = torch.promote_types(token_states.dtype, torch.float32)
-        norms = token_states.detach().to(work_dtype).norm(dim=-1)  # (B, L)
-        scores = norms[owner].masked_fill(~in_span, float("-inf"))
-        weights = torch.softmax(scores, dim=-1)  # (C, L), zero outside the span
-        # Scatter each chunk's weights into its own sample's block so one matmul pools every chunk.
-        full = torch.zeros(owner.shape[0], batch, length, device=device, dtype=token_states.dtype)
-        full[torch.arange(owner.shape[0], device=device), owner] = weights.to(token_states.dtype)
-    pooled = full.reshape(owner.shape[0], batch * length) @ token_states.reshape(batch * length, -1)  # (C, D)
-    return ChunkEmbeddings(normalize(text_projection(final_layer_norm(pooled))), owner)

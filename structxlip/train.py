@@ -19,7 +19,7 @@ import random
 import shutil
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -56,14 +56,15 @@ from structxlip.distributed import (
 )
 from structxlip.faults import kill_now, kill_point, kill_requested
 from structxlip.losses import (
+    ChunkEmbeddings,
     global_loss,
     hard_negative_loss,
     local_structure_centric_loss,
+    pool_chunk_embeddings,
     rgb_structure_consistency_loss,
     structure_centric_loss,
 )
 from structxlip.schedules import cosine_lr, warm_cosine_weight
-from structxlip.text import ChunkEmbeddings, pool_chunk_embeddings
 
 # Bump when this module's results change: it enters the cache key of every stage that imports it.
 VERSION = "1"
@@ -608,3 +609,21 @@ def _check_resumable(state: TrainingCheckpoint, data_state: dict, path: Path) ->
     if changed:
         raise ValueError(f"cannot resume from {path}: the run changed ({', '.join(changed)}); "
                          "restore the original settings or train without --resume into a new folder")
+
+
+def train_arguments(clip_model: str, section: dict, runtime: dict) -> dict:
+    """Return the keyword arguments of :func:`train` for a ``train`` config ``section`` (plus runtime settings):
+    objective fields become an ``Objective``; a config key the trainer does not take is an error, so the config and
+    the trainer cannot drift apart silently."""
+    import inspect
+
+    objective_names = {f.name for f in fields(Objective)}
+    accepted = set(inspect.signature(train).parameters)
+    # nproc is how many processes run the trainer (the stage launches them), not an argument of one of them.
+    values = {k: v for k, v in {**section, **runtime}.items() if k != "nproc"}
+    unknown = sorted(k for k in values if k not in objective_names and k not in accepted)
+    if unknown:
+        raise TypeError(f"train config keys {unknown} are not arguments of structxlip.train.train")
+    kwargs = {k: v for k, v in values.items() if k in accepted and k not in objective_names}
+    return {"clip_model": clip_model, "objective": Objective(**{k: v for k, v in values.items() if k in objective_names}),
+            **kwargs}

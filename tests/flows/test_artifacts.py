@@ -37,31 +37,20 @@ def test_artifact_key_is_lowercase_dashes():
         render.artifact_key("--", "__")
 
 
-def test_summarize_stage_counts_and_throughput():
-    records = [
-        {"image_id": "a", "status": "ok"},
-        {"image_id": "b", "status": "failed", "error": "cannot decode", "source_path": "/data/b.png"},
-        {"image_id": "c", "status": "ok"},
-        {"image_id": "d", "status": "failed", "error": None},
-        {"image_id": "e", "status": "ok"},
-    ]
-    summary = render.summarize_stage("structure", records, cached=4, seconds=2.5)
+def test_stage_summary_rows_and_throughput():
+    failures = [{"file": "b.png", "reason": "cannot decode"}, {"file": "d", "reason": "unknown error"}]
+    summary = render.StageSummary("structure", 3, 4, 2, 2.5, failures)
     # 3 ok + 2 failed attempted in 2.5 s -> 2 items/s; cached ones cost no work.
     assert render.summary_rows(summary) == [
         {"stage": "structure", "processed": 3, "cached": 4, "failed": 2, "total": 9, "seconds": 2.5, "items_per_s": 2.0}
     ]
-    assert render.failure_rows(summary) == [
-        {"file": "b.png", "reason": "cannot decode"},
-        {"file": "d", "reason": "unknown error"},
-    ]
-    assert render.summary_rows(render.summarize_stage("ingest", [], seconds=0))[0]["items_per_s"] is None
-    with pytest.raises(ValueError, match="cached >= 0"):
-        render.summarize_stage("ingest", [], cached=-1)
+    assert render.failure_rows(summary) == failures
+    assert render.summary_rows(render.StageSummary("ingest", 0, 0, 0, 0.0))[0]["items_per_s"] is None
 
 
 def test_failure_rows_are_capped_with_a_count_row():
-    records = [{"image_id": f"img{i}", "status": "failed", "error": f"bad {i}"} for i in range(60)]
-    summary = render.summarize_stage("regions", records, max_failures=50)
+    failures = [{"file": f"img{i}", "reason": f"bad {i}"} for i in range(50)]  # the engine keeps the first 50
+    summary = render.StageSummary("regions", 0, 0, 60, 1.0, failures)
     rows = render.failure_rows(summary)
     assert summary.failed == 60 and len(rows) == 51
     assert rows[0] == {"file": "img0", "reason": "bad 0"} and rows[49] == {"file": "img49", "reason": "bad 49"}
@@ -249,9 +238,8 @@ def test_publish_functions_round_trip(harness, tmp_path):
 
     @flow(name="artifact-publishing")
     def publish() -> str:
-        records = [{"image_id": r["image_id"], "status": "ok"} for r in rows]
-        records.append({"image_id": "x", "status": "failed", "error": "unreadable", "source_path": "/d/x.png"})
-        artifacts.publish_stage_summary(render.summarize_stage("structure", records, cached=1, seconds=1.5))
+        artifacts.publish_stage_summary(render.StageSummary(
+            "structure", len(rows), 1, 1, 1.5, [{"file": "x.png", "reason": "unreadable"}]))
         for done in (1, 2, 3):
             artifacts.stage_progress("structure", done, 4)
         artifacts.publish_gallery("structure", layout.root, rows)

@@ -445,12 +445,10 @@ def test_score_local_captions_generates_missing_captions(chunk, nlp, tiny_scorer
     assert all(s["caption"].strip() and isinstance(s["similarity_score"], float) for s in out[0]["segments"])
 
 
-def test_scorer_is_cached_per_process(tiny_clip_dir):
-    from pipelines.captions import get_clip_scorer
+def test_scorer_reads_the_text_length_from_the_model(tiny_clip_dir):
+    from pipelines.captions import ClipScorer
 
-    first = get_clip_scorer(str(tiny_clip_dir), device="cpu", batch_size=8)
-    assert get_clip_scorer(str(tiny_clip_dir), device="cpu", batch_size=8) is first
-    assert first.max_text_tokens == 77
+    assert ClipScorer(str(tiny_clip_dir), device="cpu", batch_size=8).max_text_tokens == 77
 
 
 def test_clauses_cut_by_offsets_equal_spacy_sentence_spans():

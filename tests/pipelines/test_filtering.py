@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.filtering import CaptionFilter, base_forms, filter_captions, load_spacy, load_vocabulary
+from pipelines.filtering import CaptionFilter, base_forms, load_spacy, load_vocabulary
+from pipelines.hard_negatives import filter_captions
 
 VOCAB_DIR = Path(__file__).resolve().parents[2] / "configs" / "vocab"
 

@@ -14,7 +14,8 @@ from benchmarks.common import tolerant_edge_iou
 from configs.schema import load_config
 from pipelines.captions import ClipScorer, score_local_captions
 from pipelines.engine import run_inline
-from pipelines.filtering import CaptionFilter, filter_captions, load_spacy
+from pipelines.filtering import CaptionFilter, load_spacy
+from pipelines.hard_negatives import filter_captions
 from pipelines.ingest import ingest_images, read_captions, scan_images
 from pipelines.manifest import build_manifest_rows
 from pipelines.plan import Pipeline

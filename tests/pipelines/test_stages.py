@@ -13,7 +13,8 @@ import pipelines.structure
 from configs import load_config
 from pipelines import stages
 from pipelines.stages import (STAGE_DEFINITIONS, model_identity, module_version, parse_stages, stage_keys,
-                              text_item_key, train_arguments)
+                              text_item_key)
+from structxlip.train import train_arguments
 
 
 def test_stage_keys_chain_forward_only():

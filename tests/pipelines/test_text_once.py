@@ -1,18 +1,17 @@
 """Text parsed once: the sentence-only splitter gives the full parser's clauses, and the hard-negative search without
-Doc slicing gives exactly the old implementation's negatives."""
+Doc slicing gives exactly the old implementation's negatives (golden outputs)."""
 
 from __future__ import annotations
 
+import hashlib
 import json
-import sys
-import types
 from pathlib import Path
 
 import pytest
 
 from pipelines.captions import SentenceSplitter, _clauses, sentence_clauses, split_sentences
 from pipelines.filtering import load_spacy, load_vocabulary
-from pipelines.hard_negatives import make_hard_negatives
+from pipelines.hard_negatives import find_replaceables, make_hard_negatives
 from tests.corpus import make_generated_images
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -72,45 +71,33 @@ def test_split_sentences_default_splitter():
     assert sentence_clauses([], SentenceSplitter("en_core_web_sm")) == []
 
 
-# ---- hard negatives: the module's source with the old phrase loop put back is the reference ----------------------
-def test_hard_negatives_identical_to_the_old_search(parser, captions, monkeypatch):
-    import pipelines.hard_negatives as module
+# ---- hard negatives: golden outputs ----------------------------------------------------------------------------------
+GOLDEN = Path(__file__).resolve().parent / "golden" / "hard_negatives.json"
 
+
+def _options_digest(options) -> str:
+    return hashlib.sha256("|".join(options).encode()).hexdigest()[:12]
+
+
+def test_hard_negatives_equal_the_golden_outputs(parser):
+    """``golden/hard_negatives.json`` holds, for 49 captions (20 generated, the bundled sample's and the hand-made
+    ones), the negatives of the Doc-slicing phrase search this module once used, each as an edit of the caption
+    ``[start, end, replacement]``, and every replaceable span ``[start, end, kind, digest of its options]``. The
+    search without Doc slicing must give exactly those."""
+    golden = json.loads(GOLDEN.read_text(encoding="utf-8"))
     vocab = load_vocabulary(str(VOCAB_DIR))
-    source = Path(module.__file__).read_text(encoding="utf-8")
-    start = source.index("    # Multi-word colours")
-    end = source.index("    adjective_to_material")
-    old_loop = (
-        '    for phrase in vocab.phrases["colors"]:\n'
-        '        words = phrase.replace("-", " ").split()\n'
-        "        for i in range(len(doc) - len(words) + 1):\n"
-        "            window = doc[i : i + len(words)]\n"
-        "            if (\n"
-        "                [t.lower_ for t in window] == words\n"
-        "                and describes_noun(window[-1])\n"
-        "                and not any(is_name(t) for t in window)\n"
-        "            ):\n"
-        '                add(i, i + len(words), "color", [c for c in vocab.color_swap if c not in words])\n'
-    )
-    old_module = types.ModuleType("old_hard_negatives")
-    monkeypatch.setitem(sys.modules, old_module.__name__, old_module)  # dataclasses look their module up
-    exec(compile(source[:start] + old_loop + source[end:], "old_hard_negatives", "exec"), old_module.__dict__)
-    old_namespace = old_module.__dict__
-
-    def fields(spans):
-        return [(r.start_char, r.end_char, r.kind, r.options) for r in spans]
-
-    texts = captions + HAND_MADE
-    docs = list(parser.pipe(texts))
-    with_phrases = 0
-    for text, doc in zip(texts, docs):
-        new = make_hard_negatives(doc, vocab=vocab, max_negatives=6, seed_key=text)
-        old = old_namespace["make_hard_negatives"](doc, vocab=vocab, max_negatives=6, seed_key=text)
-        assert new == old, text
-        assert fields(module.find_replaceables(doc, vocab=vocab)) == fields(
-            old_namespace["find_replaceables"](doc, vocab=vocab))
-        with_phrases += any(p in text.lower().replace("-", " ") for p in vocab.phrases["colors"])
-    assert with_phrases >= 2  # the multi-word colour branch was exercised
+    texts = [entry["caption"] for entry in golden]
+    assert set(HAND_MADE) <= set(texts)
+    multi_word = 0
+    for entry, doc in zip(golden, parser.pipe(texts)):
+        text = entry["caption"]
+        expected = [text[:start] + replacement + text[end:] for start, end, replacement in entry["negatives"]]
+        assert make_hard_negatives(doc, vocab=vocab, max_negatives=6, seed_key=text) == expected, text
+        spans = [[r.start_char, r.end_char, r.kind, _options_digest(r.options)]
+                 for r in find_replaceables(doc, vocab=vocab)]
+        assert spans == entry["replaceable"], text
+        multi_word += any(p in text.lower().replace("-", " ") for p in vocab.phrases["colors"] if " " in p)
+    assert multi_word >= 2  # the multi-word colour branch is exercised
 
 
 # ---- threads -------------------------------------------------------------------------------------------------------

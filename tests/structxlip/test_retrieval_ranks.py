@@ -9,8 +9,8 @@ from pathlib import Path
 
 import torch
 
-from structxlip.evaluate import evaluate
-from structxlip.retrieval_ranks import compute_rankings, rank_queries
+from structxlip.evaluate import compute_rankings, evaluate
+from structxlip.retrieval_ranks import rank_queries
 from structxlip.synthetic import make_synthetic_manifest
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -2,10 +2,9 @@ import pytest
 import torch
 from torch import nn
 
-from structxlip.losses import chunk_spans
+from structxlip.losses import chunk_spans, pool_chunk_embeddings
 from structxlip.text import (
     extend_position_embeddings,
-    pool_chunk_embeddings,
     stretch_positions,
     text_position_count,
 )

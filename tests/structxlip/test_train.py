@@ -78,7 +78,7 @@ def _hand_clip_loss(a, b, scale):
 
 def test_total_loss_equals_the_losses_computed_by_hand(manifest, loaded):
     from structxlip import losses
-    from structxlip.text import pool_chunk_embeddings
+    from structxlip.losses import pool_chunk_embeddings
 
     model = loaded.model.eval()
     batch = _batch(manifest, loaded, [0, 1, 2, 3])
