@@ -260,7 +260,7 @@ def scenario(root: str, n_images: int, sample: int, full: bool = True, overrides
 
     work = Path(root)
     config = load_config(CONFIG, overrides or {})
-    workers = local_workers(config)
+    workers = local_workers(config, n_images)[1] or 1
     # One smallest chunk per worker, so every worker process has started and loaded its models before the timed runs.
     make_generated_images(work / "warmup-images", MIN_CHUNK * workers, seed=99)
     start = time.perf_counter()

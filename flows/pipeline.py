@@ -110,13 +110,13 @@ def run_stage(pipeline: Pipeline, stage: str, refresh: bool) -> dict:
 
     plan = pipeline.plan(stage, refresh=refresh)
     if not on_threads():
-        plan.workers = 1  # Dask workers are the processes: a chunk runs in the task's own
+        plan.processes = 0  # Dask workers are the processes: a chunk runs in the task's own
     config = pipeline.config
     task = STAGE_TASKS[stage].with_options(retries=config.runtime.task_retries)
 
     def execute(chunks):
         futures = {task.submit(keys, records, out_dir=str(pipeline.layout.root), stage_key=plan.stage_key,
-                               params=plan.params, runtime=plan.runtime, workers=plan.workers): (index, len(keys))
+                               params=plan.params, runtime=plan.runtime, processes=plan.processes): (index, len(keys))
                    for index, (keys, records) in enumerate(chunks)}
         done = 0
         _progress(pipeline, stage, done, len(plan.pending))

@@ -15,11 +15,11 @@ from configs.schema import STAGES
 
 def _chunk_task(name: str, stage: str, doc: str):
     def run(item_keys: list[str], records: list, *, out_dir: str, stage_key: str, params: dict, runtime: dict,
-            workers: int = 1) -> dict:
+            processes: int = 0) -> dict:
         from pipelines.engine import run_chunk
 
         return run_chunk(stage, item_keys, records, out_dir=out_dir, stage_key=stage_key, params=params,
-                         runtime=runtime, workers=workers)
+                         runtime=runtime, processes=processes)
 
     run.__name__ = run.__qualname__ = name
     run.__doc__ = doc

@@ -130,14 +130,14 @@ def compute_isolated(workers: int, stage_name: str, records: list, **options) ->
 
 
 def run_chunk(stage_name: str, item_keys: list[str], records: list, *, out_dir: str, stage_key: str, params: dict,
-              runtime: dict, workers: int = 1) -> dict:
-    """Process one chunk: in one of ``workers`` engine worker processes (``workers`` > 1), else in this process.
-    The caller's process records the part either way, so a worker only computes."""
-    if workers <= 1:
+              runtime: dict, processes: int = 0) -> dict:
+    """Process one chunk: in one of the ``processes`` engine worker processes, or in this process (0). The caller's
+    process records the part either way, so a worker only computes."""
+    if processes <= 0:
         return process_chunk(stage_name, item_keys, records, out_dir=out_dir, stage_key=stage_key, params=params,
                              runtime=runtime)
-    outputs = compute_isolated(workers, stage_name, records, out_dir=out_dir, stage_key=stage_key,
-                                    params=params, runtime=runtime)
+    outputs = compute_isolated(processes, stage_name, records, out_dir=out_dir, stage_key=stage_key,
+                               params=params, runtime=runtime)
     return record_rows(stage_name, item_keys, records, outputs, out_dir=out_dir, stage_key=stage_key)
 
 
@@ -176,13 +176,14 @@ def run_plan(plan: StagePlan, layout: OutputLayout, *, refresh: bool,
 
 def execute_inline(plan: StagePlan, layout: OutputLayout
                    ) -> Callable[[list], Iterator[tuple[int, dict | BaseException]]]:
-    """Return an ``execute`` for ``run_plan`` without an orchestrator: chunks one after another in this process, or
-    ``plan.workers`` at a time over the engine's worker processes (threads here only wait for them)."""
+    """Return an ``execute`` for ``run_plan`` without an orchestrator: ``plan.workers`` chunks at a time (one after
+    another when 1), each in this process or in the engine's worker processes (``plan.processes``; threads here only
+    wait for them)."""
 
     def one(chunk: tuple[list[str], list]) -> dict:
         keys, records = chunk
         return run_chunk(plan.stage, keys, records, out_dir=str(layout.root), stage_key=plan.stage_key,
-                         params=plan.params, runtime=plan.runtime, workers=plan.workers)
+                         params=plan.params, runtime=plan.runtime, processes=plan.processes)
 
     def execute(chunks):
         if plan.workers <= 1:

@@ -53,7 +53,8 @@ class StagePlan:
     cached: dict[str, dict] = field(default_factory=dict)  # item key -> stored row reused as is
     invalid: dict[str, str] = field(default_factory=dict)  # item key -> why its stored outputs were not reused
     chunk_size: int = 64  # items per chunk task (1 for a whole-dataset stage)
-    workers: int = 1  # engine worker processes that run the chunks (1: in the calling process)
+    workers: int = 1  # chunks computed at a time
+    processes: int = 0  # engine worker processes the chunks are computed in (0: the calling process)
 
     @property
     def cached_failed(self) -> list[dict]:
@@ -205,7 +206,8 @@ class Pipeline:
         runtime = definition.runtime(self.config)
         params = definition.params(self.config).model_dump()
         settings = self.config.runtime
-        workers = local_workers(self.config) if definition.on_cpu(params, runtime) else 1
+        workers, processes = (local_workers(self.config, len(pending)) if definition.on_cpu(params, runtime)
+                              else (1, 0))
         if definition.whole:
             chunk_size = 1
         elif settings.chunk_size == "auto":
@@ -216,7 +218,7 @@ class Pipeline:
         return StagePlan(stage=stage, stage_key=self.keys[stage], params=params,
                          runtime=definition.refreshed(runtime) if refresh else runtime,
                          items=items, pending=pending, cached={k: done[k] for k in items if k in done},
-                         invalid=invalid, chunk_size=chunk_size, workers=workers)
+                         invalid=invalid, chunk_size=chunk_size, workers=workers, processes=processes)
 
     @cached_property
     def manifest_rows(self):

@@ -165,9 +165,24 @@ def text_item_key(image_id: str, caption: str | None, extra_captions: tuple[str,
     return content_key("text", image_id, caption or "")
 
 
-def local_workers(config: Config) -> int:
-    """Worker processes of the CPU data stages on this machine: ``runtime.workers``, 0 meaning one per usable core."""
-    return config.runtime.workers or usable_cpus()
+# A worker process pays its start-up once (importing torch, transformers, spaCy: about 10 CPU-s) before its first
+# item: with ``runtime.workers: 0`` a CPU stage gets one worker per this many pending items, up to one per core.
+ITEMS_PER_WORKER = 32
+
+
+def local_workers(config: Config, pending: int) -> tuple[int, int]:
+    """Return ``(chunks at a time, worker processes)`` of a CPU data stage with ``pending`` items on this machine.
+
+    ``runtime.workers`` N > 1: N worker processes; 1: in the calling process (no isolation); 0 (auto): one worker per
+    ``ITEMS_PER_WORKER`` pending items, at least one (a crash of a decoder still fails only its item) and at most one
+    per usable core, so a small folder does not start a process per core for a few images."""
+    configured = config.runtime.workers
+    if configured == 1:
+        return 1, 0
+    if configured > 1:
+        return configured, configured
+    processes = max(1, min(usable_cpus(), -(-pending // ITEMS_PER_WORKER)))
+    return processes, processes
 
 
 def _on_gpu(device: str) -> bool:
@@ -469,7 +484,8 @@ class Captions(Stage):
         if runtime.runner == "dask":
             local_processes = 1 if runtime.dask_address else runtime.dask_workers
         else:
-            local_processes = 1 if _on_gpu(device) else local_workers(config)
+            # At most one per core (the workers set their own OMP_NUM_THREADS; this sizes threads in-process).
+            local_processes = 1 if _on_gpu(device) else (runtime.workers or usable_cpus())
         return {"device": device, "batch_size": config.captions.batch_size, "processes_per_machine": local_processes,
                 "max_pixels": config.ingest.max_pixels}
 

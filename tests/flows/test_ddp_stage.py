@@ -4,6 +4,7 @@ the same outputs layout, and a run killed mid-training resumes to the uninterrup
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -41,6 +42,11 @@ def _train_summary(out: Path) -> dict:
     return next(s for s in report["stages"] if s["stage"] == "train")
 
 
+def _copy_data_stages(source: Path, target: Path) -> None:
+    """Copy an output folder without what training and evaluation wrote (a moved folder stays cached)."""
+    shutil.copytree(source, target, ignore=shutil.ignore_patterns("train", "evaluate", "eval", "runs", ".lock"))
+
+
 def _weights(out: Path) -> dict[str, torch.Tensor]:
     return load_file(str(out / "train" / "model" / "model.safetensors"))
 
@@ -60,6 +66,7 @@ def test_two_process_training_inside_structxlip_run_resumes_exactly(ddp_folder, 
 
     # Killed at step 3 (both ranks die, as on a lost node): the stage fails, nothing is recorded for it...
     killed = ddp_folder / "out-killed"
+    _copy_data_stages(reference, killed)  # the data stages are cached: only training runs again
     done = _run(cli_env, ddp_folder, killed, STRUCTXLIP_KILL_AT="step@3")
     assert done.returncode == 2, done.stdout[-3000:] + done.stderr[-3000:]
     assert "Traceback" not in done.stderr and "training on 2 processes failed" in done.stderr.splitlines()[-1]

@@ -12,7 +12,7 @@ from configs import load_config
 from pipelines import workers
 from pipelines.engine import run_inline
 from pipelines.plan import MAX_CHUNK, MIN_CHUNK, Pipeline, auto_chunk_size
-from pipelines.stages import usable_cpus
+from pipelines.stages import ITEMS_PER_WORKER, local_workers, usable_cpus
 from structxlip import faults
 from tests.corpus import make_generated_images
 
@@ -43,11 +43,17 @@ def test_plan_uses_workers_for_cpu_stages_only(tmp_path):
     images = tmp_path / "images"
     make_generated_images(images, 3, size=(64, 48))
     pipeline = Pipeline(images, tmp_path / "out", load_config(overrides={**CONFIG, "runtime.workers": 3}))
-    assert pipeline.plan("ingest").workers == 3
+    assert (pipeline.plan("ingest").workers, pipeline.plan("ingest").processes) == (3, 3)
     assert pipeline.plan("ingest").chunk_size == MIN_CHUNK
-    assert pipeline.plan("manifest").workers == 1  # whole-dataset stages run in the calling process
+    manifest = pipeline.plan("manifest")
+    assert (manifest.workers, manifest.processes) == (1, 0)  # whole-dataset stages run in the calling process
+    inline = Pipeline(images, tmp_path / "out", load_config(overrides={**CONFIG, "runtime.workers": 1}))
+    assert (inline.plan("ingest").workers, inline.plan("ingest").processes) == (1, 0)
+    # 0 (auto): one worker process per ITEMS_PER_WORKER pending items, at least one, at most one per usable core.
     default = Pipeline(images, tmp_path / "out", load_config(overrides=CONFIG))
-    assert default.plan("ingest").workers == usable_cpus()  # 0 = one per usable core
+    assert (default.plan("ingest").workers, default.plan("ingest").processes) == (1, 1)  # 3 images: one worker
+    assert local_workers(default.config, ITEMS_PER_WORKER + 1) == (min(2, usable_cpus()),) * 2
+    assert local_workers(default.config, 10 ** 6) == (usable_cpus(),) * 2
     explicit = Pipeline(images, tmp_path / "out", load_config(overrides={**CONFIG, "runtime.chunk_size": 2}))
     assert explicit.plan("ingest").chunk_size == 2
 
