@@ -60,6 +60,8 @@ def normalised_manifest(out_dir: Path) -> list[dict]:
 
 
 
+# Long; the Dask equality is covered in CI by the separate-process scheduler/workers test.
+@pytest.mark.slow
 def test_dask_runner_matches_local_runner(prefect_server, tmp_path):
     distributed = pytest.importorskip("distributed")
     images_dir = tmp_path / "images"

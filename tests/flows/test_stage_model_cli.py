@@ -205,6 +205,8 @@ TRAIN_CONFIG = CONFIG.replace("manifest: {split_ratios: {train: 0.0, val: 0.0, t
                                                        "checkpoint_every_steps: 1, lr: 1.0e-3}")
 
 
+# Long; also covered in CI by test_ddp_stage (kill inside run's train stage) and test_faults (structxlip train).
+@pytest.mark.slow
 def test_a_run_killed_during_training_resumes_to_the_uninterrupted_weights(workspace):
     """SIGKILL inside `structxlip run`'s train stage (after step 2's checkpoint, then mid-way through writing step 3's
     metrics line); each re-run resumes from the last checkpoint and ends with the uninterrupted run's weights, and

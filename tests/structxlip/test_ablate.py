@@ -160,6 +160,8 @@ def test_a_finished_run_with_other_settings_is_refused(tmp_path, monkeypatch):
 
 
 @pytest.mark.e2e
+# Long; the ablation flow test runs the same pipeline path in CI.
+@pytest.mark.slow
 def test_cli_ablate_runs_the_real_pipeline_on_a_benchmark_folder(tmp_path, monkeypatch, capsys):
     """The user's route: make-benchmark, then ablate on the folder (both splits go through `structxlip run`)."""
     from flows.cli import main
