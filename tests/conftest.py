@@ -34,6 +34,9 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
+    from tests import zygote
+
+    zygote.close_all()
     if _SESSION_CACHE:
         shutil.rmtree(_SESSION_CACHE, ignore_errors=True)
     if _PREVIOUS_CACHE is None:

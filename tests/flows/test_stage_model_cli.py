@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests.corpus import make_generated_images
+from tests.zygote import run_python
 
 pytestmark = pytest.mark.e2e
 CONFIG = """
@@ -27,8 +28,7 @@ TIMEOUT_S = 300
 
 
 def _cli(*args: str, env: dict) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "flows.cli", *args], env=env, capture_output=True, text=True,
-                          timeout=TIMEOUT_S)
+    return run_python(["-m", "flows.cli", *args], env=env, timeout=TIMEOUT_S)
 
 
 @pytest.fixture(scope="module")

@@ -14,6 +14,7 @@ from typing import Callable
 
 import pytest
 
+from tests.zygote import run_python
 from tests.flows.test_pipeline_cli import BASE_CONFIG, DATA_STAGES, _make_folder, _manifest_rows, _run
 
 CLI_TIMEOUT_S = 300
@@ -25,9 +26,11 @@ def cli_command(*args: str) -> list[str]:
     return [sys.executable, "-m", "flows.cli", *args]
 
 
-def run_cli(env: dict[str, str], *args: str, timeout: float = CLI_TIMEOUT_S, **options) -> subprocess.CompletedProcess:
-    """Run ``structxlip ARGS...`` to completion and return the finished process (text stdout/stderr)."""
-    return subprocess.run(cli_command(*args), env=env, capture_output=True, text=True, timeout=timeout, **options)
+def run_cli(env: dict[str, str], *args: str, timeout: float = CLI_TIMEOUT_S, cwd: Path | None = None
+            ) -> subprocess.CompletedProcess:
+    """Run ``structxlip ARGS...`` to completion and return the finished process (text stdout/stderr), forked from a
+    preloaded interpreter (tests/zygote.py: the same command without paying torch's imports again)."""
+    return run_python(["-m", "flows.cli", *args], env=env, timeout=timeout, cwd=cwd)
 
 
 def start_cli(env: dict[str, str], *args: str) -> subprocess.Popen:

@@ -34,7 +34,7 @@ model: {clip_model: structxlip/tiny-clip}
 structure: {batch_size: 32}
 regions: {method: structure, max_regions: 4}
 captions: {batch_size: 16}
-runtime: {chunk_size: 8, task_retries: 0}
+runtime: {chunk_size: 8, task_retries: 0, workers: 1}  # stages in the CLI process: not what is tested here
 """
 CAPTION = "a red square beside a blue circle on a grey table"
 HUGE_BYTES = 50 * 10**9

@@ -14,8 +14,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -26,6 +24,7 @@ from structxlip.checkpoint import load_checkpoint, save_checkpoint
 from structxlip.faults import ENV
 from structxlip.synthetic import make_synthetic_manifest
 from structxlip.train import _remove_leftovers, _truncate_metrics, train
+from tests.zygote import run_python
 
 REPO = Path(__file__).resolve().parents[2]
 RUN_KEY = "run-a"
@@ -68,8 +67,7 @@ def _train_process(manifest, tiny_clip_dir, out: Path, kill_at: str | None = Non
                      resume=resume, **TRAIN)
     env = {k: v for k, v in os.environ.items() if k != ENV}
     env.update(OMP_NUM_THREADS="1", **({ENV: kill_at} if kill_at else {}))
-    return subprocess.run([sys.executable, "-c", RUNNER, json.dumps(arguments)], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=600)
+    return run_python(["-c", RUNNER, json.dumps(arguments)], cwd=REPO, env=env, timeout=600)
 
 
 def _killed_run(manifest, tiny_clip_dir, out: Path, kill_at: str, resume: bool | str = False) -> None:
