@@ -2,7 +2,7 @@
 
 A plugin is one Python file outside the project that defines a stage (a subclass of ``pipelines.stages.Stage``,
 see examples/stage_plugin/). Its config section is the stage's ``Params`` model under the stage's ``name``: the
-config validates it like a built-in section (``--set xdog.sigma=0.8``, one-line errors naming the key). Nothing here
+config validates it like a built-in section (``--set <stage>.<key>=VALUE``, one-line errors naming the key). Nothing here
 imports a project module: the plugin file imports what it needs itself.
 """
 

@@ -134,7 +134,7 @@ class OutputLayout:
         return Path(f"{self._prefix}crops/{regions_key}/{image_id[:2]}/{image_id}/{index:03d}.structure.png")
 
     def stage_file(self, stage: str, stage_key: str, image_id: str, kind: str) -> Path:
-        """A file of one image written by a stage that has no folder of its own (a plugin), e.g. ``kind="xdog.png"``."""
+        """A file of one image written by a stage that has no folder of its own (a plugin), e.g. ``kind="lines.png"``."""
         return Path(f"{self._prefix}outputs/{stage}/{stage_key}/{image_id[:2]}/{image_id}.{kind}")
 
     def checkpoint(self, name: str) -> Path:
