@@ -20,8 +20,9 @@ import time
 from pathlib import Path
 
 from benchmarks.common import BenchmarkResult, Target, cpu_seconds, run_in_child, worker_cpu_seconds
+from pipelines.stages import data_stage_names
 
-DATA_STAGES = ["ingest", "structure", "regions", "captions", "filter", "manifest"]
+DATA_STAGES = data_stage_names()
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
 INCREMENT = 20
 # The large size; STRUCTXLIP_BENCH_LARGE overrides it (2,000 images: ~6 min cold run, ~10 min in all here).

@@ -14,10 +14,9 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, create_model, field_validator,
+                      model_validator)
 
-STAGES = ("ingest", "structure", "regions", "captions", "filter", "manifest", "train", "evaluate")
-DATA_STAGES = STAGES[:6]
 CONFIGS_DIR = Path(__file__).resolve().parent
 TINY_CLIP = "structxlip/tiny-clip"
 MAX_ERROR_CHARS = 300  # every ConfigError is one line of at most this many characters
@@ -282,6 +281,9 @@ class RuntimeConfig(_Section):
 
 
 class Config(_Section):
+    # Stage plugin files (configs.plugins): each adds its stage and a config section of that stage's name. Relative
+    # paths are resolved against the config file's folder when it is loaded.
+    plugins: list[str] = []
     model: ModelConfig = ModelConfig()
     ingest: IngestConfig = IngestConfig()
     structure: StructureConfig = StructureConfig()
@@ -440,25 +442,9 @@ def load_config(path: str | os.PathLike | None = None, overrides: dict | None = 
     data: dict = {}
     if path is not None:
         source = _one_line(str(path), 120)
-        try:
-            text = Path(path).read_text(encoding="utf-8")
-        except FileNotFoundError:
-            raise ConfigError(f"{source}: config file not found") from None
-        except (OSError, UnicodeDecodeError) as exc:
-            raise ConfigError(_one_line(f"{source}: cannot read config file ({exc.__class__.__name__}: {exc})")) \
-                from None
-        try:
-            data = _safe_load(text) or {}
-        except ConfigError as exc:
-            raise ConfigError(_one_line(f"{source}: invalid YAML: {exc}")) from None
-        except yaml.YAMLError as exc:
-            mark = getattr(exc, "problem_mark", None)
-            where = f" at line {mark.line + 1}" if mark is not None else ""
-            raise ConfigError(_one_line(f"{source}: invalid YAML{where}: {getattr(exc, 'problem', exc)}")) from None
-        except RecursionError:
-            raise ConfigError(f"{source}: invalid YAML: nested too deeply") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{source}: expected a mapping of sections at the top level, got {type(data).__name__}")
+        data = _read_config_file(Path(path), source)
+    else:
+        _resolve_plugin_paths(data, Path.cwd())
     overrides = validate_overrides(overrides, source=overrides_source)
     file_data = copy.deepcopy(data)
     for dotted, value in overrides.items():
@@ -471,8 +457,10 @@ def load_config(path: str | os.PathLike | None = None, overrides: dict | None = 
                                             "section"))
             node = child
         node[leaf] = value
+    _resolve_plugin_paths(data, Path.cwd())  # a --set plugins=[...] names files relative to where it is typed
+    model = _config_model(data.get("plugins"), source)
     try:
-        return Config.model_validate(data)
+        return model.model_validate(data)
     except ValidationError as exc:
         if not overrides:
             raise ConfigError(_format_error(source, exc)) from None
@@ -480,7 +468,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: dict | None = 
         culprit = _override_at(first["loc"], overrides)
         if culprit is None:  # not at an overridden key: the file's own error, unless the file alone is valid
             try:
-                Config.model_validate(file_data)
+                model.model_validate(file_data)
             except ValidationError as file_exc:
                 raise ConfigError(_format_error(source, file_exc)) from None
             culprit = next(iter(overrides))
@@ -489,3 +477,85 @@ def load_config(path: str | os.PathLike | None = None, overrides: dict | None = 
         more = f" (+{exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
         label = _override_label(overrides_source, culprit, overrides[culprit])
         raise ConfigError(_one_line(f"{label}: {where}{_error_message(first)}{more}")) from None
+
+
+def _read_config_file(path: Path, source: str, extended_by: tuple[Path, ...] = ()) -> dict:
+    """Return the mapping of a YAML config file, its plugin paths made absolute and merged over the file it
+    ``extends:`` (a path relative to it: its sections are the defaults here, key by key); raise ConfigError naming
+    ``source``."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{source}: config file not found") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(_one_line(f"{source}: cannot read config file ({exc.__class__.__name__}: {exc})")) from None
+    try:
+        data = _safe_load(text) or {}
+    except ConfigError as exc:
+        raise ConfigError(_one_line(f"{source}: invalid YAML: {exc}")) from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(_one_line(f"{source}: invalid YAML{where}: {getattr(exc, 'problem', exc)}")) from None
+    except RecursionError:
+        raise ConfigError(f"{source}: invalid YAML: nested too deeply") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected a mapping of sections at the top level, got {type(data).__name__}")
+    folder = path.expanduser().resolve().parent
+    _resolve_plugin_paths(data, folder)
+    base = data.pop("extends", None)
+    if base is None:
+        return data
+    if not isinstance(base, str) or not base:
+        raise ConfigError(_one_line(f"{source}: extends: expected the path of a config file, got {base!r}"))
+    base_path = (folder / Path(base).expanduser()).resolve()
+    if base_path in extended_by or len(extended_by) > 8:
+        raise ConfigError(_one_line(f"{source}: extends: {base} extends this file again (a loop)"))
+    merged = _read_config_file(base_path, _one_line(f"{source}: extends {base}", 160), (*extended_by, folder / path.name))
+    return _merged(merged, data)
+
+
+def _merged(base: dict, override: dict) -> dict:
+    """Return ``base`` with ``override`` laid over it, mappings merged key by key (other values replaced)."""
+    merged = dict(base)
+    for key, value in override.items():
+        merged[key] = _merged(merged[key], value) if isinstance(value, dict) and isinstance(merged.get(key), dict) \
+            else value
+    return merged
+
+
+def _resolve_plugin_paths(data: dict, folder: Path) -> None:
+    """Make the relative paths of ``data["plugins"]`` absolute, relative to ``folder`` (other values are left for the
+    validation to refuse)."""
+    plugins = data.get("plugins")
+    if isinstance(plugins, list):
+        data["plugins"] = [str((folder / Path(p).expanduser()).resolve()) if isinstance(p, str) and p else p
+                           for p in plugins]
+
+
+_plugin_configs: dict[tuple, type[Config]] = {}
+
+
+def _config_model(plugins: Any, source: str) -> type[Config]:
+    """Return ``Config``, or with ``plugins`` (a list of plugin files) a subclass with one section per plugin stage,
+    validated by that stage's ``Params`` model; raise ConfigError (one line) for a plugin that cannot be used."""
+    if not plugins or not isinstance(plugins, list) or not all(isinstance(p, str) for p in plugins):
+        return Config
+    from configs.plugins import PluginError, plugin_sections
+
+    try:
+        sections = plugin_sections(plugins)
+    except PluginError as exc:
+        raise ConfigError(_one_line(f"{source}: plugins: {exc}")) from None
+    taken = [name for name in sections if name in Config.model_fields]
+    if taken:
+        raise ConfigError(_one_line(f"{source}: plugins: stage {taken[0]!r} has the name of a built-in config section; "
+                                    "rename the plugin's stage"))
+    key = tuple(sections.items())
+    if key not in _plugin_configs:
+        fields = {}
+        for name, params in sections.items():
+            required = any(field.is_required() for field in params.model_fields.values())
+            fields[name] = (params, ... if required else Field(default_factory=params))
+        _plugin_configs[key] = create_model("Config", __base__=Config, **fields)
+    return _plugin_configs[key]

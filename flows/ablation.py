@@ -30,11 +30,13 @@ def train_variant(data, run_dir: str, *, variant: str, seed: int, initial: str, 
 
 def _run_pipeline(images_dir, out_dir, *, config_path) -> None:
     """Data preparation through the pipeline flow itself (a subflow here: visible in the UI, cached by the store)."""
+    from configs import load_config
     from flows.pipeline import structxlip_pipeline
+    from pipelines.stages import data_stage_names
 
     structxlip_pipeline(images_dir=str(images_dir), out_dir=str(out_dir),
                         config_path=None if config_path is None else str(config_path),
-                        stages=["ingest", "structure", "regions", "captions", "filter", "manifest"])
+                        stages=data_stage_names(load_config(config_path)))
 
 
 def _run_name() -> str:

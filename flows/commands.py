@@ -136,10 +136,10 @@ def _execute(started, images_dir, out_dir, *, config_path, stages, refresh, runn
     config, source = resolve_config(layout.root, config_path, overrides)  # one line on a bad config, before any work
     if config_path is None and source != "<defaults>":
         print(f"using the config recorded in {source}", file=sys.stderr)
-    selected = parse_stages(stages)
-    refreshed = parse_stages(refresh) if refresh else []
     pipeline = Pipeline(images_dir, layout.root, config, retry_failed=retry_failed)  # a missing folder: one line
     pipeline.config_source = source
+    selected = parse_stages(stages, list(pipeline.stages))
+    refreshed = parse_stages(refresh, list(pipeline.stages)) if refresh else []
     problem = missing_inputs(pipeline, selected)  # no images, --stages train without a manifest: nothing created
     if problem:
         raise ValueError(problem)

@@ -25,16 +25,15 @@ from prefect.futures import as_completed
 from prefect.settings import temporary_settings
 from prefect.states import Failed
 
-from configs.schema import STAGES
 from pipelines.engine import StageFailed, run_plan, write_report
 from pipelines.report import refresh_explorer
 from pipelines.plan import (Pipeline, missing_inputs, preflight, record_config, resolve_config, stale_stages,
                             stages_with_work)
-from pipelines.stages import STAGE_DEFINITIONS, parse_stages
+from pipelines.stages import STAGE_DEFINITIONS, Stage, parse_stages
 from storage import lock
 
 from flows.runners import dask_scheduler, default_runner, make_runner, on_threads
-from flows.tasks import STAGE_TASKS
+from flows.tasks import stage_task
 
 log = logging.getLogger("structxlip.flows")
 _current: list[Pipeline] = []  # the pipeline of the run in progress in this process (config loaded once per run)
@@ -112,7 +111,7 @@ def run_stage(pipeline: Pipeline, stage: str, refresh: bool) -> dict:
     if not on_threads():
         plan.processes = 0  # Dask workers are the processes: a chunk runs in the task's own
     config = pipeline.config
-    task = STAGE_TASKS[stage].with_options(retries=config.runtime.task_retries)
+    task = stage_task(pipeline.stages[stage]).with_options(retries=config.runtime.task_retries)
 
     def execute(chunks):
         futures = {task.submit(keys, records, out_dir=str(pipeline.layout.root), stage_key=plan.stage_key,
@@ -174,9 +173,6 @@ def namespace_of(pipeline: Pipeline) -> str:
     return artifact_namespace(pipeline.images_dir, pipeline.layout.root)
 
 
-GALLERY = {"structure": "structure", "regions": "regions", "captions": "regions", "manifest": "manifest"}
-
-
 def _publish(pipeline: Pipeline, summary: dict) -> None:
     """Send the stage's artifacts to Prefect; a reporting error never fails a run (the data is already on disk).
     Records the artifacts' ids in ``summary["artifacts"]`` (the run summary links them) and the CPU seconds it took
@@ -201,23 +197,41 @@ def _publish_artifacts(pipeline: Pipeline, summary: dict) -> dict[str, str]:
             stage, summary["processed"], summary["cached"], summary["failed"], float(summary["seconds"]),
             list(summary.get("failures") or [])), namespace=namespace, where=where)
         published.update({f"{stage} {kind}": value for kind, value in ids.items()})
-        if stage in GALLERY and summary["processed"]:
+        definition = pipeline.stages[stage]
+        if definition.gallery and summary["processed"]:
             published[f"{stage} gallery"] = artifacts.publish_gallery(
-                GALLERY[stage], str(pipeline.layout.root), pipeline.example_rows(stage), namespace=namespace,
+                definition.gallery, str(pipeline.layout.root), definition.example_rows(pipeline), namespace=namespace,
                 where=where)
-        if stage == "manifest" and summary["processed"]:
-            quality = artifacts.publish_quality(pipeline.layout.root, vocab_dir=pipeline.config.filter.vocab_dir,
-                                                namespace=namespace, where=where)
-            published.update({f"quality {name.replace('_', ' ')}": value for name, value in quality.items()})
-        if stage == "train" and summary["processed"]:
-            published["training curves"] = artifacts.publish_training(pipeline.layout.root, namespace=namespace,
-                                                                       where=where)
-        if stage == "evaluate" and summary["processed"]:
-            recall = artifacts.publish_evaluation(pipeline.layout.root, namespace=namespace, where=where) or {}
-            published.update({f"recall {kind}": value for kind, value in recall.items()})
+        if definition.report and summary["processed"]:
+            published.update(REPORTS[definition.report](pipeline, namespace=namespace, where=where))
     except Exception as exc:  # noqa: BLE001
         log.warning("could not publish %s artifacts: %s", summary["stage"], exc)
     return {label: str(value) for label, value in published.items() if value is not None}
+
+
+def _quality_report(pipeline: Pipeline, *, namespace: str, where: str) -> dict:
+    from flows import artifacts
+
+    quality = artifacts.publish_quality(pipeline.layout.root, vocab_dir=pipeline.config.filter.vocab_dir,
+                                        namespace=namespace, where=where)
+    return {f"quality {name.replace('_', ' ')}": value for name, value in quality.items()}
+
+
+def _training_report(pipeline: Pipeline, *, namespace: str, where: str) -> dict:
+    from flows import artifacts
+
+    return {"training curves": artifacts.publish_training(pipeline.layout.root, namespace=namespace, where=where)}
+
+
+def _evaluation_report(pipeline: Pipeline, *, namespace: str, where: str) -> dict:
+    from flows import artifacts
+
+    recall = artifacts.publish_evaluation(pipeline.layout.root, namespace=namespace, where=where) or {}
+    return {f"recall {kind}": value for kind, value in recall.items()}
+
+
+# Stage.report -> the artifacts published after the stage computed something.
+REPORTS = {"quality": _quality_report, "training": _training_report, "evaluation": _evaluation_report}
 
 
 def _run_name(prefix: str):
@@ -236,18 +250,25 @@ def _run_name(prefix: str):
 
 # ---- a flow entry: what the CLI does before and after the stages ----------------------------------------------------
 def run_entry(images_dir: str, out_dir: str, *, config_path: str | None, overrides: dict | None, retry_failed: bool,
-              stages: list[str], refresh: list[str], runner: str | None = None, dask_address: str | None = None,
-              inline_first: bool = False) -> dict | Failed:
-    """Run ``stages`` as one entry (the parent flow, or a stage flow run on its own) and return the run report.
+              stages: list[str] | None, refresh: list[str] | None, runner: str | None = None,
+              dask_address: str | None = None, inline_first: bool = False, downstream: bool = False) -> dict | Failed:
+    """Run ``stages`` (None: all of the config's stages, plugins included) as one entry (the parent flow, or a stage
+    flow run on its own) and return the run report.
 
     Outside the CLI (a deployment, a served flow, a script), the config is resolved and preflighted here first: a
     problem returns a Failed state whose message is the one-line reason, before anything is computed or created.
-    ``inline_first`` runs the first stage in this flow run (a stage flow), the others as subflows.
+    ``inline_first`` runs the first stage in this flow run (a stage flow), the others as subflows; ``downstream``
+    adds every stage after the first one.
     """
     started = time.perf_counter()
     nested = _find_current(images_dir, out_dir) is not None  # the CLI opened it: config, preflight and lock done
     try:
         pipeline = open_pipeline(images_dir, out_dir, config_path, overrides, retry_failed=retry_failed)
+        names = list(pipeline.stages)
+        stages = parse_stages(stages, names)
+        if downstream:
+            stages = names[names.index(stages[0]):]
+        refresh = parse_stages(refresh, names) if refresh else []
         if not nested:
             problem = missing_inputs(pipeline, stages)
             if problem:
@@ -277,7 +298,7 @@ def run_entry(images_dir: str, out_dir: str, *, config_path: str | None, overrid
                     if inline_first and index == 0:
                         summaries.append(run_stage(pipeline, stage, stage in refresh))
                         continue
-                    stage_flow = STAGE_FLOWS[stage].with_options(
+                    stage_flow = flow_of(pipeline.stages[stage]).with_options(
                         task_runner=make_runner(runner, address, pipeline.config.runtime.workers))
                     summaries.append(stage_flow(images_dir=str(pipeline.images_dir),
                                                 out_dir=str(pipeline.layout.root), refresh=stage in refresh))
@@ -312,18 +333,17 @@ PARAMETER_DOCS = """
         retry_failed: Recompute items whose failure is cached (e.g. after a library upgrade)."""
 
 
-def _stage_flow(stage: str):
-    definition = STAGE_DEFINITIONS[stage]
+def _stage_flow(definition: Stage):
+    stage = definition.name
 
     def stage_flow(images_dir: str, out_dir: str, config_path: str | None = None,
                    overrides: dict[str, Any] | None = None, refresh: bool = False, retry_failed: bool = False,
                    downstream: bool = False) -> dict:
         if _find_current(images_dir, out_dir) is not None:  # a subflow of the parent (or the CLI's) run
             return run_stage(open_pipeline(images_dir, out_dir, config_path), stage, refresh)
-        selected = list(STAGES[STAGES.index(stage):]) if downstream else [stage]
         return run_entry(images_dir, out_dir, config_path=config_path, overrides=overrides,
-                         retry_failed=retry_failed, stages=selected, refresh=[stage] if refresh else [],
-                         inline_first=True)
+                         retry_failed=retry_failed, stages=[stage], refresh=[stage] if refresh else [],
+                         inline_first=True, downstream=downstream)
 
     # Deployments load a flow by "flows/pipeline.py:<stage>_flow"; the function's names must say the same.
     stage_flow.__name__ = stage_flow.__qualname__ = f"{stage}_flow"
@@ -335,10 +355,21 @@ def _stage_flow(stage: str):
                 validate_parameters=True, flow_run_name=_run_name(stage))(stage_flow)
 
 
-STAGE_FLOWS = {stage: _stage_flow(stage) for stage in STAGES}
+STAGE_FLOWS = {name: _stage_flow(stage) for name, stage in STAGE_DEFINITIONS.items()}
 globals().update({f"{stage}_flow": stage_flow for stage, stage_flow in STAGE_FLOWS.items()})
+# Plugin stages' flows: made on first use, and not module attributes, so that a flow run in a fresh process (a served
+# deployment) is sent there by value instead of looked up in a module that does not define it.
+_plugin_flows: dict[tuple[str, str], Any] = {}
 
-StageName = Literal[STAGES]  # type: ignore[valid-type] - the registry's names, one choice each in the run form
+
+def flow_of(stage: Stage):
+    """Return the Prefect flow of ``stage``: a built-in one's, or the flow of a plugin stage (made once per file)."""
+    if stage.source is None:
+        return STAGE_FLOWS[stage.name]
+    key = (stage.name, stage.source)
+    if key not in _plugin_flows:
+        _plugin_flows[key] = _stage_flow(stage)
+    return _plugin_flows[key]
 
 
 @flow(name="structxlip-pipeline", description="StructXLIP data preparation, fine-tuning and evaluation, cached per stage.",
@@ -348,8 +379,8 @@ def structxlip_pipeline(
     out_dir: str,
     config_path: str | None = None,
     overrides: dict[str, Any] | None = None,
-    stages: list[StageName] | None = None,
-    refresh: list[StageName] | None = None,
+    stages: list[str] | None = None,
+    refresh: list[str] | None = None,
     retry_failed: bool = False,
     runner: Literal["local", "dask"] | None = None,
     dask_address: str | None = None,
@@ -365,20 +396,16 @@ def structxlip_pipeline(
             else the built-in defaults (the published StructXLIP values).
         overrides: Config values to change, as {"section.key": value}, e.g. {"structure.canny_low": 50}: the same
             as the CLI's --set; validated before anything runs.
-        stages: Stages to run, in pipeline order; empty = all of them.
+        stages: Stages to run, in pipeline order (ingest, structure, regions, captions, filter, manifest, train,
+            evaluate and the config's plugin stages); empty = all of them.
         refresh: Stages to recompute even where their results are stored.
         retry_failed: Recompute items whose failure is cached (e.g. after a library upgrade).
         runner: "local" (a thread pool in this process) or "dask"; empty = runtime.runner of the config.
         dask_address: A running Dask scheduler; empty with runner "dask" starts a LocalCluster for the run.
     """
-    try:
-        selected = parse_stages(stages)
-        refreshed = parse_stages(refresh) if refresh else []
-    except ValueError as exc:
-        return Failed(message=str(exc))
     return run_entry(images_dir, out_dir, config_path=config_path, overrides=overrides, retry_failed=retry_failed,
-                     stages=selected, refresh=refreshed, runner=runner, dask_address=dask_address)
+                     stages=stages, refresh=refresh, runner=runner, dask_address=dask_address)
 
 
-__all__ = ["ACTIVE_FLOW_RUNS", "STAGE_FLOWS", "PipelineFailed", "current_pipeline", "make_runner", "open_pipeline",
+__all__ = ["ACTIVE_FLOW_RUNS", "STAGE_FLOWS", "PipelineFailed", "flow_of", "current_pipeline", "make_runner", "open_pipeline",
            "run_entry", "run_stage", "structxlip_pipeline"]

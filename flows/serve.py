@@ -4,6 +4,7 @@ Every flow gets one deployment with a descriptive name (``structxlip-pipeline/al
 ``structure/structure-stage`` ...); a run triggered from the UI or
 ``prefect deployment run 'structxlip-pipeline/all-stages' --param images_dir=... --param out_dir=...``
 executes here. The same deployments are declared in ``prefect.yaml`` for a work-pool worker (docker-compose).
+With ``--config``, the config's stage plugins are served too (``<plugin>/<plugin>-stage``).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from configs.schema import STAGES
+from pipelines.stages import STAGE_DEFINITIONS
 
 if TYPE_CHECKING:
     from prefect import Flow
@@ -22,7 +23,7 @@ if TYPE_CHECKING:
 
 PIPELINE_FLOW = "structxlip-pipeline"
 ABLATION_FLOW = "structxlip-ablation"
-FLOW_NAMES = (PIPELINE_FLOW, *STAGES, ABLATION_FLOW)
+FLOW_NAMES = (PIPELINE_FLOW, *STAGE_DEFINITIONS, ABLATION_FLOW)
 
 
 def deployment_name(flow_name: str) -> str:
@@ -37,8 +38,9 @@ FLOW_MODULES = ("flows.pipeline", "flows.ablation")
 TAGS = ["structxlip"]
 
 
-def discover_flows(modules: tuple[str, ...] = FLOW_MODULES) -> dict[str, "Flow"]:
-    """Return ``{flow name: Flow}`` for the parent flow and every stage flow found in ``modules``, in stage order."""
+def discover_flows(modules: tuple[str, ...] = FLOW_MODULES, *, plugins: list[str] = ()) -> dict[str, "Flow"]:
+    """Return ``{flow name: Flow}`` for the parent flow and every stage flow found in ``modules``, in stage order,
+    then the flows of the stages that the ``plugins`` files define."""
     from prefect import Flow
 
     found: dict[str, Flow] = {}
@@ -50,7 +52,13 @@ def discover_flows(modules: tuple[str, ...] = FLOW_MODULES) -> dict[str, "Flow"]
     missing = [name for name in FLOW_NAMES if name not in found]
     if missing:
         raise RuntimeError(f"flows {missing} not found in {', '.join(modules)} (expected {list(FLOW_NAMES)})")
-    return {name: found[name] for name in FLOW_NAMES}
+    flows = {name: found[name] for name in FLOW_NAMES}
+    if plugins:
+        from flows.pipeline import flow_of
+        from pipelines.stages import plugin_stages
+
+        flows |= {stage.name: flow_of(stage) for path in plugins for stage in plugin_stages(path)}
+    return flows
 
 
 def deployment_parameters(flow: "Flow", *, config_path: str | None) -> dict[str, Any]:
@@ -156,9 +164,14 @@ def serve_flows(*, config_path: str | os.PathLike | None = None, limit: int | No
         project_version = version("structxlip")
     except PackageNotFoundError:
         project_version = None
-    deployments = build_deployments(
-        discover_flows(), config_path=None if config_path is None else str(config_path), version=project_version
-    )
+    plugins = []
+    if config_path is not None:
+        from configs import load_config
+
+        plugins = load_config(config_path).plugins
+    deployments = build_deployments(discover_flows(plugins=plugins),
+                                    config_path=None if config_path is None else str(config_path),
+                                    version=project_version)
     print(f"structxlip serve: {len(deployments)} deployments on {api_url}", flush=True)
     serve(*deployments, limit=limit, print_starting_message=True)
 

@@ -23,7 +23,7 @@ from typing import Any, Callable, Iterable, Iterator
 from pipelines import workers as pool
 from pipelines.errors import REASON_CHARS, describe_failure, is_environment_error, one_line
 from pipelines.plan import StagePlan, first_failures
-from pipelines.stages import STAGE_DEFINITIONS, Stage
+from pipelines.stages import Stage, find_stage
 from storage.layout import OutputLayout
 from structxlip import faults
 from storage.manifest import STATUS_FAILED, STATUS_OK
@@ -56,9 +56,10 @@ def _run_isolated(stage: Stage, records: list, layout: OutputLayout, call: Calla
 
 
 def compute_rows(stage_name: str, records: list, *, out_dir: str, stage_key: str, params: dict,
-                 runtime: dict) -> list[dict]:
-    """Run one chunk through the stage's library call with per-item isolation; return one output row per record."""
-    stage = STAGE_DEFINITIONS[stage_name]
+                 runtime: dict, source: str | None = None) -> list[dict]:
+    """Run one chunk through the stage's library call with per-item isolation; return one output row per record.
+    ``source``: the plugin file defining the stage (None: a built-in stage)."""
+    stage = find_stage(stage_name, source)
     layout = OutputLayout(out_dir)
     if os.environ.get(faults.ENV):
         for record in records:
@@ -71,12 +72,12 @@ def compute_rows(stage_name: str, records: list, *, out_dir: str, stage_key: str
 
 
 def record_rows(stage_name: str, item_keys: list[str], records: list, outputs: list[dict], *, out_dir: str,
-                stage_key: str) -> dict:
+                stage_key: str, source: str | None = None) -> dict:
     """Verify the chunk's outputs, record its rows as one store part; return ``{part, ok, failures, results}``.
 
     ``failures``: ``[{item_key, file, reason}]``; ``results``: the ``result`` column of whole-dataset stages.
     """
-    stage = STAGE_DEFINITIONS[stage_name]
+    stage = find_stage(stage_name, source)
     layout = OutputLayout(out_dir)
     rows = []
     failures = []
@@ -99,10 +100,11 @@ def record_rows(stage_name: str, item_keys: list[str], records: list, outputs: l
 
 
 def process_chunk(stage_name: str, item_keys: list[str], records: list, *, out_dir: str, stage_key: str,
-                  params: dict, runtime: dict) -> dict:
+                  params: dict, runtime: dict, source: str | None = None) -> dict:
     """Process one chunk in this process and record it as one store part (see ``record_rows``)."""
-    outputs = compute_rows(stage_name, records, out_dir=out_dir, stage_key=stage_key, params=params, runtime=runtime)
-    return record_rows(stage_name, item_keys, records, outputs, out_dir=out_dir, stage_key=stage_key)
+    outputs = compute_rows(stage_name, records, out_dir=out_dir, stage_key=stage_key, params=params, runtime=runtime,
+                           source=source)
+    return record_rows(stage_name, item_keys, records, outputs, out_dir=out_dir, stage_key=stage_key, source=source)
 
 
 def _compute(workers: int, stage_name: str, records: list, options: dict) -> list[dict]:
@@ -125,20 +127,20 @@ def compute_isolated(workers: int, stage_name: str, records: list, **options) ->
     except BrokenProcessPool:
         if len(records) > 1:
             return [row for record in records for row in compute_isolated(workers, stage_name, [record], **options)]
-    return [STAGE_DEFINITIONS[stage_name].failed_row(
+    return [find_stage(stage_name, options.get("source")).failed_row(
         records[0], f"{stage_name} failed: the worker process died while processing it (crash or out of memory)")]
 
 
 def run_chunk(stage_name: str, item_keys: list[str], records: list, *, out_dir: str, stage_key: str, params: dict,
-              runtime: dict, processes: int = 0) -> dict:
+              runtime: dict, processes: int = 0, source: str | None = None) -> dict:
     """Process one chunk: in one of the ``processes`` engine worker processes, or in this process (0). The caller's
-    process records the part either way, so a worker only computes."""
+    process records the part either way, so a worker only computes. ``source``: a plugin stage's file."""
     if processes <= 0:
         return process_chunk(stage_name, item_keys, records, out_dir=out_dir, stage_key=stage_key, params=params,
-                             runtime=runtime)
+                             runtime=runtime, source=source)
     outputs = compute_isolated(processes, stage_name, records, out_dir=out_dir, stage_key=stage_key,
-                               params=params, runtime=runtime)
-    return record_rows(stage_name, item_keys, records, outputs, out_dir=out_dir, stage_key=stage_key)
+                               params=params, runtime=runtime, source=source)
+    return record_rows(stage_name, item_keys, records, outputs, out_dir=out_dir, stage_key=stage_key, source=source)
 
 
 def chunks_of(plan: StagePlan) -> list[tuple[list[str], list]]:
@@ -164,7 +166,7 @@ def run_plan(plan: StagePlan, layout: OutputLayout, *, refresh: bool,
         else:
             results.append(outcome)
     if refresh and results:
-        store = StageStore(layout, plan.stage, plan.stage_key, STAGE_DEFINITIONS[plan.stage].schema)
+        store = StageStore(layout, plan.stage, plan.stage_key, find_stage(plan.stage, plan.source).schema)
         store.remove_superseded([store.folder / r["part"] for r in results])
     summary = summarize(plan, results, chunk_errors, time.perf_counter() - started)
     summary["failed"] += unfinished
@@ -183,7 +185,7 @@ def execute_inline(plan: StagePlan, layout: OutputLayout
     def one(chunk: tuple[list[str], list]) -> dict:
         keys, records = chunk
         return run_chunk(plan.stage, keys, records, out_dir=str(layout.root), stage_key=plan.stage_key,
-                         params=plan.params, runtime=plan.runtime, processes=plan.processes)
+                         params=plan.params, runtime=plan.runtime, processes=plan.processes, source=plan.source)
 
     def execute(chunks):
         if plan.workers <= 1:
@@ -223,13 +225,13 @@ def summarize(plan: StagePlan, results: list[dict], chunk_errors: list[str], sec
         "chunk_errors": chunk_errors,
         "status": "failed" if chunk_errors else "completed",
     }
-    for resolved in ("backend", "method"):
-        if resolved in plan.params:
-            summary[resolved] = plan.params[resolved]
+    definition = find_stage(plan.stage, plan.source)
+    for resolved in definition.summary_params:
+        summary[resolved] = plan.params[resolved]
     if chunk_errors:
         summary["error"] = (f"{len(chunk_errors)} chunk(s) failed ({chunk_errors[0]}); fix the cause and run the same "
                             "command again: finished work is kept")
-    if plan.stage == "manifest":
+    if definition.counts_rows:
         _manifest_counts(summary, plan, results)
     return summary
 
@@ -292,7 +294,7 @@ def format_summary(report: dict) -> str:
         unfinished = s.get("unfinished") or 0
         more = s["failed"] - unfinished - len(shown)
         if more > 0:
-            where = "the manifest's error column" if s["stage"] == "manifest" else \
+            where = "the manifest's error column" if "rows" in s else \
                 f"the {s['stage']}-failures artifact or the manifest"
             lines.append(f"  x ... {more} more (see {where})" if shown else f"  x {more} failed (see {where})")
         for number, error in enumerate(s.get("chunk_errors") or []):

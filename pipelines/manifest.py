@@ -13,6 +13,8 @@ Rules (one row per distinct image):
   that has no result for it yet reads ``"<stage>: not computed"``.
 - An image without a caption (and no generated one) is ``failed`` with ``"no caption: ..."`` and is never trained on.
 - ``split`` (ok rows only) is a deterministic function of the image id and the ratios (``assign_split``).
+- Stages that contribute manifest columns (plugins: ``Stage.manifest_fields``) fill them from their row of the image;
+  after the built-in checks, the first of them that failed or has no result makes the row ``failed`` the same way.
 """
 
 from __future__ import annotations
@@ -21,7 +23,10 @@ import hashlib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
+
+import pyarrow as pa
 
 from storage.hashing import content_key
 from storage.layout import IMAGE_ID_LENGTH, OutputLayout
@@ -76,12 +81,15 @@ def build_manifest_rows(
     captions: dict[str, dict],
     filtered: dict[str, dict],
     split_ratios: dict[str, float],
+    contributions: list[tuple[str, dict[str, dict], Any]] = (),
 ) -> ManifestRows:
     """Return the joined manifest rows.
 
     ``ingest``: current ingest records ``{source_path, image_id, status, error, width, height}``; ``captions_index``:
     absolute source path -> ``(caption, caption_source, note)`` as read from the folder; ``structure``/``regions``/
     ``captions``/``filtered``: image id -> that stage's record for the image's current caption (absent = not computed).
+    ``contributions``: ``(stage name, image id -> its record, the stage)`` of each stage contributing manifest columns
+    (``stage.manifest_fields``, filled by ``stage.manifest_values(record)``).
     """
     rows: list[dict] = []
     duplicates: list[dict] = []
@@ -128,6 +136,13 @@ def build_manifest_rows(
             row["hard_negatives"] = list(filter_row.get("hard_negatives") or [])
             if filter_row.get("extra_captions"):
                 row["extra_captions"] = [dict(extra) for extra in filter_row["extra_captions"]]
+        for stage_name, results, stage in contributions:
+            row.update(dict.fromkeys(f.name for f in stage.manifest_fields))
+            result = results.get(image_id)
+            if result is not None and result.get("status") == STATUS_OK:
+                row.update(stage.manifest_values(result))
+            elif error is None:
+                error = f"{stage_name}: " + ("not computed" if result is None else _one_line(result.get("error")))
         if error is None:
             row["split"] = assign_split(image_id, split_ratios)
         else:
@@ -188,15 +203,16 @@ class ManifestWrite:
     removed_parts: list[Path]
 
 
-def write_manifest(layout: OutputLayout, rows: list[dict], *, rewrite: bool = False) -> ManifestWrite:
-    """Make ``OUT/manifest/`` hold exactly ``rows`` once each, rewriting only parts that hold stale or removed rows
-    (every part with ``rewrite``).
+def write_manifest(layout: OutputLayout, rows: list[dict], *, rewrite: bool = False,
+                   schema: pa.Schema = MANIFEST_SCHEMA) -> ManifestWrite:
+    """Make ``OUT/manifest/`` hold exactly ``rows`` once each (``schema``: the manifest's columns, plugins' included),
+    rewriting only parts that hold stale or removed rows or other columns (every part with ``rewrite``).
 
     The new manifest is assembled in a staging folder (current parts hard-linked, new parts written) that replaces
     ``OUT/manifest/`` in one atomic exchange: readers (DuckDB, pandas, a trainer) and a run killed at any moment see
     the old manifest or the new one, never a mix, a duplicate row or an empty folder.
     """
-    wanted = {row["image_id"]: row for row in manifest_table(rows).to_pylist()}
+    wanted = {row["image_id"]: row for row in manifest_table(rows, schema).to_pylist()}
     if len(wanted) != len(rows):
         raise ValueError(f"expected one manifest row per image_id, got {len(rows)} rows for {len(wanted)} ids")
     covered: set[str] = set()
@@ -205,8 +221,11 @@ def write_manifest(layout: OutputLayout, rows: list[dict], *, rewrite: bool = Fa
     kept_rows = 0
     for part in parquet_parts(layout.manifest_dir):
         try:
-            existing = read_part(part).select(MANIFEST_COLUMNS).cast(MANIFEST_SCHEMA).to_pylist()
-        except Exception:  # an unreadable or foreign part is replaced, never trusted
+            table = read_part(part)
+            if table.column_names != schema.names:
+                raise ValueError("other columns")
+            existing = table.cast(schema).to_pylist()
+        except Exception:  # an unreadable or foreign part, or one of other columns, is replaced, never trusted
             stale.append(part)
             continue
         ids = [row["image_id"] for row in existing]
@@ -226,7 +245,7 @@ def write_manifest(layout: OutputLayout, rows: list[dict], *, rewrite: bool = Fa
             for start in range(0, len(new_rows), MAX_ROWS_PER_PART):
                 chunk = new_rows[start : start + MAX_ROWS_PER_PART]
                 name = layout.manifest_part(content_key(VERSION, chunk)).name
-                write_parquet_atomic(manifest_table(chunk), staging / name)
+                write_parquet_atomic(manifest_table(chunk, schema), staging / name)
                 written.append(layout.manifest_dir / name)
     return ManifestWrite(
         written_rows=len(new_rows),

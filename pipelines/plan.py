@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from configs.schema import TINY_CLIP, Config
-from pipelines.stages import STAGE_DEFINITIONS, Item, Stage, local_workers, stage_keys, text_item_key
+from pipelines.stages import Item, Stage, find_stage, local_workers, registry, stage_keys, text_item_key
 from storage.hashing import content_key
 from storage.layout import OutputLayout
 from storage.manifest import STATUS_FAILED, STATUS_OK
@@ -55,6 +55,7 @@ class StagePlan:
     chunk_size: int = 64  # items per chunk task (1 for a whole-dataset stage)
     workers: int = 1  # chunks computed at a time
     processes: int = 0  # engine worker processes the chunks are computed in (0: the calling process)
+    source: str | None = None  # the plugin file defining the stage (worker processes import it), None: built in
 
     @property
     def cached_failed(self) -> list[dict]:
@@ -74,7 +75,8 @@ class Pipeline:
         self.retry_failed = retry_failed
         self.config_source = "<given>"  # where the config came from (a file, OUT/config.yaml, the defaults)
         self.layout = OutputLayout(out_dir)
-        self.keys = stage_keys(config)
+        self.stages = registry(config)  # every stage of this config, plugins included, in pipeline order
+        self.keys = stage_keys(config, self.stages)
         self._stored: dict[str, StoredRows] = {}
         self._warned: set[tuple] = set()
         self._items: dict[str, dict[str, Any]] = {}
@@ -156,7 +158,7 @@ class Pipeline:
 
     # ---- the store ----------------------------------------------------------------------------------------------
     def store(self, stage: str) -> StageStore:
-        return StageStore(self.layout, stage, self.keys[stage], STAGE_DEFINITIONS[stage].schema)
+        return StageStore(self.layout, stage, self.keys[stage], self.stages[stage].schema)
 
     def stored(self, stage: str) -> StoredRows:
         if stage not in self._stored:
@@ -165,7 +167,7 @@ class Pipeline:
 
     def items(self, stage: str) -> dict[str, Any]:
         if stage not in self._items:
-            self._items[stage] = dict(sorted(STAGE_DEFINITIONS[stage].items(self), key=lambda kv: kv[0]))
+            self._items[stage] = dict(sorted(self.stages[stage].items(self), key=lambda kv: kv[0]))
         return self._items[stage]
 
     def done_rows(self, stage: str) -> dict[str, dict]:
@@ -175,12 +177,12 @@ class Pipeline:
         for key in self.items(stage):
             row = done.get(key)
             if row is not None:
-                rows[row["image_id"] if STAGE_DEFINITIONS[stage].rows_by_image else key] = row
+                rows[row["image_id"] if self.stages[stage].rows_by_image else key] = row
         return rows
 
     def invalidate(self, stage: str) -> None:
         """Forget what was read for ``stage`` and every later stage (call after ``stage`` wrote new results)."""
-        names = list(STAGE_DEFINITIONS)
+        names = list(self.stages)
         for name in names[names.index(stage):]:
             self._stored.pop(name, None)
             self._items.pop(name, None)
@@ -190,7 +192,7 @@ class Pipeline:
     # ---- plans --------------------------------------------------------------------------------------------------
     def plan(self, stage: str, *, refresh: bool = False) -> StagePlan:
         """Return what ``stage`` has to do now (everything when ``refresh``)."""
-        definition: Stage = STAGE_DEFINITIONS[stage]
+        definition: Stage = self.stages[stage]
         items = self.items(stage)
         stored = self.stored(stage)
         done = {} if refresh else stored.done()
@@ -218,7 +220,8 @@ class Pipeline:
         return StagePlan(stage=stage, stage_key=self.keys[stage], params=params,
                          runtime=definition.refreshed(runtime) if refresh else runtime,
                          items=items, pending=pending, cached={k: done[k] for k in items if k in done},
-                         invalid=invalid, chunk_size=chunk_size, workers=workers, processes=processes)
+                         invalid=invalid, chunk_size=chunk_size, workers=workers, processes=processes,
+                         source=definition.source)
 
     @cached_property
     def manifest_rows(self):
@@ -236,31 +239,9 @@ class Pipeline:
             captions=self.done_rows("captions"),
             filtered=self.done_rows("filter"),
             split_ratios=dict(self.config.manifest.split_ratios),
+            contributions=[(name, self.done_rows(name), stage) for name, stage in self.stages.items()
+                           if stage.manifest_fields],
         )
-
-    def example_rows(self, stage: str) -> list[dict]:
-        """Rows to show after ``stage`` (galleries): images with their maps, regions and, once scored, the sentences
-        and scores of their regions; the manifest rows after the manifest stage."""
-        if stage == "manifest":
-            return self.manifest_rows.rows
-        structure = self.done_rows("structure")
-        regions = self.done_rows("regions") if stage != "structure" else {}
-        captions = self.done_rows("captions") if stage == "captions" else {}
-        rows = []
-        for image in self.images:
-            maps = structure.get(image["image_id"])
-            if maps is None or maps["status"] != STATUS_OK:
-                continue
-            scored = captions.get(image["image_id"])
-            # After captions: the regions that received a sentence (scored); before: every proposed region; after
-            # structure: none proposed yet (None, not "no region").
-            segments = (scored or {}).get("segments") if scored is not None else (
-                regions.get(image["image_id"]) or {}).get("segments")
-            scored = scored or {}
-            rows.append({**image, **{k: maps.get(k) for k in ("structure_path", "scribble_path")}, "status": STATUS_OK,
-                         "caption": scored.get("caption"),
-                         "segments": None if stage == "structure" else list(segments or [])})
-        return rows
 
     def manifest_digest(self) -> str | None:
         """Content key of the manifest on disk (its parts are named by the content of their rows); None when absent."""
@@ -277,7 +258,7 @@ def _exclude(images_dir: Path, out_dir: Path) -> dict:
 
 def first_failures(plan: StagePlan, new_failures: list[dict]) -> list[dict]:
     """Return up to ``MAX_FAILURES_LISTED`` ``{file, reason}``: this run's failures first, then cached ones."""
-    definition = STAGE_DEFINITIONS[plan.stage]
+    definition = find_stage(plan.stage, plan.source)
     listed = list(new_failures[:MAX_FAILURES_LISTED])
     for key, row in plan.cached.items():
         if len(listed) >= MAX_FAILURES_LISTED:
@@ -310,7 +291,8 @@ def record_config(layout: OutputLayout, config: Config) -> None:
     from storage.atomic import atomic_write_text
 
     text = "# The config of the last run in this folder; runs without --config/config_path reuse it.\n"
-    text += yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
+    text += yaml.safe_dump(config.model_dump(mode="json", exclude=set() if config.plugins else {"plugins"}),
+                           sort_keys=False)
     if not layout.config_record.is_file() or layout.config_record.read_text(encoding="utf-8") != text:
         atomic_write_text(layout.config_record, text)
 
@@ -335,7 +317,7 @@ def missing_inputs(pipeline: Pipeline, stages: list[str]) -> str | None:
 def stale_stages(pipeline: Pipeline, ran: list[str]) -> list[str]:
     """Return the stages after the last one of ``ran`` whose stored results were computed from older inputs: they
     have pending work now, or a stage before them does (a run of only ``structure`` leaves ``regions`` ... stale)."""
-    names = list(STAGE_DEFINITIONS)
+    names = list(pipeline.stages)
     if not ran:
         return []
     stale: list[str] = []

@@ -254,14 +254,14 @@ def _gallery_section(layout: OutputLayout, row: dict, *, max_segments: int, thum
         label = "Filtered caption" if row.get("filtered_caption") else "Caption"
         lines += [f"**{label}:** {_cell(caption, 400)}", ""]
     boxes = [s["bbox"] for s in shown if s.get("bbox")]
+    # The image's maps: a stage's own images (row["maps"]: kind -> path) or the structure maps.
+    maps = row.get("maps") or {"structure": row.get("structure_path"), "scribble": row.get("scribble_path")}
     lines += [
-        "| image" + (" (regions numbered by score)" if boxes else "") + " | structure | scribble |",
-        "|---|---|---|",
-        "| {} | {} | {} |".format(
-            _img(_thumb_of(layout, row.get("source_path"), image_px, absolute=True, boxes=boxes), "image"),
-            _img(_thumb_of(layout, row.get("structure_path"), thumbnail_px), "structure map"),
-            _img(_thumb_of(layout, row.get("scribble_path"), thumbnail_px), "scribble map"),
-        ),
+        "| image" + (" (regions numbered by score)" if boxes else "") + "".join(f" | {_cell(k)}" for k in maps) + " |",
+        "|---" * (1 + len(maps)) + "|",
+        "| " + " | ".join(
+            [_img(_thumb_of(layout, row.get("source_path"), image_px, absolute=True, boxes=boxes), "image")]
+            + [_img(_thumb_of(layout, path, thumbnail_px), f"{kind} map") for kind, path in maps.items()]) + " |",
         "",
     ]
     if shown:

@@ -11,6 +11,7 @@ summary. Nothing here imports Prefect, torch or spaCy at module level.
 
 from __future__ import annotations
 
+import copy
 import functools
 import gc
 import importlib.util
@@ -23,7 +24,7 @@ from typing import TYPE_CHECKING, Any, Callable, ClassVar
 import pyarrow as pa
 from pydantic import BaseModel, ConfigDict
 
-from configs.schema import STAGES, TINY_CLIP, Config
+from configs.schema import TINY_CLIP, Config
 from storage.hashing import content_key, file_digest
 from storage.layout import OutputLayout
 from storage.manifest import EXTRA_CAPTION_TYPE, SEGMENT_TYPE, STATUS_FAILED, STATUS_OK
@@ -248,19 +249,34 @@ def _freeze(value: Any) -> Any:
 
 # ---- the stage base ------------------------------------------------------------------------------------------------
 class Stage:
-    """One pipeline stage. Subclasses set the class attributes and implement the four methods below."""
+    """One pipeline stage. Subclasses set the class attributes and implement ``items`` and ``run`` (and ``params``
+    unless the stage's config section is its ``Params`` model, as for a plugin)."""
 
     name: ClassVar[str]
     description: ClassVar[str]
-    modules: ClassVar[tuple[str, ...]]  # library modules whose VERSION enters the key
+    task_name: ClassVar[str]  # the verb-noun Prefect task of one chunk (extract_structure)
+    task_doc: ClassVar[str]  # what one task does
+    modules: ClassVar[tuple[str, ...]] = ()  # library modules whose VERSION enters the key
     upstream: ClassVar[tuple[str, ...]] = ()
     schema: ClassVar[pa.Schema]
     whole: ClassVar[bool] = False  # one item for the whole dataset (manifest, train, evaluate)
+    data_stage: ClassVar[bool] = True  # prepares data (a run of the "data stages" ends with the manifest)
     rows_by_image: ClassVar[bool] = True  # later stages look its rows up by image id (else by item key)
+    counts_rows: ClassVar[bool] = False  # its one item is a table: the summary counts its rows (the manifest)
+    manifest_fields: ClassVar[tuple[pa.Field, ...]] = ()  # manifest columns the stage contributes (manifest_values)
+    gallery: ClassVar[str | None] = None  # the gallery artifact its example_rows go to (None: no gallery)
+    gallery_columns: ClassVar[tuple[str, ...]] = ()  # row columns holding images to show beside the source image
+    report: ClassVar[str | None] = None  # the report published after it computed: quality, training, evaluation
+    summary_params: ClassVar[tuple[str, ...]] = ()  # resolved parameters repeated in its summary (backend: kornia)
+    source: str | None = None  # the plugin file that defines the stage (None: built in)
 
     def params(self, config: Config) -> Params:
-        """Return the resolved, result-shaping parameters."""
-        raise NotImplementedError
+        """Return the resolved, result-shaping parameters: by default the stage's own config section (a plugin's
+        ``Params`` model, validated when the config was loaded)."""
+        section = getattr(config, self.name, None)
+        if not isinstance(section, Params):
+            raise NotImplementedError(f"stage {self.name} has no params() and no config section")
+        return section
 
     def runtime(self, config: Config) -> dict:
         """Return settings passed to the library that do not change results (left out of the key)."""
@@ -299,14 +315,59 @@ class Stage:
         path = record.get("source_path") if isinstance(record, dict) else getattr(record, "path", None)
         return Path(str(path)).name if path else str(record.get("image_id") if isinstance(record, dict) else record)
 
+    def manifest_values(self, row: dict) -> dict:
+        """Return the manifest values (``manifest_fields``) of one stored ok row of an image."""
+        return {field.name: row.get(field.name) for field in self.manifest_fields}
+
+    def example_rows(self, pipeline: "Pipeline") -> list[dict]:
+        """Rows of its gallery: each image with the stage's ``gallery_columns`` images under ``maps``."""
+        done = pipeline.done_rows(self.name)
+        rows = []
+        for image in pipeline.images:
+            row = done.get(image["image_id"])
+            if row is not None and row["status"] == STATUS_OK:
+                rows.append({**image, "status": STATUS_OK, "segments": None,
+                             "maps": {column.removesuffix("_path"): row.get(column) for column in self.gallery_columns}})
+        return rows
+
     def version(self) -> dict[str, str]:
         """``VERSION`` of every project module the stage's run imports: its ``modules`` and, found from their imports
-        (function-level ones included), every library module they reach."""
-        return {name: module_version(name) for name in imported_modules(self.modules)}
+        (function-level ones included), every library module they reach; a plugin's file by its content."""
+        versions = {name: module_version(name) for name in imported_modules(self.modules)}
+        if self.source is not None:
+            versions[f"plugin {Path(self.source).name}"] = file_digest(self.source)
+        return versions
 
     def key(self, params: Params, upstream_keys: list[str]) -> str:
         """Return the stage key: content key of the name, code versions, resolved parameters and upstream keys."""
         return content_key(self.name, self.version(), params.model_dump(mode="json"), upstream_keys)
+
+
+def _structure_rows(pipeline: "Pipeline", *, regions: bool, captions: bool) -> list[dict]:
+    """Gallery rows after the image stages: images with their maps, regions (None before they are proposed) and,
+    once scored, the sentences and scores of their regions."""
+    structure = pipeline.done_rows("structure")
+    proposed = pipeline.done_rows("regions") if regions else {}
+    scored_rows = pipeline.done_rows("captions") if captions else {}
+    rows = []
+    for image in pipeline.images:
+        maps = structure.get(image["image_id"])
+        if maps is None or maps["status"] != STATUS_OK:
+            continue
+        scored = scored_rows.get(image["image_id"])
+        # After captions: the regions that received a sentence (scored); before: every proposed region.
+        segments = (scored or {}).get("segments") if scored is not None else (
+            proposed.get(image["image_id"]) or {}).get("segments")
+        scored = scored or {}
+        rows.append({**image, **{k: maps.get(k) for k in ("structure_path", "scribble_path")}, "status": STATUS_OK,
+                     "caption": scored.get("caption"), "segments": list(segments or []) if regions else None})
+    return rows
+
+
+def row_schema(*fields: pa.Field) -> pa.Schema:
+    """Return the Parquet schema of a stage's stored rows: the item key, image id, status, error and output files
+    every row has, then ``fields``."""
+    return pa.schema([*_STATUS, *fields])
 
 
 # ---- data stages ---------------------------------------------------------------------------------------------------
@@ -321,6 +382,7 @@ class IngestParams(Params):
 class Ingest(Stage):
     name = "ingest"
     description = "Hash, open and measure every new or changed image file in the folder."
+    task_name, task_doc = "ingest_images", "Hash, open and measure one chunk of source files."
     modules = ("pipelines.ingest", "pipelines.images")
     rows_by_image = False  # one row per file: identical files share an image id
     schema = pa.schema([*_STATUS, pa.field("source_path", pa.string()), pa.field("width", pa.int32()),
@@ -362,6 +424,9 @@ MAP_COLUMNS = ("structure_path", "scribble_path", "log_path", "sobel_path")
 class Structure(Stage):
     name = "structure"
     description = "Write Canny/scribble (and optional LoG/Sobel) structure maps of every ingested image."
+    task_name, task_doc = "extract_structure", "Write the structure maps of one chunk of images."
+    gallery = "structure"
+    summary_params = ("backend",)
     modules = ("pipelines.structure", "pipelines.images")
     upstream = ("ingest",)
     schema = pa.schema([*_STATUS, *(pa.field(c, pa.string()) for c in MAP_COLUMNS)])
@@ -392,6 +457,9 @@ class Structure(Stage):
     def output_paths(self, row):
         return [row[c] for c in MAP_COLUMNS if row.get(c)]
 
+    def example_rows(self, pipeline):
+        return _structure_rows(pipeline, regions=False, captions=False)
+
 
 class RegionsParams(Params):
     method: str
@@ -410,6 +478,9 @@ class RegionsParams(Params):
 class Regions(Stage):
     name = "regions"
     description = "Propose local regions (SAM or structure-based) and write their RGB and structure crops."
+    task_name, task_doc = "propose_regions", "Propose regions and write crops for one chunk of images."
+    gallery = "regions"
+    summary_params = ("method",)
     modules = ("pipelines.regions", "pipelines.grouping", "pipelines.images")
     upstream = ("structure",)
     schema = pa.schema([*_STATUS, pa.field("segments", pa.list_(SEGMENT_TYPE)), pa.field("region_method", pa.string())])
@@ -450,6 +521,9 @@ class Regions(Stage):
             paths += [p for p in (segment.get("crop_path"), segment.get("structure_crop_path")) if p]
         return paths
 
+    def example_rows(self, pipeline):
+        return _structure_rows(pipeline, regions=True, captions=False)
+
 
 class CaptionsParams(Params):
     clip_model: str
@@ -464,6 +538,8 @@ class CaptionsParams(Params):
 class Captions(Stage):
     name = "captions"
     description = "Split captions into sentences and assign each to its best region with CLIP scores."
+    task_name, task_doc = "score_local_captions", "Assign caption sentences to regions (CLIP scores)."
+    gallery = "regions"  # the regions gallery again, now with each region's sentence and score
     modules = ("pipelines.captions",)
     upstream = ("regions",)
     schema = pa.schema([*_STATUS, pa.field("caption", pa.string()), pa.field("caption_source", pa.string()),
@@ -532,6 +608,9 @@ class Captions(Stage):
                 include_full_image=params["include_full_image"], caption_regions=params["caption_regions"],
                 max_pixels=runtime["max_pixels"])
 
+    def example_rows(self, pipeline):
+        return _structure_rows(pipeline, regions=True, captions=True)
+
 
 class FilterParams(Params):
     spacy_model: str
@@ -548,6 +627,7 @@ class FilterParams(Params):
 class Filter(Stage):
     name = "filter"
     description = "Remove appearance words (colours, materials, textures) from captions; build hard negatives."
+    task_name, task_doc = "filter_captions", "Remove appearance words and build hard negatives."
     modules = ("pipelines.filtering", "pipelines.hard_negatives")
     upstream = ("captions",)
     schema = pa.schema([*_STATUS, pa.field("filtered_caption", pa.string()),
@@ -602,6 +682,9 @@ class ManifestParams(Params):
 class Manifest(Stage):
     name = "manifest"
     description = "Join every stage's results into the manifest (one row per image), swapped in atomically."
+    task_name, task_doc = "write_manifest", "Join every stage's rows into the manifest."
+    gallery, report = "manifest", "quality"
+    counts_rows = True
     modules = ("pipelines.manifest",)
     upstream = ("filter",)
     schema = pa.schema(_RESULT)
@@ -616,15 +699,20 @@ class Manifest(Stage):
 
     def items(self, pipeline):
         built = pipeline.manifest_rows
-        return [(content_key("manifest", built.rows, length=32), {"rows": built.rows,
-                                                                  "duplicates": built.duplicates})]
+        record = {"rows": built.rows, "duplicates": built.duplicates}
+        fields = [field for stage in pipeline.stages.values() for field in stage.manifest_fields]
+        if fields:  # plugin stages' columns, after the built-in ones
+            record["fields"] = fields
+        return [(content_key("manifest", built.rows, length=32), record)]
 
     def run(self, records, *, layout, stage_key, params, runtime):
         from pipelines.manifest import write_manifest
+        from storage.manifest import manifest_schema
         from storage.parquet import parquet_parts
 
         (record,) = records
-        result = write_manifest(layout, record["rows"], rewrite=runtime.get("rewrite", False))
+        result = write_manifest(layout, record["rows"], rewrite=runtime.get("rewrite", False),
+                                schema=manifest_schema(record.get("fields", ())))
         ok = sum(r["status"] == STATUS_OK for r in record["rows"])
         summary = {"rows": len(record["rows"]), "ok": ok, "written_rows": result.written_rows,
                    "kept_rows": result.kept_rows, "duplicates": len(record["duplicates"]),
@@ -633,6 +721,9 @@ class Manifest(Stage):
 
     def output_paths(self, row):
         return json.loads(row.get("result") or "{}").get("parts", [])
+
+    def example_rows(self, pipeline):
+        return pipeline.manifest_rows.rows
 
 
 def ablation_arguments(config: Config) -> tuple[Any, dict, dict]:
@@ -665,6 +756,8 @@ TRAIN_RUNTIME = ("device", "num_workers", "precision", "checkpoint_every_steps")
 class Train(Stage):
     name = "train"
     description = "Fine-tune CLIP with the StructXLIP losses on the manifest's train split (cached by data + params)."
+    task_name, task_doc = "train_model", "Fine-tune CLIP on the manifest's train split (resumes a checkpoint)."
+    data_stage, report = False, "training"
     modules = ("structxlip.train", "structxlip.losses", "structxlip.data", "structxlip.models", "structxlip.text")
     upstream = ("manifest",)
     schema = pa.schema(_RESULT)
@@ -734,6 +827,8 @@ class EvaluateParams(Params):
 class Evaluate(Stage):
     name = "evaluate"
     description = "Retrieval Recall@K (image/text/structure directions) of the fine-tuned model."
+    task_name, task_doc = "evaluate_model", "Retrieval metrics of the fine-tuned model."
+    data_stage, report = False, "evaluation"
     modules = ("structxlip.evaluate", "structxlip.metrics", "structxlip.retrieval_ranks", "structxlip.data",
                "structxlip.models")
     upstream = ("train",)
@@ -777,25 +872,111 @@ class Evaluate(Stage):
         return json.loads(row.get("result") or "{}").get("files", [])
 
 
+# The built-in stages in pipeline order; a config's plugins are placed among them by ``registry``.
 STAGE_DEFINITIONS: dict[str, Stage] = {s.name: s for s in (Ingest(), Structure(), Regions(), Captions(), Filter(),
                                                            Manifest(), Train(), Evaluate())}
-assert tuple(STAGE_DEFINITIONS) == STAGES
+_STAGE_NAME = re.compile(r"[a-z][a-z0-9_]{0,39}")
 
 
-def stage_keys(config: Config) -> dict[str, str]:
-    """Return the chained cache key of every stage, in pipeline order."""
+def registry(config: Config) -> dict[str, Stage]:
+    """Return every stage of ``config`` in pipeline order: the built-in ones and its plugins' (``config.plugins``),
+    each plugin right after the last of its upstream stages. The manifest reads every stage that contributes
+    manifest columns (they enter its key only where there are such stages)."""
+    if not config.plugins:
+        return STAGE_DEFINITIONS
+    ordered = list(STAGE_DEFINITIONS.values())
+    contributing = []
+    for path in config.plugins:
+        for stage in plugin_stages(path):
+            names = [s.name for s in ordered]
+            unknown = [u for u in stage.upstream if u not in names]
+            if stage.name in names or unknown or not stage.upstream:
+                why = (f"stage {stage.name!r} already exists" if stage.name in names else
+                       f"its upstream {unknown[0]!r} is no stage" if unknown else "it declares no upstream stage")
+                raise ValueError(f"plugins: {path}: {why} (stages: {', '.join(names)})")
+            position = max(names.index(u) for u in stage.upstream) + 1
+            if stage.manifest_fields and position > names.index("manifest"):
+                raise ValueError(f"plugins: {path}: stage {stage.name!r} contributes manifest columns, so it must come "
+                                 "before the manifest (an upstream among the data stages)")
+            ordered.insert(position, stage)
+            contributing += [stage.name] if stage.manifest_fields else []
+    stages = {stage.name: stage for stage in ordered}
+    if contributing:
+        manifest = copy.copy(stages["manifest"])
+        manifest.upstream = (*manifest.upstream, *contributing)
+        stages["manifest"] = manifest
+    return stages
+
+
+def plugin_stages(path: str) -> list[Stage]:
+    """Return the stages plugin file ``path`` defines, checked; raise ValueError (one line) for a bad one."""
+    from configs.plugins import import_plugin, stage_classes
+
+    found = []
+    for cls in stage_classes(import_plugin(path)):
+        def bad(why: str) -> ValueError:
+            return ValueError(f"plugins: {path}: stage {cls.name!r} {why}")
+
+        if not issubclass(cls, Stage):
+            raise bad("is not a subclass of pipelines.stages.Stage")
+        if not _STAGE_NAME.fullmatch(cls.name):
+            raise bad("needs a name of lower-case letters, digits and _ (at most 40), starting with a letter")
+        missing = [m for m in ("items", "run") if getattr(cls, m) is getattr(Stage, m)]
+        if missing:
+            raise bad(f"does not implement {missing[0]}()")
+        schema = getattr(cls, "schema", None)
+        if not isinstance(schema, pa.Schema) or any(f.name not in schema.names for f in _STATUS):
+            raise bad("needs a schema built with pipelines.stages.row_schema(...)")
+        from storage.manifest import MANIFEST_COLUMNS
+
+        clash = [f.name for f in cls.manifest_fields if f.name in MANIFEST_COLUMNS]
+        if clash:
+            raise bad(f"contributes manifest column {clash[0]!r}, which the manifest already has")
+        stage = cls()
+        stage.source = path
+        if not getattr(stage, "task_name", None):
+            stage.task_name = f"compute_{stage.name}"
+        if not getattr(stage, "task_doc", None):
+            stage.task_doc = stage.description
+        if stage.gallery_columns and not stage.gallery:
+            stage.gallery = stage.name
+        found.append(stage)
+    return found
+
+
+def find_stage(name: str, source: str | None = None) -> Stage:
+    """Return stage ``name``: built in, or defined by plugin file ``source`` (imported here when it is not yet: an
+    engine worker process)."""
+    if source is None:
+        return STAGE_DEFINITIONS[name]
+    for stage in plugin_stages(source):
+        if stage.name == name:
+            return stage
+    raise KeyError(f"plugin {source} defines no stage {name!r}")
+
+
+def data_stage_names(config: Config | None = None) -> list[str]:
+    """Return the data stages (ingest ... manifest, plugins included) of ``config`` in pipeline order."""
+    stages = registry(config) if config is not None else STAGE_DEFINITIONS
+    return [name for name, stage in stages.items() if stage.data_stage]
+
+
+def stage_keys(config: Config, stages: dict[str, Stage] | None = None) -> dict[str, str]:
+    """Return the chained cache key of every stage (``stages``: ``registry(config)`` when None), in pipeline order."""
     keys: dict[str, str] = {}
-    for name, stage in STAGE_DEFINITIONS.items():
+    for name, stage in (registry(config) if stages is None else stages).items():
         keys[name] = stage.key(stage.params(config), [keys[u] for u in stage.upstream])
     return keys
 
 
-def parse_stages(text: str | list[str] | None) -> list[str]:
-    """Return the requested stages in pipeline order from ``"a,b"`` or a list; raise ValueError naming an unknown one."""
+def parse_stages(text: str | list[str] | None, names: list[str] | tuple[str, ...] | None = None) -> list[str]:
+    """Return the requested stages in pipeline order (``names``: every stage of the run, the built-in ones when
+    None) from ``"a,b"`` or a list; raise ValueError naming an unknown one."""
+    names = list(STAGE_DEFINITIONS) if names is None else list(names)
     if text is None:
-        return list(STAGES)
-    names = [n.strip() for n in (text.split(",") if isinstance(text, str) else text) if n and n.strip()]
-    unknown = [n for n in names if n not in STAGES]
-    if unknown or not names:
-        raise ValueError(f"expected stages from {', '.join(STAGES)}, got {', '.join(unknown) or 'none'}")
-    return [s for s in STAGES if s in names]
+        return names
+    requested = [n.strip() for n in (text.split(",") if isinstance(text, str) else text) if n and n.strip()]
+    unknown = [n for n in requested if n not in names]
+    if unknown or not requested:
+        raise ValueError(f"expected stages from {', '.join(names)}, got {', '.join(unknown) or 'none'}")
+    return [s for s in names if s in requested]

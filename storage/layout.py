@@ -6,6 +6,7 @@
       maps/<structure_key>/<id[:2]>/<id>.<kind>.png     structure maps (canny, scribble, log, sobel)
       crops/<regions_key>/<id[:2]>/<id>/<n>.jpg          RGB region crops
       crops/<regions_key>/<id[:2]>/<id>/<n>.structure.png  structure crops (same box)
+      outputs/<stage>/<stage_key>/<id[:2]>/<id>.<kind>  files of plugin stages (``stage_file``)
       train/                                           checkpoints, metrics.jsonl, the exported model
       eval/metrics.json                                retrieval metrics
       eval/rankings.json                               top-k images per text query, per model (retrieval explorer)
@@ -131,6 +132,10 @@ class OutputLayout:
 
     def structure_crop(self, image_id: str, regions_key: str, index: int) -> Path:
         return Path(f"{self._prefix}crops/{regions_key}/{image_id[:2]}/{image_id}/{index:03d}.structure.png")
+
+    def stage_file(self, stage: str, stage_key: str, image_id: str, kind: str) -> Path:
+        """A file of one image written by a stage that has no folder of its own (a plugin), e.g. ``kind="lines.png"``."""
+        return Path(f"{self._prefix}outputs/{stage}/{stage_key}/{image_id[:2]}/{image_id}.{kind}")
 
     def checkpoint(self, name: str) -> Path:
         """Training checkpoint file, e.g. ``checkpoint("epoch-0003")`` or ``checkpoint("last")``."""

@@ -77,6 +77,11 @@ MANIFEST_SCHEMA = pa.schema(
 MANIFEST_COLUMNS = MANIFEST_SCHEMA.names
 
 
+def manifest_schema(fields: tuple[pa.Field, ...] | list[pa.Field] = ()) -> pa.Schema:
+    """Return the manifest schema with the columns stage plugins contribute (``fields``) after the built-in ones."""
+    return pa.schema([*MANIFEST_SCHEMA, *fields]) if fields else MANIFEST_SCHEMA
+
+
 def bbox(x1: int, y1: int, x2: int, y2: int) -> dict:
     """Return a bbox dict in the manifest's convention: pixel corners, ``x2``/``y2`` exclusive."""
     return {"x1": int(x1), "y1": int(y1), "x2": int(x2), "y2": int(y2), "width": int(x2 - x1), "height": int(y2 - y1)}
@@ -87,12 +92,12 @@ def bbox(x1: int, y1: int, x2: int, y2: int) -> dict:
 NULL_WHEN_EMPTY = ("extra_captions", "duplicate_paths")
 
 
-def manifest_table(rows: list[dict]) -> pa.Table:
+def manifest_table(rows: list[dict], schema: pa.Schema = MANIFEST_SCHEMA) -> pa.Table:
     """Build a manifest table from row dicts (missing optional columns become null)."""
     return pa.Table.from_pylist(
-        [{name: (row.get(name) or None) if name in NULL_WHEN_EMPTY else row.get(name) for name in MANIFEST_COLUMNS}
+        [{name: (row.get(name) or None) if name in NULL_WHEN_EMPTY else row.get(name) for name in schema.names}
          for row in rows],
-        schema=MANIFEST_SCHEMA,
+        schema=schema,
     )
 
 

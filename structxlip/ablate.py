@@ -35,7 +35,6 @@ VARIANTS: dict[str, tuple[str, ...] | None] = {
     "full": ("structure_centric", "consistency", "local"),
 }
 STRUCTURE_TERMS = ("structure_centric", "consistency", "local")
-DATA_STAGES = "ingest,structure,regions,captions,filter,manifest"
 RESULT_FILE = "result.json"
 
 
@@ -80,7 +79,10 @@ def _split_config(config_path: str | None, split: str, target: Path) -> Path:
     """Write ``config_path`` (or the defaults) with every image put in ``split`` to ``target``; return it."""
     data = {}
     if config_path is not None:
-        data = yaml.safe_load(Path(config_path).expanduser().read_text(encoding="utf-8")) or {}
+        path = Path(config_path).expanduser().resolve()
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        if isinstance(data.get("plugins"), list):  # relative to the config's folder, not the copy's
+            data["plugins"] = [str((path.parent / str(p)).resolve()) for p in data["plugins"]]
     data.setdefault("manifest", {})["split_ratios"] = {name: float(name == split) for name in ("train", "val", "test")}
     atomic_write_text(target, yaml.safe_dump(data, sort_keys=False))
     return target
@@ -88,9 +90,13 @@ def _split_config(config_path: str | None, split: str, target: Path) -> Path:
 
 def run_data_pipeline(images_dir: Path, out_dir: Path, *, config_path: str | Path | None) -> None:
     """Run the data stages of ``structxlip run`` on ``images_dir`` into ``out_dir`` (cached: a re-run is cheap)."""
+    from configs import load_config
+    from pipelines.stages import data_stage_names
+
     # Absolute paths: the child runs in the repository root, so that ``flows`` imports from this checkout.
+    stages = ",".join(data_stage_names(load_config(config_path)))
     command = [sys.executable, "-m", "flows.cli", "run", str(Path(images_dir).resolve()), "--out",
-               str(Path(out_dir).resolve()), "--stages", DATA_STAGES]
+               str(Path(out_dir).resolve()), "--stages", stages]
     if config_path is not None:
         command += ["--config", str(Path(config_path).expanduser().resolve())]
     print("$ structxlip " + " ".join(command[3:]), file=sys.stderr, flush=True)
