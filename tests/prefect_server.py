@@ -95,6 +95,18 @@ class PrefectServer:
         return prefect_env(self.api_url, self.home)
 
 
+def drain_prefect_clients(timeout_s: float = 10.0) -> None:
+    """Send what this process's Prefect log and event workers still hold while the server is up: after it stops they
+    retry at interpreter exit (about a minute of "Error logging to API" at the end of the session)."""
+    if "prefect" not in sys.modules:
+        return
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+
+    APILogWorker.drain_all(timeout=timeout_s)
+    EventsWorker.drain_all(timeout=timeout_s)
+
+
 @pytest.fixture(scope="session")
 def prefect_server(tmp_path_factory) -> PrefectServer:
     """Start ``prefect server start`` on a free port with a temporary PREFECT_HOME; yield it; stop it."""
@@ -125,6 +137,7 @@ def prefect_server(tmp_path_factory) -> PrefectServer:
     try:
         yield PrefectServer(api_url, home, log_path)
     finally:
+        drain_prefect_clients()
         stop_process(process)
 
 
@@ -135,4 +148,7 @@ def prefect_api(prefect_server, monkeypatch) -> PrefectServer:
 
     monkeypatch.setenv("PREFECT_API_URL", prefect_server.api_url)
     with temporary_settings({PREFECT_API_URL: prefect_server.api_url}):
-        yield prefect_server
+        try:
+            yield prefect_server
+        finally:
+            drain_prefect_clients()
