@@ -29,11 +29,11 @@ from pipelines.engine import StageFailed, run_plan, write_report
 from pipelines.report import refresh_explorer
 from pipelines.plan import (Pipeline, missing_inputs, preflight, record_config, resolve_config, stale_stages,
                             stages_with_work)
-from pipelines.stages import STAGE_DEFINITIONS, Stage, parse_stages
+from pipelines.stages import Stage, parse_stages
 from storage import lock
 
 from flows.runners import dask_scheduler, default_runner, make_runner, on_threads
-from flows.tasks import stage_task
+from flows.tasks import made_per_stage, stage_task
 
 log = logging.getLogger("structxlip.flows")
 _current: list[Pipeline] = []  # the pipeline of the run in progress in this process (config loaded once per run)
@@ -355,21 +355,10 @@ def _stage_flow(definition: Stage):
                 validate_parameters=True, flow_run_name=_run_name(stage))(stage_flow)
 
 
-STAGE_FLOWS = {name: _stage_flow(stage) for name, stage in STAGE_DEFINITIONS.items()}
+# Plugin stages' flows are made on first use, and are not module attributes, so that a flow run in a fresh process (a
+# served deployment) is sent there by value instead of looked up in a module that does not define it.
+STAGE_FLOWS, flow_of = made_per_stage(_stage_flow)
 globals().update({f"{stage}_flow": stage_flow for stage, stage_flow in STAGE_FLOWS.items()})
-# Plugin stages' flows: made on first use, and not module attributes, so that a flow run in a fresh process (a served
-# deployment) is sent there by value instead of looked up in a module that does not define it.
-_plugin_flows: dict[tuple[str, str], Any] = {}
-
-
-def flow_of(stage: Stage):
-    """Return the Prefect flow of ``stage``: a built-in one's, or the flow of a plugin stage (made once per file)."""
-    if stage.source is None:
-        return STAGE_FLOWS[stage.name]
-    key = (stage.name, stage.source)
-    if key not in _plugin_flows:
-        _plugin_flows[key] = _stage_flow(stage)
-    return _plugin_flows[key]
 
 
 @flow(name="structxlip-pipeline", description="StructXLIP data preparation, fine-tuning and evaluation, cached per stage.",

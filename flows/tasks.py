@@ -8,6 +8,8 @@ What is done is decided by the stage store alone (``pipelines.plan``), never by 
 
 from __future__ import annotations
 
+from typing import Any, Callable
+
 from prefect import Task, task
 from prefect.cache_policies import NO_CACHE
 
@@ -29,15 +31,21 @@ def _chunk_task(stage: Stage) -> Task:
     return task(name=stage.task_name, cache_policy=NO_CACHE, persist_result=False)(run)
 
 
-STAGE_TASKS = {name: _chunk_task(stage) for name, stage in STAGE_DEFINITIONS.items()}
-_plugin_tasks: dict[tuple[str, str], Task] = {}
+def made_per_stage(factory: Callable[[Stage], Any]) -> tuple[dict[str, Any], Callable[[Stage], Any]]:
+    """Return ``(built-in stage name -> factory(stage), lookup)``: ``lookup(stage)`` gives a built-in stage's object,
+    or the object made (once per plugin file) for a plugin stage."""
+    built_in = {name: factory(stage) for name, stage in STAGE_DEFINITIONS.items()}
+    plugins: dict[tuple[str, str], Any] = {}
+
+    def lookup(stage: Stage) -> Any:
+        if stage.source is None:
+            return built_in[stage.name]
+        key = (stage.name, stage.source)
+        if key not in plugins:
+            plugins[key] = factory(stage)
+        return plugins[key]
+
+    return built_in, lookup
 
 
-def stage_task(stage: Stage) -> Task:
-    """Return the task of ``stage``: a built-in one's, or one made for a plugin stage (once per plugin file)."""
-    if stage.source is None:
-        return STAGE_TASKS[stage.name]
-    key = (stage.name, stage.source)
-    if key not in _plugin_tasks:
-        _plugin_tasks[key] = _chunk_task(stage)
-    return _plugin_tasks[key]
+STAGE_TASKS, stage_task = made_per_stage(_chunk_task)
