@@ -107,28 +107,33 @@ def process_chunk(stage_name: str, item_keys: list[str], records: list, *, out_d
     return record_rows(stage_name, item_keys, records, outputs, out_dir=out_dir, stage_key=stage_key, source=source)
 
 
-def _compute(workers: int, stage_name: str, records: list, options: dict) -> list[dict]:
-    """Compute one chunk in a worker; a broken pool is rebuilt and the chunk retried once."""
-    for attempt in (1, 2):
-        executor = pool.pool(workers)
+def _submit(executor, stage_name: str, records: list, options: dict) -> list[dict]:
+    return executor.submit(compute_rows, stage_name, records, **options).result()
+
+
+def _compute_alone(workers: int, stage_name: str, records: list, options: dict) -> list[dict]:
+    """Compute the chunk in a worker of its own; if that worker dies, split it down to single items, each alone, and
+    fail an item whose own worker dies."""
+    with pool.alone(workers) as executor:
         try:
-            return executor.submit(compute_rows, stage_name, records, **options).result()
+            return _submit(executor, stage_name, records, options)
         except BrokenProcessPool:
-            pool.discard(executor)
-            if attempt == 2:
-                raise
-    raise AssertionError("unreachable")
+            pass
+    if len(records) > 1:
+        return [row for record in records for row in _compute_alone(workers, stage_name, [record], options)]
+    return [find_stage(stage_name, options.get("source")).failed_row(
+        records[0], f"{stage_name} failed: the worker process died while processing it (crash or out of memory)")]
 
 
 def compute_isolated(workers: int, stage_name: str, records: list, **options) -> list[dict]:
-    """Return the chunk's output rows computed in a worker process. Items whose worker keeps dying fail alone."""
+    """Return the chunk's output rows computed in a worker process. A broken pool breaks every chunk in flight, so
+    a chunk it broke is computed again alone (``_compute_alone``): only an item whose own worker dies fails."""
+    executor = pool.pool(workers)
     try:
-        return _compute(workers, stage_name, records, options)
+        return _submit(executor, stage_name, records, options)
     except BrokenProcessPool:
-        if len(records) > 1:
-            return [row for record in records for row in compute_isolated(workers, stage_name, [record], **options)]
-    return [find_stage(stage_name, options.get("source")).failed_row(
-        records[0], f"{stage_name} failed: the worker process died while processing it (crash or out of memory)")]
+        pool.discard(executor)
+    return _compute_alone(workers, stage_name, records, options)
 
 
 def run_chunk(stage_name: str, item_keys: list[str], records: list, *, out_dir: str, stage_key: str, params: dict,

@@ -7,8 +7,10 @@ threads in each of 2 processes on 2 cores the tiny CLIP ran 30-100x slower. Work
 (models load once per worker, kept by ``pipelines.stages.shared``) and start from a ``forkserver``: a clean process
 with the engine imported, never a fork of a process that already runs threads (Prefect, torch).
 
-A worker that dies (a decoder crash, the OOM killer) breaks the pool: it is rebuilt and the chunk retried once; if it
-breaks again, its items are retried one by one and the item whose worker dies becomes a failed row.
+A worker that dies (a decoder crash, the OOM killer) breaks the pool, and with it every chunk in flight, guilty or not:
+each of those chunks is computed again in a worker of its own (``alone``), where only its own items can kill it; if
+that worker dies too, its items are retried one by one, each alone, and an item whose own worker dies becomes a failed
+row. No item is blamed for a death another chunk caused.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ _TRACKER_QUIET = "ignore::UserWarning:multiprocessing.resource_tracker"
 _lock = threading.Lock()
 _pool: futures.ProcessPoolExecutor | None = None
 _size = 0
+_private: set[futures.ProcessPoolExecutor] = set()
 
 
 def usable_cpus() -> int:
@@ -75,16 +78,35 @@ def pool(workers: int) -> futures.ProcessPoolExecutor:
         if _pool is None or _size != workers:
             if _pool is not None:
                 _pool.shutdown(wait=False, cancel_futures=True)
-            # An aborted run (Ctrl-C, a lost API) exits without closing the pool's queues: the resource tracker then
-            # unlinks their semaphores, as it should, but would also warn about each on stderr.
-            if _TRACKER_QUIET not in sys.warnoptions:
-                sys.warnoptions.append(_TRACKER_QUIET)
-            context = multiprocessing.get_context("forkserver")
-            context.set_forkserver_preload(["pipelines.engine"])
-            _pool = futures.ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker,
-                                                initargs=(threads_per_worker(workers), dict(os.environ)))
+            _pool = _executor(workers, threads_per_worker(workers))
             _size = workers
         return _pool
+
+
+def _executor(workers: int, threads: int) -> futures.ProcessPoolExecutor:
+    # An aborted run (Ctrl-C, a lost API) exits without closing the pool's queues: the resource tracker then unlinks
+    # their semaphores, as it should, but would also warn about each on stderr.
+    if _TRACKER_QUIET not in sys.warnoptions:
+        sys.warnoptions.append(_TRACKER_QUIET)
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["pipelines.engine"])
+    return futures.ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker,
+                                       initargs=(threads, dict(os.environ)))
+
+
+@contextlib.contextmanager
+def alone(workers: int):
+    """A one-process executor that only the caller uses, with the threads of one of ``workers`` workers: a death in
+    it was caused by what the caller submitted. Stopped on exit; ``abort`` kills it too."""
+    executor = _executor(1, threads_per_worker(workers))
+    with _lock:
+        _private.add(executor)
+    try:
+        yield executor
+    finally:
+        with _lock:
+            _private.discard(executor)
+        executor.shutdown(wait=True, cancel_futures=True)
 
 
 def discard(broken: futures.ProcessPoolExecutor) -> None:
@@ -110,14 +132,16 @@ def abort() -> None:
     release the pool's queues, so nothing keeps running and no semaphore is reported leaked at exit."""
     global _pool
     with _lock:
-        current, _pool = _pool, None
-    if current is None:
-        return
-    for process in list(getattr(current, "_processes", {}).values()):
-        with contextlib.suppress(OSError):
-            process.kill()
-    closer = threading.Thread(target=current.shutdown, kwargs={"wait": True, "cancel_futures": True}, daemon=True)
-    closer.start()
-    closer.join(timeout=5.0)
-    del current
+        executors = [e for e in (_pool, *_private) if e is not None]
+        _pool = None
+        _private.clear()
+    for executor in executors:
+        for process in list((getattr(executor, "_processes", None) or {}).values()):
+            with contextlib.suppress(OSError):
+                process.kill()
+    for executor in executors:
+        closer = threading.Thread(target=executor.shutdown, kwargs={"wait": True, "cancel_futures": True}, daemon=True)
+        closer.start()
+        closer.join(timeout=5.0)
+    del executors
     gc.collect()  # the queues' semaphores are released by their finalizers

@@ -4,6 +4,7 @@ results as in one process, and a worker that dies fails only the item it was pro
 from __future__ import annotations
 
 import os
+import time
 
 import pyarrow.parquet as pq
 import pytest
@@ -102,6 +103,72 @@ def test_a_worker_that_dies_fails_only_its_item_and_the_pool_recovers(tmp_path, 
     workers.shutdown()
     again = run_inline(Pipeline(images, tmp_path / "out", pipeline.config), ["ingest"], refresh=("ingest",))
     assert (again[0]["processed"], again[0]["failed"]) == (10, 0)
+
+
+def test_chunks_in_flight_when_another_chunks_worker_dies_are_never_blamed(tmp_path, fresh_pool, monkeypatch):
+    # One item per chunk, two workers: when the victim's worker dies, the pool breaks under the chunks of the other
+    # worker too, and it dies again when the victim is retried. Only the victim's own death may fail an item.
+    images = tmp_path / "images"
+    make_generated_images(images, 12, size=(64, 48), seed=4)
+    names = sorted(p.name for p in images.glob("*.jpg"))
+    monkeypatch.setenv(faults.ENV, f"item@{names[5]}")
+    pipeline = Pipeline(images, tmp_path / "out", load_config(overrides={**CONFIG, "runtime.workers": 2,
+                                                                          "runtime.chunk_size": 1}))
+    (ingest,) = run_inline(pipeline, ["ingest"])
+    assert [f["file"] for f in ingest["failures"]] == [names[5]]
+    assert (ingest["processed"], ingest["failed"]) == (11, 1)
+
+
+SLOW_OR_FATAL = """
+import os, time
+from pipelines.stages import Params, Stage, row_schema
+
+class SlowOrFatal(Stage):
+    name = "slow_or_fatal"
+    Params = Params
+    description = "Takes two seconds per chunk; its worker dies on the item named victim."
+    upstream = ("ingest",)
+    schema = row_schema()
+
+    def items(self, pipeline):
+        return []
+
+    def run(self, records, *, layout, stage_key, params, runtime):
+        if any(r["image_id"] == "victim" for r in records):
+            os._exit(1)
+        open(os.path.join(layout.root, "started"), "w").close()
+        time.sleep(2.0)
+        return [{"image_id": r["image_id"], "status": "ok", "error": None} for r in records]
+"""
+
+
+def _pid_after(seconds: float) -> int:
+    time.sleep(seconds)
+    return os.getpid()
+
+
+def test_a_chunk_in_flight_when_another_chunks_worker_dies_is_computed_again_not_blamed(tmp_path, fresh_pool):
+    # The victim's worker dies while the innocent chunk runs in the other worker: the pool breaks under both, and
+    # the victim kills its worker again wherever it is retried. Only the victim may fail.
+    from concurrent.futures import ThreadPoolExecutor
+
+    from pipelines.engine import compute_isolated
+
+    plugin = tmp_path / "slow_or_fatal.py"
+    plugin.write_text(SLOW_OR_FATAL)
+    (tmp_path / "out").mkdir()
+    options = dict(out_dir=str(tmp_path / "out"), stage_key="k", params={}, runtime={}, source=str(plugin))
+    warm = workers.pool(2)
+    assert len({future.result() for future in [warm.submit(_pid_after, 0.5) for _ in range(2)]}) == 2  # both up
+    with ThreadPoolExecutor(2) as threads:
+        innocent = threads.submit(compute_isolated, 2, "slow_or_fatal", [{"image_id": "a"}], **options)
+        started = tmp_path / "out" / "started"
+        while not started.exists() and not innocent.done():
+            time.sleep(0.01)
+        victim = threads.submit(compute_isolated, 2, "slow_or_fatal", [{"image_id": "victim"}], **options)
+        assert [(r["image_id"], r["status"]) for r in innocent.result()] == [("a", "ok")]
+        (failed,) = victim.result()
+    assert failed["status"] == "failed" and "worker process died" in failed["error"]
 
 
 KILLED_OWNER = """
