@@ -4,6 +4,8 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 OUT ?= demo-out
+# Test processes (pytest-xdist, one test module at a time each): a test keeps about one core busy on average.
+TEST_PROCESSES ?= 2
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 180
 export HF_HUB_DISABLE_TELEMETRY := 1
@@ -28,7 +30,7 @@ demo: install
 	$(VENV)/bin/structxlip demo --out $(OUT)
 
 test: install browser
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_PROCESSES) --dist loadfile
 
 bench: install
 	$(PY) -m benchmarks.run

@@ -55,6 +55,11 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(skip_gpu)
         if "slow" in item.keywords and not run_slow:
             item.add_marker(skip_slow)
+    # Modules that drive the real CLI or a Prefect server (``e2e``) run first, each kept whole: with ``make test``'s
+    # test processes (pytest-xdist, one module at a time each) the long modules start early instead of ending the run
+    # on one process while the other idles.
+    heavy = {item.module.__name__ for item in items if item.get_closest_marker("e2e") and item.module is not None}
+    items.sort(key=lambda item: item.module is None or item.module.__name__ not in heavy)
 
 
 @pytest.fixture(scope="session")
