@@ -63,7 +63,8 @@ class StagePlan:
 
 
 class Pipeline:
-    """The current state of one images folder + output folder + config, computed lazily and refreshed per stage."""
+    """The current state of one images folder + output folder + config, computed lazily and refreshed per stage (the
+    ``PipelineView`` a stage reads)."""
 
     def __init__(self, images_dir: str | os.PathLike, out_dir: str | os.PathLike, config: Config, *,
                  retry_failed: bool = False):

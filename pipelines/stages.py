@@ -19,7 +19,7 @@ import json
 import re
 import threading
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, ClassVar
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Protocol
 
 import pyarrow as pa
 from pydantic import BaseModel, ConfigDict
@@ -32,7 +32,8 @@ from pipelines.workers import usable_cpus
 from storage.stage_store import ITEM_KEY, OUTPUT_TYPE, OUTPUTS
 
 if TYPE_CHECKING:
-    from pipelines.plan import Pipeline
+    from pipelines.ingest import ScanResult
+    from pipelines.manifest import ManifestRows
 
 _STATUS = [pa.field(ITEM_KEY, pa.string(), nullable=False), pa.field("image_id", pa.string()),
            pa.field("status", pa.string()), pa.field("error", pa.string()), pa.field(OUTPUTS, OUTPUT_TYPE)]
@@ -248,6 +249,32 @@ def _freeze(value: Any) -> Any:
 
 
 # ---- the stage base ------------------------------------------------------------------------------------------------
+class PipelineView(Protocol):
+    """What a stage reads of the run to list its items and gallery rows (``Stage.items``, ``Stage.example_rows``).
+    ``pipelines.plan.Pipeline`` provides it; declared here so the stage model does not import the planner above it."""
+
+    stages: dict[str, Stage]  # every stage of the run's config, in pipeline order
+    keys: dict[str, str]  # stage name -> stage key
+
+    @property
+    def scan(self) -> ScanResult: ...
+
+    @property
+    def images(self) -> list[dict]: ...
+
+    @property
+    def text_keys(self) -> dict[str, str]: ...
+
+    @property
+    def manifest_rows(self) -> ManifestRows: ...
+
+    def done_rows(self, stage: str) -> dict[str, dict]: ...
+
+    def captions_of_image(self, image_id: str) -> tuple[list[str], str | None, str | None]: ...
+
+    def manifest_digest(self) -> str | None: ...
+
+
 class Stage:
     """One pipeline stage. Subclasses set the class attributes and implement ``items`` and ``run`` (and ``params``
     unless the stage's config section is its ``Params`` model, as for a plugin)."""
@@ -282,7 +309,7 @@ class Stage:
         """Return settings passed to the library that do not change results (left out of the key)."""
         return {}
 
-    def items(self, pipeline: "Pipeline") -> list[Item]:
+    def items(self, pipeline: PipelineView) -> list[Item]:
         """Return every current ``(item_key, record)`` this stage should have a result for."""
         raise NotImplementedError
 
@@ -319,7 +346,7 @@ class Stage:
         """Return the manifest values (``manifest_fields``) of one stored ok row of an image."""
         return {field.name: row.get(field.name) for field in self.manifest_fields}
 
-    def example_rows(self, pipeline: "Pipeline") -> list[dict]:
+    def example_rows(self, pipeline: PipelineView) -> list[dict]:
         """Rows of its gallery: each image with the stage's ``gallery_columns`` images under ``maps``."""
         done = pipeline.done_rows(self.name)
         rows = []
@@ -343,7 +370,7 @@ class Stage:
         return content_key(self.name, self.version(), params.model_dump(mode="json"), upstream_keys)
 
 
-def _structure_rows(pipeline: "Pipeline", *, regions: bool, captions: bool) -> list[dict]:
+def _structure_rows(pipeline: PipelineView, *, regions: bool, captions: bool) -> list[dict]:
     """Gallery rows after the image stages: images with their maps, regions (None before they are proposed) and,
     once scored, the sentences and scores of their regions."""
     structure = pipeline.done_rows("structure")

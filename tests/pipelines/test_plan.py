@@ -15,6 +15,7 @@ from configs import load_config
 from pipelines import stages as stage_module
 from pipelines.engine import StageFailed, run_inline
 from pipelines.plan import Pipeline
+from pipelines.stages import PipelineView
 from tests.corpus import make_generated_images
 
 DATA = ["ingest", "structure", "regions", "captions", "filter", "manifest"]
@@ -161,3 +162,10 @@ def test_an_output_folder_inside_the_images_folder_is_not_ingested(folder, tmp_p
     run_inline(_pipeline(images, out), DATA[:3])
     again = _pipeline(images, out)
     assert len(again.scan.files) == 5 and not again.plan("ingest").pending
+
+
+def test_the_pipeline_provides_everything_a_stage_reads(folder, tmp_path):
+    pipeline = _pipeline(folder, tmp_path / "out")
+    members = set(PipelineView.__annotations__) | {name for name in vars(PipelineView) if not name.startswith("_")}
+    assert {"stages", "keys", "images", "done_rows", "manifest_digest"} <= members
+    assert sorted(name for name in members if name not in vars(pipeline) and not hasattr(Pipeline, name)) == []

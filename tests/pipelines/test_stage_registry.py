@@ -13,7 +13,7 @@ import pytest
 from configs import ConfigError, load_config
 from configs.plugins import import_plugin
 from pipelines.stages import STAGE_DEFINITIONS, data_stage_names, parse_stages, registry, stage_keys
-from tests.test_imports import PACKAGES, ROOT, project_modules
+from tests.test_import_graph import PACKAGES, ROOT, project_modules
 
 EXAMPLE = ROOT / "examples" / "stage_plugin"
 PLUGIN = EXAMPLE / "xdog.py"
