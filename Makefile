@@ -4,7 +4,8 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 OUT ?= demo-out
-# Test processes (pytest-xdist, one test module at a time each): a test keeps about one core busy on average.
+# Test processes (pytest-xdist, one test module at a time each, in collection order: tests/conftest.py puts the
+# modules that drive the CLI or a server first): a test keeps about one core busy on average.
 TEST_PROCESSES ?= 2
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 180
@@ -30,7 +31,7 @@ demo: install
 	$(VENV)/bin/structxlip demo --out $(OUT)
 
 test: install browser
-	$(PY) -m pytest -q -n $(TEST_PROCESSES) --dist loadfile
+	$(PY) -m pytest -q -n $(TEST_PROCESSES) --dist loadfile --no-loadscope-reorder
 
 bench: install
 	$(PY) -m benchmarks.run
