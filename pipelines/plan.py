@@ -168,8 +168,12 @@ class Pipeline:
 
     def items(self, stage: str) -> dict[str, Any]:
         if stage not in self._items:
-            self._items[stage] = dict(sorted(self.stages[stage].items(self), key=lambda kv: kv[0]))
+            self._items[stage] = dict(sorted(self.stages[stage].items(self.view_of(stage)), key=lambda kv: kv[0]))
         return self._items[stage]
+
+    def view_of(self, stage: str) -> UpstreamView:
+        """The run as ``stage`` sees it: only its own rows and those of the stages it depends on."""
+        return UpstreamView(self, stage)
 
     def done_rows(self, stage: str) -> dict[str, dict]:
         """Valid stored rows of the stage's current items: by image id for image stages, by item key otherwise."""
@@ -298,6 +302,32 @@ def record_config(layout: OutputLayout, config: Config) -> None:
         atomic_write_text(layout.config_record, text)
 
 
+class UpstreamView:
+    """The run as one stage reads it (a ``PipelineView``): every member of the ``Pipeline``, but ``done_rows`` only of
+    the stage itself and of the stages it depends on (its ``upstream``, and theirs); reading another stage's rows is
+    a mistake in the stage's definition, named in one line."""
+
+    def __init__(self, pipeline: Pipeline, stage: str):
+        self._pipeline, self._stage = pipeline, stage
+        self._readable = {stage}
+        pending = list(pipeline.stages[stage].upstream)
+        while pending:
+            name = pending.pop()
+            if name not in self._readable:
+                self._readable.add(name)
+                pending += pipeline.stages[name].upstream
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._pipeline, name)
+
+    def done_rows(self, stage: str) -> dict[str, dict]:
+        if stage not in self._readable:
+            upstream = ", ".join(sorted(self._readable - {self._stage})) or "none"
+            raise LookupError(f"stage {self._stage} read the rows of stage {stage}, which it does not depend on "
+                              f"(its upstream stages: {upstream}): add {stage} to its upstream")
+        return self._pipeline.done_rows(stage)
+
+
 # ---- preflight ---------------------------------------------------------------------------------------------------
 def missing_inputs(pipeline: Pipeline, stages: list[str]) -> str | None:
     """Return one line when a selected stage's input is neither on disk nor made by an earlier selected stage (for
@@ -306,7 +336,7 @@ def missing_inputs(pipeline: Pipeline, stages: list[str]) -> str | None:
         extensions = ", ".join(pipeline.config.ingest.extensions)
         return f"no images found in {pipeline.images_dir} (searched recursively for {extensions})"
     for number, stage in enumerate(stages):
-        problem = pipeline.stages[stage].missing_input(pipeline, stages[:number])
+        problem = pipeline.stages[stage].missing_input(pipeline.view_of(stage), stages[:number])
         if problem:
             return problem
     return None
