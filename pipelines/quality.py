@@ -17,6 +17,8 @@ from collections.abc import Callable, Iterable
 
 import numpy as np
 
+from pipelines.stages import STAGE_NAME
+
 WORD_PATTERN = re.compile(r"[A-Za-z0-9]+(?:['\-][A-Za-z0-9]+)*")
 SIMILARITY_SCALE = (
     "similarity_score is CLIP's logit 100 * cos(crop, sentence): 100 is identical embeddings, 0 unrelated; "
@@ -27,8 +29,7 @@ UNLISTED = "unlisted"
 TOP_WORDS = 25
 TOP_REASONS = 20
 HISTOGRAM_BINS = 20
-# The prefixes pipelines.manifest writes before an error ("<stage>: <message>").
-FAILURE_STAGES = ("ingest", "structure", "regions", "captions", "filter", "no caption")
+NO_CAPTION = "no caption"  # the manifest's prefix of an image without a caption (not a stage)
 
 
 def caption_words(text: str | None) -> list[str]:
@@ -99,9 +100,11 @@ def histogram(values: Iterable[float], *, bins: int = HISTOGRAM_BINS, edges: lis
 
 
 def failure_stage(error: str | None) -> str:
-    """Return the stage named by a manifest error (``"structure: ..."`` -> ``structure``), else ``other``."""
+    """Return the stage named by a manifest error (``"structure: ..."`` -> ``structure``, a plugin stage's name
+    too: pipelines.manifest writes ``"<stage>: <message>"``), else ``other``."""
     head, sep, _ = (error or "").partition(":")
-    return head.strip() if sep and head.strip() in FAILURE_STAGES else "other"
+    head = head.strip()
+    return head if sep and (head == NO_CAPTION or STAGE_NAME.fullmatch(head)) else "other"
 
 
 def edge_density(structure_map: np.ndarray) -> float:

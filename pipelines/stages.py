@@ -19,7 +19,7 @@ import json
 import re
 import threading
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, ClassVar, Protocol
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Literal, NamedTuple, Protocol
 
 import pyarrow as pa
 from pydantic import BaseModel, ConfigDict
@@ -255,6 +255,7 @@ class PipelineView(Protocol):
 
     stages: dict[str, Stage]  # every stage of the run's config, in pipeline order
     keys: dict[str, str]  # stage name -> stage key
+    layout: OutputLayout
 
     @property
     def scan(self) -> ScanResult: ...
@@ -273,6 +274,15 @@ class PipelineView(Protocol):
     def captions_of_image(self, image_id: str) -> tuple[list[str], str | None, str | None]: ...
 
     def manifest_digest(self) -> str | None: ...
+
+
+class Requirement(NamedTuple):
+    """Something a stage needs from the machine before it runs, checked by the preflight: a spaCy pipeline
+    (``spacy``) or a CLIP/SAM model folder or hub id (``model``), named by its config ``key``."""
+
+    kind: Literal["spacy", "model"]
+    key: str
+    value: str
 
 
 class Stage:
@@ -308,6 +318,15 @@ class Stage:
     def runtime(self, config: Config) -> dict:
         """Return settings passed to the library that do not change results (left out of the key)."""
         return {}
+
+    def requirements(self, config: Config) -> list[Requirement]:
+        """Return what the stage needs from the machine (models, pipelines, files), checked before any work."""
+        return []
+
+    def missing_input(self, pipeline: PipelineView, selected: list[str]) -> str | None:
+        """Return one line when the stage's input is neither stored nor made by a stage of ``selected`` (run in
+        this order); None when it is there. Data stages list their items from the upstream rows there are."""
+        return None
 
     def items(self, pipeline: PipelineView) -> list[Item]:
         """Return every current ``(item_key, record)`` this stage should have a result for."""
@@ -527,6 +546,13 @@ class Regions(Stage):
         r = config.regions
         return {"points_per_batch": r.points_per_batch, "device": r.device, "max_pixels": config.ingest.max_pixels}
 
+    def requirements(self, config):
+        params = self.params(config)
+        if params.method != "sam":
+            return []
+        # A checkpoint file is checked when the config is loaded (configs.schema).
+        return [Requirement("model", "regions.sam_model", params.sam_model)] if params.sam_model else []
+
     def on_cpu(self, params, runtime):
         # SAM stays in one process on CPU too: its intra-op threads use the cores, one copy of the model per worker
         # would not fit a many-core machine's memory (ViT-H: 2.5 GB each).
@@ -591,6 +617,11 @@ class Captions(Stage):
             local_processes = 1 if _on_gpu(device) else (runtime.workers or usable_cpus())
         return {"device": device, "batch_size": config.captions.batch_size, "processes_per_machine": local_processes,
                 "max_pixels": config.ingest.max_pixels}
+
+    def requirements(self, config):
+        key = "captions.clip_model" if config.captions.clip_model else "model.clip_model"
+        return [Requirement("spacy", "filter.spacy_model", config.filter.spacy_model),  # splits the sentences
+                Requirement("model", key, config.scoring_model)]
 
     def on_cpu(self, params, runtime):
         return not _on_gpu(runtime["device"])
@@ -671,6 +702,9 @@ class Filter(Stage):
 
     def runtime(self, config):
         return {"vocab_path": config.filter.vocab_dir, "batch_size": config.filter.batch_size}
+
+    def requirements(self, config):
+        return [Requirement("spacy", "filter.spacy_model", config.filter.spacy_model)]
 
     def items(self, pipeline):
         captions = pipeline.done_rows("captions")
@@ -771,6 +805,16 @@ def ablation_arguments(config: Config) -> tuple[Any, dict, dict]:
     return objective, train_options, eval_options
 
 
+def _missing_manifest(stage: str, manifest: str, pipeline: PipelineView, selected: list[str]) -> str | None:
+    """One line when ``stage`` (train, evaluate) would read the manifest (written by stage ``manifest``) and it is
+    neither stored nor made by a selected stage; None otherwise."""
+    if manifest in selected or pipeline.manifest_digest() is not None:
+        return None
+    data_stages = ",".join(name for name, definition in pipeline.stages.items() if definition.data_stage)
+    return (f"stage {stage} needs a manifest and {pipeline.layout.manifest_dir} has none: run the data stages first "
+            f"(all stages, or --stages {data_stages})")
+
+
 class TrainParams(Params):
     clip_model: str
     clip_identity: dict
@@ -803,6 +847,12 @@ class Train(Stage):
 
     def refreshed(self, runtime):
         return {**runtime, "fresh": True}  # --refresh train: start afresh, never resume a checkpoint
+
+    def requirements(self, config):
+        return [Requirement("model", "model.clip_model", config.model.clip_model)]
+
+    def missing_input(self, pipeline, selected):
+        return _missing_manifest(self.name, self.upstream[0], pipeline, selected)
 
     def items(self, pipeline):
         digest = pipeline.manifest_digest()
@@ -874,6 +924,19 @@ class Evaluate(Stage):
         return {"batch_size": config.evaluate.batch_size, "device": config.evaluate.device,
                 "precision": config.train.precision, "num_workers": config.train.num_workers}
 
+    def requirements(self, config):
+        return [Requirement("model", "model.clip_model", config.model.clip_model)]
+
+    def missing_input(self, pipeline, selected):
+        (train,) = self.upstream
+        if train in selected:
+            return None  # the train stage runs first and checks the manifest
+        problem = _missing_manifest(self.name, pipeline.stages[train].upstream[0], pipeline, selected)
+        if problem is None and not pipeline.done_rows(train):
+            problem = (f"stage {self.name} needs the fine-tuned model of this manifest and config, and none is "
+                       f"stored: run the {train} stage first")
+        return problem
+
     def items(self, pipeline):
         model = pipeline.done_rows("train")
         digest = pipeline.manifest_digest()
@@ -902,7 +965,7 @@ class Evaluate(Stage):
 # The built-in stages in pipeline order; a config's plugins are placed among them by ``registry``.
 STAGE_DEFINITIONS: dict[str, Stage] = {s.name: s for s in (Ingest(), Structure(), Regions(), Captions(), Filter(),
                                                            Manifest(), Train(), Evaluate())}
-_STAGE_NAME = re.compile(r"[a-z][a-z0-9_]{0,39}")
+STAGE_NAME = re.compile(r"[a-z][a-z0-9_]{0,39}")  # what a stage may be called (plugins are checked)
 
 
 def registry(config: Config) -> dict[str, Stage]:
@@ -946,7 +1009,7 @@ def plugin_stages(path: str) -> list[Stage]:
 
         if not issubclass(cls, Stage):
             raise bad("is not a subclass of pipelines.stages.Stage")
-        if not _STAGE_NAME.fullmatch(cls.name):
+        if not STAGE_NAME.fullmatch(cls.name):
             raise bad("needs a name of lower-case letters, digits and _ (at most 40), starting with a letter")
         missing = [m for m in ("items", "run") if getattr(cls, m) is getattr(Stage, m)]
         if missing:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, replace
@@ -89,20 +88,33 @@ def _split_config(config_path: str | None, split: str, target: Path) -> Path:
 
 
 def run_data_pipeline(images_dir: Path, out_dir: Path, *, config_path: str | Path | None) -> None:
-    """Run the data stages of ``structxlip run`` on ``images_dir`` into ``out_dir`` (cached: a re-run is cheap)."""
+    """Run the data stages (ingest ... manifest, plugins included) on ``images_dir`` into ``out_dir`` through the
+    engine, in this process and the engine's workers (cached: a re-run is cheap); print the run's table and raise
+    when a stage fails. The run is recorded in ``out_dir/runs`` as a ``structxlip run`` is."""
     from configs import load_config
+    from pipelines import workers
+    from pipelines.engine import format_summary, run_inline, write_report
+    from pipelines.plan import Pipeline, missing_inputs, preflight, record_config
     from pipelines.stages import data_stage_names
+    from storage.lock import output_lock
 
-    # Absolute paths: the child runs in the repository root, so that ``flows`` imports from this checkout.
-    stages = ",".join(data_stage_names(load_config(config_path)))
-    command = [sys.executable, "-m", "flows.cli", "run", str(Path(images_dir).resolve()), "--out",
-               str(Path(out_dir).resolve()), "--stages", stages]
-    if config_path is not None:
-        command += ["--config", str(Path(config_path).expanduser().resolve())]
-    print("$ structxlip " + " ".join(command[3:]), file=sys.stderr, flush=True)
-    completed = subprocess.run(command, cwd=Path(__file__).resolve().parent.parent)
-    if completed.returncode != 0:
-        raise RuntimeError(f"data preparation failed (exit {completed.returncode}): {' '.join(command[3:])}")
+    config = load_config(config_path)
+    pipeline = Pipeline(images_dir, out_dir, config)
+    stages = data_stage_names(config)
+    problem = missing_inputs(pipeline, stages)
+    if problem:
+        raise ValueError(problem)
+    preflight(pipeline, stages)
+    print(f"data stages: {images_dir} -> {out_dir}", file=sys.stderr, flush=True)
+    started = time.perf_counter()
+    try:
+        with output_lock(pipeline.layout):
+            record_config(pipeline.layout, config)
+            summaries = run_inline(pipeline, stages)
+    finally:
+        workers.shutdown()  # the workers' models are not needed for training: free their memory
+    report = write_report(pipeline, summaries, seconds=time.perf_counter() - started, not_run=[])
+    print(format_summary(report), file=sys.stderr, flush=True)
 
 
 def prepare_data(source: str | os.PathLike, data_dir: str | os.PathLike, *, config_path: str | None,

@@ -155,6 +155,40 @@ def test_preflight_names_the_key_and_the_fix(folder, tmp_path, monkeypatch):
     preflight(_pipeline(folder, tmp_path / "fine"), ["ingest", "structure", "regions", "captions", "filter"])
 
 
+def test_preflight_checks_the_sam_model_only_when_regions_use_sam(folder, tmp_path, monkeypatch):
+    from pipelines.plan import preflight
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-hub"))
+    sam = _pipeline(folder, tmp_path / "out", **{"regions.method": "sam", "regions.sam_model": "org/no-sam"})
+    with pytest.raises(ValueError, match=r"^regions.sam_model: 'org/no-sam' is not in the local Hugging Face cache"):
+        preflight(sam, ["structure", "regions"])
+    preflight(sam, ["structure"])  # only the selected stages' needs are checked
+    preflight(_pipeline(folder, tmp_path / "out", **{"regions.sam_model": "org/no-sam"}), ["regions"])  # structure
+
+
+def test_missing_inputs_names_the_stage_its_input_and_the_stages_that_make_it(folder, tmp_path):
+    from pipelines.plan import missing_inputs
+
+    pipeline = _pipeline(folder, tmp_path / "out")
+    data = "ingest,structure,regions,captions,filter,manifest"
+    for stages in (["train"], ["train", "evaluate"], ["evaluate"]):
+        problem = missing_inputs(pipeline, stages)
+        assert problem == (f"stage {stages[0]} needs a manifest and {pipeline.layout.manifest_dir} has none: run the "
+                           f"data stages first (all stages, or --stages {data})"), stages
+    assert missing_inputs(pipeline, [*DATA, "train", "evaluate"]) is None  # made by an earlier selected stage
+    assert missing_inputs(pipeline, ["structure"]) is None  # a data stage lists what its upstream has
+    run_inline(pipeline, DATA)
+    pipeline = _pipeline(folder, tmp_path / "out")
+    assert missing_inputs(pipeline, ["train"]) is None
+    assert missing_inputs(pipeline, ["evaluate"]) == ("stage evaluate needs the fine-tuned model of this manifest and "
+                                                      "config, and none is stored: run the train stage first")
+    assert missing_inputs(pipeline, ["train", "evaluate"]) is None
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert missing_inputs(_pipeline(empty, tmp_path / "out2"), ["ingest"]).startswith(f"no images found in {empty}")
+
+
 def test_an_output_folder_inside_the_images_folder_is_not_ingested(folder, tmp_path):
     images = tmp_path / "images"
     shutil.copytree(folder, images)

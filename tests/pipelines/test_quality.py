@@ -68,6 +68,7 @@ def test_summary_histogram_failure_stage_and_edge_density():
     assert histogram([0, 1, 2, 3], bins=3) == {"edges": [0.0, 1.0, 2.0, 3.0], "counts": [1, 1, 2]}
     assert failure_stage("no caption: none found") == "no caption"
     assert failure_stage("regions: SAM failed: x") == "regions"
+    assert failure_stage("xdog: not computed") == "xdog"  # a plugin stage's failures count under its name
     assert failure_stage("cannot decode image: not a PNG") == "other"
     rgb = np.zeros((2, 2, 3), np.uint8)
     rgb[0, 0, 2] = 9

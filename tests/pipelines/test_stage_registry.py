@@ -106,3 +106,25 @@ def test_no_project_module_names_the_plugin():
     named = [name for name, path in project_modules(ROOT, PACKAGES).items()
              if "xdog" in path.read_text(encoding="utf-8").lower()]
     assert named == []
+
+
+def test_a_stage_reads_only_the_rows_of_the_stages_it_depends_on(tmp_path):
+    from pipelines.engine import run_inline
+    from pipelines.plan import Pipeline
+    from tests.corpus import make_generated_images
+
+    images = tmp_path / "images"
+    make_generated_images(images, 2, size=(64, 48))
+    listing = '        return [(image["image_id"], image) for image in pipeline.images]'
+    assert listing in PLUGIN.read_text()
+    (tmp_path / "peek.py").write_text(PLUGIN.read_text().replace(listing, '        pipeline.done_rows("regions")\n' + listing))
+    pipeline = Pipeline(images, tmp_path / "out", load_config(_config(tmp_path, "plugins: [peek.py]\n")))
+    with pytest.raises(LookupError, match=r"^stage xdog read the rows of stage regions, which it does not depend on "
+                                          r"\(its upstream stages: ingest\): add regions to its upstream$"):
+        pipeline.items("xdog")
+    # The real plugin reads what it declares; the manifest, downstream of every data stage, reads them all.
+    pipeline = Pipeline(images, tmp_path / "out", load_config(_config(tmp_path, f"plugins: [{PLUGIN}]\n")))
+    run_inline(pipeline, ["ingest", "xdog"])
+    assert len(pipeline.items("xdog")) == 2
+    (record,) = pipeline.items("manifest").values()
+    assert [row["xdog_path"] is not None for row in record["rows"]] == [True, True]
