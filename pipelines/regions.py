@@ -33,6 +33,7 @@ from pipelines.images import ImageLoadError, load_rgb
 from storage.atomic import raise_if_storage_error, write_jpeg, write_png
 from storage.layout import OutputLayout
 from storage.manifest import STATUS_FAILED, STATUS_OK, bbox
+from structxlip.devices import resolve_device
 
 VERSION = "3"
 
@@ -198,14 +199,6 @@ def build_sam(model_type: str, checkpoint: str | None, device: str):
             f"cannot load SAM {model_type} from {checkpoint}: {type(exc).__name__}: {_one_line(exc)[:200]}"
         ) from None
     return model.to(device).eval()
-
-
-def _device(device: str) -> str:
-    if device != "auto":
-        return device
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def cached_sam(model_type: str, checkpoint: str | None, device: str, builder: SamBuilder = build_sam):
@@ -401,7 +394,7 @@ def propose_regions(
         if not any(r.get("status", STATUS_OK) == STATUS_OK for r in records):
             propose = _no_proposer
         elif sam_model:
-            generator = cached_sam_pipeline(sam_model, _device(device))
+            generator = cached_sam_pipeline(sam_model, str(resolve_device(device)))
             propose = partial(
                 _sam_model_proposer, generator=generator, max_side=max_side, points_per_side=points_per_side,
                 points_per_batch=points_per_batch, pred_iou_thresh=pred_iou_thresh,
@@ -415,7 +408,7 @@ def propose_regions(
                 )
             from segment_anything import SamAutomaticMaskGenerator
 
-            model = cached_sam(sam_model_type, sam_checkpoint, _device(device), sam_builder or build_sam)
+            model = cached_sam(sam_model_type, sam_checkpoint, str(resolve_device(device)), sam_builder or build_sam)
             generator = SamAutomaticMaskGenerator(
                 model,
                 points_per_side=points_per_side,
