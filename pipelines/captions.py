@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pipelines.errors import one_line
 from storage.layout import OutputLayout
 from storage.manifest import STATUS_FAILED, STATUS_OK
 from structxlip.devices import resolve_device
@@ -340,10 +341,9 @@ class ClipScorer:
         except ModelLoadError:
             raise
         except (OSError, ValueError, KeyError) as exc:
-            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
             raise RuntimeError(
-                f"could not load CLIP model {model_name_or_dir!r} for scoring: {first} -- give a local folder saved with "
-                "save_pretrained or a hub id reachable from this machine"
+                f"could not load CLIP model {model_name_or_dir!r} for scoring: {one_line(exc)} -- give a local folder "
+                "saved with save_pretrained or a hub id reachable from this machine"
             ) from None
         self.device = str(resolve_device(device))
         self.model.to(self.device).eval()
@@ -417,9 +417,8 @@ class Captioner:
         except ModelLoadError:
             raise
         except (OSError, ValueError, KeyError) as exc:
-            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
             raise RuntimeError(
-                f"could not load captioner {model_id!r}: {first} -- give an image-to-text model (e.g. "
+                f"could not load captioner {model_id!r}: {one_line(exc)} -- give an image-to-text model (e.g. "
                 "Salesforce/blip-image-captioning-base) as a local folder or a reachable hub id"
             ) from None
         self.device = str(resolve_device(device))

@@ -26,7 +26,7 @@ from typing import Any, Callable
 import cv2
 import numpy as np
 
-from pipelines.errors import EnvironmentFailure
+from pipelines.errors import EnvironmentFailure, one_line
 from pipelines.grouping import grouping_boxes
 from pipelines.region_method import resolve_region_method
 from pipelines.images import ImageLoadError, load_rgb
@@ -48,10 +48,6 @@ class RegionsSetupError(EnvironmentFailure):
 
 class RegionInputError(ValueError):
     """One record cannot get regions (missing keys, structure map missing or not of this image); one line."""
-
-
-def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split()) or type(exc).__name__
 
 
 # ---- boxes ------------------------------------------------------------------------------------------------------
@@ -172,7 +168,7 @@ def resolve_checkpoint(checkpoint: str) -> str:
             return hf_hub_download(repo_id=repo_id, filename=filename)
         except Exception as exc:  # noqa: BLE001 - offline, missing repo/file, auth: all one actionable line
             raise RegionsSetupError(
-                f"cannot fetch SAM checkpoint {checkpoint}: {type(exc).__name__}: {_one_line(exc)[:200]} "
+                f"cannot fetch SAM checkpoint {checkpoint}: {one_line(exc)} "
                 "(offline? download it and set regions.sam_checkpoint to the local .pth file)"
             ) from None
     path = Path(checkpoint).expanduser()
@@ -195,9 +191,7 @@ def build_sam(model_type: str, checkpoint: str | None, device: str):
     except ModelLoadError:
         raise
     except Exception as exc:  # noqa: BLE001 - a mismatched checkpoint
-        raise RegionsSetupError(
-            f"cannot load SAM {model_type} from {checkpoint}: {type(exc).__name__}: {_one_line(exc)[:200]}"
-        ) from None
+        raise RegionsSetupError(f"cannot load SAM {model_type} from {checkpoint}: {one_line(exc)}") from None
     return model.to(device).eval()
 
 
@@ -224,7 +218,7 @@ def build_sam_pipeline(model: str, device: str):
         raise
     except Exception as exc:  # noqa: BLE001 - offline, unknown id, not a SAM model: one actionable line
         raise RegionsSetupError(
-            f"cannot load SAM model {model}: {type(exc).__name__}: {_one_line(exc)[:200]} (offline? download it "
+            f"cannot load SAM model {model}: {one_line(exc)} (offline? download it "
             "with `hf download REPO --local-dir DIR` and set regions.sam_model to that folder)"
         ) from None
 
@@ -447,7 +441,7 @@ def propose_regions(
             raise_if_storage_error(exc)
             name = Path(str(record.get("source_path"))).name
             known = isinstance(exc, (ImageLoadError, RegionInputError))
-            error = str(exc) if known else f"region proposal failed: {type(exc).__name__}: {_one_line(exc)} ({name})"
+            error = str(exc) if known else f"region proposal failed: {one_line(exc)} ({name})"
             outputs.append(_failed(image_id, error, method))
     return outputs
 

@@ -19,6 +19,7 @@ import cv2
 import numpy as np
 
 from pipelines import workers as engine_workers
+from pipelines.errors import one_line
 from pipelines.images import ImageLoadError, load_grey_resized
 from pipelines.workers import usable_cpus
 from storage.atomic import atomic_write_bytes, raise_if_storage_error, write_png
@@ -231,8 +232,7 @@ def _failed(image_id: str | None, error: str) -> dict:
 def _describe(exc: BaseException, source_path: str) -> str:
     if isinstance(exc, ImageLoadError):
         return str(exc)
-    text = " ".join(str(exc).split())
-    return f"structure extraction failed: {type(exc).__name__}: {text} ({Path(source_path).name})"
+    return f"structure extraction failed: {one_line(exc)} ({Path(source_path).name})"
 
 
 # Binary maps (0/255) compress best unfiltered with run-length deflate: 4x faster to encode than the default
