@@ -31,10 +31,9 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Callable
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, ValidationError, model_validator
-from pydantic_core import ErrorDetails
 
 from storage.atomic import atomic_write_text
 from storage.hashing import content_key, file_digest
@@ -166,36 +165,24 @@ def _coordinate(value: Any) -> float:
     return number
 
 
-def _pixels(value: int) -> int:
-    """A whole pixel count within int32 (what the manifest stores)."""
-    if not 0 <= value <= MAX_PIXEL_VALUE:
-        raise ValueError(f"must be between 0 and {MAX_PIXEL_VALUE}, got {_short(value)}")
-    return value
-
-
-def _image_id(value: str) -> str:
-    if not _IMAGE_ID.fullmatch(value):
-        raise ValueError(f"must be {IMAGE_ID_LENGTH} lowercase hex digits, got {_short(value)}")
-    return value
-
-
-def _split(value: str) -> str:
-    if value not in SPLITS:
-        raise ValueError(f"must be one of {', '.join(SPLITS)} or null, got {_short(value)}")
-    return value
-
-
 def _score(value: Any) -> float | None:
     return None if value is None else _finite(_number(value, (int, float)))
 
 
-def _caption(value: str) -> str:
-    if not value.strip():
-        raise ValueError("is empty")
-    return value
+def _must(ok: Callable[[Any], Any], expected: str) -> AfterValidator:
+    """A validator refusing the values ``ok`` is false for: ``must be {expected}, got {value}``."""
+
+    def check(value: Any) -> Any:
+        if not ok(value):
+            raise ValueError(f"must be {expected}, got {_short(value)}")
+        return value
+
+    return AfterValidator(check)
 
 
 _Coordinate = Annotated[float, BeforeValidator(_coordinate)]
+# A whole pixel count within int32 (what the manifest stores).
+_Pixels = Annotated[int, _must(lambda value: 0 <= value <= MAX_PIXEL_VALUE, f"between 0 and {MAX_PIXEL_VALUE}")]
 
 
 class _Strict(BaseModel):
@@ -227,12 +214,12 @@ class _Segment(_Strict):
 
 
 class _Extra(_Strict):
-    """The ``structxlip`` object: the manifest fields the reference trainer does not know."""
+    """The ``structxlip`` object: the manifest fields the reference trainer does not know (no split: the import's)."""
 
-    image_id: Annotated[str, AfterValidator(_image_id)] | None = None
-    split: Annotated[str, AfterValidator(_split)] | None = None  # absent: the import's split
-    width: Annotated[int, AfterValidator(_pixels)] | None = None
-    height: Annotated[int, AfterValidator(_pixels)] | None = None
+    image_id: Annotated[str, _must(_IMAGE_ID.fullmatch, f"{IMAGE_ID_LENGTH} lowercase hex digits")] | None = None
+    split: Annotated[str, _must(SPLITS.__contains__, f"one of {', '.join(SPLITS)} or null")] | None = None
+    width: _Pixels | None = None
+    height: _Pixels | None = None
     caption_source: str | None = "reference-json"
     filtered_caption: str | None = None
     scribble: str | None = None
@@ -243,7 +230,7 @@ class _Extra(_Strict):
 
 class _Record(_Strict):
     original_filename: str
-    original_caption: Annotated[str, AfterValidator(_caption)]
+    original_caption: Annotated[str, _must(str.strip, "a non-empty text")]
     original_filename_structure: str | None = None
     segment: list[_Segment] | None = None
     structxlip: _Extra | None = None
@@ -257,7 +244,7 @@ def _where(loc: tuple) -> str:
 _EXPECTED = {"string_type": "str", "int_type": "int", "list_type": "list", "model_type": "an object"}
 
 
-def _reason(error: ErrorDetails) -> str:
+def _reason(error: dict) -> str:
     """One pydantic error as ``segment[0].bbox_coordinates.x1 must be a number, got 'left'``."""
     loc, kind = error["loc"], error["type"]
     where = _where(loc)
