@@ -21,8 +21,10 @@ from pathlib import Path
 
 import numpy as np
 
+from pipelines.errors import one_line
 from storage.layout import OutputLayout
 from storage.manifest import STATUS_FAILED, STATUS_OK
+from structxlip.devices import resolve_device
 
 VERSION = "3"  # 2: sentences from sentence-only splitters (the parser where they disagree); 3: crops cut from the
 # decoded source by bbox, not re-read from their JPEG files (scores change by ~0.06 on average), shrunk to 448 px by
@@ -160,17 +162,6 @@ def assign_sentences(crop_embeds: np.ndarray, sentence_embeds: np.ndarray) -> li
 # ---------------------------------------------------------------------------------------------------------------
 # Models
 # ---------------------------------------------------------------------------------------------------------------
-def resolve_device(device: str = "auto") -> str:
-    """Return ``cuda`` when asked for ``auto`` and CUDA is available, else ``cpu``; other values unchanged."""
-    import torch
-
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError(f"device {device!r} requested but CUDA is not available: use device 'auto' or 'cpu'")
-    return device
-
-
 def torch_threads_for(processes_per_machine: int = 1) -> int:
     """Return the intra-op thread count for one of ``processes_per_machine`` worker processes on this machine.
 
@@ -350,12 +341,11 @@ class ClipScorer:
         except ModelLoadError:
             raise
         except (OSError, ValueError, KeyError) as exc:
-            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
             raise RuntimeError(
-                f"could not load CLIP model {model_name_or_dir!r} for scoring: {first} -- give a local folder saved with "
-                "save_pretrained or a hub id reachable from this machine"
+                f"could not load CLIP model {model_name_or_dir!r} for scoring: {one_line(exc)} -- give a local folder "
+                "saved with save_pretrained or a hub id reachable from this machine"
             ) from None
-        self.device = resolve_device(device)
+        self.device = str(resolve_device(device))
         self.model.to(self.device).eval()
         self.batch_size = batch_size
         # Batched tensor preprocessing: the processor's pixels at 1.5-2x its speed (it copies every image to
@@ -427,12 +417,11 @@ class Captioner:
         except ModelLoadError:
             raise
         except (OSError, ValueError, KeyError) as exc:
-            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
             raise RuntimeError(
-                f"could not load captioner {model_id!r}: {first} -- give an image-to-text model (e.g. "
+                f"could not load captioner {model_id!r}: {one_line(exc)} -- give an image-to-text model (e.g. "
                 "Salesforce/blip-image-captioning-base) as a local folder or a reachable hub id"
             ) from None
-        self.device = resolve_device(device)
+        self.device = str(resolve_device(device))
         self.model.to(self.device).eval()
         self.max_new_tokens = max_new_tokens
 

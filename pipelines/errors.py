@@ -54,7 +54,7 @@ def is_environment_error(exc: BaseException, out_root: Path) -> bool:
             return True
         name = type(current).__name__
         lineage = {cls.__name__ for cls in type(current).__mro__}  # CorruptCheckpointError is a ModelLoadError
-        if name in _NETWORK_ERRORS or lineage & {"OutOfMemoryError", "ModelLoadError"}:
+        if name in _NETWORK_ERRORS or lineage & {"OutOfMemoryError", "ModelLoadError", "DeviceUnavailableError"}:
             return True
         if isinstance(current, (ConnectionError, TimeoutError)):
             return True

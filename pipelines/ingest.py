@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator, NamedTuple, Sequence
 
+from pipelines.errors import one_line
 from pipelines.images import ImageLoadError, validate_image
 from storage.filenames import display_path, storable_path
 from storage.hashing import bytes_digest, content_key
@@ -589,7 +590,7 @@ def ingest_one(image: SourceImage, *, max_pixels: int, max_aspect_ratio: float |
         record["error"] = str(exc)
         return record
     except Exception as exc:  # noqa: BLE001 - an unexpected decoder failure is still one bad file
-        record["error"] = f"cannot decode image: {type(exc).__name__}: {' '.join(str(exc).split())} ({name})"
+        record["error"] = f"cannot decode image: {one_line(exc)} ({name})"
         return record
     ratio = max(width, height) / min(width, height)
     if max_aspect_ratio is not None and ratio > max_aspect_ratio:

@@ -30,6 +30,7 @@ from storage.layout import OutputLayout
 from storage.manifest import EXTRA_CAPTION_TYPE, SEGMENT_TYPE, STATUS_FAILED, STATUS_OK
 from pipelines.workers import usable_cpus
 from storage.stage_store import ITEM_KEY, OUTPUT_TYPE, OUTPUTS
+from structxlip.devices import cuda_available
 
 if TYPE_CHECKING:
     from pipelines.ingest import ScanResult
@@ -51,9 +52,7 @@ def resolve_structure_backend(backend: str) -> str:
     """Return the structure backend that will run: ``auto`` is kornia when CUDA is available, else opencv."""
     if backend != "auto":
         return backend
-    from pipelines.structure import _cuda_available
-
-    return "kornia" if _cuda_available() else "opencv"
+    return "kornia" if cuda_available() else "opencv"
 
 
 @functools.lru_cache(maxsize=None)
@@ -190,9 +189,7 @@ def local_workers(config: Config, pending: int) -> tuple[int, int]:
 def _on_gpu(device: str) -> bool:
     """Whether a stage's ``device`` setting resolves to a CUDA device (without importing torch where there is none)."""
     if device == "auto":
-        from pipelines.structure import _cuda_available
-
-        return _cuda_available()
+        return cuda_available()
     return device.startswith("cuda")
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import concurrent.futures as futures
 import logging
 import math
-import os
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,11 +19,13 @@ import cv2
 import numpy as np
 
 from pipelines import workers as engine_workers
+from pipelines.errors import one_line
 from pipelines.images import ImageLoadError, load_grey_resized
 from pipelines.workers import usable_cpus
 from storage.atomic import atomic_write_bytes, raise_if_storage_error, write_png
 from storage.layout import OutputLayout
 from storage.manifest import STATUS_FAILED, STATUS_OK
+from structxlip.devices import cuda_available, resolve_device
 
 VERSION = "1"
 
@@ -231,8 +232,7 @@ def _failed(image_id: str | None, error: str) -> dict:
 def _describe(exc: BaseException, source_path: str) -> str:
     if isinstance(exc, ImageLoadError):
         return str(exc)
-    text = " ".join(str(exc).split())
-    return f"structure extraction failed: {type(exc).__name__}: {text} ({Path(source_path).name})"
+    return f"structure extraction failed: {one_line(exc)} ({Path(source_path).name})"
 
 
 # Binary maps (0/255) compress best unfiltered with run-length deflate: 4x faster to encode than the default
@@ -355,13 +355,9 @@ class KorniaExtractor:
     name = "kornia"
 
     def __init__(self, device: str = "auto", batch_size: int = 32, io_threads: int = 4):
-        import torch
-
         if batch_size <= 0:
             raise ValueError(f"batch_size must be > 0, got {batch_size}")
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.device = torch.device(device)
+        self.device = resolve_device(device)
         self.batch_size = batch_size
         self.io_threads = io_threads
 
@@ -505,22 +501,10 @@ def torch_maps(greys: np.ndarray, params: StructureParams, *, device="cpu") -> d
 # ---- the stage ---------------------------------------------------------------------------------------------------
 
 
-def _cuda_available() -> bool:
-    """Return whether torch sees a CUDA device, without importing torch (~9 s here) on machines with no GPU driver."""
-    import glob
-    import sys
-
-    if "torch" not in sys.modules and not glob.glob("/dev/nvidia[0-9]*") and not os.environ.get("CUDA_VISIBLE_DEVICES"):
-        return False
-    import torch
-
-    return torch.cuda.is_available()
-
-
 def select_backend(backend: str, *, workers: int = 0, batch_size: int = 32, device: str = "auto") -> StructureExtractor:
     """Return the extractor for ``backend`` ("auto": kornia when CUDA is available, else OpenCV)."""
     if backend == "auto":
-        backend = "kornia" if _cuda_available() else "opencv"
+        backend = "kornia" if cuda_available() else "opencv"
     if backend == "opencv":
         return OpenCVExtractor(workers)
     if backend == "kornia":

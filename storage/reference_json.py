@@ -31,7 +31,9 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Callable
+
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, ValidationError, model_validator
 
 from storage.atomic import atomic_write_text
 from storage.hashing import content_key, file_digest
@@ -129,77 +131,145 @@ def export_reference_json(manifest: str | os.PathLike, out_path: str | os.PathLi
 
 
 # ---- import -------------------------------------------------------------------------------------------------------
-def _typed(value: Any, types: tuple[type, ...], where: str, nullable: bool = False) -> Any:
-    if value is None and nullable:
-        return None
-    # bool is an int subclass; a true/false where a number belongs is a format error, not 1/0.
-    if isinstance(value, bool) and bool not in types or not isinstance(value, types):
-        expected = " or ".join(t.__name__ for t in types) + (" or null" if nullable else "")
-        raise ReferenceItemError(f"{where} must be {expected}, got {type(value).__name__}")
-    return value
-
-
-def _required(item: dict, key: str, where: str) -> Any:
-    if key not in item:
-        raise ReferenceItemError(f"{where}missing key {key!r}")
-    return item[key]
-
-
-def _coordinate(value: Any, where: str) -> float:
-    """A bbox value read as the reference reads it, with ``float()`` (numbers or numeric strings); finite and within
-    the manifest's int32 pixel range only."""
-    value = _typed(value, (int, float, str), where)
-    try:
-        number = float(value)
-    except ValueError:
-        raise ReferenceItemError(f"{where} must be a number, got {_short(value)}") from None
-    except OverflowError:
-        number = math.inf
-    if not math.isfinite(number):
-        raise ReferenceItemError(f"{where} must be a finite number, got {_short(value)}")
-    if abs(number) > MAX_PIXEL_VALUE:
-        raise ReferenceItemError(f"{where} must be within +-{MAX_PIXEL_VALUE} pixels, got {_short(value)}")
-    return number
-
-
-def _pixel_box(box: dict, where: str) -> dict:
-    """Return the manifest's integer bbox of a reference ``bbox_coordinates`` object.
-
-    Whole numbers are kept as given. Fractional corners (the reference reads them with ``float()``) become the
-    smallest pixel box containing them: x1/y1 rounded down, x2/y2 up, width/height recomputed.
-    """
-    values = {key: _coordinate(_required(box, key, f"{where}: "), f"{where}.{key}") for key in BBOX_KEYS}
-    if values["x2"] < values["x1"] or values["y2"] < values["y1"]:
-        raise ReferenceItemError(f"{where} has x2 < x1 or y2 < y1: {box}")
-    if all(value.is_integer() for value in values.values()):
-        return {key: int(value) for key, value in values.items()}
-    x1, y1 = math.floor(values["x1"]), math.floor(values["y1"])
-    x2, y2 = math.ceil(values["x2"]), math.ceil(values["y2"])
-    return {"x1": x1, "y1": y1, "x2": x2, "y2": y2, "width": x2 - x1, "height": y2 - y1}
-
-
-def _finite(value: Any, where: str) -> float:
-    """Return ``value`` as a float; refuse NaN, infinities (JSON ``Infinity``, ``1e400``) and unrepresentable ints."""
-    try:
-        number = float(value)
-    except OverflowError:
-        number = math.inf
-    if not math.isfinite(number):
-        raise ReferenceItemError(f"{where} must be a finite number, got {_short(value)}")
-    return number
-
-
 def _short(value: Any, limit: int = 40) -> str:
     text = repr(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def _pixels(value: Any, where: str) -> int:
-    """Return a whole pixel count/coordinate within int32 (what the manifest stores)."""
-    value = _typed(value, (int,), where)
-    if not 0 <= value <= MAX_PIXEL_VALUE:
-        raise ReferenceItemError(f"{where} must be between 0 and {MAX_PIXEL_VALUE}, got {_short(value)}")
+def _finite(value: Any) -> float:
+    """Return ``value`` as a float; refuse NaN, infinities (JSON ``Infinity``, ``1e400``) and unrepresentable ints."""
+    try:
+        number = float(value)
+    except ValueError:
+        raise ValueError(f"must be a number, got {_short(value)}") from None
+    except OverflowError:
+        number = math.inf
+    if not math.isfinite(number):
+        raise ValueError(f"must be a finite number, got {_short(value)}")
+    return number
+
+
+def _number(value: Any, types: tuple[type, ...]) -> Any:
+    # bool is an int subclass; a true/false where a number belongs is a format error, not 1/0.
+    if isinstance(value, bool) or not isinstance(value, types):
+        raise ValueError(f"must be {' or '.join(t.__name__ for t in types)}, got {type(value).__name__}")
     return value
+
+
+def _coordinate(value: Any) -> float:
+    """A bbox value read as the reference reads it, with ``float()`` (numbers or numeric strings); finite and within
+    the manifest's int32 pixel range only."""
+    number = _finite(_number(value, (int, float, str)))
+    if abs(number) > MAX_PIXEL_VALUE:
+        raise ValueError(f"must be within +-{MAX_PIXEL_VALUE} pixels, got {_short(value)}")
+    return number
+
+
+def _score(value: Any) -> float | None:
+    return None if value is None else _finite(_number(value, (int, float)))
+
+
+def _must(ok: Callable[[Any], Any], expected: str) -> AfterValidator:
+    """A validator refusing the values ``ok`` is false for: ``must be {expected}, got {value}``."""
+
+    def check(value: Any) -> Any:
+        if not ok(value):
+            raise ValueError(f"must be {expected}, got {_short(value)}")
+        return value
+
+    return AfterValidator(check)
+
+
+_Coordinate = Annotated[float, BeforeValidator(_coordinate)]
+# A whole pixel count within int32 (what the manifest stores).
+_Pixels = Annotated[int, _must(lambda value: 0 <= value <= MAX_PIXEL_VALUE, f"between 0 and {MAX_PIXEL_VALUE}")]
+
+
+class _Strict(BaseModel):
+    # strict: no 1 for "1", no true for 1; keys the reference format does not know are ignored.
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+
+class _Box(_Strict):
+    x1: _Coordinate
+    y1: _Coordinate
+    x2: _Coordinate
+    y2: _Coordinate
+    width: _Coordinate
+    height: _Coordinate
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "_Box":
+        if self.x2 < self.x1 or self.y2 < self.y1:
+            raise ValueError(f"has x2 < x1 or y2 < y1: {self.model_dump()}")
+        return self
+
+
+class _Segment(_Strict):
+    similarity_score: Annotated[float | None, BeforeValidator(_score)] = None
+    filename: str | None = None
+    caption: str | None = None
+    filename_structure_cropped: str | None = None
+    bbox_coordinates: _Box | None = None
+
+
+class _Extra(_Strict):
+    """The ``structxlip`` object: the manifest fields the reference trainer does not know (no split: the import's)."""
+
+    image_id: Annotated[str, _must(_IMAGE_ID.fullmatch, f"{IMAGE_ID_LENGTH} lowercase hex digits")] | None = None
+    split: Annotated[str, _must(SPLITS.__contains__, f"one of {', '.join(SPLITS)} or null")] | None = None
+    width: _Pixels | None = None
+    height: _Pixels | None = None
+    caption_source: str | None = "reference-json"
+    filtered_caption: str | None = None
+    scribble: str | None = None
+    hard_negatives: list[str] | None = None
+    duplicate_paths: list[str] | None = None
+    segment_filtered_captions: list[str | None] | None = None
+
+
+class _Record(_Strict):
+    original_filename: str
+    original_caption: Annotated[str, _must(str.strip, "a non-empty text")]
+    original_filename_structure: str | None = None
+    segment: list[_Segment] | None = None
+    structxlip: _Extra | None = None
+
+
+def _where(loc: tuple) -> str:
+    return "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in loc).removeprefix(".")
+
+
+# pydantic's error types, said as what was expected.
+_EXPECTED = {"string_type": "str", "int_type": "int", "list_type": "list", "model_type": "an object"}
+
+
+def _reason(error: dict) -> str:
+    """One pydantic error as ``segment[0].bbox_coordinates.x1 must be a number, got 'left'``."""
+    loc, kind = error["loc"], error["type"]
+    where = _where(loc)
+    if kind == "missing":
+        return f"{_where(loc[:-1])}: missing key {loc[-1]!r}".removeprefix(": ")
+    if kind == "value_error":
+        return f"{where} {error['ctx']['error']}".strip()
+    got = type(error["input"]).__name__
+    if not where:
+        return f"expected an object, got {got}"
+    return f"{where} must be {_EXPECTED[kind]}, got {got}" if kind in _EXPECTED else f"{where}: {error['msg']}"
+
+
+def _pixel_box(box: _Box) -> dict:
+    """Return the manifest's integer bbox of a validated reference ``bbox_coordinates`` object.
+
+    Whole numbers are kept as given. Fractional corners (the reference reads them with ``float()``) become the
+    smallest pixel box containing them: x1/y1 rounded down, x2/y2 up, width/height recomputed.
+    """
+    values = box.model_dump()
+    if all(value.is_integer() for value in values.values()):
+        return {key: int(values[key]) for key in BBOX_KEYS}
+    x1, y1 = math.floor(box.x1), math.floor(box.y1)
+    x2, y2 = math.ceil(box.x2), math.ceil(box.y2)
+    return {"x1": x1, "y1": y1, "x2": x2, "y2": y2, "width": x2 - x1, "height": y2 - y1}
 
 
 class _PathMapper:
@@ -211,8 +281,7 @@ class _PathMapper:
         self.target = target
         self._digests: dict[Path, str] = {}
 
-    def absolute(self, value: Any, where: str, nullable: bool = True) -> Path | None:
-        value = _typed(value, (str,), where, nullable=nullable)
+    def absolute(self, value: str | None, where: str) -> Path | None:
         if value is None:
             return None
         if not value:
@@ -242,57 +311,34 @@ class _PathMapper:
 
 def reference_item_to_row(item: Any, paths: _PathMapper, *, default_split: str) -> dict:
     """Return the manifest row of one reference record; raise ReferenceItemError naming the first problem."""
-    if not isinstance(item, dict):
-        raise ReferenceItemError(f"expected an object, got {type(item).__name__}")
-    image = paths.absolute(_required(item, "original_filename", ""), "original_filename", nullable=False)
-    caption = _typed(_required(item, "original_caption", ""), (str,), "original_caption")
-    if not caption.strip():
-        raise ReferenceItemError("original_caption is empty")
-    structure = paths.absolute(item.get("original_filename_structure"), "original_filename_structure")
-    raw_segments = _typed(item.get("segment", []), (list,), "segment", nullable=True) or []
-    extra = _typed(item.get(EXTRA_KEY, {}), (dict,), EXTRA_KEY, nullable=True) or {}
-    filtered_captions = _typed(extra.get("segment_filtered_captions"), (list,),
-                               f"{EXTRA_KEY}.segment_filtered_captions", nullable=True) or []
-    if filtered_captions and len(filtered_captions) != len(raw_segments):
-        raise ReferenceItemError(f"{EXTRA_KEY}.segment_filtered_captions has {len(filtered_captions)} entries for "
-                                 f"{len(raw_segments)} segments")
+    try:
+        record = _Record.model_validate(item)
+    except ValidationError as exc:
+        raise ReferenceItemError(_reason(exc.errors()[0])) from None
+    extra = record.structxlip or _Extra()
+    image = paths.absolute(record.original_filename, "original_filename")
+    structure = paths.absolute(record.original_filename_structure, "original_filename_structure")
     if not image.is_file():
         raise ReferenceItemError(f"image file not found: {image}")
-
-    segments = []
-    for n, segment in enumerate(raw_segments):
-        where = f"segment[{n}]."
-        if not isinstance(segment, dict):
-            raise ReferenceItemError(f"segment[{n}] must be an object, got {type(segment).__name__}")
-        box = _typed(segment.get("bbox_coordinates"), (dict,), f"{where}bbox_coordinates", nullable=True)
-        if box is not None:
-            box = _pixel_box(box, f"{where}bbox_coordinates")
-        score = _typed(segment.get("similarity_score"), (int, float), f"{where}similarity_score", nullable=True)
-        if score is not None:
-            score = _finite(score, f"{where}similarity_score")
-        segments.append(
-            {
-                "bbox": box,
-                "crop_path": paths.stored(paths.absolute(segment.get("filename"), f"{where}filename")),
-                "structure_crop_path": paths.stored(
-                    paths.absolute(segment.get("filename_structure_cropped"), f"{where}filename_structure_cropped")
-                ),
-                "caption": _typed(segment.get("caption"), (str,), f"{where}caption", nullable=True),
-                "filtered_caption": _typed(filtered_captions[n] if filtered_captions else None, (str,),
-                                           f"{EXTRA_KEY}.segment_filtered_captions[{n}]", nullable=True),
-                "similarity_score": None if score is None else float(score),
-            }
-        )
-
-    image_id = _typed(extra.get("image_id"), (str,), f"{EXTRA_KEY}.image_id", nullable=True)
-    if image_id is None:
-        image_id = paths.digest(image)[:IMAGE_ID_LENGTH]
-    elif not _IMAGE_ID.match(image_id):
-        raise ReferenceItemError(f"{EXTRA_KEY}.image_id must be {IMAGE_ID_LENGTH} lowercase hex digits, got {image_id!r}")
-    width = extra.get("width")
-    height = extra.get("height")
-    width = None if width is None else _pixels(width, f"{EXTRA_KEY}.width")
-    height = None if height is None else _pixels(height, f"{EXTRA_KEY}.height")
+    raw_segments = record.segment or []
+    filtered_captions = extra.segment_filtered_captions or [None] * len(raw_segments)
+    if len(filtered_captions) != len(raw_segments):
+        raise ReferenceItemError(f"{EXTRA_KEY}.segment_filtered_captions has {len(filtered_captions)} entries for "
+                                 f"{len(raw_segments)} segments")
+    segments = [
+        {
+            "bbox": None if segment.bbox_coordinates is None else _pixel_box(segment.bbox_coordinates),
+            "crop_path": paths.stored(paths.absolute(segment.filename, f"segment[{n}].filename")),
+            "structure_crop_path": paths.stored(
+                paths.absolute(segment.filename_structure_cropped, f"segment[{n}].filename_structure_cropped")
+            ),
+            "caption": segment.caption,
+            "filtered_caption": filtered_caption,
+            "similarity_score": segment.similarity_score,
+        }
+        for n, (segment, filtered_caption) in enumerate(zip(raw_segments, filtered_captions))
+    ]
+    width, height = extra.width, extra.height
     if width is None or height is None:
         from PIL import Image  # header read only: the pixels are not decoded
 
@@ -301,38 +347,24 @@ def reference_item_to_row(item: Any, paths: _PathMapper, *, default_split: str) 
                 width, height = opened.size
         except OSError as exc:
             raise ReferenceItemError(f"cannot read image {image}: {exc}") from None
-    hard_negatives = _typed(extra.get("hard_negatives"), (list,), f"{EXTRA_KEY}.hard_negatives", nullable=True)
-    if hard_negatives is not None and not all(isinstance(text, str) for text in hard_negatives):
-        raise ReferenceItemError(f"{EXTRA_KEY}.hard_negatives must be a list of strings")
-    duplicate_paths = _typed(extra.get("duplicate_paths"), (list,), f"{EXTRA_KEY}.duplicate_paths", nullable=True)
-    if duplicate_paths is not None and not all(isinstance(text, str) for text in duplicate_paths):
-        raise ReferenceItemError(f"{EXTRA_KEY}.duplicate_paths must be a list of strings")
     return {
-        "image_id": image_id,
+        "image_id": extra.image_id or paths.digest(image)[:IMAGE_ID_LENGTH],
         "source_path": str(image),
         "status": STATUS_OK,
         "error": None,
         "width": width,
         "height": height,
-        "caption": caption,
-        "caption_source": _typed(extra.get("caption_source", "reference-json"), (str,), f"{EXTRA_KEY}.caption_source",
-                                 nullable=True),
-        "filtered_caption": _typed(extra.get("filtered_caption"), (str,), f"{EXTRA_KEY}.filtered_caption", nullable=True),
+        "caption": record.original_caption,
+        "caption_source": extra.caption_source,
+        "filtered_caption": extra.filtered_caption,
         "structure_path": paths.stored(structure),
-        "scribble_path": paths.stored(paths.absolute(extra.get("scribble"), f"{EXTRA_KEY}.scribble")),
-        "split": _split(extra.get("split", default_split), f"{EXTRA_KEY}.split"),
+        "scribble_path": paths.stored(paths.absolute(extra.scribble, f"{EXTRA_KEY}.scribble")),
+        "split": extra.split if "split" in extra.model_fields_set else default_split,
         "segments": segments,
-        "hard_negatives": hard_negatives,
+        "hard_negatives": extra.hard_negatives,
         "extra_captions": None,
-        "duplicate_paths": duplicate_paths or None,
+        "duplicate_paths": extra.duplicate_paths or None,
     }
-
-
-def _split(value: Any, where: str) -> str | None:
-    value = _typed(value, (str,), where, nullable=True)
-    if value is not None and value not in SPLITS:
-        raise ReferenceItemError(f"{where} must be one of {', '.join(SPLITS)} or null, got {_short(value)}")
-    return value
 
 
 def load_reference_json(path: str | os.PathLike) -> list:

@@ -14,6 +14,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from structxlip.devices import resolve_device
+
 # Bump when this module's results change: it enters the cache key of every stage that imports it.
 VERSION = "1"
 
@@ -35,16 +37,6 @@ class DistributedContext:
     @property
     def enabled(self) -> bool:
         return self.world_size > 1
-
-
-def resolve_device(device: str) -> torch.device:
-    """Return the torch device for ``"auto"`` (CUDA when available, else CPU) or an explicit name."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    resolved = torch.device(device)
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"device {device!r} requested but CUDA is not available; use --device cpu")
-    return resolved
 
 
 def init_distributed(device: str = "auto") -> DistributedContext:

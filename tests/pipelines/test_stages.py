@@ -9,7 +9,6 @@ import sys
 
 import pytest
 
-import pipelines.structure
 from configs import load_config
 from pipelines import stages
 from pipelines.stages import (STAGE_DEFINITIONS, model_identity, module_version, parse_stages, stage_keys,
@@ -37,11 +36,11 @@ def test_runtime_settings_never_change_a_key():
 
 def test_auto_is_resolved_before_keying(monkeypatch):
     """``backend: auto`` keys as the backend that runs: a folder processed on CPU then on a GPU gets two keys."""
-    monkeypatch.setattr(pipelines.structure, "_cuda_available", lambda: False)
+    monkeypatch.setattr(stages, "cuda_available", lambda: False)
     cpu = stage_keys(load_config())
     assert cpu == stage_keys(load_config(overrides={"structure.backend": "opencv"}))
     assert STAGE_DEFINITIONS["structure"].params(load_config()).backend == "opencv"
-    monkeypatch.setattr(pipelines.structure, "_cuda_available", lambda: True)
+    monkeypatch.setattr(stages, "cuda_available", lambda: True)
     gpu = stage_keys(load_config())
     assert gpu == stage_keys(load_config(overrides={"structure.backend": "kornia"}))
     assert gpu["structure"] != cpu["structure"] and gpu["ingest"] == cpu["ingest"]
