@@ -483,8 +483,7 @@ class Structure(Stage):
 
     def runtime(self, config):
         s = config.structure
-        # One image after another inside a chunk: the engine's worker processes are the parallelism.
-        return {"max_pixels": config.ingest.max_pixels, "workers": 1, "batch_size": s.batch_size}
+        return {"max_pixels": config.ingest.max_pixels, "batch_size": s.batch_size}
 
     def on_cpu(self, params, runtime):
         return params["backend"] == "opencv"

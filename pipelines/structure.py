@@ -8,7 +8,6 @@ on black (0), at the size PIL ``thumbnail((long_side, long_side))`` gives.
 from __future__ import annotations
 
 import concurrent.futures as futures
-import logging
 import math
 from collections import defaultdict
 from dataclasses import dataclass
@@ -18,10 +17,8 @@ from typing import Protocol, Sequence
 import cv2
 import numpy as np
 
-from pipelines import workers as engine_workers
 from pipelines.errors import one_line
 from pipelines.images import ImageLoadError, load_grey_resized
-from pipelines.workers import usable_cpus
 from storage.atomic import atomic_write_bytes, raise_if_storage_error, write_png
 from storage.layout import OutputLayout
 from storage.manifest import STATUS_FAILED, STATUS_OK
@@ -29,7 +26,6 @@ from structxlip.devices import cuda_available, resolve_device
 
 VERSION = "1"
 
-_log = logging.getLogger(__name__)
 
 MAP_KINDS = ("canny", "scribble", "log", "sobel")
 EXTRA_KINDS = ("log", "sobel")
@@ -282,71 +278,14 @@ class StructureExtractor(Protocol):
     def __call__(self, jobs: Sequence[StructureJob], params: StructureParams) -> list[dict]: ...
 
 
-# Images per pool task: enough to make the per-task pickling and wake-ups negligible (~0.1 ms against 4-8 ms of
-# work per image), few enough that the workers finish a chunk of 64 images together (8 tasks of 8). A thread pool
-# was slower here (the ridge test and the glue hold the GIL): 16.4 vs 11.3 ms/image wall for 256 images.
-_MAX_CHUNK = 8
-
-
-def _chunks(indices: list[int], workers: int) -> list[list[int]]:
-    """Return ``indices`` cut into consecutive runs of at most ``_MAX_CHUNK``, >= 4 runs per worker when possible."""
-    size = max(1, min(_MAX_CHUNK, len(indices) // (4 * workers)))
-    return [indices[start : start + size] for start in range(0, len(indices), size)]
-
-
-def _extract_chunk(jobs: list[StructureJob], params: StructureParams) -> list[dict]:
-    """Return ``extract_one`` of each job (one pool task)."""
-    return [extract_one(job, params) for job in jobs]
-
-
 class OpenCVExtractor:
-    """CPU backend: a few images per task over the engine's worker processes (``pipelines.workers``; ``workers=1``:
-    in this process). The pipeline's structure stage uses ``workers=1``: there the engine hands whole chunks to the
-    same workers. A calling script needs the usual ``if __name__ == "__main__":`` guard.
-    """
+    """CPU backend: one image after another in this process. Parallelism is the engine's: it hands whole chunks to
+    its worker processes (``pipelines.workers``)."""
 
     name = "opencv"
 
-    def __init__(self, workers: int = 0):
-        if workers < 0:
-            raise ValueError(f"workers must be >= 0 (0 = one per CPU), got {workers}")
-        self.workers = workers or usable_cpus()
-
     def __call__(self, jobs: Sequence[StructureJob], params: StructureParams) -> list[dict]:
-        if self.workers == 1 or len(jobs) <= 1:
-            return [extract_one(job, params) for job in jobs]
-        results: list[dict | None] = [None] * len(jobs)
-        pending = list(range(len(jobs)))
-        # A worker that dies (e.g. a decoder crash) breaks the pool: rebuild it once and retry what was unfinished.
-        for attempt in range(2):
-            pool = engine_workers.pool(self.workers)
-            chunks = _chunks(pending, self.workers)
-            try:
-                submitted = {pool.submit(_extract_chunk, [jobs[i] for i in chunk], params): chunk for chunk in chunks}
-            except futures.process.BrokenProcessPool:
-                engine_workers.discard(pool)
-                continue
-            for future, chunk in submitted.items():
-                try:
-                    for index, result in zip(chunk, future.result()):
-                        results[index] = result
-                except futures.process.BrokenProcessPool:
-                    pass
-            pending = [i for i in pending if results[i] is None]
-            if not pending:
-                break
-            engine_workers.discard(pool)
-        if pending:
-            # Workers that die at start-up (a script without ``if __name__ == "__main__":`` re-runs itself in
-            # each forkserver child) would otherwise fail every image: finish in this process instead.
-            _log.warning(
-                "structure worker processes died twice; processing %d image(s) in this process (a script that "
-                "calls the pipeline needs an `if __name__ == \"__main__\":` guard for the process pool)",
-                len(pending),
-            )
-            for i in pending:
-                results[i] = extract_one(jobs[i], params)
-        return results  # type: ignore[return-value]
+        return [extract_one(job, params) for job in jobs]
 
 
 class KorniaExtractor:
@@ -501,12 +440,12 @@ def torch_maps(greys: np.ndarray, params: StructureParams, *, device="cpu") -> d
 # ---- the stage ---------------------------------------------------------------------------------------------------
 
 
-def select_backend(backend: str, *, workers: int = 0, batch_size: int = 32, device: str = "auto") -> StructureExtractor:
+def select_backend(backend: str, *, batch_size: int = 32, device: str = "auto") -> StructureExtractor:
     """Return the extractor for ``backend`` ("auto": kornia when CUDA is available, else OpenCV)."""
     if backend == "auto":
         backend = "kornia" if cuda_available() else "opencv"
     if backend == "opencv":
-        return OpenCVExtractor(workers)
+        return OpenCVExtractor()
     if backend == "kornia":
         return KorniaExtractor(device=device, batch_size=batch_size)
     raise ValueError(f"unknown structure backend {backend!r} (expected auto, opencv or kornia)")
@@ -527,7 +466,6 @@ def extract_structure(
     scribble_final_sigma: float = 1.0,
     log_sigma: float = 2.0,
     max_pixels: int = 178_956_970,
-    workers: int = 0,
     batch_size: int = 32,
     device: str = "auto",
 ) -> list[dict]:
@@ -568,7 +506,7 @@ def extract_structure(
             jobs.append(StructureJob(image_id=image_id, source_path=str(source_path), targets=targets))
             positions.append(position)
     if jobs:
-        extractor = select_backend(backend, workers=workers, batch_size=batch_size, device=device) if isinstance(
+        extractor = select_backend(backend, batch_size=batch_size, device=device) if isinstance(
             backend, str
         ) else backend
         for position, result in zip(positions, extractor(jobs, params)):

@@ -45,7 +45,7 @@ def _library_manifest(images_dir: Path, out: Path, config) -> list[dict]:
                     key=lambda r: r["image_id"])
     index = read_captions(images_dir, scan.files)
     structure = extract_structure(images, layout=layout, stage_key=keys["structure"], **_params("structure", config),
-                                  max_pixels=config.ingest.max_pixels, workers=1, batch_size=8)
+                                  max_pixels=config.ingest.max_pixels, batch_size=8)
     structure_by_id = {r["image_id"]: r for r in structure}
     region_params = _params("regions", config)
     regions = propose_regions([{**i, "structure_path": structure_by_id[i["image_id"]]["structure_path"]} for i in images],

@@ -13,7 +13,6 @@ from PIL import Image
 
 from pipelines.structure import (
     KorniaExtractor,
-    OpenCVExtractor,
     StructureParams,
     canny_map,
     compute_maps,
@@ -137,7 +136,7 @@ def test_extract_structure_writes_grey_pngs_of_thumbnail_size(tmp_path, records)
         {"image_id": "ff" * 16, "source_path": str(broken)},
         {"image_id": "ee" * 16, "source_path": str(broken), "status": "failed", "error": "cannot decode"},
     ]
-    out = extract_structure(rows, layout=layout, stage_key="k1", backend="opencv", workers=1, extra_maps=["sobel"])
+    out = extract_structure(rows, layout=layout, stage_key="k1", backend="opencv", extra_maps=["sobel"])
     assert [r["image_id"] for r in out] == [r["image_id"] for r in rows]
     for record, result in zip(records, out[:3]):
         assert result["status"] == "ok" and result["error"] is None and result["log_path"] is None
@@ -163,7 +162,7 @@ def test_a_failing_disk_fails_the_chunk_instead_of_recording_bad_images(tmp_path
 
     monkeypatch.setattr("pipelines.structure.atomic_write_bytes", no_space)
     with pytest.raises(OSError) as info:
-        extract_structure(records, layout=OutputLayout(tmp_path / "out"), stage_key="k", backend="opencv", workers=1)
+        extract_structure(records, layout=OutputLayout(tmp_path / "out"), stage_key="k", backend="opencv")
     assert info.value.errno == code
 
 
@@ -173,18 +172,6 @@ def test_bad_arguments_are_one_line_errors(tmp_path, records):
         extract_structure(records, layout=layout, stage_key="k", extra_maps=["hed"])
     with pytest.raises(ValueError, match="unknown structure backend"):
         extract_structure(records, layout=layout, stage_key="k", backend="cuda-magic")
-
-
-def test_process_pool_gives_the_same_files_as_serial(tmp_path, records):
-    serial_layout, pool_layout = OutputLayout(tmp_path / "serial"), OutputLayout(tmp_path / "pool")
-    serial = extract_structure(records, layout=serial_layout, stage_key="k", backend=OpenCVExtractor(workers=1))
-    pooled = extract_structure(records, layout=pool_layout, stage_key="k", backend=OpenCVExtractor(workers=2))
-    assert serial == pooled
-    for result in serial:
-        for key in ("structure_path", "scribble_path"):
-            a = (serial_layout.root / result[key]).read_bytes()
-            b = (pool_layout.root / result[key]).read_bytes()
-            assert a == b
 
 
 def _agreement(a: np.ndarray, b: np.ndarray) -> float:
@@ -211,7 +198,7 @@ def test_opencv_and_kornia_backends_agree(tmp_path):
 def test_kornia_backend_through_the_stage(tmp_path, records):
     layout_cv, layout_k = OutputLayout(tmp_path / "cv"), OutputLayout(tmp_path / "k")
     # Two 160x120 images share a batch; the 700-wide one is its own group (512x384).
-    cv_out = extract_structure(records, layout=layout_cv, stage_key="k", backend="opencv", workers=1)
+    cv_out = extract_structure(records, layout=layout_cv, stage_key="k", backend="opencv")
     kornia = KorniaExtractor(device="cpu", batch_size=2)
     k_out = extract_structure(records, layout=layout_k, stage_key="k", backend=kornia)
     assert [r["status"] for r in k_out] == ["ok"] * 3
@@ -262,20 +249,10 @@ def test_scribble_matches_a_slow_dense_reference(seed):
 
 def test_binary_maps_are_plain_8_bit_grey_pngs(tmp_path, records):
     layout = OutputLayout(tmp_path / "out")
-    out = extract_structure(records[:1], layout=layout, stage_key="k", backend="opencv", workers=1)
+    out = extract_structure(records[:1], layout=layout, stage_key="k", backend="opencv")
     grey = load_grey_resized(records[0]["source_path"], long_side=512)
     maps = compute_maps(grey, StructureParams())
     for key, kind in (("structure_path", "canny"), ("scribble_path", "scribble")):
         path = layout.resolve(out[0][key])
         assert path.read_bytes()[24:26] == bytes([8, 0])  # IHDR: bit depth 8, colour type 0 (grey)
         np.testing.assert_array_equal(np.asarray(Image.open(path)), maps[kind])
-
-
-def test_pool_chunks_cover_every_job_in_order():
-    from pipelines.structure import _MAX_CHUNK, _chunks
-
-    for n, workers in ((1, 2), (7, 2), (64, 2), (500, 2), (30, 8)):
-        chunks = _chunks(list(range(n)), workers)
-        assert [i for chunk in chunks for i in chunk] == list(range(n))
-        assert max(len(c) for c in chunks) <= _MAX_CHUNK
-        assert len(chunks) >= min(n, 4 * workers)
