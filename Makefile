@@ -4,8 +4,9 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 OUT ?= demo-out
-# Test processes (pytest-xdist, one test module at a time each, in collection order: tests/conftest.py puts the
-# modules that drive the CLI or a server first): a test keeps about one core busy on average.
+# Test processes (pytest-xdist): each takes a whole group at a time (a module, or the modules sharing a costly
+# session fixture), in collection order, where tests/conftest.py puts the modules that drive the CLI or a server
+# first. A test keeps about one core busy on average.
 TEST_PROCESSES ?= 2
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 180
@@ -31,7 +32,7 @@ demo: install
 	$(VENV)/bin/structxlip demo --out $(OUT)
 
 test: install browser
-	$(PY) -m pytest -q -n $(TEST_PROCESSES) --dist loadfile --no-loadscope-reorder
+	$(PY) -m pytest -q -n $(TEST_PROCESSES) --dist loadgroup --no-loadscope-reorder
 
 bench: install
 	$(PY) -m benchmarks.run

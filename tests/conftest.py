@@ -45,6 +45,12 @@ def pytest_unconfigure(config: pytest.Config) -> None:
         os.environ["STRUCTXLIP_CACHE"] = _PREVIOUS_CACHE
 
 
+# Session fixtures that each cost a CLI run over a corpus: every module using one runs in the same test process, so
+# the run is made once (pytest-xdist computes a session fixture once per test process).
+SHARED_RUNS = ("baseline", "corpus_run")
+
+
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the xdist_group marks
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     skip_gpu = pytest.mark.skip(reason="needs CUDA (none available)")
     skip_slow = pytest.mark.skip(reason="slow test: set STRUCTXLIP_SLOW=1 to run")
@@ -58,8 +64,16 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     # Modules that drive the real CLI or a Prefect server (``e2e``) run first, each kept whole: with ``make test``'s
     # test processes (pytest-xdist, one module at a time each) the long modules start early instead of ending the run
     # on one process while the other idles.
-    heavy = {item.module.__name__ for item in items if item.get_closest_marker("e2e") and item.module is not None}
-    items.sort(key=lambda item: item.module is None or item.module.__name__ not in heavy)
+    heavy = {_module(item) for item in items if item.get_closest_marker("e2e")}
+    items.sort(key=lambda item: _module(item) not in heavy)
+    # ``make test`` distributes whole groups (--dist loadgroup): a module, or the modules sharing one of SHARED_RUNS.
+    groups = {_module(item): shared for item in items for shared in SHARED_RUNS if shared in item.fixturenames}
+    for item in items:
+        item.add_marker(pytest.mark.xdist_group(groups.get(_module(item), _module(item))))
+
+
+def _module(item: pytest.Item) -> str:
+    return item.module.__name__ if getattr(item, "module", None) is not None else item.nodeid.split("::")[0]
 
 
 @pytest.fixture(scope="session")
