@@ -80,7 +80,7 @@ def test_structure_proposer_finds_each_drawn_shape(tmp_path):
     path = save_rgb(tmp_path / "shapes.png", canvas)
     layout = OutputLayout(tmp_path / "out")
     record = {"image_id": "ab" * 16, "source_path": str(path)}
-    (structure,) = extract_structure([record], layout=layout, stage_key="s", backend="opencv", workers=1)
+    (structure,) = extract_structure([record], layout=layout, stage_key="s", backend="opencv")
     (result,) = propose_regions([{**record, **structure}], layout=layout, stage_key="r", method="structure")
     assert result["status"] == "ok" and result["error"] is None and result["region_method"] == "structure"
     segments = result["segments"]
@@ -108,7 +108,7 @@ def test_per_image_failures_are_recorded(tmp_path):
     layout = OutputLayout(tmp_path / "out")
     good = save_rgb(tmp_path / "a.png", shapes_canvas(64, 48, [("rect", (10, 10, 40, 30))]))
     (structure,) = extract_structure(
-        [{"image_id": "aa" * 16, "source_path": str(good)}], layout=layout, stage_key="s", backend="opencv", workers=1
+        [{"image_id": "aa" * 16, "source_path": str(good)}], layout=layout, stage_key="s", backend="opencv"
     )
     other = save_rgb(tmp_path / "b.png", np.zeros((48, 100, 3), np.uint8))
     rows = [
@@ -202,7 +202,7 @@ def test_sam_path_boxes_in_original_pixels_for_large_images(tmp_path):
     path = save_rgb(tmp_path / "big.png", canvas)
     layout = OutputLayout(tmp_path / "out")
     record = {"image_id": "cd" * 16, "source_path": str(path)}
-    (structure,) = extract_structure([record], layout=layout, stage_key="s", backend="opencv", workers=1)
+    (structure,) = extract_structure([record], layout=layout, stage_key="s", backend="opencv")
     (result,) = propose_regions(
         [{**record, **structure}], layout=layout, stage_key="r", method="auto", sam_builder=tiny_sam,
         points_per_side=4, pred_iou_thresh=0.0, stability_score_thresh=0.0, max_side=100, device="cpu",

@@ -74,7 +74,7 @@ def test_stage_auto_runs_grouping_and_finds_each_drawn_shape(tmp_path):
     path = save_rgb(tmp_path / "shapes.png", canvas)
     layout = OutputLayout(tmp_path / "out")
     record = {"image_id": "ab" * 16, "source_path": str(path)}
-    (structure,) = extract_structure([record], layout=layout, stage_key="s", backend="opencv", workers=1)
+    (structure,) = extract_structure([record], layout=layout, stage_key="s", backend="opencv")
     (result,) = propose_regions([{**record, **structure}], layout=layout, stage_key="r", method="auto")
     assert result["status"] == "ok" and result["region_method"] == "grouping"
     found = [(s["bbox"]["x1"], s["bbox"]["y1"], s["bbox"]["x2"], s["bbox"]["y2"]) for s in result["segments"]]

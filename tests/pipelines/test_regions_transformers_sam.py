@@ -131,7 +131,7 @@ def test_stage_with_sam_model_boxes_in_original_pixels(tmp_path, tiny_model_dir)
     path = save_rgb(tmp_path / "big.png", canvas)
     layout = OutputLayout(tmp_path / "out")
     record = {"image_id": "cd" * 16, "source_path": str(path)}
-    (structure,) = extract_structure([record], layout=layout, stage_key="s", backend="opencv", workers=1)
+    (structure,) = extract_structure([record], layout=layout, stage_key="s", backend="opencv")
     (result,) = propose_regions(
         [{**record, **structure}], layout=layout, stage_key="r", method="auto", sam_model=tiny_model_dir,
         points_per_side=4, points_per_batch=8, pred_iou_thresh=0.0, stability_score_thresh=0.0, max_side=100,
