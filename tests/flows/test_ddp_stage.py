@@ -32,9 +32,12 @@ def ddp_folder(tmp_path_factory):
     return root
 
 
-def _run(env, root: Path, out: Path, **extra_env):
+THROUGH_TRAIN = "ingest,structure,regions,captions,filter,manifest,train"
+
+
+def _run(env, root: Path, out: Path, *stages: str, **extra_env):
     return run_cli({**env, **extra_env}, "run", str(root / "images"), "--out", str(out), "--config",
-                   str(root / "config.yaml"))
+                   str(root / "config.yaml"), *stages)
 
 
 def _train_summary(out: Path) -> dict:
@@ -67,12 +70,12 @@ def test_two_process_training_inside_structxlip_run_resumes_exactly(ddp_folder, 
     # Killed at step 3 (both ranks die, as on a lost node): the stage fails, nothing is recorded for it...
     killed = ddp_folder / "out-killed"
     _copy_data_stages(reference, killed)  # the data stages are cached: only training runs again
-    done = _run(cli_env, ddp_folder, killed, STRUCTXLIP_KILL_AT="step@3")
+    done = _run(cli_env, ddp_folder, killed, "--stages", THROUGH_TRAIN, STRUCTXLIP_KILL_AT="step@3")
     assert done.returncode == 2, done.stdout[-3000:] + done.stderr[-3000:]
     assert "Traceback" not in done.stderr and "training on 2 processes failed" in done.stderr.splitlines()[-1]
     assert (killed / "train" / "checkpoints" / "last.pt").is_file()
     # ... and the same command resumes from the last checkpoint to the uninterrupted run's weights.
-    done = _run(cli_env, ddp_folder, killed)
+    done = _run(cli_env, ddp_folder, killed, "--stages", THROUGH_TRAIN)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     expected, got = _weights(reference), _weights(killed)
     assert expected.keys() == got.keys()
