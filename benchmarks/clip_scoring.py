@@ -1,5 +1,5 @@
 """CLIP crop-vs-sentence scoring (the captions stage's work): embed every crop and every sentence of a chunk of
-images in batches (``pipelines.captions.ClipScorer``), then assign each image's sentences to its best crop
+images in batches (``pipelines.steps.captions.ClipScorer``), then assign each image's sentences to its best crop
 (``assign_sentences``). Tiny random CLIP (the demo model) and a randomly initialised ViT-B/16 CLIP at 224 px (the
 size of the real model: same compute, meaningless weights).
 
@@ -56,8 +56,8 @@ def make_workload(root: Path, n_images: int, *, seed: int = 0) -> list[tuple[lis
 
     import cv2
 
-    from pipelines.captions import split_sentences
-    from pipelines.filtering import load_spacy
+    from pipelines.steps.captions import split_sentences
+    from pipelines.steps.filtering import load_spacy
     from tests.corpus import CAPTIONS_FILE, make_generated_images
 
     paths = make_generated_images(root, n_images, seed=seed)
@@ -84,7 +84,7 @@ def make_workload(root: Path, n_images: int, *, seed: int = 0) -> list[tuple[lis
 def score(scorer, work: list[tuple[list[np.ndarray], list[str]]]) -> list:
     """Embed all crops and all sentences of ``work`` in batches, then assign each image's sentences to its crops;
     return the per-image assignments."""
-    from pipelines.captions import assign_sentences
+    from pipelines.steps.captions import assign_sentences
 
     crop_embeds = scorer.embed_images([crop for crops, _ in work for crop in crops])
     sentence_embeds = scorer.embed_texts([sentence for _, sentences in work for sentence in sentences])
@@ -96,7 +96,7 @@ def score(scorer, work: list[tuple[list[np.ndarray], list[str]]]) -> list:
 
 
 def _measure(label: str, model: str, work, repeats: int) -> dict:
-    from pipelines.captions import ClipScorer
+    from pipelines.steps.captions import ClipScorer
 
     start = time.perf_counter()
     scorer = ClipScorer(model, device="cpu", batch_size=BATCH_SIZE)

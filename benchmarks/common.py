@@ -301,7 +301,7 @@ def _process_cpu_seconds(pid: int) -> float:
 
 
 def worker_cpu_seconds() -> float:
-    """CPU seconds of this process's live engine worker processes (``pipelines.workers``: forked from the
+    """CPU seconds of this process's live engine worker processes (``pipelines.engine.workers``: forked from the
     multiprocessing forkserver, whose command line they share)."""
     return sum(_process_cpu_seconds(pid) for pid in _forkserver_descendants())
 

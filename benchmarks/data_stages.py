@@ -1,4 +1,4 @@
-"""Data stages against the floor: per stage, the pipeline's images/s (``pipelines.engine.run_inline``: the stage engine
+"""Data stages against the floor: per stage, the pipeline's images/s (``pipelines.engine.execute.run_inline``: the stage engine
 and store the flows use, without an orchestrator), the bare library call's images/s (``Stage.run`` over every image
 in one call, models warm) and the floor measured in the same run from primitives; then the whole data pipeline cold
 and fully cached: wall, CPU, peak RSS and the real process/thread count.
@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 
 from benchmarks.common import BenchmarkResult, Census, Target, cpu_seconds, peak_rss_mb, run_in_child, usable_cpus
-from pipelines.stages import STAGE_DEFINITIONS, data_stage_names
+from pipelines.engine.stages import STAGE_DEFINITIONS, data_stage_names
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
 DATA_STAGES = data_stage_names()
@@ -94,9 +94,9 @@ def _floors(pipeline, config, sample: int) -> dict[str, dict]:
     import numpy as np
     import spacy
 
-    from pipelines.captions import ClipScorer
-    from pipelines.filtering import FALLBACK_MODELS, load_spacy
-    from pipelines.structure import canny_map, scribble_map
+    from pipelines.steps.captions import ClipScorer
+    from pipelines.steps.filtering import FALLBACK_MODELS, load_spacy
+    from pipelines.steps.structure import canny_map, scribble_map
 
     cv2.setNumThreads(1)
     images = pipeline.images[:sample]
@@ -174,9 +174,8 @@ def _floors(pipeline, config, sample: int) -> dict[str, dict]:
     p["write crop files"] = min(_median_ms(write_files, crop_files) for _ in range(3))
     if config.regions.method == "grouping":
         # The weight-free proposer's own primitive: its compiled segmentation at the grouping work size (area
-        # resize, then OpenCV's watershed from the seed grid, as pipelines.grouping does); the grouping is not in it.
-        from pipelines import grouping
-
+        # resize, then OpenCV's watershed from the seed grid, as pipelines.steps.grouping does); the grouping is not in it.
+        from pipelines.steps import grouping
         defaults = grouping.grouping_boxes.__kwdefaults__
 
         def segment(image):
@@ -252,9 +251,9 @@ def scenario(root: str, n_images: int, sample: int, full: bool = True, overrides
     with ``full`` also the bare library calls and the floors."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from configs.schema import load_config
-    from pipelines.engine import run_inline
-    from pipelines.plan import MIN_CHUNK, Pipeline
-    from pipelines.stages import local_workers
+    from pipelines.engine.execute import run_inline
+    from pipelines.engine.plan import MIN_CHUNK, Pipeline
+    from pipelines.engine.stages import local_workers
     from tests.corpus import make_generated_images
 
     work = Path(root)
@@ -275,8 +274,7 @@ def scenario(root: str, n_images: int, sample: int, full: bool = True, overrides
         pipeline = Pipeline(images, out, config)
         measured["bare"] = {stage: _bare(pipeline, stage) for stage in STAGES}
         measured["floors"] = _floors(Pipeline(images, out, config), config, sample)
-    from pipelines import workers as engine_workers
-
+    from pipelines.engine import workers as engine_workers
     engine_workers.shutdown()
     return measured
 
@@ -312,7 +310,7 @@ def run(*, quick: bool = False, n_images: int | None = None, large: int | None =
                     f"pipeline vs bare library vs the floor from primitives; the whole data pipeline at {n} and "
                     f"{large} images, cold and cached.",
         params={"images": n, "large": large, "floor_sample": sample, "cpus": cpus, "workers": data["workers"],
-                "config": "configs/demo.yaml", "engine": "pipelines.engine.run_inline (no Prefect)"},
+                "config": "configs/demo.yaml", "engine": "pipelines.engine.execute.run_inline (no Prefect)"},
     )
     for stage in STAGES:
         seconds = data["cold"]["stages"][stage]["seconds"]

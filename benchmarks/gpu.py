@@ -1,14 +1,14 @@
 """GPU numbers: the project's CUDA paths with random weights, each timed between ``torch.cuda.synchronize()`` calls.
 
-- structure maps: the kornia backend (``pipelines.structure.torch_maps``: Canny + scribble) on batches of 512x384
+- structure maps: the kornia backend (``pipelines.steps.structure.torch_maps``: Canny + scribble) on batches of 512x384
   grey images;
-- CLIP scoring: ``pipelines.captions.ClipScorer`` (batches of 64, bf16 autocast on CUDA) with a random ViT-B/16
+- CLIP scoring: ``pipelines.steps.captions.ClipScorer`` (batches of 64, bf16 autocast on CUDA) with a random ViT-B/16
   ``CLIPModel`` built from a ``CLIPConfig`` (``benchmarks.clip_scoring.build_random_vit_b16``, no hub): crops and
   sentences embedded;
-- a training step: the StructXLIP objective (``structxlip.train``: encoder, ``compute_objective``, AdamW) on the
+- a training step: the StructXLIP objective (``structxlip.app.train``: encoder, ``compute_objective``, AdamW) on the
   random ViT-B/16 in bf16 autocast, batch 32 of a synthetic manifest, batches collated and moved to the device before
   the clock starts (data loading excluded, as ``train`` times a step);
-- SAM mask generation: transformers' ``mask-generation`` pipeline (``pipelines.regions.sam_model_boxes``, the regions
+- SAM mask generation: transformers' ``mask-generation`` pipeline (``pipelines.steps.regions.sam_model_boxes``, the regions
   stage's defaults: a 32 x 32 point grid, 64 points a batch) with a randomly initialised base-sized ``SamModel``
   (``SamConfig()``'s ViT-B image encoder, 1024 px) on 640x480 generated images.
 
@@ -95,7 +95,7 @@ def grey_batch(n: int, size: tuple[int, int] = STRUCTURE_SIZE, seed: int = 0) ->
 
 def measure_structure(device: str, *, greys: np.ndarray, repeats: int, warmup: int = 2) -> dict:
     """Time kornia Canny + scribble maps of a (B, h, w) uint8 batch (host to device and back included)."""
-    from pipelines.structure import StructureParams, torch_maps
+    from pipelines.steps.structure import StructureParams, torch_maps
 
     params = StructureParams()
     seconds = timed_calls(lambda: torch_maps(greys, params, device=device), repeats=repeats, warmup=warmup,
@@ -106,7 +106,7 @@ def measure_structure(device: str, *, greys: np.ndarray, repeats: int, warmup: i
 
 def measure_clip_scoring(model_dir: Path, device: str, *, n: int, repeats: int, warmup: int = 1) -> list[dict]:
     """Time ClipScorer's image and text embeddings of ``n`` crops (random sizes) and ``n`` sentences."""
-    from pipelines.captions import ClipScorer
+    from pipelines.steps.captions import ClipScorer
 
     scorer = ClipScorer(str(model_dir), device=device, batch_size=CLIP_BATCH)
     rng = np.random.default_rng(0)
@@ -132,7 +132,7 @@ def measure_training(model_dir: Path, manifest: Path, device: str, *, batch_size
     from structxlip.data import ImagePreprocessor, StructXLIPCollator, StructXLIPDataset, load_records
     from structxlip.distributed import DistributedContext
     from structxlip.models import load_clip
-    from structxlip.train import Objective, StructXLIPEncoder, autocast_context, compute_objective, make_optimizer
+    from structxlip.app.train import Objective, StructXLIPEncoder, autocast_context, compute_objective, make_optimizer
 
     torch.manual_seed(0)
     loaded = load_clip(str(model_dir))
@@ -173,7 +173,7 @@ def measure_training(model_dir: Path, manifest: Path, device: str, *, batch_size
 def measure_sam(model_dir: Path, device: str, *, images: list[np.ndarray], max_side: int, points_per_side: int,
                 repeats: int, warmup: int = 1) -> dict:
     """Time mask generation (``sam_model_boxes`` through transformers' pipeline) per image."""
-    from pipelines.regions import build_sam_pipeline, sam_model_boxes
+    from pipelines.steps.regions import build_sam_pipeline, sam_model_boxes
 
     generator = build_sam_pipeline(str(model_dir), device)
     found: list[int] = []
@@ -217,7 +217,7 @@ def run(*, quick: bool = False) -> BenchmarkResult:
     import torch
 
     from benchmarks.clip_scoring import build_random_vit_b16
-    from structxlip.synthetic import make_synthetic_manifest
+    from structxlip.app.synthetic import make_synthetic_manifest
     from tests.scenes import make_scene
 
     device = "cuda"

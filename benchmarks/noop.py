@@ -1,7 +1,7 @@
 """Fixed cost of a fully cached run: ``structxlip run`` (the real CLI, no Prefect server configured) on a folder whose
 every stage is already done, at 12 and 2,000 images. Target: <= 3 s wall, nothing processed.
 
-The folder is prepared once with the same stage engine the flows use (``pipelines.engine.run_inline``: identical store,
+The folder is prepared once with the same stage engine the flows use (``pipelines.engine.execute.run_inline``: identical store,
 no orchestrator), then the CLI is timed three times in fresh processes. The floor beside it is the bare Python start
 plus the imports the CLI cannot avoid (``configs``, ``pyarrow``), measured in the same run.
 """
@@ -26,8 +26,8 @@ REPEATS = 3
 
 def _prepare(images: Path, out: Path, n: int) -> None:
     from configs import load_config
-    from pipelines.engine import run_inline
-    from pipelines.plan import Pipeline, record_config
+    from pipelines.engine.execute import run_inline
+    from pipelines.engine.plan import Pipeline, record_config
     from tests.corpus import make_generated_images
 
     make_generated_images(images, n, size=(320, 240), seed=3)

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 from benchmarks.common import BenchmarkResult, Target, cpu_seconds, run_in_child, worker_cpu_seconds
-from pipelines.stages import data_stage_names
+from pipelines.engine.stages import data_stage_names
 
 DATA_STAGES = data_stage_names()
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
@@ -50,8 +50,8 @@ def _prepare_child(root: Path) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     # The ephemeral API's 20 s default start-up limit is too short on a busy 2-core machine.
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
-    from pipelines.plan import MIN_CHUNK
-    from pipelines.stages import usable_cpus
+    from pipelines.engine.plan import MIN_CHUNK
+    from pipelines.engine.stages import usable_cpus
     from tests.corpus import make_generated_images
 
     # One smallest chunk per engine worker: every worker has started and loaded its models before the timed runs.
@@ -72,8 +72,8 @@ def scenario(kind: str, root: str, n_images: int) -> dict:
         # The same cold run through the stage engine alone (no Prefect) in this process, with the same warm workers:
         # the difference in CPU is what orchestration costs.
         from configs.schema import load_config
-        from pipelines.engine import run_inline
-        from pipelines.plan import Pipeline
+        from pipelines.engine.execute import run_inline
+        from pipelines.engine.plan import Pipeline
 
         cpu, workers_cpu, start = cpu_seconds(), worker_cpu_seconds(), time.perf_counter()
         run_inline(Pipeline(images, work / "engine-out", load_config(CONFIG)), DATA_STAGES)
@@ -84,8 +84,7 @@ def scenario(kind: str, root: str, n_images: int) -> dict:
     elif kind == "incremental":
         make_generated_images(images, INCREMENT, seed=0, start=n_images)
         runs["incremental"] = _pipeline(images, out)
-    from pipelines import workers
-
+    from pipelines.engine import workers
     workers.shutdown()  # before the parent ends this child: no worker or semaphore left behind
     return runs
 

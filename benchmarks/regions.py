@@ -7,16 +7,16 @@ photos: every photo of ``sample/images`` (14 photos); "with content" leaves out 
 grass, gravel), which have no object to find; four photos also have hand-drawn object boxes (``PHOTO_BOXES``).
 
 Proposers: ``structure`` (connected edges of the structure map, the first weight-free proposer) and ``grouping``
-(``pipelines.grouping``). Both get the structure map the structure stage would make (grey, PIL-sized to 512 px on
+(``pipelines.steps.grouping``). Both get the structure map the structure stage would make (grey, PIL-sized to 512 px on
 the long side, Canny 100/200); making it and decoding the image are not timed. Time per image: one process, one
 thread, the proposer and the selection; wall and CPU time (the CPU time is the one to read on a loaded machine).
 
-The stage: ``pipelines.regions.propose_regions`` (the library call the regions stage runs) on the scenes written as
-JPEGs with their structure-map PNGs, in the engine's worker processes (``pipelines.workers``, one per core), chunks
+The stage: ``pipelines.steps.regions.propose_regions`` (the library call the regions stage runs) on the scenes written as
+JPEGs with their structure-map PNGs, in the engine's worker processes (``pipelines.engine.workers``, one per core), chunks
 of an eighth of the images, crops written to a temporary output folder; img/s is the wall time of the whole set,
 CPU the tree's, memory the peak PSS of the whole process tree (this process and its workers). Its floor, measured
 in the same run: the compiled segmentation alone (OpenCV's area resize to the work size and the watershed from the
-seed grid, ``pipelines.grouping``'s defaults) per image on one thread, as images/s on the same number of cores.
+seed grid, ``pipelines.steps.grouping``'s defaults) per image on one thread, as images/s on the same number of cores.
 """
 
 from __future__ import annotations
@@ -57,8 +57,8 @@ GROUPING_SIDE = 192
 
 def structure_map_of(rgb: np.ndarray) -> np.ndarray:
     """Return the (h, w) uint8 Canny map the structure stage makes of ``rgb`` (512 px long side, 100/200)."""
-    from pipelines.images import resize_like_pil, thumbnail_size
-    from pipelines.structure import canny_map
+    from pipelines.steps.images import resize_like_pil, thumbnail_size
+    from pipelines.steps.structure import canny_map
 
     grey = cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)
     width, height = thumbnail_size(rgb.shape[1], rgb.shape[0], 512)
@@ -66,7 +66,7 @@ def structure_map_of(rgb: np.ndarray) -> np.ndarray:
 
 
 def _structure_proposer(rgb: np.ndarray, structure: np.ndarray, max_regions: int = 16) -> np.ndarray:
-    from pipelines.regions import scale_boxes, select_boxes, structure_boxes
+    from pipelines.steps.regions import scale_boxes, select_boxes, structure_boxes
 
     height, width = rgb.shape[:2]
     boxes = scale_boxes(structure_boxes(structure, dilation=2), (structure.shape[1], structure.shape[0]),
@@ -76,8 +76,8 @@ def _structure_proposer(rgb: np.ndarray, structure: np.ndarray, max_regions: int
 
 
 def _grouping_proposer(rgb: np.ndarray, structure: np.ndarray, max_regions: int = 16) -> np.ndarray:
-    from pipelines.grouping import grouping_boxes
-    from pipelines.regions import select_boxes
+    from pipelines.steps.grouping import grouping_boxes
+    from pipelines.steps.regions import select_boxes
 
     proposals = grouping_boxes(rgb, structure, work_side=GROUPING_SIDE)
     kept = select_boxes(proposals.boxes, proposals.scores, proposals.area_fractions,
@@ -100,7 +100,7 @@ def _timed(proposer, rgb: np.ndarray, structure: np.ndarray) -> tuple[np.ndarray
 # ---- the stage in the engine's workers, and its floor ---------------------------------------------------------------
 def stage_chunk(records: list[dict], root: str, stage_key: str, max_regions: int) -> int:
     """Worker entry: run the regions library call on one chunk; return how many segments it wrote."""
-    from pipelines.regions import propose_regions
+    from pipelines.steps.regions import propose_regions
     from storage.layout import OutputLayout
 
     results = propose_regions(records, layout=OutputLayout(root), stage_key=stage_key, method="grouping",
@@ -137,8 +137,7 @@ def measure_stage(records: list[dict], root: Path, *, workers: int, max_regions:
     """Run the regions library call over ``records`` in ``workers`` engine workers (8 chunks); return img/s (wall),
     the workers' CPU ms per image, the tree's peak PSS (sampled every second: reading smaps costs CPU, which is
     this process's and not counted) and the segments per image."""
-    from pipelines import workers as engine_workers
-
+    from pipelines.engine import workers as engine_workers
     pool = engine_workers.pool(workers)
     # Warm-up: every worker imports the stage and OpenCV before the timed run (one tiny chunk each, untimed).
     warmed = {f.result() for f in [pool.submit(warm_chunk, records[i:i + 1], str(root), f"warm-{label}-{i}",
@@ -159,7 +158,7 @@ def measure_stage(records: list[dict], root: Path, *, workers: int, max_regions:
 def segmentation_floor_s(rgbs: list[np.ndarray], repeats: int = 3) -> float:
     """Mean over images of the best of ``repeats`` times of the compiled segmentation alone (area resize to the
     grouping's work size, then the watershed from its seed grid), seconds per image on one thread."""
-    from pipelines.grouping import grouping_boxes
+    from pipelines.steps.grouping import grouping_boxes
 
     defaults = grouping_boxes.__kwdefaults__
     work_side, step = defaults["work_side"], defaults.get("seed_step", 12)
@@ -192,7 +191,7 @@ def run(*, quick: bool = False) -> BenchmarkResult:
     import torch
     from PIL import Image
 
-    from pipelines import workers as engine_workers
+    from pipelines.engine import workers as engine_workers
     from tests.scenes import box_recall, make_scene
 
     n_scenes = 20 if quick else 100

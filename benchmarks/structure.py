@@ -1,7 +1,7 @@
 """Structure stage vs a plain one-image-at-a-time baseline: images/s, speed-up and edge-map agreement.
 
 Baseline, per image in this process: PIL open + ``thumbnail((512, 512))``, grey, ``cv2.Canny(100, 200)``,
-``cv2.imencode('.png')`` and a file write. Project: ``pipelines.structure.extract_structure`` (OpenCV backend, one
+``cv2.imencode('.png')`` and a file write. Project: ``pipelines.steps.structure.extract_structure`` (OpenCV backend, one
 worker per CPU; it also writes the scribble map), and on CUDA the kornia backend. Both run on the same generated
 640x480 JPEGs; the project's Canny maps are compared with the baseline's by a 1-pixel-tolerant IoU.
 """
@@ -50,7 +50,7 @@ def _records(paths: list[Path]) -> list[dict]:
 
 
 def _project_run(records: list[dict], out_dir: Path, backend: str, stage_key: str) -> list[dict]:
-    from pipelines.structure import extract_structure
+    from pipelines.steps.structure import extract_structure
     from storage.layout import OutputLayout
 
     outputs = extract_structure(records, layout=OutputLayout(out_dir), stage_key=stage_key, backend=backend,
@@ -79,7 +79,7 @@ def run(*, quick: bool = False, workdir: Path | None = None) -> BenchmarkResult:
     """Return the structure benchmark (500 images, best of 3; quick: 20 images, 1 run)."""
     import torch
 
-    from pipelines.workers import shutdown as shutdown_pool, usable_cpus as available_cpus
+    from pipelines.engine.workers import shutdown as shutdown_pool, usable_cpus as available_cpus
     from tests.corpus import make_generated_images
 
     n_images, repeats = (20, 1) if quick else (500, 3)

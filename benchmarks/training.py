@@ -1,5 +1,5 @@
-"""Training speed: seconds per optimiser step of ``structxlip.train`` at batch 16 on CPU, for the tiny random CLIP
-and a randomly initialised ViT-B/16 CLIP at 224 px, on a synthetic manifest (``structxlip.synthetic``).
+"""Training speed: seconds per optimiser step of ``structxlip.app.train`` at batch 16 on CPU, for the tiny random CLIP
+and a randomly initialised ViT-B/16 CLIP at 224 px, on a synthetic manifest (``structxlip.app.synthetic``).
 
 The full objective runs (global + local structure + chunk + hard-negative losses, Long-CLIP 248 text positions);
 a step is what ``train`` times: device transfer, forward, losses, backward, optimiser step (not data loading).
@@ -19,7 +19,7 @@ BATCH_SIZE = 16
 
 
 def _steps(model: str, manifest: Path, out_dir: Path, steps: int) -> dict:
-    from structxlip.train import train
+    from structxlip.app.train import train
 
     result = train(manifest, out_dir, clip_model=model, batch_size=BATCH_SIZE, epochs=1, max_steps=steps,
                    device="cpu", precision="fp32", progress=False, seed=0)
@@ -36,14 +36,14 @@ def run(*, quick: bool = False) -> BenchmarkResult:
     """Return seconds per training step at batch 16 for the tiny and the ViT-B/16-size model."""
     from benchmarks.clip_scoring import build_random_vit_b16
     from structxlip.models import TINY_CLIP, resolve_model_source
-    from structxlip.synthetic import make_synthetic_manifest
+    from structxlip.app.synthetic import make_synthetic_manifest
 
     tiny_steps, base_steps = (2, 2) if quick else (6, 2)
     # 5 of every 8 synthetic images land in the train split; one epoch must hold all the steps.
     n_images = (max(tiny_steps, base_steps) * BATCH_SIZE * 8) // 5 + 8
     result = BenchmarkResult(
         name="training",
-        description=(f"structxlip.train on CPU, batch {BATCH_SIZE}, fp32, full objective (global + local + chunk + "
+        description=(f"structxlip.app.train on CPU, batch {BATCH_SIZE}, fp32, full objective (global + local + chunk + "
                      "hard negatives, 248 text positions), synthetic 128 px manifest resized by each model's "
                      "processor."),
         params={"batch_size": BATCH_SIZE, "steps": {"tiny": tiny_steps, "vit_b16": base_steps},

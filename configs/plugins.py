@@ -1,6 +1,6 @@
 """Stage plugin files named by a config's ``plugins:`` list: imported once by path, their config sections found.
 
-A plugin is one Python file outside the project that defines a stage (a subclass of ``pipelines.stages.Stage``,
+A plugin is one Python file outside the project that defines a stage (a subclass of ``pipelines.engine.stages.Stage``,
 see examples/stage_plugin/). Its config section is the stage's ``Params`` model under the stage's ``name``: the
 config validates it like a built-in section (``--set <stage>.<key>=VALUE``, one-line errors naming the key). Nothing here
 imports a project module: the plugin file imports what it needs itself.

@@ -131,7 +131,7 @@ class StructureConfig(_Section):
 
 
 class RegionsConfig(_Section):
-    # auto: SAM when sam_model or sam_checkpoint is set, else grouping (pipelines.regions.resolve_region_method)
+    # auto: SAM when sam_model or sam_checkpoint is set, else grouping (pipelines.steps.regions.resolve_region_method)
     method: Literal["auto", "sam", "grouping", "structure"] = "auto"
     sam_model: str | None = None  # transformers SAM / SAM-HQ / SAM 2: a hub id (facebook/sam-vit-base) or local folder
     sam_model_type: Literal["vit_h", "vit_l", "vit_b"] = "vit_b"  # segment-anything checkpoints only

@@ -1,7 +1,7 @@
-"""The ``structxlip-ablation`` flow: the loss ablation of ``structxlip.ablate`` as Prefect tasks, with its table and
+"""The ``structxlip-ablation`` flow: the loss ablation of ``structxlip.app.ablate`` as Prefect tasks, with its table and
 plot as artifacts. Data preparation runs the pipeline flow once (cached in its stage store, shared by every variant);
 each (variant, seed) is one task around ``run_variant``, itself resumable and skipped when finished with the same
-settings. Thin: what a variant is and how it is trained live in ``structxlip.ablate``.
+settings. Thin: what a variant is and how it is trained live in ``structxlip.app.ablate``.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ Variant = Literal["zero-shot", "global", "global+structure_centric", "global+con
 def train_variant(data, run_dir: str, *, variant: str, seed: int, initial: str, objective, train_options: dict,
                   eval_options: dict) -> dict:
     """Train (unless zero-shot) and evaluate one variant for one seed; return its result."""
-    from structxlip.ablate import run_variant
+    from structxlip.app.ablate import run_variant
 
     return run_variant(data, run_dir, variant=variant, seed=seed, initial=initial, objective=objective,
                        train_options=train_options, eval_options=eval_options)
@@ -32,7 +32,7 @@ def _run_pipeline(images_dir, out_dir, *, config_path) -> None:
     """Data preparation through the pipeline flow itself (a subflow here: visible in the UI, cached by the store)."""
     from configs import load_config
     from flows.pipeline import structxlip_pipeline
-    from pipelines.stages import data_stage_names
+    from pipelines.engine.stages import data_stage_names
 
     structxlip_pipeline(images_dir=str(images_dir), out_dir=str(out_dir),
                         config_path=None if config_path is None else str(config_path),
@@ -63,8 +63,8 @@ def structxlip_ablation(source: str, out_dir: str, config_path: str | None = Non
         epochs: Override train.epochs.
     """
     from configs import load_config
-    from pipelines.stages import ablation_arguments
-    from structxlip.ablate import initial_model, parse_variants, prepare_data, write_ablation
+    from pipelines.engine.stages import ablation_arguments
+    from structxlip.app.ablate import initial_model, parse_variants, prepare_data, write_ablation
 
     if seeds < 1:
         raise ValueError(f"expected seeds >= 1, got {seeds}")
@@ -95,7 +95,7 @@ def _publish(out: Path, written) -> None:
     with contextlib.suppress(Exception):
         from prefect.artifacts import create_markdown_artifact
 
-        from pipelines.render import artifact_key, png_data_uri
+        from pipelines.reporting.render import artifact_key, png_data_uri
         from storage.hashing import content_key
 
         markdown = written.markdown_path.read_text(encoding="utf-8")

@@ -1,5 +1,5 @@
 """Publishing the pipeline's Prefect artifacts: stage summaries and failures, progress, galleries, loss and recall
-plots. The content is built by the pure functions of ``pipelines.render``; these thin wrappers send it to the API.
+plots. The content is built by the pure functions of ``pipelines.reporting.render``; these thin wrappers send it to the API.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Iterable
 from uuid import UUID
 
-from pipelines.render import (
+from pipelines.reporting.render import (
     MAX_FAILURE_ROWS,
     StageSummary,
     artifact_key,
@@ -110,8 +110,8 @@ def publish_training(out_dir: str | os.PathLike, *, namespace: str = "", where: 
     boundaries) from OUT/train/metrics.jsonl; None if absent."""
     from prefect.artifacts import create_markdown_artifact
 
-    from pipelines.report import read_training_rows
-    from pipelines.report_plots import training_curves_png
+    from pipelines.reporting.report import read_training_rows
+    from pipelines.reporting.report_plots import training_curves_png
 
     path = OutputLayout(out_dir).train_metrics
     if not path.is_file():
@@ -171,8 +171,8 @@ def publish_quality(out_dir: str | os.PathLike, *, vocab_dir: str | None, namesp
     similarity scores, image sizes, edge density, failures)."""
     from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-    from pipelines.quality import output_quality_report, quality_tables
-    from pipelines.report_plots import quality_plots
+    from pipelines.reporting.quality import output_quality_report, quality_tables
+    from pipelines.reporting.report_plots import quality_plots
 
     report = output_quality_report(out_dir, vocab_dir=vocab_dir)
     ids = {}

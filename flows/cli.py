@@ -9,8 +9,7 @@ import sys
 def build_parser() -> argparse.ArgumentParser:
     """Return the top-level parser with every subcommand registered."""
     from flows import commands as flow_commands
-    from structxlip import commands as library_commands
-
+    from structxlip.app import commands as library_commands
     parser = argparse.ArgumentParser(
         prog="structxlip",
         description="StructXLIP: structure-map data preparation (Prefect pipeline), fine-tuning and retrieval evaluation.",

@@ -124,9 +124,9 @@ def execute(
 
 def _execute(started, images_dir, out_dir, *, config_path, stages, refresh, runner, dask_address, overrides,
              retry_failed, command) -> dict:
-    from pipelines.engine import format_summary, summarize, write_report
-    from pipelines.plan import Pipeline, missing_inputs, preflight, resolve_config, stale_stages, stages_with_work
-    from pipelines.stages import parse_stages
+    from pipelines.engine.execute import format_summary, summarize, write_report
+    from pipelines.engine.plan import Pipeline, missing_inputs, preflight, resolve_config, stale_stages, stages_with_work
+    from pipelines.engine.stages import parse_stages
     from storage import lock
     from storage.layout import OutputLayout
 
@@ -155,7 +155,7 @@ def _execute(started, images_dir, out_dir, *, config_path, stages, refresh, runn
                 summaries = [summarize(pipeline.plan(stage), [], [], 0.0) for stage in selected]
                 report = write_report(pipeline, summaries, seconds=time.perf_counter() - started, not_run=[],
                                       stale=stale_stages(pipeline, selected))
-                from pipelines.report import refresh_explorer  # no Prefect import: a cached run never starts it
+                from pipelines.reporting.report import refresh_explorer  # no Prefect import: a cached run never starts it
 
                 report["explorer"] = refresh_explorer(layout, summaries, vocab_dir=config.filter.vocab_dir)
             else:
@@ -192,7 +192,7 @@ def _report_notes(report: dict) -> str:
 def _run_flow(pipeline, *, config_path, selected, refreshed, runner, dask_address, retry_failed, server,
               command) -> dict:
     from flows.pipeline import PipelineFailed, current_pipeline, structxlip_pipeline
-    from pipelines.engine import format_summary
+    from pipelines.engine.execute import format_summary
 
     api_url = server.wait_ready() if server is not None else os.environ["PREFECT_API_URL"]
     _watch_api(api_url, command=command, own=server is not None)
@@ -304,7 +304,7 @@ def demo_command(args: argparse.Namespace) -> int:
 
 def _stage_keys(config_path: str) -> dict[str, str]:
     from configs import load_config
-    from pipelines.stages import stage_keys
+    from pipelines.engine.stages import stage_keys
 
     return stage_keys(load_config(config_path))
 

@@ -66,8 +66,7 @@ def abort_run(message: str, *, code: int, reason: str | None = None) -> None:
 
 
 def _clean_up(reason: str) -> None:
-    from pipelines import workers
-
+    from pipelines.engine import workers
     with contextlib.suppress(Exception):
         workers.abort()
     with contextlib.suppress(Exception):

@@ -1,7 +1,7 @@
 """The Prefect flows: the parent ``structxlip-pipeline`` and one flow per stage (each servable as a deployment).
 
-Thin by design: what a stage is, which items are pending and how a chunk is processed live in ``pipelines.stages``,
-``pipelines.plan`` and ``pipelines.engine``. A flow maps the pending chunks of its plan over the task runner,
+Thin by design: what a stage is, which items are pending and how a chunk is processed live in ``pipelines.engine.stages``,
+``pipelines.engine.plan`` and ``pipelines.engine.execute``. A flow maps the pending chunks of its plan over the task runner,
 publishes artifacts and ends Failed (red in the UI) when a chunk failed.
 
 Every flow entry behaves like the CLI: the config (``config_path``, else ``OUT/config.yaml`` of the run that made the
@@ -25,11 +25,11 @@ from prefect.futures import as_completed
 from prefect.settings import temporary_settings
 from prefect.states import Failed
 
-from pipelines.engine import StageFailed, run_plan, write_report
-from pipelines.report import refresh_explorer
-from pipelines.plan import (Pipeline, missing_inputs, preflight, record_config, resolve_config, stale_stages,
+from pipelines.engine.execute import StageFailed, run_plan, write_report
+from pipelines.reporting.report import refresh_explorer
+from pipelines.engine.plan import (Pipeline, missing_inputs, preflight, record_config, resolve_config, stale_stages,
                             stages_with_work)
-from pipelines.stages import Stage, parse_stages
+from pipelines.engine.stages import Stage, parse_stages
 from storage import lock
 
 from flows.runners import dask_scheduler, default_runner, make_runner, on_threads

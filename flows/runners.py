@@ -9,8 +9,8 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 def default_runner(workers: int = 0) -> ThreadPoolTaskRunner:
     """Thread pool for the local runner. Its threads only dispatch: a CPU chunk is computed in one of the engine's
-    ``workers`` processes (``pipelines.workers``), so there is one thread per worker (0 = one per usable core)."""
-    from pipelines.stages import usable_cpus
+    ``workers`` processes (``pipelines.engine.workers``), so there is one thread per worker (0 = one per usable core)."""
+    from pipelines.engine.stages import usable_cpus
 
     return ThreadPoolTaskRunner(max_workers=max(2, workers or usable_cpus()))
 

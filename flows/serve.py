@@ -15,7 +15,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pipelines.stages import STAGE_DEFINITIONS
+from pipelines.engine.stages import STAGE_DEFINITIONS
 
 if TYPE_CHECKING:
     from prefect import Flow
@@ -55,7 +55,7 @@ def discover_flows(modules: tuple[str, ...] = FLOW_MODULES, *, plugins: list[str
     flows = {name: found[name] for name in FLOW_NAMES}
     if plugins:
         from flows.pipeline import flow_of
-        from pipelines.stages import plugin_stages
+        from pipelines.engine.stages import plugin_stages
 
         flows |= {stage.name: flow_of(stage) for path in plugins for stage in plugin_stages(path)}
     return flows

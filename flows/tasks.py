@@ -1,8 +1,8 @@
 """Prefect tasks: one verb-noun task per stage (``Stage.task_name``: ``extract_structure``), each a thin wrapper
-over ``pipelines.engine.run_chunk`` (the chunk is computed in the engine's worker processes, or in the task's own
+over ``pipelines.engine.execute.run_chunk`` (the chunk is computed in the engine's worker processes, or in the task's own
 process on a Dask worker).
 
-What is done is decided by the stage store alone (``pipelines.plan``), never by a Prefect cache: tasks run with
+What is done is decided by the stage store alone (``pipelines.engine.plan``), never by a Prefect cache: tasks run with
 ``NO_CACHE`` and persist no results. A retried or resumed chunk is simply pending again until its part is written.
 """
 
@@ -13,7 +13,7 @@ from typing import Any, Callable
 from prefect import Task, task
 from prefect.cache_policies import NO_CACHE
 
-from pipelines.stages import STAGE_DEFINITIONS, Stage
+from pipelines.engine.stages import STAGE_DEFINITIONS, Stage
 
 
 def _chunk_task(stage: Stage) -> Task:
@@ -21,7 +21,7 @@ def _chunk_task(stage: Stage) -> Task:
 
     def run(item_keys: list[str], records: list, *, out_dir: str, stage_key: str, params: dict, runtime: dict,
             processes: int = 0) -> dict:
-        from pipelines.engine import run_chunk
+        from pipelines.engine.execute import run_chunk
 
         return run_chunk(name, item_keys, records, out_dir=out_dir, stage_key=stage_key, params=params,
                          runtime=runtime, processes=processes, source=source)

@@ -86,7 +86,7 @@ class OutputLayout:
 
     @property
     def eval_embeddings(self) -> Path:
-        """The evaluated split's embeddings per model (``structxlip.evaluate.write_embeddings``; the explorer's map)."""
+        """The evaluated split's embeddings per model (``structxlip.app.evaluate.write_embeddings``; the explorer's map)."""
         return self.eval_dir / "embeddings.npz"
 
     @property

@@ -8,6 +8,8 @@ batches done in that epoch, global step, skipped steps), every RNG state, the ru
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import os
 import pickle
 import random
@@ -20,7 +22,6 @@ import numpy as np
 import torch
 
 from storage.atomic import atomic_path, storage_error_from
-from structxlip.faults import kill_point
 from structxlip.model_files import ModelLoadError, model_load_error
 
 # Bump when this module's results change: it enters the cache key of every stage that imports it.
@@ -106,8 +107,10 @@ def save_checkpoint(
     config: dict[str, Any] | None = None,
     rng: dict[str, Any] | None = None,
     run_key: str | None = None,
+    before_replace: Callable[[], None] | None = None,
 ) -> Path:
-    """Write a checkpoint atomically (temporary file + rename) and return its path.
+    """Write a checkpoint atomically (temporary file + rename) and return its path. ``before_replace`` is called
+    when the temporary file is complete, before it is renamed onto ``path`` (the training loop's crash point).
 
     A full disk raises OSError(ENOSPC) naming the file and the free space (torch's own message is an
     ``[enforce fail at inline_container.cc]`` line); the previous checkpoint stays in place.
@@ -129,7 +132,8 @@ def save_checkpoint(
     try:
         with atomic_path(path) as tmp:
             torch.save(payload, tmp)
-            kill_point("checkpoint_write", step)
+            if before_replace is not None:
+                before_replace()
     except (RuntimeError, OSError) as exc:
         storage_error = storage_error_from(exc, path)
         if storage_error is None:

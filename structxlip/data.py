@@ -195,7 +195,7 @@ def open_rgb(path: str | os.PathLike, *, via_grey: bool = False) -> Image.Image:
     ``via_grey`` converts to grey first (structure maps: the reference reads them as ``"L"`` then RGB, so a colour
     map becomes its luminance).
     """
-    from pipelines.images import image_orientation, orient_image
+    from pipelines.steps.images import image_orientation, orient_image
 
     try:
         with Image.open(path) as opened:

@@ -12,7 +12,7 @@ import sys
 
 class DeviceUnavailableError(RuntimeError):
     """An explicitly requested device is not on this machine; one line. A fact about the environment, never about
-    an item being processed (``pipelines.errors``)."""
+    an item being processed (``pipelines.steps.errors``)."""
 
 
 def cuda_available() -> bool:

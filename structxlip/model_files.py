@@ -7,7 +7,7 @@ captioner folders) reads through ``reading_model_file``, so a damaged file is re
     incomplete metadata, file not fully covered): re-export or re-download it
 
 ``ModelLoadError`` says the environment is broken, not an item: a pipeline stage that meets it fails (and records
-nothing) instead of recording a failed row per image (``pipelines.errors`` classifies it by its name).
+nothing) instead of recording a failed row per image (``pipelines.steps.errors`` classifies it by its name).
 """
 
 from __future__ import annotations

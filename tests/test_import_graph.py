@@ -3,9 +3,9 @@
 Every import statement of every module of the project packages counts, read with ``ast`` (nothing is imported):
 module-level, function-level and ``if TYPE_CHECKING:`` ones alike. A type-only import still makes the importing module
 depend on the imported one, so a lower module that needs a type of a higher one declares what it reads instead (as
-``pipelines.stages.PipelineView`` does for ``pipelines.plan.Pipeline``). An edge goes to the module actually imported:
-``from pipelines import workers`` to ``pipelines.workers``, ``from pipelines.stages import Stage`` to
-``pipelines.stages``, ``from storage import X`` (X no submodule) to the package ``storage`` (its ``__init__``). Imports
+``pipelines.engine.stages.PipelineView`` does for ``pipelines.engine.plan.Pipeline``). An edge goes to the module actually imported:
+``from pipelines import workers`` to ``pipelines.engine.workers``, ``from pipelines.engine.stages import Stage`` to
+``pipelines.engine.stages``, ``from storage import X`` (X no submodule) to the package ``storage`` (its ``__init__``). Imports
 made from strings at run time (``importlib.import_module``) are not seen."""
 
 from __future__ import annotations
@@ -137,8 +137,8 @@ def test_the_project_has_no_import_cycle():
     edges = sum(len(targets) for targets in graph.values())
     # Found the whole project, not next to nothing: 77 modules and 301 edges when this was written.
     assert len(graph) > 60 and edges > 200, f"only {len(graph)} modules and {edges} imports found under {ROOT}"
-    assert graph["pipelines.engine"] >= {"pipelines.plan", "pipelines.stages"}
-    assert "pipelines.structure" in graph["pipelines.stages"]  # a function-level import
+    assert graph["pipelines.engine.execute"] >= {"pipelines.engine.plan", "pipelines.engine.stages"}
+    assert "pipelines.steps.structure" in graph["pipelines.engine.stages"]  # a function-level import
     cycles = import_cycles(graph)
     assert cycles == [], "import circles:\n" + "\n".join(" -> ".join(cycle_path(graph, c)) for c in cycles)
 
@@ -167,3 +167,48 @@ def test_function_level_relative_and_type_checking_imports_are_edges(tmp_path):
     assert graph["pkg.c"] == {"pkg.a", "pkg.sub.b"} and graph["pkg.d"] == {"pkg.a"}
     assert import_cycles(graph) == [["pkg.a", "pkg.c", "pkg.sub.b"]]
     assert cycle_path(graph, ["pkg.a", "pkg.c", "pkg.sub.b"]) == ["pkg.a", "pkg.sub.b", "pkg.c", "pkg.a"]
+
+
+# Each folder holds one job and imports only the jobs below it (a module belongs to its longest listed prefix).
+FORBIDDEN = {
+    "storage": ("configs", "pipelines", "structxlip", "flows", "benchmarks"),
+    "configs": ("pipelines", "structxlip", "flows", "benchmarks"),
+    "pipelines.steps": ("pipelines.engine", "pipelines.reporting", "structxlip.app", "flows", "benchmarks"),
+    "structxlip": ("pipelines.engine", "pipelines.reporting", "structxlip.app", "flows", "benchmarks"),
+    "pipelines.engine": ("pipelines.reporting", "flows", "benchmarks"),
+    "pipelines.reporting": ("structxlip.app", "flows", "benchmarks"),
+    "structxlip.app": ("flows", "benchmarks"),
+    "flows": ("benchmarks",),
+}
+
+
+def _job(module: str) -> str | None:
+    """The job (a key of FORBIDDEN) of ``module``: its longest listed package prefix."""
+    matches = [job for job in FORBIDDEN if module == job or module.startswith(job + ".")]
+    return max(matches, key=len) if matches else None
+
+
+def _is_under(module: str, package: str) -> bool:
+    return module == package or module.startswith(package + ".")
+
+
+def layering_violations(graph: dict[str, set[str]]) -> list[str]:
+    """Return ``"a -> b"`` for every import of a job above its own (see FORBIDDEN)."""
+    found = []
+    for module, targets in sorted(graph.items()):
+        job = _job(module)
+        for target in sorted(targets):
+            if job and _job(target) != job and any(_is_under(target, above) for above in FORBIDDEN[job]):
+                found.append(f"{module} -> {target}")
+    return found
+
+
+def test_each_job_imports_only_the_jobs_below_it():
+    graph = project_graph()
+    # The folders exist and hold their modules: stage libraries, engine, reporting, training library and application.
+    assert {"pipelines.steps.regions", "pipelines.engine.plan", "pipelines.reporting.report", "structxlip.losses",
+            "structxlip.app.train"} <= set(graph)
+    assert layering_violations(graph) == []
+    assert layering_violations({"structxlip.losses": {"structxlip.app.train"}, "storage.layout": {"storage.atomic"},
+                                "pipelines.steps.regions": {"pipelines.engine.workers", "structxlip.models"}}) == \
+        ["pipelines.steps.regions -> pipelines.engine.workers", "structxlip.losses -> structxlip.app.train"]

@@ -15,8 +15,8 @@ import numpy as np
 import pyarrow as pa
 from pydantic import Field
 
-from pipelines.images import load_grey_resized
-from pipelines.stages import Params, Stage, row_schema
+from pipelines.steps.images import load_grey_resized
+from pipelines.engine.stages import Params, Stage, row_schema
 from storage.atomic import write_png
 
 
@@ -52,7 +52,7 @@ class XDoG(Stage):
     description = "Write the XDoG line drawing (eXtended Difference of Gaussians) of every ingested image."
     task_name, task_doc = "draw_xdog_lines", "Write the XDoG line drawings of one chunk of images."
     Params = XDoGParams
-    modules = ("pipelines.images", "storage.atomic")  # project code the drawings depend on (their VERSION)
+    modules = ("pipelines.steps.images", "storage.atomic")  # project code the drawings depend on (their VERSION)
     upstream = ("ingest",)
     schema = row_schema(pa.field("xdog_path", pa.string()))
     manifest_fields = (pa.field("xdog_path", pa.string()),)

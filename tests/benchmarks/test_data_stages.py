@@ -48,8 +48,7 @@ def _spin(seconds: float) -> int:
 
 
 def test_worker_cpu_counts_the_engine_workers_only():
-    from pipelines import workers
-
+    from pipelines.engine import workers
     workers.shutdown()
     try:
         pool = workers.pool(2)

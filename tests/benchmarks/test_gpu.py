@@ -61,7 +61,7 @@ def test_structure_workload_on_cpu():
 
 def test_clip_scoring_and_training_workloads_on_cpu_with_the_tiny_clip(tmp_path):
     from structxlip.models import TINY_CLIP, resolve_model_source
-    from structxlip.synthetic import make_synthetic_manifest
+    from structxlip.app.synthetic import make_synthetic_manifest
 
     model = Path(resolve_model_source(TINY_CLIP))
     image_row, text_row = gpu.measure_clip_scoring(model, "cpu", n=3, repeats=1, warmup=0)

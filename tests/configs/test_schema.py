@@ -78,7 +78,7 @@ def test_overrides_are_validated(tmp_path):
 
 
 def test_vocab_dir_exists_and_stage_names():
-    from pipelines.stages import STAGE_DEFINITIONS
+    from pipelines.engine.stages import STAGE_DEFINITIONS
 
     assert (CONFIGS_DIR / "vocab").is_dir()
     assert tuple(STAGE_DEFINITIONS) == ("ingest", "structure", "regions", "captions", "filter", "manifest", "train",

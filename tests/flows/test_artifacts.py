@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from flows import artifacts
-from pipelines import render
+from pipelines.reporting import render
 from storage.atomic import write_jpeg, write_png
 from storage.layout import OutputLayout
 from storage.manifest import bbox

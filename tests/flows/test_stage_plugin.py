@@ -80,7 +80,7 @@ def test_the_plugin_stage_flow_runs_in_prefect_and_is_served(plugin_run, prefect
     from configs import load_config
     from flows.pipeline import flow_of
     from flows.serve import build_deployments, discover_flows
-    from pipelines.stages import registry
+    from pipelines.engine.stages import registry
 
     images, out, config, _env, _first = plugin_run
     plugin_config = load_config(config)

@@ -10,7 +10,7 @@ import yaml
 
 from flows.cli import main
 from storage.layout import OutputLayout
-from structxlip.synthetic import make_synthetic_manifest
+from structxlip.app.synthetic import make_synthetic_manifest
 
 
 def test_train_on_a_full_disk_is_one_line_saying_where(tiny_clip_dir, tmp_path, capsys, monkeypatch):

@@ -96,7 +96,7 @@ def test_the_run_after_the_kills_equals_an_uninterrupted_run(baseline, killed_ou
 # ---- (b) SIGKILL during training, then --resume -------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def training(tmp_path_factory, tiny_clip_dir):
-    from structxlip.synthetic import make_synthetic_manifest
+    from structxlip.app.synthetic import make_synthetic_manifest
 
     root = tmp_path_factory.mktemp("train-kill")
     manifest = make_synthetic_manifest(root / "data", n_images=16, image_size=48, seed=1)  # 10 train images

@@ -10,7 +10,7 @@ import pytest
 import torch
 import yaml
 
-from structxlip.synthetic import make_synthetic_manifest
+from structxlip.app.synthetic import make_synthetic_manifest
 from tests.hardening.conftest import run_cli
 
 pytestmark = pytest.mark.e2e

@@ -20,7 +20,7 @@ from flows.cli import main
 from storage.layout import OutputLayout, PathEscapeError
 from storage.manifest import manifest_table, read_manifest
 from storage.parquet import write_parquet_atomic
-from structxlip.synthetic import make_synthetic_manifest
+from structxlip.app.synthetic import make_synthetic_manifest
 from tests.hardening.conftest import SECRET_TOKEN
 from tests.structxlip.test_train import Exploit
 

@@ -9,7 +9,7 @@ import json
 import pytest
 import yaml
 
-from structxlip.synthetic import make_synthetic_manifest
+from structxlip.app.synthetic import make_synthetic_manifest
 from tests.hardening.conftest import DATA_STAGES, assert_one_line_error, run_cli
 
 pytestmark = pytest.mark.e2e

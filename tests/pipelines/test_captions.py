@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from pipelines.captions import (
+from pipelines.steps.captions import (
     Assignment,
     Captioner,
     ClipImageTransform,
@@ -17,7 +17,7 @@ from pipelines.captions import (
     score_local_captions,
     split_sentences,
 )
-from pipelines.filtering import load_spacy
+from pipelines.steps.filtering import load_spacy
 from storage.atomic import write_jpeg, write_png
 from storage.layout import OutputLayout
 from storage.manifest import bbox
@@ -446,7 +446,7 @@ def test_score_local_captions_generates_missing_captions(chunk, nlp, tiny_scorer
 
 
 def test_scorer_reads_the_text_length_from_the_model(tiny_clip_dir):
-    from pipelines.captions import ClipScorer
+    from pipelines.steps.captions import ClipScorer
 
     assert ClipScorer(str(tiny_clip_dir), device="cpu", batch_size=8).max_text_tokens == 77
 
@@ -457,7 +457,7 @@ def test_clauses_cut_by_offsets_equal_spacy_sentence_spans():
 
     import spacy
 
-    from pipelines.captions import _clauses
+    from pipelines.steps.captions import _clauses
 
     def by_spans(doc):
         return [c.strip() for sent in doc.sents for c in sent.text.split(";")

@@ -8,15 +8,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipelines.captions import (
+from pipelines.steps.captions import (
     CaptionInputError,
     ClipScorer,
     draft_scale,
     load_source_crops,
     score_local_captions,
 )
-from pipelines.filtering import load_spacy
-from pipelines.images import load_rgb, thumbnail_size
+from pipelines.steps.filtering import load_spacy
+from pipelines.steps.images import load_rgb, thumbnail_size
 from storage.atomic import write_jpeg, write_png
 from storage.layout import OutputLayout
 from storage.manifest import bbox

@@ -1,4 +1,4 @@
-"""pipelines.engine's end-of-run table: the first failures are always shown and every count is right, the manifest's
+"""pipelines.engine.execute's end-of-run table: the first failures are always shown and every count is right, the manifest's
 failed rows included."""
 
 from __future__ import annotations
@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from types import SimpleNamespace
 
-from pipelines.engine import _manifest_counts, format_summary
+from pipelines.engine.execute import _manifest_counts, format_summary
 
 
 def _stage(name: str, failed: int, failures: int, **extra) -> dict:

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.filtering import CaptionFilter, base_forms, load_spacy, load_vocabulary
-from pipelines.hard_negatives import filter_captions
+from pipelines.steps.filtering import CaptionFilter, base_forms, load_spacy, load_vocabulary
+from pipelines.steps.hard_negatives import filter_captions
 
 VOCAB_DIR = Path(__file__).resolve().parents[2] / "configs" / "vocab"
 
@@ -345,7 +345,7 @@ def test_the_indexed_attribute_ruler_sets_what_the_matcher_sets_on_hand_made_pat
     import spacy
     from spacy.tokens import Doc
 
-    from pipelines.filtering import _IndexedPatterns, _indexed_ruler_class
+    from pipelines.steps.filtering import _IndexedPatterns, _indexed_ruler_class
 
     nlp = spacy.blank("en")
     patterns = [
@@ -387,7 +387,7 @@ def test_the_indexed_attribute_ruler_sets_what_the_matcher_sets_on_hand_made_pat
 def test_a_pattern_the_index_does_not_handle_keeps_the_matcher():
     import spacy
 
-    from pipelines.filtering import _IndexedPatterns
+    from pipelines.steps.filtering import _IndexedPatterns
 
     nlp = spacy.blank("en")
     assert _IndexedPatterns.from_ruler(_plain_ruler(nlp, [{"patterns": [[{"LOWER": "a", "OP": "+"}]],

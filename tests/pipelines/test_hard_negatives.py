@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.filtering import load_spacy, load_vocabulary
-from pipelines.hard_negatives import find_replaceables, make_hard_negatives
+from pipelines.steps.filtering import load_spacy, load_vocabulary
+from pipelines.steps.hard_negatives import find_replaceables, make_hard_negatives
 
 VOCAB_DIR = Path(__file__).resolve().parents[2] / "configs" / "vocab"
 

@@ -1,4 +1,4 @@
-"""pipelines.images: every mode to RGB, EXIF orientation, size guard, clear errors; the fast grey path's sizes."""
+"""pipelines.steps.images: every mode to RGB, EXIF orientation, size guard, clear errors; the fast grey path's sizes."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipelines.images import ImageInfo, ImageLoadError, load_grey_resized, load_rgb, thumbnail_size, validate_image
+from pipelines.steps.images import ImageInfo, ImageLoadError, load_grey_resized, load_rgb, thumbnail_size, validate_image
 from tests.pipelines.conftest import png_header_only, save_rgb
 
 MAX = 10_000_000
@@ -291,7 +291,7 @@ def test_grey_resized_edges_match_pil_baseline(tmp_path):
 
 
 def test_antialias_kernel_is_pils_bicubic_widened_by_the_scale():
-    from pipelines.images import _antialias_kernel
+    from pipelines.steps.images import _antialias_kernel
 
     # By hand, bicubic (a = -0.5) at t / 1.25 for t = 0, 1, 2: 1, 0.168, -0.048; normalised by their sum 1.24.
     expected = np.array([-0.048, 0.168, 1.0, 0.168, -0.048]) / 1.24
@@ -304,7 +304,7 @@ def test_antialias_kernel_is_pils_bicubic_widened_by_the_scale():
 @pytest.mark.parametrize("size", [(640, 480), (1000, 750), (2600, 1900)])
 def test_resize_like_pil_edges_closer_to_pil_than_area(size):
     """PIL's thumbnail (bicubic; box-reduce first past 4x) is the reference; INTER_AREA is the simple alternative."""
-    from pipelines.images import resize_like_pil
+    from pipelines.steps.images import resize_like_pil
 
     width, height = size
     rng = np.random.default_rng(7)
@@ -381,7 +381,7 @@ _ORIENTED_FORMATS = ("jpg", "png", "webp", "tif")
 @pytest.mark.parametrize("suffix", _ORIENTED_FORMATS)
 @pytest.mark.parametrize("orientation", range(1, 9))
 def test_every_loader_shows_the_displayed_image(tmp_path, suffix, orientation):
-    from pipelines.captions import load_source_crops, load_thumbnail
+    from pipelines.steps.captions import load_source_crops, load_thumbnail
     from structxlip.data import open_rgb
 
     stored = _blocks()

@@ -1,4 +1,4 @@
-"""pipelines.ingest: folder scanning, caption sources and cleaning, content ids and per-file failures."""
+"""pipelines.steps.ingest: folder scanning, caption sources and cleaning, content ids and per-file failures."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipelines.ingest import SourceImage, clean_caption, ingest_images, read_captions, scan_images
+from pipelines.steps.ingest import SourceImage, clean_caption, ingest_images, read_captions, scan_images
 from storage.hashing import content_key
 from tests.pipelines.conftest import png_header_only, save_rgb
 
@@ -530,7 +530,7 @@ def test_caption_problems_read_as_file_and_line(tmp_path):
 
 
 def test_oversized_sidecar_and_captions_files_are_reported_not_read(tmp_path, monkeypatch):
-    import pipelines.ingest as ingest
+    import pipelines.steps.ingest as ingest
 
     _tiny(tmp_path / "a.png")
     (tmp_path / "a.txt").write_text("x" * 101)

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from configs.schema import IngestConfig
-from pipelines.ingest import ingest_images, read_captions, scan_images
+from pipelines.steps.ingest import ingest_images, read_captions, scan_images
 from storage.filenames import storable_path
 from tests.corpus import CAPTIONS_FILE, IMAGES_DIR, NON_UTF8_KEY, NON_UTF8_NAME, make_bad_corpus
 
@@ -122,7 +122,7 @@ def test_a_non_utf8_file_name_is_one_image_stored_readably_and_opened_again(inge
 
     import pyarrow as pa
 
-    from pipelines.images import load_rgb
+    from pipelines.steps.images import load_rgb
     from storage.filenames import source_file
 
     folder, _, scan, captions, by_name = ingested

@@ -9,7 +9,7 @@ import duckdb
 import pyarrow.parquet as pq
 import pytest
 
-from pipelines.manifest import assign_split, build_manifest_rows, failed_image_id, write_manifest
+from pipelines.steps.manifest import assign_split, build_manifest_rows, failed_image_id, write_manifest
 from storage.layout import OutputLayout
 from storage.manifest import bbox, read_manifest
 
@@ -151,7 +151,7 @@ def test_write_manifest_refuses_repeated_ids(tmp_path):
 
 def test_a_rewrite_is_swapped_in_whole_readers_see_old_or_new(tmp_path, monkeypatch):
     """While the new manifest is written, the folder still holds exactly the old one; then the new one, whole."""
-    import pipelines.manifest as manifest_module
+    import pipelines.steps.manifest as manifest_module
 
     layout = OutputLayout(tmp_path)
     old = write_manifest(layout, _rows("abcd", tag="old")).written_parts

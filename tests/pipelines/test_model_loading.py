@@ -13,7 +13,7 @@ from structxlip.model_files import ModelLoadError
 
 
 def test_clip_scorer_names_damaged_weights(tiny_clip_dir, tmp_path):
-    from pipelines.captions import ClipScorer
+    from pipelines.steps.captions import ClipScorer
 
     folder = tmp_path / "clip"
     shutil.copytree(tiny_clip_dir, folder)
@@ -24,7 +24,7 @@ def test_clip_scorer_names_damaged_weights(tiny_clip_dir, tmp_path):
 
 
 def test_captioner_names_a_damaged_config(tiny_clip_dir, tmp_path):
-    from pipelines.captions import Captioner
+    from pipelines.steps.captions import Captioner
 
     folder = tmp_path / "captioner"
     shutil.copytree(tiny_clip_dir, folder)
@@ -36,7 +36,7 @@ def test_captioner_names_a_damaged_config(tiny_clip_dir, tmp_path):
 
 def test_sam_checkpoint_named_when_truncated(tmp_path):
     pytest.importorskip("segment_anything")
-    from pipelines.regions import build_sam
+    from pipelines.steps.regions import build_sam
 
     checkpoint = tmp_path / "sam_vit_b.pth"
     torch.save({"image_encoder.pos_embed": torch.zeros(1000)}, checkpoint)

@@ -7,9 +7,9 @@ import json
 import shutil
 
 from configs import load_config
-from pipelines.engine import run_inline
-from pipelines.manifest import build_manifest_rows
-from pipelines.plan import Pipeline
+from pipelines.engine.execute import run_inline
+from pipelines.steps.manifest import build_manifest_rows
+from pipelines.engine.plan import Pipeline
 from storage.manifest import read_manifest
 from tests.corpus import make_generated_images
 

@@ -1,6 +1,6 @@
 """The staged pipeline (chunks, stage store, sentence-only splitter, shared models) writes the manifest that the
 plain library calls give, one call per stage over every image, with the full spaCy parser splitting sentences. The
-pipeline runs its CPU stages in two engine worker processes (pipelines.workers)."""
+pipeline runs its CPU stages in two engine worker processes (pipelines.engine.workers)."""
 
 from __future__ import annotations
 
@@ -12,16 +12,16 @@ import pyarrow.parquet as pq
 
 from benchmarks.common import tolerant_edge_iou
 from configs.schema import load_config
-from pipelines.captions import ClipScorer, score_local_captions
-from pipelines.engine import run_inline
-from pipelines.filtering import CaptionFilter, load_spacy
-from pipelines.hard_negatives import filter_captions
-from pipelines.ingest import ingest_images, read_captions, scan_images
-from pipelines.manifest import build_manifest_rows
-from pipelines.plan import Pipeline
-from pipelines.regions import propose_regions
-from pipelines.stages import STAGE_DEFINITIONS, library_arguments, stage_keys
-from pipelines.structure import extract_structure
+from pipelines.steps.captions import ClipScorer, score_local_captions
+from pipelines.engine.execute import run_inline
+from pipelines.steps.filtering import CaptionFilter, load_spacy
+from pipelines.steps.hard_negatives import filter_captions
+from pipelines.steps.ingest import ingest_images, read_captions, scan_images
+from pipelines.steps.manifest import build_manifest_rows
+from pipelines.engine.plan import Pipeline
+from pipelines.steps.regions import propose_regions
+from pipelines.engine.stages import STAGE_DEFINITIONS, library_arguments, stage_keys
+from pipelines.steps.structure import extract_structure
 from storage.layout import OutputLayout
 from tests.corpus import make_generated_images
 from tests.manifests import assert_same

@@ -12,10 +12,10 @@ import shutil
 import pytest
 
 from configs import load_config
-from pipelines import stages as stage_module
-from pipelines.engine import StageFailed, run_inline
-from pipelines.plan import Pipeline
-from pipelines.stages import PipelineView
+from pipelines.engine import stages as stage_module
+from pipelines.engine.execute import StageFailed, run_inline
+from pipelines.engine.plan import Pipeline
+from pipelines.engine.stages import PipelineView
 from tests.corpus import make_generated_images
 
 DATA = ["ingest", "structure", "regions", "captions", "filter", "manifest"]
@@ -135,7 +135,7 @@ def test_a_moved_output_folder_stays_cached_through_train_and_evaluate(folder, t
 
 
 def test_preflight_names_the_key_and_the_fix(folder, tmp_path, monkeypatch):
-    from pipelines.plan import preflight
+    from pipelines.engine.plan import preflight
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-hub"))
@@ -156,7 +156,7 @@ def test_preflight_names_the_key_and_the_fix(folder, tmp_path, monkeypatch):
 
 
 def test_preflight_checks_the_sam_model_only_when_regions_use_sam(folder, tmp_path, monkeypatch):
-    from pipelines.plan import preflight
+    from pipelines.engine.plan import preflight
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-hub"))
@@ -168,7 +168,7 @@ def test_preflight_checks_the_sam_model_only_when_regions_use_sam(folder, tmp_pa
 
 
 def test_missing_inputs_names_the_stage_its_input_and_the_stages_that_make_it(folder, tmp_path):
-    from pipelines.plan import missing_inputs
+    from pipelines.engine.plan import missing_inputs
 
     pipeline = _pipeline(folder, tmp_path / "out")
     data = "ingest,structure,regions,captions,filter,manifest"

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from pipelines.quality import (
+from pipelines.reporting.quality import (
     edge_density,
     output_quality_report,
     failure_stage,
@@ -141,7 +141,7 @@ def test_quality_tables_flatten_the_report(tiny_manifest):
 
 
 def test_output_quality_report_reads_a_synthetic_folder(tmp_path):
-    from structxlip.synthetic import make_synthetic_manifest
+    from structxlip.app.synthetic import make_synthetic_manifest
 
     make_synthetic_manifest(tmp_path, n_images=4, image_size=64)
     report = output_quality_report(tmp_path, vocab_dir=CONFIGS_DIR / "vocab")

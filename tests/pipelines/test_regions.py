@@ -1,4 +1,4 @@
-"""pipelines.regions: NMS == torchvision's, box scaling, the structure proposer finds drawn shapes, the real
+"""pipelines.steps.regions: NMS == torchvision's, box scaling, the structure proposer finds drawn shapes, the real
 SamAutomaticMaskGenerator code path on a tiny random SAM (boxes in original pixels, area filter)."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipelines.regions import (
+from pipelines.steps.regions import (
     RegionsSetupError,
     nms,
     propose_regions,
@@ -20,7 +20,7 @@ from pipelines.regions import (
     select_boxes,
     structure_boxes,
 )
-from pipelines.structure import extract_structure
+from pipelines.steps.structure import extract_structure
 from storage.layout import OutputLayout
 from tests.pipelines.conftest import save_rgb, shapes_canvas
 

@@ -1,4 +1,4 @@
-"""pipelines.grouping and the regions stage's ``grouping`` proposer: exact boxes of flat shapes, the drawn shapes
+"""pipelines.steps.grouping and the regions stage's ``grouping`` proposer: exact boxes of flat shapes, the drawn shapes
 through the stage, recall on generated scenes with known boxes, which proposer ``auto`` resolves to."""
 
 from __future__ import annotations
@@ -6,9 +6,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipelines.grouping import grouping_boxes
-from pipelines.regions import propose_regions, resolve_region_method, select_boxes
-from pipelines.structure import extract_structure
+from pipelines.steps.grouping import grouping_boxes
+from pipelines.steps.regions import propose_regions, resolve_region_method, select_boxes
+from pipelines.steps.structure import extract_structure
 from storage.layout import OutputLayout
 from tests.pipelines.conftest import save_rgb, shapes_canvas
 from tests.pipelines.test_regions import SHAPES
@@ -137,7 +137,7 @@ def test_grouping_handles_tiny_and_thin_images(shape):
 
 
 def test_superpixels_label_every_pixel_once_numbered_from_zero_and_deterministically():
-    from pipelines.grouping import superpixels
+    from pipelines.steps.grouping import superpixels
 
     work = make_scene(3, size=(192, 144)).rgb
     labels = superpixels(work, 12)

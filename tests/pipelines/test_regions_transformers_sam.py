@@ -1,4 +1,4 @@
-"""pipelines.regions with SAM from transformers (``regions.sam_model``): tiny randomly initialised SAM and SAM 2
+"""pipelines.steps.regions with SAM from transformers (``regions.sam_model``): tiny randomly initialised SAM and SAM 2
 models saved with ``save_pretrained`` and loaded from their folders through the ``mask-generation`` pipeline, as a
 hub id would be; mask boxes by hand; boxes in original pixels; one-line setup errors."""
 
@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from pipelines.regions import (
+from pipelines.steps.regions import (
     RegionsSetupError,
     build_sam_pipeline,
     cached_sam_pipeline,
@@ -19,7 +19,7 @@ from pipelines.regions import (
     sam_model_boxes,
     select_boxes,
 )
-from pipelines.structure import extract_structure
+from pipelines.steps.structure import extract_structure
 from storage.layout import OutputLayout
 from tests.pipelines.conftest import save_rgb, shapes_canvas
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import pyarrow.compute as pc
 import pytest
 
-from pipelines.report import (
+from pipelines.reporting.report import (
     _script_json,
     _Thumbnails,
     config_differences,
@@ -27,11 +27,11 @@ from pipelines.report import (
     read_training_rows,
     row_quantities,
 )
-from pipelines.report_plots import recall_groups
+from pipelines.reporting.report_plots import recall_groups
 from storage.layout import OutputLayout
 from storage.manifest import bbox, manifest_table, read_manifest
 from storage.parquet import parquet_parts, write_parquet_atomic
-from structxlip.synthetic import make_scaled_manifest, make_synthetic_manifest
+from structxlip.app.synthetic import make_scaled_manifest, make_synthetic_manifest
 
 ROOT = Path(__file__).resolve().parents[2]
 ARTIFACTS_DIR = ROOT / "tests" / "_artifacts"
@@ -192,7 +192,7 @@ def test_embedding_map_projects_each_kind_and_keeps_manifest_rows(tmp_path):
 
 
 def test_placeholder_text_in_the_title_does_not_move_the_data(tmp_path):
-    from pipelines.report import write_report
+    from pipelines.reporting.report import write_report
 
     make_synthetic_manifest(tmp_path, n_images=3, image_size=48)
     page = write_report(tmp_path, title="__DATA__ and __MAP__", max_edge_maps=0).path.read_text()
@@ -205,7 +205,7 @@ def test_placeholder_text_in_the_title_does_not_move_the_data(tmp_path):
 def test_compared_run_links_the_other_folders_maps_from_this_page(tmp_path):
     from urllib.parse import unquote
 
-    from pipelines.report import compared_run
+    from pipelines.reporting.report import compared_run
 
     make_synthetic_manifest(tmp_path / "run a", n_images=3, image_size=48)
     make_synthetic_manifest(tmp_path / "run b", n_images=4, image_size=48)  # the same 3 images and one more

@@ -20,8 +20,8 @@ import numpy as np
 import pytest
 
 from configs import load_config
-from pipelines.engine import run_inline
-from pipelines.plan import Pipeline, record_config
+from pipelines.engine.execute import run_inline
+from pipelines.engine.plan import Pipeline, record_config
 from storage.layout import OutputLayout
 from storage.manifest import read_manifest
 from tests.chromium import Page, chromium
@@ -40,7 +40,7 @@ CONFIG = {"model.clip_model": "structxlip/tiny-clip", "regions.method": "structu
 TRAIN_CONFIG = """model: {clip_model: structxlip/tiny-clip}
 train: {epochs: 1, batch_size: 2, device: cpu}
 """
-WORDS = r"[A-Za-z0-9]+(?:['\-][A-Za-z0-9]+)*"  # pipelines.quality.WORD_PATTERN, in DuckDB's regex dialect
+WORDS = r"[A-Za-z0-9]+(?:['\-][A-Za-z0-9]+)*"  # pipelines.reporting.quality.WORD_PATTERN, in DuckDB's regex dialect
 
 
 def _cli(*args: str, timeout: int = 600) -> str:

@@ -12,7 +12,7 @@ import pytest
 
 from configs import ConfigError, load_config
 from configs.plugins import import_plugin
-from pipelines.stages import STAGE_DEFINITIONS, data_stage_names, parse_stages, registry, stage_keys
+from pipelines.engine.stages import STAGE_DEFINITIONS, data_stage_names, parse_stages, registry, stage_keys
 from tests.test_import_graph import PACKAGES, ROOT, project_modules
 
 EXAMPLE = ROOT / "examples" / "stage_plugin"
@@ -109,8 +109,8 @@ def test_no_project_module_names_the_plugin():
 
 
 def test_a_stage_reads_only_the_rows_of_the_stages_it_depends_on(tmp_path):
-    from pipelines.engine import run_inline
-    from pipelines.plan import Pipeline
+    from pipelines.engine.execute import run_inline
+    from pipelines.engine.plan import Pipeline
     from tests.corpus import make_generated_images
 
     images = tmp_path / "images"

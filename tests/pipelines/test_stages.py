@@ -10,10 +10,10 @@ import sys
 import pytest
 
 from configs import load_config
-from pipelines import stages
-from pipelines.stages import (STAGE_DEFINITIONS, model_identity, module_version, parse_stages, stage_keys,
+from pipelines.engine import stages
+from pipelines.engine.stages import (STAGE_DEFINITIONS, model_identity, module_version, parse_stages, stage_keys,
                               text_item_key)
-from structxlip.train import train_arguments
+from structxlip.app.train import train_arguments
 
 
 def test_stage_keys_chain_forward_only():
@@ -75,7 +75,7 @@ def test_every_train_key_reaches_the_trainer():
     config = load_config()
     definition = STAGE_DEFINITIONS["train"]
     arguments = train_arguments(config.model.clip_model, definition.params(config).train, definition.runtime(config))
-    from structxlip.train import Objective, train
+    from structxlip.app.train import Objective, train
 
     accepted = set(inspect.signature(train).parameters)
     assert set(arguments) <= accepted
@@ -93,7 +93,7 @@ def test_parse_stages_orders_and_rejects_unknown():
 
 
 def test_stage_definitions_import_no_prefect_torch_or_spacy():
-    code = ("import sys, pipelines.stages, pipelines.plan, pipelines.engine; "
+    code = ("import sys, pipelines.engine.stages, pipelines.engine.plan, pipelines.engine.execute; "
             "print(sorted(m for m in ('prefect', 'torch', 'spacy') if m in sys.modules))")
     import subprocess
 
@@ -102,7 +102,7 @@ def test_stage_definitions_import_no_prefect_torch_or_spacy():
 
 
 def test_module_version_is_read_without_import_and_matches_the_module(tmp_path, monkeypatch):
-    assert module_version("pipelines.manifest") == importlib.import_module("pipelines.manifest").VERSION
+    assert module_version("pipelines.steps.manifest") == importlib.import_module("pipelines.steps.manifest").VERSION
     package = tmp_path / "fakepkg"
     package.mkdir()
     (package / "__init__.py").write_text("")
@@ -118,22 +118,21 @@ def test_module_version_is_read_without_import_and_matches_the_module(tmp_path, 
 
 def test_a_stage_key_covers_the_versions_of_what_its_run_imports(monkeypatch):
     """Keys from imports: bumping the grouping proposer's VERSION recomputes regions and every later stage, nothing
-    before; the modules are found from the imports (regions reaches pipelines.grouping and pipelines.images)."""
+    before; the modules are found from the imports (regions reaches pipelines.steps.grouping and pipelines.steps.images)."""
     from configs import load_config
-    from pipelines import stages
-
+    from pipelines.engine import stages
     covered = stages.imported_modules(STAGE_DEFINITIONS["regions"].modules)
-    assert {"pipelines.regions", "pipelines.grouping", "pipelines.images"} <= set(covered)
-    assert "pipelines.stages" not in covered and "pipelines.engine" not in covered  # the engine is not a result
+    assert {"pipelines.steps.regions", "pipelines.steps.grouping", "pipelines.steps.images"} <= set(covered)
+    assert "pipelines.engine.stages" not in covered and "pipelines.engine.execute" not in covered  # the engine is not a result
     train = stages.imported_modules(STAGE_DEFINITIONS["train"].modules)
     assert {"structxlip.losses", "structxlip.data", "structxlip.models", "structxlip.text"} <= set(train)
-    assert all(module_version(name) not in ("0", "missing") for name in ("structxlip.train", "structxlip.losses",
+    assert all(module_version(name) not in ("0", "missing") for name in ("structxlip.app.train", "structxlip.losses",
                                                                           "structxlip.data", "structxlip.metrics"))
     config = load_config(overrides={"model.clip_model": "structxlip/tiny-clip", "regions.method": "grouping"})
     before = stage_keys(config)
     real = stages.module_version
     monkeypatch.setattr(stages, "module_version",
-                        lambda name: "bumped" if name == "pipelines.grouping" else real(name))
+                        lambda name: "bumped" if name == "pipelines.steps.grouping" else real(name))
     after = stage_keys(config)
     assert [s for s in before if before[s] == after[s]] == ["ingest", "structure"]
     assert [s for s in before if before[s] != after[s]] == ["regions", "captions", "filter", "manifest", "train",

@@ -1,4 +1,4 @@
-"""pipelines.structure: hand-checkable maps, the stage's files and records, pool == serial, OpenCV ~ kornia."""
+"""pipelines.steps.structure: hand-checkable maps, the stage's files and records, pool == serial, OpenCV ~ kornia."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipelines.structure import (
+from pipelines.steps.structure import (
     KorniaExtractor,
     StructureParams,
     canny_map,
@@ -22,7 +22,7 @@ from pipelines.structure import (
     sobel_map,
     torch_maps,
 )
-from pipelines.images import load_grey_resized
+from pipelines.steps.images import load_grey_resized
 from storage.layout import OutputLayout
 from tests.pipelines.conftest import save_rgb
 
@@ -160,7 +160,7 @@ def test_a_failing_disk_fails_the_chunk_instead_of_recording_bad_images(tmp_path
     def no_space(path, data, **kwargs):
         raise OSError(code, os.strerror(code), str(path))
 
-    monkeypatch.setattr("pipelines.structure.atomic_write_bytes", no_space)
+    monkeypatch.setattr("pipelines.steps.structure.atomic_write_bytes", no_space)
     with pytest.raises(OSError) as info:
         extract_structure(records, layout=OutputLayout(tmp_path / "out"), stage_key="k", backend="opencv")
     assert info.value.errno == code

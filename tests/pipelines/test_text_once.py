@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.captions import SentenceSplitter, _clauses, sentence_clauses, split_sentences
-from pipelines.filtering import load_spacy, load_vocabulary
-from pipelines.hard_negatives import find_replaceables, make_hard_negatives
+from pipelines.steps.captions import SentenceSplitter, _clauses, sentence_clauses, split_sentences
+from pipelines.steps.filtering import load_spacy, load_vocabulary
+from pipelines.steps.hard_negatives import find_replaceables, make_hard_negatives
 from tests.corpus import make_generated_images
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -104,8 +104,7 @@ def test_hard_negatives_equal_the_golden_outputs(parser):
 def test_torch_threads_sized_to_cores_processes_and_load(monkeypatch):
     import os as _os
 
-    from pipelines import captions
-
+    from pipelines.steps import captions
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.setattr(_os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)
     monkeypatch.setattr(_os, "getloadavg", lambda: (0.2, 0.0, 0.0))
@@ -122,7 +121,7 @@ def test_torch_threads_sized_to_cores_processes_and_load(monkeypatch):
 
 def test_captions_runtime_counts_local_worker_processes():
     from configs.schema import load_config
-    from pipelines.stages import STAGE_DEFINITIONS, stage_keys
+    from pipelines.engine.stages import STAGE_DEFINITIONS, stage_keys
 
     captions = STAGE_DEFINITIONS["captions"]
     local = load_config(None, {"captions.device": "cpu", "runtime.workers": 4})

@@ -5,16 +5,16 @@ from __future__ import annotations
 
 import os
 import time
+from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
 
 from configs import load_config
-from pipelines import workers
-from pipelines.engine import run_inline
-from pipelines.plan import MAX_CHUNK, MIN_CHUNK, Pipeline, auto_chunk_size
-from pipelines.stages import ITEMS_PER_WORKER, local_workers, usable_cpus
-from structxlip import faults
+from pipelines.engine import workers
+from pipelines.engine.execute import run_inline
+from pipelines.engine.plan import MAX_CHUNK, MIN_CHUNK, Pipeline, auto_chunk_size
+from pipelines.engine.stages import ITEMS_PER_WORKER, local_workers, usable_cpus
 from tests.corpus import make_generated_images
 
 DATA = ["ingest", "structure", "regions", "captions", "filter", "manifest"]
@@ -65,6 +65,16 @@ def test_each_worker_gets_its_share_of_the_cores(fresh_pool):
     assert [pool.submit(os.getenv, "OMP_NUM_THREADS").result() for _ in range(4)] == [expected] * 4
 
 
+CRASH_ON = Path(__file__).resolve().parents[1] / "plugins" / "crash_on.py"
+
+
+def _crash_config(tmp_path, **overrides):
+    """The test config with the crash_on stage plugin (its worker dies on the image CRASH_ON names)."""
+    path = tmp_path / "crash.yaml"
+    path.write_text(f"plugins: [{CRASH_ON}]\n")
+    return load_config(path, overrides={**CONFIG, **overrides})
+
+
 def _rows(out):
     table = pq.read_table(sorted((out / "manifest").glob("*.parquet")))
     rows = sorted(table.to_pylist(), key=lambda r: r["source_path"])
@@ -89,19 +99,20 @@ def test_a_worker_that_dies_fails_only_its_item_and_the_pool_recovers(tmp_path, 
     images = tmp_path / "images"
     make_generated_images(images, 10, size=(96, 72), seed=3)
     victim = sorted(p.name for p in images.glob("*.jpg"))[4]
-    monkeypatch.setenv(faults.ENV, f"item@{victim}")
-    pipeline = Pipeline(images, tmp_path / "out", load_config(overrides={**CONFIG, "runtime.workers": 2,
-                                                                          "runtime.chunk_size": 4}))
-    (ingest, structure) = run_inline(pipeline, ["ingest", "structure"])
-    assert (ingest["processed"], ingest["failed"]) == (9, 1)
-    (failure,) = ingest["failures"]
+    monkeypatch.setenv("CRASH_ON", victim)
+    pipeline = Pipeline(images, tmp_path / "out", _crash_config(tmp_path, **{"runtime.workers": 2,
+                                                                             "runtime.chunk_size": 4}))
+    (ingest, crashed, structure) = run_inline(pipeline, ["ingest", "crash_on", "structure"])
+    assert (ingest["processed"], ingest["failed"]) == (10, 0)
+    assert (crashed["processed"], crashed["failed"]) == (9, 1)
+    (failure,) = crashed["failures"]
     assert failure["file"] == victim
     assert "worker process died" in failure["reason"]
-    assert (structure["processed"], structure["failed"]) == (9, 0)  # the pool was rebuilt and kept working
+    assert (structure["processed"], structure["failed"]) == (10, 0)  # the pool was rebuilt and kept working
 
-    monkeypatch.delenv(faults.ENV)
+    monkeypatch.delenv("CRASH_ON")
     workers.shutdown()
-    again = run_inline(Pipeline(images, tmp_path / "out", pipeline.config), ["ingest"], refresh=("ingest",))
+    again = run_inline(Pipeline(images, tmp_path / "out", pipeline.config), ["crash_on"], refresh=("crash_on",))
     assert (again[0]["processed"], again[0]["failed"]) == (10, 0)
 
 
@@ -111,17 +122,17 @@ def test_chunks_in_flight_when_another_chunks_worker_dies_are_never_blamed(tmp_p
     images = tmp_path / "images"
     make_generated_images(images, 12, size=(64, 48), seed=4)
     names = sorted(p.name for p in images.glob("*.jpg"))
-    monkeypatch.setenv(faults.ENV, f"item@{names[5]}")
-    pipeline = Pipeline(images, tmp_path / "out", load_config(overrides={**CONFIG, "runtime.workers": 2,
-                                                                          "runtime.chunk_size": 1}))
-    (ingest,) = run_inline(pipeline, ["ingest"])
-    assert [f["file"] for f in ingest["failures"]] == [names[5]]
-    assert (ingest["processed"], ingest["failed"]) == (11, 1)
+    monkeypatch.setenv("CRASH_ON", names[5])
+    pipeline = Pipeline(images, tmp_path / "out", _crash_config(tmp_path, **{"runtime.workers": 2,
+                                                                             "runtime.chunk_size": 1}))
+    (_, crashed) = run_inline(pipeline, ["ingest", "crash_on"])
+    assert [f["file"] for f in crashed["failures"]] == [names[5]]
+    assert (crashed["processed"], crashed["failed"]) == (11, 1)
 
 
 SLOW_OR_FATAL = """
 import os, time
-from pipelines.stages import Params, Stage, row_schema
+from pipelines.engine.stages import Params, Stage, row_schema
 
 class SlowOrFatal(Stage):
     name = "slow_or_fatal"
@@ -152,7 +163,7 @@ def test_a_chunk_in_flight_when_another_chunks_worker_dies_is_computed_again_not
     # the victim kills its worker again wherever it is retried. Only the victim may fail.
     from concurrent.futures import ThreadPoolExecutor
 
-    from pipelines.engine import compute_isolated
+    from pipelines.engine.execute import compute_isolated
 
     plugin = tmp_path / "slow_or_fatal.py"
     plugin.write_text(SLOW_OR_FATAL)
@@ -173,7 +184,7 @@ def test_a_chunk_in_flight_when_another_chunks_worker_dies_is_computed_again_not
 
 KILLED_OWNER = """
 import os, signal, sys
-from pipelines import workers
+from pipelines.engine import workers
 pool = workers.pool(2)
 pids = sorted({pool.submit(os.getpid).result() for _ in range(8)} | {pool.submit(os.getpid).result()})
 print(" ".join(map(str, pids)), flush=True)

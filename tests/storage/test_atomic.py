@@ -110,7 +110,6 @@ def test_save_checkpoint_on_a_full_disk_raises_one_line_and_keeps_the_old_checkp
     import torch
 
     from structxlip import checkpoint
-
     path = tmp_path / "last.pt"
     checkpoint.save_checkpoint(path, model_state={"w": torch.ones(2)}, optimizer_state={}, step=1, epoch=0,
                                batch_in_epoch=1, rng={"python": 0})
@@ -129,8 +128,7 @@ def test_save_checkpoint_on_a_full_disk_raises_one_line_and_keeps_the_old_checkp
 
 
 def test_exporting_the_model_on_a_full_disk_says_so(tmp_path, monkeypatch):
-    from structxlip import train
-
+    from structxlip.app import train
     class SafetensorError(Exception):  # what safetensors raises for an I/O error: not an OSError
         pass
 

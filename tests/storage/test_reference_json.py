@@ -15,7 +15,7 @@ from storage.reference_json import (
     import_reference_json,
     read_reference_json,
 )
-from structxlip.synthetic import make_synthetic_manifest
+from structxlip.app.synthetic import make_synthetic_manifest
 
 REFERENCE_KEYS = {"original_filename", "original_caption", "original_filename_structure", "segment"}
 PATH_COLUMNS = ("structure_path", "scribble_path")

@@ -10,7 +10,7 @@ import pytest
 from storage.manifest import read_manifest, resolve_manifest_path
 from storage.selection import read_ids, select_manifest
 from structxlip.data import load_records
-from structxlip.synthetic import make_synthetic_manifest
+from structxlip.app.synthetic import make_synthetic_manifest
 
 
 @pytest.fixture(scope="module")

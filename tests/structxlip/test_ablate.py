@@ -8,8 +8,8 @@ import json
 import pytest
 import yaml
 
-import structxlip.ablate as ablation
-from structxlip.ablate import (
+import structxlip.app.ablate as ablation
+from structxlip.app.ablate import (
     VARIANTS,
     AblationData,
     ablate,
@@ -21,8 +21,8 @@ from structxlip.ablate import (
     variant_objective,
 )
 from structxlip.models import TINY_CLIP
-from structxlip.shapes_benchmark import benchmark_manifest, make_benchmark
-from structxlip.train import Objective
+from structxlip.app.shapes_benchmark import benchmark_manifest, make_benchmark
+from structxlip.app.train import Objective
 
 
 def test_variants_switch_off_exactly_the_other_structure_terms():
@@ -123,8 +123,8 @@ def test_ablation_end_to_end_is_resumable(tmp_path, monkeypatch):
     def no_training(*args, **kwargs):
         raise AssertionError("a finished run was trained again")
 
-    monkeypatch.setattr("structxlip.train.train", no_training)
-    monkeypatch.setattr("structxlip.evaluate.evaluate", no_training)
+    monkeypatch.setattr("structxlip.app.train.train", no_training)
+    monkeypatch.setattr("structxlip.app.evaluate.evaluate", no_training)
     again = ablate(data, tmp_path / "out", **run)
     assert again.table == result.table
     assert ablation.RESULT_FILE == "result.json"

@@ -10,7 +10,7 @@ import yaml
 from flows.cli import main
 from storage.layout import OutputLayout
 from storage.manifest import read_manifest
-from structxlip.synthetic import make_synthetic_manifest
+from structxlip.app.synthetic import make_synthetic_manifest
 
 
 @pytest.fixture(scope="module")

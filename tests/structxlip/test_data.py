@@ -19,7 +19,7 @@ from structxlip.data import (
     load_records,
     open_rgb,
 )
-from structxlip.synthetic import make_synthetic_manifest
+from structxlip.app.synthetic import make_synthetic_manifest
 
 
 @pytest.fixture(scope="module")

@@ -13,8 +13,8 @@ import torch.multiprocessing as mp
 
 from storage.layout import OutputLayout
 from structxlip.data import ImagePreprocessor, StructXLIPCollator, StructXLIPDataset, load_records
-from structxlip.synthetic import make_synthetic_manifest
-from structxlip.train import StructXLIPEncoder, compute_objective
+from structxlip.app.synthetic import make_synthetic_manifest
+from structxlip.app.train import StructXLIPEncoder, compute_objective
 
 WORLD = 2
 WEIGHTS = {"global": 1.0, "structure_centric": 1.0, "consistency": 0.0, "local": 0.0, "hard_negative": 0.0}
@@ -42,7 +42,7 @@ def _worker(rank: int, port: int, model_dir: str, manifest: str, batch, out: str
     torch.set_num_threads(1)
     from structxlip.distributed import init_distributed, shutdown_distributed
     from structxlip.models import load_clip
-    from structxlip.train import train
+    from structxlip.app.train import train
 
     context = init_distributed("cpu")
     try:

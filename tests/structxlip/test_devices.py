@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipelines.errors import is_environment_error
+from pipelines.steps.errors import is_environment_error
 from structxlip.devices import DeviceUnavailableError, resolve_device
 
 

@@ -9,8 +9,8 @@ import torch
 
 from structxlip import metrics
 from structxlip.data import ImagePreprocessor, StructXLIPCollator, StructXLIPDataset, load_records
-from structxlip.evaluate import EncodedSplit, evaluate, metrics_table, retrieval_metrics, split_report
-from structxlip.synthetic import make_synthetic_manifest
+from structxlip.app.evaluate import EncodedSplit, evaluate, metrics_table, retrieval_metrics, split_report
+from structxlip.app.synthetic import make_synthetic_manifest
 
 
 def test_retrieval_metrics_is_reexported():
@@ -134,7 +134,7 @@ def test_loading_is_loud_about_missing_and_unexpected_keys(data, tiny_clip_dir, 
 
 
 def test_bf16_precision_changes_the_encoding_on_cpu(data, tiny_clip_dir):
-    from structxlip.evaluate import encode_split
+    from structxlip.app.evaluate import encode_split
     from structxlip.models import load_clip
 
     loaded = load_clip(tiny_clip_dir, max_text_tokens=77)

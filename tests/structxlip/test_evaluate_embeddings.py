@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from structxlip.data import load_records
-from structxlip.evaluate import encode_records, evaluate, load_model_for_eval
-from structxlip.synthetic import make_synthetic_manifest
+from structxlip.app.evaluate import encode_records, evaluate, load_model_for_eval
+from structxlip.app.synthetic import make_synthetic_manifest
 
 
 @pytest.fixture(scope="module")

@@ -15,10 +15,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from structxlip.evaluate import evaluate
+from structxlip.app.evaluate import evaluate
 from structxlip.models import SMALL_CLIP
-from structxlip.shapes_benchmark import benchmark_manifest, make_benchmark
-from structxlip.train import Objective, train
+from structxlip.app.shapes_benchmark import benchmark_manifest, make_benchmark
+from structxlip.app.train import Objective, train
 
 IMAGES = 360
 EPOCHS = 12

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from structxlip.data import TrainingRecord, caption_choice, records_from_rows
-from structxlip.evaluate import EncodedSplit, metrics_table, split_report
+from structxlip.app.evaluate import EncodedSplit, metrics_table, split_report
 from structxlip.metrics import group_match_ranks, match_ranks, retrieval_metrics, retrieval_report
 
 # 3 images x 2 captions. Images are the unit vectors e0, e1, e2 (of R^4); each caption is (s0, s1, s2, pad) with
@@ -210,9 +210,9 @@ def _with_extra_captions(out):
 
 def test_evaluate_with_several_captions_matches_a_slow_loop(tiny_clip_dir, tmp_path):
     from structxlip.data import load_records
-    from structxlip.evaluate import evaluate
+    from structxlip.app.evaluate import evaluate
     from structxlip.models import load_clip
-    from structxlip.synthetic import make_synthetic_manifest
+    from structxlip.app.synthetic import make_synthetic_manifest
 
     out = tmp_path / "data"
     make_synthetic_manifest(out, n_images=7, image_size=48, seed=5)
@@ -250,8 +250,8 @@ def test_evaluate_with_several_captions_matches_a_slow_loop(tiny_clip_dir, tmp_p
 def test_training_on_several_captions_resumes_exactly(tiny_clip_dir, tmp_path):
     from storage.layout import OutputLayout
     from structxlip.checkpoint import load_checkpoint
-    from structxlip.synthetic import make_synthetic_manifest
-    from structxlip.train import train
+    from structxlip.app.synthetic import make_synthetic_manifest
+    from structxlip.app.train import train
 
     data = tmp_path / "data"
     make_synthetic_manifest(data, n_images=12, image_size=48, seed=1)

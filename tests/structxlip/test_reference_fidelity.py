@@ -195,7 +195,7 @@ def _expected_terms(json_path: Path, model_dir: Path, *, pool_unfiltered: bool) 
 
 
 def _first_step(json_path: Path, out: Path, model_dir: Path, **options) -> dict:
-    from structxlip.train import train
+    from structxlip.app.train import train
 
     train(json_path, out, clip_model=str(model_dir), epochs=1, batch_size=6, max_text_tokens=MAX_TOKENS,
           device="cpu", progress=False, max_steps=1, **options)

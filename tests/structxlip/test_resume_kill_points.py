@@ -1,7 +1,7 @@
 """Exact resume after a SIGKILL at every boundary of a training step, and the resume modes a pipeline relies on.
 
 Each kill is driven deterministically: the training subprocess gets ``STRUCTXLIP_KILL_AT=<point>@<step>`` and
-SIGKILLs itself exactly there (structxlip/faults.py), so the result does not depend on the machine's load. The
+SIGKILLs itself exactly there (structxlip/app/faults.py), so the result does not depend on the machine's load. The
 resumed run must end with the same bits (weights and optimiser state) as an uninterrupted run, and metrics.jsonl
 must hold every step exactly once.
 
@@ -21,9 +21,9 @@ import torch
 
 from storage.layout import OutputLayout
 from structxlip.checkpoint import load_checkpoint, save_checkpoint
-from structxlip.faults import ENV
-from structxlip.synthetic import make_synthetic_manifest
-from structxlip.train import _remove_leftovers, _truncate_metrics, train
+from structxlip.app.faults import ENV
+from structxlip.app.synthetic import make_synthetic_manifest
+from structxlip.app.train import _remove_leftovers, _truncate_metrics, train
 from tests.zygote import run_python
 
 REPO = Path(__file__).resolve().parents[2]
@@ -33,7 +33,7 @@ RUN_KEY = "run-a"
 TRAIN = dict(epochs=2, batch_size=4, lr=1e-3, max_text_tokens=77, progress=False, device="cpu", seed=5,
              logit_scale_max=2.0, checkpoint_every_steps=1, drop_last=False)
 STEPS = 6
-RUNNER = "import json, sys; from structxlip.train import train; a = json.loads(sys.argv[1]); " \
+RUNNER = "import json, sys; from structxlip.app.train import train; a = json.loads(sys.argv[1]); " \
          "train(a.pop('manifest'), a.pop('out'), **a)"
 
 

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import torch
 
-from structxlip.evaluate import compute_rankings, evaluate
+from structxlip.app.evaluate import compute_rankings, evaluate
 from structxlip.retrieval_ranks import rank_queries
-from structxlip.synthetic import make_synthetic_manifest
+from structxlip.app.synthetic import make_synthetic_manifest
 
 ROOT = Path(__file__).resolve().parents[2]
 

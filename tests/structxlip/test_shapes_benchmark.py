@@ -9,9 +9,9 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from pipelines.ingest import read_captions, scan_images
+from pipelines.steps.ingest import read_captions, scan_images
 from storage.manifest import read_manifest
-from structxlip.shapes_benchmark import (
+from structxlip.app.shapes_benchmark import (
     COLOURS,
     HOME_COLOUR,
     Shape,

@@ -12,8 +12,8 @@ import torch.nn.functional as F
 from storage.layout import OutputLayout
 from structxlip.checkpoint import CheckpointError, capture_rng_state, load_checkpoint, restore_rng_state
 from structxlip.data import ImagePreprocessor, StructXLIPCollator, StructXLIPDataset, load_records
-from structxlip.synthetic import make_synthetic_manifest
-from structxlip.train import Objective, StructXLIPEncoder, compute_objective, make_optimizer, train
+from structxlip.app.synthetic import make_synthetic_manifest
+from structxlip.app.train import Objective, StructXLIPEncoder, compute_objective, make_optimizer, train
 
 TRAIN = dict(epochs=2, batch_size=4, lr=1e-3, max_text_tokens=77, progress=False, device="cpu", seed=5,
              logit_scale_max=2.0)
@@ -275,7 +275,7 @@ def test_resume_mid_epoch_gives_the_same_weights_as_a_straight_run(manifest, tmp
 
 
 def test_non_finite_loss_skips_the_optimizer_step(manifest, tmp_path, tiny_clip_dir, monkeypatch):
-    import structxlip.train as train_module
+    import structxlip.app.train as train_module
 
     real = train_module.global_loss
     calls = []

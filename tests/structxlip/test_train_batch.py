@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from structxlip.synthetic import make_synthetic_manifest
-from structxlip.train import _check_one_batch, train
+from structxlip.app.synthetic import make_synthetic_manifest
+from structxlip.app.train import _check_one_batch, train
 
 
 @pytest.mark.parametrize("pairs, batch_size, world_size, fix", [

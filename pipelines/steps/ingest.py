@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator, NamedTuple, Sequence
 
-from pipelines.errors import one_line
-from pipelines.images import ImageLoadError, validate_image
+from pipelines.steps.errors import one_line
+from pipelines.steps.images import ImageLoadError, validate_image
 from storage.filenames import display_path, storable_path
 from storage.hashing import bytes_digest, content_key
 from storage.layout import IMAGE_ID_LENGTH

@@ -1,4 +1,5 @@
-"""Fault injection for tests: SIGKILL this process at a named point of training, chosen by an environment variable.
+"""Crash points of the training application: SIGKILL this process at a named point of training, chosen by an
+environment variable (the resume tests use them; the libraries and the data engine do not import this module).
 
 ``STRUCTXLIP_KILL_AT=<point>@<step>`` (for example ``metrics_write@5``) kills the process the moment training reaches
 ``<point>`` of global step ``<step>``; points without a step (``export``) are named alone. Unset, as it always is
@@ -12,8 +13,7 @@ Points, in the order a step reaches them:
 ``after_checkpoint`` the step's checkpoint is in place
 ``export``           the exported model's staging folder is complete, not yet swapped in (no step)
 
-Data stages have one point, ``item@<file name>``: the process computing a chunk that holds that file dies before
-computing it (a decoder crash, the OOM killer), as ``pipelines.workers`` must survive.
+(A data stage's worker that dies is tested with a stage plugin that exits on a named image: tests/plugins/crash_on.py.)
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import os
 import signal
 
 ENV = "STRUCTXLIP_KILL_AT"
-POINTS = ("step", "metrics_write", "checkpoint_write", "after_checkpoint", "export", "item")
+POINTS = ("step", "metrics_write", "checkpoint_write", "after_checkpoint", "export")
 
 
 def kill_requested(point: str, step: int | None = None) -> bool:

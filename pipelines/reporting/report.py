@@ -30,8 +30,8 @@ from importlib import resources
 from pathlib import Path, PurePosixPath
 from urllib.parse import quote, unquote
 
-from pipelines.quality import caption_words, quality_report, removed_spans, vocabulary_categories
-from pipelines.report_plots import quality_plots, recall_png, training_curves_png
+from pipelines.reporting.quality import caption_words, quality_report, removed_spans, vocabulary_categories
+from pipelines.reporting.report_plots import quality_plots, recall_png, training_curves_png
 from storage.atomic import atomic_write_bytes, atomic_write_text
 from storage.hashing import content_key
 from storage.layout import IMAGE_ID_LENGTH, OutputLayout, PathEscapeError
@@ -399,7 +399,7 @@ def _script_json(value: object) -> str:
 
 
 def _asset(name: str) -> str:
-    return resources.files("pipelines").joinpath("report_assets", name).read_text(encoding="utf-8")
+    return resources.files("pipelines.reporting").joinpath("report_assets", name).read_text(encoding="utf-8")
 
 
 def write_report(

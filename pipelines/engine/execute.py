@@ -4,7 +4,7 @@ and summarise. The orchestrator (Prefect tasks in ``flows/``, or plain calls) on
 Failure rules:
 - An exception while processing one item (an undecodable crop, a 2 MB caption spaCy refuses) becomes that item's
   ``failed`` row with a one-line reason; the chunk is retried item by item so the other items complete.
-- An environment error (``pipelines.errors``: a model that cannot load, CUDA out of memory, the network, a full or
+- An environment error (``pipelines.steps.errors``: a model that cannot load, CUDA out of memory, the network, a full or
   read-only disk) fails the whole chunk: nothing of it is recorded, so the next run retries it once the cause is
   fixed. The stage then ends failed. So does any error of a whole-dataset stage (manifest, train, evaluate): a failed
   training is never recorded as done.
@@ -14,18 +14,16 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
-import os
 import time
 from pathlib import Path
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any, Callable, Iterable, Iterator
 
-from pipelines import workers as pool
-from pipelines.errors import REASON_CHARS, describe_failure, is_environment_error, one_line
-from pipelines.plan import StagePlan, first_failures
-from pipelines.stages import Stage, find_stage
+from pipelines.engine import workers as pool
+from pipelines.steps.errors import REASON_CHARS, describe_failure, is_environment_error, one_line
+from pipelines.engine.plan import StagePlan, first_failures
+from pipelines.engine.stages import Stage, find_stage
 from storage.layout import OutputLayout
-from structxlip import faults
 from storage.manifest import STATUS_FAILED, STATUS_OK
 from storage.stage_store import ITEM_KEY, OUTPUTS, StageStore, output_records
 
@@ -40,7 +38,7 @@ class StageFailed(RuntimeError):
 
 
 def _run_isolated(stage: Stage, records: list, layout: OutputLayout, call: Callable[[list], list[dict]]) -> list[dict]:
-    """Run ``call`` on the chunk; if it raises for an item (not the environment: ``pipelines.errors``), run each
+    """Run ``call`` on the chunk; if it raises for an item (not the environment: ``pipelines.steps.errors``), run each
     record alone so one bad item fails alone."""
     try:
         rows = call(records)
@@ -61,9 +59,6 @@ def compute_rows(stage_name: str, records: list, *, out_dir: str, stage_key: str
     ``source``: the plugin file defining the stage (None: a built-in stage)."""
     stage = find_stage(stage_name, source)
     layout = OutputLayout(out_dir)
-    if os.environ.get(faults.ENV):
-        for record in records:
-            faults.kill_point("item", stage.label(record))
 
     def call(chunk: list) -> list[dict]:
         return stage.run(chunk, layout=layout, stage_key=stage_key, params=params, runtime=runtime)

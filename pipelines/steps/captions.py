@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipelines.errors import one_line
+from pipelines.steps.errors import one_line
 from storage.layout import OutputLayout
 from storage.manifest import STATUS_FAILED, STATUS_OK
 from structxlip.devices import resolve_device
@@ -32,7 +32,7 @@ VERSION = "3"  # 2: sentences from sentence-only splitters (the parser where the
 
 GROUP_CLIP_BATCHES = 4  # images go through CLIP in groups holding about this many scorer batches of crops
 FULL_IMAGE_LONG_SIDE = 448  # CLIP sees 224 px; every crop and full image is thumbnailed to this long side first
-MAX_PIXELS = 178_956_970  # pipelines.images' default: PIL's own bomb guard, which the old decode relied on
+MAX_PIXELS = 178_956_970  # pipelines.steps.images' default: PIL's own bomb guard, which the old decode relied on
 _DCT_SCALES = (8, 4, 2)  # JPEG reduced decoding factors, largest first
 CAPTION_SOURCE_GENERATED = "generated"
 _TERMINAL = (".", "!", "?", "…")
@@ -92,7 +92,7 @@ class SentenceSplitter:
     def __init__(self, spacy_model: str = "en_core_web_sm"):
         import spacy
 
-        from pipelines.filtering import load_spacy_components
+        from pipelines.steps.filtering import load_spacy_components
 
         self.spacy_model = spacy_model
         self.senter = load_spacy_components(spacy_model, ("senter",))
@@ -109,7 +109,7 @@ class SentenceSplitter:
             found.append(first if first == second else None)
         disputed = [n for n, clauses in enumerate(found) if clauses is None]
         if disputed:
-            from pipelines.filtering import load_spacy
+            from pipelines.steps.filtering import load_spacy
 
             self.parsed += len(disputed)
             for n, doc in zip(disputed, load_spacy(self.spacy_model).pipe([texts[n] for n in disputed])):
@@ -457,7 +457,7 @@ def load_thumbnail(path: str | os.PathLike, long_side: int = FULL_IMAGE_LONG_SID
     """Return the image at ``path`` as (h, w, 3) uint8 RGB with its long side at most ``long_side`` (EXIF-oriented)."""
     from PIL import Image
 
-    from pipelines.images import image_orientation, orient_image
+    from pipelines.steps.images import image_orientation, orient_image
     from storage.filenames import display_path, source_file
 
     path = source_file(path)  # a source name with undecodable bytes is stored \xNN-escaped
@@ -505,11 +505,11 @@ def load_source_crops(
     exclusive; like a numpy slice of that image they are clipped to it, and a box left empty is an error. A JPEG is
     decoded at the ``draft_scale`` of the full image (when asked) and the crops, so each keeps the resolution a
     full-resolution decode would give it after shrinking to ``long_side`` (``_thumbnail``), which every item then gets.
-    Raises ``CaptionInputError`` (``pipelines.images``' one-line messages, naming the file) on any problem.
+    Raises ``CaptionInputError`` (``pipelines.steps.images``' one-line messages, naming the file) on any problem.
     """
     from PIL import Image
 
-    from pipelines.images import (ImageLoadError, _fail, _open_checked, _pil_to_rgb, displayed_box, image_orientation,
+    from pipelines.steps.images import (ImageLoadError, _fail, _open_checked, _pil_to_rgb, displayed_box, image_orientation,
                                   orient_image)
 
     try:
@@ -570,7 +570,7 @@ def _thumbnail(image, long_side: int) -> np.ndarray:
     PIL's ``thumbnail`` gives. CLIP's own transform then resizes it to its input size."""
     import cv2
 
-    from pipelines.images import thumbnail_size
+    from pipelines.steps.images import thumbnail_size
 
     array = np.array(image)  # writable: torch.from_numpy warns on read-only PIL buffers
     height, width = array.shape[:2]

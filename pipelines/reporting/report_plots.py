@@ -87,7 +87,7 @@ def counts_png(counts: list[list], *, title: str, xlabel: str = "count", horizon
 
 
 def quality_plots(report: dict) -> dict[str, bytes]:
-    """Return ``{name: PNG bytes}`` for a :func:`pipelines.quality.quality_report` dict."""
+    """Return ``{name: PNG bytes}`` for a :func:`pipelines.reporting.quality.quality_report` dict."""
     plots = {
         "caption_length": caption_length_png(report["caption_length"]),
         "removed_words": counts_png(report["removed_words"]["top"], title="Words removed by the filter (top)",

@@ -25,18 +25,18 @@ def _load_config(args: argparse.Namespace, overrides: dict | None = None, *, out
 
     overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
     if args.config is None and out_dir is not None and (out_dir / "manifest").is_dir():
-        from pipelines.plan import resolve_config
+        from pipelines.engine.plan import resolve_config
 
         return resolve_config(out_dir, None, overrides, overrides_source=_FLAGS)[0]
     return load_config(args.config, overrides, overrides_source=_FLAGS)
 
 
 def _train(args: argparse.Namespace) -> int:
-    from pipelines.stages import STAGE_DEFINITIONS
-    from structxlip.train import train_arguments
+    from pipelines.engine.stages import STAGE_DEFINITIONS
+    from structxlip.app.train import train_arguments
     from storage import lock
     from storage.layout import OutputLayout
-    from structxlip.train import train
+    from structxlip.app.train import train
 
     config = _load_config(args, {"train.epochs": args.epochs, "train.device": args.device,
                                  "train.batch_size": args.batch_size})
@@ -56,10 +56,10 @@ def _train(args: argparse.Namespace) -> int:
 def _evaluate(args: argparse.Namespace) -> int:
     import contextlib
 
-    from pipelines.stages import STAGE_DEFINITIONS
+    from pipelines.engine.stages import STAGE_DEFINITIONS
     from storage import lock
     from storage.manifest import manifest_root
-    from structxlip.evaluate import evaluate, metrics_table
+    from structxlip.app.evaluate import evaluate, metrics_table
 
     root = manifest_root(args.manifest)
     config = _load_config(args, {"evaluate.split": args.split, "evaluate.device": args.device,
@@ -83,7 +83,7 @@ def _evaluate(args: argparse.Namespace) -> int:
 def _rankings(args: argparse.Namespace) -> int:
     from storage.layout import OutputLayout
     from storage.manifest import manifest_root
-    from structxlip.evaluate import compute_rankings
+    from structxlip.app.evaluate import compute_rankings
 
     layout = manifest_root(args.manifest)
     config = _load_config(args, {"evaluate.split": args.split, "evaluate.device": args.device}, out_dir=layout.root)
@@ -115,7 +115,7 @@ def _model_choice(text: str) -> tuple[str, str]:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from pipelines.report import write_report
+    from pipelines.reporting.report import write_report
 
     config = _load_config(args)
     result = write_report(args.out, vocab_dir=config.filter.vocab_dir, thumbnail_px=args.thumbnail_px,
@@ -184,7 +184,7 @@ def _build_tiny_clip(args: argparse.Namespace) -> int:
 
 
 def _make_benchmark(args: argparse.Namespace) -> int:
-    from structxlip.shapes_benchmark import make_benchmark
+    from structxlip.app.shapes_benchmark import make_benchmark
 
     benchmark = make_benchmark(args.out, images=args.images, seed=args.seed, test_fraction=args.test_fraction,
                                image_size=args.image_size)
@@ -194,14 +194,14 @@ def _make_benchmark(args: argparse.Namespace) -> int:
 
 
 def _ablate(args: argparse.Namespace) -> int:
-    from structxlip.ablate import ablate, parse_variants, prepare_data
+    from structxlip.app.ablate import ablate, parse_variants, prepare_data
 
     config = _load_config(args, {"train.epochs": args.epochs, "train.device": args.device,
                                  "evaluate.device": args.device})
     variants = parse_variants(args.variants)
     if args.seeds < 1:
         raise ValueError(f"expected --seeds >= 1, got {args.seeds}")
-    from pipelines.stages import ablation_arguments
+    from pipelines.engine.stages import ablation_arguments
 
     objective, train_options, eval_options = ablation_arguments(config)
     train_options["progress"] = not args.no_progress

@@ -7,7 +7,7 @@ Proposers (``method``; ``resolve_region_method`` says which one ``auto`` means):
   (``sam_model``: a hub id such as ``facebook/sam-vit-base`` or a local folder; SAM, SAM-HQ and SAM 2 through the
   ``mask-generation`` pipeline) or a ``segment-anything`` checkpoint (``sam_checkpoint``).
 - ``grouping``: weight-free hierarchical grouping of colour segments with the structure map's edges
-  (``pipelines.grouping``); finds objects and parts in real photos.
+  (``pipelines.steps.grouping``); finds objects and parts in real photos.
 - ``structure``: boxes of connected groups of the structure map's edges (the first weight-free proposer; on
   cluttered photos its edges form one component above the area limit, so it often finds nothing).
 
@@ -26,10 +26,10 @@ from typing import Any, Callable
 import cv2
 import numpy as np
 
-from pipelines.errors import EnvironmentFailure, one_line
-from pipelines.grouping import grouping_boxes
-from pipelines.region_method import resolve_region_method
-from pipelines.images import ImageLoadError, load_rgb
+from pipelines.steps.errors import EnvironmentFailure, one_line
+from pipelines.steps.grouping import grouping_boxes
+from pipelines.steps.region_method import resolve_region_method
+from pipelines.steps.images import ImageLoadError, load_rgb
 from storage.atomic import raise_if_storage_error, write_jpeg, write_png
 from storage.layout import OutputLayout
 from storage.manifest import STATUS_FAILED, STATUS_OK, bbox
@@ -43,7 +43,7 @@ _ASPECT_TOLERANCE = 0.03
 
 class RegionsSetupError(EnvironmentFailure):
     """The region proposer cannot start (SAM checkpoint missing or unloadable); the message is one line. Never an
-    item's failure: the stage fails and records nothing (``pipelines.errors``)."""
+    item's failure: the stage fails and records nothing (``pipelines.steps.errors``)."""
 
 
 class RegionInputError(ValueError):

@@ -1,12 +1,12 @@
 """The train stage on N processes: ``train.nproc: N`` launches ``torchrun --standalone --nproc_per_node N`` (one
 process per GPU, gloo on CPU) from the stage, inside ``structxlip run`` and the deployments alike.
 
-Every rank runs ``structxlip.train.train`` with the stage's own arguments (``structxlip.train.train_arguments``);
+Every rank runs ``structxlip.app.train.train`` with the stage's own arguments (``structxlip.app.train.train_arguments``);
 rank 0 writes the checkpoints, the metrics, the exported model (the same layout as one process) and the result this
 module hands back to the stage. A killed run resumes from its last checkpoint like a single-process one. A rank that
 fails fails the stage with one line (the last error line of the ranks' output); nothing is recorded.
 
-Run by torchrun as ``python -m pipelines.distributed_train SPEC.json``.
+Run by torchrun as ``python -m pipelines.engine.distributed_train SPEC.json``.
 """
 
 from __future__ import annotations
@@ -24,8 +24,8 @@ MAX_ERROR_CHARS = 300
 
 def train_distributed(nproc: int, manifest: str | os.PathLike, out_dir: str | os.PathLike, *, clip_model: str,
                       train: dict, runtime: dict, resume: bool | str, run_key: str) -> SimpleNamespace:
-    """Train on ``nproc`` processes; return what ``structxlip.train.train`` returned on rank 0 (its fields)."""
-    from pipelines.workers import usable_cpus
+    """Train on ``nproc`` processes; return what ``structxlip.app.train.train`` returned on rank 0 (its fields)."""
+    from pipelines.engine.workers import usable_cpus
 
     with tempfile.TemporaryDirectory(prefix="structxlip-ddp-") as folder:
         spec_path, result_path = Path(folder) / "spec.json", Path(folder) / "result.json"
@@ -35,7 +35,7 @@ def train_distributed(nproc: int, manifest: str | os.PathLike, out_dir: str | os
         environment = {**os.environ, "OMP_NUM_THREADS": str(max(1, usable_cpus() // nproc))}
         done = subprocess.run(
             [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
-             "-m", "pipelines.distributed_train", str(spec_path)],
+             "-m", "pipelines.engine.distributed_train", str(spec_path)],
             env=environment, stdin=subprocess.DEVNULL, capture_output=True, text=True)
         if done.returncode != 0 or not result_path.is_file():
             raise RuntimeError(f"training on {nproc} processes failed (exit {done.returncode}): "
@@ -53,7 +53,7 @@ def _last_error(output: str) -> str:
 
 def main(spec_path: str) -> int:
     """One rank: train with the stage's arguments; rank 0 writes the result file."""
-    from structxlip.train import train, train_arguments
+    from structxlip.app.train import train, train_arguments
 
     spec = json.loads(Path(spec_path).read_text())
     arguments = train_arguments(spec["clip_model"], spec["train"], spec["runtime"])

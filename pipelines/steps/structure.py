@@ -17,8 +17,8 @@ from typing import Protocol, Sequence
 import cv2
 import numpy as np
 
-from pipelines.errors import one_line
-from pipelines.images import ImageLoadError, load_grey_resized
+from pipelines.steps.errors import one_line
+from pipelines.steps.images import ImageLoadError, load_grey_resized
 from storage.atomic import atomic_write_bytes, raise_if_storage_error, write_png
 from storage.layout import OutputLayout
 from storage.manifest import STATUS_FAILED, STATUS_OK
@@ -280,7 +280,7 @@ class StructureExtractor(Protocol):
 
 class OpenCVExtractor:
     """CPU backend: one image after another in this process. Parallelism is the engine's: it hands whole chunks to
-    its worker processes (``pipelines.workers``)."""
+    its worker processes (``pipelines.engine.workers``)."""
 
     name = "opencv"
 

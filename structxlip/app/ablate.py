@@ -20,8 +20,8 @@ import yaml
 
 from storage.atomic import atomic_write_text
 from storage.hashing import content_key
-from structxlip.evaluate import DIRECTIONS
-from structxlip.train import Objective
+from structxlip.app.evaluate import DIRECTIONS
+from structxlip.app.train import Objective
 
 ZERO_SHOT = "zero-shot"
 # Variant -> which structure terms it keeps (the global term is always on). Zero-shot trains nothing.
@@ -92,10 +92,10 @@ def run_data_pipeline(images_dir: Path, out_dir: Path, *, config_path: str | Pat
     engine, in this process and the engine's workers (cached: a re-run is cheap); print the run's table and raise
     when a stage fails. The run is recorded in ``out_dir/runs`` as a ``structxlip run`` is."""
     from configs import load_config
-    from pipelines import workers
-    from pipelines.engine import format_summary, run_inline, write_report
-    from pipelines.plan import Pipeline, missing_inputs, preflight, record_config
-    from pipelines.stages import data_stage_names
+    from pipelines.engine import workers
+    from pipelines.engine.execute import format_summary, run_inline, write_report
+    from pipelines.engine.plan import Pipeline, missing_inputs, preflight, record_config
+    from pipelines.engine.stages import data_stage_names
     from storage.lock import output_lock
 
     config = load_config(config_path)
@@ -125,7 +125,7 @@ def prepare_data(source: str | os.PathLike, data_dir: str | os.PathLike, *, conf
     ``make-benchmark`` (its ``train/`` and ``test/`` folders each go through the pipeline, every image of a folder in
     that folder's split), or any image folder (one pipeline run; the config's split ratios decide the held-out pairs).
     """
-    from structxlip.shapes_benchmark import read_benchmark
+    from structxlip.app.shapes_benchmark import read_benchmark
 
     source, data_dir = Path(source).expanduser(), Path(data_dir).expanduser()
     if not source.exists():
@@ -190,12 +190,12 @@ def run_variant(data: AblationData, run_dir: str | os.PathLike, *, variant: str,
     """Train (unless zero-shot) and evaluate one variant for one seed; return its result, also written to
     ``run_dir/result.json``. A run whose result exists is not repeated; an unfinished one resumes.
 
-    ``train_options`` / ``eval_options`` are keyword arguments of ``structxlip.train.train`` / ``evaluate`` (without
+    ``train_options`` / ``eval_options`` are keyword arguments of ``structxlip.app.train.train`` / ``evaluate`` (without
     the manifest, folders, model, objective and seed, which this function sets).
     """
     from storage.layout import OutputLayout
-    from structxlip.evaluate import evaluate
-    from structxlip.train import train
+    from structxlip.app.evaluate import evaluate
+    from structxlip.app.train import train
 
     run_dir = Path(run_dir)
     done = run_dir / RESULT_FILE

@@ -28,13 +28,13 @@ from configs.schema import TINY_CLIP, Config
 from storage.hashing import content_key, file_digest
 from storage.layout import OutputLayout
 from storage.manifest import EXTRA_CAPTION_TYPE, SEGMENT_TYPE, STATUS_FAILED, STATUS_OK
-from pipelines.workers import usable_cpus
+from pipelines.engine.workers import usable_cpus
 from storage.stage_store import ITEM_KEY, OUTPUT_TYPE, OUTPUTS
 from structxlip.devices import cuda_available
 
 if TYPE_CHECKING:
-    from pipelines.ingest import ScanResult
-    from pipelines.manifest import ManifestRows
+    from pipelines.steps.ingest import ScanResult
+    from pipelines.steps.manifest import ManifestRows
 
 _STATUS = [pa.field(ITEM_KEY, pa.string(), nullable=False), pa.field("image_id", pa.string()),
            pa.field("status", pa.string()), pa.field("error", pa.string()), pa.field(OUTPUTS, OUTPUT_TYPE)]
@@ -90,11 +90,12 @@ def module_version(name: str) -> str:
 # The library code a stage's key covers: stage libraries, the training library, storage. The engine (which imports
 # every stage) and the orchestration are not part of any stage's results.
 _KEYED_PACKAGES = ("pipelines", "structxlip", "storage")
-_NOT_KEYED = {"pipelines.stages", "pipelines.plan", "pipelines.engine", "pipelines.workers", "pipelines.errors",
-              "pipelines.distributed_train", "structxlip.faults", "structxlip.commands"}
+# The engine and reporting packages, the error classifier, the test fault points and the CLI: never keyed.
+_NOT_KEYED = ("pipelines.engine.", "pipelines.reporting.", "pipelines.steps.errors", "structxlip.app.faults",
+              "structxlip.app.commands")
 
 
-_PROJECT_ROOT = Path(__file__).resolve().parent.parent
+_PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
 
 def _module_file(name: str) -> Path | None:
@@ -145,7 +146,7 @@ def imported_modules(entry: tuple[str, ...]) -> tuple[str, ...]:
     pending = list(entry)
     while pending:
         name = pending.pop()
-        if name in seen or name in _NOT_KEYED:
+        if name in seen or name.startswith(_NOT_KEYED):
             continue
         seen.add(name)
         pending += _direct_imports(name)
@@ -208,8 +209,8 @@ def shared(key: tuple, factory: Callable[[], Any]) -> tuple[Any, threading.Lock]
                 built = factory()
             except Exception as exc:
                 # A model, pipeline or vocabulary that cannot be built is the environment's problem, never an item's:
-                # the chunk fails and nothing is recorded (pipelines.errors), so a re-run after the fix does the work.
-                from pipelines.errors import EnvironmentFailure, one_line
+                # the chunk fails and nothing is recorded (pipelines.steps.errors), so a re-run after the fix does the work.
+                from pipelines.steps.errors import EnvironmentFailure, one_line
 
                 raise EnvironmentFailure(f"could not load {key[0]} ({_describe(key)}): {one_line(exc)}") from exc
             _shared[key] = (built, threading.Lock())
@@ -248,7 +249,7 @@ def _freeze(value: Any) -> Any:
 # ---- the stage base ------------------------------------------------------------------------------------------------
 class PipelineView(Protocol):
     """What a stage reads of the run to list its items and gallery rows (``Stage.items``, ``Stage.example_rows``).
-    ``pipelines.plan.Pipeline`` provides it; declared here so the stage model does not import the planner above it."""
+    ``pipelines.engine.plan.Pipeline`` provides it; declared here so the stage model does not import the planner above it."""
 
     stages: dict[str, Stage]  # every stage of the run's config, in pipeline order
     keys: dict[str, str]  # stage name -> stage key
@@ -426,7 +427,7 @@ class Ingest(Stage):
     name = "ingest"
     description = "Hash, open and measure every new or changed image file in the folder."
     task_name, task_doc = "ingest_images", "Hash, open and measure one chunk of source files."
-    modules = ("pipelines.ingest", "pipelines.images")
+    modules = ("pipelines.steps.ingest", "pipelines.steps.images")
     rows_by_image = False  # one row per file: identical files share an image id
     schema = pa.schema([*_STATUS, pa.field("source_path", pa.string()), pa.field("width", pa.int32()),
                         pa.field("height", pa.int32()), pa.field("note", pa.string())])
@@ -441,7 +442,7 @@ class Ingest(Stage):
         return [(f.file_key, f) for f in pipeline.scan.files]
 
     def run(self, records, *, layout, stage_key, params, runtime):
-        from pipelines.ingest import ingest_images
+        from pipelines.steps.ingest import ingest_images
 
         return ingest_images(records, max_pixels=params["max_pixels"], max_aspect_ratio=params["max_aspect_ratio"],
                              max_file_bytes=params["max_file_bytes"])
@@ -470,7 +471,7 @@ class Structure(Stage):
     task_name, task_doc = "extract_structure", "Write the structure maps of one chunk of images."
     gallery = "structure"
     summary_params = ("backend",)
-    modules = ("pipelines.structure", "pipelines.images")
+    modules = ("pipelines.steps.structure", "pipelines.steps.images")
     upstream = ("ingest",)
     schema = pa.schema([*_STATUS, *(pa.field(c, pa.string()) for c in MAP_COLUMNS)])
 
@@ -492,7 +493,7 @@ class Structure(Stage):
         return [(i["image_id"], i) for i in pipeline.images]
 
     def run(self, records, *, layout, stage_key, params, runtime):
-        from pipelines.structure import extract_structure
+        from pipelines.steps.structure import extract_structure
 
         return extract_structure(records, layout=layout, stage_key=stage_key, **params, **runtime)
 
@@ -523,13 +524,13 @@ class Regions(Stage):
     task_name, task_doc = "propose_regions", "Propose regions and write crops for one chunk of images."
     gallery = "regions"
     summary_params = ("method",)
-    modules = ("pipelines.regions", "pipelines.grouping", "pipelines.images")
+    modules = ("pipelines.steps.regions", "pipelines.steps.grouping", "pipelines.steps.images")
     upstream = ("structure",)
     schema = pa.schema([*_STATUS, pa.field("segments", pa.list_(SEGMENT_TYPE)), pa.field("region_method", pa.string())])
 
     def params(self, config):
         r = config.regions
-        from pipelines.region_method import resolve_region_method
+        from pipelines.steps.region_method import resolve_region_method
 
         return RegionsParams(
             method=resolve_region_method(r.method, r.sam_model, r.sam_checkpoint), sam_model=r.sam_model,
@@ -560,7 +561,7 @@ class Regions(Stage):
                 for i in pipeline.images if structure.get(i["image_id"], {}).get("status") == STATUS_OK]
 
     def run(self, records, *, layout, stage_key, params, runtime):
-        from pipelines.regions import propose_regions
+        from pipelines.steps.regions import propose_regions
 
         return propose_regions(records, layout=layout, stage_key=stage_key, **library_arguments(params), **runtime)
 
@@ -589,7 +590,7 @@ class Captions(Stage):
     description = "Split captions into sentences and assign each to its best region with CLIP scores."
     task_name, task_doc = "score_local_captions", "Assign caption sentences to regions (CLIP scores)."
     gallery = "regions"  # the regions gallery again, now with each region's sentence and score
-    modules = ("pipelines.captions",)
+    modules = ("pipelines.steps.captions",)
     upstream = ("regions",)
     schema = pa.schema([*_STATUS, pa.field("caption", pa.string()), pa.field("caption_source", pa.string()),
                         pa.field("segments", pa.list_(SEGMENT_TYPE))])
@@ -637,8 +638,7 @@ class Captions(Stage):
         return items
 
     def run(self, records, *, layout, stage_key, params, runtime):
-        from pipelines import captions as library
-
+        from pipelines.steps import captions as library
         scorer_args = {"model_name_or_dir": params["clip_model"], "device": runtime["device"],
                        "batch_size": runtime["batch_size"]}
 
@@ -682,7 +682,7 @@ class Filter(Stage):
     name = "filter"
     description = "Remove appearance words (colours, materials, textures) from captions; build hard negatives."
     task_name, task_doc = "filter_captions", "Remove appearance words and build hard negatives."
-    modules = ("pipelines.filtering", "pipelines.hard_negatives")
+    modules = ("pipelines.steps.filtering", "pipelines.steps.hard_negatives")
     upstream = ("captions",)
     schema = pa.schema([*_STATUS, pa.field("filtered_caption", pa.string()),
                         pa.field("segments", pa.list_(SEGMENT_TYPE)), pa.field("hard_negatives", pa.list_(pa.string())),
@@ -715,8 +715,8 @@ class Filter(Stage):
         return items
 
     def run(self, records, *, layout, stage_key, params, runtime):
-        from pipelines.filtering import CaptionFilter
-        from pipelines.hard_negatives import filter_captions
+        from pipelines.steps.filtering import CaptionFilter
+        from pipelines.steps.hard_negatives import filter_captions
 
         filter_args = {"spacy_model": params["spacy_model"], "vocab_dir": runtime["vocab_path"],
                        "batch_size": runtime["batch_size"], "min_content_words": params["min_content_words"],
@@ -742,7 +742,7 @@ class Manifest(Stage):
     task_name, task_doc = "write_manifest", "Join every stage's rows into the manifest."
     gallery, report = "manifest", "quality"
     counts_rows = True
-    modules = ("pipelines.manifest",)
+    modules = ("pipelines.steps.manifest",)
     upstream = ("filter",)
     schema = pa.schema(_RESULT)
     whole = True
@@ -763,7 +763,7 @@ class Manifest(Stage):
         return [(content_key("manifest", built.rows, length=32), record)]
 
     def run(self, records, *, layout, stage_key, params, runtime):
-        from pipelines.manifest import write_manifest
+        from pipelines.steps.manifest import write_manifest
         from storage.manifest import manifest_schema
         from storage.parquet import parquet_parts
 
@@ -784,9 +784,9 @@ class Manifest(Stage):
 
 
 def ablation_arguments(config: Config) -> tuple[Any, dict, dict]:
-    """Return ``(objective, train_options, eval_options)`` for ``structxlip.ablate``: the train and evaluate stages'
+    """Return ``(objective, train_options, eval_options)`` for ``structxlip.app.ablate``: the train and evaluate stages'
     own arguments, less what the ablation sets per run (model, seed, folders)."""
-    from structxlip.train import train_arguments
+    from structxlip.app.train import train_arguments
 
     train_stage, evaluate_stage = STAGE_DEFINITIONS["train"], STAGE_DEFINITIONS["evaluate"]
     train_options = train_arguments(config.model.clip_model, train_stage.params(config).train,
@@ -825,7 +825,7 @@ class Train(Stage):
     description = "Fine-tune CLIP with the StructXLIP losses on the manifest's train split (cached by data + params)."
     task_name, task_doc = "train_model", "Fine-tune CLIP on the manifest's train split (resumes a checkpoint)."
     data_stage, report = False, "training"
-    modules = ("structxlip.train", "structxlip.losses", "structxlip.data", "structxlip.models", "structxlip.text")
+    modules = ("structxlip.app.train", "structxlip.losses", "structxlip.data", "structxlip.models", "structxlip.text")
     upstream = ("manifest",)
     schema = pa.schema(_RESULT)
     whole = True
@@ -859,14 +859,14 @@ class Train(Stage):
         return [(key, {"manifest": digest, "run_key": content_key(pipeline.keys["train"], key)})]
 
     def run(self, records, *, layout, stage_key, params, runtime):
-        from structxlip.train import train, train_arguments
+        from structxlip.app.train import train, train_arguments
 
         (record,) = records
         runtime = dict(runtime)
         resume = False if runtime.pop("fresh", False) else "auto"
         nproc = int(params["train"].get("nproc", 1))
         if nproc > 1:  # torchrun: N DDP processes, the same outputs layout and exact resume
-            from pipelines.distributed_train import train_distributed
+            from pipelines.engine.distributed_train import train_distributed
 
             result = train_distributed(nproc, layout.manifest_dir, layout.root, clip_model=params["clip_model"],
                                        train=params["train"], runtime=runtime, resume=resume,
@@ -902,7 +902,7 @@ class Evaluate(Stage):
     description = "Retrieval Recall@K (image/text/structure directions) of the fine-tuned model."
     task_name, task_doc = "evaluate_model", "Retrieval metrics of the fine-tuned model."
     data_stage, report = False, "evaluation"
-    modules = ("structxlip.evaluate", "structxlip.metrics", "structxlip.retrieval_ranks", "structxlip.data",
+    modules = ("structxlip.app.evaluate", "structxlip.metrics", "structxlip.retrieval_ranks", "structxlip.data",
                "structxlip.models")
     upstream = ("train",)
     schema = pa.schema(_RESULT)
@@ -942,7 +942,7 @@ class Evaluate(Stage):
         return [(content_key("evaluate", digest, train_key, length=32), {"manifest": digest, "model": train_key})]
 
     def run(self, records, *, layout, stage_key, params, runtime):
-        from structxlip.evaluate import evaluate
+        from structxlip.app.evaluate import evaluate
 
         # Metrics and the per-query rankings of the static explorer's retrieval view (zero-shot beside fine-tuned),
         # from one encoding of the split per model.
@@ -1004,7 +1004,7 @@ def plugin_stages(path: str) -> list[Stage]:
             return ValueError(f"plugins: {path}: stage {cls.name!r} {why}")
 
         if not issubclass(cls, Stage):
-            raise bad("is not a subclass of pipelines.stages.Stage")
+            raise bad("is not a subclass of pipelines.engine.stages.Stage")
         if not STAGE_NAME.fullmatch(cls.name):
             raise bad("needs a name of lower-case letters, digits and _ (at most 40), starting with a letter")
         missing = [m for m in ("items", "run") if getattr(cls, m) is getattr(Stage, m)]
@@ -1012,7 +1012,7 @@ def plugin_stages(path: str) -> list[Stage]:
             raise bad(f"does not implement {missing[0]}()")
         schema = getattr(cls, "schema", None)
         if not isinstance(schema, pa.Schema) or any(f.name not in schema.names for f in _STATUS):
-            raise bad("needs a schema built with pipelines.stages.row_schema(...)")
+            raise bad("needs a schema built with pipelines.engine.stages.row_schema(...)")
         from storage.manifest import MANIFEST_COLUMNS
 
         clash = [f.name for f in cls.manifest_fields if f.name in MANIFEST_COLUMNS]

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from configs.schema import TINY_CLIP, Config
-from pipelines.stages import Item, Stage, find_stage, local_workers, registry, stage_keys, text_item_key
+from pipelines.engine.stages import Item, Stage, find_stage, local_workers, registry, stage_keys, text_item_key
 from storage.hashing import content_key
 from storage.layout import OutputLayout
 from storage.manifest import STATUS_FAILED, STATUS_OK
@@ -85,7 +85,7 @@ class Pipeline:
     # ---- the folder -------------------------------------------------------------------------------------------
     @cached_property
     def scan(self):
-        from pipelines.ingest import scan_images
+        from pipelines.steps.ingest import scan_images
 
         ingest = self.config.ingest
         result = scan_images(self.images_dir, extensions=ingest.extensions, follow_symlinks=ingest.follow_symlinks,
@@ -97,7 +97,7 @@ class Pipeline:
     @cached_property
     def caption_index(self):
         """Captions as they are in the folder now (re-read every run; cheap)."""
-        from pipelines.ingest import read_captions
+        from pipelines.steps.ingest import read_captions
 
         index = read_captions(self.images_dir, self.scan.files)
         for problem in getattr(index, "problems", None) or []:
@@ -230,8 +230,8 @@ class Pipeline:
 
     @cached_property
     def manifest_rows(self):
-        """The manifest rows as they follow from the stored results of the data stages (see pipelines.manifest)."""
-        from pipelines.manifest import build_manifest_rows
+        """The manifest rows as they follow from the stored results of the data stages (see pipelines.steps.manifest)."""
+        from pipelines.steps.manifest import build_manifest_rows
 
         ingest = self.ingest_rows
         return build_manifest_rows(
@@ -395,7 +395,7 @@ def preflight(pipeline: Pipeline, stages: list[str]) -> None:
 def _spacy_problems(key: str, name: str) -> list[str]:
     import importlib.util
 
-    from pipelines.filtering import FALLBACK_MODELS
+    from pipelines.steps.filtering import FALLBACK_MODELS
 
     candidates = [name] + ([FALLBACK_MODELS[name]] if name in FALLBACK_MODELS else [])
     if any(importlib.util.find_spec(c) is not None for c in candidates if c.isidentifier()):

@@ -24,7 +24,7 @@ from structxlip.data import ImagePreprocessor, StructXLIPCollator, StructXLIPDat
 from structxlip.distributed import resolve_device
 from structxlip.metrics import RECALL_KS, retrieval_metrics, retrieval_report
 from structxlip.retrieval_ranks import DEFAULT_TOP_K, rank_queries, rankings_document, rankings_entry
-from structxlip.train import StructXLIPEncoder, autocast_context
+from structxlip.app.train import StructXLIPEncoder, autocast_context
 
 __all__ = ["EncodedSplit", "encode_split", "evaluate", "load_model_for_eval", "metrics_table", "retrieval_metrics",
            "retrieval_report", "write_embeddings"]
@@ -38,7 +38,7 @@ CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 def load_model_for_eval(checkpoint: str | os.PathLike, *, base_model: str, max_text_tokens: int = 248,
                         keep_positions: int = 20):
     """Return a ``LoadedClip`` for a save_pretrained folder, a hub id, a training checkpoint (``.pt`` written by
-    :mod:`structxlip.train`) or a released StructXLIP ``.pth`` state dict (loaded onto ``base_model``)."""
+    :mod:`structxlip.app.train`) or a released StructXLIP ``.pth`` state dict (loaded onto ``base_model``)."""
     from structxlip.models import load_clip, load_structxlip_checkpoint
 
     path = Path(checkpoint).expanduser()

@@ -54,7 +54,7 @@ from structxlip.distributed import (
     init_distributed,
     shutdown_distributed,
 )
-from structxlip.faults import kill_now, kill_point, kill_requested
+from structxlip.app.faults import kill_now, kill_point, kill_requested
 from structxlip.losses import (
     ChunkEmbeddings,
     global_loss,
@@ -507,7 +507,8 @@ def train(
                 save_checkpoint(path, model_state=clip.state_dict(), optimizer_state=optimizer.state_dict(),
                                 step=step, epoch=epoch, batch_in_epoch=batch_in_epoch, skipped_steps=skipped,
                                 config={"config": config or {}, "run": run_state, "data": data_state},
-                                rng=capture_rng_state(), run_key=run_key)
+                                rng=capture_rng_state(), run_key=run_key,
+                                before_replace=lambda: kill_point("checkpoint_write", step))
                 if name != "last":
                     link_or_copy(path, last_checkpoint)
                 kill_point("after_checkpoint", step)
@@ -623,7 +624,7 @@ def train_arguments(clip_model: str, section: dict, runtime: dict) -> dict:
     values = {k: v for k, v in {**section, **runtime}.items() if k != "nproc"}
     unknown = sorted(k for k in values if k not in objective_names and k not in accepted)
     if unknown:
-        raise TypeError(f"train config keys {unknown} are not arguments of structxlip.train.train")
+        raise TypeError(f"train config keys {unknown} are not arguments of structxlip.app.train.train")
     kwargs = {k: v for k, v in values.items() if k in accepted and k not in objective_names}
     return {"clip_model": clip_model, "objective": Objective(**{k: v for k, v in values.items() if k in objective_names}),
             **kwargs}

@@ -16,7 +16,7 @@ import hashlib
 import random
 from dataclasses import dataclass
 
-from pipelines.filtering import CaptionFilter, Vocabulary, describes_noun, is_name, load_spacy
+from pipelines.steps.filtering import CaptionFilter, Vocabulary, describes_noun, is_name, load_spacy
 
 VERSION = "1"
 

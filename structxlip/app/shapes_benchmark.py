@@ -12,9 +12,9 @@ and texture are deliberately unreliable:
   truthfully but no longer say which shape is which; shape and layout alone identify the caption.
 
 ``make_benchmark`` writes ``OUT/train/`` and ``OUT/test/`` (PNG images + ``captions.jsonl``, the format
-``pipelines.ingest`` reads, + ``scenes.jsonl`` with the ground truth) and ``OUT/benchmark.json``. Each folder is a
+``pipelines.steps.ingest`` reads, + ``scenes.jsonl`` with the ground truth) and ``OUT/benchmark.json``. Each folder is a
 plain image folder for ``structxlip run``; keeping the held-out split in its own folder needs no change to the
-hash-based split assignment of ``pipelines.manifest``. Every image is a pure function of ``(seed, split, index)``.
+hash-based split assignment of ``pipelines.steps.manifest``. Every image is a pure function of ``(seed, split, index)``.
 ``benchmark_manifest`` builds a manifest straight from the ground truth (Canny maps, one segment per shape), for
 fast tests and as an oracle beside the pipeline's own regions and local captions.
 """

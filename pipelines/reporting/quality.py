@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterable
 
 import numpy as np
 
-from pipelines.stages import STAGE_NAME
+from pipelines.engine.stages import STAGE_NAME
 
 WORD_PATTERN = re.compile(r"[A-Za-z0-9]+(?:['\-][A-Za-z0-9]+)*")
 SIMILARITY_SCALE = (
@@ -101,7 +101,7 @@ def histogram(values: Iterable[float], *, bins: int = HISTOGRAM_BINS, edges: lis
 
 def failure_stage(error: str | None) -> str:
     """Return the stage named by a manifest error (``"structure: ..."`` -> ``structure``, a plugin stage's name
-    too: pipelines.manifest writes ``"<stage>: <message>"``), else ``other``."""
+    too: pipelines.steps.manifest writes ``"<stage>: <message>"``), else ``other``."""
     head, sep, _ = (error or "").partition(":")
     head = head.strip()
     return head if sep and (head == NO_CAPTION or STAGE_NAME.fullmatch(head)) else "other"
@@ -126,7 +126,7 @@ def vocabulary_categories(vocab_dir: str | os.PathLike) -> Callable[[str], list[
     """Return ``word -> [category, ...]`` for the filter's vocabulary (``colors``, ``materials``, ``textures``,
     ``domain``, or ``color modifiers``): exact entries first, then the base of a derived adjective (reddish -> red)
     or the parts of a hyphenated compound (reddish-brown); ``[]`` for a word no list names."""
-    from pipelines.filtering import base_forms, load_vocabulary
+    from pipelines.steps.filtering import base_forms, load_vocabulary
 
     vocabulary = load_vocabulary(str(vocab_dir))
 

@@ -4,7 +4,7 @@ CPU data stages (``Stage.on_cpu``) compute their chunks here, ``workers`` proces
 task thread, or ``run_inline``) only waits and records the part. Each worker runs torch and OpenCV on its share of
 the cores (``usable cores // workers``, at least 1), so processes x threads never exceeds the machine: with 2 torch
 threads in each of 2 processes on 2 cores the tiny CLIP ran 30-100x slower. Workers live for the whole process
-(models load once per worker, kept by ``pipelines.stages.shared``) and start from a ``forkserver``: a clean process
+(models load once per worker, kept by ``pipelines.engine.stages.shared``) and start from a ``forkserver``: a clean process
 with the engine imported, never a fork of a process that already runs threads (Prefect, torch).
 
 A worker that dies (a decoder crash, the OOM killer) breaks the pool, and with it every chunk in flight, guilty or not:
@@ -89,7 +89,7 @@ def _executor(workers: int, threads: int) -> futures.ProcessPoolExecutor:
     if _TRACKER_QUIET not in sys.warnoptions:
         sys.warnoptions.append(_TRACKER_QUIET)
     context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(["pipelines.engine"])
+    context.set_forkserver_preload(["pipelines.engine.execute"])
     return futures.ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker,
                                        initargs=(threads, dict(os.environ)))
 

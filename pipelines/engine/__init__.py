@@ -1,0 +1,1 @@
+"""The stage model and the engine: stage definitions, planning, execution, workers."""

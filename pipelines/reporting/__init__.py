@@ -1,0 +1,1 @@
+"""Reporting: artifacts' markdown, the explorer report, quality, plots."""

@@ -1,0 +1,1 @@
+"""Stage libraries: one module per data step (no prefect)."""

@@ -1,0 +1,1 @@
+"""The training application: train loop, evaluation, commands, ablation, synthetic data."""
