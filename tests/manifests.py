@@ -21,3 +21,11 @@ def assert_same(a, b, where="row"):
             assert_same(x, y, f"{where}[{i}]")
     else:
         assert a == b, f"{where}: {a!r} != {b!r}"
+
+
+def builtin_joins(structure=None, regions=None, captions=None, filtered=None) -> list:
+    """``build_manifest_rows``'s ``joins`` of the built-in stages from their results by image id (None: none)."""
+    from pipelines.engine.stages import STAGE_DEFINITIONS
+
+    results = {"structure": structure, "regions": regions, "captions": captions, "filter": filtered}
+    return [(STAGE_DEFINITIONS[name], rows or {}) for name, rows in results.items()]

@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from configs.schema import TINY_CLIP, Config
-from pipelines.engine.stages import Item, Stage, find_stage, local_workers, registry, stage_keys, text_item_key
+from pipelines.engine.stages import (Item, Stage, find_stage, local_workers, registry, stage_keys, text_item_key,
+                                     upstream_closure)
 from storage.hashing import content_key
 from storage.layout import OutputLayout
 from storage.manifest import STATUS_FAILED, STATUS_OK
@@ -234,18 +235,14 @@ class Pipeline:
         from pipelines.steps.manifest import build_manifest_rows
 
         ingest = self.ingest_rows
+        joined = upstream_closure(self.stages, "manifest") - {"ingest"}  # ingest's rows are the manifest's images
         return build_manifest_rows(
             ingest=ingest,
             captions_index={r["source_path"]: (*self.caption_of(r["source_path"]),
                                                tuple(self.caption_index.captions(r["source_path"])[1:]))
                             for r in ingest},
-            structure=self.done_rows("structure"),
-            regions=self.done_rows("regions"),
-            captions=self.done_rows("captions"),
-            filtered=self.done_rows("filter"),
+            joins=[(stage, self.done_rows(name)) for name, stage in self.stages.items() if name in joined],
             split_ratios=dict(self.config.manifest.split_ratios),
-            contributions=[(name, self.done_rows(name), stage) for name, stage in self.stages.items()
-                           if stage.manifest_fields],
         )
 
     def manifest_digest(self) -> str | None:
@@ -309,13 +306,7 @@ class UpstreamView:
 
     def __init__(self, pipeline: Pipeline, stage: str):
         self._pipeline, self._stage = pipeline, stage
-        self._readable = {stage}
-        pending = list(pipeline.stages[stage].upstream)
-        while pending:
-            name = pending.pop()
-            if name not in self._readable:
-                self._readable.add(name)
-                pending += pipeline.stages[name].upstream
+        self._readable = {stage} | upstream_closure(pipeline.stages, stage)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._pipeline, name)

@@ -30,6 +30,7 @@ from storage.layout import OutputLayout
 from storage.manifest import EXTRA_CAPTION_TYPE, SEGMENT_TYPE, STATUS_FAILED, STATUS_OK
 from pipelines.engine.workers import usable_cpus
 from storage.stage_store import ITEM_KEY, OUTPUT_TYPE, OUTPUTS
+from pipelines.steps.manifest import one_line_error
 from structxlip.devices import cuda_available
 
 if TYPE_CHECKING:
@@ -363,6 +364,17 @@ class Stage:
         """Return the manifest values (``manifest_fields``) of one stored ok row of an image."""
         return {field.name: row.get(field.name) for field in self.manifest_fields}
 
+    def join_manifest(self, row: dict, result: dict | None, note: str | None) -> str | None:
+        """Fill an image's manifest ``row`` from this stage's ``result`` for it (None: not computed); return the
+        image's error when it failed here (``"<stage>: ..."``), else None. ``note``: why the caption reader found no
+        caption for the image, if it found none. By default an ok result fills ``manifest_fields``."""
+        if result is None:
+            return f"{self.name}: not computed"
+        if result.get("status") != STATUS_OK:
+            return f"{self.name}: {one_line_error(result.get('error'))}"
+        row.update(self.manifest_values(result))
+        return None
+
     def example_rows(self, pipeline: PipelineView) -> list[dict]:
         """Rows of its gallery: each image with the stage's ``gallery_columns`` images under ``maps``."""
         done = pipeline.done_rows(self.name)
@@ -497,6 +509,10 @@ class Structure(Stage):
 
         return extract_structure(records, layout=layout, stage_key=stage_key, **params, **runtime)
 
+    def join_manifest(self, row, result, note):
+        row.update({column: (result or {}).get(column) for column in ("structure_path", "scribble_path")})
+        return super().join_manifest(row, result, note)
+
     def output_paths(self, row):
         return [row[c] for c in MAP_COLUMNS if row.get(c)]
 
@@ -564,6 +580,10 @@ class Regions(Stage):
         from pipelines.steps.regions import propose_regions
 
         return propose_regions(records, layout=layout, stage_key=stage_key, **library_arguments(params), **runtime)
+
+    def join_manifest(self, row, result, note):
+        row["segments"] = list((result or {}).get("segments") or [])
+        return super().join_manifest(row, result, note)
 
     def output_paths(self, row):
         paths = []
@@ -662,6 +682,18 @@ class Captions(Stage):
                 include_full_image=params["include_full_image"], caption_regions=params["caption_regions"],
                 max_pixels=runtime["max_pixels"])
 
+    def join_manifest(self, row, result, note):
+        if result is None:
+            return (f"{self.name}: not computed" if row["caption"]
+                    else f"no caption: {one_line_error(note or 'no caption found for this image')}")
+        row["caption"] = result.get("caption") or row["caption"]
+        row["caption_source"] = result.get("caption_source") or row["caption_source"]
+        row["segments"] = list(result.get("segments") or [])
+        problem = super().join_manifest(row, result, note)
+        if problem is None and not result.get("caption"):
+            return f"no caption: {one_line_error(result.get('error') or note or 'no caption found or generated')}"
+        return problem
+
     def example_rows(self, pipeline):
         return _structure_rows(pipeline, regions=True, captions=True)
 
@@ -726,6 +758,15 @@ class Filter(Stage):
         with lock:
             return filter_captions(records, caption_filter=caption_filter,
                                    max_hard_negatives=params["max_hard_negatives"])
+
+    def join_manifest(self, row, result, note):
+        if result is not None:
+            row["filtered_caption"] = result.get("filtered_caption")
+            row["segments"] = list(result.get("segments") or row["segments"])
+            row["hard_negatives"] = list(result.get("hard_negatives") or [])
+            if result.get("extra_captions"):
+                row["extra_captions"] = [dict(extra) for extra in result["extra_captions"]]
+        return super().join_manifest(row, result, note)
 
 
 # ---- whole-dataset stages ------------------------------------------------------------------------------------------
@@ -962,6 +1003,18 @@ class Evaluate(Stage):
 STAGE_DEFINITIONS: dict[str, Stage] = {s.name: s for s in (Ingest(), Structure(), Regions(), Captions(), Filter(),
                                                            Manifest(), Train(), Evaluate())}
 STAGE_NAME = re.compile(r"[a-z][a-z0-9_]{0,39}")  # what a stage may be called (plugins are checked)
+
+
+def upstream_closure(stages: dict[str, Stage], name: str) -> set[str]:
+    """The stages ``name`` depends on: its ``upstream`` and theirs, recursively (``name`` left out)."""
+    found: set[str] = set()
+    pending = list(stages[name].upstream)
+    while pending:
+        upstream = pending.pop()
+        if upstream not in found:
+            found.add(upstream)
+            pending += stages[upstream].upstream
+    return found
 
 
 def registry(config: Config) -> dict[str, Stage]:

@@ -9,12 +9,11 @@ Rules (one row per distinct image):
   reported in ``ManifestRows.duplicates`` as ``{"source_path", "duplicate_of"}`` for the run summary.
 - An image's captions are the union over its files (sorted path order, each file's captions in file order, a text
   once): the first is ``caption``, the others ``extra_captions`` (with the filter stage's filtered forms).
-- An image's first failing stage (in pipeline order) makes it ``failed`` with ``"<stage>: <one-line error>"``; a stage
-  that has no result for it yet reads ``"<stage>: not computed"``.
-- An image without a caption (and no generated one) is ``failed`` with ``"no caption: ..."`` and is never trained on.
+- Every stage the manifest depends on joins its result for the image in pipeline order (``stage.join_manifest``): it
+  fills the row's columns it owns and says whether the image failed there. The first such failure makes the row
+  ``failed`` with ``"<stage>: <one-line error>"`` (``"<stage>: not computed"`` when the stage has no result yet; an
+  image without a caption reads ``"no caption: ..."``) and is never trained on.
 - ``split`` (ok rows only) is a deterministic function of the image id and the ratios (``assign_split``).
-- Stages that contribute manifest columns (plugins: ``Stage.manifest_fields``) fill them from their row of the image;
-  after the built-in checks, the first of them that failed or has no result makes the row ``failed`` the same way.
 """
 
 from __future__ import annotations
@@ -23,8 +22,7 @@ import hashlib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
-
+from typing import Protocol
 
 import pyarrow as pa
 
@@ -68,29 +66,34 @@ class ManifestRows:
     duplicates: list[dict] = field(default_factory=list)
 
 
-def _one_line(text: object) -> str:
+def one_line_error(text: object) -> str:
+    """A stored error as one line of a manifest row's ``error``."""
     return " ".join(str(text or "unknown error").split())
+
+
+class ManifestJoin(Protocol):
+    """What the manifest needs of a stage it depends on (``pipelines.engine.stages.Stage`` provides it)."""
+
+    manifest_fields: tuple[pa.Field, ...]
+
+    def join_manifest(self, row: dict, result: dict | None, note: str | None) -> str | None: ...
 
 
 def build_manifest_rows(
     *,
     ingest: list[dict],
     captions_index: dict[str, tuple],
-    structure: dict[str, dict],
-    regions: dict[str, dict],
-    captions: dict[str, dict],
-    filtered: dict[str, dict],
+    joins: list[tuple[ManifestJoin, dict[str, dict]]],
     split_ratios: dict[str, float],
-    contributions: list[tuple[str, dict[str, dict], Any]] = (),
 ) -> ManifestRows:
     """Return the joined manifest rows.
 
     ``ingest``: current ingest records ``{source_path, image_id, status, error, width, height}``; ``captions_index``:
-    absolute source path -> ``(caption, caption_source, note)`` as read from the folder; ``structure``/``regions``/
-    ``captions``/``filtered``: image id -> that stage's record for the image's current caption (absent = not computed).
-    ``contributions``: ``(stage name, image id -> its record, the stage)`` of each stage contributing manifest columns
-    (``stage.manifest_fields``, filled by ``stage.manifest_values(record)``).
+    absolute source path -> ``(caption, caption_source, note)`` as read from the folder; ``joins``: in pipeline order,
+    each stage the manifest depends on with its results (image id -> its record for the image's current caption;
+    absent = not computed). The stage fills the row from its record and returns the image's error, if any.
     """
+    extra_columns = [f.name for stage, _ in joins for f in stage.manifest_fields]
     rows: list[dict] = []
     duplicates: list[dict] = []
     groups: dict[str, list[dict]] = {}  # image id -> its files' records, in sorted path order
@@ -102,7 +105,7 @@ def build_manifest_rows(
         duplicates += [{"source_path": p, "duplicate_of": source_path, "image_id": image_id} for p in others]
         all_captions, caption_source, note = _union_captions([source_path, *others], captions_index)
         caption = all_captions[0] if all_captions else None
-        row = dict.fromkeys(MANIFEST_COLUMNS)
+        row = dict.fromkeys([*MANIFEST_COLUMNS, *extra_columns])
         row |= {
             "image_id": image_id,
             "source_path": source_path,
@@ -118,31 +121,10 @@ def build_manifest_rows(
                                for text in all_captions[1:]] or None,
             "duplicate_paths": others or None,
         }
-        error = _first_error(record, image_id, caption, note, structure, regions, captions, filtered)
-        structure_row = structure.get(image_id) or {}
-        row["structure_path"] = structure_row.get("structure_path")
-        row["scribble_path"] = structure_row.get("scribble_path")
-        regions_row = regions.get(image_id) or {}
-        row["segments"] = list(regions_row.get("segments") or [])
-        captions_row = captions.get(image_id)
-        if captions_row is not None:
-            row["caption"] = captions_row.get("caption") or caption
-            row["caption_source"] = captions_row.get("caption_source") or caption_source
-            row["segments"] = list(captions_row.get("segments") or [])
-        filter_row = filtered.get(image_id)
-        if filter_row is not None:
-            row["filtered_caption"] = filter_row.get("filtered_caption")
-            row["segments"] = list(filter_row.get("segments") or row["segments"])
-            row["hard_negatives"] = list(filter_row.get("hard_negatives") or [])
-            if filter_row.get("extra_captions"):
-                row["extra_captions"] = [dict(extra) for extra in filter_row["extra_captions"]]
-        for stage_name, results, stage in contributions:
-            row.update(dict.fromkeys(f.name for f in stage.manifest_fields))
-            result = results.get(image_id)
-            if result is not None and result.get("status") == STATUS_OK:
-                row.update(stage.manifest_values(result))
-            elif error is None:
-                error = f"{stage_name}: " + ("not computed" if result is None else _one_line(result.get("error")))
+        error = None if record.get("status") == STATUS_OK else f"ingest: {one_line_error(record.get('error'))}"
+        for stage, results in joins:
+            problem = stage.join_manifest(row, results.get(image_id), note)
+            error = error or problem
         if error is None:
             row["split"] = assign_split(image_id, split_ratios)
         else:
@@ -163,33 +145,6 @@ def _union_captions(paths: list[str], captions_index: dict[str, tuple]) -> tuple
             source, note = caption_source, path_note
         captions += [text for text in own if text not in captions]
     return captions, source, note
-
-
-def _first_error(record, image_id, caption, note, structure, regions, captions, filtered) -> str | None:
-    """Return ``"<stage>: <error>"`` for the first stage (pipeline order) that failed or has not run, else None."""
-    if record.get("status") != STATUS_OK:
-        return f"ingest: {_one_line(record.get('error'))}"
-    for stage, results in (("structure", structure), ("regions", regions)):
-        result = results.get(image_id)
-        if result is None:
-            return f"{stage}: not computed"
-        if result.get("status") == STATUS_FAILED:
-            return f"{stage}: {_one_line(result.get('error'))}"
-    result = captions.get(image_id)
-    if result is None:
-        if not caption:
-            return f"no caption: {_one_line(note or 'no caption found for this image')}"
-        return "captions: not computed"
-    if result.get("status") == STATUS_FAILED:
-        return f"captions: {_one_line(result.get('error'))}"
-    if not result.get("caption"):
-        return f"no caption: {_one_line(result.get('error') or note or 'no caption found or generated')}"
-    result = filtered.get(image_id)
-    if result is None:
-        return "filter: not computed"
-    if result.get("status") == STATUS_FAILED:
-        return f"filter: {_one_line(result.get('error'))}"
-    return None
 
 
 @dataclass

@@ -9,6 +9,7 @@ import duckdb
 import pyarrow.parquet as pq
 import pytest
 
+from tests.manifests import builtin_joins
 from pipelines.steps.manifest import assign_split, build_manifest_rows, failed_image_id, write_manifest
 from storage.layout import OutputLayout
 from storage.manifest import bbox, read_manifest
@@ -71,8 +72,8 @@ def test_build_rows_join_errors_duplicates_and_failed_ingest():
     ]
     index = {"/img/a.jpg": ("A red cat.", "jsonl", None), "/img/c.jpg": ("A dog.", "txt", None),
              "/img/d.jpg": (None, None, "no entry for d.jpg in captions.jsonl")}
-    built = build_manifest_rows(ingest=ingest, captions_index=index, structure=structure, regions=regions,
-                                captions=captions, filtered=filtered, split_ratios=RATIOS)
+    built = build_manifest_rows(ingest=ingest, captions_index=index,
+                                joins=builtin_joins(structure, regions, captions, filtered), split_ratios=RATIOS)
     rows = {r["source_path"]: r for r in built.rows}
     assert sorted(rows) == ["/img/a.jpg", "/img/b.jpg", "/img/c.jpg", "/img/d.jpg", "/img/e.jpg"]
     assert built.duplicates == [{"source_path": "/img/z_copy_of_a.jpg", "duplicate_of": "/img/a.jpg", "image_id": "a"}]
@@ -92,7 +93,7 @@ def test_build_rows_join_errors_duplicates_and_failed_ingest():
 
 def test_not_computed_stage_is_named():
     built = build_manifest_rows(ingest=[_ingest("/img/a.jpg", "a")], captions_index={"/img/a.jpg": ("x y z", "txt")},
-                                structure={}, regions={}, captions={}, filtered={}, split_ratios=RATIOS)
+                                joins=builtin_joins(), split_ratios=RATIOS)
     assert built.rows[0]["error"] == "structure: not computed"
 
 

@@ -8,6 +8,7 @@ import shutil
 
 from configs import load_config
 from pipelines.engine.execute import run_inline
+from tests.manifests import builtin_joins
 from pipelines.steps.manifest import build_manifest_rows
 from pipelines.engine.plan import Pipeline
 from storage.manifest import read_manifest
@@ -72,8 +73,8 @@ def test_build_rows_union_captions_over_identical_files():
     index = {"/img/a.jpg": (None, None, "no caption found"),
              "/img/b.jpg": ("b one", "jsonl", None, ("b two", "shared")),
              "/img/c.jpg": ("shared", "csv", None, ("c two",))}
-    built = build_manifest_rows(ingest=ingest, captions_index=index, structure={}, regions={}, captions={},
-                                filtered={}, split_ratios=RATIOS)
+    built = build_manifest_rows(ingest=ingest, captions_index=index, joins=builtin_joins(),
+                                split_ratios=RATIOS)
     (row,) = built.rows
     assert row["source_path"] == "/img/a.jpg" and row["duplicate_paths"] == ["/img/b.jpg", "/img/c.jpg"]
     # a.jpg has none; b.jpg's captions, then c.jpg's new ones ("shared" once); source of the first captioned file.

@@ -24,7 +24,7 @@ from pipelines.engine.stages import STAGE_DEFINITIONS, library_arguments, stage_
 from pipelines.steps.structure import extract_structure
 from storage.layout import OutputLayout
 from tests.corpus import make_generated_images
-from tests.manifests import assert_same
+from tests.manifests import builtin_joins, assert_same
 
 ROOT = Path(__file__).resolve().parents[2]
 DATA_STAGES = ["ingest", "structure", "regions", "captions", "filter", "manifest"]
@@ -69,8 +69,9 @@ def _library_manifest(images_dir: Path, out: Path, config) -> list[dict]:
                                max_hard_negatives=f.max_hard_negatives)
     return build_manifest_rows(
         ingest=ingest, captions_index={r["source_path"]: index.get(r["source_path"]) for r in ingest},
-        structure=structure_by_id, regions=regions_by_id, captions={c["image_id"]: c for c in captions},
-        filtered={r["image_id"]: r for r in filtered}, split_ratios=dict(config.manifest.split_ratios)).rows
+        joins=builtin_joins(structure_by_id, regions_by_id, {c["image_id"]: c for c in captions},
+                            {r["image_id"]: r for r in filtered}),
+        split_ratios=dict(config.manifest.split_ratios)).rows
 
 
 def _edge_map(root: Path, relative: str) -> np.ndarray:
