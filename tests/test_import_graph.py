@@ -1,12 +1,13 @@
-"""The project's import graph has no circle.
+"""The project's import graph has no circle, and each folder imports only the jobs below it.
 
 Every import statement of every module of the project packages counts, read with ``ast`` (nothing is imported):
 module-level, function-level and ``if TYPE_CHECKING:`` ones alike. A type-only import still makes the importing module
 depend on the imported one, so a lower module that needs a type of a higher one declares what it reads instead (as
-``pipelines.engine.stages.PipelineView`` does for ``pipelines.engine.plan.Pipeline``). An edge goes to the module actually imported:
-``from pipelines import workers`` to ``pipelines.engine.workers``, ``from pipelines.engine.stages import Stage`` to
-``pipelines.engine.stages``, ``from storage import X`` (X no submodule) to the package ``storage`` (its ``__init__``). Imports
-made from strings at run time (``importlib.import_module``) are not seen."""
+``pipelines.engine.stages.PipelineView`` does for ``pipelines.engine.plan.Pipeline``). An edge goes to the module
+actually imported: ``from pipelines.engine import workers`` to ``pipelines.engine.workers``, ``from
+pipelines.engine.stages import Stage`` to ``pipelines.engine.stages``, ``from storage import X`` (X no submodule) to
+the package ``storage`` (its ``__init__``). Imports made from strings at run time (``importlib.import_module``) are
+not seen."""
 
 from __future__ import annotations
 

@@ -1,8 +1,8 @@
 """The train stage on N processes: ``train.nproc: N`` launches ``torchrun --standalone --nproc_per_node N`` (one
 process per GPU, gloo on CPU) from the stage, inside ``structxlip run`` and the deployments alike.
 
-Every rank runs ``structxlip.app.train.train`` with the stage's own arguments (``structxlip.app.train.train_arguments``);
-rank 0 writes the checkpoints, the metrics, the exported model (the same layout as one process) and the result this
+Every rank runs ``structxlip.app.train.train`` with the stage's own arguments
+(``structxlip.app.train.train_arguments``); rank 0 writes the checkpoints, the metrics, the exported model (the same layout as one process) and the result this
 module hands back to the stage. A killed run resumes from its last checkpoint like a single-process one. A rank that
 fails fails the stage with one line (the last error line of the ranks' output); nothing is recorded.
 

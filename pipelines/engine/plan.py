@@ -231,7 +231,7 @@ class Pipeline:
 
     @cached_property
     def manifest_rows(self):
-        """The manifest rows as they follow from the stored results of the data stages (see pipelines.steps.manifest)."""
+        """The manifest rows as they follow from the stored results of the data stages (pipelines.steps.manifest)."""
         from pipelines.steps.manifest import build_manifest_rows
 
         ingest = self.ingest_rows

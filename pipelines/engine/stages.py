@@ -210,7 +210,8 @@ def shared(key: tuple, factory: Callable[[], Any]) -> tuple[Any, threading.Lock]
                 built = factory()
             except Exception as exc:
                 # A model, pipeline or vocabulary that cannot be built is the environment's problem, never an item's:
-                # the chunk fails and nothing is recorded (pipelines.steps.errors), so a re-run after the fix does the work.
+                # the chunk fails and nothing is recorded (pipelines.steps.errors), so a re-run after the fix does the
+                # work.
                 from pipelines.steps.errors import EnvironmentFailure, one_line
 
                 raise EnvironmentFailure(f"could not load {key[0]} ({_describe(key)}): {one_line(exc)}") from exc
@@ -250,7 +251,8 @@ def _freeze(value: Any) -> Any:
 # ---- the stage base ------------------------------------------------------------------------------------------------
 class PipelineView(Protocol):
     """What a stage reads of the run to list its items and gallery rows (``Stage.items``, ``Stage.example_rows``).
-    ``pipelines.engine.plan.Pipeline`` provides it; declared here so the stage model does not import the planner above it."""
+    ``pipelines.engine.plan.Pipeline`` provides it; declared here so the stage model does not import the planner above
+    it."""
 
     stages: dict[str, Stage]  # every stage of the run's config, in pipeline order
     keys: dict[str, str]  # stage name -> stage key

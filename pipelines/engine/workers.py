@@ -4,8 +4,8 @@ CPU data stages (``Stage.on_cpu``) compute their chunks here, ``workers`` proces
 task thread, or ``run_inline``) only waits and records the part. Each worker runs torch and OpenCV on its share of
 the cores (``usable cores // workers``, at least 1), so processes x threads never exceeds the machine: with 2 torch
 threads in each of 2 processes on 2 cores the tiny CLIP ran 30-100x slower. Workers live for the whole process
-(models load once per worker, kept by ``pipelines.engine.stages.shared``) and start from a ``forkserver``: a clean process
-with the engine imported, never a fork of a process that already runs threads (Prefect, torch).
+(models load once per worker, kept by ``pipelines.engine.stages.shared``) and start from a ``forkserver``: a clean
+process with the engine imported, never a fork of a process that already runs threads (Prefect, torch).
 
 A worker that dies (a decoder crash, the OOM killer) breaks the pool, and with it every chunk in flight, guilty or not:
 each of those chunks is computed again in a worker of its own (``alone``), where only its own items can kill it; if

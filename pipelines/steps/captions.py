@@ -509,8 +509,8 @@ def load_source_crops(
     """
     from PIL import Image
 
-    from pipelines.steps.images import (ImageLoadError, _fail, _open_checked, _pil_to_rgb, displayed_box, image_orientation,
-                                  orient_image)
+    from pipelines.steps.images import (ImageLoadError, _fail, _open_checked, _pil_to_rgb, displayed_box,
+                                        image_orientation, orient_image)
 
     try:
         image, name = _open_checked(path, None, max_pixels)

@@ -1,4 +1,4 @@
-"""pipelines.engine.execute's end-of-run table: the first failures are always shown and every count is right, the manifest's
+"""The engine's end-of-run table (pipelines.engine.execute): the first failures are always shown and every count is right, the manifest's
 failed rows included."""
 
 from __future__ import annotations

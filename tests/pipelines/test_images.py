@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipelines.steps.images import ImageInfo, ImageLoadError, load_grey_resized, load_rgb, thumbnail_size, validate_image
+from pipelines.steps.images import (ImageInfo, ImageLoadError, load_grey_resized, load_rgb, thumbnail_size,
+                                    validate_image)
 from tests.pipelines.conftest import png_header_only, save_rgb
 
 MAX = 10_000_000
