@@ -77,6 +77,12 @@ def _data_stages(quick: bool) -> BenchmarkResult:
     return data_stages.run(quick=quick)
 
 
+def _scale(quick: bool) -> BenchmarkResult:
+    from benchmarks import scale
+
+    return scale.run(quick=quick)
+
+
 def _clip_scoring(quick: bool) -> BenchmarkResult:
     from benchmarks import clip_scoring
 
@@ -111,6 +117,7 @@ BENCHMARKS: dict[str, Callable[[bool], BenchmarkResult]] = {
     "pipeline_incremental": _pipeline_incremental,
     "pipeline_noop": _pipeline_noop,
     "data_stages": _data_stages,
+    "scale": _scale,
     "clip_scoring": _clip_scoring,
     "training": _training,
     "gpu": _gpu,
