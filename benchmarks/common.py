@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import importlib
+import importlib.metadata
 import math
 import os
 import platform
@@ -204,7 +205,7 @@ def usable_cpus() -> int:
 
 # ---- machine information ------------------------------------------------------------------------------------------
 def machine_info() -> dict[str, Any]:
-    """Return what the numbers depend on: CPUs, load, memory, Python/torch/OpenCV versions, CUDA device, date."""
+    """Return what the numbers depend on: CPUs, load, memory, library versions, CUDA device, date."""
     info: dict[str, Any] = {
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "cpu_count": os.cpu_count(),
@@ -218,11 +219,15 @@ def machine_info() -> dict[str, Any]:
         info["memory_gib"] = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
     except (ValueError, OSError, AttributeError):
         info["memory_gib"] = None
-    for module in ("numpy", "cv2", "PIL", "torch", "kornia", "transformers"):
+    for module in ("numpy", "cv2", "PIL", "torch", "kornia", "transformers", "pyarrow"):
         try:
             info[f"{module}_version"] = importlib.import_module(module).__version__
         except Exception:  # noqa: BLE001 - a missing optional package is simply not reported
             info[f"{module}_version"] = None
+    try:  # read from its metadata: importing Prefect takes seconds and sets up its logging in this process
+        info["prefect_version"] = importlib.metadata.version("prefect")
+    except importlib.metadata.PackageNotFoundError:
+        info["prefect_version"] = None
     try:
         import torch
 
@@ -282,8 +287,13 @@ def result_markdown(result: dict) -> str:
         parts.append(f"- {note}")
     machine = result.get("machine", {})
     if machine:
-        parts.append(f"\n_{machine.get('cpus_usable')} CPUs (load {_format(machine.get('load_average_1m'))}), "
+        load = _format(machine.get("load_average_1m"))
+        if machine.get("load_average_1m_after") is not None:
+            load += f" before, {_format(machine['load_average_1m_after'])} after"
+        parts.append(f"\n_{machine.get('cpus_usable')} CPUs (load {load}), "
                      f"Python {machine.get('python')}, torch {machine.get('torch_version')}, "
-                     f"OpenCV {machine.get('cv2_version')}, GPU {machine.get('cuda_device') or 'none'}, "
+                     f"Prefect {machine.get('prefect_version')}, OpenCV {machine.get('cv2_version')}, "
+                     f"NumPy {machine.get('numpy_version')}, pyarrow {machine.get('pyarrow_version')}, "
+                     f"GPU {machine.get('cuda_device') or 'none'}, "
                      f"{machine.get('date')}{', quick mode' if result.get('quick') else ''}_\n")
     return "\n".join(parts) + "\n"

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -112,6 +113,7 @@ def run_benchmark(name: str, *, quick: bool, results_dir: Path) -> dict:
     except NotImplementedYet as exc:
         payload = {"name": name, "description": "", "status": "not implemented", "error": str(exc), "rows": [],
                    "targets": [], "notes": []}
+    machine["load_average_1m_after"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     payload.update({"quick": quick, "machine": machine, "seconds": time.perf_counter() - start})
     results_dir.mkdir(parents=True, exist_ok=True)
     (results_dir / f"{name}.json").write_text(json.dumps(payload, indent=2, default=str) + "\n", encoding="utf-8")

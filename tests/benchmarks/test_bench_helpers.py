@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from benchmarks.common import Target, markdown_table, time_repeats, tolerant_edge_iou, worker_cpu_seconds
+from benchmarks.common import (Target, markdown_table, result_markdown, time_repeats, tolerant_edge_iou,
+                               worker_cpu_seconds)
 from benchmarks.local_loss import loop_local_loss, make_inputs
 from benchmarks.run import BENCHMARKS, run_benchmark
 
@@ -55,6 +56,15 @@ def test_markdown_table_columns_and_formatting():
     assert lines[0] == "| a | b | c |"
     assert lines[2] == "| 1.23 | x\\|y | - |"
     assert lines[3] == "| 1,234 | - | - |"
+
+
+def test_result_footer_says_the_load_before_and_after_and_the_versions():
+    machine = {"cpus_usable": 2, "load_average_1m": 1.5, "load_average_1m_after": 2.25, "python": "3.11.7",
+               "torch_version": "2.1", "prefect_version": "3.8.8", "cv2_version": "5.1.0", "numpy_version": "2.4.6",
+               "pyarrow_version": "26.0.1", "cuda_device": None, "date": "2026-01-01"}
+    text = result_markdown({"name": "x", "description": "", "rows": [{"a": 1}], "targets": [], "machine": machine})
+    assert ("_2 CPUs (load 1.50 before, 2.25 after), Python 3.11.7, torch 2.1, Prefect 3.8.8, OpenCV 5.1.0, "
+            "NumPy 2.4.6, pyarrow 26.0.1, GPU none, 2026-01-01_") in text
 
 
 def test_time_repeats_counts_calls_and_runs_setup_each_time():
