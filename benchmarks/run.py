@@ -5,9 +5,9 @@ Writes ``<results>/<name>.json`` (measurements + machine information) per benchm
 "not implemented yet: needs X", never with made-up numbers.
 
 ``make bench`` runs exactly this (``.venv/bin/python -m benchmarks.run``, every benchmark); without make, call the
-module directly. A full run takes ~25 min on 2 CPU cores, most of it ``scale`` (the data stages on 1,000 images,
-four times) and the ViT-B/16 training steps; ``--quick`` is a ~5 min smoke test. ``STRUCTXLIP_BENCH_IMAGES=N`` sets
-the size of ``scale`` (default 1,000).
+module directly. A full run takes ~25 min on 2 CPU cores, most of it ``scale`` (the data stages on 1,000 images
+through ``structxlip run`` and through the engine alone: 11 min on a loaded machine) and the ViT-B/16 training steps;
+``--quick`` is a ~5 min smoke test. ``STRUCTXLIP_BENCH_IMAGES=N`` sets the size of ``scale`` (default 1,000).
 """
 
 from __future__ import annotations
