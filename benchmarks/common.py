@@ -290,10 +290,11 @@ def result_markdown(result: dict) -> str:
         load = _format(machine.get("load_average_1m"))
         if machine.get("load_average_1m_after") is not None:
             load += f" before, {_format(machine['load_average_1m_after'])} after"
-        parts.append(f"\n_{machine.get('cpus_usable')} CPUs (load {load}), "
-                     f"Python {machine.get('python')}, torch {machine.get('torch_version')}, "
-                     f"Prefect {machine.get('prefect_version')}, OpenCV {machine.get('cv2_version')}, "
-                     f"NumPy {machine.get('numpy_version')}, pyarrow {machine.get('pyarrow_version')}, "
+        # Versions a result did not record (older results) are left out, not shown as "None".
+        versions = "".join(f"{label} {machine[key]}, " for label, key in (
+            ("Python", "python"), ("torch", "torch_version"), ("Prefect", "prefect_version"),
+            ("OpenCV", "cv2_version"), ("NumPy", "numpy_version"), ("pyarrow", "pyarrow_version")) if machine.get(key))
+        parts.append(f"\n_{machine.get('cpus_usable')} CPUs (load {load}), {versions}"
                      f"GPU {machine.get('cuda_device') or 'none'}, "
                      f"{machine.get('date')}{', quick mode' if result.get('quick') else ''}_\n")
     return "\n".join(parts) + "\n"
