@@ -1,20 +1,17 @@
-"""Shared benchmark helpers: results and targets, timing, edge-map agreement, peak memory in a child process,
+"""Shared benchmark helpers: results and targets, timing, edge-map agreement, a process tree's PSS and worker CPU,
 machine information and markdown tables."""
 
 from __future__ import annotations
 
 import datetime as _dt
 import importlib
+import importlib.metadata
 import math
-import multiprocessing
 import os
 import platform
-import resource
 import statistics
-import sys
 import threading
 import time
-import traceback
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -109,75 +106,7 @@ def tolerant_edge_iou(edges: np.ndarray, reference: np.ndarray, tolerance: int =
     return matched / (count_a + count_b - matched)
 
 
-# ---- peak memory in a child process -------------------------------------------------------------------------------
-def _maxrss_mb(who: int) -> float:
-    # Linux reports ru_maxrss in KiB (macOS in bytes).
-    value = resource.getrusage(who).ru_maxrss
-    return value / (1024 * 1024) if sys.platform == "darwin" else value / 1024
-
-
-def _child_main(target: str, kwargs: dict, queue) -> None:
-    # Own process group: the parent can end this child together with whatever it started (Prefect's ephemeral API
-    # server, worker pools) if it does not exit by itself after reporting.
-    os.setpgrp()
-    try:
-        module_name, _, function_name = target.partition(":")
-        function = getattr(importlib.import_module(module_name), function_name)
-        result = function(**kwargs)
-        queue.put({"ok": True, "result": result, "peak_rss_mb": _maxrss_mb(resource.RUSAGE_SELF),
-                   "children_peak_rss_mb": _maxrss_mb(resource.RUSAGE_CHILDREN)})
-    except BaseException as exc:  # noqa: BLE001 - reported to the parent as one line
-        queue.put({"ok": False, "error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()})
-
-
-EXIT_GRACE_S = 20.0
-
-
-def _end_group(process) -> None:
-    """End the child's process group: SIGTERM then SIGKILL while the child lives, then SIGKILL to whatever of the
-    group is left (descendants it started, e.g. an API server, outlive it otherwise)."""
-    import signal
-
-    for sig, wait in ((signal.SIGTERM, 15.0), (signal.SIGKILL, 5.0)):
-        if not process.is_alive():
-            break
-        try:
-            os.killpg(process.pid, sig)
-        except (ProcessLookupError, PermissionError):
-            break
-        process.join(timeout=wait)
-    try:
-        os.killpg(process.pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass  # nothing of the group is left
-    process.join(timeout=5.0)
-
-
-def run_in_child(target: str, timeout_s: float = 3600.0, **kwargs) -> dict:
-    """Run ``"module:function"(**kwargs)`` in a fresh spawned process; return {result, peak_rss_mb,
-    children_peak_rss_mb, wall_s} where the peaks are the child's own maximum RSS and the largest of its own
-    children (e.g. worker pools), in MiB. Raises RuntimeError with the child's one-line error if it failed."""
-    context = multiprocessing.get_context("spawn")
-    queue = context.Queue()
-    process = context.Process(target=_child_main, args=(target, kwargs, queue))
-    start = time.perf_counter()
-    process.start()
-    try:
-        message = queue.get(timeout=timeout_s)
-    except Exception:  # noqa: BLE001 - queue.Empty on timeout, or the child died without reporting
-        _end_group(process)
-        raise RuntimeError(f"benchmark child {target} gave no result (exit code {process.exitcode})") from None
-    wall = time.perf_counter() - start
-    # The result is in; a child that then hangs on exit (Prefect's ephemeral server shutdown can) must not hang us.
-    process.join(timeout=EXIT_GRACE_S)
-    _end_group(process)  # also ends what an exited child left running (an orphaned API server)
-    if not message["ok"]:
-        raise RuntimeError(f"benchmark child {target} failed: {message['error']}")
-    return {"result": message["result"], "peak_rss_mb": message["peak_rss_mb"],
-            "children_peak_rss_mb": message["children_peak_rss_mb"], "wall_s": wall}
-
-
-# ---- process / thread census ---------------------------------------------------------------------------------------
+# ---- process tree: descendants, PSS, worker CPU -----------------------------------------------------------------
 def _descendants(root: int) -> list[int]:
     parents: dict[int, int] = {}
     for entry in os.listdir("/proc"):
@@ -195,45 +124,6 @@ def _descendants(root: int) -> list[int]:
         found += children
         frontier += children
     return found
-
-
-def _threads(pid: int) -> int:
-    try:
-        with open(f"/proc/{pid}/status", encoding="ascii") as handle:
-            for line in handle:
-                if line.startswith("Threads:"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return 0
-
-
-class Census:
-    """Samples, every ``interval`` s, this process's threads and its descendant processes (and their threads)."""
-
-    def __init__(self, interval: float = 0.25):
-        self.interval = interval
-        self.max_processes = 1
-        self.max_threads = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, daemon=True)
-
-    def _loop(self) -> None:
-        me = os.getpid()
-        while not self._stop.is_set():
-            if os.path.isdir("/proc"):
-                children = _descendants(me)
-                self.max_processes = max(self.max_processes, 1 + len(children))
-                self.max_threads = max(self.max_threads, _threads(me) + sum(_threads(p) for p in children))
-            self._stop.wait(self.interval)
-
-    def __enter__(self) -> "Census":
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
 
 
 def process_pss_mb(pid: int) -> float:
@@ -280,15 +170,6 @@ class PeakTreePss:
         self.peak_mb = max(self.peak_mb, tree_pss_mb())
 
 
-def cpu_seconds() -> float:
-    """CPU seconds of this process, its reaped children and its live descendants (a persistent worker pool's time is
-    not in RUSAGE_CHILDREN until its processes exit)."""
-    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-    total = own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
-    live = _descendants(os.getpid()) if os.path.isdir("/proc") else []
-    return total + sum(_process_cpu_seconds(pid) for pid in live)
-
-
 def _process_cpu_seconds(pid: int) -> float:
     """CPU seconds (user + system) a live process has used so far, from /proc; 0 if it is gone."""
     tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
@@ -318,28 +199,13 @@ def _forkserver_descendants() -> list[int]:
     return found
 
 
-def peak_rss_mb() -> dict[str, float]:
-    """Peak RSS so far (MiB) of this process (``own``) and of its largest live engine worker (``worker``)."""
-    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    worker = 0.0
-    for pid in _forkserver_descendants():
-        try:
-            with open(f"/proc/{pid}/status", encoding="ascii") as handle:
-                for line in handle:
-                    if line.startswith("VmHWM:"):
-                        worker = max(worker, int(line.split()[1]) / 1024)
-        except (OSError, ValueError, IndexError):
-            continue
-    return {"own": own, "worker": worker}
-
-
 def usable_cpus() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 # ---- machine information ------------------------------------------------------------------------------------------
 def machine_info() -> dict[str, Any]:
-    """Return what the numbers depend on: CPUs, load, memory, Python/torch/OpenCV versions, CUDA device, date."""
+    """Return what the numbers depend on: CPUs, load, memory, library versions, CUDA device, date."""
     info: dict[str, Any] = {
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "cpu_count": os.cpu_count(),
@@ -353,11 +219,15 @@ def machine_info() -> dict[str, Any]:
         info["memory_gib"] = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
     except (ValueError, OSError, AttributeError):
         info["memory_gib"] = None
-    for module in ("numpy", "cv2", "PIL", "torch", "kornia", "transformers"):
+    for module in ("numpy", "cv2", "PIL", "torch", "kornia", "transformers", "pyarrow"):
         try:
             info[f"{module}_version"] = importlib.import_module(module).__version__
         except Exception:  # noqa: BLE001 - a missing optional package is simply not reported
             info[f"{module}_version"] = None
+    try:  # read from its metadata: importing Prefect takes seconds and sets up its logging in this process
+        info["prefect_version"] = importlib.metadata.version("prefect")
+    except importlib.metadata.PackageNotFoundError:
+        info["prefect_version"] = None
     try:
         import torch
 
@@ -417,8 +287,14 @@ def result_markdown(result: dict) -> str:
         parts.append(f"- {note}")
     machine = result.get("machine", {})
     if machine:
-        parts.append(f"\n_{machine.get('cpus_usable')} CPUs (load {_format(machine.get('load_average_1m'))}), "
-                     f"Python {machine.get('python')}, torch {machine.get('torch_version')}, "
-                     f"OpenCV {machine.get('cv2_version')}, GPU {machine.get('cuda_device') or 'none'}, "
+        load = _format(machine.get("load_average_1m"))
+        if machine.get("load_average_1m_after") is not None:
+            load += f" before, {_format(machine['load_average_1m_after'])} after"
+        # Versions a result did not record (older results) are left out, not shown as "None".
+        versions = "".join(f"{label} {machine[key]}, " for label, key in (
+            ("Python", "python"), ("torch", "torch_version"), ("Prefect", "prefect_version"),
+            ("OpenCV", "cv2_version"), ("NumPy", "numpy_version"), ("pyarrow", "pyarrow_version")) if machine.get(key))
+        parts.append(f"\n_{machine.get('cpus_usable')} CPUs (load {load}), {versions}"
+                     f"GPU {machine.get('cuda_device') or 'none'}, "
                      f"{machine.get('date')}{', quick mode' if result.get('quick') else ''}_\n")
     return "\n".join(parts) + "\n"

@@ -5,15 +5,16 @@ Writes ``<results>/<name>.json`` (measurements + machine information) per benchm
 "not implemented yet: needs X", never with made-up numbers.
 
 ``make bench`` runs exactly this (``.venv/bin/python -m benchmarks.run``, every benchmark); without make, call the
-module directly. A full run takes ~25 min on 2 CPU cores, most of it the pipeline at 2,000 images and the
-ViT-B/16 training steps; ``--quick`` is a ~5 min smoke test. ``STRUCTXLIP_BENCH_LARGE=N`` sets the large size of
-``pipeline_scaling`` (default 2,000).
+module directly. A full run takes ~25 min on 2 CPU cores, most of it ``scale`` (the data stages on 1,000 images
+through ``structxlip run`` and through the engine alone: 11 min on a loaded machine) and the ViT-B/16 training steps;
+``--quick`` is a ~5 min smoke test. ``STRUCTXLIP_BENCH_IMAGES=N`` sets the size of ``scale`` (default 1,000).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -47,34 +48,10 @@ def _needs(what: str) -> Callable[[bool], BenchmarkResult]:
     return missing
 
 
-def _pipeline(quick: bool) -> BenchmarkResult:
-    from benchmarks import pipeline
+def _scale(quick: bool) -> BenchmarkResult:
+    from benchmarks import scale
 
-    return pipeline.run_scaling(quick=quick)
-
-
-def _pipeline_cached(quick: bool) -> BenchmarkResult:
-    from benchmarks import pipeline
-
-    return pipeline.run_cached(quick=quick)
-
-
-def _pipeline_incremental(quick: bool) -> BenchmarkResult:
-    from benchmarks import pipeline
-
-    return pipeline.run_incremental(quick=quick)
-
-
-def _pipeline_noop(quick: bool) -> BenchmarkResult:
-    from benchmarks import noop
-
-    return noop.run(quick=quick)
-
-
-def _data_stages(quick: bool) -> BenchmarkResult:
-    from benchmarks import data_stages
-
-    return data_stages.run(quick=quick)
+    return scale.run(quick=quick)
 
 
 def _clip_scoring(quick: bool) -> BenchmarkResult:
@@ -106,11 +83,7 @@ BENCHMARKS: dict[str, Callable[[bool], BenchmarkResult]] = {
     "structure": _structure,
     "regions": _regions,
     "local_loss": _local_loss,
-    "pipeline_scaling": _pipeline,
-    "pipeline_cached": _pipeline_cached,
-    "pipeline_incremental": _pipeline_incremental,
-    "pipeline_noop": _pipeline_noop,
-    "data_stages": _data_stages,
+    "scale": _scale,
     "clip_scoring": _clip_scoring,
     "training": _training,
     "gpu": _gpu,
@@ -140,6 +113,7 @@ def run_benchmark(name: str, *, quick: bool, results_dir: Path) -> dict:
     except NotImplementedYet as exc:
         payload = {"name": name, "description": "", "status": "not implemented", "error": str(exc), "rows": [],
                    "targets": [], "notes": []}
+    machine["load_average_1m_after"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     payload.update({"quick": quick, "machine": machine, "seconds": time.perf_counter() - start})
     results_dir.mkdir(parents=True, exist_ok=True)
     (results_dir / f"{name}.json").write_text(json.dumps(payload, indent=2, default=str) + "\n", encoding="utf-8")

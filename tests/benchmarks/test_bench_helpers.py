@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -11,7 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from benchmarks.common import Target, markdown_table, run_in_child, time_repeats, tolerant_edge_iou
+from benchmarks.common import (Target, markdown_table, result_markdown, time_repeats, tolerant_edge_iou,
+                               worker_cpu_seconds)
 from benchmarks.local_loss import loop_local_loss, make_inputs
 from benchmarks.run import BENCHMARKS, run_benchmark
 
@@ -56,6 +58,18 @@ def test_markdown_table_columns_and_formatting():
     assert lines[3] == "| 1,234 | - | - |"
 
 
+def test_result_footer_says_the_load_before_and_after_and_the_versions():
+    machine = {"cpus_usable": 2, "load_average_1m": 1.5, "load_average_1m_after": 2.25, "python": "3.11.7",
+               "torch_version": "2.1", "prefect_version": "3.8.8", "cv2_version": "5.1.0", "numpy_version": "2.4.6",
+               "pyarrow_version": "26.0.1", "cuda_device": None, "date": "2026-01-01"}
+    text = result_markdown({"name": "x", "description": "", "rows": [{"a": 1}], "targets": [], "machine": machine})
+    assert ("_2 CPUs (load 1.50 before, 2.25 after), Python 3.11.7, torch 2.1, Prefect 3.8.8, OpenCV 5.1.0, "
+            "NumPy 2.4.6, pyarrow 26.0.1, GPU none, 2026-01-01_") in text
+    del machine["prefect_version"]  # an older result: not recorded, so not shown
+    assert "torch 2.1, OpenCV 5.1.0," in result_markdown({"name": "x", "description": "", "rows": [], "targets": [],
+                                                          "machine": machine})
+
+
 def test_time_repeats_counts_calls_and_runs_setup_each_time():
     calls = []
     timing = time_repeats(lambda: calls.append("run"), 3, setup=lambda: calls.append("setup"))
@@ -63,12 +77,29 @@ def test_time_repeats_counts_calls_and_runs_setup_each_time():
     assert timing["runs"] == 3 and 0 <= timing["best_s"] <= timing["median_s"]
 
 
-def test_run_in_child_reports_peak_memory_of_the_child():
-    measured = run_in_child("tests.benchmarks.child_targets:allocate_mib", mib=200)
-    assert measured["result"] == 200 * 1024 * 1024
-    assert 200 <= measured["peak_rss_mb"] < 2000  # the child's own peak, not this test process's
-    with pytest.raises(RuntimeError, match="failed: ValueError"):
-        run_in_child("tests.benchmarks.child_targets:allocate_mib", mib=-1)
+def _spin(seconds: float) -> int:
+    import time
+
+    end = time.process_time() + seconds
+    while time.process_time() < end:
+        pass
+    return os.getpid()
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="reads /proc")
+def test_worker_cpu_counts_the_engine_workers_only():
+    from pipelines.engine import workers
+    workers.shutdown()
+    try:
+        pool = workers.pool(2)
+        [f.result() for f in [pool.submit(_spin, 0.1) for _ in range(2)]]  # both workers started and initialised
+        before = worker_cpu_seconds()
+        pool.submit(_spin, 0.5).result()
+        # The worker's 0.5 CPU-s spin (its own clock, 10 ms ticks); this test process's own CPU is not counted.
+        _spin(0.5)
+        assert 0.49 <= worker_cpu_seconds() - before < 0.95
+    finally:
+        workers.shutdown()
 
 
 def _slow_reference(chunks, owner, crops, valid, scale, tau=0.07):
@@ -109,8 +140,7 @@ def test_loop_local_loss_matches_the_written_out_formula_and_the_project_loss():
 def test_registry_says_what_missing_benchmarks_need(tmp_path, monkeypatch):
     from benchmarks import run as runner
 
-    assert {"structure", "local_loss", "pipeline_scaling", "pipeline_cached", "pipeline_incremental",
-            "clip_scoring", "training"} <= set(BENCHMARKS)
+    assert {"structure", "local_loss", "scale", "clip_scoring", "training"} <= set(BENCHMARKS)
     monkeypatch.setitem(runner.BENCHMARKS, "future", runner._needs("structxlip/future.py"))
     payload = run_benchmark("future", quick=True, results_dir=tmp_path)
     assert payload["status"] == "not implemented"
