@@ -64,8 +64,7 @@ class StageStore:
 
     def parts(self) -> list[Path]:
         """Return the complete parts, oldest first (modification time, then name), so later parts override."""
-        parts = parquet_parts(self.folder)
-        return sorted(parts, key=lambda p: (p.stat().st_mtime_ns, p.name))
+        return sorted(parquet_parts(self.folder), key=lambda p: (p.stat().st_mtime_ns, p.name))
 
     # ---- reading ----------------------------------------------------------------------------------------------
     def _read_part(self, part: Path, columns: list[str] | None) -> pa.Table | None:
@@ -105,13 +104,8 @@ class StageStore:
                 empty = self.schema.empty_table()
                 return empty if columns is None else empty.select(columns)
             return pa.table({ITEM_KEY: pa.array([], pa.string())})
-        if self.schema is not None:
-            table = pa.concat_tables(tables)
-        else:
-            table = pa.concat_tables(tables, promote_options="permissive")
-        last: dict[str, int] = {}
-        for index, key in enumerate(table.column(ITEM_KEY).to_pylist()):
-            last[key] = index
+        table = pa.concat_tables(tables, promote_options="none" if self.schema is not None else "permissive")
+        last = {key: index for index, key in enumerate(table.column(ITEM_KEY).to_pylist())}
         if len(last) == table.num_rows:
             return table
         return table.take(pa.array(sorted(last.values()), pa.int64()))
