@@ -75,9 +75,6 @@ class ApiServer:
             threading.Thread(target=lambda: [None for _ in iter(lambda: stream.read(65536), b"")],
                              name="api-server-stderr", daemon=True).start()
 
-    def alive(self) -> bool:
-        return self.process.poll() is None
-
     def stop(self, timeout_s: float = 5.0) -> None:
         """Stop the server (SIGTERM, then SIGKILL) and wait for it."""
         if self.process.poll() is not None:

@@ -200,7 +200,7 @@ def _run_flow(pipeline, *, config_path, selected, refreshed, runner, dask_addres
 
     api_url = server.wait_ready() if server is not None else os.environ["PREFECT_API_URL"]
     _watch_api(api_url, command=command, own=server is not None)
-    with current_pipeline(pipeline), _api_environment(api_url if server is not None else None):
+    with current_pipeline(pipeline), (contextlib.nullcontext() if server is None else _api_environment(api_url)):
         try:
             return structxlip_pipeline(images_dir=str(pipeline.images_dir), out_dir=str(pipeline.layout.root),
                                        config_path=config_path, stages=selected, refresh=refreshed,
@@ -211,11 +211,8 @@ def _run_flow(pipeline, *, config_path, selected, refreshed, runner, dask_addres
 
 
 @contextlib.contextmanager
-def _api_environment(api_url: str | None):
+def _api_environment(api_url: str):
     """Point this process's Prefect client (and the processes it starts: Dask workers) at ``api_url``."""
-    if api_url is None:
-        yield
-        return
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     previous = os.environ.get("PREFECT_API_URL")
@@ -233,7 +230,7 @@ def _api_environment(api_url: str | None):
 API_LOSS_GRACE_S = 15.0
 
 
-def _watch_api(api_url: str | None, *, command: str, own: bool = False, grace_s: float = API_LOSS_GRACE_S) -> None:
+def _watch_api(api_url: str, *, command: str, own: bool = False, grace_s: float = API_LOSS_GRACE_S) -> None:
     """Watch the Prefect API from a daemon thread; when it stays unreachable for ``grace_s``, end the run with one
     line (reported once).
 
@@ -241,8 +238,6 @@ def _watch_api(api_url: str | None, *, command: str, own: bool = False, grace_s:
     flushing events. Every output is written atomically and every finished chunk is cached, so ending the process
     at once is safe: a re-run against the restarted server resumes where this one stopped.
     """
-    if not api_url:
-        return
     import threading
 
     import httpx
