@@ -143,10 +143,9 @@ def publish_evaluation(out_dir: str | os.PathLike, *, namespace: str = "", where
     if not path.is_file():
         return None
     metrics = json.loads(path.read_text(encoding="utf-8"))
-    rows = evaluation_rows(metrics)
     return {
         "table": create_table_artifact(
-            table=rows,
+            table=evaluation_rows(metrics),
             key=artifact_key(namespace, "eval-recall"),
             description=f"Retrieval{where} on {metrics.get('n_pairs')} pairs: Recall@K and mean/median rank per "
                         "direction (t2i, i2t, s2t, t2s, ts2i), fine-tuned and zero-shot (base model).",

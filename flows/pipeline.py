@@ -109,8 +109,7 @@ def run_stage(pipeline: Pipeline, stage: str, refresh: bool) -> dict:
     plan = pipeline.plan(stage, refresh=refresh)
     if not on_threads():
         plan.processes = 0  # Dask workers are the processes: a chunk runs in the task's own
-    config = pipeline.config
-    task = stage_task(pipeline.stages[stage]).with_options(retries=config.runtime.task_retries)
+    task = stage_task(pipeline.stages[stage]).with_options(retries=pipeline.config.runtime.task_retries)
 
     def execute(chunks):
         futures = {task.submit(keys, records, out_dir=str(pipeline.layout.root), stage_key=plan.stage_key,

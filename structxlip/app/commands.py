@@ -67,8 +67,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     out_path = Path(args.out).resolve() if args.out else root.eval_metrics
     stage = STAGE_DEFINITIONS["evaluate"]  # the same parameters the pipeline's evaluate stage passes
     # Writing into a pipeline's output folder takes its lock, like every other writer of that folder.
-    writes_into_out = root.root in out_path.parents
-    with lock.output_lock(root) if writes_into_out else contextlib.nullcontext():
+    with lock.output_lock(root) if root.root in out_path.parents else contextlib.nullcontext():
         metrics = evaluate(args.manifest, checkpoint=args.checkpoint or config.model.clip_model, out_path=out_path,
                            root=args.root, **stage.params(config).model_dump(), **stage.runtime(config))
     print(metrics_table(metrics))

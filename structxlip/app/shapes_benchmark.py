@@ -179,8 +179,7 @@ def sample_scene(rng: np.random.Generator, split: str, image_size: int) -> tuple
         masks.append(mask)
     overlaps = tuple((later, earlier) for later in range(len(masks)) for earlier in range(later)
                      if np.logical_and(masks[later], masks[earlier]).sum() >= 4)
-    scene = _describe(tuple(shapes), texture, overlaps)
-    return scene, image
+    return _describe(tuple(shapes), texture, overlaps), image
 
 
 def _describe(shapes: tuple[Shape, ...], texture: str, overlaps: tuple[tuple[int, int], ...]) -> Scene:

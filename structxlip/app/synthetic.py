@@ -68,11 +68,7 @@ def _scribble(edges: np.ndarray) -> np.ndarray:
 
 
 def _split(index: int) -> str:
-    if index % 4 == 3:
-        return "test"
-    if index % 8 == 6:
-        return "val"
-    return "train"
+    return "test" if index % 4 == 3 else "val" if index % 8 == 6 else "train"
 
 
 def make_synthetic_manifest(
@@ -84,10 +80,9 @@ def make_synthetic_manifest(
     layout = OutputLayout(out_dir)
     images_dir = layout.root / "images"
     rng = np.random.default_rng(seed)
-    colour_names = list(COLOURS)
     rows: list[dict] = []
     for index in range(n_images):
-        colour_a, colour_b = rng.choice(colour_names, size=2, replace=False)
+        colour_a, colour_b = rng.choice(list(COLOURS), size=2, replace=False)
         shape_a, shape_b = rng.choice(SHAPES, size=2, replace=False)
         relation, opposite, axis = RELATIONS[int(rng.integers(len(RELATIONS)))]
         large_a, large_b = bool(rng.integers(2)), bool(rng.integers(2))
@@ -125,39 +120,33 @@ def make_synthetic_manifest(
             segment_specs.append((union, f"a {colour_a} {shape_a} and a {colour_b} {shape_b}", f"a {shape_a} and a {shape_b}"))
         segments = []
         for n, ((x1, y1, x2, y2), local_caption, local_filtered) in enumerate(segment_specs):
-            crop_path = write_jpeg(layout.crop(image_id, SYNTHETIC_KEY, n), np.ascontiguousarray(canvas[y1:y2, x1:x2]))
-            structure_crop_path = write_png(
-                layout.structure_crop(image_id, SYNTHETIC_KEY, n), np.ascontiguousarray(edges[y1:y2, x1:x2])
-            )
-            segments.append(
-                {
-                    "bbox": bbox(x1, y1, x2, y2),
-                    "crop_path": layout.relative(crop_path),
-                    "structure_crop_path": layout.relative(structure_crop_path),
-                    "caption": local_caption,
-                    "filtered_caption": local_filtered,
-                    # CLIP-logit-like scores (METHOD section 2: typically 15-30), distinct so ranking is unambiguous.
-                    "similarity_score": float(np.float32(18.0 + 10.0 * rng.random())),
-                }
-            )
-        rows.append(
-            {
-                "image_id": image_id,
-                "source_path": str(Path(source_path).resolve()),
-                "status": STATUS_OK,
-                "error": None,
-                "width": image_size,
-                "height": image_size,
-                "caption": caption,
-                "caption_source": "synthetic",
-                "filtered_caption": filtered_caption,
-                "structure_path": layout.relative(structure_path),
-                "scribble_path": layout.relative(scribble_path),
-                "split": _split(index),
-                "segments": segments,
-                "hard_negatives": hard_negatives,
-            }
-        )
+            segments.append({
+                "bbox": bbox(x1, y1, x2, y2),
+                "crop_path": layout.relative(write_jpeg(layout.crop(image_id, SYNTHETIC_KEY, n),
+                                                        np.ascontiguousarray(canvas[y1:y2, x1:x2]))),
+                "structure_crop_path": layout.relative(write_png(layout.structure_crop(image_id, SYNTHETIC_KEY, n),
+                                                                 np.ascontiguousarray(edges[y1:y2, x1:x2]))),
+                "caption": local_caption,
+                "filtered_caption": local_filtered,
+                # CLIP-logit-like scores (METHOD section 2: typically 15-30), distinct so ranking is unambiguous.
+                "similarity_score": float(np.float32(18.0 + 10.0 * rng.random())),
+            })
+        rows.append({
+            "image_id": image_id,
+            "source_path": str(Path(source_path).resolve()),
+            "status": STATUS_OK,
+            "error": None,
+            "width": image_size,
+            "height": image_size,
+            "caption": caption,
+            "caption_source": "synthetic",
+            "filtered_caption": filtered_caption,
+            "structure_path": layout.relative(structure_path),
+            "scribble_path": layout.relative(scribble_path),
+            "split": _split(index),
+            "segments": segments,
+            "hard_negatives": hard_negatives,
+        })
     if include_failed:
         broken = images_dir / "broken.png"
         broken.parent.mkdir(parents=True, exist_ok=True)
