@@ -544,9 +544,7 @@ def _config_model(plugins: Any, source: str) -> type[Config]:
                                     "rename the plugin's stage"))
     key = tuple(sections.items())
     if key not in _plugin_configs:
-        fields = {}
-        for name, params in sections.items():
-            required = any(field.is_required() for field in params.model_fields.values())
-            fields[name] = (params, ... if required else Field(default_factory=params))
+        fields = {name: (params, ... if any(field.is_required() for field in params.model_fields.values())
+                         else Field(default_factory=params)) for name, params in sections.items()}
         _plugin_configs[key] = create_model("Config", __base__=Config, **fields)
     return _plugin_configs[key]

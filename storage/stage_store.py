@@ -116,11 +116,10 @@ class StageStore:
         rows = {r[ITEM_KEY]: r for r in table.to_pylist()}
         result = StoredRows(rows=rows, quarantined=list(self._quarantined))
         if verify and table.num_rows and OUTPUTS in table.column_names:
-            root = self.layout.root
             for key, row in rows.items():
                 for output in row.get(OUTPUTS) or ():
                     try:
-                        size = os.stat(root / output["path"]).st_size
+                        size = os.stat(self.layout.root / output["path"]).st_size
                     except OSError:
                         result.invalid[key] = f"{output['path']} is missing"
                         break
@@ -151,9 +150,8 @@ class StageStore:
     def remove_superseded(self, keep: list[Path]) -> int:
         """Delete parts (other than ``keep``) all of whose item keys are in ``keep``; return how many were removed."""
         keep_paths = {Path(p).resolve() for p in keep}
-        covered: set[str] = set()
-        for part in keep_paths:
-            covered.update(read_part(part, columns=[ITEM_KEY]).column(ITEM_KEY).to_pylist())
+        covered = {key for part in keep_paths
+                   for key in read_part(part, columns=[ITEM_KEY]).column(ITEM_KEY).to_pylist()}
         removed = 0
         for part in self.parts():
             if part.resolve() in keep_paths:
