@@ -151,14 +151,12 @@ def make_synthetic_manifest(
         broken = images_dir / "broken.png"
         broken.parent.mkdir(parents=True, exist_ok=True)
         broken.write_bytes(b"not an image")
-        rows.append(
-            {
-                "image_id": file_digest(broken)[:IMAGE_ID_LENGTH],
-                "source_path": str(broken.resolve()),
-                "status": STATUS_FAILED,
-                "error": "cannot decode image: not a PNG/JPEG file",
-                "split": "train",
-            }
-        )
+        rows.append({
+            "image_id": file_digest(broken)[:IMAGE_ID_LENGTH],
+            "source_path": str(broken.resolve()),
+            "status": STATUS_FAILED,
+            "error": "cannot decode image: not a PNG/JPEG file",
+            "split": "train",
+        })
     write_parquet_atomic(manifest_table(rows), layout.manifest_part(content_key("synthetic", n_images, image_size, seed)))
     return layout.manifest_dir
