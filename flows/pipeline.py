@@ -293,7 +293,7 @@ def run_entry(images_dir: str, out_dir: str, *, config_path: str | None, overrid
         held.__exit__(None, None, None)
     with contextlib.suppress(Exception):  # a report, never a reason to fail the run
         artifacts.publish_run_summary(report, namespace=namespace_of(pipeline), config_source=pipeline.config_source,
-                            explorer=report["explorer"], metrics_path=str(pipeline.layout.eval_metrics))
+                                      explorer=report["explorer"], metrics_path=str(pipeline.layout.eval_metrics))
     if failure is not None:
         raise PipelineFailed(report, failure)
     return report
