@@ -62,14 +62,8 @@ def _holds_bool(value: Any, annotation: Any) -> bool:
 
 def _expected(annotation: Any) -> str:
     """What a non-boolean field expects, in words (for the message that refuses a boolean)."""
-    text = str(annotation)
-    if "float" in text:
-        return "a number"
-    if "int" in text:
-        return "an integer"
-    if "str" in text:
-        return "a string"
-    return "a value of its type"
+    return next((words for name, words in (("float", "a number"), ("int", "an integer"), ("str", "a string"))
+                 if name in str(annotation)), "a value of its type")
 
 
 class _Section(BaseModel):
@@ -352,9 +346,8 @@ def _value_text(value: Any) -> str:
 def _override_label(source: str | Mapping[str, str], key: str, value: Any) -> str:
     """How the user wrote one override: ``--set train.batch_size=true``, ``overrides train.lr=0``, or the flag a
     command maps the key to (``--batch-size=1``)."""
-    if isinstance(source, Mapping):
-        return _one_line(f"{source.get(key, '--set ' + key)}={_value_text(value)}", 120)
-    return _one_line(f"{source} {key}={_value_text(value)}", 120)
+    label = source.get(key, f"--set {key}") if isinstance(source, Mapping) else f"{source} {key}"
+    return _one_line(f"{label}={_value_text(value)}", 120)
 
 
 def validate_overrides(overrides: Any, *, source: str | Mapping[str, str] = "overrides") -> dict[str, Any]:
@@ -443,8 +436,6 @@ def load_config(path: str | os.PathLike | None = None, overrides: dict | None = 
     if path is not None:
         source = _one_line(str(path), 120)
         data = _read_config_file(Path(path), source)
-    else:
-        _resolve_plugin_paths(data, Path.cwd())
     overrides = validate_overrides(overrides, source=overrides_source)
     file_data = copy.deepcopy(data)
     for dotted, value in overrides.items():
@@ -553,9 +544,7 @@ def _config_model(plugins: Any, source: str) -> type[Config]:
                                     "rename the plugin's stage"))
     key = tuple(sections.items())
     if key not in _plugin_configs:
-        fields = {}
-        for name, params in sections.items():
-            required = any(field.is_required() for field in params.model_fields.values())
-            fields[name] = (params, ... if required else Field(default_factory=params))
+        fields = {name: (params, ... if any(field.is_required() for field in params.model_fields.values())
+                         else Field(default_factory=params)) for name, params in sections.items()}
         _plugin_configs[key] = create_model("Config", __base__=Config, **fields)
     return _plugin_configs[key]

@@ -49,15 +49,14 @@ class ApiServer:
             [sys.executable, "-m", "flows.api_server", "--port", str(self.port), "--parent", str(os.getpid())],
             env=environment, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
             start_new_session=True)
-        self._error = b""
 
     def wait_ready(self, timeout_s: float = START_TIMEOUT_S) -> str:
         """Block until the API answers ``/health``; return its URL. Raise RuntimeError (one line) if it never does."""
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                self._error = self.process.stderr.read() if self.process.stderr else b""
-                tail = " ".join(self._error.decode("utf-8", "replace").split())[-240:]
+                error = self.process.stderr.read() if self.process.stderr else b""
+                tail = " ".join(error.decode("utf-8", "replace").split())[-240:]
                 raise RuntimeError(f"the temporary Prefect API server exited with {self.process.returncode}: {tail}")
             with contextlib.suppress(urllib.error.URLError, ConnectionError, TimeoutError, OSError):
                 with urllib.request.urlopen(f"{self.url}/health", timeout=2) as response:
@@ -74,9 +73,6 @@ class ApiServer:
         if stream is not None:
             threading.Thread(target=lambda: [None for _ in iter(lambda: stream.read(65536), b"")],
                              name="api-server-stderr", daemon=True).start()
-
-    def alive(self) -> bool:
-        return self.process.poll() is None
 
     def stop(self, timeout_s: float = 5.0) -> None:
         """Stop the server (SIGTERM, then SIGKILL) and wait for it."""

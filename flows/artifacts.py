@@ -4,6 +4,7 @@ plots. The content is built by the pure functions of ``pipelines.reporting.rende
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -52,7 +53,7 @@ def publish_stage_summary(summary: StageSummary, *, namespace: str = "", where: 
     ids = {
         "summary": create_table_artifact(
             table=summary_rows(summary),
-            key=artifact_key(namespace, summary.stage, "summary") if namespace else artifact_key(summary.stage, "summary"),
+            key=artifact_key(namespace, summary.stage, "summary"),
             description=f"Stage `{summary.stage}`{where}: items processed, cached (reused), failed (this run's and "
                         "cached failures) and throughput.",
         )
@@ -60,8 +61,7 @@ def publish_stage_summary(summary: StageSummary, *, namespace: str = "", where: 
     if summary.failed:
         ids["failures"] = create_table_artifact(
             table=failure_rows(summary),
-            key=artifact_key(namespace, summary.stage, "failures") if namespace else artifact_key(summary.stage,
-                                                                                                   "failures"),
+            key=artifact_key(namespace, summary.stage, "failures"),
             description=f"Stage `{summary.stage}`{where}: failed items and why (first {MAX_FAILURE_ROWS}).",
         )
     return ids
@@ -78,7 +78,7 @@ def stage_progress(stage: str, done: int, total: int, *, namespace: str = "") ->
 
     context = FlowRunContext.get()
     run_id = str(context.flow_run.id) if context is not None and context.flow_run is not None else None
-    key = artifact_key(namespace, stage, "progress") if namespace else artifact_key(stage, "progress")
+    key = artifact_key(namespace, stage, "progress")
     percent = progress_percent(done, total)
     description = f"Stage `{stage}`: {done} of {total} items done."
     artifact_id = _progress_artifacts.get((run_id, key))
@@ -99,7 +99,7 @@ def publish_gallery(stage: str, out_dir: str | os.PathLike, rows: Iterable[dict]
     markdown = gallery_markdown(out_dir, chosen, title=f"{stage}: examples", max_images=len(chosen) or 1, **options)
     return create_markdown_artifact(
         markdown=markdown,
-        key=artifact_key(namespace, stage, "gallery") if namespace else artifact_key(stage, "gallery"),
+        key=artifact_key(namespace, stage, "gallery"),
         description=f"Stage `{stage}`{where}: representative images (no region, worst and best scores) with their "
                     "structure maps, numbered regions, crops, sentences and similarity scores.",
     )
@@ -122,7 +122,7 @@ def publish_training(out_dir: str | os.PathLike, *, namespace: str = "", where: 
     last = ", ".join(f"{name} {ys[-1]:.4f}" for name, (_, ys) in sorted(series.items()))
     return create_markdown_artifact(
         markdown=image_markdown("Training", png, note=f"{len(rows)} logged steps. Last values: {last}."),
-        key=artifact_key(namespace, "train-loss") if namespace else "train-loss",
+        key=artifact_key(namespace, "train-loss"),
         description=f"Training{where}: each StructXLIP loss term, the scheduled loss weights and the learning rate "
                     "per step (separate axes), epoch boundaries dashed.",
     )
@@ -130,13 +130,9 @@ def publish_training(out_dir: str | os.PathLike, *, namespace: str = "", where: 
 
 def evaluation_rows(metrics: dict) -> list[dict]:
     """Recall rows of the fine-tuned model and, when present, of the zero-shot base model, each with ``n_pairs``."""
-    rows = []
-    for model, values in (("fine-tuned", metrics), ("zero-shot", metrics.get("zero_shot"))):
-        if not values:
-            continue
-        for row in recall_rows(values):
-            rows.append({"model": model, **row, "n_pairs": values.get("n_pairs")})
-    return rows
+    return [{"model": model, **row, "n_pairs": values.get("n_pairs")}
+            for model, values in (("fine-tuned", metrics), ("zero-shot", metrics.get("zero_shot"))) if values
+            for row in recall_rows(values)]
 
 
 def publish_evaluation(out_dir: str | os.PathLike, *, namespace: str = "", where: str = "") -> dict[str, UUID] | None:
@@ -147,18 +143,17 @@ def publish_evaluation(out_dir: str | os.PathLike, *, namespace: str = "", where
     if not path.is_file():
         return None
     metrics = json.loads(path.read_text(encoding="utf-8"))
-    rows = evaluation_rows(metrics)
     return {
         "table": create_table_artifact(
-            table=rows,
-            key=artifact_key(namespace, "eval-recall") if namespace else "eval-recall",
+            table=evaluation_rows(metrics),
+            key=artifact_key(namespace, "eval-recall"),
             description=f"Retrieval{where} on {metrics.get('n_pairs')} pairs: Recall@K and mean/median rank per "
                         "direction (t2i, i2t, s2t, t2s, ts2i), fine-tuned and zero-shot (base model).",
         ),
         "plot": create_markdown_artifact(
             markdown=image_markdown("Retrieval recall (fine-tuned)", recall_bar_png(recall_rows(metrics)),
                                     note=f"{metrics.get('n_pairs')} pairs."),
-            key=artifact_key(namespace, "eval-recall-plot") if namespace else "eval-recall-plot",
+            key=artifact_key(namespace, "eval-recall-plot"),
             description="R@1/5/10 per retrieval direction.",
         ),
     }
@@ -175,16 +170,13 @@ def publish_quality(out_dir: str | os.PathLike, *, vocab_dir: str | None, namesp
     from pipelines.reporting.report_plots import quality_plots
 
     report = output_quality_report(out_dir, vocab_dir=vocab_dir)
-    ids = {}
-    for name, rows in quality_tables(report).items():
-        if rows:
-            ids[name] = create_table_artifact(
-                table=rows, key=artifact_key(namespace, "quality", name) if namespace else artifact_key("quality", name),
-                description=f"Dataset quality{where}: {name.replace('_', ' ')}.")
+    ids = {name: create_table_artifact(table=rows, key=artifact_key(namespace, "quality", name),
+                                       description=f"Dataset quality{where}: {name.replace('_', ' ')}.")
+           for name, rows in quality_tables(report).items() if rows}
     sections = [image_markdown(name.replace("_", " ").capitalize(), png) for name, png in quality_plots(report).items()]
     ids["plots"] = create_markdown_artifact(
         markdown="# Dataset quality\n\n" + "\n".join(sections),
-        key=artifact_key(namespace, "quality-plots") if namespace else "quality-plots",
+        key=artifact_key(namespace, "quality-plots"),
         description=f"Dataset quality{where}: caption lengths, removed words, regions, scores, sizes, edge density.")
     return ids
 
@@ -253,11 +245,8 @@ def publish_run_summary(report: dict, *, namespace: str, config_source: str, exp
     api = get_current_settings().api.url
     ui_url = str(api).removesuffix("/api") if api else None
     metrics = None
-    if metrics_path and Path(metrics_path).is_file():
-        try:
-            metrics = json.loads(Path(metrics_path).read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            metrics = None
+    with contextlib.suppress(OSError, ValueError):  # none yet, or unreadable: the page has no headline
+        metrics = json.loads(Path(metrics_path).read_text(encoding="utf-8")) if metrics_path else None
     return create_markdown_artifact(
         markdown=run_summary_markdown(report, namespace=namespace, config_source=config_source, ui_url=ui_url,
                                       explorer=explorer, metrics=metrics),

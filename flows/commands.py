@@ -48,7 +48,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     demo.add_argument("--images", default=str(SAMPLE_IMAGES), metavar="DIR", help=argparse.SUPPRESS)
     demo.add_argument("--verbose", action="store_true", help="show Prefect's own logs")
     demo.set_defaults(handler=demo_command)
-    add_serve_command(subparsers)
+
+    serve = subparsers.add_parser(
+        "serve",
+        help="serve the pipeline and each stage as Prefect deployments (needs PREFECT_API_URL)",
+        description="Register `structxlip-pipeline/all-stages` and `<stage>/<stage>-stage` deployments with the Prefect server "
+        "at PREFECT_API_URL and run their flow runs in this process until interrupted.",
+    )
+    serve.add_argument("--config", metavar="FILE", help="YAML config used by runs that do not pass config_path")
+    serve.add_argument("--limit", type=int, default=None, metavar="N", help="at most N flow runs at once")
+    serve.add_argument("--verbose", action="store_true", help="log every Prefect API call (httpx) too")
+    serve.set_defaults(handler=serve_command)
 
 
 def _prepare_environment(verbose: bool) -> None:
@@ -61,12 +71,11 @@ def _prepare_environment(verbose: bool) -> None:
     if not sys.stderr.isatty():
         # Progress bars (transformers' weight loading, hub downloads) only on a terminal, never inside Prefect logs.
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if not verbose:
         # Our own one-line warnings and the summary report failures; Prefect would add a traceback per failed task.
         os.environ["PREFECT_LOGGING_LEVEL"] = "CRITICAL"
         os.environ.setdefault("PREFECT_LOGGING_LOG_PRINTS", "false")
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    if not verbose:
         # Dask's scheduler and nannies log every worker start and stop at INFO.
         os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")
         for name in ("httpx", "prefect"):
@@ -131,6 +140,7 @@ def _execute(started, images_dir, out_dir, *, config_path, stages, refresh, runn
     from storage.layout import OutputLayout
 
     from flows import interrupts
+    from flows.api_server import ApiServer
 
     layout = OutputLayout(out_dir)
     config, source = resolve_config(layout.root, config_path, overrides)  # one line on a bad config, before any work
@@ -149,7 +159,7 @@ def _execute(started, images_dir, out_dir, *, config_path, stages, refresh, runn
     with lock.output_lock(layout):
         try:
             if not api_url and (refreshed or retry_failed or pipeline.plan(selected[0]).pending):
-                server = interrupts.own(_api_server())  # starts now: its start-up overlaps the planning below
+                server = interrupts.own(ApiServer())  # starts now: its start-up overlaps the planning below
             with_work = stages_with_work(pipeline, selected, set(refreshed))
             if not with_work and not api_url:
                 summaries = [summarize(pipeline.plan(stage), [], [], 0.0) for stage in selected]
@@ -161,7 +171,7 @@ def _execute(started, images_dir, out_dir, *, config_path, stages, refresh, runn
             else:
                 preflight(pipeline, with_work)
                 if not api_url:
-                    server = server or interrupts.own(_api_server())
+                    server = server or interrupts.own(ApiServer())
                 report = _run_flow(pipeline, config_path=None if config_path is None else str(
                     Path(config_path).expanduser().resolve()), selected=selected, refreshed=refreshed, runner=runner,
                     dask_address=dask_address, retry_failed=retry_failed, server=server, command=command)
@@ -170,12 +180,6 @@ def _execute(started, images_dir, out_dir, *, config_path, stages, refresh, runn
                 server.stop()
     print(format_summary(report) + _report_notes(report), flush=True)
     return report
-
-
-def _api_server():
-    from flows.api_server import ApiServer
-
-    return ApiServer()
 
 
 def _report_notes(report: dict) -> str:
@@ -196,7 +200,7 @@ def _run_flow(pipeline, *, config_path, selected, refreshed, runner, dask_addres
 
     api_url = server.wait_ready() if server is not None else os.environ["PREFECT_API_URL"]
     _watch_api(api_url, command=command, own=server is not None)
-    with current_pipeline(pipeline), _api_environment(api_url if server is not None else None):
+    with current_pipeline(pipeline), (contextlib.nullcontext() if server is None else _api_environment(api_url)):
         try:
             return structxlip_pipeline(images_dir=str(pipeline.images_dir), out_dir=str(pipeline.layout.root),
                                        config_path=config_path, stages=selected, refresh=refreshed,
@@ -207,11 +211,8 @@ def _run_flow(pipeline, *, config_path, selected, refreshed, runner, dask_addres
 
 
 @contextlib.contextmanager
-def _api_environment(api_url: str | None):
+def _api_environment(api_url: str):
     """Point this process's Prefect client (and the processes it starts: Dask workers) at ``api_url``."""
-    if api_url is None:
-        yield
-        return
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     previous = os.environ.get("PREFECT_API_URL")
@@ -229,7 +230,7 @@ def _api_environment(api_url: str | None):
 API_LOSS_GRACE_S = 15.0
 
 
-def _watch_api(api_url: str | None, *, command: str, own: bool = False, grace_s: float = API_LOSS_GRACE_S) -> None:
+def _watch_api(api_url: str, *, command: str, own: bool = False, grace_s: float = API_LOSS_GRACE_S) -> None:
     """Watch the Prefect API from a daemon thread; when it stays unreachable for ``grace_s``, end the run with one
     line (reported once).
 
@@ -237,8 +238,6 @@ def _watch_api(api_url: str | None, *, command: str, own: bool = False, grace_s:
     flushing events. Every output is written atomically and every finished chunk is cached, so ending the process
     at once is safe: a re-run against the restarted server resumes where this one stopped.
     """
-    if not api_url:
-        return
     import threading
 
     import httpx
@@ -277,12 +276,14 @@ def run_command(args: argparse.Namespace) -> int:
 
 def demo_command(args: argparse.Namespace) -> int:
     """``structxlip demo``: all stages on the bundled sample, then where to find every output."""
+    from configs import load_config
+    from pipelines.engine.stages import stage_keys
     from storage.layout import OutputLayout
 
     report = execute(args.images, args.out, config_path=str(DEMO_CONFIG), stages=None, refresh=[], runner="local",
                      dask_address=None, verbose=args.verbose)
     layout = OutputLayout(args.out)
-    keys = _stage_keys(str(DEMO_CONFIG))
+    keys = stage_keys(load_config(str(DEMO_CONFIG)))
     print(
         "\nOutputs:\n"
         f"  manifest     {layout.manifest_dir}   (python -c \"import duckdb; duckdb.sql(\\\"select * from "
@@ -300,27 +301,6 @@ def demo_command(args: argparse.Namespace) -> int:
         flush=True,
     )
     return 0 if report else 1
-
-
-def _stage_keys(config_path: str) -> dict[str, str]:
-    from configs import load_config
-    from pipelines.engine.stages import stage_keys
-
-    return stage_keys(load_config(config_path))
-
-
-def add_serve_command(subparsers: argparse._SubParsersAction) -> None:
-    """Add ``structxlip serve``: serve the pipeline and stage flows as deployments from this process."""
-    parser = subparsers.add_parser(
-        "serve",
-        help="serve the pipeline and each stage as Prefect deployments (needs PREFECT_API_URL)",
-        description="Register `structxlip-pipeline/all-stages` and `<stage>/<stage>-stage` deployments with the Prefect server "
-        "at PREFECT_API_URL and run their flow runs in this process until interrupted.",
-    )
-    parser.add_argument("--config", metavar="FILE", help="YAML config used by runs that do not pass config_path")
-    parser.add_argument("--limit", type=int, default=None, metavar="N", help="at most N flow runs at once")
-    parser.add_argument("--verbose", action="store_true", help="log every Prefect API call (httpx) too")
-    parser.set_defaults(handler=serve_command)
 
 
 def serve_command(args: argparse.Namespace) -> int:

@@ -32,6 +32,7 @@ from pipelines.engine.plan import (Pipeline, missing_inputs, preflight, record_c
 from pipelines.engine.stages import Stage, parse_stages
 from storage import lock
 
+from flows import artifacts
 from flows.runners import dask_scheduler, default_runner, make_runner, on_threads
 from flows.tasks import made_per_stage, stage_task
 
@@ -50,10 +51,8 @@ class PipelineFailed(RuntimeError):
 
 def _find_current(images_dir: str, out_dir: str) -> Pipeline | None:
     images, out = Path(images_dir).expanduser().resolve(), Path(out_dir).expanduser().resolve()
-    for pipeline in _current:
-        if pipeline.images_dir == images and pipeline.layout.root == out:
-            return pipeline
-    return None
+    return next((pipeline for pipeline in _current if pipeline.images_dir == images and pipeline.layout.root == out),
+                None)
 
 
 def open_pipeline(images_dir: str, out_dir: str, config_path: str | None, overrides: dict | None = None, *,
@@ -110,8 +109,7 @@ def run_stage(pipeline: Pipeline, stage: str, refresh: bool) -> dict:
     plan = pipeline.plan(stage, refresh=refresh)
     if not on_threads():
         plan.processes = 0  # Dask workers are the processes: a chunk runs in the task's own
-    config = pipeline.config
-    task = stage_task(pipeline.stages[stage]).with_options(retries=config.runtime.task_retries)
+    task = stage_task(pipeline.stages[stage]).with_options(retries=pipeline.config.runtime.task_retries)
 
     def execute(chunks):
         futures = {task.submit(keys, records, out_dir=str(pipeline.layout.root), stage_key=plan.stage_key,
@@ -162,34 +160,20 @@ def _log_summary(summary: dict) -> None:
 def _progress(pipeline: Pipeline, stage: str, done: int, total: int) -> None:
     """Update the stage's progress artifact (a reporting error never fails a run)."""
     with contextlib.suppress(Exception):
-        from flows.artifacts import stage_progress
-
-        stage_progress(stage, done, total, namespace=namespace_of(pipeline))
+        artifacts.stage_progress(stage, done, total, namespace=namespace_of(pipeline))
 
 
 def namespace_of(pipeline: Pipeline) -> str:
-    from flows.artifacts import artifact_namespace
-
-    return artifact_namespace(pipeline.images_dir, pipeline.layout.root)
+    return artifacts.artifact_namespace(pipeline.images_dir, pipeline.layout.root)
 
 
 def _publish(pipeline: Pipeline, summary: dict) -> None:
     """Send the stage's artifacts to Prefect; a reporting error never fails a run (the data is already on disk).
-    Records the artifacts' ids in ``summary["artifacts"]`` (the run summary links them) and the CPU seconds it took
-    in ``summary["publish_cpu_s"]`` (galleries, the quality report's plots)."""
+    Records ``{artifact label: artifact id}`` in ``summary["artifacts"]`` (the run summary links them) and the CPU
+    seconds it took in ``summary["publish_cpu_s"]`` (galleries, the quality report's plots)."""
     started = time.thread_time()
-    try:
-        summary["artifacts"] = _publish_artifacts(pipeline, summary)
-    finally:
-        summary["publish_cpu_s"] = round(time.thread_time() - started, 3)
-
-
-def _publish_artifacts(pipeline: Pipeline, summary: dict) -> dict[str, str]:
-    """Return ``{artifact label: artifact id}`` of what was published for the stage."""
     published: dict[str, Any] = {}
     try:
-        from flows import artifacts
-
         namespace = namespace_of(pipeline)
         where = f" from `{pipeline.images_dir}` into `{pipeline.layout.root}`"
         stage = summary["stage"]
@@ -206,26 +190,21 @@ def _publish_artifacts(pipeline: Pipeline, summary: dict) -> dict[str, str]:
             published.update(REPORTS[definition.report](pipeline, namespace=namespace, where=where))
     except Exception as exc:  # noqa: BLE001
         log.warning("could not publish %s artifacts: %s", summary["stage"], exc)
-    return {label: str(value) for label, value in published.items() if value is not None}
+    summary["artifacts"] = {label: str(value) for label, value in published.items() if value is not None}
+    summary["publish_cpu_s"] = round(time.thread_time() - started, 3)
 
 
 def _quality_report(pipeline: Pipeline, *, namespace: str, where: str) -> dict:
-    from flows import artifacts
-
     quality = artifacts.publish_quality(pipeline.layout.root, vocab_dir=pipeline.config.filter.vocab_dir,
                                         namespace=namespace, where=where)
     return {f"quality {name.replace('_', ' ')}": value for name, value in quality.items()}
 
 
 def _training_report(pipeline: Pipeline, *, namespace: str, where: str) -> dict:
-    from flows import artifacts
-
     return {"training curves": artifacts.publish_training(pipeline.layout.root, namespace=namespace, where=where)}
 
 
 def _evaluation_report(pipeline: Pipeline, *, namespace: str, where: str) -> dict:
-    from flows import artifacts
-
     recall = artifacts.publish_evaluation(pipeline.layout.root, namespace=namespace, where=where) or {}
     return {f"recall {kind}": value for kind, value in recall.items()}
 
@@ -313,10 +292,8 @@ def run_entry(images_dir: str, out_dir: str, *, config_path: str | None, overrid
     finally:
         held.__exit__(None, None, None)
     with contextlib.suppress(Exception):  # a report, never a reason to fail the run
-        from flows.artifacts import publish_run_summary
-
-        publish_run_summary(report, namespace=namespace_of(pipeline), config_source=pipeline.config_source,
-                            explorer=report["explorer"], metrics_path=str(pipeline.layout.eval_metrics))
+        artifacts.publish_run_summary(report, namespace=namespace_of(pipeline), config_source=pipeline.config_source,
+                                      explorer=report["explorer"], metrics_path=str(pipeline.layout.eval_metrics))
     if failure is not None:
         raise PipelineFailed(report, failure)
     return report

@@ -29,9 +29,7 @@ FLOW_NAMES = (PIPELINE_FLOW, *STAGE_DEFINITIONS, ABLATION_FLOW)
 def deployment_name(flow_name: str) -> str:
     """Return the deployment name of a flow: ``all-stages`` for the pipeline, ``<stage>-stage`` for a stage,
     ``ablation`` for the loss ablation."""
-    if flow_name == ABLATION_FLOW:
-        return "ablation"
-    return "all-stages" if flow_name == PIPELINE_FLOW else f"{flow_name}-stage"
+    return {PIPELINE_FLOW: "all-stages", ABLATION_FLOW: "ablation"}.get(flow_name, f"{flow_name}-stage")
 
 # Where the flows are defined; all of them must be importable from these modules.
 FLOW_MODULES = ("flows.pipeline", "flows.ablation")
@@ -75,19 +73,17 @@ def build_deployments(
     any folder."""
     from prefect.types.entrypoint import EntrypointType
 
-    deployments = []
-    for name, flow in flows.items():
-        deployments.append(
-            flow.to_deployment(
-                name=deployment_name(name),
-                parameters=deployment_parameters(flow, config_path=config_path),
-                description=inspect.getdoc(flow.fn) or f"StructXLIP {name}",
-                tags=TAGS + ([] if name in (PIPELINE_FLOW, ABLATION_FLOW) else ["stage"]),
-                version=version,
-                entrypoint_type=EntrypointType.MODULE_PATH,
-            )
+    return [
+        flow.to_deployment(
+            name=deployment_name(name),
+            parameters=deployment_parameters(flow, config_path=config_path),
+            description=inspect.getdoc(flow.fn) or f"StructXLIP {name}",
+            tags=TAGS + ([] if name in (PIPELINE_FLOW, ABLATION_FLOW) else ["stage"]),
+            version=version,
+            entrypoint_type=EntrypointType.MODULE_PATH,
         )
-    return deployments
+        for name, flow in flows.items()
+    ]
 
 
 PREFECT_YAML_HEADER = """\
@@ -115,29 +111,21 @@ PREFECT_YAML_HEADER = """\
 
 def render_prefect_yaml() -> str:
     """Return ``prefect.yaml``: one deployment per flow (names, entrypoints, descriptions, tags from the flows)."""
-    import yaml
-
-    flows = discover_flows()
-    deployments = []
-    for name, flow in flows.items():
-        module = "flows/ablation.py" if name == ABLATION_FLOW else "flows/pipeline.py"
-        deployments.append({
-            "name": deployment_name(name),
-            "flow_name": name,
-            "entrypoint": f"{module}:{flow.fn.__name__}",
-            "description": flow.description,
-            "tags": TAGS + ([] if name in (PIPELINE_FLOW, ABLATION_FLOW) else ["stage"]),
-            "work_pool": {"name": "structxlip", "work_queue_name": "default", "job_variables": {}},
-        })
-    document = {"name": "structxlip", "prefect-version": _prefect_version(), "build": None, "push": None,
-                "deployments": deployments}
-    return PREFECT_YAML_HEADER + "\n" + yaml.safe_dump(document, sort_keys=False, width=120)
-
-
-def _prefect_version() -> str:
     from importlib.metadata import version
 
-    return version("prefect")
+    import yaml
+
+    deployments = [{
+        "name": deployment_name(name),
+        "flow_name": name,
+        "entrypoint": f"flows/{'ablation' if name == ABLATION_FLOW else 'pipeline'}.py:{flow.fn.__name__}",
+        "description": flow.description,
+        "tags": TAGS + ([] if name in (PIPELINE_FLOW, ABLATION_FLOW) else ["stage"]),
+        "work_pool": {"name": "structxlip", "work_queue_name": "default", "job_variables": {}},
+    } for name, flow in discover_flows().items()]
+    document = {"name": "structxlip", "prefect-version": version("prefect"), "build": None, "push": None,
+                "deployments": deployments}
+    return PREFECT_YAML_HEADER + "\n" + yaml.safe_dump(document, sort_keys=False, width=120)
 
 
 def require_api_url() -> str:

@@ -68,15 +68,14 @@ def atomic_writer(path: str | os.PathLike, mode: str = "wb", *, durable: bool = 
     ``durable=False`` skips the fsync (about 1.5 ms a file here): the rename still guarantees that a killed process
     never leaves a half-written file, only a power loss could; used for the many small, regenerable map/crop images.
     """
-    target = Path(path)
-    fd, tmp_name = _create_temp(target)
+    fd, tmp_name = _create_temp(Path(path))
     try:
         with os.fdopen(fd, mode) as handle:
             yield handle
             handle.flush()
             if durable:
                 os.fsync(handle.fileno())
-        os.replace(tmp_name, target)
+        os.replace(tmp_name, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp_name)
@@ -86,14 +85,13 @@ def atomic_writer(path: str | os.PathLike, mode: str = "wb", *, durable: bool = 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path to write with any library; it is renamed onto ``path`` on success."""
-    target = Path(path)
-    fd, tmp_name = _create_temp(target)
+    fd, tmp_name = _create_temp(Path(path))
     os.close(fd)
     try:
         yield Path(tmp_name)
         if os.path.isfile(tmp_name):  # a writer that replaced the file (unlink + create) got its own mode already
             apply_umask(tmp_name)
-        os.replace(tmp_name, target)
+        os.replace(tmp_name, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp_name)
@@ -151,8 +149,7 @@ def exchange_directories(a: str | os.PathLike, b: str | os.PathLike) -> bool:
     if renameat2 is None:
         return False
     at_fdcwd, rename_exchange = -100, 2
-    result = renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange)
-    if result != 0:
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) != 0:
         err = ctypes.get_errno()
         if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
             return False

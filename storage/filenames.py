@@ -47,5 +47,4 @@ def source_file(stored: str | os.PathLike) -> Path:
     path = Path(text)
     if "\\x" not in text or has_undecodable_bytes(text) or os.path.lexists(path):
         return path
-    raw = _ESCAPED_BYTE.sub(lambda m: chr(0xDC00 + int(m.group(1), 16)), text)
-    return Path(raw)
+    return Path(_ESCAPED_BYTE.sub(lambda m: chr(0xDC00 + int(m.group(1), 16)), text))

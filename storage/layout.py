@@ -145,9 +145,8 @@ class OutputLayout:
     def relative(self, path: str | os.PathLike) -> str:
         """Return ``path`` relative to the root, POSIX style, as stored in manifests."""
         text = os.fspath(path)
-        prefix = self._prefix
-        if text.startswith(prefix) and os.path.normpath(text) == text and os.sep == "/":
-            return text[len(prefix):]  # built from the (resolved) root: no filesystem lookups (~5 per path)
+        if text.startswith(self._prefix) and os.path.normpath(text) == text and os.sep == "/":
+            return text[len(self._prefix):]  # built from the (resolved) root: no filesystem lookups (~5 per path)
         return Path(path).resolve().relative_to(self.root).as_posix()
 
     def resolve(self, relative: str | None) -> Path | None:

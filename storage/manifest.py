@@ -20,16 +20,9 @@ from storage.parquet import read_parquet_dir
 STATUS_OK = "ok"
 STATUS_FAILED = "failed"
 
-BBOX_TYPE = pa.struct(
-    [
-        pa.field("x1", pa.int32()),
-        pa.field("y1", pa.int32()),
-        pa.field("x2", pa.int32()),
-        pa.field("y2", pa.int32()),
-        pa.field("width", pa.int32()),
-        pa.field("height", pa.int32()),
-    ]
-)
+SPLITS = ("train", "val", "test")
+BBOX_KEYS = ("x1", "y1", "x2", "y2", "width", "height")
+BBOX_TYPE = pa.struct([pa.field(key, pa.int32()) for key in BBOX_KEYS])
 
 SEGMENT_TYPE = pa.struct(
     [
@@ -135,3 +128,19 @@ def resolve_manifest_path(layout: OutputLayout, path: str | None) -> Path | None
 
         return source_file(path)  # a source name with undecodable bytes is stored \xNN-escaped
     return layout.resolve(path)
+
+
+def absolute_paths(row: dict, layout: OutputLayout) -> dict:
+    """Return a copy of a manifest ``row`` whose structure, scribble and crop paths are absolute (not under OUT)."""
+
+    def absolute(path: str | None) -> str | None:
+        resolved = resolve_manifest_path(layout, path)
+        return None if resolved is None else str(resolved)
+
+    row = dict(row)
+    for key in ("structure_path", "scribble_path"):
+        row[key] = absolute(row.get(key))
+    row["segments"] = [dict(segment, crop_path=absolute(segment.get("crop_path")),
+                            structure_crop_path=absolute(segment.get("structure_crop_path")))
+                       for segment in row.get("segments") or []]
+    return row

@@ -42,5 +42,4 @@ def read_parquet_dir(
         if schema is None:
             return pa.table({})
         return schema.empty_table() if columns is None else schema.empty_table().select(columns)
-    tables = [read_part(p, columns=columns) for p in parts]
-    return pa.concat_tables(tables, promote_options="permissive")
+    return pa.concat_tables([read_part(p, columns=columns) for p in parts], promote_options="permissive")

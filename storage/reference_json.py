@@ -38,13 +38,12 @@ from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Val
 from storage.atomic import atomic_write_text
 from storage.hashing import content_key, file_digest
 from storage.layout import IMAGE_ID_LENGTH, OutputLayout, PathEscapeError
-from storage.manifest import STATUS_OK, manifest_table, read_manifest, manifest_root, resolve_manifest_path
+from storage.manifest import (BBOX_KEYS, SPLITS, STATUS_OK, absolute_paths, bbox, manifest_root, manifest_table,
+                              read_manifest)
 from storage.parquet import parquet_parts, write_parquet_atomic
 
 EXTRA_KEY = "structxlip"
-BBOX_KEYS = ("x1", "y1", "x2", "y2", "width", "height")
 _IMAGE_ID = re.compile(rf"^[0-9a-f]{{{IMAGE_ID_LENGTH}}}$")
-SPLITS = ("train", "val", "test")
 # Pixel values are stored as int32 in the manifest; anything beyond is not an image coordinate.
 MAX_PIXEL_VALUE = 2**31 - 1
 MAX_REASON_CHARS = 300
@@ -65,59 +64,58 @@ class ReferenceImport:
 
 
 # ---- export -------------------------------------------------------------------------------------------------------
-def _absolute(layout: OutputLayout, path: str | None) -> str | None:
-    resolved = resolve_manifest_path(layout, path)
-    return None if resolved is None else str(resolved)
-
-
 def manifest_rows_to_reference(rows: list[dict], layout: OutputLayout) -> list[dict]:
     """Return reference-format records (absolute paths) for the usable manifest ``rows`` (status ok, with a caption)."""
     records = []
     for row in rows:
         if row.get("status") != STATUS_OK or not row.get("caption"):
             continue
-        segments = row.get("segments") or []
-        first = len(records)
-        records.append(
-            {
-                "original_filename": row["source_path"],
-                "original_caption": row["caption"],
-                "original_filename_structure": _absolute(layout, row.get("structure_path")),
-                "segment": [
-                    {
-                        "similarity_score": segment.get("similarity_score"),
-                        "filename": _absolute(layout, segment.get("crop_path")),
-                        "caption": segment.get("caption"),
-                        "filename_structure_cropped": _absolute(layout, segment.get("structure_crop_path")),
-                        "bbox_coordinates": None if segment.get("bbox") is None
-                        else {key: segment["bbox"][key] for key in BBOX_KEYS},
-                    }
-                    for segment in segments
-                ],
-                EXTRA_KEY: {
-                    "image_id": row["image_id"],
-                    "split": row.get("split"),
-                    "width": row.get("width"),
-                    "height": row.get("height"),
-                    "caption_source": row.get("caption_source"),
-                    "filtered_caption": row.get("filtered_caption"),
-                    "scribble": _absolute(layout, row.get("scribble_path")),
-                    "hard_negatives": row.get("hard_negatives"),
-                    "segment_filtered_captions": [segment.get("filtered_caption") for segment in segments],
-                },
-            }
-        )
-        if row.get("duplicate_paths"):
-            records[first][EXTRA_KEY]["duplicate_paths"] = list(row["duplicate_paths"])
+        row = absolute_paths(row, layout)
+        record = {
+            "original_filename": row["source_path"],
+            "original_caption": row["caption"],
+            "original_filename_structure": row["structure_path"],
+            "segment": [
+                {
+                    "similarity_score": segment.get("similarity_score"),
+                    "filename": segment["crop_path"],
+                    "caption": segment.get("caption"),
+                    "filename_structure_cropped": segment["structure_crop_path"],
+                    "bbox_coordinates": None if segment.get("bbox") is None
+                    else {key: segment["bbox"][key] for key in BBOX_KEYS},
+                }
+                for segment in row["segments"]
+            ],
+            EXTRA_KEY: {
+                "image_id": row["image_id"],
+                "split": row.get("split"),
+                "width": row.get("width"),
+                "height": row.get("height"),
+                "caption_source": row.get("caption_source"),
+                "filtered_caption": row.get("filtered_caption"),
+                "scribble": row["scribble_path"],
+                "hard_negatives": row.get("hard_negatives"),
+                "segment_filtered_captions": [segment.get("filtered_caption") for segment in row["segments"]],
+            },
+        }
+        records.append(record)
         for extra in row.get("extra_captions") or []:
             # One record per further caption, as COCO-style reference JSONs list them; import regroups them by image.
-            again = json.loads(json.dumps(records[first]))
-            again[EXTRA_KEY].pop("duplicate_paths", None)
+            again = json.loads(json.dumps(record))
             again["original_caption"] = extra["caption"]
-            again[EXTRA_KEY]["filtered_caption"] = extra.get("filtered_caption")
-            again[EXTRA_KEY]["hard_negatives"] = extra.get("hard_negatives")
+            again[EXTRA_KEY].update(filtered_caption=extra.get("filtered_caption"),
+                                    hard_negatives=extra.get("hard_negatives"))
             records.append(again)
+        if row.get("duplicate_paths"):  # on the image's first record only
+            record[EXTRA_KEY]["duplicate_paths"] = list(row["duplicate_paths"])
     return records
+
+
+def write_reference_json(rows: list[dict], layout: OutputLayout, out_path: str | os.PathLike) -> int:
+    """Write the usable manifest ``rows`` as reference JSON atomically; return the record count."""
+    records = manifest_rows_to_reference(rows, layout)
+    atomic_write_text(out_path, json.dumps(records, indent=2, ensure_ascii=False) + "\n")
+    return len(records)
 
 
 def export_reference_json(manifest: str | os.PathLike, out_path: str | os.PathLike, *, split: str | None = None) -> int:
@@ -125,9 +123,7 @@ def export_reference_json(manifest: str | os.PathLike, out_path: str | os.PathLi
     rows = read_manifest(manifest).to_pylist()
     if split is not None:
         rows = [row for row in rows if row.get("split") == split]
-    records = manifest_rows_to_reference(rows, manifest_root(manifest))
-    atomic_write_text(out_path, json.dumps(records, indent=2, ensure_ascii=False) + "\n")
-    return len(records)
+    return write_reference_json(rows, manifest_root(manifest), out_path)
 
 
 # ---- import -------------------------------------------------------------------------------------------------------
@@ -136,8 +132,11 @@ def _short(value: Any, limit: int = 40) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def _finite(value: Any) -> float:
-    """Return ``value`` as a float; refuse NaN, infinities (JSON ``Infinity``, ``1e400``) and unrepresentable ints."""
+def _finite(value: Any, types: tuple[type, ...] = (int, float)) -> float:
+    """Return ``value`` read with ``float()``; refuse other ``types`` (bool too: a true/false where a number belongs is
+    a format error, not 1/0), NaN, infinities (JSON ``Infinity``, ``1e400``) and ints too large for a float."""
+    if isinstance(value, bool) or not isinstance(value, types):
+        raise ValueError(f"must be {' or '.join(t.__name__ for t in types)}, got {type(value).__name__}")
     try:
         number = float(value)
     except ValueError:
@@ -149,24 +148,13 @@ def _finite(value: Any) -> float:
     return number
 
 
-def _number(value: Any, types: tuple[type, ...]) -> Any:
-    # bool is an int subclass; a true/false where a number belongs is a format error, not 1/0.
-    if isinstance(value, bool) or not isinstance(value, types):
-        raise ValueError(f"must be {' or '.join(t.__name__ for t in types)}, got {type(value).__name__}")
-    return value
-
-
 def _coordinate(value: Any) -> float:
     """A bbox value read as the reference reads it, with ``float()`` (numbers or numeric strings); finite and within
     the manifest's int32 pixel range only."""
-    number = _finite(_number(value, (int, float, str)))
+    number = _finite(value, (int, float, str))
     if abs(number) > MAX_PIXEL_VALUE:
         raise ValueError(f"must be within +-{MAX_PIXEL_VALUE} pixels, got {_short(value)}")
     return number
-
-
-def _score(value: Any) -> float | None:
-    return None if value is None else _finite(_number(value, (int, float)))
 
 
 def _must(ok: Callable[[Any], Any], expected: str) -> AfterValidator:
@@ -181,6 +169,7 @@ def _must(ok: Callable[[Any], Any], expected: str) -> AfterValidator:
 
 
 _Coordinate = Annotated[float, BeforeValidator(_coordinate)]
+_Score = Annotated[float | None, BeforeValidator(lambda value: None if value is None else _finite(value))]
 # A whole pixel count within int32 (what the manifest stores).
 _Pixels = Annotated[int, _must(lambda value: 0 <= value <= MAX_PIXEL_VALUE, f"between 0 and {MAX_PIXEL_VALUE}")]
 
@@ -206,7 +195,7 @@ class _Box(_Strict):
 
 
 class _Segment(_Strict):
-    similarity_score: Annotated[float | None, BeforeValidator(_score)] = None
+    similarity_score: _Score = None
     filename: str | None = None
     caption: str | None = None
     filename_structure_cropped: str | None = None
@@ -264,12 +253,9 @@ def _pixel_box(box: _Box) -> dict:
     Whole numbers are kept as given. Fractional corners (the reference reads them with ``float()``) become the
     smallest pixel box containing them: x1/y1 rounded down, x2/y2 up, width/height recomputed.
     """
-    values = box.model_dump()
-    if all(value.is_integer() for value in values.values()):
-        return {key: int(values[key]) for key in BBOX_KEYS}
-    x1, y1 = math.floor(box.x1), math.floor(box.y1)
-    x2, y2 = math.ceil(box.x2), math.ceil(box.y2)
-    return {"x1": x1, "y1": y1, "x2": x2, "y2": y2, "width": x2 - x1, "height": y2 - y1}
+    if all(value.is_integer() for value in box.model_dump().values()):
+        return {key: int(getattr(box, key)) for key in BBOX_KEYS}
+    return bbox(math.floor(box.x1), math.floor(box.y1), math.ceil(box.x2), math.ceil(box.y2))
 
 
 class _PathMapper:
@@ -300,13 +286,12 @@ class _PathMapper:
             self._digests[image] = file_digest(image)
         return self._digests[image]
 
-    def stored(self, absolute: Path | None) -> str | None:
-        if absolute is None:
-            return None
-        normalised = Path(os.path.normpath(absolute))
-        if normalised == self.target.root or self.target.root in normalised.parents:
-            return normalised.relative_to(self.target.root).as_posix()
-        return str(normalised)
+    def stored(self, value: str | None, where: str) -> str | None:
+        """The manifest path of a JSON path: relative under the target folder, else absolute."""
+        path = self.absolute(value, where)
+        if path is not None and (path == self.target.root or self.target.root in path.parents):
+            return path.relative_to(self.target.root).as_posix()
+        return None if path is None else str(path)
 
 
 def reference_item_to_row(item: Any, paths: _PathMapper, *, default_split: str) -> dict:
@@ -317,7 +302,7 @@ def reference_item_to_row(item: Any, paths: _PathMapper, *, default_split: str) 
         raise ReferenceItemError(_reason(exc.errors()[0])) from None
     extra = record.structxlip or _Extra()
     image = paths.absolute(record.original_filename, "original_filename")
-    structure = paths.absolute(record.original_filename_structure, "original_filename_structure")
+    structure = paths.stored(record.original_filename_structure, "original_filename_structure")
     if not image.is_file():
         raise ReferenceItemError(f"image file not found: {image}")
     raw_segments = record.segment or []
@@ -328,10 +313,9 @@ def reference_item_to_row(item: Any, paths: _PathMapper, *, default_split: str) 
     segments = [
         {
             "bbox": None if segment.bbox_coordinates is None else _pixel_box(segment.bbox_coordinates),
-            "crop_path": paths.stored(paths.absolute(segment.filename, f"segment[{n}].filename")),
-            "structure_crop_path": paths.stored(
-                paths.absolute(segment.filename_structure_cropped, f"segment[{n}].filename_structure_cropped")
-            ),
+            "crop_path": paths.stored(segment.filename, f"segment[{n}].filename"),
+            "structure_crop_path": paths.stored(segment.filename_structure_cropped,
+                                                f"segment[{n}].filename_structure_cropped"),
             "caption": segment.caption,
             "filtered_caption": filtered_caption,
             "similarity_score": segment.similarity_score,
@@ -357,8 +341,8 @@ def reference_item_to_row(item: Any, paths: _PathMapper, *, default_split: str) 
         "caption": record.original_caption,
         "caption_source": extra.caption_source,
         "filtered_caption": extra.filtered_caption,
-        "structure_path": paths.stored(structure),
-        "scribble_path": paths.stored(paths.absolute(extra.scribble, f"{EXTRA_KEY}.scribble")),
+        "structure_path": structure,
+        "scribble_path": paths.stored(extra.scribble, f"{EXTRA_KEY}.scribble"),
         "split": extra.split if "split" in extra.model_fields_set else default_split,
         "segments": segments,
         "hard_negatives": extra.hard_negatives,
@@ -448,9 +432,7 @@ def import_reference_json(
         raise ValueError(f"{target.manifest_dir} already holds a manifest ({len(existing)} parts); "
                          "use an empty folder or pass --overwrite")
     items = load_reference_json(path)
-    result = reference_to_manifest_rows(
-        items, target=target, root=Path(root).expanduser().resolve() if root is not None else path.parent, split=split
-    )
+    result = reference_to_manifest_rows(items, target=target, root=path.parent if root is None else root, split=split)
     if not result.rows:
         reason = f" (first: item {result.rejected[0][0]}: {result.rejected[0][1]})" if result.rejected else ""
         raise ValueError(f"{path}: no usable records out of {len(items)}{reason}")

@@ -7,18 +7,14 @@ The subset Parquet has the manifest schema with every path made absolute, so it 
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from storage.atomic import atomic_write_text
-from storage.layout import OutputLayout
-from storage.manifest import manifest_root, manifest_table, read_manifest, resolve_manifest_path
+from storage.manifest import SPLITS, absolute_paths, manifest_root, manifest_table, read_manifest
 from storage.parquet import write_parquet_atomic
 
-SPLITS = ("train", "val", "test")
 _COMMENT = re.compile(r"#.*$")
 
 
@@ -41,22 +37,6 @@ def read_ids(path: str | os.PathLike) -> list[str]:
             if token:
                 ids.setdefault(token, None)
     return list(ids)
-
-
-def _absolute(layout: OutputLayout, path: str | None) -> str | None:
-    resolved = resolve_manifest_path(layout, path)
-    return None if resolved is None else str(resolved)
-
-
-def absolute_paths(row: dict, layout: OutputLayout) -> dict:
-    """Return a copy of a manifest ``row`` whose structure, scribble and crop paths are absolute (not under OUT)."""
-    row = dict(row)
-    for key in ("structure_path", "scribble_path"):
-        row[key] = _absolute(layout, row.get(key))
-    row["segments"] = [dict(segment, crop_path=_absolute(layout, segment.get("crop_path")),
-                            structure_crop_path=_absolute(layout, segment.get("structure_crop_path")))
-                       for segment in row.get("segments") or []]
-    return row
 
 
 def select_manifest(
@@ -91,9 +71,7 @@ def select_manifest(
     if parquet_path is not None:
         selection.parquet_path = write_parquet_atomic(manifest_table(rows), parquet_path)
     if json_path is not None:
-        from storage.reference_json import manifest_rows_to_reference
+        from storage.reference_json import write_reference_json
 
-        records = manifest_rows_to_reference(rows, layout)
-        atomic_write_text(json_path, json.dumps(records, indent=2, ensure_ascii=False) + "\n")
-        selection.json_path, selection.json_records = Path(json_path), len(records)
+        selection.json_path, selection.json_records = Path(json_path), write_reference_json(rows, layout, json_path)
     return selection

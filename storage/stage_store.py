@@ -64,8 +64,7 @@ class StageStore:
 
     def parts(self) -> list[Path]:
         """Return the complete parts, oldest first (modification time, then name), so later parts override."""
-        parts = parquet_parts(self.folder)
-        return sorted(parts, key=lambda p: (p.stat().st_mtime_ns, p.name))
+        return sorted(parquet_parts(self.folder), key=lambda p: (p.stat().st_mtime_ns, p.name))
 
     # ---- reading ----------------------------------------------------------------------------------------------
     def _read_part(self, part: Path, columns: list[str] | None) -> pa.Table | None:
@@ -105,13 +104,8 @@ class StageStore:
                 empty = self.schema.empty_table()
                 return empty if columns is None else empty.select(columns)
             return pa.table({ITEM_KEY: pa.array([], pa.string())})
-        if self.schema is not None:
-            table = pa.concat_tables(tables)
-        else:
-            table = pa.concat_tables(tables, promote_options="permissive")
-        last: dict[str, int] = {}
-        for index, key in enumerate(table.column(ITEM_KEY).to_pylist()):
-            last[key] = index
+        table = pa.concat_tables(tables, promote_options="none" if self.schema is not None else "permissive")
+        last = {key: index for index, key in enumerate(table.column(ITEM_KEY).to_pylist())}
         if len(last) == table.num_rows:
             return table
         return table.take(pa.array(sorted(last.values()), pa.int64()))
@@ -122,11 +116,10 @@ class StageStore:
         rows = {r[ITEM_KEY]: r for r in table.to_pylist()}
         result = StoredRows(rows=rows, quarantined=list(self._quarantined))
         if verify and table.num_rows and OUTPUTS in table.column_names:
-            root = self.layout.root
             for key, row in rows.items():
                 for output in row.get(OUTPUTS) or ():
                     try:
-                        size = os.stat(root / output["path"]).st_size
+                        size = os.stat(self.layout.root / output["path"]).st_size
                     except OSError:
                         result.invalid[key] = f"{output['path']} is missing"
                         break
@@ -157,9 +150,8 @@ class StageStore:
     def remove_superseded(self, keep: list[Path]) -> int:
         """Delete parts (other than ``keep``) all of whose item keys are in ``keep``; return how many were removed."""
         keep_paths = {Path(p).resolve() for p in keep}
-        covered: set[str] = set()
-        for part in keep_paths:
-            covered.update(read_part(part, columns=[ITEM_KEY]).column(ITEM_KEY).to_pylist())
+        covered = {key for part in keep_paths
+                   for key in read_part(part, columns=[ITEM_KEY]).column(ITEM_KEY).to_pylist()}
         removed = 0
         for part in self.parts():
             if part.resolve() in keep_paths:

@@ -33,10 +33,9 @@ def _load_config(args: argparse.Namespace, overrides: dict | None = None, *, out
 
 def _train(args: argparse.Namespace) -> int:
     from pipelines.engine.stages import STAGE_DEFINITIONS
-    from structxlip.app.train import train_arguments
     from storage import lock
     from storage.layout import OutputLayout
-    from structxlip.app.train import train
+    from structxlip.app.train import train, train_arguments
 
     config = _load_config(args, {"train.epochs": args.epochs, "train.device": args.device,
                                  "train.batch_size": args.batch_size})
@@ -68,8 +67,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     out_path = Path(args.out).resolve() if args.out else root.eval_metrics
     stage = STAGE_DEFINITIONS["evaluate"]  # the same parameters the pipeline's evaluate stage passes
     # Writing into a pipeline's output folder takes its lock, like every other writer of that folder.
-    writes_into_out = root.root in out_path.parents
-    with lock.output_lock(root) if writes_into_out else contextlib.nullcontext():
+    with lock.output_lock(root) if root.root in out_path.parents else contextlib.nullcontext():
         metrics = evaluate(args.manifest, checkpoint=args.checkpoint or config.model.clip_model, out_path=out_path,
                            root=args.root, **stage.params(config).model_dump(), **stage.runtime(config))
     print(metrics_table(metrics))
@@ -81,7 +79,6 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 def _rankings(args: argparse.Namespace) -> int:
-    from storage.layout import OutputLayout
     from storage.manifest import manifest_root
     from structxlip.app.evaluate import compute_rankings
 
@@ -92,7 +89,7 @@ def _rankings(args: argparse.Namespace) -> int:
         models = {"zero-shot": config.model.clip_model}
         if layout.model_dir.is_dir():
             models["fine-tuned"] = str(layout.model_dir)
-    out_path = Path(args.out) if args.out else OutputLayout(layout.root).eval_rankings
+    out_path = Path(args.out) if args.out else layout.eval_rankings
     result = compute_rankings(
         args.manifest, models=models, base_model=config.model.clip_model, out_path=out_path,
         split=config.evaluate.split, top_k=args.top_k, batch_size=config.evaluate.batch_size,
@@ -146,8 +143,7 @@ def _select(args: argparse.Namespace) -> int:
 def _export_json(args: argparse.Namespace) -> int:
     from storage.reference_json import export_reference_json
 
-    count = export_reference_json(args.manifest, args.output, split=args.split)
-    print(f"wrote {count} records to {args.output}")
+    print(f"wrote {export_reference_json(args.manifest, args.output, split=args.split)} records to {args.output}")
     return 0
 
 
@@ -178,8 +174,7 @@ def _export_checkpoint(args: argparse.Namespace) -> int:
 def _build_tiny_clip(args: argparse.Namespace) -> int:
     from structxlip.models import build_tiny_clip
 
-    path = build_tiny_clip(args.out_dir, seed=args.seed)
-    print(f"tiny CLIP written to {path}")
+    print(f"tiny CLIP written to {build_tiny_clip(args.out_dir, seed=args.seed)}")
     return 0
 
 
@@ -194,6 +189,9 @@ def _make_benchmark(args: argparse.Namespace) -> int:
 
 
 def _ablate(args: argparse.Namespace) -> int:
+    from pipelines.engine.stages import ablation_arguments
+    from storage import lock
+    from storage.layout import OutputLayout
     from structxlip.app.ablate import ablate, parse_variants, prepare_data
 
     config = _load_config(args, {"train.epochs": args.epochs, "train.device": args.device,
@@ -201,13 +199,8 @@ def _ablate(args: argparse.Namespace) -> int:
     variants = parse_variants(args.variants)
     if args.seeds < 1:
         raise ValueError(f"expected --seeds >= 1, got {args.seeds}")
-    from pipelines.engine.stages import ablation_arguments
-
     objective, train_options, eval_options = ablation_arguments(config)
     train_options["progress"] = not args.no_progress
-    from storage import lock
-    from storage.layout import OutputLayout
-
     out = Path(args.out).expanduser()
     command = "structxlip ablate " + " ".join(sys.argv[2:]) if len(sys.argv) > 2 else None
     with lock.output_lock(OutputLayout(out)):  # one writer per output folder, like every other command

@@ -220,30 +220,25 @@ def evaluate(
                            root=root)
     if len(records) < 2:
         raise ValueError(f"{manifest}: retrieval needs at least 2 pairs in split {split!r}, found {len(records)}")
-    settings = dict(batch_size=batch_size, device=device, precision=precision, max_text_tokens=max_text_tokens,
-                    num_workers=num_workers)
-    loaded = load_model_for_eval(checkpoint, base_model=base_model, max_text_tokens=max_text_tokens,
-                                 keep_positions=keep_positions)
-    encoded = encode_records(loaded, records, **settings)
-    del loaded
-    metrics: dict = split_report(encoded)
-    if rankings_path is not None:
-        rankings["fine-tuned"] = rankings_entry(rank_queries(encoded.text, encoded.image, top_k=top_k),
-                                                checkpoint=str(checkpoint))
-    if embeddings_path is not None:
-        embeddings["fine-tuned"] = encoded
-    del encoded
+
+    def report(name: str, model: str | os.PathLike, loaded: Any) -> dict:
+        """Return one model's metrics, keeping its rankings and embeddings where asked (the model is freed after)."""
+        encoded = encode_records(loaded, records, batch_size=batch_size, device=device, precision=precision,
+                                 max_text_tokens=max_text_tokens, num_workers=num_workers)
+        if rankings_path is not None:
+            rankings[name] = rankings_entry(rank_queries(encoded.text, encoded.image, top_k=top_k),
+                                            checkpoint=str(model))
+        if embeddings_path is not None:
+            embeddings[name] = encoded
+        return split_report(encoded)
+
+    metrics = report("fine-tuned", checkpoint, load_model_for_eval(
+        checkpoint, base_model=base_model, max_text_tokens=max_text_tokens, keep_positions=keep_positions))
     if zero_shot and str(checkpoint) != str(base_model):
         from structxlip.models import load_clip
 
-        base = load_clip(base_model, max_text_tokens=max_text_tokens, keep_positions=keep_positions)
-        encoded = encode_records(base, records, **settings)
-        metrics["zero_shot"] = split_report(encoded)
-        if rankings_path is not None:
-            rankings["zero-shot"] = rankings_entry(rank_queries(encoded.text, encoded.image, top_k=top_k),
-                                                   checkpoint=str(base_model))
-        if embeddings_path is not None:
-            embeddings["zero-shot"] = encoded
+        metrics["zero_shot"] = report("zero-shot", base_model, load_clip(
+            base_model, max_text_tokens=max_text_tokens, keep_positions=keep_positions))
     if rankings_path is not None:
         document = rankings_document([r.image_id for r in records], rankings, split=split, top_k=top_k)
         atomic_write_text(rankings_path, json.dumps(document) + "\n")

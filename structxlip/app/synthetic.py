@@ -68,11 +68,7 @@ def _scribble(edges: np.ndarray) -> np.ndarray:
 
 
 def _split(index: int) -> str:
-    if index % 4 == 3:
-        return "test"
-    if index % 8 == 6:
-        return "val"
-    return "train"
+    return "test" if index % 4 == 3 else "val" if index % 8 == 6 else "train"
 
 
 def make_synthetic_manifest(
@@ -84,10 +80,9 @@ def make_synthetic_manifest(
     layout = OutputLayout(out_dir)
     images_dir = layout.root / "images"
     rng = np.random.default_rng(seed)
-    colour_names = list(COLOURS)
     rows: list[dict] = []
     for index in range(n_images):
-        colour_a, colour_b = rng.choice(colour_names, size=2, replace=False)
+        colour_a, colour_b = rng.choice(list(COLOURS), size=2, replace=False)
         shape_a, shape_b = rng.choice(SHAPES, size=2, replace=False)
         relation, opposite, axis = RELATIONS[int(rng.integers(len(RELATIONS)))]
         large_a, large_b = bool(rng.integers(2)), bool(rng.integers(2))
@@ -112,11 +107,9 @@ def make_synthetic_manifest(
             f"a {colour_a} {shape_a} {opposite} a {colour_b} {shape_b}. {sizes}",
         ]
 
-        grey = cv2.cvtColor(canvas, cv2.COLOR_RGB2GRAY)
-        edges = cv2.Canny(grey, 100, 200)
+        edges = cv2.Canny(cv2.cvtColor(canvas, cv2.COLOR_RGB2GRAY), 100, 200)
         structure_path = write_png(layout.structure_map(image_id, SYNTHETIC_KEY, "canny"), edges)
-        scribble = _scribble(edges)
-        scribble_path = write_png(layout.structure_map(image_id, SYNTHETIC_KEY, "scribble"), scribble)
+        scribble_path = write_png(layout.structure_map(image_id, SYNTHETIC_KEY, "scribble"), _scribble(edges))
 
         segment_specs = [
             (box_a, f"a {colour_a} {shape_a}", f"a {shape_a}"),
@@ -127,104 +120,43 @@ def make_synthetic_manifest(
             segment_specs.append((union, f"a {colour_a} {shape_a} and a {colour_b} {shape_b}", f"a {shape_a} and a {shape_b}"))
         segments = []
         for n, ((x1, y1, x2, y2), local_caption, local_filtered) in enumerate(segment_specs):
-            crop_path = write_jpeg(layout.crop(image_id, SYNTHETIC_KEY, n), np.ascontiguousarray(canvas[y1:y2, x1:x2]))
-            structure_crop_path = write_png(
-                layout.structure_crop(image_id, SYNTHETIC_KEY, n), np.ascontiguousarray(edges[y1:y2, x1:x2])
-            )
-            segments.append(
-                {
-                    "bbox": bbox(x1, y1, x2, y2),
-                    "crop_path": layout.relative(crop_path),
-                    "structure_crop_path": layout.relative(structure_crop_path),
-                    "caption": local_caption,
-                    "filtered_caption": local_filtered,
-                    # CLIP-logit-like scores (METHOD section 2: typically 15-30), distinct so ranking is unambiguous.
-                    "similarity_score": float(np.float32(18.0 + 10.0 * rng.random())),
-                }
-            )
-        rows.append(
-            {
-                "image_id": image_id,
-                "source_path": str(Path(source_path).resolve()),
-                "status": STATUS_OK,
-                "error": None,
-                "width": image_size,
-                "height": image_size,
-                "caption": caption,
-                "caption_source": "synthetic",
-                "filtered_caption": filtered_caption,
-                "structure_path": layout.relative(structure_path),
-                "scribble_path": layout.relative(scribble_path),
-                "split": _split(index),
-                "segments": segments,
-                "hard_negatives": hard_negatives,
-            }
-        )
+            segments.append({
+                "bbox": bbox(x1, y1, x2, y2),
+                "crop_path": layout.relative(write_jpeg(layout.crop(image_id, SYNTHETIC_KEY, n),
+                                                        np.ascontiguousarray(canvas[y1:y2, x1:x2]))),
+                "structure_crop_path": layout.relative(write_png(layout.structure_crop(image_id, SYNTHETIC_KEY, n),
+                                                                 np.ascontiguousarray(edges[y1:y2, x1:x2]))),
+                "caption": local_caption,
+                "filtered_caption": local_filtered,
+                # CLIP-logit-like scores (METHOD section 2: typically 15-30), distinct so ranking is unambiguous.
+                "similarity_score": float(np.float32(18.0 + 10.0 * rng.random())),
+            })
+        rows.append({
+            "image_id": image_id,
+            "source_path": str(Path(source_path).resolve()),
+            "status": STATUS_OK,
+            "error": None,
+            "width": image_size,
+            "height": image_size,
+            "caption": caption,
+            "caption_source": "synthetic",
+            "filtered_caption": filtered_caption,
+            "structure_path": layout.relative(structure_path),
+            "scribble_path": layout.relative(scribble_path),
+            "split": _split(index),
+            "segments": segments,
+            "hard_negatives": hard_negatives,
+        })
     if include_failed:
         broken = images_dir / "broken.png"
         broken.parent.mkdir(parents=True, exist_ok=True)
         broken.write_bytes(b"not an image")
-        rows.append(
-            {
-                "image_id": file_digest(broken)[:IMAGE_ID_LENGTH],
-                "source_path": str(broken.resolve()),
-                "status": STATUS_FAILED,
-                "error": "cannot decode image: not a PNG/JPEG file",
-                "split": "train",
-            }
-        )
+        rows.append({
+            "image_id": file_digest(broken)[:IMAGE_ID_LENGTH],
+            "source_path": str(broken.resolve()),
+            "status": STATUS_FAILED,
+            "error": "cannot decode image: not a PNG/JPEG file",
+            "split": "train",
+        })
     write_parquet_atomic(manifest_table(rows), layout.manifest_part(content_key("synthetic", n_images, image_size, seed)))
-    return layout.manifest_dir
-
-
-SCALED_FAILURES = (
-    "ingest: cannot identify image file",
-    "structure: image is 1x1 pixels, too small for a structure map",
-    "regions: no region found in the structure map",
-    "no caption: no caption found for this image",
-    "filter: caption filtering failed: ValueError: empty document",
-)
-
-
-def make_scaled_manifest(out_dir: str | os.PathLike, n_rows: int = 10_000, seed: int = 0,
-                         failed_every: int = 37) -> Path:
-    """Replace ``OUT/manifest`` with ``n_rows`` rows cycling through its current rows (a fresh synthetic folder is
-    made first when ``OUT`` has no manifest); return the manifest folder.
-
-    Each copy gets its own image id, a split by index, jittered similarity scores, every ``failed_every``-th row a
-    failure from a rotating stage, and every 5th ok row no regions, while pointing at the same images, maps and crops,
-    so a 10,000-row explorer (paging, filtering, lazy thumbnails) can be tried without 10,000 image files.
-    """
-    from storage.manifest import read_manifest
-    from storage.parquet import parquet_parts
-
-    layout = OutputLayout(out_dir)
-    if not parquet_parts(layout.manifest_dir):
-        make_synthetic_manifest(layout.root, seed=seed)
-    originals = read_manifest(layout.root).to_pylist()
-    if not originals or n_rows < 1:
-        raise ValueError(f"expected n_rows >= 1 and a manifest with rows in {layout.root}, got {n_rows} and "
-                         f"{len(originals)} rows")
-    rng = np.random.default_rng(seed)
-    rows = []
-    for index in range(n_rows):
-        row = dict(originals[index % len(originals)])
-        row["image_id"] = content_key("scaled", row["image_id"], index, length=IMAGE_ID_LENGTH)
-        row["segments"] = [dict(s, similarity_score=float(np.float32((s.get("similarity_score") or 0.0)
-                                                                       + rng.normal(0.0, 4.0))))
-                           for s in row.get("segments") or []]
-        if index % failed_every == failed_every - 1:
-            failure = SCALED_FAILURES[(index // failed_every) % len(SCALED_FAILURES)]
-            row.update(status=STATUS_FAILED, error=failure, split=None, filtered_caption=None, segments=[],
-                       hard_negatives=[])
-        elif row.get("status") == STATUS_OK:
-            row["split"] = _split(index)
-            if index % 5 == 4:
-                row["segments"] = []
-        rows.append(row)
-    old_parts = parquet_parts(layout.manifest_dir)
-    written = write_parquet_atomic(manifest_table(rows), layout.manifest_part(content_key("scaled", n_rows, seed)))
-    for part in old_parts:
-        if part.resolve() != written.resolve():
-            part.unlink()
     return layout.manifest_dir

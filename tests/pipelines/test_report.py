@@ -6,12 +6,14 @@ Screenshots land in ``tests/_artifacts/`` (gitignored) and their paths are print
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pyarrow.compute as pc
 import pytest
 
@@ -28,10 +30,11 @@ from pipelines.reporting.report import (
     row_quantities,
 )
 from pipelines.reporting.report_plots import recall_groups
-from storage.layout import OutputLayout
-from storage.manifest import bbox, manifest_table, read_manifest
+from storage.hashing import content_key
+from storage.layout import IMAGE_ID_LENGTH, OutputLayout
+from storage.manifest import STATUS_FAILED, STATUS_OK, bbox, manifest_table, read_manifest
 from storage.parquet import parquet_parts, write_parquet_atomic
-from structxlip.app.synthetic import make_scaled_manifest, make_synthetic_manifest
+from structxlip.app.synthetic import _split, make_synthetic_manifest
 
 ROOT = Path(__file__).resolve().parents[2]
 ARTIFACTS_DIR = ROOT / "tests" / "_artifacts"
@@ -303,6 +306,56 @@ def test_report_page_shows_regions_removed_words_and_retrieval_hits(tmp_path):
     assert "page 1 of 1 · 1 images" in dom and "cannot decode image" in dom
     dom = render(page, "q=onerror", ARTIFACTS_DIR / "report-search.png", tmp_path / "chromium-3")
     assert "page 1 of 1 · 1 images" in dom
+
+
+SCALED_FAILURES = (
+    "ingest: cannot identify image file",
+    "structure: image is 1x1 pixels, too small for a structure map",
+    "regions: no region found in the structure map",
+    "no caption: no caption found for this image",
+    "filter: caption filtering failed: ValueError: empty document",
+)
+
+
+def make_scaled_manifest(out_dir: str | os.PathLike, n_rows: int = 10_000, seed: int = 0,
+                         failed_every: int = 37) -> Path:
+    """Replace ``OUT/manifest`` with ``n_rows`` rows cycling through its current rows (a fresh synthetic folder is
+    made first when ``OUT`` has no manifest); return the manifest folder.
+
+    Each copy gets its own image id, a split by index, jittered similarity scores, every ``failed_every``-th row a
+    failure from a rotating stage, and every 5th ok row no regions, while pointing at the same images, maps and crops,
+    so a 10,000-row explorer (paging, filtering, lazy thumbnails) can be tried without 10,000 image files.
+    """
+    layout = OutputLayout(out_dir)
+    if not parquet_parts(layout.manifest_dir):
+        make_synthetic_manifest(layout.root, seed=seed)
+    originals = read_manifest(layout.root).to_pylist()
+    if not originals or n_rows < 1:
+        raise ValueError(f"expected n_rows >= 1 and a manifest with rows in {layout.root}, got {n_rows} and "
+                         f"{len(originals)} rows")
+    rng = np.random.default_rng(seed)
+    rows = []
+    for index in range(n_rows):
+        row = dict(originals[index % len(originals)])
+        row["image_id"] = content_key("scaled", row["image_id"], index, length=IMAGE_ID_LENGTH)
+        row["segments"] = [dict(s, similarity_score=float(np.float32((s.get("similarity_score") or 0.0)
+                                                                       + rng.normal(0.0, 4.0))))
+                           for s in row.get("segments") or []]
+        if index % failed_every == failed_every - 1:
+            failure = SCALED_FAILURES[(index // failed_every) % len(SCALED_FAILURES)]
+            row.update(status=STATUS_FAILED, error=failure, split=None, filtered_caption=None, segments=[],
+                       hard_negatives=[])
+        elif row.get("status") == STATUS_OK:
+            row["split"] = _split(index)
+            if index % 5 == 4:
+                row["segments"] = []
+        rows.append(row)
+    old_parts = parquet_parts(layout.manifest_dir)
+    written = write_parquet_atomic(manifest_table(rows), layout.manifest_part(content_key("scaled", n_rows, seed)))
+    for part in old_parts:
+        if part.resolve() != written.resolve():
+            part.unlink()
+    return layout.manifest_dir
 
 
 @pytest.mark.e2e

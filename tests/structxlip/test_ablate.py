@@ -21,8 +21,9 @@ from structxlip.app.ablate import (
     variant_objective,
 )
 from structxlip.models import TINY_CLIP
-from structxlip.app.shapes_benchmark import benchmark_manifest, make_benchmark
+from structxlip.app.shapes_benchmark import make_benchmark
 from structxlip.app.train import Objective
+from tests.benchmark_manifest import benchmark_manifest
 
 
 def test_variants_switch_off_exactly_the_other_structure_terms():

@@ -17,8 +17,9 @@ import torch
 
 from structxlip.app.evaluate import evaluate
 from structxlip.models import SMALL_CLIP
-from structxlip.app.shapes_benchmark import benchmark_manifest, make_benchmark
+from structxlip.app.shapes_benchmark import make_benchmark
 from structxlip.app.train import Objective, train
+from tests.benchmark_manifest import benchmark_manifest
 
 IMAGES = 360
 EPOCHS = 12

@@ -16,12 +16,12 @@ from structxlip.app.shapes_benchmark import (
     HOME_COLOUR,
     Shape,
     _describe,
-    benchmark_manifest,
     make_benchmark,
     read_benchmark,
     sample_scene,
     scene_rng,
 )
+from tests.benchmark_manifest import benchmark_manifest
 
 
 def _files(folder):
