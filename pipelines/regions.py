@@ -30,7 +30,7 @@ from pipelines.errors import EnvironmentFailure, one_line
 from pipelines.grouping import grouping_boxes
 from pipelines.region_method import resolve_region_method
 from pipelines.images import ImageLoadError, load_rgb
-from storage.atomic import raise_if_storage_error, write_jpeg, write_png
+from storage.atomic import atomic_write_bytes, raise_if_storage_error, write_jpeg
 from storage.layout import OutputLayout
 from storage.manifest import STATUS_FAILED, STATUS_OK, bbox
 from structxlip.devices import resolve_device
@@ -75,13 +75,37 @@ def nms(boxes: np.ndarray, scores: np.ndarray, iou_threshold: float, limit: int 
     """
     boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
     order = np.argsort(-np.asarray(scores, dtype=np.float64), kind="stable")
-    keep: list[int] = []
-    while order.size and (limit is None or len(keep) < limit):
-        best = order[0]
-        keep.append(int(best))
-        rest = order[1:]
-        order = rest[box_iou(boxes[best], boxes[rest]) <= iou_threshold]
-    return np.asarray(keep, dtype=np.int64)
+    # Candidates in score order, a chunk at a time: the IoU of each with the kept boxes and with the chunk's other
+    # boxes in one array (box_iou's arithmetic, element-wise, so the same values; IoU is symmetric), then the
+    # greedy pass over the chunk in Python. A few chunks reach the limit where box_iou per kept box took ~16 rounds
+    # of array operations over all the candidates.
+    x1, y1, x2, y2 = np.ascontiguousarray(boxes[order].T)
+    areas = (x2 - x1) * (y2 - y1)
+    kept: list[int] = []  # positions in score order
+    start = 0
+    while start < order.size and (limit is None or len(kept) < limit):
+        stop = min(order.size, start + _NMS_CHUNK)
+        rows = np.concatenate([np.asarray(kept, dtype=np.int64), np.arange(start, stop)])[:, None]
+        columns = slice(start, stop)
+        inter = np.maximum(np.minimum(x2[rows], x2[columns]) - np.maximum(x1[rows], x1[columns]), 0.0)
+        inter *= np.maximum(np.minimum(y2[rows], y2[columns]) - np.maximum(y1[rows], y1[columns]), 0.0)
+        union = areas[rows] + areas[columns] - inter
+        iou = np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
+        over = iou > iou_threshold  # (kept + chunk, chunk)
+        before = len(kept)
+        suppressed = over[:before].any(axis=0)
+        for column in range(stop - start):
+            if suppressed[column]:
+                continue
+            kept.append(start + column)
+            if limit is not None and len(kept) >= limit:
+                break
+            suppressed |= over[before + column]
+        start = stop
+    return order[np.asarray(kept, dtype=np.int64)].astype(np.int64)
+
+
+_NMS_CHUNK = 64
 
 
 def select_boxes(
@@ -477,6 +501,21 @@ def _failed(image_id: str | None, error: str, method: str) -> dict:
     return {"image_id": image_id, "status": STATUS_FAILED, "error": error, "region_method": method, "segments": []}
 
 
+# Structure crops are cut from edge maps (mostly 0 with thin lines): PNG rows unfiltered and deflate's run-length
+# strategy encode them about 4 times faster than the adaptive row filters of storage.atomic.write_png, and smaller;
+# PNG is lossless, so the pixels are the same.
+_STRUCTURE_PNG = [cv2.IMWRITE_PNG_COMPRESSION, 1, cv2.IMWRITE_PNG_FILTER, cv2.IMWRITE_PNG_FILTER_NONE,
+                  cv2.IMWRITE_PNG_STRATEGY, cv2.IMWRITE_PNG_STRATEGY_RLE]
+
+
+def _write_structure_crop(path: Path, crop: np.ndarray) -> None:
+    """Encode a uint8 (h, w) structure-map crop as PNG and write it atomically (not fsynced, as write_png)."""
+    ok, buffer = cv2.imencode(".png", np.ascontiguousarray(crop), _STRUCTURE_PNG)
+    if not ok:
+        raise OSError(f"PNG encoding failed for {path}")
+    atomic_write_bytes(path, buffer.tobytes(), durable=False)
+
+
 def _regions_of(
     record: dict,
     *,
@@ -516,7 +555,7 @@ def _regions_of(
         if structure is not None:
             sx1, sy1, sx2, sy2 = structure_boxes_of[index]
             structure_crop_path = layout.structure_crop(image_id, stage_key, index)
-            write_png(structure_crop_path, np.ascontiguousarray(structure[sy1:sy2, sx1:sx2]))
+            _write_structure_crop(structure_crop_path, structure[sy1:sy2, sx1:sx2])
         segments.append(
             {
                 "bbox": bbox(x1, y1, x2, y2),
