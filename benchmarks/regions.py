@@ -286,7 +286,7 @@ def run(*, quick: bool = False) -> BenchmarkResult:
                                              stage["img_s"], STAGE_IMG_S_GOAL, unit=" img/s"))
         result.params["load_average_1m"] = {"start": load_start, "end": _load()}
         result.notes.append("structure: on cluttered photos the dilated edges form one component above the 80% "
-                            "limit, so it keeps nothing; grouping: watershed superpixels from a 12 px seed grid at "
+                            "limit, so it keeps nothing; grouping: watershed superpixels from a 16 px seed grid at "
                             "192 px, grouped hierarchically (colour, size, fill, structure-map edges) in rounds of "
                             "reciprocal best pairs, scored by colour contrast with their surroundings")
         result.notes.append("photo recall: the hand-drawn boxes of 19 objects in 4 sample photos (PHOTO_BOXES, "

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-VERSION = "2"
+VERSION = "3"
 
 BINS = 25
 
@@ -339,11 +339,14 @@ def grouping_boxes(
     structure_map: np.ndarray | None = None,
     *,
     work_side: int = 192,
-    seed_step: int = 12,
+    seed_step: int = 16,
 ) -> Proposals:
     """Return candidate boxes of ``rgb`` ((H, W, 3) uint8) from hierarchical grouping of its superpixels.
 
-    ``structure_map`` ((h, w) uint8 edges of the same image, any size) adds the boundary-edge cue.
+    ``structure_map`` ((h, w) uint8 edges of the same image, any size) adds the boundary-edge cue. The 16 px seed
+    grid (12 px up to version 2) makes ~110 superpixels at 192 px instead of ~190: ~7 CPU-ms less per image, with
+    recall at IoU 0.5 of 276/284 objects instead of 273/284 on the benchmark's scenes and 539/578 instead of
+    532/578 on two other sets of 100 generated scenes (seeds 20,000 and 30,000 on).
     """
     if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
         raise ValueError(f"expected an RGB image (H, W, 3) uint8, got {rgb.dtype} {rgb.shape}")
