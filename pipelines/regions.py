@@ -27,7 +27,7 @@ import cv2
 import numpy as np
 
 from pipelines.errors import EnvironmentFailure, one_line
-from pipelines.grouping import grouping_boxes
+from pipelines.grouping import grouping_boxes, grouping_boxes_many
 from pipelines.region_method import resolve_region_method
 from pipelines.images import ImageLoadError, load_rgb
 from storage.atomic import atomic_write_bytes, raise_if_storage_error, write_jpeg
@@ -448,28 +448,76 @@ def propose_regions(
         nms_iou=nms_iou,
         max_regions=max_regions,
     )
-    outputs = []
-    for record in records:
-        image_id = record.get("image_id")
+    # Grouping proposes for a few images at once (its merging rounds are shared, ~4 CPU-ms less per image); every
+    # other proposer one image at a time. Each image still fails alone, with the message it would get alone.
+    grouping = method == "grouping"
+    propose_many = partial(_grouping_proposer_many, work_side=grouping_side) if grouping else None
+    batch = _GROUPING_BATCH if grouping else 1
+    outputs: list[dict | None] = [None] * len(records)
+    pending: list[tuple[int, dict, np.ndarray, np.ndarray | None]] = []
+
+    def fail(index: int, record: dict, exc: Exception) -> None:
+        raise_if_storage_error(exc)
+        name = Path(str(record.get("source_path"))).name
+        known = isinstance(exc, (ImageLoadError, RegionInputError))
+        error = str(exc) if known else f"region proposal failed: {one_line(exc)} ({name})"
+        outputs[index] = _failed(record.get("image_id"), error, method)
+
+    def flush() -> None:
+        proposed = _propose_each([(rgb, structure) for _, _, rgb, structure in pending], propose, propose_many)
+        for (index, record, rgb, structure), result in zip(pending, proposed):
+            try:
+                if isinstance(result, Exception):
+                    raise result
+                segments = _write_regions(record, rgb, structure, *result, layout=layout, stage_key=stage_key,
+                                          selection=selection)
+                outputs[index] = {"image_id": record["image_id"], "status": STATUS_OK, "error": None,
+                                  "region_method": method, "segments": segments}
+            except Exception as exc:  # noqa: BLE001 - one bad image is a recorded failure
+                fail(index, record, exc)
+        pending.clear()
+
+    pixels = 0
+    for index, record in enumerate(records):
         if record.get("status", STATUS_OK) != STATUS_OK:
-            outputs.append(_failed(image_id, f"skipped: an earlier stage failed ({record.get('error')})", method))
+            error = f"skipped: an earlier stage failed ({record.get('error')})"
+            outputs[index] = _failed(record.get("image_id"), error, method)
             continue
         try:
-            segments = _regions_of(
-                record, layout=layout, stage_key=stage_key, propose=propose, needs_structure=method == "structure",
-                max_pixels=max_pixels, selection=selection,
-            )
-            outputs.append(
-                {"image_id": image_id, "status": STATUS_OK, "error": None, "region_method": method,
-                 "segments": segments}
-            )
+            rgb, structure = _load_record(record, layout=layout, needs_structure=method == "structure",
+                                          max_pixels=max_pixels)
         except Exception as exc:  # noqa: BLE001 - one bad image is a recorded failure
-            raise_if_storage_error(exc)
-            name = Path(str(record.get("source_path"))).name
-            known = isinstance(exc, (ImageLoadError, RegionInputError))
-            error = str(exc) if known else f"region proposal failed: {one_line(exc)} ({name})"
-            outputs.append(_failed(image_id, error, method))
+            fail(index, record, exc)
+            continue
+        pending.append((index, record, rgb, structure))
+        pixels += rgb.shape[0] * rgb.shape[1]
+        if len(pending) >= batch or pixels >= _BATCH_PIXELS:
+            flush()
+            pixels = 0
+    flush()
     return outputs
+
+
+# Images decoded and grouped together: at most this many, and no more once they hold this many pixels (memory).
+_GROUPING_BATCH = 8
+_BATCH_PIXELS = 16_000_000
+
+
+def _propose_each(items: list[tuple[np.ndarray, "np.ndarray | None"]], propose: Callable,
+                  propose_many: Callable | None) -> list:
+    """Return each item's proposals (boxes, scores, areas), or the exception proposing it raised."""
+    if propose_many is not None and len(items) > 1:
+        try:
+            return propose_many(items)
+        except Exception:  # noqa: BLE001 - one image failed: propose each alone, so that only it fails
+            pass
+    results: list = []
+    for rgb, structure in items:
+        try:
+            results.append(propose(rgb, structure))
+        except Exception as exc:  # noqa: BLE001 - recorded as this image's failure
+            results.append(exc)
+    return results
 
 
 def _no_proposer(rgb: np.ndarray, structure: np.ndarray | None):
@@ -487,6 +535,10 @@ def _sam_model_proposer(rgb: np.ndarray, structure: np.ndarray | None, *, genera
 def _grouping_proposer(rgb: np.ndarray, structure: np.ndarray | None, *, work_side: int):
     proposals = grouping_boxes(rgb, structure, work_side=work_side)
     return proposals.boxes, proposals.scores, proposals.area_fractions
+
+
+def _grouping_proposer_many(items: list[tuple[np.ndarray, "np.ndarray | None"]], *, work_side: int):
+    return [(p.boxes, p.scores, p.area_fractions) for p in grouping_boxes_many(items, work_side=work_side)]
 
 
 def _structure_proposer(rgb: np.ndarray, structure: np.ndarray | None, *, dilation: int):
@@ -516,17 +568,10 @@ def _write_structure_crop(path: Path, crop: np.ndarray) -> None:
     atomic_write_bytes(path, buffer.tobytes(), durable=False)
 
 
-def _regions_of(
-    record: dict,
-    *,
-    layout: OutputLayout,
-    stage_key: str,
-    propose: Callable,
-    needs_structure: bool,
-    max_pixels: int,
-    selection: dict,
-) -> list[dict]:
-    """Return the segments of one record after writing their crops; raises on any problem with this image."""
+def _load_record(
+    record: dict, *, layout: OutputLayout, needs_structure: bool, max_pixels: int
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Return one record's RGB image and structure map (None without one); raises on any problem with them."""
     image_id, source_path = record.get("image_id"), record.get("source_path")
     if not image_id or not source_path:
         raise RegionInputError(f"invalid record: expected image_id and source_path, got keys {sorted(record)}")
@@ -539,7 +584,24 @@ def _regions_of(
         _check_aspect((structure.shape[1], structure.shape[0]), (width, height), name)
     if needs_structure and structure is None:
         raise RegionInputError(f"no structure map to propose regions from (structure stage failed or not run) ({name})")
-    boxes, scores, areas = propose(rgb, structure)
+    return rgb, structure
+
+
+def _write_regions(
+    record: dict,
+    rgb: np.ndarray,
+    structure: np.ndarray | None,
+    boxes: np.ndarray,
+    scores: np.ndarray,
+    areas: np.ndarray,
+    *,
+    layout: OutputLayout,
+    stage_key: str,
+    selection: dict,
+) -> list[dict]:
+    """Return the segments of one record's kept proposals after writing their crops."""
+    image_id = record["image_id"]
+    height, width = rgb.shape[:2]
     kept = select_boxes(boxes, scores, areas, **selection)
     kept = sorted(kept.tolist(), key=lambda i: -int((boxes[i, 2] - boxes[i, 0]) * (boxes[i, 3] - boxes[i, 1])))
 
