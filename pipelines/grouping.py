@@ -117,7 +117,7 @@ def _refine_boundaries(labels: np.ndarray, colour: _PixelColours, unlabelled_onl
     neighbours' (never -1 or 0) whose mean colour is nearest its own in L1; with ``unlabelled_only`` only the pixels
     with none. In place (``labels``: (h, w) int32); ties keep the first of own, up, left, right, down."""
     height, width = labels.shape
-    flat = labels.reshape(-1) + 1  # -1 (watershed line) and 0 (not reached) have an unreachable mean
+    flat = labels.reshape(-1).astype(np.intp) + 1  # -1 (watershed line) and 0 (not reached): unreachable mean
     counts = np.bincount(flat)
     divisor = np.maximum(counts, 1)
     means = np.empty((3, counts.size), np.int16)
@@ -137,15 +137,15 @@ def _refine_boundaries(labels: np.ndarray, colour: _PixelColours, unlabelled_onl
     # Own, up, left, right, down label of each of those pixels, from the padded image's flat index.
     stride = width + 2
     at = inside + (inside // width) * 2 + stride + 1
-    candidates = padded.reshape(-1)[at + _NEIGHBOUR_STEPS * stride + _NEIGHBOUR_SHIFTS]  # (5, K)
+    candidates = padded.reshape(-1).take(at + _NEIGHBOUR_STEPS * stride + _NEIGHBOUR_SHIFTS)  # (5, K)
     index = candidates + 1
-    distance = np.abs(means[0][index] - colour.values[0][inside])
-    distance += np.abs(means[1][index] - colour.values[1][inside])
-    distance += np.abs(means[2][index] - colour.values[2][inside])
+    distance = np.abs(means[0].take(index) - colour.values[0].take(inside))
+    distance += np.abs(means[1].take(index) - colour.values[1].take(inside))
+    distance += np.abs(means[2].take(index) - colour.values[2].take(inside))
     # The nearest with the first on ties: the smallest of distance * 8 + candidate's position (int32: <= 9000 * 8).
     key = distance.astype(np.int32) * 8 + _NEIGHBOUR_ORDER
     position = key.min(axis=0) & 7
-    labels.reshape(-1)[inside] = candidates.reshape(-1)[position * inside.size + np.arange(inside.size)]
+    labels.reshape(-1)[inside] = candidates.reshape(-1).take(position * inside.size + np.arange(inside.size))
 
 
 # Own, up, left, right, down: rows apart and columns apart in a flat image, and their order as tie-breaker.
