@@ -14,7 +14,8 @@ superpixel and every merge is a candidate box. Similarity of neighbours a, b (ea
 The merging is vectorised (NumPy) in rounds: each round merges every pair of regions that are each other's most
 similar neighbour (reciprocal best pairs), which is the pair selective search would merge next and, where merges do
 not interact, the ones after it. The strategies run together as one graph of disjoint copies, so a round costs the
-same few array operations for all of them.
+same few array operations for all of them; ``grouping_boxes_many`` adds several images to that graph, each getting
+what it gets alone.
 
 A candidate's score says how well it stands out from what surrounds it: the mean, over its boundary, of the colour
 difference to the neighbour across it (1 - histogram intersection) when it is formed.
