@@ -132,7 +132,7 @@ def _refine_boundaries(labels: np.ndarray, colour: _PixelColours, unlabelled_onl
     else:
         # A pixel on a boundary: the largest and smallest label among it and its 4 neighbours differ.
         cross = cv2.getStructuringElement(cv2.MORPH_CROSS, (3, 3))
-        as_float = padded.astype(np.float32)  # exact: labels stay far below 2 ** 24
+        as_float = padded.astype(np.float64)  # exact for any label count
         spread = cv2.dilate(as_float, cross)[1:-1, 1:-1] != cv2.erode(as_float, cross)[1:-1, 1:-1]
         inside = np.flatnonzero(spread.reshape(-1) | (flat < 2))
     # Own, up, left, right, down label of each of those pixels, from the padded image's flat index.
