@@ -69,9 +69,9 @@ def nms(boxes: np.ndarray, scores: np.ndarray, iou_threshold: float, limit: int 
     most ``limit`` of them (the first ``limit`` of the full result: later boxes never drop earlier ones).
 
     A box is dropped when its IoU with a kept, higher-scoring box is above ``iou_threshold``. NumPy, so the CPU
-    path needs no torch import: ``torchvision.ops.nms`` keeps the same indices (ties included) and saves ~0.6 ms
-    per image at the 250-420 candidates of the grouping proposer, but importing torch and torchvision costs a
-    worker process ~6 s, the time of ~70 images of the whole stage.
+    path needs no torch import (~6 s per worker process): ``torchvision.ops.nms`` keeps the same indices (ties
+    included); at the ~200 candidates of the grouping proposer and a limit of 16 this takes ~0.45 ms per image,
+    torchvision's full NMS ~0.7 ms.
     """
     boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
     order = np.argsort(-np.asarray(scores, dtype=np.float64), kind="stable")
