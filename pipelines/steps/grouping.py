@@ -14,7 +14,8 @@ superpixel and every merge is a candidate box. Similarity of neighbours a, b (ea
 The merging is vectorised (NumPy) in rounds: each round merges every pair of regions that are each other's most
 similar neighbour (reciprocal best pairs), which is the pair selective search would merge next and, where merges do
 not interact, the ones after it. The strategies run together as one graph of disjoint copies, so a round costs the
-same few array operations for all of them.
+same few array operations for all of them; ``grouping_boxes_many`` adds several images to that graph, each getting
+what it gets alone.
 
 A candidate's score says how well it stands out from what surrounds it: the mean, over its boundary, of the colour
 difference to the neighbour across it (1 - histogram intersection) when it is formed.
@@ -23,11 +24,12 @@ difference to the neighbour across it (1 - histogram intersection) when it is fo
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Sequence
 
 import cv2
 import numpy as np
 
-VERSION = "2"
+VERSION = "3"
 
 BINS = 25
 
@@ -84,14 +86,14 @@ def superpixels(work: np.ndarray, seed_step: int) -> np.ndarray:
     # The frame takes the labels just inside it (rows first, so the corners get the diagonal neighbour's).
     markers[0, :], markers[-1, :] = markers[1, :], markers[-2, :]
     markers[:, 0], markers[:, -1] = markers[:, 1], markers[:, -2]
-    colour = work.astype(np.int32)
+    colour = _PixelColours(work)
     # OpenCV's flood fixes a pixel's priority when a neighbour first queues it, so a basin can take a few pixels
     # across a colour edge (corners of flat shapes); and its watershed lines belong to no basin. Each pixel on a
     # boundary goes to the superpixel, among its own and its 4 neighbours', of the nearest mean colour.
     for _ in range(REFINE_PASSES):
         _refine_boundaries(markers, colour)
     for _ in range(height + width):  # watershed pixels with no labelled neighbour yet (junctions of lines): rare
-        if (markers >= 1).all():
+        if markers.min() >= 1:
             break
         _refine_boundaries(markers, colour, unlabelled_only=True)
     # Seeds overwritten by the frame leave gaps in the numbering: renumber 0..n-1.
@@ -102,50 +104,76 @@ def superpixels(work: np.ndarray, seed_step: int) -> np.ndarray:
 REFINE_PASSES = 2
 
 
-def _refine_boundaries(labels: np.ndarray, colour: np.ndarray, unlabelled_only: bool = False) -> None:
+class _PixelColours:
+    """The channels of an (h, w, 3) uint8 image, flat: as float64 (bincount weights) and int16 (distances)."""
+
+    def __init__(self, work: np.ndarray) -> None:
+        channels = np.ascontiguousarray(work.reshape(-1, 3).T)  # (3, P)
+        self.weights = channels.astype(np.float64)
+        self.values = channels.astype(np.int16)
+
+
+def _refine_boundaries(labels: np.ndarray, colour: _PixelColours, unlabelled_only: bool = False) -> None:
     """Move each pixel that has a 4-neighbour of another label, or none (-1, 0), to the label among its own and its
     neighbours' (never -1 or 0) whose mean colour is nearest its own in L1; with ``unlabelled_only`` only the pixels
-    with none. In place; ties keep the first of own, up, left, right, down."""
-    flat = labels.reshape(-1) + 1  # -1 (watershed line) and 0 (not reached) have an unreachable mean
+    with none. In place (``labels``: (h, w) int32); ties keep the first of own, up, left, right, down."""
+    height, width = labels.shape
+    flat = labels.reshape(-1).astype(np.intp) + 1  # -1 (watershed line) and 0 (not reached): unreachable mean
     counts = np.bincount(flat)
-    sums = np.stack([np.bincount(flat, weights=colour[..., c].reshape(-1), minlength=counts.size)
-                     for c in range(3)], axis=1)
-    means = (sums / np.maximum(counts, 1)[:, None]).round().astype(np.int16)
-    means[:2] = 3000  # 3 x 3000 + 255 still fits int16 sums below
-    padded = np.pad(labels, 1, mode="edge")
-    around = (padded[0:-2, 1:-1], padded[1:-1, 0:-2], padded[1:-1, 2:], padded[2:, 1:-1])
-    boundary = labels < 1
-    if not unlabelled_only:
-        for neighbour in around:
-            boundary |= neighbour != labels
-    ys, xs = np.nonzero(boundary)
-    # Channels apart: 1-D int16 arithmetic (a sum over a 3-wide axis is several times slower).
-    pixel = [colour[ys, xs, c].astype(np.int16) for c in range(3)]
-    channel_means = [np.ascontiguousarray(means[:, c]) for c in range(3)]
-
-    def distance_to(label: np.ndarray) -> np.ndarray:
-        index = label + 1
-        total = np.abs(channel_means[0][index] - pixel[0])
-        total += np.abs(channel_means[1][index] - pixel[1])
-        total += np.abs(channel_means[2][index] - pixel[2])
-        return total
-
-    best = labels[ys, xs]
-    best_distance = distance_to(best)
-    for neighbour in around:
-        candidate = neighbour[ys, xs]
-        distance = distance_to(candidate)
-        nearer = distance < best_distance
-        best[nearer], best_distance[nearer] = candidate[nearer], distance[nearer]
-    labels[ys, xs] = best
+    divisor = np.maximum(counts, 1)
+    means = np.empty((3, counts.size), np.int16)
+    for c in range(3):
+        means[c] = (np.bincount(flat, weights=colour.weights[c], minlength=counts.size) / divisor).round()
+    means[:, :2] = 3000  # 3 x 3000 + 255 still fits int16 sums below
+    # Edge-replicated frame: outside the image a pixel's neighbour is itself.
+    padded = cv2.copyMakeBorder(labels, 1, 1, 1, 1, cv2.BORDER_REPLICATE)
+    if unlabelled_only:
+        inside = np.flatnonzero(flat < 2)
+    else:
+        # A pixel on a boundary: the largest and smallest label among it and its 4 neighbours differ.
+        cross = cv2.getStructuringElement(cv2.MORPH_CROSS, (3, 3))
+        as_float = padded.astype(np.float64)  # exact for any label count
+        spread = cv2.dilate(as_float, cross)[1:-1, 1:-1] != cv2.erode(as_float, cross)[1:-1, 1:-1]
+        inside = np.flatnonzero(spread.reshape(-1) | (flat < 2))
+    # Own, up, left, right, down label of each of those pixels, from the padded image's flat index.
+    stride = width + 2
+    at = inside + (inside // width) * 2 + stride + 1
+    candidates = padded.reshape(-1).take(at + _NEIGHBOUR_STEPS * stride + _NEIGHBOUR_SHIFTS)  # (5, K)
+    index = candidates + 1
+    distance = np.abs(means[0].take(index) - colour.values[0].take(inside))
+    distance += np.abs(means[1].take(index) - colour.values[1].take(inside))
+    distance += np.abs(means[2].take(index) - colour.values[2].take(inside))
+    # The nearest with the first on ties: the smallest of distance * 8 + candidate's position (int32: <= 9000 * 8).
+    key = distance.astype(np.int32) * 8 + _NEIGHBOUR_ORDER
+    position = key.min(axis=0) & 7
+    labels.reshape(-1)[inside] = candidates.reshape(-1).take(position * inside.size + np.arange(inside.size))
 
 
-def _colour_histograms(image: np.ndarray, labels: np.ndarray, n: int) -> np.ndarray:
-    """Return (n, 3 * BINS) float64 colour histograms of each label, each row summing to 1."""
-    bins = (image.reshape(-1, 3).astype(np.int64) * BINS) // 256 + np.arange(3) * BINS  # (P, 3) bin of each channel
-    index = labels.reshape(-1, 1) * (3 * BINS) + bins
-    hist = np.bincount(index.reshape(-1), minlength=n * 3 * BINS).reshape(n, 3 * BINS).astype(np.float64)
-    return hist / np.maximum(hist.sum(axis=1, keepdims=True), 1.0)
+# Own, up, left, right, down: rows apart and columns apart in a flat image, and their order as tie-breaker.
+_NEIGHBOUR_STEPS = np.array([[0], [-1], [0], [0], [1]])
+_NEIGHBOUR_SHIFTS = np.array([[0], [0], [-1], [1], [0]])
+_NEIGHBOUR_ORDER = np.arange(5, dtype=np.int32)[:, None]
+
+
+def _colour_histograms(images: list[np.ndarray], labels: np.ndarray, n: int) -> list[np.ndarray]:
+    """Return the (n, 3 * BINS) float64 colour histograms of each label in each image (each row summing to 1): one
+    bincount over every channel of every image."""
+    channels = 3 * len(images)
+    binned = np.concatenate([cv2.LUT(image, _bin_table(3 * i)) for i, image in enumerate(images)], axis=2)
+    index = labels[..., None] * (channels * BINS) + binned
+    counts = np.bincount(index.reshape(-1), minlength=n * channels * BINS).reshape(n, channels * BINS)
+    hists = []
+    for i in range(len(images)):
+        hist = counts[:, 3 * BINS * i:3 * BINS * (i + 1)].astype(np.float64)
+        hists.append(hist / np.maximum(hist.sum(axis=1, keepdims=True), 1.0))
+    return hists
+
+
+def _bin_table(first_channel: int) -> np.ndarray:
+    """Return the (1, 256, 3) uint16 lookup table of the histogram bin of each value of 3 channels, channel
+    ``first_channel + c`` getting bins from (first_channel + c) * BINS."""
+    bins = np.arange(256) * BINS // 256
+    return np.stack([bins + (first_channel + c) * BINS for c in range(3)], axis=1)[None].astype(np.uint16)
 
 
 def _label_boxes(labels: np.ndarray, n: int) -> np.ndarray:
@@ -183,100 +211,152 @@ def _boundaries(labels: np.ndarray, edges: np.ndarray | None, n: int) -> _Bounda
         if edges is not None:
             across = (edges[:, :-1] | edges[:, 1:]) if axis == 1 else (edges[:-1, :] | edges[1:, :])
             on_edge.append(across[differ])
-    unique, inverse = np.unique(np.concatenate(keys), return_inverse=True)
-    lengths = np.bincount(inverse, minlength=unique.size).astype(np.float64)
-    edge_counts = (np.bincount(inverse, weights=np.concatenate(on_edge), minlength=unique.size) if edges is not None
-                   else np.zeros_like(lengths))
+    keys = np.concatenate(keys)
+    if n * n <= _DENSE_KEYS:  # one count per possible pair: no sort
+        counts = np.bincount(keys, minlength=n * n)
+        unique = np.flatnonzero(counts)
+        lengths = counts[unique].astype(np.float64)
+        edge_counts = (np.bincount(keys, weights=np.concatenate(on_edge), minlength=n * n)[unique]
+                       if edges is not None else np.zeros_like(lengths))
+    else:
+        unique, inverse = np.unique(keys, return_inverse=True)
+        lengths = np.bincount(inverse, minlength=unique.size).astype(np.float64)
+        edge_counts = (np.bincount(inverse, weights=np.concatenate(on_edge), minlength=unique.size)
+                       if edges is not None else np.zeros_like(lengths))
     return _Boundaries(unique // n, unique % n, lengths, edge_counts)
 
 
-def _hierarchy(
-    hists: list[np.ndarray],
-    weights: list[_Weights],
-    sizes: np.ndarray,
-    boxes: np.ndarray,
-    boundaries: _Boundaries,
-    total: float,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Merge neighbouring regions (most similar first) once per strategy (its histograms and weights); return every
-    region's box (M, 4) int64 and score (M,) float64, all strategies together."""
-    n, count = len(sizes), len(hists)
-    capacity = 2 * n - 1  # ids of one strategy: n superpixels, then n - 1 merges
-    ids = capacity * count
-    offsets = np.arange(count) * capacity
-    hist = np.zeros((ids, hists[0].shape[1]), np.float32)
+_DENSE_KEYS = 1 << 20
+
+
+@dataclass(frozen=True)
+class _Graph:
+    """One image's superpixels: colour histograms per strategy, sizes and (n, 4) xyxy boxes in work pixels, the
+    boundaries between them and the work image's area."""
+
+    hists: list[np.ndarray]
+    sizes: np.ndarray
+    boxes: np.ndarray
+    boundaries: _Boundaries
+    total: float
+
+
+def _hierarchy(graphs: list[_Graph], weights: list[_Weights]) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Merge neighbouring regions (most similar first) once per image and strategy (its histograms and weights);
+    return, per image, every region's box (M, 4) int64 and score (M,) float64, all strategies together.
+
+    The images and strategies are disjoint parts of one graph: a round's array operations serve all of them, so
+    the rounds' fixed cost (most of it in the last rounds, where few pairs are left) is shared. A part's pairs
+    never meet another part's, so each image gets what it would get alone."""
+    count = len(weights)
+    leaves = np.array([len(graph.sizes) for graph in graphs for _ in range(count)], np.int64)
+    offsets = np.cumsum(leaves) - leaves
+    # Ids: each part's superpixels (offset .. offset + n - 1, parts in order), then the merges of all parts in the
+    # order they form (a part of n superpixels makes at most n - 1). Within a part ids grow with age, which is all
+    # the pair order (and so the ranking's tie-break) depends on.
+    ids = int((2 * leaves - 1).sum())
+    hist = np.zeros((ids, graphs[0].hists[0].shape[1]), np.float32)
     size = np.zeros(ids)
-    box = np.zeros((ids, 4), np.int64)
-    weight = np.zeros((ids, 4))
-    for strategy, offset in enumerate(offsets):
-        hist[offset:offset + n] = hists[strategy]
-        size[offset:offset + n] = sizes
-        box[offset:offset + n] = boxes
+    box = np.zeros((4, ids), np.int64)  # x1, y1, -x2, -y2: the box of a union is the element-wise minimum
+    weight = np.zeros((4, ids))
+    area = np.ones(ids)  # the image's work area
+    part = np.zeros(ids, np.int64)
+    ends, measures = [], []
+    for index, (offset, n) in enumerate(zip(offsets.tolist(), leaves.tolist())):
+        graph, strategy = graphs[index // count], index % count
+        at = slice(offset, offset + n)
+        hist[at], size[at], area[at], part[at] = graph.hists[strategy], graph.sizes, graph.total, index
+        box[:, at] = (graph.boxes * [1, 1, -1, -1]).T
         w = weights[strategy]
-        weight[offset:offset + capacity] = (w.colour, w.size, w.fill, w.edge)
-    scores = np.zeros(ids)
+        weight[:, at] = np.array([[w.colour], [w.size], [w.fill], [w.edge]])
+        ends.append(np.stack([graph.boundaries.a, graph.boundaries.b]) + offset)
+        measures.append(np.stack([graph.boundaries.lengths, graph.boundaries.on_edge]))
+    # The pairs of each round whose regions formed that round, for the scores (computed once, at the end).
+    formed_rounds: list[tuple[int, np.ndarray, np.ndarray, np.ndarray]] = []
 
-    def pairs_of(a: np.ndarray, b: np.ndarray, lengths: np.ndarray, on_edge: np.ndarray,
-                 formed: np.ndarray) -> np.ndarray:
-        """Return the similarity of pairs (a, b); score the ``formed`` regions, all of whose pairs these are."""
-        intersection = np.minimum(hist[a], hist[b]).sum(axis=1, dtype=np.float64)
-        # Score: length-weighted colour difference to the neighbours (float32 sums can pass 1: clipped).
-        difference = lengths * (1.0 - intersection)
-        spread = np.bincount(a, difference, ids) + np.bincount(b, difference, ids)
-        boundary = (np.bincount(a, lengths, ids) + np.bincount(b, lengths, ids))[formed]
-        scores[formed] = np.where(boundary > 0, np.clip(spread[formed] / np.where(boundary > 0, boundary, 1.0),
-                                                        0.0, 1.0), 0.0)
-        union = ((np.maximum(box[a, 2], box[b, 2]) - np.minimum(box[a, 0], box[b, 0]))
-                 * (np.maximum(box[a, 3], box[b, 3]) - np.minimum(box[a, 1], box[b, 1])))
-        joint = size[a] + size[b]
-        w = weight[a]
-        return (w[:, 0] * intersection + w[:, 1] * (1.0 - joint / total)
-                + w[:, 2] * (1.0 - (union - joint) / total) + w[:, 3] * (1.0 - on_edge / lengths))
+    def similarity_of(ends: np.ndarray, measures: np.ndarray, first_formed: int) -> np.ndarray:
+        """Return the similarity of the pairs ``ends`` ((2, k) ids, a < b) with ``measures`` ((2, k): boundary
+        length and edge pixels on it); keep them for the scores of the regions formed from ``first_formed`` on."""
+        a, b = ends
+        lengths, on_edge = measures
+        intersection = np.minimum(hist.take(a, axis=0), hist.take(b, axis=0)).sum(axis=1, dtype=np.float64)
+        formed_rounds.append((first_formed, ends, lengths, intersection))
+        union = np.minimum(box.take(a, axis=1), box.take(b, axis=1))
+        union_area = (union[2] + union[0]) * (union[3] + union[1])
+        joint = size.take(a) + size.take(b)
+        total = area.take(a)
+        w = weight.take(a, axis=1)
+        return (w[0] * intersection + w[1] * (1.0 - joint / total)
+                + w[2] * (1.0 - (union_area - joint) / total) + w[3] * (1.0 - on_edge / lengths))
 
-    a = np.concatenate([boundaries.a + offset for offset in offsets])
-    b = np.concatenate([boundaries.b + offset for offset in offsets])
-    lengths = np.tile(boundaries.lengths, count)
-    on_edge = np.tile(boundaries.on_edge, count)
-    similarity = pairs_of(a, b, lengths, on_edge, np.concatenate([np.arange(n) + offset for offset in offsets]))
-    next_id = offsets + n
-    while a.size:
+    # (take, compress and slices below: several times faster than fancy indexing on these small arrays)
+    ends = np.concatenate(ends, axis=1)
+    measures = np.concatenate(measures, axis=1)
+    similarity = similarity_of(ends, measures, 0)
+    next_id = int(leaves.sum())
+    while ends.shape[1]:
         # Rank pairs by (similarity desc, position): a strict order, so its first pair is always reciprocal.
-        rank = np.empty(a.size, np.int64)
-        rank[np.argsort(-similarity, kind="stable")] = np.arange(a.size)
-        best = np.full(ids, a.size, np.int64)
-        np.minimum.at(best, a, rank)
-        np.minimum.at(best, b, rank)
-        merge = (best[a] == rank) & (best[b] == rank)
-        first, second = a[merge], b[merge]
-        order = np.argsort(first // capacity, kind="stable")  # grouped by strategy: ids are numbered per strategy
-        first, second = first[order], second[order]
-        per_strategy = np.bincount(first // capacity, minlength=count)
-        new = np.repeat(next_id, per_strategy) + np.arange(first.size) - np.repeat(
-            np.cumsum(per_strategy) - per_strategy, per_strategy)
-        next_id = next_id + per_strategy
-        size[new] = size[first] + size[second]
-        hist[new] = (hist[first] * size[first, None] + hist[second] * size[second, None]) / size[new, None]
-        box[new, :2] = np.minimum(box[first, :2], box[second, :2])
-        box[new, 2:] = np.maximum(box[first, 2:], box[second, 2:])
+        m = ends.shape[1]
+        rank = np.empty(m, np.int64)
+        rank[np.argsort(-similarity, kind="stable")] = np.arange(m)
+        best = np.full(ids, m, np.int64)
+        np.minimum.at(best, ends.reshape(-1), np.concatenate((rank, rank)))
+        merge = best.take(ends).min(axis=0) == rank  # each end's best pair is this one
+        first, second = ends.compress(merge, axis=1)
+        formed, next_id = next_id, next_id + first.size
+        new = slice(formed, next_id)
+        size_first, size_second = size.take(first), size.take(second)
+        joint = size_first + size_second
+        size[new] = joint
+        hist[new] = (hist.take(first, axis=0) * size_first[:, None]
+                     + hist.take(second, axis=0) * size_second[:, None]) / joint[:, None]
+        box[:, new] = np.minimum(box.take(first, axis=1), box.take(second, axis=1))
+        weight[:, new] = weight.take(first, axis=1)
+        area[new] = area.take(first)
+        part[new] = part.take(first)
         # Pairs between untouched regions keep their similarity; pairs of a merged region become pairs of the new
-        # one (boundaries added up where two join the same neighbour) and are measured again.
+        # one (boundaries added up where two join the same neighbour) and are measured again. The merged pairs
+        # themselves are the only ones that fall inside one new region.
         relabel = np.arange(ids)
-        relabel[first], relabel[second] = new, new
-        new_a, new_b = relabel[a], relabel[b]
-        same = (new_a == a) & (new_b == b)
-        moved = ~same & (new_a != new_b)
-        keys, inverse = np.unique(np.minimum(new_a[moved], new_b[moved]) * ids + np.maximum(new_a[moved], new_b[moved]),
-                                  return_inverse=True)
-        moved_lengths = np.bincount(inverse, lengths[moved], keys.size)
-        moved_on_edge = np.bincount(inverse, on_edge[moved], keys.size)
-        moved_a, moved_b = keys // ids, keys % ids
-        moved_similarity = pairs_of(moved_a, moved_b, moved_lengths, moved_on_edge, new)
-        a, b = np.concatenate([a[same], moved_a]), np.concatenate([b[same], moved_b])
-        lengths = np.concatenate([lengths[same], moved_lengths])
-        on_edge = np.concatenate([on_edge[same], moved_on_edge])
-        similarity = np.concatenate([similarity[same], moved_similarity])
-    used = np.concatenate([np.arange(offset, end) for offset, end in zip(offsets, next_id)])
-    return box[used], scores[used]
+        relabel[first] = relabel[second] = np.arange(formed, next_id)
+        renamed = relabel.take(ends)
+        touched = (renamed != ends).any(axis=0)
+        moved = touched & ~merge
+        renamed = renamed.compress(moved, axis=1)
+        pairs = np.empty_like(renamed)  # (low, high) ends
+        np.minimum(renamed[0], renamed[1], out=pairs[0])
+        np.maximum(renamed[0], renamed[1], out=pairs[1])
+        keys = pairs[0] * ids + pairs[1]
+        order = np.argsort(keys)
+        keys = keys.take(order)
+        distinct = np.empty(keys.size, bool)
+        distinct[:1] = True
+        np.not_equal(keys[1:], keys[:-1], out=distinct[1:])
+        starts = np.flatnonzero(distinct)
+        moved_ends = pairs.take(order.take(starts), axis=1)
+        # Boundary lengths and edge counts are whole numbers: their sums are exact in any order.
+        moved_measures = np.add.reduceat(measures.compress(moved, axis=1).take(order, axis=1), starts, axis=1)
+        moved_similarity = similarity_of(moved_ends, moved_measures, formed)
+        kept = ~touched
+        ends = np.concatenate([ends.compress(kept, axis=1), moved_ends], axis=1)
+        measures = np.concatenate([measures.compress(kept, axis=1), moved_measures], axis=1)
+        similarity = np.concatenate([similarity.compress(kept), moved_similarity])
+    # Score of a region: the length-weighted colour difference to its neighbours when it formed, from the pairs of
+    # its round (as sums over its pairs as first end, then as second end; float32 sums can pass 1: clipped).
+    starts = np.concatenate([np.full(e.shape[1], f) for f, e, _, _ in formed_rounds])
+    a, b = np.concatenate([e for _, e, _, _ in formed_rounds], axis=1)
+    difference = np.concatenate([lengths * (1.0 - intersection) for _, _, lengths, intersection in formed_rounds])
+    lengths = np.concatenate([lengths for _, _, lengths, _ in formed_rounds])
+    of_a, of_b = a >= starts, b >= starts
+    spread = np.bincount(a[of_a], difference[of_a], ids) + np.bincount(b[of_b], difference[of_b], ids)
+    boundary = np.bincount(a[of_a], lengths[of_a], ids) + np.bincount(b[of_b], lengths[of_b], ids)
+    scores = np.where(boundary > 0, np.clip(spread / np.where(boundary > 0, boundary, 1.0), 0.0, 1.0), 0.0)
+    # Per image (its strategies together), in id order.
+    boxes = (box[:, :next_id] * np.array([[1], [1], [-1], [-1]])).T
+    image = part[:next_id] // count
+    order = np.argsort(image, kind="stable")
+    bounds = np.searchsorted(image[order], np.arange(len(graphs) + 1))
+    return [(np.ascontiguousarray(boxes[order[lo:hi]]), scores[order[lo:hi]]) for lo, hi in zip(bounds, bounds[1:])]
 
 
 def grouping_boxes(
@@ -284,33 +364,58 @@ def grouping_boxes(
     structure_map: np.ndarray | None = None,
     *,
     work_side: int = 192,
-    seed_step: int = 12,
+    seed_step: int = 16,
 ) -> Proposals:
     """Return candidate boxes of ``rgb`` ((H, W, 3) uint8) from hierarchical grouping of its superpixels.
 
-    ``structure_map`` ((h, w) uint8 edges of the same image, any size) adds the boundary-edge cue.
+    ``structure_map`` ((h, w) uint8 edges of the same image, any size) adds the boundary-edge cue. The 16 px seed
+    grid (12 px up to version 2) makes ~110 superpixels at 192 px instead of ~190: ~7 CPU-ms less per image, with
+    recall at IoU 0.5 of 276/284 objects instead of 273/284 on the benchmark's scenes and 539/578 instead of
+    532/578 on two other sets of 100 generated scenes (seeds 20,000 and 30,000 on).
     """
-    if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
-        raise ValueError(f"expected an RGB image (H, W, 3) uint8, got {rgb.dtype} {rgb.shape}")
-    height, width = rgb.shape[:2]
-    work = work_image(rgb, work_side)
-    work_h, work_w = work.shape[:2]
-    edges = None
-    if structure_map is not None:
-        # Area averaging keeps thin edges (as grey) that a nearest-pixel resize would drop.
-        edges = cv2.resize(structure_map, (work_w, work_h), interpolation=cv2.INTER_AREA) > 0
-    labels = superpixels(work, seed_step)
-    n = int(labels.max()) + 1
-    spaces = {"lab": cv2.COLOR_RGB2Lab, "hsv": cv2.COLOR_RGB2HSV_FULL}
-    hists = [_colour_histograms(cv2.cvtColor(work, spaces[space]), labels, n) for space, _ in STRATEGIES]
-    boxes, scores = _hierarchy(
-        hists, [w for _, w in STRATEGIES], np.bincount(labels.reshape(-1), minlength=n).astype(np.float64),
-        _label_boxes(labels, n), _boundaries(labels, edges, n), float(work_w * work_h),
-    )
+    return grouping_boxes_many([(rgb, structure_map)], work_side=work_side, seed_step=seed_step)[0]
+
+
+def grouping_boxes_many(
+    images: Sequence[tuple[np.ndarray, np.ndarray | None]],
+    *,
+    work_side: int = 192,
+    seed_step: int = 16,
+) -> list[Proposals]:
+    """Return ``grouping_boxes`` of each ``(rgb, structure_map or None)``: the same proposals, with the merging
+    rounds shared by all the images (at 8 images, about a third of the merging's CPU time per image)."""
+    graphs, sizes = [], []
+    for rgb, structure_map in images:
+        if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
+            raise ValueError(f"expected an RGB image (H, W, 3) uint8, got {rgb.dtype} {rgb.shape}")
+        work = work_image(rgb, work_side)
+        work_h, work_w = work.shape[:2]
+        edges = None
+        if structure_map is not None:
+            # Area averaging keeps thin edges (as grey) that a nearest-pixel resize would drop.
+            edges = cv2.resize(structure_map, (work_w, work_h), interpolation=cv2.INTER_AREA) > 0
+        labels = superpixels(work, seed_step)
+        n = int(labels.max()) + 1
+        spaces = {"lab": cv2.COLOR_RGB2Lab, "hsv": cv2.COLOR_RGB2HSV_FULL}
+        graphs.append(_Graph(
+            hists=_colour_histograms([cv2.cvtColor(work, spaces[space]) for space, _ in STRATEGIES], labels, n),
+            sizes=np.bincount(labels.reshape(-1), minlength=n).astype(np.float64), boxes=_label_boxes(labels, n),
+            boundaries=_boundaries(labels, edges, n), total=float(work_w * work_h),
+        ))
+        sizes.append(((work_w, work_h), (rgb.shape[1], rgb.shape[0])))
+    merged = _hierarchy(graphs, [w for _, w in STRATEGIES]) if graphs else []
+    return [_proposals(boxes, scores, work_size, size) for (boxes, scores), (work_size, size) in zip(merged, sizes)]
+
+
+def _proposals(boxes: np.ndarray, scores: np.ndarray, work_size: tuple[int, int], size: tuple[int, int]) -> Proposals:
+    """Return the unique ``boxes`` (work pixels), each with its best score, in the input image's pixels."""
+    (work_w, work_h), (width, height) = work_size, size
     # Unique boxes only (strategies find the same ones), keeping the best score of each.
     order = np.argsort(-scores, kind="stable")
     boxes, scores = boxes[order], scores[order]
-    _, first = np.unique(boxes, axis=0, return_index=True)
+    # As np.unique(boxes, axis=0) (rows in lexicographic order), on one int64 key per box: ~15 times faster.
+    key = ((boxes[:, 0] * (work_h + 1) + boxes[:, 1]) * (work_w + 1) + boxes[:, 2]) * (work_h + 1) + boxes[:, 3]
+    _, first = np.unique(key, return_index=True)
     boxes, scores = boxes[first], scores[first]
     scaled = boxes.astype(np.float64) / np.array([work_w, work_h, work_w, work_h]) * [width, height, width, height]
     out = np.concatenate([np.floor(scaled[:, :2]), np.ceil(scaled[:, 2:])], axis=1).astype(np.int64)

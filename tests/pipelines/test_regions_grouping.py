@@ -152,3 +152,54 @@ def test_grouping_is_deterministic():
     first, again = grouping_boxes(scene.rgb), grouping_boxes(scene.rgb)
     np.testing.assert_array_equal(first.boxes, again.boxes)
     np.testing.assert_array_equal(first.scores, again.scores)
+
+
+def test_grouping_many_images_gives_each_what_it_gets_alone():
+    from pipelines.steps.grouping import grouping_boxes_many
+
+    rng = np.random.default_rng(1)
+    scenes = [make_scene(seed, size=(160, 120)) for seed in range(3)]
+    items = [(s.rgb, None) for s in scenes] + [(rng.integers(0, 256, (7, 30, 3), dtype=np.uint8), None)]
+    items[1] = (items[1][0], np.ascontiguousarray(255 * (items[1][0][..., 0] > 128), dtype=np.uint8))
+    together = grouping_boxes_many(items)
+    assert len(together) == len(items) and grouping_boxes_many([]) == []
+    for (rgb, structure), proposals in zip(items, together):
+        alone = grouping_boxes(rgb, structure)
+        np.testing.assert_array_equal(proposals.boxes, alone.boxes)
+        np.testing.assert_array_equal(proposals.scores, alone.scores)
+        np.testing.assert_array_equal(proposals.area_fractions, alone.area_fractions)
+
+
+def test_stage_grouping_batch_records_each_failure_alone(tmp_path, monkeypatch):
+    import pipelines.steps.regions as regions
+
+    paths = [save_rgb(tmp_path / f"{i}.png", shapes_canvas(200, 150, [("rect", (20 + i, 30, 100, 120))]))
+             for i in range(4)]
+    rows = [{"image_id": f"{i:02d}" * 16, "source_path": str(p)} for i, p in enumerate(paths)]
+    rows.insert(2, {"image_id": "ff" * 16, "source_path": str(tmp_path / "gone.png")})
+    layout = OutputLayout(tmp_path / "out")
+    alone = [propose_regions([row], layout=layout, stage_key="alone", method="grouping")[0] for row in rows]
+    together = propose_regions(rows, layout=layout, stage_key="together", method="grouping")
+    assert [r["status"] for r in together] == ["ok", "ok", "failed", "ok", "ok"]
+    assert [r["segments"] and [s["bbox"] for s in r["segments"]] for r in together] == [
+        r["segments"] and [s["bbox"] for s in r["segments"]] for r in alone]
+    assert together[2]["error"] == alone[2]["error"] and "file not found" in together[2]["error"]
+
+    # A proposal that fails inside a batch fails its image only, with the message it gets alone.
+    failing = regions.load_rgb(str(paths[1]), max_pixels=10**8)
+
+    def grouping_boxes(rgb, structure=None, **options):
+        if rgb.shape == failing.shape and np.array_equal(rgb, failing):
+            raise RuntimeError("cannot group")
+        return regions.grouping_boxes.__wrapped__(rgb, structure, **options)
+
+    def grouping_boxes_many(items, **options):
+        return [grouping_boxes(rgb, structure, **options) for rgb, structure in items]
+
+    grouping_boxes.__wrapped__ = regions.grouping_boxes
+    monkeypatch.setattr(regions, "grouping_boxes", grouping_boxes)
+    monkeypatch.setattr(regions, "grouping_boxes_many", grouping_boxes_many)
+    out = propose_regions(rows, layout=layout, stage_key="failing", method="grouping")
+    assert [r["status"] for r in out] == ["ok", "failed", "failed", "ok", "ok"]
+    assert out[1]["error"] == "region proposal failed: RuntimeError: cannot group (1.png)"
+    assert [s["bbox"] for s in out[3]["segments"]] == [s["bbox"] for s in alone[3]["segments"]]
