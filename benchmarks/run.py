@@ -14,13 +14,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import os
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 
-from benchmarks.common import RESULTS_DIR, BenchmarkResult, NotImplementedYet, machine_info, result_markdown
+from benchmarks.common import (RESULTS_DIR, BenchmarkResult, NotImplementedYet, machine_info, markdown_table,
+                               result_markdown)
 
 
 def _structure(quick: bool) -> BenchmarkResult:
@@ -126,6 +128,8 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"run only this benchmark (repeatable): {', '.join(BENCHMARKS)}")
     parser.add_argument("--quick", action="store_true", help="small inputs, few repeats (a smoke test, not numbers)")
     parser.add_argument("--results", type=Path, default=RESULTS_DIR, help="folder for the JSON files and summary.md")
+    parser.add_argument("--readme", type=Path, default=README,
+                        help="file whose <!-- bench:NAME --> blocks get the results' tables (default: README.md)")
     args = parser.parse_args(argv)
 
     names = args.only or list(BENCHMARKS)
@@ -144,7 +148,28 @@ def main(argv: list[str] | None = None) -> int:
             payload = {"name": name, "description": "", "status": "error", "error": f"{type(exc).__name__}: {exc}"}
         print(result_markdown(payload), flush=True)
     write_summary(args.results)
+    if args.readme.is_file():
+        args.readme.write_text(readme_with_results(args.readme.read_text(encoding="utf-8"), args.results),
+                               encoding="utf-8")
     return 1 if failed else 0
+
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+_BLOCK = re.compile(r"(<!-- bench:(\w+) -->\n)(.*?)(<!-- /bench:\2 -->)", re.DOTALL)
+
+
+def readme_with_results(text: str, results_dir: Path) -> str:
+    """Return ``text`` with each ``<!-- bench:NAME -->`` ... ``<!-- /bench:NAME -->`` block holding the table of
+    ``<results_dir>/NAME.json`` as ``make bench`` wrote it (a block without a result is left as it is)."""
+
+    def table(match: re.Match) -> str:
+        path = results_dir / f"{match.group(2)}.json"
+        if not path.is_file():
+            return match.group(0)
+        rows = json.loads(path.read_text(encoding="utf-8")).get("rows") or []
+        return match.group(1) + markdown_table(rows).rstrip("\n") + "\n" + match.group(4)
+
+    return _BLOCK.sub(table, text)
 
 
 def write_summary(results_dir: Path) -> Path:

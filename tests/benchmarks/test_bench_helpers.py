@@ -170,3 +170,20 @@ def test_quick_structure_benchmark_writes_json_with_agreeing_maps(tmp_path):
     assert any(t["name"].startswith("opencv speed-up") for t in result["targets"])
     summary = (tmp_path / "summary.md").read_text()
     assert "## structure" in summary and "| method |" in summary
+
+
+def test_readme_blocks_get_the_results_tables(tmp_path):
+    import json
+
+    from benchmarks.run import README, RESULTS_DIR, readme_with_results
+
+    rows = [{"run": "cold", "images": 1000}, {"run": "cached", "images": 0}]
+    (tmp_path / "demo.json").write_text(json.dumps({"rows": rows}))
+    text = ("intro\n<!-- bench:demo -->\n| old | table |\n<!-- /bench:demo -->\n"
+            "<!-- bench:absent -->\nkept\n<!-- /bench:absent -->\nend\n")
+    expected = ("intro\n<!-- bench:demo -->\n| run | images |\n|---|---|\n| cold | 1000 |\n| cached | 0 |\n"
+                "<!-- /bench:demo -->\n<!-- bench:absent -->\nkept\n<!-- /bench:absent -->\nend\n")
+    assert readme_with_results(text, tmp_path) == expected
+    # The committed README shows exactly what the committed results generate.
+    readme = README.read_text(encoding="utf-8")
+    assert "<!-- bench:scale -->" in readme and readme_with_results(readme, RESULTS_DIR) == readme
