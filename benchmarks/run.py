@@ -128,8 +128,9 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"run only this benchmark (repeatable): {', '.join(BENCHMARKS)}")
     parser.add_argument("--quick", action="store_true", help="small inputs, few repeats (a smoke test, not numbers)")
     parser.add_argument("--results", type=Path, default=RESULTS_DIR, help="folder for the JSON files and summary.md")
-    parser.add_argument("--readme", type=Path, default=README,
-                        help="file whose <!-- bench:NAME --> blocks get the results' tables (default: README.md)")
+    parser.add_argument("--readme", type=Path, default=None,
+                        help="file whose <!-- bench:NAME --> blocks get the results' tables (default: README.md when "
+                             "--results is the default folder, else none)")
     args = parser.parse_args(argv)
 
     names = args.only or list(BENCHMARKS)
@@ -148,9 +149,11 @@ def main(argv: list[str] | None = None) -> int:
             payload = {"name": name, "description": "", "status": "error", "error": f"{type(exc).__name__}: {exc}"}
         print(result_markdown(payload), flush=True)
     write_summary(args.results)
-    if args.readme.is_file():
-        args.readme.write_text(readme_with_results(args.readme.read_text(encoding="utf-8"), args.results),
-                               encoding="utf-8")
+    readme = args.readme or (README if args.results == RESULTS_DIR else None)
+    if readme is not None and readme.is_file():
+        text = readme.read_text(encoding="utf-8")
+        if readme_with_results(text, args.results) != text:
+            readme.write_text(readme_with_results(text, args.results), encoding="utf-8")
     return 1 if failed else 0
 
 
