@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 
 import pytest
@@ -20,20 +22,29 @@ def workspace(tmp_path_factory):
     return root, manifest
 
 
-def test_build_train_evaluate(workspace, capsys):
+@pytest.fixture(scope="module")
+def trained(workspace):
+    """The tiny CLIP built by ``build-tiny-clip`` and trained one epoch by ``train`` into ROOT/out (77 positions):
+    ``(config path, out folder, what train printed)``; made once, by whichever test asks first."""
     root, manifest = workspace
     assert main(["build-tiny-clip", str(root / "tiny")]) == 0
-    assert (root / "tiny" / "config.json").is_file()
     config = root / "config.yaml"
     config.write_text(yaml.safe_dump({
         "model": {"clip_model": str(root / "tiny")},
         "train": {"epochs": 2, "batch_size": 4, "lr": 1e-4, "max_text_tokens": 77, "lambda_hard_negative": 0.5},
         "evaluate": {"batch_size": 8},
     }))
-    out = root / "out"
-    assert main(["train", str(manifest), "--out", str(out), "--config", str(config), "--epochs", "1",
-                 "--device", "cpu", "--no-progress"]) == 0
-    printed = capsys.readouterr().out
+    out, printed = root / "out", io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        assert main(["train", str(manifest), "--out", str(out), "--config", str(config), "--epochs", "1",
+                     "--device", "cpu", "--no-progress"]) == 0
+    return config, out, printed.getvalue()
+
+
+def test_build_train_evaluate(workspace, trained, capsys):
+    root, manifest = workspace
+    config, out, printed = trained
+    assert (root / "tiny" / "config.json").is_file()
     assert "trained 1/1 epochs, 2 steps" in printed
     layout = OutputLayout(out)
     lines = [json.loads(line) for line in layout.train_metrics.read_text().splitlines()]
@@ -96,14 +107,12 @@ def _stretch(table, target=248, keep=20):
     return torch.stack(rows)
 
 
-def test_export_checkpoint_writes_what_the_reference_evaluator_loads(workspace, tmp_path, capsys):
+def test_export_checkpoint_writes_what_the_reference_evaluator_loads(workspace, trained, tmp_path, capsys):
     import torch
     from transformers import CLIPModel
 
     root, manifest = workspace
-    out = root / "out"  # trained by test_build_train_evaluate (77 positions)
-    if not OutputLayout(out).checkpoint("last").is_file():
-        pytest.skip("needs the run of test_build_train_evaluate")
+    _, out, _ = trained  # 77 positions
     from_pt, from_dir = tmp_path / "from_pt.pth", tmp_path / "from_dir.pth"
     assert main(["export-checkpoint", str(OutputLayout(out).checkpoint("last")), str(from_pt)]) == 0
     assert "248 text positions" in capsys.readouterr().out
@@ -113,7 +122,7 @@ def test_export_checkpoint_writes_what_the_reference_evaluator_loads(workspace, 
     assert not any(k.startswith(("module.", "clip_model.", "model.")) for k in state)
 
     # What the reference's retrieval.py does: base model, positions stretched to 248, load_state_dict(strict=False).
-    trained = CLIPModel.from_pretrained(OutputLayout(out).model_dir)
+    fine_tuned = CLIPModel.from_pretrained(OutputLayout(out).model_dir)
     base = CLIPModel.from_pretrained(root / "tiny")
     embeddings = base.text_model.embeddings
     embeddings.position_embedding = torch.nn.Embedding.from_pretrained(
@@ -121,7 +130,7 @@ def test_export_checkpoint_writes_what_the_reference_evaluator_loads(workspace, 
     embeddings.register_buffer("position_ids", torch.arange(248)[None], persistent=False)
     missing, unexpected = base.load_state_dict(state, strict=False)
     assert missing == [] and unexpected == []
-    expected = trained.state_dict()
+    expected = fine_tuned.state_dict()
     expected["text_model.embeddings.position_embedding.weight"] = _stretch(
         expected["text_model.embeddings.position_embedding.weight"])
     for name, tensor in base.state_dict().items():
