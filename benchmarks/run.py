@@ -13,6 +13,7 @@ through ``structxlip run`` and through the engine alone: 11 min on a loaded mach
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import re
 import os
@@ -25,24 +26,6 @@ from benchmarks.common import (RESULTS_DIR, BenchmarkResult, NotImplementedYet, 
                                result_markdown)
 
 
-def _structure(quick: bool) -> BenchmarkResult:
-    from benchmarks import structure
-
-    return structure.run(quick=quick)
-
-
-def _regions(quick: bool) -> BenchmarkResult:
-    from benchmarks import regions
-
-    return regions.run(quick=quick)
-
-
-def _local_loss(quick: bool) -> BenchmarkResult:
-    from benchmarks import local_loss
-
-    return local_loss.run(quick=quick)
-
-
 def _needs(what: str) -> Callable[[bool], BenchmarkResult]:
     def missing(quick: bool) -> BenchmarkResult:
         raise NotImplementedYet(f"not implemented yet: needs {what}")
@@ -50,51 +33,25 @@ def _needs(what: str) -> Callable[[bool], BenchmarkResult]:
     return missing
 
 
-def _scale(quick: bool) -> BenchmarkResult:
-    from benchmarks import scale
+def _module_run(name: str) -> Callable[[bool], BenchmarkResult]:
+    """``benchmarks.<name>.run(quick=...)``, imported only when the benchmark runs (some import torch)."""
 
-    return scale.run(quick=quick)
+    def run(quick: bool) -> BenchmarkResult:
+        return importlib.import_module(f"benchmarks.{name}").run(quick=quick)
 
-
-def _clip_scoring(quick: bool) -> BenchmarkResult:
-    from benchmarks import clip_scoring
-
-    return clip_scoring.run(quick=quick)
+    return run
 
 
-def _training(quick: bool) -> BenchmarkResult:
-    from benchmarks import training
-
-    return training.run(quick=quick)
-
-
-def _gpu(quick: bool) -> BenchmarkResult:
-    from benchmarks import gpu
-
-    return gpu.run(quick=quick)
-
-
-def _gpu_skip_reason() -> str | None:
-    from benchmarks import gpu
-
-    return gpu.skip_reason()
-
-
-# name -> function(quick) returning a BenchmarkResult. Extension point: add an entry (and a module) per benchmark.
+# name -> function(quick) returning a BenchmarkResult. Extension point: add a module with run(quick) and its name here.
 BENCHMARKS: dict[str, Callable[[bool], BenchmarkResult]] = {
-    "structure": _structure,
-    "regions": _regions,
-    "local_loss": _local_loss,
-    "scale": _scale,
-    "clip_scoring": _clip_scoring,
-    "training": _training,
-    "gpu": _gpu,
+    name: _module_run(name)
+    for name in ("structure", "regions", "local_loss", "scale", "clip_scoring", "training", "gpu")
 }
 
 # name -> function returning why the benchmark cannot run on this machine (one line), or None: a skipped benchmark
 # prints that one line and records status "skipped", never an empty table.
 SKIP_CHECKS: dict[str, Callable[[], str | None]] = {
-    "gpu": _gpu_skip_reason,
+    "gpu": lambda: importlib.import_module("benchmarks.gpu").skip_reason(),
 }
 
 
