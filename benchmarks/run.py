@@ -26,13 +26,6 @@ from benchmarks.common import (RESULTS_DIR, BenchmarkResult, NotImplementedYet, 
                                result_markdown)
 
 
-def _needs(what: str) -> Callable[[bool], BenchmarkResult]:
-    def missing(quick: bool) -> BenchmarkResult:
-        raise NotImplementedYet(f"not implemented yet: needs {what}")
-
-    return missing
-
-
 def _module_run(name: str) -> Callable[[bool], BenchmarkResult]:
     """``benchmarks.<name>.run(quick=...)``, imported only when the benchmark runs (some import torch)."""
 
@@ -109,8 +102,9 @@ def main(argv: list[str] | None = None) -> int:
     readme = args.readme or (README if args.results == RESULTS_DIR else None)
     if readme is not None and readme.is_file():
         text = readme.read_text(encoding="utf-8")
-        if readme_with_results(text, args.results) != text:
-            readme.write_text(readme_with_results(text, args.results), encoding="utf-8")
+        updated = readme_with_results(text, args.results)
+        if updated != text:
+            readme.write_text(updated, encoding="utf-8")
     return 1 if failed else 0
 
 
