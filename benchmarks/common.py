@@ -239,7 +239,8 @@ def machine_info() -> dict[str, Any]:
 
 
 # ---- markdown -----------------------------------------------------------------------------------------------------
-def _format(value: Any) -> str:
+def format_value(value: Any) -> str:
+    """A table cell: '-' for None, 3 significant-ish digits, thousands separators from 100 up."""
     if value is None:
         return "-"
     if isinstance(value, bool):
@@ -265,8 +266,14 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
         columns += [key for key in row if key not in columns]
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for row in rows:
-        lines.append("| " + " | ".join(_format(row.get(c)) for c in columns) + " |")
+        lines.append("| " + " | ".join(format_value(row.get(c)) for c in columns) + " |")
     return "\n".join(lines) + "\n"
+
+
+def goal_text(target: dict) -> str:
+    """``≥ 150 img/s`` for a target as written to JSON."""
+    sign = "≥ " if target["direction"] == "at_least" else "≤ "
+    return sign + format_value(target["goal"]) + target.get("unit", "")
 
 
 def result_markdown(result: dict) -> str:
@@ -279,7 +286,7 @@ def result_markdown(result: dict) -> str:
     if result["targets"]:
         parts.append(markdown_table([
             {"target": t["name"], "value": t["value"],
-             "goal": ("≥ " if t["direction"] == "at_least" else "≤ ") + _format(t["goal"]) + t.get("unit", ""),
+             "goal": goal_text(t),
              "status": "met" if t["met"] else "MISSED"}
             for t in result["targets"]
         ]))
@@ -287,9 +294,9 @@ def result_markdown(result: dict) -> str:
         parts.append(f"- {note}")
     machine = result.get("machine", {})
     if machine:
-        load = _format(machine.get("load_average_1m"))
+        load = format_value(machine.get("load_average_1m"))
         if machine.get("load_average_1m_after") is not None:
-            load += f" before, {_format(machine['load_average_1m_after'])} after"
+            load += f" before, {format_value(machine['load_average_1m_after'])} after"
         # Versions a result did not record (older results) are left out, not shown as "None".
         versions = "".join(f"{label} {machine[key]}, " for label, key in (
             ("Python", "python"), ("torch", "torch_version"), ("Prefect", "prefect_version"),

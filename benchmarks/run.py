@@ -22,8 +22,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from benchmarks.common import (RESULTS_DIR, BenchmarkResult, NotImplementedYet, machine_info, markdown_table,
-                               result_markdown)
+from benchmarks.common import (RESULTS_DIR, BenchmarkResult, NotImplementedYet, format_value, goal_text,
+                               machine_info, markdown_table, result_markdown)
 
 
 def _module_run(name: str) -> Callable[[bool], BenchmarkResult]:
@@ -112,15 +112,44 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 _BLOCK = re.compile(r"(<!-- bench:(\w+) -->\n)(.*?)(<!-- /bench:\2 -->)", re.DOTALL)
 
 
+def target_rows(results_dir: Path) -> list[dict]:
+    """One row per target of every benchmark result in ``results_dir`` (registry order): what was measured against
+    what goal, whether it is met, and when, under which load and on which machine it was measured."""
+    rows = []
+    for name in BENCHMARKS:
+        path = results_dir / f"{name}.json"
+        if not path.is_file():
+            continue
+        result = json.loads(path.read_text(encoding="utf-8"))
+        machine = result.get("machine") or {}
+        load = [machine.get(k) for k in ("load_average_1m", "load_average_1m_after")]
+        for target in result.get("targets") or []:
+            rows.append({
+                "benchmark": name, "target": target["name"],
+                "measured": format_value(target["value"]) + target.get("unit", ""),
+                "goal": goal_text(target),
+                "status": "met" if target["met"] else "**missed**",
+                "load_1m": " -> ".join(f"{v:.2f}" for v in load if isinstance(v, (int, float))),
+                "measured_on": f"{str(machine.get('date', ''))[:10]}, {machine.get('cpus_usable', '?')} CPUs"
+                + (f", {machine['cuda_device']}" if machine.get("cuda_device") else ", no GPU"),
+            })
+    return rows
+
+
 def readme_with_results(text: str, results_dir: Path) -> str:
     """Return ``text`` with each ``<!-- bench:NAME -->`` ... ``<!-- /bench:NAME -->`` block holding the table of
-    ``<results_dir>/NAME.json`` as ``make bench`` wrote it (a block without a result is left as it is)."""
+    ``<results_dir>/NAME.json`` as ``make bench`` wrote it (a block without a result is left as it is); the block
+    ``targets`` holds every result's targets (``target_rows``)."""
 
     def table(match: re.Match) -> str:
-        path = results_dir / f"{match.group(2)}.json"
-        if not path.is_file():
+        name = match.group(2)
+        path = results_dir / f"{name}.json"
+        if name == "targets":
+            rows = target_rows(results_dir)
+        elif path.is_file():
+            rows = json.loads(path.read_text(encoding="utf-8")).get("rows") or []
+        else:
             return match.group(0)
-        rows = json.loads(path.read_text(encoding="utf-8")).get("rows") or []
         return match.group(1) + markdown_table(rows).rstrip("\n") + "\n" + match.group(4)
 
     return _BLOCK.sub(table, text)

@@ -190,3 +190,24 @@ def test_readme_blocks_get_the_results_tables(tmp_path):
     # The committed README shows exactly what the committed results generate.
     readme = README.read_text(encoding="utf-8")
     assert "<!-- bench:scale -->" in readme and readme_with_results(readme, RESULTS_DIR) == readme
+
+
+def test_the_targets_block_lists_every_results_targets_with_its_load_and_machine(tmp_path, monkeypatch):
+    import json
+
+    from benchmarks import run as bench_run
+
+    monkeypatch.setattr(bench_run, "BENCHMARKS", {"first": None, "second": None, "third": None})
+    machine = {"date": "2026-12-05T10:00:00+00:00", "cpus_usable": 2, "load_average_1m": 0.5,
+               "load_average_1m_after": 1.25, "cuda_device": None}
+    (tmp_path / "second.json").write_text(json.dumps({"machine": {**machine, "cuda_device": "H100"}, "targets": [
+        {"name": "speed", "value": 12.5, "goal": 150.0, "direction": "at_least", "unit": " img/s", "met": False}]}))
+    (tmp_path / "first.json").write_text(json.dumps({"machine": machine, "targets": [
+        {"name": "wall", "value": 2.0, "goal": 3.0, "direction": "at_most", "unit": " s", "met": True}]}))
+    text = "a\n<!-- bench:targets -->\nold\n<!-- /bench:targets -->\nb\n"
+    assert bench_run.readme_with_results(text, tmp_path) == (
+        "a\n<!-- bench:targets -->\n"
+        "| benchmark | target | measured | goal | status | load_1m | measured_on |\n|---|---|---|---|---|---|---|\n"
+        "| first | wall | 2.00 s | ≤ 3.00 s | met | 0.50 -> 1.25 | 2026-12-05, 2 CPUs, no GPU |\n"
+        "| second | speed | 12.50 img/s | ≥ 150 img/s | **missed** | 0.50 -> 1.25 | 2026-12-05, 2 CPUs, H100 |\n"
+        "<!-- /bench:targets -->\nb\n")
