@@ -116,10 +116,11 @@ class StageStore:
         rows = {r[ITEM_KEY]: r for r in table.to_pylist()}
         result = StoredRows(rows=rows, quarantined=list(self._quarantined))
         if verify and table.num_rows and OUTPUTS in table.column_names:
+            root = str(self.layout.root) + os.sep  # string joins: a Path per file costs more than its stat
             for key, row in rows.items():
                 for output in row.get(OUTPUTS) or ():
                     try:
-                        size = os.stat(self.layout.root / output["path"]).st_size
+                        size = os.stat(root + output["path"]).st_size
                     except OSError:
                         result.invalid[key] = f"{output['path']} is missing"
                         break
