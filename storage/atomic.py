@@ -45,20 +45,26 @@ def apply_umask(path: str | os.PathLike, *, directory: bool = False) -> None:
 _temp_counter = itertools.count()
 
 
-def _create_temp(target: Path) -> tuple[int, str]:
+def _create_temp(target: str | os.PathLike) -> tuple[int, str]:
     """Create an empty temporary sibling ``.<name>.<pid>-<n>.tmp`` of ``target`` (its folder made if missing) and
     return its descriptor and name. Created with mode 0666, so the kernel applies the umask as for a plain ``open``
     (no umask lookup, no chmod: ~0.1 ms less per file than ``tempfile.mkstemp`` + ``fchmod``)."""
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
+    folder, name = os.path.split(os.fspath(target))
     while True:
-        name = os.path.join(target.parent, f".{target.name}.{os.getpid()}-{next(_temp_counter)}.tmp")
+        temp = os.path.join(folder, f".{name}.{os.getpid()}-{next(_temp_counter)}.tmp")
         try:
-            return os.open(name, flags, 0o666), name
+            return os.open(temp, flags, 0o666), temp
         except FileExistsError:  # left by a killed process that had the same pid
             continue
         except FileNotFoundError:
-            target.parent.mkdir(parents=True, exist_ok=True)
-            return os.open(name, flags, 0o666), name
+            os.makedirs(folder or ".", exist_ok=True)
+            return os.open(temp, flags, 0o666), temp
+
+
+def _discard(temp: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(temp)
 
 
 @contextlib.contextmanager
@@ -68,7 +74,7 @@ def atomic_writer(path: str | os.PathLike, mode: str = "wb", *, durable: bool = 
     ``durable=False`` skips the fsync (about 1.5 ms a file here): the rename still guarantees that a killed process
     never leaves a half-written file, only a power loss could; used for the many small, regenerable map/crop images.
     """
-    fd, tmp_name = _create_temp(Path(path))
+    fd, tmp_name = _create_temp(path)
     try:
         with os.fdopen(fd, mode) as handle:
             yield handle
@@ -77,15 +83,14 @@ def atomic_writer(path: str | os.PathLike, mode: str = "wb", *, durable: bool = 
                 os.fsync(handle.fileno())
         os.replace(tmp_name, path)
     except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp_name)
+        _discard(tmp_name)
         raise
 
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path to write with any library; it is renamed onto ``path`` on success."""
-    fd, tmp_name = _create_temp(Path(path))
+    fd, tmp_name = _create_temp(path)
     os.close(fd)
     try:
         yield Path(tmp_name)
@@ -93,15 +98,27 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             apply_umask(tmp_name)
         os.replace(tmp_name, path)
     except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp_name)
+        _discard(tmp_name)
         raise
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes, *, durable: bool = True) -> Path:
-    """Write ``data`` to ``path`` atomically and return the path."""
-    with atomic_writer(path, "wb", durable=durable) as handle:
-        handle.write(data)
+    """Write ``data`` to ``path`` atomically (as ``atomic_writer``, on the bare descriptor: ~0.1 ms less per file, which
+    the regions stage pays 16-32 times per image) and return the path."""
+    fd, tmp_name = _create_temp(path)
+    try:
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            if durable:
+                os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp_name, path)
+    except BaseException:
+        _discard(tmp_name)
+        raise
     return Path(path)
 
 
