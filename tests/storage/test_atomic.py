@@ -144,3 +144,25 @@ def test_exporting_the_model_on_a_full_disk_says_so(tmp_path, monkeypatch):
     assert str(caught.value).startswith(f"[Errno 28] disk full while writing {tmp_path / 'train' / 'model'}")
     assert not (tmp_path / "train" / "model").exists()  # the staging folder is removed, nothing half-written stays
     assert [p.name for p in (tmp_path / "train").iterdir()] == []
+
+
+def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path, monkeypatch):
+    target = tmp_path / "maps" / "a.png"
+    atomic_write_bytes(target, b"old")  # creates the missing folder
+    real_write = os.write
+    calls = []
+
+    def write_then_fill_the_disk(fd, data):
+        calls.append(len(data))
+        if len(calls) == 1:
+            return real_write(fd, bytes(data[:3]))  # a short write: the rest must follow
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "write", write_then_fill_the_disk)
+    with pytest.raises(OSError, match="No space left"):
+        atomic_write_bytes(target, b"new content", durable=False)
+    assert calls == [11, 8]
+    monkeypatch.undo()
+    assert target.read_bytes() == b"old" and sorted(p.name for p in target.parent.iterdir()) == ["a.png"]
+    atomic_write_bytes(target, b"new content", durable=False)
+    assert target.read_bytes() == b"new content"
