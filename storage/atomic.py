@@ -141,13 +141,15 @@ def write_png(path: str | os.PathLike, image: np.ndarray) -> Path:
     return atomic_write_bytes(path, buf.tobytes(), durable=False)
 
 
-def write_jpeg(path: str | os.PathLike, image: np.ndarray, quality: int = 92) -> Path:
-    """Encode a uint8 (H, W, 3) RGB array as JPEG and write it atomically."""
+def write_jpeg(path: str | os.PathLike, image: np.ndarray, quality: int = 92, *, bgr: bool = False) -> Path:
+    """Encode a uint8 (H, W, 3) RGB array (BGR with ``bgr``: crops of one image converted once) as JPEG and write
+    it atomically. A view into a larger image (a crop) is encoded without a copy."""
     import cv2
 
     if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
         raise ValueError(f"expected a uint8 (H, W, 3) RGB array, got {image.dtype} {image.shape}")
-    ok, buf = cv2.imencode(".jpg", cv2.cvtColor(image, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, quality])
+    ok, buf = cv2.imencode(".jpg", image if bgr else cv2.cvtColor(image, cv2.COLOR_RGB2BGR),
+                           [cv2.IMWRITE_JPEG_QUALITY, quality])
     if not ok:
         raise OSError(f"JPEG encoding failed for {path}")
     return atomic_write_bytes(path, buf.tobytes(), durable=False)

@@ -610,10 +610,11 @@ def _write_regions(
     if structure is not None:  # the same boxes on the structure map, all at once
         structure_boxes_of = scale_boxes(boxes[kept].reshape(-1, 4), (width, height),
                                          (structure.shape[1], structure.shape[0])).tolist()
+    bgr = cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR) if kept else None  # once for every crop
     for index, i in enumerate(kept):
         x1, y1, x2, y2 = (int(v) for v in boxes[i])
         crop_path = layout.crop(image_id, stage_key, index)
-        write_jpeg(crop_path, np.ascontiguousarray(rgb[y1:y2, x1:x2]))
+        write_jpeg(crop_path, bgr[y1:y2, x1:x2], bgr=True)
         structure_crop_path = None
         if structure is not None:
             sx1, sy1, sx2, sy2 = structure_boxes_of[index]
