@@ -4,6 +4,9 @@ Writes ``<results>/<name>.json`` (measurements + machine information) per benchm
 (every table), and prints the markdown. A registered benchmark whose subject is not written yet is reported as
 "not implemented yet: needs X", never with made-up numbers.
 
+Each benchmark that has a previous result in the folder is compared with it: every number that differs by more than
+25% is listed (``unreproduced``).
+
 ``make bench`` runs exactly this (``.venv/bin/python -m benchmarks.run``, every benchmark); without make, call the
 module directly. A full run takes ~25 min on 2 CPU cores, most of it ``scale`` (the data stages on 1,000 images
 through ``structxlip run`` and through the engine alone: 11 min on a loaded machine) and the ViT-B/16 training steps;
@@ -72,6 +75,37 @@ def run_benchmark(name: str, *, quick: bool, results_dir: Path) -> dict:
     return payload
 
 
+REPRODUCE_WITHIN = 0.25  # a published number a quiet machine cannot reproduce this closely is a bug
+NOT_COMPARED = {"load_1m", "load_average_1m", "left_running"}  # the conditions of a run, not its results
+
+
+def unreproduced(previous: dict, current: dict, within: float = REPRODUCE_WITHIN) -> list[dict]:
+    """Return the numbers of ``current`` (a result as written to JSON) that differ from the same number of
+    ``previous`` by more than ``within`` of it: row cells (rows matched by their first column) and target values.
+    Each as ``{row, column, before, now, ratio}``; a number absent from either side is not compared."""
+
+    def numbers(result: dict) -> dict[tuple[str, str], float]:
+        found = {}
+        for row in result.get("rows") or []:
+            label = str(next(iter(row.values()), ""))
+            for column, value in row.items():
+                if isinstance(value, (int, float)) and not isinstance(value, bool) and column not in NOT_COMPARED:
+                    found[(label, column)] = float(value)
+        for target in result.get("targets") or []:
+            if isinstance(target.get("value"), (int, float)):
+                found[(f"target: {target['name']}", "value")] = float(target["value"])
+        return found
+
+    before, now = numbers(previous), numbers(current)
+    differing = []
+    for key in before.keys() & now.keys():
+        old, new = before[key], now[key]
+        if abs(new - old) > within * abs(old) and not (old == 0 and new == 0):
+            differing.append({"row": key[0], "column": key[1], "before": old, "now": new,
+                              "ratio": new / old if old else None})
+    return sorted(differing, key=lambda d: (d["row"], d["column"]))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.splitlines()[0])
     parser.add_argument("--only", action="append", choices=sorted(BENCHMARKS), metavar="NAME",
@@ -92,12 +126,20 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{name}: skipped: {reason}", flush=True)
             continue
         print(f"running {name}{' (quick)' if args.quick else ''} ...", file=sys.stderr, flush=True)
+        previous_path = args.results / f"{name}.json"
+        previous = json.loads(previous_path.read_text(encoding="utf-8")) if previous_path.is_file() else None
         try:
             payload = run_benchmark(name, quick=args.quick, results_dir=args.results)
         except Exception as exc:  # noqa: BLE001 - one broken benchmark must not hide the others' tables
             failed = True
             payload = {"name": name, "description": "", "status": "error", "error": f"{type(exc).__name__}: {exc}"}
         print(result_markdown(payload), flush=True)
+        if previous and previous.get("status") == payload.get("status") == "ok" and previous.get("quick") == args.quick:
+            differing = unreproduced(previous, payload)
+            print(f"against the previous result ({previous.get('machine', {}).get('date', '?')}): "
+                  + (f"{len(differing)} number(s) differ by more than {REPRODUCE_WITHIN:.0%}:\n"
+                     + markdown_table(differing) if differing else f"every number within {REPRODUCE_WITHIN:.0%}"),
+                  flush=True)
     write_summary(args.results)
     readme = args.readme or (README if args.results == RESULTS_DIR else None)
     if readme is not None and readme.is_file():

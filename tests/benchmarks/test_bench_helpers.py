@@ -211,3 +211,21 @@ def test_the_targets_block_lists_every_results_targets_with_its_load_and_machine
         "| first | wall | 2.00 s | ≤ 3.00 s | met | 0.50 -> 1.25 | 2026-12-05, 2 CPUs, no GPU |\n"
         "| second | speed | 12.50 img/s | ≥ 150 img/s | **missed** | 0.50 -> 1.25 | 2026-12-05, 2 CPUs, H100 |\n"
         "<!-- /bench:targets -->\nb\n")
+
+
+def test_numbers_that_do_not_reproduce_within_a_quarter_are_listed():
+    from benchmarks.run import unreproduced
+
+    previous = {"rows": [{"run": "cold", "wall_s": 100.0, "img_s": 10.0, "load_1m": 0.5, "stages": "a/b"},
+                         {"run": "cached", "wall_s": 2.0, "processed": 0}],
+                "targets": [{"name": "speed", "value": 10.0}]}
+    current = {"rows": [{"run": "cached", "wall_s": 2.4, "processed": 0},  # any order; +20% is within
+                        {"run": "cold", "wall_s": 130.0, "img_s": 7.4, "load_1m": 4.0, "stages": "a/b"},
+                        {"run": "new row", "wall_s": 1.0}],
+                "targets": [{"name": "speed", "value": 7.4}]}
+    assert unreproduced(previous, current) == [
+        {"row": "cold", "column": "img_s", "before": 10.0, "now": 7.4, "ratio": 0.74},
+        {"row": "cold", "column": "wall_s", "before": 100.0, "now": 130.0, "ratio": 1.3},
+        {"row": "target: speed", "column": "value", "before": 10.0, "now": 7.4, "ratio": 0.74},
+    ]
+    assert unreproduced(previous, previous) == []
