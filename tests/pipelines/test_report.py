@@ -5,6 +5,7 @@ Screenshots land in ``tests/_artifacts/`` (gitignored) and their paths are print
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import re
@@ -129,6 +130,25 @@ def test_thumbnails_stay_under_the_report_folder(tmp_path):
     Image.new("RGB", (64, 32)).save(small)
     assert thumbnails.url({"image_id": "cd34", "source_path": str(small), "width": 64, "height": 32}) == \
         "../images/small.png"
+
+
+def test_a_runs_quality_plots_are_drawn_once_for_the_artifact_and_the_explorer(tmp_path, monkeypatch):
+    from pipelines.reporting import report_plots
+    from pipelines.reporting.quality import output_quality_report
+    from pipelines.reporting.report import write_report
+
+    make_synthetic_manifest(tmp_path, n_images=3, image_size=48)
+    drawn = []
+    draw = report_plots._png
+    monkeypatch.setattr(report_plots, "_png", lambda figure, **kw: drawn.append(figure) or draw(figure, **kw))
+    report_plots._drawn_quality_plots.cache_clear()
+    # What flows.artifacts.publish_quality publishes after the manifest stage, then the run's explorer.
+    artifact = report_plots.quality_plots(output_quality_report(tmp_path))
+    page = write_report(tmp_path).path.read_text()
+    assert len(drawn) == len(artifact) == 7  # the six plots and failures by stage, each drawn once
+    data = json.loads(page.split('id="report-data">', 1)[1].split("</script>", 1)[0])
+    assert list(data["plots"]) == list(artifact)
+    assert all(uri.endswith(base64.b64encode(artifact[name]).decode()) for name, uri in data["plots"].items())
 
 
 def test_script_json_cannot_close_the_script_element():
