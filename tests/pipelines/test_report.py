@@ -132,6 +132,33 @@ def test_thumbnails_stay_under_the_report_folder(tmp_path):
         "../images/small.png"
 
 
+def test_thumbnails_are_jpegs_of_the_displayed_image_at_pils_thumbnail_size(tmp_path):
+    from PIL import Image
+
+    from pipelines.steps.images import ORIENTATION_TAG
+
+    stored = np.zeros((480, 640, 3), np.uint8)
+    stored[:, :320] = (255, 0, 0)  # stored left half red: orientation 6 (turn 90 degrees clockwise) shows it on top
+    stored[:, 320:] = (0, 0, 255)
+    exif = Image.Exif()
+    exif[ORIENTATION_TAG] = 6
+    Image.fromarray(stored).save(tmp_path / "turned.jpg", exif=exif)
+    Image.new("P", (300, 100)).save(tmp_path / "wide.gif")  # a format OpenCV does not read
+    Image.new("RGB", (100, 50)).save(tmp_path / "small.png")
+    thumbnails = _Thumbnails(OutputLayout(tmp_path / "out"), 256)
+    for name, (width, height) in (("turned.jpg", (480, 640)), ("wide.gif", (300, 100)), ("small.png", (100, 50))):
+        url = thumbnails.url({"image_id": name[:4], "source_path": str(tmp_path / name), "width": width,
+                              "height": height})
+        expected = Image.new("L", (width, height))
+        expected.thumbnail((256, 256))
+        with Image.open(thumbnails.layout.report_dir / url) as thumbnail:
+            assert thumbnail.format == "JPEG" and thumbnail.size == expected.size, name
+            if name == "turned.jpg":
+                top, bottom = thumbnail.convert("RGB").getpixel((96, 10)), thumbnail.convert("RGB").getpixel((96, 245))
+                assert top[0] > 200 > top[2] and bottom[2] > 200 > bottom[0]
+    assert thumbnails.written == 3
+
+
 def test_a_runs_quality_plots_are_drawn_once_for_the_artifact_and_the_explorer(tmp_path, monkeypatch):
     from pipelines.reporting import report_plots
     from pipelines.reporting.quality import output_quality_report
