@@ -149,9 +149,10 @@ class _Thumbnails:
         source = row.get("source_path")
         if not source:
             return None
-        under_out = self._under_out(source)
         width, height = row.get("width") or 0, row.get("height") or 0
-        if under_out is not None and 0 < max(width, height) <= self.max_side:
+        # Only a small image can be linked as it is: the others skip the resolve (a few syscalls each).
+        under_out = self._under_out(source) if 0 < max(width, height) <= self.max_side else None
+        if under_out is not None:
             return "../" + quote(under_out)
         image_id = str(row["image_id"])
         if not SAFE_ID.fullmatch(image_id):  # a hand-made manifest's id must not steer the write out of report/
