@@ -22,13 +22,16 @@ import logging
 import math
 import os
 import re
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from importlib import resources
 from pathlib import Path, PurePosixPath
 from urllib.parse import quote, unquote
 
+from pipelines.engine.workers import usable_cpus
 from pipelines.reporting.quality import caption_words, quality_report, removed_spans, vocabulary_categories
 from pipelines.reporting.report_plots import quality_plots, recall_png, training_curves_png
 from storage.atomic import atomic_write_bytes, atomic_write_text
@@ -144,6 +147,12 @@ class _Thumbnails:
         self.layout, self.max_side = layout, max_side
         self.written = self.reused = 0
         self._by_source: dict[str, bytes | None] = {}
+        self._count = threading.Lock()
+
+    def urls(self, rows: list[dict]) -> list[str | None]:
+        """Return :meth:`url` of each row, made on every usable core (OpenCV's decode and encode release the GIL)."""
+        with ThreadPoolExecutor(max_workers=usable_cpus()) as pool:
+            return list(pool.map(self.url, rows))
 
     def url(self, row: dict) -> str | None:
         source = row.get("source_path")
@@ -159,7 +168,8 @@ class _Thumbnails:
             image_id = content_key("thumbnail", image_id, length=IMAGE_ID_LENGTH)
         target = self.layout.report_thumbnail(image_id)
         if target.is_file():
-            self.reused += 1
+            with self._count:
+                self.reused += 1
         else:
             if source not in self._by_source:
                 self._by_source[source] = _thumbnail_jpeg(source, self.max_side, max(width, height))
@@ -167,7 +177,8 @@ class _Thumbnails:
             if data is None:
                 return None
             atomic_write_bytes(target, data, durable=False)  # a lost thumbnail is simply made again
-            self.written += 1
+            with self._count:
+                self.written += 1
         return quote(target.relative_to(self.layout.report_dir).as_posix())
 
     def _under_out(self, source: str) -> str | None:
@@ -435,7 +446,7 @@ def write_report(
     layout = OutputLayout(out_dir)
     rows = read_manifest(layout.root).to_pylist()
     thumbnails = _Thumbnails(layout, thumbnail_px)
-    explorer_rows = [explorer_row(row, layout=layout, image_url=thumbnails.url(row)) for row in rows]
+    explorer_rows = [explorer_row(row, layout=layout, image_url=url) for row, url in zip(rows, thumbnails.urls(rows))]
     quality = quality_report(rows, word_categories=vocabulary_categories(vocab_dir) if vocab_dir else None,
                              spans_per_row=[[tuple(span) for span in r["rm"]] for r in explorer_rows],
                              resolve_path=lambda p: resolve_manifest_path(layout, p), max_edge_maps=max_edge_maps)
