@@ -28,7 +28,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from importlib import resources
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from urllib.parse import quote, unquote
 
 from pipelines.engine.workers import usable_cpus
@@ -95,9 +95,8 @@ def _url(layout: OutputLayout, path: str | None) -> str | None:
     """Return the URL of a manifest path as seen from ``OUT/report/``: relative under OUT, else a file:// URI."""
     if not path:
         return None
-    relative = PurePosixPath(path)
-    if not relative.is_absolute() and "\\" not in path and ".." not in relative.parts:
-        return "../" + quote(relative.as_posix())  # the common case, without a filesystem call per path
+    if not path.startswith("/") and "\\" not in path and ".." not in path.split("/"):
+        return "../" + quote(path)  # the common case, without a filesystem call or Path object per path (~7 a row)
     try:
         absolute = resolve_manifest_path(layout, path)
     except PathEscapeError:
