@@ -129,7 +129,7 @@ def _thumbnail_jpeg(source: str, max_side: int, long_side: int) -> bytes | None:
                 8: cv2.IMREAD_REDUCED_COLOR_8}[factor]
         pixels = cv2.imdecode(np.fromfile(path, np.uint8), flag)
         if pixels is None:  # a format OpenCV does not read (GIF...): the pipeline's loader
-            pixels = load_rgb(path, max_pixels=Image.MAX_IMAGE_PIXELS)[:, :, ::-1]
+            pixels = cv2.cvtColor(load_rgb(path, max_pixels=Image.MAX_IMAGE_PIXELS), cv2.COLOR_RGB2BGR)
         size = thumbnail_size(pixels.shape[1], pixels.shape[0], max_side)
         if size != (pixels.shape[1], pixels.shape[0]):
             pixels = cv2.resize(pixels, size, interpolation=cv2.INTER_AREA)
