@@ -14,6 +14,7 @@ import re
 import statistics
 from collections import Counter
 from collections.abc import Callable, Iterable
+from functools import lru_cache
 
 import numpy as np
 
@@ -116,9 +117,19 @@ def edge_density(structure_map: np.ndarray) -> float:
 
 def read_edge_density(path: str | os.PathLike) -> float | None:
     """Return the edge density of the structure-map file at ``path``, None when it cannot be read."""
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return None
+    return _file_edge_density(os.fspath(path), stat.st_mtime_ns, stat.st_size, stat.st_ino)
+
+
+# Keyed by the file's identity: a run measures the same maps for its quality artifact and again for its explorer.
+@lru_cache(maxsize=8192)
+def _file_edge_density(path: str, mtime_ns: int, size: int, inode: int) -> float | None:
     import cv2
 
-    structure_map = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    structure_map = cv2.imread(path, cv2.IMREAD_UNCHANGED)
     return None if structure_map is None else edge_density(structure_map)
 
 

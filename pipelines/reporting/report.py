@@ -17,22 +17,25 @@ from __future__ import annotations
 
 import base64
 import html
-import io
 import json
 import logging
 import math
 import os
 import re
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from importlib import resources
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from urllib.parse import quote, unquote
 
+from pipelines.engine.workers import usable_cpus
 from pipelines.reporting.quality import caption_words, quality_report, removed_spans, vocabulary_categories
 from pipelines.reporting.report_plots import quality_plots, recall_png, training_curves_png
 from storage.atomic import atomic_write_bytes, atomic_write_text
+from storage.filenames import source_file
 from storage.hashing import content_key
 from storage.layout import IMAGE_ID_LENGTH, OutputLayout, PathEscapeError
 from storage.manifest import read_manifest, resolve_manifest_path
@@ -92,9 +95,8 @@ def _url(layout: OutputLayout, path: str | None) -> str | None:
     """Return the URL of a manifest path as seen from ``OUT/report/``: relative under OUT, else a file:// URI."""
     if not path:
         return None
-    relative = PurePosixPath(path)
-    if not relative.is_absolute() and "\\" not in path and ".." not in relative.parts:
-        return "../" + quote(relative.as_posix())  # the common case, without a filesystem call per path
+    if not path.startswith("/") and "\\" not in path and ".." not in path.split("/"):
+        return "../" + quote(path)  # the common case, without a filesystem call or Path object per path (~7 a row)
     try:
         absolute = resolve_manifest_path(layout, path)
     except PathEscapeError:
@@ -107,19 +109,32 @@ def _url(layout: OutputLayout, path: str | None) -> str | None:
         return absolute.as_uri()
 
 
-def _thumbnail_jpeg(source: str, max_side: int) -> bytes | None:
+def _thumbnail_jpeg(source: str, max_side: int, long_side: int) -> bytes | None:
+    """Return JPEG bytes of the image file ``source`` as displayed (EXIF orientation applied), shrunk to fit
+    ``max_side`` and never enlarged; None when it cannot be read. ``long_side``: its long side (0: unknown)."""
+    import cv2
+    import numpy as np
     from PIL import Image
 
+    from pipelines.steps.images import load_rgb, thumbnail_size
+
     try:
-        if not Path(source).is_file():  # a FIFO or device named .jpg would block or never end: no thumbnail
+        path = source_file(source)
+        if not path.is_file():  # a FIFO or device named .jpg would block or never end: no thumbnail
             return None
-        with Image.open(source) as image:
-            image.draft("RGB", (max_side, max_side))  # JPEG: decode at a reduced scale, much faster
-            image = image.convert("RGB")
-            image.thumbnail((max_side, max_side))
-            buffer = io.BytesIO()
-            image.save(buffer, format="JPEG", quality=THUMBNAIL_QUALITY)
-            return buffer.getvalue()
+        # OpenCV decodes a JPEG at 1/2, 1/4 or 1/8 scale (DCT scaling): the smallest that still covers max_side.
+        # About 3x faster than PIL's draft + thumbnail.
+        factor = next((f for f in (8, 4, 2) if -(-long_side // f) >= max_side), 1)
+        flag = {1: cv2.IMREAD_COLOR, 2: cv2.IMREAD_REDUCED_COLOR_2, 4: cv2.IMREAD_REDUCED_COLOR_4,
+                8: cv2.IMREAD_REDUCED_COLOR_8}[factor]
+        pixels = cv2.imdecode(np.fromfile(path, np.uint8), flag)
+        if pixels is None:  # a format OpenCV does not read (GIF...): the pipeline's loader
+            pixels = cv2.cvtColor(load_rgb(path, max_pixels=Image.MAX_IMAGE_PIXELS), cv2.COLOR_RGB2BGR)
+        size = thumbnail_size(pixels.shape[1], pixels.shape[0], max_side)
+        if size != (pixels.shape[1], pixels.shape[0]):
+            pixels = cv2.resize(pixels, size, interpolation=cv2.INTER_AREA)
+        encoded, data = cv2.imencode(".jpg", pixels, [cv2.IMWRITE_JPEG_QUALITY, THUMBNAIL_QUALITY])
+        return data.tobytes() if encoded else None
     except Exception:  # noqa: BLE001 - an unreadable image (often a failed row) simply gets no thumbnail
         return None
 
@@ -131,29 +146,38 @@ class _Thumbnails:
         self.layout, self.max_side = layout, max_side
         self.written = self.reused = 0
         self._by_source: dict[str, bytes | None] = {}
+        self._count = threading.Lock()
+
+    def urls(self, rows: list[dict]) -> list[str | None]:
+        """Return :meth:`url` of each row, made on every usable core (OpenCV's decode and encode release the GIL)."""
+        with ThreadPoolExecutor(max_workers=usable_cpus()) as pool:
+            return list(pool.map(self.url, rows))
 
     def url(self, row: dict) -> str | None:
         source = row.get("source_path")
         if not source:
             return None
-        under_out = self._under_out(source)
         width, height = row.get("width") or 0, row.get("height") or 0
-        if under_out is not None and 0 < max(width, height) <= self.max_side:
+        # Only a small image can be linked as it is: the others skip the resolve (a few syscalls each).
+        under_out = self._under_out(source) if 0 < max(width, height) <= self.max_side else None
+        if under_out is not None:
             return "../" + quote(under_out)
         image_id = str(row["image_id"])
         if not SAFE_ID.fullmatch(image_id):  # a hand-made manifest's id must not steer the write out of report/
             image_id = content_key("thumbnail", image_id, length=IMAGE_ID_LENGTH)
         target = self.layout.report_thumbnail(image_id)
         if target.is_file():
-            self.reused += 1
+            with self._count:
+                self.reused += 1
         else:
             if source not in self._by_source:
-                self._by_source[source] = _thumbnail_jpeg(source, self.max_side)
+                self._by_source[source] = _thumbnail_jpeg(source, self.max_side, max(width, height))
             data = self._by_source[source]
             if data is None:
                 return None
             atomic_write_bytes(target, data, durable=False)  # a lost thumbnail is simply made again
-            self.written += 1
+            with self._count:
+                self.written += 1
         return quote(target.relative_to(self.layout.report_dir).as_posix())
 
     def _under_out(self, source: str) -> str | None:
@@ -421,7 +445,7 @@ def write_report(
     layout = OutputLayout(out_dir)
     rows = read_manifest(layout.root).to_pylist()
     thumbnails = _Thumbnails(layout, thumbnail_px)
-    explorer_rows = [explorer_row(row, layout=layout, image_url=thumbnails.url(row)) for row in rows]
+    explorer_rows = [explorer_row(row, layout=layout, image_url=url) for row, url in zip(rows, thumbnails.urls(rows))]
     quality = quality_report(rows, word_categories=vocabulary_categories(vocab_dir) if vocab_dir else None,
                              spans_per_row=[[tuple(span) for span in r["rm"]] for r in explorer_rows],
                              resolve_path=lambda p: resolve_manifest_path(layout, p), max_edge_maps=max_edge_maps)

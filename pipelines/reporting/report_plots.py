@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import io
+import json
 import math
+from functools import lru_cache
 
 WIDTH_IN, HEIGHT_IN, DPI = 6.4, 3.0, 100
+# Margins (left, bottom, right, top; inches) of a plot whose tick labels are short numbers: fixed, because
+# tight_layout lays out every text once more only to measure it (about a third of such a plot's cost).
+NUMERIC_MARGINS_IN = (0.75, 0.5, 0.15, 0.35)
 LOSS_PREFIX, WEIGHT_PREFIX = "loss/", "weight/"
 
 
@@ -24,9 +29,14 @@ def _integer_counts(axis, which: str = "y") -> None:
     (axis.yaxis if which == "y" else axis.xaxis).set_major_locator(MaxNLocator(integer=True))
 
 
-def _png(figure) -> bytes:
+def _png(figure, *, numeric: bool = False) -> bytes:
     buffer = io.BytesIO()
-    figure.tight_layout()
+    if numeric:
+        width, height = figure.get_size_inches()
+        left, bottom, right, top = NUMERIC_MARGINS_IN
+        figure.subplots_adjust(left=left / width, bottom=bottom / height, right=1 - right / width, top=1 - top / height)
+    else:
+        figure.tight_layout()
     figure.savefig(buffer, format="png", dpi=DPI)
     _pyplot().close(figure)
     return buffer.getvalue()
@@ -49,7 +59,7 @@ def histogram_png(hist: dict, *, title: str, xlabel: str, ylabel: str = "count")
     _bars_from_histogram(axis, hist)
     axis.set(title=title, xlabel=xlabel, ylabel=ylabel)
     _integer_counts(axis)
-    return _png(figure)
+    return _png(figure, numeric=True)
 
 
 def caption_length_png(caption_length: dict) -> bytes:
@@ -62,7 +72,7 @@ def caption_length_png(caption_length: dict) -> bytes:
     axis.set(title="Caption length", xlabel="words", ylabel="images")
     _integer_counts(axis)
     axis.legend()
-    return _png(figure)
+    return _png(figure, numeric=True)
 
 
 def counts_png(counts: list[list], *, title: str, xlabel: str = "count", horizontal: bool = True) -> bytes:
@@ -83,11 +93,20 @@ def counts_png(counts: list[list], *, title: str, xlabel: str = "count", horizon
         axis.set_ylabel(xlabel)
         _integer_counts(axis)
     axis.set_title(title)
-    return _png(figure)
+    return _png(figure, numeric=not horizontal)
 
 
 def quality_plots(report: dict) -> dict[str, bytes]:
-    """Return ``{name: PNG bytes}`` for a :func:`pipelines.reporting.quality.quality_report` dict."""
+    """Return ``{name: PNG bytes}`` for a :func:`pipelines.reporting.quality.quality_report` dict.
+
+    Equal reports are drawn once per process: a run shows the same plots in its Prefect artifact and its explorer.
+    """
+    return dict(_drawn_quality_plots(json.dumps(report)))  # insertion order kept: it orders the bars
+
+
+@lru_cache(maxsize=1)
+def _drawn_quality_plots(report_json: str) -> dict[str, bytes]:
+    report = json.loads(report_json)
     plots = {
         "caption_length": caption_length_png(report["caption_length"]),
         "removed_words": counts_png(report["removed_words"]["top"], title="Words removed by the filter (top)",

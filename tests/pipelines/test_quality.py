@@ -14,6 +14,7 @@ from pipelines.reporting.quality import (
     histogram,
     quality_report,
     quality_tables,
+    read_edge_density,
     removed_spans,
     removed_words,
     summary,
@@ -73,6 +74,18 @@ def test_summary_histogram_failure_stage_and_edge_density():
     rgb = np.zeros((2, 2, 3), np.uint8)
     rgb[0, 0, 2] = 9
     assert edge_density(rgb) == 0.25
+
+
+def test_a_rewritten_structure_map_is_measured_again(tmp_path):
+    path = tmp_path / "a.canny.png"
+    write_png(path, np.zeros((4, 5), np.uint8))
+    assert read_edge_density(path) == 0.0
+    edges = np.zeros((4, 5), np.uint8)
+    edges[0] = 255
+    write_png(path, edges)  # the same name, new content: measured again, not the remembered value
+    assert read_edge_density(path) == 0.25
+    path.unlink()
+    assert read_edge_density(path) is None
 
 
 def test_quality_report_matches_hand_counts(tiny_manifest):

@@ -5,6 +5,7 @@ Screenshots land in ``tests/_artifacts/`` (gitignored) and their paths are print
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import re
@@ -129,6 +130,52 @@ def test_thumbnails_stay_under_the_report_folder(tmp_path):
     Image.new("RGB", (64, 32)).save(small)
     assert thumbnails.url({"image_id": "cd34", "source_path": str(small), "width": 64, "height": 32}) == \
         "../images/small.png"
+
+
+def test_thumbnails_are_jpegs_of_the_displayed_image_at_pils_thumbnail_size(tmp_path):
+    from PIL import Image
+
+    from pipelines.steps.images import ORIENTATION_TAG
+
+    stored = np.zeros((480, 640, 3), np.uint8)
+    stored[:, :320] = (255, 0, 0)  # stored left half red: orientation 6 (turn 90 degrees clockwise) shows it on top
+    stored[:, 320:] = (0, 0, 255)
+    exif = Image.Exif()
+    exif[ORIENTATION_TAG] = 6
+    Image.fromarray(stored).save(tmp_path / "turned.jpg", exif=exif)
+    Image.new("P", (300, 100)).save(tmp_path / "wide.gif")  # a format OpenCV does not read
+    Image.new("RGB", (100, 50)).save(tmp_path / "small.png")
+    thumbnails = _Thumbnails(OutputLayout(tmp_path / "out"), 256)
+    for name, (width, height) in (("turned.jpg", (480, 640)), ("wide.gif", (300, 100)), ("small.png", (100, 50))):
+        url = thumbnails.url({"image_id": name[:4], "source_path": str(tmp_path / name), "width": width,
+                              "height": height})
+        expected = Image.new("L", (width, height))
+        expected.thumbnail((256, 256))
+        with Image.open(thumbnails.layout.report_dir / url) as thumbnail:
+            assert thumbnail.format == "JPEG" and thumbnail.size == expected.size, name
+            if name == "turned.jpg":
+                top, bottom = thumbnail.convert("RGB").getpixel((96, 10)), thumbnail.convert("RGB").getpixel((96, 245))
+                assert top[0] > 200 > top[2] and bottom[2] > 200 > bottom[0]
+    assert thumbnails.written == 3
+
+
+def test_a_runs_quality_plots_are_drawn_once_for_the_artifact_and_the_explorer(tmp_path, monkeypatch):
+    from pipelines.reporting import report_plots
+    from pipelines.reporting.quality import output_quality_report
+    from pipelines.reporting.report import write_report
+
+    make_synthetic_manifest(tmp_path, n_images=3, image_size=48)
+    drawn = []
+    draw = report_plots._png
+    monkeypatch.setattr(report_plots, "_png", lambda figure, **kw: drawn.append(figure) or draw(figure, **kw))
+    report_plots._drawn_quality_plots.cache_clear()
+    # What flows.artifacts.publish_quality publishes after the manifest stage, then the run's explorer.
+    artifact = report_plots.quality_plots(output_quality_report(tmp_path))
+    page = write_report(tmp_path).path.read_text()
+    assert len(drawn) == len(artifact) == 7  # the six plots and failures by stage, each drawn once
+    data = json.loads(page.split('id="report-data">', 1)[1].split("</script>", 1)[0])
+    assert list(data["plots"]) == list(artifact)
+    assert all(uri.endswith(base64.b64encode(artifact[name]).decode()) for name, uri in data["plots"].items())
 
 
 def test_script_json_cannot_close_the_script_element():
