@@ -123,7 +123,7 @@ def _compute_alone(workers: int, stage_name: str, records: list, options: dict) 
 def compute_isolated(workers: int, stage_name: str, records: list, **options) -> list[dict]:
     """Return the chunk's output rows computed in a worker process. A broken pool breaks every chunk in flight, so
     a chunk it broke is computed again alone (``_compute_alone``): only an item whose own worker dies fails."""
-    executor = pool.pool(workers)
+    executor = pool.pool(workers, stage_name)
     try:
         return _submit(executor, stage_name, records, options)
     except BrokenProcessPool:

@@ -3,8 +3,10 @@
 CPU data stages (``Stage.on_cpu``) compute their chunks here, ``workers`` processes at a time; the caller (a Prefect
 task thread, or ``run_inline``) only waits and records the part. Each worker runs torch and OpenCV on its share of
 the cores (``usable cores // workers``, at least 1), so processes x threads never exceeds the machine: with 2 torch
-threads in each of 2 processes on 2 cores the tiny CLIP ran 30-100x slower. Workers live for the whole process
-(models load once per worker, kept by ``pipelines.engine.stages.shared``) and start from a ``forkserver``: a clean
+threads in each of 2 processes on 2 cores the tiny CLIP ran 30-100x slower. Workers live for one stage
+(its models load once per worker, kept by ``pipelines.engine.stages.shared``): the next stage's first chunk replaces
+them, so memory never adds up the stages' imports and models (2,000+ MB of tree PSS on 1,000 images when the filter's
+workers still held the captions stage's torch, transformers and CLIP). They start from a ``forkserver``: a clean
 process with the engine imported, never a fork of a process that already runs threads (Prefect, torch).
 
 A worker that dies (a decoder crash, the OOM killer) breaks the pool, and with it every chunk in flight, guilty or not:
@@ -27,7 +29,7 @@ from concurrent import futures
 _TRACKER_QUIET = "ignore::UserWarning:multiprocessing.resource_tracker"
 _lock = threading.Lock()
 _pool: futures.ProcessPoolExecutor | None = None
-_size = 0
+_owner: tuple[str | None, int] | None = None  # (stage, workers) of _pool
 _private: set[futures.ProcessPoolExecutor] = set()
 
 
@@ -71,15 +73,17 @@ def _init_worker(threads: int, environ: dict[str, str]) -> None:
     cv2.setNumThreads(threads)
 
 
-def pool(workers: int) -> futures.ProcessPoolExecutor:
-    """Return the process's worker pool of ``workers`` processes (created on first use, then reused)."""
-    global _pool, _size
+def pool(workers: int, stage: str | None = None) -> futures.ProcessPoolExecutor:
+    """Return the worker pool of ``stage``: ``workers`` processes, started by its first chunk and reused for the others.
+    A chunk of another stage (or another size) replaces it with fresh workers, so a stage's workers hold only what it
+    imports and loads: the filter's spaCy workers never carry the captions stage's CLIP, transformers and tokenizer."""
+    global _pool, _owner
     with _lock:
-        if _pool is None or _size != workers:
+        if _pool is None or _owner != (stage, workers):
             if _pool is not None:
-                _pool.shutdown(wait=False, cancel_futures=True)
+                _pool.shutdown(wait=False)  # its workers end once what they were given is done
             _pool = _executor(workers, threads_per_worker(workers))
-            _size = workers
+            _owner = (stage, workers)
         return _pool
 
 
