@@ -168,8 +168,9 @@ def text_item_key(image_id: str, caption: str | None, extra_captions: tuple[str,
     return content_key("text", image_id, caption or "")
 
 
-# A worker process pays its start-up once (importing torch, transformers, spaCy: about 10 CPU-s) before its first
-# item: with ``runtime.workers: 0`` a CPU stage gets one worker per this many pending items, up to one per core.
+# A stage's worker process pays its start-up (the captions stage's: torch, transformers, spaCy, about 10 CPU-s)
+# before its first item: with ``runtime.workers: 0`` a CPU stage gets one worker per this many pending items, up to one
+# per core.
 ITEMS_PER_WORKER = 32
 
 
@@ -306,6 +307,9 @@ class Stage:
     gallery_columns: ClassVar[tuple[str, ...]] = ()  # row columns holding images to show beside the source image
     report: ClassVar[str | None] = None  # the report published after it computed: quality, training, evaluation
     summary_params: ClassVar[tuple[str, ...]] = ()  # resolved parameters repeated in its summary (backend: kornia)
+    # Installed modules its worker processes never import (ImportError there): ones a library imports when present
+    # though the stage never uses them, each costing every worker its memory and start-up.
+    worker_skips: ClassVar[tuple[str, ...]] = ()
     source: str | None = None  # the plugin file that defines the stage (None: built in)
 
     def params(self, config: Config) -> Params:
@@ -714,6 +718,8 @@ class FilterParams(Params):
 
 class Filter(Stage):
     name = "filter"
+    # spaCy's thinc imports torch whenever it is installed; no filter component uses it: ~240 MB and ~2 s per worker.
+    worker_skips = ("torch",)
     description = "Remove appearance words (colours, materials, textures) from captions; build hard negatives."
     task_name, task_doc = "filter_captions", "Remove appearance words and build hard negatives."
     modules = ("pipelines.steps.filtering", "pipelines.steps.hard_negatives")

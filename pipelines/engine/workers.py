@@ -3,9 +3,13 @@
 CPU data stages (``Stage.on_cpu``) compute their chunks here, ``workers`` processes at a time; the caller (a Prefect
 task thread, or ``run_inline``) only waits and records the part. Each worker runs torch and OpenCV on its share of
 the cores (``usable cores // workers``, at least 1), so processes x threads never exceeds the machine: with 2 torch
-threads in each of 2 processes on 2 cores the tiny CLIP ran 30-100x slower. Workers live for the whole process
-(models load once per worker, kept by ``pipelines.engine.stages.shared``) and start from a ``forkserver``: a clean
-process with the engine imported, never a fork of a process that already runs threads (Prefect, torch).
+threads in each of 2 processes on 2 cores the tiny CLIP ran 30-100x slower. Workers live for one stage
+(its models load once per worker, kept by ``pipelines.engine.stages.shared``): the next stage's first chunk replaces
+them, so memory never adds up the stages' imports and models (2,000+ MB of tree PSS on 1,000 images when the filter's
+workers still held the captions stage's torch, transformers and CLIP), and a stage keeps its workers from importing
+what a library imports only because it is installed (``Stage.worker_skips``: spaCy's thinc and torch). They start
+from a ``forkserver``: a clean process with the engine imported, never a fork of a process that already runs threads
+(Prefect, torch).
 
 A worker that dies (a decoder crash, the OOM killer) breaks the pool, and with it every chunk in flight, guilty or not:
 each of those chunks is computed again in a worker of its own (``alone``), where only its own items can kill it; if
@@ -27,7 +31,7 @@ from concurrent import futures
 _TRACKER_QUIET = "ignore::UserWarning:multiprocessing.resource_tracker"
 _lock = threading.Lock()
 _pool: futures.ProcessPoolExecutor | None = None
-_size = 0
+_owner: tuple[str | None, int] | None = None  # (stage, workers) of _pool
 _private: set[futures.ProcessPoolExecutor] = set()
 
 
@@ -58,9 +62,11 @@ def _exit_with_parent() -> None:
     threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
 
 
-def _init_worker(threads: int, environ: dict[str, str]) -> None:
+def _init_worker(threads: int, environ: dict[str, str], skips: tuple[str, ...]) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
     _exit_with_parent()
+    for name in skips:
+        sys.modules[name] = None  # importing it raises ImportError, as if it were not installed
     # The forkserver was started once, with the environment of that moment: workers take the pool creator's now.
     os.environ.clear()
     os.environ.update(environ)
@@ -71,19 +77,24 @@ def _init_worker(threads: int, environ: dict[str, str]) -> None:
     cv2.setNumThreads(threads)
 
 
-def pool(workers: int) -> futures.ProcessPoolExecutor:
-    """Return the process's worker pool of ``workers`` processes (created on first use, then reused)."""
-    global _pool, _size
+def pool(workers: int, stage: str | None = None, skips: tuple[str, ...] = ()) -> futures.ProcessPoolExecutor:
+    """Return the worker pool of ``stage``: ``workers`` processes, started by its first chunk and reused for the others.
+    A chunk of another stage (or another size) replaces it with fresh workers, so a stage's workers hold only what it
+    imports and loads: the filter's spaCy workers never carry the captions stage's CLIP, transformers and tokenizer.
+    ``skips``: modules the stage's workers must not import (``Stage.worker_skips``)."""
+    global _pool, _owner
+    previous = None
     with _lock:
-        if _pool is None or _size != workers:
-            if _pool is not None:
-                _pool.shutdown(wait=False, cancel_futures=True)
-            _pool = _executor(workers, threads_per_worker(workers))
-            _size = workers
-        return _pool
+        if _pool is None or _owner != (stage, workers):
+            previous, _pool = _pool, _executor(workers, threads_per_worker(workers), skips)
+            _owner = (stage, workers)
+        current = _pool
+    if previous is not None:
+        previous.shutdown(wait=True)  # its workers end once what they were given is done
+    return current
 
 
-def _executor(workers: int, threads: int) -> futures.ProcessPoolExecutor:
+def _executor(workers: int, threads: int, skips: tuple[str, ...]) -> futures.ProcessPoolExecutor:
     # An aborted run (Ctrl-C, a lost API) exits without closing the pool's queues: the resource tracker then unlinks
     # their semaphores, as it should, but would also warn about each on stderr.
     if _TRACKER_QUIET not in sys.warnoptions:
@@ -91,14 +102,14 @@ def _executor(workers: int, threads: int) -> futures.ProcessPoolExecutor:
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload(["pipelines.engine.execute"])
     return futures.ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker,
-                                       initargs=(threads, dict(os.environ)))
+                                       initargs=(threads, dict(os.environ), skips))
 
 
 @contextlib.contextmanager
-def alone(workers: int):
-    """A one-process executor that only the caller uses, with the threads of one of ``workers`` workers: a death in
-    it was caused by what the caller submitted. Stopped on exit; ``abort`` kills it too."""
-    executor = _executor(1, threads_per_worker(workers))
+def alone(workers: int, skips: tuple[str, ...] = ()):
+    """A one-process executor that only the caller uses, with the threads of one of ``workers`` workers (and their
+    ``skips``): a death in it was caused by what the caller submitted. Stopped on exit; ``abort`` kills it too."""
+    executor = _executor(1, threads_per_worker(workers), skips)
     with _lock:
         _private.add(executor)
     try:

@@ -4,6 +4,7 @@ results as in one process, and a worker that dies fails only the item it was pro
 from __future__ import annotations
 
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -14,7 +15,7 @@ from configs import load_config
 from pipelines.engine import workers
 from pipelines.engine.execute import run_inline
 from pipelines.engine.plan import MAX_CHUNK, MIN_CHUNK, Pipeline, auto_chunk_size
-from pipelines.engine.stages import ITEMS_PER_WORKER, local_workers, usable_cpus
+from pipelines.engine.stages import ITEMS_PER_WORKER, find_stage, local_workers, usable_cpus
 from tests.corpus import make_generated_images
 
 DATA = ["ingest", "structure", "regions", "captions", "filter", "manifest"]
@@ -63,6 +64,25 @@ def test_each_worker_gets_its_share_of_the_cores(fresh_pool):
     pool = workers.pool(2)
     expected = str(max(1, usable_cpus() // 2))
     assert [pool.submit(os.getenv, "OMP_NUM_THREADS").result() for _ in range(4)] == [expected] * 4
+
+
+def _imported(names: tuple[str, ...]) -> list[str]:
+    return [name for name in names if sys.modules.get(name) is not None]  # None: a skipped module
+
+
+def test_each_stage_gets_fresh_workers_holding_only_its_own_imports(tmp_path, fresh_pool):
+    # One pool for every stage added the stages up: the filter's workers still held the captions stage's torch,
+    # transformers and CLIP (2,000+ MB of tree PSS on 1,000 images).
+    images = tmp_path / "images"
+    make_generated_images(images, 4, size=(64, 48))
+    pipeline = Pipeline(images, tmp_path / "out", load_config(overrides={**CONFIG, "runtime.workers": 2}))
+    run_inline(pipeline, ["ingest", "structure", "regions", "captions"])
+    captions = workers.pool(2, "captions")
+    assert captions.submit(_imported, ("transformers",)).result() == ["transformers"]
+    run_inline(pipeline, ["filter"])
+    # Nor torch, which spaCy's thinc imports whenever it is installed (Stage.worker_skips).
+    skips = find_stage("filter").worker_skips
+    assert workers.pool(2, "filter", skips).submit(_imported, ("spacy", "torch", "transformers")).result() == ["spacy"]
 
 
 CRASH_ON = Path(__file__).resolve().parents[1] / "plugins" / "crash_on.py"
@@ -169,7 +189,7 @@ def test_a_chunk_in_flight_when_another_chunks_worker_dies_is_computed_again_not
     plugin.write_text(SLOW_OR_FATAL)
     (tmp_path / "out").mkdir()
     options = dict(out_dir=str(tmp_path / "out"), stage_key="k", params={}, runtime={}, source=str(plugin))
-    warm = workers.pool(2)
+    warm = workers.pool(2, "slow_or_fatal")  # the pool compute_isolated uses for this stage
     assert len({future.result() for future in [warm.submit(_pid_after, 0.5) for _ in range(2)]}) == 2  # both up
     with ThreadPoolExecutor(2) as threads:
         innocent = threads.submit(compute_isolated, 2, "slow_or_fatal", [{"image_id": "a"}], **options)
