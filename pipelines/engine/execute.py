@@ -106,10 +106,14 @@ def _submit(executor, stage_name: str, records: list, options: dict) -> list[dic
     return executor.submit(compute_rows, stage_name, records, **options).result()
 
 
+def _skips(stage_name: str, options: dict) -> tuple[str, ...]:
+    return find_stage(stage_name, options.get("source")).worker_skips(options["params"])
+
+
 def _compute_alone(workers: int, stage_name: str, records: list, options: dict) -> list[dict]:
     """Compute the chunk in a worker of its own; if that worker dies, split it down to single items, each alone, and
     fail an item whose own worker dies."""
-    with pool.alone(workers, find_stage(stage_name, options.get("source")).worker_skips) as executor:
+    with pool.alone(workers, _skips(stage_name, options)) as executor:
         try:
             return _submit(executor, stage_name, records, options)
         except BrokenProcessPool:
@@ -123,7 +127,7 @@ def _compute_alone(workers: int, stage_name: str, records: list, options: dict) 
 def compute_isolated(workers: int, stage_name: str, records: list, **options) -> list[dict]:
     """Return the chunk's output rows computed in a worker process. A broken pool breaks every chunk in flight, so
     a chunk it broke is computed again alone (``_compute_alone``): only an item whose own worker dies fails."""
-    executor = pool.pool(workers, stage_name, find_stage(stage_name, options.get("source")).worker_skips)
+    executor = pool.pool(workers, stage_name, _skips(stage_name, options))
     try:
         return _submit(executor, stage_name, records, options)
     except BrokenProcessPool:

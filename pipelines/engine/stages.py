@@ -307,10 +307,13 @@ class Stage:
     gallery_columns: ClassVar[tuple[str, ...]] = ()  # row columns holding images to show beside the source image
     report: ClassVar[str | None] = None  # the report published after it computed: quality, training, evaluation
     summary_params: ClassVar[tuple[str, ...]] = ()  # resolved parameters repeated in its summary (backend: kornia)
-    # Installed modules its worker processes never import (ImportError there): ones a library imports when present
-    # though the stage never uses them, each costing every worker its memory and start-up.
-    worker_skips: ClassVar[tuple[str, ...]] = ()
     source: str | None = None  # the plugin file that defines the stage (None: built in)
+
+    def worker_skips(self, params: dict) -> tuple[str, ...]:
+        """Installed modules its worker processes never import (ImportError there): ones a library imports when
+        present though the stage, with these parameters, never uses them, each costing every worker memory and
+        start-up."""
+        return ()
 
     def params(self, config: Config) -> Params:
         """Return the resolved, result-shaping parameters: by default the stage's own config section (a plugin's
@@ -718,8 +721,6 @@ class FilterParams(Params):
 
 class Filter(Stage):
     name = "filter"
-    # spaCy's thinc imports torch whenever it is installed; no filter component uses it: ~240 MB and ~2 s per worker.
-    worker_skips = ("torch",)
     description = "Remove appearance words (colours, materials, textures) from captions; build hard negatives."
     task_name, task_doc = "filter_captions", "Remove appearance words and build hard negatives."
     modules = ("pipelines.steps.filtering", "pipelines.steps.hard_negatives")
@@ -727,6 +728,13 @@ class Filter(Stage):
     schema = pa.schema([*_STATUS, pa.field("filtered_caption", pa.string()),
                         pa.field("segments", pa.list_(SEGMENT_TYPE)), pa.field("hard_negatives", pa.list_(pa.string())),
                         pa.field("extra_captions", pa.list_(EXTRA_CAPTION_TYPE))])
+
+    def worker_skips(self, params):
+        # spaCy's thinc imports torch whenever it is installed; no component of a pipeline without a transformer uses
+        # it: ~240 MB and ~2 s per worker. A transformer pipeline (en_core_web_trf) keeps it.
+        from pipelines.steps.filtering import spacy_needs_torch
+
+        return () if spacy_needs_torch(params["spacy_model"]) else ("torch",)
 
     def params(self, config):
         f = config.filter

@@ -19,6 +19,7 @@ row. No item is blamed for a death another chunk caused.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import gc
 import multiprocessing
@@ -129,8 +130,10 @@ def discard(broken: futures.ProcessPoolExecutor) -> None:
     broken.shutdown(wait=False, cancel_futures=True)
 
 
+@atexit.register
 def shutdown() -> None:
-    """Stop the worker processes (they are also stopped at interpreter exit)."""
+    """Stop the worker processes; also at interpreter exit (a pool the interpreter's teardown collects would print an
+    'Exception ignored' traceback)."""
     global _pool
     with _lock:
         current, _pool = _pool, None

@@ -282,6 +282,25 @@ def _index_attribute_ruler(nlp) -> None:
         ruler._indexed_patterns = index
 
 
+@functools.lru_cache(maxsize=8)
+def spacy_needs_torch(name: str) -> bool:
+    """Whether the spaCy pipeline ``name`` (a package, or a folder of a saved pipeline) may need torch: a transformer
+    component in its ``config.cfg``, or no config found (then assume it may). Read without importing spaCy."""
+    import importlib.util
+
+    folders = []  # as spacy.load: an installed package first, then a folder
+    for candidate in [name] + ([FALLBACK_MODELS[name]] if name in FALLBACK_MODELS else []):
+        spec = importlib.util.find_spec(candidate) if candidate.isidentifier() else None
+        if spec is not None and spec.origin:
+            folders.append(Path(spec.origin).parent)
+    folders.append(Path(name).expanduser())
+    configs = [c for folder in folders if folder.is_dir()
+               for c in [folder / "config.cfg", *sorted(folder.glob("*/config.cfg"))] if c.is_file()]
+    if not configs:
+        return True
+    return bool(re.search(r'^factory\s*=\s*"[^"]*transformer', configs[0].read_text(encoding="utf-8"), re.MULTILINE))
+
+
 @functools.lru_cache(maxsize=4)
 def load_spacy(name: str = "en_core_web_sm"):
     """Return the spaCy pipeline ``name`` without NER (cached per process); fall back to the PyPI-packaged copy."""

@@ -427,3 +427,20 @@ def test_the_loaded_pipeline_annotates_like_the_matcher_on_random_tag_and_word_s
     text = "There is a red car; it ain't gonna move, y'all. Let's go!"
     reference = spacy.load(nlp.meta["lang"] + "_" + nlp.meta["name"], exclude=["ner"])
     assert _annotations(nlp(text)) == _annotations(reference(text))
+
+
+def test_only_a_pipeline_with_a_transformer_or_an_unknown_one_may_need_torch(tmp_path):
+    from pipelines.steps.filtering import spacy_needs_torch
+
+    def saved(name: str, factories: list[str]) -> str:
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "config.cfg").write_text("".join(f'[components.c{i}]\nfactory = "{f}"\n\n'
+                                                   for i, f in enumerate(factories)))
+        return str(folder)
+
+    assert not spacy_needs_torch("en_core_web_sm")  # the installed small pipeline (or its PyPI copy)
+    assert not spacy_needs_torch(saved("small", ["tok2vec", "tagger", "parser", "lemmatizer"]))
+    assert spacy_needs_torch(saved("trf", ["transformer", "tagger", "parser"]))
+    assert spacy_needs_torch(saved("curated", ["curated_transformer", "tagger"]))
+    assert spacy_needs_torch(str(tmp_path / "missing"))  # nothing to read: assume it may
