@@ -199,7 +199,7 @@ def _run_flow(pipeline, *, config_path, selected, refreshed, runner, dask_addres
     from pipelines.engine.execute import format_summary
 
     api_url = server.wait_ready() if server is not None else os.environ["PREFECT_API_URL"]
-    _watch_api(api_url, command=command, own=server is not None)
+    watching = _watch_api(api_url, command=command, own=server is not None)
     with current_pipeline(pipeline), (contextlib.nullcontext() if server is None else _api_environment(api_url)):
         try:
             return structxlip_pipeline(images_dir=str(pipeline.images_dir), out_dir=str(pipeline.layout.root),
@@ -208,6 +208,21 @@ def _run_flow(pipeline, *, config_path, selected, refreshed, runner, dask_addres
         except PipelineFailed as exc:
             print(format_summary(exc.report) + _report_notes(exc.report), flush=True)
             raise
+        finally:
+            _send_pending_to_api()
+            watching.set()  # the run's own server stops next: that is no lost API
+
+
+def _send_pending_to_api(timeout_s: float = 5.0) -> None:
+    """Send the run logs and events Prefect still holds while the API is up. Left to Prefect's exit hook, they went to
+    the run's server after it had stopped: with ``--verbose`` (run logs at INFO) the process then waited until the
+    API watch ended it with "lost the run's Prefect API server" and exit status 2, after a run that had succeeded."""
+    with contextlib.suppress(Exception):
+        from prefect.events.worker import EventsWorker
+        from prefect.logging.handlers import APILogWorker
+
+        for service in (APILogWorker, EventsWorker):
+            service.drain_all(timeout=timeout_s)
 
 
 @contextlib.contextmanager
@@ -230,9 +245,9 @@ def _api_environment(api_url: str):
 API_LOSS_GRACE_S = 15.0
 
 
-def _watch_api(api_url: str, *, command: str, own: bool = False, grace_s: float = API_LOSS_GRACE_S) -> None:
+def _watch_api(api_url: str, *, command: str, own: bool = False, grace_s: float = API_LOSS_GRACE_S):
     """Watch the Prefect API from a daemon thread; when it stays unreachable for ``grace_s``, end the run with one
-    line (reported once).
+    line (reported once). Return the event that ends the watch (set it once the run no longer needs the API).
 
     Without this, a run whose server stops retries every API call with back-off for minutes and then hangs at exit
     flushing events. Every output is written atomically and every finished chunk is cached, so ending the process
@@ -243,25 +258,27 @@ def _watch_api(api_url: str, *, command: str, own: bool = False, grace_s: float 
     import httpx
 
     health = api_url.rstrip("/") + "/health"
+    done = threading.Event()
 
     def watch() -> None:
         down_since = None
-        while True:
+        while not done.is_set():
             try:
                 ok = httpx.get(health, timeout=3.0).status_code == 200
             except httpx.HTTPError:
                 ok = False
             now = time.monotonic()
             down_since = None if ok else (down_since or now)
-            if down_since is not None and now - down_since >= grace_s:
+            if down_since is not None and now - down_since >= grace_s and not done.is_set():
                 what = "the run's Prefect API server" if own else f"the Prefect API at {api_url}"
                 from flows import interrupts
 
                 interrupts.abort_run(f"structxlip {command}: error: lost {what} for {grace_s:.0f} s; finished "
                                      "chunks are cached, re-run the same command once the server is back", code=2)
-            time.sleep(2.0)
+            done.wait(2.0)
 
     threading.Thread(target=watch, name="prefect-api-watch", daemon=True).start()
+    return done
 
 
 def run_command(args: argparse.Namespace) -> int:

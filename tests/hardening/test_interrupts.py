@@ -143,3 +143,17 @@ def test_a_killed_run_leaves_no_server_or_worker_behind(baseline, tmp_path):
                 pass
         kill_group(process)
     assert not left, left
+
+
+def test_a_verbose_run_with_its_own_server_ends_at_once_with_status_0(baseline, tmp_path):
+    # With --verbose Prefect keeps run logs to send to the API; sent by its exit hook, after the run's server had
+    # stopped, they kept the process waiting until the API watch ended a successful run with "lost the run's Prefect
+    # API server" and status 2.
+    home = tmp_path / "prefect-home"
+    home.mkdir()
+    out = tmp_path / "out"
+    done = run_cli(_own_server_env(baseline, home), "run", str(baseline.images), "--out", str(out), "--config",
+                   str(baseline.config), "--stages", "ingest,structure", "--verbose")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "lost the run's Prefect API" not in done.stderr and "Error logging to API" not in done.stderr
+    assert "structure" in done.stdout and _lock_is_free(out)
