@@ -174,13 +174,15 @@ def prefect_floor(stages: str) -> None:
     starts the run's own API server (``flows.api_server``) at once, imports Prefect while it starts, then runs a parent
     flow with ``stages`` stage subflows, each mapping one empty task, heartbeats off as in ``flows.pipeline``."""
     from flows.api_server import ApiServer
-    from flows.commands import _api_environment, _prepare_environment
+    from flows.commands import api_environment, prepare_environment
 
-    _prepare_environment(verbose=False)  # the CLI's settings, before Prefect is imported
+    prepare_environment(verbose=False)  # the CLI's settings, before Prefect is imported
     server = ApiServer()
     try:
         from prefect import flow, task
         from prefect.settings import temporary_settings
+
+        from flows.pipeline import NO_SUBFLOW_HEARTBEATS
 
         @task
         def chunk(index: int) -> int:
@@ -195,7 +197,7 @@ def prefect_floor(stages: str) -> None:
             for _ in range(int(stages)):
                 stage()
 
-        with _api_environment(server.wait_ready()), temporary_settings({"flows.heartbeat_frequency": None}):
+        with api_environment(server.wait_ready()), temporary_settings(NO_SUBFLOW_HEARTBEATS):
             parent()
     finally:
         server.stop()

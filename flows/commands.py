@@ -61,7 +61,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     serve.set_defaults(handler=serve_command)
 
 
-def _prepare_environment(verbose: bool) -> None:
+def prepare_environment(verbose: bool) -> None:
     """Quiet Prefect unless ``verbose`` (must run before prefect is imported); never phone home."""
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     # The ephemeral API server takes 15-20 s to start on 2 busy cores; Prefect gives up after 20 s by default.
@@ -124,7 +124,7 @@ def execute(
     from flows import interrupts
 
     started = time.perf_counter()
-    _prepare_environment(verbose)
+    prepare_environment(verbose)
     with interrupts.handling(command):
         return _execute(started, images_dir, out_dir, config_path=config_path, stages=stages, refresh=refresh,
                         runner=runner, dask_address=dask_address, overrides=overrides, retry_failed=retry_failed,
@@ -200,7 +200,7 @@ def _run_flow(pipeline, *, config_path, selected, refreshed, runner, dask_addres
 
     api_url = server.wait_ready() if server is not None else os.environ["PREFECT_API_URL"]
     watching = _watch_api(api_url, command=command, own=server is not None)
-    with current_pipeline(pipeline), (contextlib.nullcontext() if server is None else _api_environment(api_url)):
+    with current_pipeline(pipeline), (contextlib.nullcontext() if server is None else api_environment(api_url)):
         try:
             return structxlip_pipeline(images_dir=str(pipeline.images_dir), out_dir=str(pipeline.layout.root),
                                        config_path=config_path, stages=selected, refresh=refreshed,
@@ -226,7 +226,7 @@ def _send_pending_to_api(timeout_s: float = 5.0) -> None:
 
 
 @contextlib.contextmanager
-def _api_environment(api_url: str):
+def api_environment(api_url: str):
     """Point this process's Prefect client (and the processes it starts: Dask workers) at ``api_url``."""
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
@@ -325,7 +325,7 @@ def serve_command(args: argparse.Namespace) -> int:
     from configs import load_config
     from flows.serve import serve_flows
 
-    _prepare_environment(verbose=True)
+    prepare_environment(verbose=True)
     if not args.verbose:
         # The runner polls the API every few seconds; one INFO line per HTTP request drowns the flow runs' logs.
         logging.getLogger("httpx").setLevel(logging.WARNING)

@@ -213,6 +213,10 @@ def _evaluation_report(pipeline: Pipeline, *, namespace: str, where: str) -> dic
 REPORTS = {"quality": _quality_report, "training": _training_report, "evaluation": _evaluation_report}
 
 
+# Prefect 3.8 joins a 1 s heartbeat thread at the end of every flow run; stage subflows need no heartbeat.
+NO_SUBFLOW_HEARTBEATS = {"flows.heartbeat_frequency": None}
+
+
 def _run_name(prefix: str):
     """Flow run names that name the dataset: ``<prefix>: <images folder> -> <output folder>``."""
 
@@ -265,9 +269,8 @@ def run_entry(images_dir: str, out_dir: str, *, config_path: str | None, overrid
     except RuntimeError as exc:  # another run holds the folder, or it cannot be written
         return Failed(message=str(exc))
     try:
-        # Prefect 3.8 joins a 1 s heartbeat thread at the end of every flow run; stage subflows need no heartbeat.
         with current_pipeline(pipeline), _tracked_flow_run(), contextlib.ExitStack() as stack:
-            stack.enter_context(temporary_settings(updates={"flows.heartbeat_frequency": None}))
+            stack.enter_context(temporary_settings(updates=NO_SUBFLOW_HEARTBEATS))
             record_config(pipeline.layout, pipeline.config)
             address = dask_address or pipeline.config.runtime.dask_address
             if runner == "dask":
