@@ -140,6 +140,7 @@ def scan_images(
         excluded.add((info.st_dev, info.st_ino))
     # (device, inode) of every folder entered: a link back to one of them is a loop (or a second route to it).
     visited = {(root_stat.st_dev, root_stat.st_ino)}
+    root_prefix = os.fspath(root) + os.sep
     stack = [root]
     while stack:
         folder = stack.pop()
@@ -149,39 +150,45 @@ def scan_images(
         except OSError as exc:
             problems.append({"path": display_path(folder), "error": f"cannot list folder: {exc.strerror or exc}"})
             continue
+        prefix = os.fspath(folder) + os.sep
+        relative_prefix = prefix[len(root_prefix):] if prefix.startswith(root_prefix) else None
         for entry in listing:
-            if entry.name.startswith("."):
+            name = entry.name
+            if name.startswith("."):
                 continue
-            path = Path(entry.path)
             try:
                 is_link = entry.is_symlink()
                 if is_link and not follow_symlinks:
                     continue
                 info = entry.stat(follow_symlinks=True)
             except FileNotFoundError:
-                problems.append({"path": display_path(path), "error": "broken symbolic link"})
+                problems.append({"path": display_path(entry.path), "error": "broken symbolic link"})
                 continue
             except OSError as exc:
-                problems.append({"path": display_path(path), "error": f"cannot stat: {exc.strerror or exc}"})
+                problems.append({"path": display_path(entry.path), "error": f"cannot stat: {exc.strerror or exc}"})
                 continue
             identity = (info.st_dev, info.st_ino)
             if identity in excluded:
                 continue
-            named_like_image = path.suffix.lower() in wanted
-            if named_like_image and not stat.S_ISREG(info.st_mode):
-                # Listed so that ingest records why it is not an image; a folder is still scanned below.
-                relative = path.relative_to(root).as_posix()
-                files.append((relative, SourceImage.from_stat(path, info, size=0)))
-            if stat.S_ISDIR(info.st_mode):
+            # Path(name).suffix, without a Path per entry (a folder of a million images is scanned on every run)
+            stem, dot, suffix = name.rpartition(".")
+            named_like_image = bool(dot and stem and suffix) and "." + suffix.lower() in wanted
+            is_dir = stat.S_ISDIR(info.st_mode)
+            if named_like_image:
+                relative = (relative_prefix + name if relative_prefix is not None
+                            else Path(entry.path).relative_to(root).as_posix())
+                if not stat.S_ISREG(info.st_mode):
+                    # Listed so that ingest records why it is not an image; a folder is still scanned below.
+                    files.append((relative, SourceImage.from_stat(Path(entry.path), info, size=0)))
+                else:
+                    files.append((relative, SourceImage.from_stat(Path(entry.path), info)))
+            if is_dir:
                 if identity in visited:
                     error = "symbolic link loop (folder already scanned)"
-                    problems.append({"path": display_path(path), "error": error})
+                    problems.append({"path": display_path(entry.path), "error": error})
                     continue
                 visited.add(identity)
-                stack.append(path)
-            elif stat.S_ISREG(info.st_mode) and named_like_image:
-                relative = path.relative_to(root).as_posix()
-                files.append((relative, SourceImage.from_stat(path, info)))
+                stack.append(Path(entry.path))
     files.sort(key=lambda item: item[0])
     return ScanResult(files=[image for _, image in files], problems=[Problem(p) for p in problems])
 
@@ -235,6 +242,8 @@ def clean_caption(text: str | None) -> str | None:
     """
     if text is None:
         return None
+    if "&" not in text and "<" not in text:  # no entity and no tag: only the whitespace to collapse
+        return " ".join(text.split()) or None
     text = html.unescape(text)
     text = _SCRIPT.sub(" ", text)
     text = _TAG.sub("", _BLOCK_TAG.sub(" ", text))
@@ -297,8 +306,13 @@ def _read_jsonl(path: Path, problems: list[dict]) -> list[tuple[int, str, str | 
         return rows
     # Lines end at "\n" only: str.splitlines() would also split inside a caption at U+2028, U+2029 or U+0085,
     # which json.dumps(..., ensure_ascii=False) writes raw.
-    for number, raw_line in enumerate(data.split(b"\n"), start=1):
-        line, bad = _decode_text(raw_line if number > 1 else raw_line.removeprefix(b"\xef\xbb\xbf"))
+    try:  # valid UTF-8 throughout (the usual case): decoded once, not line by line
+        # each line decoded as utf-8-sig, as below: one byte order mark at its start is dropped
+        lines: list = [(line.removeprefix("\ufeff"), None) for line in data.decode("utf-8-sig").split("\n")]
+    except UnicodeDecodeError:
+        lines = [_decode_text(raw_line if number > 1 else raw_line.removeprefix(b"\xef\xbb\xbf"))
+                 for number, raw_line in enumerate(data.split(b"\n"), start=1)]
+    for number, (line, bad) in enumerate(lines, start=1):
         if bad is not None:
             problems.append(_bad_utf8(path.name, number))
         if not line.strip():
@@ -365,6 +379,33 @@ def _read_csv(path: Path, problems: list[dict]) -> list[tuple[int, str, str | No
 _NAMED_UNMATCHED = 3  # unmatched caption entries named in the one warning line
 
 
+class _SidecarFinder:
+    """``Path(image).with_suffix(".txt")`` when it is a file, from one listing per folder instead of a stat per image."""
+
+    def __init__(self):
+        self._listed: dict[str, set[str] | None] = {}
+
+    def find(self, image: str) -> Path | None:
+        folder, _sep, name = image.rpartition(os.sep)
+        stem, dot, suffix = name.rpartition(".")
+        candidate = (stem if dot and stem and suffix else name) + ".txt"
+        if folder not in self._listed:
+            self._listed[folder] = self._text_files(folder)
+        listed = self._listed[folder]
+        if listed is None:  # an unlistable folder: ask for the one file
+            path = Path(folder, candidate)
+            return path if path.is_file() else None
+        return Path(folder, candidate) if candidate in listed else None
+
+    @staticmethod
+    def _text_files(folder: str) -> set[str] | None:
+        try:
+            with os.scandir(folder or os.sep) as entries:
+                return {e.name for e in entries if e.name.endswith(".txt") and e.is_file()}
+        except OSError:
+            return None
+
+
 def _nfc(text: str) -> str:
     return unicodedata.normalize("NFC", text)
 
@@ -400,25 +441,39 @@ def read_captions(images_dir: str | os.PathLike, files: Sequence[SourceImage]) -
     problems: list[dict] = []
     by_relative: dict[str, str] = {}
     by_name: dict[str, list[str]] = {}
-    for image in files:
-        key = storable_path(image.path)
-        try:
-            by_relative[storable_path(Path(image.path).relative_to(root).as_posix())] = key
-        except ValueError:
-            pass
-        by_name.setdefault(storable_path(Path(image.path).name), []).append(key)
+    # String operations, not a Path per file: a catalogue of a million images reads its captions on every run.
+    prefix = os.fspath(root).rstrip(os.sep) + os.sep
+    texts = [os.fspath(image.path) for image in files]
+    stored = [storable_path(text) for text in texts]
+    for text, key in zip(texts, stored):
+        if key is text and text.startswith(prefix) and os.sep == "/" and os.path.normpath(text) == text:
+            by_relative[text[len(prefix):]] = key  # valid UTF-8 (storable as it is) and normalised
+        else:
+            try:
+                by_relative[storable_path(Path(text).relative_to(root).as_posix())] = key
+            except ValueError:
+                pass
+        by_name.setdefault(key.rpartition("/")[2] if os.sep == "/" else storable_path(os.path.basename(text)),
+                           []).append(key)
     # The same tables under Unicode NFC: a caption file written on macOS (NFD) names "café.jpg" with a combining
     # accent while the file on disk has the composed one, or the other way round. Used when no exact match exists,
-    # and only where the normalised name is unambiguous.
+    # and only where the normalised name is unambiguous; built at the first such reference.
     nfc_relative: dict[str, list[str]] = {}
-    for relative, key in by_relative.items():
-        nfc_relative.setdefault(_nfc(relative), []).append(key)
     nfc_name: dict[str, list[str]] = {}
-    for name, keys in by_name.items():
-        nfc_name.setdefault(_nfc(name), []).extend(keys)
+
+    def nfc_tables() -> None:
+        if nfc_relative or nfc_name:
+            return
+        for relative, key in by_relative.items():
+            nfc_relative.setdefault(_nfc(relative), []).append(key)
+        for name, keys in by_name.items():
+            nfc_name.setdefault(_nfc(name), []).extend(keys)
+
     root_text = storable_path(root)
 
     def match(reference: str) -> str | None:
+        if reference in by_relative:  # a normalised relative path, as Path(reference) would give it: the same match
+            return by_relative[reference]
         for normalised in (False, True):
             found = match_exactly(reference, normalised)
             if found is None and reference != reference.strip():
@@ -440,6 +495,7 @@ def read_captions(images_dir: str | os.PathLike, files: Sequence[SourceImage]) -
                 return by_relative[relative]
             same_name = by_name.get(candidate.name, [])
         else:
+            nfc_tables()
             same_relative = nfc_relative.get(relative, [])
             if len(same_relative) == 1:
                 return same_relative[0]
@@ -469,11 +525,12 @@ def read_captions(images_dir: str | os.PathLike, files: Sequence[SourceImage]) -
     entries: dict[str, Caption] = {}
     extras: dict[str, tuple[str, ...]] = {}
     bad_lines = {(p["source"], p["line"]) for p in problems if "not valid UTF-8" in p["error"]}
-    for image in files:
-        key = storable_path(image.path)
+    sidecars = _SidecarFinder()
+    listed_sources = [source for source in ("jsonl", "csv") if source in listed]
+    for text, key in zip(texts, stored):
         notes = []
-        sidecar = Path(image.path).with_suffix(".txt")
-        if sidecar.is_file():
+        sidecar = sidecars.find(text)
+        if sidecar is not None:
             caption, note = _read_sidecar(sidecar)
             if note:
                 notes.append(note)
@@ -482,13 +539,14 @@ def read_captions(images_dir: str | os.PathLike, files: Sequence[SourceImage]) -
             if caption is not None:
                 entries[key] = Caption(caption, "sidecar", "; ".join(notes) or None)
                 continue
-        for source in ("jsonl", "csv"):
+        for source in listed_sources:
             kept: list[str] = []
-            for raw, where in listed.get(source, {}).get(key, []):
+            for raw, where in listed[source].get(key, ()):
                 caption = clean_caption(raw)
-                filename, number = where.rsplit(" line ", 1)
-                if (filename, int(number)) in bad_lines:
-                    notes.append(f"{where} is not valid UTF-8; undecodable bytes replaced with U+FFFD")
+                if bad_lines:
+                    filename, number = where.rsplit(" line ", 1)
+                    if (filename, int(number)) in bad_lines:
+                        notes.append(f"{where} is not valid UTF-8; undecodable bytes replaced with U+FFFD")
                 if caption is None:
                     notes.append(f"empty caption at {where}")
                 elif caption not in kept:  # the same text twice is one caption
