@@ -12,14 +12,22 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from storage.hashing import content_key
 from storage.layout import OutputLayout
 from storage.parquet import parquet_parts, read_part, write_parquet_atomic
 
+# A stage run writes one part per chunk (at most a few hundred rows); a million-image store would be thousands of
+# parts, each costing ~1 ms to open on every run. Once COMPACT_AFTER parts of fewer than COMPACT_ROWS rows exist, they
+# are merged into parts of COMPACT_ROWS rows (``StageStore.compact``): a store holds at most N / COMPACT_ROWS + a few
+# dozen parts, and an incremental run merges only the small ones.
+COMPACT_ROWS = 65_536
+COMPACT_AFTER = 16
 ITEM_KEY = "item_key"
 OUTPUTS = "outputs"
 OUTPUT_TYPE = pa.list_(pa.struct([pa.field("path", pa.string()), pa.field("size", pa.int64())]))
@@ -33,15 +41,28 @@ def output_records(root: Path, paths: list[str]) -> list[dict]:
 
 @dataclass
 class StoredRows:
-    """What a stage store holds now: rows by item key (newest part wins), and the items that must be recomputed."""
+    """What a stage store holds now: the newest row of each item key (without ``outputs``, which were checked), and
+    the items that must be recomputed. Column-wise (``table``, ``done_table``); ``rows`` and ``done`` are the same
+    rows as dicts, built only when asked for."""
 
-    rows: dict[str, dict]
+    table: pa.Table
     invalid: dict[str, str] = field(default_factory=dict)  # item key -> why its recorded outputs cannot be reused
     quarantined: list[Path] = field(default_factory=list)
+
+    @cached_property
+    def rows(self) -> dict[str, dict]:
+        return {row[ITEM_KEY]: row for row in self.table.to_pylist()}
 
     def done(self) -> dict[str, dict]:
         """Rows whose outputs are intact: the items that need no work."""
         return {k: r for k, r in self.rows.items() if k not in self.invalid}
+
+    def done_table(self) -> pa.Table:
+        """``table`` less the rows whose outputs are not intact."""
+        if not self.invalid:
+            return self.table
+        return self.table.filter(pc.invert(pc.is_in(self.table.column(ITEM_KEY),
+                                                    value_set=pa.array(list(self.invalid), pa.string()))))
 
 
 class StageStore:
@@ -99,35 +120,76 @@ class StageStore:
             columns = [ITEM_KEY, *columns]
         self._quarantined: list[Path] = []
         tables = [t for t in (self._read_part(p, columns) for p in self.parts()) if t is not None]
+        return self._newest(tables, columns)
+
+    def _newest(self, tables: list[pa.Table], columns: list[str] | None) -> pa.Table:
+        """Concatenate part tables (oldest first) keeping the last row of each item key, column-wise."""
         if not tables:
             if self.schema is not None:
                 empty = self.schema.empty_table()
-                return empty if columns is None else empty.select(columns)
+                return empty.select([n for n in (columns or self.schema.names) if n in empty.column_names])
             return pa.table({ITEM_KEY: pa.array([], pa.string())})
         table = pa.concat_tables(tables, promote_options="none" if self.schema is not None else "permissive")
-        last = {key: index for index, key in enumerate(table.column(ITEM_KEY).to_pylist())}
-        if len(last) == table.num_rows:
+        keys = table.column(ITEM_KEY)
+        if pc.count_distinct(keys).as_py() == table.num_rows:
             return table
-        return table.take(pa.array(sorted(last.values()), pa.int64()))
+        order = pa.table({ITEM_KEY: keys, "_row": pa.array(range(table.num_rows), pa.int64())})
+        last = order.group_by(ITEM_KEY, use_threads=False).aggregate([("_row", "max")]).column("_row_max")
+        return table.take(pc.take(last, pc.sort_indices(last)))
 
-    def stored(self, *, verify: bool = True) -> StoredRows:
-        """Return the stored rows by item key; with ``verify``, flag rows whose output files are missing or changed."""
-        table = self.read()
-        rows = {r[ITEM_KEY]: r for r in table.to_pylist()}
-        result = StoredRows(rows=rows, quarantined=list(self._quarantined))
-        if verify and table.num_rows and OUTPUTS in table.column_names:
-            root = str(self.layout.root) + os.sep  # string joins: a Path per file costs more than its stat
-            for key, row in rows.items():
-                for output in row.get(OUTPUTS) or ():
-                    try:
-                        size = os.stat(root + output["path"]).st_size
-                    except OSError:
-                        result.invalid[key] = f"{output['path']} is missing"
-                        break
-                    if size != output["size"]:
-                        result.invalid[key] = f"{output['path']} has {size} bytes, {output['size']} were written"
-                        break
-        return result
+    def stored(self, *, verify: bool = True, columns: list[str] | None = None) -> StoredRows:
+        """Return the newest stored row of each item key; with ``verify``, flag rows whose output files are missing or
+        changed. ``columns``: the columns to keep (all by default); the ``outputs`` column is checked part by part and
+        never kept, so memory is that of the kept columns however many files the rows list."""
+        self._quarantined = []
+        keep = None if columns is None else [ITEM_KEY, *(c for c in columns if c not in (ITEM_KEY, OUTPUTS))]
+        has_outputs = self.schema is None or OUTPUTS in self.schema.names
+        read = None if keep is None or self.schema is None else keep + ([OUTPUTS] if verify and has_outputs else [])
+        tables: list[pa.Table] = []
+        invalid: dict[str, str] = {}
+        for part in self.parts():
+            table = self._read_part(part, read)
+            if table is None:
+                continue
+            if invalid:  # a newer part's row replaces an older one's verdict
+                for key in table.column(ITEM_KEY).to_pylist():
+                    invalid.pop(key, None)
+            if OUTPUTS in table.column_names:
+                if verify:
+                    invalid.update(self._unverified(table))
+                table = table.drop_columns([OUTPUTS])
+            if keep is not None and self.schema is None:
+                table = table.select([c for c in keep if c in table.column_names])
+            tables.append(table)
+        return StoredRows(table=self._newest(tables, keep), invalid=invalid, quarantined=list(self._quarantined))
+
+    def _unverified(self, table: pa.Table) -> dict[str, str]:
+        """Item key -> why, for the rows of one part whose listed output files are missing or of another size."""
+        outputs = table.column(OUTPUTS).combine_chunks()
+        flat = pc.list_flatten(outputs)
+        if not len(flat):
+            return {}
+        rows = pc.list_parent_indices(outputs).to_pylist()
+        paths = flat.field("path").to_pylist()
+        sizes = flat.field("size").to_pylist()
+        keys = table.column(ITEM_KEY)
+        root = str(self.layout.root) + os.sep  # string joins: a Path per file costs more than its stat
+        invalid: dict[str, str] = {}
+        failed_row = -1
+        for row, path, size in zip(rows, paths, sizes):
+            if row == failed_row:
+                continue
+            try:
+                found = os.stat(root + path).st_size
+            except OSError:
+                why = f"{path} is missing"
+            else:
+                if found == size:
+                    continue
+                why = f"{path} has {found} bytes, {size} were written"
+            invalid[keys[row].as_py()] = why
+            failed_row = row
+        return invalid
 
     # ---- writing ----------------------------------------------------------------------------------------------
     def table(self, rows: list[dict]) -> pa.Table:
@@ -144,9 +206,52 @@ class StageStore:
         """Write ``rows`` as one part named by the content key of their item keys; return its path."""
         if not rows:
             raise ValueError(f"expected at least one row to write for stage {self.stage}, got none")
-        table = self.table(rows)
+        return self._write_table(self.table(rows))
+
+    def _write_table(self, table: pa.Table) -> Path:
         part_key = content_key(sorted(table.column(ITEM_KEY).to_pylist()))
         return write_parquet_atomic(table, self.layout.stage_part(self.stage, self.stage_key, part_key))
+
+    def compact(self, *, rows_per_part: int = COMPACT_ROWS, after: int = COMPACT_AFTER) -> int:
+        """Merge the parts of fewer than ``rows_per_part`` rows into parts of ``rows_per_part`` rows (the last one
+        shorter) once there are ``after`` of them; return how many parts were removed. Only each item key's newest
+        row is kept. The merged parts are written before the small ones are removed, and they hold exactly the rows
+        that won before: a run killed in between reads the same rows."""
+        self._quarantined = []
+        parts = self.parts()
+        keys: list[list[str] | None] = []
+        for part in parts:
+            table = self._read_part(part, [ITEM_KEY])
+            keys.append(None if table is None else table.column(ITEM_KEY).to_pylist())
+        small = [n for n, part_keys in enumerate(keys) if part_keys is not None and len(part_keys) < rows_per_part]
+        if len(small) < after:
+            return 0
+        newest: dict[str, tuple[int, int]] = {}
+        for n, part_keys in enumerate(keys):
+            for row, key in enumerate(part_keys or ()):
+                newest[key] = (n, row)
+        pending: list[pa.Table] = []
+        merged: list[Path] = []
+        for n in small:
+            table = self._read_part(parts[n], None)
+            if table is None:
+                continue
+            rows = [row for row, key in enumerate(keys[n]) if newest[key] == (n, row)]
+            if rows:
+                pending.append(table.take(pa.array(rows, pa.int64())))
+            while sum(t.num_rows for t in pending) >= rows_per_part:
+                whole = pa.concat_tables(pending)
+                merged.append(self._write_table(whole.slice(0, rows_per_part)))
+                pending = [whole.slice(rows_per_part)]
+        if sum(t.num_rows for t in pending):
+            merged.append(self._write_table(pa.concat_tables(pending)))
+        kept = {path.name for path in merged}
+        removed = 0
+        for n in small:
+            if parts[n].name not in kept:
+                parts[n].unlink(missing_ok=True)
+                removed += 1
+        return removed
 
     def remove_superseded(self, keep: list[Path]) -> int:
         """Delete parts (other than ``keep``) all of whose item keys are in ``keep``; return how many were removed."""

@@ -19,6 +19,10 @@ from pathlib import Path
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any, Callable, Iterable, Iterator
 
+import logging
+
+import pyarrow.compute as pc
+
 from pipelines.engine import workers as pool
 from pipelines.steps.errors import REASON_CHARS, describe_failure, is_environment_error, one_line
 from pipelines.engine.plan import StagePlan, first_failures
@@ -26,6 +30,8 @@ from pipelines.engine.stages import Stage, find_stage
 from storage.layout import OutputLayout
 from storage.manifest import STATUS_FAILED, STATUS_OK
 from storage.stage_store import ITEM_KEY, OUTPUTS, StageStore, output_records
+
+log = logging.getLogger("structxlip.execute")
 
 
 class StageFailed(RuntimeError):
@@ -169,9 +175,15 @@ def run_plan(plan: StagePlan, layout: OutputLayout, *, refresh: bool,
             unfinished += len(chunks[index][0])
         else:
             results.append(outcome)
-    if refresh and results:
+    if results:
         store = StageStore(layout, plan.stage, plan.stage_key, find_stage(plan.stage, plan.source).schema)
-        store.remove_superseded([store.folder / r["part"] for r in results])
+        if refresh:
+            store.remove_superseded([store.folder / r["part"] for r in results])
+        try:
+            store.compact()
+        except OSError as exc:  # the parts as they are stay valid: the next run compacts them
+            log.warning("%s: could not compact the stage's store parts (%s)", plan.stage,
+                        describe_failure(exc, layout.root))
     summary = summarize(plan, results, chunk_errors, time.perf_counter() - started)
     summary["failed"] += unfinished
     summary["unfinished"] = unfinished
@@ -216,51 +228,97 @@ def summarize(plan: StagePlan, results: list[dict], chunk_errors: list[str], sec
     """Return the stage summary: processed (new ok), cached (reused ok), failed (new + cached), seconds, failures."""
     new_failures = [f for r in results for f in r["failures"]]
     cached_failed = len(plan.cached_failed)
-    processed = sum(r["ok"] for r in results)
-    summary: dict[str, Any] = {
-        "stage": plan.stage,
-        "stage_key": plan.stage_key,
-        "processed": processed,
-        "cached": len(plan.cached) - cached_failed,
-        "failed": len(new_failures) + cached_failed,
-        "failed_cached": cached_failed,
-        "seconds": round(seconds, 3),
-        "failures": first_failures(plan, new_failures),
-        "chunk_errors": chunk_errors,
-        "status": "failed" if chunk_errors else "completed",
-    }
-    definition = find_stage(plan.stage, plan.source)
-    for resolved in definition.summary_params:
-        summary[resolved] = plan.params[resolved]
-    if chunk_errors:
-        summary["error"] = (f"{len(chunk_errors)} chunk(s) failed ({chunk_errors[0]}); fix the cause and run the same "
-                            "command again: finished work is kept")
-    if definition.counts_rows:
-        _manifest_counts(summary, plan, results)
+    summary = _summary(plan.stage, plan.stage_key, plan.params, plan.source, processed=sum(r["ok"] for r in results),
+                       cached=len(plan.cached) - cached_failed, cached_failed=cached_failed, new_failed=len(new_failures),
+                       failures=first_failures(plan, new_failures), chunk_errors=chunk_errors, seconds=seconds)
+    if find_stage(plan.stage, plan.source).counts_rows:
+        stored = [json.loads(r) for result in results for r in result["results"]]
+        stored += [json.loads(row["result"]) for row in plan.cached.values() if row.get("result")]
+        # The first failed rows, by file, from the rows the manifest was built from (this run's plan).
+        built = [row for record in plan.items.values() if isinstance(record, dict)
+                 for row in record.get("rows") or [] if row.get("status") == STATUS_FAILED]
+        _manifest_counts(summary, stored[0] if stored else None, built[:3], written=bool(results))
     return summary
 
 
-def _manifest_counts(summary: dict, plan: StagePlan, results: list[dict]) -> None:
+def cached_summary(pipeline, stage: str) -> dict:
+    """The summary of a stage with nothing pending (what ``summarize`` gives for its plan and no results), column-wise:
+    no record is built for a cached item, so a catalogue of a million images reports its cached run in seconds."""
+    from pipelines.engine.plan import MAX_FAILURES_LISTED
+
+    definition = pipeline.stages[stage]
+    done = pipeline.done_table(stage)
+    failed = done.filter(pc.equal(done.column("status"), STATUS_FAILED))
+    first = failed.sort_by(ITEM_KEY).slice(0, MAX_FAILURES_LISTED).to_pylist()
+    paths = pipeline.source_paths
+
+    def label(row: dict) -> str:  # an item's input record, as far as its label reads it: its file
+        path = row.get("source_path") or paths.get(row.get("image_id"))
+        return definition.label({"image_id": row.get("image_id"), "source_path": path})
+
+    failures = [{"file": label(row), "reason": str(row.get("error") or "unknown"), "cached": True} for row in first]
+    params = definition.params(pipeline.config).model_dump()
+    summary = _summary(stage, pipeline.keys[stage], params, definition.source, processed=0,
+                       cached=done.num_rows - failed.num_rows, cached_failed=failed.num_rows, new_failed=0,
+                       failures=failures, chunk_errors=[], seconds=0.0)
+    if definition.counts_rows:
+        results = [json.loads(r) for r in done.column("result").to_pylist() if r] if "result" in done.column_names else []
+        _manifest_counts(summary, results[0] if results else None, _failed_manifest_rows(pipeline.layout, 3),
+                         written=False)
+    return summary
+
+
+def _summary(stage: str, stage_key: str, params: dict, source: str | None, *, processed: int, cached: int,
+             cached_failed: int, new_failed: int, failures: list[dict], chunk_errors: list[str],
+             seconds: float) -> dict:
+    summary: dict[str, Any] = {
+        "stage": stage,
+        "stage_key": stage_key,
+        "processed": processed,
+        "cached": cached,
+        "failed": new_failed + cached_failed,
+        "failed_cached": cached_failed,
+        "seconds": round(seconds, 3),
+        "failures": failures,
+        "chunk_errors": chunk_errors,
+        "status": "failed" if chunk_errors else "completed",
+    }
+    for resolved in find_stage(stage, source).summary_params:
+        summary[resolved] = params[resolved]
+    if chunk_errors:
+        summary["error"] = (f"{len(chunk_errors)} chunk(s) failed ({chunk_errors[0]}); fix the cause and run the same "
+                            "command again: finished work is kept")
+    return summary
+
+
+def _failed_manifest_rows(layout: OutputLayout, count: int) -> list[dict]:
+    """The first ``count`` failed rows of the manifest on disk, by source path (as the manifest's rows are built)."""
+    from storage.parquet import read_parquet_dir
+
+    table = read_parquet_dir(layout.manifest_dir, columns=["status"])
+    if not table.num_rows:
+        return []
+    failed = pc.equal(table.column("status"), STATUS_FAILED)
+    if not pc.any(failed).as_py():
+        return []
+    rows = read_parquet_dir(layout.manifest_dir, columns=["image_id", "source_path", "error"]).filter(failed)
+    return rows.sort_by("source_path").slice(0, count).to_pylist()
+
+
+def _manifest_counts(summary: dict, info: dict | None, failed_rows: list[dict], *, written: bool) -> None:
     """The manifest is one item, but its table counts rows: written now vs kept, plus duplicates left out."""
-    stored = [json.loads(r) for result in results for r in result["results"]]
-    stored += [json.loads(row["result"]) for row in plan.cached.values() if row.get("result")]
-    if not stored:
+    if info is None:
         return
-    info = stored[0]
-    written = info.get("written_rows", 0) if results else 0
+    written_rows = info.get("written_rows", 0) if written else 0
     rows = info.get("rows", 0)
     failed = rows - info.get("ok", rows)  # rows of images that failed a stage or have no caption
-    # The first failed rows, by file, from the rows the manifest was built from (this run's plan).
-    built = [row for record in plan.items.values() if isinstance(record, dict)
-             for row in record.get("rows") or [] if row.get("status") == STATUS_FAILED]
     failures = [{"file": Path(str(row.get("source_path") or row.get("image_id"))).name,
-                 "reason": str(row.get("error") or "unknown"), "cached": not results}
-                for row in built[:3]]  # as many as the table shows
-    summary.update(processed=written, cached=rows - written, failed=failed, rows=rows, ok=info.get("ok", 0),
+                 "reason": str(row.get("error") or "unknown"), "cached": not written}
+                for row in failed_rows]  # as many as the table shows
+    summary.update(processed=written_rows, cached=rows - written_rows, failed=failed, rows=rows, ok=info.get("ok", 0),
                    duplicates=info.get("duplicates", 0), failures=failures)
 
 
-# ---- the run report ------------------------------------------------------------------------------------------------
 def write_report(pipeline, summaries: list[dict], *, seconds: float, not_run: list[str],
                  stale: list[str] | None = None) -> dict:
     """Write ``OUT/runs/<timestamp>.json`` (every stage summary of this run) and return the report. ``stale``: later

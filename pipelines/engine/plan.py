@@ -16,6 +16,9 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
+import pyarrow.compute as pc
+
 from configs.schema import TINY_CLIP, Config
 from pipelines.engine.stages import (Item, Stage, find_stage, local_workers, registry, stage_keys, text_item_key,
                                      upstream_closure)
@@ -23,7 +26,7 @@ from storage.hashing import content_key
 from storage.layout import OutputLayout
 from storage.manifest import STATUS_FAILED, STATUS_OK
 from storage.parquet import parquet_parts
-from storage.stage_store import StageStore, StoredRows
+from storage.stage_store import ITEM_KEY, StageStore, StoredRows
 
 log = logging.getLogger("structxlip.plan")
 MAX_FAILURES_LISTED = 50
@@ -79,7 +82,9 @@ class Pipeline:
         self.layout = OutputLayout(out_dir)
         self.stages = registry(config)  # every stage of this config, plugins included, in pipeline order
         self.keys = stage_keys(config, self.stages)
-        self._stored: dict[str, StoredRows] = {}
+        self._stored: dict[str, StoredRows] = {}  # every column (the row-wise plan of a stage with work)
+        self._columns: dict[str, StoredRows] = {}  # the columns item keys are derived from (a cached run)
+        self._keys: dict[str, pa.Array] = {}
         self._warned: set[tuple] = set()
         self._items: dict[str, dict[str, Any]] = {}
 
@@ -117,14 +122,14 @@ class Pipeline:
         """Image id -> (every caption, source, note): the union over the image's files (identical bytes), in sorted
         path order, each file's captions in file order; source and note of the first file with a caption."""
         found: dict[str, tuple[list[str], str | None, str | None]] = {}
-        for row in sorted(self.ingest_rows, key=lambda r: r["source_path"]):
-            if row["status"] != STATUS_OK:
-                continue
-            image_id = row["image_id"]
-            own = self.caption_index.captions(row["source_path"])
+        ingest = self.done_table("ingest")
+        ok = ingest.filter(pc.equal(ingest.column("status"), STATUS_OK)).sort_by("source_path")
+        index = self.caption_index
+        for image_id, path in zip(ok.column("image_id").to_pylist(), ok.column("source_path").to_pylist()):
+            own = index.captions(path)
             captions, source, note = found.get(image_id, ([], None, None))
             if not captions and (own or image_id not in found):
-                _caption, source, note = self.caption_of(row["source_path"])
+                _caption, source, note = self.caption_of(path)
             found[image_id] = (captions + [c for c in own if c not in captions], source, note)
         return found
 
@@ -132,30 +137,54 @@ class Pipeline:
         """Return (every caption of the image, first one first; where it came from; a note) over all its files."""
         return self._captions_by_image.get(image_id, ([], None, None))
 
+    def captions_digest(self) -> str:
+        """A key of every current file's captions, source and note as the manifest reads them, column-wise."""
+        from storage.hashing import table_digest
+
+        paths = sorted(self.done_table("ingest").column("source_path").to_pylist())
+        entries = [self.caption_of(path) for path in paths]
+        index = self.caption_index
+        return table_digest(pa.table({
+            "source_path": pa.array(paths, pa.string()),
+            **{name: pa.array([entry[n] for entry in entries], pa.string())
+               for n, name in enumerate(("caption", "source", "note"))},
+            "extras": pa.array([index.captions(path)[1:] for path in paths], pa.list_(pa.string()))}))
+
     @property
     def ingest_rows(self) -> list[dict]:
         """Stored ingest records of the files in the folder now (files not ingested yet are absent)."""
         return list(self.done_rows("ingest").values())
 
-    @property
+    @cached_property
+    def image_table(self) -> pa.Table:
+        """One ``image_id, source_path`` per distinct ingested image (its first path in sorted order), by image id."""
+        ingest = self.done_table("ingest")
+        ok = ingest.filter(pc.equal(ingest.column("status"), STATUS_OK)).select(["image_id", "source_path"])
+        ok = ok.sort_by("source_path")
+        first = pa.table({"image_id": ok.column("image_id"), "_row": pa.array(range(ok.num_rows), pa.int64())})
+        rows = first.group_by("image_id", use_threads=False).aggregate([("_row", "min")]).column("_row_min")
+        return ok.take(rows).sort_by("image_id")
+
+    @cached_property
     def images(self) -> list[dict]:
         """One ``{image_id, source_path}`` per distinct ingested image (first path in sorted order), by image id."""
-        canonical: dict[str, dict] = {}
-        for row in sorted(self.ingest_rows, key=lambda r: r["source_path"]):
-            if row["status"] == STATUS_OK and row["image_id"] not in canonical:
-                canonical[row["image_id"]] = {"image_id": row["image_id"], "source_path": row["source_path"]}
-        return sorted(canonical.values(), key=lambda r: r["image_id"])
+        return self.image_table.to_pylist()
+
+    @cached_property
+    def source_paths(self) -> dict[str, str]:
+        """Image id -> the image's source path (its first file in sorted order)."""
+        table = self.image_table
+        return dict(zip(table.column("image_id").to_pylist(), table.column("source_path").to_pylist()))
 
     @cached_property
     def text_keys(self) -> dict[str, str]:
         """Image id -> text item key (image + its current caption) of every image the caption stage should see."""
         captioner = self.config.captions.captioner
         keys = {}
-        for image in self.images:
-            captions, _source, _note = self.captions_of_image(image["image_id"])
+        for image_id in self.image_table.column("image_id").to_pylist():
+            captions, _source, _note = self.captions_of_image(image_id)
             if captions or captioner:
-                keys[image["image_id"]] = text_item_key(image["image_id"], captions[0] if captions else None,
-                                                        captions[1:])
+                keys[image_id] = text_item_key(image_id, captions[0] if captions else None, captions[1:])
         return keys
 
     # ---- the store ----------------------------------------------------------------------------------------------
@@ -166,6 +195,40 @@ class Pipeline:
         if stage not in self._stored:
             self._stored[stage] = self.store(stage).stored(verify=True)
         return self._stored[stage]
+
+    def stored_columns(self, stage: str) -> StoredRows:
+        """The stage's stored rows, only the columns item keys are derived from (``Stage.key_columns``): what a
+        fully cached run reads, column-wise; the outputs are verified all the same."""
+        if stage in self._stored:
+            return self._stored[stage]
+        if stage not in self._columns:
+            definition = self.stages[stage]
+            columns = [c for c in ("image_id", "status", "error", *definition.key_columns) if c in definition.schema.names]
+            self._columns[stage] = self.store(stage).stored(verify=True, columns=columns)
+        return self._columns[stage]
+
+    def item_keys(self, stage: str) -> pa.Array:
+        """The keys of the stage's current items (``Stage.item_keys``), without their records."""
+        if stage not in self._keys:
+            if stage in self._items:
+                self._keys[stage] = pa.array(list(self._items[stage]), pa.string())
+            else:
+                self._keys[stage] = self.stages[stage].item_keys(self.view_of(stage))
+        return self._keys[stage]
+
+    def done_table(self, stage: str) -> pa.Table:
+        """Valid stored rows of the stage's current items, column-wise (``stored_columns``' columns)."""
+        table = self.stored_columns(stage).done_table()
+        return table.filter(pc.is_in(table.column(ITEM_KEY), value_set=self.item_keys(stage)))
+
+    def pending_count(self, stage: str) -> int:
+        """How many of the stage's current items have no reusable result (what ``plan(stage).pending`` would
+        list), column-wise: no record is built for a cached item."""
+        keys = self.item_keys(stage)
+        done = self.done_table(stage)
+        if self.retry_failed:
+            done = done.filter(pc.equal(done.column("status"), STATUS_OK))
+        return len(keys) - (pc.sum(pc.is_in(keys, value_set=done.column(ITEM_KEY))).as_py() or 0)
 
     def items(self, stage: str) -> dict[str, Any]:
         if stage not in self._items:
@@ -180,7 +243,7 @@ class Pipeline:
         """Valid stored rows of the stage's current items: by image id for image stages, by item key otherwise."""
         done = self.stored(stage).done()
         rows = {}
-        for key in self.items(stage):
+        for key in self.item_keys(stage).to_pylist():
             row = done.get(key)
             if row is not None:
                 rows[row["image_id"] if self.stages[stage].rows_by_image else key] = row
@@ -190,9 +253,9 @@ class Pipeline:
         """Forget what was read for ``stage`` and every later stage (call after ``stage`` wrote new results)."""
         names = list(self.stages)
         for name in names[names.index(stage):]:
-            self._stored.pop(name, None)
-            self._items.pop(name, None)
-        for attr in ("text_keys", "manifest_rows", "_captions_by_image"):
+            for cache in (self._stored, self._columns, self._items, self._keys):
+                cache.pop(name, None)
+        for attr in ("text_keys", "manifest_rows", "_captions_by_image", "image_table", "images", "source_paths"):
             self.__dict__.pop(attr, None)
 
     # ---- plans --------------------------------------------------------------------------------------------------
@@ -311,12 +374,19 @@ class UpstreamView:
     def __getattr__(self, name: str) -> Any:
         return getattr(self._pipeline, name)
 
-    def done_rows(self, stage: str) -> dict[str, dict]:
+    def _check(self, stage: str) -> None:
         if stage not in self._readable:
             upstream = ", ".join(sorted(self._readable - {self._stage})) or "none"
             raise LookupError(f"stage {self._stage} read the rows of stage {stage}, which it does not depend on "
                               f"(its upstream stages: {upstream}): add {stage} to its upstream")
+
+    def done_rows(self, stage: str) -> dict[str, dict]:
+        self._check(stage)
         return self._pipeline.done_rows(stage)
+
+    def done_table(self, stage: str) -> pa.Table:
+        self._check(stage)
+        return self._pipeline.done_table(stage)
 
 
 # ---- preflight ---------------------------------------------------------------------------------------------------
@@ -342,7 +412,7 @@ def stale_stages(pipeline: Pipeline, ran: list[str]) -> list[str]:
     stale: list[str] = []
     upstream_stale = False
     for stage in names[names.index(ran[-1]) + 1:]:
-        upstream_stale = upstream_stale or bool(pipeline.plan(stage).pending)
+        upstream_stale = upstream_stale or bool(pipeline.pending_count(stage))
         # Only a stage with results on disk (under any key) can be out of date; one never run is just not run.
         if upstream_stale and any(pipeline.layout.stage_dir(stage, "any").parent.glob("*/part-*.parquet")):
             stale.append(stage)
@@ -352,7 +422,7 @@ def stale_stages(pipeline: Pipeline, ran: list[str]) -> list[str]:
 def stages_with_work(pipeline: Pipeline, stages: list[str], refresh: set[str]) -> list[str]:
     """Return the selected stages that may have work: from the first one with pending items (or refreshed) on."""
     for index, stage in enumerate(stages):
-        if stage in refresh or pipeline.plan(stage).pending:
+        if stage in refresh or pipeline.pending_count(stage):
             return stages[index:]
     return []
 

@@ -22,10 +22,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, ClassVar, Literal, NamedTuple, Protocol
 
 import pyarrow as pa
+import pyarrow.compute as pc
 from pydantic import BaseModel, ConfigDict
 
 from configs.schema import TINY_CLIP, Config
-from storage.hashing import content_key, file_digest
+from storage.hashing import content_key, file_digest, table_digest
 from storage.layout import OutputLayout
 from storage.manifest import EXTRA_CAPTION_TYPE, SEGMENT_TYPE, STATUS_FAILED, STATUS_OK
 from pipelines.engine.workers import usable_cpus
@@ -273,6 +274,16 @@ class PipelineView(Protocol):
 
     def done_rows(self, stage: str) -> dict[str, dict]: ...
 
+    def done_table(self, stage: str) -> pa.Table: ...
+
+    @property
+    def image_table(self) -> pa.Table: ...
+
+    @property
+    def source_paths(self) -> dict[str, str]: ...
+
+    def captions_digest(self) -> str: ...
+
     def captions_of_image(self, image_id: str) -> tuple[list[str], str | None, str | None]: ...
 
     def manifest_digest(self) -> str | None: ...
@@ -308,6 +319,8 @@ class Stage:
     report: ClassVar[str | None] = None  # the report published after it computed: quality, training, evaluation
     summary_params: ClassVar[tuple[str, ...]] = ()  # resolved parameters repeated in its summary (backend: kornia)
     source: str | None = None  # the plugin file that defines the stage (None: built in)
+    # Stored columns, besides item_key, image_id, status and error, that item_keys (its own or a later stage's) read.
+    key_columns: ClassVar[tuple[str, ...]] = ()
 
     def worker_skips(self, params: dict) -> tuple[str, ...]:
         """Installed modules its worker processes never import (ImportError there): ones a library imports when
@@ -339,6 +352,11 @@ class Stage:
     def items(self, pipeline: PipelineView) -> list[Item]:
         """Return every current ``(item_key, record)`` this stage should have a result for."""
         raise NotImplementedError
+
+    def item_keys(self, pipeline: PipelineView) -> pa.Array:
+        """Return the keys of ``items`` without building their records (planning a fully cached run, column-wise):
+        by default the keys of ``items``; the built-in stages derive them from stored columns (``done_table``)."""
+        return pa.array([key for key, _record in self.items(pipeline)], pa.string())
 
     def refreshed(self, runtime: dict) -> dict:
         """Return the runtime settings of a forced recompute (``--refresh``): the same by default."""
@@ -429,6 +447,11 @@ def _structure_rows(pipeline: PipelineView, *, regions: bool, captions: bool) ->
     return rows
 
 
+def ok_image_ids(done: pa.Table) -> list[str]:
+    """Image ids of the ok rows of a stage's ``done_table``."""
+    return done.filter(pc.equal(done.column("status"), STATUS_OK)).column("image_id").to_pylist()
+
+
 def row_schema(*fields: pa.Field) -> pa.Schema:
     """Return the Parquet schema of a stage's stored rows: the item key, image id, status, error and output files
     every row has, then ``fields``."""
@@ -459,8 +482,13 @@ class Ingest(Stage):
                             max_aspect_ratio=i.max_aspect_ratio, max_file_bytes=i.max_file_bytes,
                             follow_symlinks=i.follow_symlinks)
 
+    key_columns = ("source_path",)
+
     def items(self, pipeline):
         return [(f.file_key, f) for f in pipeline.scan.files]
+
+    def item_keys(self, pipeline):
+        return pa.array([f.file_key for f in pipeline.scan.files], pa.string())
 
     def run(self, records, *, layout, stage_key, params, runtime):
         from pipelines.steps.ingest import ingest_images
@@ -512,6 +540,9 @@ class Structure(Stage):
 
     def items(self, pipeline):
         return [(i["image_id"], i) for i in pipeline.images]
+
+    def item_keys(self, pipeline):
+        return pipeline.image_table.column("image_id").combine_chunks()
 
     def run(self, records, *, layout, stage_key, params, runtime):
         from pipelines.steps.structure import extract_structure
@@ -585,6 +616,9 @@ class Regions(Stage):
         return [(i["image_id"], {**i, "structure_path": structure[i["image_id"]]["structure_path"]})
                 for i in pipeline.images if structure.get(i["image_id"], {}).get("status") == STATUS_OK]
 
+    def item_keys(self, pipeline):
+        return pa.array(ok_image_ids(pipeline.done_table("structure")), pa.string())
+
     def run(self, records, *, layout, stage_key, params, runtime):
         from pipelines.steps.regions import propose_regions
 
@@ -621,6 +655,7 @@ class Captions(Stage):
     gallery = "regions"  # the regions gallery again, now with each region's sentence and score
     modules = ("pipelines.steps.captions",)
     upstream = ("regions",)
+    key_columns = ("caption",)  # the filter's items: the ok rows with a caption
     schema = pa.schema([*_STATUS, pa.field("caption", pa.string()), pa.field("caption_source", pa.string()),
                         pa.field("segments", pa.list_(SEGMENT_TYPE))])
 
@@ -665,6 +700,11 @@ class Captions(Stage):
             items.append((key, {**image, "caption": caption, "caption_source": caption_source,
                                 "segments": region["segments"]}))
         return items
+
+    def item_keys(self, pipeline):
+        text_keys = pipeline.text_keys
+        keys = (text_keys.get(image_id) for image_id in ok_image_ids(pipeline.done_table("regions")))
+        return pa.array([key for key in keys if key is not None], pa.string())
 
     def run(self, records, *, layout, stage_key, params, runtime):
         from pipelines.steps import captions as library
@@ -755,12 +795,20 @@ class Filter(Stage):
         items = []
         for image_id, row in captions.items():
             if row["status"] == STATUS_OK and row.get("caption"):
-                record = {"image_id": image_id, "caption": row["caption"], "segments": row["segments"]}
+                record = {"image_id": image_id, "source_path": pipeline.source_paths.get(image_id),
+                          "caption": row["caption"], "segments": row["segments"]}
                 extra = pipeline.captions_of_image(image_id)[0][1:]
                 if extra:  # the other captions of a multi-caption image are filtered too
                     record["extra_captions"] = extra
                 items.append((pipeline.text_keys[image_id], record))
         return items
+
+    def item_keys(self, pipeline):
+        done = pipeline.done_table("captions")
+        captioned = done.filter(pc.and_(pc.equal(done.column("status"), STATUS_OK),
+                                        pc.greater(pc.utf8_length(done.column("caption")), 0)))
+        text_keys = pipeline.text_keys
+        return pa.array([text_keys[image_id] for image_id in captioned.column("image_id").to_pylist()], pa.string())
 
     def run(self, records, *, layout, stage_key, params, runtime):
         from pipelines.steps.filtering import CaptionFilter
@@ -811,13 +859,31 @@ class Manifest(Stage):
     def refreshed(self, runtime):
         return {**runtime, "rewrite": True}  # --refresh manifest rewrites every part (swapped in atomically)
 
+    key_columns = ("result",)
+
     def items(self, pipeline):
         built = pipeline.manifest_rows
         record = {"rows": built.rows, "duplicates": built.duplicates}
         fields = [field for stage in pipeline.stages.values() for field in stage.manifest_fields]
         if fields:  # plugin stages' columns, after the built-in ones
             record["fields"] = fields
-        return [(content_key("manifest", built.rows, length=32), record)]
+        return [(self.item_key(pipeline), record)]
+
+    def item_keys(self, pipeline):
+        return pa.array([self.item_key(pipeline)], pa.string())
+
+    def item_key(self, pipeline: PipelineView) -> str:
+        """The manifest's one item, named by what its rows are built from, column-wise (no rows built): the
+        current results of every stage it joins (item key, status, error: a row's other values follow from its item
+        key under the stage key, which the manifest's stage key covers) and every file's captions. The rules joining
+        them are ``pipelines.steps.manifest`` and the stages' ``join_manifest``: a change to either bumps that
+        module's ``VERSION``."""
+        joined = sorted(upstream_closure(pipeline.stages, "manifest") | {"ingest"})
+        results = {}
+        for name in joined:
+            done = pipeline.done_table(name).select([ITEM_KEY, "status", "error"])
+            results[name] = table_digest(done.sort_by(ITEM_KEY))
+        return content_key("manifest", results, pipeline.captions_digest(), length=32)
 
     def run(self, records, *, layout, stage_key, params, runtime):
         from pipelines.steps.manifest import write_manifest

@@ -4,7 +4,6 @@ failed rows included."""
 from __future__ import annotations
 
 import json
-from types import SimpleNamespace
 
 from pipelines.engine.execute import _manifest_counts, format_summary
 
@@ -52,11 +51,9 @@ def test_failures_without_a_listing_are_counted_not_called_more():
 def _manifest_summary(rows: list[dict], written: int) -> dict:
     ok = sum(r["status"] == "ok" for r in rows)
     info = {"rows": len(rows), "ok": ok, "written_rows": written, "duplicates": 0}
-    results = [{"results": [json.dumps(info)]}] if written else []
-    cached = {} if written else {"k": {"result": json.dumps(info)}}
-    plan = SimpleNamespace(items={"k": {"rows": rows, "duplicates": []}}, cached=cached)
     summary = {"stage": "manifest", "processed": 0, "cached": 1, "failed": 0, "seconds": 0.1, "failures": []}
-    _manifest_counts(summary, plan, results)
+    failed = [row for row in rows if row["status"] == "failed"]
+    _manifest_counts(summary, json.loads(json.dumps(info)), failed[:3], written=bool(written))
     return summary
 
 

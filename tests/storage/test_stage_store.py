@@ -96,3 +96,31 @@ def test_schemaless_store_infers_columns(tmp_path):
     store.write_part([{"item_key": "m", "result": "{}"}])
     assert pq.read_table(store.parts()[0]).column_names == ["item_key", "result"]
     assert store.read().to_pylist() == [{"item_key": "m", "result": "{}"}]
+
+
+def _write_in_order(store, parts: list[list[tuple[str, str]]]) -> None:
+    """Write parts oldest first (distinct modification times), each ``[(item_key, status)]``."""
+    for number, rows in enumerate(parts):
+        path = store.write_part([{"item_key": k, "image_id": k, "status": s, "segments": []} for k, s in rows])
+        os.utime(path, ns=(10**18 + number * 10**9,) * 2)
+
+
+def test_compaction_merges_small_parts_keeping_each_keys_newest_row(store):
+    # 6 small parts: key "k3" rewritten twice; a 5-row part counts as big (rows_per_part=5) and is newer than the
+    # first small parts: its "k0" beats theirs, while a later small part's "k9" beats the big part's.
+    parts = [[("k0", "old"), ("k1", "ok")], [("k2", "ok"), ("k3", "old")], [("k3", "older?")],
+             [("k0", "big"), ("k9", "old"), ("x1", "ok"), ("x2", "ok"), ("x3", "ok")],
+             [("k3", "new"), ("k4", "ok")], [("k5", "ok")], [("k9", "new")]]
+    _write_in_order(store, parts)
+    before = {r["item_key"]: r["status"] for r in store.read().to_pylist()}
+    assert before["k0"] == "big" and before["k3"] == "new" and before["k9"] == "new"
+    assert store.compact(rows_per_part=5, after=7) == 0  # fewer small parts than asked for: nothing changes
+    assert len(store.parts()) == 7
+    removed = store.compact(rows_per_part=5, after=6)
+    # the merged remainder holds only "k9", as the last small part did: the same name, so that part was rewritten
+    assert removed == 5
+    # the 6 small parts' 7 winning rows (k1 k2 k3 k4 k5 k9, and not k0) became one full part and one of 1 row
+    sizes = sorted(pq.ParquetFile(p).metadata.num_rows for p in store.parts())
+    assert sizes == [1, 5, 5]
+    assert {r["item_key"]: r["status"] for r in store.read().to_pylist()} == before
+    assert store.compact(rows_per_part=5, after=2) == 0  # one small part left
