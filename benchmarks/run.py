@@ -41,7 +41,7 @@ def _module_run(name: str) -> Callable[[bool], BenchmarkResult]:
 # name -> function(quick) returning a BenchmarkResult. Extension point: add a module with run(quick) and its name here.
 BENCHMARKS: dict[str, Callable[[bool], BenchmarkResult]] = {
     name: _module_run(name)
-    for name in ("structure", "regions", "local_loss", "scale", "clip_scoring", "training", "gpu")
+    for name in ("structure", "regions", "local_loss", "scale", "catalogue", "clip_scoring", "training", "gpu")
 }
 
 # name -> function returning why the benchmark cannot run on this machine (one line), or None: a skipped benchmark
