@@ -350,6 +350,35 @@ def test_invalid_utf8_in_captions_files_is_reported_like_a_sidecar(tmp_path):
     assert index.get(str(tmp_path / "b.png")).caption == "Caf\ufffd."
 
 
+@pytest.mark.parametrize("tail", [b"", b'{"file": "c.png", "caption": "Bad \xff byte."}\n'])
+def test_byte_order_marks_open_any_line_of_a_jsonl(tmp_path, tail):
+    # Two files concatenated: each starts with a byte order mark. Valid UTF-8 throughout is decoded in one go, a file
+    # with a bad byte line by line: the marks are dropped the same way.
+    for name in ("a.png", "b.png", "c.png"):
+        _tiny(tmp_path / name)
+    bom = b"\xef\xbb\xbf"
+    (tmp_path / "captions.jsonl").write_bytes(bom + b'{"file": "a.png", "caption": "First."}\n'
+                                              + bom + b'{"file": "b.png", "caption": "Second."}\n' + tail)
+    index = read_captions(tmp_path, scan_images(tmp_path, extensions=EXTENSIONS).files)
+    assert index.get(str(tmp_path / "a.png")).caption == "First."
+    assert index.get(str(tmp_path / "b.png")).caption == "Second."
+    assert [p["line"] for p in index.problems] == ([3] if tail else [])
+
+
+def test_sidecars_are_found_by_name_through_links_and_beside_dotted_names(tmp_path):
+    for name in ("a.b.png", "plain.png", "linked.png", "nosidecar.png"):
+        _tiny(tmp_path / "sub" / name)
+    (tmp_path / "sub" / "a.b.txt").write_text("Dotted name.", encoding="utf-8")
+    (tmp_path / "sub" / "plain.txt").write_text("Plain name.", encoding="utf-8")
+    (tmp_path / "elsewhere.txt").write_text("Through a link.", encoding="utf-8")
+    (tmp_path / "sub" / "linked.txt").symlink_to(tmp_path / "elsewhere.txt")
+    (tmp_path / "sub" / "nosidecar.txt").mkdir()  # a folder is no sidecar
+    index = read_captions(tmp_path, scan_images(tmp_path, extensions=EXTENSIONS).files)
+    captions = {Path(path).name: entry.caption for path, entry in index.entries.items()}
+    assert captions == {"a.b.png": "Dotted name.", "plain.png": "Plain name.", "linked.png": "Through a link.",
+                        "nosidecar.png": None}
+
+
 @pytest.mark.parametrize("raw, expected", [
     ("&lt;img src=x onerror=alert(1)&gt;A cat.", "A cat."),  # escaped tag: decoded first, then removed
     ("A <script>alert('x')</script>dog.", "A dog."),
