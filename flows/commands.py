@@ -133,7 +133,7 @@ def execute(
 
 def _execute(started, images_dir, out_dir, *, config_path, stages, refresh, runner, dask_address, overrides,
              retry_failed, command) -> dict:
-    from pipelines.engine.execute import cached_summary, format_summary, write_report
+    from pipelines.engine.execute import format_summary, summarize, write_report
     from pipelines.engine.plan import Pipeline, missing_inputs, preflight, resolve_config, stale_stages, stages_with_work
     from pipelines.engine.stages import parse_stages
     from storage import lock
@@ -162,7 +162,7 @@ def _execute(started, images_dir, out_dir, *, config_path, stages, refresh, runn
                 server = interrupts.own(ApiServer())  # starts now: its start-up overlaps the planning below
             with_work = stages_with_work(pipeline, selected, set(refreshed))
             if not with_work and not api_url:
-                summaries = [cached_summary(pipeline, stage) for stage in selected]  # column-wise
+                summaries = [summarize(pipeline.plan(stage), [], [], 0.0) for stage in selected]
                 report = write_report(pipeline, summaries, seconds=time.perf_counter() - started, not_run=[],
                                       stale=stale_stages(pipeline, selected))
                 from pipelines.reporting.report import refresh_explorer  # no Prefect import: a cached run never starts it

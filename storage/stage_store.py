@@ -26,7 +26,7 @@ from storage.parquet import parquet_parts, read_part, write_parquet_atomic
 # parts, each costing ~1 ms to open on every run. Once COMPACT_AFTER parts of fewer than COMPACT_ROWS rows exist, they
 # are merged into parts of COMPACT_ROWS rows (``StageStore.compact``): a store holds at most N / COMPACT_ROWS + a few
 # dozen parts, and an incremental run merges only the small ones.
-COMPACT_ROWS = 65_536
+COMPACT_ROWS = 16_384
 COMPACT_AFTER = 16
 ITEM_KEY = "item_key"
 OUTPUTS = "outputs"

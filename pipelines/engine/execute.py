@@ -227,44 +227,23 @@ def execute_inline(plan: StagePlan, layout: OutputLayout
 def summarize(plan: StagePlan, results: list[dict], chunk_errors: list[str], seconds: float) -> dict:
     """Return the stage summary: processed (new ok), cached (reused ok), failed (new + cached), seconds, failures."""
     new_failures = [f for r in results for f in r["failures"]]
-    cached_failed = len(plan.cached_failed)
+    cached_failed = plan.cached_failed
     summary = _summary(plan.stage, plan.stage_key, plan.params, plan.source, processed=sum(r["ok"] for r in results),
-                       cached=len(plan.cached) - cached_failed, cached_failed=cached_failed, new_failed=len(new_failures),
-                       failures=first_failures(plan, new_failures), chunk_errors=chunk_errors, seconds=seconds)
+                       cached=plan.cached.num_rows - cached_failed, cached_failed=cached_failed,
+                       new_failed=len(new_failures), failures=first_failures(plan, new_failures),
+                       chunk_errors=chunk_errors, seconds=seconds)
     if find_stage(plan.stage, plan.source).counts_rows:
         stored = [json.loads(r) for result in results for r in result["results"]]
-        stored += [json.loads(row["result"]) for row in plan.cached.values() if row.get("result")]
-        # The first failed rows, by file, from the rows the manifest was built from (this run's plan).
-        built = [row for record in plan.items.values() if isinstance(record, dict)
+        if "result" in plan.cached.column_names:
+            stored += [json.loads(r) for r in plan.cached.column("result").to_pylist() if r]
+        # The first failed rows, by file: from the rows the manifest was built from (this run's plan), else the
+        # manifest's own.
+        built = [row for _key, record in plan.pending if isinstance(record, dict)
                  for row in record.get("rows") or [] if row.get("status") == STATUS_FAILED]
-        _manifest_counts(summary, stored[0] if stored else None, built[:3], written=bool(results))
-    return summary
-
-
-def cached_summary(pipeline, stage: str) -> dict:
-    """The summary of a stage with nothing pending (what ``summarize`` gives for its plan and no results), column-wise:
-    no record is built for a cached item, so a catalogue of a million images reports its cached run in seconds."""
-    from pipelines.engine.plan import MAX_FAILURES_LISTED
-
-    definition = pipeline.stages[stage]
-    done = pipeline.done_table(stage)
-    failed = done.filter(pc.equal(done.column("status"), STATUS_FAILED))
-    first = failed.sort_by(ITEM_KEY).slice(0, MAX_FAILURES_LISTED).to_pylist()
-    paths = pipeline.source_paths
-
-    def label(row: dict) -> str:  # an item's input record, as far as its label reads it: its file
-        path = row.get("source_path") or paths.get(row.get("image_id"))
-        return definition.label({"image_id": row.get("image_id"), "source_path": path})
-
-    failures = [{"file": label(row), "reason": str(row.get("error") or "unknown"), "cached": True} for row in first]
-    params = definition.params(pipeline.config).model_dump()
-    summary = _summary(stage, pipeline.keys[stage], params, definition.source, processed=0,
-                       cached=done.num_rows - failed.num_rows, cached_failed=failed.num_rows, new_failed=0,
-                       failures=failures, chunk_errors=[], seconds=0.0)
-    if definition.counts_rows:
-        results = [json.loads(r) for r in done.column("result").to_pylist() if r] if "result" in done.column_names else []
-        _manifest_counts(summary, results[0] if results else None, _failed_manifest_rows(pipeline.layout, 3),
-                         written=False)
+        failures = [{"file": Path(str(row.get("source_path") or row.get("image_id"))).name,
+                     "reason": str(row.get("error") or "unknown"), "cached": not results} for row in built[:3]]
+        _manifest_counts(summary, stored[0] if stored else None, failures if plan.pending else plan.cached_failures,
+                         written=bool(results))
     return summary
 
 
@@ -291,30 +270,14 @@ def _summary(stage: str, stage_key: str, params: dict, source: str | None, *, pr
     return summary
 
 
-def _failed_manifest_rows(layout: OutputLayout, count: int) -> list[dict]:
-    """The first ``count`` failed rows of the manifest on disk, by source path (as the manifest's rows are built)."""
-    from storage.parquet import read_parquet_dir
-
-    table = read_parquet_dir(layout.manifest_dir, columns=["status"])
-    if not table.num_rows:
-        return []
-    failed = pc.equal(table.column("status"), STATUS_FAILED)
-    if not pc.any(failed).as_py():
-        return []
-    rows = read_parquet_dir(layout.manifest_dir, columns=["image_id", "source_path", "error"]).filter(failed)
-    return rows.sort_by("source_path").slice(0, count).to_pylist()
-
-
-def _manifest_counts(summary: dict, info: dict | None, failed_rows: list[dict], *, written: bool) -> None:
-    """The manifest is one item, but its table counts rows: written now vs kept, plus duplicates left out."""
+def _manifest_counts(summary: dict, info: dict | None, failures: list[dict], *, written: bool) -> None:
+    """The manifest is one item, but its table counts rows: written now vs kept, plus duplicates left out;
+    ``failures``: its first failed rows, as many as the table shows."""
     if info is None:
         return
     written_rows = info.get("written_rows", 0) if written else 0
     rows = info.get("rows", 0)
     failed = rows - info.get("ok", rows)  # rows of images that failed a stage or have no caption
-    failures = [{"file": Path(str(row.get("source_path") or row.get("image_id"))).name,
-                 "reason": str(row.get("error") or "unknown"), "cached": not written}
-                for row in failed_rows]  # as many as the table shows
     summary.update(processed=written_rows, cached=rows - written_rows, failed=failed, rows=rows, ok=info.get("ok", 0),
                    duplicates=info.get("duplicates", 0), failures=failures)
 

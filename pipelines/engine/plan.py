@@ -46,15 +46,18 @@ def auto_chunk_size(pending: int, slots: int) -> int:
 
 @dataclass
 class StagePlan:
-    """One stage's work for this run: its key, every current item, the pending ones and the cached results."""
+    """One stage's work for this run: its key, the pending items (with their input records) and the cached results
+    (column-wise: no record or row dict is built for a cached item)."""
 
     stage: str
     stage_key: str
     params: dict
     runtime: dict
-    items: dict[str, Any]  # item key -> input record, every current item
     pending: list[Item]
-    cached: dict[str, dict] = field(default_factory=dict)  # item key -> stored row reused as is
+    # The stored rows reused as they are: item_key, image_id, status, error and the stage's key columns.
+    cached: pa.Table = field(default_factory=lambda: pa.table({ITEM_KEY: pa.array([], pa.string())}))
+    # The first MAX_FAILURES_LISTED cached failures, {file, reason, cached}; the manifest's: its first failed rows.
+    cached_failures: list[dict] = field(default_factory=list)
     invalid: dict[str, str] = field(default_factory=dict)  # item key -> why its stored outputs were not reused
     chunk_size: int = 64  # items per chunk task (1 for a whole-dataset stage)
     workers: int = 1  # chunks computed at a time
@@ -62,8 +65,11 @@ class StagePlan:
     source: str | None = None  # the plugin file defining the stage (worker processes import it), None: built in
 
     @property
-    def cached_failed(self) -> list[dict]:
-        return [row for row in self.cached.values() if row.get("status") == STATUS_FAILED]
+    def cached_failed(self) -> int:
+        """How many cached results are failures."""
+        if not self.cached.num_rows:
+            return 0
+        return pc.sum(pc.equal(self.cached.column("status"), STATUS_FAILED)).as_py() or 0
 
 
 class Pipeline:
@@ -193,7 +199,13 @@ class Pipeline:
 
     def stored(self, stage: str) -> StoredRows:
         if stage not in self._stored:
-            self._stored[stage] = self.store(stage).stored(verify=True)
+            checked = self._columns.get(stage)
+            if checked is None:
+                self._stored[stage] = self.store(stage).stored(verify=True)
+            else:  # the same parts, their outputs already checked (unreadable parts already moved aside)
+                full = self.store(stage).stored(verify=False)
+                self._stored[stage] = StoredRows(table=full.table, invalid=checked.invalid,
+                                                 quarantined=checked.quarantined)
         return self._stored[stage]
 
     def stored_columns(self, stage: str) -> StoredRows:
@@ -255,25 +267,40 @@ class Pipeline:
         for name in names[names.index(stage):]:
             for cache in (self._stored, self._columns, self._items, self._keys):
                 cache.pop(name, None)
-        for attr in ("text_keys", "manifest_rows", "_captions_by_image", "image_table", "images", "source_paths"):
+        later = names[names.index(stage):]
+        # The images and their captions follow from the ingest rows (and the folder's captions) alone.
+        derived = ("text_keys", "_captions_by_image", "image_table", "images", "source_paths") if "ingest" in later else ()
+        for attr in ("manifest_rows", *derived):
             self.__dict__.pop(attr, None)
 
     # ---- plans --------------------------------------------------------------------------------------------------
     def plan(self, stage: str, *, refresh: bool = False) -> StagePlan:
-        """Return what ``stage`` has to do now (everything when ``refresh``)."""
+        """Return what ``stage`` has to do now (everything when ``refresh``): input records for the pending items
+        only (``Stage.pending_items``); the cached results stay columns."""
         definition: Stage = self.stages[stage]
-        items = self.items(stage)
-        stored = self.stored(stage)
-        done = {} if refresh else stored.done()
-        if self.retry_failed:
-            done = {k: row for k, row in done.items() if row.get("status") != STATUS_FAILED}
-        invalid = {} if refresh else {k: why for k, why in stored.invalid.items() if k in items}
+        keys = self.item_keys(stage)
+        stored = self.stored_columns(stage)
+        done = self.done_table(stage)
+        if refresh:
+            done = done.slice(0, 0)
+        elif self.retry_failed:
+            done = done.filter(pc.not_equal(done.column("status"), STATUS_FAILED))
+        invalid = {}
+        if stored.invalid and not refresh:
+            named = pa.array(list(stored.invalid), pa.string())
+            current = named.filter(pc.is_in(named, value_set=keys)).to_pylist()
+            invalid = {key: stored.invalid[key] for key in current}
         if invalid and (stage, frozenset(invalid)) not in self._warned:  # each warning once per run
             self._warned.add((stage, frozenset(invalid)))
             example = next(iter(invalid.values()))
             log.warning("%s: %d item(s) with missing or changed outputs will be recomputed (e.g. %s)", stage,
                         len(invalid), example)
-        pending = [(k, r) for k, r in items.items() if k not in done]
+        missing = keys.filter(pc.invert(pc.is_in(keys, value_set=done.column(ITEM_KEY))))
+        pending = []
+        if len(missing):
+            wanted = set(missing.to_pylist())
+            pending = sorted(((k, r) for k, r in definition.pending_items(self.view_of(stage), wanted)),
+                             key=lambda item: item[0])
         runtime = definition.runtime(self.config)
         params = definition.params(self.config).model_dump()
         settings = self.config.runtime
@@ -287,10 +314,36 @@ class Pipeline:
         else:
             chunk_size = settings.chunk_size
         return StagePlan(stage=stage, stage_key=self.keys[stage], params=params,
-                         runtime=definition.refreshed(runtime) if refresh else runtime,
-                         items=items, pending=pending, cached={k: done[k] for k in items if k in done},
-                         invalid=invalid, chunk_size=chunk_size, workers=workers, processes=processes,
-                         source=definition.source)
+                         runtime=definition.refreshed(runtime) if refresh else runtime, pending=pending, cached=done,
+                         cached_failures=self._cached_failures(definition, done), invalid=invalid,
+                         chunk_size=chunk_size, workers=workers, processes=processes, source=definition.source)
+
+    def _cached_failures(self, definition: Stage, done: pa.Table) -> list[dict]:
+        """The first cached failures, ``{file, reason, cached}``, by item key; the file named as ``Stage.label``
+        names it from an item's record (its source path). The manifest's: its first failed rows on disk."""
+        if definition.counts_rows:
+            return [{"file": Path(str(row.get("source_path") or row.get("image_id"))).name,
+                     "reason": str(row.get("error") or "unknown"), "cached": True}
+                    for row in failed_manifest_rows(self.layout, 3)]
+        if not done.num_rows:
+            return []
+        failed = done.filter(pc.equal(done.column("status"), STATUS_FAILED))
+        first = failed.sort_by(ITEM_KEY).slice(0, MAX_FAILURES_LISTED).to_pylist()
+        paths = self.source_paths if first else {}
+
+        def label(row: dict) -> str:
+            path = row.get("source_path") or paths.get(row.get("image_id"))
+            return definition.label({"image_id": row.get("image_id"), "source_path": path})
+
+        return [{"file": label(row), "reason": str(row.get("error") or "unknown"), "cached": True} for row in first]
+
+    def rows_of(self, stage: str, keys: set[str]) -> dict[str, dict]:
+        """Every column of the stage's valid stored rows of ``keys`` (item keys), by item key: the few rows the pending
+        items of a later stage read, without a dict for each stored row."""
+        stored = self.stored(stage)
+        table = stored.done_table()
+        wanted = table.filter(pc.is_in(table.column(ITEM_KEY), value_set=pa.array(sorted(keys), pa.string())))
+        return {row[ITEM_KEY]: row for row in wanted.to_pylist()}
 
     @cached_property
     def manifest_rows(self):
@@ -323,15 +376,22 @@ def _exclude(images_dir: Path, out_dir: Path) -> dict:
 
 def first_failures(plan: StagePlan, new_failures: list[dict]) -> list[dict]:
     """Return up to ``MAX_FAILURES_LISTED`` ``{file, reason}``: this run's failures first, then cached ones."""
-    definition = find_stage(plan.stage, plan.source)
     listed = list(new_failures[:MAX_FAILURES_LISTED])
-    for key, row in plan.cached.items():
-        if len(listed) >= MAX_FAILURES_LISTED:
-            break
-        if row.get("status") == STATUS_FAILED:
-            listed.append({"file": definition.label(plan.items[key]), "reason": str(row.get("error") or "unknown"),
-                           "cached": True})
-    return listed
+    return listed + plan.cached_failures[:MAX_FAILURES_LISTED - len(listed)]
+
+
+def failed_manifest_rows(layout: OutputLayout, count: int) -> list[dict]:
+    """The first ``count`` failed rows of the manifest on disk, by source path (as the manifest's rows are built)."""
+    from storage.parquet import read_parquet_dir
+
+    table = read_parquet_dir(layout.manifest_dir, columns=["status"])
+    if not table.num_rows:
+        return []
+    failed = pc.equal(table.column("status"), STATUS_FAILED)
+    if not pc.any(failed).as_py():
+        return []
+    rows = read_parquet_dir(layout.manifest_dir, columns=["image_id", "source_path", "error"]).filter(failed)
+    return rows.sort_by("source_path").slice(0, count).to_pylist()
 
 
 # ---- the config of a run ---------------------------------------------------------------------------------------------

@@ -276,6 +276,8 @@ class PipelineView(Protocol):
 
     def done_table(self, stage: str) -> pa.Table: ...
 
+    def rows_of(self, stage: str, keys: set[str]) -> dict[str, dict]: ...
+
     @property
     def image_table(self) -> pa.Table: ...
 
@@ -354,9 +356,14 @@ class Stage:
         raise NotImplementedError
 
     def item_keys(self, pipeline: PipelineView) -> pa.Array:
-        """Return the keys of ``items`` without building their records (planning a fully cached run, column-wise):
-        by default the keys of ``items``; the built-in stages derive them from stored columns (``done_table``)."""
+        """Return the keys of ``items`` without building their records (planning, column-wise): by default the keys
+        of ``items``; the built-in stages derive them from stored columns (``done_table``)."""
         return pa.array([key for key, _record in self.items(pipeline)], pa.string())
+
+    def pending_items(self, pipeline: PipelineView, keys: set[str]) -> list[Item]:
+        """Return the items of ``keys`` (current item keys without a reusable result) with their records, the same
+        as ``items`` gives them: by default picked from ``items``; the built-in stages build only these records."""
+        return [(key, record) for key, record in self.items(pipeline) if key in keys]
 
     def refreshed(self, runtime: dict) -> dict:
         """Return the runtime settings of a forced recompute (``--refresh``): the same by default."""
@@ -447,6 +454,12 @@ def _structure_rows(pipeline: PipelineView, *, regions: bool, captions: bool) ->
     return rows
 
 
+def _images_of(pipeline: PipelineView, ids: set[str]) -> list[dict]:
+    """``{image_id, source_path}`` of the images ``ids`` (as ``pipeline.images`` lists them), without the others."""
+    table = pipeline.image_table
+    return table.filter(pc.is_in(table.column("image_id"), value_set=pa.array(sorted(ids), pa.string()))).to_pylist()
+
+
 def ok_image_ids(done: pa.Table) -> list[str]:
     """Image ids of the ok rows of a stage's ``done_table``."""
     return done.filter(pc.equal(done.column("status"), STATUS_OK)).column("image_id").to_pylist()
@@ -489,6 +502,9 @@ class Ingest(Stage):
 
     def item_keys(self, pipeline):
         return pa.array([f.file_key for f in pipeline.scan.files], pa.string())
+
+    def pending_items(self, pipeline, keys):
+        return [(key, f) for f in pipeline.scan.files if (key := f.file_key) in keys]
 
     def run(self, records, *, layout, stage_key, params, runtime):
         from pipelines.steps.ingest import ingest_images
@@ -543,6 +559,9 @@ class Structure(Stage):
 
     def item_keys(self, pipeline):
         return pipeline.image_table.column("image_id").combine_chunks()
+
+    def pending_items(self, pipeline, keys):
+        return [(image["image_id"], image) for image in _images_of(pipeline, keys)]
 
     def run(self, records, *, layout, stage_key, params, runtime):
         from pipelines.steps.structure import extract_structure
@@ -618,6 +637,11 @@ class Regions(Stage):
 
     def item_keys(self, pipeline):
         return pa.array(ok_image_ids(pipeline.done_table("structure")), pa.string())
+
+    def pending_items(self, pipeline, keys):
+        structure = pipeline.rows_of("structure", keys)
+        return [(i["image_id"], {**i, "structure_path": structure[i["image_id"]]["structure_path"]})
+                for i in _images_of(pipeline, keys) if structure.get(i["image_id"], {}).get("status") == STATUS_OK]
 
     def run(self, records, *, layout, stage_key, params, runtime):
         from pipelines.steps.regions import propose_regions
@@ -705,6 +729,20 @@ class Captions(Stage):
         text_keys = pipeline.text_keys
         keys = (text_keys.get(image_id) for image_id in ok_image_ids(pipeline.done_table("regions")))
         return pa.array([key for key in keys if key is not None], pa.string())
+
+    def pending_items(self, pipeline, keys):
+        ids = {image_id for image_id, key in pipeline.text_keys.items() if key in keys}
+        regions = pipeline.rows_of("regions", ids)  # regions rows are keyed by image id
+        items = []
+        for image in _images_of(pipeline, ids):
+            region = regions.get(image["image_id"])
+            if region is None or region["status"] != STATUS_OK:
+                continue
+            captions, caption_source, _note = pipeline.captions_of_image(image["image_id"])
+            items.append((pipeline.text_keys[image["image_id"]], {
+                **image, "caption": captions[0] if captions else None, "caption_source": caption_source,
+                "segments": region["segments"]}))
+        return items
 
     def run(self, records, *, layout, stage_key, params, runtime):
         from pipelines.steps import captions as library
@@ -801,6 +839,20 @@ class Filter(Stage):
                 if extra:  # the other captions of a multi-caption image are filtered too
                     record["extra_captions"] = extra
                 items.append((pipeline.text_keys[image_id], record))
+        return items
+
+    def pending_items(self, pipeline, keys):
+        rows = pipeline.rows_of("captions", keys)  # the filter's items have the captions stage's keys
+        items = []
+        for key, row in rows.items():
+            if row["status"] == STATUS_OK and row.get("caption"):
+                image_id = row["image_id"]
+                record = {"image_id": image_id, "source_path": pipeline.source_paths.get(image_id),
+                          "caption": row["caption"], "segments": row["segments"]}
+                extra = pipeline.captions_of_image(image_id)[0][1:]
+                if extra:
+                    record["extra_captions"] = extra
+                items.append((key, record))
         return items
 
     def item_keys(self, pipeline):

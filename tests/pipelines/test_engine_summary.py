@@ -4,8 +4,12 @@ failed rows included."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
-from pipelines.engine.execute import _manifest_counts, format_summary
+import pyarrow as pa
+
+from pipelines.engine.execute import format_summary, summarize
+from pipelines.engine.plan import StagePlan
 
 
 def _stage(name: str, failed: int, failures: int, **extra) -> dict:
@@ -49,12 +53,20 @@ def test_failures_without_a_listing_are_counted_not_called_more():
 
 
 def _manifest_summary(rows: list[dict], written: int) -> dict:
+    """The manifest stage's summary through ``summarize``: rewritten now (its record pending, the chunk's result) or
+    cached (its stored row; its failures as the plan lists them from the manifest on disk)."""
     ok = sum(r["status"] == "ok" for r in rows)
-    info = {"rows": len(rows), "ok": ok, "written_rows": written, "duplicates": 0}
-    summary = {"stage": "manifest", "processed": 0, "cached": 1, "failed": 0, "seconds": 0.1, "failures": []}
-    failed = [row for row in rows if row["status"] == "failed"]
-    _manifest_counts(summary, json.loads(json.dumps(info)), failed[:3], written=bool(written))
-    return summary
+    info = json.dumps({"rows": len(rows), "ok": ok, "written_rows": written, "duplicates": 0})
+    failed = [r for r in rows if r["status"] == "failed"]
+    if written:
+        plan = StagePlan(stage="manifest", stage_key="m", params={}, runtime={},
+                         pending=[("k", {"rows": rows, "duplicates": []})])
+        return summarize(plan, [{"ok": 1, "failures": [], "results": [info]}], [], 0.1)
+    plan = StagePlan(stage="manifest", stage_key="m", params={}, runtime={}, pending=[],
+                     cached=pa.table({"item_key": ["k"], "status": ["ok"], "result": [info]}),
+                     cached_failures=[{"file": Path(r["source_path"]).name, "reason": r["error"], "cached": True}
+                                      for r in failed[:3]])
+    return summarize(plan, [], [], 0.1)
 
 
 def test_the_manifest_row_counts_its_failed_rows_and_shows_the_first():
