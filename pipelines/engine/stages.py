@@ -454,6 +454,15 @@ def _structure_rows(pipeline: PipelineView, *, regions: bool, captions: bool) ->
     return rows
 
 
+class KeyedStage(Stage):
+    """A stage defined by its item keys (``item_keys``, from stored columns) and the records of any of them
+    (``pending_items``); its ``items`` are all of them: one definition for the column-wise plan and the row-wise
+    reader."""
+
+    def items(self, pipeline: PipelineView) -> list[Item]:
+        return self.pending_items(pipeline, set(self.item_keys(pipeline).to_pylist()))
+
+
 def _images_of(pipeline: PipelineView, ids: set[str]) -> list[dict]:
     """``{image_id, source_path}`` of the images ``ids`` (as ``pipeline.images`` lists them), without the others."""
     table = pipeline.image_table
@@ -480,7 +489,7 @@ class IngestParams(Params):
     follow_symlinks: bool
 
 
-class Ingest(Stage):
+class Ingest(KeyedStage):
     name = "ingest"
     description = "Hash, open and measure every new or changed image file in the folder."
     task_name, task_doc = "ingest_images", "Hash, open and measure one chunk of source files."
@@ -496,9 +505,6 @@ class Ingest(Stage):
                             follow_symlinks=i.follow_symlinks)
 
     key_columns = ("source_path",)
-
-    def items(self, pipeline):
-        return [(f.file_key, f) for f in pipeline.scan.files]
 
     def item_keys(self, pipeline):
         return pa.array([f.file_key for f in pipeline.scan.files], pa.string())
@@ -530,7 +536,7 @@ class StructureParams(Params):
 MAP_COLUMNS = ("structure_path", "scribble_path", "log_path", "sobel_path")
 
 
-class Structure(Stage):
+class Structure(KeyedStage):
     name = "structure"
     description = "Write Canny/scribble (and optional LoG/Sobel) structure maps of every ingested image."
     task_name, task_doc = "extract_structure", "Write the structure maps of one chunk of images."
@@ -553,9 +559,6 @@ class Structure(Stage):
 
     def on_cpu(self, params, runtime):
         return params["backend"] == "opencv"
-
-    def items(self, pipeline):
-        return [(i["image_id"], i) for i in pipeline.images]
 
     def item_keys(self, pipeline):
         return pipeline.image_table.column("image_id").combine_chunks()
@@ -593,7 +596,7 @@ class RegionsParams(Params):
     max_side: int
 
 
-class Regions(Stage):
+class Regions(KeyedStage):
     name = "regions"
     description = "Propose local regions (SAM or structure-based) and write their RGB and structure crops."
     task_name, task_doc = "propose_regions", "Propose regions and write crops for one chunk of images."
@@ -629,11 +632,6 @@ class Regions(Stage):
         # SAM stays in one process on CPU too: its intra-op threads use the cores, one copy of the model per worker
         # would not fit a many-core machine's memory (ViT-H: 2.5 GB each).
         return params["method"] != "sam"
-
-    def items(self, pipeline):
-        structure = pipeline.done_rows("structure")
-        return [(i["image_id"], {**i, "structure_path": structure[i["image_id"]]["structure_path"]})
-                for i in pipeline.images if structure.get(i["image_id"], {}).get("status") == STATUS_OK]
 
     def item_keys(self, pipeline):
         return pa.array(ok_image_ids(pipeline.done_table("structure")), pa.string())
@@ -672,7 +670,7 @@ class CaptionsParams(Params):
     max_new_tokens: int
 
 
-class Captions(Stage):
+class Captions(KeyedStage):
     name = "captions"
     description = "Split captions into sentences and assign each to its best region with CLIP scores."
     task_name, task_doc = "score_local_captions", "Assign caption sentences to regions (CLIP scores)."
@@ -710,20 +708,6 @@ class Captions(Stage):
 
     def on_cpu(self, params, runtime):
         return not _on_gpu(runtime["device"])
-
-    def items(self, pipeline):
-        regions = pipeline.done_rows("regions")
-        items = []
-        for image in pipeline.images:
-            region = regions.get(image["image_id"])
-            key = pipeline.text_keys.get(image["image_id"])
-            if region is None or region["status"] != STATUS_OK or key is None:
-                continue
-            captions, caption_source, _note = pipeline.captions_of_image(image["image_id"])
-            caption = captions[0] if captions else None
-            items.append((key, {**image, "caption": caption, "caption_source": caption_source,
-                                "segments": region["segments"]}))
-        return items
 
     def item_keys(self, pipeline):
         text_keys = pipeline.text_keys
@@ -797,7 +781,7 @@ class FilterParams(Params):
     max_hard_negatives: int
 
 
-class Filter(Stage):
+class Filter(KeyedStage):
     name = "filter"
     description = "Remove appearance words (colours, materials, textures) from captions; build hard negatives."
     task_name, task_doc = "filter_captions", "Remove appearance words and build hard negatives."
@@ -827,19 +811,6 @@ class Filter(Stage):
 
     def requirements(self, config):
         return [Requirement("spacy", "filter.spacy_model", config.filter.spacy_model)]
-
-    def items(self, pipeline):
-        captions = pipeline.done_rows("captions")
-        items = []
-        for image_id, row in captions.items():
-            if row["status"] == STATUS_OK and row.get("caption"):
-                record = {"image_id": image_id, "source_path": pipeline.source_paths.get(image_id),
-                          "caption": row["caption"], "segments": row["segments"]}
-                extra = pipeline.captions_of_image(image_id)[0][1:]
-                if extra:  # the other captions of a multi-caption image are filtered too
-                    record["extra_captions"] = extra
-                items.append((pipeline.text_keys[image_id], record))
-        return items
 
     def pending_items(self, pipeline, keys):
         rows = pipeline.rows_of("captions", keys)  # the filter's items have the captions stage's keys

@@ -1,9 +1,10 @@
 """Planning column-wise (``Pipeline.item_keys``, ``pending_count``, ``plan``: records for the pending items only,
 cached results as columns) against the row-wise definitions it stands in for, computed here independently on the same
-folder: every current item from ``Stage.items`` with its record, the stored rows as dicts. Keys, pending items (their
-records too), cached counts and the failures listed are equal for every stage, with failed files, identical files,
-several captions per image, an image without a caption, a deleted output, a new image and a changed caption. The
-manifest's key follows its rows: it changes exactly when the rows it would build change."""
+folder: every current item with its record, row by row from the stored rows as dicts (the stages' rules written out
+again in this file). Keys, pending items (their records too), cached counts and the failures listed are equal for
+every stage, with failed files, identical files, several captions per image, an image without a caption, a deleted
+output, a new image and a changed caption. The manifest's key follows its rows: it changes exactly when the rows it
+would build change."""
 
 from __future__ import annotations
 
@@ -27,12 +28,53 @@ def _pipeline(images, out):
     return Pipeline(images, out, load_config(overrides=CONFIG))
 
 
+def _reference_items(pipeline, stage):
+    """Every current item of ``stage`` with its record, row by row from the stored rows as dicts (``done_rows``): the
+    stages' rules written out again here, independently of their column-wise definitions."""
+    if stage == "ingest":
+        return [(f.file_key, f) for f in pipeline.scan.files]
+    if stage == "manifest":
+        return pipeline.stages[stage].items(pipeline.view_of(stage))
+    canonical = {}  # image id -> its first file in sorted order
+    for row in sorted(pipeline.done_rows("ingest").values(), key=lambda r: r["source_path"]):
+        if row["status"] == "ok" and row["image_id"] not in canonical:
+            canonical[row["image_id"]] = {"image_id": row["image_id"], "source_path": row["source_path"]}
+    images = sorted(canonical.values(), key=lambda r: r["image_id"])
+    if stage == "structure":
+        return [(image["image_id"], image) for image in images]
+    if stage == "regions":
+        structure = pipeline.done_rows("structure")
+        return [(i["image_id"], {**i, "structure_path": structure[i["image_id"]]["structure_path"]})
+                for i in images if structure.get(i["image_id"], {}).get("status") == "ok"]
+    if stage == "captions":
+        regions, items = pipeline.done_rows("regions"), []
+        for image in images:
+            region, key = regions.get(image["image_id"]), pipeline.text_keys.get(image["image_id"])
+            if region is None or region["status"] != "ok" or key is None:
+                continue
+            captions, source, _note = pipeline.captions_of_image(image["image_id"])
+            items.append((key, {**image, "caption": captions[0] if captions else None, "caption_source": source,
+                                "segments": region["segments"]}))
+        return items
+    assert stage == "filter"
+    items = []
+    for image_id, row in pipeline.done_rows("captions").items():
+        if row["status"] == "ok" and row.get("caption"):
+            record = {"image_id": image_id, "source_path": canonical[image_id]["source_path"],
+                      "caption": row["caption"], "segments": row["segments"]}
+            extra = pipeline.captions_of_image(image_id)[0][1:]
+            if extra:
+                record["extra_captions"] = extra
+            items.append((pipeline.text_keys[image_id], record))
+    return items
+
+
 def _row_wise(images, out, stage):
-    """Keys, pending items, cached (ok, failed) counts and the cached failures listed, from ``Stage.items`` and the
-    stored rows as dicts, on a pipeline of its own."""
+    """Keys, pending items, cached (ok, failed) counts and the cached failures listed, from ``_reference_items`` and
+    the stored rows as dicts, on a pipeline of its own."""
     pipeline = _pipeline(images, out)
     definition = pipeline.stages[stage]
-    items = dict(sorted(definition.items(pipeline.view_of(stage)), key=lambda item: item[0]))
+    items = dict(sorted(_reference_items(pipeline, stage), key=lambda item: item[0]))
     done = pipeline.store(stage).stored().done()
     cached = {key: done[key] for key in items if key in done}
     pending = [(key, record) for key, record in items.items() if key not in done]
