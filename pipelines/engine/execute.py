@@ -25,7 +25,7 @@ import pyarrow.compute as pc
 
 from pipelines.engine import workers as pool
 from pipelines.steps.errors import REASON_CHARS, describe_failure, is_environment_error, one_line
-from pipelines.engine.plan import StagePlan, first_failures
+from pipelines.engine.plan import StagePlan, first_failures, manifest_failures
 from pipelines.engine.stages import Stage, find_stage
 from storage.layout import OutputLayout
 from storage.manifest import STATUS_FAILED, STATUS_OK
@@ -240,9 +240,8 @@ def summarize(plan: StagePlan, results: list[dict], chunk_errors: list[str], sec
         # manifest's own.
         built = [row for _key, record in plan.pending if isinstance(record, dict)
                  for row in record.get("rows") or [] if row.get("status") == STATUS_FAILED]
-        failures = [{"file": Path(str(row.get("source_path") or row.get("image_id"))).name,
-                     "reason": str(row.get("error") or "unknown"), "cached": not results} for row in built[:3]]
-        _manifest_counts(summary, stored[0] if stored else None, failures if plan.pending else plan.cached_failures,
+        failures = manifest_failures(built[:3], cached=not results) if plan.pending else plan.cached_failures
+        _manifest_counts(summary, stored[0] if stored else None, failures,
                          written=bool(results))
     return summary
 

@@ -322,9 +322,7 @@ class Pipeline:
         """The first cached failures, ``{file, reason, cached}``, by item key; the file named as ``Stage.label``
         names it from an item's record (its source path). The manifest's: its first failed rows on disk."""
         if definition.counts_rows:
-            return [{"file": Path(str(row.get("source_path") or row.get("image_id"))).name,
-                     "reason": str(row.get("error") or "unknown"), "cached": True}
-                    for row in failed_manifest_rows(self.layout, 3)]
+            return manifest_failures(failed_manifest_rows(self.layout, 3), cached=True)
         if not done.num_rows:
             return []
         failed = done.filter(pc.equal(done.column("status"), STATUS_FAILED))
@@ -378,6 +376,12 @@ def first_failures(plan: StagePlan, new_failures: list[dict]) -> list[dict]:
     """Return up to ``MAX_FAILURES_LISTED`` ``{file, reason}``: this run's failures first, then cached ones."""
     listed = list(new_failures[:MAX_FAILURES_LISTED])
     return listed + plan.cached_failures[:MAX_FAILURES_LISTED - len(listed)]
+
+
+def manifest_failures(rows: list[dict], *, cached: bool) -> list[dict]:
+    """``{file, reason, cached}`` of failed manifest rows, as the end-of-run table lists them."""
+    return [{"file": Path(str(row.get("source_path") or row.get("image_id"))).name,
+             "reason": str(row.get("error") or "unknown"), "cached": cached} for row in rows]
 
 
 def failed_manifest_rows(layout: OutputLayout, count: int) -> list[dict]:
