@@ -15,7 +15,6 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import time
-from pathlib import Path
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any, Callable, Iterable, Iterator
 
