@@ -133,7 +133,7 @@ def execute(
 
 def _execute(started, images_dir, out_dir, *, config_path, stages, refresh, runner, dask_address, overrides,
              retry_failed, command) -> dict:
-    from pipelines.engine.execute import format_summary, summarize, write_report
+    from pipelines.engine.execute import format_summary, prestart_workers, summarize, write_report
     from pipelines.engine.plan import Pipeline, missing_inputs, preflight, resolve_config, stale_stages, stages_with_work
     from pipelines.engine.stages import parse_stages
     from storage import lock
@@ -161,6 +161,7 @@ def _execute(started, images_dir, out_dir, *, config_path, stages, refresh, runn
             if not api_url and (refreshed or retry_failed or pipeline.pending_count(selected[0])):
                 server = interrupts.own(ApiServer())  # starts now: its start-up overlaps the planning below
             with_work = stages_with_work(pipeline, selected, set(refreshed))
+            prestart_workers(pipeline, with_work, runner)  # the workers' imports also overlap the server's start-up
             if not with_work and not api_url:
                 summaries = [summarize(pipeline.plan(stage), [], [], 0.0) for stage in selected]
                 report = write_report(pipeline, summaries, seconds=time.perf_counter() - started, not_run=[],

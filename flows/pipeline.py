@@ -25,7 +25,7 @@ from prefect.futures import as_completed
 from prefect.settings import temporary_settings
 from prefect.states import Failed
 
-from pipelines.engine.execute import StageFailed, run_plan, write_report
+from pipelines.engine.execute import StageFailed, prestart_workers, run_plan, write_report
 from pipelines.reporting.report import refresh_explorer
 from pipelines.engine.plan import (Pipeline, missing_inputs, preflight, record_config, resolve_config, stale_stages,
                             stages_with_work)
@@ -256,11 +256,14 @@ def run_entry(images_dir: str, out_dir: str, *, config_path: str | None, overrid
             problem = missing_inputs(pipeline, stages)
             if problem:
                 raise ValueError(problem)
-            preflight(pipeline, stages_with_work(pipeline, stages, set(refresh)))
+            with_work = stages_with_work(pipeline, stages, set(refresh))
+            preflight(pipeline, with_work)
     except (ValueError, OSError, RuntimeError) as exc:  # ConfigError is a ValueError
         log.error("%s", exc)
         return Failed(message=" ".join(str(exc).split()))
     runner = runner or pipeline.config.runtime.runner
+    if not nested:  # the CLI started them as it planned
+        prestart_workers(pipeline, with_work, runner)
     summaries: list[dict] = []
     failure: StageFailed | None = None
     try:

@@ -24,7 +24,7 @@ import pyarrow.compute as pc
 
 from pipelines.engine import workers as pool
 from pipelines.steps.errors import REASON_CHARS, describe_failure, is_environment_error, one_line
-from pipelines.engine.plan import StagePlan, first_failures, manifest_failures
+from pipelines.engine.plan import StagePlan, first_failures, manifest_failures, stages_with_work
 from pipelines.engine.stages import Stage, find_stage
 from storage.layout import OutputLayout
 from storage.manifest import STATUS_FAILED, STATUS_OK
@@ -331,9 +331,33 @@ def format_summary(report: dict) -> str:
     return "\n".join(lines)
 
 
+def prestart_workers(pipeline, stages: list[str], runner: str | None = None) -> bool:
+    """Start the engine workers' forkserver for a run of ``stages`` (those with work) on this machine, importing what
+    their CPU stages' workers import (``Stage.worker_imports``) in the background, with the modules that every one of
+    those stages skips (``Stage.worker_skips``) kept out. Call it as the run starts, before the first stage. Return
+    whether it started: not with a Dask runner or ``runtime.workers: 1`` (no engine workers), nor when no stage
+    imports anything heavy, nor twice in one process."""
+    config = pipeline.config
+    if (runner or config.runtime.runner) != "local" or config.runtime.workers == 1:
+        return False
+    imports: list[str] = []
+    skips: set[str] | None = None
+    for stage in stages:
+        definition = pipeline.stages[stage]
+        params, runtime = definition.params(config).model_dump(), definition.runtime(config)
+        own_imports = definition.worker_imports(params, runtime) if definition.on_cpu(params, runtime) else ()
+        if not own_imports:  # nothing preloaded for it: what the forkserver keeps out does not concern it
+            continue
+        imports += [name for name in own_imports if name not in imports]
+        own = set(definition.worker_skips(params))
+        skips = own if skips is None else skips & own
+    return pool.prestart(tuple(imports), tuple(sorted(skips or ())))
+
+
 def run_inline(pipeline, stages: list[str], *, refresh: tuple[str, ...] = ()) -> list[dict]:
     """Run ``stages`` in this process without an orchestrator (tests, benchmarks, notebooks); return the summaries.
     Raises ``StageFailed`` like the flows do."""
+    prestart_workers(pipeline, stages_with_work(pipeline, stages, set(refresh)))
     summaries = []
     for stage in stages:
         plan = pipeline.plan(stage, refresh=stage in refresh)

@@ -324,6 +324,12 @@ class Stage:
     # Stored columns, besides item_key, image_id, status and error, that item_keys (its own or a later stage's) read.
     key_columns: ClassVar[tuple[str, ...]] = ()
 
+    def worker_imports(self, params: dict, runtime: dict) -> tuple[str, ...]:
+        """Heavy modules its worker processes import to compute (torch, transformers, spaCy), in import order: a run
+        has the workers' forkserver import those of its CPU stages once, in the background as it starts
+        (``pipelines.engine.workers.prestart``), so no worker pays the import and they share its pages."""
+        return ()
+
     def worker_skips(self, params: dict) -> tuple[str, ...]:
         """Installed modules its worker processes never import (ImportError there): ones a library imports when
         present though the stage, with these parameters, never uses them, each costing every worker memory and
@@ -709,6 +715,10 @@ class Captions(KeyedStage):
     def on_cpu(self, params, runtime):
         return not _on_gpu(runtime["device"])
 
+    def worker_imports(self, params, runtime):
+        # The scorer's torch and transformers' CLIP (3-4 s of imports), the sentence splitter's spaCy.
+        return ("torch", "transformers.models.clip.modeling_clip", "spacy")
+
     def item_keys(self, pipeline):
         text_keys = pipeline.text_keys
         keys = (text_keys.get(image_id) for image_id in ok_image_ids(pipeline.done_table("regions")))
@@ -790,6 +800,9 @@ class Filter(KeyedStage):
     schema = pa.schema([*_STATUS, pa.field("filtered_caption", pa.string()),
                         pa.field("segments", pa.list_(SEGMENT_TYPE)), pa.field("hard_negatives", pa.list_(pa.string())),
                         pa.field("extra_captions", pa.list_(EXTRA_CAPTION_TYPE))])
+
+    def worker_imports(self, params, runtime):
+        return ("spacy",)
 
     def worker_skips(self, params):
         # spaCy's thinc imports torch whenever it is installed; no component of a pipeline without a transformer uses

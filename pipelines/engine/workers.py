@@ -9,7 +9,9 @@ them, so memory never adds up the stages' imports and models (2,000+ MB of tree 
 workers still held the captions stage's torch, transformers and CLIP), and a stage keeps its workers from importing
 what a library imports only because it is installed (``Stage.worker_skips``: spaCy's thinc and torch). They start
 from a ``forkserver``: a clean process with the engine imported, never a fork of a process that already runs threads
-(Prefect, torch).
+(Prefect, torch). A run starts it early (``prestart``), with the heavy modules its CPU stages import
+(``Stage.worker_imports``): it imports them once, in the background while the run starts, and every worker forked
+from it has them (3-4 CPU-s and ~200 MB less per captions worker).
 
 A worker that dies (a decoder crash, the OOM killer) breaks the pool, and with it every chunk in flight, guilty or not:
 each of those chunks is computed again in a worker of its own (``alone``), where only its own items can kill it; if
@@ -34,6 +36,10 @@ _lock = threading.Lock()
 _pool: futures.ProcessPoolExecutor | None = None
 _owner: tuple[str | None, int] | None = None  # (stage, workers) of _pool
 _private: set[futures.ProcessPoolExecutor] = set()
+_ENGINE = "pipelines.engine.execute"  # what every worker runs; the forkserver imports it before any fork
+# GPU kernel compilers, never used by a worker (workers compute CPU stages only), which a library imports whenever
+# they are installed: transformers' torch._dynamo imports triton (~75 MB and 0.3 s per process).
+GPU_ONLY = ("triton",)
 
 
 def usable_cpus() -> int:
@@ -67,7 +73,8 @@ def _init_worker(threads: int, environ: dict[str, str], skips: tuple[str, ...]) 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
     _exit_with_parent()
     for name in skips:
-        sys.modules[name] = None  # importing it raises ImportError, as if it were not installed
+        if name not in sys.modules:  # one the forkserver imported for another stage is there already: nothing to save
+            sys.modules[name] = None  # importing it raises ImportError, as if it were not installed
     # The forkserver was started once, with the environment of that moment: workers take the pool creator's now.
     os.environ.clear()
     os.environ.update(environ)
@@ -76,6 +83,55 @@ def _init_worker(threads: int, environ: dict[str, str], skips: tuple[str, ...]) 
     import cv2
 
     cv2.setNumThreads(threads)
+    torch = sys.modules.get("torch")
+    if torch is not None:  # imported by the forkserver (prestart), before OMP_NUM_THREADS said anything
+        torch.set_num_threads(threads)
+
+
+def prestart(imports: tuple[str, ...], blocks: tuple[str, ...] = ()) -> bool:
+    """Start the workers' forkserver now, importing ``imports`` (then the engine) in the background, with ``blocks``
+    and ``GPU_ONLY`` unimportable meanwhile (``pipelines.engine.preload``): call it as a run starts, with what its CPU
+    stages' workers import. Return whether it started; one already running (an earlier run of this process) is left as it is: its
+    workers import what it lacks themselves."""
+    from multiprocessing import forkserver
+
+    from pipelines.engine import preload
+
+    if not imports:
+        return False
+    with _lock:
+        if _forkserver_started():
+            return False
+        _quiet_tracker()
+        saved = {name: os.environ.get(name) for name in (preload.IMPORTS, preload.BLOCKS)}
+        blocks = tuple(dict.fromkeys(GPU_ONLY + tuple(blocks)))
+        os.environ[preload.IMPORTS], os.environ[preload.BLOCKS] = ",".join(imports), ",".join(blocks)
+        try:  # the forkserver takes this process's environment as it starts, not later
+            forkserver.set_forkserver_preload([preload.__name__, _ENGINE])
+            forkserver.ensure_running()
+        finally:
+            for name, value in saved.items():
+                if value is None:
+                    os.environ.pop(name, None)
+                else:
+                    os.environ[name] = value
+    return True
+
+
+def _quiet_tracker() -> None:
+    """An aborted run (Ctrl-C, a lost API) exits without closing the pool's queues: the resource tracker (started with
+    the forkserver, with this process's warning options) then unlinks their semaphores, as it should, but would also
+    warn about each on stderr."""
+    if _TRACKER_QUIET not in sys.warnoptions:
+        sys.warnoptions.append(_TRACKER_QUIET)
+
+
+def _forkserver_started() -> bool:
+    """Whether this process launched the workers' forkserver (one that died since is launched again, with the same
+    preload, by the next worker's start)."""
+    from multiprocessing import forkserver
+
+    return getattr(forkserver._forkserver, "_forkserver_pid", None) is not None
 
 
 def pool(workers: int, stage: str | None = None, skips: tuple[str, ...] = ()) -> futures.ProcessPoolExecutor:
@@ -96,14 +152,12 @@ def pool(workers: int, stage: str | None = None, skips: tuple[str, ...] = ()) ->
 
 
 def _executor(workers: int, threads: int, skips: tuple[str, ...]) -> futures.ProcessPoolExecutor:
-    # An aborted run (Ctrl-C, a lost API) exits without closing the pool's queues: the resource tracker then unlinks
-    # their semaphores, as it should, but would also warn about each on stderr.
-    if _TRACKER_QUIET not in sys.warnoptions:
-        sys.warnoptions.append(_TRACKER_QUIET)
+    _quiet_tracker()
     context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(["pipelines.engine.execute"])
+    if not _forkserver_started():  # started here: the engine only (prestart adds the stages' heavy modules)
+        context.set_forkserver_preload([_ENGINE])
     return futures.ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker,
-                                       initargs=(threads, dict(os.environ), skips))
+                                       initargs=(threads, dict(os.environ), tuple(dict.fromkeys(GPU_ONLY + skips))))
 
 
 @contextlib.contextmanager

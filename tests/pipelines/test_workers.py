@@ -71,19 +71,85 @@ def _imported(names: tuple[str, ...]) -> list[str]:
 
 
 def test_each_stage_gets_fresh_workers_holding_only_its_own_imports(tmp_path, fresh_pool):
-    # One pool for every stage added the stages up: the filter's workers still held the captions stage's torch,
-    # transformers and CLIP (2,000+ MB of tree PSS on 1,000 images).
+    # One pool for every stage added the stages up: the filter's workers still held the captions stage's CLIP.
     images = tmp_path / "images"
     make_generated_images(images, 4, size=(64, 48))
     pipeline = Pipeline(images, tmp_path / "out", load_config(overrides={**CONFIG, "runtime.workers": 2}))
     run_inline(pipeline, ["ingest", "structure", "regions", "captions"])
     captions = workers.pool(2, "captions")
-    assert captions.submit(_imported, ("transformers",)).result() == ["transformers"]
+    assert captions.submit(_models).result() == ["clip", "sentences"]
     run_inline(pipeline, ["filter"])
-    # Nor torch, which spaCy's thinc imports whenever it is installed (Stage.worker_skips).
-    skips = find_stage("filter").worker_skips(pipeline.plan("filter").params)
-    assert skips == ("torch",)
-    assert workers.pool(2, "filter", skips).submit(_imported, ("spacy", "torch", "transformers")).result() == ["spacy"]
+    assert workers.pool(2, "filter").submit(_models).result() == ["caption_filter"]
+    assert workers.pool(2, "filter") is not captions
+
+
+def _models() -> list[str]:
+    from pipelines.engine.stages import _shared
+
+    return sorted({key[0] for key in _shared})
+
+
+# A fresh process (its own forkserver) runs the stages given with 2 workers, then starts a pool for no stage and
+# prints what its new workers have imported before any work: what the forkserver preloaded, and the workers' threads.
+_PROBE = """
+import json, sys
+from pathlib import Path
+from configs import load_config
+from pipelines.engine import workers
+from pipelines.engine.execute import prestart_workers, run_inline
+from pipelines.engine.plan import Pipeline
+
+images, out, overrides, stages, started = sys.argv[1], sys.argv[2], json.loads(sys.argv[3]), sys.argv[4:], None
+pipeline = Pipeline(Path(images), Path(out), load_config(overrides=overrides))
+if stages[0] == "prestart":
+    started = prestart_workers(pipeline, stages[1:])
+else:
+    run_inline(pipeline, stages)
+
+from tests.pipelines.test_workers import _preloaded
+names = ("torch", "transformers.models.clip.modeling_clip", "spacy", "triton")
+print(json.dumps({"started": started, "probe": workers.pool(2, "probe").submit(_preloaded, names).result()}))
+workers.shutdown()
+"""
+
+
+def _preloaded(names: tuple[str, ...]) -> tuple[list[str], int | None]:
+    """In a worker: which of ``names`` are imported, and torch's threads (None: no torch)."""
+    torch = sys.modules.get("torch")
+    return _imported(names), (torch.get_num_threads() if torch is not None else None)
+
+
+def _probe(tmp_path, stages: list[str], **overrides) -> dict:
+    import json
+    import subprocess
+
+    images = tmp_path / "images"
+    if not images.exists():
+        make_generated_images(images, 4, size=(64, 48))
+    done = subprocess.run([sys.executable, "-c", _PROBE, str(images), str(tmp_path / "out"),
+                           json.dumps({**CONFIG, "runtime.workers": 2, **overrides}), *stages],
+                          capture_output=True, text=True, timeout=300, cwd=Path(__file__).resolve().parents[2])
+    assert done.returncode == 0, done.stderr[-2000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_a_run_preloads_its_cpu_stages_heavy_imports_in_the_forkserver(tmp_path):
+    # The captions stage's torch and transformers' CLIP, its and the filter's spaCy: imported once, by the forkserver,
+    # so every worker forked after starts with them (shared pages, no import of its own); triton (GPU kernels only)
+    # kept out. Torch, imported before a worker set OMP_NUM_THREADS, still runs on the worker's share of the cores.
+    result = _probe(tmp_path, ["ingest", "structure", "regions", "captions", "filter"])
+    imported, threads = result["probe"]
+    assert imported == ["torch", "transformers.models.clip.modeling_clip", "spacy"]
+    assert threads == max(1, usable_cpus() // 2)
+
+
+def test_a_filter_only_run_keeps_torch_out_of_the_forkserver(tmp_path):
+    # What every preloaded stage skips stays out: spaCy's thinc would import torch only because it is installed.
+    assert _probe(tmp_path, ["prestart", "filter"]) == {"started": True, "probe": [["spacy"], None]}
+    # Stages that import nothing heavy, an in-process run or a Dask runner start no forkserver early.
+    assert _probe(tmp_path, ["prestart", "ingest", "structure", "regions"])["started"] is False
+    assert _probe(tmp_path, ["prestart", "captions"], **{"runtime.workers": 1})["started"] is False
+    assert _probe(tmp_path, ["prestart", "captions"], **{"runtime.runner": "dask"})["started"] is False
 
 
 CRASH_ON = Path(__file__).resolve().parents[1] / "plugins" / "crash_on.py"

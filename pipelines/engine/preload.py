@@ -1,0 +1,59 @@
+"""Imported once by the engine's forkserver, before it forks any worker (``workers.prestart``): the heavy modules the
+run's CPU stages import (``Stage.worker_imports``: torch, transformers, spaCy). Every worker forked after it starts
+with them already imported, its pages shared with the others, instead of paying the import itself (3-4 CPU-s and
+~200 MB each for the captions stage's torch and transformers).
+
+What to import comes from the forkserver's environment (set by ``workers.prestart`` for the moment it starts):
+``IMPORTS`` in order, with ``BLOCKS`` made unimportable meanwhile (modules no stage of the run uses that a library
+would import only because they are installed: spaCy's thinc imports torch). A module that fails to import is left
+out: the worker that needs it imports it again and reports the error where it belongs, in its stage.
+"""
+
+from __future__ import annotations
+
+import gc
+import importlib
+import os
+import sys
+
+IMPORTS = "STRUCTXLIP_FORKSERVER_IMPORTS"
+BLOCKS = "STRUCTXLIP_FORKSERVER_BLOCKS"
+
+
+def preload(imports: list[str], blocks: list[str]) -> None:
+    """Import ``imports`` (failures ignored) with ``blocks`` unimportable meanwhile; they are importable again after."""
+    blocked = [name for name in blocks if name not in sys.modules]
+    for name in blocked:
+        sys.modules[name] = None  # importing it raises ImportError, as if it were not installed
+    try:
+        for name in imports:
+            try:
+                importlib.import_module(name)
+            except Exception:  # noqa: BLE001 - the worker's own import reports it, in the stage that needs it
+                pass
+    finally:
+        for name in blocked:
+            if name in sys.modules and sys.modules[name] is None:
+                del sys.modules[name]
+    # Out of every later collection: a worker's collector would otherwise write to each of these objects' headers,
+    # copying the pages it shares with the forkserver and the other workers.
+    gc.freeze()
+    _trim_heap()
+
+
+def _trim_heap() -> None:
+    """Give the heap's free pages (the imports' temporaries) back to the system (glibc): a worker allocating there
+    would otherwise copy each page it writes, leaving the forkserver's copy to count on its own."""
+    import ctypes
+
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
+def _names(variable: str) -> list[str]:
+    return [name for name in os.environ.get(variable, "").split(",") if name]
+
+
+preload(_names(IMPORTS), _names(BLOCKS))
