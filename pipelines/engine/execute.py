@@ -132,7 +132,9 @@ def _compute_alone(workers: int, stage_name: str, records: list, options: dict) 
 def compute_isolated(workers: int, stage_name: str, records: list, **options) -> list[dict]:
     """Return the chunk's output rows computed in a worker process. A broken pool breaks every chunk in flight, so
     a chunk it broke is computed again alone (``_compute_alone``): only an item whose own worker dies fails."""
-    executor = pool.pool(workers, stage_name, _skips(stage_name, options))
+    definition = find_stage(stage_name, options.get("source"))
+    executor = pool.pool(workers, stage_name, definition.worker_skips(options["params"]),
+                         definition.worker_imports(options["params"], options["runtime"]))
     try:
         return _submit(executor, stage_name, records, options)
     except BrokenProcessPool:

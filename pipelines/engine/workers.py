@@ -37,6 +37,7 @@ _pool: futures.ProcessPoolExecutor | None = None
 _owner: tuple[str | None, int] | None = None  # (stage, workers) of _pool
 _private: set[futures.ProcessPoolExecutor] = set()
 _ENGINE = "pipelines.engine.execute"  # what every worker runs; the forkserver imports it before any fork
+_preload: tuple[tuple[str, ...], tuple[str, ...]] = ((), ())  # (imports, blocks) the running forkserver started with
 # GPU kernel compilers, never used by a worker (workers compute CPU stages only), which a library imports whenever
 # they are installed: transformers' torch._dynamo imports triton (~75 MB and 0.3 s per process).
 GPU_ONLY = ("triton",)
@@ -91,31 +92,58 @@ def _init_worker(threads: int, environ: dict[str, str], skips: tuple[str, ...]) 
 def prestart(imports: tuple[str, ...], blocks: tuple[str, ...] = ()) -> bool:
     """Start the workers' forkserver now, importing ``imports`` (then the engine) in the background, with ``blocks``
     and ``GPU_ONLY`` unimportable meanwhile (``pipelines.engine.preload``): call it as a run starts, with what its CPU
-    stages' workers import. Return whether it started; one already running (an earlier run of this process) is left as it is: its
-    workers import what it lacks themselves."""
-    from multiprocessing import forkserver
-
-    from pipelines.engine import preload
-
+    stages' workers import. Return whether it started; one already running (an earlier run of this process) is left
+    as it is: its workers import what it lacks themselves."""
     if not imports:
         return False
     with _lock:
         if _forkserver_started():
             return False
-        _quiet_tracker()
-        saved = {name: os.environ.get(name) for name in (preload.IMPORTS, preload.BLOCKS)}
-        blocks = tuple(dict.fromkeys(GPU_ONLY + tuple(blocks)))
-        os.environ[preload.IMPORTS], os.environ[preload.BLOCKS] = ",".join(imports), ",".join(blocks)
-        try:  # the forkserver takes this process's environment as it starts, not later
-            forkserver.set_forkserver_preload([preload.__name__, _ENGINE])
-            forkserver.ensure_running()
-        finally:
-            for name, value in saved.items():
-                if value is None:
-                    os.environ.pop(name, None)
-                else:
-                    os.environ[name] = value
+        _start_forkserver(imports, blocks)
     return True
+
+
+def _start_forkserver(imports: tuple[str, ...], blocks: tuple[str, ...]) -> None:
+    """Launch the forkserver preloading ``imports`` with ``blocks`` kept out (the caller holds ``_lock``)."""
+    global _preload
+    from multiprocessing import forkserver
+
+    from pipelines.engine import preload
+
+    _quiet_tracker()
+    blocks = tuple(dict.fromkeys(GPU_ONLY + tuple(blocks)))
+    saved = {name: os.environ.get(name) for name in (preload.IMPORTS, preload.BLOCKS)}
+    os.environ[preload.IMPORTS], os.environ[preload.BLOCKS] = ",".join(imports), ",".join(blocks)
+    try:  # the forkserver takes this process's environment as it starts, not later
+        forkserver.set_forkserver_preload([preload.__name__, _ENGINE])
+        forkserver.ensure_running()
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+    _preload = (tuple(imports), blocks)
+
+
+def _refit_forkserver(imports: tuple[str, ...], skips: tuple[str, ...]) -> None:
+    """Before a stage's workers start (the caller holds ``_lock``, the previous stage's workers are gone): when the
+    forkserver preloaded modules and may hold some this stage skips (the captions stage's torch and transformers for
+    the filter's spaCy workers), replace it by one preloading this stage's ``imports`` without its ``skips``, so its
+    workers neither carry nor keep resident what they never use (~700 MB through the filter stage otherwise)."""
+    from multiprocessing import forkserver
+
+    global _preload
+    preloaded, blocked = _preload
+    if not preloaded or set(skips) <= set(blocked) or not _forkserver_started():
+        return
+    stop = getattr(forkserver._forkserver, "_stop", None)
+    if stop is None:  # not CPython's forkserver as known (3.8-3.13): keep the one running
+        return
+    stop()  # returns once it exited: it does when every process it forked (they hold its pipe) has ended
+    _preload = ((), ())
+    if imports:
+        _start_forkserver(imports, skips)
 
 
 def _quiet_tracker() -> None:
@@ -134,21 +162,23 @@ def _forkserver_started() -> bool:
     return getattr(forkserver._forkserver, "_forkserver_pid", None) is not None
 
 
-def pool(workers: int, stage: str | None = None, skips: tuple[str, ...] = ()) -> futures.ProcessPoolExecutor:
+def pool(workers: int, stage: str | None = None, skips: tuple[str, ...] = (),
+         imports: tuple[str, ...] = ()) -> futures.ProcessPoolExecutor:
     """Return the worker pool of ``stage``: ``workers`` processes, started by its first chunk and reused for the others.
     A chunk of another stage (or another size) replaces it with fresh workers, so a stage's workers hold only what it
     imports and loads: the filter's spaCy workers never carry the captions stage's CLIP, transformers and tokenizer.
-    ``skips``: modules the stage's workers must not import (``Stage.worker_skips``)."""
+    ``skips``: modules the stage's workers must not import (``Stage.worker_skips``); ``imports``: the heavy ones they
+    do (``Stage.worker_imports``), preloaded when the forkserver has to be replaced (``_refit_forkserver``)."""
     global _pool, _owner
-    previous = None
     with _lock:
-        if _pool is None or _owner != (stage, workers):
-            previous, _pool = _pool, _executor(workers, threads_per_worker(workers), skips)
-            _owner = (stage, workers)
-        current = _pool
-    if previous is not None:
-        previous.shutdown(wait=True)  # its workers end once what they were given is done
-    return current
+        if _pool is not None and _owner == (stage, workers):
+            return _pool
+        previous, _pool, _owner = _pool, None, None
+        if previous is not None:
+            previous.shutdown(wait=True)  # its workers end once what they were given is done
+        _refit_forkserver(imports, skips)
+        _pool, _owner = _executor(workers, threads_per_worker(workers), skips), (stage, workers)
+        return _pool
 
 
 def _executor(workers: int, threads: int, skips: tuple[str, ...]) -> futures.ProcessPoolExecutor:

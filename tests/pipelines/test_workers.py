@@ -119,14 +119,14 @@ def _preloaded(names: tuple[str, ...]) -> tuple[list[str], int | None]:
     return _imported(names), (torch.get_num_threads() if torch is not None else None)
 
 
-def _probe(tmp_path, stages: list[str], **overrides) -> dict:
+def _probe(tmp_path, stages: list[str], out: str = "out", **overrides) -> dict:
     import json
     import subprocess
 
     images = tmp_path / "images"
     if not images.exists():
         make_generated_images(images, 4, size=(64, 48))
-    done = subprocess.run([sys.executable, "-c", _PROBE, str(images), str(tmp_path / "out"),
+    done = subprocess.run([sys.executable, "-c", _PROBE, str(images), str(tmp_path / out),
                            json.dumps({**CONFIG, "runtime.workers": 2, **overrides}), *stages],
                           capture_output=True, text=True, timeout=300, cwd=Path(__file__).resolve().parents[2])
     assert done.returncode == 0, done.stderr[-2000:]
@@ -137,10 +137,14 @@ def test_a_run_preloads_its_cpu_stages_heavy_imports_in_the_forkserver(tmp_path)
     # The captions stage's torch and transformers' CLIP, its and the filter's spaCy: imported once, by the forkserver,
     # so every worker forked after starts with them (shared pages, no import of its own); triton (GPU kernels only)
     # kept out. Torch, imported before a worker set OMP_NUM_THREADS, still runs on the worker's share of the cores.
-    result = _probe(tmp_path, ["ingest", "structure", "regions", "captions", "filter"])
+    result = _probe(tmp_path, ["ingest", "structure", "regions", "captions"])
     imported, threads = result["probe"]
     assert imported == ["torch", "transformers.models.clip.modeling_clip", "spacy"]
     assert threads == max(1, usable_cpus() // 2)
+    # The filter's workers skip torch: its stage replaced that forkserver by one with spaCy only, so neither they nor
+    # a forkserver kept for them hold the captions stage's torch and transformers through the filter stage.
+    assert _probe(tmp_path, ["ingest", "structure", "regions", "captions", "filter"], "out2")["probe"] == [
+        ["spacy"], None]
 
 
 def test_a_filter_only_run_keeps_torch_out_of_the_forkserver(tmp_path):
