@@ -169,8 +169,9 @@ def text_item_key(image_id: str, caption: str | None, extra_captions: tuple[str,
     return content_key("text", image_id, caption or "")
 
 
-# A stage's worker process pays its start-up (the captions stage's: torch, transformers, spaCy, about 10 CPU-s)
-# before its first item: with ``runtime.workers: 0`` a CPU stage gets one worker per this many pending items, up to one
+# A stage's worker process pays its start-up before its first item (the captions stage's: loading its CLIP and spaCy
+# pipeline, about 1 CPU-s, after the forkserver's preload; importing torch, transformers and spaCy too, about 4 CPU-s
+# more, without it): with ``runtime.workers: 0`` a CPU stage gets one worker per this many pending items, up to one
 # per core.
 ITEMS_PER_WORKER = 32
 
