@@ -14,6 +14,7 @@ from __future__ import annotations
 import gc
 import importlib
 import os
+import signal
 import sys
 
 IMPORTS = "STRUCTXLIP_FORKSERVER_IMPORTS"
@@ -56,4 +57,8 @@ def _names(variable: str) -> list[str]:
     return [name for name in os.environ.get(variable, "").split(",") if name]
 
 
-preload(_names(IMPORTS), _names(BLOCKS))
+if os.environ.get(IMPORTS):  # set only for the forkserver's start (workers.prestart): never in the run's own process
+    # Ctrl-C reaches every process of the terminal's group: it is the run's to handle (it stops the workers and exits),
+    # and this process ends with the run. Interrupted here, the imports would print a traceback over the run's message.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    preload(_names(IMPORTS), _names(BLOCKS))

@@ -120,6 +120,34 @@ def test_an_interrupt_stops_everything_and_the_rerun_completes(signum, to_group,
         assert_same(got, expected, expected["image_id"][:8])
 
 
+def _forkserver(pid: int) -> bool:
+    return any("forkserver" in " ".join(p.cmdline()) for p in _descendants(pid))
+
+
+def test_ctrl_c_while_the_forkserver_imports_the_workers_libraries_is_one_line(baseline, tmp_path):
+    # The run starts the workers' forkserver as it plans; it then imports torch, transformers and spaCy for seconds.
+    # Ctrl-C reaches it too (the terminal's process group): it must leave the interrupt to the run, not print the
+    # traceback of an interrupted import over the run's one line.
+    home = tmp_path / "prefect-home"
+    home.mkdir()
+    process = start_cli(_own_server_env(baseline, home), "run", str(baseline.images), "--out", str(tmp_path / "out"),
+                        "--config", str(baseline.config), "--stages", "ingest,structure,regions,captions,filter",
+                        "--set", "runtime.workers=2")
+    try:
+        wait_until(lambda: _forkserver(process.pid), process, "the workers' forkserver")
+        time.sleep(1.0)  # into its imports (~4 s here), past the interpreter's start
+        started = _descendants(process.pid)
+        os.killpg(process.pid, signal.SIGINT)
+        _stdout, stderr = process.communicate(timeout=60)
+    finally:
+        kill_group(process)
+    assert process.returncode == 130, (process.returncode, stderr[-3000:])
+    assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr, stderr[-3000:]
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and "interrupted" in lines[0], stderr
+    assert not _wait_gone(started, 10.0), _alive(started)
+
+
 def test_a_killed_run_leaves_no_server_or_worker_behind(baseline, tmp_path):
     home = tmp_path / "prefect-home"
     home.mkdir()
