@@ -111,14 +111,16 @@ def _submit(executor, stage_name: str, records: list, options: dict) -> list[dic
     return executor.submit(compute_rows, stage_name, records, **options).result()
 
 
-def _skips(stage_name: str, options: dict) -> tuple[str, ...]:
-    return find_stage(stage_name, options.get("source")).worker_skips(options["params"])
+def _worker_modules(stage_name: str, options: dict) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """``(skips, imports)`` of the stage's worker processes (``Stage.worker_skips``, ``Stage.worker_imports``)."""
+    definition = find_stage(stage_name, options.get("source"))
+    return definition.worker_skips(options["params"]), definition.worker_imports(options["params"], options["runtime"])
 
 
 def _compute_alone(workers: int, stage_name: str, records: list, options: dict) -> list[dict]:
     """Compute the chunk in a worker of its own; if that worker dies, split it down to single items, each alone, and
     fail an item whose own worker dies."""
-    with pool.alone(workers, _skips(stage_name, options)) as executor:
+    with pool.alone(workers, _worker_modules(stage_name, options)[0]) as executor:
         try:
             return _submit(executor, stage_name, records, options)
         except BrokenProcessPool:
@@ -132,9 +134,7 @@ def _compute_alone(workers: int, stage_name: str, records: list, options: dict) 
 def compute_isolated(workers: int, stage_name: str, records: list, **options) -> list[dict]:
     """Return the chunk's output rows computed in a worker process. A broken pool breaks every chunk in flight, so
     a chunk it broke is computed again alone (``_compute_alone``): only an item whose own worker dies fails."""
-    definition = find_stage(stage_name, options.get("source"))
-    executor = pool.pool(workers, stage_name, definition.worker_skips(options["params"]),
-                         definition.worker_imports(options["params"], options["runtime"]))
+    executor = pool.pool(workers, stage_name, *_worker_modules(stage_name, options))
     try:
         return _submit(executor, stage_name, records, options)
     except BrokenProcessPool:
