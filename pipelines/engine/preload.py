@@ -39,18 +39,6 @@ def preload(imports: list[str], blocks: list[str]) -> None:
     # Out of every later collection: a worker's collector would otherwise write to each of these objects' headers,
     # copying the pages it shares with the forkserver and the other workers.
     gc.freeze()
-    _trim_heap()
-
-
-def _trim_heap() -> None:
-    """Give the heap's free pages (the imports' temporaries) back to the system (glibc): a worker allocating there
-    would otherwise copy each page it writes, leaving the forkserver's copy to count on its own."""
-    import ctypes
-
-    try:
-        ctypes.CDLL(None).malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc
-        pass
 
 
 def _names(variable: str) -> list[str]:
