@@ -17,8 +17,11 @@ _ESCAPED_BYTE = re.compile(r"\\x([89a-f][0-9a-f])")
 
 def has_undecodable_bytes(path: str | os.PathLike) -> bool:
     """Return True when ``path`` holds bytes that are not valid UTF-8 (surrogate-escaped by Python)."""
+    text = path if type(path) is str else os.fspath(path)
+    if text.isascii():  # the usual case, without an encoded copy
+        return False
     try:
-        os.fspath(path).encode("utf-8")
+        text.encode("utf-8")
     except UnicodeEncodeError:
         return True
     return False
@@ -26,8 +29,8 @@ def has_undecodable_bytes(path: str | os.PathLike) -> bool:
 
 def storable_path(path: str | os.PathLike) -> str:
     """Return ``path`` as valid UTF-8 text: undecodable bytes as ``\\xNN`` (e.g. ``caf\\xe9.jpg``), others unchanged."""
-    text = os.fspath(path)
-    if not has_undecodable_bytes(text):
+    text = path if type(path) is str else os.fspath(path)
+    if text.isascii() or not has_undecodable_bytes(text):  # ASCII (the usual case) needs no encoded copy
         return text
     return os.fsencode(text).decode("utf-8", errors="backslashreplace")
 

@@ -28,8 +28,27 @@ def bytes_digest(data: bytes) -> str:
 
 def content_key(*parts: Any, length: int = 16) -> str:
     """Return a short hex key for JSON-serialisable ``parts`` (dict keys sorted, so order-independent)."""
-    payload = _KEY_ENCODER.encode(parts)
+    payload = _flat_payload(parts) or _KEY_ENCODER.encode(parts)
     return hashlib.sha256(payload.encode("utf-8")).hexdigest()[:length]
+
+
+def _flat_payload(parts: tuple) -> str | None:
+    """Return ``_KEY_ENCODER.encode(parts)`` when every part is a str or an int (the keys a catalogue makes per
+    file and per image, a million per run: ~0.5 us less each), else None. The same text: JSON writes a str as
+    ``encode_basestring`` (ensure_ascii=False) does and an int as its repr."""
+    encoded = []
+    for part in parts:
+        kind = type(part)
+        if kind is str:
+            encoded.append(_encode_str(part))
+        elif kind is int:
+            encoded.append(int.__repr__(part))
+        else:  # bool, float, None, containers: the encoder
+            return None
+    return "[" + ",".join(encoded) + "]"
+
+
+_encode_str = json.encoder.encode_basestring
 
 
 def table_digest(table) -> str:

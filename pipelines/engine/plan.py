@@ -72,6 +72,9 @@ class StagePlan:
         return pc.sum(pc.equal(self.cached.column("status"), STATUS_FAILED)).as_py() or 0
 
 
+_NO_CAPTION = (None, None, None)
+
+
 class Pipeline:
     """The current state of one images folder + output folder + config, computed lazily and refreshed per stage (the
     ``PipelineView`` a stage reads)."""
@@ -91,6 +94,7 @@ class Pipeline:
         self._stored: dict[str, StoredRows] = {}  # every column (the row-wise plan of a stage with work)
         self._columns: dict[str, StoredRows] = {}  # the columns item keys are derived from (a cached run)
         self._keys: dict[str, pa.Array] = {}
+        self._done: dict[str, tuple[StoredRows, pa.Array, pa.Table]] = {}  # done_table's, with what it was made of
         self._warned: set[tuple] = set()
         self._items: dict[str, dict[str, Any]] = {}
 
@@ -131,7 +135,17 @@ class Pipeline:
         ingest = self.done_table("ingest")
         ok = ingest.filter(pc.equal(ingest.column("status"), STATUS_OK)).sort_by("source_path")
         index = self.caption_index
+        entries, extras = index.entries, index.extras  # keyed by stored paths, as the source_path column holds them
         for image_id, path in zip(ok.column("image_id").to_pylist(), ok.column("source_path").to_pylist()):
+            if image_id not in found:  # the image's first file (the usual case: one file per image)
+                entry = entries.get(path)
+                if entry is None:
+                    found[image_id] = ([], None, None)
+                else:
+                    more = extras.get(path)
+                    own = [entry.caption] if entry.caption else []
+                    found[image_id] = (own + list(more) if more else own, entry.caption_source, entry.note)
+                continue
             own = index.captions(path)
             captions, source, note = found.get(image_id, ([], None, None))
             if not captions and (own or image_id not in found):
@@ -148,13 +162,15 @@ class Pipeline:
         from storage.hashing import table_digest
 
         paths = sorted(self.done_table("ingest").column("source_path").to_pylist())
-        entries = [self.caption_of(path) for path in paths]
         index = self.caption_index
+        # caption_of and captions(path)[1:] of each path, from the index's tables (keyed by the stored paths)
+        entries = [index.entries.get(path) or _NO_CAPTION for path in paths]
         return table_digest(pa.table({
             "source_path": pa.array(paths, pa.string()),
             **{name: pa.array([entry[n] for entry in entries], pa.string())
                for n, name in enumerate(("caption", "source", "note"))},
-            "extras": pa.array([index.captions(path)[1:] for path in paths], pa.list_(pa.string()))}))
+            "extras": pa.array([index.captions(path)[1:] if path in index.extras else [] for path in paths],
+                               pa.list_(pa.string()))}))
 
     @property
     def ingest_rows(self) -> list[dict]:
@@ -187,8 +203,9 @@ class Pipeline:
         """Image id -> text item key (image + its current caption) of every image the caption stage should see."""
         captioner = self.config.captions.captioner
         keys = {}
+        by_image = self._captions_by_image
         for image_id in self.image_table.column("image_id").to_pylist():
-            captions, _source, _note = self.captions_of_image(image_id)
+            captions = by_image[image_id][0] if image_id in by_image else []
             if captions or captioner:
                 keys[image_id] = text_item_key(image_id, captions[0] if captions else None, captions[1:])
         return keys
@@ -230,8 +247,15 @@ class Pipeline:
 
     def done_table(self, stage: str) -> pa.Table:
         """Valid stored rows of the stage's current items, column-wise (``stored_columns``' columns)."""
-        table = self.stored_columns(stage).done_table()
-        return table.filter(pc.is_in(table.column(ITEM_KEY), value_set=self.item_keys(stage)))
+        stored, keys = self.stored_columns(stage), self.item_keys(stage)
+        cached = self._done.get(stage)
+        if cached is None or cached[0] is not stored or cached[1] is not keys:  # read once per store and keys read
+            table = stored.done_table()
+            current = pc.is_in(table.column(ITEM_KEY), value_set=keys)
+            if pc.sum(current).as_py() != table.num_rows:  # (every stored row current: the table itself, no copy)
+                table = table.filter(current)
+            cached = self._done[stage] = (stored, keys, table)
+        return cached[2]
 
     def pending_count(self, stage: str) -> int:
         """How many of the stage's current items have no reusable result (what ``plan(stage).pending`` would
@@ -265,7 +289,7 @@ class Pipeline:
         """Forget what was read for ``stage`` and every later stage (call after ``stage`` wrote new results)."""
         names = list(self.stages)
         for name in names[names.index(stage):]:
-            for cache in (self._stored, self._columns, self._items, self._keys):
+            for cache in (self._stored, self._columns, self._items, self._keys, self._done):
                 cache.pop(name, None)
         later = names[names.index(stage):]
         # The images and their captions follow from the ingest rows (and the folder's captions) alone.

@@ -156,7 +156,7 @@ def test_csv_without_expected_header_is_a_problem(tmp_path):
 
 def _source(path: Path) -> SourceImage:
     info = path.stat()
-    return SourceImage(path=path.absolute(), size=info.st_size, mtime_ns=info.st_mtime_ns)
+    return SourceImage(str(path.absolute()), size=info.st_size, mtime_ns=info.st_mtime_ns)
 
 
 def test_ingest_ids_sizes_and_failures(tmp_path):
@@ -571,3 +571,16 @@ def test_oversized_sidecar_and_captions_files_are_reported_not_read(tmp_path, mo
     monkeypatch.setattr(ingest, "MAX_CAPTIONS_FILE_BYTES", 10)
     index = read_captions(tmp_path, scan_images(tmp_path, extensions=EXTENSIONS).files)
     assert "captions.jsonl: cannot read: file too large (" in str(index.problems[0])
+
+
+def test_a_source_image_keeps_its_file_key_and_travels_to_workers():
+    import pickle
+
+    # Literal keys from before SourceImage held its path as a string (git 35eaeba): a catalogue's cache survives.
+    plain = SourceImage("/data/x.png", 10, 5, 6, 7, 8)
+    assert plain.file_key == "1dbb4ae7e37c12cd" and plain.path == Path("/data/x.png")
+    undecodable = SourceImage("/data/caf\udce9.png", 10, 5, 6, 7, 8)
+    assert undecodable.file_key == "f7b106f9bad73c85" and undecodable.source_path == "/data/caf\\xe9.png"
+    assert pickle.loads(pickle.dumps(undecodable)) == undecodable
+    assert SourceImage.from_stat(Path("/data/x.png"), os.stat_result((0, 8, 7, 1, 0, 0, 10, 0, 0, 0)),
+                                 size=0).location == "/data/x.png"

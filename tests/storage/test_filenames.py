@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 from storage.filenames import display_path, has_undecodable_bytes, source_file, storable_path
 
@@ -28,3 +29,11 @@ def test_valid_names_are_unchanged_and_an_exact_name_wins(tmp_path):
     assert not has_undecodable_bytes(tmp_path / "literal \\xff.jpg")
     # Only bytes >= 0x80 are ever escaped: "\x41" in a stored name is literal text.
     assert source_file(f"{tmp_path}/missing \\x41.jpg") == tmp_path / "missing \\x41.jpg"
+
+
+def test_non_ascii_names_take_the_checked_path_and_ascii_ones_come_back_unchanged():
+    # ASCII is returned without an encoding check; valid UTF-8 is kept as it is; surrogates are escaped.
+    assert storable_path("/a/plain.jpg") == "/a/plain.jpg" and not has_undecodable_bytes("/a/plain.jpg")
+    assert storable_path("/a/caf\u00e9.jpg") == "/a/caf\u00e9.jpg" and not has_undecodable_bytes("/a/caf\u00e9.jpg")
+    assert storable_path("/a/caf\udce9.jpg") == "/a/caf\\xe9.jpg" and has_undecodable_bytes("/a/caf\udce9.jpg")
+    assert storable_path(Path("/a/caf\udce9.jpg")) == "/a/caf\\xe9.jpg"
