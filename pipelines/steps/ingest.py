@@ -327,7 +327,8 @@ def _read_jsonl(path: Path, problems: list[dict]) -> list[tuple[int, str, str | 
                    for number, raw_line in enumerate(data.split(b"\n"), start=1)]
         lines = [line for line, _bad in decoded]
         bad_lines = [bad is not None for _line, bad in decoded]
-    decode = json.JSONDecoder().decode
+    decoder = json.JSONDecoder()
+    scan, decode = decoder.scan_once, decoder.decode
     for number, line in enumerate(lines, start=1):
         if bad_lines and bad_lines[number - 1]:
             problems.append(_bad_utf8(path.name, number))
@@ -336,7 +337,12 @@ def _read_jsonl(path: Path, problems: list[dict]) -> list[tuple[int, str, str | 
         if not line or line.isspace():
             continue
         try:
-            record = decode(line)
+            try:  # the compiled scanner on the whole line: json.loads without its Python steps (~1 us a line)
+                record, end = scan(line, 0)
+            except (StopIteration, json.JSONDecodeError):
+                end = -1
+            if end != len(line):  # surrounding whitespace, extra data or an error: json.loads, with its message
+                record = decode(line)
         except json.JSONDecodeError as exc:
             problems.append({"source": path.name, "line": number, "error": f"invalid JSON: {exc.msg}"})
             continue

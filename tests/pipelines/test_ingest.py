@@ -584,3 +584,35 @@ def test_a_source_image_keeps_its_file_key_and_travels_to_workers():
     assert pickle.loads(pickle.dumps(undecodable)) == undecodable
     assert SourceImage.from_stat(Path("/data/x.png"), os.stat_result((0, 8, 7, 1, 0, 0, 10, 0, 0, 0)),
                                  size=0).location == "/data/x.png"
+
+
+def test_jsonl_lines_are_read_as_json_loads_reads_them(tmp_path):
+    # Each line's record or error is exactly json.loads' (the compiled scanner reads most lines; the rest, and every
+    # error message, come from json.loads itself).
+    from pipelines.steps.ingest import _read_jsonl
+
+    lines = ['{"file": "a.png", "caption": "plain"}', '  {"file": "b.png", "caption": "spaces"}  ',
+             '{"file": "c.png", "caption": "crlf"}\r', '{"file": "d.png", "caption": "x"} trailing',
+             '{"file": "e.png", "caption": "x"}{"file": "f.png"}', '{"file": "g.png", "caption": }', '[1, 2]',
+             '{"file": "h.png", "caption": "caf\\u00e9 \\ud83d\\ude00"}', '"text"', '{"file": "i.png"', 'nan',
+             '{"file": "j.png", "caption": ["one", "two"]}', '{"file": "k.png", "caption": "a", "caption": "b"}']
+    path = tmp_path / "captions.jsonl"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    problems: list[dict] = []
+    rows = _read_jsonl(path, problems)
+    expected_rows, expected_problems = [], []
+    for number, line in enumerate(lines, start=1):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            expected_problems.append((number, f"invalid JSON: {exc.msg}"))
+            continue
+        if not isinstance(record, dict):
+            expected_problems.append((number, f"expected a JSON object, got {type(record).__name__}"))
+            continue
+        captions = record.get("caption")
+        for caption in captions if isinstance(captions, list) else [captions]:
+            expected_rows.append((number, record["file"], caption))
+    assert rows == expected_rows
+    assert [(p["line"], p["error"]) for p in problems] == expected_problems
+    assert len(expected_problems) == 7  # trailing, two objects, missing value, list, string, unclosed, NaN
