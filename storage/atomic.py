@@ -11,7 +11,6 @@ import contextlib
 import errno
 import itertools
 import os
-import tempfile
 import threading
 from pathlib import Path
 from typing import IO, Iterator
@@ -60,6 +59,22 @@ def _create_temp(target: str | os.PathLike) -> tuple[int, str]:
         except FileNotFoundError:
             os.makedirs(folder or ".", exist_ok=True)
             return os.open(temp, flags, 0o666), temp
+
+
+def _create_temp_directory(target: Path) -> str:
+    """Create an empty sibling folder ``.<name>.<pid>-<n>.tmp`` of ``target`` (its parent made if missing) and return
+    its name; mode 0777, so the kernel applies the umask as for a plain ``mkdir`` (no umask lookup, no chmod: the
+    regions stage makes one per image)."""
+    folder, name = os.path.split(os.fspath(target))
+    while True:
+        temp = os.path.join(folder, f".{name}.{os.getpid()}-{next(_temp_counter)}.tmp")
+        try:
+            os.mkdir(temp, 0o777)
+            return temp
+        except FileExistsError:  # left by a killed process that had the same pid
+            continue
+        except FileNotFoundError:
+            os.makedirs(folder or ".", exist_ok=True)
 
 
 def _discard(temp: str) -> None:
@@ -144,6 +159,11 @@ def write_png(path: str | os.PathLike, image: np.ndarray) -> Path:
 def write_jpeg(path: str | os.PathLike, image: np.ndarray, quality: int = 92, *, bgr: bool = False) -> Path:
     """Encode a uint8 (H, W, 3) RGB array (BGR with ``bgr``: crops of one image converted once) as JPEG and write
     it atomically. A view into a larger image (a crop) is encoded without a copy."""
+    return atomic_write_bytes(path, encode_jpeg(image, quality, bgr=bgr, name=path), durable=False)
+
+
+def encode_jpeg(image: np.ndarray, quality: int = 92, *, bgr: bool = False, name: str | os.PathLike = "image") -> bytes:
+    """Return ``write_jpeg``'s bytes of ``image`` (``name``: the file, for the error)."""
     import cv2
 
     if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
@@ -151,8 +171,20 @@ def write_jpeg(path: str | os.PathLike, image: np.ndarray, quality: int = 92, *,
     ok, buf = cv2.imencode(".jpg", image if bgr else cv2.cvtColor(image, cv2.COLOR_RGB2BGR),
                            [cv2.IMWRITE_JPEG_QUALITY, quality])
     if not ok:
-        raise OSError(f"JPEG encoding failed for {path}")
-    return atomic_write_bytes(path, buf.tobytes(), durable=False)
+        raise OSError(f"JPEG encoding failed for {name}")
+    return buf.tobytes()
+
+
+def write_new_file(path: str | os.PathLike, data: bytes) -> None:
+    """Create ``path``, which must not exist, and write ``data`` to it: for files in a staging folder of
+    ``atomic_directory``, which makes them all appear at once (no temporary name and rename per file)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o666)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+    finally:
+        os.close(fd)
 
 
 def exchange_directories(a: str | os.PathLike, b: str | os.PathLike) -> bool:
@@ -185,10 +217,8 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
     import uuid
 
     target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    staging = Path(_create_temp_directory(target))
     try:
-        apply_umask(staging, directory=True)
         yield staging
         if not target.exists():
             staging.rename(target)

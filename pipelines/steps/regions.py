@@ -30,7 +30,7 @@ from pipelines.steps.errors import EnvironmentFailure, one_line
 from pipelines.steps.grouping import grouping_boxes, grouping_boxes_many
 from pipelines.steps.region_method import resolve_region_method
 from pipelines.steps.images import ImageLoadError, load_rgb
-from storage.atomic import atomic_write_bytes, raise_if_storage_error, write_jpeg
+from storage.atomic import atomic_directory, encode_jpeg, raise_if_storage_error, write_new_file
 from storage.layout import OutputLayout
 from storage.manifest import STATUS_FAILED, STATUS_OK, bbox
 from structxlip.devices import resolve_device
@@ -561,12 +561,12 @@ if hasattr(cv2, "IMWRITE_PNG_FILTER"):  # OpenCV >= 4.11 chooses the row filter
     _STRUCTURE_PNG += [cv2.IMWRITE_PNG_FILTER, cv2.IMWRITE_PNG_FILTER_NONE]
 
 
-def _write_structure_crop(path: Path, crop: np.ndarray) -> None:
-    """Encode a uint8 (h, w) structure-map crop as PNG and write it atomically (not fsynced, as write_png)."""
+def _encode_structure_crop(path: Path, crop: np.ndarray) -> bytes:
+    """Return a uint8 (h, w) structure-map crop encoded as PNG (``path``: its file, for the error)."""
     ok, buffer = cv2.imencode(".png", np.ascontiguousarray(crop), _STRUCTURE_PNG)
     if not ok:
         raise OSError(f"PNG encoding failed for {path}")
-    atomic_write_bytes(path, buffer.tobytes(), durable=False)
+    return buffer.tobytes()
 
 
 def _load_record(
@@ -610,21 +610,28 @@ def _write_regions(
     if structure is not None:  # the same boxes on the structure map, all at once
         structure_boxes_of = scale_boxes(boxes[kept].reshape(-1, 4), (width, height),
                                          (structure.shape[1], structure.shape[0])).tolist()
-    bgr = cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR) if kept else None  # once for every crop
-    for index, i in enumerate(kept):
-        x1, y1, x2, y2 = (int(v) for v in boxes[i])
-        crop_path = layout.crop(image_id, stage_key, index)
-        write_jpeg(crop_path, bgr[y1:y2, x1:x2], bgr=True)
-        structure_crop_path = None
-        if structure is not None:
-            sx1, sy1, sx2, sy2 = structure_boxes_of[index]
-            structure_crop_path = layout.structure_crop(image_id, stage_key, index)
-            _write_structure_crop(structure_crop_path, structure[sy1:sy2, sx1:sx2])
-        segments.append(
-            {
-                "bbox": bbox(x1, y1, x2, y2),
-                "crop_path": layout.relative(crop_path),
-                "structure_crop_path": layout.relative(structure_crop_path) if structure_crop_path else None,
-            }
-        )
+    if not kept:
+        return segments
+    bgr = cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR)  # once for every crop
+    # The image's crops are written into a staging folder that replaces its crops folder whole: they appear
+    # together (a killed run leaves no half set), the crops of an earlier run with more regions go, and no file gets
+    # a temporary name and a rename of its own (32 of each per image at 16 regions).
+    with atomic_directory(layout.crop(image_id, stage_key, 0).parent) as staging:
+        for index, i in enumerate(kept):
+            x1, y1, x2, y2 = (int(v) for v in boxes[i])
+            crop_path = layout.crop(image_id, stage_key, index)
+            write_new_file(staging / crop_path.name, encode_jpeg(bgr[y1:y2, x1:x2], bgr=True, name=crop_path))
+            structure_crop_path = None
+            if structure is not None:
+                sx1, sy1, sx2, sy2 = structure_boxes_of[index]
+                structure_crop_path = layout.structure_crop(image_id, stage_key, index)
+                write_new_file(staging / structure_crop_path.name,
+                               _encode_structure_crop(structure_crop_path, structure[sy1:sy2, sx1:sx2]))
+            segments.append(
+                {
+                    "bbox": bbox(x1, y1, x2, y2),
+                    "crop_path": layout.relative(crop_path),
+                    "structure_crop_path": layout.relative(structure_crop_path) if structure_crop_path else None,
+                }
+            )
     return segments

@@ -221,3 +221,38 @@ def test_sam_path_boxes_in_original_pixels_for_large_images(tmp_path):
         assert crop.size == (b["width"], b["height"])
         assert Image.open(layout.resolve(segment["structure_crop_path"])).mode == "L"
     assert max(s["bbox"]["x2"] for s in segments) > 100  # beyond the mask image's width: really in original pixels
+
+
+def test_an_images_crops_replace_its_folder_whole(tmp_path, monkeypatch):
+    # A run writes an image's crops together: a re-run with fewer regions leaves none of the old ones behind, and
+    # an encoding failure half-way leaves the earlier crops as they were, with no staging folder.
+    import pipelines.steps.regions as regions
+
+    canvas = shapes_canvas(800, 600, SHAPES)
+    path = save_rgb(tmp_path / "shapes.png", canvas)
+    layout = OutputLayout(tmp_path / "out")
+    record = {"image_id": "ab" * 16, "source_path": str(path)}
+    (structure,) = extract_structure([record], layout=layout, stage_key="s", backend="opencv")
+    folder = layout.crop(record["image_id"], "r", 0).parent
+    (first,) = propose_regions([{**record, **structure}], layout=layout, stage_key="r", method="structure")
+    assert sorted(p.name for p in folder.iterdir()) == sorted(
+        name for s in first["segments"] for name in (s["crop_path"].rsplit("/", 1)[1],
+                                                     s["structure_crop_path"].rsplit("/", 1)[1]))
+    (fewer,) = propose_regions([{**record, **structure}], layout=layout, stage_key="r", method="structure",
+                               max_regions=1)
+    assert len(fewer["segments"]) == 1 and sorted(p.name for p in folder.iterdir()) == ["000.jpg", "000.structure.png"]
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    calls = []
+
+    def failing(path, crop):
+        calls.append(path)
+        if len(calls) == 2:
+            raise OSError("PNG encoding failed (injected)")
+        return original(path, crop)
+
+    original = regions._encode_structure_crop
+    monkeypatch.setattr(regions, "_encode_structure_crop", failing)
+    (failed,) = propose_regions([{**record, **structure}], layout=layout, stage_key="r", method="structure")
+    assert failed["status"] == "failed" and "injected" in failed["error"] and len(calls) == 2
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+    assert sorted(p.name for p in folder.parent.iterdir()) == [folder.name]  # no staging folder left
