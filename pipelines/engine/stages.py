@@ -476,9 +476,9 @@ def _images_of(pipeline: PipelineView, ids: set[str]) -> list[dict]:
     return table.filter(pc.is_in(table.column("image_id"), value_set=pa.array(sorted(ids), pa.string()))).to_pylist()
 
 
-def ok_image_ids(done: pa.Table) -> list[str]:
-    """Image ids of the ok rows of a stage's ``done_table``."""
-    return done.filter(pc.equal(done.column("status"), STATUS_OK)).column("image_id").to_pylist()
+def ok_image_ids(done: pa.Table) -> pa.Array:
+    """Image ids of the ok rows of a stage's ``done_table``, column-wise (no Python string per image)."""
+    return done.filter(pc.equal(done.column("status"), STATUS_OK)).column("image_id").combine_chunks()
 
 
 def row_schema(*fields: pa.Field) -> pa.Schema:
@@ -641,7 +641,7 @@ class Regions(KeyedStage):
         return params["method"] != "sam"
 
     def item_keys(self, pipeline):
-        return pa.array(ok_image_ids(pipeline.done_table("structure")), pa.string())
+        return ok_image_ids(pipeline.done_table("structure"))
 
     def pending_items(self, pipeline, keys):
         structure = pipeline.rows_of("structure", keys)
@@ -722,7 +722,7 @@ class Captions(KeyedStage):
 
     def item_keys(self, pipeline):
         text_keys = pipeline.text_keys
-        keys = (text_keys.get(image_id) for image_id in ok_image_ids(pipeline.done_table("regions")))
+        keys = (text_keys.get(image_id) for image_id in ok_image_ids(pipeline.done_table("regions")).to_pylist())
         return pa.array([key for key in keys if key is not None], pa.string())
 
     def pending_items(self, pipeline, keys):

@@ -15,7 +15,7 @@ from configs import load_config
 from pipelines.engine import stages as stage_module
 from pipelines.engine.execute import StageFailed, run_inline
 from pipelines.engine.plan import Pipeline
-from pipelines.engine.stages import PipelineView
+from pipelines.engine.stages import PipelineView, text_item_key
 from tests.corpus import make_generated_images
 
 DATA = ["ingest", "structure", "regions", "captions", "filter", "manifest"]
@@ -203,3 +203,65 @@ def test_the_pipeline_provides_everything_a_stage_reads(folder, tmp_path):
     members = set(PipelineView.__annotations__) | {name for name in vars(PipelineView) if not name.startswith("_")}
     assert {"stages", "keys", "images", "done_rows", "manifest_digest"} <= members
     assert sorted(name for name in members if name not in vars(pipeline) and not hasattr(Pipeline, name)) == []
+
+
+def test_planning_pauses_the_garbage_collector_and_restores_it(folder, tmp_path, monkeypatch):
+    # Planning a catalogue runs with the cyclic collector off (its automatic full collections walk every item's
+    # objects again and again); it is on again afterwards, also when planning raises, and stays off if it was off.
+    import gc
+
+    pipeline = _pipeline(folder, tmp_path / "out")
+    seen = []
+    original = Pipeline.item_keys
+
+    def item_keys(self, stage):
+        seen.append(gc.isenabled())
+        return original(self, stage)
+
+    monkeypatch.setattr(Pipeline, "item_keys", item_keys)
+    assert gc.isenabled()
+    assert pipeline.pending_count("ingest") == 5 and pipeline.plan("ingest").pending
+    assert seen and not any(seen) and gc.isenabled()
+
+    def broken(self, stage):
+        raise RuntimeError("planning failed")
+
+    monkeypatch.setattr(Pipeline, "item_keys", broken)
+    with pytest.raises(RuntimeError, match="planning failed"):
+        _pipeline(folder, tmp_path / "other").pending_count("ingest")
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        with pytest.raises(RuntimeError):
+            _pipeline(folder, tmp_path / "third").plan("ingest")
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
+
+
+def test_an_images_captions_are_the_union_over_its_files_in_path_order(tmp_path):
+    # Three files with the same bytes are one image: its captions are b's two (jsonl, in file order) then c's
+    # sidecar, a having none; the source is that of the first file with a caption. A lone file keeps its own.
+    images = tmp_path / "images"
+    paths = make_generated_images(images, 3, size=(64, 48))
+    (images / "captions.jsonl").unlink()
+    same = paths[0].read_bytes()
+    for name in ("a.jpg", "b.jpg", "c.jpg"):
+        (images / name).write_bytes(same)
+    paths[0].unlink()
+    (images / "c.txt").write_text("One from a sidecar.", encoding="utf-8")
+    (images / "captions.jsonl").write_text("".join(json.dumps(row) + "\n" for row in [
+        {"file": "b.jpg", "caption": "Two."}, {"file": paths[1].name, "caption": "Four."},
+        {"file": "b.jpg", "caption": "Three."}, {"file": "c.jpg", "caption": "Ignored: c has a sidecar."}]),
+        encoding="utf-8")
+    run_inline(_pipeline(images, tmp_path / "out"), ["ingest"])
+    pipeline = _pipeline(images, tmp_path / "out")
+    ids = {row["source_path"].rsplit("/", 1)[1]: row["image_id"] for row in pipeline.done_rows("ingest").values()}
+    assert ids["a.jpg"] == ids["b.jpg"] == ids["c.jpg"] and len(set(ids.values())) == 3
+    assert pipeline.captions_of_image(ids["a.jpg"]) == (["Two.", "Three.", "One from a sidecar."], "jsonl", None)
+    assert pipeline.captions_of_image(ids[paths[1].name]) == (["Four."], "jsonl", None)
+    assert pipeline.captions_of_image(ids[paths[2].name]) == ([], None, None)
+    assert pipeline.captions_of_image("0" * 32) == ([], None, None)
+    keys = pipeline.text_keys
+    assert keys[ids["a.jpg"]] == text_item_key(ids["a.jpg"], "Two.", ["Three.", "One from a sidecar."])
+    assert keys[ids[paths[1].name]] == text_item_key(ids[paths[1].name], "Four.")
