@@ -149,7 +149,7 @@ class Pipeline:
         """Captions as they are in the folder now (re-read every run; cheap)."""
         from pipelines.steps.ingest import read_captions
 
-        index = read_captions(self.images_dir, self.scan.files)
+        index = read_captions(self.images_dir, self.scan.locations)
         for problem in getattr(index, "problems", None) or []:
             log.warning("captions: %s", problem)
         return index
@@ -518,7 +518,7 @@ class UpstreamView:
 def missing_inputs(pipeline: Pipeline, stages: list[str]) -> str | None:
     """Return one line when a selected stage's input is neither on disk nor made by an earlier selected stage (for
     example ``--stages train`` on a folder without a manifest), else None."""
-    if not pipeline.scan.files:
+    if not len(pipeline.scan):
         extensions = ", ".join(pipeline.config.ingest.extensions)
         return f"no images found in {pipeline.images_dir} (searched recursively for {extensions})"
     for number, stage in enumerate(stages):

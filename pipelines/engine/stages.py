@@ -514,10 +514,10 @@ class Ingest(KeyedStage):
     key_columns = ("source_path",)
 
     def item_keys(self, pipeline):
-        return pa.array([f.file_key for f in pipeline.scan.files], pa.string())
+        return pa.array([f.file_key for f in pipeline.scan.iter_files()], pa.string())
 
     def pending_items(self, pipeline, keys):
-        return [(key, f) for f in pipeline.scan.files if (key := f.file_key) in keys]
+        return [(key, f) for f in pipeline.scan.iter_files() if (key := f.file_key) in keys]
 
     def run(self, records, *, layout, stage_key, params, runtime):
         from pipelines.steps.ingest import ingest_images

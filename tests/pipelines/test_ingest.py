@@ -616,3 +616,17 @@ def test_jsonl_lines_are_read_as_json_loads_reads_them(tmp_path):
     assert rows == expected_rows
     assert [(p["line"], p["error"]) for p in problems] == expected_problems
     assert len(expected_problems) == 7  # trailing, two objects, missing value, list, string, unclosed, NaN
+
+
+def test_a_scan_held_as_columns_gives_back_each_file_exactly():
+    # Negative times (before 1970) and inode or device numbers above 2**63 come back as the same Python ints, so
+    # every file key is the one the file had before.
+    from pipelines.steps.ingest import ScanResult
+
+    files = [SourceImage("/d/a.png", 5, -(10**18), 3, 2**64 - 1, 2**63 + 5), SourceImage("/d/b.png", 0, 0, 0, 0, 0),
+             SourceImage("/d/caf\udce9.png", 2**40, 1765000000123456789, 1765000000123456790, 2049, 7)]
+    scan = ScanResult(files, [])
+    assert len(scan) == 3 and scan.locations == [f.location for f in files]
+    assert scan.files == files and [f.file_key for f in scan.iter_files()] == [f.file_key for f in files]
+    assert all(type(value) is int for f in scan.files for value in f[1:])
+    assert len(ScanResult()) == 0 and ScanResult().files == []
