@@ -16,7 +16,7 @@ import os
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -161,29 +161,36 @@ class Pipeline:
         caption, caption_source, note = (tuple(entry) + (None, None, None))[:3]
         return (caption if isinstance(caption, str) and caption.strip() else None), caption_source, note
 
-    @cached_property
-    def _captions_by_image(self) -> dict[str, str | tuple[list[str], str | None, str | None]]:
-        """Image id -> (every caption, source, note): the union over the image's files (identical bytes), in sorted
-        path order, each file's captions in file order; source and note of the first file with a caption. An image
-        of one file (the usual case) maps to that file's own entry of the caption index instead (its ``Caption``, or
-        its stored path when it has further captions), read out when asked: a million-image catalogue keeps no new
-        object per image."""
-        found: dict[str, Caption | str | tuple[list[str], str | None, str | None]] = {}
+    def _image_captions(self) -> Iterator[tuple[str, Caption | str | tuple[list[str], str | None, str | None]]]:
+        """Yield (image id, its captions) of every ingested image, by image id: the union over the image's files
+        (identical bytes), in sorted path order, each file's captions in file order; source and note of the first
+        file with a caption, as (every caption, source, note). An image of one file (the usual case) gives that
+        file's own entry of the caption index instead (its ``Caption``, or its stored path when it has further
+        captions: ``_file_captions`` reads them out), so that nothing is made per image until asked."""
         ingest = self.done_table("ingest")
-        ok = ingest.filter(pc.equal(ingest.column("status"), STATUS_OK)).sort_by("source_path")
+        ok = ingest.filter(pc.equal(ingest.column("status"), STATUS_OK))
+        ok = ok.sort_by([("image_id", "ascending"), ("source_path", "ascending")])  # an image's files together
         index = self.caption_index
         entries, extras = index.entries, index.extras
+        current, found = None, None
         for image_id, path in zip(ok.column("image_id").to_pylist(), ok.column("source_path").to_pylist()):
-            first = found.get(image_id)
-            if first is None:  # the image's first file
-                found[image_id] = path if path in extras else entries.get(path, _NO_ENTRY)
+            if image_id != current:  # the image's first file
+                if current is not None:
+                    yield current, found
+                current, found = image_id, (path if path in extras else entries.get(path, _NO_ENTRY))
                 continue
-            captions, source, note = _file_captions(index, first) if type(first) is not tuple else first
+            captions, source, note = _file_captions(index, found) if type(found) is not tuple else found
             own = index.captions(path)
             if not captions and own:
                 _caption, source, note = self.caption_of(path)
-            found[image_id] = (captions + [c for c in own if c not in captions], source, note)
-        return found
+            found = (captions + [c for c in own if c not in captions], source, note)
+        if current is not None:
+            yield current, found
+
+    @cached_property
+    def _captions_by_image(self) -> dict[str, Caption | str | tuple[list[str], str | None, str | None]]:
+        """Image id -> its captions as ``_image_captions`` gives them (built when a record needs them)."""
+        return dict(self._image_captions())
 
     def captions_of_image(self, image_id: str) -> tuple[list[str], str | None, str | None]:
         """Return (every caption of the image, first one first; where it came from; a note) over all its files."""
@@ -234,16 +241,32 @@ class Pipeline:
         return dict(zip(table.column("image_id").to_pylist(), table.column("source_path").to_pylist()))
 
     @cached_property
-    def text_keys(self) -> dict[str, str]:
-        """Image id -> text item key (image + its current caption) of every image the caption stage should see."""
+    def text_key_table(self) -> pa.Table:
+        """``image_id, text_key`` (item key of the text stages: the image and its current captions) of every image the
+        caption stage should see, by image id: columns, so that a million-image catalogue keeps no Python object per
+        image for them."""
         captioner = self.config.captions.captioner
-        keys = {}
-        captions_of = self.captions_of_image
-        for image_id in self.image_table.column("image_id").to_pylist():
-            captions = captions_of(image_id)[0]
+        index = self.caption_index
+        ids, keys = [], []
+        for image_id, found in self._image_captions():
+            captions = (_file_captions(index, found) if type(found) is not tuple else found)[0]
             if captions or captioner:
-                keys[image_id] = text_item_key(image_id, captions[0] if captions else None, captions[1:])
-        return keys
+                ids.append(image_id)
+                keys.append(text_item_key(image_id, captions[0] if captions else None, captions[1:]))
+        return pa.table({"image_id": pa.array(ids, pa.string()), "text_key": pa.array(keys, pa.string())})
+
+    @cached_property
+    def text_keys(self) -> dict[str, str]:
+        """Image id -> text item key, as ``text_key_table`` (built when a record needs them)."""
+        table = self.text_key_table
+        return dict(zip(table.column("image_id").to_pylist(), table.column("text_key").to_pylist()))
+
+    def text_keys_of(self, image_ids: pa.Array) -> pa.Array:
+        """The text item keys of ``image_ids`` (in their order; images the caption stage does not see are left
+        out), column-wise."""
+        table = self.text_key_table
+        at = pc.index_in(image_ids, value_set=table.column("image_id"))
+        return pc.take(table.column("text_key"), at).drop_null().combine_chunks()
 
     # ---- the store ----------------------------------------------------------------------------------------------
     def store(self, stage: str) -> StageStore:
@@ -329,7 +352,8 @@ class Pipeline:
                 cache.pop(name, None)
         later = names[names.index(stage):]
         # The images and their captions follow from the ingest rows (and the folder's captions) alone.
-        derived = ("text_keys", "_captions_by_image", "image_table", "images", "source_paths") if "ingest" in later else ()
+        derived = ("text_key_table", "text_keys", "_captions_by_image", "image_table", "images",
+                   "source_paths") if "ingest" in later else ()
         for attr in ("manifest_rows", *derived):
             self.__dict__.pop(attr, None)
 

@@ -270,6 +270,8 @@ class PipelineView(Protocol):
     @property
     def text_keys(self) -> dict[str, str]: ...
 
+    def text_keys_of(self, image_ids: pa.Array) -> pa.Array: ...
+
     @property
     def manifest_rows(self) -> ManifestRows: ...
 
@@ -721,9 +723,7 @@ class Captions(KeyedStage):
         return ("torch", "transformers.models.clip.modeling_clip", "spacy")
 
     def item_keys(self, pipeline):
-        text_keys = pipeline.text_keys
-        keys = (text_keys.get(image_id) for image_id in ok_image_ids(pipeline.done_table("regions")).to_pylist())
-        return pa.array([key for key in keys if key is not None], pa.string())
+        return pipeline.text_keys_of(ok_image_ids(pipeline.done_table("regions")))
 
     def pending_items(self, pipeline, keys):
         ids = {image_id for image_id, key in pipeline.text_keys.items() if key in keys}
@@ -844,8 +844,7 @@ class Filter(KeyedStage):
         done = pipeline.done_table("captions")
         captioned = done.filter(pc.and_(pc.equal(done.column("status"), STATUS_OK),
                                         pc.greater(pc.utf8_length(done.column("caption")), 0)))
-        text_keys = pipeline.text_keys
-        return pa.array([text_keys[image_id] for image_id in captioned.column("image_id").to_pylist()], pa.string())
+        return pipeline.text_keys_of(captioned.column("image_id").combine_chunks())
 
     def run(self, records, *, layout, stage_key, params, runtime):
         from pipelines.steps.filtering import CaptionFilter

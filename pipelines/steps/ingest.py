@@ -335,20 +335,36 @@ def _read_limited(path: Path, limit: int) -> bytes:
     return path.read_bytes()
 
 
-def _read_jsonl(path: Path, problems: list[dict]) -> list[tuple[int, str, str | None]]:
-    """Return (line number, file reference, raw caption) for every usable line of a captions.jsonl."""
-    rows = []
+def _lines(text: str) -> Iterator[str]:
+    """The lines of ``text`` split at "\n" only, one at a time: ``text.split("\n")`` without its last line when that
+    is empty. (Not io.StringIO: it holds a copy of the text at 4 bytes per character.)"""
+    start, size = 0, len(text)
+    while start < size:
+        end = text.find("\n", start)
+        if end < 0:
+            yield text[start:]
+            return
+        yield text[start:end]
+        start = end + 1
+
+
+def _read_jsonl(path: Path, problems: list[dict]) -> Iterator[tuple[int, str, str | None]]:
+    """Yield (line number, file reference, raw caption) for every usable line of a captions.jsonl, in order (each
+    problem is appended to ``problems`` as its line is read)."""
     try:
         data = _read_limited(path, MAX_CAPTIONS_FILE_BYTES)
     except OSError as exc:
         problems.append({"source": path.name, "line": None, "error": f"cannot read: {exc.strerror or exc}"})
-        return rows
+        return
     # Lines end at "\n" only: str.splitlines() would also split inside a caption at U+2028, U+2029 or U+0085,
     # which json.dumps(..., ensure_ascii=False) writes raw.
     bad_lines: list = []
+    lines: Iterable[str]
     try:  # valid UTF-8 throughout (the usual case): decoded once, not line by line
-        lines = data.decode("utf-8-sig").split("\n")
+        # read line by line from the text (a list of a million lines would be ~130 MB more at once)
+        lines = _lines(data.decode("utf-8-sig"))
         each_sig = True  # each line decoded as utf-8-sig, as below: one byte order mark at its start is dropped
+        del data
     except UnicodeDecodeError:
         each_sig = False
         decoded = [_decode_text(raw_line if number > 1 else raw_line.removeprefix(b"\xef\xbb\xbf"))
@@ -385,14 +401,14 @@ def _read_jsonl(path: Path, problems: list[dict]) -> list[tuple[int, str, str | 
             problems.append({"source": path.name, "line": number, "error": error})
             continue
         if isinstance(caption, list) and all(isinstance(c, str) for c in caption):
-            rows += [(number, reference, c) for c in caption]  # several captions of one image
+            for each in caption:  # several captions of one image
+                yield number, reference, each
             continue
         if caption is not None and not isinstance(caption, str):
             error = f"caption must be a string or a list of strings, got {type(caption).__name__}"
             problems.append({"source": path.name, "line": number, "error": error})
             continue
-        rows.append((number, reference, caption))
-    return rows
+        yield number, reference, caption
 
 
 def _read_csv(path: Path, problems: list[dict]) -> list[tuple[int, str, str | None]]:
@@ -567,13 +583,14 @@ def read_captions(images_dir: str | os.PathLike, files: Sequence[SourceImage] | 
             same_name = nfc_name.get(candidate.name, [])
         return same_name[0] if len(same_name) == 1 else None
 
-    # source -> (its file name, stored path -> [(raw caption, line number)]), in file order
-    listed: dict[str, tuple[str, dict[str, list[tuple[str | None, int]]]]] = {}
+    # source -> (its file name, stored path -> (raw caption, line number), or a list of them in file order where a
+    # file has several: no list per file for the usual one line)
+    listed: dict[str, tuple[str, dict[str, tuple[str | None, int] | list[tuple[str | None, int]]]]] = {}
     for source, filename, reader in (("jsonl", CAPTIONS_JSONL, _read_jsonl), ("csv", CAPTIONS_CSV, _read_csv)):
         path = root / filename
         if not path.is_file():
             continue
-        found: dict[str, list[tuple[str | None, int]]] = {}
+        found: dict[str, tuple[str | None, int] | list[tuple[str | None, int]]] = {}
         listed[source] = (filename, found)
         unmatched: list[str] = []
         for number, reference, caption in reader(path, problems):
@@ -581,7 +598,13 @@ def read_captions(images_dir: str | os.PathLike, files: Sequence[SourceImage] | 
             if key is None:
                 unmatched.append(f"line {number} {_describe_reference(reference)}")
             else:  # several lines/rows for one image are several captions, kept in file order
-                found.setdefault(key, []).append((caption, number))
+                earlier = found.get(key)
+                if earlier is None:
+                    found[key] = (caption, number)
+                elif type(earlier) is tuple:
+                    found[key] = [earlier, (caption, number)]
+                else:
+                    earlier.append((caption, number))
         if unmatched:
             # One line however many: the first few entries named (where and what), then how many more.
             shown = ", ".join(unmatched[:_NAMED_UNMATCHED])
@@ -608,11 +631,13 @@ def read_captions(images_dir: str | os.PathLike, files: Sequence[SourceImage] | 
                 continue
         for source, filename, found in listed_sources:
             lines = found.get(key)
-            if lines is not None and len(lines) == 1 and not notes and not bad_lines:  # the usual case
-                caption = clean_caption(lines[0][0])
-                if caption is not None:
-                    entries[key] = Caption(caption, source, None)
-                    break
+            if type(lines) is tuple:  # one line: the usual case
+                if not notes and not bad_lines:
+                    caption = clean_caption(lines[0])
+                    if caption is not None:
+                        entries[key] = Caption(caption, source, None)
+                        break
+                lines = [lines]
             kept: list[str] = []
             for raw, number in lines or ():
                 caption = clean_caption(raw)

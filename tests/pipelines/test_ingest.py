@@ -595,13 +595,16 @@ def test_jsonl_lines_are_read_as_json_loads_reads_them(tmp_path):
              '{"file": "c.png", "caption": "crlf"}\r', '{"file": "d.png", "caption": "x"} trailing',
              '{"file": "e.png", "caption": "x"}{"file": "f.png"}', '{"file": "g.png", "caption": }', '[1, 2]',
              '{"file": "h.png", "caption": "caf\\u00e9 \\ud83d\\ude00"}', '"text"', '{"file": "i.png"', 'nan',
-             '{"file": "j.png", "caption": ["one", "two"]}', '{"file": "k.png", "caption": "a", "caption": "b"}']
+             '{"file": "j.png", "caption": ["one", "two"]}', '{"file": "k.png", "caption": "a", "caption": "b"}',
+             '', '   ', '{"file": "l.png", "caption": "the last line, without a newline"}']
     path = tmp_path / "captions.jsonl"
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    path.write_text("\n".join(lines), encoding="utf-8")
     problems: list[dict] = []
-    rows = _read_jsonl(path, problems)
+    rows = list(_read_jsonl(path, problems))
     expected_rows, expected_problems = [], []
     for number, line in enumerate(lines, start=1):
+        if not line.strip():  # blank lines are skipped
+            continue
         try:
             record = json.loads(line)
         except json.JSONDecodeError as exc:
@@ -630,3 +633,13 @@ def test_a_scan_held_as_columns_gives_back_each_file_exactly():
     assert scan.files == files and [f.file_key for f in scan.iter_files()] == [f.file_key for f in files]
     assert all(type(value) is int for f in scan.files for value in f[1:])
     assert len(ScanResult()) == 0 and ScanResult().files == []
+
+
+@pytest.mark.parametrize("text", ["", "\n", "a", "a\n", "a\nb", "a\n\nb\n", "\n\na", "x\r\ny\u2028z\n", "\ufeffa\n\ufeffb"])
+def test_lines_are_split_at_newlines_only_as_str_split_does(text):
+    from pipelines.steps.ingest import _lines
+
+    expected = text.split("\n")
+    if expected[-1] == "":
+        expected.pop()
+    assert list(_lines(text)) == expected
