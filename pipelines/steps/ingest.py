@@ -111,10 +111,8 @@ class ScanResult:
     ``files`` makes the ``SourceImage`` of each when asked. A million-image catalogue is scanned on every run: a
     tuple and five Python ints per file held through the run cost ~200 B per image more."""
 
-    def __init__(self, files: Sequence[SourceImage] = (), problems: list[dict] | None = None, *,
-                 locations: list[str] | None = None):
-        """``locations``: the files' paths, where ``files`` hold other ones (the scan's, relative to its root)."""
-        self.locations: list[str] = [f.location for f in files] if locations is None else locations
+    def __init__(self, files: Sequence[SourceImage] = (), problems: list[dict] | None = None):
+        self.locations: list[str] = [f.location for f in files]
         self.times = np.array([f[1:4] for f in files], np.int64).reshape(len(files), 3)
         self.ids = np.array([f[4:6] for f in files], np.uint64).reshape(len(files), 2)
         self.problems = problems if problems is not None else []
@@ -161,8 +159,10 @@ def scan_images(
     if not root.is_dir():
         raise NotADirectoryError(f"expected a folder of images, got a file: {root}")
     wanted = _normalise_extensions(extensions)
-    files: list[SourceImage] = []  # with the path relative to the root as location, for the sort
-    located: list[str] = []  # the absolute paths
+    relatives: list[str] = []  # the images' paths relative to the root (the order), absolute paths, stat fields
+    located: list[str] = []
+    times: list[tuple[int, int, int]] = []
+    ids: list[tuple[int, int]] = []
     problems: list[dict] = []
     root_stat = root.stat()
     excluded = set()
@@ -213,9 +213,10 @@ def scan_images(
                             else Path(entry.path).relative_to(root).as_posix())
                 # Not a regular file: listed (size 0) so that ingest records why it is not an image; a folder is
                 # still scanned below.
-                files.append(SourceImage(relative, info.st_size if stat.S_ISREG(info.st_mode) else 0,
-                                         info.st_mtime_ns, info.st_ctime_ns, info.st_dev, info.st_ino))
+                relatives.append(relative)
                 located.append(entry.path)
+                times.append((info.st_size if stat.S_ISREG(info.st_mode) else 0, info.st_mtime_ns, info.st_ctime_ns))
+                ids.append((info.st_dev, info.st_ino))
             if is_dir:
                 if identity in visited:
                     error = "symbolic link loop (folder already scanned)"
@@ -223,10 +224,12 @@ def scan_images(
                     continue
                 visited.add(identity)
                 stack.append(Path(entry.path))
-    # Sorted by relative path; each file's tuple then takes its absolute path (the tuples, not a copy of each).
-    order = sorted(range(len(files)), key=lambda n: files[n].location)
-    return ScanResult([files[n] for n in order], [Problem(p) for p in problems],
-                      locations=[located[n] for n in order])
+    order = sorted(range(len(relatives)), key=relatives.__getitem__)  # by relative path
+    result = ScanResult(problems=[Problem(p) for p in problems])
+    result.locations = [located[n] for n in order]
+    result.times = np.array(times, np.int64).reshape(-1, 3)[order]
+    result.ids = np.array(ids, np.uint64).reshape(-1, 2)[order]
+    return result
 
 
 # ---- captions ---------------------------------------------------------------------------------------------------
