@@ -183,15 +183,16 @@ def segmentation_floor_s(rgbs: list[np.ndarray], repeats: int = 3) -> float:
 
 def file_floor_s(root: Path, files_per_image: int, images: int = 40) -> float:
     """CPU seconds per image (this process) of only creating the stage's files: ``files_per_image`` small files
-    (4 KiB) written as the crops are (atomically, not fsynced) into one new folder per image under ``root``."""
-    from storage.atomic import atomic_write_bytes
+    (4 KiB) written as the crops are (into a staging folder that becomes the image's folder, not fsynced) under
+    ``root``."""
+    from storage.atomic import atomic_directory, write_new_file
 
     data = bytes(4096)
     cpu = time.process_time()
     for image in range(images):
-        folder = root / "file-floor" / f"{image:02x}"[:2] / f"{image:032x}"
-        for index in range(files_per_image):
-            atomic_write_bytes(folder / f"{index:03d}.bin", data, durable=False)
+        with atomic_directory(root / "file-floor" / f"{image:02x}"[:2] / f"{image:032x}") as staging:
+            for index in range(files_per_image):
+                write_new_file(staging / f"{index:03d}.bin", data)
     cpu = time.process_time() - cpu
     shutil.rmtree(root / "file-floor", ignore_errors=True)
     return cpu / images
@@ -316,9 +317,9 @@ def run(*, quick: bool = False) -> BenchmarkResult:
                             f"on one thread = {floor_img_s:.0f} img/s on {workers} cores; the stage also decodes "
                             "the JPEG and the map, groups, and encodes and writes every crop (JPEG + PNG)")
         result.notes.append("file_creation_cpu_ms_per_image: the CPU time of only creating the stage's files (two "
-                            "per segment, a crop JPEG and a structure PNG, written atomically like the crops, 4 KiB "
-                            "each) in a new folder per image on the output folder's file system, no encoding: part "
-                            "of the stage's CPU time that no proposer change can remove")
+                            "per segment, a crop JPEG and a structure PNG, 4 KiB each, written as the crops are: "
+                            "into a staging folder that then becomes the image's folder) on the output folder's file "
+                            "system, no encoding: part of the stage's CPU time that no proposer change can remove")
         result.notes.append(f"load average (1 min) {load_start} at the start, {_load()} at the end; OpenCV "
                             f"{cv2.__version__}, NumPy {np.__version__}, Python {platform.python_version()}")
         result.notes.append("SAM (segment-anything checkpoint or transformers sam_model) needs real weights, which "

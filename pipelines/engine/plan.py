@@ -134,6 +134,7 @@ class Pipeline:
 
     # ---- the folder -------------------------------------------------------------------------------------------
     @cached_property
+    @_collector_paused
     def scan(self):
         from pipelines.steps.ingest import scan_images
 
@@ -145,6 +146,7 @@ class Pipeline:
         return result
 
     @cached_property
+    @_collector_paused
     def caption_index(self):
         """Captions as they are in the folder now (re-read every run; cheap)."""
         from pipelines.steps.ingest import read_captions

@@ -219,9 +219,19 @@ def test_planning_pauses_the_garbage_collector_and_restores_it(folder, tmp_path,
         return original(self, stage)
 
     monkeypatch.setattr(Pipeline, "item_keys", item_keys)
+    from pipelines.steps import ingest
+
+    scan_images = ingest.scan_images
+
+    def scanning(*args, **kwargs):
+        seen.append(gc.isenabled())
+        return scan_images(*args, **kwargs)
+
+    monkeypatch.setattr(ingest, "scan_images", scanning)
     assert gc.isenabled()
+    assert len(pipeline.scan) == 5 and gc.isenabled()  # the folder's scan too
     assert pipeline.pending_count("ingest") == 5 and pipeline.plan("ingest").pending
-    assert seen and not any(seen) and gc.isenabled()
+    assert len(seen) > 1 and not any(seen) and gc.isenabled()
 
     def broken(self, stage):
         raise RuntimeError("planning failed")
