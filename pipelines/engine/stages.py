@@ -516,7 +516,7 @@ class Ingest(KeyedStage):
     key_columns = ("source_path",)
 
     def item_keys(self, pipeline):
-        return pa.array([f.file_key for f in pipeline.scan.iter_files()], pa.string())
+        return pa.array(pipeline.scan.file_keys(), pa.string())
 
     def pending_items(self, pipeline, keys):
         return [(key, f) for f in pipeline.scan.iter_files() if (key := f.file_key) in keys]

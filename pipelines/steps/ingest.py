@@ -89,17 +89,20 @@ class SourceImage(NamedTuple):
         still change the ctime (or the inode), so they are hashed again; so is a moved or copied folder, whose
         unchanged bytes give the same ``image_id`` and so keep every later stage cached. (Not covered, as in git
         without its index check: a same-size rewrite within one tick of the file system's clock after the hash.)"""
-        location = self.location
-        name = storable_path(location)
-        if name != location:  # undecodable bytes: the raw name keeps a literal "\\xff" name apart
-            return content_key([name, os.fsencode(location).hex()], self.size, self.mtime_ns, self.ctime_ns,
-                               self.device, self.inode)
-        return content_key(name, self.size, self.mtime_ns, self.ctime_ns, self.device, self.inode)
+        return file_key(*self)
 
     @property
     def source_path(self) -> str:
         """The path as stored in records (valid UTF-8; undecodable bytes as ``\\xNN``, see storage.filenames)."""
         return storable_path(self.location)
+
+
+def file_key(location: str, size: int, mtime_ns: int, ctime_ns: int = 0, device: int = 0, inode: int = 0) -> str:
+    """``SourceImage(...).file_key`` from the fields themselves."""
+    name = storable_path(location)
+    if name != location:  # undecodable bytes: the raw name keeps a literal "\\xff" name apart
+        return content_key([name, os.fsencode(location).hex()], size, mtime_ns, ctime_ns, device, inode)
+    return content_key(name, size, mtime_ns, ctime_ns, device, inode)
 
 
 class ScanResult:
@@ -129,6 +132,11 @@ class ScanResult:
     @property
     def files(self) -> list[SourceImage]:
         return list(self.iter_files())
+
+    def file_keys(self) -> list[str]:
+        """Each file's ``SourceImage.file_key``, in order, without making the SourceImages."""
+        return [file_key(location, *times, *ids)
+                for location, times, ids in zip(self.locations, self.times.tolist(), self.ids.tolist())]
 
 
 def _normalise_extensions(extensions: Iterable[str]) -> frozenset[str]:

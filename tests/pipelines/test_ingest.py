@@ -631,6 +631,7 @@ def test_a_scan_held_as_columns_gives_back_each_file_exactly():
     scan = ScanResult(files, [])
     assert len(scan) == 3 and scan.locations == [f.location for f in files]
     assert scan.files == files and [f.file_key for f in scan.iter_files()] == [f.file_key for f in files]
+    assert scan.file_keys() == [f.file_key for f in files]
     assert all(type(value) is int for f in scan.files for value in f[1:])
     assert len(ScanResult()) == 0 and ScanResult().files == []
 
