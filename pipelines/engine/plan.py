@@ -75,7 +75,6 @@ class StagePlan:
         return pc.sum(pc.equal(self.cached.column("status"), STATUS_FAILED)).as_py() or 0
 
 
-_NO_CAPTION = (None, None, None)
 _NO_ENTRY = Caption(None, None, None)  # a file without a caption index entry
 
 
@@ -182,9 +181,9 @@ class Pipeline:
                 current, found = image_id, (path if path in extras else entries.get(path, _NO_ENTRY))
                 continue
             captions, source, note = _file_captions(index, found) if type(found) is not tuple else found
-            own = index.captions(path)
+            own, own_source, own_note = _file_captions(index, path)
             if not captions and own:
-                _caption, source, note = self.caption_of(path)
+                source, note = own_source, own_note
             found = (captions + [c for c in own if c not in captions], source, note)
         if current is not None:
             yield current, found
@@ -208,7 +207,7 @@ class Pipeline:
         paths = sorted(self.done_table("ingest").column("source_path").to_pylist())
         index = self.caption_index
         # caption_of and captions(path)[1:] of each path, from the index's tables (keyed by the stored paths)
-        entries = [index.entries.get(path) or _NO_CAPTION for path in paths]
+        entries = [index.entries.get(path, _NO_ENTRY) for path in paths]
         return table_digest(pa.table({
             "source_path": pa.array(paths, pa.string()),
             **{name: pa.array([entry[n] for entry in entries], pa.string())
