@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 
 import numpy as np
 import pytest
@@ -109,3 +110,31 @@ def test_atomic_directory_replaces_whole_folder_or_keeps_the_old_one(tmp_path):
         (staging / "b.txt").write_text("two")
     assert sorted(p.name for p in target.iterdir()) == ["b.txt"]  # replaced whole, not merged
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]  # no staging or retired folders left
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="renameat2 is Linux's")
+def test_replacing_a_folder_starts_no_process(tmp_path, monkeypatch):
+    """The exchange's libc lookup (ctypes.util.find_library runs `ldconfig -p` in a subprocess) happens once per
+    process, not once per replaced folder (per image when regions are recomputed)."""
+    import subprocess
+
+    from storage import atomic
+
+    target = tmp_path / "crops"
+    with atomic.atomic_directory(target) as staging:
+        (staging / "000.jpg").write_bytes(b"old")
+    atomic._renameat2()  # looked up once, as a run's first replacement does
+    exchanged = []
+    monkeypatch.setattr(atomic, "exchange_directories",
+                        lambda a, b, real=atomic.exchange_directories: exchanged.append(real(a, b)) or exchanged[-1])
+
+    def no_process(*args, **kwargs):
+        raise AssertionError(f"a subprocess was started: {args[0] if args else kwargs}")
+
+    monkeypatch.setattr(subprocess.Popen, "__init__", no_process)
+    for round_ in range(3):
+        with atomic.atomic_directory(target) as staging:
+            (staging / "000.jpg").write_bytes(b"new %d" % round_)
+    assert exchanged == [True, True, True]  # replaced by the atomic exchange each time
+    assert [p.read_bytes() for p in target.iterdir()] == [b"new 2"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["crops"]
