@@ -24,6 +24,7 @@ from prefect import flow
 from prefect.futures import as_completed
 from prefect.settings import temporary_settings
 from prefect.states import Failed
+from prefect.utilities.annotations import quote
 
 from pipelines.engine.execute import StageFailed, prestart_workers, run_plan, write_report
 from pipelines.reporting.report import refresh_explorer
@@ -107,13 +108,20 @@ def run_stage(pipeline: Pipeline, stage: str, refresh: bool) -> dict:
     from tqdm import tqdm
 
     plan = pipeline.plan(stage, refresh=refresh)
-    if not on_threads():
+    threads = on_threads()
+    if not threads:
         plan.processes = 0  # Dask workers are the processes: a chunk runs in the task's own
     task = stage_task(pipeline.stages[stage]).with_options(retries=pipeline.config.runtime.task_retries)
 
+    # quote(): Prefect would otherwise walk every record of every chunk looking for futures to wait on (~1 CPU-s of the
+    # run's own process at 1,000 images); the task receives the lists themselves. Only on threads: a quote does not
+    # survive pickling to a Dask worker (Prefect 3.8 unpickles quote(x) as quote((x,))).
+    unvisited = quote if threads else (lambda value: value)
+
     def execute(chunks):
-        futures = {task.submit(keys, records, out_dir=str(pipeline.layout.root), stage_key=plan.stage_key,
-                               params=plan.params, runtime=plan.runtime, processes=plan.processes): (index, len(keys))
+        futures = {task.submit(unvisited(keys), unvisited(records), out_dir=str(pipeline.layout.root),
+                               stage_key=plan.stage_key, params=plan.params, runtime=plan.runtime,
+                               processes=plan.processes): (index, len(keys))
                    for index, (keys, records) in enumerate(chunks)}
         done = 0
         _progress(pipeline, stage, done, len(plan.pending))
