@@ -182,7 +182,7 @@ def prefect_floor(stages: str) -> None:
         from prefect import flow, task
         from prefect.settings import temporary_settings
 
-        from flows.pipeline import NO_SUBFLOW_HEARTBEATS
+        from flows.pipeline import NO_HEARTBEATS
 
         @task
         def chunk(index: int) -> int:
@@ -197,7 +197,7 @@ def prefect_floor(stages: str) -> None:
             for _ in range(int(stages)):
                 stage()
 
-        with api_environment(server.wait_ready()), temporary_settings(NO_SUBFLOW_HEARTBEATS):
+        with api_environment(server.wait_ready()), temporary_settings(NO_HEARTBEATS):
             parent()
     finally:
         server.stop()

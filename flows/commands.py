@@ -196,12 +196,17 @@ def _report_notes(report: dict) -> str:
 
 def _run_flow(pipeline, *, config_path, selected, refreshed, runner, dask_address, retry_failed, server,
               command) -> dict:
-    from flows.pipeline import PipelineFailed, current_pipeline, structxlip_pipeline
+    from prefect.settings import temporary_settings
+
+    from flows.pipeline import NO_HEARTBEATS, PipelineFailed, current_pipeline, structxlip_pipeline
     from pipelines.engine.execute import format_summary
 
     api_url = server.wait_ready() if server is not None else os.environ["PREFECT_API_URL"]
     watching = _watch_api(api_url, command=command, own=server is not None)
-    with current_pipeline(pipeline), (contextlib.nullcontext() if server is None else api_environment(api_url)):
+    with current_pipeline(pipeline), contextlib.ExitStack() as own_server:
+        if server is not None:
+            own_server.enter_context(api_environment(api_url))
+            own_server.enter_context(temporary_settings(NO_HEARTBEATS))  # no one watches this server for crashed runs
         try:
             return structxlip_pipeline(images_dir=str(pipeline.images_dir), out_dir=str(pipeline.layout.root),
                                        config_path=config_path, stages=selected, refresh=refreshed,

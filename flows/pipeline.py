@@ -221,8 +221,10 @@ def _evaluation_report(pipeline: Pipeline, *, namespace: str, where: str) -> dic
 REPORTS = {"quality": _quality_report, "training": _training_report, "evaluation": _evaluation_report}
 
 
-# Prefect 3.8 joins a 1 s heartbeat thread at the end of every flow run; stage subflows need no heartbeat.
-NO_SUBFLOW_HEARTBEATS = {"flows.heartbeat_frequency": None}
+# Prefect 3.8 joins a heartbeat thread (which sleeps in 1 s steps) at the end of every flow run: 0-1 s each. Stage
+# subflows need no heartbeat (their parent has one); nor does a run on its own temporary server (flows.commands),
+# which nobody watches for crashed runs and which ends with the run.
+NO_HEARTBEATS = {"flows.heartbeat_frequency": None}
 
 
 def _run_name(prefix: str):
@@ -281,7 +283,7 @@ def run_entry(images_dir: str, out_dir: str, *, config_path: str | None, overrid
         return Failed(message=str(exc))
     try:
         with current_pipeline(pipeline), _tracked_flow_run(), contextlib.ExitStack() as stack:
-            stack.enter_context(temporary_settings(updates=NO_SUBFLOW_HEARTBEATS))
+            stack.enter_context(temporary_settings(updates=NO_HEARTBEATS))
             record_config(pipeline.layout, pipeline.config)
             address = dask_address or pipeline.config.runtime.dask_address
             if runner == "dask":
