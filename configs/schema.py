@@ -172,7 +172,10 @@ class FilterConfig(_Section):
     remove_textures: bool = False
     remove_domain: bool = False
     vocab_dir: str = str(CONFIGS_DIR / "vocab")
-    batch_size: int = Field(default=256, gt=0, le=65536)
+    # Captions per spaCy batch. 64 rather than 256: the same output, and on 1,000 demo images (2 workers, 2 cores)
+    # the filter stage took 5.2-5.6 s instead of 8.0-9.7 s, 10.7-11.3 CPU-s instead of 15.4-18.4, with a peak tree
+    # PSS of ~585 MB instead of ~900 (a batch's activations stay in the caches, and fewer fresh pages are touched).
+    batch_size: int = Field(default=64, gt=0, le=65536)
     min_content_words: int = Field(default=2, ge=0, le=1000)
     max_hard_negatives: int = Field(default=3, ge=0, le=1000)
 

@@ -431,7 +431,7 @@ class CaptionFilter:
         remove_textures: bool = False,
         remove_domain: bool = False,
         min_content_words: int = 2,
-        batch_size: int = 256,
+        batch_size: int = 64,
     ):
         if min_content_words < 0 or batch_size <= 0:
             raise ValueError(

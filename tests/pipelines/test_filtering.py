@@ -444,3 +444,16 @@ def test_only_a_pipeline_with_a_transformer_or_an_unknown_one_may_need_torch(tmp
     assert spacy_needs_torch(saved("trf", ["transformer", "tagger", "parser"]))
     assert spacy_needs_torch(saved("curated", ["curated_transformer", "tagger"]))
     assert spacy_needs_torch(str(tmp_path / "missing"))  # nothing to read: assume it may
+
+
+def test_the_batch_size_does_not_change_what_is_filtered(colors_only):
+    """``filter.batch_size`` is a runtime setting (not in the stage key): spaCy's batches must give the same parses.
+    Captions of very different lengths, so a batch pads short ones to long ones."""
+    captions = [row[0] for row in CASES] + [
+        "A synthetic photo with 5 flat shapes on a smooth background that fades from orange at the top to pink at the "
+        "bottom, covered with fine grain. A purple triangle lies near the top right corner of the picture.",
+        "red", "A man in a bright red jacket; a dog beside him is brown and white.",
+    ] * 3
+    by_batch = {size: CaptionFilter(vocab_dir=VOCAB_DIR, batch_size=size).filter(captions) for size in (1, 7, 64, 256)}
+    assert by_batch[1] == colors_only.filter(captions)
+    assert all(result == by_batch[1] for result in by_batch.values())
