@@ -12,6 +12,7 @@ import os
 import re
 import warnings
 from functools import lru_cache
+from pathlib import Path
 from typing import NamedTuple
 
 import cv2
@@ -144,6 +145,23 @@ def _fail(what: str, cause: object, name: str) -> ImageLoadError:
     return ImageLoadError(f"{what}: {text} ({name})")
 
 
+def read_source(path: str | os.PathLike) -> tuple[Path, bytes]:
+    """Return the source file ``path`` names (``source_file``) and its bytes; raises ``ImageLoadError`` (one line
+    naming the file) when it cannot be read."""
+    path = source_file(path)
+    name = display_path(path.name)
+    try:
+        return path, path.read_bytes()
+    except FileNotFoundError:
+        raise ImageLoadError(f"cannot read image: file not found ({name})") from None
+    except PermissionError:
+        raise ImageLoadError(f"cannot read image: permission denied ({name})") from None
+    except IsADirectoryError:
+        raise ImageLoadError(f"cannot read image: is a directory ({name})") from None
+    except OSError as exc:
+        raise _fail("cannot read image", exc.strerror or exc, name) from None
+
+
 def _open_checked(path: str | os.PathLike, data: bytes | None, max_pixels: int) -> tuple[Image.Image, str]:
     """Return a lazily opened PIL image (header parsed, pixels not decoded) after the size checks, and its name."""
     path = source_file(path)
@@ -231,13 +249,17 @@ def load_rgb(path: str | os.PathLike, *, max_pixels: int, data: bytes | None = N
 
     Animated images give their first frame. Raises ``ImageLoadError`` (one line naming the file) on any problem.
     """
+    if data is None:
+        path, data = read_source(path)
     image, name = _open_checked(path, data, max_pixels)
     try:
         with image:
             image.seek(0)
             orientation = image_orientation(image)
-            image.load()  # full decode now, so truncation surfaces here and not in a later stage
-            rgb = _pil_to_rgb(orient_image(image, orientation))
+            rgb = _opencv_rgb(image, orientation, data)
+            if rgb is None:
+                image.load()  # full decode now, so truncation surfaces here and not in a later stage
+                rgb = _pil_to_rgb(orient_image(image, orientation))
     except ImageLoadError:
         raise
     except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as exc:
@@ -245,6 +267,30 @@ def load_rgb(path: str | os.PathLike, *, max_pixels: int, data: bytes | None = N
     except MemoryError:
         raise ImageLoadError(f"cannot decode image: out of memory ({name})") from None
     return np.ascontiguousarray(rgb)
+
+
+# OpenCV >= 4.10 decodes straight to RGB; older ones give BGR, turned here.
+_IMREAD_RGB = getattr(cv2, "IMREAD_COLOR_RGB", None)
+
+
+def _opencv_rgb(image: Image.Image, orientation: Orientation, data: bytes) -> np.ndarray | None:
+    """Return the displayed RGB pixels of a complete 8-bit grey or colour JPEG decoded by OpenCV, or None where PIL
+    must decode (other formats and modes, a stream without its end marker, anything OpenCV returns at another size).
+
+    Both libraries decode with libjpeg-turbo's defaults, so the pixels are PIL's (a test compares them over
+    subsamplings, progressive and restart-marker streams, grey and every EXIF orientation); OpenCV's decode returns
+    a writable array, where PIL's costs two more copies of the image (~0.5 ms at 640x480, a third of the decode).
+    """
+    if image.format != "JPEG" or image.mode not in _CV2_MODES or not _jpeg_complete(data):
+        return None
+    flag = (cv2.IMREAD_COLOR if _IMREAD_RGB is None else _IMREAD_RGB) | cv2.IMREAD_IGNORE_ORIENTATION
+    pixels = cv2.imdecode(np.frombuffer(data, np.uint8), flag)
+    stored_w, stored_h = orientation.stored_size
+    if pixels is None or pixels.dtype != np.uint8 or pixels.shape != (stored_h, stored_w, 3):
+        return None
+    if _IMREAD_RGB is None:
+        pixels = cv2.cvtColor(pixels, cv2.COLOR_BGR2RGB)
+    return orient_array(pixels, orientation.code)
 
 
 class ImageInfo(NamedTuple):
@@ -366,16 +412,7 @@ def load_grey_resized(
     ``resize_like_pil``; formats or modes OpenCV does not handle the same way go through ``load_rgb``.
     """
     if data is None:
-        path = source_file(path)
-        name = display_path(path.name)
-        try:
-            data = path.read_bytes()
-        except FileNotFoundError:
-            raise ImageLoadError(f"cannot read image: file not found ({name})") from None
-        except PermissionError:
-            raise ImageLoadError(f"cannot read image: permission denied ({name})") from None
-        except OSError as exc:
-            raise _fail("cannot read image", exc.strerror or exc, name) from None
+        path, data = read_source(path)
     image, name = _open_checked(path, data, max_pixels)
     try:
         with image:

@@ -18,6 +18,7 @@ area, largest first (the captions stage ranks them by score later). Each result 
 
 from __future__ import annotations
 
+import os
 import threading
 from functools import partial
 from pathlib import Path
@@ -604,14 +605,38 @@ def _write_regions(
     image_id = record["image_id"]
     height, width = rgb.shape[:2]
     kept = select_boxes(boxes, scores, areas, **selection)
-    kept = sorted(kept.tolist(), key=lambda i: -int((boxes[i, 2] - boxes[i, 0]) * (boxes[i, 3] - boxes[i, 1])))
-
-    segments = []
+    if not kept.size:
+        return []
+    chosen = boxes[kept]
+    # Largest box first; equal areas keep the selection's (score) order.
+    chosen = chosen[np.argsort(-((chosen[:, 2] - chosen[:, 0]) * (chosen[:, 3] - chosen[:, 1])), kind="stable")]
     if structure is not None:  # the same boxes on the structure map, all at once
-        structure_boxes_of = scale_boxes(boxes[kept].reshape(-1, 4), (width, height),
-                                         (structure.shape[1], structure.shape[0])).tolist()
-    if not kept:
-        return segments
+        structure_boxes_of = scale_boxes(chosen, (width, height), (structure.shape[1], structure.shape[0])).tolist()
+    bgr = cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR)  # once for every crop
+    segments = []
+    # The image's crops are written into a staging folder that replaces its crops folder whole: they appear
+    # together (a killed run leaves no half set), the crops of an earlier run with more regions go, and no file gets
+    # a temporary name and a rename of its own (32 of each per image at 16 regions).
+    with atomic_directory(layout.crop(image_id, stage_key, 0).parent) as staging:
+        staging_folder = os.fspath(staging)
+        for index, (x1, y1, x2, y2) in enumerate(chosen.tolist()):
+            crop_path = layout.crop(image_id, stage_key, index)
+            write_new_file(os.path.join(staging_folder, crop_path.name),
+                           encode_jpeg(bgr[y1:y2, x1:x2], bgr=True, name=crop_path))
+            structure_crop_path = None
+            if structure is not None:
+                sx1, sy1, sx2, sy2 = structure_boxes_of[index]
+                structure_crop_path = layout.structure_crop(image_id, stage_key, index)
+                write_new_file(os.path.join(staging_folder, structure_crop_path.name),
+                               _encode_structure_crop(structure_crop_path, structure[sy1:sy2, sx1:sx2]))
+            segments.append(
+                {
+                    "bbox": bbox(x1, y1, x2, y2),
+                    "crop_path": layout.relative(crop_path),
+                    "structure_crop_path": layout.relative(structure_crop_path) if structure_crop_path else None,
+                }
+            )
+    return segments
     bgr = cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR)  # once for every crop
     # The image's crops are written into a staging folder that replaces its crops folder whole: they appear
     # together (a killed run leaves no half set), the crops of an earlier run with more regions go, and no file gets

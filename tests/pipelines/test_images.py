@@ -140,6 +140,73 @@ def test_truncated_jpeg(tmp_path, rng):
         load_grey_resized(path, long_side=32)  # libjpeg would pad silently; the fast path must not
 
 
+def _pil_displayed_rgb(path) -> np.ndarray:
+    """PIL's own decode of ``path``, EXIF-oriented (``ImageOps.exif_transpose``), as RGB: the reference."""
+    from PIL import ImageOps
+
+    with Image.open(path) as image:
+        return np.asarray(ImageOps.exif_transpose(image).convert("RGB"))
+
+
+def _photo_like(height: int, width: int, seed: int = 5) -> np.ndarray:
+    """Smooth gradients with noise and hard edges: every JPEG block type, and chroma that subsampling changes."""
+    rng = np.random.default_rng(seed)
+    ys, xs = np.mgrid[0:height, 0:width]
+    rgb = np.stack([xs * 255 // max(width - 1, 1), ys * 255 // max(height - 1, 1), (xs + ys) % 256], axis=2)
+    rgb = rgb + rng.integers(-20, 21, (height, width, 3))
+    rgb[height // 3:height // 2, width // 4:width // 2] = (250, 10, 40)
+    return np.clip(rgb, 0, 255).astype(np.uint8)
+
+
+@pytest.mark.parametrize("variant", ["444", "422", "420", "progressive", "restart", "grey", "odd-size", "rotated",
+                                     "transposed", "opencv-written"])
+def test_jpeg_pixels_equal_pils_decode(tmp_path, variant, monkeypatch):
+    # load_rgb decodes complete 8-bit JPEGs with OpenCV: the pixels must be PIL's, exactly, for every kind of stream.
+    import pipelines.steps.images as images
+
+    height, width = (37, 53) if variant == "odd-size" else (96, 128)
+    rgb = _photo_like(height, width)
+    path = tmp_path / f"{variant}.jpg"
+    options = {"quality": 85, "subsampling": {"444": 0, "422": 1}.get(variant, 2)}
+    if variant == "progressive":
+        options["progressive"] = True
+    if variant in ("rotated", "transposed"):
+        exif = Image.Exif()
+        exif[0x0112] = 6 if variant == "rotated" else 5
+        options["exif"] = exif
+    if variant == "restart" or variant == "opencv-written":
+        params = [cv2.IMWRITE_JPEG_QUALITY, 90] + ([cv2.IMWRITE_JPEG_RST_INTERVAL, 2] if variant == "restart" else [])
+        assert cv2.imwrite(str(path), cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), params)
+    elif variant == "grey":
+        Image.fromarray(rgb).convert("L").save(path, quality=85)
+    else:
+        Image.fromarray(rgb).save(path, **options)
+    decoded_by = []
+    original = images._opencv_rgb
+    monkeypatch.setattr(images, "_opencv_rgb", lambda *a: decoded_by.append(original(*a)) or decoded_by[-1])
+
+    loaded = load_rgb(path, max_pixels=MAX)
+    assert decoded_by and decoded_by[0] is not None  # OpenCV decoded it: the comparison below is of its pixels
+    np.testing.assert_array_equal(loaded, _pil_displayed_rgb(path))
+    assert loaded.flags.writeable and loaded.flags.c_contiguous
+
+
+def test_jpegs_opencv_does_not_decode_as_pil_go_through_pil(tmp_path, rng, monkeypatch):
+    # CMYK, a stream without its end marker (libjpeg would pad it with grey) and MPO stay PIL's.
+    import pipelines.steps.images as images
+
+    decoded_by = []
+    original = images._opencv_rgb
+    monkeypatch.setattr(images, "_opencv_rgb", lambda *a: decoded_by.append(original(*a)) or decoded_by[-1])
+    cmyk = tmp_path / "cmyk.jpg"
+    Image.fromarray(_photo_like(32, 48)).convert("CMYK").save(cmyk, quality=90)
+    np.testing.assert_array_equal(load_rgb(cmyk, max_pixels=MAX), _pil_displayed_rgb(cmyk))
+    trailing = tmp_path / "trailing.jpg"  # bytes after the end marker: PIL decodes it
+    trailing.write_bytes(save_rgb(tmp_path / "t.jpg", _photo_like(32, 48), quality=90).read_bytes() + b"junk")
+    np.testing.assert_array_equal(load_rgb(trailing, max_pixels=MAX), _pil_displayed_rgb(trailing))
+    assert decoded_by == [None, None]
+
+
 def test_png_named_jpg_decodes_by_content(tmp_path, rng):
     rgb = rng.integers(0, 256, (3, 4, 3), dtype=np.uint8)
     Image.fromarray(rgb).save(tmp_path / "liar.jpg", format="PNG")
