@@ -158,10 +158,9 @@ def measure_stage(records: list[dict], root: Path, *, workers: int, max_regions:
 def segmentation_floor_s(rgbs: list[np.ndarray], repeats: int = 3) -> float:
     """Mean over images of the best of ``repeats`` times of the compiled segmentation alone (area resize to the
     grouping's work size, then the watershed from its seed grid), seconds per image on one thread."""
-    from pipelines.steps.grouping import grouping_boxes
+    from pipelines.steps.grouping import SEED_STEP, grouping_boxes
 
-    defaults = grouping_boxes.__kwdefaults__
-    work_side, step = defaults["work_side"], defaults.get("seed_step", 12)
+    work_side, step = grouping_boxes.__kwdefaults__["work_side"], SEED_STEP
     best = []
     for rgb in rgbs:
         height, width = rgb.shape[:2]
@@ -304,7 +303,7 @@ def run(*, quick: bool = False) -> BenchmarkResult:
                                              stage["img_s"], STAGE_IMG_S_GOAL, unit=" img/s"))
         result.params["load_average_1m"] = {"start": load_start, "end": _load()}
         result.notes.append("structure: on cluttered photos the dilated edges form one component above the 80% "
-                            "limit, so it keeps nothing; grouping: watershed superpixels from a 16 px seed grid at "
+                            "limit, so it keeps nothing; grouping: watershed superpixels from an 18 px seed grid at "
                             "192 px, grouped hierarchically (colour, size, fill, structure-map edges) in rounds of "
                             "reciprocal best pairs, scored by colour contrast with their surroundings")
         result.notes.append("photo recall: the hand-drawn boxes of 19 objects in 4 sample photos (PHOTO_BOXES, "
