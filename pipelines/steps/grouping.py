@@ -103,7 +103,9 @@ def superpixels(work: np.ndarray, seed_step: int) -> np.ndarray:
     return (np.cumsum(present > 0) - 1)[markers]
 
 
-REFINE_PASSES = 2
+# Passes of the boundary refinement. A second pass (version 3) found no more objects on 1,450 in five scene sets
+# (1,372 with two, 1,375 with one, at 18 px seeds) nor on the sample photos, for ~0.5 CPU-ms per image.
+REFINE_PASSES = 1
 
 
 class _PixelColours:
@@ -376,8 +378,9 @@ def grouping_boxes(
 
     - 12 px (up to version 2): ~190 superpixels, 273/284 and 532/578 (the first two other sets)
     - 16 px (version 3): ~110 superpixels, ~7 CPU-ms less per image; 276/284, 539/578 and 551/588
-    - 18 px (version 4): ~90 superpixels, ~0.4 CPU-ms less again; 277/284, 540/578 and 555/588; the same on the 14
-      sample photos (each with >= 2 regions; 8 of the 19 hand-boxed objects found)
+    - 18 px (version 4): ~90 superpixels, ~0.4 CPU-ms less again; 277/284, 540/578 and 555/588 with two boundary
+      refinement passes, 276/284, 543/578 and 556/588 with the one of version 4 (``REFINE_PASSES``); on the 14
+      sample photos each has >= 2 regions, and 10 of the 19 hand-boxed objects are found (8 with two passes)
     """
     return grouping_boxes_many([(rgb, structure_map)], work_side=work_side, seed_step=seed_step)[0]
 
