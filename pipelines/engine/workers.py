@@ -84,9 +84,33 @@ def _init_worker(threads: int, environ: dict[str, str], skips: tuple[str, ...]) 
     import cv2
 
     cv2.setNumThreads(threads)
+    _keep_freed_memory()
     torch = sys.modules.get("torch")
     if torch is not None:  # imported by the forkserver (prestart), before OMP_NUM_THREADS said anything
         torch.set_num_threads(threads)
+
+
+# glibc's mallopt parameters (malloc.h) and the values a worker sets: arrays up to 32 MiB come from the heap, and up
+# to 64 MiB of freed memory stays there for the next item's arrays.
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+_MMAP_THRESHOLD, _TRIM_THRESHOLD = 32 << 20, 64 << 20
+
+
+def _keep_freed_memory() -> bool:
+    """Make glibc keep a worker's freed image-sized arrays for reuse; return whether it could (glibc only).
+
+    By default glibc gives each freed block of more than 128 KiB - a decoded image, its crops, a stage's
+    intermediate arrays - back to the kernel, and the next item's arrays fault their pages in again: page faults were
+    ~3% of the regions stage's CPU time. Kept, they are reused; a worker holds at most 64 MiB more.
+    """
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):  # not glibc (musl, macOS): its own allocator's defaults
+        return False
+    return bool(mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD)) and bool(mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD))
 
 
 def prestart(imports: tuple[str, ...], blocks: tuple[str, ...] = ()) -> bool:

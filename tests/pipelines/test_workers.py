@@ -66,6 +66,37 @@ def test_each_worker_gets_its_share_of_the_cores(fresh_pool):
     assert [pool.submit(os.getenv, "OMP_NUM_THREADS").result() for _ in range(4)] == [expected] * 4
 
 
+def _mmapped_bytes_of_a_new_array(size: int) -> int:
+    """Return how many bytes glibc maps from the kernel (``mallinfo2().hblkhd``) for a new ``size``-byte array."""
+    import ctypes
+
+    class MallInfo2(ctypes.Structure):
+        _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                          "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+    mallinfo2 = ctypes.CDLL(None).mallinfo2
+    mallinfo2.restype = MallInfo2
+    before = mallinfo2().hblkhd
+    array = bytearray(size)
+    mapped = mallinfo2().hblkhd - before
+    del array
+    return mapped
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator")
+def test_workers_keep_image_sized_arrays_in_the_heap(fresh_pool):
+    # By default glibc maps a 4 MiB array from the kernel and unmaps it when freed, so every image's arrays fault
+    # their pages in again; a worker serves it from the heap, where freed memory stays for the next image.
+    import subprocess
+
+    size = 4 << 20
+    script = f"import tests.pipelines.test_workers as t; print(t._mmapped_bytes_of_a_new_array({size}))"
+    default = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True,
+                             cwd=Path(__file__).resolve().parents[2])
+    assert int(default.stdout) >= size  # a fresh interpreter with glibc's defaults: mapped
+    assert workers.pool(1).submit(_mmapped_bytes_of_a_new_array, size).result() == 0
+
+
 def _imported(names: tuple[str, ...]) -> list[str]:
     return [name for name in names if sys.modules.get(name) is not None]  # None: a skipped module
 
