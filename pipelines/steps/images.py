@@ -152,14 +152,17 @@ def read_source(path: str | os.PathLike) -> tuple[Path, bytes]:
     name = display_path(path.name)
     try:
         return path, path.read_bytes()
-    except FileNotFoundError:
-        raise ImageLoadError(f"cannot read image: file not found ({name})") from None
-    except PermissionError:
-        raise ImageLoadError(f"cannot read image: permission denied ({name})") from None
-    except IsADirectoryError:
-        raise ImageLoadError(f"cannot read image: is a directory ({name})") from None
     except OSError as exc:
-        raise _fail("cannot read image", exc.strerror or exc, name) from None
+        raise _read_error(exc, name) from None
+
+
+def _read_error(exc: OSError, name: str) -> ImageLoadError:
+    """Return the one-line error of a file that cannot be read (missing, not readable, a folder, an I/O error)."""
+    for kind, why in ((FileNotFoundError, "file not found"), (PermissionError, "permission denied"),
+                      (IsADirectoryError, "is a directory")):
+        if isinstance(exc, kind):
+            return ImageLoadError(f"cannot read image: {why} ({name})")
+    return _fail("cannot read image", exc.strerror or exc, name)
 
 
 def _open_checked(path: str | os.PathLike, data: bytes | None, max_pixels: int) -> tuple[Image.Image, str]:
@@ -180,12 +183,8 @@ def _open_checked(path: str | os.PathLike, data: bytes | None, max_pixels: int) 
             image = Image.open(io.BytesIO(data) if data is not None else path)
     except ImageLoadError:
         raise
-    except FileNotFoundError:
-        raise ImageLoadError(f"cannot read image: file not found ({name})") from None
-    except PermissionError:
-        raise ImageLoadError(f"cannot read image: permission denied ({name})") from None
-    except IsADirectoryError:
-        raise ImageLoadError(f"cannot read image: is a directory ({name})") from None
+    except (FileNotFoundError, PermissionError, IsADirectoryError) as exc:
+        raise _read_error(exc, name) from None
     except Image.DecompressionBombError as exc:
         # PIL refuses > 2x its own limit while parsing the header, before we see the size.
         pixels = re.search(r"\((\d+) pixels\)", str(exc))

@@ -637,26 +637,3 @@ def _write_regions(
                 }
             )
     return segments
-    bgr = cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR)  # once for every crop
-    # The image's crops are written into a staging folder that replaces its crops folder whole: they appear
-    # together (a killed run leaves no half set), the crops of an earlier run with more regions go, and no file gets
-    # a temporary name and a rename of its own (32 of each per image at 16 regions).
-    with atomic_directory(layout.crop(image_id, stage_key, 0).parent) as staging:
-        for index, i in enumerate(kept):
-            x1, y1, x2, y2 = (int(v) for v in boxes[i])
-            crop_path = layout.crop(image_id, stage_key, index)
-            write_new_file(staging / crop_path.name, encode_jpeg(bgr[y1:y2, x1:x2], bgr=True, name=crop_path))
-            structure_crop_path = None
-            if structure is not None:
-                sx1, sy1, sx2, sy2 = structure_boxes_of[index]
-                structure_crop_path = layout.structure_crop(image_id, stage_key, index)
-                write_new_file(staging / structure_crop_path.name,
-                               _encode_structure_crop(structure_crop_path, structure[sy1:sy2, sx1:sx2]))
-            segments.append(
-                {
-                    "bbox": bbox(x1, y1, x2, y2),
-                    "crop_path": layout.relative(crop_path),
-                    "structure_crop_path": layout.relative(structure_crop_path) if structure_crop_path else None,
-                }
-            )
-    return segments
