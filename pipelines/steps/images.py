@@ -243,10 +243,15 @@ def _pil_to_rgb(image: Image.Image) -> np.ndarray:
     return np.asarray(image)
 
 
-def load_rgb(path: str | os.PathLike, *, max_pixels: int, data: bytes | None = None) -> np.ndarray:
+def load_rgb(
+    path: str | os.PathLike, *, max_pixels: int, data: bytes | None = None, validated: bool = False
+) -> np.ndarray:
     """Return the image at ``path`` (or its already-read bytes ``data``) as (H, W, 3) uint8 RGB, EXIF-oriented.
 
     Animated images give their first frame. Raises ``ImageLoadError`` (one line naming the file) on any problem.
+    ``validated``: the file passed ``validate_image`` (ingest): a complete 8-bit JPEG is then decoded by OpenCV, to
+    the same pixels, faster. Not for unchecked files: PIL refuses some corrupt streams that libjpeg, as OpenCV runs
+    it, decodes with a warning (``validate_image`` refuses them too).
     """
     if data is None:
         path, data = read_source(path)
@@ -255,7 +260,7 @@ def load_rgb(path: str | os.PathLike, *, max_pixels: int, data: bytes | None = N
         with image:
             image.seek(0)
             orientation = image_orientation(image)
-            rgb = _opencv_rgb(image, orientation, data)
+            rgb = _opencv_rgb(image, orientation, data) if validated else None
             if rgb is None:
                 image.load()  # full decode now, so truncation surfaces here and not in a later stage
                 rgb = _pil_to_rgb(orient_image(image, orientation))

@@ -394,6 +394,7 @@ def propose_regions(
     sam_builder: SamBuilder | None = None,
 ) -> list[dict]:
     """Write region crops of each record (``image_id, source_path[, structure_path]``); return one result each.
+    Sources are those ingest validated (``validate_image``), decoded as such (``load_rgb(validated=True)``).
 
     Results: ``{image_id, status, error, region_method, segments: [{bbox, crop_path, structure_crop_path}]}``,
     paths relative to ``layout.root``; ``region_method`` is the proposer that ran (``resolve_region_method``;
@@ -578,7 +579,7 @@ def _load_record(
     if not image_id or not source_path:
         raise RegionInputError(f"invalid record: expected image_id and source_path, got keys {sorted(record)}")
     name = Path(source_path).name
-    rgb = load_rgb(source_path, max_pixels=max_pixels)
+    rgb = load_rgb(source_path, max_pixels=max_pixels, validated=True)  # ingest validated every source it passes on
     height, width = rgb.shape[:2]
     structure = None
     if record.get("structure_path"):

@@ -185,10 +185,48 @@ def test_jpeg_pixels_equal_pils_decode(tmp_path, variant, monkeypatch):
     original = images._opencv_rgb
     monkeypatch.setattr(images, "_opencv_rgb", lambda *a: decoded_by.append(original(*a)) or decoded_by[-1])
 
-    loaded = load_rgb(path, max_pixels=MAX)
+    loaded = load_rgb(path, max_pixels=MAX, validated=True)
     assert decoded_by and decoded_by[0] is not None  # OpenCV decoded it: the comparison below is of its pixels
     np.testing.assert_array_equal(loaded, _pil_displayed_rgb(path))
     assert loaded.flags.writeable and loaded.flags.c_contiguous
+    np.testing.assert_array_equal(load_rgb(path, max_pixels=MAX), loaded)  # unvalidated: PIL, the same pixels
+    assert len(decoded_by) == 1
+
+
+def _corrupted(data: bytes, seed: int) -> bytes:
+    """``data`` (a JPEG) with bytes flipped, cut out or inserted inside its entropy-coded data; its end marker kept."""
+    rng = np.random.default_rng(seed)
+    damaged, n = bytearray(data), len(data)
+    at = int(rng.integers(n // 4, n // 2))
+    if seed % 3 == 0:
+        for position in rng.integers(n // 4, n - 10, 5):
+            damaged[position] ^= 0xFF
+        return bytes(damaged)
+    if seed % 3 == 1:
+        return bytes(damaged[:at] + damaged[at + 2000:])
+    return bytes(damaged[:at]) + rng.integers(0, 256, 500, dtype=np.uint8).tobytes() + bytes(damaged[at:])
+
+
+def test_corrupt_jpegs_are_refused_unless_validated_and_validated_ones_decode_as_pil(tmp_path):
+    # OpenCV's libjpeg decodes some corrupt streams with only a warning where PIL refuses them: load_rgb refuses them
+    # as PIL does; validate_image (ingest) refuses the same ones, so a validated file's fast decode is PIL's decode.
+    from pathlib import Path
+
+    data = (Path(__file__).resolve().parents[2] / "sample" / "images" / "chelsea.jpg").read_bytes()
+    refused = accepted = 0
+    for seed in range(30):
+        damaged = _corrupted(data, seed)
+        try:
+            validate_image("damaged.jpg", max_pixels=MAX, data=damaged)
+        except ImageLoadError:
+            refused += 1
+            with pytest.raises(ImageLoadError, match=r"^cannot decode image: .*\(damaged\.jpg\)$"):
+                load_rgb("damaged.jpg", max_pixels=MAX, data=damaged)
+            continue
+        accepted += 1
+        np.testing.assert_array_equal(load_rgb("damaged.jpg", max_pixels=MAX, data=damaged, validated=True),
+                                      load_rgb("damaged.jpg", max_pixels=MAX, data=damaged))
+    assert refused >= 5 and accepted >= 5  # both kinds of damage occurred
 
 
 def test_jpegs_opencv_does_not_decode_as_pil_go_through_pil(tmp_path, rng, monkeypatch):
@@ -200,10 +238,10 @@ def test_jpegs_opencv_does_not_decode_as_pil_go_through_pil(tmp_path, rng, monke
     monkeypatch.setattr(images, "_opencv_rgb", lambda *a: decoded_by.append(original(*a)) or decoded_by[-1])
     cmyk = tmp_path / "cmyk.jpg"
     Image.fromarray(_photo_like(32, 48)).convert("CMYK").save(cmyk, quality=90)
-    np.testing.assert_array_equal(load_rgb(cmyk, max_pixels=MAX), _pil_displayed_rgb(cmyk))
+    np.testing.assert_array_equal(load_rgb(cmyk, max_pixels=MAX, validated=True), _pil_displayed_rgb(cmyk))
     trailing = tmp_path / "trailing.jpg"  # bytes after the end marker: PIL decodes it
     trailing.write_bytes(save_rgb(tmp_path / "t.jpg", _photo_like(32, 48), quality=90).read_bytes() + b"junk")
-    np.testing.assert_array_equal(load_rgb(trailing, max_pixels=MAX), _pil_displayed_rgb(trailing))
+    np.testing.assert_array_equal(load_rgb(trailing, max_pixels=MAX, validated=True), _pil_displayed_rgb(trailing))
     assert decoded_by == [None, None]
 
 
