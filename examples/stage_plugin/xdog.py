@@ -69,7 +69,7 @@ class XDoG(Stage):
         rows = []
         for record in records:
             grey = load_grey_resized(record["source_path"], long_side=params["long_side"],
-                                     max_pixels=runtime["max_pixels"])
+                                     max_pixels=runtime["max_pixels"], validated=True)  # ingest's sources
             target = layout.stage_file(self.name, stage_key, record["image_id"], "xdog.png")
             write_png(target, xdog(grey, **options))
             rows.append({"image_id": record["image_id"], "status": "ok", "error": None,

@@ -408,12 +408,20 @@ def _jpeg_complete(data: bytes) -> bool:
 
 
 def load_grey_resized(
-    path: str | os.PathLike, *, long_side: int, max_pixels: int = 178_956_970, data: bytes | None = None
+    path: str | os.PathLike,
+    *,
+    long_side: int,
+    max_pixels: int = 178_956_970,
+    data: bytes | None = None,
+    validated: bool = False,
 ) -> np.ndarray:
     """Return the image as (h, w) uint8 grey whose size equals PIL ``thumbnail((long_side, long_side))``'s.
 
-    OpenCV decodes (reduced-size DCT decoding for large JPEGs, EXIF orientation applied) and downsizes with
-    ``resize_like_pil``; formats or modes OpenCV does not handle the same way go through ``load_rgb``.
+    ``validated`` (the file passed ``validate_image``, as every source ingest passes on): OpenCV decodes (reduced-size
+    DCT decoding for large JPEGs, EXIF orientation applied); formats or modes OpenCV does not handle the same way go
+    through ``load_rgb``. Unvalidated files always go through ``load_rgb``, which refuses corrupt JPEG streams that
+    libjpeg, as OpenCV runs it, decodes with a warning. Either way the grey image is downsized with
+    ``resize_like_pil`` (from the full-size decode without ``validated``: slower on large JPEGs, near-equal pixels).
     """
     if data is None:
         path, data = read_source(path)
@@ -432,7 +440,7 @@ def load_grey_resized(
     # OpenCV's TIFF decoder orients by the tag even when told to ignore it (and not on a reduced decode): an
     # oriented TIFF goes through PIL.
     cv2_orients_unreliably = fmt == "TIFF" and orientation.code != 1
-    if (fmt in _CV2_FORMATS and mode in _CV2_MODES and not animated and not cv2_orients_unreliably
+    if (validated and fmt in _CV2_FORMATS and mode in _CV2_MODES and not animated and not cv2_orients_unreliably
             and (fmt != "JPEG" or _jpeg_complete(data))):
         # OpenCV decodes the stored pixels; the orientation is ours (image_orientation), as for every loader.
         flag, factor = cv2.IMREAD_GRAYSCALE, 1

@@ -254,7 +254,9 @@ def _write_maps(job: StructureJob, maps: dict[str, np.ndarray]) -> None:
 
 
 def _load(job: StructureJob, params: StructureParams) -> np.ndarray:
-    return load_grey_resized(job.source_path, long_side=params.long_side, max_pixels=params.max_pixels)
+    # Sources come from ingest, which validated them (validate_image): OpenCV's fast decoding.
+    return load_grey_resized(job.source_path, long_side=params.long_side, max_pixels=params.max_pixels,
+                             validated=True)
 
 
 def extract_one(job: StructureJob, params: StructureParams) -> dict:

@@ -137,7 +137,9 @@ def test_truncated_jpeg(tmp_path, rng):
     assert str(info.value).startswith("cannot decode image:") and "truncated" in str(info.value)
     assert str(info.value).endswith("(cat.jpg)")
     with pytest.raises(ImageLoadError, match="truncated"):
-        load_grey_resized(path, long_side=32)  # libjpeg would pad silently; the fast path must not
+        load_grey_resized(path, long_side=32, validated=True)  # libjpeg would pad silently; the fast path must not
+    with pytest.raises(ImageLoadError, match="truncated"):
+        load_grey_resized(path, long_side=32)
 
 
 def _pil_displayed_rgb(path) -> np.ndarray:
@@ -208,8 +210,8 @@ def _corrupted(data: bytes, seed: int) -> bytes:
 
 
 def test_corrupt_jpegs_are_refused_unless_validated_and_validated_ones_decode_as_pil(tmp_path):
-    # OpenCV's libjpeg decodes some corrupt streams with only a warning where PIL refuses them: load_rgb refuses them
-    # as PIL does; validate_image (ingest) refuses the same ones, so a validated file's fast decode is PIL's decode.
+    # OpenCV's libjpeg decodes some corrupt streams with only a warning where PIL refuses them: load_rgb and
+    # load_grey_resized refuse them as PIL does; validate_image (ingest) refuses the same ones, so a validated file's fast decode is PIL's decode.
     from pathlib import Path
 
     data = (Path(__file__).resolve().parents[2] / "sample" / "images" / "chelsea.jpg").read_bytes()
@@ -222,6 +224,8 @@ def test_corrupt_jpegs_are_refused_unless_validated_and_validated_ones_decode_as
             refused += 1
             with pytest.raises(ImageLoadError, match=r"^cannot decode image: .*\(damaged\.jpg\)$"):
                 load_rgb("damaged.jpg", max_pixels=MAX, data=damaged)
+            with pytest.raises(ImageLoadError, match=r"^cannot decode image: .*\(damaged\.jpg\)$"):
+                load_grey_resized("damaged.jpg", long_side=512, data=damaged)
             continue
         accepted += 1
         np.testing.assert_array_equal(load_rgb("damaged.jpg", max_pixels=MAX, data=damaged, validated=True),
@@ -353,14 +357,15 @@ def test_thumbnail_size_matches_pil(rng):
         assert thumbnail_size(width, height, 512) == image.size, (width, height)
 
 
+@pytest.mark.parametrize("validated", [True, False])
 @pytest.mark.parametrize(
     "size, suffix", [((2100, 1100), ".jpg"), ((640, 480), ".jpg"), ((300, 200), ".png"), ((5000, 1200), ".jpg")]
 )
-def test_grey_resized_size_is_pil_thumbnail_size(tmp_path, rng, size, suffix):
+def test_grey_resized_size_is_pil_thumbnail_size(tmp_path, rng, size, suffix, validated):
     width, height = size
     rgb = cv2.resize(rng.integers(0, 256, (height // 50 + 1, width // 50 + 1, 3), dtype=np.uint8), (width, height))
     path = save_rgb(tmp_path / f"img{suffix}", rgb)
-    grey = load_grey_resized(path, long_side=512)
+    grey = load_grey_resized(path, long_side=512, validated=validated)
     pil = Image.open(path)
     pil.thumbnail((512, 512))
     assert grey.dtype == np.uint8 and grey.ndim == 2
@@ -369,15 +374,17 @@ def test_grey_resized_size_is_pil_thumbnail_size(tmp_path, rng, size, suffix):
     assert np.abs(grey.astype(int) - np.asarray(pil.convert("L"), int)).mean() < 6
 
 
-def test_grey_resized_respects_exif_and_falls_back_for_gif(tmp_path):
-    grey = load_grey_resized(_oriented_jpeg(tmp_path / "rot.jpg"), long_side=512)
+@pytest.mark.parametrize("validated", [True, False])
+def test_grey_resized_respects_exif_and_falls_back_for_gif(tmp_path, validated):
+    grey = load_grey_resized(_oriented_jpeg(tmp_path / "rot.jpg"), long_side=512, validated=validated)
     assert grey.shape == (20, 10) and grey[:5, -5:].mean() > 200
     Image.new("RGB", (1000, 10), (255, 255, 255)).save(tmp_path / "wide.gif")
     out = load_grey_resized(tmp_path / "wide.gif", long_side=100)
     assert out.shape == (1, 100) and out.min() == 255  # PIL thumbnail's size: 1000x10 -> 100x1
 
 
-def test_grey_resized_edges_match_pil_baseline(tmp_path):
+@pytest.mark.parametrize("validated", [True, False])
+def test_grey_resized_edges_match_pil_baseline(tmp_path, validated):
     """The structure benchmark's check: Canny on our resize vs PIL thumbnail, IoU >= 0.9 after 1-pixel dilation."""
     rng = np.random.default_rng(3)
     rgb = np.full((1200, 1600, 3), 128, np.uint8)
@@ -389,7 +396,7 @@ def test_grey_resized_edges_match_pil_baseline(tmp_path):
     pil = Image.open(path)
     pil.thumbnail((512, 512))
     baseline = cv2.Canny(np.asarray(pil.convert("L")), 100, 200)
-    ours = cv2.Canny(load_grey_resized(path, long_side=512), 100, 200)
+    ours = cv2.Canny(load_grey_resized(path, long_side=512, validated=validated), 100, 200)
     kernel = np.ones((3, 3), np.uint8)
     a, b = cv2.dilate(baseline, kernel) > 0, cv2.dilate(ours, kernel) > 0
     assert a.sum() > 500
@@ -502,7 +509,7 @@ def test_every_loader_shows_the_displayed_image(tmp_path, suffix, orientation):
     assert np.abs(rgb.astype(int) - expected).mean() <= tolerance
     assert validate_image(path, max_pixels=MAX, data=path.read_bytes())[:2] == displayed_hw[::-1]
 
-    grey = load_grey_resized(path, long_side=512)  # no resizing at this size: the decode itself is compared
+    grey = load_grey_resized(path, long_side=512, validated=True)  # no resizing at this size: the decode is compared
     expected_grey = cv2.cvtColor(expected.astype(np.uint8), cv2.COLOR_RGB2GRAY).astype(int)
     assert grey.shape == displayed_hw
     assert np.abs(grey.astype(int) - expected_grey).mean() <= tolerance + 1

@@ -149,7 +149,7 @@ def test_extract_structure_writes_grey_pngs_of_thumbnail_size(tmp_path, records)
     assert out[3]["status"] == "failed" and "broken.png" in out[3]["error"] and out[3]["structure_path"] is None
     assert out[4]["status"] == "failed" and out[4]["error"].startswith("skipped")
     # The Canny PNG is exactly cv2.Canny of the resized grey image.
-    grey = load_grey_resized(records[0]["source_path"], long_side=512)
+    grey = load_grey_resized(records[0]["source_path"], long_side=512, validated=True)
     written = cv2.imread(str(layout.resolve(out[0]["structure_path"])), cv2.IMREAD_UNCHANGED)
     np.testing.assert_array_equal(written, cv2.Canny(grey, 100, 200))
 
@@ -250,7 +250,7 @@ def test_scribble_matches_a_slow_dense_reference(seed):
 def test_binary_maps_are_plain_8_bit_grey_pngs(tmp_path, records):
     layout = OutputLayout(tmp_path / "out")
     out = extract_structure(records[:1], layout=layout, stage_key="k", backend="opencv")
-    grey = load_grey_resized(records[0]["source_path"], long_side=512)
+    grey = load_grey_resized(records[0]["source_path"], long_side=512, validated=True)
     maps = compute_maps(grey, StructureParams())
     for key, kind in (("structure_path", "canny"), ("scribble_path", "scribble")):
         path = layout.resolve(out[0][key])
