@@ -287,13 +287,22 @@ def _opencv_rgb(image: Image.Image, orientation: Orientation, data: bytes) -> np
     """
     if image.format != "JPEG" or image.mode not in _CV2_MODES or not _jpeg_complete(data):
         return None
-    flag = (cv2.IMREAD_COLOR if _IMREAD_RGB is None else _IMREAD_RGB) | cv2.IMREAD_IGNORE_ORIENTATION
-    pixels = cv2.imdecode(np.frombuffer(data, np.uint8), flag)
-    stored_w, stored_h = orientation.stored_size
-    if pixels is None or pixels.dtype != np.uint8 or pixels.shape != (stored_h, stored_w, 3):
-        return None
-    if _IMREAD_RGB is None:
+    pixels = _opencv_decode(data, cv2.IMREAD_COLOR if _IMREAD_RGB is None else _IMREAD_RGB, orientation, channels=3)
+    if pixels is not None and _IMREAD_RGB is None:
         pixels = cv2.cvtColor(pixels, cv2.COLOR_BGR2RGB)
+    return pixels
+
+
+def _opencv_decode(data: bytes, flag: int, orientation: Orientation, *, factor: int = 1,
+                   channels: int | None = None) -> np.ndarray | None:
+    """Return OpenCV's decode of ``data`` with ``flag`` (the orientation ignored: ours is applied, as for every
+    loader), turned as displayed; or None when it is not 8-bit at the stored size reduced by ``factor`` with
+    ``channels`` (None: one, no channel axis), so that PIL decides."""
+    pixels = cv2.imdecode(np.frombuffer(data, np.uint8), flag | cv2.IMREAD_IGNORE_ORIENTATION)
+    stored_w, stored_h = orientation.stored_size
+    shape = (-(-stored_h // factor), -(-stored_w // factor)) + ((channels,) if channels else ())
+    if pixels is None or pixels.dtype != np.uint8 or pixels.shape != shape:
+        return None
     return orient_array(pixels, orientation.code)
 
 
@@ -442,19 +451,13 @@ def load_grey_resized(
     cv2_orients_unreliably = fmt == "TIFF" and orientation.code != 1
     if (validated and fmt in _CV2_FORMATS and mode in _CV2_MODES and not animated and not cv2_orients_unreliably
             and (fmt != "JPEG" or _jpeg_complete(data))):
-        # OpenCV decodes the stored pixels; the orientation is ours (image_orientation), as for every loader.
         flag, factor = cv2.IMREAD_GRAYSCALE, 1
         if fmt == "JPEG":
             # PIL's thumbnail drafts the JPEG at the largest 1/a scale that keeps both sides >= 2x the box
             # (reducing_gap=2); the same rule keeps our edges equal to a PIL-thumbnail baseline's.
             scale = min(width // (2 * long_side), height // (2 * long_side))
             factor, flag = next(((f, reduced) for f, reduced in _REDUCED_GREY if scale >= f), (1, flag))
-        grey = cv2.imdecode(np.frombuffer(data, np.uint8), flag | cv2.IMREAD_IGNORE_ORIENTATION)
-        stored_w, stored_h = orientation.stored_size
-        if grey is not None and grey.shape == (-(-stored_h // factor), -(-stored_w // factor)):
-            grey = orient_array(grey, orientation.code)
-        else:  # not grey, or not the stored size: PIL decides
-            grey = None
+        grey = _opencv_decode(data, flag, orientation, factor=factor)  # None: PIL decides
     if grey is None:
         grey = cv2.cvtColor(load_rgb(path, max_pixels=max_pixels, data=data), cv2.COLOR_RGB2GRAY)
     if grey.shape != (target_h, target_w):
