@@ -19,7 +19,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from storage.hashing import content_key
+from storage.hashing import content_key, keys_distinct
 from storage.layout import OutputLayout
 from storage.parquet import parquet_parts, read_part, write_parquet_atomic
 
@@ -132,7 +132,7 @@ class StageStore:
             return pa.table({ITEM_KEY: pa.array([], pa.string())})
         table = pa.concat_tables(tables, promote_options="none" if self.schema is not None else "permissive")
         keys = table.column(ITEM_KEY)
-        if pc.count_distinct(keys).as_py() == table.num_rows:
+        if keys_distinct(keys) or pc.count_distinct(keys).as_py() == table.num_rows:
             return table
         order = pa.table({ITEM_KEY: keys, "_row": pa.array(range(table.num_rows), pa.int64())})
         last = order.group_by(ITEM_KEY, use_threads=False).aggregate([("_row", "max")]).column("_row_max")

@@ -41,3 +41,57 @@ def test_the_keys_a_catalogue_stores_are_unchanged():
     assert content_key("/data/images/0000/img-0000000.png", 4096, 1765000000123456789, 1765000000123456789,
                        2049, 123456) == "2737146090f85cbd"
     assert content_key("text", "0123456789abcdef0123456789abcdef", "a dog on the caf\u00e9 terrace") == "f7b5309a1f829e71"
+
+
+# ---- key order and distinctness from the keys' bytes (storage.hashing.key_codes) ------------------------------------
+def _random_keys(rng, count, width):
+    return ["".join(rng.choice(list("0123456789abcdef"), width)) for _ in range(count)]
+
+
+@pytest.mark.parametrize("width", [16, 32, 40])
+def test_key_order_and_distinctness_equal_arrows(width):
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    from storage.hashing import distinct_key_order, keys_distinct
+
+    rng = np.random.default_rng(width)
+    keys = _random_keys(rng, 3000, width)
+    # sliced and chunked arrays: the offsets and data buffers start inside an allocation
+    chunked = pa.chunked_array([pa.array(keys[:1000]).slice(10), pa.array(keys[1000:])])
+    for array in (pa.array(keys), chunked, pa.array(keys).slice(7, 500)):
+        order = distinct_key_order(array)
+        assert order is not None
+        np.testing.assert_array_equal(order, pc.sort_indices(array).to_numpy())
+        assert keys_distinct(array) is True
+    # mixed lengths, all starting with 16 hex digits: still Arrow's order
+    mixed = pa.array([key[:16 + n % 5] for n, key in enumerate(keys)])
+    np.testing.assert_array_equal(distinct_key_order(mixed), pc.sort_indices(mixed).to_numpy())
+
+
+@pytest.mark.parametrize("keys", [
+    ["a" * 16, "a" * 16],  # equal keys
+    ["0123456789abcdef" + "0" * 16, "0123456789abcdef" + "1" * 16],  # distinct, but not in their first 16 digits
+    ["0123456789ABCDEF", "0123456789abcdee"],  # upper case: another order than the numbers'
+    ["0123456789abcde", "0123456789abcdef"],  # shorter than 16
+    ["0123456789abcdeg", "0123456789abcdef"],  # not hex
+    ["0123456789abcdef", None],
+])
+def test_keys_the_numbers_cannot_tell_apart_are_left_to_arrow(keys):
+    import pyarrow as pa
+
+    from storage.hashing import distinct_key_order, keys_distinct
+
+    assert distinct_key_order(pa.array(keys, pa.string())) is None
+    assert keys_distinct(pa.array(keys, pa.string())) is None
+
+
+def test_no_keys_are_distinct_and_ordered():
+    import pyarrow as pa
+
+    from storage.hashing import distinct_key_order, keys_distinct
+
+    assert keys_distinct(pa.array([], pa.string())) is True
+    assert len(distinct_key_order(pa.array([], pa.string()))) == 0
+    assert distinct_key_order(pa.array(["f" * 16])).tolist() == [0]
