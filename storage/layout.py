@@ -14,6 +14,8 @@
       report/index.html                                the static explorer (``structxlip report``)
       report/thumbs/<id[:2]>/<id>.jpg                  its image thumbnails
       config.yaml                                      the config of the last run (single-stage re-runs reuse it)
+      cache/file-keys.parquet                          the ingest item key of each image file, as the last scan gave them
+      cache/caption-keys.parquet                       the text stages' item keys, as the folder's captions gave them
       runs/<timestamp>.json                            summary of each pipeline run
       .lock                                            held by the run writing this folder
 """
@@ -100,6 +102,18 @@ class OutputLayout:
 
     def report_thumbnail(self, image_id: str) -> Path:
         return self.report_dir / "thumbs" / image_id[:2] / f"{image_id}.jpg"
+
+    @property
+    def file_keys(self) -> Path:
+        """The ingest item key of every scanned file, kept with a key of the scan (``Pipeline.file_keys``); safe to
+        delete."""
+        return self.root / "cache" / "file-keys.parquet"
+
+    @property
+    def caption_keys(self) -> Path:
+        """The text stages' item keys and the captions' digest, kept with a key of what they were derived from, so that
+        a run on an unchanged folder does not read its captions again (``Pipeline.caption_keys``); safe to delete."""
+        return self.root / "cache" / "caption-keys.parquet"
 
     @property
     def lock_path(self) -> Path:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 from pathlib import Path
 
@@ -9,6 +11,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from storage.atomic import atomic_path
+
+log = logging.getLogger("structxlip.storage")
+_DERIVED_KEY = b"structxlip.derived"
 
 
 def write_parquet_atomic(table: pa.Table, path: str | os.PathLike) -> Path:
@@ -43,3 +48,31 @@ def read_parquet_dir(
             return pa.table({})
         return schema.empty_table() if columns is None else schema.empty_table().select(columns)
     return pa.concat_tables([read_part(p, columns=columns) for p in parts], promote_options="permissive")
+
+
+def read_derived(path: str | os.PathLike, key: str, columns: list[str]) -> tuple[pa.Table, dict] | None:
+    """Return ``(table, notes)`` kept at ``path`` by ``write_derived`` under ``key``; None when absent, kept under
+    another key, or unreadable: the caller derives the table again (and keeps it)."""
+    try:
+        with pq.ParquetFile(path) as handle:
+            kept = json.loads((handle.schema_arrow.metadata or {}).get(_DERIVED_KEY, b"{}"))
+            if kept.get("key") != key:
+                return None
+            table = handle.read(columns=columns)
+        return table.replace_schema_metadata(None), kept.get("notes", {})
+    except FileNotFoundError:
+        return None
+    except (OSError, pa.ArrowException, ValueError, KeyError, TypeError) as exc:
+        log.debug("%s not reused: %s", path, exc)
+        return None
+
+
+def write_derived(path: str | os.PathLike, key: str, table: pa.Table, notes: dict | None = None) -> None:
+    """Keep ``table`` (derived from inputs that ``key`` names) and JSON-able ``notes`` at ``path`` for the next run,
+    atomically; a folder that cannot take it only loses the shortcut."""
+    kept = json.dumps({"key": key, "notes": notes or {}}, ensure_ascii=False).encode("utf-8")
+    try:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        write_parquet_atomic(table.replace_schema_metadata({_DERIVED_KEY: kept}), path)
+    except OSError as exc:
+        log.debug("%s not kept: %s", path, exc)

@@ -16,7 +16,7 @@ import os
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, NamedTuple
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -25,10 +25,10 @@ from configs.schema import TINY_CLIP, Config
 from pipelines.engine.stages import (Item, Stage, find_stage, local_workers, registry, stage_keys, text_item_key,
                                      upstream_closure)
 from pipelines.steps.ingest import Caption, CaptionIndex
-from storage.hashing import content_key
+from storage.hashing import content_key, table_digest
 from storage.layout import OutputLayout
 from storage.manifest import STATUS_FAILED, STATUS_OK
-from storage.parquet import parquet_parts
+from storage.parquet import parquet_parts, read_derived, write_derived
 from storage.stage_store import ITEM_KEY, StageStore, StoredRows
 
 log = logging.getLogger("structxlip.plan")
@@ -146,14 +146,42 @@ class Pipeline:
 
     @cached_property
     @_collector_paused
+    def file_keys(self) -> pa.Array:
+        """Each scanned file's ingest item key (``ScanResult.file_keys``), in scan order: from what OUT keeps of the
+        last run (``OutputLayout.file_keys``) when the scan is the same (``ScanResult.digest``: every location and
+        stat field), else hashed and kept for the next run (~3 s of hashing at a million files)."""
+        key = content_key("file-keys", FILE_KEYS_VERSION, self.scan.digest(), length=32)
+        kept = read_derived(self.layout.file_keys, key, ["file_key"])
+        if kept is not None and kept[0].num_rows == len(self.scan):
+            return kept[0].column("file_key").combine_chunks()
+        keys = pa.array(self.scan.file_keys(), pa.string())
+        write_derived(self.layout.file_keys, key, pa.table({"file_key": keys}))
+        return keys
+
+    @cached_property
+    def _captions_inputs(self) -> str | None:
+        """``captions_inputs_key`` of the folder, taken once, before its captions are read."""
+        from pipelines.steps.ingest import captions_inputs_key
+
+        return captions_inputs_key(self.images_dir, self.scan)
+
+    @cached_property
+    @_collector_paused
     def caption_index(self):
-        """Captions as they are in the folder now (re-read every run; cheap)."""
+        """Captions as they are in the folder now (read once per run, when a record needs them or the folder changed:
+        ``caption_keys``)."""
         from pipelines.steps.ingest import read_captions
 
+        self._captions_inputs  # noqa: B018 - the key of what is read, before reading it
         index = read_captions(self.images_dir, self.scan.locations)
-        for problem in getattr(index, "problems", None) or []:
-            log.warning("captions: %s", problem)
+        self._log_caption_problems(index.problems)
         return index
+
+    def _log_caption_problems(self, problems: list[dict]) -> None:
+        if not self.__dict__.get("_caption_problems_logged"):  # once per run, from the index or from its keys
+            self._caption_problems_logged = True
+            for problem in problems:
+                log.warning("captions: %s", problem)
 
     def caption_of(self, source_path: str) -> tuple[str | None, str | None, str | None]:
         entry = self.caption_index.get(str(source_path))
@@ -201,9 +229,11 @@ class Pipeline:
         return _file_captions(self.caption_index, found) if type(found) is not tuple else found
 
     def captions_digest(self) -> str:
-        """A key of every current file's captions, source and note as the manifest reads them, column-wise."""
-        from storage.hashing import table_digest
+        """A key of every current file's captions, source and note as the manifest reads them (``caption_keys``)."""
+        return self.caption_keys.digest
 
+    def _captions_digest(self) -> str:
+        """``captions_digest`` from the caption index, column-wise."""
         paths = sorted(self.done_table("ingest").column("source_path").to_pylist())
         index = self.caption_index
         # caption_of and captions(path)[1:] of each path, from the index's tables (keyed by the stored paths)
@@ -245,7 +275,48 @@ class Pipeline:
     def text_key_table(self) -> pa.Table:
         """``image_id, text_key`` (item key of the text stages: the image and its current captions) of every image the
         caption stage should see, by image id: columns, so that a million-image catalogue keeps no Python object per
-        image for them."""
+        image for them (``caption_keys``)."""
+        return self.caption_keys.table
+
+    @cached_property
+    @_collector_paused
+    def caption_keys(self) -> CaptionKeys:
+        """The text stages' item keys and the captions' digest, from what OUT keeps of the last run
+        (``OutputLayout.caption_keys``) when the folder's files, their ingest results and every file the captions are
+        read from are as they were then (``_caption_keys_key``); else from the folder's captions, kept for the next
+        run. Reading a million captions and hashing them took ~13 s of a fully cached run's 45."""
+        from pipelines.steps.ingest import Problem
+
+        key = self._caption_keys_key()
+        path = self.layout.caption_keys
+        kept = read_derived(path, key, ["image_id", "text_key"]) if key is not None else None
+        if kept is not None:
+            table, notes = kept
+            problems = [Problem(problem) for problem in notes["problems"]]
+            self._log_caption_problems(problems)
+            return CaptionKeys(table, notes["digest"], problems)
+        made = CaptionKeys(self._text_key_table(), self._captions_digest(), list(self.caption_index.problems))
+        if key is not None:
+            write_derived(path, key, made.table, {"digest": made.digest, "problems": made.problems})
+        return made
+
+    def _caption_keys_key(self) -> str | None:
+        """A key of everything ``caption_keys`` follows from: the folder's caption files (``captions_inputs_key``),
+        every file's ingest result (item key: its path and stat fields; image id, status), the ingest
+        stage's key (its code and parameters) and whether a captioner fills in missing captions. None while a file
+        is not ingested (its name may still decide which image a caption line names)."""
+        sources = self._captions_inputs
+        ingest = self.done_table("ingest")
+        if sources is None or ingest.num_rows != len(self.item_keys("ingest")):
+            return None
+        # In stored order: the same rows in other parts (after compaction) only make the keys again. (The stored path
+        # follows from the item key.)
+        rows = table_digest(ingest.select([ITEM_KEY, "image_id", "status"]))
+        return content_key("caption-keys", CAPTION_KEYS_VERSION, sources, rows, self.keys["ingest"],
+                           bool(self.config.captions.captioner), length=32)
+
+    def _text_key_table(self) -> pa.Table:
+        """``text_key_table`` from the caption index."""
         captioner = self.config.captions.captioner
         index = self.caption_index
         ids, keys = [], []
@@ -353,7 +424,7 @@ class Pipeline:
                 cache.pop(name, None)
         later = names[names.index(stage):]
         # The images and their captions follow from the ingest rows (and the folder's captions) alone.
-        derived = ("text_key_table", "text_keys", "_captions_by_image", "image_table", "images",
+        derived = ("caption_keys", "text_key_table", "text_keys", "_captions_by_image", "image_table", "images",
                    "source_paths") if "ingest" in later else ()
         for attr in ("manifest_rows", *derived):
             self.__dict__.pop(attr, None)
@@ -451,6 +522,21 @@ class Pipeline:
         if not parts:
             return None
         return content_key("manifest-parts", [(p.name, p.stat().st_size) for p in parts], length=32)
+
+
+# Bump when what ``Pipeline.caption_keys`` derives from the same inputs changes (the caption index's reading lives in
+# pipelines.steps.ingest, whose VERSION the ingest stage's key carries).
+CAPTION_KEYS_VERSION = "1"
+FILE_KEYS_VERSION = "1"  # likewise for ``Pipeline.file_keys`` (``pipelines.steps.ingest.file_key``)
+
+
+class CaptionKeys(NamedTuple):
+    """``Pipeline.caption_keys``: the text stages' item keys (``image_id, text_key``), the captions' digest
+    (``Pipeline.captions_digest``) and the problems met reading the captions (logged again on every run)."""
+
+    table: pa.Table
+    digest: str
+    problems: list[dict]
 
 
 def _exclude(images_dir: Path, out_dir: Path) -> dict:

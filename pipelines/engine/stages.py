@@ -26,7 +26,7 @@ import pyarrow.compute as pc
 from pydantic import BaseModel, ConfigDict
 
 from configs.schema import TINY_CLIP, Config
-from storage.hashing import content_key, file_digest, table_digest
+from storage.hashing import content_key, distinct_key_order, file_digest, table_digest
 from storage.layout import OutputLayout
 from storage.manifest import EXTRA_CAPTION_TYPE, SEGMENT_TYPE, STATUS_FAILED, STATUS_OK
 from pipelines.engine.workers import usable_cpus
@@ -163,7 +163,8 @@ def _vocab_digest(vocab_dir: str) -> dict[str, str]:
 
 def text_item_key(image_id: str, caption: str | None, extra_captions: tuple[str, ...] | list[str] = ()) -> str:
     """Item key of the text stages: the image and all its captions, so editing any caption recomputes only the text
-    stages (a single-caption image keeps the key it always had)."""
+    stages (a single-caption image keeps the key it always had). A run keeps these keys for the next one
+    (``Pipeline.caption_keys``): changing how they are made means bumping ``plan.CAPTION_KEYS_VERSION``."""
     if extra_captions:
         return content_key("text", image_id, caption or "", list(extra_captions))
     return content_key("text", image_id, caption or "")
@@ -263,6 +264,9 @@ class PipelineView(Protocol):
 
     @property
     def scan(self) -> ScanResult: ...
+
+    @property
+    def file_keys(self) -> pa.Array: ...
 
     @property
     def images(self) -> list[dict]: ...
@@ -516,7 +520,7 @@ class Ingest(KeyedStage):
     key_columns = ("source_path",)
 
     def item_keys(self, pipeline):
-        return pa.array(pipeline.scan.file_keys(), pa.string())
+        return pipeline.file_keys
 
     def pending_items(self, pipeline, keys):
         return [(key, f) for f in pipeline.scan.iter_files() if (key := f.file_key) in keys]
@@ -918,7 +922,8 @@ class Manifest(Stage):
         results = {}
         for name in joined:
             done = pipeline.done_table(name).select([ITEM_KEY, "status", "error"])
-            results[name] = table_digest(done.sort_by(ITEM_KEY))
+            order = distinct_key_order(done.column(ITEM_KEY))
+            results[name] = table_digest(done.sort_by(ITEM_KEY) if order is None else done.take(order))
         return content_key("manifest", results, pipeline.captions_digest(), length=32)
 
     def run(self, records, *, layout, stage_key, params, runtime):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import hashlib
 import html
 import io
 import json
@@ -98,7 +99,8 @@ class SourceImage(NamedTuple):
 
 
 def file_key(location: str, size: int, mtime_ns: int, ctime_ns: int = 0, device: int = 0, inode: int = 0) -> str:
-    """``SourceImage(...).file_key`` from the fields themselves."""
+    """``SourceImage(...).file_key`` from the fields themselves. A run keeps these keys for the next one
+    (``Pipeline.file_keys``, under this module's ``VERSION``): changing how they are made means bumping it."""
     name = storable_path(location)
     if name != location:  # undecodable bytes: the raw name keeps a literal "\\xff" name apart
         return content_key([name, os.fsencode(location).hex()], size, mtime_ns, ctime_ns, device, inode)
@@ -119,6 +121,8 @@ class ScanResult:
         self.times = np.array([f[1:4] for f in files], np.int64).reshape(len(files), 3)
         self.ids = np.array([f[4:6] for f in files], np.uint64).reshape(len(files), 2)
         self.problems = problems if problems is not None else []
+        # A key of the .txt files in the scanned folders (their paths and stat fields): scan_images sets it.
+        self.text_files_key: str | None = None
 
     def __len__(self) -> int:
         return len(self.locations)
@@ -132,6 +136,14 @@ class ScanResult:
     @property
     def files(self) -> list[SourceImage]:
         return list(self.iter_files())
+
+    def digest(self) -> str:
+        """A key of every file's location and stat fields, in order: what ``file_keys`` follows from."""
+        h = hashlib.sha256(f"{VERSION}:{len(self)}\n".encode())
+        h.update("\0".join(self.locations).encode("utf-8", "surrogateescape"))
+        h.update(np.ascontiguousarray(self.times, "<i8").tobytes())
+        h.update(np.ascontiguousarray(self.ids, "<u8").tobytes())
+        return h.hexdigest()[:32]
 
     def file_keys(self) -> list[str]:
         """Each file's ``SourceImage.file_key``, in order, without making the SourceImages."""
@@ -183,6 +195,7 @@ def scan_images(
     # (device, inode) of every folder entered: a link back to one of them is a loop (or a second route to it).
     visited = {(root_stat.st_dev, root_stat.st_ino)}
     root_prefix = os.fspath(root) + os.sep
+    texts: list[str] = []  # the .txt files met (possible sidecar captions): path and stat fields, for text_files_key
     stack = [root]
     while stack:
         folder = stack.pop()
@@ -201,6 +214,11 @@ def scan_images(
             try:
                 is_link = entry.is_symlink()
                 if is_link and not follow_symlinks:
+                    if name.endswith(".txt"):  # read_captions follows it all the same
+                        try:
+                            _note_text_file(texts, entry.path, os.stat(entry.path))
+                        except OSError:
+                            pass
                     continue
                 info = entry.stat(follow_symlinks=True)
             except FileNotFoundError:
@@ -212,6 +230,8 @@ def scan_images(
             identity = (info.st_dev, info.st_ino)
             if identity in excluded:
                 continue
+            if name.endswith(".txt"):
+                _note_text_file(texts, entry.path, info)
             # Path(name).suffix, without a Path per entry (a folder of a million images is scanned on every run)
             stem, dot, suffix = name.rpartition(".")
             named_like_image = bool(dot and stem and suffix) and "." + suffix.lower() in wanted
@@ -237,7 +257,36 @@ def scan_images(
     result.locations = [located[n] for n in order]
     result.times = np.array(times, np.int64).reshape(-1, 3)[order]
     result.ids = np.array(ids, np.uint64).reshape(-1, 2)[order]
+    texts.sort()
+    result.text_files_key = bytes_digest("\n".join(texts).encode("utf-8", "surrogateescape"))
     return result
+
+
+def _note_text_file(texts: list[str], path: str, info: os.stat_result) -> None:
+    if stat.S_ISREG(info.st_mode):
+        texts.append(f"{path}\0{info.st_size}\0{info.st_mtime_ns}\0{info.st_ctime_ns}\0{info.st_dev}\0{info.st_ino}")
+
+
+def captions_inputs_key(images_dir: str | os.PathLike, scan: ScanResult) -> str | None:
+    """Return a key of everything ``read_captions(images_dir, scan.locations)`` reads besides the names it is given:
+    the stat fields (git's rule, as for the images' file keys) of captions.jsonl, captions.csv and every .txt file in
+    a scanned folder (``ScanResult.text_files_key``); None when the scan did not record them. Taken before the
+    captions are read: a file changed after it gives another key next time."""
+    if scan.text_files_key is None:
+        return None
+    root = Path(images_dir).expanduser().absolute()
+    fields: list = [VERSION, scan.text_files_key]
+    for filename in (CAPTIONS_JSONL, CAPTIONS_CSV):
+        try:
+            info = os.stat(root / filename)
+        except FileNotFoundError:
+            fields.append(None)
+            continue
+        except OSError:
+            return None
+        fields.append([stat.S_IFMT(info.st_mode), info.st_size, info.st_mtime_ns, info.st_ctime_ns, info.st_dev,
+                       info.st_ino])
+    return content_key("captions-inputs", fields, length=32)
 
 
 # ---- captions ---------------------------------------------------------------------------------------------------
