@@ -130,6 +130,7 @@ class Pipeline:
         self._done: dict[str, tuple[StoredRows, pa.Array, pa.Table]] = {}  # done_table's, with what it was made of
         self._warned: set[tuple] = set()
         self._items: dict[str, dict[str, Any]] = {}
+        self._unkept: dict[Path, tuple[str, pa.Table, dict | None]] = {}  # ``_keep``'s, until OUT holds results
 
     # ---- the folder -------------------------------------------------------------------------------------------
     @cached_property
@@ -155,8 +156,17 @@ class Pipeline:
         if kept is not None and kept[0].num_rows == len(self.scan):
             return kept[0].column("file_key").combine_chunks()
         keys = pa.array(self.scan.file_keys(), pa.string())
-        write_derived(self.layout.file_keys, key, pa.table({"file_key": keys}))
+        self._keep(self.layout.file_keys, key, pa.table({"file_key": keys}))
         return keys
+
+    def _keep(self, path: Path, key: str, table: pa.Table, notes: dict | None = None) -> None:
+        """Keep keys derived from the folder for the next run (``write_derived``) in an OUT that holds stage results;
+        before it does, once a stage wrote some (``invalidate``): planning never makes the output folder (a run
+        refused by its preflight leaves none behind)."""
+        if self.layout.stages_dir.is_dir():
+            write_derived(path, key, table, notes)
+        else:
+            self._unkept[path] = (key, table, notes)
 
     @cached_property
     def _captions_inputs(self) -> str | None:
@@ -297,7 +307,7 @@ class Pipeline:
             return CaptionKeys(table, notes["digest"], problems)
         made = CaptionKeys(self._text_key_table(), self._captions_digest(), list(self.caption_index.problems))
         if key is not None:
-            write_derived(path, key, made.table, {"digest": made.digest, "problems": made.problems})
+            self._keep(path, key, made.table, {"digest": made.digest, "problems": made.problems})
         return made
 
     def _caption_keys_key(self) -> str | None:
@@ -418,6 +428,9 @@ class Pipeline:
 
     def invalidate(self, stage: str) -> None:
         """Forget what was read for ``stage`` and every later stage (call after ``stage`` wrote new results)."""
+        for path, kept in list(self._unkept.items()):
+            del self._unkept[path]
+            self._keep(path, *kept)  # (held again while OUT still holds no results)
         names = list(self.stages)
         for name in names[names.index(stage):]:
             for cache in (self._stored, self._columns, self._items, self._keys, self._done):

@@ -170,3 +170,15 @@ def test_caption_problems_are_reported_on_every_run(folder, caplog):
             _pipeline(images, out).text_key_table  # noqa: B018
         assert [r.getMessage() for r in caplog.records] == [
             f"captions: captions.jsonl line 5: invalid JSON: Expecting property name enclosed in double quotes"]
+
+
+def test_planning_a_new_folder_makes_no_output_folder(tmp_path):
+    images = tmp_path / "images"
+    make_generated_images(images, 2, size=(80, 60))
+    pipeline = _pipeline(images, tmp_path / "out")
+    assert all(pipeline.pending_count(stage) == 2 for stage in ("ingest",))
+    assert pipeline.file_keys.to_pylist() == pipeline.scan.file_keys()
+    assert not (tmp_path / "out").exists()  # a run refused after planning leaves nothing behind
+    run_inline(pipeline, ["ingest"])
+    assert (tmp_path / "out" / "cache" / "file-keys.parquet").is_file()  # kept once results are
+    assert _pipeline(images, tmp_path / "out").file_keys.to_pylist() == pipeline.scan.file_keys()
