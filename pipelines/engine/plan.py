@@ -25,7 +25,7 @@ from configs.schema import TINY_CLIP, Config
 from pipelines.engine.stages import (Item, Stage, find_stage, local_workers, registry, stage_keys, text_item_key,
                                      upstream_closure)
 from pipelines.steps.ingest import Caption, CaptionIndex
-from storage.hashing import content_key, table_digest
+from storage.hashing import content_key, distinct_key_order, table_digest
 from storage.layout import OutputLayout
 from storage.manifest import STATUS_FAILED, STATUS_OK
 from storage.parquet import parquet_parts, read_derived, write_derived
@@ -127,7 +127,8 @@ class Pipeline:
         self._stored: dict[str, StoredRows] = {}  # every column (the row-wise plan of a stage with work)
         self._columns: dict[str, StoredRows] = {}  # the columns item keys are derived from (a cached run)
         self._keys: dict[str, pa.Array] = {}
-        self._done: dict[str, tuple[StoredRows, pa.Array, pa.Table]] = {}  # done_table's, with what it was made of
+        # done_table's, with what it was made of and whether it holds every current item
+        self._done: dict[str, tuple[StoredRows, pa.Array, pa.Table, bool]] = {}
         self._warned: set[tuple] = set()
         self._items: dict[str, dict[str, Any]] = {}
         self._unkept: dict[Path, tuple[str, pa.Table, dict | None]] = {}  # ``_keep``'s, until OUT holds results
@@ -265,6 +266,9 @@ class Pipeline:
         """One ``image_id, source_path`` per distinct ingested image (its first path in sorted order), by image id."""
         ingest = self.done_table("ingest")
         ok = ingest.filter(pc.equal(ingest.column("status"), STATUS_OK)).select(["image_id", "source_path"])
+        order = distinct_key_order(ok.column("image_id"))
+        if order is not None:  # one file per image (the usual case): its rows, by image id
+            return ok.take(order)
         ok = ok.sort_by("source_path")
         first = pa.table({"image_id": ok.column("image_id"), "_row": pa.array(range(ok.num_rows), pa.int64())})
         rows = first.group_by("image_id", use_threads=False).aggregate([("_row", "min")]).column("_row_min")
@@ -387,6 +391,10 @@ class Pipeline:
 
     def done_table(self, stage: str) -> pa.Table:
         """Valid stored rows of the stage's current items, column-wise (``stored_columns``' columns)."""
+        return self._done_and_complete(stage)[0]
+
+    def _done_and_complete(self, stage: str) -> tuple[pa.Table, bool]:
+        """``done_table``, and whether it holds every current item (then nothing is pending but ``retry_failed``'s)."""
         stored, keys = self.stored_columns(stage), self.item_keys(stage)
         cached = self._done.get(stage)
         if cached is None or cached[0] is not stored or cached[1] is not keys:  # read once per store and keys read
@@ -394,17 +402,20 @@ class Pipeline:
             current = pc.is_in(table.column(ITEM_KEY), value_set=keys)
             if pc.sum(current).as_py() != table.num_rows:  # (every stored row current: the table itself, no copy)
                 table = table.filter(current)
-            cached = self._done[stage] = (stored, keys, table)
-        return cached[2]
+            # Stored rows have distinct item keys, each a current one here: as many as the keys, they are all of them.
+            cached = self._done[stage] = (stored, keys, table, table.num_rows == len(keys))
+        return cached[2], cached[3]
 
     @_collector_paused
     def pending_count(self, stage: str) -> int:
         """How many of the stage's current items have no reusable result (what ``plan(stage).pending`` would
         list), column-wise: no record is built for a cached item."""
         keys = self.item_keys(stage)
-        done = self.done_table(stage)
+        done, complete = self._done_and_complete(stage)
         if self.retry_failed:
-            done = done.filter(pc.equal(done.column("status"), STATUS_OK))
+            done, complete = done.filter(pc.equal(done.column("status"), STATUS_OK)), False
+        if complete:
+            return 0
         return len(keys) - (pc.sum(pc.is_in(keys, value_set=done.column(ITEM_KEY))).as_py() or 0)
 
     def items(self, stage: str) -> dict[str, Any]:
@@ -450,11 +461,11 @@ class Pipeline:
         definition: Stage = self.stages[stage]
         keys = self.item_keys(stage)
         stored = self.stored_columns(stage)
-        done = self.done_table(stage)
+        done, complete = self._done_and_complete(stage)
         if refresh:
-            done = done.slice(0, 0)
+            done, complete = done.slice(0, 0), False
         elif self.retry_failed:
-            done = done.filter(pc.not_equal(done.column("status"), STATUS_FAILED))
+            done, complete = done.filter(pc.not_equal(done.column("status"), STATUS_FAILED)), False
         invalid = {}
         if stored.invalid and not refresh:
             named = pa.array(list(stored.invalid), pa.string())
@@ -465,7 +476,8 @@ class Pipeline:
             example = next(iter(invalid.values()))
             log.warning("%s: %d item(s) with missing or changed outputs will be recomputed (e.g. %s)", stage,
                         len(invalid), example)
-        missing = keys.filter(pc.invert(pc.is_in(keys, value_set=done.column(ITEM_KEY))))
+        missing = (keys.slice(0, 0) if complete
+                   else keys.filter(pc.invert(pc.is_in(keys, value_set=done.column(ITEM_KEY)))))
         pending = []
         if len(missing):
             wanted = set(missing.to_pylist())

@@ -63,6 +63,10 @@ def test_a_cached_run_reads_no_caption_and_hashes_no_file(folder, monkeypatch):
     def refused(*args, **kwargs):
         raise AssertionError("a fully cached run read the folder's captions or hashed its files")
 
+    # one file per image: the images as the ingest rows give them, by image id (image_table's shortcut)
+    rows = sorted(expected.done_rows("ingest").values(), key=lambda row: row["image_id"])
+    assert expected.image_table.to_pylist() == [{"image_id": r["image_id"], "source_path": r["source_path"]}
+                                                for r in rows]
     monkeypatch.setattr(ingest, "read_captions", refused)
     monkeypatch.setattr(ingest.ScanResult, "file_keys", refused)
     monkeypatch.setattr(ingest, "file_key", refused)
