@@ -11,6 +11,7 @@ import os
 import re
 import stat
 import unicodedata
+from array import array
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator, NamedTuple, Sequence
@@ -181,8 +182,8 @@ def scan_images(
     wanted = _normalise_extensions(extensions)
     relatives: list[str] = []  # the images' paths relative to the root (the order), absolute paths, stat fields
     located: list[str] = []
-    times: list[tuple[int, int, int]] = []
-    ids: list[tuple[int, int]] = []
+    times = array("q")  # size, mtime_ns, ctime_ns of each image, flat (no tuple per file: ~0.5 s at a million)
+    ids = array("Q")  # device, inode
     problems: list[dict] = []
     root_stat = root.stat()
     excluded = set()
@@ -243,8 +244,8 @@ def scan_images(
                 # still scanned below.
                 relatives.append(relative)
                 located.append(entry.path)
-                times.append((info.st_size if stat.S_ISREG(info.st_mode) else 0, info.st_mtime_ns, info.st_ctime_ns))
-                ids.append((info.st_dev, info.st_ino))
+                times.extend((info.st_size if stat.S_ISREG(info.st_mode) else 0, info.st_mtime_ns, info.st_ctime_ns))
+                ids.extend((info.st_dev, info.st_ino))
             if is_dir:
                 if identity in visited:
                     error = "symbolic link loop (folder already scanned)"
@@ -255,8 +256,8 @@ def scan_images(
     order = sorted(range(len(relatives)), key=relatives.__getitem__)  # by relative path
     result = ScanResult(problems=[Problem(p) for p in problems])
     result.locations = [located[n] for n in order]
-    result.times = np.array(times, np.int64).reshape(-1, 3)[order]
-    result.ids = np.array(ids, np.uint64).reshape(-1, 2)[order]
+    result.times = np.frombuffer(times, np.int64).reshape(-1, 3)[order]
+    result.ids = np.frombuffer(ids, np.uint64).reshape(-1, 2)[order]
     texts.sort()
     result.text_files_key = bytes_digest("\n".join(texts).encode("utf-8", "surrogateescape"))
     return result
