@@ -83,14 +83,15 @@ def key_codes(keys) -> np.ndarray | None:
         return np.empty(0, np.uint64)
     offsets = np.frombuffer(keys.buffers()[1], np.int32, count + 1, keys.offset * 4)
     first, width = int(offsets[0]), int(offsets[1] - offsets[0])
+    same_width = int(offsets[-1]) - first == width * count and (
+        count == 1 or bool((offsets[1:] - offsets[:-1] == width).all()))  # one length (the usual case)
+    if not (width >= _PREFIX if same_width else int((offsets[1:] - offsets[:-1]).min()) >= _PREFIX):
+        return None  # a key shorter than 16 characters (an empty one included: then no data buffer)
     data = np.frombuffer(keys.buffers()[2], np.uint8)
-    if width >= _PREFIX and int(offsets[-1]) - first == width * count and (
-            count == 1 or bool((offsets[1:] - offsets[:-1] == width).all())):  # one length (the usual case)
+    if same_width:
         heads = data[first:first + width * count].reshape(count, width)[:, :_PREFIX]
-    elif int((offsets[1:] - offsets[:-1]).min()) >= _PREFIX:
-        heads = data[offsets[:-1].astype(np.int64)[:, None] + np.arange(_PREFIX)]
     else:
-        return None
+        heads = data[offsets[:-1].astype(np.int64)[:, None] + np.arange(_PREFIX)]
     digits = _HEX_VALUE[heads]
     if int(digits.max()) > 15:
         return None

@@ -77,6 +77,8 @@ def test_key_order_and_distinctness_equal_arrows(width):
     ["0123456789abcde", "0123456789abcdef"],  # shorter than 16
     ["0123456789abcdeg", "0123456789abcdef"],  # not hex
     ["0123456789abcdef", None],
+    ["", ""],  # no data buffer at all
+    ["", "0123456789abcdef"],
 ])
 def test_keys_the_numbers_cannot_tell_apart_are_left_to_arrow(keys):
     import pyarrow as pa
