@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import http.client
 import os
 import socket
 import subprocess
@@ -27,6 +28,7 @@ import urllib.error
 import urllib.request
 
 START_TIMEOUT_S = 180.0  # a loaded 2-core machine can take a minute to import and migrate
+PORT_TRIES = 3  # ports tried when another process binds the chosen one first
 
 
 def free_port() -> int:
@@ -40,6 +42,11 @@ class ApiServer:
     """A temporary API server process (see the module docstring); ``url`` is its API address."""
 
     def __init__(self) -> None:
+        self._tries = 0
+        self._start()
+
+    def _start(self) -> None:
+        self._tries += 1
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}/api"
         environment = {**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1",
@@ -56,9 +63,15 @@ class ApiServer:
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 error = self.process.stderr.read() if self.process.stderr else b""
-                tail = " ".join(error.decode("utf-8", "replace").split())[-240:]
+                text = " ".join(error.decode("utf-8", "replace").split())
+                tail = text[-240:]
+                if "address already in use" in text.lower() and self._tries < PORT_TRIES:
+                    self._start()  # another process took the port between free_port and the server's bind
+                    continue
                 raise RuntimeError(f"the temporary Prefect API server exited with {self.process.returncode}: {tail}")
-            with contextlib.suppress(urllib.error.URLError, ConnectionError, TimeoutError, OSError):
+            # Not answering yet, or another program answering on the port (until the server's failed bind shows)
+            with contextlib.suppress(urllib.error.URLError, http.client.HTTPException, ConnectionError, TimeoutError,
+                                     OSError):
                 with urllib.request.urlopen(f"{self.url}/health", timeout=2) as response:
                     if response.status == 200:
                         self._drain_stderr()
