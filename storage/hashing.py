@@ -99,24 +99,19 @@ def key_codes(keys) -> np.ndarray | None:
     return np.ascontiguousarray(packed).view(">u8").ravel().astype(np.uint64)
 
 
-def _distinct_order(codes: np.ndarray) -> np.ndarray | None:
-    """The indices that sort ``codes`` ascending, None when two are equal."""
-    order = np.argsort(codes, kind="stable")
-    ordered = codes[order]
-    if len(codes) > 1 and bool((ordered[1:] == ordered[:-1]).any()):
-        return None
-    return order
+def _has_equal_neighbours(ordered: np.ndarray) -> bool:
+    return len(ordered) > 1 and bool((ordered[1:] == ordered[:-1]).any())
 
 
 def keys_distinct(keys) -> bool | None:
     """True when no two of ``keys`` are equal, as their first 16 hex digits show (``key_codes``); None when that
     cannot tell (a key of another form, or two sharing those digits: count them with Arrow). ~0.05 s per million
-    keys, where Arrow's distinct count takes 0.2-0.9 s."""
+    keys, where Arrow's distinct count takes 0.2-0.9 s (an in-place sort: cheaper than ``distinct_key_order``'s)."""
     codes = key_codes(keys)
     if codes is None:
         return None
     codes.sort()
-    return None if len(codes) > 1 and bool((codes[1:] == codes[:-1]).any()) else True
+    return None if _has_equal_neighbours(codes) else True
 
 
 def distinct_key_order(keys) -> np.ndarray | None:
@@ -124,4 +119,7 @@ def distinct_key_order(keys) -> np.ndarray | None:
     (``key_codes``) already tell every two apart; None otherwise (ask Arrow). ~0.15 s per million keys, where
     Arrow's string sort takes ~0.3 s."""
     codes = key_codes(keys)
-    return None if codes is None else _distinct_order(codes)
+    if codes is None:
+        return None
+    order = np.argsort(codes, kind="stable")
+    return None if _has_equal_neighbours(codes[order]) else order

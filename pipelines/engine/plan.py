@@ -132,6 +132,7 @@ class Pipeline:
         self._warned: set[tuple] = set()
         self._items: dict[str, dict[str, Any]] = {}
         self._unkept: dict[Path, tuple[str, pa.Table, dict | None]] = {}  # ``_keep``'s, until OUT holds results
+        self._caption_problems_logged = False
 
     # ---- the folder -------------------------------------------------------------------------------------------
     @cached_property
@@ -152,9 +153,9 @@ class Pipeline:
         """Each scanned file's ingest item key (``ScanResult.file_keys``), in scan order: from what OUT keeps of the
         last run (``OutputLayout.file_keys``) when the scan is the same (``ScanResult.digest``: every location and
         stat field), else hashed and kept for the next run (~3 s of hashing at a million files)."""
-        key = content_key("file-keys", FILE_KEYS_VERSION, self.scan.digest(), length=32)
+        key = self.scan.digest()  # it covers ingest's VERSION (``file_key`` lives there) and the count of files
         kept = read_derived(self.layout.file_keys, key, ["file_key"])
-        if kept is not None and kept[0].num_rows == len(self.scan):
+        if kept is not None:
             return kept[0].column("file_key").combine_chunks()
         keys = pa.array(self.scan.file_keys(), pa.string())
         self._keep(self.layout.file_keys, key, pa.table({"file_key": keys}))
@@ -189,7 +190,7 @@ class Pipeline:
         return index
 
     def _log_caption_problems(self, problems: list[dict]) -> None:
-        if not self.__dict__.get("_caption_problems_logged"):  # once per run, from the index or from its keys
+        if not self._caption_problems_logged:  # once per run, from the index or from its keys
             self._caption_problems_logged = True
             for problem in problems:
                 log.warning("captions: %s", problem)
@@ -552,7 +553,6 @@ class Pipeline:
 # Bump when what ``Pipeline.caption_keys`` derives from the same inputs changes (the caption index's reading lives in
 # pipelines.steps.ingest, whose VERSION the ingest stage's key carries).
 CAPTION_KEYS_VERSION = "1"
-FILE_KEYS_VERSION = "1"  # likewise for ``Pipeline.file_keys`` (``pipelines.steps.ingest.file_key``)
 
 
 class CaptionKeys(NamedTuple):
