@@ -585,13 +585,17 @@ def failed_manifest_rows(layout: OutputLayout, count: int) -> list[dict]:
     """The first ``count`` failed rows of the manifest on disk, by source path (as the manifest's rows are built)."""
     from storage.parquet import read_parquet_dir
 
-    table = read_parquet_dir(layout.manifest_dir, columns=["status"])
-    if not table.num_rows:
+    try:
+        table = read_parquet_dir(layout.manifest_dir, columns=["status"])
+        failed = pc.equal(table.column("status"), STATUS_FAILED) if table.num_rows else None
+        if failed is None or not pc.any(failed).as_py():
+            return []
+        rows = read_parquet_dir(layout.manifest_dir, columns=["image_id", "source_path", "error"]).filter(failed)
+    except (pa.ArrowException, OSError, ValueError, KeyError) as exc:
+        # A damaged part (its size no longer the written one) makes the manifest stage run again, which replaces it.
+        log.warning("manifest: a part in %s cannot be read (%s); the manifest will be rewritten", layout.manifest_dir,
+                    " ".join(str(exc).split())[:160])
         return []
-    failed = pc.equal(table.column("status"), STATUS_FAILED)
-    if not pc.any(failed).as_py():
-        return []
-    rows = read_parquet_dir(layout.manifest_dir, columns=["image_id", "source_path", "error"]).filter(failed)
     return rows.sort_by("source_path").slice(0, count).to_pylist()
 
 

@@ -275,3 +275,21 @@ def test_an_images_captions_are_the_union_over_its_files_in_path_order(tmp_path)
     keys = pipeline.text_keys
     assert keys[ids["a.jpg"]] == text_item_key(ids["a.jpg"], "Two.", ["Three.", "One from a sidecar."])
     assert keys[ids[paths[1].name]] == text_item_key(ids[paths[1].name], "Four.")
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage"])
+def test_a_damaged_manifest_part_is_rewritten(folder, tmp_path, caplog, damage):
+    """A manifest part cut short or overwritten is replaced by the next run (not an error on every run after)."""
+    import pyarrow.parquet as pq
+
+    out = tmp_path / "out"
+    run_inline(_pipeline(folder, out), DATA)
+    part = sorted((out / "manifest").glob("*.parquet"))[0]
+    before = pq.read_table(part)
+    part.write_bytes(part.read_bytes()[:len(part.read_bytes()) // 2] if damage == "truncated" else b"junk")
+    caplog.set_level(logging.WARNING)
+    again = run_inline(_pipeline(folder, out), DATA)
+    assert _counts(again)["manifest"][0] == 5 and _counts(again)["ingest"] == (0, 5, 0)
+    rebuilt = pq.read_table(out / "manifest").sort_by("image_id")
+    assert rebuilt.equals(before.sort_by("image_id"))
+    assert all(not _pipeline(folder, out).plan(s).pending for s in DATA)
