@@ -22,19 +22,26 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; user errors print one line to stderr and exit with status 2."""
-    from configs import ConfigError
+    command = "structxlip"
+    try:  # a Ctrl-C while the command still imports or parses ends it with the same one line
+        from configs import ConfigError
 
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    try:
-        return int(args.handler(args) or 0)
-    except (ConfigError, OSError, ValueError, RuntimeError) as exc:
-        # Known, user-facing failures (bad input or config, a full or read-only disk): one clear line, no traceback.
-        print(f"structxlip {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+        args = build_parser().parse_args(argv)
+        command = f"structxlip {args.command}"
+        try:
+            return int(args.handler(args) or 0)
+        except (ConfigError, OSError, ValueError, RuntimeError) as exc:
+            # Known, user-facing failures (bad input or config, a full or read-only disk): one clear line, no traceback.
+            print(f"{command}: error: {_printable(exc)}", file=sys.stderr)
+            return 2
     except KeyboardInterrupt:
-        print(f"structxlip {args.command}: interrupted", file=sys.stderr)
+        print(f"{command}: interrupted", file=sys.stderr)
         return 130
+
+
+def _printable(exc: BaseException) -> str:
+    """The error's text, with any undecodable file-name bytes (held as surrogates) shown as escapes, not a crash."""
+    return str(exc).encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 if __name__ == "__main__":

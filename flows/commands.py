@@ -97,7 +97,11 @@ def parse_overrides(values: list[str] | None) -> dict:
         key, sep, value = text.partition("=")
         if not sep or not key.strip():
             raise ValueError(f"expected --set SECTION.KEY=VALUE, got {text!r}")
-        overrides[key.strip()] = yaml.safe_load(value)
+        try:
+            overrides[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError as exc:
+            problem = " ".join(str(getattr(exc, "problem", None) or exc).split())
+            raise ValueError(f"--set {key.strip()}: {value!r} is not a YAML value ({problem})") from None
     return overrides
 
 
@@ -170,6 +174,7 @@ def _execute(started, images_dir, out_dir, *, config_path, stages, refresh, runn
 
                 report["explorer"] = refresh_explorer(layout, summaries, vocab_dir=config.filter.vocab_dir)
             else:
+                _check_parameter_paths(pipeline)
                 preflight(pipeline, with_work)
                 if not api_url:
                     server = server or interrupts.own(ApiServer())
@@ -181,6 +186,18 @@ def _execute(started, images_dir, out_dir, *, config_path, stages, refresh, runn
                 server.stop()
     print(format_summary(report) + _report_notes(report), flush=True)
     return report
+
+
+def _check_parameter_paths(pipeline) -> None:
+    """Refuse, in one line, a folder whose path Prefect cannot take as a flow parameter (JSON): bytes that are not
+    UTF-8 (Python holds them as surrogates). Files with such names inside the folders are fine."""
+    for what, path in (("images folder", pipeline.images_dir), ("output folder", pipeline.layout.root)):
+        try:
+            str(path).encode("utf-8")
+        except UnicodeEncodeError:
+            shown = str(path).encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+            raise ValueError(f"the {what} path {shown} is not valid UTF-8, which Prefect's flow parameters need: "
+                             "rename the folder (or link to it under a UTF-8 name)") from None
 
 
 def _report_notes(report: dict) -> str:

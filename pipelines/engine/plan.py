@@ -122,6 +122,10 @@ class Pipeline:
         self.retry_failed = retry_failed
         self.config_source = "<given>"  # where the config came from (a file, OUT/config.yaml, the defaults)
         self.layout = OutputLayout(out_dir)
+        if self.layout.root == self.images_dir:
+            # Its maps, crops and reports would be scanned as images by the next run. (A subfolder is excluded.)
+            raise ValueError(f"the output folder is the images folder ({self.images_dir}): choose another folder, "
+                             "for example a subfolder of it")
         self.stages = registry(config)  # every stage of this config, plugins included, in pipeline order
         self.keys = stage_keys(config, self.stages)
         self._stored: dict[str, StoredRows] = {}  # every column (the row-wise plan of a stage with work)

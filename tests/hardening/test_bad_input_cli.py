@@ -4,6 +4,7 @@ missing images folder is refused with one line."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -11,7 +12,7 @@ from PIL import Image
 
 from storage.layout import OutputLayout
 from storage.manifest import read_manifest
-from tests.corpus import NON_UTF8_KEY
+from tests.corpus import NON_UTF8_KEY, make_generated_images
 from tests.hardening.conftest import DATA_STAGES, assert_one_line_error, run_cli
 
 pytestmark = pytest.mark.e2e
@@ -146,3 +147,47 @@ def test_inputs_nobody_planned_for_end_as_rows_with_reasons(corpus_run, manifest
         "filter: no content word: the caption has only punctuation, numbers or stop words"
     latin1 = [line for line in corpus_run.done.stderr.splitlines() if "captions.jsonl" in line and "UTF-8" in line]
     assert latin1, corpus_run.done.stderr[-3000:]
+
+
+def test_the_images_folder_as_output_folder_is_one_line_and_writes_nothing(tmp_path, no_server_env):
+    """Its maps, crops and reports would be scanned as new images by every later run."""
+    images = tmp_path / "images"
+    make_generated_images(images, 2, size=(64, 48))
+    before = sorted(p.name for p in images.rglob("*"))
+    done = run_cli(no_server_env, "run", str(images), "--out", str(images / "."), "--stages", "ingest")
+    assert_one_line_error(done, "the output folder is the images folder", str(images))
+    assert sorted(p.name for p in images.rglob("*")) == before
+
+
+@pytest.mark.parametrize("which", ["images", "out"])
+def test_a_folder_path_that_is_not_utf8_is_one_line(tmp_path, no_server_env, which):
+    """Prefect's flow parameters are JSON: a path Python holds with surrogates cannot be sent (the one line shows its
+    bytes escaped); nothing is created."""
+    odd = tmp_path / os.fsdecode(b"odd\xff")
+    images = odd if which == "images" else tmp_path / "images"
+    out = odd if which == "out" else tmp_path / "out"
+    make_generated_images(images, 2, size=(64, 48))
+    done = run_cli(no_server_env, "run", str(images), "--out", str(out), "--stages", "ingest")
+    assert_one_line_error(done, "odd\\xff", "not valid UTF-8")
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("value", ["[1,2", "!!python/name:os.system", "a: b: c"])
+def test_a_set_value_that_is_not_yaml_is_one_line(tmp_path, no_server_env, value):
+    (tmp_path / "images").mkdir()
+    done = run_cli(no_server_env, "run", str(tmp_path / "images"), "--out", str(tmp_path / "out"),
+                   "--set", f"structure.canny_low={value}")
+    assert_one_line_error(done, "--set structure.canny_low:", "is not a YAML value")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_ctrl_c_while_the_cli_starts_is_one_line(monkeypatch, capsys):
+    """Before the command's own handler runs (its imports, the parser), a Ctrl-C still ends in one line and 130."""
+    from flows import cli
+
+    def interrupted():
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "build_parser", interrupted)
+    assert cli.main(["run", "x", "--out", "y"]) == 130
+    assert capsys.readouterr().err == "structxlip: interrupted\n"
