@@ -499,7 +499,16 @@ def _read_csv(path: Path, problems: list[dict]) -> list[tuple[int, str, str | No
             if not reference or not reference.strip():
                 problems.append({"source": path.name, "line": number, "error": "missing file name"})
                 continue
-            rows.append((number, reference, row.get(caption_key)))
+            caption, extra = row.get(caption_key), row.get(None)
+            if extra:  # more fields than the header: an unquoted comma, or a quote left open on an earlier line
+                if caption_key == header[-1] and isinstance(caption, str):
+                    caption = ",".join([caption, *extra])
+                    what = "joined to the caption"
+                else:
+                    what = "ignored"
+                problems.append({"source": path.name, "line": number, "error": (
+                    f"{len(extra)} more field(s) than the header, {what} (quote a caption that holds commas)")})
+            rows.append((number, reference, caption))
     except csv.Error as exc:
         problems.append({"source": path.name, "line": reader.line_num, "error": f"invalid CSV: {exc}"})
     return rows

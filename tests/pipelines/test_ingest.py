@@ -151,6 +151,23 @@ def test_csv_without_expected_header_is_a_problem(tmp_path):
     assert "expected a header with file and caption columns" in index.problems[0]["error"]
 
 
+def test_csv_rows_with_more_fields_than_the_header_are_problems(tmp_path):
+    """An unquoted comma in the last column (the caption) is joined back; a quote left open on an earlier line makes
+    the next rows one field and is reported, never silently."""
+    for name in ("a.png", "b.png", "c.png", "d.png"):
+        _tiny(tmp_path / name)
+    (tmp_path / "captions.csv").write_text(
+        'file,caption\na.png,A cat,with,extra fields\nb.png,"an open quote\nc.png,A man\n"d.png",A dog\n')
+    index = read_captions(tmp_path, scan_images(tmp_path, extensions=EXTENSIONS).files)
+    assert index[tmp_path / "a.png"].caption == "A cat,with,extra fields"
+    problems = {p["line"]: p["error"] for p in index.problems if p["source"] == "captions.csv"}
+    assert problems[2] == "2 more field(s) than the header, joined to the caption (quote a caption that holds commas)"
+    assert any(line >= 3 and error.startswith("1 more field(s)") for line, error in problems.items()), problems
+    (tmp_path / "captions.csv").write_text("caption,file\nA cat,with commas,a.png\n")
+    index = read_captions(tmp_path, scan_images(tmp_path, extensions=EXTENSIONS).files)
+    assert index.problems[0]["error"].startswith("1 more field(s) than the header, ignored")
+
+
 # ---- ingest -----------------------------------------------------------------------------------------------------
 
 
