@@ -444,6 +444,11 @@ class Captioner:
 # ---------------------------------------------------------------------------------------------------------------
 # Stage
 # ---------------------------------------------------------------------------------------------------------------
+# spaCy's default ``Language.max_length``: a longer text is refused (E088), and would take about 1 GB per 100,000
+# characters to parse.
+MAX_CAPTION_CHARACTERS = 1_000_000
+
+
 class CaptionInputError(ValueError):
     """A record or one of its files is unusable; the message is one line naming it."""
 
@@ -680,6 +685,10 @@ def score_local_captions(
             continue
         caption = record.get("caption")
         caption = caption.strip() if isinstance(caption, str) and caption.strip() else None
+        if caption is not None and len(caption) > MAX_CAPTION_CHARACTERS:
+            outputs[n] = _failed(image_id, f"caption of {len(caption):,} characters: more than the "
+                                           f"{MAX_CAPTION_CHARACTERS:,} spaCy splits into sentences (shorten it)")
+            continue
         works.append(_Work(n, record, caption, record.get("caption_source") if caption else None, []))
 
     # Sentences of every given caption of the chunk, split in one pass (text: cheap to hold for the whole chunk).

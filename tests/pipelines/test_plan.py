@@ -97,7 +97,7 @@ def test_one_bad_item_fails_alone_and_a_storage_error_records_nothing(folder, tm
     captions = _counts(summaries)["captions"]
     assert captions == (4, 0, 1), captions
     failure = next(s for s in summaries if s["stage"] == "captions")["failures"][0]
-    assert failure["file"] == first["file"] and "E088" in failure["reason"] and len(failure["reason"]) <= 300
+    assert failure["file"] == first["file"] and "more than the 1,000,000 spaCy splits" in failure["reason"] and len(failure["reason"]) <= 300
     # The failure is recorded: the next run counts it as a cached failure and does not retry it.
     again = run_inline(_pipeline(images, out, **{"runtime.chunk_size": 8}), ["captions"])
     assert _counts(again)["captions"] == (0, 4, 1) and again[0]["failed_cached"] == 1
