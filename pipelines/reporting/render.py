@@ -111,8 +111,10 @@ def thumbnail_png(image: np.ndarray | str | os.PathLike, max_side: int = THUMBNA
     """
     from PIL import Image
 
+    from pipelines.steps.images import no_bomb_warnings
+
     if isinstance(image, (str, os.PathLike)):
-        with Image.open(image) as handle:
+        with no_bomb_warnings(), Image.open(image) as handle:
             picture = handle.convert("L" if handle.mode in ("L", "1", "I;16", "I") else "RGB")
     else:
         array = np.asarray(image)
@@ -161,7 +163,9 @@ def boxes_image(path: str | os.PathLike, boxes: list[dict]) -> np.ndarray:
     import cv2
     from PIL import Image, ImageOps
 
-    with Image.open(path) as handle:
+    from pipelines.steps.images import no_bomb_warnings
+
+    with no_bomb_warnings(), Image.open(path) as handle:  # the pipeline's max_pixels let it in
         rgb = np.array(ImageOps.exif_transpose(handle).convert("RGB"))
     thickness = max(2, round(max(rgb.shape[:2]) / 160))
     for number, box in enumerate(boxes, start=1):

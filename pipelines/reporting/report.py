@@ -127,9 +127,12 @@ def _thumbnail_jpeg(source: str, max_side: int, long_side: int) -> bytes | None:
         factor = next((f for f in (8, 4, 2) if -(-long_side // f) >= max_side), 1)
         flag = {1: cv2.IMREAD_COLOR, 2: cv2.IMREAD_REDUCED_COLOR_2, 4: cv2.IMREAD_REDUCED_COLOR_4,
                 8: cv2.IMREAD_REDUCED_COLOR_8}[factor]
-        pixels = cv2.imdecode(np.fromfile(path, np.uint8), flag)
-        if pixels is None:  # a format OpenCV does not read (GIF...): the pipeline's loader
-            pixels = cv2.cvtColor(load_rgb(path, max_pixels=Image.MAX_IMAGE_PIXELS), cv2.COLOR_RGB2BGR)
+        data = np.fromfile(path, np.uint8)
+        # JPEGs only: OpenCV's libpng prints its errors on stderr (a corrupt PNG of a failed row), PIL raises them.
+        pixels = cv2.imdecode(data, flag) if data[:3].tobytes() == b"\xff\xd8\xff" else None
+        if pixels is None:  # another format (PNG, GIF...), or a JPEG OpenCV cannot read: the pipeline's loader
+            pixels = cv2.cvtColor(load_rgb(path, max_pixels=Image.MAX_IMAGE_PIXELS, data=data.tobytes()),
+                                  cv2.COLOR_RGB2BGR)
         size = thumbnail_size(pixels.shape[1], pixels.shape[0], max_side)
         if size != (pixels.shape[1], pixels.shape[0]):
             pixels = cv2.resize(pixels, size, interpolation=cv2.INTER_AREA)

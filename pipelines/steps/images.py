@@ -11,6 +11,7 @@ import math
 import os
 import re
 import warnings
+from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
 from typing import NamedTuple
@@ -177,9 +178,7 @@ def _open_checked(path: str | os.PathLike, data: bytes | None, max_pixels: int) 
     try:
         if data is None and os.path.getsize(path) == 0:
             raise ImageLoadError(f"cannot decode image: empty file ({name})")
-        with warnings.catch_warnings():
-            # Our own max_pixels check below replaces PIL's warning; PIL still refuses > 2x its limit at open.
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        with no_bomb_warnings():  # our own max_pixels check below decides; PIL still refuses > 2x its limit at open
             image = Image.open(io.BytesIO(data) if data is not None else path)
     except ImageLoadError:
         raise
@@ -342,12 +341,19 @@ def validate_image(path: str | os.PathLike, *, max_pixels: int, data: bytes) -> 
     return ImageInfo(width, height, 1)  # a JPEG (not MPO) has one frame
 
 
-def frame_count(data: bytes) -> int:
-    """Return the number of frames of encoded image bytes (1 for still images; header-level, no full decode)."""
+@contextmanager
+def no_bomb_warnings():
+    """Silence PIL's DecompressionBombWarning (opening, or cropping, more pixels than PIL's own guard): the config's
+    ``max_pixels`` check is the one that decides, and the warning would only reach the user's terminal as noise."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        with Image.open(io.BytesIO(data)) as image:
-            return int(getattr(image, "n_frames", 1) or 1)
+        yield
+
+
+def frame_count(data: bytes) -> int:
+    """Return the number of frames of encoded image bytes (1 for still images; header-level, no full decode)."""
+    with no_bomb_warnings(), Image.open(io.BytesIO(data)) as image:
+        return int(getattr(image, "n_frames", 1) or 1)
 
 
 def thumbnail_size(width: int, height: int, long_side: int) -> tuple[int, int]:

@@ -339,3 +339,17 @@ def test_representative_rows_never_repeat_an_image_and_unproposed_regions_are_no
     regions_rows = [{**rows[0], "segments": []}] + rows[1:]
     markdown = render.gallery_markdown(layout.root, render.representative_rows(regions_rows, count=5))
     assert markdown.count("0 region(s)") == 1 and markdown.count("1 region(s)") == 2
+
+
+def test_a_source_above_pil_s_own_guard_gives_galleries_without_warnings(tmp_path, monkeypatch):
+    """The pipeline's max_pixels let the image in; PIL's DecompressionBombWarning would only reach the terminal."""
+    import warnings
+
+    path = tmp_path / "big.png"
+    write_png(path, np.full((48, 64, 3), 90, np.uint8))  # 3,072 pixels
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 2_000)  # above it, below twice it (PIL's refusal)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        drawn = render.boxes_image(path, [{"x1": 4, "y1": 4, "x2": 30, "y2": 20}])
+        thumbnail = render.thumbnail_png(path, max_side=32)
+    assert drawn.shape == (48, 64, 3) and Image.open(io.BytesIO(thumbnail)).size == (32, 24)

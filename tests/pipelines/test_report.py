@@ -474,3 +474,25 @@ def test_report_pages_through_10000_rows(tmp_path):
         map_ms = browser.evaluate("document.body.dataset.renderMs")
         browser.screenshot(ARTIFACTS_DIR / "report-10k-map.png")
     print(f"10,000 rows: histogram filter render {filter_ms} ms, map of {len(ok_ids)} points {map_ms} ms")
+
+
+def test_thumbnails_of_broken_sources_are_none_and_print_nothing(tmp_path, capfd):
+    """A failed row's corrupt PNG gets no thumbnail, and no decoder message reaches the terminal (libpng writes its
+    errors to stderr itself); a PNG and a JPEG still get theirs."""
+    import cv2
+
+    from pipelines.reporting.report import _thumbnail_jpeg
+
+    good = np.full((40, 60, 3), 128, np.uint8)
+    cv2.imwrite(str(tmp_path / "good.png"), good)
+    cv2.imwrite(str(tmp_path / "good.jpg"), good)
+    data = (tmp_path / "good.png").read_bytes()
+    (tmp_path / "truncated.png").write_bytes(data[: len(data) // 2])
+    (tmp_path / "header.png").write_bytes(data[:8] + b"\0\0\0\rIDAB" + data[16:])
+    capfd.readouterr()
+    assert _thumbnail_jpeg(str(tmp_path / "truncated.png"), 32, 60) is None
+    assert _thumbnail_jpeg(str(tmp_path / "header.png"), 32, 60) is None
+    for name in ("good.png", "good.jpg"):
+        thumbnail = cv2.imdecode(np.frombuffer(_thumbnail_jpeg(str(tmp_path / name), 32, 60), np.uint8), 1)
+        assert thumbnail.shape == (21, 32, 3)
+    assert capfd.readouterr().err == ""
