@@ -126,6 +126,8 @@ class Pipeline:
             # Its maps, crops and reports would be scanned as images by the next run. (A subfolder is excluded.)
             raise ValueError(f"the output folder is the images folder ({self.images_dir}): choose another folder, "
                              "for example a subfolder of it")
+        if self.layout.root.exists() and not self.layout.root.is_dir():
+            raise NotADirectoryError(f"the output folder {self.layout.root} is a file, not a folder")
         self.stages = registry(config)  # every stage of this config, plugins included, in pipeline order
         self.keys = stage_keys(config, self.stages)
         self._stored: dict[str, StoredRows] = {}  # every column (the row-wise plan of a stage with work)

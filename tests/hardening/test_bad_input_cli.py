@@ -159,6 +159,14 @@ def test_the_images_folder_as_output_folder_is_one_line_and_writes_nothing(tmp_p
     assert sorted(p.name for p in images.rglob("*")) == before
 
 
+def test_an_output_folder_that_is_a_file_is_one_line(tmp_path, no_server_env):
+    make_generated_images(tmp_path / "images", 2, size=(64, 48))
+    (tmp_path / "out").write_text("a file")
+    done = run_cli(no_server_env, "run", str(tmp_path / "images"), "--out", str(tmp_path / "out"), "--stages", "ingest")
+    assert_one_line_error(done, f"the output folder {tmp_path / 'out'} is a file, not a folder")
+    assert (tmp_path / "out").read_text() == "a file"
+
+
 @pytest.mark.parametrize("which", ["images", "out"])
 def test_a_folder_path_that_is_not_utf8_is_one_line(tmp_path, no_server_env, which):
     """Prefect's flow parameters are JSON: a path Python holds with surrogates cannot be sent (the one line shows its
