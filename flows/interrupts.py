@@ -1,9 +1,10 @@
-"""Ending a CLI run on SIGINT/SIGTERM (or a lost API): stop everything the run started, then exit at once.
+"""Ending a CLI run on SIGINT/SIGTERM/SIGHUP (or a lost API): stop everything the run started, then exit at once.
 
 On a signal the run prints one line, marks its Prefect flow runs (and their unfinished task runs) Cancelled while the
 run's own API server is still up, kills the engine's worker processes and every other process the run started (Dask
 workers, the forkserver), stops the API server, releases the output folder's lock and exits with 128 + the signal
-(130 for SIGINT, 143 for SIGTERM). No traceback, no retries against a dead API. Every output is written atomically
+(130 for SIGINT, 143 for SIGTERM, 129 for SIGHUP: the terminal closed; under ``nohup`` it stays ignored). No
+traceback, no retries against a dead API. Every output is written atomically
 and every finished chunk is recorded in the stage store, so the same command resumes where this one stopped.
 A second signal during the clean-up exits at once.
 """
@@ -23,12 +24,16 @@ _servers: list = []  # the run's own API servers (flows.api_server.ApiServer)
 
 @contextlib.contextmanager
 def handling(command: str):
-    """Handle SIGINT and SIGTERM for the duration of the block (main thread only), then restore the handlers."""
+    """Handle SIGINT, SIGTERM and SIGHUP for the duration of the block (main thread only), then restore the
+    handlers."""
     _state.update(command=command, ending=False)
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = {signum: signal.signal(signum, _on_signal) for signum in (signal.SIGINT, signal.SIGTERM)}
+    handled = [signal.SIGINT, signal.SIGTERM]
+    if signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN:  # under nohup it stays ignored
+        handled.append(signal.SIGHUP)  # the terminal closed (an ssh session dropped): as SIGTERM
+    previous = {signum: signal.signal(signum, _on_signal) for signum in handled}
     try:
         yield
     finally:

@@ -49,4 +49,5 @@ if os.environ.get(IMPORTS):  # set only for the forkserver's start (workers.pres
     # Ctrl-C reaches every process of the terminal's group: it is the run's to handle (it stops the workers and exits),
     # and this process ends with the run. Interrupted here, the imports would print a traceback over the run's message.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # likewise a closed terminal's hang-up
     preload(_names(IMPORTS), _names(BLOCKS))

@@ -72,6 +72,7 @@ def _exit_with_parent() -> None:
 
 def _init_worker(threads: int, environ: dict[str, str], skips: tuple[str, ...]) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # and a closed terminal's hang-up
     _exit_with_parent()
     for name in skips:
         if name not in sys.modules:  # one the forkserver imported for another stage is there already: nothing to save
@@ -140,7 +141,8 @@ def _start_forkserver(imports: tuple[str, ...], blocks: tuple[str, ...]) -> None
     os.environ[preload.IMPORTS], os.environ[preload.BLOCKS] = ",".join(imports), ",".join(blocks)
     try:  # the forkserver takes this process's environment as it starts, not later
         forkserver.set_forkserver_preload([preload.__name__, _ENGINE])
-        forkserver.ensure_running()
+        with _hangups_ignored():
+            forkserver.ensure_running()
     finally:
         for name, value in saved.items():
             if value is None:
@@ -168,6 +170,21 @@ def _refit_forkserver(imports: tuple[str, ...], skips: tuple[str, ...]) -> None:
     _preload = ((), ())
     if imports:
         _start_forkserver(imports, skips)
+
+
+@contextlib.contextmanager
+def _hangups_ignored():
+    """Start processes (the forkserver, the resource tracker it needs) ignoring SIGHUP, as exec keeps an ignored
+    signal: a closed terminal hangs up its whole process group, and the run (``flows.interrupts``) ends them itself.
+    A resource tracker killed first would be started again by the run's clean-up and print a traceback per name."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGHUP, previous)
 
 
 def _quiet_tracker() -> None:

@@ -79,8 +79,8 @@ def _flow_run_states(home: Path) -> dict[str, str]:
         return {name: state for name, state in db.execute("select name, state_type from flow_run")}
 
 
-@pytest.mark.parametrize("signum, to_group", [(signal.SIGINT, True), (signal.SIGTERM, False)],
-                         ids=["sigint-to-the-group", "sigterm-to-the-process"])
+@pytest.mark.parametrize("signum, to_group", [(signal.SIGINT, True), (signal.SIGTERM, False), (signal.SIGHUP, True)],
+                         ids=["sigint-to-the-group", "sigterm-to-the-process", "sighup-to-the-group"])
 def test_an_interrupt_stops_everything_and_the_rerun_completes(signum, to_group, baseline, tmp_path):
     home = tmp_path / "prefect-home"
     home.mkdir()
@@ -185,3 +185,19 @@ def test_a_verbose_run_with_its_own_server_ends_at_once_with_status_0(baseline, 
     assert done.returncode == 0, done.stderr[-3000:]
     assert "lost the run's Prefect API" not in done.stderr and "Error logging to API" not in done.stderr
     assert "structure" in done.stdout and _lock_is_free(out)
+
+
+def test_a_sighup_that_nohup_ignores_stays_ignored():
+    from flows import interrupts
+
+    previous = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    try:
+        with interrupts.handling("run"):
+            assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+            assert signal.getsignal(signal.SIGTERM) is interrupts._on_signal
+        signal.signal(signal.SIGHUP, signal.SIG_DFL)
+        with interrupts.handling("run"):
+            assert signal.getsignal(signal.SIGHUP) is interrupts._on_signal
+        assert signal.getsignal(signal.SIGHUP) is signal.SIG_DFL
+    finally:
+        signal.signal(signal.SIGHUP, previous)
