@@ -142,6 +142,9 @@ def _thumbnail_jpeg(source: str, max_side: int, long_side: int) -> bytes | None:
         return None
 
 
+_MAKE = object()  # ``_Thumbnails._known``: a thumbnail to write
+
+
 class _Thumbnails:
     """Makes (or finds) the thumbnail of each image; bytes are reused for rows that share a source file."""
 
@@ -152,11 +155,35 @@ class _Thumbnails:
         self._count = threading.Lock()
 
     def urls(self, rows: list[dict]) -> list[str | None]:
-        """Return :meth:`url` of each row, made on every usable core (OpenCV's decode and encode release the GIL)."""
-        with ThreadPoolExecutor(max_workers=usable_cpus()) as pool:
-            return list(pool.map(self.url, rows))
+        """Return :meth:`url` of each row. Rows whose thumbnail is already written (every earlier row of a re-run) are
+        answered here; the others are made on every usable core (OpenCV's decode and encode release the GIL). A
+        future per row cost ~0.1 ms of this process's CPU: 10+ s for a 100,000-row catalogue that gained 20 images."""
+        found = [self._known(row) for row in rows]
+        missing = [n for n, url in enumerate(found) if url is _MAKE]
+        if missing:
+            with ThreadPoolExecutor(max_workers=usable_cpus()) as pool:
+                for n, url in zip(missing, pool.map(self._make, [rows[n] for n in missing])):
+                    found[n] = url
+        return found
 
     def url(self, row: dict) -> str | None:
+        """Return the URL (relative to ``OUT/report/``) of the row's image as the page shows it: the image itself
+        when small and under OUT, else its thumbnail, written now if it is not yet; None when there is no image."""
+        found = self._known(row)
+        return self._make(row) if found is _MAKE else found
+
+    def _target(self, row: dict) -> Path:
+        image_id = str(row["image_id"])
+        if not SAFE_ID.fullmatch(image_id):  # a hand-made manifest's id must not steer the write out of report/
+            image_id = content_key("thumbnail", image_id, length=IMAGE_ID_LENGTH)
+        return self.layout.report_thumbnail(image_id)
+
+    def _link(self, target: Path) -> str:
+        return quote(target.relative_to(self.layout.report_dir).as_posix())
+
+    def _known(self, row: dict):
+        """``url`` when nothing is to be written (no source, a small image under OUT, a thumbnail written before);
+        else ``_MAKE``."""
         source = row.get("source_path")
         if not source:
             return None
@@ -165,23 +192,27 @@ class _Thumbnails:
         under_out = self._under_out(source) if 0 < max(width, height) <= self.max_side else None
         if under_out is not None:
             return "../" + quote(under_out)
-        image_id = str(row["image_id"])
-        if not SAFE_ID.fullmatch(image_id):  # a hand-made manifest's id must not steer the write out of report/
-            image_id = content_key("thumbnail", image_id, length=IMAGE_ID_LENGTH)
-        target = self.layout.report_thumbnail(image_id)
-        if target.is_file():
-            with self._count:
-                self.reused += 1
-        else:
-            if source not in self._by_source:
-                self._by_source[source] = _thumbnail_jpeg(source, self.max_side, max(width, height))
-            data = self._by_source[source]
-            if data is None:
-                return None
-            atomic_write_bytes(target, data, durable=False)  # a lost thumbnail is simply made again
-            with self._count:
-                self.written += 1
-        return quote(target.relative_to(self.layout.report_dir).as_posix())
+        target = self._target(row)
+        if not target.is_file():
+            return _MAKE
+        with self._count:
+            self.reused += 1
+        return self._link(target)
+
+    def _make(self, row: dict) -> str | None:
+        """Write the row's thumbnail (bytes shared by rows of one source file); its URL, None if unreadable."""
+        source = str(row["source_path"])
+        if source not in self._by_source:
+            width, height = row.get("width") or 0, row.get("height") or 0
+            self._by_source[source] = _thumbnail_jpeg(source, self.max_side, max(width, height))
+        data = self._by_source[source]
+        if data is None:
+            return None
+        target = self._target(row)
+        atomic_write_bytes(target, data, durable=False)  # a lost thumbnail is simply made again
+        with self._count:
+            self.written += 1
+        return self._link(target)
 
     def _under_out(self, source: str) -> str | None:
         try:

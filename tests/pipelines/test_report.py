@@ -132,6 +132,26 @@ def test_thumbnails_stay_under_the_report_folder(tmp_path):
         "../images/small.png"
 
 
+def test_urls_of_a_re_run_write_only_the_new_thumbnails_in_row_order(tmp_path):
+    """Rows whose thumbnail exists are answered without the thread pool; new ones are made; order is the rows'."""
+    from PIL import Image
+
+    layout = OutputLayout(tmp_path / "out")
+    rows = []
+    for n in range(6):
+        source = tmp_path / f"photo{n}.jpg"
+        Image.new("RGB", (400, 300), (40 * n, 10, 10)).save(source)
+        rows.append({"image_id": f"{n:02d}ff", "source_path": str(source), "width": 400, "height": 300})
+    rows.append({"image_id": "77ff", "source_path": None})  # no source: no image
+    first = _Thumbnails(layout, 64)
+    assert first.urls(rows[:3]) == [f"thumbs/{n:02d}/{n:02d}ff.jpg" for n in range(3)] and first.written == 3
+    made = {p: p.stat().st_mtime_ns for p in layout.report_dir.rglob("*.jpg")}
+    again = _Thumbnails(layout, 64)
+    assert again.urls(rows) == [f"thumbs/{n:02d}/{n:02d}ff.jpg" for n in range(6)] + [None]
+    assert (again.written, again.reused) == (3, 3)
+    assert all(p.stat().st_mtime_ns == when for p, when in made.items())  # the existing ones untouched
+
+
 def test_thumbnails_are_jpegs_of_the_displayed_image_at_pils_thumbnail_size(tmp_path):
     from PIL import Image
 
