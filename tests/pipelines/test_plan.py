@@ -293,3 +293,16 @@ def test_a_damaged_manifest_part_is_rewritten(folder, tmp_path, caplog, damage):
     rebuilt = pq.read_table(out / "manifest").sort_by("image_id")
     assert rebuilt.equals(before.sort_by("image_id"))
     assert all(not _pipeline(folder, out).plan(s).pending for s in DATA)
+
+
+def test_the_manifest_rows_are_read_again_only_after_a_stage_they_follow_from(folder, tmp_path):
+    out = tmp_path / "out"
+    run_inline(_pipeline(folder, out), DATA)
+    pipeline = _pipeline(folder, out)
+    rows = pipeline.manifest_rows
+    for stage in ("manifest", "train", "evaluate"):
+        pipeline.invalidate(stage)
+        assert pipeline.manifest_rows is rows, stage
+    pipeline.invalidate("filter")
+    assert pipeline.manifest_rows is not rows
+    assert [r["image_id"] for r in pipeline.manifest_rows.rows] == [r["image_id"] for r in rows.rows]
