@@ -104,10 +104,15 @@ def _cancel_flow_runs(reason: str) -> None:
     import httpx
 
     state = {"type": "CANCELLED", "name": "Cancelled", "message": reason}
+    unfinished = {"type": {"any_": ["RUNNING", "PENDING", "SCHEDULED"]}}
     with httpx.Client(base_url=api_url.rstrip("/") + "/", timeout=3.0) as client:
+        # A stage's subflow run starts before its function lists it in ACTIVE_FLOW_RUNS: find those of the runs listed.
+        found = client.post("flow_runs/filter", json={
+            "flow_runs": {"parent_flow_run_id": {"any_": run_ids}, "state": unfinished}})
+        run_ids += [run["id"] for run in (found.json() if found.status_code == 200 else []) if run["id"] not in run_ids]
         found = client.post("task_runs/filter", json={
             "flow_runs": {"id": {"any_": run_ids}},
-            "task_runs": {"state": {"type": {"any_": ["RUNNING", "PENDING", "SCHEDULED"]}}}})
+            "task_runs": {"state": unfinished}})
         for task_run in found.json() if found.status_code == 200 else []:
             client.post(f"task_runs/{task_run['id']}/set_state", json={"state": state, "force": True})
         for run_id in reversed(run_ids):  # the innermost (stage) run first, the parent last

@@ -201,3 +201,26 @@ def test_a_sighup_that_nohup_ignores_stays_ignored():
         assert signal.getsignal(signal.SIGHUP) is signal.SIG_DFL
     finally:
         signal.signal(signal.SIGHUP, previous)
+
+
+def test_an_interrupt_cancels_a_stage_run_that_started_before_it_was_listed(prefect_server, monkeypatch):
+    """A signal can arrive after Prefect started a stage's subflow run but before the stage's function listed it in
+    ACTIVE_FLOW_RUNS: the clean-up finds unfinished subflow runs of the listed runs and cancels them too."""
+    import httpx
+
+    from flows import interrupts, pipeline
+
+    running = {"type": "RUNNING", "name": "Running"}
+    with httpx.Client(base_url=prefect_server.api_url + "/", timeout=10) as client:
+        flow_id = client.post("flows/", json={"name": "interrupt-test"}).json()["id"]
+        parent = client.post("flow_runs/", json={"flow_id": flow_id, "state": running}).json()["id"]
+        task = client.post("task_runs/", json={"flow_run_id": parent, "task_key": "ingest", "dynamic_key": "0",
+                                               "name": "ingest", "state": running}).json()["id"]
+        stage = client.post("flow_runs/", json={"flow_id": flow_id, "parent_task_run_id": task,
+                                                "state": running}).json()["id"]
+        monkeypatch.setenv("PREFECT_API_URL", prefect_server.api_url)
+        monkeypatch.setattr(pipeline, "ACTIVE_FLOW_RUNS", [parent])
+        interrupts._cancel_flow_runs("interrupted by SIGINT")
+        states = {run: client.get(f"flow_runs/{run}").json()["state"]["type"] for run in (parent, stage)}
+        assert states == {parent: "CANCELLED", stage: "CANCELLED"}
+        assert client.get(f"task_runs/{task}").json()["state"]["type"] == "CANCELLED"
