@@ -32,16 +32,13 @@ def main(argv: list[str] | None = None) -> int:
             return int(args.handler(args) or 0)
         except (ConfigError, OSError, ValueError, RuntimeError) as exc:
             # Known, user-facing failures (bad input or config, a full or read-only disk): one clear line, no traceback.
-            print(f"{command}: error: {_printable(exc)}", file=sys.stderr)
+            from storage.filenames import display_path  # undecodable file-name bytes as \xNN, not a crash
+
+            print(f"{command}: error: {display_path(str(exc))}", file=sys.stderr)
             return 2
     except KeyboardInterrupt:
         print(f"{command}: interrupted", file=sys.stderr)
         return 130
-
-
-def _printable(exc: BaseException) -> str:
-    """The error's text, with any undecodable file-name bytes (held as surrogates) shown as escapes, not a crash."""
-    return str(exc).encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 if __name__ == "__main__":

@@ -191,13 +191,12 @@ def _execute(started, images_dir, out_dir, *, config_path, stages, refresh, runn
 def _check_parameter_paths(pipeline) -> None:
     """Refuse, in one line, a folder whose path Prefect cannot take as a flow parameter (JSON): bytes that are not
     UTF-8 (Python holds them as surrogates). Files with such names inside the folders are fine."""
+    from storage.filenames import display_path, has_undecodable_bytes
+
     for what, path in (("images folder", pipeline.images_dir), ("output folder", pipeline.layout.root)):
-        try:
-            str(path).encode("utf-8")
-        except UnicodeEncodeError:
-            shown = str(path).encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
-            raise ValueError(f"the {what} path {shown} is not valid UTF-8, which Prefect's flow parameters need: "
-                             "rename the folder (or link to it under a UTF-8 name)") from None
+        if has_undecodable_bytes(path):
+            raise ValueError(f"the {what} path {display_path(path)} is not valid UTF-8, which Prefect's flow "
+                             "parameters need: rename the folder (or link to it under a UTF-8 name)")
 
 
 def _report_notes(report: dict) -> str:
