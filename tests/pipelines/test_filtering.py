@@ -269,6 +269,66 @@ def test_each_distinct_text_of_a_chunk_is_parsed_once(colors_only, monkeypatch):
                                                                    "A bus waits."]
 
 
+def _parse(doc) -> list[tuple]:
+    """Every token's text, whitespace, tags, dependency, head (relative to the doc) and lemma."""
+    return [(t.text, t.whitespace_, t.tag_, t.pos_, t.dep_, t.head.i - doc[0].i, t.lemma_, t.is_sent_start)
+            for t in doc]
+
+
+def test_each_distinct_sentence_is_parsed_once_and_alone(colors_only, monkeypatch):
+    """``CaptionFilter.pipe`` parses each distinct sentence of its texts once, on its own; a text's Doc has the text's
+    own characters and tokens, and each of its sentences the parse that sentence gets alone."""
+    nlp = colors_only.nlp
+    parse, calls = nlp.pipe, []
+
+    def recording_pipe(texts, **options):
+        calls.append(list(texts))
+        return parse(calls[-1], **options)
+
+    monkeypatch.setattr(nlp, "pipe", recording_pipe)
+    # One space after a sentence is left out of its piece; a newline or a second space stays with the sentence before.
+    pieces = {"A red car parks. A blue bus waits.": ["A red car parks.", "A blue bus waits."],
+              "A blue bus waits.": ["A blue bus waits."],
+              "A red car parks.\nA green van stops.": ["A red car parks.\n", "A green van stops."],
+              "A red car parks.  A blue bus waits. ": ["A red car parks.  ", "A blue bus waits. "]}
+    docs = list(colors_only.pipe(pieces))
+    assert calls == [list(dict.fromkeys(piece for cut in pieces.values() for piece in cut))]
+    for (text, cut), doc in zip(pieces.items(), docs):
+        assert doc.text == text and [t.text for t in doc] == [t.text for t in nlp.make_doc(text)]
+        offset = 0
+        for piece in cut:
+            alone = next(iter(parse([piece])))
+            assert [row[2:] for row in _parse(doc[offset:offset + len(alone)])] == [row[2:] for row in _parse(alone)]
+            offset += len(alone)
+        assert offset == len(doc)
+
+
+def test_a_sentence_is_filtered_the_same_in_every_caption_that_holds_it(colors_only):
+    """The whole-caption parse made "silver" a noun compound in the third sentence and kept it; alone, and now in the
+    caption too, it is an adjective and goes."""
+    sentences = ["A woman in a yellow raincoat holds a black umbrella.",
+                 "She stands next to a red brick wall covered in green ivy.",
+                 "A silver bicycle leans against the wall on her left."]
+    alone = colors_only.filter(sentences)
+    assert alone[2] == "A bicycle leans against the wall on her left."
+    assert colors_only.filter([" ".join(sentences)]) == [" ".join(alone)]
+
+
+def test_a_text_its_sentence_pieces_would_tokenise_differently_is_parsed_whole(colors_only, monkeypatch):
+    nlp = colors_only.nlp
+    parse, calls = nlp.pipe, []
+
+    def recording_pipe(texts, **options):
+        calls.append(list(texts))
+        return parse(calls[-1], **options)
+
+    monkeypatch.setattr(nlp, "pipe", recording_pipe)
+    text = 'A red car is No."10 here. A blue bus waits.'  # cut after "No." alone, '"10' is two tokens, not one
+    [doc] = colors_only.pipe([text])
+    assert calls[-1] == [text]
+    assert _parse(doc) == _parse(next(iter(parse([text]))))
+
+
 def test_filter_captions_reports_a_bad_record(colors_only):
     out = filter_captions(
         [{"image_id": "c" * 32, "caption": "A red cup.", "segments": ["not a dict"]}], caption_filter=colors_only
