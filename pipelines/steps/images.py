@@ -33,6 +33,7 @@ _REDUCED_GREY = (
     (4, cv2.IMREAD_REDUCED_GRAYSCALE_4),
     (2, cv2.IMREAD_REDUCED_GRAYSCALE_2),
 )
+_REDUCED_COLOR = {2: cv2.IMREAD_REDUCED_COLOR_2, 4: cv2.IMREAD_REDUCED_COLOR_4, 8: cv2.IMREAD_REDUCED_COLOR_8}
 # Transparent pixels are shown over white, as an image viewer on a white page does.
 _BACKGROUND = (255, 255, 255)
 
@@ -276,33 +277,39 @@ def load_rgb(
 _IMREAD_RGB = getattr(cv2, "IMREAD_COLOR_RGB", None)
 
 
-def _opencv_rgb(image: Image.Image, orientation: Orientation, data: bytes) -> np.ndarray | None:
-    """Return the displayed RGB pixels of a complete 8-bit grey or colour JPEG decoded by OpenCV, or None where PIL
-    must decode (other formats and modes, a stream without its end marker, anything OpenCV returns at another size).
+def _opencv_rgb(image: Image.Image, orientation: Orientation, data: bytes, *, factor: int = 1,
+                oriented: bool = True) -> np.ndarray | None:
+    """Return the RGB pixels of a complete 8-bit grey or colour JPEG decoded by OpenCV at 1/``factor`` (1, 2, 4 or 8:
+    libjpeg's DCT scaling, as PIL's ``draft``), displayed (``oriented``) or as stored; or None where PIL must decode
+    (other formats and modes, a stream without its end marker, anything OpenCV returns at another size).
 
-    Both libraries decode with libjpeg-turbo's defaults, so the pixels are PIL's (a test compares them over
-    subsamplings, progressive and restart-marker streams, grey and every EXIF orientation); OpenCV's decode returns
-    a writable array, where PIL's costs two more copies of the image (~0.5 ms at 640x480, a third of the decode).
+    Both libraries decode with libjpeg-turbo's defaults, so the pixels are PIL's (tests compare them over
+    subsamplings, progressive and restart-marker streams, grey, every EXIF orientation and every factor); OpenCV's
+    decode returns a writable array, where PIL's costs two more copies of the image (~0.5 ms at 640x480, a third of
+    the decode).
     """
     if image.format != "JPEG" or image.mode not in _CV2_MODES or not _jpeg_complete(data):
         return None
-    pixels = _opencv_decode(data, cv2.IMREAD_COLOR if _IMREAD_RGB is None else _IMREAD_RGB, orientation, channels=3)
+    flag = _REDUCED_COLOR.get(factor, cv2.IMREAD_COLOR)
+    if _IMREAD_RGB is not None:
+        flag = flag & ~cv2.IMREAD_COLOR | _IMREAD_RGB
+    pixels = _opencv_decode(data, flag, orientation, factor=factor, channels=3, oriented=oriented)
     if pixels is not None and _IMREAD_RGB is None:
         pixels = cv2.cvtColor(pixels, cv2.COLOR_BGR2RGB)
     return pixels
 
 
 def _opencv_decode(data: bytes, flag: int, orientation: Orientation, *, factor: int = 1,
-                   channels: int | None = None) -> np.ndarray | None:
+                   channels: int | None = None, oriented: bool = True) -> np.ndarray | None:
     """Return OpenCV's decode of ``data`` with ``flag`` (the orientation ignored: ours is applied, as for every
-    loader), turned as displayed; or None when it is not 8-bit at the stored size reduced by ``factor`` with
-    ``channels`` (None: one, no channel axis), so that PIL decides."""
+    loader), turned as displayed (``oriented``) or as stored; or None when it is not 8-bit at the stored size reduced
+    by ``factor`` with ``channels`` (None: one, no channel axis), so that PIL decides."""
     pixels = cv2.imdecode(np.frombuffer(data, np.uint8), flag | cv2.IMREAD_IGNORE_ORIENTATION)
     stored_w, stored_h = orientation.stored_size
     shape = (-(-stored_h // factor), -(-stored_w // factor)) + ((channels,) if channels else ())
     if pixels is None or pixels.dtype != np.uint8 or pixels.shape != shape:
         return None
-    return orient_array(pixels, orientation.code)
+    return orient_array(pixels, orientation.code) if oriented else pixels
 
 
 class ImageInfo(NamedTuple):

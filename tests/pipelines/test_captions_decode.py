@@ -185,15 +185,46 @@ def test_exif_oriented_jpeg_decoded_reduced_cuts_the_right_blocks(tmp_path, orie
         assert np.abs(np.median(crop.reshape(-1, 3), axis=0) - want).max() <= 3
 
 
+@pytest.mark.parametrize("orientation, variant", [*((o, "rgb") for o in range(1, 9)), (6, "444"), (6, "grey"),
+                                                  (8, "progressive")])
+def test_a_validated_jpeg_is_decoded_by_opencv_to_the_crops_pil_gives(tmp_path, monkeypatch, orientation, variant):
+    """``validated``: OpenCV decodes a complete JPEG, at every draft scale, and the crops and the full image are the
+    ones PIL's decode gives (``validated=False``), pixel for pixel."""
+    from pipelines.steps import images
+
+    image = Image.fromarray(_smooth(480, 640, seed=orientation))
+    image = image.convert("L") if variant == "grey" else image
+    exif = image.getexif()
+    exif[0x0112] = orientation
+    path = tmp_path / "photo.jpg"
+    image.save(path, exif=exif.tobytes(), quality=90, subsampling=0 if variant == "444" else -1,
+               progressive=variant == "progressive")
+    decoded_by = []
+    original = images._opencv_rgb
+    monkeypatch.setattr(images, "_opencv_rgb", lambda *a, **k: decoded_by.append(original(*a, **k)) or decoded_by[-1])
+    # With a 64 px long side: the full image (480 px short side) decodes at 1/8, a 300 px box at 1/4, 150 at 1/2.
+    width, height = (480, 640) if orientation >= 5 else (640, 480)
+    for boxes, full, scale in [([], True, 8), ([(5, 7, 305, 207)], False, 4), ([(0, 0, 150, 170), (9, 3, 300, 300)],
+                               True, 2), ([(width - 100, height - 60, width, height), (1, 2, 3, 4)], True, 1)]:
+        got = load_source_crops(path, boxes, full_image=full, long_side=64, validated=True)
+        assert decoded_by.pop() is not None and got.scale == scale  # OpenCV decoded it, at the scale PIL drafts
+        want = load_source_crops(path, boxes, full_image=full, long_side=64)
+        assert not decoded_by and want.scale == scale  # PIL decoded this one
+        for mine, theirs in zip([got.full_image, *got.crops], [want.full_image, *want.crops]):
+            assert (mine is None) == (theirs is None) and (mine is None or np.array_equal(mine, theirs))
+            assert mine is None or (mine.flags.writeable and mine.flags.c_contiguous)
+
+
 def test_truncated_source_is_a_one_line_error_also_when_reduced(tmp_path):
     path = tmp_path / "cut.jpg"
     write_jpeg(path, _smooth(2000, 2000, seed=3))
     path.write_bytes(path.read_bytes()[:-3000])
     for boxes in ([], [(0, 0, 100, 100)]):  # reduced (1/4) and full resolution
-        with pytest.raises(CaptionInputError) as info:
-            load_source_crops(path, boxes)
-        message = str(info.value)
-        assert message.startswith("cannot decode image: ") and message.endswith("(cut.jpg)") and "\n" not in message
+        for validated in (False, True):  # no end marker: PIL decodes it, also for a validated source
+            with pytest.raises(CaptionInputError) as info:
+                load_source_crops(path, boxes, validated=validated)
+            message = str(info.value)
+            assert message.startswith("cannot decode image: ") and message.endswith("(cut.jpg)") and "\n" not in message
     with pytest.raises(CaptionInputError, match=r"^cannot read image: file not found \(gone\.jpg\)$"):
         load_source_crops(tmp_path / "gone.jpg", [])
 
