@@ -440,6 +440,8 @@ class CaptionFilter:
         min_content_words: int = 2,
         batch_size: int = 64,
     ):
+        from spacy.pipeline import Sentencizer
+
         if min_content_words < 0 or batch_size <= 0:
             raise ValueError(
                 f"expected min_content_words >= 0 and batch_size > 0, got {min_content_words}, {batch_size}"
@@ -452,8 +454,6 @@ class CaptionFilter:
         self.min_content_words = min_content_words
         self.batch_size = batch_size
         self._phrase_matcher = self._build_phrase_matcher()
-        from spacy.pipeline import Sentencizer
-
         self._sentencizer = Sentencizer()  # where ``pipe`` cuts a text into the pieces it parses
         # (word, lemma) -> vocabulary answers that depend on the strings only (the vocabulary and categories are fixed).
         self._listing_cache: dict[tuple[str, str], tuple[bool, tuple | None]] = {}

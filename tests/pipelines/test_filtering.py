@@ -275,10 +275,8 @@ def _parse(doc) -> list[tuple]:
             for t in doc]
 
 
-def test_each_distinct_sentence_is_parsed_once_and_alone(colors_only, monkeypatch):
-    """``CaptionFilter.pipe`` parses each distinct sentence of its texts once, on its own; a text's Doc has the text's
-    own characters and tokens, and each of its sentences the parse that sentence gets alone."""
-    nlp = colors_only.nlp
+def _record_parses(monkeypatch, nlp):
+    """Return the pipeline's own ``pipe`` and the list every ``nlp.pipe`` call's texts are appended to from now on."""
     parse, calls = nlp.pipe, []
 
     def recording_pipe(texts, **options):
@@ -286,6 +284,14 @@ def test_each_distinct_sentence_is_parsed_once_and_alone(colors_only, monkeypatc
         return parse(calls[-1], **options)
 
     monkeypatch.setattr(nlp, "pipe", recording_pipe)
+    return parse, calls
+
+
+def test_each_distinct_sentence_is_parsed_once_and_alone(colors_only, monkeypatch):
+    """``CaptionFilter.pipe`` parses each distinct sentence of its texts once, on its own; a text's Doc has the text's
+    own characters and tokens, and each of its sentences the parse that sentence gets alone."""
+    nlp = colors_only.nlp
+    parse, calls = _record_parses(monkeypatch, nlp)
     # One space after a sentence is left out of its piece; a newline or a second space stays with the sentence before.
     pieces = {"A red car parks. A blue bus waits.": ["A red car parks.", "A blue bus waits."],
               "A blue bus waits.": ["A blue bus waits."],
@@ -315,14 +321,7 @@ def test_a_sentence_is_filtered_the_same_in_every_caption_that_holds_it(colors_o
 
 
 def test_a_text_its_sentence_pieces_would_tokenise_differently_is_parsed_whole(colors_only, monkeypatch):
-    nlp = colors_only.nlp
-    parse, calls = nlp.pipe, []
-
-    def recording_pipe(texts, **options):
-        calls.append(list(texts))
-        return parse(calls[-1], **options)
-
-    monkeypatch.setattr(nlp, "pipe", recording_pipe)
+    parse, calls = _record_parses(monkeypatch, colors_only.nlp)
     text = 'A red car is No."10 here. A blue bus waits.'  # cut after "No." alone, '"10' is two tokens, not one
     [doc] = colors_only.pipe([text])
     assert calls[-1] == [text]
