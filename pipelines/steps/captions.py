@@ -680,8 +680,9 @@ def score_local_captions(
     ``segments`` are the input segments that received a sentence (or, with ``caption_regions``, a generated
     caption), each with ``caption`` and ``similarity_score`` (100 * cos), ranked by score, highest first. Sources are
     those ingest validated (``validate_image``): each is decoded once, as such (``load_source_crops(validated=True)``),
-    and its crops cut by their ``bbox``; a segment without one is read from its ``crop_path``. Images go through CLIP in groups of about ``group_crops`` crops (default
-    ``GROUP_CLIP_BATCHES`` of the scorer's batches), so memory holds one group's pixels, not the chunk's.
+    and its crops cut by their ``bbox``; a segment without one is read from its ``crop_path``. Images go through CLIP
+    in groups of about ``group_crops`` crops (default ``GROUP_CLIP_BATCHES`` of the scorer's batches), so memory holds
+    one group's pixels, not the chunk's.
     """
     if group_crops is None:
         group_crops = GROUP_CLIP_BATCHES * int(getattr(scorer, "batch_size", 64))

@@ -33,7 +33,9 @@ _REDUCED_GREY = (
     (4, cv2.IMREAD_REDUCED_GRAYSCALE_4),
     (2, cv2.IMREAD_REDUCED_GRAYSCALE_2),
 )
-_REDUCED_COLOR = {2: cv2.IMREAD_REDUCED_COLOR_2, 4: cv2.IMREAD_REDUCED_COLOR_4, 8: cv2.IMREAD_REDUCED_COLOR_8}
+# OpenCV's colour decode of a JPEG at 1/factor (DCT scaling), by factor (1: full size).
+REDUCED_COLOR = {1: cv2.IMREAD_COLOR, 2: cv2.IMREAD_REDUCED_COLOR_2, 4: cv2.IMREAD_REDUCED_COLOR_4,
+                 8: cv2.IMREAD_REDUCED_COLOR_8}
 # Transparent pixels are shown over white, as an image viewer on a white page does.
 _BACKGROUND = (255, 255, 255)
 
@@ -290,7 +292,7 @@ def _opencv_rgb(image: Image.Image, orientation: Orientation, data: bytes, *, fa
     """
     if image.format != "JPEG" or image.mode not in _CV2_MODES or not _jpeg_complete(data):
         return None
-    flag = _REDUCED_COLOR.get(factor, cv2.IMREAD_COLOR)
+    flag = REDUCED_COLOR[factor]
     if _IMREAD_RGB is not None:
         flag = flag & ~cv2.IMREAD_COLOR | _IMREAD_RGB
     pixels = _opencv_decode(data, flag, orientation, factor=factor, channels=3, oriented=oriented)
