@@ -6,7 +6,11 @@ workers, the forkserver), stops the API server, releases the output folder's loc
 (130 for SIGINT, 143 for SIGTERM, 129 for SIGHUP: the terminal closed; under ``nohup`` it stays ignored). No
 traceback, no retries against a dead API. Every output is written atomically
 and every finished chunk is recorded in the stage store, so the same command resumes where this one stopped.
-A second signal during the clean-up exits at once.
+
+A second signal during the clean-up (Ctrl-C pressed twice) ends it sooner: the run exits as soon as its flow and task
+runs are marked Cancelled and its workers killed (the clean-up's first steps; at most ``MARK_WAIT_S`` more), so an
+impatient double Ctrl-C leaves no run "Running" in the UI for ever; the API server ends by itself (it watches this
+process). A third signal exits at once.
 """
 
 from __future__ import annotations
@@ -18,7 +22,9 @@ import sys
 import threading
 
 CLEANUP_TIMEOUT_S = 8.0
-_state = {"command": "run", "ending": False}
+MARK_WAIT_S = 2.0  # how long a second signal still waits for the flow runs to be marked Cancelled
+_state = {"command": "run", "signals": 0}
+_marked = threading.Event()  # the clean-up has marked the run's flow runs Cancelled (or could not)
 _servers: list = []  # the run's own API servers (flows.api_server.ApiServer)
 
 
@@ -26,7 +32,8 @@ _servers: list = []  # the run's own API servers (flows.api_server.ApiServer)
 def handling(command: str):
     """Handle SIGINT, SIGTERM and SIGHUP for the duration of the block (main thread only), then restore the
     handlers."""
-    _state.update(command=command, ending=False)
+    _state.update(command=command, signals=0)
+    _marked.clear()
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -56,9 +63,11 @@ def _on_signal(signum: int, _frame) -> None:
 
 def abort_run(message: str, *, code: int, reason: str | None = None) -> None:
     """Print ``message``, stop everything the run started (see the module docstring) and exit with ``code``."""
-    if _state["ending"]:
+    _state["signals"] += 1
+    if _state["signals"] > 1:  # again during the clean-up: exit once the runs are marked (a third time: now)
+        if _state["signals"] == 2:
+            _marked.wait(MARK_WAIT_S)
         os._exit(code)
-    _state["ending"] = True
     with contextlib.suppress(Exception):
         print(message, file=sys.stderr, flush=True)
     cleaner = threading.Thread(target=_clean_up, args=(reason or message,), name="run-clean-up", daemon=True)
@@ -72,10 +81,19 @@ def abort_run(message: str, *, code: int, reason: str | None = None) -> None:
 
 def _clean_up(reason: str) -> None:
     from pipelines.engine import workers
-    with contextlib.suppress(Exception):
-        workers.abort()
-    with contextlib.suppress(Exception):
-        _cancel_flow_runs(reason)
+
+    workers.stop_starting()  # a chunk whose workers die below fails; it does not start new ones
+    try:
+        marked = False
+        with contextlib.suppress(Exception):
+            marked = _cancel_flow_runs(reason)
+        with contextlib.suppress(Exception):
+            workers.abort()
+        if marked:  # again for task runs that started since (an API that failed the first pass is not waited on twice)
+            with contextlib.suppress(Exception):
+                _cancel_flow_runs(reason)
+    finally:
+        _marked.set()
     with contextlib.suppress(Exception):
         # The resource tracker ends by itself when this process exits, unlinking what the killed pool left behind.
         from multiprocessing import resource_tracker
@@ -92,15 +110,16 @@ def _clean_up(reason: str) -> None:
         lock.release_all()
 
 
-def _cancel_flow_runs(reason: str) -> None:
-    """Mark this process's flow runs in progress, and their unfinished task runs, Cancelled (API still up only).
+def _cancel_flow_runs(reason: str) -> bool:
+    """Mark this process's flow runs in progress, and their unfinished task runs, Cancelled (API still up only);
+    return whether there were runs to mark (an unreachable API raises).
 
     Plain REST calls on a client of their own: the interrupted main thread may hold the Prefect client's locks."""
     pipeline = sys.modules.get("flows.pipeline")
     run_ids = list(getattr(pipeline, "ACTIVE_FLOW_RUNS", []) or [])
     api_url = os.environ.get("PREFECT_API_URL")
     if not run_ids or not api_url:
-        return
+        return False
     import httpx
 
     state = {"type": "CANCELLED", "name": "Cancelled", "message": reason}
@@ -117,6 +136,7 @@ def _cancel_flow_runs(reason: str) -> None:
             client.post(f"task_runs/{task_run['id']}/set_state", json={"state": state, "force": True})
         for run_id in reversed(run_ids):  # the innermost (stage) run first, the parent last
             client.post(f"flow_runs/{run_id}/set_state", json={"state": state, "force": True})
+    return True
 
 
 def _kill_children(keep: set[int]) -> None:

@@ -36,6 +36,7 @@ _lock = threading.Lock()
 _pool: futures.ProcessPoolExecutor | None = None
 _owner: tuple[str | None, int] | None = None  # (stage, workers) of _pool
 _private: set[futures.ProcessPoolExecutor] = set()
+_stopped = False  # set by ``stop_starting``: the run is ending, no process may start any more
 _ENGINE = "pipelines.engine.execute"  # what every worker runs; the forkserver imports it before any fork
 _preload: tuple[tuple[str, ...], tuple[str, ...]] = ((), ())  # (imports, blocks) the running forkserver started with
 # GPU kernel compilers, never used by a worker (workers compute CPU stages only), which a library imports whenever
@@ -114,6 +115,26 @@ def _keep_freed_memory() -> bool:
     return bool(mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD)) and bool(mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD))
 
 
+class Stopping(RuntimeError):
+    """The run is ending (``stop_starting``): no worker process, nor their forkserver, starts any more."""
+
+
+def stop_starting() -> None:
+    """Refuse, from now on, to start any worker process or forkserver in this process (``Stopping``): call it first
+    when the run is ending (an interrupt), before its workers are killed. A chunk whose workers were killed is retried
+    in a new process of its own (``alone``); during the clean-up that new process (or a new forkserver, the old one
+    killed) would start importing the run's libraries, only to be killed or to print a traceback of the terminal's
+    next Ctrl-C. The chunk fails instead, and nothing of it is recorded."""
+    global _stopped
+    with _lock:
+        _stopped = True
+
+
+def _refuse_if_stopping() -> None:
+    if _stopped:
+        raise Stopping("the run is stopping: no new worker processes")
+
+
 def prestart(imports: tuple[str, ...], blocks: tuple[str, ...] = ()) -> bool:
     """Start the workers' forkserver now, importing ``imports`` (then the engine) in the background, with ``blocks``
     and ``GPU_ONLY`` unimportable meanwhile (``pipelines.engine.preload``): call it as a run starts, with what its CPU
@@ -122,7 +143,7 @@ def prestart(imports: tuple[str, ...], blocks: tuple[str, ...] = ()) -> bool:
     if not imports:
         return False
     with _lock:
-        if _forkserver_started():
+        if _stopped or _forkserver_started():
             return False
         _start_forkserver(imports, blocks)
     return True
@@ -212,6 +233,7 @@ def pool(workers: int, stage: str | None = None, skips: tuple[str, ...] = (),
     do (``Stage.worker_imports``), preloaded when the forkserver has to be replaced (``_refit_forkserver``)."""
     global _pool, _owner
     with _lock:
+        _refuse_if_stopping()
         if _pool is not None and _owner == (stage, workers):
             return _pool
         previous, _pool, _owner = _pool, None, None
@@ -235,8 +257,9 @@ def _executor(workers: int, threads: int, skips: tuple[str, ...]) -> futures.Pro
 def alone(workers: int, skips: tuple[str, ...] = ()):
     """A one-process executor that only the caller uses, with the threads of one of ``workers`` workers (and their
     ``skips``): a death in it was caused by what the caller submitted. Stopped on exit; ``abort`` kills it too."""
-    executor = _executor(1, threads_per_worker(workers), skips)
     with _lock:
+        _refuse_if_stopping()
+        executor = _executor(1, threads_per_worker(workers), skips)
         _private.add(executor)
     try:
         yield executor

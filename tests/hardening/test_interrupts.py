@@ -224,3 +224,38 @@ def test_an_interrupt_cancels_a_stage_run_that_started_before_it_was_listed(pref
         states = {run: client.get(f"flow_runs/{run}").json()["state"]["type"] for run in (parent, stage)}
         assert states == {parent: "CANCELLED", stage: "CANCELLED"}
         assert client.get(f"task_runs/{task}").json()["state"]["type"] == "CANCELLED"
+
+
+def _task_run_states(home: Path) -> list[str]:
+    with sqlite3.connect(home / "prefect.db") as db:
+        return [state for (state,) in db.execute("select state_type from task_run")]
+
+
+def test_ctrl_c_twice_still_marks_the_runs_cancelled_in_one_line(baseline, tmp_path):
+    # An impatient user presses Ctrl-C twice. The second one used to exit at once, before the clean-up had marked
+    # anything: the run's flow and task runs stayed "Running" in the Prefect UI for good.
+    home = tmp_path / "prefect-home"
+    home.mkdir()
+    out = tmp_path / "out"
+    process = start_cli(_own_server_env(baseline, home), "run", str(baseline.images), "--out", str(out), "--config",
+                        str(baseline.config), "--stages", "ingest,structure,regions,captions,filter,manifest",
+                        "--set", "runtime.workers=2")
+    try:
+        wait_until(lambda: stage_parts(out, "regions"), process, "the first regions part")
+        started = _descendants(process.pid)
+        os.killpg(process.pid, signal.SIGINT)
+        time.sleep(0.1)
+        os.killpg(process.pid, signal.SIGINT)
+        _stdout, stderr = process.communicate(timeout=60)
+    finally:
+        kill_group(process)
+    assert process.returncode == 130, (process.returncode, stderr[-3000:])
+    assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr, stderr[-3000:]
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and "interrupted" in lines[0], stderr
+    assert not _wait_gone(started, 5.0), _alive(started)
+    assert _lock_is_free(out)
+    states = _flow_run_states(home)
+    assert "CANCELLED" in states.values() and "RUNNING" not in states.values(), states
+    tasks = _task_run_states(home)
+    assert "RUNNING" not in tasks and "PENDING" not in tasks, tasks

@@ -342,3 +342,42 @@ def test_workers_end_when_the_run_that_owns_them_is_killed(tmp_path):
     while any(_alive(p) for p in pids) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not any(_alive(p) for p in pids), f"workers left running after their owner was killed: {pids}"
+
+
+STOPPED_RUN = """
+import concurrent.futures, sys
+from pipelines.engine import workers
+
+def died(_):
+    import os
+    os._exit(1)
+
+executor = workers.pool(1, "probe")
+try:
+    executor.submit(died, None).result()
+except concurrent.futures.process.BrokenProcessPool:
+    pass
+workers.stop_starting()  # what an interrupt's clean-up does first
+outcomes = []
+for start in (lambda: workers.pool(1, "probe"), lambda: workers.pool(1, "other"),
+              lambda: workers.alone(1).__enter__()):
+    try:
+        start()
+        outcomes.append("started")
+    except workers.Stopping:
+        outcomes.append("refused")
+outcomes.append(workers.prestart(("json",)))
+print(outcomes)
+"""
+
+
+def test_an_ending_run_starts_no_worker_process_or_forkserver(tmp_path):
+    # During an interrupt's clean-up, a chunk whose workers were killed would be computed again in a new process
+    # (and the killed forkserver started again, importing the run's libraries into the terminal's next Ctrl-C):
+    # once the run is ending, every way of starting one is refused. (In a process of its own: the flag is for good.)
+    import subprocess
+
+    root = Path(__file__).resolve().parents[2]
+    done = subprocess.run([sys.executable, "-c", STOPPED_RUN], cwd=root, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip() == "['refused', 'refused', 'refused', False]"
