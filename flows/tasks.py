@@ -22,9 +22,15 @@ def _chunk_task(stage: Stage) -> Task:
     def run(item_keys: list[str], records: list, *, out_dir: str, stage_key: str, params: dict, runtime: dict,
             processes: int = 0) -> dict:
         from pipelines.engine.execute import run_chunk
+        from pipelines.engine.workers import Stopping
 
-        return run_chunk(name, item_keys, records, out_dir=out_dir, stage_key=stage_key, params=params,
-                         runtime=runtime, processes=processes, source=source)
+        try:
+            return run_chunk(name, item_keys, records, out_dir=out_dir, stage_key=stage_key, params=params,
+                             runtime=runtime, processes=processes, source=source)
+        except Stopping as stopping:  # an interrupt's clean-up killed its workers: not a failure of the chunk
+            from prefect.states import Cancelled
+
+            return Cancelled(message=f"interrupted: {stopping}")
 
     run.__name__ = run.__qualname__ = stage.task_name
     run.__doc__ = stage.task_doc
