@@ -35,6 +35,34 @@ def _own_server_env(baseline, home: Path) -> dict:
     return env
 
 
+def _start_own_server_run(baseline, tmp_path: Path, stages: str):
+    """Start ``structxlip run`` of ``stages`` on the baseline's images with its own API server (in a fresh
+    ``PREFECT_HOME``) and 2 workers; return ``(process, PREFECT_HOME, output folder)``."""
+    home = tmp_path / "prefect-home"
+    home.mkdir()
+    out = tmp_path / "out"
+    process = start_cli(_own_server_env(baseline, home), "run", str(baseline.images), "--out", str(out), "--config",
+                        str(baseline.config), "--stages", stages, "--set", "runtime.workers=2")
+    return process, home, out
+
+
+def _ctrl_c(process, ready, what: str, *, settle_s: float = 0.0, again_after_s: float | None = None):
+    """Once ``ready()`` holds (and ``settle_s`` later), press Ctrl-C: SIGINT to the run's process group (again
+    ``again_after_s`` later); return the processes the run had started by then and its stderr."""
+    try:
+        wait_until(ready, process, what)
+        time.sleep(settle_s)
+        started = _descendants(process.pid)
+        os.killpg(process.pid, signal.SIGINT)
+        if again_after_s is not None:
+            time.sleep(again_after_s)
+            os.killpg(process.pid, signal.SIGINT)
+        _stdout, stderr = process.communicate(timeout=60)
+    finally:
+        kill_group(process)
+    return started, stderr
+
+
 def _descendants(pid: int) -> list[psutil.Process]:
     try:
         return psutil.Process(pid).children(recursive=True)
@@ -127,6 +155,14 @@ def test_an_interrupt_stops_everything_and_the_rerun_completes(signum, to_group,
         assert_same(got, expected, expected["image_id"][:8])
 
 
+def _assert_one_interrupted_line(process, stderr: str) -> None:
+    """The run ended on SIGINT (130) with one line saying so: no traceback, not even of an interrupted import."""
+    assert process.returncode == 130, (process.returncode, stderr[-3000:])
+    assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr, stderr[-3000:]
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and "interrupted" in lines[0], stderr
+
+
 def _forkserver(pid: int) -> bool:
     return any("forkserver" in " ".join(p.cmdline()) for p in _descendants(pid))
 
@@ -135,33 +171,15 @@ def test_ctrl_c_while_the_forkserver_imports_the_workers_libraries_is_one_line(b
     # The run starts the workers' forkserver as it plans; it then imports torch, transformers and spaCy for seconds.
     # Ctrl-C reaches it too (the terminal's process group): it must leave the interrupt to the run, not print the
     # traceback of an interrupted import over the run's one line.
-    home = tmp_path / "prefect-home"
-    home.mkdir()
-    process = start_cli(_own_server_env(baseline, home), "run", str(baseline.images), "--out", str(tmp_path / "out"),
-                        "--config", str(baseline.config), "--stages", "ingest,structure,regions,captions,filter",
-                        "--set", "runtime.workers=2")
-    try:
-        wait_until(lambda: _forkserver(process.pid), process, "the workers' forkserver")
-        time.sleep(1.0)  # into its imports (~4 s here), past the interpreter's start
-        started = _descendants(process.pid)
-        os.killpg(process.pid, signal.SIGINT)
-        _stdout, stderr = process.communicate(timeout=60)
-    finally:
-        kill_group(process)
-    assert process.returncode == 130, (process.returncode, stderr[-3000:])
-    assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr, stderr[-3000:]
-    lines = stderr.strip().splitlines()
-    assert len(lines) == 1 and "interrupted" in lines[0], stderr
+    process, _home, _out = _start_own_server_run(baseline, tmp_path, "ingest,structure,regions,captions,filter")
+    # 1 s: into its imports (~4 s here), past the interpreter's start
+    started, stderr = _ctrl_c(process, lambda: _forkserver(process.pid), "the workers' forkserver", settle_s=1.0)
+    _assert_one_interrupted_line(process, stderr)
     assert not _wait_gone(started, 10.0), _alive(started)
 
 
 def test_a_killed_run_leaves_no_server_or_worker_behind(baseline, tmp_path):
-    home = tmp_path / "prefect-home"
-    home.mkdir()
-    out = tmp_path / "out"
-    process = start_cli(_own_server_env(baseline, home), "run", str(baseline.images), "--out", str(out), "--config",
-                        str(baseline.config), "--stages", "ingest,structure,regions,captions", "--set",
-                        "runtime.workers=2")
+    process, _home, out = _start_own_server_run(baseline, tmp_path, "ingest,structure,regions,captions")
     started: list[psutil.Process] = []
     try:
         wait_until(lambda: stage_parts(out, "structure"), process, "the first structure part")
@@ -236,25 +254,9 @@ def test_an_interrupt_cancels_a_stage_run_that_started_before_it_was_listed(pref
 def test_ctrl_c_twice_still_marks_the_runs_cancelled_in_one_line(baseline, tmp_path):
     # An impatient user presses Ctrl-C twice. The second one used to exit at once, before the clean-up had marked
     # anything: the run's flow and task runs stayed "Running" in the Prefect UI for good.
-    home = tmp_path / "prefect-home"
-    home.mkdir()
-    out = tmp_path / "out"
-    process = start_cli(_own_server_env(baseline, home), "run", str(baseline.images), "--out", str(out), "--config",
-                        str(baseline.config), "--stages", "ingest,structure,regions,captions,filter,manifest",
-                        "--set", "runtime.workers=2")
-    try:
-        wait_until(lambda: stage_parts(out, "regions"), process, "the first regions part")
-        started = _descendants(process.pid)
-        os.killpg(process.pid, signal.SIGINT)
-        time.sleep(0.1)
-        os.killpg(process.pid, signal.SIGINT)
-        _stdout, stderr = process.communicate(timeout=60)
-    finally:
-        kill_group(process)
-    assert process.returncode == 130, (process.returncode, stderr[-3000:])
-    assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr, stderr[-3000:]
-    lines = stderr.strip().splitlines()
-    assert len(lines) == 1 and "interrupted" in lines[0], stderr
+    process, home, out = _start_own_server_run(baseline, tmp_path, "ingest,structure,regions,captions,filter,manifest")
+    started, stderr = _ctrl_c(process, lambda: stage_parts(out, "regions"), "the first regions part", again_after_s=0.1)
+    _assert_one_interrupted_line(process, stderr)
     assert not _wait_gone(started, 5.0), _alive(started)
     assert _lock_is_free(out)
     states = _flow_run_states(home)
