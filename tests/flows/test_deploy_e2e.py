@@ -4,18 +4,22 @@ create``, ``prefect --no-prompt deploy --all`` from the project root, a ``proces
 One test, in the order a user meets things: (a) the default config without hub access fails fast with the model
 named in the state message and nothing computed; (b) the demo config with ``overrides`` completes and records them in
 OUT/config.yaml, its artifacts readable through the client; (c) a stage deployment with an override recomputes that
-stage and the later ones only, and the same ``--set`` from the CLI afterwards recomputes nothing.
+stage and the later ones only, and the same ``--set`` from the CLI afterwards recomputes nothing; (d) a run cancelled
+from the UI in the middle of a stage ends Cancelled with nothing of it left running, and runs again to completion.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 from uuid import UUID
 
+import psutil
 import pytest
 import yaml
 
@@ -153,6 +157,8 @@ def test_deploy_from_a_checkout_with_a_process_worker(prefect_server, tmp_path):
         assert list(counts) == ["structure", "regions", "captions", "filter", "manifest", "train", "evaluate"]
         assert all(processed > 0 for processed, _, _ in counts.values()), counts
         assert yaml.safe_load((out / "config.yaml").read_text())["structure"]["canny_low"] == 50
+
+        _cancel_a_running_deployment_run(prefect_server, env, worker, tmp_path, worker_log)
     finally:
         stop_process(worker)
         # The server is shared by the session: leave no deployment behind (another test serves the same names).
@@ -169,3 +175,43 @@ def test_deploy_from_a_checkout_with_a_process_worker(prefect_server, tmp_path):
              if line.split() and line.split()[0] in ("ingest", "structure", "regions", "captions", "filter",
                                                      "manifest", "train", "evaluate")}
     assert len(table) == 8 and all(processed == "0" for processed, _cached, _failed in table.values()), result.stdout
+
+
+def _cancel_a_running_deployment_run(prefect_server, env: dict, worker: subprocess.Popen, tmp_path: Path,
+                                     worker_log: Path) -> None:
+    """(d) Cancel from the UI (what `prefect flow-run cancel` sends) a deployment run in the middle of a stage (the
+    ``slow`` test plugin, a second per image in 2 engine workers): it ends Cancelled, nothing it started keeps
+    running (the engine workers, their forkserver), the output folder's lock is free, and the same deployment run
+    again keeps the chunks that had finished."""
+    from prefect.states import Cancelling
+
+    images = tmp_path / "forty"
+    make_generated_images(images, 40, size=(64, 48), seed=6)
+    config = tmp_path / "slow.yaml"
+    config.write_text((ROOT / "configs" / "demo.yaml").read_text() + f"\nplugins: [{ROOT / 'tests/plugins/slow.py'}]\n")
+    out = tmp_path / "cancelled"
+    parameters = {"images_dir": str(images), "out_dir": str(out), "config_path": str(config),
+                  "stages": ["ingest", "slow"], "overrides": {"runtime.workers": 2, "runtime.chunk_size": 2}}
+    run_id = _run_deployment(env, "structxlip-pipeline/all-stages", parameters)
+    deadline = time.monotonic() + RUN_TIMEOUT_S
+    while not list((out / "stages" / "slow").glob("*/part-*.parquet")):
+        assert time.monotonic() < deadline, worker_log.read_text()[-4000:]
+        time.sleep(0.1)
+    started = psutil.Process(worker.pid).children(recursive=True)
+    assert any("forkserver" in " ".join(p.cmdline()) for p in started), [p.cmdline() for p in started]
+    with sync_client(prefect_server.api_url) as client:
+        client.set_flow_run_state(run_id, Cancelling(), force=True)
+    run = wait_for_final_state(prefect_server.api_url, run_id, RUN_TIMEOUT_S)
+    assert run.state.is_cancelled(), f"{run.state}\n{worker_log.read_text()[-4000:]}"
+    psutil.wait_procs(started, timeout=30)
+    left = [" ".join(p.cmdline())[:160] for p in started if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    assert not left, left
+    with open(out / ".lock", "rb") as handle:  # free: no process of the cancelled run holds it
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(handle, fcntl.LOCK_UN)
+
+    run_id = _run_deployment(env, "structxlip-pipeline/all-stages", parameters)
+    run = wait_for_final_state(prefect_server.api_url, run_id, RUN_TIMEOUT_S)
+    assert run.state.is_completed(), f"{run.state}\n{worker_log.read_text()[-4000:]}"
+    processed, cached, failed = _summaries(_last_report(out))["slow"]
+    assert cached > 0 and processed > 0 and processed + cached == 40 and failed == 0, (processed, cached, failed)
