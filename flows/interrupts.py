@@ -8,9 +8,9 @@ traceback, no retries against a dead API. Every output is written atomically
 and every finished chunk is recorded in the stage store, so the same command resumes where this one stopped.
 
 A second signal during the clean-up (Ctrl-C pressed twice) ends it sooner: the run exits as soon as its flow and task
-runs are marked Cancelled and its workers killed (the clean-up's first steps; at most ``MARK_WAIT_S`` more), so an
-impatient double Ctrl-C leaves no run "Running" in the UI for ever; the API server ends by itself (it watches this
-process). A third signal exits at once.
+runs are marked Cancelled and the processes it started are killed (the clean-up's first steps; at most
+``SECOND_SIGNAL_WAIT_S`` more), so an impatient double Ctrl-C leaves no run "Running" in the UI for ever; the API server
+and the lock end with the process by themselves. A third signal exits at once.
 """
 
 from __future__ import annotations
@@ -22,9 +22,9 @@ import sys
 import threading
 
 CLEANUP_TIMEOUT_S = 8.0
-MARK_WAIT_S = 2.0  # how long a second signal still waits for the flow runs to be marked Cancelled
+SECOND_SIGNAL_WAIT_S = 2.0  # how long a second signal still waits for the runs to be settled
 _state = {"command": "run", "signals": 0}
-_marked = threading.Event()  # the clean-up has marked the run's flow runs Cancelled (or could not)
+_settled = threading.Event()  # the clean-up marked the runs Cancelled and killed what the run started (or tried)
 _servers: list = []  # the run's own API servers (flows.api_server.ApiServer)
 
 
@@ -33,7 +33,7 @@ def handling(command: str):
     """Handle SIGINT, SIGTERM and SIGHUP for the duration of the block (main thread only), then restore the
     handlers."""
     _state.update(command=command, signals=0)
-    _marked.clear()
+    _settled.clear()
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -64,9 +64,9 @@ def _on_signal(signum: int, _frame) -> None:
 def abort_run(message: str, *, code: int, reason: str | None = None) -> None:
     """Print ``message``, stop everything the run started (see the module docstring) and exit with ``code``."""
     _state["signals"] += 1
-    if _state["signals"] > 1:  # again during the clean-up: exit once the runs are marked (a third time: now)
+    if _state["signals"] > 1:  # again during the clean-up: exit once it has settled the runs (a third time: now)
         if _state["signals"] == 2:
-            _marked.wait(MARK_WAIT_S)
+            _settled.wait(SECOND_SIGNAL_WAIT_S)
         os._exit(code)
     with contextlib.suppress(Exception):
         print(message, file=sys.stderr, flush=True)
@@ -92,14 +92,14 @@ def _clean_up(reason: str) -> None:
         if marked:  # again for task runs that started since (an API that failed the first pass is not waited on twice)
             with contextlib.suppress(Exception):
                 _cancel_flow_runs(reason)
-    finally:
-        _marked.set()
-    with contextlib.suppress(Exception):
-        # The resource tracker ends by itself when this process exits, unlinking what the killed pool left behind.
-        from multiprocessing import resource_tracker
+        with contextlib.suppress(Exception):
+            # The resource tracker ends by itself when this process exits, unlinking what the killed pool left behind.
+            from multiprocessing import resource_tracker
 
-        tracker = getattr(resource_tracker._resource_tracker, "_pid", None)
-        _kill_children(keep={server.process.pid for server in _servers} | ({tracker} if tracker else set()))
+            tracker = getattr(resource_tracker._resource_tracker, "_pid", None)
+            _kill_children(keep={server.process.pid for server in _servers} | ({tracker} if tracker else set()))
+    finally:
+        _settled.set()  # what a second signal waits for: the API server and the lock end with this process anyway
 
     for server in _servers:
         with contextlib.suppress(Exception):
