@@ -16,6 +16,7 @@ and the lock end with the process by themselves. A third signal exits at once.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import signal
 import sys
@@ -89,15 +90,18 @@ def _clean_up(reason: str) -> None:
             marked = _cancel_flow_runs(reason)
         with contextlib.suppress(Exception):
             workers.abort()
-        if marked:  # again for task runs that started since (an API that failed the first pass is not waited on twice)
-            with contextlib.suppress(Exception):
-                _cancel_flow_runs(reason)
+        # From here on the run's libraries would log what it kills (a LocalCluster's scheduler and nannies: each lost
+        # worker) under the one line that says what happened.
+        logging.disable(logging.CRITICAL)
         with contextlib.suppress(Exception):
             # The resource tracker ends by itself when this process exits, unlinking what the killed pool left behind.
             from multiprocessing import resource_tracker
 
             tracker = getattr(resource_tracker._resource_tracker, "_pid", None)
             _kill_children(keep={server.process.pid for server in _servers} | ({tracker} if tracker else set()))
+        if marked:  # again for task runs that started since, in processes now gone (an API that failed the first pass
+            with contextlib.suppress(Exception):  # is not waited on twice)
+                _cancel_flow_runs(reason)
     finally:
         _settled.set()  # what a second signal waits for: the API server and the lock end with this process anyway
 

@@ -44,6 +44,12 @@ def dask_scheduler(address: str | None, workers: int):
         return
     from distributed import LocalCluster
 
-    # One cluster for the whole run (each stage subflow reuses it): worker start-up is paid once.
-    with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
+    from pipelines.engine.workers import quiet_tracker
+
+    quiet_tracker()  # the resource tracker its processes start, unquieted, warned of each semaphore a Ctrl-C left
+
+    # One cluster for the whole run (each stage subflow reuses it): worker start-up is paid once. Its workers ignore
+    # the terminal's Ctrl-C: the run ends them (flows.dask_worker_setup).
+    with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None,
+                      preload=["flows.dask_worker_setup"]) as cluster:
         yield cluster.scheduler_address

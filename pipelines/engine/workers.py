@@ -156,7 +156,7 @@ def _start_forkserver(imports: tuple[str, ...], blocks: tuple[str, ...]) -> None
 
     from pipelines.engine import preload
 
-    _quiet_tracker()
+    quiet_tracker()
     blocks = tuple(dict.fromkeys(GPU_ONLY + tuple(blocks)))
     saved = {name: os.environ.get(name) for name in (preload.IMPORTS, preload.BLOCKS)}
     os.environ[preload.IMPORTS], os.environ[preload.BLOCKS] = ",".join(imports), ",".join(blocks)
@@ -208,7 +208,7 @@ def _hangups_ignored():
         signal.signal(signal.SIGHUP, previous)
 
 
-def _quiet_tracker() -> None:
+def quiet_tracker() -> None:
     """An aborted run (Ctrl-C, a lost API) exits without closing the pool's queues: the resource tracker (started with
     the forkserver, with this process's warning options) then unlinks their semaphores, as it should, but would also
     warn about each on stderr."""
@@ -245,7 +245,7 @@ def pool(workers: int, stage: str | None = None, skips: tuple[str, ...] = (),
 
 
 def _executor(workers: int, threads: int, skips: tuple[str, ...]) -> futures.ProcessPoolExecutor:
-    _quiet_tracker()
+    quiet_tracker()
     context = multiprocessing.get_context("forkserver")
     if not _forkserver_started():  # started here: the engine only (prestart adds the stages' heavy modules)
         context.set_forkserver_preload([_ENGINE])

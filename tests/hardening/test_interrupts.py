@@ -35,14 +35,14 @@ def _own_server_env(baseline, home: Path) -> dict:
     return env
 
 
-def _start_own_server_run(baseline, tmp_path: Path, stages: str):
+def _start_own_server_run(baseline, tmp_path: Path, stages: str, *more: str):
     """Start ``structxlip run`` of ``stages`` on the baseline's images with its own API server (in a fresh
-    ``PREFECT_HOME``) and 2 workers; return ``(process, PREFECT_HOME, output folder)``."""
+    ``PREFECT_HOME``), 2 workers and the options ``more``; return ``(process, PREFECT_HOME, output folder)``."""
     home = tmp_path / "prefect-home"
     home.mkdir()
     out = tmp_path / "out"
     process = start_cli(_own_server_env(baseline, home), "run", str(baseline.images), "--out", str(out), "--config",
-                        str(baseline.config), "--stages", stages, "--set", "runtime.workers=2")
+                        str(baseline.config), "--stages", stages, "--set", "runtime.workers=2", *more)
     return process, home, out
 
 
@@ -251,10 +251,14 @@ def test_an_interrupt_cancels_a_stage_run_that_started_before_it_was_listed(pref
         assert client.get(f"task_runs/{task}").json()["state"]["type"] == "CANCELLED"
 
 
-def test_ctrl_c_twice_still_marks_the_runs_cancelled_in_one_line(baseline, tmp_path):
+@pytest.mark.parametrize("runner", ["local", "dask"])
+def test_ctrl_c_twice_still_marks_the_runs_cancelled_in_one_line(runner, baseline, tmp_path):
     # An impatient user presses Ctrl-C twice. The second one used to exit at once, before the clean-up had marked
-    # anything: the run's flow and task runs stayed "Running" in the Prefect UI for good.
-    process, home, out = _start_own_server_run(baseline, tmp_path, "ingest,structure,regions,captions,filter,manifest")
+    # anything: the run's flow and task runs stayed "Running" in the Prefect UI for good. With the Dask runner (a
+    # LocalCluster in the terminal's process group), its workers and scheduler logged each cancelled task and lost
+    # worker, and a traceback, under the one line.
+    process, home, out = _start_own_server_run(baseline, tmp_path, "ingest,structure,regions,captions,filter,manifest",
+                                               "--set", f"runtime.runner={runner}")
     started, stderr = _ctrl_c(process, lambda: stage_parts(out, "regions"), "the first regions part", again_after_s=0.1)
     _assert_one_interrupted_line(process, stderr)
     assert not _wait_gone(started, 5.0), _alive(started)

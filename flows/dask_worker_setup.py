@@ -1,0 +1,17 @@
+"""Preloaded by the worker processes of the LocalCluster a run starts for ``runtime.runner: dask`` (no address).
+
+They are in the run's process group, so a Ctrl-C in the terminal reaches them too: each then logged its cancelled
+tasks and a traceback under the run's one line, while the run (``flows.interrupts``) ends them anyway. Like the
+engine's own workers, they leave SIGINT and a closed terminal's SIGHUP to the run.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+
+
+def dask_setup(worker) -> None:  # noqa: ARG001 - Dask's preload hook
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
