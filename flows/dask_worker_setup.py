@@ -7,11 +7,11 @@ engine's own workers, they leave SIGINT and a closed terminal's SIGHUP to the ru
 
 from __future__ import annotations
 
-import signal
 import threading
+
+from pipelines.engine.preload import leave_terminal_signals_to_the_run
 
 
 def dask_setup(worker) -> None:  # noqa: ARG001 - Dask's preload hook
     if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        leave_terminal_signals_to_the_run()

@@ -41,6 +41,15 @@ def preload(imports: list[str], blocks: list[str]) -> None:
     gc.freeze()
 
 
+def leave_terminal_signals_to_the_run() -> None:
+    """In a process the run started (an engine worker, their forkserver, a LocalCluster's Dask worker): ignore SIGINT
+    (a Ctrl-C reaches the terminal's whole process group) and SIGHUP (a closed terminal hangs it all up). The run
+    handles both and ends its processes itself (``flows.interrupts``); interrupted here, they would print tracebacks
+    under its one line."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+
+
 def _names(variable: str) -> list[str]:
     return [name for name in os.environ.get(variable, "").split(",") if name]
 
@@ -48,6 +57,5 @@ def _names(variable: str) -> list[str]:
 if os.environ.get(IMPORTS):  # set only for the forkserver's start (workers.prestart): never in the run's own process
     # Ctrl-C reaches every process of the terminal's group: it is the run's to handle (it stops the workers and exits),
     # and this process ends with the run. Interrupted here, the imports would print a traceback over the run's message.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # likewise a closed terminal's hang-up
+    leave_terminal_signals_to_the_run()
     preload(_names(IMPORTS), _names(BLOCKS))

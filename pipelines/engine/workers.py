@@ -31,6 +31,8 @@ import sys
 import threading
 from concurrent import futures
 
+from pipelines.engine import preload
+
 _TRACKER_QUIET = "ignore::UserWarning:multiprocessing.resource_tracker"
 _lock = threading.Lock()
 _pool: futures.ProcessPoolExecutor | None = None
@@ -72,8 +74,7 @@ def _exit_with_parent() -> None:
 
 
 def _init_worker(threads: int, environ: dict[str, str], skips: tuple[str, ...]) -> None:
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
-    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # and a closed terminal's hang-up
+    preload.leave_terminal_signals_to_the_run()
     _exit_with_parent()
     for name in skips:
         if name not in sys.modules:  # one the forkserver imported for another stage is there already: nothing to save
@@ -124,7 +125,7 @@ def stop_starting() -> None:
     when the run is ending (an interrupt), before its workers are killed. A chunk whose workers were killed is retried
     in a new process of its own (``alone``); during the clean-up that new process (or a new forkserver, the old one
     killed) would start importing the run's libraries, only to be killed or to print a traceback of the terminal's
-    next Ctrl-C. The chunk fails instead, and nothing of it is recorded."""
+    next Ctrl-C. The chunk is left unfinished instead (its task ends Cancelled), and nothing of it is recorded."""
     global _stopped
     with _lock:
         _stopped = True
@@ -153,8 +154,6 @@ def _start_forkserver(imports: tuple[str, ...], blocks: tuple[str, ...]) -> None
     """Launch the forkserver preloading ``imports`` with ``blocks`` kept out (the caller holds ``_lock``)."""
     global _preload
     from multiprocessing import forkserver
-
-    from pipelines.engine import preload
 
     quiet_tracker()
     blocks = tuple(dict.fromkeys(GPU_ONLY + tuple(blocks)))
