@@ -2,7 +2,7 @@
 
 They are in the run's process group, so a Ctrl-C in the terminal reaches them too: each then logged its cancelled
 tasks and a traceback under the run's one line, while the run (``flows.interrupts``) ends them anyway. Like the
-engine's own workers, they leave SIGINT and a closed terminal's SIGHUP to the run.
+engine's own workers, they leave the terminal's signals (Ctrl-C, Ctrl-\\, a hang-up) to the run.
 """
 
 from __future__ import annotations

@@ -1,11 +1,11 @@
-"""Ending a CLI run on SIGINT/SIGTERM/SIGHUP (or a lost API): stop everything the run started, then exit at once.
+"""Ending a CLI run on SIGINT/SIGTERM/SIGQUIT/SIGHUP (or a lost API): stop everything the run started, then exit.
 
 On a signal the run prints one line, marks its Prefect flow runs (and their unfinished task runs) Cancelled while the
 run's own API server is still up, kills the engine's worker processes and every other process the run started (Dask
 workers, the forkserver), stops the API server, releases the output folder's lock and exits with 128 + the signal
-(130 for SIGINT, 143 for SIGTERM, 129 for SIGHUP: the terminal closed; under ``nohup`` it stays ignored). No
-traceback, no retries against a dead API. Every output is written atomically
-and every finished chunk is recorded in the stage store, so the same command resumes where this one stopped.
+(130 for SIGINT, 143 for SIGTERM, 131 for SIGQUIT: Ctrl-\\, 129 for SIGHUP: the terminal closed; under ``nohup`` it
+stays ignored). No traceback, no core dump, no retries against a dead API. Every output is written atomically and
+every finished chunk is recorded in the stage store, so the same command resumes where this one stopped.
 
 A second signal during the clean-up (Ctrl-C pressed twice) ends it sooner: the run exits as soon as its flow and task
 runs are marked Cancelled and the processes it started are killed (the clean-up's first steps; at most
@@ -31,16 +31,19 @@ _servers: list = []  # the run's own API servers (flows.api_server.ApiServer)
 
 @contextlib.contextmanager
 def handling(command: str):
-    """Handle SIGINT, SIGTERM and SIGHUP for the duration of the block (main thread only), then restore the
+    """Handle SIGINT, SIGTERM, SIGQUIT and SIGHUP for the duration of the block (main thread only), then restore the
     handlers."""
     _state.update(command=command, signals=0)
     _settled.clear()
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    handled = [signal.SIGINT, signal.SIGTERM]
-    if signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN:  # under nohup it stays ignored
-        handled.append(signal.SIGHUP)  # the terminal closed (an ssh session dropped): as SIGTERM
+    from pipelines.engine.preload import TERMINAL_SIGNALS
+
+    # Ctrl-C, SIGTERM, Ctrl-\ and a closed terminal (an ssh session dropped). SIGQUIT and SIGHUP stay ignored where the
+    # run was started ignoring them (nohup; a background job of a script).
+    handled = [signal.SIGINT, signal.SIGTERM] + [signum for signum in TERMINAL_SIGNALS if signum != signal.SIGINT
+                                                 and signal.getsignal(signum) is not signal.SIG_IGN]
     previous = {signum: signal.signal(signum, _on_signal) for signum in handled}
     try:
         yield

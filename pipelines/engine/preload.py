@@ -18,6 +18,9 @@ import signal
 import sys
 
 IMPORTS = "STRUCTXLIP_FORKSERVER_IMPORTS"
+# What a terminal sends its whole process group: Ctrl-C, Ctrl-\ and a hang-up (the terminal closed). The run handles
+# each (``flows.interrupts``); the processes it started leave them to it.
+TERMINAL_SIGNALS = (signal.SIGINT, signal.SIGQUIT, signal.SIGHUP)
 BLOCKS = "STRUCTXLIP_FORKSERVER_BLOCKS"
 
 
@@ -42,12 +45,12 @@ def preload(imports: list[str], blocks: list[str]) -> None:
 
 
 def leave_terminal_signals_to_the_run() -> None:
-    """In a process the run started (an engine worker, their forkserver, a LocalCluster's Dask worker): ignore SIGINT
-    (a Ctrl-C reaches the terminal's whole process group) and SIGHUP (a closed terminal hangs it all up). The run
-    handles both and ends its processes itself (``flows.interrupts``); interrupted here, they would print tracebacks
-    under its one line."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    """In a process the run started (an engine worker, their forkserver, a LocalCluster's Dask worker): ignore the
+    ``TERMINAL_SIGNALS`` (a Ctrl-C or Ctrl-\\ reaches the terminal's whole process group; a closed terminal hangs it
+    all up). The run handles them and ends its processes itself (``flows.interrupts``); interrupted here, they would
+    print tracebacks under its one line, or die with their chunks before the run marks them Cancelled."""
+    for signum in TERMINAL_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
 
 
 def _names(variable: str) -> list[str]:

@@ -161,7 +161,7 @@ def _start_forkserver(imports: tuple[str, ...], blocks: tuple[str, ...]) -> None
     os.environ[preload.IMPORTS], os.environ[preload.BLOCKS] = ",".join(imports), ",".join(blocks)
     try:  # the forkserver takes this process's environment as it starts, not later
         forkserver.set_forkserver_preload([preload.__name__, _ENGINE])
-        with _hangups_ignored():
+        with _terminal_signals_ignored():
             forkserver.ensure_running()
     finally:
         for name, value in saved.items():
@@ -193,18 +193,21 @@ def _refit_forkserver(imports: tuple[str, ...], skips: tuple[str, ...]) -> None:
 
 
 @contextlib.contextmanager
-def _hangups_ignored():
-    """Start processes (the forkserver, the resource tracker it needs) ignoring SIGHUP, as exec keeps an ignored
-    signal: a closed terminal hangs up its whole process group, and the run (``flows.interrupts``) ends them itself.
-    A resource tracker killed first would be started again by the run's clean-up and print a traceback per name."""
+def _terminal_signals_ignored():
+    """Start processes (the forkserver, the resource tracker it needs) ignoring the terminal's SIGQUIT and SIGHUP, as
+    exec keeps an ignored signal: Ctrl-\\ and a closed terminal reach its whole process group, and the run
+    (``flows.interrupts``) ends them itself. (Both processes ignore SIGINT by themselves.) A resource tracker killed
+    first would be started again by the run's clean-up and print a traceback per name."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    ignored = [signum for signum in preload.TERMINAL_SIGNALS if signum != signal.SIGINT]
+    previous = {signum: signal.signal(signum, signal.SIG_IGN) for signum in ignored}
     try:
         yield
     finally:
-        signal.signal(signal.SIGHUP, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def quiet_tracker() -> None:

@@ -1,9 +1,9 @@
 """Interrupts stop the run, through the real CLI with its own temporary API server (no PREFECT_API_URL):
 
-- SIGINT to the process group (Ctrl-C in a terminal) and SIGTERM to the main process: the run exits within seconds
-  with 130 / 143, one line on stderr and no traceback; nothing it started is left alive (engine workers, the
-  forkserver, the API server); the output folder's lock is released; its flow runs are Cancelled; and the same
-  command afterwards completes to a manifest equal to an uninterrupted run's.
+- SIGINT, SIGQUIT and SIGHUP to the process group (Ctrl-C, Ctrl-\\ and a closed terminal) and SIGTERM to the main
+  process: the run exits within seconds with 130 / 131 / 129 / 143, one line on stderr and no traceback; nothing it
+  started is left alive (engine workers, the forkserver, the API server); the output folder's lock is released; its
+  flow runs are Cancelled; and the same command afterwards completes to a manifest equal to an uninterrupted run's.
 - SIGKILL to the main process: the API server and the workers end by themselves (their watchdogs).
 """
 
@@ -112,8 +112,10 @@ def _task_run_states(home: Path) -> list[str]:
         return [state for (state,) in db.execute("select state_type from task_run")]
 
 
-@pytest.mark.parametrize("signum, to_group", [(signal.SIGINT, True), (signal.SIGTERM, False), (signal.SIGHUP, True)],
-                         ids=["sigint-to-the-group", "sigterm-to-the-process", "sighup-to-the-group"])
+@pytest.mark.parametrize("signum, to_group", [(signal.SIGINT, True), (signal.SIGTERM, False), (signal.SIGHUP, True),
+                                              (signal.SIGQUIT, True)],
+                         ids=["sigint-to-the-group", "sigterm-to-the-process", "sighup-to-the-group",
+                              "sigquit-to-the-group"])
 def test_an_interrupt_stops_everything_and_the_rerun_completes(signum, to_group, baseline, tmp_path):
     home = tmp_path / "prefect-home"
     home.mkdir()
@@ -212,20 +214,23 @@ def test_a_verbose_run_with_its_own_server_ends_at_once_with_status_0(baseline, 
     assert "structure" in done.stdout and _lock_is_free(out)
 
 
-def test_a_sighup_that_nohup_ignores_stays_ignored():
+@pytest.mark.parametrize("signum", [signal.SIGHUP, signal.SIGQUIT],
+                         ids=["sighup-under-nohup", "sigquit-in-a-background-job"])
+def test_a_terminal_signal_the_run_was_started_ignoring_stays_ignored(signum):
+    """nohup ignores SIGHUP; a script's background job (``cmd &``) starts ignoring SIGQUIT (and SIGINT)."""
     from flows import interrupts
 
-    previous = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    previous = signal.signal(signum, signal.SIG_IGN)
     try:
         with interrupts.handling("run"):
-            assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+            assert signal.getsignal(signum) is signal.SIG_IGN
             assert signal.getsignal(signal.SIGTERM) is interrupts._on_signal
-        signal.signal(signal.SIGHUP, signal.SIG_DFL)
+        signal.signal(signum, signal.SIG_DFL)
         with interrupts.handling("run"):
-            assert signal.getsignal(signal.SIGHUP) is interrupts._on_signal
-        assert signal.getsignal(signal.SIGHUP) is signal.SIG_DFL
+            assert signal.getsignal(signum) is interrupts._on_signal
+        assert signal.getsignal(signum) is signal.SIG_DFL
     finally:
-        signal.signal(signal.SIGHUP, previous)
+        signal.signal(signum, previous)
 
 
 def test_an_interrupt_cancels_a_stage_run_that_started_before_it_was_listed(prefect_server, monkeypatch):
