@@ -53,6 +53,11 @@ def handling(command: str):
         _servers.clear()
 
 
+def runs_own_server() -> bool:
+    """Whether this process runs its own temporary API server (``own``)."""
+    return bool(_servers)
+
+
 def own(server):
     """Register the run's API server: stopped last by a clean-up (after the runs are marked Cancelled through it)."""
     _servers.append(server)
@@ -127,23 +132,44 @@ def _cancel_flow_runs(reason: str) -> bool:
     api_url = os.environ.get("PREFECT_API_URL")
     if not run_ids or not api_url:
         return False
+    # Whatever their state: Prefect's own SIGTERM handling may have marked them Crashed meanwhile.
+    settle_flow_runs(api_url, run_ids, {"type": "CANCELLED", "name": "Cancelled", "message": reason}, listed_too=True)
+    return True
+
+
+UNFINISHED = ["RUNNING", "PENDING", "SCHEDULED", "CANCELLING"]
+
+
+def settle_flow_runs(api_url: str, run_ids: list[str], state: dict, *, listed_too: bool = False) -> int:
+    """Set ``state`` (a REST state: type, name, message) on the flow runs ``run_ids`` still unfinished (all of them
+    with ``listed_too``), their unfinished subflow runs and the unfinished task runs of all of them; return how many
+    flow runs it set.
+
+    Plain REST calls on a client of their own (an interrupted main thread may hold the Prefect client's locks); an
+    unreachable API raises."""
     import httpx
 
-    state = {"type": "CANCELLED", "name": "Cancelled", "message": reason}
-    unfinished = {"type": {"any_": ["RUNNING", "PENDING", "SCHEDULED"]}}
+    unfinished = {"type": {"any_": UNFINISHED}}
     with httpx.Client(base_url=api_url.rstrip("/") + "/", timeout=3.0) as client:
         # A stage's subflow run starts before its function lists it in ACTIVE_FLOW_RUNS: find those of the runs listed.
         found = client.post("flow_runs/filter", json={
             "flow_runs": {"parent_flow_run_id": {"any_": run_ids}, "state": unfinished}})
-        run_ids += [run["id"] for run in (found.json() if found.status_code == 200 else []) if run["id"] not in run_ids]
+        found.raise_for_status()
+        listed = len(run_ids)
+        run_ids = list(run_ids) + [run["id"] for run in found.json() if run["id"] not in run_ids]
+        found = client.post("flow_runs/filter", json={"flow_runs": {"id": {"any_": run_ids}, "state": unfinished}})
+        found.raise_for_status()
+        open_runs = {run["id"] for run in found.json()} | (set(run_ids[:listed]) if listed_too else set())
         found = client.post("task_runs/filter", json={
             "flow_runs": {"id": {"any_": run_ids}},
             "task_runs": {"state": unfinished}})
         for task_run in found.json() if found.status_code == 200 else []:
             client.post(f"task_runs/{task_run['id']}/set_state", json={"state": state, "force": True})
-        for run_id in reversed(run_ids):  # the innermost (stage) run first, the parent last
+        # The stage runs first, the parent last
+        settled = [run_id for run_id in reversed(run_ids) if run_id in open_runs]
+        for run_id in settled:
             client.post(f"flow_runs/{run_id}/set_state", json={"state": state, "force": True})
-    return True
+    return len(settled)
 
 
 def _kill_children(keep: set[int]) -> None:

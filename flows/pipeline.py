@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -81,26 +82,72 @@ def current_pipeline(pipeline: Pipeline):
 
 
 @contextlib.contextmanager
-def _tracked_flow_run():
-    """Record the flow run in progress in ``ACTIVE_FLOW_RUNS`` (an interrupted CLI marks those runs Cancelled)."""
+def _tracked_flow_run(pipeline: Pipeline):
+    """Record the flow run in progress in ``ACTIVE_FLOW_RUNS`` (an interrupted CLI marks those runs Cancelled) and in
+    the output folder's lock (a run killed outright leaves them there for the next run to mark Crashed)."""
     from prefect.context import FlowRunContext
 
     context = FlowRunContext.get()
     run_id = str(context.flow_run.id) if context is not None and context.flow_run is not None else None
     if run_id:
         ACTIVE_FLOW_RUNS.append(run_id)
+        _note_flow_runs(pipeline)
     try:
         yield
     except Exception:
-        _forget(run_id)
+        _forget(run_id, pipeline)
         raise
     # A signal (KeyboardInterrupt, Prefect's TerminationSignal) keeps the run listed: the interrupt marks it Cancelled.
-    _forget(run_id)
+    _forget(run_id, pipeline)
 
 
-def _forget(run_id: str | None) -> None:
+def _forget(run_id: str | None, pipeline: Pipeline) -> None:
     if run_id in ACTIVE_FLOW_RUNS:
         ACTIVE_FLOW_RUNS.remove(run_id)
+        _note_flow_runs(pipeline)
+
+
+def _api_identity() -> dict:
+    """Which Prefect API this process's runs are recorded in: the database of its ``PREFECT_HOME`` when the CLI runs
+    its own temporary server (a new port each run), else the API's URL."""
+    from prefect.settings import get_current_settings
+
+    from flows import interrupts
+
+    settings = get_current_settings()
+    if interrupts.runs_own_server():
+        return {"own_server_home": str(Path(settings.home).expanduser().resolve())}
+    return {"api_url": os.environ.get("PREFECT_API_URL") or str(settings.api.url or "")}
+
+
+def _note_flow_runs(pipeline: Pipeline) -> None:
+    with contextlib.suppress(Exception):  # a record for the next run, never a reason to fail this one
+        lock.note(pipeline.layout, prefect={**_api_identity(), "flow_runs": list(ACTIVE_FLOW_RUNS)})
+
+
+def _settle_a_killed_run(pipeline: Pipeline) -> None:
+    """When the last run on this output folder was killed outright (SIGKILL, the out-of-memory killer) its Prefect
+    runs stayed Running for good: mark those still unfinished Crashed, with a warning. Only runs recorded in the
+    API this process uses; otherwise the record is left for a run that uses that API."""
+    left = lock.left_behind(pipeline.layout)
+    recorded = dict((left or {}).get("prefect") or {})
+    run_ids = recorded.pop("flow_runs", None)
+    if not run_ids:
+        return
+    with contextlib.suppress(Exception):
+        if recorded != _api_identity():
+            return
+        from flows import interrupts
+
+        who = f"pid {left.get('pid')}, started {left.get('started', '?')} on {left.get('host', '?')}"
+        api_url = os.environ.get("PREFECT_API_URL") or _api_identity().get("api_url")
+        settled = interrupts.settle_flow_runs(api_url, run_ids, {
+            "type": "CRASHED", "name": "Crashed",
+            "message": f"its process ({who}) was killed before the run finished (SIGKILL, or out of memory)"})
+        lock.left_behind_settled(pipeline.layout)
+        if settled:
+            log.warning("the last run on %s (%s) was killed before it finished: its %d unfinished Prefect flow "
+                        "run(s) are marked Crashed", pipeline.layout.root, who, settled)
 
 
 def run_stage(pipeline: Pipeline, stage: str, refresh: bool) -> dict:
@@ -138,7 +185,7 @@ def run_stage(pipeline: Pipeline, stage: str, refresh: bool) -> dict:
                 _progress(pipeline, stage, done, len(plan.pending))
                 yield index, outcome
 
-    with _tracked_flow_run():
+    with _tracked_flow_run(pipeline):
         try:
             summary = run_plan(plan, pipeline.layout, refresh=refresh, execute=execute)
         except StageFailed as failed:
@@ -282,7 +329,8 @@ def run_entry(images_dir: str, out_dir: str, *, config_path: str | None, overrid
     except RuntimeError as exc:  # another run holds the folder, or it cannot be written
         return Failed(message=str(exc))
     try:
-        with current_pipeline(pipeline), _tracked_flow_run(), contextlib.ExitStack() as stack:
+        with current_pipeline(pipeline), _tracked_flow_run(pipeline), contextlib.ExitStack() as stack:
+            _settle_a_killed_run(pipeline)
             stack.enter_context(temporary_settings(updates=NO_HEARTBEATS))
             record_config(pipeline.layout, pipeline.config)
             address = dask_address or pipeline.config.runtime.dask_address

@@ -1,8 +1,11 @@
 """One run per output folder: an exclusive ``flock`` on ``OUT/.lock`` that records the holder's pid, host and start time.
 
-The kernel drops a ``flock`` when the holder dies (even by SIGKILL), so a stale lock file never blocks a new run. The
-lock is re-entrant within one process (the parent flow and its stage subflows share it), and forked children (process
-pools, Dask workers) close their copy of the descriptor so an orphaned child cannot keep the folder locked.
+The kernel drops a ``flock`` when the holder dies (even by SIGKILL), so a stale lock file never blocks a new run. A
+holder that releases the lock empties the file; one that was killed (SIGKILL, the out-of-memory killer) leaves its
+record there, with what it noted while it ran (``note``: the Prefect runs in progress), and the next holder can read
+it (``left_behind``) to settle what the killed run left unfinished. The lock is re-entrant within one process (the
+parent flow and its stage subflows share it), and forked children (process pools, Dask workers) close their copy of
+the descriptor so an orphaned child cannot keep the folder locked.
 """
 
 from __future__ import annotations
@@ -29,7 +32,9 @@ class OutputFolderUnwritable(RuntimeError):
     """The output folder's lock record cannot be written (disk full, read-only); the message says why."""
 
 
-_held: dict[Path, list] = {}  # lock path -> [fd, depth, folder created by us]; re-entrancy inside this process
+# lock path -> [fd, depth, folder created by us, our record, a killed holder's record not yet taken]; re-entrancy
+# inside this process
+_held: dict[Path, list] = {}
 _guard = threading.Lock()
 
 
@@ -74,21 +79,65 @@ def acquire(layout: OutputLayout) -> None:
             os.close(fd)
             _remove_if_unused(path, created)
             raise OutputFolderBusy(f"output folder {layout.root} is in use by run {_describe_holder(path)}") from None
+        left_behind = _read_record(fd)  # a holder that released the lock emptied the file: this one was killed
         record = {
             "pid": os.getpid(),
             "host": socket.gethostname(),
             "started": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
         }
         try:
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, json.dumps(record).encode("utf-8"), 0)
+            _write_record(fd, record)
         except OSError as exc:  # e.g. a full disk: nothing of the run could be written either
             fcntl.flock(fd, fcntl.LOCK_UN)
             os.close(fd)
             _remove_if_unused(path, created)
             raise OutputFolderUnwritable(f"cannot write to output folder {layout.root}: {exc.strerror or exc}") \
                 from None
-        _held[path] = [fd, 1, created]
+        _held[path] = [fd, 1, created, record, left_behind]
+
+
+def _read_record(fd: int) -> dict | None:
+    """The holder record in the lock file, or None (empty: released; unreadable: not ours to interpret)."""
+    try:
+        record = json.loads(os.pread(fd, 1 << 20, 0) or b"null")
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) and record.get("pid") else None
+
+
+def _write_record(fd: int, record: dict) -> None:
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, json.dumps(record).encode("utf-8"), 0)
+
+
+def note(layout: OutputLayout, **fields) -> None:
+    """Add ``fields`` to this process's record in the held lock file (what a run killed now leaves for the next
+    holder, ``left_behind``). Nothing when the lock is not held here; a write error is ignored (a record only)."""
+    with _guard:
+        entry = _held.get(layout.lock_path)
+        if entry is None:
+            return
+        entry[3] = {**entry[3], **fields}
+        with contextlib.suppress(OSError):
+            _write_record(entry[0], entry[3])
+
+
+def left_behind(layout: OutputLayout) -> dict | None:
+    """The record of a holder that was killed while it held the folder (its pid, host, start time and what it
+    ``note``d), found when this process took the lock; None if the last holder released it, or once
+    ``left_behind_settled``. Not settled by the time this process releases the lock, it stays in the file for the next
+    holder."""
+    with _guard:
+        entry = _held.get(layout.lock_path)
+        return None if entry is None else entry[4]
+
+
+def left_behind_settled(layout: OutputLayout) -> None:
+    """Forget the killed holder's record (``left_behind``): what it left unfinished has been dealt with."""
+    with _guard:
+        entry = _held.get(layout.lock_path)
+        if entry is not None:
+            entry[4] = None
 
 
 def release(layout: OutputLayout) -> None:
@@ -104,7 +153,10 @@ def release(layout: OutputLayout) -> None:
         del _held[path]
         fd = entry[0]
         with contextlib.suppress(OSError):
-            os.ftruncate(fd, 0)  # an empty file reads as "not held by anyone we know"
+            if entry[4] is not None:  # a killed holder's record nobody took: the next holder's to settle
+                _write_record(fd, entry[4])
+            else:
+                os.ftruncate(fd, 0)  # an empty file reads as "not held by anyone we know"
         # Still locked while the unused folder is removed: nobody else can be between our unlink and rmdir.
         _remove_if_unused(path, entry[2])
         fcntl.flock(fd, fcntl.LOCK_UN)

@@ -180,8 +180,11 @@ def test_ctrl_c_while_the_forkserver_imports_the_workers_libraries_is_one_line(b
     assert not _wait_gone(started, 10.0), _alive(started)
 
 
-def test_a_killed_run_leaves_no_server_or_worker_behind(baseline, tmp_path):
-    process, _home, out = _start_own_server_run(baseline, tmp_path, "ingest,structure,regions,captions")
+def test_a_killed_run_leaves_nothing_behind_and_the_next_run_marks_its_runs_crashed(baseline, tmp_path):
+    """SIGKILL (or the out-of-memory killer) to the main process: its API server and workers end by themselves, and
+    the next run on the folder marks the Prefect runs it left Running Crashed, with one warning line."""
+    stages = "ingest,structure,regions,captions"
+    process, home, out = _start_own_server_run(baseline, tmp_path, stages)
     started: list[psutil.Process] = []
     try:
         wait_until(lambda: stage_parts(out, "structure"), process, "the first structure part")
@@ -198,6 +201,24 @@ def test_a_killed_run_leaves_no_server_or_worker_behind(baseline, tmp_path):
                 pass
         kill_group(process)
     assert not left, left
+    killed = _flow_run_states(home)
+    running = sorted(name for name, state in killed.items() if state == "RUNNING")  # the parent and a stage's run
+    assert len(running) == 2 and "structxlip: images -> out" in running, killed
+
+    done = run_cli(_own_server_env(baseline, home), "run", str(baseline.images), "--out", str(out), "--config",
+                   str(baseline.config), "--stages", stages, "--set", "runtime.workers=2")
+    assert done.returncode == 0, done.stderr[-3000:]
+    warning = [line for line in done.stderr.splitlines() if "was killed before it finished" in line]
+    assert len(warning) == 1 and f"pid {process.pid}," in warning[0] and "marked Crashed" in warning[0], done.stderr
+    with sqlite3.connect(home / "prefect.db") as db:
+        states = db.execute("select flow_run.name, flow_run.state_type, flow_run_state.message from flow_run "
+                            "join flow_run_state on flow_run_state.id = flow_run.state_id").fetchall()
+    crashed = sorted(name for name, state, message in states if state == "CRASHED")
+    assert crashed == running, states
+    assert all(f"pid {process.pid}" in message for _name, state, message in states if state == "CRASHED")
+    assert "RUNNING" not in {state for _name, state, _message in states}, states
+    assert not {"RUNNING", "PENDING"} & set(_task_run_states(home))
+    assert _lock_is_free(out) and (out / ".lock").read_text() == ""  # settled: nothing left for a later run
 
 
 def test_a_verbose_run_with_its_own_server_ends_at_once_with_status_0(baseline, tmp_path):

@@ -21,6 +21,7 @@ HOLDER = textwrap.dedent(
     from storage import lock
     from storage.layout import OutputLayout
     lock.acquire(OutputLayout(sys.argv[1]))
+    lock.note(OutputLayout(sys.argv[1]), runs=["a", "b"])
     print("locked", flush=True)
     time.sleep(60)
     """
@@ -55,6 +56,42 @@ def test_sigkilled_holder_does_not_block(tmp_path):
     assert (tmp_path / ".lock").exists()  # the stale file stays; only the kernel lock mattered
     with lock.output_lock(OutputLayout(tmp_path)):
         assert json.loads((tmp_path / ".lock").read_text())["pid"] == os.getpid()
+
+
+def test_a_killed_holders_record_reaches_the_next_holders_until_one_settles_it(tmp_path):
+    layout = OutputLayout(tmp_path)
+    holder = _start_holder(tmp_path)
+    os.kill(holder.pid, signal.SIGKILL)
+    holder.wait()
+    with lock.output_lock(layout):
+        left = lock.left_behind(layout)
+        assert left["pid"] == holder.pid and left["runs"] == ["a", "b"]
+        with lock.output_lock(layout):  # re-entered: the same record
+            assert lock.left_behind(layout) == left
+    # Not settled: the next holder finds it again (the file holds it while nobody holds the lock)
+    assert json.loads((tmp_path / ".lock").read_text())["pid"] == holder.pid
+    with lock.output_lock(layout):
+        assert lock.left_behind(layout) == left
+        lock.note(layout, runs=["c"])  # this holder's own record is written over it meanwhile
+        mine = json.loads((tmp_path / ".lock").read_text())
+        assert mine["pid"] == os.getpid() and mine["runs"] == ["c"]
+        lock.left_behind_settled(layout)
+        assert lock.left_behind(layout) is None
+    assert (tmp_path / ".lock").read_text() == ""  # released normally: nothing left for the next holder
+    with lock.output_lock(layout):
+        assert lock.left_behind(layout) is None
+
+
+def test_a_released_lock_leaves_no_record(tmp_path):
+    layout = OutputLayout(tmp_path)
+    with lock.output_lock(layout):
+        lock.note(layout, runs=["a"])
+        assert lock.left_behind(layout) is None
+    with lock.output_lock(layout):
+        assert lock.left_behind(layout) is None
+    assert lock.left_behind(layout) is None  # not held: nothing
+    lock.note(layout, runs=["b"])  # not held: ignored
+    assert (tmp_path / ".lock").read_text() == ""
 
 
 def test_reentrant_in_process_and_released_after_last_exit(tmp_path):
