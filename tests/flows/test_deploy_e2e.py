@@ -5,7 +5,8 @@ One test, in the order a user meets things: (a) the default config without hub a
 named in the state message and nothing computed; (b) the demo config with ``overrides`` completes and records them in
 OUT/config.yaml, its artifacts readable through the client; (c) a stage deployment with an override recomputes that
 stage and the later ones only, and the same ``--set`` from the CLI afterwards recomputes nothing; (d) a run cancelled
-from the UI in the middle of a stage ends Cancelled with nothing of it left running, and runs again to completion.
+from the UI in the middle of a stage ends Cancelled with nothing of it left running, and runs again to completion; (e)
+one whose process is SIGKILLed ends Crashed likewise, and the run after it marks its stage run Crashed too.
 """
 
 from __future__ import annotations
@@ -158,7 +159,8 @@ def test_deploy_from_a_checkout_with_a_process_worker(prefect_server, tmp_path):
         assert all(processed > 0 for processed, _, _ in counts.values()), counts
         assert yaml.safe_load((out / "config.yaml").read_text())["structure"]["canny_low"] == 50
 
-        _cancel_a_running_deployment_run(prefect_server, env, worker, tmp_path, worker_log)
+        for how in ("cancel", "kill"):  # (d) and (e)
+            _stop_a_running_deployment_run(prefect_server, env, worker, tmp_path, worker_log, how)
     finally:
         stop_process(worker)
         # The server is shared by the session: leave no deployment behind (another test serves the same names).
@@ -177,19 +179,32 @@ def test_deploy_from_a_checkout_with_a_process_worker(prefect_server, tmp_path):
     assert len(table) == 8 and all(processed == "0" for processed, _cached, _failed in table.values()), result.stdout
 
 
-def _cancel_a_running_deployment_run(prefect_server, env: dict, worker: subprocess.Popen, tmp_path: Path,
-                                     worker_log: Path) -> None:
-    """(d) Cancel from the UI (what `prefect flow-run cancel` sends) a deployment run in the middle of a stage (the
-    ``slow`` test plugin, a second per image in 2 engine workers): it ends Cancelled, nothing it started keeps
+def _subflow_states(api_url: str, run_id: UUID) -> dict[str, tuple[str, str]]:
+    """Stage name -> (state type, message) of a parent flow run's stage subflow runs."""
+    import httpx
+
+    found = httpx.post(f"{api_url}/flow_runs/filter", timeout=30,
+                       json={"flow_runs": {"parent_flow_run_id": {"any_": [str(run_id)]}}})
+    found.raise_for_status()
+    return {run["name"].split(":")[0]: (run["state"]["type"], run["state"]["message"] or "") for run in found.json()}
+
+
+def _stop_a_running_deployment_run(prefect_server, env: dict, worker: subprocess.Popen, tmp_path: Path,
+                                   worker_log: Path, how: str) -> None:
+    """(d) ``how="cancel"``: Cancel from the UI (what `prefect flow-run cancel` sends) a deployment run in the middle
+    of a stage (the ``slow`` test plugin, a second per image in 2 engine workers): it ends Cancelled. (e)
+    ``how="kill"``: SIGKILL its flow-run process instead (the out-of-memory killer): the worker marks it Crashed, and
+    the next run on the folder marks the stage run it left Running Crashed too. Either way nothing it started keeps
     running (the engine workers, their forkserver), the output folder's lock is free, and the same deployment run
     again keeps the chunks that had finished."""
     from prefect.states import Cancelling
 
     images = tmp_path / "forty"
-    make_generated_images(images, 40, size=(64, 48), seed=6)
+    if not images.exists():
+        make_generated_images(images, 40, size=(64, 48), seed=6)
     config = tmp_path / "slow.yaml"
     config.write_text((ROOT / "configs" / "demo.yaml").read_text() + f"\nplugins: [{ROOT / 'tests/plugins/slow.py'}]\n")
-    out = tmp_path / "cancelled"
+    out = tmp_path / how
     parameters = {"images_dir": str(images), "out_dir": str(out), "config_path": str(config),
                   "stages": ["ingest", "slow"], "overrides": {"runtime.workers": 2, "runtime.chunk_size": 2}}
     run_id = _run_deployment(env, "structxlip-pipeline/all-stages", parameters)
@@ -198,20 +213,30 @@ def _cancel_a_running_deployment_run(prefect_server, env: dict, worker: subproce
         assert time.monotonic() < deadline, worker_log.read_text()[-4000:]
         time.sleep(0.1)
     started = psutil.Process(worker.pid).children(recursive=True)
-    assert any("forkserver" in " ".join(p.cmdline()) for p in started), [p.cmdline() for p in started]
-    with sync_client(prefect_server.api_url) as client:
-        client.set_flow_run_state(run_id, Cancelling(), force=True)
+    forkserver = next((p for p in started if "forkserver" in " ".join(p.cmdline())), None)
+    assert forkserver is not None, [p.cmdline() for p in started]
+    if how == "cancel":
+        with sync_client(prefect_server.api_url) as client:
+            client.set_flow_run_state(run_id, Cancelling(), force=True)
+    else:
+        forkserver.parent().kill()  # the flow run's process, which started the forkserver
     run = wait_for_final_state(prefect_server.api_url, run_id, RUN_TIMEOUT_S)
-    assert run.state.is_cancelled(), f"{run.state}\n{worker_log.read_text()[-4000:]}"
+    assert (run.state.is_cancelled() if how == "cancel" else run.state.is_crashed()), \
+        f"{run.state}\n{worker_log.read_text()[-4000:]}"
     psutil.wait_procs(started, timeout=30)
     left = [" ".join(p.cmdline())[:160] for p in started if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
     assert not left, left
-    with open(out / ".lock", "rb") as handle:  # free: no process of the cancelled run holds it
+    with open(out / ".lock", "rb") as handle:  # free: no process of the stopped run holds it
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         fcntl.flock(handle, fcntl.LOCK_UN)
+    if how == "kill":
+        assert _subflow_states(prefect_server.api_url, run_id)["slow"][0] == "RUNNING"  # nobody could mark it
 
-    run_id = _run_deployment(env, "structxlip-pipeline/all-stages", parameters)
+    stopped_id, run_id = run_id, _run_deployment(env, "structxlip-pipeline/all-stages", parameters)
     run = wait_for_final_state(prefect_server.api_url, run_id, RUN_TIMEOUT_S)
     assert run.state.is_completed(), f"{run.state}\n{worker_log.read_text()[-4000:]}"
     processed, cached, failed = _summaries(_last_report(out))["slow"]
     assert cached > 0 and processed > 0 and processed + cached == 40 and failed == 0, (processed, cached, failed)
+    if how == "kill":
+        state, message = _subflow_states(prefect_server.api_url, stopped_id)["slow"]
+        assert state == "CRASHED" and "was killed before the run finished" in message, (state, message)
