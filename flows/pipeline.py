@@ -127,27 +127,35 @@ def _note_flow_runs(pipeline: Pipeline) -> None:
 
 def _settle_a_killed_run(pipeline: Pipeline) -> None:
     """When the last run on this output folder was killed outright (SIGKILL, the out-of-memory killer) its Prefect
-    runs stayed Running for good: mark those still unfinished Crashed, with a warning. Only runs recorded in the
-    API this process uses; otherwise the record is left for a run that uses that API."""
-    left = lock.left_behind(pipeline.layout)
-    recorded = dict((left or {}).get("prefect") or {})
-    run_ids = recorded.pop("flow_runs", None)
-    if not run_ids:
+    runs stayed Running for good: mark those still unfinished Crashed, with a warning, for it and any killed run before
+    it that it had not settled. Only runs recorded in the API this process uses; otherwise the record is left for a
+    run that uses that API."""
+    killed, record = [], lock.left_behind(pipeline.layout)
+    while isinstance(record, dict):
+        killed.append(record)
+        record = record.get("left_behind")
+    if not any((record.get("prefect") or {}).get("flow_runs") for record in killed):
         return
     with contextlib.suppress(Exception):
-        if recorded != _api_identity():
+        identity = _api_identity()
+        if any({k: v for k, v in (record.get("prefect") or {}).items() if k != "flow_runs"} not in ({}, identity)
+               for record in killed):
             return
         from flows import interrupts
 
-        who = f"pid {left.get('pid')}, started {left.get('started', '?')} on {left.get('host', '?')}"
-        api_url = os.environ.get("PREFECT_API_URL") or _api_identity().get("api_url")
-        settled = interrupts.settle_flow_runs(api_url, run_ids, {
-            "type": "CRASHED", "name": "Crashed",
-            "message": f"its process ({who}) was killed before the run finished (SIGKILL, or out of memory)"})
+        api_url = os.environ.get("PREFECT_API_URL") or identity.get("api_url")
+        for record in killed:
+            run_ids = (record.get("prefect") or {}).get("flow_runs")
+            if not run_ids:
+                continue
+            who = f"pid {record.get('pid')}, started {record.get('started', '?')} on {record.get('host', '?')}"
+            settled = interrupts.settle_flow_runs(api_url, run_ids, {
+                "type": "CRASHED", "name": "Crashed",
+                "message": f"its process ({who}) was killed before the run finished (SIGKILL, or out of memory)"})
+            if settled:
+                log.warning("a run on %s (%s) was killed before it finished: its %d unfinished Prefect flow "
+                            "run(s) are marked Crashed", pipeline.layout.root, who, settled)
         lock.left_behind_settled(pipeline.layout)
-        if settled:
-            log.warning("the last run on %s (%s) was killed before it finished: its %d unfinished Prefect flow "
-                        "run(s) are marked Crashed", pipeline.layout.root, who, settled)
 
 
 def run_stage(pipeline: Pipeline, stage: str, refresh: bool) -> dict:

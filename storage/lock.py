@@ -85,6 +85,8 @@ def acquire(layout: OutputLayout) -> None:
             "host": socket.gethostname(),
             "started": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
         }
+        if left_behind is not None:  # kept in ours until settled: killed too, this run passes it on
+            record["left_behind"] = left_behind
         try:
             _write_record(fd, record)
         except OSError as exc:  # e.g. a full disk: nothing of the run could be written either
@@ -123,10 +125,10 @@ def note(layout: OutputLayout, **fields) -> None:
 
 
 def left_behind(layout: OutputLayout) -> dict | None:
-    """The record of a holder that was killed while it held the folder (its pid, host, start time and what it
-    ``note``d), found when this process took the lock; None if the last holder released it, or once
-    ``left_behind_settled``. Not settled by the time this process releases the lock, it stays in the file for the next
-    holder."""
+    """The record of a holder that was killed while it held the folder (its pid, host, start time, what it ``note``d
+    and, under ``left_behind``, the record of a killed holder before it that it had not settled), found when this
+    process took the lock; None if the last holder released it, or once ``left_behind_settled``. Not settled by the
+    time this process releases the lock, it stays in the file for the next holder."""
     with _guard:
         entry = _held.get(layout.lock_path)
         return None if entry is None else entry[4]
@@ -136,8 +138,11 @@ def left_behind_settled(layout: OutputLayout) -> None:
     """Forget the killed holder's record (``left_behind``): what it left unfinished has been dealt with."""
     with _guard:
         entry = _held.get(layout.lock_path)
-        if entry is not None:
+        if entry is not None and entry[4] is not None:
             entry[4] = None
+            entry[3].pop("left_behind", None)
+            with contextlib.suppress(OSError):
+                _write_record(entry[0], entry[3])
 
 
 def release(layout: OutputLayout) -> None:

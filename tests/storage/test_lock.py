@@ -82,6 +82,23 @@ def test_a_killed_holders_record_reaches_the_next_holders_until_one_settles_it(t
         assert lock.left_behind(layout) is None
 
 
+def test_a_holder_killed_before_settling_passes_the_earlier_record_on(tmp_path):
+    layout = OutputLayout(tmp_path)
+    first = _start_holder(tmp_path)
+    os.kill(first.pid, signal.SIGKILL)
+    first.wait()
+    second = _start_holder(tmp_path)  # finds the first's record, and is killed before it settles it
+    os.kill(second.pid, signal.SIGKILL)
+    second.wait()
+    with lock.output_lock(layout):
+        left = lock.left_behind(layout)
+        assert left["pid"] == second.pid and left["left_behind"]["pid"] == first.pid
+        assert left["left_behind"]["runs"] == ["a", "b"] and "left_behind" not in left["left_behind"]
+        assert json.loads((tmp_path / ".lock").read_text())["left_behind"] == left  # passed on if this one dies too
+        lock.left_behind_settled(layout)
+        assert "left_behind" not in json.loads((tmp_path / ".lock").read_text())
+
+
 def test_a_released_lock_leaves_no_record(tmp_path):
     layout = OutputLayout(tmp_path)
     with lock.output_lock(layout):
