@@ -32,8 +32,8 @@ class OutputFolderUnwritable(RuntimeError):
     """The output folder's lock record cannot be written (disk full, read-only); the message says why."""
 
 
-# lock path -> [fd, depth, folder created by us, our record, a killed holder's record not yet taken]; re-entrancy
-# inside this process
+# lock path -> [fd, depth, folder created by us, our record, a killed holder's record not yet settled];
+# re-entrancy inside this process
 _held: dict[Path, list] = {}
 _guard = threading.Lock()
 
