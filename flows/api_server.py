@@ -27,6 +27,8 @@ import time
 import urllib.error
 import urllib.request
 
+from pipelines.engine.preload import exit_with_parent
+
 START_TIMEOUT_S = 180.0  # a loaded 2-core machine can take a minute to import and migrate
 PORT_TRIES = 3  # ports tried when another process binds the chosen one first
 
@@ -101,17 +103,6 @@ class ApiServer:
             self.process.wait(timeout=timeout_s)
 
 
-def _exit_with_parent(parent: int) -> None:
-    """End this process as soon as ``parent`` is gone (the CLI was killed): it is then re-parented."""
-
-    def watch() -> None:
-        while os.getppid() == parent:
-            time.sleep(0.5)
-        os._exit(0)
-
-    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="a temporary Prefect API server that ends with its parent")
     parser.add_argument("--port", type=int, required=True)
@@ -119,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if os.getppid() != args.parent:
         return 0  # the parent is already gone
-    _exit_with_parent(args.parent)
+    exit_with_parent(args.parent)
     import uvicorn
 
     uvicorn.run("prefect.server.api.server:create_app", factory=True, host="127.0.0.1", port=args.port,

@@ -124,7 +124,7 @@ def execute(
     Prints the stage table in every case; raises ``PipelineFailed`` (carrying the report) when a stage failed.
 
     Without ``PREFECT_API_URL`` the run starts its own API server (``flows.api_server``), while it plans when the
-    first stage has work. SIGINT and SIGTERM stop the run (``interrupts``)."""
+    first stage has work. A signal that would end it (Ctrl-C, SIGTERM, ...) stops the run cleanly (``interrupts``)."""
     from flows import interrupts
 
     started = time.perf_counter()

@@ -1,11 +1,15 @@
-"""Ending a CLI run on SIGINT/SIGTERM/SIGQUIT/SIGHUP (or a lost API): stop everything the run started, then exit.
+"""Ending a CLI run on a signal (or a lost API): stop everything the run started, then exit.
 
-On a signal the run prints one line, marks its Prefect flow runs (and their unfinished task runs) Cancelled while the
-run's own API server is still up, kills the engine's worker processes and every other process the run started (Dask
-workers, the forkserver), stops the API server, releases the output folder's lock and exits with 128 + the signal
-(130 for SIGINT, 143 for SIGTERM, 131 for SIGQUIT: Ctrl-\\, 129 for SIGHUP: the terminal closed; under ``nohup`` it
-stays ignored). No traceback, no core dump, no retries against a dead API. Every output is written atomically and
-every finished chunk is recorded in the stage store, so the same command resumes where this one stopped.
+The signals are every one that would end the process unhandled (``preload.ENDING_SIGNALS``): Ctrl-C (SIGINT), SIGTERM,
+Ctrl-\\ (SIGQUIT), a closed terminal (SIGHUP), SIGUSR1, SIGALRM, SIGXCPU (the CPU-time limit), ... One the process
+started ignoring stays ignored (SIGHUP under ``nohup``), and one another library handles keeps its handler.
+
+On such a signal the run prints one line, marks its Prefect flow runs (and their unfinished task runs) Cancelled while
+the run's own API server is still up, kills the engine's worker processes and every other process the run started
+(Dask workers, the forkserver, torchrun), stops the API server, releases the output folder's lock and exits with 128 +
+the signal (130 for SIGINT, 143 for SIGTERM, 131 for SIGQUIT, 129 for SIGHUP, 138 for SIGUSR1). No traceback, no core
+dump, no retries against a dead API. Every output is written atomically and every finished chunk is recorded in the
+stage store, so the same command resumes where this one stopped.
 
 A second signal during the clean-up (Ctrl-C pressed twice) ends it sooner: the run exits as soon as its flow and task
 runs are marked Cancelled and the processes it started are killed (the clean-up's first steps; at most
@@ -31,19 +35,20 @@ _servers: list = []  # the run's own API servers (flows.api_server.ApiServer)
 
 @contextlib.contextmanager
 def handling(command: str):
-    """Handle SIGINT, SIGTERM, SIGQUIT and SIGHUP for the duration of the block (main thread only), then restore the
-    handlers."""
+    """Handle the signals that end the run (see the module docstring) for the duration of the block (main thread
+    only), then restore the handlers."""
     _state.update(command=command, signals=0)
     _settled.clear()
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    from pipelines.engine.preload import TERMINAL_SIGNALS
+    from pipelines.engine.preload import ENDING_SIGNALS
 
-    # Ctrl-C, SIGTERM, Ctrl-\ and a closed terminal (an ssh session dropped). SIGQUIT and SIGHUP stay ignored where the
-    # run was started ignoring them (nohup; a background job of a script).
-    handled = [signal.SIGINT, signal.SIGTERM] + [signum for signum in TERMINAL_SIGNALS if signum != signal.SIGINT
-                                                 and signal.getsignal(signum) is not signal.SIG_IGN]
+    # SIGINT and SIGTERM always; the others where nothing else has a say: ignored where the run was started ignoring
+    # them (nohup; a background job of a script), left to a handler another library installed (a profiler's SIGPROF).
+    handled = [signal.SIGINT, signal.SIGTERM] + [
+        signum for signum in ENDING_SIGNALS
+        if signum not in (signal.SIGINT, signal.SIGTERM) and signal.getsignal(signum) == signal.SIG_DFL]
     previous = {signum: signal.signal(signum, _on_signal) for signum in handled}
     try:
         yield
@@ -65,7 +70,9 @@ def own(server):
 
 
 def _on_signal(signum: int, _frame) -> None:
-    name = signal.Signals(signum).name
+    from pipelines.engine.preload import signal_name
+
+    name = signal_name(signum)
     abort_run(f"structxlip {_state['command']}: interrupted ({name}): finished chunks are kept; run the same command "
               "to resume", code=128 + signum, reason=f"interrupted by {name}")
 

@@ -44,9 +44,11 @@ def dask_scheduler(address: str | None, workers: int):
         return
     from distributed import LocalCluster
 
-    from pipelines.engine.workers import quiet_tracker
+    from pipelines.engine.workers import start_tracker
 
-    quiet_tracker()  # the resource tracker its processes start, unquieted, warned of each semaphore a Ctrl-C left
+    # The resource tracker its processes would start, unquieted, warned of each semaphore a Ctrl-C left; started from
+    # its thread, a signal to the run's group killed it, and the clean-up started one again that printed tracebacks.
+    start_tracker()
 
     # One cluster for the whole run (each stage subflow reuses it): worker start-up is paid once. Its workers ignore
     # the terminal's Ctrl-C: the run ends them (flows.dask_worker_setup).

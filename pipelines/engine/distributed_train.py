@@ -6,7 +6,11 @@ Every rank runs ``structxlip.app.train.train`` with the stage's own arguments
 module hands back to the stage. A killed run resumes from its last checkpoint like a single-process one. A rank that
 fails fails the stage with one line (the last error line of the ranks' output); nothing is recorded.
 
-Run by torchrun as ``python -m pipelines.engine.distributed_train SPEC.json``.
+torchrun runs in the stage's process tree as ``python -m pipelines.engine.distributed_train --torchrun ARGS`` (the
+launcher here), and each rank as ``python -m pipelines.engine.distributed_train SPEC.json``. Both end as soon as the
+process that started them is gone, so nothing trains on after a run killed outright (SIGKILL, the out-of-memory
+killer), and both leave the signals that reach the run's process group to the run (``preload.LEFT_TO_THE_RUN``),
+which ends them itself.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 MAX_ERROR_CHARS = 300
+TORCHRUN = "--torchrun"  # the launcher's first argument: run torchrun with the arguments after it
 
 
 def train_distributed(nproc: int, manifest: str | os.PathLike, out_dir: str | os.PathLike, *, clip_model: str,
@@ -34,8 +39,8 @@ def train_distributed(nproc: int, manifest: str | os.PathLike, out_dir: str | os
             "runtime": runtime, "resume": resume, "run_key": run_key, "result": str(result_path)}))
         environment = {**os.environ, "OMP_NUM_THREADS": str(max(1, usable_cpus() // nproc))}
         done = subprocess.run(
-            [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
-             "-m", "pipelines.engine.distributed_train", str(spec_path)],
+            [sys.executable, "-m", __spec__.name, TORCHRUN, "--standalone", "--nproc_per_node", str(nproc),
+             "-m", __spec__.name, str(spec_path)],
             env=environment, stdin=subprocess.DEVNULL, capture_output=True, text=True)
         if done.returncode != 0 or not result_path.is_file():
             raise RuntimeError(f"training on {nproc} processes failed (exit {done.returncode}): "
@@ -51,8 +56,26 @@ def _last_error(output: str) -> str:
     return ((errors or lines or ["no output"])[-1])[:MAX_ERROR_CHARS]
 
 
+def _started_by_the_run() -> None:
+    """End with the process that started this one; leave the signals that reach the run's group to the run."""
+    from pipelines.engine.preload import exit_with_parent, leave_signals_to_the_run
+
+    leave_signals_to_the_run()  # torchrun then handles SIGTERM, SIGINT, SIGHUP and SIGQUIT itself (stopping its ranks)
+    exit_with_parent()
+
+
+def launch(arguments: list[str]) -> int:
+    """torchrun with ``arguments``, in this process."""
+    from torch.distributed.run import main as torchrun
+
+    _started_by_the_run()
+    torchrun(arguments)
+    return 0
+
+
 def main(spec_path: str) -> int:
     """One rank: train with the stage's arguments; rank 0 writes the result file."""
+    _started_by_the_run()
     from structxlip.app.train import train, train_arguments
 
     spec = json.loads(Path(spec_path).read_text())
@@ -68,4 +91,4 @@ def main(spec_path: str) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1]))
+    sys.exit(launch(sys.argv[2:]) if sys.argv[1] == TORCHRUN else main(sys.argv[1]))

@@ -336,18 +336,25 @@ def format_summary(report: dict) -> str:
 def prestart_workers(pipeline, stages: list[str], runner: str | None = None) -> bool:
     """Start the engine workers' forkserver for a run of ``stages`` (those with work) on this machine, importing what
     their CPU stages' workers import (``Stage.worker_imports``) in the background, with the modules that every one of
-    those stages skips (``Stage.worker_skips``) kept out. Call it as the run starts, before the first stage. Return
-    whether it started: not with a Dask runner or ``runtime.workers: 1`` (no engine workers), nor when no stage
-    imports anything heavy, nor twice in one process."""
+    those stages skips (``Stage.worker_skips``) kept out. Call it as the run starts, before the first stage, from the
+    main thread: when a CPU stage has work it also starts the resource tracker (``workers.start_tracker``). Return
+    whether the forkserver started: not with a Dask runner or ``runtime.workers: 1`` (no engine workers), nor when no
+    stage imports anything heavy, nor twice in one process."""
     config = pipeline.config
     if (runner or config.runtime.runner) != "local" or config.runtime.workers == 1:
         return False
     imports: list[str] = []
     skips: set[str] | None = None
+    on_cpu = []
     for stage in stages:
         definition = pipeline.stages[stage]
         params, runtime = definition.params(config).model_dump(), definition.runtime(config)
-        own_imports = definition.worker_imports(params, runtime) if definition.on_cpu(params, runtime) else ()
+        if definition.on_cpu(params, runtime):
+            on_cpu.append((definition, params, runtime))
+    if on_cpu:  # from this (the main) thread, ignoring what a signal to the run's group leaves to the run
+        pool.start_tracker()
+    for definition, params, runtime in on_cpu:
+        own_imports = definition.worker_imports(params, runtime)
         if not own_imports:  # nothing preloaded for it: what the forkserver keeps out does not concern it
             continue
         imports += [name for name in own_imports if name not in imports]

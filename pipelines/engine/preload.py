@@ -18,10 +18,39 @@ import signal
 import sys
 
 IMPORTS = "STRUCTXLIP_FORKSERVER_IMPORTS"
-# What a terminal sends its whole process group: Ctrl-C, Ctrl-\ and a hang-up (the terminal closed). The run handles
-# each (``flows.interrupts``); the processes it started leave them to it.
-TERMINAL_SIGNALS = (signal.SIGINT, signal.SIGQUIT, signal.SIGHUP)
 BLOCKS = "STRUCTXLIP_FORKSERVER_BLOCKS"
+
+
+def _ending_signals() -> tuple[int, ...]:
+    """Every signal that ends a process nothing handles it in (its default action terminates, with or without a core
+    dump), less SIGKILL (uncatchable), those a process's own fault raises (SIGSEGV, SIGBUS, SIGFPE, SIGILL, SIGABRT,
+    SIGTRAP, SIGSYS: a bug, faulthandler's to report) and SIGPIPE and SIGXFSZ, which Python ignores (a write then fails
+    with an error the run reports). The platform's real-time signals included."""
+    names = ("SIGHUP", "SIGINT", "SIGQUIT", "SIGTERM", "SIGUSR1", "SIGUSR2", "SIGALRM", "SIGVTALRM", "SIGPROF",
+             "SIGXCPU", "SIGIO", "SIGPWR", "SIGSTKFLT", "SIGEMT", "SIGLOST")
+    found = [int(getattr(signal, name)) for name in names if hasattr(signal, name)]
+    if hasattr(signal, "SIGRTMIN"):
+        found += range(int(signal.SIGRTMIN), int(signal.SIGRTMAX) + 1)
+    return tuple(dict.fromkeys(found))
+
+
+# Signals the run ends on (``flows.interrupts``), each with exit status 128 + its number: Ctrl-C (SIGINT), SIGTERM,
+# Ctrl-\ (SIGQUIT), a closed terminal (SIGHUP), and any other signal that would end it unhandled (SIGUSR1, SIGALRM,
+# SIGXCPU at the CPU-time limit, ...). One it was started ignoring (``nohup``, a background job) stays ignored.
+ENDING_SIGNALS = _ending_signals()
+# Those the processes the run started (engine workers, their forkserver, the resource tracker, a LocalCluster's Dask
+# workers, torchrun) ignore: a terminal sends Ctrl-C, Ctrl-\ and a hang-up to its whole process group, and ``kill
+# -SIG -PGID`` any of them, but the run handles them and ends its processes itself. SIGTERM is not among them: it is
+# what a process pool and Dask use to stop a worker.
+LEFT_TO_THE_RUN = tuple(signum for signum in ENDING_SIGNALS if signum != signal.SIGTERM)
+
+
+def signal_name(signum: int) -> str:
+    """``SIGUSR1``; ``SIGRTMIN+3`` for a real-time signal without a name of its own."""
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return f"SIGRTMIN+{signum - int(signal.SIGRTMIN)}" if hasattr(signal, "SIGRTMIN") else f"signal {signum}"
 
 
 def preload(imports: list[str], blocks: list[str]) -> None:
@@ -44,21 +73,39 @@ def preload(imports: list[str], blocks: list[str]) -> None:
     gc.freeze()
 
 
-def leave_terminal_signals_to_the_run() -> None:
-    """In a process the run started (an engine worker, their forkserver, a LocalCluster's Dask worker): ignore the
-    ``TERMINAL_SIGNALS`` (a Ctrl-C or Ctrl-\\ reaches the terminal's whole process group; a closed terminal hangs it
-    all up). The run handles them and ends its processes itself (``flows.interrupts``); interrupted here, they would
-    print tracebacks under its one line, or die with their chunks before the run marks them Cancelled."""
-    for signum in TERMINAL_SIGNALS:
+def leave_signals_to_the_run() -> None:
+    """In a process the run started (an engine worker, their forkserver, a LocalCluster's Dask worker, torchrun): ignore
+    ``LEFT_TO_THE_RUN`` (what reaches the run's whole process group). The run handles them and ends its processes
+    itself (``flows.interrupts``); interrupted here, they would print tracebacks under its one line, or die with their
+    chunks before the run marks them Cancelled."""
+    for signum in LEFT_TO_THE_RUN:
         signal.signal(signum, signal.SIG_IGN)
+
+
+def exit_with_parent(parent: int | None = None) -> None:
+    """End this process (``os._exit(1)``) as soon as ``parent`` (this process's parent now, by default) is gone: it
+    is then re-parented. For a process the run started outside a process pool (its API server, torchrun and its
+    ranks), so that nothing outlives a run killed outright (SIGKILL, the out-of-memory killer)."""
+    import threading
+    import time
+
+    parent = os.getppid() if parent is None else parent
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
 
 
 def _names(variable: str) -> list[str]:
     return [name for name in os.environ.get(variable, "").split(",") if name]
 
 
-if os.environ.get(IMPORTS):  # set only for the forkserver's start (workers.prestart): never in the run's own process
-    # Ctrl-C reaches every process of the terminal's group: it is the run's to handle (it stops the workers and exits),
-    # and this process ends with the run. Interrupted here, the imports would print a traceback over the run's message.
-    leave_terminal_signals_to_the_run()
+if IMPORTS in os.environ:  # set only for the forkserver's start (workers._start_forkserver), never in the run's process
+    # A signal to the run's group (Ctrl-C) reaches every process in it: it is the run's to handle (it stops the workers
+    # and exits), and this process ends with the run. Interrupted here, the imports would print a traceback over the
+    # run's message.
+    leave_signals_to_the_run()
     preload(_names(IMPORTS), _names(BLOCKS))

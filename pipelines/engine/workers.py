@@ -74,7 +74,7 @@ def _exit_with_parent() -> None:
 
 
 def _init_worker(threads: int, environ: dict[str, str], skips: tuple[str, ...]) -> None:
-    preload.leave_terminal_signals_to_the_run()
+    preload.leave_signals_to_the_run()
     _exit_with_parent()
     for name in skips:
         if name not in sys.modules:  # one the forkserver imported for another stage is there already: nothing to save
@@ -161,7 +161,7 @@ def _start_forkserver(imports: tuple[str, ...], blocks: tuple[str, ...]) -> None
     os.environ[preload.IMPORTS], os.environ[preload.BLOCKS] = ",".join(imports), ",".join(blocks)
     try:  # the forkserver takes this process's environment as it starts, not later
         forkserver.set_forkserver_preload([preload.__name__, _ENGINE])
-        with _terminal_signals_ignored():
+        with signals_left_to_the_run():
             forkserver.ensure_running()
     finally:
         for name, value in saved.items():
@@ -193,15 +193,16 @@ def _refit_forkserver(imports: tuple[str, ...], skips: tuple[str, ...]) -> None:
 
 
 @contextlib.contextmanager
-def _terminal_signals_ignored():
-    """Start processes (the forkserver, the resource tracker it needs) ignoring the terminal's SIGQUIT and SIGHUP, as
-    exec keeps an ignored signal: Ctrl-\\ and a closed terminal reach its whole process group, and the run
-    (``flows.interrupts``) ends them itself. (Both processes ignore SIGINT by themselves.) A resource tracker killed
-    first would be started again by the run's clean-up and print a traceback per name."""
+def signals_left_to_the_run():
+    """Start processes (the forkserver, the resource tracker) ignoring ``preload.LEFT_TO_THE_RUN``, as exec keeps an
+    ignored signal: Ctrl-\\, a closed terminal or ``kill -USR1 -PGID`` reach the run's whole process group, and the run
+    (``flows.interrupts``) ends them itself. A resource tracker killed first would be started again by the run's
+    clean-up and print a traceback per name. (Only the main thread can set a handler: elsewhere the started process
+    takes this one's dispositions.) Keep the block short: this process ignores them meanwhile."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    ignored = [signum for signum in preload.TERMINAL_SIGNALS if signum != signal.SIGINT]
+    ignored = preload.LEFT_TO_THE_RUN
     previous = {signum: signal.signal(signum, signal.SIG_IGN) for signum in ignored}
     try:
         yield
@@ -216,6 +217,16 @@ def quiet_tracker() -> None:
     warn about each on stderr."""
     if _TRACKER_QUIET not in sys.warnoptions:
         sys.warnoptions.append(_TRACKER_QUIET)
+
+
+def start_tracker() -> None:
+    """Start multiprocessing's resource tracker now, quiet and ignoring ``preload.LEFT_TO_THE_RUN``, before processes
+    that would start it from another thread, with this process's dispositions (a LocalCluster's workers)."""
+    from multiprocessing import resource_tracker
+
+    quiet_tracker()
+    with signals_left_to_the_run():
+        resource_tracker.ensure_running()
 
 
 def _forkserver_started() -> bool:
@@ -250,7 +261,7 @@ def _executor(workers: int, threads: int, skips: tuple[str, ...]) -> futures.Pro
     quiet_tracker()
     context = multiprocessing.get_context("forkserver")
     if not _forkserver_started():  # started here: the engine only (prestart adds the stages' heavy modules)
-        context.set_forkserver_preload([_ENGINE])
+        _start_forkserver((), ())
     return futures.ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker,
                                        initargs=(threads, dict(os.environ), tuple(dict.fromkeys(GPU_ONLY + skips))))
 

@@ -5,15 +5,17 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 from pathlib import Path
 
+import psutil
 import pyarrow.parquet as pq
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from tests.flows.test_pipeline_cli import BASE_CONFIG, _make_folder
-from tests.hardening.conftest import run_cli
+from tests.hardening.conftest import kill_group, run_cli, start_cli, wait_until
 
 pytestmark = pytest.mark.e2e
 N_IMAGES = 12
@@ -54,11 +56,17 @@ def _weights(out: Path) -> dict[str, torch.Tensor]:
     return load_file(str(out / "train" / "model" / "model.safetensors"))
 
 
-def test_two_process_training_inside_structxlip_run_resumes_exactly(ddp_folder, prefect_server):
-    cli_env = prefect_server.env()
-    reference = ddp_folder / "out-reference"
-    done = _run(cli_env, ddp_folder, reference)
+@pytest.fixture(scope="module")
+def reference(ddp_folder, prefect_server) -> Path:
+    """The uninterrupted run through evaluation."""
+    out = ddp_folder / "out-reference"
+    done = _run(prefect_server.env(), ddp_folder, out)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return out
+
+
+def test_two_process_training_inside_structxlip_run_resumes_exactly(ddp_folder, reference, prefect_server):
+    cli_env = prefect_server.env()
     assert _train_summary(reference)["processed"] == 1
     steps = [json.loads(line) for line in (reference / "train" / "metrics.jsonl").read_text().splitlines()]
     assert steps and len({row["step"] for row in steps}) == len(steps)  # rank 0 alone logs, every step once
@@ -81,3 +89,36 @@ def test_two_process_training_inside_structxlip_run_resumes_exactly(ddp_folder, 
     assert expected.keys() == got.keys()
     for name in expected:
         assert torch.equal(expected[name], got[name]), name
+
+
+def _ranks(pid: int) -> list[psutil.Process]:
+    """The training ranks among ``pid``'s descendants (torchrun's children; torchrun itself is the launcher)."""
+    return [child for child in psutil.Process(pid).children(recursive=True)
+            if "pipelines.engine.distributed_train" in child.cmdline() and "--standalone" not in child.cmdline()]
+
+
+def test_a_killed_run_leaves_no_training_process_behind(ddp_folder, reference, prefect_server):
+    # A run killed outright (SIGKILL, the out-of-memory killer) during 2-process training left torchrun and both ranks
+    # training on, to the end, writing into the output folder under whatever ran there next.
+    out = ddp_folder / "out-sigkill"
+    _copy_data_stages(reference, out)
+    process = start_cli(prefect_server.env(), "run", str(ddp_folder / "images"), "--out", str(out), "--config",
+                        str(ddp_folder / "config.yaml"), "--stages", THROUGH_TRAIN, "--set", "train.epochs=1000")
+    started: list[psutil.Process] = []
+    try:
+        wait_until(lambda: len(_ranks(process.pid)) == 2, process, "2 training ranks", interval_s=0.2)
+        started = psutil.Process(process.pid).children(recursive=True)
+        process.kill()  # the main process alone: what it started must notice by itself
+        process.wait(timeout=30)
+        gone, alive = psutil.wait_procs(started, timeout=15)
+        left = [" ".join(child.cmdline())[-120:] for child in alive]
+    finally:
+        for child in started:  # re-parented by now: not reachable through the dead main process
+            try:
+                child.kill()
+            except psutil.NoSuchProcess:
+                pass
+        kill_group(process)
+    assert len(started) >= 3 and not left, left  # torchrun and its 2 ranks at least
+    time.sleep(1.0)
+    assert not (out / "train" / "model" / "model.safetensors").exists()

@@ -1,9 +1,10 @@
 """Interrupts stop the run, through the real CLI with its own temporary API server (no PREFECT_API_URL):
 
-- SIGINT, SIGQUIT and SIGHUP to the process group (Ctrl-C, Ctrl-\\ and a closed terminal) and SIGTERM to the main
-  process: the run exits within seconds with 130 / 131 / 129 / 143, one line on stderr and no traceback; nothing it
-  started is left alive (engine workers, the forkserver, the API server); the output folder's lock is released; its
-  flow runs are Cancelled; and the same command afterwards completes to a manifest equal to an uninterrupted run's.
+- SIGINT, SIGQUIT and SIGHUP to the process group (Ctrl-C, Ctrl-\\ and a closed terminal), SIGUSR1 to it (any other
+  signal that would end the run) and SIGTERM to the main process: the run exits within seconds with 128 + the signal,
+  one line on stderr and no traceback; nothing it started is left alive (engine workers, the forkserver, the API
+  server); the output folder's lock is released; its flow runs are Cancelled; and the same command afterwards completes
+  to a manifest equal to an uninterrupted run's.
 - SIGKILL to the main process: the API server and the workers end by themselves (their watchdogs).
 """
 
@@ -46,17 +47,18 @@ def _start_own_server_run(baseline, tmp_path: Path, stages: str, *more: str):
     return process, home, out
 
 
-def _ctrl_c(process, ready, what: str, *, settle_s: float = 0.0, again_after_s: float | None = None):
-    """Once ``ready()`` holds (and ``settle_s`` later), press Ctrl-C: SIGINT to the run's process group (again
-    ``again_after_s`` later); return the processes the run had started by then and its stderr."""
+def _ctrl_c(process, ready, what: str, *, settle_s: float = 0.0, again_after_s: float | None = None,
+            signum: int = signal.SIGINT):
+    """Once ``ready()`` holds (and ``settle_s`` later), press Ctrl-C: SIGINT (or ``signum``) to the run's process group
+    (again ``again_after_s`` later); return the processes the run had started by then and its stderr."""
     try:
         wait_until(ready, process, what)
         time.sleep(settle_s)
         started = _descendants(process.pid)
-        os.killpg(process.pid, signal.SIGINT)
+        os.killpg(process.pid, signum)
         if again_after_s is not None:
             time.sleep(again_after_s)
-            os.killpg(process.pid, signal.SIGINT)
+            os.killpg(process.pid, signum)
         _stdout, stderr = process.communicate(timeout=60)
     finally:
         kill_group(process)
@@ -113,9 +115,9 @@ def _task_run_states(home: Path) -> list[str]:
 
 
 @pytest.mark.parametrize("signum, to_group", [(signal.SIGINT, True), (signal.SIGTERM, False), (signal.SIGHUP, True),
-                                              (signal.SIGQUIT, True)],
+                                              (signal.SIGQUIT, True), (signal.SIGUSR1, True)],
                          ids=["sigint-to-the-group", "sigterm-to-the-process", "sighup-to-the-group",
-                              "sigquit-to-the-group"])
+                              "sigquit-to-the-group", "sigusr1-to-the-group"])
 def test_an_interrupt_stops_everything_and_the_rerun_completes(signum, to_group, baseline, tmp_path):
     home = tmp_path / "prefect-home"
     home.mkdir()
@@ -157,9 +159,10 @@ def test_an_interrupt_stops_everything_and_the_rerun_completes(signum, to_group,
         assert_same(got, expected, expected["image_id"][:8])
 
 
-def _assert_one_interrupted_line(process, stderr: str) -> None:
-    """The run ended on SIGINT (130) with one line saying so: no traceback, not even of an interrupted import."""
-    assert process.returncode == 130, (process.returncode, stderr[-3000:])
+def _assert_one_interrupted_line(process, stderr: str, signum: int = signal.SIGINT) -> None:
+    """The run ended on SIGINT (130; 128 + ``signum``) with one line saying so: no traceback, not even of an
+    interrupted import."""
+    assert process.returncode == 128 + signum, (process.returncode, stderr[-3000:])
     assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr, stderr[-3000:]
     lines = stderr.strip().splitlines()
     assert len(lines) == 1 and "interrupted" in lines[0], stderr
@@ -293,3 +296,81 @@ def test_ctrl_c_twice_still_marks_the_runs_cancelled_in_one_line(runner, baselin
     assert "CANCELLED" in states.values() and "RUNNING" not in states.values(), states
     tasks = _task_run_states(home)
     assert not {"RUNNING", "PENDING", "FAILED"} & set(tasks), tasks
+
+
+@pytest.mark.parametrize("stages, runner, signum", [
+    ("ingest,structure,regions,captions,filter,manifest", "dask", signal.SIGQUIT),
+    ("ingest,structure,regions", "local", signal.SIGUSR2)], ids=["sigquit-dask-runner", "sigusr2-no-preloaded-stage"])
+def test_a_signal_to_the_group_leaves_no_traceback_of_a_process_it_reaches(stages, runner, signum, baseline,
+                                                                            tmp_path):
+    # Ctrl-\ (and every signal to the group but SIGINT and SIGTERM) also killed multiprocessing's resource tracker where
+    # a thread other than the main one had started it (the LocalCluster's; the engine's where no stage of the run has
+    # modules to preload); the clean-up started another, which printed a KeyError traceback per semaphore under the
+    # run's one line.
+    process, home, out = _start_own_server_run(baseline, tmp_path, stages, "--set", f"runtime.runner={runner}")
+    started, stderr = _ctrl_c(process, lambda: stage_parts(out, "regions"), "the first regions part", signum=signum)
+    _assert_one_interrupted_line(process, stderr, signum)
+    assert not _wait_gone(started, 5.0), _alive(started)
+    assert _lock_is_free(out)
+    states = _flow_run_states(home)
+    assert "CANCELLED" in states.values() and "RUNNING" not in states.values(), states
+
+
+def _ends_a_process_by_default(signum: int) -> bool:
+    """Whether ``signum``, unhandled, ends a process: found by sending it to a child with the default disposition."""
+    import resource
+
+    pid = os.fork()
+    if pid == 0:  # the child: no core file, the signal unblocked and at its default action
+        try:
+            resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+            signal.signal(signum, signal.SIG_DFL)
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, [signum])
+            os.kill(os.getpid(), signum)
+            time.sleep(0.05)
+        finally:
+            os._exit(0)
+    _pid, status = os.waitpid(pid, os.WUNTRACED)
+    if os.WIFSTOPPED(status):  # SIGTSTP and the like stop a process, they do not end it
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        return False
+    return os.WIFSIGNALED(status) and os.WTERMSIG(status) == signum
+
+
+def test_every_signal_that_would_end_the_run_is_handled_unless_something_else_has_a_say():
+    """The run handles each signal that would end it unhandled (found by sending each to a child process), except a
+    fault's own (a bug in the process: faulthandler's) and those Python ignores (SIGPIPE, SIGXFSZ: the write fails
+    instead); one the process started ignoring and one another library handles keep their disposition."""
+    from flows import interrupts
+    from pipelines.engine import preload
+
+    faults = {signal.SIGSEGV, signal.SIGBUS, signal.SIGFPE, signal.SIGILL, signal.SIGABRT, signal.SIGTRAP,
+              signal.SIGSYS}
+    catchable = sorted(set(range(1, signal.NSIG)) - {signal.SIGKILL, signal.SIGSTOP, 32, 33})  # glibc's own two
+    ending = {signum for signum in catchable if _ends_a_process_by_default(signum)} - faults
+    assert {signal.SIGUSR1, signal.SIGALRM, signal.SIGTERM, signal.SIGRTMIN + 3} <= ending  # the probe's sanity
+    expected = ending - {signal.SIGPIPE, signal.SIGXFSZ}
+    assert set(preload.ENDING_SIGNALS) == expected
+    assert set(preload.LEFT_TO_THE_RUN) == expected - {signal.SIGTERM}  # a pool stops its workers with SIGTERM
+
+    def profiler(_signum, _frame):
+        pass
+
+    original = {signum: signal.getsignal(signum) for signum in (signal.SIGPROF, signal.SIGUSR2)}
+    signal.signal(signal.SIGPROF, profiler)
+    signal.signal(signal.SIGUSR2, signal.SIG_IGN)  # as a wrapper like nohup starts it
+    try:
+        before = {signum: signal.getsignal(signum) for signum in catchable}  # pytest-timeout may hold SIGALRM
+        with interrupts.handling("run"):
+            handled = {signum for signum in catchable if signal.getsignal(signum) is interrupts._on_signal}
+            assert signal.getsignal(signal.SIGPROF) is profiler and signal.getsignal(signal.SIGUSR2) is signal.SIG_IGN
+            assert signal.getsignal(signal.SIGPIPE) is signal.SIG_IGN
+        assert handled == {signal.SIGINT, signal.SIGTERM} | {
+            signum for signum in expected if before[signum] == signal.SIG_DFL}
+        assert {signal.SIGUSR1, signal.SIGQUIT, signal.SIGXCPU, signal.SIGRTMIN + 3} <= handled
+        assert {signum: signal.getsignal(signum) for signum in catchable} == before
+    finally:
+        for signum, handler in original.items():
+            signal.signal(signum, handler)
+    assert preload.signal_name(signal.SIGRTMIN + 3) == "SIGRTMIN+3" and preload.signal_name(10) == "SIGUSR1"
