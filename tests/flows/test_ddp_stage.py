@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from tests.flows.test_pipeline_cli import BASE_CONFIG, _make_folder
-from tests.hardening.conftest import kill_group, run_cli, start_cli, wait_until
+from tests.hardening.conftest import kill_all, kill_alone, run_cli, start_cli, wait_until
 
 pytestmark = pytest.mark.e2e
 N_IMAGES = 12
@@ -108,17 +108,9 @@ def test_a_killed_run_leaves_no_training_process_behind(ddp_folder, reference, p
     try:
         wait_until(lambda: len(_ranks(process.pid)) == 2, process, "2 training ranks", interval_s=0.2)
         started = psutil.Process(process.pid).children(recursive=True)
-        process.kill()  # the main process alone: what it started must notice by itself
-        process.wait(timeout=30)
-        gone, alive = psutil.wait_procs(started, timeout=15)
-        left = [" ".join(child.cmdline())[-120:] for child in alive]
+        left = kill_alone(process, started, 15.0)
     finally:
-        for child in started:  # re-parented by now: not reachable through the dead main process
-            try:
-                child.kill()
-            except psutil.NoSuchProcess:
-                pass
-        kill_group(process)
+        kill_all(process, started)
     assert len(started) >= 3 and not left, left  # torchrun and its 2 ranks at least
     time.sleep(1.0)
     assert not (out / "train" / "model" / "model.safetensors").exists()

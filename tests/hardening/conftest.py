@@ -64,6 +64,48 @@ def kill_group(process: subprocess.Popen) -> None:
     process.stderr.close()
 
 
+def alive(processes: list) -> list[str]:
+    """The command lines of ``processes`` (psutil processes) still running (a zombie has ended)."""
+    import psutil
+
+    running = []
+    for process in processes:
+        try:
+            if process.is_running() and process.status() != psutil.STATUS_ZOMBIE:
+                running.append(" ".join(process.cmdline())[:160])
+        except psutil.NoSuchProcess:
+            pass
+    return running
+
+
+def wait_gone(processes: list, timeout_s: float) -> list[str]:
+    """Wait up to ``timeout_s`` for ``processes`` to end; return the command lines of those still running."""
+    deadline = time.monotonic() + timeout_s
+    while alive(processes) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return alive(processes)
+
+
+def kill_alone(process: subprocess.Popen, started: list, gone_within_s: float) -> list[str]:
+    """SIGKILL ``process`` alone, as the out-of-memory killer does: what it started (``started``, psutil processes)
+    must notice by itself. Return the command lines of those still running ``gone_within_s`` later."""
+    process.kill()
+    process.wait(timeout=30)
+    return wait_gone(started, gone_within_s)
+
+
+def kill_all(process: subprocess.Popen, started: list) -> None:
+    """Kill ``started`` (re-parented once ``process`` died: out of reach through it) and ``process``'s group."""
+    import psutil
+
+    for child in started:
+        try:
+            child.kill()
+        except psutil.NoSuchProcess:
+            pass
+    kill_group(process)
+
+
 def stage_parts(out: Path, stage: str) -> list[Path]:
     """The complete (non-temporary) Parquet parts of ``stage`` under every stage key in ``out``."""
     return sorted(p for p in (out / "stages" / stage).glob("*/part-*.parquet"))

@@ -21,7 +21,8 @@ import psutil
 import pytest
 
 from tests.flows.test_pipeline_cli import _manifest_rows
-from tests.hardening.conftest import N_IMAGES, kill_group, run_cli, stage_parts, start_cli, wait_until
+from tests.hardening.conftest import (N_IMAGES, alive, kill_all, kill_alone, kill_group, run_cli, stage_parts,
+                                      start_cli, wait_gone, wait_until)
 from tests.manifests import assert_same
 from tests.prefect_server import prefect_env
 
@@ -70,24 +71,6 @@ def _descendants(pid: int) -> list[psutil.Process]:
         return psutil.Process(pid).children(recursive=True)
     except psutil.NoSuchProcess:
         return []
-
-
-def _alive(processes: list[psutil.Process]) -> list[str]:
-    alive = []
-    for process in processes:
-        try:
-            if process.is_running() and process.status() != psutil.STATUS_ZOMBIE:
-                alive.append(" ".join(process.cmdline())[:160])
-        except psutil.NoSuchProcess:
-            pass
-    return alive
-
-
-def _wait_gone(processes: list[psutil.Process], timeout_s: float) -> list[str]:
-    deadline = time.monotonic() + timeout_s
-    while _alive(processes) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    return _alive(processes)
 
 
 def _lock_is_free(out: Path) -> bool:
@@ -144,7 +127,7 @@ def test_an_interrupt_stops_everything_and_the_rerun_completes(signum, to_group,
     assert "Traceback" not in stderr and "Error" not in stderr, stderr[-3000:]
     lines = stderr.strip().splitlines()
     assert len(lines) == 1 and "interrupted" in lines[0] and "run the same command to resume" in lines[0], stderr
-    assert not _wait_gone(started, 5.0), _alive(started)  # nothing the run started outlives it
+    assert not wait_gone(started, 5.0), alive(started)  # nothing the run started outlives it
     assert _lock_is_free(out)
     states = _flow_run_states(home)
     assert states and "CANCELLED" in states.values() and "RUNNING" not in states.values(), states
@@ -180,7 +163,7 @@ def test_ctrl_c_while_the_forkserver_imports_the_workers_libraries_is_one_line(b
     # 1 s: into its imports (~4 s here), past the interpreter's start
     started, stderr = _ctrl_c(process, lambda: _forkserver(process.pid), "the workers' forkserver", settle_s=1.0)
     _assert_one_interrupted_line(process, stderr)
-    assert not _wait_gone(started, 10.0), _alive(started)
+    assert not wait_gone(started, 10.0), alive(started)
 
 
 def test_a_killed_run_leaves_nothing_behind_and_the_next_run_marks_its_runs_crashed(baseline, tmp_path):
@@ -193,16 +176,9 @@ def test_a_killed_run_leaves_nothing_behind_and_the_next_run_marks_its_runs_cras
         wait_until(lambda: stage_parts(out, "structure"), process, "the first structure part")
         started = _descendants(process.pid)
         assert any("flows.api_server" in " ".join(p.cmdline()) for p in started)
-        process.kill()  # the main process alone: its children must notice by themselves
-        process.wait(timeout=30)
-        left = _wait_gone(started, 10.0)
+        left = kill_alone(process, started, 10.0)
     finally:
-        for child in started:  # re-parented by now: not reachable through the dead main process
-            try:
-                child.kill()
-            except psutil.NoSuchProcess:
-                pass
-        kill_group(process)
+        kill_all(process, started)
     assert not left, left
     killed = _flow_run_states(home)
     running = sorted(name for name, state in killed.items() if state == "RUNNING")  # the parent and a stage's run
@@ -290,7 +266,7 @@ def test_ctrl_c_twice_still_marks_the_runs_cancelled_in_one_line(runner, baselin
                                                "--set", f"runtime.runner={runner}")
     started, stderr = _ctrl_c(process, lambda: stage_parts(out, "regions"), "the first regions part", again_after_s=0.1)
     _assert_one_interrupted_line(process, stderr)
-    assert not _wait_gone(started, 5.0), _alive(started)
+    assert not wait_gone(started, 5.0), alive(started)
     assert _lock_is_free(out)
     states = _flow_run_states(home)
     assert "CANCELLED" in states.values() and "RUNNING" not in states.values(), states
@@ -310,7 +286,7 @@ def test_a_signal_to_the_group_leaves_no_traceback_of_a_process_it_reaches(stage
     process, home, out = _start_own_server_run(baseline, tmp_path, stages, "--set", f"runtime.runner={runner}")
     started, stderr = _ctrl_c(process, lambda: stage_parts(out, "regions"), "the first regions part", signum=signum)
     _assert_one_interrupted_line(process, stderr, signum)
-    assert not _wait_gone(started, 5.0), _alive(started)
+    assert not wait_gone(started, 5.0), alive(started)
     assert _lock_is_free(out)
     states = _flow_run_states(home)
     assert "CANCELLED" in states.values() and "RUNNING" not in states.values(), states
