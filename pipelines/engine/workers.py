@@ -198,11 +198,12 @@ def signals_left_to_the_run():
     ignored signal: Ctrl-\\, a closed terminal or ``kill -USR1 -PGID`` reach the run's whole process group, and the run
     (``flows.interrupts``) ends them itself. A resource tracker killed first would be started again by the run's
     clean-up and print a traceback per name. (Only the main thread can set a handler: elsewhere the started process
-    takes this one's dispositions.) Keep the block short: this process ignores them meanwhile."""
+    takes this one's dispositions.) Keep the block short: this process ignores them meanwhile, all but Ctrl-C, which
+    both processes ignore by themselves."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    ignored = preload.LEFT_TO_THE_RUN
+    ignored = [signum for signum in preload.LEFT_TO_THE_RUN if signum != signal.SIGINT]
     previous = {signum: signal.signal(signum, signal.SIG_IGN) for signum in ignored}
     try:
         yield
