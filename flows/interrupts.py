@@ -162,23 +162,27 @@ def settle_flow_runs(api_url: str, run_ids: list[str], state: dict, *, listed_to
         found = client.post("flow_runs/filter", json={
             "flow_runs": {"parent_flow_run_id": {"any_": run_ids}, "state": unfinished}})
         listed = len(run_ids)
-        run_ids = list(run_ids) + [run["id"] for run in (found.json() if found.status_code == 200 else [])
-                                   if run["id"] not in run_ids]
+        run_ids = list(run_ids) + [run["id"] for run in _found(found) if run["id"] not in run_ids]
         found = client.post("flow_runs/filter", json={"flow_runs": {"id": {"any_": run_ids}, "state": unfinished}})
         if not listed_too:  # which runs to set depends on this answer: an API error raises
             found.raise_for_status()
-        open_runs = {run["id"] for run in (found.json() if found.status_code == 200 else [])}
+        open_runs = {run["id"] for run in _found(found)}
         open_runs |= set(run_ids[:listed]) if listed_too else set()
         found = client.post("task_runs/filter", json={
             "flow_runs": {"id": {"any_": run_ids}},
             "task_runs": {"state": unfinished}})
-        for task_run in found.json() if found.status_code == 200 else []:
+        for task_run in _found(found):
             client.post(f"task_runs/{task_run['id']}/set_state", json={"state": state, "force": True})
         # The stage runs first, the parent last
         settled = [run_id for run_id in reversed(run_ids) if run_id in open_runs]
         for run_id in settled:
             client.post(f"flow_runs/{run_id}/set_state", json={"state": state, "force": True})
     return len(settled)
+
+
+def _found(response) -> list[dict]:
+    """The runs a filter call found; none when the API failed it."""
+    return response.json() if response.status_code == 200 else []
 
 
 def _kill_children(keep: set[int]) -> None:
