@@ -10,6 +10,7 @@ is the absolute path of the input image.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import pyarrow as pa
@@ -101,11 +102,63 @@ def read_manifest(path: str | os.PathLike, columns: list[str] | None = None) -> 
         from storage.parquet import read_part
 
         return read_part(path, columns=columns)
+    return read_parquet_dir(_manifest_folder(path), columns=columns, schema=MANIFEST_SCHEMA)
+
+
+def _manifest_folder(path: Path) -> Path:
     if (path / "manifest").is_dir():
         path = path / "manifest"
     if not path.is_dir():
         raise FileNotFoundError(f"no manifest at {path} (expected a folder of Parquet parts or OUT/ containing manifest/)")
-    return read_parquet_dir(path, columns=columns, schema=MANIFEST_SCHEMA)
+    return path
+
+
+def manifest_parts(path: str | os.PathLike) -> list[Path]:
+    """The Parquet files of a manifest given as :func:`read_manifest` takes it."""
+    from storage.parquet import parquet_parts
+
+    path = Path(path)
+    return [path] if path.is_file() else parquet_parts(_manifest_folder(path))
+
+
+def manifest_row_count(path: str | os.PathLike) -> int:
+    """The manifest's number of rows, from the Parquet footers (nothing decoded)."""
+    import pyarrow.parquet as pq
+
+    total = 0
+    for part in manifest_parts(path):
+        with pq.ParquetFile(part) as handle:
+            total += handle.metadata.num_rows
+    return total
+
+
+def manifest_batches(path: str | os.PathLike, columns: list[str] | tuple[str, ...] | None = None,
+                     batch_size: int = 8192) -> Iterator[pa.RecordBatch]:
+    """The manifest's rows a batch at a time, part by part (``columns`` that a part lacks are absent from its
+    batches): the memory of one batch, whatever the manifest's size."""
+    import pyarrow.parquet as pq
+
+    for part in manifest_parts(path):
+        with pq.ParquetFile(part) as handle:
+            present = None if columns is None else [c for c in columns if c in handle.schema_arrow.names]
+            yield from handle.iter_batches(batch_size=batch_size, columns=present)
+
+
+def manifest_rows_with_ids(path: str | os.PathLike,
+                           image_ids: Iterable[str] | pa.Array | pa.ChunkedArray) -> list[dict]:
+    """Return the manifest rows whose ``image_id`` is one of ``image_ids``, in manifest order (read a batch at a
+    time: the memory of one batch and of the rows returned)."""
+    import pyarrow.compute as pc
+
+    if isinstance(image_ids, (pa.Array, pa.ChunkedArray)):
+        wanted = pc.unique(image_ids.cast(pa.string()))
+    else:
+        wanted = pa.array(sorted(set(image_ids)), pa.string())
+    rows: list[dict] = []
+    if len(wanted):
+        for batch in manifest_batches(path):
+            rows.extend(batch.filter(pc.is_in(batch.column("image_id"), value_set=wanted)).to_pylist())
+    return rows
 
 
 def manifest_root(path: str | os.PathLike) -> OutputLayout:

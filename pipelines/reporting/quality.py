@@ -8,6 +8,7 @@ are drawn from it by :mod:`pipelines.quality_plots`.
 
 from __future__ import annotations
 
+import copy
 import difflib
 import os
 import re
@@ -15,10 +16,13 @@ import statistics
 from collections import Counter
 from collections.abc import Callable, Iterable
 from functools import lru_cache
+from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 
-from pipelines.engine.stages import STAGE_NAME
+from pipelines.engine.stages import STAGE_NAME, even_picks
 
 WORD_PATTERN = re.compile(r"[A-Za-z0-9]+(?:['\-][A-Za-z0-9]+)*")
 SIMILARITY_SCALE = (
@@ -154,68 +158,182 @@ def vocabulary_categories(vocab_dir: str | os.PathLike) -> Callable[[str], list[
     return categories
 
 
-def _even_sample(items: list, limit: int) -> list:
-    if limit <= 0 or len(items) <= limit:
-        return list(items)
-    return [items[int(i * len(items) / limit)] for i in range(limit)]
+# The manifest columns the report reads; nothing else is decoded (a row's hard negatives and region crops and
+# sentences are most of its bytes).
+BATCH_ROWS = 8192  # rows decoded at a time
+QUALITY_COLUMNS = ("image_id", "status", "error", "split", "width", "height", "caption", "filtered_caption",
+                   "structure_path", "segments")
+
+
+def _quality_schema() -> pa.Schema:
+    from storage.manifest import MANIFEST_SCHEMA
+
+    return pa.schema([MANIFEST_SCHEMA.field(name) for name in QUALITY_COLUMNS])
+
+
+def _numbers(arrays: list, dtype=np.float64) -> np.ndarray:
+    return np.concatenate(arrays).astype(dtype, copy=False) if arrays else np.zeros(0, dtype)
+
+
+class _Accumulator:
+    """The report's statistics, gathered batch by batch: column-wise in Arrow and NumPy, per row in Python only for
+    the caption diff (which words the filter removed) and the reasons of failed rows. Memory grows by a few numbers
+    and the structure path per row (Arrow), never by a row's objects."""
+
+    def __init__(self, word_categories: Callable[[str], list[str]] | None):
+        self.word_categories = word_categories
+        self.categories: dict[str, list[str]] = {}
+        self.rows = self.ok = self.changed = 0
+        self.splits: Counter[str] = Counter()
+        self.raw_lengths: list[np.ndarray] = []
+        self.filtered_lengths: list[np.ndarray] = []
+        self.region_counts: list[np.ndarray] = []
+        self.scores: list[np.ndarray] = []
+        self.widths: list[np.ndarray] = []
+        self.heights: list[np.ndarray] = []
+        self.removed: Counter[str] = Counter()
+        self.by_category: dict[str, Counter[str]] = {}
+        self.reasons: Counter[str] = Counter()
+        self.stages: Counter[str] = Counter()
+        self.map_ids: list[pa.Array] = []
+        self.map_paths: list[pa.Array] = []
+
+    def add(self, batch: pa.RecordBatch) -> None:
+        self.rows += batch.num_rows
+        ok_mask = pc.fill_null(pc.equal(batch.column("status"), "ok"), False)
+        ok = batch.filter(ok_mask)
+        self.ok += ok.num_rows
+        self.splits.update(ok.column("split").fill_null("none").to_pylist())
+        self._captions(ok.column("caption").to_pylist(), ok.column("filtered_caption").to_pylist())
+        segments = ok.column("segments")
+        self.region_counts.append(pc.fill_null(pc.list_value_length(segments), 0).to_numpy())
+        scores = pc.struct_field(pc.list_flatten(segments), "similarity_score").drop_null().to_numpy()
+        self.scores.append(scores[np.isfinite(scores)])
+        # Sizes of every row (a failed image may have been measured before it failed), 0 counting as unknown.
+        self.widths.append(pc.fill_null(batch.column("width"), 0).to_numpy())
+        self.heights.append(pc.fill_null(batch.column("height"), 0).to_numpy())
+        with_map = ok.filter(pc.fill_null(pc.greater(pc.utf8_length(ok.column("structure_path")), 0), False))
+        self.map_ids.append(with_map.column("image_id"))
+        self.map_paths.append(with_map.column("structure_path"))
+        for error in batch.filter(pc.invert(ok_mask)).column("error").to_pylist():
+            self.reasons[" ".join(str(error or "no error recorded").split())] += 1
+            self.stages[failure_stage(error)] += 1
+
+    def _captions(self, captions: list, filtered: list) -> None:
+        raw_lengths, filtered_lengths = [], []
+        for caption, kept in zip(captions, filtered):
+            if caption:
+                raw_lengths.append(len(caption_words(caption)))
+            if kept:
+                filtered_lengths.append(len(caption_words(kept)))
+            words = [caption[s:e].lower() for s, e in removed_spans(caption, kept)]
+            self.changed += bool(words)
+            self.removed.update(words)
+            if self.word_categories is not None:
+                for word in words:
+                    categories = self.categories.get(word)
+                    if categories is None:  # a few hundred distinct words in any number of captions
+                        categories = self.categories[word] = self.word_categories(word) or [UNLISTED]
+                    for category in categories:
+                        self.by_category.setdefault(category, Counter())[word] += 1
+        self.raw_lengths.append(np.asarray(raw_lengths, np.int64))
+        self.filtered_lengths.append(np.asarray(filtered_lengths, np.int64))
+
+    def edge_map_sample(self, limit: int) -> list[str]:
+        """The structure paths of ``limit`` ok rows evenly spread over them sorted by image id."""
+        if not self.map_ids or limit <= 0:
+            return []
+        ids = pa.chunked_array(self.map_ids, pa.string())
+        paths = pa.chunked_array(self.map_paths, pa.string())
+        order = pc.sort_indices(ids).to_numpy()
+        return paths.take(pa.array(order[even_picks(len(order), limit)])).to_pylist()
+
+    def report(self, densities: list[float], unreadable: int) -> dict:
+        raw, filtered = _numbers(self.raw_lengths, np.int64), _numbers(self.filtered_lengths, np.int64)
+        lengths = np.concatenate([raw, filtered])
+        low, high = (int(lengths.min()), int(lengths.max())) if lengths.size else (0, 1)
+        length_edges = np.linspace(low, max(high, low + 1), HISTOGRAM_BINS + 1).tolist()  # shared by raw and filtered
+        region_counts = _numbers(self.region_counts, np.int64)
+        scores = _numbers(self.scores)
+        width, height = _numbers(self.widths, np.int64), _numbers(self.heights, np.int64)  # 0: not measured
+        widths, heights, both = width[width > 0], height[height > 0], (width > 0) & (height > 0)
+        pairs = Counter(zip(width[both].tolist(), height[both].tolist()))
+        sizes = Counter({f"{w}x{h}": n for (w, h), n in pairs.items()})
+        regions, counted = np.unique(region_counts, return_counts=True)
+        with_regions = int(np.count_nonzero(region_counts))
+        return {
+            "counts": {
+                "rows": self.rows, "ok": self.ok, "failed": self.rows - self.ok,
+                "by_split": dict(sorted(self.splits.items())),
+                # Of the ok images, as the explorer's "regions" filter counts them (a failed image has none to find).
+                "with_regions": with_regions, "without_regions": int(region_counts.size) - with_regions,
+            },
+            "caption_length": {
+                "unit": "words",
+                "raw": summary(raw.tolist()), "filtered": summary(filtered.tolist()),
+                "histogram": {"edges": length_edges, "raw": histogram(raw, edges=length_edges)["counts"],
+                              "filtered": histogram(filtered, edges=length_edges)["counts"]},
+            },
+            "removed_words": {
+                "captions_changed": self.changed, "captions_unchanged": self.ok - self.changed,
+                "total": sum(self.removed.values()),
+                "top": [[w, n] for w, n in self.removed.most_common(TOP_WORDS)],
+                "by_category": {c: [[w, n] for w, n in counter.most_common(TOP_WORDS)]
+                                for c, counter in sorted(self.by_category.items())},
+            },
+            "regions_per_image": {
+                "summary": summary(region_counts.tolist()),
+                "counts": {str(n): int(c) for n, c in zip(regions.tolist(), counted.tolist())},
+            },
+            "similarity_score": {"scale": SIMILARITY_SCALE, "summary": summary(scores.tolist()),
+                                 "histogram": histogram(scores)},
+            "image_size": {
+                "width": summary(widths.tolist()), "height": summary(heights.tolist()),
+                "common": [[s, n] for s, n in sizes.most_common(10)],
+                "long_side_histogram": histogram(np.maximum(width[both], height[both])),
+            },
+            "edge_density": {
+                "measured": len(densities), "unreadable": unreadable, "summary": summary(densities),
+                "histogram": histogram(densities, edges=np.linspace(0.0, max(densities, default=0.0) or 1.0,
+                                                                    HISTOGRAM_BINS + 1).tolist()),
+            },
+            "failures": {
+                "count": self.rows - self.ok,
+                "by_stage": dict(self.stages.most_common()),
+                "reasons": [[reason, n] for reason, n in self.reasons.most_common(TOP_REASONS)],
+            },
+        }
 
 
 def quality_report(
-    rows: list[dict],
+    rows: list[dict] | Iterable[pa.RecordBatch],
     *,
     word_categories: Callable[[str], list[str]] | None = None,
-    spans_per_row: list[list[tuple[int, int]]] | None = None,
     resolve_path: Callable[[str], str | os.PathLike | None] | None = None,
     max_edge_maps: int = 2000,
 ) -> dict:
-    """Return the quality report of manifest ``rows`` as a JSON-ready dict.
+    """Return the quality report of manifest rows as a JSON-ready dict.
 
+    ``rows``: row dicts, or record batches holding at least :data:`QUALITY_COLUMNS` (read once, one at a time: a
+    manifest of any size is reported in the memory of a batch plus a few numbers per row).
     ``word_categories(word)`` names the vocabulary categories listing a removed word (``colors``, ``materials``...;
     words no list names count as ``unlisted``); without it removed words are not split by category.
     ``resolve_path(relative)`` turns a manifest path into a file to read; without it (or with ``max_edge_maps=0``)
-    edge density is not measured. ``spans_per_row``: the rows' :func:`removed_spans`, when the caller already has them.
-    At most ``max_edge_maps`` maps are read, evenly spread over the ok rows sorted by
+    edge density is not measured. At most ``max_edge_maps`` maps are read, evenly spread over the ok rows sorted by
     image id, so the cost stays bounded on large manifests.
     """
-    ok = [r for r in rows if r.get("status") == "ok"]
-    failed = [r for r in rows if r.get("status") != "ok"]
-
-    raw_lengths = [len(caption_words(r.get("caption"))) for r in ok if r.get("caption")]
-    filtered_lengths = [len(caption_words(r.get("filtered_caption"))) for r in ok if r.get("filtered_caption")]
-    lengths = raw_lengths + filtered_lengths
-    low, high = min(lengths, default=0), max(lengths, default=1)
-    length_edges = np.linspace(low, max(high, low + 1), HISTOGRAM_BINS + 1).tolist()  # shared by raw and filtered
-
-    removed: Counter[str] = Counter()
-    by_category: dict[str, Counter[str]] = {}
-    changed = 0
-    for index, row in enumerate(rows):
-        if row.get("status") != "ok":
-            continue
-        caption = row.get("caption")
-        spans = spans_per_row[index] if spans_per_row is not None else removed_spans(caption, row.get("filtered_caption"))
-        words = [caption[s:e].lower() for s, e in spans]
-        changed += bool(words)
-        removed.update(words)
-        if word_categories is not None:
-            for word in words:
-                for category in word_categories(word) or [UNLISTED]:
-                    by_category.setdefault(category, Counter())[word] += 1
-
-    region_counts = [len(r.get("segments") or []) for r in ok]
-    scores = [float(s["similarity_score"]) for r in ok for s in r.get("segments") or []
-              if s.get("similarity_score") is not None and np.isfinite(s["similarity_score"])]
-    widths = [int(r["width"]) for r in rows if r.get("width")]
-    heights = [int(r["height"]) for r in rows if r.get("height")]
-    sizes = Counter(f"{r['width']}x{r['height']}" for r in rows if r.get("width") and r.get("height"))
-
+    if isinstance(rows, list) and (not rows or isinstance(rows[0], dict)):
+        schema = _quality_schema()
+        rows = [pa.RecordBatch.from_pylist([{k: row.get(k) for k in QUALITY_COLUMNS} for row in rows], schema=schema)]
+    accumulator = _Accumulator(word_categories)
+    for batch in rows:
+        accumulator.add(batch)
     densities: list[float] = []
     unreadable = 0
     if resolve_path is not None and max_edge_maps > 0:
-        with_maps = sorted((r for r in ok if r.get("structure_path")), key=lambda r: r["image_id"])
-        for row in _even_sample(with_maps, max_edge_maps):
+        for relative in accumulator.edge_map_sample(max_edge_maps):
             try:
-                path = resolve_path(row["structure_path"])
+                path = resolve_path(relative)
                 density = read_edge_density(path) if path is not None else None
             except (OSError, ValueError):
                 density = None
@@ -223,48 +341,7 @@ def quality_report(
                 unreadable += 1
             else:
                 densities.append(density)
-
-    reasons = Counter(" ".join(str(r.get("error") or "no error recorded").split()) for r in failed)
-    return {
-        "counts": {
-            "rows": len(rows), "ok": len(ok), "failed": len(failed),
-            "by_split": dict(sorted(Counter(r.get("split") or "none" for r in ok).items())),
-            # Of the ok images, as the explorer's "regions" filter counts them (a failed image has none to find).
-            "with_regions": sum(1 for n in region_counts if n), "without_regions": sum(1 for n in region_counts if not n),
-        },
-        "caption_length": {
-            "unit": "words",
-            "raw": summary(raw_lengths), "filtered": summary(filtered_lengths),
-            "histogram": {"edges": length_edges, "raw": histogram(raw_lengths, edges=length_edges)["counts"],
-                          "filtered": histogram(filtered_lengths, edges=length_edges)["counts"]},
-        },
-        "removed_words": {
-            "captions_changed": changed, "captions_unchanged": len(ok) - changed, "total": sum(removed.values()),
-            "top": [[w, n] for w, n in removed.most_common(TOP_WORDS)],
-            "by_category": {c: [[w, n] for w, n in counter.most_common(TOP_WORDS)]
-                            for c, counter in sorted(by_category.items())},
-        },
-        "regions_per_image": {
-            "summary": summary(region_counts),
-            "counts": {str(n): c for n, c in sorted(Counter(region_counts).items())},
-        },
-        "similarity_score": {"scale": SIMILARITY_SCALE, "summary": summary(scores), "histogram": histogram(scores)},
-        "image_size": {
-            "width": summary(widths), "height": summary(heights),
-            "common": [[s, n] for s, n in sizes.most_common(10)],
-            "long_side_histogram": histogram([max(w, h) for w, h in zip(widths, heights)]),
-        },
-        "edge_density": {
-            "measured": len(densities), "unreadable": unreadable, "summary": summary(densities),
-            "histogram": histogram(densities, edges=np.linspace(0.0, max(densities, default=0.0) or 1.0,
-                                                                HISTOGRAM_BINS + 1).tolist()),
-        },
-        "failures": {
-            "count": len(failed),
-            "by_stage": dict(Counter(failure_stage(r.get("error")) for r in failed).most_common()),
-            "reasons": [[reason, n] for reason, n in reasons.most_common(TOP_REASONS)],
-        },
-    }
+    return accumulator.report(densities, unreadable)
 
 
 def quality_tables(report: dict) -> dict[str, list[dict]]:
@@ -295,10 +372,34 @@ def quality_tables(report: dict) -> dict[str, list[dict]]:
 
 def output_quality_report(out_dir: str | os.PathLike, *, vocab_dir: str | os.PathLike | None = None,
                           max_edge_maps: int = 2000) -> dict:
-    """Return :func:`quality_report` of an output folder's manifest (structure maps read under ``out_dir``)."""
-    from storage.manifest import manifest_root, read_manifest, resolve_manifest_path
+    """Return :func:`quality_report` of an output folder's manifest (structure maps read under ``out_dir``), streamed
+    a batch at a time and reading :data:`QUALITY_COLUMNS` only. A run asks twice (its quality artifact, then its
+    explorer): the second time, an unchanged manifest is answered from memory."""
+    from storage.manifest import manifest_parts, manifest_root
 
-    layout = manifest_root(out_dir)
-    return quality_report(read_manifest(layout.root).to_pylist(),
-                          word_categories=vocabulary_categories(vocab_dir) if vocab_dir else None,
+    identity = []
+    for part in manifest_parts(out_dir):
+        stat = part.stat()
+        identity.append((str(part), stat.st_mtime_ns, stat.st_size, stat.st_ino))
+    vocab = None if vocab_dir is None else str(Path(vocab_dir).resolve())
+    report = _manifest_quality(str(Path(out_dir).resolve()), str(manifest_root(out_dir).root), tuple(identity), vocab,
+                               max_edge_maps)
+    return copy.deepcopy(report)  # the caller's to change
+
+
+@lru_cache(maxsize=4)
+def _manifest_quality(manifest: str, root: str, parts: tuple, vocab_dir: str | None, max_edge_maps: int) -> dict:
+    from storage.layout import OutputLayout
+    from storage.manifest import manifest_batches, resolve_manifest_path
+
+    layout = OutputLayout(root)
+    schema = _quality_schema()
+
+    def batches():  # a column an older manifest lacks reads as nulls
+        for batch in manifest_batches(manifest, QUALITY_COLUMNS, BATCH_ROWS):
+            yield pa.RecordBatch.from_arrays(
+                [batch.column(name) if name in batch.schema.names else pa.nulls(batch.num_rows, schema.field(name).type)
+                 for name in QUALITY_COLUMNS], names=list(QUALITY_COLUMNS))
+
+    return quality_report(batches(), word_categories=vocabulary_categories(vocab_dir) if vocab_dir else None,
                           resolve_path=lambda path: resolve_manifest_path(layout, path), max_edge_maps=max_edge_maps)

@@ -164,3 +164,38 @@ def test_output_quality_report_reads_a_synthetic_folder(tmp_path):
     assert set(report["removed_words"]["by_category"]) == {"colors"}
     assert report["edge_density"]["measured"] == 4 and report["edge_density"]["summary"]["min"] > 0
     assert report["failures"]["by_stage"] == {"other": 1}
+
+
+def test_a_manifest_in_parts_is_reported_batch_by_batch_once_per_state(tiny_manifest, monkeypatch):
+    from pipelines.reporting import quality
+    from storage.manifest import manifest_table
+    from storage.parquet import write_parquet_atomic
+
+    layout, rows = tiny_manifest
+    stored = [{"source_path": f"/images/{row['image_id']}.jpg", **row} for row in rows]
+    write_parquet_atomic(manifest_table(stored[:3]), layout.manifest_part("a"))
+    write_parquet_atomic(manifest_table(stored[3:]), layout.manifest_part("b"))
+    monkeypatch.setattr(quality, "BATCH_ROWS", 2)  # parts of 3 and 2 rows: three batches
+    added = []
+    add = quality._Accumulator.add
+    monkeypatch.setattr(quality._Accumulator, "add",
+                        lambda self, batch: added.append(batch.num_rows) or add(self, batch))
+    quality._manifest_quality.cache_clear()
+
+    report = output_quality_report(layout.root, vocab_dir=CONFIGS_DIR / "vocab")
+    assert added == [2, 1, 2]
+    # The hand counts of test_quality_report_matches_hand_counts, from the files.
+    assert report == quality_report(rows, word_categories=vocabulary_categories(CONFIGS_DIR / "vocab"),
+                                    resolve_path=layout.resolve)
+    assert report["counts"]["rows"] == 5 and report["removed_words"]["total"] == 3
+    assert report["edge_density"]["measured"] == 2 and report["similarity_score"]["summary"]["mean"] == 20.0
+    added.clear()
+
+    # The run's explorer asks again: the same manifest is answered from memory, and a change of the answer stays local.
+    report["counts"]["rows"] = -1
+    assert output_quality_report(layout.root, vocab_dir=CONFIGS_DIR / "vocab")["counts"]["rows"] == 5
+    assert added == []
+    # A rewritten manifest is read again.
+    layout.manifest_part("b").unlink()
+    assert output_quality_report(layout.root, vocab_dir=CONFIGS_DIR / "vocab")["counts"]["rows"] == 3
+    assert added == [2, 1]
