@@ -32,17 +32,19 @@ from pathlib import Path
 from urllib.parse import quote, unquote
 
 from pipelines.engine.workers import usable_cpus
-from pipelines.reporting.quality import caption_words, quality_report, removed_spans, vocabulary_categories
+from pipelines.reporting.quality import caption_words, output_quality_report, removed_spans
 from pipelines.reporting.report_plots import quality_plots, recall_png, training_curves_png
 from storage.atomic import atomic_write_bytes, atomic_write_text
 from storage.filenames import source_file
 from storage.hashing import content_key
 from storage.layout import IMAGE_ID_LENGTH, OutputLayout, PathEscapeError
-from storage.manifest import read_manifest, resolve_manifest_path
+from storage.manifest import manifest_row_count, manifest_rows_with_ids, read_manifest, resolve_manifest_path
 
 THUMBNAIL_PX = 256
 THUMBNAIL_QUALITY = 80
 PAGE_SIZE = 24
+# The most rows one page carries: it stays responsive at 10,000 (README). A larger manifest is shown as a sample.
+MAX_ROWS = 10_000
 QUERY_PAGE_SIZE = 10
 SAFE_ID = re.compile(r"[0-9A-Za-z_-]{2,64}")
 HISTOGRAM_BINS = 20
@@ -54,12 +56,13 @@ class ReportResult:
     """What ``write_report`` wrote: the page, its size, and the thumbnails made or reused."""
 
     path: Path
-    rows: int
+    rows: int  # on the page
     html_bytes: int
     thumbnails_written: int
     thumbnails_reused: int
     seconds: float
     quality: dict
+    total: int = 0  # in the manifest
 
 
 def _common_length(a: str, b: str, limit: int, same) -> int:
@@ -345,8 +348,9 @@ def embedding_map(path: Path, row_index: dict[str, int]) -> dict | None:
     """Return the 2-D maps of ``eval/embeddings.npz``: the image, structure-map and caption embeddings of each model
     (fine-tuned first), each kind projected on its own (PCA, or UMAP when installed: a joint projection of CLIP
     embeddings mostly shows the gap between modalities, not which images are alike) and scaled to [0, 1]; None
-    without the file. ``rows`` are the explorer row indices of the images (those not in the manifest are left out
-    and counted in ``not_in_manifest``); ``points[model][kind]`` is ``[[x, y], ...]`` in the same order."""
+    without the file. ``rows`` are the explorer row indices of the images (those not among the page's rows, absent
+    from the manifest or beyond the page's sample, are left out and counted in ``not_in_manifest``);
+    ``points[model][kind]`` is ``[[x, y], ...]`` in the same order."""
     import numpy as np
 
     try:
@@ -383,14 +387,16 @@ def embedding_map(path: Path, row_index: dict[str, int]) -> dict | None:
 
 
 def compared_run(layout: OutputLayout, other_dir: str | os.PathLike, ids: set[str]) -> dict:
-    """Return another run's data for the page: its rows for the image ids of this run (maps and crops referenced
-    relative to this page), its metrics, ranks per image and the config keys that differ from this run's."""
+    """Return another run's data for the page: its rows for the image ids ``ids`` (this page's rows; maps and crops
+    referenced relative to this page), how many of its images this run lacks, its metrics, ranks per image and the
+    config keys that differ from this run's."""
+    import pyarrow.compute as pc
+
     other = OutputLayout(other_dir)
-    rows = read_manifest(other.root).to_pylist()
+    there = read_manifest(other.root, columns=["image_id"]).column("image_id")
+    here = read_manifest(layout.root, columns=["image_id"]).column("image_id")
     by_id = {}
-    for row in rows:
-        if row["image_id"] not in ids:
-            continue
+    for row in manifest_rows_with_ids(other.root, ids):
         compact = explorer_row(row, layout=other, image_url=None)
         for key in ("map", "scr"):
             if compact[key] and compact[key].startswith("../"):
@@ -403,7 +409,7 @@ def compared_run(layout: OutputLayout, other_dir: str | os.PathLike, ids: set[st
         by_id[row["image_id"]] = compact
     return {
         "label": other.root.name, "path": str(other.root), "rows": by_id,
-        "only_there": sum(1 for row in rows if row["image_id"] not in ids),
+        "only_there": int(pc.sum(pc.invert(pc.is_in(there, value_set=here.combine_chunks()))).as_py() or 0),
         "eval": _read_json(other.eval_metrics), "ranks": rank_by_image(_read_json(other.eval_rankings)),
         "config": config_differences(layout.config_record, other.config_record),
     }
@@ -459,6 +465,33 @@ def _asset(name: str) -> str:
     return resources.files("pipelines.reporting").joinpath("report_assets", name).read_text(encoding="utf-8")
 
 
+def shown_rows(root: str | os.PathLike, max_rows: int, first: set[str] = frozenset()) -> tuple[list[dict], int]:
+    """Return ``(rows, total)``: every manifest row when there are at most ``max_rows``, else ``max_rows`` of them:
+    those whose image id is in ``first`` (the evaluated images), then the failed ones, then the rest, each group cut
+    to the smallest image ids when it does not fit (an id is a content hash: an unbiased sample, which a run that
+    adds images changes only by the images it adds, so the page's thumbnails stay made); rows in manifest order.
+    Chosen from two columns, then read a batch at a time: a million-row manifest costs the page no more memory than
+    the rows it shows."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    total = manifest_row_count(root)
+    if total <= max_rows:
+        return read_manifest(root).to_pylist(), total
+    index = read_manifest(root, columns=["image_id", "status"])
+    ids = index.column("image_id")
+    first_mask = pc.is_in(ids, value_set=pa.array(sorted(first), pa.string())).to_numpy(zero_copy_only=False)
+    failed = pc.fill_null(pc.not_equal(index.column("status"), "ok"), True).to_numpy(zero_copy_only=False)
+    by_id = pc.sort_indices(ids).to_numpy()
+    chosen, room = [], max_rows
+    for group in (first_mask, failed & ~first_mask, ~failed & ~first_mask):
+        picked = by_id[group[by_id]][:room]
+        chosen.append(picked)
+        room -= len(picked)
+    return manifest_rows_with_ids(root, ids.take(pa.array(np.concatenate(chosen)))), total
+
+
 def write_report(
     out_dir: str | os.PathLike,
     *,
@@ -466,6 +499,7 @@ def write_report(
     thumbnail_px: int = THUMBNAIL_PX,
     max_edge_maps: int = 2000,
     page_size: int = PAGE_SIZE,
+    max_rows: int = MAX_ROWS,
     title: str | None = None,
     compare: list[str | os.PathLike] | tuple = (),
 ) -> ReportResult:
@@ -473,15 +507,17 @@ def write_report(
 
     ``vocab_dir``: the filter's vocabulary, to split removed words by category (the ``filter.remove_*`` flags).
     ``compare``: other output folders of the same images, shown beside this run (their rows, metrics and config).
+    ``max_rows``: the most images the page carries (:func:`shown_rows` chooses them); the quality report and plots
+    always count every row.
     """
     started = time.perf_counter()
     layout = OutputLayout(out_dir)
-    rows = read_manifest(layout.root).to_pylist()
+    rankings = _read_json(layout.eval_rankings)
+    ranks = rank_by_image(rankings)
+    rows, total = shown_rows(layout.root, max_rows, set(ranks))
     thumbnails = _Thumbnails(layout, thumbnail_px)
     explorer_rows = [explorer_row(row, layout=layout, image_url=url) for row, url in zip(rows, thumbnails.urls(rows))]
-    quality = quality_report(rows, word_categories=vocabulary_categories(vocab_dir) if vocab_dir else None,
-                             spans_per_row=[[tuple(span) for span in r["rm"]] for r in explorer_rows],
-                             resolve_path=lambda p: resolve_manifest_path(layout, p), max_edge_maps=max_edge_maps)
+    quality = output_quality_report(layout.root, vocab_dir=vocab_dir, max_edge_maps=max_edge_maps)
     training_rows = read_training_rows(layout.train_metrics)
     training_png = training_curves_png(training_rows)
     quantities = [row_quantities(row, r["rm"]) for row, r in zip(rows, explorer_rows)]
@@ -493,11 +529,10 @@ def write_report(
         values = [q[name] for q in quantities]
         histograms[name] = {"label": label, "integer": integer, "values": values,
                             "edges": histogram_edges(values, integer=integer)}
-    rankings = _read_json(layout.eval_rankings)
     position = {row["i"]: index for index, row in enumerate(explorer_rows)}
-    for image_id, ranks in rank_by_image(rankings).items():
+    for image_id, image_ranks in ranks.items():
         if image_id in position:
-            explorer_rows[position[image_id]]["rk"] = ranks
+            explorer_rows[position[image_id]]["rk"] = image_ranks
     metrics = _read_json(layout.eval_metrics)
     ids = {row["image_id"] for row in rows}
     data = {
@@ -518,7 +553,10 @@ def write_report(
         "compare": [compared_run(layout, other, ids) for other in compare],
     }
     title = title or f"StructXLIP report: {layout.root.name}"
-    subtitle = (f"{len(rows)} images in {layout.root} · written "
+    shown = (f"{len(rows)} images" if len(rows) >= total else
+             f"{len(rows):,} of {total:,} images (the evaluated and failed ones first, then a sample: the smallest "
+             "image ids; the quality report counts all, the manifest holds all)")
+    subtitle = (f"{shown} in {layout.root} · written "
                 f"{datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}")
     page = _asset("index.html")
     for placeholder, value in (("__TITLE__", html.escape(title)), ("__SUBTITLE__", html.escape(subtitle)),
@@ -531,7 +569,7 @@ def write_report(
     atomic_write_text(layout.report_index, page)
     return ReportResult(path=layout.report_index, rows=len(rows), html_bytes=len(page.encode("utf-8")),
                         thumbnails_written=thumbnails.written, thumbnails_reused=thumbnails.reused,
-                        seconds=time.perf_counter() - started, quality=quality)
+                        seconds=time.perf_counter() - started, quality=quality, total=total)
 
 
 def refresh_explorer(layout: OutputLayout, summaries: list[dict], *, vocab_dir: str | None) -> str | None:

@@ -111,13 +111,25 @@ def _model_choice(text: str) -> tuple[str, str]:
     return name.strip(), checkpoint.strip()
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
+    return value
+
+
 def _report(args: argparse.Namespace) -> int:
     from pipelines.reporting.report import write_report
 
     config = _load_config(args)
     result = write_report(args.out, vocab_dir=config.filter.vocab_dir, thumbnail_px=args.thumbnail_px,
-                          max_edge_maps=args.max_edge_maps, page_size=args.page_size, compare=args.compare or ())
-    print(f"report of {result.rows} images ({result.html_bytes / 1e6:.1f} MB, {result.thumbnails_written} new "
+                          max_edge_maps=args.max_edge_maps, page_size=args.page_size, max_rows=args.max_rows,
+                          compare=args.compare or ())
+    shown = f"{result.rows} images" if result.rows >= result.total else f"{result.rows} of {result.total} images"
+    print(f"report of {shown} ({result.html_bytes / 1e6:.1f} MB, {result.thumbnails_written} new "
           f"thumbnails, {result.thumbnails_reused} reused, {result.seconds:.1f} s): {result.path}")
     return 0
 
@@ -274,6 +286,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     report.add_argument("--max-edge-maps", type=int, default=2000,
                         help="structure maps read for the edge-density statistics (default: 2000, spread evenly)")
     report.add_argument("--page-size", type=int, default=24, help="images per page in the browser (default: 24)")
+    report.add_argument("--max-rows", type=_positive_int, default=10_000,
+                        help="the most images the page carries (default: 10000); a larger manifest is shown as a "
+                             "sample: the evaluated and failed images first, then those with the smallest image ids. "
+                             "The quality report always counts every image")
     report.add_argument("--compare", action="append", metavar="OTHER_OUT",
                         help="another run's output folder of the same images, shown side by side with metric "
                              "deltas and the config keys that differ (repeatable)")

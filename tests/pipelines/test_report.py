@@ -294,6 +294,60 @@ def test_compared_run_links_the_other_folders_maps_from_this_page(tmp_path):
     assert other["config"] == [] and other["eval"] is None
 
 
+def test_a_manifest_larger_than_the_page_is_shown_as_a_sample_and_counted_whole(tmp_path):
+    from pipelines.reporting.report import compared_run, write_report
+
+    out_dir = tmp_path / "out"
+    make_synthetic_manifest(out_dir, n_images=6, image_size=48)
+    make_scaled_manifest(out_dir, n_rows=300)
+    layout = OutputLayout(out_dir)
+    rows = read_manifest(out_dir).to_pylist()
+    for part in parquet_parts(layout.manifest_dir):  # three parts, as a larger run writes them
+        part.unlink()
+    for start in range(0, 300, 100):
+        write_parquet_atomic(manifest_table(rows[start:start + 100]), layout.manifest_part(f"p{start}"))
+    ok = [r["image_id"] for r in rows if r["status"] == STATUS_OK]
+    failed = sorted(r["image_id"] for r in rows if r["status"] != STATUS_OK)
+    evaluated = ok[10:15]
+    layout.eval_dir.mkdir(parents=True, exist_ok=True)
+    layout.eval_rankings.write_text(json.dumps({"image_ids": evaluated, "models": {
+        "fine-tuned": {"ranks": [1, 2, 3, 4, 5]}}}))
+    rest = sorted(set(ok) - set(evaluated))
+
+    def page_data(result):
+        page = result.path.read_text()
+        return page, json.loads(page.split('id="report-data">', 1)[1].split("</script>", 1)[0])
+
+    assert len(failed) == 49 and len(rest) == 246
+    # 80 rows: the 5 evaluated images, the 49 failed ones, then the 26 of the other 246 with the smallest ids.
+    result = write_report(out_dir, max_rows=80)
+    page, data = page_data(result)
+    expected = {*evaluated, *failed, *rest[:26]}
+    shown = [row["i"] for row in data["rows"]]
+    assert shown == [r["image_id"] for r in rows if r["image_id"] in expected]  # in manifest order
+    assert len(shown) == result.rows == 80 and result.total == 300
+    assert [row["rk"][0] for row in data["rows"] if row["i"] in evaluated] == [1, 2, 3, 4, 5]
+    assert data["quality"]["counts"]["rows"] == 300 and data["quality"]["counts"]["failed"] == 49
+    assert "80 of 300 images (the evaluated and failed ones first" in page
+    # Fewer rows than those come first: the evaluated ones, then the failed ones with the smallest ids.
+    _, data = page_data(write_report(out_dir, max_rows=9))
+    assert {row["i"] for row in data["rows"]} == {*evaluated, *failed[:4]}
+    # A compared run: its rows of the images shown, and of its images only those this whole run lacks count.
+    other = compared_run(layout, out_dir, set(shown))
+    assert set(other["rows"]) == set(shown) and other["only_there"] == 0
+    # A run that adds images changes the sample by those images only: the thumbnails already made stay in use.
+    added = [dict(rows[0], image_id=content_key("added", n, length=IMAGE_ID_LENGTH)) for n in range(5)]
+    write_parquet_atomic(manifest_table(added), layout.manifest_part("added"))
+    _, data = page_data(write_report(out_dir, max_rows=80))
+    again = {row["i"] for row in data["rows"]}
+    assert len(again) == 80 and again - expected <= {row["image_id"] for row in added}
+    assert data["quality"]["counts"]["rows"] == 305
+    layout.manifest_part("added").unlink()
+    # A manifest within the limit is shown whole.
+    result = write_report(out_dir, max_rows=300)
+    assert result.rows == result.total == 300 and "300 images in" in page_data(result)[0]
+
+
 # ---- the page in a browser ------------------------------------------------------------------------------------
 def _small_output_folder(out_dir: Path) -> dict:
     """A synthetic output folder with a hostile caption, training metrics, eval metrics and hand-made rankings."""
