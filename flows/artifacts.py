@@ -100,8 +100,8 @@ def publish_gallery(stage: str, out_dir: str | os.PathLike, rows: Iterable[dict]
     return create_markdown_artifact(
         markdown=markdown,
         key=artifact_key(namespace, stage, "gallery"),
-        description=f"Stage `{stage}`{where}: representative images (no region, worst and best scores) with their "
-                    "structure maps, numbered regions, crops, sentences and similarity scores.",
+        description=f"Stage `{stage}`{where}: representative images of those this run computed (no region, worst and "
+                    "best scores) with their structure maps, numbered regions, crops, sentences and similarity scores.",
     )
 
 

@@ -31,7 +31,7 @@ from pipelines.engine.execute import StageFailed, prestart_workers, run_plan, wr
 from pipelines.reporting.report import refresh_explorer
 from pipelines.engine.plan import (Pipeline, missing_inputs, preflight, record_config, resolve_config, stale_stages,
                             stages_with_work)
-from pipelines.engine.stages import Stage, parse_stages
+from pipelines.engine.stages import Stage, gallery_images, parse_stages
 from storage import lock
 
 from flows import artifacts
@@ -197,13 +197,13 @@ def run_stage(pipeline: Pipeline, stage: str, refresh: bool) -> dict:
         try:
             summary = run_plan(plan, pipeline.layout, refresh=refresh, execute=execute)
         except StageFailed as failed:
-            _publish(pipeline, failed.summary)
+            _publish(pipeline, failed.summary, plan.pending)
             _log_summary(failed.summary)
             log.error("%s", failed.summary["error"])
             raise
         finally:
             pipeline.invalidate(stage)
-        _publish(pipeline, summary)
+        _publish(pipeline, summary, plan.pending)
         _log_summary(summary)
         return summary
 
@@ -230,10 +230,11 @@ def namespace_of(pipeline: Pipeline) -> str:
     return artifacts.artifact_namespace(pipeline.images_dir, pipeline.layout.root)
 
 
-def _publish(pipeline: Pipeline, summary: dict) -> None:
+def _publish(pipeline: Pipeline, summary: dict, pending: list) -> None:
     """Send the stage's artifacts to Prefect; a reporting error never fails a run (the data is already on disk).
     Records ``{artifact label: artifact id}`` in ``summary["artifacts"]`` (the run summary links them) and the CPU
-    seconds it took in ``summary["publish_cpu_s"]`` (galleries, the quality report's plots)."""
+    seconds it took in ``summary["publish_cpu_s"]`` (galleries, the quality report's plots). ``pending``: the items the
+    stage computed in this run, whose images its gallery shows."""
     started = time.thread_time()
     published: dict[str, Any] = {}
     try:
@@ -247,8 +248,8 @@ def _publish(pipeline: Pipeline, summary: dict) -> None:
         definition = pipeline.stages[stage]
         if definition.gallery and summary["processed"]:
             published[f"{stage} gallery"] = artifacts.publish_gallery(
-                definition.gallery, str(pipeline.layout.root), definition.example_rows(pipeline), namespace=namespace,
-                where=where)
+                definition.gallery, str(pipeline.layout.root),
+                definition.example_rows(pipeline, gallery_images(pipeline, pending)), namespace=namespace, where=where)
         if definition.report and summary["processed"]:
             published.update(REPORTS[definition.report](pipeline, namespace=namespace, where=where))
     except Exception as exc:  # noqa: BLE001

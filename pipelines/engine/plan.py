@@ -13,6 +13,7 @@ import functools
 import gc
 import logging
 import os
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -434,8 +435,16 @@ class Pipeline:
         """The run as ``stage`` sees it: only its own rows and those of the stages it depends on."""
         return UpstreamView(self, stage)
 
-    def done_rows(self, stage: str) -> dict[str, dict]:
-        """Valid stored rows of the stage's current items: by image id for image stages, by item key otherwise."""
+    def done_rows(self, stage: str, image_ids: Collection[str] | None = None) -> dict[str, dict]:
+        """Valid stored rows of the stage's current items: by image id for image stages, by item key otherwise.
+        With ``image_ids``, of those images only, chosen column-wise (no dict for any other row)."""
+        schema = self.stages[stage].schema
+        if image_ids is not None and schema is not None and "image_id" in schema.names:
+            wanted = pa.array(sorted(image_ids), pa.string())
+            table = self.store(stage).stored(where=("image_id", wanted)).done_table()
+            table = table.filter(pc.is_in(table.column(ITEM_KEY), value_set=self.item_keys(stage)))
+            by_image = self.stages[stage].rows_by_image
+            return {row["image_id"] if by_image else row[ITEM_KEY]: row for row in table.to_pylist()}
         done = self.stored(stage).done()
         rows = {}
         for key in self.item_keys(stage).to_pylist():
@@ -654,9 +663,9 @@ class UpstreamView:
             raise LookupError(f"stage {self._stage} read the rows of stage {stage}, which it does not depend on "
                               f"(its upstream stages: {upstream}): add {stage} to its upstream")
 
-    def done_rows(self, stage: str) -> dict[str, dict]:
+    def done_rows(self, stage: str, image_ids: Collection[str] | None = None) -> dict[str, dict]:
         self._check(stage)
-        return self._pipeline.done_rows(stage)
+        return self._pipeline.done_rows(stage, image_ids)
 
     def done_table(self, stage: str) -> pa.Table:
         self._check(stage)

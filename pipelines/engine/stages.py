@@ -18,6 +18,7 @@ import importlib.util
 import json
 import re
 import threading
+from collections.abc import Collection
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, ClassVar, Literal, NamedTuple, Protocol
 
@@ -279,7 +280,7 @@ class PipelineView(Protocol):
     @property
     def manifest_rows(self) -> ManifestRows: ...
 
-    def done_rows(self, stage: str) -> dict[str, dict]: ...
+    def done_rows(self, stage: str, image_ids: Collection[str] | None = None) -> dict[str, dict]: ...
 
     def done_table(self, stage: str) -> pa.Table: ...
 
@@ -422,11 +423,12 @@ class Stage:
         row.update(self.manifest_values(result))
         return None
 
-    def example_rows(self, pipeline: PipelineView) -> list[dict]:
-        """Rows of its gallery: each image with the stage's ``gallery_columns`` images under ``maps``."""
-        done = pipeline.done_rows(self.name)
+    def example_rows(self, pipeline: PipelineView, image_ids: Collection[str]) -> list[dict]:
+        """Rows of its gallery, of the images ``image_ids`` (those the run computed, or a sample of them): each image
+        with the stage's ``gallery_columns`` images under ``maps``."""
+        done = pipeline.done_rows(self.name, image_ids)
         rows = []
-        for image in pipeline.images:
+        for image in _images_of(pipeline, image_ids):
             row = done.get(image["image_id"])
             if row is not None and row["status"] == STATUS_OK:
                 rows.append({**image, "status": STATUS_OK, "segments": None,
@@ -446,14 +448,15 @@ class Stage:
         return content_key(self.name, self.version(), params.model_dump(mode="json"), upstream_keys)
 
 
-def _structure_rows(pipeline: PipelineView, *, regions: bool, captions: bool) -> list[dict]:
-    """Gallery rows after the image stages: images with their maps, regions (None before they are proposed) and,
-    once scored, the sentences and scores of their regions."""
-    structure = pipeline.done_rows("structure")
-    proposed = pipeline.done_rows("regions") if regions else {}
-    scored_rows = pipeline.done_rows("captions") if captions else {}
+def _structure_rows(pipeline: PipelineView, image_ids: Collection[str], *, regions: bool,
+                    captions: bool) -> list[dict]:
+    """Gallery rows after the image stages, of the images ``image_ids``: images with their maps, regions (None before
+    they are proposed) and, once scored, the sentences and scores of their regions."""
+    structure = pipeline.done_rows("structure", image_ids)
+    proposed = pipeline.done_rows("regions", image_ids) if regions else {}
+    scored_rows = pipeline.done_rows("captions", image_ids) if captions else {}
     rows = []
-    for image in pipeline.images:
+    for image in _images_of(pipeline, image_ids):
         maps = structure.get(image["image_id"])
         if maps is None or maps["status"] != STATUS_OK:
             continue
@@ -476,10 +479,33 @@ class KeyedStage(Stage):
         return self.pending_items(pipeline, set(self.item_keys(pipeline).to_pylist()))
 
 
-def _images_of(pipeline: PipelineView, ids: set[str]) -> list[dict]:
+def _images_of(pipeline: PipelineView, ids: Collection[str]) -> list[dict]:
     """``{image_id, source_path}`` of the images ``ids`` (as ``pipeline.images`` lists them), without the others."""
     table = pipeline.image_table
     return table.filter(pc.is_in(table.column("image_id"), value_set=pa.array(sorted(ids), pa.string()))).to_pylist()
+
+
+GALLERY_CANDIDATES = 1000  # images a gallery chooses its examples from (it shows 5)
+
+
+def even_picks(count: int, limit: int) -> list[int]:
+    """Indices of ``limit`` of ``count`` items, evenly spread (all of them when ``count <= limit``)."""
+    if limit <= 0 or count <= limit:
+        return list(range(count)) if limit > 0 else []
+    return [int(i * count / limit) for i in range(limit)]
+
+
+def gallery_images(pipeline: PipelineView, pending: list[Item], limit: int = GALLERY_CANDIDATES) -> list[str]:
+    """The images a stage's gallery picks its examples from: those its run computed (``pending``; a stage of one
+    item, the manifest, computed them all), at most ``limit`` of them evenly spread by image id. A run that adds 20
+    images to a million shows those 20, and reads the rows of no others."""
+    ids = sorted({record["image_id"] for _key, record in pending
+                  if isinstance(record, dict) and record.get("image_id")})
+    if not ids and pending:  # one item made of every image (the manifest)
+        column = pipeline.image_table.column("image_id")
+        order = pc.sort_indices(column)
+        return column.take(order.take(pa.array(even_picks(len(order), limit), pa.int64()))).to_pylist()
+    return [ids[i] for i in even_picks(len(ids), limit)]
 
 
 def ok_image_ids(done: pa.Table) -> pa.Array:
@@ -591,8 +617,8 @@ class Structure(KeyedStage):
     def output_paths(self, row):
         return [row[c] for c in MAP_COLUMNS if row.get(c)]
 
-    def example_rows(self, pipeline):
-        return _structure_rows(pipeline, regions=False, captions=False)
+    def example_rows(self, pipeline, image_ids):
+        return _structure_rows(pipeline, image_ids, regions=False, captions=False)
 
 
 class RegionsParams(Params):
@@ -669,8 +695,8 @@ class Regions(KeyedStage):
             paths += [p for p in (segment.get("crop_path"), segment.get("structure_crop_path")) if p]
         return paths
 
-    def example_rows(self, pipeline):
-        return _structure_rows(pipeline, regions=True, captions=False)
+    def example_rows(self, pipeline, image_ids):
+        return _structure_rows(pipeline, image_ids, regions=True, captions=False)
 
 
 class CaptionsParams(Params):
@@ -780,8 +806,8 @@ class Captions(KeyedStage):
             return f"no caption: {one_line_error(result.get('error') or note or 'no caption found or generated')}"
         return problem
 
-    def example_rows(self, pipeline):
-        return _structure_rows(pipeline, regions=True, captions=True)
+    def example_rows(self, pipeline, image_ids):
+        return _structure_rows(pipeline, image_ids, regions=True, captions=True)
 
 
 class FilterParams(Params):
@@ -943,8 +969,9 @@ class Manifest(Stage):
     def output_paths(self, row):
         return json.loads(row.get("result") or "{}").get("parts", [])
 
-    def example_rows(self, pipeline):
-        return pipeline.manifest_rows.rows
+    def example_rows(self, pipeline, image_ids):
+        wanted = set(image_ids)
+        return [row for row in pipeline.manifest_rows.rows if row.get("image_id") in wanted]
 
 
 def ablation_arguments(config: Config) -> tuple[Any, dict, dict]:

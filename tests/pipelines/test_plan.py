@@ -306,3 +306,44 @@ def test_the_manifest_rows_are_read_again_only_after_a_stage_they_follow_from(fo
     pipeline.invalidate("filter")
     assert pipeline.manifest_rows is not rows
     assert [r["image_id"] for r in pipeline.manifest_rows.rows] == [r["image_id"] for r in rows.rows]
+
+
+def test_a_gallery_shows_the_images_its_run_computed_and_reads_no_other_rows(folder, tmp_path):
+    from pipelines.engine.stages import gallery_images
+
+    images, out = tmp_path / "images", tmp_path / "out"
+    shutil.copytree(folder, images)
+    run_inline(_pipeline(images, out), DATA)
+    before = {row["image_id"] for row in _pipeline(images, out).images}
+    make_generated_images(images, 2, size=(96, 72), start=5)  # a run that adds 2 images
+    pipeline = _pipeline(images, out)
+    run_inline(pipeline, ["ingest"])
+    pipeline = _pipeline(images, out)
+    added = sorted({row["image_id"] for row in pipeline.images} - before)
+    assert len(added) == 2
+    assert gallery_images(pipeline, pipeline.plan("structure").pending) == added
+    # At most `limit` of them, evenly spread by image id.
+    assert gallery_images(pipeline, pipeline.plan("structure").pending, limit=1) == added[:1]
+    run_inline(pipeline, DATA[1:])
+    pipeline = _pipeline(images, out)
+    everything = sorted(before | set(added))
+    # The manifest, one item made of every image: all of them, or an even sample (0, 2, 4 of 7 by id).
+    manifest = [(key, {"rows": []}) for key in ("manifest",)]
+    assert gallery_images(pipeline, manifest) == everything
+    assert gallery_images(pipeline, manifest, limit=3) == [everything[0], everything[2], everything[4]]
+
+    for stage in ("structure", "regions", "captions"):
+        whole = pipeline.done_rows(stage)
+        assert pipeline.done_rows(stage, added) == {i: row for i, row in whole.items() if i in added}
+    structure, scored = pipeline.done_rows("structure"), pipeline.done_rows("captions")
+    rows = pipeline.stages["captions"].example_rows(pipeline.view_of("captions"), added)
+    assert [row["image_id"] for row in rows] == added
+    for row in rows:
+        assert row["structure_path"] == structure[row["image_id"]]["structure_path"]
+        assert row["segments"] == scored[row["image_id"]]["segments"]
+    shown = pipeline.stages["manifest"].example_rows(pipeline.view_of("manifest"), added)
+    assert sorted(row["image_id"] for row in shown) == added
+    # The rows of the images asked for are checked as every row is: a lost map leaves its image out.
+    (out / structure[added[0]]["structure_path"]).unlink()
+    assert set(_pipeline(images, out).done_rows("structure", added)) == {added[1]}
+    assert added[0] not in _pipeline(images, out).done_rows("structure")
