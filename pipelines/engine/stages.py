@@ -496,12 +496,13 @@ def even_picks(count: int, limit: int) -> list[int]:
 
 
 def gallery_images(pipeline: PipelineView, pending: list[Item], limit: int = GALLERY_CANDIDATES) -> list[str]:
-    """The images a stage's gallery picks its examples from: those its run computed (``pending``; a stage of one
-    item, the manifest, computed them all), at most ``limit`` of them evenly spread by image id. A run that adds 20
-    images to a million shows those 20, and reads the rows of no others."""
+    """The images a stage's gallery picks its examples from: those its run computed (the ``image_id`` of each
+    ``pending`` record; a stage whose items name no image, like the manifest's one item, computed them all), at most
+    ``limit`` of them evenly spread by image id. A run that adds 20 images to a million shows those 20, and reads the
+    rows of no others."""
     ids = sorted({record["image_id"] for _key, record in pending
                   if isinstance(record, dict) and record.get("image_id")})
-    if not ids and pending:  # one item made of every image (the manifest)
+    if not ids and pending:
         column = pipeline.image_table.column("image_id")
         order = pc.sort_indices(column)
         return column.take(order.take(pa.array(even_picks(len(order), limit), pa.int64()))).to_pylist()
