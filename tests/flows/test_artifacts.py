@@ -353,3 +353,29 @@ def test_a_source_above_pil_s_own_guard_gives_galleries_without_warnings(tmp_pat
         drawn = render.boxes_image(path, [{"x1": 4, "y1": 4, "x2": 30, "y2": 20}])
         thumbnail = render.thumbnail_png(path, max_side=32)
     assert drawn.shape == (48, 64, 3) and Image.open(io.BytesIO(thumbnail)).size == (32, 24)
+
+
+def test_a_stage_gallery_shows_the_images_its_run_computed(tmp_path, monkeypatch):
+    """What a run that adds images publishes after a stage: the gallery's rows are of the images it computed."""
+    from configs import load_config
+    from flows import pipeline as flows_pipeline
+    from pipelines.engine.execute import run_inline
+    from pipelines.engine.plan import Pipeline
+    from tests.corpus import make_generated_images
+
+    images, out = tmp_path / "images", tmp_path / "out"
+    config = load_config(overrides={"model.clip_model": "structxlip/tiny-clip", "runtime.workers": 1})
+    make_generated_images(images, 3, size=(96, 72))
+    run_inline(Pipeline(images, out, config), ["ingest", "structure"])
+    added = make_generated_images(images, 2, size=(96, 72), start=3)
+    run_inline(Pipeline(images, out, config), ["ingest"])
+    pending = Pipeline(images, out, config).plan("structure").pending
+    (summary,) = run_inline(Pipeline(images, out, config), ["structure"])
+    assert (summary["processed"], summary["cached"]) == (2, 3)
+
+    shown = {}
+    monkeypatch.setattr(artifacts, "publish_stage_summary", lambda *args, **kwargs: {})
+    monkeypatch.setattr(artifacts, "publish_gallery", lambda stage, out_dir, rows, **kwargs: shown.setdefault(stage, rows))
+    flows_pipeline._publish(Pipeline(images, out, config), summary, pending)
+    assert sorted(row["source_path"] for row in shown["structure"]) == sorted(str(path) for path in added)
+    assert all(row["structure_path"] and (out / row["structure_path"]).is_file() for row in shown["structure"])

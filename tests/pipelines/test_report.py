@@ -348,6 +348,16 @@ def test_a_manifest_larger_than_the_page_is_shown_as_a_sample_and_counted_whole(
     assert result.rows == result.total == 300 and "300 images in" in page_data(result)[0]
 
 
+def test_structxlip_report_max_rows_from_the_command_line(tmp_path):
+    make_synthetic_manifest(tmp_path, n_images=12, image_size=48)
+    command = [sys.executable, "-m", "flows.cli", "report", str(tmp_path), "--max-rows"]
+    done = subprocess.run([*command, "5"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0 and done.stdout.startswith("report of 5 of 13 images"), done.stderr[-2000:]
+    refused = subprocess.run([*command, "0"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert refused.returncode == 2 and refused.stderr.strip().splitlines()[-1] == (
+        "structxlip report: error: argument --max-rows: expected a whole number >= 1, got '0'")
+
+
 # ---- the page in a browser ------------------------------------------------------------------------------------
 def _small_output_folder(out_dir: Path) -> dict:
     """A synthetic output folder with a hostile caption, training metrics, eval metrics and hand-made rankings."""
