@@ -16,6 +16,7 @@
       config.yaml                                      the config of the last run (single-stage re-runs reuse it)
       cache/file-keys.parquet                          the ingest item key of each image file, as the last scan gave them
       cache/caption-keys.parquet                       the text stages' item keys, as the folder's captions gave them
+      cache/manifest-rows.parquet                      the signature of each manifest row, as the manifest on disk has it
       runs/<timestamp>.json                            summary of each pipeline run
       .lock                                            held by the run writing this folder
 """
@@ -114,6 +115,13 @@ class OutputLayout:
         """The text stages' item keys and the captions' digest, kept with a key of what they were derived from, so that
         a run on an unchanged folder does not read its captions again (``Pipeline.caption_keys``); safe to delete."""
         return self.root / "cache" / "caption-keys.parquet"
+
+    @property
+    def manifest_index(self) -> Path:
+        """The signature of each manifest row (``pipelines.steps.manifest.row_signatures``), kept with a key of the
+        manifest's parts as written, so that a run rebuilds only the rows whose inputs changed; safe to delete (the
+        next manifest run then compares every row)."""
+        return self.root / "cache" / "manifest-rows.parquet"
 
     @property
     def lock_path(self) -> Path:

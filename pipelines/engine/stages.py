@@ -280,6 +280,8 @@ class PipelineView(Protocol):
     @property
     def manifest_rows(self) -> ManifestRows: ...
 
+    def manifest_update(self) -> dict: ...
+
     def done_rows(self, stage: str, image_ids: Collection[str] | None = None) -> dict[str, dict]: ...
 
     def done_table(self, stage: str) -> pa.Table: ...
@@ -382,6 +384,11 @@ class Stage:
     def refreshed(self, runtime: dict) -> dict:
         """Return the runtime settings of a forced recompute (``--refresh``): the same by default."""
         return runtime
+
+    def outdated(self, stored: pa.Table, layout: OutputLayout) -> dict[str, str]:
+        """Item key -> why, for stored rows (``key_columns`` at least) that no longer hold although their output files
+        are intact; none by default."""
+        return {}
 
     def run(self, records: list, *, layout: OutputLayout, stage_key: str, params: dict, runtime: dict) -> list[dict]:
         """Process one chunk through the library; return one row per record (same order)."""
@@ -929,8 +936,7 @@ class Manifest(Stage):
     key_columns = ("result",)
 
     def items(self, pipeline):
-        built = pipeline.manifest_rows
-        record = {"rows": built.rows, "duplicates": built.duplicates}
+        record = pipeline.manifest_update()
         fields = [field for stage in pipeline.stages.values() for field in stage.manifest_fields]
         if fields:  # plugin stages' columns, after the built-in ones
             record["fields"] = fields
@@ -954,25 +960,42 @@ class Manifest(Stage):
         return content_key("manifest", results, pipeline.captions_digest(), length=32)
 
     def run(self, records, *, layout, stage_key, params, runtime):
-        from pipelines.steps.manifest import write_manifest
-        from storage.manifest import manifest_schema
-        from storage.parquet import parquet_parts
+        from pipelines.steps.manifest import manifest_parts_key, write_manifest
+        from storage.manifest import manifest_batches, manifest_schema
+        from storage.parquet import parquet_parts, write_derived
 
         (record,) = records
+        layout.manifest_index.unlink(missing_ok=True)  # what it says of the manifest stops being true below
         result = write_manifest(layout, record["rows"], rewrite=runtime.get("rewrite", False),
-                                schema=manifest_schema(record.get("fields", ())))
-        ok = sum(r["status"] == STATUS_OK for r in record["rows"])
-        summary = {"rows": len(record["rows"]), "ok": ok, "written_rows": result.written_rows,
-                   "kept_rows": result.kept_rows, "duplicates": len(record["duplicates"]),
-                   "parts": [layout.relative(p) for p in parquet_parts(layout.manifest_dir)]}
+                                schema=manifest_schema(record.get("fields", ())), replace=record.get("replace"))
+        write_derived(layout.manifest_index, manifest_parts_key(layout.manifest_dir), record["signatures"])
+        rows = ok = duplicates = 0
+        for batch in manifest_batches(layout.manifest_dir, ["status", "duplicate_paths"]):
+            rows += batch.num_rows
+            ok += pc.sum(pc.equal(batch.column("status"), STATUS_OK)).as_py() or 0
+            duplicates += pc.sum(pc.list_value_length(batch.column("duplicate_paths"))).as_py() or 0
+        summary = {"rows": rows, "ok": ok, "written_rows": result.written_rows, "kept_rows": result.kept_rows,
+                   "duplicates": duplicates, "parts": [layout.relative(p) for p in parquet_parts(layout.manifest_dir)]}
         return [{"image_id": None, "status": STATUS_OK, "error": None, "result": json.dumps(summary)}]
 
     def output_paths(self, row):
         return json.loads(row.get("result") or "{}").get("parts", [])
 
+    def outdated(self, stored, layout):
+        """A result whose manifest is not the one on disk: its parts are intact, but another run added parts beside
+        them (a run adding an image keeps the parts it did not change; going back to the earlier folder must not
+        keep that image's row)."""
+        from storage.parquet import parquet_parts
+
+        on_disk = sorted(layout.relative(p) for p in parquet_parts(layout.manifest_dir))
+        return {key: "the manifest folder holds other parts than this result wrote"
+                for key, result in zip(stored.column(ITEM_KEY).to_pylist(), stored.column("result").to_pylist())
+                if sorted(self.output_paths({"result": result})) != on_disk}
+
     def example_rows(self, pipeline, image_ids):
-        wanted = set(image_ids)
-        return [row for row in pipeline.manifest_rows.rows if row.get("image_id") in wanted]
+        from storage.manifest import manifest_rows_with_ids
+
+        return manifest_rows_with_ids(pipeline.layout.manifest_dir, image_ids) if pipeline.layout.manifest_dir.is_dir() else []
 
 
 def ablation_arguments(config: Config) -> tuple[Any, dict, dict]:

@@ -14,25 +14,33 @@ Rules (one row per distinct image):
   ``failed`` with ``"<stage>: <one-line error>"`` (``"<stage>: not computed"`` when the stage has no result yet; an
   image without a caption reads ``"no caption: ..."``) and is never trained on.
 - ``split`` (ok rows only) is a deterministic function of the image id and the ratios (``assign_split``).
+
+A run that changes a few images rebuilds only their rows: ``row_signatures`` names each row by what it is built from,
+the signatures of the manifest on disk are kept beside it (``OutputLayout.manifest_index``), and ``write_manifest``
+with ``replace`` rewrites only the parts holding rows whose signature changed, column-wise (the other rows of such a
+part are carried as Arrow, never as Python rows).
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
-from storage.hashing import content_key
+from storage.hashing import content_key, table_digest
 from storage.layout import IMAGE_ID_LENGTH, OutputLayout
 from storage.manifest import MANIFEST_COLUMNS, MANIFEST_SCHEMA, STATUS_FAILED, STATUS_OK, manifest_table
 from storage.atomic import atomic_directory
 from storage.parquet import parquet_parts, read_part, write_parquet_atomic
 
 VERSION = "2"
+SIGNATURE_VERSION = "1"  # bump when row_signatures reads other inputs
 SPLIT_ORDER = ("train", "val", "test")
 MAX_ROWS_PER_PART = 50_000
 
@@ -147,6 +155,65 @@ def _union_captions(paths: list[str], captions_index: dict[str, tuple]) -> tuple
     return captions, source, note
 
 
+RESULT_COLUMNS = ("image_id", "item_key", "status", "error")  # what a signature reads of a stage's current result
+
+
+def row_signatures(files: pa.Table, file_captions: Callable[[str], object], joined: list[pa.Table],
+                   salt: str) -> pa.Table:
+    """Return ``image_id, signature`` of every manifest row (by image id): a key of everything
+    ``build_manifest_rows`` builds the row from, so that a row whose signature is unchanged is the same row.
+
+    ``files``: one row per ingested file (``source_path`` and ``RESULT_COLUMNS``); ``file_captions(path)``: the file's
+    captions as the folder gives them (caption, source, note, further captions), any value whose ``repr`` changes
+    with them; ``joined``: in pipeline order, the current results of each stage the manifest joins (``RESULT_COLUMNS``;
+    a stage's other values follow from its item key under its stage key); ``salt``: what every row follows from (the
+    manifest's stage key, split ratios, columns). One string and one hash per image: no row is built.
+    """
+    files = files.sort_by("source_path")
+    paths = files.column("source_path").to_pylist()
+    ids = [image_id or failed_image_id(path) for image_id, path in zip(files.column("image_id").to_pylist(), paths)]
+    texts = [f"{path}\x1f{key}\x1f{status}\x1f{error}\x1f{file_captions(path)!r}" for path, key, status, error
+             in zip(paths, *(files.column(c).to_pylist() for c in RESULT_COLUMNS[1:]))]
+    results: list[dict[str, str]] = []
+    for table in joined:
+        if pc.count_distinct(table.column("image_id")).as_py() != table.num_rows:  # several items of an image
+            table = table.sort_by([("image_id", "ascending"), ("item_key", "ascending")])
+        by_image: dict[str, str] = {}
+        for image_id, key, status, error in zip(*(table.column(c).to_pylist() for c in RESULT_COLUMNS)):
+            by_image[image_id] = f"{by_image.get(image_id, '')}{key}\x1f{status}\x1f{error}\x1e"
+        results.append(by_image)
+    groups: dict[str, list[str]] = {}  # image id -> its files' texts, in sorted path order
+    for image_id, text in zip(ids, texts):
+        groups.setdefault(image_id, []).append(text)
+    order = sorted(groups)
+    signatures = [hashlib.blake2b("\x1d".join([salt, *groups[image_id], *(r.get(image_id, "-") for r in results)])
+                                  .encode("utf-8", "surrogatepass"), digest_size=16).hexdigest()
+                  for image_id in order]
+    return pa.table({"image_id": pa.array(order, pa.string()), "signature": pa.array(signatures, pa.string())})
+
+
+def manifest_parts_key(folder: str | os.PathLike) -> str | None:
+    """A key of the manifest's parts as they are on disk (name, size, modification time): the key its signatures are
+    kept under; None without a manifest."""
+    try:
+        stats = [(part.name, part.stat().st_size, part.stat().st_mtime_ns) for part in parquet_parts(folder)]
+    except FileNotFoundError:  # a part removed while listed: no key the signatures were kept under
+        return None
+    return content_key("manifest-parts", stats, length=32) if stats else None
+
+
+def changed_rows(current: pa.Table, kept: pa.Table) -> tuple[pa.Array, pa.Array]:
+    """Compare ``row_signatures`` now with those of the manifest on disk; return (image ids whose row must be built:
+    new or changed; image ids whose row on disk must go: changed or gone), column-wise."""
+    def pairs(table: pa.Table) -> pa.Array:
+        return pc.binary_join_element_wise(table.column("image_id"), table.column("signature"), ":").combine_chunks()
+
+    now, before = pairs(current), pairs(kept)
+    build = current.column("image_id").filter(pc.invert(pc.is_in(now, value_set=before))).combine_chunks()
+    drop = kept.column("image_id").filter(pc.invert(pc.is_in(before, value_set=now))).combine_chunks()
+    return build, drop
+
+
 @dataclass
 class ManifestWrite:
     """What ``write_manifest`` did: rows newly written, rows kept in untouched parts, parts written and removed."""
@@ -159,21 +226,56 @@ class ManifestWrite:
 
 
 def write_manifest(layout: OutputLayout, rows: list[dict], *, rewrite: bool = False,
-                   schema: pa.Schema = MANIFEST_SCHEMA) -> ManifestWrite:
+                   schema: pa.Schema = MANIFEST_SCHEMA, replace: pa.Array | None = None) -> ManifestWrite:
     """Make ``OUT/manifest/`` hold exactly ``rows`` once each (``schema``: the manifest's columns, plugins' included),
     rewriting only parts that hold stale or removed rows or other columns (every part with ``rewrite``).
+
+    With ``replace`` (image ids), the manifest on disk is known to be current but for the rows of those images
+    (``changed_rows``): they go, ``rows`` (the new and changed ones) are added, and only the parts that held a row of
+    ``replace`` or of ``rows`` are rewritten, their other rows carried column-wise.
 
     The new manifest is assembled in a staging folder (current parts hard-linked, new parts written) that replaces
     ``OUT/manifest/`` in one atomic exchange: readers (DuckDB, pandas, a trainer) and a run killed at any moment see
     the old manifest or the new one, never a mix, a duplicate row or an empty folder.
     """
-    wanted = {row["image_id"]: row for row in manifest_table(rows, schema).to_pylist()}
-    if len(wanted) != len(rows):
-        raise ValueError(f"expected one manifest row per image_id, got {len(rows)} rows for {len(wanted)} ids")
+    new = manifest_table(rows, schema)
+    if pc.count_distinct(new.column("image_id")).as_py() != new.num_rows:
+        raise ValueError(f"expected one manifest row per image_id, got {new.num_rows} rows for "
+                         f"{pc.count_distinct(new.column('image_id')).as_py()} ids")
+    if replace is None:
+        kept, stale, table = _compare_parts(layout, new, schema, rewrite)
+    else:
+        kept, stale, table = _replace_in_parts(layout, new, replace, schema, rewrite)
+    table = table.sort_by("image_id")
+    kept_rows = sum(rows for _, rows in kept)
+    written: list[Path] = []
+    if table.num_rows or stale or not layout.manifest_dir.is_dir():
+        with atomic_directory(layout.manifest_dir) as staging:
+            for part, _ in kept:
+                _link_or_copy(part, staging / part.name)
+            for start in range(0, table.num_rows, MAX_ROWS_PER_PART):
+                chunk = table.slice(start, MAX_ROWS_PER_PART)
+                name = layout.manifest_part(content_key(VERSION, table_digest(chunk))).name
+                write_parquet_atomic(chunk, staging / name)
+                written.append(layout.manifest_dir / name)
+    return ManifestWrite(
+        written_rows=table.num_rows,
+        kept_rows=kept_rows,
+        written_ids=table.column("image_id").to_pylist(),
+        written_parts=written,
+        removed_parts=[p for p in stale if p not in written],
+    )
+
+
+def _compare_parts(layout: OutputLayout, new: pa.Table, schema: pa.Schema,
+                   rewrite: bool) -> tuple[list[tuple[Path, int]], list[Path], pa.Table]:
+    """Sort the parts on disk into kept ones (``(part, rows)``: each of its rows equal to that image's row in ``new``)
+    and stale ones; return them and the rows of ``new`` left to write. Row by row: the path of a manifest whose
+    signatures are not known (its first run, or parts changed by hand)."""
+    wanted = {row["image_id"]: row for row in new.to_pylist()}
     covered: set[str] = set()
-    kept: list[Path] = []
+    kept: list[tuple[Path, int]] = []
     stale: list[Path] = []
-    kept_rows = 0
     for part in parquet_parts(layout.manifest_dir):
         try:
             table = read_part(part)
@@ -187,28 +289,35 @@ def write_manifest(layout: OutputLayout, rows: list[dict], *, rewrite: bool = Fa
         current = all(wanted.get(r["image_id"]) == r for r in existing) and covered.isdisjoint(ids) and len(set(ids)) == len(ids)
         if current and existing and not rewrite:
             covered.update(ids)
-            kept_rows += len(existing)
-            kept.append(part)
+            kept.append((part, len(existing)))
         else:
             stale.append(part)
-    new_rows = [row for image_id, row in sorted(wanted.items()) if image_id not in covered]
-    written: list[Path] = []
-    if new_rows or stale or not layout.manifest_dir.is_dir():
-        with atomic_directory(layout.manifest_dir) as staging:
-            for part in kept:
-                _link_or_copy(part, staging / part.name)
-            for start in range(0, len(new_rows), MAX_ROWS_PER_PART):
-                chunk = new_rows[start : start + MAX_ROWS_PER_PART]
-                name = layout.manifest_part(content_key(VERSION, chunk)).name
-                write_parquet_atomic(manifest_table(chunk, schema), staging / name)
-                written.append(layout.manifest_dir / name)
-    return ManifestWrite(
-        written_rows=len(new_rows),
-        kept_rows=kept_rows,
-        written_ids=[row["image_id"] for row in new_rows],
-        written_parts=written,
-        removed_parts=[p for p in stale if p not in written],
-    )
+    if not covered:
+        return kept, stale, new
+    left = pc.invert(pc.is_in(new.column("image_id"), value_set=pa.array(sorted(covered), pa.string())))
+    return kept, stale, new.filter(left)
+
+
+def _replace_in_parts(layout: OutputLayout, new: pa.Table, replace: pa.Array, schema: pa.Schema,
+                      rewrite: bool) -> tuple[list[tuple[Path, int]], list[Path], pa.Table]:
+    """Sort the parts on disk into kept ones (``(part, rows)``: none of its rows is of an image in ``replace`` or
+    ``new``) and stale ones; return them and the rows to write: ``new`` and the stale parts' other rows, carried
+    column-wise. Only the ``image_id`` column of a kept part is read."""
+    gone = pa.concat_arrays([replace.cast(pa.string()), new.column("image_id").combine_chunks()])
+    kept: list[tuple[Path, int]] = []
+    stale: list[Path] = []
+    carried: list[pa.Table] = []
+    for part in parquet_parts(layout.manifest_dir):
+        hit = pc.is_in(read_part(part, columns=["image_id"]).column("image_id"), value_set=gone)
+        if rewrite or pc.any(hit).as_py():
+            stale.append(part)
+            table = read_part(part)
+            if table.column_names != schema.names:
+                raise ValueError(f"{part}: expected the manifest's columns {schema.names}, got {table.column_names}")
+            carried.append(table.filter(pc.invert(hit)).cast(schema))
+        else:
+            kept.append((part, len(hit)))
+    return kept, stale, pa.concat_tables([*carried, new]) if carried else new
 
 
 def _link_or_copy(source: Path, target: Path) -> None:
