@@ -623,10 +623,13 @@ class Pipeline:
         fields = [(f.name, str(f.type)) for stage in self.stages.values() for f in stage.manifest_fields]
         salt = content_key("manifest-rows", SIGNATURE_VERSION, self.keys["manifest"],
                            dict(self.config.manifest.split_ratios), fields, whole)
+        files = self.done_table("ingest").select(["source_path", *RESULT_COLUMNS])
         index = self.caption_index
         entries, extras = index.entries, index.extras
-        files = self.done_table("ingest").select(["source_path", *RESULT_COLUMNS])
-        return row_signatures(files, lambda path: (entries.get(path), extras.get(path)), tables, salt)
+        captions = [f"{entry.caption}\x1f{entry.caption_source}\x1f{entry.note}\x1f{extras.get(path)}"
+                    for path in files.column("source_path").to_pylist()
+                    for entry in (entries.get(path, _NO_ENTRY),)]
+        return row_signatures(files.append_column("captions", pa.array(captions, pa.string())), tables, salt)
 
     def manifest_digest(self) -> str | None:
         """Content key of the manifest on disk (its parts are named by the content of their rows); None when absent."""

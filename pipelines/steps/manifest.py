@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -33,7 +32,7 @@ from typing import Protocol
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from storage.hashing import content_key, table_digest
+from storage.hashing import content_key, distinct_key_order, table_digest
 from storage.layout import IMAGE_ID_LENGTH, OutputLayout
 from storage.manifest import MANIFEST_COLUMNS, MANIFEST_SCHEMA, STATUS_FAILED, STATUS_OK, manifest_table
 from storage.atomic import atomic_directory
@@ -158,38 +157,53 @@ def _union_captions(paths: list[str], captions_index: dict[str, tuple]) -> tuple
 RESULT_COLUMNS = ("image_id", "item_key", "status", "error")  # what a signature reads of a stage's current result
 
 
-def row_signatures(files: pa.Table, file_captions: Callable[[str], object], joined: list[pa.Table],
-                   salt: str) -> pa.Table:
+def row_signatures(files: pa.Table, joined: list[pa.Table], salt: str) -> pa.Table:
     """Return ``image_id, signature`` of every manifest row (by image id): a key of everything
     ``build_manifest_rows`` builds the row from, so that a row whose signature is unchanged is the same row.
 
-    ``files``: one row per ingested file (``source_path`` and ``RESULT_COLUMNS``); ``file_captions(path)``: the file's
-    captions as the folder gives them (caption, source, note, further captions), any value whose ``repr`` changes
-    with them; ``joined``: in pipeline order, the current results of each stage the manifest joins (``RESULT_COLUMNS``;
-    a stage's other values follow from its item key under its stage key); ``salt``: what every row follows from (the
-    manifest's stage key, split ratios, columns). One string and one hash per image: no row is built.
+    ``files``: one row per ingested file: ``source_path``, ``RESULT_COLUMNS`` and ``captions`` (the file's captions as
+    the folder gives them: caption, source, note and further captions in one string); ``joined``: in pipeline order,
+    the current results of each stage the manifest joins (``RESULT_COLUMNS``; a stage's other values follow from its
+    item key under its stage key); ``salt``: what every row follows from (the manifest's stage key, split ratios,
+    columns). Column-wise: one string per image is joined in Arrow and hashed; no row is built.
     """
-    files = files.sort_by("source_path")
-    paths = files.column("source_path").to_pylist()
-    ids = [image_id or failed_image_id(path) for image_id, path in zip(files.column("image_id").to_pylist(), paths)]
-    texts = [f"{path}\x1f{key}\x1f{status}\x1f{error}\x1f{file_captions(path)!r}" for path, key, status, error
-             in zip(paths, *(files.column(c).to_pylist() for c in RESULT_COLUMNS[1:]))]
-    results: list[dict[str, str]] = []
+    ids = files.column("image_id")
+    if ids.null_count:  # a file read without bytes: its row is named by its path
+        paths = files.column("source_path").to_pylist()
+        ids = pa.array([image_id or failed_image_id(path) for image_id, path in zip(ids.to_pylist(), paths)],
+                       pa.string())
+    texts = pa.table({"image_id": ids, "text": _joined(files, ("source_path", *RESULT_COLUMNS[1:], "captions")),
+                      "source_path": files.column("source_path")})
+    images = _one_per_image(texts, "\x1d", ("source_path",))  # an image's files in sorted path order
+    order = distinct_key_order(images.column("image_id"))  # by image id (hex ids: sorted as numbers)
+    images = images.sort_by("image_id") if order is None else images.take(order)
+    parts = [pa.scalar(salt, pa.string()), images.column("text")]
     for table in joined:
-        if pc.count_distinct(table.column("image_id")).as_py() != table.num_rows:  # several items of an image
-            table = table.sort_by([("image_id", "ascending"), ("item_key", "ascending")])
-        by_image: dict[str, str] = {}
-        for image_id, key, status, error in zip(*(table.column(c).to_pylist() for c in RESULT_COLUMNS)):
-            by_image[image_id] = f"{by_image.get(image_id, '')}{key}\x1f{status}\x1f{error}\x1e"
-        results.append(by_image)
-    groups: dict[str, list[str]] = {}  # image id -> its files' texts, in sorted path order
-    for image_id, text in zip(ids, texts):
-        groups.setdefault(image_id, []).append(text)
-    order = sorted(groups)
-    signatures = [hashlib.blake2b("\x1d".join([salt, *groups[image_id], *(r.get(image_id, "-") for r in results)])
-                                  .encode("utf-8", "surrogatepass"), digest_size=16).hexdigest()
-                  for image_id in order]
-    return pa.table({"image_id": pa.array(order, pa.string()), "signature": pa.array(signatures, pa.string())})
+        results = _one_per_image(pa.table({"image_id": table.column("image_id"),
+                                           "text": _joined(table, RESULT_COLUMNS[1:])}), "\x1e", ("text",))
+        at = pc.index_in(images.column("image_id"), value_set=results.column("image_id"))
+        parts.append(pc.fill_null(pc.take(results.column("text"), at), "-"))  # "-": not computed
+    whole = pc.binary_join_element_wise(*parts, "\x1d").to_pylist()
+    signatures = [hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=16).hexdigest() for text in whole]
+    return pa.table({"image_id": images.column("image_id"), "signature": pa.array(signatures, pa.string())})
+
+
+def _joined(table: pa.Table, columns: tuple[str, ...]) -> pa.ChunkedArray:
+    """The values of ``columns`` of each row joined into one string (null as "\x00")."""
+    return pc.binary_join_element_wise(*(table.column(c).cast(pa.string()) for c in columns), "\x1f",
+                                       null_handling="replace", null_replacement="\x00")
+
+
+def _one_per_image(table: pa.Table, separator: str, order: tuple[str, ...] = ()) -> pa.Table:
+    """``image_id, text`` with one row per image id: the texts of an image's rows joined in their order (after sorting
+    by ``order``, when given)."""
+    if pc.count_distinct(table.column("image_id")).as_py() != table.num_rows:
+        if order:
+            table = table.sort_by([(c, "ascending") for c in order])
+        grouped = table.group_by("image_id", use_threads=False).aggregate([("text", "list")])
+        return pa.table({"image_id": grouped.column("image_id"),
+                         "text": pc.binary_join(grouped.column("text_list"), separator)})
+    return table.select(["image_id", "text"])
 
 
 def manifest_parts_key(folder: str | os.PathLike) -> str | None:

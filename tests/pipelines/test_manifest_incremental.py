@@ -217,3 +217,41 @@ def test_going_back_to_an_earlier_folder_leaves_no_row_of_the_image_removed(tmp_
     added.unlink()
     _run_and_check(images, out)
     assert _on_disk(out) == first
+
+
+def test_a_signature_changes_exactly_with_its_images_inputs_whatever_their_order():
+    from pipelines.steps.manifest import row_signatures
+
+    files = pa.table({"source_path": ["/i/a.jpg", "/i/b.jpg", "/i/b_copy.jpg", "/i/c.jpg"],
+                      "image_id": ["A", "B", "B", None], "item_key": ["fa", "fb", "fb2", "fc"],
+                      "status": ["ok", "ok", "ok", "failed"], "error": [None, None, None, "cannot read"],
+                      "captions": ["a cat\x1fjsonl\x1fNone\x1fNone", "a dog\x1fjsonl\x1fNone\x1fNone",
+                                   "None\x1fNone\x1fNone\x1fNone", "None\x1fNone\x1fNone\x1fNone"]})
+    stage = pa.table({"image_id": ["A", "B"], "item_key": ["ka", "kb"], "status": ["ok", "failed"],
+                      "error": [None, "too small"]})
+    base = row_signatures(files, [stage], "salt")
+    c = failed_image_id("/i/c.jpg")
+    assert base.column("image_id").to_pylist() == sorted(["A", "B", c])
+    signature = dict(zip(*(base.column(n).to_pylist() for n in ("image_id", "signature"))))
+    assert len(set(signature.values())) == 3
+    shuffled = row_signatures(files.take([3, 2, 0, 1]), [stage.take([1, 0])], "salt")
+    assert shuffled.equals(base)
+
+    def changed(new_files=files, new_stage=stage, salt="salt") -> set[str]:
+        got = dict(zip(*(row_signatures(new_files, [new_stage], salt).column(n).to_pylist()
+                         for n in ("image_id", "signature"))))
+        return {i for i in got.keys() | signature.keys() if got.get(i) != signature.get(i)}
+
+    def set_value(table, column, row, value):
+        values = table.column(column).to_pylist()
+        values[row] = value
+        return table.set_column(table.schema.get_field_index(column), column, pa.array(values, pa.string()))
+
+    for column in ("source_path", "item_key", "status", "error", "captions"):
+        assert changed(new_files=set_value(files, column, 2, "other")) == {"B"}, column  # B's second file
+    assert changed(new_files=set_value(files, "error", 0, "")) == {"A"}  # "" is not None
+    assert changed(new_files=files.slice(0, 2)) == {"B", c}  # B lost a file, c is gone
+    for column in ("item_key", "status", "error"):
+        assert changed(new_stage=set_value(stage, column, 1, "other")) == {"B"}, column
+    assert changed(new_stage=stage.slice(0, 1)) == {"B"}  # B not computed there
+    assert changed(salt="other") == {"A", "B", c}
