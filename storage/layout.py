@@ -17,6 +17,7 @@
       cache/file-keys.parquet                          the ingest item key of each image file, as the last scan gave them
       cache/caption-keys.parquet                       the text stages' item keys, as the folder's captions gave them
       cache/manifest-rows.parquet                      the signature of each manifest row, as the manifest on disk has it
+      cache/quality-captions.parquet                   the quality report's caption counts of each manifest part
       runs/<timestamp>.json                            summary of each pipeline run
       .lock                                            held by the run writing this folder
 """
@@ -122,6 +123,12 @@ class OutputLayout:
         manifest's parts as written, so that a run rebuilds only the rows whose inputs changed; safe to delete (the
         next manifest run then compares every row)."""
         return self.root / "cache" / "manifest-rows.parquet"
+
+    @property
+    def quality_captions(self) -> Path:
+        """The quality report's caption counts of each manifest part (``pipelines.reporting.quality``), so that a
+        report after a run that added a part counts the captions of that part only; safe to delete."""
+        return self.root / "cache" / "quality-captions.parquet"
 
     @property
     def lock_path(self) -> Path:

@@ -175,36 +175,84 @@ def _numbers(arrays: list, dtype=np.float64) -> np.ndarray:
     return np.concatenate(arrays).astype(dtype, copy=False) if arrays else np.zeros(0, dtype)
 
 
+class _CaptionCounts:
+    """What the caption columns of ok rows give the report: their lengths in words (raw and filtered), how many the
+    filter changed and the words it removed (first seen first). The one part of the report computed per row in
+    Python (~35 us a caption), so it is kept per manifest part (``_kept_caption_counts``) and merged."""
+
+    def __init__(self, raw: np.ndarray | None = None, filtered: np.ndarray | None = None, changed: int = 0,
+                 removed: Counter[str] | None = None):
+        self.raw: list[np.ndarray] = [] if raw is None else [raw]
+        self.filtered: list[np.ndarray] = [] if filtered is None else [filtered]
+        self.changed = changed
+        self.removed: Counter[str] = Counter() if removed is None else removed
+
+    def add(self, captions: list, filtered: list) -> None:
+        raw_lengths, filtered_lengths = [], []
+        for caption, kept in zip(captions, filtered):
+            if caption:
+                raw_lengths.append(len(caption_words(caption)))
+            if kept:
+                filtered_lengths.append(len(caption_words(kept)))
+            words = [caption[s:e].lower() for s, e in removed_spans(caption, kept)]
+            self.changed += bool(words)
+            self.removed.update(words)
+        self.raw.append(np.asarray(raw_lengths, np.int64))
+        self.filtered.append(np.asarray(filtered_lengths, np.int64))
+
+    def merge(self, other: _CaptionCounts) -> None:
+        """Add ``other``'s counts after this one's (the removed words' first-seen order as if read in one go)."""
+        self.raw += other.raw
+        self.filtered += other.filtered
+        self.changed += other.changed
+        self.removed.update(other.removed)
+
+    def row(self, part: str) -> dict:
+        return {"part": part, "raw": _numbers(self.raw, np.int64), "filtered": _numbers(self.filtered, np.int64),
+                "changed": self.changed, "words": list(self.removed), "counts": list(self.removed.values())}
+
+    @classmethod
+    def from_row(cls, row: dict) -> _CaptionCounts:
+        return cls(np.asarray(row["raw"], np.int64), np.asarray(row["filtered"], np.int64), int(row["changed"]),
+                   Counter(dict(zip(row["words"], row["counts"]))))
+
+
+_CAPTION_COUNTS_SCHEMA = pa.schema([("part", pa.string()), ("raw", pa.list_(pa.int64())),
+                                    ("filtered", pa.list_(pa.int64())), ("changed", pa.int64()),
+                                    ("words", pa.list_(pa.string())), ("counts", pa.list_(pa.int64()))])
+CAPTION_COUNTS_VERSION = "1"  # bump when _CaptionCounts counts otherwise
+
+
 class _Accumulator:
     """The report's statistics, gathered batch by batch: column-wise in Arrow and NumPy, per row in Python only for
-    the caption diff (which words the filter removed) and the reasons of failed rows. Memory grows by a few numbers
-    and the structure path per row (Arrow), never by a row's objects."""
+    the caption counts (``_CaptionCounts``) and the reasons of failed rows. Memory grows by a few numbers and the
+    structure path per row (Arrow), never by a row's objects."""
 
     def __init__(self, word_categories: Callable[[str], list[str]] | None):
         self.word_categories = word_categories
-        self.categories: dict[str, list[str]] = {}
-        self.rows = self.ok = self.changed = 0
+        self.rows = self.ok = 0
         self.splits: Counter[str] = Counter()
-        self.raw_lengths: list[np.ndarray] = []
-        self.filtered_lengths: list[np.ndarray] = []
+        self.captions = _CaptionCounts()
         self.region_counts: list[np.ndarray] = []
         self.scores: list[np.ndarray] = []
         self.widths: list[np.ndarray] = []
         self.heights: list[np.ndarray] = []
-        self.removed: Counter[str] = Counter()
-        self.by_category: dict[str, Counter[str]] = {}
         self.reasons: Counter[str] = Counter()
         self.stages: Counter[str] = Counter()
         self.map_ids: list[pa.Array] = []
         self.map_paths: list[pa.Array] = []
 
-    def add(self, batch: pa.RecordBatch) -> None:
+    def add(self, batch: pa.RecordBatch, captions: _CaptionCounts | None | bool = True) -> None:
+        """Count ``batch``; its captions into ``captions`` (this report's own when True; not at all when None:
+        counted already, merged by the caller)."""
         self.rows += batch.num_rows
         ok_mask = pc.fill_null(pc.equal(batch.column("status"), "ok"), False)
         ok = batch.filter(ok_mask)
         self.ok += ok.num_rows
         self.splits.update(ok.column("split").fill_null("none").to_pylist())
-        self._captions(ok.column("caption").to_pylist(), ok.column("filtered_caption").to_pylist())
+        if captions is not None:
+            (self.captions if captions is True else captions).add(ok.column("caption").to_pylist(),
+                                                                   ok.column("filtered_caption").to_pylist())
         segments = ok.column("segments")
         self.region_counts.append(pc.fill_null(pc.list_value_length(segments), 0).to_numpy())
         scores = pc.struct_field(pc.list_flatten(segments), "similarity_score").drop_null().to_numpy()
@@ -219,25 +267,14 @@ class _Accumulator:
             self.reasons[" ".join(str(error or "no error recorded").split())] += 1
             self.stages[failure_stage(error)] += 1
 
-    def _captions(self, captions: list, filtered: list) -> None:
-        raw_lengths, filtered_lengths = [], []
-        for caption, kept in zip(captions, filtered):
-            if caption:
-                raw_lengths.append(len(caption_words(caption)))
-            if kept:
-                filtered_lengths.append(len(caption_words(kept)))
-            words = [caption[s:e].lower() for s, e in removed_spans(caption, kept)]
-            self.changed += bool(words)
-            self.removed.update(words)
-            if self.word_categories is not None:
-                for word in words:
-                    categories = self.categories.get(word)
-                    if categories is None:  # a few hundred distinct words in any number of captions
-                        categories = self.categories[word] = self.word_categories(word) or [UNLISTED]
-                    for category in categories:
-                        self.by_category.setdefault(category, Counter())[word] += 1
-        self.raw_lengths.append(np.asarray(raw_lengths, np.int64))
-        self.filtered_lengths.append(np.asarray(filtered_lengths, np.int64))
+    def _by_category(self) -> dict[str, Counter[str]]:
+        """The removed words per vocabulary category (each word under every category listing it)."""
+        by_category: dict[str, Counter[str]] = {}
+        if self.word_categories is not None:
+            for word, count in self.captions.removed.items():  # a few hundred distinct words in any number of captions
+                for category in self.word_categories(word) or [UNLISTED]:
+                    by_category.setdefault(category, Counter())[word] += count
+        return by_category
 
     def edge_map_sample(self, limit: int) -> list[str]:
         """The structure paths of ``limit`` ok rows evenly spread over them sorted by image id."""
@@ -249,7 +286,8 @@ class _Accumulator:
         return paths.take(pa.array(order[even_picks(len(order), limit)])).to_pylist()
 
     def report(self, densities: list[float], unreadable: int) -> dict:
-        raw, filtered = _numbers(self.raw_lengths, np.int64), _numbers(self.filtered_lengths, np.int64)
+        raw, filtered = _numbers(self.captions.raw, np.int64), _numbers(self.captions.filtered, np.int64)
+        removed, by_category = self.captions.removed, self._by_category()
         lengths = np.concatenate([raw, filtered])
         low, high = (int(lengths.min()), int(lengths.max())) if lengths.size else (0, 1)
         length_edges = np.linspace(low, max(high, low + 1), HISTOGRAM_BINS + 1).tolist()  # shared by raw and filtered
@@ -275,11 +313,11 @@ class _Accumulator:
                               "filtered": histogram(filtered, edges=length_edges)["counts"]},
             },
             "removed_words": {
-                "captions_changed": self.changed, "captions_unchanged": self.ok - self.changed,
-                "total": sum(self.removed.values()),
-                "top": [[w, n] for w, n in self.removed.most_common(TOP_WORDS)],
+                "captions_changed": self.captions.changed, "captions_unchanged": self.ok - self.captions.changed,
+                "total": sum(removed.values()),
+                "top": [[w, n] for w, n in removed.most_common(TOP_WORDS)],
                 "by_category": {c: [[w, n] for w, n in counter.most_common(TOP_WORDS)]
-                                for c, counter in sorted(self.by_category.items())},
+                                for c, counter in sorted(by_category.items())},
             },
             "regions_per_image": {
                 "summary": summary(region_counts.tolist()),
@@ -328,6 +366,12 @@ def quality_report(
     accumulator = _Accumulator(word_categories)
     for batch in rows:
         accumulator.add(batch)
+    return _finished(accumulator, resolve_path, max_edge_maps)
+
+
+def _finished(accumulator: _Accumulator, resolve_path: Callable[[str], str | os.PathLike | None] | None,
+              max_edge_maps: int) -> dict:
+    """The report of what ``accumulator`` counted, with the edge density of its sample of structure maps."""
     densities: list[float] = []
     unreadable = 0
     if resolve_path is not None and max_edge_maps > 0:
@@ -389,17 +433,49 @@ def output_quality_report(out_dir: str | os.PathLike, *, vocab_dir: str | os.Pat
 
 @lru_cache(maxsize=4)
 def _manifest_quality(manifest: str, root: str, parts: tuple, vocab_dir: str | None, max_edge_maps: int) -> dict:
+    import pyarrow.parquet as pq
+
     from storage.layout import OutputLayout
-    from storage.manifest import manifest_batches, resolve_manifest_path
+    from storage.manifest import resolve_manifest_path
 
     layout = OutputLayout(root)
     schema = _quality_schema()
+    accumulator = _Accumulator(vocabulary_categories(vocab_dir) if vocab_dir else None)
+    own = all(Path(path).resolve().parent == layout.manifest_dir for path, *_ in parts)  # a pipeline's manifest: counts kept
+    kept = _kept_caption_counts(layout) if own else {}
+    counted: dict[str, _CaptionCounts] = {}
+    for path, mtime_ns, size, _inode in parts:
+        key = f"{Path(path).name}:{size}:{mtime_ns}"  # the parts a run keeps are the same files (hard links)
+        counts = kept.get(key)
+        fresh = counts is None
+        counts = _CaptionCounts() if fresh else counts
+        with pq.ParquetFile(path) as handle:
+            present = [name for name in QUALITY_COLUMNS if name in handle.schema_arrow.names]
+            for batch in handle.iter_batches(batch_size=BATCH_ROWS, columns=present):
+                # A column an older manifest lacks reads as nulls.
+                batch = pa.RecordBatch.from_arrays(
+                    [batch.column(name) if name in batch.schema.names
+                     else pa.nulls(batch.num_rows, schema.field(name).type) for name in QUALITY_COLUMNS],
+                    names=list(QUALITY_COLUMNS))
+                accumulator.add(batch, counts if fresh else None)
+        accumulator.captions.merge(counts)
+        counted[key] = counts
+    if own and counted.keys() != kept.keys():
+        _keep_caption_counts(layout, counted)
+    return _finished(accumulator, lambda path: resolve_manifest_path(layout, path), max_edge_maps)
 
-    def batches():  # a column an older manifest lacks reads as nulls
-        for batch in manifest_batches(manifest, QUALITY_COLUMNS, BATCH_ROWS):
-            yield pa.RecordBatch.from_arrays(
-                [batch.column(name) if name in batch.schema.names else pa.nulls(batch.num_rows, schema.field(name).type)
-                 for name in QUALITY_COLUMNS], names=list(QUALITY_COLUMNS))
 
-    return quality_report(batches(), word_categories=vocabulary_categories(vocab_dir) if vocab_dir else None,
-                          resolve_path=lambda path: resolve_manifest_path(layout, path), max_edge_maps=max_edge_maps)
+def _kept_caption_counts(layout) -> dict[str, _CaptionCounts]:
+    """The caption counts of each manifest part (by name, size and modification time) as the last report kept them."""
+    from storage.parquet import read_derived
+
+    kept = read_derived(layout.quality_captions, CAPTION_COUNTS_VERSION, _CAPTION_COUNTS_SCHEMA.names)
+    return {} if kept is None else {row["part"]: _CaptionCounts.from_row(row) for row in kept[0].to_pylist()}
+
+
+def _keep_caption_counts(layout, counted: dict[str, _CaptionCounts]) -> None:
+    from storage.parquet import write_derived
+
+    if layout.root.is_dir():
+        write_derived(layout.quality_captions, CAPTION_COUNTS_VERSION, pa.Table.from_pylist(
+            [counts.row(part) for part, counts in counted.items()], schema=_CAPTION_COUNTS_SCHEMA))

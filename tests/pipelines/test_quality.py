@@ -179,14 +179,19 @@ def test_a_manifest_in_parts_is_reported_batch_by_batch_once_per_state(tiny_mani
     added = []
     add = quality._Accumulator.add
     monkeypatch.setattr(quality._Accumulator, "add",
-                        lambda self, batch: added.append(batch.num_rows) or add(self, batch))
+                        lambda self, batch, *more: added.append(batch.num_rows) or add(self, batch, *more))
+    captioned = []  # rows whose captions were counted (the per-row Python part)
+    count = quality._CaptionCounts.add
+    monkeypatch.setattr(quality._CaptionCounts, "add",
+                        lambda self, captions, filtered: captioned.append(len(captions)) or count(self, captions, filtered))
     quality._manifest_quality.cache_clear()
 
     report = output_quality_report(layout.root, vocab_dir=CONFIGS_DIR / "vocab")
     assert added == [2, 1, 2]
     # The hand counts of test_quality_report_matches_hand_counts, from the files.
-    assert report == quality_report(rows, word_categories=vocabulary_categories(CONFIGS_DIR / "vocab"),
+    report_of_rows = quality_report(rows, word_categories=vocabulary_categories(CONFIGS_DIR / "vocab"),
                                     resolve_path=layout.resolve)
+    assert report == report_of_rows
     assert report["counts"]["rows"] == 5 and report["removed_words"]["total"] == 3
     assert report["edge_density"]["measured"] == 2 and report["similarity_score"]["summary"]["mean"] == 20.0
     added.clear()
@@ -199,3 +204,19 @@ def test_a_manifest_in_parts_is_reported_batch_by_batch_once_per_state(tiny_mani
     layout.manifest_part("b").unlink()
     assert output_quality_report(layout.root, vocab_dir=CONFIGS_DIR / "vocab")["counts"]["rows"] == 3
     assert added == [2, 1]
+
+    # The captions of a part are counted once: a later report (another process) reads their counts from OUT/cache,
+    # and counts the captions of a new part only; the report is the one counted row by row.
+    write_parquet_atomic(manifest_table(stored[3:]), layout.manifest_part("b"))
+    quality._manifest_quality.cache_clear()
+    captioned.clear()
+    assert output_quality_report(layout.root, vocab_dir=CONFIGS_DIR / "vocab") == report_of_rows
+    assert captioned == [1] and layout.quality_captions.is_file()  # part b's ok row (its other row failed)
+    quality._manifest_quality.cache_clear()
+    captioned.clear()
+    assert output_quality_report(layout.root, vocab_dir=CONFIGS_DIR / "vocab") == report_of_rows
+    assert captioned == []
+    layout.quality_captions.unlink()  # safe to delete: counted again
+    quality._manifest_quality.cache_clear()
+    assert output_quality_report(layout.root, vocab_dir=CONFIGS_DIR / "vocab") == report_of_rows
+    assert captioned == [2, 0, 1]  # every ok row, batch by batch
