@@ -11,10 +11,13 @@ catalogue: 1,000 images, 200 with --quick):
   structure maps and ``REGIONS`` regions of two crops per image (empty files, hard-linked: 2 + 2 x REGIONS output
   files per image, each checked by the run), and the manifest (parts of 50,000 rows) with its stage row, keyed by
   ``Manifest.item_key`` of the synthesised folder;
-- the explorer page a previous run wrote (a cached run only checks that it is there).
+- the explorer page a previous run wrote (a cached run only checks that it is there), and what that run keeps in
+  ``OUT/cache/``: each manifest row's signature and the quality report's caption counts per manifest part.
 Per row: the folder's images and output files, wall seconds and the tree's peak PSS and CPU (``scale.measure_tree``),
 and what the run printed for the first stage (it must report every image cached and none processed). The 1-minute load
-average is taken before each row.
+average is taken before each row. The last row adds ``ADDED`` generated 640x480 photos with captions to the large
+catalogue and runs again: every stage must compute those only; it reports the wall, CPU and PSS of the whole tree,
+the stages' seconds, and the manifest stage's seconds and rows written.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ SIZE_ENV = "STRUCTXLIP_BENCH_CATALOGUE"
 FILES_PER_FOLDER = 1000
 ROWS_PER_PART = 256  # pipelines.engine.plan.MAX_CHUNK: the largest part a run writes
 REGIONS = 1
+ADDED = 20  # generated photos the last row adds to the large catalogue
 LINKS_PER_FILE = 60_000  # below ext4's 65,000 links per inode
 
 
@@ -162,20 +166,31 @@ def synthesise(root: Path, n: int) -> tuple[Path, Path, int]:
                          layout.stage_part("manifest", keys["manifest"], content_key([row[ITEM_KEY]])))
     layout.report_index.parent.mkdir(parents=True, exist_ok=True)
     layout.report_index.write_text("<!doctype html><title>explorer of a previous run</title>\n", encoding="utf-8")
+    # What the run that wrote the manifest keeps beside it: each row's signature (the manifest above is the one its
+    # rows build: checked on small catalogues by tests/benchmarks) and the quality report's caption counts per part.
+    from pipelines.reporting.quality import output_quality_report
+    from pipelines.steps.manifest import manifest_parts_key
+    from storage.parquet import write_derived
+
+    write_derived(layout.manifest_index, manifest_parts_key(layout.manifest_dir), pipeline.manifest_signatures())
+    output_quality_report(out, max_edge_maps=0)
     return images, out, n * outputs_per_image
 
 
-def _cached_row(label: str, n: int, root: Path, env: dict) -> dict:
+def _command(images: Path, out: Path) -> list[str]:
     from pipelines.engine.stages import data_stage_names
 
+    return [sys.executable, "-m", "flows.cli", "run", str(images), "--out", str(out), "--config", str(CONFIG),
+            "--stages", ",".join(data_stage_names())]
+
+
+def _cached_row(label: str, n: int, root: Path, env: dict) -> dict:
     started = time.perf_counter()
     images, out, outputs = synthesise(root, n)
     synthesis_s = time.perf_counter() - started
     log = root / "run.log"
     load = os.getloadavg()[0]
-    command = [sys.executable, "-m", "flows.cli", "run", str(images), "--out", str(out), "--config", str(CONFIG),
-               "--stages", ",".join(data_stage_names())]
-    usage = measure_tree(command, log=log, env=env, timeout_s=3600)
+    usage = measure_tree(_command(images, out), log=log, env=env, timeout_s=3600)
     printed = log.read_text(encoding="utf-8", errors="replace")
     if usage.returncode != 0:
         raise RuntimeError(f"{label} exited with {usage.returncode}: {printed[-2000:]}")
@@ -186,6 +201,36 @@ def _cached_row(label: str, n: int, root: Path, env: dict) -> dict:
     return {"run": label, "images": n, "output_files": outputs, "wall_s": usage.wall_s,
             "peak_tree_pss_mb": usage.peak_pss_mb, "tree_cpu_s": usage.cpu_s, "synthesis_s": synthesis_s,
             "load_1m": load}
+
+
+def _added_row(label: str, n: int, added: int, root: Path, env: dict) -> dict:
+    """``structxlip run`` after ``added`` generated 640x480 photos (with captions) joined the catalogue at ``root``:
+    what a user adding a few images to a large catalogue waits for; every stage must compute those images only."""
+    from benchmarks.scale import new_run_report, timing_row
+    from tests.corpus import make_generated_images
+
+    images, out = root / "images", root / "out"
+    make_generated_images(images / "added", added, seed=7)
+    own = images / "added" / "captions.jsonl"  # its lines join the catalogue's captions file
+    with open(images / "captions.jsonl", "a", encoding="utf-8") as handle:
+        for line in own.read_text(encoding="utf-8").splitlines():
+            handle.write(json.dumps({**json.loads(line), "file": f"added/{json.loads(line)['file']}"}) + "\n")
+    own.unlink()
+    known = {p.name for p in (out / "runs").glob("*.json")}
+    load = os.getloadavg()[0]
+    log = root / "added.log"
+    usage = measure_tree(_command(images, out), log=log, env=env, timeout_s=3600)
+    if usage.returncode != 0:
+        raise RuntimeError(f"{label} exited with {usage.returncode}: {log.read_text(errors='replace')[-2000:]}")
+    stages = new_run_report(out / "runs", known)["stages"]
+    wrong = [s["stage"] for s in stages if "rows" not in s and int(s["processed"]) != added]
+    if wrong:
+        raise RuntimeError(f"{label}: expected {added} images computed by every data stage, not so in {wrong}")
+    row = timing_row(label, usage, stages, load)
+    manifest = next(s for s in stages if "rows" in s)
+    return {"run": label, "images": n + added, "wall_s": usage.wall_s, "peak_tree_pss_mb": usage.peak_pss_mb,
+            "tree_cpu_s": usage.cpu_s, "stages_s": row["stages_s"], "manifest_s": float(manifest["seconds"]),
+            "manifest_rows_written": int(manifest["processed"]), "load_1m": load}
 
 
 def run(*, quick: bool = False, n_images: int | None = None) -> BenchmarkResult:
@@ -201,6 +246,8 @@ def run(*, quick: bool = False, n_images: int | None = None) -> BenchmarkResult:
         env["PREFECT_HOME"] = str(root / "prefect-home")
         try:
             rows.append(_cached_row(label, size, root, env))
+            if size == n:
+                added_row = _added_row(f"large catalogue, +{ADDED} images", n, ADDED, root, env)
         finally:
             shutil.rmtree(root, ignore_errors=True)
     first, last = rows
@@ -211,6 +258,7 @@ def run(*, quick: bool = False, n_images: int | None = None) -> BenchmarkResult:
                  "output_files": last["output_files"] - first["output_files"], "wall_us_per_image": us_per_image,
                  "pss_kb_per_image": kb_per_image,
                  "cpu_us_per_image": 1e6 * (last["tree_cpu_s"] - first["tree_cpu_s"]) / added})
+    rows.append(added_row)
     return BenchmarkResult(
         name="catalogue",
         description=f"A fully cached `structxlip run` (data stages, demo config) on a synthesised catalogue of {n:,} "
