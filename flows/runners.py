@@ -51,7 +51,8 @@ def dask_scheduler(address: str | None, workers: int):
     start_tracker()
 
     # One cluster for the whole run (each stage subflow reuses it): worker start-up is paid once. Its workers ignore
-    # the terminal's Ctrl-C: the run ends them (flows.dask_worker_setup).
-    with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None,
+    # the terminal's Ctrl-C: the run ends them (flows.dask_worker_setup). The scheduler's HTTP server takes any free
+    # port: with no address it binds 8787, and a second run at the same time printed a 4-line warning on its stderr.
+    with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=":0",
                       preload=["flows.dask_worker_setup"]) as cluster:
         yield cluster.scheduler_address
