@@ -139,12 +139,14 @@ class StageStore:
         return table.take(pc.take(last, pc.sort_indices(last)))
 
     def stored(self, *, verify: bool = True, columns: list[str] | None = None,
-               where: tuple[str, pa.Array] | None = None) -> StoredRows:
+               where: tuple[str, pa.Array] | None = None, checked: dict | None = None) -> StoredRows:
         """Return the newest stored row of each item key; with ``verify``, flag rows whose output files are missing or
         changed. ``columns``: the columns to keep (all by default); the ``outputs`` column is checked part by part and
         never kept, so memory is that of the kept columns however many files the rows list. ``where=(column,
         values)``: only the rows whose ``column`` is one of ``values``, chosen in each part before its files are
-        checked (a gallery of 20 images in a store of a million checks 20 images' files)."""
+        checked (a gallery of 20 images in a store of a million checks 20 images' files). ``checked``: the verdicts
+        of parts already checked, kept in it by the part's path and stat fields (a part is never rewritten in
+        place), so that the reads of one run check each part's files once (``Pipeline`` keeps one per run)."""
         self._quarantined = []
         keep = None if columns is None else [ITEM_KEY, *(c for c in columns if c not in (ITEM_KEY, OUTPUTS))]
         has_outputs = self.schema is None or OUTPUTS in self.schema.names
@@ -162,12 +164,31 @@ class StageStore:
                     invalid.pop(key, None)
             if OUTPUTS in table.column_names:
                 if verify:
-                    invalid.update(self._unverified(table))
+                    invalid.update(self._checked(part, table, checked, whole=where is None))
                 table = table.drop_columns([OUTPUTS])
             if keep is not None and self.schema is None:
                 table = table.select([c for c in keep if c in table.column_names])
             tables.append(table)
         return StoredRows(table=self._newest(tables, keep), invalid=invalid, quarantined=list(self._quarantined))
+
+    def _checked(self, part: Path, table: pa.Table, checked: dict | None, *, whole: bool) -> dict[str, str]:
+        """``_unverified(table)``: ``table`` is ``part``'s rows (``whole``) or some of them. With ``checked``, a whole
+        part's verdict is kept there, and some rows of a part already checked are answered from it."""
+        if checked is None:
+            return self._unverified(table)
+        try:
+            stat = part.stat()
+        except OSError:  # gone since it was read: its rows are checked, not kept
+            return self._unverified(table)
+        key = (str(part), stat.st_ino, stat.st_size, stat.st_mtime_ns)
+        if key in checked:
+            if whole:
+                return checked[key]
+            return {k: why for k in table.column(ITEM_KEY).to_pylist() if (why := checked[key].get(k)) is not None}
+        verdict = self._unverified(table)
+        if whole:
+            checked[key] = verdict
+        return verdict
 
     def _unverified(self, table: pa.Table) -> dict[str, str]:
         """Item key -> why, for the rows of one part whose listed output files are missing or of another size."""

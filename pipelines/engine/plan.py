@@ -136,6 +136,9 @@ class Pipeline:
         self._keys: dict[str, pa.Array] = {}
         # done_table's, with what it was made of and whether it holds every current item
         self._done: dict[str, tuple[StoredRows, pa.Array, pa.Table, bool]] = {}
+        # The verdict on each stage part's output files, checked once per run (``StageStore.stored``): a run that
+        # computes 20 new images re-reads every later stage after each stage, but checks the catalogue's files once.
+        self._checked: dict = {}
         self._warned: set[tuple] = set()
         self._items: dict[str, dict[str, Any]] = {}
         self._unkept: dict[Path, tuple[str, pa.Table, dict | None]] = {}  # ``_keep``'s, until OUT holds results
@@ -370,7 +373,8 @@ class Pipeline:
         if stage not in self._stored:
             checked = self._columns.get(stage)
             if checked is None:
-                self._stored[stage] = self._verified(stage, self.store(stage).stored(verify=True))
+                self._stored[stage] = self._verified(stage, self.store(stage).stored(verify=True,
+                                                                                      checked=self._checked))
             else:  # the same parts, their outputs already checked (unreadable parts already moved aside)
                 full = self.store(stage).stored(verify=False)
                 self._stored[stage] = StoredRows(table=full.table, invalid=checked.invalid,
@@ -385,7 +389,8 @@ class Pipeline:
         if stage not in self._columns:
             definition = self.stages[stage]
             columns = [c for c in ("image_id", "status", "error", *definition.key_columns) if c in definition.schema.names]
-            self._columns[stage] = self._verified(stage, self.store(stage).stored(verify=True, columns=columns))
+            self._columns[stage] = self._verified(stage, self.store(stage).stored(verify=True, columns=columns,
+                                                                                       checked=self._checked))
         return self._columns[stage]
 
     def _verified(self, stage: str, stored: StoredRows) -> StoredRows:
@@ -461,7 +466,7 @@ class Pipeline:
     def _current_rows(self, stage: str, column: str, values: pa.Array) -> list[dict]:
         """Every column of the stage's valid stored rows of its current items whose ``column`` is one of ``values``,
         chosen column-wise in each part (no dict for any other row)."""
-        table = self.store(stage).stored(where=(column, values)).done_table()
+        table = self.store(stage).stored(where=(column, values), checked=self._checked).done_table()
         return table.filter(pc.is_in(table.column(ITEM_KEY), value_set=self.item_keys(stage))).to_pylist()
 
     def invalidate(self, stage: str) -> None:

@@ -138,6 +138,10 @@ class ScanResult:
     def files(self) -> list[SourceImage]:
         return list(self.iter_files())
 
+    def files_at(self, positions: Iterable[int]) -> list[SourceImage]:
+        """The ``SourceImage`` of the files at ``positions`` (scan order), made for those only."""
+        return [SourceImage(self.locations[n], *self.times[n].tolist(), *self.ids[n].tolist()) for n in positions]
+
     def digest(self) -> str:
         """A key of every file's location and stat fields, in order: what ``file_keys`` follows from."""
         h = hashlib.sha256(f"{VERSION}:{len(self)}\n".encode())
