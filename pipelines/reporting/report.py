@@ -15,7 +15,6 @@ config keys that differ. The embedding map projects ``OUT/eval/embeddings.npz`` 
 
 from __future__ import annotations
 
-import base64
 import html
 import json
 import logging
@@ -33,6 +32,7 @@ from urllib.parse import quote, unquote
 
 from pipelines.engine.workers import usable_cpus
 from pipelines.reporting.quality import caption_words, output_quality_report, removed_spans
+from pipelines.reporting.render import png_data_uri
 from pipelines.reporting.report_plots import quality_plots, recall_png, training_curves_png
 from storage.atomic import atomic_write_bytes, atomic_write_text
 from storage.filenames import source_file
@@ -440,10 +440,6 @@ def _read_json(path: Path) -> dict | None:
     return value if isinstance(value, dict) else None
 
 
-def _data_uri(png: bytes) -> str:
-    return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
-
-
 def _finite(value: object) -> object:
     """Return ``value`` with NaN/inf floats (a skipped step's loss) replaced by None, which JSON can carry."""
     if isinstance(value, float):
@@ -456,8 +452,12 @@ def _finite(value: object) -> object:
 
 
 def _script_json(value: object) -> str:
-    """JSON safe inside a <script> element: no ``</script>``, ``<!--`` or entity can end or alter it."""
-    text = json.dumps(_finite(value), ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+    """JSON safe inside a <script> element: no ``</script>``, ``<!--`` or entity can end or alter it. NaN/inf become
+    null (``_finite``), walked only when the value holds one: the page's 10,000 rows are dumped as they are."""
+    try:
+        text = json.dumps(value, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+    except ValueError:  # a NaN or an infinity somewhere
+        text = json.dumps(_finite(value), ensure_ascii=False, separators=(",", ":"), allow_nan=False)
     return text.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
 
 
@@ -540,13 +540,13 @@ def write_report(
         "page_size": page_size,
         "query_page_size": QUERY_PAGE_SIZE,
         "quality": quality,
-        "plots": {name: _data_uri(png) for name, png in quality_plots(quality).items()},
+        "plots": {name: png_data_uri(png) for name, png in quality_plots(quality).items()},
         "training": None if training_png is None else {
-            "plot": _data_uri(training_png), "last": training_rows[-1],
+            "plot": png_data_uri(training_png), "last": training_rows[-1],
             "epochs": len({r.get("epoch") for r in training_rows}),
         },
         "eval": metrics,
-        "recall_plot": _data_uri(recall_png(metrics)) if metrics else None,
+        "recall_plot": png_data_uri(recall_png(metrics)) if metrics else None,
         "rankings": rankings,
         "hist": histograms,
         "run": {"label": layout.root.name, "path": str(layout.root)},
