@@ -18,11 +18,8 @@ from pipelines.reporting.render import (
     failure_rows,
     gallery_markdown,
     image_markdown,
-    loss_curve_png,
-    loss_series,
+    metric_groups,
     progress_percent,
-    read_jsonl,
-    recall_bar_png,
     recall_rows,
     representative_rows,
     summary_rows,
@@ -111,15 +108,16 @@ def publish_training(out_dir: str | os.PathLike, *, namespace: str = "", where: 
     from prefect.artifacts import create_markdown_artifact
 
     from pipelines.reporting.report import read_training_rows
-    from pipelines.reporting.report_plots import training_curves_png
+    from pipelines.reporting.report_plots import LOSS_PREFIX, training_curves_png
 
     path = OutputLayout(out_dir).train_metrics
-    if not path.is_file():
+    rows = read_training_rows(path) if path.is_file() else []
+    if not rows:  # (no step logged yet)
         return None
-    rows = read_training_rows(path)
-    png = training_curves_png(rows) or loss_curve_png(read_jsonl(path))
-    series = loss_series(read_jsonl(path))
-    last = ", ".join(f"{name} {ys[-1]:.4f}" for name, (_, ys) in sorted(series.items()))
+    png = training_curves_png(rows)
+    last = ", ".join(f"{name} {value:.4f}" for name, value in sorted(rows[-1].items())
+                     if (name == "loss" or name.startswith(LOSS_PREFIX)) and isinstance(value, (int, float))
+                     and not isinstance(value, bool))
     return create_markdown_artifact(
         markdown=image_markdown("Training", png, note=f"{len(rows)} logged steps. Last values: {last}."),
         key=artifact_key(namespace, "train-loss"),
@@ -131,13 +129,14 @@ def publish_training(out_dir: str | os.PathLike, *, namespace: str = "", where: 
 def evaluation_rows(metrics: dict) -> list[dict]:
     """Recall rows of the fine-tuned model and, when present, of the zero-shot base model, each with ``n_pairs``."""
     return [{"model": model, **row, "n_pairs": values.get("n_pairs")}
-            for model, values in (("fine-tuned", metrics), ("zero-shot", metrics.get("zero_shot"))) if values
-            for row in recall_rows(values)]
+            for model, values in metric_groups(metrics) if values for row in recall_rows(values)]
 
 
 def publish_evaluation(out_dir: str | os.PathLike, *, namespace: str = "", where: str = "") -> dict[str, UUID] | None:
     """Create the ``<namespace>-eval-recall`` table and ``-eval-recall-plot`` markdown from OUT/eval/metrics.json."""
     from prefect.artifacts import create_markdown_artifact, create_table_artifact
+
+    from pipelines.reporting.report_plots import recall_png
 
     path = OutputLayout(out_dir).eval_metrics
     if not path.is_file():
@@ -151,10 +150,10 @@ def publish_evaluation(out_dir: str | os.PathLike, *, namespace: str = "", where
                         "direction (t2i, i2t, s2t, t2s, ts2i), fine-tuned and zero-shot (base model).",
         ),
         "plot": create_markdown_artifact(
-            markdown=image_markdown("Retrieval recall (fine-tuned)", recall_bar_png(recall_rows(metrics)),
-                                    note=f"{metrics.get('n_pairs')} pairs."),
+            markdown=image_markdown("Retrieval R@1", recall_png(metrics), note=f"{metrics.get('n_pairs')} pairs."),
             key=artifact_key(namespace, "eval-recall-plot"),
-            description="R@1/5/10 per retrieval direction.",
+            description="R@1 per retrieval direction, zero-shot (base model) beside fine-tuned, as the explorer "
+                        "shows it.",
         ),
     }
 

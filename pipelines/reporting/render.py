@@ -1,5 +1,5 @@
 """Pure builders of what the pipeline shows people: stage summary rows, failure tables, thumbnails, galleries (markdown
-with embedded PNG thumbnails), loss curves and recall plots. No Prefect here: ``flows.artifacts`` publishes them.
+with embedded PNG thumbnails), retrieval tables; the plots are ``pipelines.reporting.report_plots``. No Prefect here: ``flows.artifacts`` publishes them.
 Artifact keys are stable (``<stage>-summary``, ``<stage>-gallery``, ``train-loss``, ``eval-recall`` ...) so the UI
 lines up versions of the same artifact across runs.
 """
@@ -31,8 +31,6 @@ RECALL_KS = (1, 5, 10, 25, 50)
 # Directions written by the evaluator (METHOD.md section 5), in display order.
 RETRIEVAL_DIRECTIONS = ("t2i", "i2t", "s2t", "t2s", "ts2i")
 _RANK_METRICS = ("mean_rank", "median_rank")
-_LOSS_TERMS = ("total", "global", "structure_centric", "consistency", "local", "hard_negative")
-_STEP_KEYS = ("step", "global_step")
 
 
 # ---- keys -----------------------------------------------------------------------------------------------------------
@@ -321,73 +319,6 @@ def _score(value: Any) -> float:
 
 
 # ---- training and evaluation ----------------------------------------------------------------------------------------
-def read_jsonl(path: str | os.PathLike) -> list[dict]:
-    """Return the JSON objects of a JSON-lines file (blank and truncated trailing lines are skipped)."""
-    rows = []
-    for line in Path(path).read_text(encoding="utf-8").splitlines():
-        line = line.strip()
-        if not line:
-            continue
-        try:
-            value = json.loads(line)
-        except json.JSONDecodeError:
-            # A run killed mid-write leaves a partial last line; the rest of the curve is still valid.
-            continue
-        if isinstance(value, dict):
-            rows.append(value)
-    return rows
-
-
-def loss_series(rows: list[dict]) -> dict[str, tuple[list[float], list[float]]]:
-    """Return ``{name: (steps, values)}`` of every loss in training metric rows.
-
-    A loss is a numeric key containing ``loss`` or named after a StructXLIP term (``total``, ``global``,
-    ``structure_centric``, ``consistency``, ``local``, ``hard_negative``, optionally prefixed ``loss/``);
-    the x axis is ``step`` (or ``global_step``), else the row index.
-    """
-    series: dict[str, tuple[list[float], list[float]]] = {}
-    for index, row in enumerate(rows):
-        step = next((row[k] for k in _STEP_KEYS if isinstance(row.get(k), (int, float))), index)
-        for name, value in row.items():
-            if name in _STEP_KEYS or isinstance(value, bool) or not isinstance(value, (int, float)):
-                continue
-            bare = name.split("/")[-1]
-            if "loss" not in name.lower() and bare not in _LOSS_TERMS:
-                continue
-            if not math.isfinite(value):
-                continue
-            xs, ys = series.setdefault(name, ([], []))
-            xs.append(float(step))
-            ys.append(float(value))
-    return series
-
-
-def loss_curve_png(rows: list[dict], *, width_px: int = 720, height_px: int = 360) -> bytes:
-    """Return a PNG line plot (``width_px`` x ``height_px``) of every loss series in training metric rows."""
-    series = loss_series(rows)
-    if not series:
-        raise ValueError("expected training metrics with at least one numeric loss value, found none")
-    plt = _pyplot()
-    dpi = 100
-    figure, axis = plt.subplots(figsize=(width_px / dpi, height_px / dpi), dpi=dpi)
-    try:
-        for name, (xs, ys) in sorted(series.items()):
-            axis.plot(xs, ys, label=name, linewidth=1.5 if _is_total(name) else 1.0)
-        axis.set_xlabel("step")
-        axis.set_ylabel("loss")
-        axis.set_title("StructXLIP training losses")
-        axis.grid(alpha=0.3)
-        axis.legend(fontsize=8)
-        figure.tight_layout()
-        return _figure_png(figure, dpi)
-    finally:
-        plt.close(figure)
-
-
-def _is_total(name: str) -> bool:
-    return name in ("loss", "total", "loss/total", "total_loss")
-
-
 def parse_retrieval_metrics(metrics: dict) -> dict[str, dict[str, float]]:
     """Return ``{direction: {metric: value}}`` from the evaluator's flat (``"t2i/R@1"``) or nested metrics dict."""
     table: dict[str, dict[str, float]] = {}
@@ -404,6 +335,15 @@ def parse_retrieval_metrics(metrics: dict) -> dict[str, dict[str, float]]:
     return {d: table[d] for d in known + others}
 
 
+def metric_groups(metrics: dict) -> list[tuple[str, dict]]:
+    """``eval/metrics.json`` per model: the fine-tuned model's (its top-level keys) and, when present, the base
+    model's before fine-tuning (a nested ``zero_shot`` dict, the same keys)."""
+    groups = [("fine-tuned", metrics)]
+    if isinstance(metrics.get("zero_shot"), dict) and metrics["zero_shot"]:
+        groups.append(("zero-shot", metrics["zero_shot"]))
+    return groups
+
+
 def recall_rows(metrics: dict) -> list[dict]:
     """Return one table row per retrieval direction: direction, R@1/5/10/25/50, mean_rank, median_rank."""
     rows = []
@@ -416,50 +356,6 @@ def recall_rows(metrics: dict) -> list[dict]:
     if not rows:
         raise ValueError("expected retrieval metrics like {'t2i/R@1': ...}, found no direction with recall values")
     return rows
-
-
-def recall_bar_png(
-    rows: list[dict], *, ks: tuple[int, ...] = (1, 5, 10), width_px: int = 720, height_px: int = 360
-) -> bytes:
-    """Return a PNG grouped bar plot of R@k (``ks``) per retrieval direction from ``recall_rows`` output."""
-    plt = _pyplot()
-    dpi = 100
-    figure, axis = plt.subplots(figsize=(width_px / dpi, height_px / dpi), dpi=dpi)
-    try:
-        positions = np.arange(len(rows))
-        bar = 0.8 / len(ks)
-        for offset, k in enumerate(ks):
-            values = [row.get(f"R@{k}") or 0.0 for row in rows]
-            axis.bar(positions + (offset - (len(ks) - 1) / 2) * bar, values, bar, label=f"R@{k}")
-        axis.set_xticks(positions, [row["direction"] for row in rows])
-        # The evaluator reports percentages; fractions are labelled as such.
-        top = max((row.get(f"R@{k}") or 0.0) for row in rows for k in ks)
-        axis.set_ylabel("recall (%)" if top > 1 else "recall")
-        axis.set_title("Retrieval recall")
-        axis.legend(fontsize=8)
-        axis.grid(axis="y", alpha=0.3)
-        figure.tight_layout()
-        return _figure_png(figure, dpi)
-    finally:
-        plt.close(figure)
-
-
-def _pyplot():
-    import matplotlib
-
-    # Headless servers and worker processes have no display.
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _figure_png(figure, dpi: int) -> bytes:
-    import io
-
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=dpi)
-    return buffer.getvalue()
 
 
 def image_markdown(title: str, png: bytes, note: str = "") -> str:

@@ -127,26 +127,21 @@ def _drawn_quality_plots(report_json: str) -> dict[str, bytes]:
     return plots
 
 
-RECALL_DIRECTIONS = ("t2i", "i2t", "s2t", "t2s", "ts2i")
-
-
 def recall_groups(metrics: dict) -> dict[str, dict[str, dict[str, float]]]:
-    """Return ``{model: {direction: {metric: value}}}`` of ``eval/metrics.json``: the top-level keys are the
-    fine-tuned model's, a nested ``zero_shot`` dict (same keys) the base model's before fine-tuning."""
-    groups: dict[str, dict[str, dict[str, float]]] = {}
-    for group, source in (("fine-tuned", metrics), ("zero-shot", metrics.get("zero_shot") or {})):
-        for key, value in source.items():
-            direction, sep, metric = key.partition("/")
-            if sep and isinstance(value, (int, float)) and not isinstance(value, bool):
-                groups.setdefault(group, {}).setdefault(direction, {})[metric] = float(value)
-    return groups
+    """Return ``{model: {direction: {metric: value}}}`` of ``eval/metrics.json`` (``render.metric_groups``: the
+    fine-tuned model, and the zero-shot base model when evaluated)."""
+    from pipelines.reporting.render import metric_groups, parse_retrieval_metrics
+
+    return {name: parsed for name, values in metric_groups(metrics) if (parsed := parse_retrieval_metrics(values))}
 
 
 def recall_png(metrics: dict, *, k: int = 1) -> bytes:
     """Return a PNG of R@``k`` per retrieval direction, zero-shot and fine-tuned bars side by side."""
+    from pipelines.reporting.render import RETRIEVAL_DIRECTIONS
+
     plt = _pyplot()
     groups = recall_groups(metrics)
-    directions = [d for d in RECALL_DIRECTIONS if any(f"R@{k}" in g.get(d, {}) for g in groups.values())]
+    directions = [d for d in RETRIEVAL_DIRECTIONS if any(f"R@{k}" in g.get(d, {}) for g in groups.values())]
     figure, axis = plt.subplots(figsize=(WIDTH_IN, HEIGHT_IN))
     if not directions:
         axis.text(0.5, 0.5, "no recall metrics", ha="center", va="center", transform=axis.transAxes)

@@ -161,23 +161,19 @@ def test_gallery_respects_limits_and_budget(tmp_path):
 
 
 # ---- training and evaluation ----------------------------------------------------------------------------------------
-def test_loss_series_and_plot(tmp_path):
+def test_training_plot_reads_each_step_once_and_draws_losses_weights_and_lr(tmp_path):
+    from pipelines.reporting.report import read_training_rows
+    from pipelines.reporting.report_plots import training_curves_png
+
     path = tmp_path / "metrics.jsonl"
-    lines = [
-        json.dumps({"step": s, "epoch": 0, "lr": 1e-4, "loss": 3.0 - s, "loss/global": 2.0, "local": 0.5 * s})
-        for s in range(3)
-    ]
+    lines = [json.dumps({"step": s, "epoch": s // 2, "lr": 1e-4, "loss": 3.0 - s, "loss/global": 2.0,
+                         "weight/global": 1.0}) for s in range(3)]
     path.write_text("\n".join(lines) + '\n{"step": 3, "loss": ', encoding="utf-8")  # truncated last line
-    rows = render.read_jsonl(path)
-    assert len(rows) == 3
-    series = render.loss_series(rows)
-    assert set(series) == {"loss", "loss/global", "local"}  # lr and epoch are not losses
-    assert series["loss"] == ([0.0, 1.0, 2.0], [3.0, 2.0, 1.0])
-    assert series["local"] == ([0.0, 1.0, 2.0], [0.0, 0.5, 1.0])
-    png = render.loss_curve_png(rows, width_px=640, height_px=320)
-    assert Image.open(io.BytesIO(png)).size == (640, 320)
-    with pytest.raises(ValueError, match="loss"):
-        render.loss_curve_png([{"step": 0, "lr": 1.0}])
+    rows = read_training_rows(path)
+    assert [r["step"] for r in rows] == [0, 1, 2]
+    png = training_curves_png(rows)
+    assert Image.open(io.BytesIO(png)).size == (640, 720)  # three axes of 2.4 in, 100 dpi
+    assert training_curves_png([{"epoch": 0, "loss": 1.0}]) is None  # no step: nothing to draw
 
 
 def test_recall_rows_flat_and_nested():
@@ -198,8 +194,15 @@ def test_recall_rows_flat_and_nested():
                        "mean_rank": 2.0, "median_rank": None}]
     with pytest.raises(ValueError, match="retrieval metrics"):
         render.recall_rows({"loss": 1.0})
-    png = render.recall_bar_png(rows, width_px=500, height_px=250)
-    assert Image.open(io.BytesIO(png)).size == (500, 250)
+    from pipelines.reporting.report_plots import recall_groups, recall_png
+
+    metrics = {**flat, "zero_shot": {"t2i/R@1": 0.05, "i2t/R@1": 0.07}}
+    assert render.metric_groups(metrics) == [("fine-tuned", metrics), ("zero-shot", metrics["zero_shot"])]
+    groups = recall_groups(metrics)  # the table's parser, per model
+    assert groups["fine-tuned"]["t2i"] == {**{f"R@{k}": 0.1 + k / 100 for k in (1, 5, 10, 25, 50)},
+                                           "mean_rank": 4.5, "median_rank": 3.0}
+    assert groups["zero-shot"] == {"t2i": {"R@1": 0.05}, "i2t": {"R@1": 0.07}}
+    assert Image.open(io.BytesIO(recall_png(metrics))).size == (640, 300)
 
 
 # ---- publishing to the session's Prefect server ----------------------------------------------------------------------
