@@ -169,10 +169,10 @@ def synthesise(root: Path, n: int) -> tuple[Path, Path, int]:
     # What the run that wrote the manifest keeps beside it: each row's signature (the manifest above is the one its
     # rows build: checked on small catalogues by tests/benchmarks) and the quality report's caption counts per part.
     from pipelines.reporting.quality import output_quality_report
-    from pipelines.steps.manifest import manifest_parts_key
+    from pipelines.steps.manifest import manifest_digest
     from storage.parquet import write_derived
 
-    write_derived(layout.manifest_index, manifest_parts_key(layout.manifest_dir), pipeline.manifest_signatures())
+    write_derived(layout.manifest_index, manifest_digest(layout.manifest_dir), pipeline.manifest_signatures())
     output_quality_report(out, max_edge_maps=0)
     return images, out, n * outputs_per_image
 

@@ -29,7 +29,7 @@ from pipelines.steps.ingest import Caption, CaptionIndex
 from storage.hashing import content_key, distinct_key_order, table_digest
 from storage.layout import OutputLayout
 from storage.manifest import STATUS_FAILED, STATUS_OK
-from storage.parquet import parquet_parts, read_derived, write_derived
+from storage.parquet import read_derived, write_derived
 from storage.stage_store import ITEM_KEY, StageStore, StoredRows
 
 log = logging.getLogger("structxlip.plan")
@@ -585,10 +585,10 @@ class Pipeline:
         changed (new or changed images), with ``replace``: the images whose row on disk goes; else every row (then
         compared with the parts on disk). ``signatures``: every current row's (``manifest_signatures``), kept once
         the manifest is written. A run adding 20 images to a catalogue of 100,000 builds 20 rows, not 100,020."""
-        from pipelines.steps.manifest import changed_rows, manifest_parts_key
+        from pipelines.steps.manifest import changed_rows
 
         signatures = self.manifest_signatures()
-        parts = manifest_parts_key(self.layout.manifest_dir) if self.layout.manifest_dir.is_dir() else None
+        parts = self.manifest_digest()
         kept = read_derived(self.layout.manifest_index, parts, ["image_id", "signature"]) if parts else None
         if kept is None:
             return {"rows": self.manifest_rows.rows, "signatures": signatures}
@@ -637,11 +637,10 @@ class Pipeline:
         return row_signatures(files.append_column("captions", pa.array(captions, pa.string())), tables, salt)
 
     def manifest_digest(self) -> str | None:
-        """Content key of the manifest on disk (its parts are named by the content of their rows); None when absent."""
-        parts = parquet_parts(self.layout.manifest_dir)
-        if not parts:
-            return None
-        return content_key("manifest-parts", [(p.name, p.stat().st_size) for p in parts], length=32)
+        """``pipelines.steps.manifest.manifest_digest`` of the manifest on disk; None when absent."""
+        from pipelines.steps.manifest import manifest_digest
+
+        return manifest_digest(self.layout.manifest_dir)
 
 
 # Bump when what ``Pipeline.caption_keys`` derives from the same inputs changes (the caption index's reading lives in

@@ -964,7 +964,7 @@ class Manifest(Stage):
         return content_key("manifest", results, pipeline.captions_digest(), length=32)
 
     def run(self, records, *, layout, stage_key, params, runtime):
-        from pipelines.steps.manifest import manifest_parts_key, write_manifest
+        from pipelines.steps.manifest import manifest_digest, write_manifest
         from storage.manifest import manifest_batches, manifest_schema
         from storage.parquet import parquet_parts, write_derived
 
@@ -972,7 +972,7 @@ class Manifest(Stage):
         layout.manifest_index.unlink(missing_ok=True)  # what it says of the manifest stops being true below
         result = write_manifest(layout, record["rows"], rewrite=runtime.get("rewrite", False),
                                 schema=manifest_schema(record.get("fields", ())), replace=record.get("replace"))
-        write_derived(layout.manifest_index, manifest_parts_key(layout.manifest_dir), record["signatures"])
+        write_derived(layout.manifest_index, manifest_digest(layout.manifest_dir), record["signatures"])
         rows = ok = duplicates = 0
         for batch in manifest_batches(layout.manifest_dir, ["status", "duplicate_paths"]):
             rows += batch.num_rows

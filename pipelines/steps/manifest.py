@@ -206,14 +206,15 @@ def _one_per_image(table: pa.Table, separator: str, order: tuple[str, ...] = ())
     return table.select(["image_id", "text"])
 
 
-def manifest_parts_key(folder: str | os.PathLike) -> str | None:
-    """A key of the manifest's parts as they are on disk (name, size, modification time): the key its signatures are
-    kept under; None without a manifest."""
+def manifest_digest(folder: str | os.PathLike) -> str | None:
+    """Content key of the manifest in ``folder`` (its parts are named by the content of their rows: their names and
+    sizes say what it holds); None without a manifest. The train and evaluate stages' item, and the key the
+    manifest's row signatures are kept under (``OutputLayout.manifest_index``)."""
     try:
-        stats = [(part.name, part.stat().st_size, part.stat().st_mtime_ns) for part in parquet_parts(folder)]
-    except FileNotFoundError:  # a part removed while listed: no key the signatures were kept under
+        parts = [(part.name, part.stat().st_size) for part in parquet_parts(folder)]
+    except FileNotFoundError:  # a part removed while listed: a manifest being replaced
         return None
-    return content_key("manifest-parts", stats, length=32) if stats else None
+    return content_key("manifest-parts", parts, length=32) if parts else None
 
 
 def changed_rows(current: pa.Table, kept: pa.Table) -> tuple[pa.Array, pa.Array]:
