@@ -186,3 +186,52 @@ def test_planning_a_new_folder_makes_no_output_folder(tmp_path):
     run_inline(pipeline, ["ingest"])
     assert (tmp_path / "out" / "cache" / "file-keys.parquet").is_file()  # kept once results are
     assert _pipeline(images, tmp_path / "out").file_keys.to_pylist() == pipeline.scan.file_keys()
+
+
+def _independent_file_keys(images, out) -> list[str]:
+    """Every file key hashed from the scan itself (``file_key`` of each location and stat fields), never from OUT."""
+    scan = _pipeline(images, out).scan
+    return [ingest.file_key(location, *times, *ids)
+            for location, times, ids in zip(scan.locations, scan.times.tolist(), scan.ids.tolist())]
+
+
+def _counting_file_key(monkeypatch) -> list[str]:
+    hashed: list[str] = []
+    real = ingest.file_key
+
+    def counted(location, *fields):
+        hashed.append(location)
+        return real(location, *fields)
+
+    monkeypatch.setattr(ingest, "file_key", counted)
+    return hashed
+
+
+def test_a_changed_folder_hashes_only_its_new_and_changed_files(folder, monkeypatch):
+    images, out = folder
+    (images / "added.jpg").write_bytes((images / "gen_00000.jpg").read_bytes()[::-1])  # a new file (unreadable)
+    os.utime(images / "gen_00002.jpg", ns=(2_000_000_000, 2_000_000_000))  # new stat fields
+    (images / "gen_00001.jpg").unlink()
+    expected = _independent_file_keys(images, out)
+    hashed = _counting_file_key(monkeypatch)
+    assert _pipeline(images, out).file_keys.to_pylist() == expected
+    assert sorted(os.path.basename(location) for location in hashed) == ["added.jpg", "gen_00002.jpg"]
+    hashed.clear()  # kept again: the next run reads them all
+    assert _pipeline(images, out).file_keys.to_pylist() == expected and hashed == []
+
+
+def test_an_undecodable_file_name_keeps_the_keys_without_locations(folder, monkeypatch):
+    images, out = folder
+    name = os.fsdecode(b"caf\xe9.jpg")  # Latin-1 bytes: not valid UTF-8
+    try:
+        (images / name).write_bytes((images / "gen_00000.jpg").read_bytes())
+    except (OSError, UnicodeError):
+        pytest.skip("this file system refuses names that are not valid UTF-8")
+    expected = _independent_file_keys(images, out)
+    assert _pipeline(images, out).file_keys.to_pylist() == expected  # every file hashed, the keys kept
+    hashed = _counting_file_key(monkeypatch)
+    assert _pipeline(images, out).file_keys.to_pylist() == expected and hashed == []
+    (images / "gen_00002.jpg").unlink()  # then a change: nothing to join on, every file hashed again
+    expected = _independent_file_keys(images, out)
+    hashed.clear()
+    assert _pipeline(images, out).file_keys.to_pylist() == expected and len(hashed) == 4
