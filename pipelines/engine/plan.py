@@ -126,10 +126,10 @@ def _scan_stats(scan) -> pa.Table | None:
                     names=list(FILE_STAT_COLUMNS))
 
 
-def _reused_file_keys(scan, stats: pa.Table | None, kept: pa.Table) -> pa.Array | None:
+def _reused_file_keys(scan, stats: pa.Table, kept: pa.Table) -> pa.Array | None:
     """The scan's file keys: the kept key of each file whose location and stat fields are those kept with it (the
     key follows from them alone), hashed for the others; None when nothing can be reused."""
-    if stats is None or not kept.num_rows or kept.column_names != [*FILE_STAT_COLUMNS, "file_key"]:
+    if not kept.num_rows:
         return None
     order = stats.append_column("_at", pa.array(range(stats.num_rows), pa.int64()))
     joined = order.join(kept, keys=list(FILE_STAT_COLUMNS), join_type="left outer", use_threads=False).sort_by("_at")
@@ -210,7 +210,8 @@ class Pipeline:
         if kept is not None and kept[1].get("digest") == digest:
             return kept[0].column("file_key").combine_chunks()
         stats = _scan_stats(scan)
-        before = read_derived(path, key, [*FILE_STAT_COLUMNS, "file_key"]) if kept is not None and stats else None
+        before = (read_derived(path, key, [*FILE_STAT_COLUMNS, "file_key"])
+                  if kept is not None and stats is not None else None)
         keys = _reused_file_keys(scan, stats, before[0]) if before is not None else None
         if keys is None:
             keys = pa.array(scan.file_keys(), pa.string())
