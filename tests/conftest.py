@@ -69,7 +69,21 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     # ``make test`` distributes whole groups (--dist loadgroup): a module, or the modules sharing one of SHARED_RUNS.
     groups = {_module(item): shared for item in items for shared in SHARED_RUNS if shared in item.fixturenames}
     for item in items:
-        item.add_marker(pytest.mark.xdist_group(groups.get(_module(item), _module(item))))
+        group = groups.get(_module(item), _module(item))
+        item.add_marker(pytest.mark.xdist_group(group))
+        if getattr(config.option, "loadgroup", False):  # a pytest-xdist test process under --dist loadgroup
+            _name_group(item, group)
+
+
+def _name_group(item: pytest.Item, group: str) -> None:
+    """Suffix the node id with ``@group``, which is how pytest-xdist's scheduler learns an item's group. xdist 3.8
+    writes the suffix to ``item._nodeid``, which pytest 9.2 no longer reads (the id is ``item._id``): every test was
+    then its own group, modules were split between the test processes, and each recomputed the module and session
+    runs the other had already made. On a pytest whose ids xdist still sets, this leaves them to it."""
+    current = getattr(item, "_id", None)
+    if current is None or item.nodeid.endswith(f"@{group}"):
+        return
+    item._id = type(current).parse(f"{item.nodeid}@{group}")
 
 
 def _module(item: pytest.Item) -> str:
