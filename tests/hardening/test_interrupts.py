@@ -241,13 +241,24 @@ def test_an_interrupt_cancels_a_stage_run_that_started_before_it_was_listed(pref
     from flows import interrupts, pipeline
 
     running = {"type": "RUNNING", "name": "Running"}
-    with httpx.Client(base_url=prefect_server.api_url + "/", timeout=10) as client:
-        flow_id = client.post("flows/", json={"name": "interrupt-test"}).json()["id"]
-        parent = client.post("flow_runs/", json={"flow_id": flow_id, "state": running}).json()["id"]
-        task = client.post("task_runs/", json={"flow_run_id": parent, "task_key": "ingest", "dynamic_key": "0",
-                                               "name": "ingest", "state": running}).json()["id"]
-        stage = client.post("flow_runs/", json={"flow_id": flow_id, "parent_task_run_id": task,
-                                                "state": running}).json()["id"]
+
+    def created(path: str, body: dict) -> str:
+        # The session's server is shared by a whole test process: under load its database can answer 503 (or 429),
+        # which Prefect's own client retries; so does this. Anything else fails naming the status and the answer.
+        for attempt in range(5):
+            answer = client.post(path, json=body)
+            if answer.status_code not in (429, 500, 502, 503, 504) or attempt == 4:
+                break
+            time.sleep(1 + attempt)
+        assert answer.is_success, f"POST {path}: {answer.status_code} {answer.text[:500]}"
+        return answer.json()["id"]
+
+    with httpx.Client(base_url=prefect_server.api_url + "/", timeout=30) as client:
+        flow_id = created("flows/", {"name": "interrupt-test"})
+        parent = created("flow_runs/", {"flow_id": flow_id, "state": running})
+        task = created("task_runs/", {"flow_run_id": parent, "task_key": "ingest", "dynamic_key": "0",
+                                      "name": "ingest", "state": running})
+        stage = created("flow_runs/", {"flow_id": flow_id, "parent_task_run_id": task, "state": running})
         monkeypatch.setenv("PREFECT_API_URL", prefect_server.api_url)
         monkeypatch.setattr(pipeline, "ACTIVE_FLOW_RUNS", [parent])
         interrupts._cancel_flow_runs("interrupted by SIGINT")
