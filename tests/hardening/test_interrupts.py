@@ -243,11 +243,11 @@ def test_an_interrupt_cancels_a_stage_run_that_started_before_it_was_listed(pref
     running = {"type": "RUNNING", "name": "Running"}
 
     def created(path: str, body: dict) -> str:
-        # The session's server is shared by a whole test process: under load its database can answer 503 (or 429),
-        # which Prefect's own client retries; so does this. Anything else fails naming the status and the answer.
+        # The session's server is shared by a whole test process: under load its database can answer 503. Prefect's
+        # own client retries 429, 502 and 503; so does this. Anything else (a 500 too) fails naming status and answer.
         for attempt in range(5):
             answer = client.post(path, json=body)
-            if answer.status_code not in (429, 500, 502, 503, 504) or attempt == 4:
+            if answer.status_code not in (429, 502, 503) or attempt == 4:
                 break
             time.sleep(1 + attempt)
         assert answer.is_success, f"POST {path}: {answer.status_code} {answer.text[:500]}"
