@@ -13,6 +13,7 @@ import functools
 import gc
 import logging
 import os
+import time
 from collections.abc import Collection
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -873,6 +874,9 @@ def _spacy_problems(key: str, name: str) -> list[str]:
     return [f"{key}: spaCy pipeline {name!r} is not installed: {hint}, or set a folder of a saved pipeline"]
 
 
+HUB_PROBE_TIMEOUT_S = 5.0  # per try of the preflight's HEAD of a hub model's config.json
+
+
 def _model_problems(key: str, name: str) -> list[str]:
     """One line when CLIP ``name`` can be neither built, read from a folder, found in the hub cache nor downloaded."""
     if name == TINY_CLIP:
@@ -883,14 +887,27 @@ def _model_problems(key: str, name: str) -> list[str]:
             return []
         return [f"{key}: {name} is not a model folder (no config.json): point it at a save_pretrained folder"]
     try:
-        from huggingface_hub import hf_hub_download, try_to_load_from_cache
+        from huggingface_hub import get_hf_file_metadata, hf_hub_url, try_to_load_from_cache
+        from huggingface_hub.errors import HfHubHTTPError
 
         cached = try_to_load_from_cache(name, "config.json")
         if isinstance(cached, str):
             return []
         if os.environ.get("HF_HUB_OFFLINE") == "1":
             raise ConnectionError("HF_HUB_OFFLINE=1")
-        hf_hub_download(name, "config.json", etag_timeout=5)
+        # One HEAD of the model's config, not a download: hf_hub_download retries an unreachable hub five times
+        # with backoff (~24 s before a deployment run without network fails). One more try after a second covers
+        # a dropped connection; an answer from the hub (404, gated, 5xx) is final.
+        for attempt in range(2):
+            try:
+                get_hf_file_metadata(hf_hub_url(name, "config.json"), timeout=HUB_PROBE_TIMEOUT_S)
+                return []
+            except HfHubHTTPError:
+                raise
+            except Exception:  # noqa: BLE001 - no answer (DNS, refused, timeout): once more
+                if attempt:
+                    raise
+                time.sleep(1.0)
         return []
     except Exception as exc:  # noqa: BLE001 - any hub problem is the same advice
         reason = " ".join(str(exc).split())[:120]

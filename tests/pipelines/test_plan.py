@@ -167,6 +167,66 @@ def test_preflight_checks_the_sam_model_only_when_regions_use_sam(folder, tmp_pa
     preflight(_pipeline(folder, tmp_path / "out", **{"regions.sam_model": "org/no-sam"}), ["regions"])  # structure
 
 
+class _Hub:
+    """A local stand-in for the hub's ``HEAD /{repo}/resolve/{revision}/config.json``: answers ``status`` (0: closes
+    the connection without an answer) and counts the requests."""
+
+    def __init__(self, status: int) -> None:
+        import http.server
+        import threading
+
+        hub = self
+        self.requests = 0
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_HEAD(self):  # noqa: N802 - http.server's name
+                hub.requests += 1
+                if not status:
+                    self.close_connection = True
+                    self.connection.shutdown(2)
+                    return
+                self.send_response(status)
+                if status == 200:
+                    self.send_header("ETag", '"abc"')
+                    self.send_header("X-Repo-Commit", "0" * 40)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+
+@pytest.mark.parametrize(("status", "problem", "requests"), [(200, False, 1), (404, True, 1), (503, True, 1),
+                                                              (0, True, 2)])
+def test_preflight_asks_the_hub_once_and_never_waits_for_its_backoff(tmp_path, monkeypatch, status, problem,
+                                                                     requests):
+    """A hub model not in the cache is probed with one HEAD of its config.json: an answer is final (a 503 is not
+    retried five times with backoff, as a download would), no answer is tried once more."""
+    from huggingface_hub import constants
+
+    from pipelines.engine.plan import _model_problems
+
+    hub = _Hub(status)
+    try:
+        monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)  # tests/conftest.py sets it before the import
+        monkeypatch.setattr(constants, "ENDPOINT", hub.url)
+        monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE",
+                            hub.url + "/{repo_id}/resolve/{revision}/{filename}")
+        monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty-hub"))
+        problems = _model_problems("model.clip_model", "org/some-clip")
+    finally:
+        hub.server.shutdown()
+    assert hub.requests == requests
+    assert bool(problems) == problem, problems
+    if problem:
+        assert len(problems) == 1 and problems[0].startswith("model.clip_model: 'org/some-clip' is not in the local")
+
+
 def test_missing_inputs_names_the_stage_its_input_and_the_stages_that_make_it(folder, tmp_path):
     from pipelines.engine.plan import missing_inputs
 
