@@ -99,4 +99,4 @@ def tiny_clip_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 # One real Prefect server for the whole session, shared by the flow, hardening and benchmark tests.
-from tests.prefect_server import prefect_api, prefect_server  # noqa: E402,F401
+from tests.prefect_server import prefect_api, prefect_database_template, prefect_home, prefect_server  # noqa: E402,F401

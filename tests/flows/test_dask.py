@@ -119,7 +119,7 @@ def _servers_under(pids: list[int]) -> list[str]:
     return found
 
 
-def test_separate_dask_processes_report_to_the_runs_own_api(tmp_path):
+def test_separate_dask_processes_report_to_the_runs_own_api(tmp_path, prefect_home):
     """A scheduler and two workers started as separate processes (as on a cluster), the CLI without a Prefect server:
     the chunks run on the workers and report to the run's own API; no worker starts a server of its own; the
     manifest equals a local run's; nothing the run started is left."""
@@ -129,9 +129,7 @@ def test_separate_dask_processes_report_to_the_runs_own_api(tmp_path):
     images_dir = tmp_path / "images"
     make_generated_images(images_dir, N_IMAGES, size=(160, 120), seed=5)
     config = write_config(tmp_path / "config.yaml")
-    home = tmp_path / "prefect-home"
-    home.mkdir()
-    env = prefect_env("unused", home)
+    env = prefect_env("unused", prefect_home)
     env.pop("PREFECT_API_URL")  # no server anywhere: the run starts its own, the workers must use it
     bin_dir = Path(sys.executable).parent
     port = free_port()

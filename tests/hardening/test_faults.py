@@ -34,7 +34,7 @@ from tests.hardening.conftest import (
     wait_until,
 )
 from tests.manifests import assert_same
-from tests.prefect_server import BIN_DIR, free_port, prefect_env, stop_process, wait_for_health
+from tests.prefect_server import BIN_DIR, free_port, home_with_database, prefect_env, stop_process, wait_for_health
 
 pytestmark = pytest.mark.e2e
 
@@ -296,10 +296,9 @@ class ServerOutage:
 
 
 @pytest.fixture(scope="module")
-def server_outage(baseline, tmp_path_factory) -> ServerOutage:
+def server_outage(baseline, tmp_path_factory, prefect_database_template) -> ServerOutage:
     root = tmp_path_factory.mktemp("server-outage")
-    home, port = root / "prefect-home", free_port()
-    home.mkdir()
+    home, port = home_with_database(root / "prefect-home", prefect_database_template), free_port()
     env = {**prefect_env(f"http://127.0.0.1:{port}/api", home), "STRUCTXLIP_CACHE": baseline.env["STRUCTXLIP_CACHE"]}
     stages = ["ingest", "structure", "regions"]
     out = root / "out"

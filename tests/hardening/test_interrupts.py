@@ -37,12 +37,11 @@ def _own_server_env(baseline, home: Path) -> dict:
     return env
 
 
-def _start_own_server_run(baseline, tmp_path: Path, stages: str, *more: str):
-    """Start ``structxlip run`` of ``stages`` on the baseline's images with its own API server (in a fresh
-    ``PREFECT_HOME``), 2 workers and the options ``more``; return ``(process, PREFECT_HOME, output folder)``."""
-    home = tmp_path / "prefect-home"
-    home.mkdir()
-    out = tmp_path / "out"
+def _start_own_server_run(baseline, home: Path, stages: str, *more: str):
+    """Start ``structxlip run`` of ``stages`` on the baseline's images with its own API server (in the
+    ``PREFECT_HOME`` ``home``), 2 workers and the options ``more``; return ``(process, PREFECT_HOME, output
+    folder)``: the folder ``out`` beside ``home``."""
+    out = home.parent / "out"
     process = start_cli(_own_server_env(baseline, home), "run", str(baseline.images), "--out", str(out), "--config",
                         str(baseline.config), "--stages", stages, "--set", "runtime.workers=2", *more)
     return process, home, out
@@ -101,9 +100,8 @@ def _task_run_states(home: Path) -> list[str]:
                                               (signal.SIGQUIT, True), (signal.SIGUSR1, True)],
                          ids=["sigint-to-the-group", "sigterm-to-the-process", "sighup-to-the-group",
                               "sigquit-to-the-group", "sigusr1-to-the-group"])
-def test_an_interrupt_stops_everything_and_the_rerun_completes(signum, to_group, baseline, tmp_path):
-    home = tmp_path / "prefect-home"
-    home.mkdir()
+def test_an_interrupt_stops_everything_and_the_rerun_completes(signum, to_group, baseline, tmp_path, prefect_home):
+    home = prefect_home
     env = _own_server_env(baseline, home)
     out = tmp_path / "out"
     args = ["run", str(baseline.images), "--out", str(out), "--config", str(baseline.config),
@@ -155,22 +153,22 @@ def _forkserver(pid: int) -> bool:
     return any("forkserver" in " ".join(p.cmdline()) for p in _descendants(pid))
 
 
-def test_ctrl_c_while_the_forkserver_imports_the_workers_libraries_is_one_line(baseline, tmp_path):
+def test_ctrl_c_while_the_forkserver_imports_the_workers_libraries_is_one_line(baseline, prefect_home):
     # The run starts the workers' forkserver as it plans; it then imports torch, transformers and spaCy for seconds.
     # Ctrl-C reaches it too (the terminal's process group): it must leave the interrupt to the run, not print the
     # traceback of an interrupted import over the run's one line.
-    process, _home, _out = _start_own_server_run(baseline, tmp_path, "ingest,structure,regions,captions,filter")
+    process, _home, _out = _start_own_server_run(baseline, prefect_home, "ingest,structure,regions,captions,filter")
     # 1 s: into its imports (~4 s here), past the interpreter's start
     started, stderr = _ctrl_c(process, lambda: _forkserver(process.pid), "the workers' forkserver", settle_s=1.0)
     _assert_one_interrupted_line(process, stderr)
     assert not wait_gone(started, 10.0), alive(started)
 
 
-def test_a_killed_run_leaves_nothing_behind_and_the_next_run_marks_its_runs_crashed(baseline, tmp_path):
+def test_a_killed_run_leaves_nothing_behind_and_the_next_run_marks_its_runs_crashed(baseline, prefect_home):
     """SIGKILL (or the out-of-memory killer) to the main process: its API server and workers end by themselves, and
     the next run on the folder marks the Prefect runs it left Running Crashed, with one warning line."""
     stages = "ingest,structure,regions,captions"
-    process, home, out = _start_own_server_run(baseline, tmp_path, stages)
+    process, home, out = _start_own_server_run(baseline, prefect_home, stages)
     started: list[psutil.Process] = []
     try:
         wait_until(lambda: stage_parts(out, "structure"), process, "the first structure part")
@@ -200,12 +198,11 @@ def test_a_killed_run_leaves_nothing_behind_and_the_next_run_marks_its_runs_cras
     assert _lock_is_free(out) and (out / ".lock").read_text() == ""  # settled: nothing left for a later run
 
 
-def test_a_verbose_run_with_its_own_server_ends_at_once_with_status_0(baseline, tmp_path):
+def test_a_verbose_run_with_its_own_server_ends_at_once_with_status_0(baseline, tmp_path, prefect_home):
     # With --verbose Prefect keeps run logs to send to the API; sent by its exit hook, after the run's server had
     # stopped, they kept the process waiting until the API watch ended a successful run with "lost the run's Prefect
     # API server" and status 2.
-    home = tmp_path / "prefect-home"
-    home.mkdir()
+    home = prefect_home
     out = tmp_path / "out"
     done = run_cli(_own_server_env(baseline, home), "run", str(baseline.images), "--out", str(out), "--config",
                    str(baseline.config), "--stages", "ingest,structure", "--verbose")
@@ -268,12 +265,13 @@ def test_an_interrupt_cancels_a_stage_run_that_started_before_it_was_listed(pref
 
 
 @pytest.mark.parametrize("runner", ["local", "dask"])
-def test_ctrl_c_twice_still_marks_the_runs_cancelled_in_one_line(runner, baseline, tmp_path):
+def test_ctrl_c_twice_still_marks_the_runs_cancelled_in_one_line(runner, baseline, prefect_home):
     # An impatient user presses Ctrl-C twice. The second one used to exit at once, before the clean-up had marked
     # anything: the run's flow and task runs stayed "Running" in the Prefect UI for good. With the Dask runner (a
     # LocalCluster in the terminal's process group), its workers and scheduler logged each cancelled task and lost
     # worker, and a traceback, under the one line.
-    process, home, out = _start_own_server_run(baseline, tmp_path, "ingest,structure,regions,captions,filter,manifest",
+    process, home, out = _start_own_server_run(baseline, prefect_home,
+                                               "ingest,structure,regions,captions,filter,manifest",
                                                "--set", f"runtime.runner={runner}")
     started, stderr = _ctrl_c(process, lambda: stage_parts(out, "regions"), "the first regions part", again_after_s=0.1)
     _assert_one_interrupted_line(process, stderr)
@@ -289,12 +287,12 @@ def test_ctrl_c_twice_still_marks_the_runs_cancelled_in_one_line(runner, baselin
     ("ingest,structure,regions,captions,filter,manifest", "dask", signal.SIGQUIT),
     ("ingest,structure,regions", "local", signal.SIGUSR2)], ids=["sigquit-dask-runner", "sigusr2-no-preloaded-stage"])
 def test_a_signal_to_the_group_leaves_no_traceback_of_a_process_it_reaches(stages, runner, signum, baseline,
-                                                                            tmp_path):
+                                                                            prefect_home):
     # Ctrl-\ (and every signal to the group but SIGINT and SIGTERM) also killed multiprocessing's resource tracker where
     # a thread other than the main one had started it (the LocalCluster's; the engine's where no stage of the run has
     # modules to preload); the clean-up started another, which printed a KeyError traceback per semaphore under the
     # run's one line.
-    process, home, out = _start_own_server_run(baseline, tmp_path, stages, "--set", f"runtime.runner={runner}")
+    process, home, out = _start_own_server_run(baseline, prefect_home, stages, "--set", f"runtime.runner={runner}")
     started, stderr = _ctrl_c(process, lambda: stage_parts(out, "regions"), "the first regions part", signum=signum)
     _assert_one_interrupted_line(process, stderr, signum)
     assert not wait_gone(started, 5.0), alive(started)
