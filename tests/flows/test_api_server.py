@@ -11,8 +11,8 @@ import urllib.request
 from flows import api_server
 
 
-def test_a_port_taken_before_the_server_binds_it_gets_another(monkeypatch, tmp_path):
-    monkeypatch.setenv("PREFECT_HOME", str(tmp_path / "prefect-home"))
+def test_a_port_taken_before_the_server_binds_it_gets_another(monkeypatch, prefect_home):
+    monkeypatch.setenv("PREFECT_HOME", str(prefect_home))
     squatter = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     squatter.bind(("127.0.0.1", 0))
     squatter.listen()
