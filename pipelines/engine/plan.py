@@ -886,9 +886,10 @@ def _model_problems(key: str, name: str) -> list[str]:
         if (folder / "config.json").is_file():
             return []
         return [f"{key}: {name} is not a model folder (no config.json): point it at a save_pretrained folder"]
+    from huggingface_hub.errors import HfHubHTTPError
+
     try:
         from huggingface_hub import get_hf_file_metadata, hf_hub_url, try_to_load_from_cache
-        from huggingface_hub.errors import HfHubHTTPError
 
         cached = try_to_load_from_cache(name, "config.json")
         if isinstance(cached, str):
@@ -902,15 +903,21 @@ def _model_problems(key: str, name: str) -> list[str]:
             try:
                 get_hf_file_metadata(hf_hub_url(name, "config.json"), timeout=HUB_PROBE_TIMEOUT_S)
                 return []
-            except HfHubHTTPError:
+            except (HfHubHTTPError, ValueError):  # the hub answered, or the name is not a repo id
                 raise
             except Exception:  # noqa: BLE001 - no answer (DNS, refused, timeout): once more
                 if attempt:
                     raise
                 time.sleep(1.0)
         return []
-    except Exception as exc:  # noqa: BLE001 - any hub problem is the same advice
+    except Exception as exc:  # noqa: BLE001 - every problem is one line of advice
         reason = " ".join(str(exc).split())[:120]
+        status = exc.response.status_code if isinstance(exc, HfHubHTTPError) and exc.response is not None else None
+        if isinstance(exc, ValueError) and not isinstance(exc, HfHubHTTPError):
+            return [f"{key}: {name!r} is neither a model folder nor a Hugging Face model id ({reason})"]
+        if status in (401, 403, 404):
+            return [f"{key}: the hub has no model {name!r} this machine may read ({reason}): check the id, or log in "
+                    "(`hf auth login` or HF_TOKEN) for a gated or private model"]
         return [f"{key}: {name!r} is not in the local Hugging Face cache and the hub cannot be reached ({reason}): "
                 "download it where there is network and set the key to its folder, or use configs/demo.yaml"]
 

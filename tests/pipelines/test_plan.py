@@ -200,8 +200,10 @@ class _Hub:
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
 
-@pytest.mark.parametrize(("status", "problem", "requests"), [(200, False, 1), (404, True, 1), (503, True, 1),
-                                                              (0, True, 2)])
+@pytest.mark.parametrize(("status", "problem", "requests"), [
+    (200, None, 1), (404, "the hub has no model 'org/some-clip' this machine may read", 1),
+    (503, "'org/some-clip' is not in the local Hugging Face cache and the hub cannot be reached", 1),
+    (0, "'org/some-clip' is not in the local Hugging Face cache and the hub cannot be reached", 2)])
 def test_preflight_asks_the_hub_once_and_never_waits_for_its_backoff(tmp_path, monkeypatch, status, problem,
                                                                      requests):
     """A hub model not in the cache is probed with one HEAD of its config.json: an answer is final (a 503 is not
@@ -222,9 +224,19 @@ def test_preflight_asks_the_hub_once_and_never_waits_for_its_backoff(tmp_path, m
     finally:
         hub.server.shutdown()
     assert hub.requests == requests
-    assert bool(problems) == problem, problems
-    if problem:
-        assert len(problems) == 1 and problems[0].startswith("model.clip_model: 'org/some-clip' is not in the local")
+    if problem is None:
+        assert problems == []
+    else:
+        assert len(problems) == 1 and problems[0].startswith(f"model.clip_model: {problem}"), problems
+
+
+def test_preflight_names_a_model_setting_that_is_no_repo_id_without_asking_the_hub(monkeypatch):
+    from pipelines.engine.plan import _model_problems
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    for name in ("org/two words", "a/b/c"):
+        (problem,) = _model_problems("model.clip_model", name)
+        assert problem.startswith(f"model.clip_model: {name!r} is neither a model folder nor a Hugging Face model id")
 
 
 def test_missing_inputs_names_the_stage_its_input_and_the_stages_that_make_it(folder, tmp_path):
