@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -176,7 +177,8 @@ def prefect_home(tmp_path, prefect_database_template) -> Path:
 def home_with_database(home: Path, template: Path) -> Path:
     """Create the folder ``home`` holding a copy of the Prefect database ``template``; return it."""
     home.mkdir()
-    with sqlite3.connect(template) as source, sqlite3.connect(home / "prefect.db") as copy:
+    with contextlib.closing(sqlite3.connect(template)) as source, \
+            contextlib.closing(sqlite3.connect(home / "prefect.db")) as copy:
         source.backup(copy)  # one consistent file, whatever the template's write-ahead log still held
     return home
 
