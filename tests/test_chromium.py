@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import http.server
-import threading
 
 import pytest
 
 from tests.chromium import chromium, render_until
+from tests.local_http import serving
 
 PAGE = b"""<!doctype html><html><body><p id="status">loading</p><script>
 fetch("/data.json").then(r => r.json()).then(d => setTimeout(() => {
@@ -31,15 +31,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
 @pytest.mark.skipif(chromium() is None, reason="chromium not installed (`make browser` installs it)")
 def test_render_until_waits_for_the_condition_then_screenshots(tmp_path):
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
+    with serving(_Handler) as server:
         url = f"http://127.0.0.1:{server.server_address[1]}/"
         dom = render_until(url, lambda dom: "rendered 42" in dom, screenshot=tmp_path / "page.png",
                            profile=tmp_path / "profile")
-    finally:
-        server.shutdown()
-        server.server_close()
     assert '<p id="status">rendered 42</p>' in dom
     assert (tmp_path / "page.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

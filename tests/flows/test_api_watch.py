@@ -4,13 +4,13 @@ period ends with one line; a reachable one is left alone, checked through one HT
 from __future__ import annotations
 
 import http.server
-import threading
 import time
 
 import httpx
 import pytest
 
 from flows import commands, interrupts
+from tests.local_http import serving
 
 
 class _Health(http.server.BaseHTTPRequestHandler):
@@ -25,11 +25,8 @@ class _Health(http.server.BaseHTTPRequestHandler):
 
 @pytest.fixture
 def api():
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Health)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield server
-    server.shutdown()
-    server.server_close()
+    with serving(_Health) as server:
+        yield server
 
 
 def test_a_lost_api_ends_the_run_once_with_one_line_and_a_live_one_does_not(api, monkeypatch):

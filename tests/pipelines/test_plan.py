@@ -5,6 +5,7 @@ item fails alone; a storage error fails the chunk and records nothing; a moved o
 from __future__ import annotations
 
 import errno
+import http.server
 import json
 import logging
 import shutil
@@ -17,6 +18,7 @@ from pipelines.engine.execute import StageFailed, run_inline
 from pipelines.engine.plan import Pipeline
 from pipelines.engine.stages import PipelineView, text_item_key
 from tests.corpus import make_generated_images
+from tests.local_http import serving
 
 DATA = ["ingest", "structure", "regions", "captions", "filter", "manifest"]
 CONFIG = {"model.clip_model": "structxlip/tiny-clip", "regions.method": "structure", "regions.max_regions": 3,
@@ -167,37 +169,28 @@ def test_preflight_checks_the_sam_model_only_when_regions_use_sam(folder, tmp_pa
     preflight(_pipeline(folder, tmp_path / "out", **{"regions.sam_model": "org/no-sam"}), ["regions"])  # structure
 
 
-class _Hub:
+class _Hub(http.server.BaseHTTPRequestHandler):
     """A local stand-in for the hub's ``HEAD /{repo}/resolve/{revision}/config.json``: answers ``status`` (0: closes
-    the connection without an answer) and counts the requests."""
+    the connection without an answer); ``requests`` counts what it was asked."""
 
-    def __init__(self, status: int) -> None:
-        import http.server
-        import threading
+    status = 200
+    requests = 0
 
-        hub = self
-        self.requests = 0
+    def do_HEAD(self):  # noqa: N802 - http.server's name
+        type(self).requests += 1
+        if not self.status:
+            self.close_connection = True
+            self.connection.shutdown(2)
+            return
+        self.send_response(self.status)
+        if self.status == 200:
+            self.send_header("ETag", '"abc"')
+            self.send_header("X-Repo-Commit", "0" * 40)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
 
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_HEAD(self):  # noqa: N802 - http.server's name
-                hub.requests += 1
-                if not status:
-                    self.close_connection = True
-                    self.connection.shutdown(2)
-                    return
-                self.send_response(status)
-                if status == 200:
-                    self.send_header("ETag", '"abc"')
-                    self.send_header("X-Repo-Commit", "0" * 40)
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-
-            def log_message(self, *args):
-                pass
-
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+    def log_message(self, *args):
+        pass
 
 
 @pytest.mark.parametrize(("status", "problem", "requests"), [
@@ -212,17 +205,15 @@ def test_preflight_asks_the_hub_once_and_never_waits_for_its_backoff(tmp_path, m
 
     from pipelines.engine.plan import _model_problems
 
-    hub = _Hub(status)
-    try:
-        monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)  # tests/conftest.py sets it before the import
-        monkeypatch.setattr(constants, "ENDPOINT", hub.url)
-        monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE",
-                            hub.url + "/{repo_id}/resolve/{revision}/{filename}")
-        monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty-hub"))
+    hub = type("Hub", (_Hub,), {"status": status})
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)  # tests/conftest.py sets it before the import
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty-hub"))
+    with serving(hub) as server:
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        monkeypatch.setattr(constants, "ENDPOINT", url)
+        monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", url + "/{repo_id}/resolve/{revision}/{filename}")
         problems = _model_problems("model.clip_model", "org/some-clip")
-    finally:
-        hub.server.shutdown()
     assert hub.requests == requests
     if problem is None:
         assert problems == []
