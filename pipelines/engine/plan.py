@@ -899,21 +899,19 @@ def _model_problems(key: str, name: str) -> list[str]:
         # One HEAD of the model's config, not a download: hf_hub_download retries an unreachable hub five times
         # with backoff (~24 s before a deployment run without network fails). One more try after a second covers
         # a dropped connection; an answer from the hub (404, gated, 5xx) is final.
-        for attempt in range(2):
-            try:
-                get_hf_file_metadata(hf_hub_url(name, "config.json"), timeout=HUB_PROBE_TIMEOUT_S)
-                return []
-            except (HfHubHTTPError, ValueError):  # the hub answered, or the name is not a repo id
-                raise
-            except Exception:  # noqa: BLE001 - no answer (DNS, refused, timeout): once more
-                if attempt:
-                    raise
-                time.sleep(1.0)
+        url = hf_hub_url(name, "config.json")
+        try:
+            get_hf_file_metadata(url, timeout=HUB_PROBE_TIMEOUT_S)
+        except (HfHubHTTPError, ValueError):  # the hub answered, or the name is not a repo id
+            raise
+        except Exception:  # noqa: BLE001 - no answer (DNS, refused, timeout)
+            time.sleep(1.0)
+            get_hf_file_metadata(url, timeout=HUB_PROBE_TIMEOUT_S)
         return []
     except Exception as exc:  # noqa: BLE001 - every problem is one line of advice
         reason = " ".join(str(exc).split())[:120]
         status = exc.response.status_code if isinstance(exc, HfHubHTTPError) and exc.response is not None else None
-        if isinstance(exc, ValueError) and not isinstance(exc, HfHubHTTPError):
+        if isinstance(exc, ValueError):  # huggingface_hub's HFValidationError: not a repo id
             return [f"{key}: {name!r} is neither a model folder nor a Hugging Face model id ({reason})"]
         if status in (401, 403, 404):
             return [f"{key}: the hub has no model {name!r} this machine may read ({reason}): check the id, or log in "
