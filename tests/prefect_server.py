@@ -150,15 +150,9 @@ def prefect_database_template(tmp_path_factory) -> Path:
     from flows.api_server import ApiServer
 
     home = tmp_path_factory.mktemp("prefect-home-template")
-    previous = os.environ.get("PREFECT_HOME")
-    os.environ["PREFECT_HOME"] = str(home)  # the server's environment is this process's
-    try:
+    with pytest.MonkeyPatch.context() as patch:  # the server's environment is this process's
+        patch.setenv("PREFECT_HOME", str(home))
         server = ApiServer()
-    finally:
-        if previous is None:
-            del os.environ["PREFECT_HOME"]
-        else:
-            os.environ["PREFECT_HOME"] = previous
     try:
         server.wait_ready()
     finally:

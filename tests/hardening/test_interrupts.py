@@ -39,12 +39,12 @@ def _own_server_env(baseline, home: Path) -> dict:
 
 def _start_own_server_run(baseline, home: Path, stages: str, *more: str):
     """Start ``structxlip run`` of ``stages`` on the baseline's images with its own API server (in the
-    ``PREFECT_HOME`` ``home``), 2 workers and the options ``more``; return ``(process, PREFECT_HOME, output
-    folder)``: the folder ``out`` beside ``home``."""
+    ``PREFECT_HOME`` ``home``), 2 workers and the options ``more``; return ``(process, output folder)``: the folder
+    ``out`` beside ``home``."""
     out = home.parent / "out"
     process = start_cli(_own_server_env(baseline, home), "run", str(baseline.images), "--out", str(out), "--config",
                         str(baseline.config), "--stages", stages, "--set", "runtime.workers=2", *more)
-    return process, home, out
+    return process, out
 
 
 def _ctrl_c(process, ready, what: str, *, settle_s: float = 0.0, again_after_s: float | None = None,
@@ -101,8 +101,7 @@ def _task_run_states(home: Path) -> list[str]:
                          ids=["sigint-to-the-group", "sigterm-to-the-process", "sighup-to-the-group",
                               "sigquit-to-the-group", "sigusr1-to-the-group"])
 def test_an_interrupt_stops_everything_and_the_rerun_completes(signum, to_group, baseline, tmp_path, prefect_home):
-    home = prefect_home
-    env = _own_server_env(baseline, home)
+    env = _own_server_env(baseline, prefect_home)
     out = tmp_path / "out"
     args = ["run", str(baseline.images), "--out", str(out), "--config", str(baseline.config),
             "--stages", "ingest,structure,regions,captions,filter,manifest", "--set", "runtime.workers=2"]
@@ -127,9 +126,9 @@ def test_an_interrupt_stops_everything_and_the_rerun_completes(signum, to_group,
     assert len(lines) == 1 and "interrupted" in lines[0] and "run the same command to resume" in lines[0], stderr
     assert not wait_gone(started, 5.0), alive(started)  # nothing the run started outlives it
     assert _lock_is_free(out)
-    states = _flow_run_states(home)
+    states = _flow_run_states(prefect_home)
     assert states and "CANCELLED" in states.values() and "RUNNING" not in states.values(), states
-    tasks = _task_run_states(home)  # chunks whose workers the clean-up killed are Cancelled, not Failed
+    tasks = _task_run_states(prefect_home)  # chunks whose workers the clean-up killed are Cancelled, not Failed
     assert "CANCELLED" in tasks and not {"RUNNING", "PENDING", "FAILED"} & set(tasks), tasks
 
     done = run_cli(baseline.env, *args)
@@ -157,7 +156,7 @@ def test_ctrl_c_while_the_forkserver_imports_the_workers_libraries_is_one_line(b
     # The run starts the workers' forkserver as it plans; it then imports torch, transformers and spaCy for seconds.
     # Ctrl-C reaches it too (the terminal's process group): it must leave the interrupt to the run, not print the
     # traceback of an interrupted import over the run's one line.
-    process, _home, _out = _start_own_server_run(baseline, prefect_home, "ingest,structure,regions,captions,filter")
+    process, _out = _start_own_server_run(baseline, prefect_home, "ingest,structure,regions,captions,filter")
     # 1 s: into its imports (~4 s here), past the interpreter's start
     started, stderr = _ctrl_c(process, lambda: _forkserver(process.pid), "the workers' forkserver", settle_s=1.0)
     _assert_one_interrupted_line(process, stderr)
@@ -168,7 +167,7 @@ def test_a_killed_run_leaves_nothing_behind_and_the_next_run_marks_its_runs_cras
     """SIGKILL (or the out-of-memory killer) to the main process: its API server and workers end by themselves, and
     the next run on the folder marks the Prefect runs it left Running Crashed, with one warning line."""
     stages = "ingest,structure,regions,captions"
-    process, home, out = _start_own_server_run(baseline, prefect_home, stages)
+    process, out = _start_own_server_run(baseline, prefect_home, stages)
     started: list[psutil.Process] = []
     try:
         wait_until(lambda: stage_parts(out, "structure"), process, "the first structure part")
@@ -178,23 +177,23 @@ def test_a_killed_run_leaves_nothing_behind_and_the_next_run_marks_its_runs_cras
     finally:
         kill_all(process, started)
     assert not left, left
-    killed = _flow_run_states(home)
+    killed = _flow_run_states(prefect_home)
     running = sorted(name for name, state in killed.items() if state == "RUNNING")  # the parent and a stage's run
     assert len(running) == 2 and "structxlip: images -> out" in running, killed
 
-    done = run_cli(_own_server_env(baseline, home), "run", str(baseline.images), "--out", str(out), "--config",
+    done = run_cli(_own_server_env(baseline, prefect_home), "run", str(baseline.images), "--out", str(out), "--config",
                    str(baseline.config), "--stages", stages, "--set", "runtime.workers=2")
     assert done.returncode == 0, done.stderr[-3000:]
     warning = [line for line in done.stderr.splitlines() if "was killed before it finished" in line]
     assert len(warning) == 1 and f"pid {process.pid}," in warning[0] and "marked Crashed" in warning[0], done.stderr
-    with sqlite3.connect(home / "prefect.db") as db:
+    with sqlite3.connect(prefect_home / "prefect.db") as db:
         states = db.execute("select flow_run.name, flow_run.state_type, flow_run_state.message from flow_run "
                             "join flow_run_state on flow_run_state.id = flow_run.state_id").fetchall()
     crashed = sorted(name for name, state, message in states if state == "CRASHED")
     assert crashed == running, states
     assert all(f"pid {process.pid}" in message for _name, state, message in states if state == "CRASHED")
     assert "RUNNING" not in {state for _name, state, _message in states}, states
-    assert not {"RUNNING", "PENDING"} & set(_task_run_states(home))
+    assert not {"RUNNING", "PENDING"} & set(_task_run_states(prefect_home))
     assert _lock_is_free(out) and (out / ".lock").read_text() == ""  # settled: nothing left for a later run
 
 
@@ -202,9 +201,8 @@ def test_a_verbose_run_with_its_own_server_ends_at_once_with_status_0(baseline, 
     # With --verbose Prefect keeps run logs to send to the API; sent by its exit hook, after the run's server had
     # stopped, they kept the process waiting until the API watch ended a successful run with "lost the run's Prefect
     # API server" and status 2.
-    home = prefect_home
     out = tmp_path / "out"
-    done = run_cli(_own_server_env(baseline, home), "run", str(baseline.images), "--out", str(out), "--config",
+    done = run_cli(_own_server_env(baseline, prefect_home), "run", str(baseline.images), "--out", str(out), "--config",
                    str(baseline.config), "--stages", "ingest,structure", "--verbose")
     assert done.returncode == 0, done.stderr[-3000:]
     assert "lost the run's Prefect API" not in done.stderr and "Error logging to API" not in done.stderr
@@ -270,16 +268,16 @@ def test_ctrl_c_twice_still_marks_the_runs_cancelled_in_one_line(runner, baselin
     # anything: the run's flow and task runs stayed "Running" in the Prefect UI for good. With the Dask runner (a
     # LocalCluster in the terminal's process group), its workers and scheduler logged each cancelled task and lost
     # worker, and a traceback, under the one line.
-    process, home, out = _start_own_server_run(baseline, prefect_home,
+    process, out = _start_own_server_run(baseline, prefect_home,
                                                "ingest,structure,regions,captions,filter,manifest",
                                                "--set", f"runtime.runner={runner}")
     started, stderr = _ctrl_c(process, lambda: stage_parts(out, "regions"), "the first regions part", again_after_s=0.1)
     _assert_one_interrupted_line(process, stderr)
     assert not wait_gone(started, 5.0), alive(started)
     assert _lock_is_free(out)
-    states = _flow_run_states(home)
+    states = _flow_run_states(prefect_home)
     assert "CANCELLED" in states.values() and "RUNNING" not in states.values(), states
-    tasks = _task_run_states(home)
+    tasks = _task_run_states(prefect_home)
     assert not {"RUNNING", "PENDING", "FAILED"} & set(tasks), tasks
 
 
@@ -292,12 +290,12 @@ def test_a_signal_to_the_group_leaves_no_traceback_of_a_process_it_reaches(stage
     # a thread other than the main one had started it (the LocalCluster's; the engine's where no stage of the run has
     # modules to preload); the clean-up started another, which printed a KeyError traceback per semaphore under the
     # run's one line.
-    process, home, out = _start_own_server_run(baseline, prefect_home, stages, "--set", f"runtime.runner={runner}")
+    process, out = _start_own_server_run(baseline, prefect_home, stages, "--set", f"runtime.runner={runner}")
     started, stderr = _ctrl_c(process, lambda: stage_parts(out, "regions"), "the first regions part", signum=signum)
     _assert_one_interrupted_line(process, stderr, signum)
     assert not wait_gone(started, 5.0), alive(started)
     assert _lock_is_free(out)
-    states = _flow_run_states(home)
+    states = _flow_run_states(prefect_home)
     assert "CANCELLED" in states.values() and "RUNNING" not in states.values(), states
 
 
