@@ -120,7 +120,7 @@ def _worker_modules(stage_name: str, options: dict) -> tuple[tuple[str, ...], tu
 def _compute_alone(workers: int, stage_name: str, records: list, options: dict) -> list[dict]:
     """Compute the chunk in a worker of its own; if that worker dies, split it down to single items, each alone, and
     fail an item whose own worker dies."""
-    with pool.alone(workers, _worker_modules(stage_name, options)[0]) as executor:
+    with pool.alone(workers, *_worker_modules(stage_name, options)) as executor:
         try:
             return _submit(executor, stage_name, records, options)
         except BrokenProcessPool:
@@ -334,33 +334,24 @@ def format_summary(report: dict) -> str:
 
 
 def prestart_workers(pipeline, stages: list[str], runner: str | None = None) -> bool:
-    """Start the engine workers' forkserver for a run of ``stages`` (those with work) on this machine, importing what
-    their CPU stages' workers import (``Stage.worker_imports``) in the background, with the modules that every one of
-    those stages skips (``Stage.worker_skips``) kept out. Call it as the run starts, before the first stage, from the
-    main thread: when a CPU stage has work it also starts the resource tracker (``workers.start_tracker``). Return
-    whether the forkserver started: not with a Dask runner or ``runtime.workers: 1`` (no engine workers), nor when no
-    stage imports anything heavy, nor twice in one process."""
+    """Start the forkservers of the engine workers for a run of ``stages`` (those with work) on this machine: one per
+    kind of CPU stage (``Stage.worker_imports`` preloaded, ``Stage.worker_skips`` kept out), each importing in the
+    background (``workers.prestart``). Call it as the run starts, before the first stage, from the main thread; it also
+    starts the resource tracker (``workers.start_tracker``). Return whether a forkserver started: not with a Dask
+    runner or ``runtime.workers: 1`` (no engine workers), nor for kinds already running in this process."""
     config = pipeline.config
     if (runner or config.runtime.runner) != "local" or config.runtime.workers == 1:
         return False
-    imports: list[str] = []
-    skips: set[str] | None = None
-    on_cpu = []
+    kinds = []
     for stage in stages:
         definition = pipeline.stages[stage]
         params, runtime = definition.params(config).model_dump(), definition.runtime(config)
         if definition.on_cpu(params, runtime):
-            on_cpu.append((definition, params, runtime))
-    if on_cpu:  # from this (the main) thread, ignoring what a signal to the run's group leaves to the run
-        pool.start_tracker()
-    for definition, params, runtime in on_cpu:
-        own_imports = definition.worker_imports(params, runtime)
-        if not own_imports:  # nothing preloaded for it: what the forkserver keeps out does not concern it
-            continue
-        imports += [name for name in own_imports if name not in imports]
-        own = set(definition.worker_skips(params))
-        skips = own if skips is None else skips & own
-    return pool.prestart(tuple(imports), tuple(sorted(skips or ())))
+            kinds.append(pool.kind(definition.worker_imports(params, runtime), definition.worker_skips(params)))
+    if not kinds:
+        return False
+    pool.start_tracker()  # from this (the main) thread, ignoring what a signal to the run's group leaves to the run
+    return pool.prestart(kinds)
 
 
 def run_inline(pipeline, stages: list[str], *, refresh: tuple[str, ...] = ()) -> list[dict]:

@@ -6,12 +6,18 @@ the cores (``usable cores // workers``, at least 1), so processes x threads neve
 threads in each of 2 processes on 2 cores the tiny CLIP ran 30-100x slower. Workers live for one stage
 (its models load once per worker, kept by ``pipelines.engine.stages.shared``): the next stage's first chunk replaces
 them, so memory never adds up the stages' imports and models (2,000+ MB of tree PSS on 1,000 images when the filter's
-workers still held the captions stage's torch, transformers and CLIP), and a stage keeps its workers from importing
-what a library imports only because it is installed (``Stage.worker_skips``: spaCy's thinc and torch). They start
-from a ``forkserver``: a clean process with the engine imported, never a fork of a process that already runs threads
-(Prefect, torch). A run starts it early (``prestart``), with the heavy modules its CPU stages import
-(``Stage.worker_imports``): it imports them once, in the background while the run starts, and every worker forked
-from it has them (3-4 CPU-s and ~200 MB less per captions worker).
+workers still held the captions stage's torch, transformers and CLIP).
+
+Workers start from a ``forkserver``: a clean process with the engine imported, never a fork of a process that already
+runs threads (Prefect, torch). Each stage's workers come from a forkserver of their own kind, one per distinct
+(``Stage.worker_imports``, ``Stage.worker_skips``): it imported the heavy modules the stage's workers use (the captions
+stage's torch and transformers, the filter's spaCy) once, with what the stage skips kept out (spaCy's thinc would
+import torch only because it is installed), so every worker forked from it starts with them, its pages shared, and
+holds nothing it never uses (ingest's workers no torch, the filter's no transformers). A run starts every forkserver
+its CPU stages need as it starts (``prestart``): they import in the background, the later stages' while the earlier
+stages compute, so no stage waits for an import it could have had done already (the ingest stage waited ~5 s for
+the captions stage's torch, transformers and spaCy when one forkserver imported them all). A forkserver no later stage
+of the run uses is stopped when a stage starts its workers.
 
 A worker that dies (a decoder crash, the OOM killer) breaks the pool, and with it every chunk in flight, guilty or not:
 each of those chunks is computed again in a worker of its own (``alone``), where only its own items can kill it; if
@@ -24,12 +30,14 @@ from __future__ import annotations
 import atexit
 import contextlib
 import gc
+import io
 import multiprocessing
 import os
 import signal
 import sys
 import threading
 from concurrent import futures
+from multiprocessing import context as mp_context, forkserver, popen_forkserver
 
 from pipelines.engine import preload
 
@@ -39,8 +47,10 @@ _pool: futures.ProcessPoolExecutor | None = None
 _owner: tuple[str | None, int] | None = None  # (stage, workers) of _pool
 _private: set[futures.ProcessPoolExecutor] = set()
 _stopped = False  # set by ``stop_starting``: the run is ending, no process may start any more
-_ENGINE = "pipelines.engine.execute"  # what every worker runs; the forkserver imports it before any fork
-_preload: tuple[tuple[str, ...], tuple[str, ...]] = ((), ())  # (imports, blocks) the running forkserver started with
+_ENGINE = "pipelines.engine.execute"  # what every worker runs; each forkserver imports it before any fork
+Kind = tuple[tuple[str, ...], tuple[str, ...]]  # a forkserver's (imports, blocks): what its workers start with
+_servers: dict[Kind, forkserver.ForkServer] = {}  # the forkservers this process started, by kind
+_upcoming: list[Kind] = []  # the kinds the run's CPU stages use, in stage order, from the next stage on (prestart)
 # GPU kernel compilers, never used by a worker (workers compute CPU stages only), which a library imports whenever
 # they are installed: transformers' torch._dynamo imports triton (~75 MB and 0.3 s per process).
 GPU_ONLY = ("triton",)
@@ -136,60 +146,112 @@ def _refuse_if_stopping() -> None:
         raise Stopping("the run is stopping: no new worker processes")
 
 
-def prestart(imports: tuple[str, ...], blocks: tuple[str, ...] = ()) -> bool:
-    """Start the workers' forkserver now, importing ``imports`` (then the engine) in the background, with ``blocks``
-    and ``GPU_ONLY`` unimportable meanwhile (``pipelines.engine.preload``): call it as a run starts, with what its CPU
-    stages' workers import. Return whether it started; one already running (an earlier run of this process) is left
-    as it is: its workers import what it lacks themselves."""
-    if not imports:
-        return False
+def kind(imports: tuple[str, ...] = (), skips: tuple[str, ...] = ()) -> Kind:
+    """The forkserver a stage's workers come from: its ``imports`` preloaded, its ``skips`` (and ``GPU_ONLY``) kept
+    out."""
+    return tuple(imports), tuple(dict.fromkeys(GPU_ONLY + tuple(skips)))
+
+
+def prestart(kinds: list[Kind]) -> bool:
+    """Start, now, the forkserver of each of ``kinds`` (``kind()`` of the run's CPU stages, in stage order) that is not
+    running yet; each imports its modules in the background. Call it as a run starts. Return whether one started.
+    Until the stages are done, a forkserver of these kinds is kept for the stage that uses it next."""
     with _lock:
-        if _stopped or _forkserver_started():
+        if _stopped or not kinds:
             return False
-        _start_forkserver(imports, blocks)
-    return True
+        _upcoming[:] = kinds
+        missing = [wanted for wanted in dict.fromkeys(kinds) if wanted not in _servers]
+        for wanted in missing:
+            _servers[wanted] = _launch(wanted)
+    return bool(missing)
 
 
-def _start_forkserver(imports: tuple[str, ...], blocks: tuple[str, ...]) -> None:
-    """Launch the forkserver preloading ``imports`` with ``blocks`` kept out (the caller holds ``_lock``)."""
-    global _preload
-    from multiprocessing import forkserver
-
+def _launch(wanted: Kind) -> forkserver.ForkServer:
+    """Start a forkserver preloading ``wanted``'s imports with its blocks kept out (the caller holds ``_lock``); the
+    launch returns at once, the forkserver imports in the background."""
+    imports, blocks = wanted
     quiet_tracker()
-    blocks = tuple(dict.fromkeys(GPU_ONLY + tuple(blocks)))
+    server = forkserver.ForkServer()
+    server.set_forkserver_preload([preload.__name__, _ENGINE])
     saved = {name: os.environ.get(name) for name in (preload.IMPORTS, preload.BLOCKS)}
-    os.environ[preload.IMPORTS], os.environ[preload.BLOCKS] = ",".join(imports), ",".join(blocks)
+    # The engine last among the imports: its pages too are released once all are imported (preload.preload)
+    os.environ[preload.IMPORTS], os.environ[preload.BLOCKS] = ",".join((*imports, _ENGINE)), ",".join(blocks)
     try:  # the forkserver takes this process's environment as it starts, not later
-        forkserver.set_forkserver_preload([preload.__name__, _ENGINE])
         with signals_left_to_the_run():
-            forkserver.ensure_running()
+            server.ensure_running()
     finally:
         for name, value in saved.items():
             if value is None:
                 os.environ.pop(name, None)
             else:
                 os.environ[name] = value
-    _preload = (tuple(imports), blocks)
+    return server
 
 
-def _refit_forkserver(imports: tuple[str, ...], skips: tuple[str, ...]) -> None:
-    """Before a stage's workers start (the caller holds ``_lock``, the previous stage's workers are gone): when the
-    forkserver preloaded modules and may hold some this stage skips (the captions stage's torch and transformers for
-    the filter's spaCy workers), replace it by one preloading this stage's ``imports`` without its ``skips``, so its
-    workers neither carry nor keep resident what they never use (~700 MB through the filter stage otherwise)."""
-    from multiprocessing import forkserver
+def _server(wanted: Kind) -> forkserver.ForkServer:
+    """The running forkserver of kind ``wanted``, started now if there is none (the caller holds ``_lock``)."""
+    _refuse_if_stopping()
+    server = _servers.get(wanted)
+    if server is None:
+        server = _servers[wanted] = _launch(wanted)
+    return server
 
-    global _preload
-    preloaded, blocked = _preload
-    if not preloaded or set(skips) <= set(blocked) or not _forkserver_started():
-        return
-    stop = getattr(forkserver._forkserver, "_stop", None)
-    if stop is None:  # not CPython's forkserver as known (3.8-3.13): keep the one running
-        return
-    stop()  # returns once it exited: it does when every process it forked (they hold its pipe) has ended
-    _preload = ((), ())
-    if imports:
-        _start_forkserver(imports, skips)
+
+def _retire(current: Kind) -> None:
+    """As a stage of kind ``current`` starts its workers (the caller holds ``_lock``, the previous stage's workers are
+    gone): stop every other forkserver no later stage of the run uses (``_upcoming``), so none holds its imports'
+    memory longer than needed. It exits once every process it forked has ended."""
+    if current in _upcoming:
+        del _upcoming[:_upcoming.index(current) + 1]
+    for stale in [known for known in _servers if known != current and known not in _upcoming]:
+        server = _servers.pop(stale)
+        with contextlib.suppress(OSError, ChildProcessError):  # one that died already
+            server._stop()
+
+
+class _ServerPopen(popen_forkserver.Popen):
+    """``popen_forkserver.Popen`` (CPython 3.8-3.13) asking the forkserver of the process's kind instead of the module's
+    single one: this ``_launch`` is CPython's with that one difference."""
+
+    def _launch(self, process_obj):
+        from multiprocessing import reduction, spawn, util
+
+        prep_data = spawn.get_preparation_data(process_obj._name)
+        buf = io.BytesIO()
+        mp_context.set_spawning_popen(self)
+        try:
+            reduction.dump(prep_data, buf)
+            reduction.dump(process_obj, buf)
+        finally:
+            mp_context.set_spawning_popen(None)
+        # Retired only after every pool of its kind was shut down; the module's plain forkserver otherwise (no preload).
+        server = _servers.get(process_obj.forkserver_kind) or forkserver._forkserver
+        self.sentinel, w = server.connect_to_new_process(self._fds)
+        _parent_w = os.dup(w)
+        self.finalizer = util.Finalize(self, util.close_fds, (_parent_w, self.sentinel))
+        with open(w, "wb", closefd=True) as f:
+            f.write(buf.getbuffer())
+        self.pid = forkserver.read_signed(self.sentinel)
+
+
+class _ServerProcess(mp_context.ForkServerProcess):
+    forkserver_kind: Kind = ((), ())
+
+    @staticmethod
+    def _Popen(process_obj):
+        return _ServerPopen(process_obj)
+
+
+class _ServerContext(mp_context.ForkServerContext):
+    """The forkserver start method, with the forkserver of one kind."""
+
+    def __init__(self, wanted: Kind) -> None:
+        self.kind = wanted
+
+    def Process(self, *args, **kwargs):  # noqa: N802 - multiprocessing's name
+        process = _ServerProcess(*args, **kwargs)
+        process.forkserver_kind = self.kind
+        return process
 
 
 @contextlib.contextmanager
@@ -230,21 +292,13 @@ def start_tracker() -> None:
         resource_tracker.ensure_running()
 
 
-def _forkserver_started() -> bool:
-    """Whether this process launched the workers' forkserver (one that died since is launched again, with the same
-    preload, by the next worker's start)."""
-    from multiprocessing import forkserver
-
-    return getattr(forkserver._forkserver, "_forkserver_pid", None) is not None
-
-
 def pool(workers: int, stage: str | None = None, skips: tuple[str, ...] = (),
          imports: tuple[str, ...] = ()) -> futures.ProcessPoolExecutor:
     """Return the worker pool of ``stage``: ``workers`` processes, started by its first chunk and reused for the others.
     A chunk of another stage (or another size) replaces it with fresh workers, so a stage's workers hold only what it
     imports and loads: the filter's spaCy workers never carry the captions stage's CLIP, transformers and tokenizer.
     ``skips``: modules the stage's workers must not import (``Stage.worker_skips``); ``imports``: the heavy ones they
-    do (``Stage.worker_imports``), preloaded when the forkserver has to be replaced (``_refit_forkserver``)."""
+    do (``Stage.worker_imports``), which the forkserver they are forked from preloaded."""
     global _pool, _owner
     with _lock:
         _refuse_if_stopping()
@@ -253,27 +307,28 @@ def pool(workers: int, stage: str | None = None, skips: tuple[str, ...] = (),
         previous, _pool, _owner = _pool, None, None
         if previous is not None:
             previous.shutdown(wait=True)  # its workers end once what they were given is done
-        _refit_forkserver(imports, skips)
-        _pool, _owner = _executor(workers, threads_per_worker(workers), skips), (stage, workers)
+        wanted = kind(imports, skips)
+        _retire(wanted)
+        _pool, _owner = _executor(wanted, workers, threads_per_worker(workers)), (stage, workers)
         return _pool
 
 
-def _executor(workers: int, threads: int, skips: tuple[str, ...]) -> futures.ProcessPoolExecutor:
+def _executor(wanted: Kind, workers: int, threads: int) -> futures.ProcessPoolExecutor:
+    """Workers forked from the forkserver of kind ``wanted`` (started now if none runs; the caller holds ``_lock``)."""
     quiet_tracker()
-    context = multiprocessing.get_context("forkserver")
-    if not _forkserver_started():  # started here: the engine only (prestart adds the stages' heavy modules)
-        _start_forkserver((), ())
-    return futures.ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker,
-                                       initargs=(threads, dict(os.environ), tuple(dict.fromkeys(GPU_ONLY + skips))))
+    _server(wanted)
+    return futures.ProcessPoolExecutor(workers, mp_context=_ServerContext(wanted), initializer=_init_worker,
+                                       initargs=(threads, dict(os.environ), wanted[1]))
 
 
 @contextlib.contextmanager
-def alone(workers: int, skips: tuple[str, ...] = ()):
+def alone(workers: int, skips: tuple[str, ...] = (), imports: tuple[str, ...] = ()):
     """A one-process executor that only the caller uses, with the threads of one of ``workers`` workers (and their
-    ``skips``): a death in it was caused by what the caller submitted. Stopped on exit; ``abort`` kills it too."""
+    ``skips`` and ``imports``): a death in it was caused by what the caller submitted. Stopped on exit; ``abort``
+    kills it too."""
     with _lock:
         _refuse_if_stopping()
-        executor = _executor(1, threads_per_worker(workers), skips)
+        executor = _executor(kind(imports, skips), 1, threads_per_worker(workers))
         _private.add(executor)
     try:
         yield executor

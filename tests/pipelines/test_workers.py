@@ -120,26 +120,44 @@ def _models() -> list[str]:
     return sorted({key[0] for key in _shared})
 
 
-# A fresh process (its own forkserver) runs the stages given with 2 workers, then starts a pool for no stage and
-# prints what its new workers have imported before any work: what the forkserver preloaded, and the workers' threads.
+# A fresh process (its forkservers its own) runs the stages given with 2 workers, or prestarts their forkservers
+# ("prestart" first), then starts the pool of each stage in PROBED, in order, and reports what its new workers have
+# imported before any work (what their forkserver preloaded) and their torch threads; how many forkservers it launched
+# after that start, and how many run and how many KiB of unchanged library pages the pool's forkserver holds after
+# each pool started.
 _PROBE = """
 import json, sys
 from pathlib import Path
+import psutil
 from configs import load_config
 from pipelines.engine import workers
-from pipelines.engine.execute import prestart_workers, run_inline
+from pipelines.engine.execute import _worker_modules, prestart_workers, run_inline
 from pipelines.engine.plan import Pipeline
 
-images, out, overrides, stages, started = sys.argv[1], sys.argv[2], json.loads(sys.argv[3]), sys.argv[4:], None
+images, out, overrides, probed, stages, started = (sys.argv[1], sys.argv[2], json.loads(sys.argv[3]),
+                                                   [s for s in sys.argv[4].split(",") if s], sys.argv[5:], None)
 pipeline = Pipeline(Path(images), Path(out), load_config(overrides=overrides))
 if stages[0] == "prestart":
     started = prestart_workers(pipeline, stages[1:])
 else:
     run_inline(pipeline, stages)
+launched, launch = [], workers._launch
+workers._launch = lambda kind: launched.append(kind) or launch(kind)
 
 from tests.pipelines.test_workers import _preloaded
-names = ("torch", "transformers.models.clip.modeling_clip", "spacy", "triton")
-print(json.dumps({"started": started, "probe": workers.pool(2, "probe").submit(_preloaded, names).result()}))
+names = ("torch", "transformers.models.clip.modeling_clip", "spacy", "triton", "pipelines.engine.execute")
+probes = {}
+for stage in probed:
+    plan = pipeline.plan(stage)
+    options = {"params": plan.params, "runtime": plan.runtime, "source": plan.source}
+    pool = workers.pool(2, stage, *_worker_modules(stage, options))
+    imported, threads = pool.submit(_preloaded, names).result()
+    server = workers._servers[workers.kind(*reversed(_worker_modules(stage, options)))]
+    library_kib = sum(m.rss for m in psutil.Process(server._forkserver_pid).memory_maps(grouped=False)
+                      if m.path.startswith("/") and "w" not in m.perms and m.anonymous == 0) // 1024
+    probes[stage] = {"imported": imported, "threads": threads, "forkservers": len(workers._servers),
+                     "library_kib": library_kib}
+print(json.dumps({"started": started, "launched": len(launched), "probes": probes}))
 workers.shutdown()
 """
 
@@ -150,7 +168,7 @@ def _preloaded(names: tuple[str, ...]) -> tuple[list[str], int | None]:
     return _imported(names), (torch.get_num_threads() if torch is not None else None)
 
 
-def _probe(tmp_path, stages: list[str], out: str = "out", **overrides) -> dict:
+def _probe(tmp_path, stages: list[str], probed: list[str] = (), out: str = "out", **overrides) -> dict:
     import json
     import subprocess
 
@@ -158,33 +176,81 @@ def _probe(tmp_path, stages: list[str], out: str = "out", **overrides) -> dict:
     if not images.exists():
         make_generated_images(images, 4, size=(64, 48))
     done = subprocess.run([sys.executable, "-c", _PROBE, str(images), str(tmp_path / out),
-                           json.dumps({**CONFIG, "runtime.workers": 2, **overrides}), *stages],
+                           json.dumps({**CONFIG, "runtime.workers": 2, **overrides}), ",".join(probed), *stages],
                           capture_output=True, text=True, timeout=300, cwd=Path(__file__).resolve().parents[2])
     assert done.returncode == 0, done.stderr[-2000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def test_a_run_preloads_its_cpu_stages_heavy_imports_in_the_forkserver(tmp_path):
-    # The captions stage's torch and transformers' CLIP, its and the filter's spaCy: imported once, by the forkserver,
-    # so every worker forked after starts with them (shared pages, no import of its own); triton (GPU kernels only)
-    # kept out. Torch, imported before a worker set OMP_NUM_THREADS, still runs on the worker's share of the cores.
-    result = _probe(tmp_path, ["ingest", "structure", "regions", "captions"])
-    imported, threads = result["probe"]
-    assert imported == ["torch", "transformers.models.clip.modeling_clip", "spacy"]
-    assert threads == max(1, usable_cpus() // 2)
-    # The filter's workers skip torch: its stage replaced that forkserver by one with spaCy only, so neither they nor
-    # a forkserver kept for them hold the captions stage's torch and transformers through the filter stage.
-    assert _probe(tmp_path, ["ingest", "structure", "regions", "captions", "filter"], "out2")["probe"] == [
-        ["spacy"], None]
+ENGINE = "pipelines.engine.execute"
+CLIP = ["torch", "transformers.models.clip.modeling_clip", "spacy"]
 
 
-def test_a_filter_only_run_keeps_torch_out_of_the_forkserver(tmp_path):
-    # What every preloaded stage skips stays out: spaCy's thinc would import torch only because it is installed.
-    assert _probe(tmp_path, ["prestart", "filter"]) == {"started": True, "probe": [["spacy"], None]}
-    # Stages that import nothing heavy, an in-process run or a Dask runner start no forkserver early.
-    assert _probe(tmp_path, ["prestart", "ingest", "structure", "regions"])["started"] is False
+def test_each_cpu_stage_forks_its_workers_from_a_forkserver_that_preloaded_what_it_imports(tmp_path):
+    # A run starts one forkserver per kind of CPU stage as it starts: each imports in the background, so the ingest
+    # stage's workers start at once (they waited ~5 s for the captions stage's imports when one forkserver imported
+    # everything) and hold no torch; the captions stage's workers start with torch, transformers' CLIP and spaCy
+    # imported, on their share of the cores; the filter's with spaCy, torch kept out (spaCy's thinc would import it
+    # because it is installed); triton (GPU kernels) nowhere. No stage launched a forkserver of its own.
+    result = _probe(tmp_path, ["prestart", *DATA[:-1]], ["ingest", "structure", "regions", "captions", "filter"])
+    assert result["started"] is True and result["launched"] == 0
+    probes = result["probes"]
+    for stage in ("ingest", "structure", "regions"):
+        assert probes[stage]["imported"] == [ENGINE] and probes[stage]["threads"] is None
+    assert probes["captions"]["imported"] == [*CLIP, ENGINE]
+    assert probes["captions"]["threads"] == max(1, usable_cpus() // 2)
+    assert probes["filter"]["imported"] == ["spacy", ENGINE] and probes["filter"]["threads"] is None
+    # A forkserver no later stage uses is stopped as a stage starts its workers: 3 kinds, then 2, then 1.
+    assert [probes[stage]["forkservers"] for stage in ("ingest", "regions", "captions", "filter")] == [3, 3, 2, 1]
+
+
+def test_a_forkserver_releases_the_library_pages_its_imports_touched(tmp_path):
+    # Importing torch maps ~240 MB of CUDA libraries and more of torch's own, which no CPU worker reads: the
+    # forkserver releases them (a worker maps the pages it reads itself), so it holds a few MB of them, not hundreds.
+    probe = _probe(tmp_path, ["prestart", "captions"], ["captions"])["probes"]["captions"]
+    assert probe["imported"] == [*CLIP, ENGINE]
+    assert probe["library_kib"] < 40 * 1024, probe
+
+
+_RELEASED = """
+import json
+import psutil
+import torch
+from pipelines.engine.preload import release_file_pages
+
+def unchanged_library_kib():
+    return sum(m.rss for m in psutil.Process().memory_maps(grouped=False)
+               if m.path.startswith("/") and "w" not in m.perms and m.anonymous == 0) // 1024
+
+before = unchanged_library_kib()
+released = release_file_pages()
+after = unchanged_library_kib()
+product = float((torch.ones(64, 64) @ torch.ones(64, 64)).sum())
+print(json.dumps([before, released, after, product]))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc/self/smaps")
+def test_release_file_pages_unmaps_only_unchanged_file_pages_and_the_libraries_still_run():
+    import json
+    import subprocess
+
+    done = subprocess.run([sys.executable, "-c", _RELEASED], capture_output=True, text=True, timeout=120,
+                          cwd=Path(__file__).resolve().parents[2])
+    assert done.returncode == 0, done.stderr[-2000:]
+    before, released, after, product = json.loads(done.stdout)
+    assert before > 100 * 1024  # torch's libraries, resident after its import
+    assert released >= 0.9 * before  # what psutil counts is what it released (its own reading maps a few pages back)
+    assert after < 0.1 * before
+    assert product == 64.0 ** 3  # torch runs: the pages came back from the page cache as it read them
+
+
+def test_runs_without_cpu_workers_start_no_forkserver_early(tmp_path):
+    # An in-process run or a Dask runner has no engine workers; stages that import nothing heavy still get theirs.
+    assert _probe(tmp_path, ["prestart", "ingest", "structure", "regions"])["started"] is True
     assert _probe(tmp_path, ["prestart", "captions"], **{"runtime.workers": 1})["started"] is False
     assert _probe(tmp_path, ["prestart", "captions"], **{"runtime.runner": "dask"})["started"] is False
+    assert _probe(tmp_path, ["prestart", "manifest"])["started"] is False  # a whole-dataset stage: in the caller
 
 
 CRASH_ON = Path(__file__).resolve().parents[1] / "plugins" / "crash_on.py"
@@ -366,7 +432,7 @@ for start in (lambda: workers.pool(1, "probe"), lambda: workers.pool(1, "other")
         outcomes.append("started")
     except workers.Stopping:
         outcomes.append("refused")
-outcomes.append(workers.prestart(("json",)))
+outcomes.append(workers.prestart([workers.kind(("json",))]))
 print(outcomes)
 """
 
