@@ -162,7 +162,7 @@ def prestart(kinds: list[Kind]) -> bool:
         _upcoming[:] = kinds
         missing = [wanted for wanted in dict.fromkeys(kinds) if wanted not in _servers]
         for wanted in missing:
-            _servers[wanted] = _launch(wanted)
+            _server(wanted)
     return bool(missing)
 
 
